@@ -1,0 +1,185 @@
+//! DIMSE (PS3.7): command sets, message assembly from PDV fragments, and the C-ECHO and C-STORE
+//! service logic of the acceptor.
+//!
+//! Owns: turning a complete message into either a response or a store request. Pure: no sockets,
+//! no files, no clocks. Must never hand untrusted data set bytes to a full parser: routing values
+//! come from the bounded top-level [`scan`].
+#![forbid(unsafe_code)]
+
+pub mod command;
+pub mod message;
+pub mod scan;
+pub mod uid;
+
+use crate::assoc::negotiation::VERIFICATION_SOP_CLASS;
+use crate::assoc::{AcceptedContext, TransferSyntax};
+use command::{command_field, response_to, status, CommandSet};
+pub use message::{Assembler, AssemblyError, Message};
+
+/// Tags the node reads from each data set (PS3.6 tags as group << 16 | element).
+pub mod tags {
+    pub const SOP_CLASS_UID: u32 = 0x0008_0016;
+    pub const SOP_INSTANCE_UID: u32 = 0x0008_0018;
+    pub const STUDY_DATE: u32 = 0x0008_0020;
+    pub const MODALITY: u32 = 0x0008_0060;
+    pub const SERIES_DESCRIPTION: u32 = 0x0008_103E;
+    pub const PATIENT_NAME: u32 = 0x0010_0010;
+    pub const PATIENT_ID: u32 = 0x0010_0020;
+    pub const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
+    pub const SERIES_INSTANCE_UID: u32 = 0x0020_000E;
+    pub const SERIES_NUMBER: u32 = 0x0020_0011;
+    pub const ACQUISITION_NUMBER: u32 = 0x0020_0012;
+    pub const INSTANCE_NUMBER: u32 = 0x0020_0013;
+    pub const IMAGES_IN_ACQUISITION: u32 = 0x0020_1002;
+    pub const NUMBER_OF_SLICES: u32 = 0x0054_0081;
+
+    /// The routing tags collected from every stored instance.
+    pub const ROUTING: &[u32] = &[
+        SOP_CLASS_UID,
+        SOP_INSTANCE_UID,
+        STUDY_DATE,
+        MODALITY,
+        SERIES_DESCRIPTION,
+        PATIENT_NAME,
+        PATIENT_ID,
+        STUDY_INSTANCE_UID,
+        SERIES_INSTANCE_UID,
+        SERIES_NUMBER,
+        ACQUISITION_NUMBER,
+        INSTANCE_NUMBER,
+        IMAGES_IN_ACQUISITION,
+        NUMBER_OF_SLICES,
+    ];
+}
+
+/// A validated C-STORE request ready for storage.
+#[derive(Debug)]
+pub struct StoreRequest {
+    pub presentation_context_id: u8,
+    pub command: CommandSet,
+    pub transfer_syntax: &'static TransferSyntax,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub routing: scan::Scanned,
+    pub data_set: Vec<u8>,
+}
+
+/// What to do with a complete message.
+#[derive(Debug)]
+pub enum Action {
+    /// Send this response command on the message's presentation context.
+    Respond { pc: u8, response: CommandSet },
+    /// Store, then respond with the storage outcome.
+    Store(Box<StoreRequest>),
+    /// The message breaks DIMSE rules beyond a status answer: abort the association.
+    Abort(&'static str),
+}
+
+fn fail(msg: &Message, st: u16, comment: &str) -> Action {
+    Action::Respond {
+        pc: msg.presentation_context_id,
+        response: response_to(&msg.command, st, Some(comment)),
+    }
+}
+
+/// Decides what a complete message on the accepted context `ctx` needs.
+pub fn handle(msg: Message, ctx: &AcceptedContext) -> Action {
+    let c = &msg.command;
+    match c.command_field {
+        command_field::C_ECHO_RQ => Action::Respond {
+            pc: msg.presentation_context_id,
+            response: response_to(c, status::SUCCESS, None),
+        },
+        command_field::C_STORE_RQ => handle_store(msg, ctx),
+        command_field::C_GET_RQ
+        | command_field::C_FIND_RQ
+        | command_field::C_MOVE_RQ
+        | command_field::N_EVENT_REPORT_RQ
+        | command_field::N_GET_RQ
+        | command_field::N_SET_RQ
+        | command_field::N_ACTION_RQ
+        | command_field::N_CREATE_RQ
+        | command_field::N_DELETE_RQ => fail(
+            &msg,
+            status::UNRECOGNIZED_OPERATION,
+            "operation not supported",
+        ),
+        // C-CANCEL has no response; a response command or an unknown field from the requestor
+        // is a protocol violation.
+        command_field::C_CANCEL_RQ => Action::Abort("C-CANCEL with no operation to cancel"),
+        _ => Action::Abort("unknown or response command field from the requestor"),
+    }
+}
+
+fn handle_store(mut msg: Message, ctx: &AcceptedContext) -> Action {
+    let Some(data_set) = msg.data_set.take() else {
+        return fail(
+            &msg,
+            status::CANNOT_UNDERSTAND,
+            "C-STORE without a data set",
+        );
+    };
+    if ctx.abstract_syntax == VERIFICATION_SOP_CLASS {
+        return fail(
+            &msg,
+            status::SOP_CLASS_NOT_SUPPORTED,
+            "C-STORE on Verification",
+        );
+    }
+    let c = &msg.command;
+    let (Some(cmd_class), Some(cmd_instance)) =
+        (&c.affected_sop_class_uid, &c.affected_sop_instance_uid)
+    else {
+        return fail(
+            &msg,
+            status::CANNOT_UNDERSTAND,
+            "command lacks affected SOP UIDs",
+        );
+    };
+    if cmd_class.as_slice() != ctx.abstract_syntax.as_bytes() {
+        return fail(
+            &msg,
+            status::SOP_CLASS_NOT_SUPPORTED,
+            "SOP class differs from the presentation context's",
+        );
+    }
+    if !uid::is_valid_uid(cmd_instance) || !uid::is_valid_uid(cmd_class) {
+        return fail(&msg, status::CANNOT_UNDERSTAND, "invalid UID in command");
+    }
+    let scanned = match scan::scan(&data_set, ctx.transfer_syntax.encoding, tags::ROUTING) {
+        Ok(s) => s,
+        Err(e) => return fail(&msg, status::CANNOT_UNDERSTAND, &e.to_string()),
+    };
+    let ds_class = scanned.uid(tags::SOP_CLASS_UID);
+    let ds_instance = scanned.uid(tags::SOP_INSTANCE_UID);
+    if ds_class != Some(cmd_class.as_slice()) || ds_instance != Some(cmd_instance.as_slice()) {
+        return fail(
+            &msg,
+            status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            "data set SOP Class/Instance UID differ from the command's",
+        );
+    }
+    for t in [tags::STUDY_INSTANCE_UID, tags::SERIES_INSTANCE_UID] {
+        if scanned
+            .uid(t)
+            .is_some_and(|u| !u.is_empty() && !uid::is_valid_uid(u))
+        {
+            return fail(
+                &msg,
+                status::CANNOT_UNDERSTAND,
+                "invalid Study/Series Instance UID",
+            );
+        }
+    }
+    let sop_class_uid = String::from_utf8_lossy(cmd_class).into_owned();
+    let sop_instance_uid = String::from_utf8_lossy(cmd_instance).into_owned();
+    Action::Store(Box::new(StoreRequest {
+        presentation_context_id: msg.presentation_context_id,
+        command: msg.command,
+        transfer_syntax: ctx.transfer_syntax,
+        sop_class_uid,
+        sop_instance_uid,
+        routing: scanned,
+        data_set,
+    }))
+}

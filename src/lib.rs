@@ -1,0 +1,30 @@
+//! # dicomgate
+//!
+//! A DICOM ingestion gateway node. Modalities, PACS and other nodes send it images over the DICOM
+//! network protocol; it stores each instance durably and byte-exact, and (from issue 3 on) groups
+//! them per patient, decides when a patient has sufficient data, processes and exports the batch.
+//!
+//! The map, in the order one instance travels:
+//!
+//! - [`net`] — the only socket code: an acceptor hands connections to one mio reactor per pinned
+//!   core; each reactor reads into a reused buffer per connection.
+//! - [`ul`] — the Upper Layer wire format (PS3.8 §9): a deframer answers Complete / Partial /
+//!   Error from the 6-byte header, PDUs are parsed as views into the buffer. Pure.
+//! - [`assoc`] — the PS3.8 Table 9-10 state machine for both sides, ARTIM and idle timers (time
+//!   passed in), and acceptor negotiation. Pure.
+//! - [`dimse`] — command sets, message assembly from PDV fragments, C-ECHO and C-STORE logic, and
+//!   the bounded top-level tag scan that gives the routing values. Pure.
+//! - [`storage`] — Part-10 files (our meta group + the data set bytes exactly as received),
+//!   temp-write, flush, rename, directory flush, batched across connections (group commit). Only
+//!   after that does the reactor send the C-STORE success.
+//! - [`config`] — one typed TOML config; every limit is a named field with a default.
+//!
+//! Unsafe code is denied crate-wide; `ul`, `assoc` and `dimse` forbid it.
+
+pub mod assoc;
+pub mod config;
+pub mod dimse;
+pub mod fuzzing;
+pub mod net;
+pub mod storage;
+pub mod ul;

@@ -1,0 +1,306 @@
+//! The only code that touches sockets: the acceptor, one mio reactor per core, and the blocking
+//! requestor used by `dicomgate echo` / `store`.
+//!
+//! Connections are spread by one acceptor thread that hands each accepted socket to the reactor
+//! with the fewest connections over a lock-free queue and wakes it with a `mio::Waker`. We chose
+//! this over one SO_REUSEPORT listener per reactor because the kernel's hash spreads few, long
+//! DICOM associations unevenly (two busy modalities can land on one core), while the acceptor
+//! balances by live count; accepting is not the bottleneck for associations that each carry
+//! hundreds of instances.
+//!
+//! Rules from mio's docs, kept here: drain reads and writes until `WouldBlock` (events are edge
+//! triggered); expect spurious events; never register a socket twice; a paused connection
+//! (backpressure) ignores readiness and is read again when it resumes.
+
+pub mod reactor;
+pub mod scu;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_queue::SegQueue;
+
+use crate::config::Config;
+use crate::storage::{Storage, StoreDone};
+
+/// Counts associations against `max_associations` and `max_associations_per_calling_ae`. Taken
+/// once when an association is accepted and once when it ends, never per PDU; the per-AE map is
+/// the one lock in net/, held for a hash-map update.
+#[derive(Debug)]
+pub struct AssociationLimits {
+    total: AtomicUsize,
+    per_ae: Mutex<HashMap<String, usize>>,
+    max_total: usize,
+    max_per_ae: usize,
+}
+
+impl AssociationLimits {
+    pub fn new(max_total: usize, max_per_ae: usize) -> Self {
+        AssociationLimits {
+            total: AtomicUsize::new(0),
+            per_ae: Mutex::new(HashMap::new()),
+            max_total,
+            max_per_ae,
+        }
+    }
+
+    /// Takes a slot for `calling_ae`, or says no.
+    pub fn try_acquire(&self, calling_ae: &str) -> bool {
+        if self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_total).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        let mut m = self.per_ae.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(calling_ae.to_string()).or_insert(0);
+        if *n >= self.max_per_ae {
+            drop(m);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    pub fn release(&self, calling_ae: &str) {
+        let mut m = self.per_ae.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(calling_ae) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(calling_ae);
+            }
+        }
+        drop(m);
+        self.total.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn active(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+/// What the reactors share.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub policy: crate::assoc::AcceptorPolicy,
+    pub timeouts: crate::assoc::Timeouts,
+    pub storage: Storage,
+    pub associations: AssociationLimits,
+    pub connections: AtomicUsize,
+    pub shutdown: AtomicBool,
+}
+
+/// A reactor's inbox: new sockets from the acceptor and finished stores from storage.
+#[derive(Debug)]
+pub struct Mailbox {
+    pub new_connections: SegQueue<(TcpStream, SocketAddr)>,
+    pub completions: SegQueue<StoreDone>,
+    /// Set when a wake is already pending, so a burst of completions costs one wake-up.
+    pub wake_pending: AtomicBool,
+    pub waker: mio::Waker,
+    pub live: AtomicUsize,
+}
+
+impl Mailbox {
+    pub fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.waker.wake() {
+                tracing::error!(error = %e, "reactor wake-up failed");
+            }
+        }
+    }
+}
+
+/// A running node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    pub local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    mailboxes: Arc<Vec<Mailbox>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// Stops accepting, aborts open associations and waits for the reactors.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        for m in self.mailboxes.iter() {
+            m.wake();
+        }
+        // Unblock accept().
+        let mut a = self.local_addr;
+        if a.ip().is_unspecified() {
+            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let _ = TcpStream::connect(a);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Blocks until the node stops (it stops only on shutdown).
+    pub fn wait(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop();
+        }
+    }
+}
+
+/// Binds the listener, starts storage, the reactors and the acceptor.
+pub fn start(config: Config) -> io::Result<NodeHandle> {
+    config
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.0))?;
+    let listener = TcpListener::bind(config.node.listen)?;
+    let local_addr = listener.local_addr()?;
+    let n = config.reactor_count();
+    let mut polls = Vec::with_capacity(n);
+    let mut boxes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let poll = mio::Poll::new()?;
+        let waker = mio::Waker::new(poll.registry(), reactor::WAKER)?;
+        boxes.push(Mailbox {
+            new_connections: SegQueue::new(),
+            completions: SegQueue::new(),
+            wake_pending: AtomicBool::new(false),
+            waker,
+            live: AtomicUsize::new(0),
+        });
+        polls.push(poll);
+    }
+    let mailboxes = Arc::new(boxes);
+    let mb = mailboxes.clone();
+    let done = Arc::new(move |d: StoreDone| {
+        if let Some(m) = mb.get(d.reply.reactor) {
+            m.completions.push(d);
+            m.wake();
+        }
+    });
+    let (storage, mut threads) = Storage::start(
+        config.node.data_dir.clone(),
+        config.storage.workers,
+        config.storage.queue_depth,
+        config.storage.durability,
+        done,
+    )?;
+    let shared = Arc::new(Shared {
+        policy: config.acceptor_policy(),
+        timeouts: config.timeouts(),
+        associations: AssociationLimits::new(
+            config.limits.max_associations,
+            config.limits.max_associations_per_calling_ae,
+        ),
+        connections: AtomicUsize::new(0),
+        shutdown: AtomicBool::new(false),
+        storage,
+        config,
+    });
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    for (i, poll) in polls.into_iter().enumerate() {
+        let shared = shared.clone();
+        let mailboxes = mailboxes.clone();
+        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("reactor-{i}"))
+                .spawn(move || {
+                    if let Some(c) = core {
+                        core_affinity::set_for_current(c);
+                    }
+                    reactor::run(i, poll, &mailboxes, &shared);
+                })?,
+        );
+    }
+    {
+        let shared = shared.clone();
+        let mailboxes = mailboxes.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("acceptor".into())
+                .spawn(move || accept_loop(listener, &mailboxes, &shared))?,
+        );
+    }
+    tracing::info!(
+        listen = %local_addr,
+        ae_title = %shared.config.node.ae_title,
+        reactors = n,
+        data_dir = %shared.config.node.data_dir.display(),
+        durability = ?shared.config.storage.durability,
+        "dicomgate serving"
+    );
+    Ok(NodeHandle {
+        local_addr,
+        shared,
+        mailboxes,
+        threads,
+    })
+}
+
+fn accept_loop(listener: TcpListener, mailboxes: &[Mailbox], shared: &Shared) {
+    let mut refused_logged = false;
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                if shared.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        if shared.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        let open = shared.connections.load(Ordering::Acquire);
+        if open >= shared.config.limits.max_connections {
+            if !refused_logged {
+                tracing::warn!(%peer, open, "max_connections reached: closing new connections");
+                refused_logged = true;
+            }
+            continue; // dropped: closed at once
+        }
+        refused_logged = false;
+        if stream
+            .set_nodelay(true)
+            .and(stream.set_nonblocking(true))
+            .is_err()
+        {
+            continue;
+        }
+        shared.connections.fetch_add(1, Ordering::AcqRel);
+        let Some((_, m)) = mailboxes
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, m)| m.live.load(Ordering::Relaxed))
+        else {
+            return;
+        };
+        m.live.fetch_add(1, Ordering::Relaxed);
+        m.new_connections.push((stream, peer));
+        m.wake();
+    }
+}

@@ -1,0 +1,660 @@
+//! One mio event loop: its connections, their read buffers, and the glue from bytes to the
+//! association machine, DIMSE and storage.
+//!
+//! A connection stops reading (backpressure) while its outstanding stores reach the negotiated
+//! operations window or while the storage queue refuses its next job; it then holds at most one
+//! PDU beyond what it has handed on. Read buffers are allocated once per connection, sized to the
+//! largest PDU the connection may receive, and reused.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use super::{Mailbox, Shared};
+use crate::assoc::{negotiate, Association, Event, Negotiated, Outcome, Received, State};
+use crate::dimse::command::{self, response_to, status, CommandSet};
+use crate::dimse::{self, message, tags, Action, Assembler};
+use crate::storage::{FileMeta, ReplyTo, StoreDone, StoreJob};
+use crate::ul::{self, reject_reason, AbortReason, AssociateRj, Pdu, RejectResult, RejectSource};
+
+pub const WAKER: Token = Token(usize::MAX);
+
+/// Smallest read buffer; grown up to the largest PDU allowed in the connection's state.
+const MIN_BUFFER: usize = 16 * 1024;
+
+#[derive(Debug, Default)]
+struct Stats {
+    instances: u64,
+    bytes: u64,
+    failures: u64,
+}
+
+/// The socket side of a connection.
+#[derive(Debug)]
+struct Io {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Bytes of `assoc.transmit()` already written.
+    eof: bool,
+}
+
+/// A response waiting for its store to finish.
+#[derive(Debug)]
+struct PendingStore {
+    token: u64,
+    pc: u8,
+    request: CommandSet,
+}
+
+#[derive(Debug)]
+struct Conn {
+    io: Io,
+    peer: SocketAddr,
+    generation: u64,
+    assoc: Association,
+    negotiated: Option<Negotiated>,
+    holds_slot: bool,
+    assembler: Assembler,
+    pending: VecDeque<PendingStore>,
+    blocked: Option<StoreJob>,
+    release_pending: bool,
+    next_token: u64,
+    started: Instant,
+    stats: Stats,
+    outcome: Option<String>,
+}
+
+impl Conn {
+    fn paused(&self) -> bool {
+        let window = self
+            .negotiated
+            .as_ref()
+            .map_or(1, |n| n.max_operations_performed as usize);
+        self.blocked.is_some() || self.pending.len() >= window || self.release_pending
+    }
+}
+
+struct Reactor<'a> {
+    id: usize,
+    poll: Poll,
+    mailbox: &'a Mailbox,
+    shared: &'a Shared,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    generation: u64,
+}
+
+pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
+    let Some(mailbox) = mailboxes.get(id) else {
+        return;
+    };
+    let mut r = Reactor {
+        id,
+        poll,
+        mailbox,
+        shared,
+        conns: Vec::new(),
+        free: Vec::new(),
+        generation: 0,
+    };
+    let mut events = Events::with_capacity(1024);
+    loop {
+        if shared.shutdown.load(Ordering::Acquire) {
+            r.close_all();
+            return;
+        }
+        let timeout = r.next_timeout();
+        if let Err(e) = r.poll.poll(&mut events, timeout) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!(error = %e, "poll failed");
+            }
+            continue;
+        }
+        let mut woke = false;
+        for ev in events.iter() {
+            if ev.token() == WAKER {
+                woke = true;
+                continue;
+            }
+            let idx = ev.token().0;
+            r.drive(idx, Instant::now());
+        }
+        if woke || !r.mailbox.completions.is_empty() || !r.mailbox.new_connections.is_empty() {
+            r.mailbox.wake_pending.store(false, Ordering::Release);
+            r.take_new_connections();
+            r.take_completions();
+        }
+        r.retry_blocked();
+        r.fire_timers();
+    }
+}
+
+impl Reactor<'_> {
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let mut blocked = false;
+        for c in self.conns.iter().flatten() {
+            blocked |= c.blocked.is_some();
+            if let Some(t) = c.assoc.poll_timeout() {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        let mut d = next.map(|t| t.saturating_duration_since(now));
+        if blocked {
+            // The storage queue has no "space free" signal; retry soon.
+            d = Some(d.map_or(Duration::from_millis(1), |x| {
+                x.min(Duration::from_millis(1))
+            }));
+        }
+        d
+    }
+
+    fn take_new_connections(&mut self) {
+        while let Some((std_stream, peer)) = self.mailbox.new_connections.pop() {
+            let mut stream = TcpStream::from_std(std_stream);
+            let idx = self.free.pop().unwrap_or_else(|| {
+                self.conns.push(None);
+                self.conns.len() - 1
+            });
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(idx),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!(%peer, error = %e, "register failed");
+                self.free.push(idx);
+                self.forget_connection();
+                continue;
+            }
+            self.generation += 1;
+            let now = Instant::now();
+            self.conns[idx] = Some(Conn {
+                io: Io {
+                    stream,
+                    buf: Vec::new(),
+                    start: 0,
+                    end: 0,
+                    eof: false,
+                },
+                peer,
+                generation: self.generation,
+                assoc: Association::acceptor(now, self.shared.timeouts),
+                negotiated: None,
+                holds_slot: false,
+                assembler: Assembler::new(self.shared.config.limits.max_message_bytes),
+                pending: VecDeque::new(),
+                blocked: None,
+                release_pending: false,
+                next_token: 0,
+                started: now,
+                stats: Stats::default(),
+                outcome: None,
+            });
+            self.drive(idx, now);
+        }
+    }
+
+    fn forget_connection(&self) {
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+        self.mailbox.live.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn take_completions(&mut self) {
+        while let Some(done) = self.mailbox.completions.pop() {
+            let idx = done.reply.connection;
+            let now = Instant::now();
+            let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
+                continue;
+            };
+            if c.generation != done.reply.generation {
+                continue; // the connection went away; the instance is stored all the same
+            }
+            complete_store(c, done, now);
+            self.drive(idx, now);
+        }
+    }
+
+    fn retry_blocked(&mut self) {
+        for idx in 0..self.conns.len() {
+            let Some(c) = self.conns[idx].as_mut() else {
+                continue;
+            };
+            if let Some(job) = c.blocked.take() {
+                if let Err(job) = self.shared.storage.try_submit(job) {
+                    c.blocked = Some(job);
+                } else {
+                    self.drive(idx, Instant::now());
+                }
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        for idx in 0..self.conns.len() {
+            let due = self.conns[idx]
+                .as_ref()
+                .and_then(|c| c.assoc.poll_timeout())
+                .is_some_and(|t| t <= now);
+            if due {
+                if let Some(c) = self.conns[idx].as_mut() {
+                    c.assoc.handle_timeout(now);
+                }
+                self.drive(idx, now);
+            }
+        }
+    }
+
+    fn close_all(&mut self) {
+        let now = Instant::now();
+        for idx in 0..self.conns.len() {
+            if let Some(c) = self.conns[idx].as_mut() {
+                let _ = c.assoc.abort(now);
+                let _ = flush(c);
+                c.outcome
+                    .get_or_insert_with(|| "aborted: node shutting down".into());
+                self.remove(idx);
+            }
+        }
+    }
+
+    /// Runs a connection until it can make no more progress without new readiness.
+    fn drive(&mut self, idx: usize, now: Instant) {
+        let shared = self.shared;
+        let reply_base = (self.id, idx);
+        let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        loop {
+            process_input(c, shared, reply_base, now);
+            handle_events(c, shared, now);
+            if flush(c).is_err() {
+                c.assoc.handle_transport_closed(now);
+                handle_events(c, shared, now);
+                break;
+            }
+            if c.assoc.state() == State::Sta1 || c.assoc.wants_close() || c.io.eof {
+                break;
+            }
+            if c.paused() {
+                break;
+            }
+            match read_some(c, shared) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(_) => {
+                    c.io.eof = true;
+                    c.assoc.handle_transport_closed(now);
+                    handle_events(c, shared, now);
+                    break;
+                }
+            }
+        }
+        let done = c.assoc.state() == State::Sta1
+            || (c.assoc.wants_close() && c.assoc.transmit().is_empty());
+        if done {
+            self.remove(idx);
+        }
+    }
+
+    fn remove(&mut self, idx: usize) {
+        let Some(mut c) = self.conns.get_mut(idx).and_then(Option::take) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut c.io.stream);
+        if c.holds_slot {
+            if let Some(n) = &c.negotiated {
+                self.shared.associations.release(&n.calling_ae);
+            }
+        }
+        log_association(&c);
+        self.free.push(idx);
+        self.forget_connection();
+    }
+}
+
+fn log_association(c: &Conn) {
+    let outcome = c.outcome.as_deref().unwrap_or("closed");
+    let (calling, called) = c
+        .negotiated
+        .as_ref()
+        .map_or(("", ""), |n| (n.calling_ae.as_str(), n.called_ae.as_str()));
+    tracing::info!(
+        peer = %c.peer,
+        calling_ae = calling,
+        called_ae = called,
+        instances = c.stats.instances,
+        failures = c.stats.failures,
+        bytes = c.stats.bytes,
+        duration_ms = c.started.elapsed().as_millis() as u64,
+        outcome,
+        "association"
+    );
+}
+
+/// Reads once into the buffer. `Ok(true)`: got bytes; `Ok(false)`: would block.
+fn read_some(c: &mut Conn, shared: &Shared) -> io::Result<bool> {
+    let io = &mut c.io;
+    if io.start == io.end {
+        io.start = 0;
+        io.end = 0;
+    }
+    let limit = if c.negotiated.is_some() {
+        shared.config.limits.max_pdu_length
+    } else {
+        shared.config.limits.max_associate_length
+    } as usize
+        + ul::PDU_HEADER_LEN;
+    if io.buf.len() < MIN_BUFFER.min(limit) {
+        io.buf.resize(MIN_BUFFER.min(limit), 0);
+    }
+    if io.end == io.buf.len() {
+        if io.start > 0 {
+            io.buf.copy_within(io.start..io.end, 0);
+            io.end -= io.start;
+            io.start = 0;
+        } else if io.buf.len() < limit {
+            let n = (io.buf.len() * 2).min(limit);
+            io.buf.resize(n, 0);
+        } else {
+            // A full buffer of complete PDUs waiting behind backpressure; stop reading.
+            return Ok(false);
+        }
+    }
+    loop {
+        match io.stream.read(&mut io.buf[io.end..]) {
+            Ok(0) => {
+                io.eof = true;
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(n) => {
+                io.end += n;
+                return Ok(true);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes what the association has to send, until done or `WouldBlock`.
+fn flush(c: &mut Conn) -> io::Result<()> {
+    let out = c.assoc.transmit();
+    let mut written = 0;
+    let r = loop {
+        if written == out.len() {
+            break Ok(());
+        }
+        match c.io.stream.write(&out[written..]) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    out.drain(..written);
+    r
+}
+
+/// Parses and handles every complete PDU in the buffer while the connection is not paused. The
+/// buffer is moved out while PDUs borrow from it, and put back after.
+fn process_input(c: &mut Conn, shared: &Shared, reply_base: (usize, usize), now: Instant) {
+    let buf = std::mem::take(&mut c.io.buf);
+    process_buffered(c, &buf, shared, reply_base, now);
+    c.io.buf = buf;
+}
+
+fn process_buffered(
+    c: &mut Conn,
+    buf: &[u8],
+    shared: &Shared,
+    reply_base: (usize, usize),
+    now: Instant,
+) {
+    while !c.paused() && c.io.start < c.io.end && !c.assoc.wants_close() {
+        let max = if c.negotiated.is_some() {
+            shared.config.limits.max_pdu_length
+        } else {
+            shared.config.limits.max_associate_length
+        };
+        let data = &buf[c.io.start..c.io.end];
+        let n = match ul::deframe(data, max) {
+            Ok(ul::Status::Complete(n)) => n,
+            Ok(ul::Status::Partial { .. }) => return,
+            Err(e) => {
+                tracing::debug!(peer = %c.peer, error = %e, "bad PDU header");
+                c.outcome = Some(format!("protocol error: {e}"));
+                c.assoc.handle_invalid_pdu(now, e);
+                c.io.start = c.io.end;
+                return;
+            }
+        };
+        c.assoc.touch(now);
+        let (start, end) = (c.io.start, c.io.start + n);
+        c.io.start = end;
+        let pdu = match ul::decode(&buf[start..end]) {
+            Ok(p) => p,
+            Err(e) => {
+                c.outcome = Some(format!("protocol error: {e}"));
+                c.assoc.handle_invalid_pdu(now, e);
+                c.io.start = c.io.end;
+                return;
+            }
+        };
+        if let Pdu::Abort(a) = &pdu {
+            c.outcome = Some(format!(
+                "aborted by peer (source {}, reason {})",
+                a.source.0, a.reason.0
+            ));
+        }
+        match c.assoc.handle_pdu(now, pdu) {
+            Received::AssociateRq(rq) => on_associate_rq(c, shared, &rq, now),
+            Received::Data(p) => {
+                for pdv in p.pdvs() {
+                    let Some(neg) = c.negotiated.as_ref() else {
+                        break;
+                    };
+                    match c.assembler.push(pdv, |id| neg.context(id).is_some()) {
+                        Ok(Some(msg)) => on_message(c, shared, msg, reply_base, now),
+                        Ok(None) => {}
+                        Err(e) => {
+                            c.outcome = Some(format!("aborted: {e}"));
+                            c.assoc.abort_protocol(now, e.abort_reason(), e.describe());
+                            break;
+                        }
+                    }
+                }
+                c.assoc.set_message_in_progress(c.assembler.in_progress());
+            }
+            Received::AssociateAc(_) | Received::Nothing => {}
+        }
+    }
+}
+
+fn on_associate_rq(c: &mut Conn, shared: &Shared, rq: &ul::Associate<'_>, now: Instant) {
+    let outcome = negotiate(rq, &shared.policy);
+    let rj = match outcome {
+        Outcome::Accept { ac, negotiated } => {
+            if shared.associations.try_acquire(&negotiated.calling_ae) {
+                c.holds_slot = true;
+                c.negotiated = Some(negotiated);
+                let _ = c.assoc.accept(now, &ac);
+                return;
+            }
+            c.negotiated = Some(negotiated);
+            AssociateRj {
+                result: RejectResult::TRANSIENT,
+                source: RejectSource::SERVICE_PROVIDER_PRESENTATION,
+                reason: reject_reason::LOCAL_LIMIT_EXCEEDED,
+            }
+        }
+        Outcome::Reject(rj) => rj,
+    };
+    c.outcome = Some(format!(
+        "rejected (result {}, source {}, reason {})",
+        rj.result.0, rj.source.0, rj.reason
+    ));
+    tracing::info!(
+        peer = %c.peer,
+        calling_ae = ul::ae_title_str(&rq.calling_ae).unwrap_or("<invalid>"),
+        called_ae = ul::ae_title_str(&rq.called_ae).unwrap_or("<invalid>"),
+        result = rj.result.0,
+        source = rj.source.0,
+        reason = rj.reason,
+        "association rejected"
+    );
+    let _ = c.assoc.reject(now, rj);
+}
+
+fn send_response(c: &mut Conn, pc: u8, response: &CommandSet) {
+    let max = c.negotiated.as_ref().map_or(16384, |n| n.peer_max_pdu);
+    let mut cmd = Vec::with_capacity(160);
+    command::encode(response, &mut cmd);
+    let _ = c
+        .assoc
+        .send_pdata(|out| message::fragment(out, pc, true, &cmd, max));
+}
+
+fn on_message(
+    c: &mut Conn,
+    shared: &Shared,
+    msg: dimse::Message,
+    (reactor, connection): (usize, usize),
+    now: Instant,
+) {
+    let Some(ctx) = c
+        .negotiated
+        .as_ref()
+        .and_then(|n| n.context(msg.presentation_context_id))
+        .cloned()
+    else {
+        return;
+    };
+    match dimse::handle(msg, &ctx) {
+        Action::Respond { pc, response } => {
+            if response.status != Some(status::SUCCESS) {
+                c.stats.failures += 1;
+                tracing::warn!(
+                    peer = %c.peer,
+                    status = format!("0x{:04X}", response.status.unwrap_or(0)),
+                    comment = %String::from_utf8_lossy(response.error_comment.as_deref().unwrap_or(b"")),
+                    "request refused"
+                );
+            }
+            send_response(c, pc, &response);
+        }
+        Action::Abort(why) => {
+            c.outcome = Some(format!("aborted: {why}"));
+            c.assoc
+                .abort_protocol(now, AbortReason::UNEXPECTED_PDU_PARAMETER, why);
+        }
+        Action::Store(req) => {
+            let token = c.next_token;
+            c.next_token += 1;
+            let text = |t| {
+                req.routing
+                    .uid(t)
+                    .map(|u| String::from_utf8_lossy(u).into_owned())
+            };
+            let job = StoreJob {
+                reply: ReplyTo {
+                    reactor,
+                    connection,
+                    generation: c.generation,
+                },
+                token,
+                meta: FileMeta {
+                    sop_class_uid: req.sop_class_uid,
+                    sop_instance_uid: req.sop_instance_uid,
+                    transfer_syntax_uid: req.transfer_syntax.uid.to_string(),
+                    source_ae_title: c
+                        .negotiated
+                        .as_ref()
+                        .map(|n| n.calling_ae.clone())
+                        .unwrap_or_default(),
+                },
+                patient_id: req
+                    .routing
+                    .text(tags::PATIENT_ID)
+                    .unwrap_or_default()
+                    .as_bytes()
+                    .to_vec(),
+                study_uid: text(tags::STUDY_INSTANCE_UID).filter(|s| !s.is_empty()),
+                series_uid: text(tags::SERIES_INSTANCE_UID).filter(|s| !s.is_empty()),
+                data_set: req.data_set,
+            };
+            c.pending.push_back(PendingStore {
+                token,
+                pc: req.presentation_context_id,
+                request: req.command,
+            });
+            if let Err(job) = shared.storage.try_submit(job) {
+                c.blocked = Some(job);
+            }
+        }
+    }
+}
+
+fn complete_store(c: &mut Conn, done: StoreDone, now: Instant) {
+    let Some(pos) = c.pending.iter().position(|p| p.token == done.token) else {
+        return;
+    };
+    let Some(p) = c.pending.remove(pos) else {
+        return;
+    };
+    let response = match &done.result {
+        Ok(stored) => {
+            c.stats.instances += 1;
+            c.stats.bytes += stored.bytes;
+            response_to(&p.request, status::SUCCESS, None)
+        }
+        Err(e) => {
+            c.stats.failures += 1;
+            tracing::error!(peer = %c.peer, error = %e, "store failed: answering 0xA700");
+            response_to(&p.request, status::OUT_OF_RESOURCES, Some(e))
+        }
+    };
+    c.assoc.touch(now);
+    send_response(c, p.pc, &response);
+    if c.pending.is_empty() && c.release_pending {
+        c.release_pending = false;
+        let _ = c.assoc.release_response(now);
+    }
+}
+
+fn handle_events(c: &mut Conn, _shared: &Shared, now: Instant) {
+    while let Some(ev) = c.assoc.poll_event() {
+        match ev {
+            Event::ReleaseRequested => {
+                if c.pending.is_empty() && c.blocked.is_none() {
+                    let _ = c.assoc.release_response(now);
+                } else {
+                    c.release_pending = true;
+                }
+                c.outcome.get_or_insert_with(|| "released".into());
+            }
+            Event::AbortedByPeer(a) => {
+                c.outcome = Some(format!(
+                    "aborted by peer (source {}, reason {})",
+                    a.source.0, a.reason.0
+                ));
+            }
+            Event::ProviderAbort { sent, why } => {
+                if c.outcome.is_none() || sent.is_some() && why != "transport connection closed" {
+                    c.outcome = Some(format!("aborted: {why}"));
+                }
+            }
+            Event::Released | Event::Accepted | Event::Rejected(_) | Event::Closed => {}
+        }
+    }
+}

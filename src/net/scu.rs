@@ -1,0 +1,400 @@
+//! The requestor side (SCU) over a blocking socket, for `dicomgate echo` and `dicomgate store`:
+//! the same PDU layer, state machine and DIMSE assembly as the node, driven synchronously.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use crate::assoc::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
+use crate::assoc::{Association, Event, Received, Timeouts};
+use crate::dimse::command::{self, command_field, CommandSet};
+use crate::dimse::{message, Assembler, Message};
+use crate::ul::{
+    self, ae_title_field, Associate, Item, PcResult, Pdu, PresentationContextRq, SubItem,
+    DICOM_APPLICATION_CONTEXT,
+};
+
+/// What can go wrong on the requestor side.
+#[derive(Debug)]
+pub enum ScuError {
+    Io(io::Error),
+    Rejected(ul::AssociateRj),
+    Aborted(String),
+    Protocol(String),
+    NoContext(String),
+}
+
+impl std::fmt::Display for ScuError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScuError::Io(e) => write!(f, "I/O error: {e}"),
+            ScuError::Rejected(rj) => write!(
+                f,
+                "association rejected (result {}, source {}, reason {})",
+                rj.result.0, rj.source.0, rj.reason
+            ),
+            ScuError::Aborted(w) => write!(f, "association aborted: {w}"),
+            ScuError::Protocol(w) => write!(f, "protocol error: {w}"),
+            ScuError::NoContext(w) => write!(f, "no accepted presentation context for {w}"),
+        }
+    }
+}
+
+impl std::error::Error for ScuError {}
+
+impl From<io::Error> for ScuError {
+    fn from(e: io::Error) -> Self {
+        ScuError::Io(e)
+    }
+}
+
+/// A proposed presentation context: abstract syntax and transfer syntaxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proposal {
+    pub abstract_syntax: String,
+    pub transfer_syntaxes: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScuOptions {
+    pub calling_ae: String,
+    pub called_ae: String,
+    pub max_pdu_length: u32,
+    pub timeout: Duration,
+}
+
+impl Default for ScuOptions {
+    fn default() -> Self {
+        ScuOptions {
+            calling_ae: "DICOMGATE-SCU".into(),
+            called_ae: "DICOMGATE".into(),
+            max_pdu_length: 65_536,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An accepted context: (ID, abstract syntax, transfer syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    pub id: u8,
+    pub abstract_syntax: String,
+    pub transfer_syntax: String,
+}
+
+/// An established association as requestor.
+#[derive(Debug)]
+pub struct Client {
+    stream: TcpStream,
+    assoc: Association,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    assembler: Assembler,
+    pub contexts: Vec<Context>,
+    pub peer_max_pdu: u32,
+    max_pdu: u32,
+    message_id: u16,
+}
+
+impl Client {
+    /// Connects and negotiates; at most 128 proposals.
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        opts: &ScuOptions,
+        proposals: &[Proposal],
+    ) -> Result<Client, ScuError> {
+        let addr: SocketAddr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+        let stream = TcpStream::connect_timeout(&addr, opts.timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(opts.timeout))?;
+        let now = Instant::now();
+        let timeouts = Timeouts {
+            artim: opts.timeout,
+            idle: None,
+            dimse: None,
+        };
+        let mut c = Client {
+            stream,
+            assoc: Association::requestor(now, timeouts),
+            buf: vec![0; 64 * 1024],
+            start: 0,
+            end: 0,
+            assembler: Assembler::new(usize::MAX),
+            contexts: Vec::new(),
+            peer_max_pdu: 0,
+            max_pdu: opts.max_pdu_length,
+            message_id: 0,
+        };
+        let items = proposals.iter().take(128).enumerate().map(|(i, p)| {
+            Item::PresentationContextRq(PresentationContextRq {
+                id: (2 * i + 1) as u8,
+                abstract_syntax: p.abstract_syntax.as_bytes(),
+                transfer_syntaxes: p.transfer_syntaxes.iter().map(|t| t.as_bytes()).collect(),
+            })
+        });
+        let mut all = vec![Item::ApplicationContext(DICOM_APPLICATION_CONTEXT)];
+        all.extend(items);
+        all.push(Item::UserInformation(vec![
+            SubItem::MaximumLength(opts.max_pdu_length),
+            SubItem::ImplementationClassUid(IMPLEMENTATION_CLASS_UID.as_bytes()),
+            SubItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.as_bytes()),
+        ]));
+        let rq = Pdu::AssociateRq(Associate {
+            protocol_version: 1,
+            called_ae: ae_title_field(&opts.called_ae),
+            calling_ae: ae_title_field(&opts.calling_ae),
+            items: all,
+        });
+        c.assoc
+            .request(now, &rq)
+            .map_err(|e| ScuError::Protocol(e.to_string()))?;
+        c.flush()?;
+        loop {
+            let (n, ac) = c.next_pdu(opts.max_pdu_length.max(1 << 20))?;
+            let pdu =
+                ul::decode(&c.buf[n.0..n.1]).map_err(|e| ScuError::Protocol(e.to_string()))?;
+            match c.assoc.handle_pdu(Instant::now(), pdu) {
+                Received::AssociateAc(ac_pdu) => {
+                    c.peer_max_pdu = ac_pdu.maximum_length().unwrap_or(0);
+                    for pc in ac_pdu.presentation_contexts_ac() {
+                        if pc.result != PcResult::ACCEPTANCE {
+                            continue;
+                        }
+                        let idx = (pc.id as usize).saturating_sub(1) / 2;
+                        if let (Some(p), Some(ts)) = (proposals.get(idx), pc.transfer_syntax) {
+                            c.contexts.push(Context {
+                                id: pc.id,
+                                abstract_syntax: p.abstract_syntax.clone(),
+                                transfer_syntax: String::from_utf8_lossy(ul::uid_bytes(ts))
+                                    .into_owned(),
+                            });
+                        }
+                    }
+                    let _ = ac;
+                    c.flush()?;
+                    return Ok(c);
+                }
+                _ => {
+                    c.flush()?;
+                    c.check_events()?;
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let out = self.assoc.transmit();
+        self.stream.write_all(out)?;
+        out.clear();
+        Ok(())
+    }
+
+    /// Reads until one whole PDU is buffered; returns its byte range.
+    fn next_pdu(&mut self, max: u32) -> Result<((usize, usize), ()), ScuError> {
+        loop {
+            match ul::deframe(&self.buf[self.start..self.end], max) {
+                Ok(ul::Status::Complete(n)) => {
+                    let r = (self.start, self.start + n);
+                    self.start += n;
+                    return Ok((r, ()));
+                }
+                Ok(ul::Status::Partial { needed }) => {
+                    if self.start > 0 {
+                        self.buf.copy_within(self.start..self.end, 0);
+                        self.end -= self.start;
+                        self.start = 0;
+                    }
+                    if let Some(n) = needed {
+                        if n > self.buf.len() {
+                            self.buf.resize(n, 0);
+                        }
+                    }
+                    if self.end == self.buf.len() {
+                        self.buf.resize(self.buf.len() * 2, 0);
+                    }
+                    let n = self.stream.read(&mut self.buf[self.end..])?;
+                    if n == 0 {
+                        self.assoc.handle_transport_closed(Instant::now());
+                        return Err(ScuError::Aborted("peer closed the connection".into()));
+                    }
+                    self.end += n;
+                }
+                Err(e) => {
+                    self.assoc.handle_invalid_pdu(Instant::now(), e);
+                    let _ = self.flush();
+                    return Err(ScuError::Protocol(e.to_string()));
+                }
+            }
+        }
+    }
+
+    fn check_events(&mut self) -> Result<(), ScuError> {
+        while let Some(ev) = self.assoc.poll_event() {
+            match ev {
+                Event::Rejected(rj) => return Err(ScuError::Rejected(rj)),
+                Event::AbortedByPeer(a) => {
+                    return Err(ScuError::Aborted(format!(
+                        "by peer, source {} reason {}",
+                        a.source.0, a.reason.0
+                    )))
+                }
+                Event::ProviderAbort { why, .. } => return Err(ScuError::Aborted(why.into())),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the next complete DIMSE message.
+    fn receive_message(&mut self) -> Result<Message, ScuError> {
+        loop {
+            let (r, ()) = self.next_pdu(self.max_pdu)?;
+            let buf = std::mem::take(&mut self.buf);
+            let result = (|| {
+                let pdu =
+                    ul::decode(&buf[r.0..r.1]).map_err(|e| ScuError::Protocol(e.to_string()))?;
+                let mut msg = None;
+                if let Received::Data(p) = self.assoc.handle_pdu(Instant::now(), pdu) {
+                    let ids: Vec<u8> = self.contexts.iter().map(|c| c.id).collect();
+                    for pdv in p.pdvs() {
+                        match self.assembler.push(pdv, |id| ids.contains(&id)) {
+                            Ok(Some(m)) => msg = Some(m),
+                            Ok(None) => {}
+                            Err(e) => return Err(ScuError::Protocol(e.to_string())),
+                        }
+                    }
+                }
+                Ok(msg)
+            })();
+            self.buf = buf;
+            self.flush()?;
+            self.check_events()?;
+            if let Some(m) = result? {
+                return Ok(m);
+            }
+        }
+    }
+
+    fn next_message_id(&mut self) -> u16 {
+        self.message_id = self.message_id.wrapping_add(1);
+        self.message_id
+    }
+
+    /// C-ECHO; returns the status.
+    pub fn echo(&mut self) -> Result<u16, ScuError> {
+        let ctx = self
+            .contexts
+            .iter()
+            .find(|c| c.abstract_syntax == crate::assoc::negotiation::VERIFICATION_SOP_CLASS)
+            .cloned()
+            .ok_or_else(|| ScuError::NoContext("Verification".into()))?;
+        let rq = CommandSet {
+            command_field: command_field::C_ECHO_RQ,
+            message_id: Some(self.next_message_id()),
+            affected_sop_class_uid: Some(ctx.abstract_syntax.as_bytes().to_vec()),
+            command_data_set_type: command::NO_DATA_SET,
+            ..Default::default()
+        };
+        self.send_command(ctx.id, &rq, None)?;
+        let rsp = self.receive_message()?;
+        Ok(rsp.command.status.unwrap_or(0xFFFF))
+    }
+
+    /// C-STORE of one data set on a context accepted for its SOP class and transfer syntax;
+    /// returns the status and error comment.
+    pub fn store(
+        &mut self,
+        sop_class_uid: &str,
+        sop_instance_uid: &str,
+        transfer_syntax_uid: &str,
+        data_set: &[u8],
+    ) -> Result<(u16, Option<String>), ScuError> {
+        let ctx = self
+            .contexts
+            .iter()
+            .find(|c| {
+                c.abstract_syntax == sop_class_uid && c.transfer_syntax == transfer_syntax_uid
+            })
+            .cloned()
+            .ok_or_else(|| {
+                ScuError::NoContext(format!("{sop_class_uid} in {transfer_syntax_uid}"))
+            })?;
+        let rq = CommandSet {
+            command_field: command_field::C_STORE_RQ,
+            message_id: Some(self.next_message_id()),
+            affected_sop_class_uid: Some(sop_class_uid.as_bytes().to_vec()),
+            affected_sop_instance_uid: Some(sop_instance_uid.as_bytes().to_vec()),
+            priority: Some(0),
+            command_data_set_type: 0x0000,
+            ..Default::default()
+        };
+        self.send_command(ctx.id, &rq, Some(data_set))?;
+        let rsp = self.receive_message()?;
+        let comment = rsp
+            .command
+            .error_comment
+            .map(|c| String::from_utf8_lossy(&c).into_owned());
+        Ok((rsp.command.status.unwrap_or(0xFFFF), comment))
+    }
+
+    fn send_command(
+        &mut self,
+        pc: u8,
+        rq: &CommandSet,
+        data: Option<&[u8]>,
+    ) -> Result<(), ScuError> {
+        let mut cmd = Vec::with_capacity(256);
+        command::encode(rq, &mut cmd);
+        let max = self.peer_max_pdu;
+        self.assoc
+            .send_pdata(|out| {
+                message::fragment(out, pc, true, &cmd, max);
+                if let Some(d) = data {
+                    message::fragment(out, pc, false, d, max);
+                }
+            })
+            .map_err(|e| ScuError::Protocol(e.to_string()))?;
+        self.flush()?;
+        Ok(())
+    }
+
+    /// A-RELEASE and wait for the reply.
+    pub fn release(mut self) -> Result<(), ScuError> {
+        self.assoc
+            .release_request()
+            .map_err(|e| ScuError::Protocol(e.to_string()))?;
+        self.flush()?;
+        loop {
+            let (r, ()) = self.next_pdu(self.max_pdu)?;
+            let pdu =
+                ul::decode(&self.buf[r.0..r.1]).map_err(|e| ScuError::Protocol(e.to_string()))?;
+            self.assoc.handle_pdu(Instant::now(), pdu);
+            self.flush()?;
+            while let Some(ev) = self.assoc.poll_event() {
+                match ev {
+                    Event::Released => return Ok(()),
+                    Event::AbortedByPeer(_) | Event::ProviderAbort { .. } => {
+                        return Err(ScuError::Aborted("during release".into()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// A-ABORT and close.
+    pub fn abort(mut self) -> Result<(), ScuError> {
+        let _ = self.assoc.abort(Instant::now());
+        self.flush()?;
+        Ok(())
+    }
+
+    /// Raw access for tests: the socket.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
