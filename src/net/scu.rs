@@ -132,6 +132,7 @@ impl Client {
         let items = proposals.iter().take(128).enumerate().map(|(i, p)| {
             Item::PresentationContextRq(PresentationContextRq {
                 id: (2 * i + 1) as u8,
+                reserved: [0; 3],
                 abstract_syntax: p.abstract_syntax.as_bytes(),
                 transfer_syntaxes: p.transfer_syntaxes.iter().map(|t| t.as_bytes()).collect(),
             })

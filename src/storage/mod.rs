@@ -348,7 +348,7 @@ fn write_temp(
         let new_patient = !patient_dir.is_dir();
         ensure_dir(root, &series_dir, dirty)?;
         if new_patient || !patient_dir.join("patient-id").exists() {
-            write_patient_index(&patient_dir, &p.job.patient_id, dirty)?;
+            write_patient_index(&patient_dir, &p.job.patient_id, n, dirty)?;
         }
         let header = part10::header(&p.job.meta);
         let mut f = OpenOptions::new()
@@ -372,9 +372,16 @@ fn write_temp(
     p
 }
 
-/// `patient-id` holds the raw Patient ID, so the digest directory can be mapped back.
-fn write_patient_index(dir: &Path, id: &[u8], dirty: &mut BTreeSet<PathBuf>) -> io::Result<()> {
-    let tmp = dir.join(format!(".patient-id.{}.tmp", std::process::id()));
+/// `patient-id` holds the raw Patient ID, so the digest directory can be mapped back. Two workers
+/// may write it at once for a new patient: each uses its own temporary name (`seq` is unique per
+/// write) and the renames replace each other with identical content.
+fn write_patient_index(
+    dir: &Path,
+    id: &[u8],
+    seq: u64,
+    dirty: &mut BTreeSet<PathBuf>,
+) -> io::Result<()> {
+    let tmp = dir.join(format!(".patient-id.{}.{seq}.tmp", std::process::id()));
     let mut f = File::create(&tmp)?;
     f.write_all(id)?;
     f.sync_data()?;

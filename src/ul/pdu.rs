@@ -111,6 +111,9 @@ pub enum Item<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresentationContextRq<'a> {
     pub id: u8,
+    /// The three reserved bytes after the ID, as received (never tested, PS3.8 §9.3.2.2; DCMTK
+    /// sends 0xFF in the second), kept so that re-encoding is byte-exact. Zero when we build one.
+    pub reserved: [u8; 3],
     pub abstract_syntax: &'a [u8],
     pub transfer_syntaxes: Vec<&'a [u8]>,
 }
@@ -387,7 +390,8 @@ fn parse_pc_rq<'a>(r: &mut Reader<'a>) -> Result<PresentationContextRq<'a>, PduE
     let id = r
         .u8()
         .ok_or(PduError::Truncated("presentation context ID"))?;
-    r.take(3)
+    let reserved = *r
+        .array::<3>()
         .ok_or(PduError::Truncated("presentation context item"))?;
     let mut abstract_syntax = None;
     let mut transfer_syntaxes = Vec::new();
@@ -411,6 +415,7 @@ fn parse_pc_rq<'a>(r: &mut Reader<'a>) -> Result<PresentationContextRq<'a>, PduE
     }
     Ok(PresentationContextRq {
         id,
+        reserved,
         abstract_syntax,
         transfer_syntaxes,
     })
@@ -654,7 +659,8 @@ fn encode_associate(a: &Associate<'_>, out: &mut Vec<u8>) -> Result<(), EncodeEr
             Item::PresentationContextRq(pc) => {
                 out.extend_from_slice(&[item_type::PRESENTATION_CONTEXT_RQ, 0]);
                 let lp = LengthPrefix::u16(out);
-                out.extend_from_slice(&[pc.id, 0, 0, 0]);
+                out.extend_from_slice(&[pc.id]);
+                out.extend_from_slice(&pc.reserved);
                 put_sub(out, item_type::ABSTRACT_SYNTAX, pc.abstract_syntax)?;
                 for ts in &pc.transfer_syntaxes {
                     put_sub(out, item_type::TRANSFER_SYNTAX, ts)?;

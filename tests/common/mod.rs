@@ -1,0 +1,211 @@
+//! Shared helpers for integration tests: start the real node binary, find the real peers, build
+//! small data sets. Peers are real programs (DCMTK, pynetdicom); a missing one fails the test with
+//! an install hint rather than skipping it (`bash .ci/run` installs them).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub struct Node {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts `dicomgate serve` on an ephemeral loopback port with AE title DICOMGATE and the
+    /// given extra TOML (sections other than [node]).
+    pub fn start(extra_toml: &str) -> Node {
+        Self::start_with_node("", extra_toml)
+    }
+
+    pub fn start_with_node(node_toml: &str, extra_toml: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let cfg = dir.path().join("dicomgate.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[node]\nae_title = \"DICOMGATE\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 2\n{node_toml}\n{extra_toml}\n",
+                data_dir.display().to_string()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("node did not start: {line:?}"))
+            .parse()
+            .unwrap();
+        Node {
+            addr,
+            data_dir,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// The node's process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Every stored instance file.
+    pub fn stored(&self) -> Vec<PathBuf> {
+        files_under(&self.data_dir.join("patients"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+            .collect()
+    }
+
+    /// Every file under the data directory, temporary ones included.
+    pub fn all_files(&self) -> Vec<PathBuf> {
+        files_under(&self.data_dir)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// DCMTK's tool, by full path (pynetdicom installs commands with the same names).
+pub fn dcmtk(tool: &str) -> Command {
+    let path = format!("/usr/bin/{tool}");
+    assert!(
+        Path::new(&path).exists(),
+        "{path} missing: install Debian's dcmtk (bash .ci/run does)"
+    );
+    let mut c = Command::new(path);
+    // Debian's DCMTK keeps Nagle's algorithm on unless told otherwise.
+    c.env("TCP_NODELAY", "1");
+    c
+}
+
+pub fn python() -> Command {
+    let mut c = Command::new("python3");
+    c.env("PYTHONDONTWRITEBYTECODE", "1");
+    c
+}
+
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(name)
+}
+
+/// pydicom's bundled test files.
+pub fn pydicom_test_files() -> PathBuf {
+    let out = python()
+        .args([
+            "-c",
+            "import os, pydicom; print(os.path.join(os.path.dirname(pydicom.__file__), 'data', 'test_files'))",
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "pydicom missing: pip install pynetdicom (bash .ci/run does)"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Runs a Python helper and returns its stdout; fails the test on a non-zero exit.
+pub fn run_py(script: &str, args: &[&str]) -> String {
+    let out = python().arg(py_script(script)).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The stored file of a SOP Instance UID, if any.
+pub fn stored_instance(node: &Node, sop_instance_uid: &str) -> Option<PathBuf> {
+    node.stored()
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy() == format!("{sop_instance_uid}.dcm"))
+}
+
+fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
+    let mut v = v.to_vec();
+    if v.len() % 2 == 1 {
+        v.push(if vr == b"UI" { 0 } else { b' ' });
+    }
+    out.extend_from_slice(&g.to_le_bytes());
+    out.extend_from_slice(&e.to_le_bytes());
+    out.extend_from_slice(vr);
+    if matches!(vr, b"OB" | b"OW" | b"SQ" | b"UN" | b"UT") {
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    } else {
+        out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+    }
+    out.extend_from_slice(&v);
+}
+
+pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
+pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+/// A small explicit VR little endian CT data set.
+pub fn dataset(patient: &str, study: &str, series: &str, sop: &str, pixels: usize) -> Vec<u8> {
+    let mut d = Vec::new();
+    el(&mut d, 0x0008, 0x0016, b"UI", CT_IMAGE_STORAGE.as_bytes());
+    el(&mut d, 0x0008, 0x0018, b"UI", sop.as_bytes());
+    el(&mut d, 0x0008, 0x0060, b"CS", b"CT");
+    el(&mut d, 0x0010, 0x0010, b"PN", b"Test^Patient");
+    el(&mut d, 0x0010, 0x0020, b"LO", patient.as_bytes());
+    el(&mut d, 0x0020, 0x000D, b"UI", study.as_bytes());
+    el(&mut d, 0x0020, 0x000E, b"UI", series.as_bytes());
+    el(&mut d, 0x0020, 0x0013, b"IS", b"1");
+    let px: Vec<u8> = (0..pixels).map(|i| (i * 7 % 251) as u8).collect();
+    el(&mut d, 0x7FE0, 0x0010, b"OW", &px);
+    d
+}
