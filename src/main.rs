@@ -179,9 +179,16 @@ fn store(
     for path in files {
         let bytes = std::fs::read(&path)?;
         match part10::parse(&bytes) {
-            Some(meta)
-                if !meta.sop_class_uid.is_empty() && !meta.transfer_syntax_uid.is_empty() =>
-            {
+            Some(mut meta) if !meta.transfer_syntax_uid.is_empty() => {
+                // Name the instance the data set carries (as DCMTK's storescu does); some files'
+                // meta disagrees with their data set.
+                let (class, instance) = meta.data_set_sop_uids(&bytes);
+                meta.sop_class_uid = class;
+                meta.sop_instance_uid = instance;
+                if meta.sop_class_uid.is_empty() || meta.sop_instance_uid.is_empty() {
+                    eprintln!("skipping {}: no SOP Class/Instance UID", path.display());
+                    continue;
+                }
                 to_send.push(FileToSend { path, bytes, meta })
             }
             _ => eprintln!("skipping {}: not a Part-10 file", path.display()),

@@ -1,5 +1,6 @@
 //! PDUs captured from DCMTK and pynetdicom (tests/vectors/capture.py made them) decode to what the
 //! peers meant and re-encode byte-exact; hand-built PDUs cover the items those peers did not send.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use dicomgate::ul::{
     self, decode, AbortReason, AbortSource, Associate, Item, PcResult, Pdu, PduType,

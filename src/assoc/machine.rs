@@ -55,7 +55,9 @@ pub enum Role {
     Acceptor,
 }
 
-/// PS3.8 Table 9-9 events that come from the peer or the transport.
+/// PS3.8 Table 9-9 events that come from the peer or the transport. Variant names keep the
+/// standard's event numbers, hence the shared prefix.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Evt {
     Evt2TransportConfirm,
@@ -363,7 +365,7 @@ impl Association {
             return Err(self.not_allowed("A-ASSOCIATE response (reject)"));
         }
         self.send(&Pdu::AssociateRj(rj));
-        self.to_sta13(now);
+        self.enter_sta13(now);
         Ok(())
     }
 
@@ -392,7 +394,7 @@ impl Association {
         match self.state {
             State::Sta8 | State::Sta12 => {
                 self.send(&Pdu::ReleaseRp);
-                self.to_sta13(now);
+                self.enter_sta13(now);
             }
             State::Sta9 => {
                 self.send(&Pdu::ReleaseRp);
@@ -454,7 +456,7 @@ impl Association {
                 if let Detail::Rj(rj) = detail {
                     self.events.push_back(Event::Rejected(rj));
                 }
-                self.close_to_sta1();
+                self.close_and_enter_sta1();
             }
             (
                 Sta2,
@@ -477,7 +479,7 @@ impl Association {
             (Sta2, Evt17TransportClosed) | (Sta13, Evt17TransportClosed) => {
                 // AA-5 (Sta2) and AR-5 (Sta13): stop ARTIM.
                 self.artim = None;
-                self.to_sta1();
+                self.enter_sta1();
             }
             (Sta6, Evt10PData) | (Sta7, Evt10PData) => {} // DT-2 / AR-6: P-DATA indication
             (Sta6, Evt12ReleaseRq) => {
@@ -497,7 +499,7 @@ impl Association {
             (Sta7 | Sta11, Evt13ReleaseRp) => {
                 // AR-3: issue A-RELEASE confirmation, close transport.
                 self.events.push_back(Event::Released);
-                self.close_to_sta1();
+                self.close_and_enter_sta1();
             }
             (Sta10, Evt13ReleaseRp) => {
                 // AR-10: issue A-RELEASE confirmation.
@@ -521,7 +523,7 @@ impl Association {
                 if let Detail::Abort(a) = detail {
                     self.events.push_back(Event::AbortedByPeer(a));
                 }
-                self.close_to_sta1();
+                self.close_and_enter_sta1();
             }
             (
                 Sta3 | Sta5 | Sta6 | Sta7 | Sta8 | Sta9 | Sta10 | Sta11 | Sta12,
@@ -533,7 +535,7 @@ impl Association {
                     sent: None,
                     why: "transport connection closed",
                 });
-                self.to_sta1();
+                self.enter_sta1();
             }
             (Sta3 | Sta5 | Sta6 | Sta7 | Sta8 | Sta9 | Sta10 | Sta11 | Sta12, _) => {
                 // AA-8: unexpected or invalid PDU. Send A-ABORT (service-provider source), issue
@@ -558,13 +560,13 @@ impl Association {
     /// AA-1: send A-ABORT, (re)start ARTIM → Sta13.
     fn aa1(&mut self, now: Instant, source: AbortSource, reason: AbortReason) {
         self.send(&Pdu::Abort(Abort { source, reason }));
-        self.to_sta13(now);
+        self.enter_sta13(now);
     }
 
     /// AA-2: stop ARTIM, close transport → Sta1.
     fn aa2(&mut self) {
         self.artim = None;
-        self.close_to_sta1();
+        self.close_and_enter_sta1();
     }
 
     /// AA-8: send A-ABORT (service-provider source), start ARTIM → Sta13.
@@ -574,21 +576,21 @@ impl Association {
             reason,
         };
         self.send(&Pdu::Abort(a));
-        self.to_sta13(now);
+        self.enter_sta13(now);
         Some(a)
     }
 
-    fn to_sta13(&mut self, now: Instant) {
+    fn enter_sta13(&mut self, now: Instant) {
         self.state = State::Sta13;
         self.artim = Some(now + self.timeouts.artim);
     }
 
-    fn close_to_sta1(&mut self) {
+    fn close_and_enter_sta1(&mut self) {
         self.close = true;
-        self.to_sta1();
+        self.enter_sta1();
     }
 
-    fn to_sta1(&mut self) {
+    fn enter_sta1(&mut self) {
         self.artim = None;
         self.state = State::Sta1;
         self.events.push_back(Event::Closed);

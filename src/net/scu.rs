@@ -155,7 +155,7 @@ impl Client {
             .map_err(|e| ScuError::Protocol(e.to_string()))?;
         c.flush()?;
         loop {
-            let (n, ac) = c.next_pdu(opts.max_pdu_length.max(1 << 20))?;
+            let (n, ()) = c.next_pdu(opts.max_pdu_length.max(1 << 20))?;
             let pdu =
                 ul::decode(&c.buf[n.0..n.1]).map_err(|e| ScuError::Protocol(e.to_string()))?;
             match c.assoc.handle_pdu(Instant::now(), pdu) {
@@ -175,7 +175,6 @@ impl Client {
                             });
                         }
                     }
-                    let _ = ac;
                     c.flush()?;
                     return Ok(c);
                 }

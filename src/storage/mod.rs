@@ -145,6 +145,7 @@ impl Storage {
 
     /// Queues a job without blocking. A full queue hands the job back: the caller stops reading
     /// that peer until it can queue it (backpressure), it is never dropped.
+    #[allow(clippy::result_large_err)] // the job comes back to be retried, not as an error value
     pub fn try_submit(&self, job: StoreJob) -> Result<(), StoreJob> {
         self.tx.try_send(job).map_err(|e| match e {
             TrySendError::Full(j) | TrySendError::Disconnected(j) => j,

@@ -94,6 +94,33 @@ pub struct ParsedFile {
     pub data_set_offset: usize,
 }
 
+impl ParsedFile {
+    /// The SOP Class and Instance UIDs the data set itself carries (found by the bounded scan),
+    /// falling back to the file meta's. A requestor must name the instance it sends, and some
+    /// files' meta disagrees with their data set (pydicom's rtplan.dcm and rtdose.dcm).
+    pub fn data_set_sop_uids(&self, file: &[u8]) -> (String, String) {
+        use crate::dimse::{scan, tags};
+        let enc = crate::assoc::transfer_syntax::by_uid(self.transfer_syntax_uid.as_bytes())
+            .map(|t| t.encoding);
+        let found = enc.and_then(|enc| {
+            let ds = file.get(self.data_set_offset..)?;
+            scan::scan(ds, enc, &[tags::SOP_CLASS_UID, tags::SOP_INSTANCE_UID]).ok()
+        });
+        let get = |tag, fallback: &String| {
+            found
+                .as_ref()
+                .and_then(|s| s.uid(tag))
+                .filter(|u| !u.is_empty())
+                .map(|u| String::from_utf8_lossy(u).into_owned())
+                .unwrap_or_else(|| fallback.clone())
+        };
+        (
+            get(tags::SOP_CLASS_UID, &self.sop_class_uid),
+            get(tags::SOP_INSTANCE_UID, &self.sop_instance_uid),
+        )
+    }
+}
+
 /// Reads the File Meta Information of a Part-10 file (bounded: the group length is checked
 /// against the file). Used by `dicomgate store` and the tests.
 pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {

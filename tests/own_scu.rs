@@ -1,0 +1,249 @@
+//! The node against its own requestor (`dicomgate store`, `dicomgate echo`, and the `Client`
+//! API): byte-exact storage, concurrency, aborts mid-data-set, and a store that cannot be written.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use dicomgate::net::scu::{Client, Proposal, ScuOptions};
+use dicomgate::storage::part10;
+use std::process::Command;
+
+fn opts() -> ScuOptions {
+    ScuOptions {
+        called_ae: "DICOMGATE".into(),
+        ..Default::default()
+    }
+}
+
+fn ct_proposal() -> Proposal {
+    Proposal {
+        abstract_syntax: CT_IMAGE_STORAGE.into(),
+        transfer_syntaxes: vec![EXPLICIT_LE.into()],
+    }
+}
+
+#[test]
+fn dicomgate_store_and_echo_are_byte_exact_and_readable_by_dicom_object() {
+    let node = Node::start("");
+    let t = pydicom_test_files();
+    let names = [
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "image_dfl.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_rle.dcm",
+        "JPEGLSNearLossless_08.dcm",
+        "reportsi.dcm",
+        "rtdose.dcm",
+    ];
+    let files: Vec<_> = names.iter().map(|n| t.join(n)).collect();
+    // Distinct instances, so that no store replaces another.
+    let uids: std::collections::BTreeSet<String> = files
+        .iter()
+        .map(|f| {
+            let b = std::fs::read(f).unwrap();
+            part10::parse(&b).unwrap().data_set_sop_uids(&b).1
+        })
+        .collect();
+    assert_eq!(uids.len(), files.len());
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["store", &node.addr.to_string(), "--called", "DICOMGATE"])
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "stored 8, failed 0"
+    );
+    for f in &files {
+        let orig = std::fs::read(f).unwrap();
+        let om = part10::parse(&orig).unwrap();
+        let (_, instance) = om.data_set_sop_uids(&orig);
+        let stored_path = stored_instance(&node, &instance).unwrap();
+        let stored = std::fs::read(&stored_path).unwrap();
+        let sm = part10::parse(&stored).unwrap();
+        assert_eq!(
+            &stored[sm.data_set_offset..],
+            &orig[om.data_set_offset..],
+            "{}",
+            f.display()
+        );
+        assert_eq!(sm.transfer_syntax_uid, om.transfer_syntax_uid);
+        // dicom-rs reads the file back (trusted bytes, our own output).
+        let obj = dicom_object::open_file(&stored_path).unwrap();
+        assert_eq!(obj.meta().transfer_syntax(), om.transfer_syntax_uid);
+        let sop = obj
+            .element_by_name("SOPInstanceUID")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(sop.trim_end_matches('\0'), instance);
+    }
+    let echo = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["echo", &node.addr.to_string(), "--called", "DICOMGATE"])
+        .output()
+        .unwrap();
+    assert!(echo.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&echo.stdout).trim(),
+        "C-ECHO status 0x0000"
+    );
+}
+
+#[test]
+fn eight_associations_storing_at_once() {
+    let node = Node::start("");
+    let addr = node.addr;
+    let threads: Vec<_> = (0..8)
+        .map(|a| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr, &opts(), &[ct_proposal()]).unwrap();
+                for i in 0..40 {
+                    let sop = format!("1.2.8.{a}.{i}");
+                    // Patients interleaved across associations.
+                    let ds = dataset(
+                        &format!("P{}", i % 5),
+                        "1.2.8",
+                        &format!("1.2.8.{a}"),
+                        &sop,
+                        4096,
+                    );
+                    let (st, _) = c.store(CT_IMAGE_STORAGE, &sop, EXPLICIT_LE, &ds).unwrap();
+                    assert_eq!(st, 0);
+                }
+                c.release().unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(node.stored().len(), 320);
+}
+
+#[test]
+fn data_set_that_disagrees_with_its_command_is_refused_with_a900_and_bad_bytes_with_c000() {
+    let node = Node::start("");
+    let mut c = Client::connect(node.addr, &opts(), &[ct_proposal()]).unwrap();
+    let ds = dataset("P", "1.2.5", "1.2.5.1", "1.2.5.1.1", 16);
+    // Command names another instance than the data set.
+    let (st, comment) = c
+        .store(CT_IMAGE_STORAGE, "1.2.5.1.2", EXPLICIT_LE, &ds)
+        .unwrap();
+    assert_eq!(st, 0xA900, "{comment:?}");
+    // An element longer than what remains.
+    let mut bad = dataset("P", "1.2.5", "1.2.5.1", "1.2.5.1.3", 16);
+    let n = bad.len();
+    bad[n - 16 - 4..n - 16].copy_from_slice(&1000u32.to_le_bytes());
+    let (st, comment) = c
+        .store(CT_IMAGE_STORAGE, "1.2.5.1.3", EXPLICIT_LE, &bad)
+        .unwrap();
+    assert_eq!(st, 0xC000, "{comment:?}");
+    assert!(comment.unwrap().contains("longer than what remains"));
+    // A UID that is not a UID (would be a path component): refused, nothing written.
+    let evil = dataset("P", "1.2.5", "..", "1.2.5.1.4", 16);
+    let (st, _) = c
+        .store(CT_IMAGE_STORAGE, "1.2.5.1.4", EXPLICIT_LE, &evil)
+        .unwrap();
+    assert_eq!(st, 0xC000);
+    // The association goes on: a good store still succeeds.
+    let ok = dataset("P", "1.2.5", "1.2.5.1", "1.2.5.1.5", 16);
+    assert_eq!(
+        c.store(CT_IMAGE_STORAGE, "1.2.5.1.5", EXPLICIT_LE, &ok)
+            .unwrap()
+            .0,
+        0
+    );
+    c.release().unwrap();
+    assert_eq!(node.stored().len(), 1);
+}
+
+/// An association aborted in the middle of a data set leaves no file, temporary or final.
+#[test]
+fn abort_mid_data_set_leaves_no_file() {
+    use dicomgate::dimse::command::{self, command_field, CommandSet};
+    use dicomgate::ul::pdu::put_pdata_header;
+    use std::io::Write;
+    let node = Node::start("");
+    let mut c = Client::connect(node.addr, &opts(), &[ct_proposal()]).unwrap();
+    let pc = c.contexts[0].id;
+    let sop = "1.2.6.1.1";
+    let ds = dataset("P", "1.2.6", "1.2.6.1", sop, 100_000);
+    let mut cmd = Vec::new();
+    command::encode(
+        &CommandSet {
+            command_field: command_field::C_STORE_RQ,
+            message_id: Some(1),
+            affected_sop_class_uid: Some(CT_IMAGE_STORAGE.as_bytes().to_vec()),
+            affected_sop_instance_uid: Some(sop.as_bytes().to_vec()),
+            priority: Some(0),
+            command_data_set_type: 0,
+            ..Default::default()
+        },
+        &mut cmd,
+    );
+    let mut wire = Vec::new();
+    put_pdata_header(&mut wire, pc, 0x03, cmd.len() as u32);
+    wire.extend_from_slice(&cmd);
+    // Half the data set, not marked last.
+    let half = &ds[..50_000];
+    put_pdata_header(&mut wire, pc, 0x00, half.len() as u32);
+    wire.extend_from_slice(half);
+    c.stream().write_all(&wire).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    c.abort().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        node.all_files()
+            .iter()
+            .all(|p| !p.to_string_lossy().ends_with(".dcm")
+                && !p.to_string_lossy().ends_with(".tmp")),
+        "{:?}",
+        node.all_files()
+    );
+    assert!(node.log().contains("aborted by peer"), "{}", node.log());
+    // The node keeps serving.
+    let mut c = Client::connect(node.addr, &opts(), &[ct_proposal()]).unwrap();
+    assert_eq!(
+        c.store(CT_IMAGE_STORAGE, sop, EXPLICIT_LE, &ds).unwrap().0,
+        0
+    );
+    c.release().unwrap();
+}
+
+/// Where the data directory cannot be written the store is answered 0xA700 (out of resources)
+/// and the node keeps serving. We are root in CI, so permissions cannot make a directory
+/// unwritable; a regular file where the patient's directory must go makes every write for that
+/// patient fail with ENOTDIR, a real error from the file system.
+#[test]
+fn unwritable_data_directory_answers_a700_and_the_node_keeps_serving() {
+    let mut node = Node::start("");
+    let blocked = node
+        .data_dir
+        .join("patients")
+        .join(dicomgate::storage::patient_dir_name(b"BLOCKED"));
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    let mut c = Client::connect(node.addr, &opts(), &[ct_proposal()]).unwrap();
+    let ds = dataset("BLOCKED", "1.2.7", "1.2.7.1", "1.2.7.1.1", 64);
+    let (st, comment) = c
+        .store(CT_IMAGE_STORAGE, "1.2.7.1.1", EXPLICIT_LE, &ds)
+        .unwrap();
+    assert_eq!(st, 0xA700, "{comment:?}");
+    assert!(comment.unwrap_or_default().contains("failed"));
+    let ds = dataset("FINE", "1.2.7", "1.2.7.1", "1.2.7.1.2", 64);
+    assert_eq!(
+        c.store(CT_IMAGE_STORAGE, "1.2.7.1.2", EXPLICIT_LE, &ds)
+            .unwrap()
+            .0,
+        0
+    );
+    c.release().unwrap();
+    assert!(node.is_running());
+    assert_eq!(node.stored().len(), 1);
+}
