@@ -620,3 +620,270 @@ enum Detail {
     Rj(AssociateRj),
     Abort(Abort),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ul::{decode, AssociateRj, RejectResult, RejectSource};
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn rq_bytes() -> Vec<u8> {
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/vectors/pynetdicom_associate_rq.bin"
+        ))
+        .unwrap()
+    }
+
+    fn sent(a: &mut Association) -> Vec<Pdu<'static>> {
+        let bytes = std::mem::take(a.transmit());
+        let mut out = Vec::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let n = 6 + u32::from_be_bytes(rest[2..6].try_into().unwrap()) as usize;
+            // Only fixed-size PDUs are inspected here; leak to get 'static views in tests.
+            let leaked: &'static [u8] = Box::leak(rest[..n].to_vec().into_boxed_slice());
+            out.push(decode(leaked).unwrap());
+            rest = &rest[n..];
+        }
+        out
+    }
+
+    fn established(now: Instant) -> Association {
+        let mut a = Association::acceptor(now, Timeouts::default());
+        let rq = rq_bytes();
+        assert!(matches!(
+            a.handle_pdu(now, decode(&rq).unwrap()),
+            Received::AssociateRq(_)
+        ));
+        assert_eq!(a.state(), State::Sta3);
+        a.accept(now, &[0x02, 0, 0, 0, 0, 0]).unwrap();
+        a.transmit().clear();
+        assert_eq!(a.state(), State::Sta6);
+        a
+    }
+
+    fn abort_of(pdus: &[Pdu<'_>]) -> Abort {
+        match pdus {
+            [Pdu::Abort(a)] => *a,
+            other => panic!("expected one A-ABORT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn acceptor_release_path() {
+        let now = t0();
+        let mut a = established(now);
+        assert!(matches!(
+            a.handle_pdu(now, Pdu::ReleaseRq),
+            Received::Nothing
+        ));
+        assert_eq!(a.state(), State::Sta8); // AR-2
+        assert_eq!(a.poll_event(), Some(Event::ReleaseRequested));
+        // P-DATA may still be sent in Sta8 (AR-7).
+        a.send_pdata(|o| o.push(0)).unwrap();
+        a.transmit().clear();
+        a.release_response(now).unwrap(); // AR-4
+        assert_eq!(sent(&mut a), vec![Pdu::ReleaseRp]);
+        assert_eq!(a.state(), State::Sta13);
+        a.handle_transport_closed(now); // AR-5
+        assert_eq!(a.state(), State::Sta1);
+    }
+
+    #[test]
+    fn unexpected_pdus_in_sta2_get_a_abort_source_2_reason_2() {
+        let now = t0();
+        for pdu in [Pdu::ReleaseRq, Pdu::ReleaseRp] {
+            let mut a = Association::acceptor(now, Timeouts::default());
+            a.handle_pdu(now, pdu);
+            let ab = abort_of(&sent(&mut a));
+            assert_eq!(ab.source, AbortSource::SERVICE_PROVIDER);
+            assert_eq!(ab.reason, AbortReason::UNEXPECTED_PDU);
+            assert_eq!(a.state(), State::Sta13); // AA-1
+        }
+    }
+
+    #[test]
+    fn unexpected_pdus_in_sta6_get_aa8() {
+        let now = t0();
+        let rq = rq_bytes();
+        for pdu in [
+            decode(&rq).unwrap(),
+            Pdu::ReleaseRp,
+            Pdu::AssociateRj(AssociateRj {
+                result: RejectResult::PERMANENT,
+                source: RejectSource::SERVICE_USER,
+                reason: 1,
+            }),
+        ] {
+            let mut a = established(now);
+            a.handle_pdu(now, pdu);
+            let ab = abort_of(&sent(&mut a));
+            assert_eq!(
+                (ab.source, ab.reason),
+                (AbortSource::SERVICE_PROVIDER, AbortReason::UNEXPECTED_PDU)
+            );
+            assert_eq!(a.state(), State::Sta13);
+            assert!(matches!(
+                a.poll_event(),
+                Some(Event::ProviderAbort { sent: Some(_), .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn invalid_pdu_gets_the_reason_of_its_error() {
+        let now = t0();
+        let mut a = established(now);
+        a.handle_invalid_pdu(now, PduError::UnrecognizedPdu(9));
+        assert_eq!(
+            abort_of(&sent(&mut a)).reason,
+            AbortReason::UNRECOGNIZED_PDU
+        );
+        let mut a = established(now);
+        a.handle_invalid_pdu(
+            now,
+            PduError::TooLong {
+                declared: 1,
+                max: 0,
+            },
+        );
+        assert_eq!(
+            abort_of(&sent(&mut a)).reason,
+            AbortReason::INVALID_PDU_PARAMETER_VALUE
+        );
+    }
+
+    #[test]
+    fn artim_closes_a_silent_connection_and_a_lingering_one() {
+        let now = t0();
+        let mut a = Association::acceptor(now, Timeouts::default());
+        let deadline = a.poll_timeout().unwrap();
+        assert_eq!(deadline, now + Duration::from_secs(30));
+        a.handle_timeout(deadline - Duration::from_millis(1));
+        assert_eq!(a.state(), State::Sta2);
+        a.handle_timeout(deadline); // Evt18, AA-2
+        assert_eq!(a.state(), State::Sta1);
+        assert!(a.wants_close());
+        // After a reject, ARTIM bounds the wait for the peer to close.
+        let mut a = Association::acceptor(now, Timeouts::default());
+        a.handle_pdu(now, decode(&rq_bytes()).unwrap());
+        a.reject(
+            now,
+            AssociateRj {
+                result: RejectResult::PERMANENT,
+                source: RejectSource::SERVICE_USER,
+                reason: 7,
+            },
+        )
+        .unwrap();
+        assert_eq!(a.state(), State::Sta13);
+        a.handle_timeout(now + Duration::from_secs(31));
+        assert_eq!(a.state(), State::Sta1);
+    }
+
+    #[test]
+    fn idle_and_dimse_timers_abort_established_associations() {
+        let now = t0();
+        let mut a = established(now);
+        assert_eq!(a.poll_timeout(), Some(now + Duration::from_secs(300)));
+        a.set_message_in_progress(true);
+        assert_eq!(a.poll_timeout(), Some(now + Duration::from_secs(60)));
+        a.handle_timeout(now + Duration::from_secs(60));
+        assert_eq!(
+            abort_of(&sent(&mut a)).source,
+            AbortSource::SERVICE_PROVIDER
+        );
+        assert_eq!(a.state(), State::Sta13);
+    }
+
+    #[test]
+    fn peer_abort_closes_from_any_association_state() {
+        let now = t0();
+        let ab = Abort {
+            source: AbortSource::SERVICE_USER,
+            reason: AbortReason::NOT_SPECIFIED,
+        };
+        let mut a = established(now);
+        a.handle_pdu(now, Pdu::Abort(ab)); // AA-3
+        assert_eq!(a.state(), State::Sta1);
+        assert_eq!(a.poll_event(), Some(Event::AbortedByPeer(ab)));
+        assert!(a.transmit().is_empty());
+        let mut a = Association::acceptor(now, Timeouts::default());
+        a.handle_pdu(now, Pdu::Abort(ab)); // Sta2: AA-2
+        assert_eq!(a.state(), State::Sta1);
+    }
+
+    #[test]
+    fn release_collision_both_sides() {
+        let now = t0();
+        // Acceptor that requested release, then receives the peer's request: Sta10, Sta12.
+        let mut a = established(now);
+        a.release_request().unwrap();
+        a.transmit().clear();
+        a.handle_pdu(now, Pdu::ReleaseRq);
+        assert_eq!(a.state(), State::Sta10); // AR-8, acceptor
+        a.handle_pdu(now, Pdu::ReleaseRp);
+        assert_eq!(a.state(), State::Sta12); // AR-10
+        a.release_response(now).unwrap(); // AR-4
+        assert_eq!(a.state(), State::Sta13);
+        // Requestor: Sta9 → Sta11 → Sta1.
+        let mut r = Association::requestor(now, Timeouts::default());
+        r.request(now, &Pdu::ReleaseRq).unwrap();
+        r.transmit().clear();
+        assert_eq!(r.state(), State::Sta5);
+        r.handle_pdu(
+            now,
+            decode(
+                &std::fs::read(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/vectors/pynetdicom_associate_ac.bin"
+                ))
+                .unwrap(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(r.state(), State::Sta6);
+        r.release_request().unwrap();
+        r.handle_pdu(now, Pdu::ReleaseRq);
+        assert_eq!(r.state(), State::Sta9);
+        r.release_response(now).unwrap(); // AR-9
+        assert_eq!(r.state(), State::Sta11);
+        r.handle_pdu(now, Pdu::ReleaseRp); // AR-3
+        assert_eq!(r.state(), State::Sta1);
+    }
+
+    #[test]
+    fn requestor_rejected_and_local_primitives_checked() {
+        let now = t0();
+        let mut r = Association::requestor(now, Timeouts::default());
+        assert!(r.accept(now, &[]).is_err());
+        assert!(r.release_request().is_err());
+        r.request(now, &Pdu::ReleaseRq).unwrap();
+        let rj = AssociateRj {
+            result: RejectResult::PERMANENT,
+            source: RejectSource::SERVICE_USER,
+            reason: 7,
+        };
+        r.handle_pdu(now, Pdu::AssociateRj(rj)); // AE-4
+        assert_eq!(r.state(), State::Sta1);
+        assert_eq!(r.poll_event(), Some(Event::Rejected(rj)));
+        assert!(r.send_pdata(|_| {}).is_err());
+    }
+
+    #[test]
+    fn sta13_ignores_pdus_and_answers_a_new_request_with_an_abort() {
+        let now = t0();
+        let mut a = established(now);
+        a.abort(now).unwrap(); // AA-1
+        assert_eq!(abort_of(&sent(&mut a)).source, AbortSource::SERVICE_USER);
+        a.handle_pdu(now, Pdu::ReleaseRq); // AA-6
+        assert!(a.transmit().is_empty());
+        a.handle_pdu(now, decode(&rq_bytes()).unwrap()); // AA-7
+        abort_of(&sent(&mut a));
+        assert_eq!(a.state(), State::Sta13);
+    }
+}

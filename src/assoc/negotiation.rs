@@ -276,3 +276,194 @@ fn choose_transfer_syntax(
         .copied()
         .or_else(|| known.first().copied())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assoc::transfer_syntax::by_uid;
+    use crate::ul::{ae_title_field, decode, PresentationContextRq};
+
+    fn policy() -> AcceptorPolicy {
+        AcceptorPolicy {
+            ae_title: "GATE".into(),
+            accept_any_called_ae: false,
+            calling_ae_allow: None,
+            max_pdu_length: 65536,
+            max_operations_performed: 8,
+            transfer_syntax_preference: vec![
+                by_uid(b"1.2.840.10008.1.2.1").unwrap(),
+                by_uid(b"1.2.840.10008.1.2").unwrap(),
+            ],
+            max_presentation_contexts: 128,
+        }
+    }
+
+    fn rq<'a>(
+        called: &str,
+        calling: &str,
+        pcs: Vec<PresentationContextRq<'a>>,
+        user: Vec<SubItem<'a>>,
+    ) -> Associate<'a> {
+        let mut items = vec![Item::ApplicationContext(DICOM_APPLICATION_CONTEXT)];
+        items.extend(pcs.into_iter().map(Item::PresentationContextRq));
+        items.push(Item::UserInformation(user));
+        Associate {
+            protocol_version: 1,
+            called_ae: ae_title_field(called),
+            calling_ae: ae_title_field(calling),
+            items,
+        }
+    }
+
+    fn pc<'a>(id: u8, abs: &'a str, ts: &[&'a str]) -> PresentationContextRq<'a> {
+        PresentationContextRq {
+            id,
+            reserved: [0; 3],
+            abstract_syntax: abs.as_bytes(),
+            transfer_syntaxes: ts.iter().map(|t| t.as_bytes()).collect(),
+        }
+    }
+
+    fn rejected(o: Outcome) -> (u8, u8, u8) {
+        match o {
+            Outcome::Reject(r) => (r.result.0, r.source.0, r.reason),
+            Outcome::Accept { .. } => panic!("accepted"),
+        }
+    }
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+
+    #[test]
+    fn ae_titles_application_context_and_version() {
+        let p = policy();
+        assert_eq!(
+            rejected(negotiate(&rq("OTHER", "SCU", vec![], vec![]), &p)),
+            (1, 1, 7)
+        );
+        let mut any = p.clone();
+        any.accept_any_called_ae = true;
+        assert!(matches!(
+            negotiate(&rq("OTHER", "SCU", vec![], vec![]), &any),
+            Outcome::Accept { .. }
+        ));
+        let mut allow = p.clone();
+        allow.calling_ae_allow = Some(vec!["CT1".into()]);
+        assert_eq!(
+            rejected(negotiate(&rq("GATE", "CT2", vec![], vec![]), &allow)),
+            (1, 1, 3)
+        );
+        assert!(matches!(
+            negotiate(&rq("GATE", "CT1", vec![], vec![]), &allow),
+            Outcome::Accept { .. }
+        ));
+        let mut r = rq("GATE", "SCU", vec![], vec![]);
+        r.calling_ae = [b' '; 16]; // all spaces: not an AE title
+        assert_eq!(rejected(negotiate(&r, &p)), (1, 1, 3));
+        let mut r = rq("GATE", "SCU", vec![], vec![]);
+        r.protocol_version = 2;
+        assert_eq!(rejected(negotiate(&r, &p)), (1, 2, 2));
+        let mut r = rq("GATE", "SCU", vec![], vec![]);
+        r.items[0] = Item::ApplicationContext(b"1.2.3");
+        assert_eq!(rejected(negotiate(&r, &p)), (1, 1, 2));
+    }
+
+    #[test]
+    fn contexts_transfer_syntax_preference_and_results() {
+        let r = rq(
+            "GATE",
+            "SCU",
+            vec![
+                pc(1, CT, &["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]),
+                pc(3, CT, &["1.2.840.10008.1.2.4.90"]),
+                pc(5, "1.2.840.10008.5.1.4.1.2.1.1", &["1.2.840.10008.1.2"]), // a C-FIND model
+                pc(7, CT, &["1.2.3.4"]),
+                pc(7, CT, &["1.2.840.10008.1.2"]), // duplicate ID
+                pc(9, VERIFICATION_SOP_CLASS, &["1.2.840.10008.1.2"]),
+            ],
+            vec![],
+        );
+        let Outcome::Accept { ac, negotiated } = negotiate(&r, &policy()) else {
+            panic!()
+        };
+        let ts: Vec<_> = negotiated
+            .contexts
+            .iter()
+            .map(|c| (c.id, c.transfer_syntax.uid))
+            .collect();
+        assert_eq!(
+            ts,
+            vec![
+                (1, "1.2.840.10008.1.2.1"),
+                (3, "1.2.840.10008.1.2.4.90"),
+                (9, "1.2.840.10008.1.2")
+            ]
+        );
+        let crate::ul::Pdu::AssociateAc(ac) = decode(&ac).unwrap() else {
+            panic!()
+        };
+        let results: Vec<_> = ac
+            .presentation_contexts_ac()
+            .map(|p| (p.id, p.result.0))
+            .collect();
+        assert_eq!(
+            results,
+            vec![(1, 0), (3, 0), (5, 3), (7, 4), (7, 2), (9, 0)]
+        );
+        assert_eq!(ac.maximum_length(), Some(65536));
+    }
+
+    #[test]
+    fn window_roles_and_limits() {
+        let r = rq(
+            "GATE",
+            "SCU",
+            vec![pc(1, CT, &["1.2.840.10008.1.2"])],
+            vec![
+                SubItem::MaximumLength(16384),
+                SubItem::AsynchronousOperationsWindow {
+                    max_invoked: 0,
+                    max_performed: 0,
+                },
+                SubItem::RoleSelection {
+                    sop_class_uid: CT.as_bytes(),
+                    scu_role: 1,
+                    scp_role: 1,
+                },
+                SubItem::UserIdentityRq {
+                    identity_type: 1,
+                    positive_response_requested: 1,
+                    primary: b"u",
+                    secondary: b"",
+                },
+            ],
+        );
+        let Outcome::Accept { ac, negotiated } = negotiate(&r, &policy()) else {
+            panic!()
+        };
+        assert_eq!(negotiated.peer_max_pdu, 16384);
+        assert_eq!(negotiated.max_operations_performed, 8);
+        let crate::ul::Pdu::AssociateAc(ac) = decode(&ac).unwrap() else {
+            panic!()
+        };
+        let ui = ac.user_information();
+        assert!(ui.contains(&SubItem::AsynchronousOperationsWindow {
+            max_invoked: 8,
+            max_performed: 1
+        }));
+        assert!(ui.contains(&SubItem::RoleSelection {
+            sop_class_uid: CT.as_bytes(),
+            scu_role: 1,
+            scp_role: 0
+        }));
+        assert!(!ui
+            .iter()
+            .any(|s| matches!(s, SubItem::UserIdentityAc { .. })));
+        let many: Vec<_> = (0..129)
+            .map(|i| pc((2 * i + 1) as u8, CT, &["1.2.840.10008.1.2"]))
+            .collect();
+        assert_eq!(
+            rejected(negotiate(&rq("GATE", "SCU", many, vec![]), &policy())),
+            (1, 1, 1)
+        );
+    }
+}
