@@ -247,3 +247,45 @@ fn unwritable_data_directory_answers_a700_and_the_node_keeps_serving() {
     assert!(node.is_running());
     assert_eq!(node.stored().len(), 1);
 }
+
+/// Beyond `max_associations` (and per calling AE) the node answers A-ASSOCIATE-RJ 2/3/2
+/// (transient, presentation-related provider, local limit exceeded), and takes new associations
+/// again once one ends.
+#[test]
+fn association_limits_reject_with_local_limit_exceeded() {
+    use dicomgate::net::scu::ScuError;
+    let node = Node::start("[limits]\nmax_associations = 2\nmax_associations_per_calling_ae = 1\n");
+    let first = Client::connect(node.addr, &opts(), &[ct_proposal()]).unwrap();
+    // Same calling AE: over the per-AE limit.
+    let Err(ScuError::Rejected(rj)) = Client::connect(node.addr, &opts(), &[ct_proposal()]) else {
+        panic!("second association from the same AE was not rejected")
+    };
+    assert_eq!((rj.result.0, rj.source.0, rj.reason), (2, 3, 2));
+    let other = ScuOptions {
+        calling_ae: "OTHER".into(),
+        ..opts()
+    };
+    let second = Client::connect(node.addr, &other, &[ct_proposal()]).unwrap();
+    let third = ScuOptions {
+        calling_ae: "THIRD".into(),
+        ..opts()
+    };
+    // Over the node-wide limit.
+    let Err(ScuError::Rejected(rj)) = Client::connect(node.addr, &third, &[ct_proposal()]) else {
+        panic!("third association was not rejected")
+    };
+    assert_eq!((rj.result.0, rj.source.0, rj.reason), (2, 3, 2));
+    first.release().unwrap();
+    second.release().unwrap();
+    // The slots free once the node sees the transports close; retry for up to 10 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Client::connect(node.addr, &third, &[ct_proposal()]) {
+            Ok(c) => break c.release().unwrap(),
+            Err(ScuError::Rejected(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("slots were not freed: {e}"),
+        }
+    }
+}
