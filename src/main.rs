@@ -143,9 +143,10 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
 }
 
+/// A file to send: its meta only; the bytes are read again when it is sent, so a folder of any
+/// size is sent with one file in memory at a time.
 struct FileToSend {
     path: PathBuf,
-    bytes: Vec<u8>,
     meta: part10::ParsedFile,
 }
 
@@ -189,7 +190,7 @@ fn store(
                     eprintln!("skipping {}: no SOP Class/Instance UID", path.display());
                     continue;
                 }
-                to_send.push(FileToSend { path, bytes, meta })
+                to_send.push(FileToSend { path, meta })
             }
             _ => eprintln!("skipping {}: not a Part-10 file", path.display()),
         }
@@ -224,7 +225,8 @@ fn store(
         for key in chunk {
             for &i in &groups[key] {
                 let f = &to_send[i];
-                let ds = &f.bytes[f.meta.data_set_offset..];
+                let bytes = std::fs::read(&f.path)?;
+                let ds = bytes.get(f.meta.data_set_offset..).unwrap_or_default();
                 match c.store(
                     &f.meta.sop_class_uid,
                     &f.meta.sop_instance_uid,
