@@ -1,0 +1,279 @@
+//! Hostile peers over a raw socket (issue 4, first part): each case gets a protocol answer or a
+//! closed socket, never a crash, and afterwards a normal DCMTK storescu still stores.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use dicomgate::ul::{self, Associate, Item, Pdu, PresentationContextRq, SubItem};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// What came back: the PDUs the node sent until it closed or went quiet for a second.
+fn exchange(node: &Node, bytes: &[u8]) -> Vec<Vec<u8>> {
+    exchange_for(node, bytes, Duration::from_secs(1))
+}
+
+fn exchange_for(node: &Node, bytes: &[u8], quiet: Duration) -> Vec<Vec<u8>> {
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(quiet)).unwrap();
+    let _ = s.write_all(bytes);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let mut pdus = Vec::new();
+    let mut rest = &got[..];
+    while let Ok(ul::Status::Complete(n)) = ul::deframe(rest, u32::MAX) {
+        pdus.push(rest[..n].to_vec());
+        rest = &rest[n..];
+    }
+    pdus
+}
+
+fn abort_of(pdus: &[Vec<u8>]) -> (u8, u8) {
+    let last = pdus.last().expect("no PDU came back");
+    match ul::decode(last).unwrap() {
+        Pdu::Abort(a) => (a.source.0, a.reason.0),
+        other => panic!("expected A-ABORT, got {other:?}"),
+    }
+}
+
+fn associate_rq(contexts: Vec<PresentationContextRq<'static>>) -> Vec<u8> {
+    let mut items = vec![Item::ApplicationContext(ul::DICOM_APPLICATION_CONTEXT)];
+    items.extend(contexts.into_iter().map(Item::PresentationContextRq));
+    items.push(Item::UserInformation(vec![SubItem::MaximumLength(16384)]));
+    let mut b = Vec::new();
+    Pdu::AssociateRq(Associate {
+        protocol_version: 1,
+        called_ae: ul::ae_title_field("DICOMGATE"),
+        calling_ae: ul::ae_title_field("HOSTILE"),
+        items,
+    })
+    .encode(&mut b)
+    .unwrap();
+    b
+}
+
+fn ct_context(id: u8) -> PresentationContextRq<'static> {
+    PresentationContextRq {
+        id,
+        reserved: [0; 3],
+        abstract_syntax: CT_IMAGE_STORAGE.as_bytes(),
+        transfer_syntaxes: vec![EXPLICIT_LE.as_bytes()],
+    }
+}
+
+fn pdata(pc: u8, mch: u8, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    ul::pdu::put_pdata_header(&mut b, pc, mch, data.len() as u32);
+    b.extend_from_slice(data);
+    b
+}
+
+/// A normal sender is still served.
+fn storescu_still_stores(node: &Node) {
+    let out = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .arg(pydicom_test_files().join("CT_small.dcm"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
+    );
+}
+
+#[test]
+fn malformed_pdus_before_association() {
+    let mut node = Node::start("");
+    // Declared length 0xFFFFFFFF: refused from the header, A-ABORT invalid-PDU-parameter-value.
+    assert_eq!(
+        abort_of(&exchange(&node, &[0x01, 0, 0xFF, 0xFF, 0xFF, 0xFF])),
+        (2, 6)
+    );
+    // Unknown PDU type: unrecognized-PDU.
+    assert_eq!(
+        abort_of(&exchange(&node, &[0x08, 0, 0, 0, 0, 4, 0, 0, 0, 0])),
+        (2, 1)
+    );
+    // Every other PDU type while an A-ASSOCIATE-RQ is awaited: unexpected-PDU (AA-1).
+    for p in [
+        vec![0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0],
+        vec![0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0],
+        pdata(1, 3, b"xx"),
+        vec![0x03, 0, 0, 0, 0, 4, 0, 1, 1, 1],
+    ] {
+        assert_eq!(abort_of(&exchange(&node, &p)), (2, 2), "{p:?}");
+    }
+    // Items whose length runs past the PDU.
+    let mut rq = associate_rq(vec![ct_context(1)]);
+    rq[74 + 3] = 0xFF;
+    assert_eq!(abort_of(&exchange(&node, &rq)), (2, 6));
+    // Truncated PDU, then silence: closed by the node (ARTIM), no crash. Not waited for here.
+    let _ = exchange(&node, &rq[..40]);
+    // Pseudo-random bytes.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for _ in 0..20 {
+        let junk: Vec<u8> = (0..500)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let _ = exchange_for(&node, &junk, Duration::from_millis(100));
+    }
+    assert!(node.is_running());
+    storescu_still_stores(&node);
+}
+
+#[test]
+fn protocol_violations_inside_an_association() {
+    let mut node = Node::start("");
+    let rq = associate_rq(vec![ct_context(1)]);
+    let cmd = {
+        use dicomgate::dimse::command::{self, command_field, CommandSet};
+        let mut c = Vec::new();
+        command::encode(
+            &CommandSet {
+                command_field: command_field::C_STORE_RQ,
+                message_id: Some(1),
+                affected_sop_class_uid: Some(CT_IMAGE_STORAGE.as_bytes().to_vec()),
+                affected_sop_instance_uid: Some(b"1.2.3".to_vec()),
+                command_data_set_type: 0,
+                ..Default::default()
+            },
+            &mut c,
+        );
+        c
+    };
+    let cases: Vec<(&str, Vec<u8>, (u8, u8))> = vec![
+        ("PDV on an unproposed context", pdata(3, 3, &cmd), (2, 6)),
+        ("data set before its command", pdata(1, 2, b"abcd"), (2, 5)),
+        (
+            "interleaved command inside a data set",
+            [pdata(1, 3, &cmd), pdata(1, 0, b"ab"), pdata(1, 3, &cmd)].concat(),
+            (2, 5),
+        ),
+        (
+            "zero-length PDV",
+            vec![0x04, 0, 0, 0, 0, 4, 0, 0, 0, 0],
+            (2, 6),
+        ),
+        ("second A-ASSOCIATE-RQ", rq.clone(), (2, 2)),
+        (
+            "PDU above our maximum length",
+            [vec![0x04, 0, 0, 1, 0, 1], vec![0; 16]].concat(),
+            (2, 6),
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let pdus = exchange(&node, &[rq.clone(), bytes].concat());
+        assert!(
+            matches!(ul::decode(&pdus[0]).unwrap(), Pdu::AssociateAc(_)),
+            "{what}"
+        );
+        assert_eq!(abort_of(&pdus), expected, "{what}");
+    }
+    assert!(node.is_running());
+    storescu_still_stores(&node);
+}
+
+/// 128 presentation contexts with many transfer syntaxes each: a proper answer (here an AC).
+#[test]
+fn many_presentation_contexts_with_many_transfer_syntaxes() {
+    let node = Node::start("");
+    let ts: Vec<&'static [u8]> = dicomgate::assoc::transfer_syntax::TRANSFER_SYNTAXES
+        .iter()
+        .take(12)
+        .map(|t| t.uid.as_bytes())
+        .collect();
+    let contexts = (0..128)
+        .map(|i| PresentationContextRq {
+            id: (2 * i + 1) as u8,
+            reserved: [0; 3],
+            abstract_syntax: CT_IMAGE_STORAGE.as_bytes(),
+            transfer_syntaxes: ts.clone(),
+        })
+        .collect();
+    let pdus = exchange(&node, &associate_rq(contexts));
+    let Pdu::AssociateAc(ac) = ul::decode(&pdus[0]).unwrap() else {
+        panic!()
+    };
+    assert_eq!(ac.presentation_contexts_ac().count(), 128);
+    storescu_still_stores(&node);
+}
+
+/// UIDs, Patient IDs and AE titles with separators, `..`, NUL, absolute paths and shell
+/// metacharacters never place a file outside the data directory's layout.
+#[test]
+fn path_traversal_attempts_stay_inside_the_data_directory() {
+    use dicomgate::net::scu::{Client, Proposal, ScuOptions};
+    let node = Node::start("");
+    let opts = ScuOptions {
+        called_ae: "DICOMGATE".into(),
+        calling_ae: "../../../tmp/x;rm".into(),
+        ..Default::default()
+    };
+    let prop = Proposal {
+        abstract_syntax: CT_IMAGE_STORAGE.into(),
+        transfer_syntaxes: vec![EXPLICIT_LE.into()],
+    };
+    let mut c = Client::connect(node.addr, &opts, &[prop]).unwrap();
+    let evil_ids = [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "a\\..\\b",
+        "x\0y",
+        "$(reboot);`id`|&",
+        "..",
+    ];
+    for (i, pid) in evil_ids.iter().enumerate() {
+        let sop = format!("1.2.66.{i}");
+        let ds = dataset(pid, "1.2.66", "1.2.66.1", &sop, 8);
+        assert_eq!(
+            c.store(CT_IMAGE_STORAGE, &sop, EXPLICIT_LE, &ds).unwrap().0,
+            0,
+            "{pid:?}"
+        );
+    }
+    for bad_uid in ["../../x", "/abs/1.2", "1.2/../3", "..", "1.2\\3"] {
+        let ds = dataset("P", "1.2.66", bad_uid, "1.2.66.9", 8);
+        let (st, _) = c
+            .store(CT_IMAGE_STORAGE, "1.2.66.9", EXPLICIT_LE, &ds)
+            .unwrap();
+        assert_eq!(st, 0xC000, "{bad_uid}");
+        let ds = dataset("P", "1.2.66", "1.2.66.1", bad_uid, 8);
+        let (st, _) = c
+            .store(CT_IMAGE_STORAGE, bad_uid, EXPLICIT_LE, &ds)
+            .unwrap();
+        assert_ne!(st, 0, "{bad_uid}");
+    }
+    c.release().unwrap();
+    let root = node.data_dir.join("patients");
+    let files = files_under(&node.data_dir);
+    assert_eq!(node.stored().len(), evil_ids.len());
+    for f in &files {
+        let rel = f
+            .strip_prefix(&root)
+            .unwrap_or_else(|_| panic!("outside: {}", f.display()));
+        let parts: Vec<_> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().to_string())
+            .collect();
+        assert!(
+            parts[0].len() == 32 && parts[0].bytes().all(|b| b.is_ascii_hexdigit()),
+            "{rel:?}"
+        );
+        assert!(parts.len() == 2 || parts.len() == 4, "{rel:?}");
+    }
+}
