@@ -69,6 +69,16 @@ impl Node {
         std::fs::read_to_string(self._dir.path().join("node.log")).unwrap_or_default()
     }
 
+    /// Resident memory of the node process, from /proc (KiB).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
     /// The node's process is still alive.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
