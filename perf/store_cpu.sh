@@ -22,12 +22,14 @@ pid=$!
 for _ in $(seq 50); do grep -q listening "$work/out" 2>/dev/null && break; sleep 0.1; done
 port=$(sed -n 's/.*127.0.0.1:\([0-9]*\).*/\1/p' "$work/out")
 cpu() { awk '{print $14+$15}' /proc/$pid/stat; }
+usr() { awk '{print $14}' /proc/$pid/stat; }
+u0=$(usr)
 tck=$(getconf CLK_TCK)
 c0=$(cpu); t0=$(date +%s.%N)
 TCP_NODELAY=1 /usr/bin/storescu -aec DICOMGATE +sd 127.0.0.1 "$port" "$work/in"
-t1=$(date +%s.%N); c1=$(cpu)
+t1=$(date +%s.%N); c1=$(cpu); u1=$(usr)
 stored=$(find "$work/data" -name '*.dcm' | wc -l)
 bytes=$(du -sb "$work/in" | cut -f1)
-awk -v n="$stored" -v c="$((c1 - c0))" -v tck="$tck" -v t="$(echo "$t1 - $t0" | bc)" -v b="$bytes" -v r="$rows" -v d="$durability" 'BEGIN {
-  printf "rows=%d durability=%s stored=%d wall=%.2fs rate=%.0f inst/s %.1f MB/s node_cpu=%.0f us/instance\n",
-    r, d, n, t, n / t, b / t / 1e6, c / tck * 1e6 / n }'
+awk -v n="$stored" -v c="$((c1 - c0))" -v tck="$tck" -v t="$(echo "$t1 - $t0" | bc)" -v b="$bytes" -v r="$rows" -v d="$durability" -v u="$((u1 - u0))" 'BEGIN {
+  printf "rows=%d durability=%s stored=%d wall=%.2fs rate=%.0f inst/s %.1f MB/s node_cpu=%.0f us/instance (user %.0f, kernel %.0f)\n",
+    r, d, n, t, n / t, b / t / 1e6, c / tck * 1e6 / n, u / tck * 1e6 / n, (c - u) / tck * 1e6 / n }'
