@@ -886,4 +886,136 @@ mod tests {
         abort_of(&sent(&mut a));
         assert_eq!(a.state(), State::Sta13);
     }
+
+    /// PS3.8 Table 9-10, acceptor side: every reachable acceptor state × every event a peer or
+    /// the transport can cause (Evt3, 4, 6, 10, 12, 13, 16, 17, 18, 19), checking the next state
+    /// and what is sent (in the style of pynetdicom's test_fsm.py).
+    #[test]
+    fn table_9_10_acceptor_states_by_events() {
+        use State::*;
+        #[derive(Debug, PartialEq, Clone, Copy)]
+        enum Out {
+            Nothing,
+            Abort(u8, u8),
+        }
+        let reach = |s: State, now: Instant| -> Association {
+            let mut a = Association::acceptor(now, Timeouts::default());
+            let rq = rq_bytes();
+            if s != Sta2 {
+                a.handle_pdu(now, decode(&rq).unwrap());
+            }
+            if matches!(s, Sta6 | Sta7 | Sta8 | Sta10 | Sta12 | Sta13) {
+                a.accept(now, &[]).unwrap();
+            }
+            match s {
+                Sta7 => a.release_request().unwrap(),
+                Sta8 => drop(a.handle_pdu(now, Pdu::ReleaseRq)),
+                Sta10 | Sta12 => {
+                    a.release_request().unwrap();
+                    a.handle_pdu(now, Pdu::ReleaseRq);
+                    if s == Sta12 {
+                        a.handle_pdu(now, Pdu::ReleaseRp);
+                    }
+                }
+                Sta13 => a.abort(now).unwrap(),
+                _ => {}
+            }
+            assert_eq!(a.state(), s, "could not reach {s:?}");
+            a.transmit().clear();
+            while a.poll_event().is_some() {}
+            a
+        };
+        let states = [Sta2, Sta3, Sta6, Sta7, Sta8, Sta10, Sta12, Sta13];
+        let assoc_states = [Sta3, Sta6, Sta7, Sta8, Sta10, Sta12];
+        let aa8 = (Sta13, Out::Abort(2, 2));
+        // Expected (next state, output) for each event and state.
+        let expect = |evt: &str, s: State| -> (State, Out) {
+            let in_assoc = assoc_states.contains(&s);
+            match (evt, s) {
+                // Evt3 / Evt4: A-ASSOCIATE-AC / -RJ received.
+                ("ac" | "rj", Sta2) => (Sta13, Out::Abort(2, 2)), // AA-1
+                ("ac" | "rj", Sta13) => (Sta13, Out::Nothing),    // AA-6
+                ("ac" | "rj", _) => aa8,
+                // Evt6: A-ASSOCIATE-RQ received.
+                ("rq", Sta2) => (Sta3, Out::Nothing), // AE-6
+                ("rq", Sta13) => (Sta13, Out::Abort(2, 2)), // AA-7
+                ("rq", _) => aa8,
+                // Evt10: P-DATA-TF received.
+                ("pdata", Sta2) => (Sta13, Out::Abort(2, 2)),
+                ("pdata", Sta6) => (Sta6, Out::Nothing), // DT-2
+                ("pdata", Sta7) => (Sta7, Out::Nothing), // AR-6
+                ("pdata", Sta13) => (Sta13, Out::Nothing),
+                ("pdata", _) => aa8,
+                // Evt12: A-RELEASE-RQ received.
+                ("relrq", Sta2) => (Sta13, Out::Abort(2, 2)),
+                ("relrq", Sta6) => (Sta8, Out::Nothing), // AR-2
+                ("relrq", Sta7) => (Sta10, Out::Nothing), // AR-8, acceptor
+                ("relrq", Sta13) => (Sta13, Out::Nothing),
+                ("relrq", _) => aa8,
+                // Evt13: A-RELEASE-RP received.
+                ("relrp", Sta2) => (Sta13, Out::Abort(2, 2)),
+                ("relrp", Sta7) => (Sta1, Out::Nothing), // AR-3
+                ("relrp", Sta10) => (Sta12, Out::Nothing), // AR-10
+                ("relrp", Sta13) => (Sta13, Out::Nothing),
+                ("relrp", _) => aa8,
+                // Evt16, Evt17: A-ABORT received, transport closed (AA-2/3, AA-4/5, AR-5).
+                ("abort" | "closed", _) => (Sta1, Out::Nothing),
+                // Evt18: ARTIM expired, only running in Sta2 and Sta13 (AA-2).
+                ("artim", Sta2 | Sta13) => (Sta1, Out::Nothing),
+                ("artim", s) => (s, Out::Nothing),
+                // Evt19: invalid PDU (here an unrecognized PDU type).
+                ("invalid", Sta13) => (Sta13, Out::Abort(2, 1)), // AA-7
+                ("invalid", _) if in_assoc || s == Sta2 => (Sta13, Out::Abort(2, 1)),
+                _ => unreachable!(),
+            }
+        };
+        let rq = rq_bytes();
+        let ac = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/vectors/pynetdicom_associate_ac.bin"
+        ))
+        .unwrap();
+        let pdata = [4u8, 0, 0, 0, 0, 6, 0, 0, 0, 2, 1, 3];
+        let rj = AssociateRj {
+            result: RejectResult::PERMANENT,
+            source: RejectSource::SERVICE_USER,
+            reason: 1,
+        };
+        let mut checked = 0;
+        for evt in [
+            "ac", "rj", "rq", "pdata", "relrq", "relrp", "abort", "closed", "artim", "invalid",
+        ] {
+            for &s in &states {
+                let now = t0();
+                let mut a = reach(s, now);
+                match evt {
+                    "ac" => drop(a.handle_pdu(now, decode(&ac).unwrap())),
+                    "rj" => drop(a.handle_pdu(now, Pdu::AssociateRj(rj))),
+                    "rq" => drop(a.handle_pdu(now, decode(&rq).unwrap())),
+                    "pdata" => drop(a.handle_pdu(now, decode(&pdata).unwrap())),
+                    "relrq" => drop(a.handle_pdu(now, Pdu::ReleaseRq)),
+                    "relrp" => drop(a.handle_pdu(now, Pdu::ReleaseRp)),
+                    "abort" => drop(a.handle_pdu(
+                        now,
+                        Pdu::Abort(Abort {
+                            source: AbortSource::SERVICE_USER,
+                            reason: AbortReason::NOT_SPECIFIED,
+                        }),
+                    )),
+                    "closed" => a.handle_transport_closed(now),
+                    // ARTIM is 30 s; the idle timer (300 s) must not fire in this check.
+                    "artim" => a.handle_timeout(now + Duration::from_secs(31)),
+                    _ => a.handle_invalid_pdu(now, PduError::UnrecognizedPdu(0x42)),
+                }
+                let out = match sent(&mut a).as_slice() {
+                    [] => Out::Nothing,
+                    [Pdu::Abort(ab)] => Out::Abort(ab.source.0, ab.reason.0),
+                    other => panic!("{evt} in {s:?} sent {other:?}"),
+                };
+                assert_eq!((a.state(), out), expect(evt, s), "{evt} in {s:?}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 80);
+    }
 }
