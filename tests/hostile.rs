@@ -277,3 +277,78 @@ fn path_traversal_attempts_stay_inside_the_data_directory() {
         assert!(parts.len() == 2 || parts.len() == 4, "{rel:?}");
     }
 }
+
+/// Data sets that break parsers: a 1 GiB element declared in a few bytes (dicom-rs allocates
+/// ~1 GB for it), 10,000 nested sequences (dicom-rs overflows its stack), an element longer than
+/// what remains, and odd value lengths. Each gets a status, the node's memory does not follow the
+/// declared length, and the association goes on.
+#[test]
+fn hostile_data_sets_get_a_status_not_a_crash() {
+    use dicomgate::net::scu::{Client, Proposal, ScuOptions};
+    let mut node = Node::start("");
+    let opts = ScuOptions {
+        called_ae: "DICOMGATE".into(),
+        ..Default::default()
+    };
+    let prop = |ts: &str| Proposal {
+        abstract_syntax: CT_IMAGE_STORAGE.into(),
+        transfer_syntaxes: vec![ts.into()],
+    };
+    let implicit = "1.2.840.10008.1.2";
+    let mut c = Client::connect(node.addr, &opts, &[prop(EXPLICIT_LE), prop(implicit)]).unwrap();
+    let head = |sop: &str| {
+        let mut d = dataset("P", "1.2.88", "1.2.88.1", sop, 0);
+        d.truncate(d.len() - 12); // drop the empty pixel data element
+        d
+    };
+    let rss_before = node.rss_kib();
+    // 1 GiB declared, 4 bytes present.
+    let mut huge = head("1.2.88.1.1");
+    huge.extend_from_slice(&[
+        0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 0, 0, 0, 0x40, 1, 2, 3, 4,
+    ]);
+    let (st, comment) = c
+        .store(CT_IMAGE_STORAGE, "1.2.88.1.1", EXPLICIT_LE, &huge)
+        .unwrap();
+    assert_eq!(st, 0xC000, "{comment:?}");
+    assert!(
+        node.rss_kib() < rss_before + 64 * 1024,
+        "memory followed a declared length"
+    );
+    // 10,000 nested undefined-length sequences (implicit VR), after the routing elements.
+    let mut deep = Vec::new();
+    for (g, e, v) in [
+        (0x0008u16, 0x0016u16, CT_IMAGE_STORAGE.as_bytes()),
+        (0x0008, 0x0018, b"1.2.88.1.2".as_slice()),
+    ] {
+        deep.extend_from_slice(&g.to_le_bytes());
+        deep.extend_from_slice(&e.to_le_bytes());
+        let mut v = v.to_vec();
+        if v.len() % 2 == 1 {
+            v.push(0);
+        }
+        deep.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        deep.extend_from_slice(&v);
+    }
+    for _ in 0..10_000 {
+        deep.extend_from_slice(&[0x08, 0x00, 0x15, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
+        deep.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+    let (st, comment) = c
+        .store(CT_IMAGE_STORAGE, "1.2.88.1.2", implicit, &deep)
+        .unwrap();
+    assert_eq!(st, 0xC000, "{comment:?}");
+    assert!(comment.unwrap_or_default().contains("nested"));
+    // Odd value lengths are malformed but readable: stored as received, bytes untouched.
+    let mut odd = head("1.2.88.1.3");
+    odd.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'L', b'O', 3, 0, b'a', b'b', b'c']);
+    let (st, _) = c
+        .store(CT_IMAGE_STORAGE, "1.2.88.1.3", EXPLICIT_LE, &odd)
+        .unwrap();
+    assert_eq!(st, 0);
+    let stored = std::fs::read(stored_instance(&node, "1.2.88.1.3").unwrap()).unwrap();
+    assert!(stored.ends_with(&odd));
+    c.release().unwrap();
+    assert!(node.is_running());
+    storescu_still_stores(&node);
+}
