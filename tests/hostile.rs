@@ -169,6 +169,11 @@ fn protocol_violations_inside_an_association() {
             vec![0x04, 0, 0, 0, 0, 4, 0, 0, 0, 0],
             (2, 6),
         ),
+        (
+            "2-byte PDV: an empty last command fragment",
+            pdata(1, 3, b""),
+            (2, 6),
+        ),
         ("second A-ASSOCIATE-RQ", rq.clone(), (2, 2)),
         (
             "PDU above our maximum length",
