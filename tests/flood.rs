@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use dicomgate::net::scu::{Client, Proposal, ScuOptions};
+use dicomgate::net::scu::Client;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -42,15 +42,8 @@ fn stalled_connections_and_idle_associations_are_closed_while_a_sender_is_served
     );
     let rss_start = node.rss_kib();
     // Idle associations first (each negotiated, then silent).
-    let opts = ScuOptions {
-        called_ae: "DICOMGATE".into(),
-        calling_ae: "IDLE".into(),
-        ..Default::default()
-    };
-    let proposal = Proposal {
-        abstract_syntax: CT_IMAGE_STORAGE.into(),
-        transfer_syntaxes: vec![EXPLICIT_LE.into()],
-    };
+    let opts = scu_options("IDLE");
+    let proposal = ct_proposal_in(EXPLICIT_LE);
     let mut idle: Vec<Client> = (0..N)
         .map(|_| Client::connect(node.addr, &opts, std::slice::from_ref(&proposal)).unwrap())
         .collect();
@@ -68,16 +61,7 @@ fn stalled_connections_and_idle_associations_are_closed_while_a_sender_is_served
         "node RSS: {rss_start} KiB at start, {rss_idle} KiB with {N} idle associations: {per_assoc:.1} KiB each"
     );
     // A normal sender is served meanwhile.
-    let out = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .arg(pydicom_test_files().join("CT_small.dcm"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    storescu_still_stores(&node);
     assert_eq!(node.stored().len(), 1);
     // Everything hostile is closed by the node, well before a generous bound.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -76,21 +76,6 @@ fn pdata(pc: u8, mch: u8, data: &[u8]) -> Vec<u8> {
     b
 }
 
-/// A normal sender is still served.
-fn storescu_still_stores(node: &Node) {
-    let out = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .arg(pydicom_test_files().join("CT_small.dcm"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        node.log()
-    );
-}
-
 #[test]
 fn malformed_pdus_before_association() {
     let mut node = Node::start("");
@@ -222,18 +207,10 @@ fn many_presentation_contexts_with_many_transfer_syntaxes() {
 /// metacharacters never place a file outside the data directory's layout.
 #[test]
 fn path_traversal_attempts_stay_inside_the_data_directory() {
-    use dicomgate::net::scu::{Client, Proposal, ScuOptions};
+    use dicomgate::net::scu::Client;
     let node = Node::start("");
-    let opts = ScuOptions {
-        called_ae: "DICOMGATE".into(),
-        calling_ae: "../../../tmp/x;rm".into(),
-        ..Default::default()
-    };
-    let prop = Proposal {
-        abstract_syntax: CT_IMAGE_STORAGE.into(),
-        transfer_syntaxes: vec![EXPLICIT_LE.into()],
-    };
-    let mut c = Client::connect(node.addr, &opts, &[prop]).unwrap();
+    let opts = scu_options("../../../tmp/x;rm");
+    let mut c = Client::connect(node.addr, &opts, &[ct_proposal_in(EXPLICIT_LE)]).unwrap();
     let evil_ids = [
         "../../etc/passwd",
         "/etc/passwd",
@@ -289,18 +266,11 @@ fn path_traversal_attempts_stay_inside_the_data_directory() {
 /// declared length, and the association goes on.
 #[test]
 fn hostile_data_sets_get_a_status_not_a_crash() {
-    use dicomgate::net::scu::{Client, Proposal, ScuOptions};
+    use dicomgate::net::scu::Client;
     let mut node = Node::start("");
-    let opts = ScuOptions {
-        called_ae: "DICOMGATE".into(),
-        ..Default::default()
-    };
-    let prop = |ts: &str| Proposal {
-        abstract_syntax: CT_IMAGE_STORAGE.into(),
-        transfer_syntaxes: vec![ts.into()],
-    };
     let implicit = "1.2.840.10008.1.2";
-    let mut c = Client::connect(node.addr, &opts, &[prop(EXPLICIT_LE), prop(implicit)]).unwrap();
+    let proposals = [ct_proposal_in(EXPLICIT_LE), ct_proposal_in(implicit)];
+    let mut c = Client::connect(node.addr, &scu_options("HOSTILE"), &proposals).unwrap();
     let head = |sop: &str| {
         let mut d = dataset("P", "1.2.88", "1.2.88.1", sop, 0);
         d.truncate(d.len() - 12); // drop the empty pixel data element

@@ -10,17 +10,11 @@ use dicomgate::storage::part10;
 use std::process::Command;
 
 fn opts() -> ScuOptions {
-    ScuOptions {
-        called_ae: "DICOMGATE".into(),
-        ..Default::default()
-    }
+    scu_options("DICOMGATE-SCU")
 }
 
 fn ct_proposal() -> Proposal {
-    Proposal {
-        abstract_syntax: CT_IMAGE_STORAGE.into(),
-        transfer_syntaxes: vec![EXPLICIT_LE.into()],
-    }
+    ct_proposal_in(EXPLICIT_LE)
 }
 
 #[test]

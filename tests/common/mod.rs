@@ -219,3 +219,35 @@ pub fn dataset(patient: &str, study: &str, series: &str, sop: &str, pixels: usiz
     el(&mut d, 0x7FE0, 0x0010, b"OW", &px);
     d
 }
+
+/// Requestor options calling our node (AE DICOMGATE) as `calling`.
+pub fn scu_options(calling: &str) -> dicomgate::net::scu::ScuOptions {
+    dicomgate::net::scu::ScuOptions {
+        called_ae: "DICOMGATE".into(),
+        calling_ae: calling.into(),
+        ..Default::default()
+    }
+}
+
+/// A CT Image Storage presentation context in one transfer syntax.
+pub fn ct_proposal_in(ts: &str) -> dicomgate::net::scu::Proposal {
+    dicomgate::net::scu::Proposal {
+        abstract_syntax: CT_IMAGE_STORAGE.into(),
+        transfer_syntaxes: vec![ts.into()],
+    }
+}
+
+/// DCMTK's storescu stores pydicom's CT_small.dcm on the node: a normal sender is served.
+pub fn storescu_still_stores(node: &Node) {
+    let out = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .arg(pydicom_test_files().join("CT_small.dcm"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
+    );
+}
