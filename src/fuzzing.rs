@@ -367,6 +367,15 @@ pub fn assoc_events(data: &[u8]) {
 const SAMPLE_RQ: [u8; 74 + 25 + 4 + 4 + 21 + 4 + 17] = sample_associate(1);
 const SAMPLE_AC: [u8; 74 + 25 + 4 + 4 + 21 + 4 + 17] = sample_associate(2);
 
+/// Copies `src` into `b` at `p` (a loop, as `copy_from_slice` is not const).
+const fn put<const L: usize>(b: &mut [u8; L], p: usize, src: &[u8]) {
+    let mut k = 0;
+    while k < src.len() {
+        b[p + k] = src[k];
+        k += 1;
+    }
+}
+
 /// A minimal A-ASSOCIATE-RQ (type 1) or -AC (type 2): application context, one Verification
 /// context (RQ: abstract + transfer syntax; AC: accepted with a transfer syntax sub-item, padded
 /// to the same size), no user information.
@@ -388,11 +397,7 @@ const fn sample_associate(t: u8) -> [u8; 74 + 25 + 4 + 4 + 21 + 4 + 17] {
     b[p] = 0x10;
     b[p + 3] = 21;
     p += 4;
-    let mut k = 0;
-    while k < 21 {
-        b[p + k] = APP[k];
-        k += 1;
-    }
+    put(&mut b, p, APP);
     p += 21;
     b[p] = if t == 1 { 0x20 } else { 0x21 };
     b[p + 3] = (4 + 4 + 17 + 4 + 17) as u8;
@@ -402,20 +407,12 @@ const fn sample_associate(t: u8) -> [u8; 74 + 25 + 4 + 4 + 21 + 4 + 17] {
     b[p] = if t == 1 { 0x30 } else { 0x31 };
     b[p + 3] = 17;
     p += 4;
-    k = 0;
-    while k < 17 {
-        b[p + k] = VER[k];
-        k += 1;
-    }
+    put(&mut b, p, VER);
     p += 17;
     b[p] = 0x40;
     b[p + 3] = 17;
     p += 4;
-    k = 0;
-    while k < 17 {
-        b[p + k] = TS[k];
-        k += 1;
-    }
+    put(&mut b, p, TS);
     b
 }
 

@@ -91,11 +91,7 @@ impl std::fmt::Display for CommandError {
 impl std::error::Error for CommandError {}
 
 fn trim_uid(v: &[u8]) -> Vec<u8> {
-    let end = v
-        .iter()
-        .rposition(|&b| b != 0 && b != b' ')
-        .map_or(0, |p| p + 1);
-    v[..end].to_vec()
+    super::trim_padding(v).to_vec()
 }
 
 fn us(v: &[u8], elem: u16) -> Result<u16, CommandError> {

@@ -16,6 +16,16 @@ use crate::assoc::{AcceptedContext, TransferSyntax};
 use command::{command_field, response_to, status, CommandSet};
 pub use message::{Assembler, AssemblyError, Message};
 
+/// A value without its padding: trailing spaces and NULs (PS3.5 §6.2: text is padded with a
+/// space, UIDs with a NUL).
+pub fn trim_padding(v: &[u8]) -> &[u8] {
+    let end = v
+        .iter()
+        .rposition(|&b| b != b' ' && b != 0)
+        .map_or(0, |p| p + 1);
+    &v[..end]
+}
+
 /// Tags the node reads from each data set (PS3.6 tags as group << 16 | element).
 pub mod tags {
     pub const SOP_CLASS_UID: u32 = 0x0008_0016;

@@ -99,21 +99,14 @@ impl Scanned {
     /// A text value with its padding (trailing spaces and NULs, leading spaces) removed.
     pub fn text(&self, tag: u32) -> Option<&str> {
         let v = self.raw(tag)?;
-        let end = v
-            .iter()
-            .rposition(|&b| b != b' ' && b != 0)
-            .map_or(0, |p| p + 1);
-        std::str::from_utf8(&v[..end]).ok().map(|s| s.trim_start())
+        std::str::from_utf8(super::trim_padding(v))
+            .ok()
+            .map(|s| s.trim_start())
     }
 
     /// A UID value: the bytes without the trailing NUL pad.
     pub fn uid(&self, tag: u32) -> Option<&[u8]> {
-        let v = self.raw(tag)?;
-        let end = v
-            .iter()
-            .rposition(|&b| b != b' ' && b != 0)
-            .map_or(0, |p| p + 1);
-        Some(&v[..end])
+        self.raw(tag).map(super::trim_padding)
     }
 
     /// A US value in the data set's byte order.
@@ -230,10 +223,10 @@ fn scan_plain(
     };
     loop {
         if pos == data.len() {
-            if stack.is_empty() || partial_ok {
+            if stack.is_empty() {
                 return Ok(out);
             }
-            return Err(ScanError::Truncated { offset: pos });
+            return end_early(out, pos, partial_ok);
         }
         let (implicit_here, le) = match stack.last() {
             Some(Ctx::Seq { implicit_le: true }) | Some(Ctx::Item { implicit_le: true }) => {
@@ -241,15 +234,8 @@ fn scan_plain(
             }
             _ => (implicit, !big_endian),
         };
-        let trunc = |p: usize| {
-            if partial_ok {
-                None
-            } else {
-                Some(ScanError::Truncated { offset: p })
-            }
-        };
         let (Some(group), Some(elem)) = (u16_at(pos, le), u16_at(pos + 2, le)) else {
-            return trunc(pos).map_or(Ok(out.clone()), Err);
+            return end_early(out, pos, partial_ok);
         };
         let tag = (group as u32) << 16 | elem as u32;
         let start = pos;
@@ -257,7 +243,7 @@ fn scan_plain(
             Some(Ctx::Seq { implicit_le }) => {
                 // PS3.5 §7.5: items and the sequence delimiter, with a 4-byte length, no VR.
                 let Some(len) = u32_at(pos + 4, le) else {
-                    return trunc(pos).map_or(Ok(out.clone()), Err);
+                    return end_early(out, pos, partial_ok);
                 };
                 pos += 8;
                 match tag {
@@ -279,7 +265,7 @@ fn scan_plain(
             }
             Some(Ctx::Item { .. }) if tag == ITEM_DELIMITATION => {
                 if u32_at(pos + 4, le).is_none() {
-                    return trunc(pos).map_or(Ok(out.clone()), Err);
+                    return end_early(out, pos, partial_ok);
                 }
                 pos += 8;
                 stack.pop();
@@ -293,12 +279,12 @@ fn scan_plain(
         // An element header (PS3.5 §7.1.2 explicit, §7.1.3 implicit).
         let (len, vr, header) = if implicit_here {
             let Some(len) = u32_at(pos + 4, le) else {
-                return trunc(pos).map_or(Ok(out.clone()), Err);
+                return end_early(out, pos, partial_ok);
             };
             (len, None, 8)
         } else {
             let Some(vr) = data.get(pos + 4..pos + 6) else {
-                return trunc(pos).map_or(Ok(out.clone()), Err);
+                return end_early(out, pos, partial_ok);
             };
             let vr = [vr[0], vr[1]];
             if !vr.iter().all(u8::is_ascii_uppercase) {
@@ -306,12 +292,12 @@ fn scan_plain(
             }
             if vr_has_4_byte_length(vr) {
                 let Some(len) = u32_at(pos + 8, le) else {
-                    return trunc(pos).map_or(Ok(out.clone()), Err);
+                    return end_early(out, pos, partial_ok);
                 };
                 (len, Some(vr), 12)
             } else {
                 let Some(len) = u16_at(pos + 6, le) else {
-                    return trunc(pos).map_or(Ok(out.clone()), Err);
+                    return end_early(out, pos, partial_ok);
                 };
                 (len as u32, Some(vr), 8)
             }
@@ -344,6 +330,16 @@ fn scan_plain(
             }
         }
         pos = end;
+    }
+}
+
+/// The data ends inside a header at `pos`: the values found so far when the input was cut short
+/// on purpose (a bounded inflate), an error otherwise.
+fn end_early(out: Scanned, pos: usize, partial_ok: bool) -> Result<Scanned, ScanError> {
+    if partial_ok {
+        Ok(out)
+    } else {
+        Err(ScanError::Truncated { offset: pos })
     }
 }
 

@@ -41,7 +41,7 @@ struct Io {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// Bytes of `assoc.transmit()` already written.
+    /// The peer closed its side (or the socket failed).
     eof: bool,
 }
 
@@ -275,10 +275,10 @@ impl Reactor<'_> {
         };
         loop {
             process_input(c, shared, reply_base, now);
-            handle_events(c, shared, now);
+            handle_events(c, now);
             if flush(c).is_err() {
                 c.assoc.handle_transport_closed(now);
-                handle_events(c, shared, now);
+                handle_events(c, now);
                 break;
             }
             if c.assoc.state() == State::Sta1 || c.assoc.wants_close() || c.io.eof {
@@ -293,7 +293,7 @@ impl Reactor<'_> {
                 Err(_) => {
                     c.io.eof = true;
                     c.assoc.handle_transport_closed(now);
-                    handle_events(c, shared, now);
+                    handle_events(c, now);
                     break;
                 }
             }
@@ -340,19 +340,24 @@ fn log_association(c: &Conn) {
     );
 }
 
+/// The largest PDU length the connection may receive in its state: an A-ASSOCIATE-RQ before
+/// negotiation, our advertised Maximum Length after.
+fn pdu_limit(c: &Conn, shared: &Shared) -> u32 {
+    if c.negotiated.is_some() {
+        shared.config.limits.max_pdu_length
+    } else {
+        shared.config.limits.max_associate_length
+    }
+}
+
 /// Reads once into the buffer. `Ok(true)`: got bytes; `Ok(false)`: would block.
 fn read_some(c: &mut Conn, shared: &Shared) -> io::Result<bool> {
+    let limit = pdu_limit(c, shared) as usize + ul::PDU_HEADER_LEN;
     let io = &mut c.io;
     if io.start == io.end {
         io.start = 0;
         io.end = 0;
     }
-    let limit = if c.negotiated.is_some() {
-        shared.config.limits.max_pdu_length
-    } else {
-        shared.config.limits.max_associate_length
-    } as usize
-        + ul::PDU_HEADER_LEN;
     if io.buf.len() < MIN_BUFFER.min(limit) {
         io.buf.resize(MIN_BUFFER.min(limit), 0);
     }
@@ -422,11 +427,7 @@ fn process_buffered(
     now: Instant,
 ) {
     while !c.paused() && c.io.start < c.io.end && !c.assoc.wants_close() {
-        let max = if c.negotiated.is_some() {
-            shared.config.limits.max_pdu_length
-        } else {
-            shared.config.limits.max_associate_length
-        };
+        let max = pdu_limit(c, shared);
         let data = &buf[c.io.start..c.io.end];
         let n = match ul::deframe(data, max) {
             Ok(ul::Status::Complete(n)) => n,
@@ -532,15 +533,16 @@ fn on_message(
     (reactor, connection): (usize, usize),
     now: Instant,
 ) {
-    let Some(ctx) = c
+    // The action owns what it needs, so the context is only borrowed while it is decided.
+    let Some(action) = c
         .negotiated
         .as_ref()
         .and_then(|n| n.context(msg.presentation_context_id))
-        .cloned()
+        .map(|ctx| dimse::handle(msg, ctx))
     else {
         return;
     };
-    match dimse::handle(msg, &ctx) {
+    match action {
         Action::Respond { pc, response } => {
             if response.status != Some(status::SUCCESS) {
                 c.stats.failures += 1;
@@ -632,7 +634,7 @@ fn complete_store(c: &mut Conn, done: StoreDone, now: Instant) {
     }
 }
 
-fn handle_events(c: &mut Conn, _shared: &Shared, now: Instant) {
+fn handle_events(c: &mut Conn, now: Instant) {
     while let Some(ev) = c.assoc.poll_event() {
         match ev {
             Event::ReleaseRequested => {

@@ -155,7 +155,7 @@ impl Client {
             .map_err(|e| ScuError::Protocol(e.to_string()))?;
         c.flush()?;
         loop {
-            let (n, ()) = c.next_pdu(opts.max_pdu_length.max(1 << 20))?;
+            let n = c.next_pdu(opts.max_pdu_length.max(1 << 20))?;
             let pdu =
                 ul::decode(&c.buf[n.0..n.1]).map_err(|e| ScuError::Protocol(e.to_string()))?;
             match c.assoc.handle_pdu(Instant::now(), pdu) {
@@ -194,13 +194,13 @@ impl Client {
     }
 
     /// Reads until one whole PDU is buffered; returns its byte range.
-    fn next_pdu(&mut self, max: u32) -> Result<((usize, usize), ()), ScuError> {
+    fn next_pdu(&mut self, max: u32) -> Result<(usize, usize), ScuError> {
         loop {
             match ul::deframe(&self.buf[self.start..self.end], max) {
                 Ok(ul::Status::Complete(n)) => {
                     let r = (self.start, self.start + n);
                     self.start += n;
-                    return Ok((r, ()));
+                    return Ok(r);
                 }
                 Ok(ul::Status::Partial { needed }) => {
                     if self.start > 0 {
@@ -252,7 +252,7 @@ impl Client {
     /// Waits for the next complete DIMSE message.
     fn receive_message(&mut self) -> Result<Message, ScuError> {
         loop {
-            let (r, ()) = self.next_pdu(self.max_pdu)?;
+            let r = self.next_pdu(self.max_pdu)?;
             let buf = std::mem::take(&mut self.buf);
             let result = (|| {
                 let pdu =
@@ -286,20 +286,21 @@ impl Client {
 
     /// C-ECHO; returns the status.
     pub fn echo(&mut self) -> Result<u16, ScuError> {
-        let ctx = self
+        use crate::assoc::negotiation::VERIFICATION_SOP_CLASS;
+        let pc = self
             .contexts
             .iter()
-            .find(|c| c.abstract_syntax == crate::assoc::negotiation::VERIFICATION_SOP_CLASS)
-            .cloned()
+            .find(|c| c.abstract_syntax == VERIFICATION_SOP_CLASS)
+            .map(|c| c.id)
             .ok_or_else(|| ScuError::NoContext("Verification".into()))?;
         let rq = CommandSet {
             command_field: command_field::C_ECHO_RQ,
             message_id: Some(self.next_message_id()),
-            affected_sop_class_uid: Some(ctx.abstract_syntax.as_bytes().to_vec()),
+            affected_sop_class_uid: Some(VERIFICATION_SOP_CLASS.as_bytes().to_vec()),
             command_data_set_type: command::NO_DATA_SET,
             ..Default::default()
         };
-        self.send_command(ctx.id, &rq, None)?;
+        self.send_command(pc, &rq, None)?;
         let rsp = self.receive_message()?;
         Ok(rsp.command.status.unwrap_or(0xFFFF))
     }
@@ -313,13 +314,13 @@ impl Client {
         transfer_syntax_uid: &str,
         data_set: &[u8],
     ) -> Result<(u16, Option<String>), ScuError> {
-        let ctx = self
+        let pc = self
             .contexts
             .iter()
             .find(|c| {
                 c.abstract_syntax == sop_class_uid && c.transfer_syntax == transfer_syntax_uid
             })
-            .cloned()
+            .map(|c| c.id)
             .ok_or_else(|| {
                 ScuError::NoContext(format!("{sop_class_uid} in {transfer_syntax_uid}"))
             })?;
@@ -332,7 +333,7 @@ impl Client {
             command_data_set_type: 0x0000,
             ..Default::default()
         };
-        self.send_command(ctx.id, &rq, Some(data_set))?;
+        self.send_command(pc, &rq, Some(data_set))?;
         let rsp = self.receive_message()?;
         let comment = rsp
             .command
@@ -369,7 +370,7 @@ impl Client {
             .map_err(|e| ScuError::Protocol(e.to_string()))?;
         self.flush()?;
         loop {
-            let (r, ()) = self.next_pdu(self.max_pdu)?;
+            let r = self.next_pdu(self.max_pdu)?;
             let pdu =
                 ul::decode(&self.buf[r.0..r.1]).map_err(|e| ScuError::Protocol(e.to_string()))?;
             self.assoc.handle_pdu(Instant::now(), pdu);

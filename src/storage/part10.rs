@@ -134,13 +134,7 @@ pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {
         transfer_syntax_uid: String::new(),
         data_set_offset: 0,
     };
-    let text = |v: &[u8]| {
-        let end = v
-            .iter()
-            .rposition(|&b| b != 0 && b != b' ')
-            .map_or(0, |p| p + 1);
-        String::from_utf8_lossy(&v[..end]).into_owned()
-    };
+    let text = |v: &[u8]| String::from_utf8_lossy(crate::dimse::trim_padding(v)).into_owned();
     loop {
         let h = bytes.get(pos..pos + 8)?;
         let group = u16::from_le_bytes([h[0], h[1]]);
