@@ -21,10 +21,18 @@
 //!
 //! Unsafe code is denied crate-wide; `ul`, `assoc` and `dimse` forbid it.
 
+#[cfg(not(dicomgate_loom))]
 pub mod assoc;
+#[cfg(not(dicomgate_loom))]
 pub mod config;
+#[cfg(not(dicomgate_loom))]
 pub mod dimse;
+#[cfg(not(dicomgate_loom))]
 pub mod fuzzing;
+#[cfg(not(dicomgate_loom))]
 pub mod net;
+pub mod patients;
+#[cfg(not(dicomgate_loom))]
 pub mod storage;
+#[cfg(not(dicomgate_loom))]
 pub mod ul;

@@ -1,0 +1,767 @@
+//! The concurrent patient map: patient → batch of instances (studies → series → instances),
+//! the only shared mutable state in the node (design rule 7).
+//!
+//! Owns: which stored instances belong to which patient's current batch, the per-batch summary
+//! the sufficiency checker reads, and the one compare-and-swap that claims a batch for processing.
+//! Must never: block a writer on another writer, hold a lock, do I/O, or lose or double-count an
+//! instance. Files, rules and processing belong to `pipeline/`.
+//!
+//! # Structure
+//!
+//! - [`PatientMap`]: a fixed table of buckets; each bucket is an immutable vector of
+//!   `Arc<Patient>` replaced by compare-and-swap (copy-on-write). A new patient costs one bucket
+//!   copy (buckets hold a handful of patients); old vectors are retired through crossbeam-epoch.
+//!   Keys are hashed with SipHash under a per-map random key, so peers cannot flood one bucket.
+//! - [`Patient`]: its current batch (an epoch-managed pointer), the number of open associations
+//!   that sent it something, and the time of its last arrival.
+//! - A batch: a lock-free stack of instance records (Treiber push, O(1) whatever the batch size)
+//!   and an arc-swap [`Snapshot`] (counts per series and input, study dates, completeness hints)
+//!   that readers load without locking while writers keep inserting. A snapshot update clones
+//!   the summary, which grows with the number of series, never with the number of instances.
+//!
+//! # The protocol (what the loom models in `loom_models.rs` check)
+//!
+//! - Insert: push onto the current batch's stack with one CAS on its head. The head's tag says
+//!   whether the batch is open (0), claimed (`CLOSED`) or the patient retired (`RETIRED`). A
+//!   writer that meets `CLOSED` installs (or sees installed) the patient's next batch and pushes
+//!   there; one that meets `RETIRED` goes back to the map, which unlinks the patient, and inserts
+//!   into a fresh one. A successful push is the instant the instance belongs to a batch.
+//! - Claim: one CAS of the batch state `COLLECTING → CLAIMED` picks the single winner; the winner
+//!   swaps the head to `CLOSED`, which hands it the whole stack (every instance pushed before the
+//!   swap, and none after), then installs the next batch. Later arrivals start the next batch,
+//!   never join the claimed one.
+//! - Retire: a patient with an empty open batch is retired by one CAS of its head from
+//!   `null` to `null|RETIRED`, then unlinked from its bucket; a writer racing with it either
+//!   pushed first (the CAS fails, nothing is removed) or sees `RETIRED` and retries on the map.
+//!
+//! Memory orderings: pushes publish with `Release` and heads are read with `Acquire`, so the
+//! claimer sees every record it takes; bucket and batch pointers likewise. Counters that only
+//! feed triggers (`last_arrival_ms`, `open_associations`) use `AcqRel`/`Acquire` too: they are off
+//! the hot path's critical section and the stronger order keeps the reasoning simple.
+#![allow(unsafe_code)] // the crate's only unsafe code; every block says why it is sound
+
+#[cfg(all(test, dicomgate_loom))]
+mod loom_models;
+mod sync;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use crossbeam_epoch::{Atomic, Guard, Owned, Shared};
+
+use sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+/// One durable instance as the map knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRecord {
+    pub sop_instance_uid: Arc<str>,
+    pub study_uid: Option<Arc<str>>,
+    pub series_uid: Option<Arc<str>>,
+    pub study_date: Option<Arc<str>>,
+    /// The Part-10 file in the data directory.
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// Bit i set: `[[input]]` number i accepts the instance. 0 = kept although no input did.
+    pub inputs: u64,
+    /// Instance Number (0020,0013), Images in Acquisition (0020,1002), Number of Slices
+    /// (0054,0081): completeness hints, 0 when absent.
+    pub instance_number: u32,
+    pub images_in_acquisition: u32,
+    pub number_of_slices: u32,
+}
+
+/// Counts for one series of a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeriesSummary {
+    pub study_uid: Option<Arc<str>>,
+    pub series_uid: Option<Arc<str>>,
+    /// Instances per input (index = input number); instances kept by no input are not counted.
+    pub per_input: Vec<u32>,
+    pub instances: u32,
+    pub max_instance_number: u32,
+    pub images_in_acquisition: u32,
+    pub number_of_slices: u32,
+}
+
+/// What the checker reads about a batch: a consistent summary of some prefix of its pushes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub instances: u32,
+    pub bytes: u64,
+    pub series: Vec<SeriesSummary>,
+    /// Study dates seen, per input (index = input number).
+    pub study_dates: Vec<Vec<Arc<str>>>,
+}
+
+impl Snapshot {
+    fn add(&mut self, r: &InstanceRecord) {
+        self.instances += 1;
+        self.bytes += r.bytes;
+        let pos = self
+            .series
+            .iter()
+            .position(|s| s.series_uid == r.series_uid && s.study_uid == r.study_uid);
+        let s = match pos {
+            Some(p) => &mut self.series[p],
+            None => {
+                self.series.push(SeriesSummary {
+                    study_uid: r.study_uid.clone(),
+                    series_uid: r.series_uid.clone(),
+                    ..Default::default()
+                });
+                let last = self.series.len() - 1;
+                &mut self.series[last]
+            }
+        };
+        s.instances += 1;
+        s.max_instance_number = s.max_instance_number.max(r.instance_number);
+        s.images_in_acquisition = s.images_in_acquisition.max(r.images_in_acquisition);
+        s.number_of_slices = s.number_of_slices.max(r.number_of_slices);
+        let mut bits = r.inputs;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if s.per_input.len() <= i {
+                s.per_input.resize(i + 1, 0);
+            }
+            s.per_input[i] += 1;
+            if self.study_dates.len() <= i {
+                self.study_dates.resize(i + 1, Vec::new());
+            }
+            if let Some(d) = &r.study_date {
+                if !self.study_dates[i].contains(d) {
+                    self.study_dates[i].push(d.clone());
+                }
+            }
+        }
+    }
+
+    /// The summary of a set of records (a claimed batch, or a recount in tests).
+    pub fn of<'a>(records: impl IntoIterator<Item = &'a InstanceRecord>) -> Snapshot {
+        let mut s = Snapshot::default();
+        for r in records {
+            s.add(r);
+        }
+        s
+    }
+}
+
+/// Batch states kept in the map. Later states (processing, exporting, done, failed) belong to
+/// the claimed batch's directory on disk, owned by `pipeline/`.
+pub const COLLECTING: u8 = 0;
+pub const CLAIMED: u8 = 1;
+
+/// Head tags.
+const OPEN: usize = 0;
+const CLOSED: usize = 1;
+const RETIRED: usize = 2;
+
+struct Node {
+    record: InstanceRecord,
+    // Invariant: written only before the node is published by the CAS on the head.
+    next: Atomic<Node>,
+}
+
+struct Batch {
+    // Invariant: untagged, this is the newest node of a stack only this batch owns; tagged
+    // CLOSED or RETIRED, it is null and the stack (if any) was handed to the claimer.
+    head: Atomic<Node>,
+    snapshot: ArcSwap<Snapshot>,
+    state: AtomicU8,
+    seq: u64,
+}
+
+impl Batch {
+    fn new(seq: u64) -> Batch {
+        Batch {
+            head: Atomic::null(),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            state: AtomicU8::new(COLLECTING),
+            seq,
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: we are the batch's last user (&mut self, reached only through an epoch-retired
+        // or exclusively owned pointer), so nobody else can reach its stack; each node was made
+        // by Owned::new and is freed exactly once as we walk.
+        unsafe {
+            let g = crossbeam_epoch::unprotected();
+            let mut cur = self.head.load(Ordering::Relaxed, g);
+            while !cur.with_tag(0).is_null() {
+                let next = cur.deref().next.load(Ordering::Relaxed, g);
+                drop(cur.into_owned());
+                cur = next;
+            }
+        }
+    }
+}
+
+/// A batch handed to its claimer: every record pushed before the claim, oldest first.
+#[derive(Debug)]
+pub struct Claimed {
+    pub seq: u64,
+    pub records: Vec<InstanceRecord>,
+}
+
+/// A point-in-time view of a patient for the checker.
+#[derive(Debug, Clone)]
+pub struct PatientView {
+    pub batch_seq: u64,
+    pub state: u8,
+    pub snapshot: Arc<Snapshot>,
+    pub open_associations: u32,
+    pub last_arrival_ms: u64,
+}
+
+/// The insert found the patient retired: the record comes back to be inserted again.
+#[derive(Debug)]
+pub struct Retired(pub InstanceRecord);
+
+/// One patient (or whatever the grouping tag names).
+pub struct Patient {
+    key: Box<[u8]>,
+    // Invariant: never null while the patient is reachable; replaced only by CAS, the old batch
+    // retired through the epoch collector.
+    current: Atomic<Batch>,
+    next_seq: AtomicU64,
+    open_associations: AtomicU32,
+    last_arrival_ms: AtomicU64,
+    /// Set by triggers (last association closed, recovered at start-up); taken by the checker.
+    evaluate: AtomicBool,
+    /// The checker's own memo: the last arrival time it evaluated on the quiet trigger.
+    pub quiet_evaluated_ms: AtomicU64,
+    /// The map's collector, so a patient dropped last by any thread retires its batch there.
+    collector: crossbeam_epoch::Collector,
+}
+
+impl std::fmt::Debug for Patient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Patient")
+            .field("key", &String::from_utf8_lossy(&self.key))
+            .field(
+                "open_associations",
+                &self.open_associations.load(Ordering::Relaxed),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Patient {
+    fn new(key: &[u8], now_ms: u64, collector: crossbeam_epoch::Collector) -> Patient {
+        Patient {
+            collector,
+            key: key.into(),
+            current: Atomic::new(Batch::new(0)),
+            next_seq: AtomicU64::new(1),
+            open_associations: AtomicU32::new(0),
+            last_arrival_ms: AtomicU64::new(now_ms),
+            evaluate: AtomicBool::new(false),
+            quiet_evaluated_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    fn batch<'g>(&self, guard: &'g Guard) -> &'g Batch {
+        let b = self.current.load(Ordering::Acquire, guard);
+        // SAFETY: `current` is never null (invariant) and a batch is retired through `guard`'s
+        // collector only after it was replaced, so it outlives this pin.
+        unsafe { b.deref() }
+    }
+
+    /// Adds a durable instance to the current batch. O(1) in the batch size, plus one snapshot
+    /// copy (O(series)).
+    pub fn insert(
+        &self,
+        record: InstanceRecord,
+        now_ms: u64,
+        guard: &Guard,
+    ) -> Result<(), Retired> {
+        let mut node = Owned::new(Node {
+            record,
+            next: Atomic::null(),
+        });
+        loop {
+            let shared_batch = self.current.load(Ordering::Acquire, guard);
+            // SAFETY: as in `batch()`.
+            let b = unsafe { shared_batch.deref() };
+            let head = b.head.load(Ordering::Acquire, guard);
+            match head.tag() {
+                OPEN => {
+                    node.next.store(head, Ordering::Relaxed);
+                    match b.head.compare_exchange(
+                        head,
+                        node,
+                        Ordering::Release,
+                        Ordering::Relaxed,
+                        guard,
+                    ) {
+                        Ok(pushed) => {
+                            // SAFETY: just published by us; nodes are freed only by the batch's
+                            // drop or the claimer, both after `guard`'s epoch.
+                            let r = &unsafe { pushed.deref() }.record;
+                            b.snapshot.rcu(|s| {
+                                let mut n = Snapshot::clone(s);
+                                n.add(r);
+                                n
+                            });
+                            self.last_arrival_ms.fetch_max(now_ms, Ordering::AcqRel);
+                            return Ok(());
+                        }
+                        Err(e) => node = e.new,
+                    }
+                }
+                CLOSED => self.install_next(shared_batch, guard),
+                _ => return Err(Retired(node.into_box().record)),
+            }
+        }
+    }
+
+    /// Replaces a claimed batch by a fresh one (whoever gets there first; losers drop theirs).
+    fn install_next<'g>(&self, old: Shared<'g, Batch>, guard: &'g Guard) {
+        let seq = self.next_seq.fetch_add(1, Ordering::AcqRel);
+        let fresh = Owned::new(Batch::new(seq));
+        if self
+            .current
+            .compare_exchange(old, fresh, Ordering::AcqRel, Ordering::Acquire, guard)
+            .is_ok()
+        {
+            // SAFETY: `old` is unreachable from `current` now; threads still holding it are
+            // pinned, and the collector frees it only after they unpin.
+            unsafe { guard.defer_destroy(old) };
+        }
+    }
+
+    /// Notes an arrival that added nothing (the same SOP Instance UID stored again).
+    pub fn touch(&self, now_ms: u64) {
+        self.last_arrival_ms.fetch_max(now_ms, Ordering::AcqRel);
+    }
+
+    pub fn view(&self, guard: &Guard) -> PatientView {
+        let b = self.batch(guard);
+        PatientView {
+            batch_seq: b.seq,
+            state: b.state.load(Ordering::Acquire),
+            snapshot: b.snapshot.load_full(),
+            open_associations: self.open_associations.load(Ordering::Acquire),
+            last_arrival_ms: self.last_arrival_ms.load(Ordering::Acquire),
+        }
+    }
+
+    /// Claims batch `seq` if it is still the current, collecting batch: exactly one caller
+    /// wins. The winner gets every record pushed before its claim.
+    pub fn claim(&self, seq: u64, guard: &Guard) -> Option<Claimed> {
+        let shared_batch = self.current.load(Ordering::Acquire, guard);
+        // SAFETY: as in `batch()`.
+        let b = unsafe { shared_batch.deref() };
+        if b.seq != seq
+            || b.state
+                .compare_exchange(COLLECTING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return None;
+        }
+        let mut head = b.head.load(Ordering::Acquire, guard);
+        loop {
+            if head.tag() == RETIRED {
+                // Retired while we claimed: the batch was empty and stays so.
+                return Some(Claimed {
+                    seq,
+                    records: Vec::new(),
+                });
+            }
+            match b.head.compare_exchange(
+                head,
+                Shared::null().with_tag(CLOSED),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+                guard,
+            ) {
+                Ok(_) => break,
+                Err(e) => head = e.current,
+            }
+        }
+        let mut records = Vec::new();
+        let mut cur = head;
+        while !cur.is_null() {
+            // SAFETY: the swap above made `head` unreachable from the batch; writers never
+            // dereference a node they did not push, so we are the only owner of the stack and
+            // free each node exactly once.
+            let owned = unsafe { cur.into_owned() };
+            let node = *owned.into_box();
+            cur = node.next.load(Ordering::Relaxed, guard);
+            records.push(node.record);
+        }
+        records.reverse();
+        self.install_next(shared_batch, guard);
+        Some(Claimed { seq, records })
+    }
+
+    /// Marks the patient retired if its current batch is open and empty. A retired patient
+    /// takes no more instances; the map unlinks it.
+    fn retire(&self, guard: &Guard) -> bool {
+        let b = self.batch(guard);
+        b.state.load(Ordering::Acquire) == COLLECTING
+            && b.head
+                .compare_exchange(
+                    Shared::null(),
+                    Shared::null().with_tag(RETIRED),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                    guard,
+                )
+                .is_ok()
+    }
+
+    pub fn is_retired(&self, guard: &Guard) -> bool {
+        self.batch(guard).head.load(Ordering::Acquire, guard).tag() == RETIRED
+    }
+
+    /// An association sent this patient its first instance.
+    pub fn association_opened(&self) {
+        self.open_associations.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// An association that sent to this patient closed. Returns true when it was the last one
+    /// (trigger (a)): the patient is then flagged for evaluation.
+    pub fn association_closed(&self) -> bool {
+        let last = self
+            .open_associations
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            == Ok(1);
+        if last {
+            self.request_evaluation();
+        }
+        last
+    }
+
+    pub fn request_evaluation(&self) {
+        self.evaluate.store(true, Ordering::Release);
+    }
+
+    /// Takes the evaluation request, if any.
+    pub fn take_evaluation_request(&self) -> bool {
+        self.evaluate.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Drop for Patient {
+    fn drop(&mut self) {
+        // SAFETY: we have the last Arc, so `current` is reachable by nobody through this
+        // patient; a reader may still be pinned on a batch it loaded before dropping its Arc,
+        // so the batch goes through the collector rather than being freed here.
+        unsafe {
+            let g = &self.collector.register().pin();
+            let b = self.current.load(Ordering::Acquire, g);
+            if !b.is_null() {
+                g.defer_destroy(b);
+            }
+        }
+    }
+}
+
+struct Bucket {
+    // Invariant: immutable once published; replaced as a whole by CAS.
+    patients: Vec<Arc<Patient>>,
+}
+
+/// The concurrent map from grouping key (Patient ID by default) to patient.
+pub struct PatientMap {
+    // Invariant: every slot is non-null from construction to drop.
+    buckets: Box<[Atomic<Bucket>]>,
+    hasher: RandomState,
+    len: AtomicUsize,
+    /// crossbeam-epoch's default collector in production; a private one under loom, where each
+    /// model execution needs its own.
+    collector: crossbeam_epoch::Collector,
+}
+
+impl std::fmt::Debug for PatientMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PatientMap")
+            .field("buckets", &self.buckets.len())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl PatientMap {
+    /// A map with `buckets` buckets (rounded up to a power of two). Buckets never split: size it
+    /// for the patients that may be pending at once (4096 keeps 100,000 patients at ~25 each).
+    pub fn new(buckets: usize) -> PatientMap {
+        let n = buckets.clamp(1, 1 << 20).next_power_of_two();
+        PatientMap {
+            buckets: (0..n)
+                .map(|_| {
+                    Atomic::new(Bucket {
+                        patients: Vec::new(),
+                    })
+                })
+                .collect(),
+            hasher: RandomState::new(),
+            len: AtomicUsize::new(0),
+            #[cfg(dicomgate_loom)]
+            collector: crossbeam_epoch::Collector::new(),
+            #[cfg(not(dicomgate_loom))]
+            collector: crossbeam_epoch::default_collector().clone(),
+        }
+    }
+
+    /// Pins the current thread for a map operation.
+    pub fn pin(&self) -> Guard {
+        #[cfg(dicomgate_loom)]
+        {
+            self.collector.register().pin()
+        }
+        #[cfg(not(dicomgate_loom))]
+        {
+            crossbeam_epoch::pin()
+        }
+    }
+
+    /// Patients in the map (retired ones not yet unlinked included).
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn slot(&self, key: &[u8]) -> &Atomic<Bucket> {
+        let h = self.hasher.hash_one(key) as usize;
+        &self.buckets[h & (self.buckets.len() - 1)]
+    }
+
+    fn bucket<'g>(slot: &Atomic<Bucket>, guard: &'g Guard) -> (Shared<'g, Bucket>, &'g Bucket) {
+        let s = slot.load(Ordering::Acquire, guard);
+        // SAFETY: slots are never null (invariant) and a replaced bucket is retired through the
+        // collector, so it lives until `guard` unpins.
+        (s, unsafe { s.deref() })
+    }
+
+    /// The patient for `key`, if present.
+    pub fn get(&self, key: &[u8], guard: &Guard) -> Option<Arc<Patient>> {
+        let (_, b) = Self::bucket(self.slot(key), guard);
+        b.patients.iter().find(|p| &*p.key == key).cloned()
+    }
+
+    /// The patient for `key`, created if absent. Lock-free: a CAS on the key's bucket.
+    pub fn get_or_insert(&self, key: &[u8], now_ms: u64, guard: &Guard) -> Arc<Patient> {
+        let slot = self.slot(key);
+        let mut fresh: Option<Arc<Patient>> = None;
+        loop {
+            let (shared, b) = Self::bucket(slot, guard);
+            if let Some(p) = b.patients.iter().find(|p| &*p.key == key) {
+                return p.clone();
+            }
+            let p = fresh
+                .get_or_insert_with(|| Arc::new(Patient::new(key, now_ms, self.collector.clone())))
+                .clone();
+            let mut v = Vec::with_capacity(b.patients.len() + 1);
+            v.extend(b.patients.iter().cloned());
+            v.push(p.clone());
+            let next = Owned::new(Bucket { patients: v });
+            if slot
+                .compare_exchange(shared, next, Ordering::AcqRel, Ordering::Acquire, guard)
+                .is_ok()
+            {
+                // SAFETY: the old bucket is unreachable from the slot; pinned readers keep it
+                // alive until they unpin.
+                unsafe { guard.defer_destroy(shared) };
+                self.len.fetch_add(1, Ordering::AcqRel);
+                return p;
+            }
+        }
+    }
+
+    /// Inserts a record under `key`, retrying on a fresh patient if the one found was retired.
+    /// Returns the patient that took it.
+    pub fn insert(
+        &self,
+        key: &[u8],
+        mut record: InstanceRecord,
+        now_ms: u64,
+        guard: &Guard,
+    ) -> Arc<Patient> {
+        loop {
+            let p = self.get_or_insert(key, now_ms, guard);
+            match p.insert(record, now_ms, guard) {
+                Ok(()) => return p,
+                Err(Retired(r)) => {
+                    record = r;
+                    self.unlink(&p, guard);
+                }
+            }
+        }
+    }
+
+    /// Removes `patient` if its open batch is empty (nothing pending). Returns whether it did.
+    pub fn remove_if_empty(&self, patient: &Arc<Patient>, guard: &Guard) -> bool {
+        if !patient.retire(guard) {
+            return false;
+        }
+        self.unlink(patient, guard);
+        true
+    }
+
+    /// Takes a retired patient out of its bucket (idempotent; writers that meet it help).
+    fn unlink(&self, patient: &Arc<Patient>, guard: &Guard) {
+        let slot = self.slot(&patient.key);
+        loop {
+            let (shared, b) = Self::bucket(slot, guard);
+            if !b.patients.iter().any(|p| Arc::ptr_eq(p, patient)) {
+                return;
+            }
+            let v: Vec<_> = b
+                .patients
+                .iter()
+                .filter(|p| !Arc::ptr_eq(p, patient))
+                .cloned()
+                .collect();
+            let next = Owned::new(Bucket { patients: v });
+            if slot
+                .compare_exchange(shared, next, Ordering::AcqRel, Ordering::Acquire, guard)
+                .is_ok()
+            {
+                // SAFETY: as in `get_or_insert`.
+                unsafe { guard.defer_destroy(shared) };
+                self.len.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+        }
+    }
+
+    /// Every patient now in the map (a moment's view; writers go on meanwhile).
+    pub fn patients(&self, guard: &Guard) -> Vec<Arc<Patient>> {
+        let mut out = Vec::with_capacity(self.len());
+        for slot in self.buckets.iter() {
+            let (_, b) = Self::bucket(slot, guard);
+            out.extend(b.patients.iter().cloned());
+        }
+        out
+    }
+}
+
+impl Drop for PatientMap {
+    fn drop(&mut self) {
+        // SAFETY: &mut self: no thread can reach the buckets any more; each was made by
+        // Owned::new and is freed once here.
+        unsafe {
+            let g = crossbeam_epoch::unprotected();
+            for slot in self.buckets.iter() {
+                let b = slot.load(Ordering::Relaxed, g);
+                if !b.is_null() {
+                    drop(b.into_owned());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, not(dicomgate_loom)))]
+mod tests {
+    use super::*;
+
+    pub(crate) fn rec(sop: &str, series: &str, inputs: u64) -> InstanceRecord {
+        InstanceRecord {
+            sop_instance_uid: sop.into(),
+            study_uid: Some("1.2.3".into()),
+            series_uid: Some(series.into()),
+            study_date: Some("20260101".into()),
+            path: PathBuf::from(format!("/x/{sop}.dcm")),
+            bytes: 10,
+            inputs,
+            instance_number: 0,
+            images_in_acquisition: 0,
+            number_of_slices: 0,
+        }
+    }
+
+    #[test]
+    fn insert_view_claim_next_batch() {
+        let m = PatientMap::new(16);
+        let g = m.pin();
+        let p = m.insert(b"P1", rec("1.1", "9.1", 1), 5, &g);
+        m.insert(b"P1", rec("1.2", "9.1", 1), 6, &g);
+        m.insert(b"P1", rec("1.3", "9.2", 3), 7, &g);
+        assert_eq!(m.len(), 1);
+        let v = p.view(&g);
+        assert_eq!(v.snapshot.instances, 3);
+        assert_eq!(v.snapshot.series.len(), 2);
+        assert_eq!(v.snapshot.series[0].per_input, vec![2]);
+        assert_eq!(v.snapshot.series[1].per_input, vec![1, 1]);
+        assert_eq!(v.last_arrival_ms, 7);
+        let c = p.claim(v.batch_seq, &g).unwrap();
+        assert_eq!(
+            c.records
+                .iter()
+                .map(|r| &*r.sop_instance_uid)
+                .collect::<Vec<_>>(),
+            ["1.1", "1.2", "1.3"]
+        );
+        // A second claim of the same batch loses.
+        assert!(p.claim(v.batch_seq, &g).is_none());
+        // Later arrivals start the next batch.
+        m.insert(b"P1", rec("1.4", "9.1", 1), 8, &g);
+        let v2 = p.view(&g);
+        assert_eq!(v2.batch_seq, v.batch_seq + 1);
+        assert_eq!(v2.snapshot.instances, 1);
+        let c2 = p.claim(v2.batch_seq, &g).unwrap();
+        assert_eq!(c2.records.len(), 1);
+    }
+
+    #[test]
+    fn retired_patient_is_replaced_not_lost() {
+        let m = PatientMap::new(1);
+        let g = m.pin();
+        let p = m.get_or_insert(b"P", 0, &g);
+        assert!(m.remove_if_empty(&p, &g));
+        assert!(m.is_empty());
+        assert!(p.is_retired(&g));
+        // A writer that still holds the retired patient gets its record back.
+        assert!(p.insert(rec("1", "2", 1), 1, &g).is_err());
+        let p2 = m.insert(b"P", rec("1", "2", 1), 1, &g);
+        assert!(!Arc::ptr_eq(&p, &p2));
+        assert_eq!(p2.view(&g).snapshot.instances, 1);
+        // Not empty: cannot be removed.
+        assert!(!m.remove_if_empty(&p2, &g));
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn association_counting_triggers_on_last_close() {
+        let m = PatientMap::new(4);
+        let g = m.pin();
+        let p = m.get_or_insert(b"P", 0, &g);
+        p.association_opened();
+        p.association_opened();
+        assert!(!p.association_closed());
+        assert!(!p.take_evaluation_request());
+        assert!(p.association_closed());
+        assert!(p.take_evaluation_request());
+        // Never below zero.
+        assert!(!p.association_closed());
+    }
+
+    #[test]
+    fn many_patients_in_few_buckets() {
+        let m = PatientMap::new(2);
+        let g = m.pin();
+        for i in 0..200 {
+            m.insert(format!("P{i}").as_bytes(), rec("1", "2", 1), 0, &g);
+        }
+        assert_eq!(m.len(), 200);
+        assert_eq!(m.patients(&g).len(), 200);
+        assert!(m.get(b"P77", &g).is_some());
+        assert!(m.get(b"nope", &g).is_none());
+    }
+}
