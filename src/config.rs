@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::assoc::transfer_syntax::{self, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN};
 use crate::assoc::{AcceptorPolicy, Timeouts};
+use crate::pipeline::rules::{InputConfig, Rules};
 use crate::storage::Durability;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -18,6 +19,18 @@ pub struct Config {
     pub node: NodeConfig,
     pub limits: Limits,
     pub storage: StorageConfig,
+    pub patients: PatientsConfig,
+    /// Sufficiency rules (`[[input]]`); none = one input that accepts everything.
+    #[serde(rename = "input", skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputConfig>,
+    pub trigger: TriggerConfig,
+    /// `[processing]`; absent = router mode (the batch itself is exported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processing: Option<ProcessingConfig>,
+    /// `[[export]]`; none = a folder export to `<data_dir>/export`.
+    #[serde(rename = "export", skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<ExportConfig>,
+    pub outbox: OutboxConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,6 +140,171 @@ impl Default for StorageConfig {
     }
 }
 
+/// How instances are grouped, and what happens to those nobody wants.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PatientsConfig {
+    /// Keyword of the grouping tag (Dicomnode's `patient_identifier_tag`). An instance without
+    /// it is grouped under the empty key.
+    pub group_by: String,
+    /// Buckets of the patient map (rounded up to a power of two); buckets never split, so size
+    /// it for the patients pending at once. 4096 keeps 100,000 patients at ~25 per bucket.
+    pub map_buckets: usize,
+    /// An instance no `[[input]]` accepts: `refuse` answers C-STORE 0x0124 (Refused: Not
+    /// Authorized) and stores nothing; `keep` stores it and sends it with the patient's batch
+    /// (input folder `_unmatched`) without counting it towards any input.
+    pub unmatched: Unmatched,
+    /// A patient that never became sufficient and got nothing new for this long is removed,
+    /// e.g. "14d", "12h", "90m", "30s". Dicomnode's default: 14 days.
+    pub expire_after: String,
+    /// `delete` the expired files, or `move` them to `<data_dir>/expired/`.
+    pub expire_action: ExpireAction,
+}
+
+impl Default for PatientsConfig {
+    fn default() -> Self {
+        PatientsConfig {
+            group_by: "PatientID".into(),
+            map_buckets: 4096,
+            unmatched: Unmatched::Refuse,
+            expire_after: "14d".into(),
+            expire_action: ExpireAction::Delete,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unmatched {
+    Refuse,
+    Keep,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpireAction {
+    Delete,
+    Move,
+}
+
+/// When a patient is evaluated for sufficiency.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TriggerConfig {
+    /// Evaluate when no instance arrived for the patient for this long (whether or not an
+    /// association is still open). 0 = never.
+    pub quiet_seconds: f64,
+    /// Evaluate when the last open association that sent to the patient closes.
+    pub on_association_close: bool,
+    /// How often the checker sweeps the map for quiet and expired patients, in milliseconds.
+    pub check_interval_ms: u64,
+}
+
+impl Default for TriggerConfig {
+    fn default() -> Self {
+        TriggerConfig {
+            quiet_seconds: 60.0,
+            on_association_close: true,
+            check_interval_ms: 200,
+        }
+    }
+}
+
+/// `[processing]`: a command run per batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingConfig {
+    /// Program and arguments (no shell unless you name one). Env: DICOMGATE_PATIENT_ID,
+    /// DICOMGATE_INPUT_DIR, DICOMGATE_OUTPUT_DIR, DICOMGATE_BATCH_ID.
+    pub command: Vec<String>,
+    /// The command is killed (its whole process group) after this long; counts as a failure.
+    #[serde(default = "default_processing_timeout")]
+    pub timeout_seconds: f64,
+    /// Runs of a failing command before the batch moves to `failed/` (1 = no retry).
+    #[serde(default = "one_u32")]
+    pub attempts: u32,
+}
+
+fn default_processing_timeout() -> f64 {
+    600.0
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
+/// One `[[export]]` destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    pub kind: ExportKind,
+    /// `dicom`: HOST:PORT of the C-STORE SCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// `dicom`: its AE title (called AE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ae_title: Option<String>,
+    /// `dicom`: our calling AE title; default `node.ae_title`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calling_ae_title: Option<String>,
+    /// `folder`: destination directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportKind {
+    Dicom,
+    Folder,
+}
+
+/// The persistent outbox: retries of failed exports (and failed processing runs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Export attempts per batch before it moves to `failed/` with a reason file.
+    pub attempts: u32,
+    /// Delay before the first retry; doubles each time up to `max_delay_seconds`.
+    pub first_delay_seconds: f64,
+    pub max_delay_seconds: f64,
+    /// Threads that move claimed batches, run processing and export.
+    pub workers: usize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            attempts: 10,
+            first_delay_seconds: 5.0,
+            max_delay_seconds: 600.0,
+            workers: 2,
+        }
+    }
+}
+
+/// Parses "14d", "12h", "90m", "30s" or a number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    let mult = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(n * mult))
+}
+
 /// A configuration that cannot be used.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -193,7 +371,86 @@ impl Config {
         if self.storage.workers == 0 || self.storage.queue_depth == 0 {
             return err("storage.workers and storage.queue_depth must be at least 1".into());
         }
+        self.rules().map_err(ConfigError)?;
+        self.group_by_tag().map_err(ConfigError)?;
+        if parse_duration(&self.patients.expire_after).is_none() {
+            return err(format!(
+                "patients.expire_after {:?}: use e.g. \"14d\", \"12h\", \"30s\"",
+                self.patients.expire_after
+            ));
+        }
+        let finite = |x: f64| x.is_finite() && x >= 0.0;
+        if !finite(self.trigger.quiet_seconds)
+            || !finite(self.outbox.first_delay_seconds)
+            || !finite(self.outbox.max_delay_seconds)
+        {
+            return err("durations must be finite and not negative".into());
+        }
+        if self.outbox.attempts == 0 || self.outbox.workers == 0 {
+            return err("outbox.attempts and outbox.workers must be at least 1".into());
+        }
+        if let Some(p) = &self.processing {
+            if p.command.is_empty() {
+                return err("processing.command must name a program".into());
+            }
+            if !finite(p.timeout_seconds) || p.timeout_seconds == 0.0 || p.attempts == 0 {
+                return err("processing.timeout_seconds and attempts must be positive".into());
+            }
+        }
+        for (i, e) in self.exports.iter().enumerate() {
+            match e.kind {
+                ExportKind::Dicom => {
+                    if e.address.is_none() || !e.ae_title.as_deref().is_some_and(valid_ae) {
+                        return err(format!(
+                            "export {i}: kind = \"dicom\" needs address and a valid ae_title"
+                        ));
+                    }
+                    if e.calling_ae_title.as_deref().is_some_and(|a| !valid_ae(a)) {
+                        return err(format!("export {i}: calling_ae_title is not valid"));
+                    }
+                }
+                ExportKind::Folder => {
+                    if e.path.is_none() {
+                        return err(format!("export {i}: kind = \"folder\" needs path"));
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The compiled `[[input]]` rules.
+    pub fn rules(&self) -> Result<Rules, String> {
+        if self
+            .inputs
+            .iter()
+            .any(|i| i.name == crate::pipeline::UNMATCHED_INPUT)
+        {
+            return Err(format!(
+                "input name {:?} is reserved",
+                crate::pipeline::UNMATCHED_INPUT
+            ));
+        }
+        Rules::compile(&self.inputs)
+    }
+
+    /// The grouping tag, from its keyword.
+    pub fn group_by_tag(&self) -> Result<u32, String> {
+        use dicom_core::dictionary::{DataDictionary, TagRange};
+        match dicom_dictionary_std::StandardDataDictionary
+            .by_name(&self.patients.group_by)
+            .map(|e| e.tag)
+        {
+            Some(TagRange::Single(t)) => Ok((t.0 as u32) << 16 | t.1 as u32),
+            _ => Err(format!(
+                "patients.group_by: {:?} is not a tag keyword",
+                self.patients.group_by
+            )),
+        }
+    }
+
+    pub fn expire_after(&self) -> Duration {
+        parse_duration(&self.patients.expire_after).unwrap_or(Duration::from_secs(14 * 86400))
     }
 
     pub fn timeouts(&self) -> Timeouts {
@@ -259,5 +516,57 @@ mod tests {
         assert!(Config::from_toml("[node]\nae_titel = \"X\"\n").is_err());
         assert!(Config::from_toml("[node]\nae_title = \"WAY_TOO_LONG_AE_TITLE\"\n").is_err());
         assert!(Config::from_toml("[storage]\ndurability = \"sometimes\"\n").is_err());
+    }
+
+    /// The example from issue 3, accepted as written.
+    #[test]
+    fn issue_3_example_is_accepted() {
+        let c = Config::from_toml(
+            r#"
+[node]
+ae_title = "GATE"
+listen = "127.0.0.1:11112"
+data_dir = "/var/lib/dicomgate"
+
+[[input]]
+name = "ct"
+match = { Modality = "CT" }
+min_instances = 100
+
+[trigger]
+quiet_seconds = 2
+
+[processing]
+command = ["sh", "-c", "my-tool \"$DICOMGATE_INPUT_DIR\" \"$DICOMGATE_OUTPUT_DIR\""]
+timeout_seconds = 600
+
+[[export]]
+kind = "dicom"
+address = "10.0.0.5:104"
+ae_title = "PACS"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.inputs[0].min_instances, 100);
+        assert_eq!(c.trigger.quiet_seconds, 2.0);
+        assert_eq!(c.processing.as_ref().unwrap().command.len(), 3);
+        assert_eq!(c.exports[0].kind, ExportKind::Dicom);
+        assert_eq!(c.rules().unwrap().len(), 1);
+        // The effective config prints and parses back.
+        let printed = toml::to_string(&c).unwrap();
+        assert!(Config::from_toml(&printed).is_ok(), "{printed}");
+        assert!(Config::from_toml("[[export]]\nkind = \"dicom\"\n").is_err());
+        assert!(Config::from_toml("[patients]\nexpire_after = \"soon\"\n").is_err());
+        assert!(Config::from_toml("[patients]\ngroup_by = \"Nope\"\n").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("14d"), Some(Duration::from_secs(14 * 86400)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("90m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("3w"), None);
+        assert_eq!(parse_duration("-1s"), None);
     }
 }

@@ -17,9 +17,14 @@
 //! - [`storage`] — Part-10 files (our meta group + the data set bytes exactly as received),
 //!   temp-write, flush, rename, directory flush, batched across connections (group commit). Only
 //!   after that does the reactor send the C-STORE success.
+//! - [`patients`] — the concurrent patient map (crossbeam-epoch, arc-swap snapshots): the only
+//!   shared mutable state and the only unsafe code.
+//! - [`pipeline`] — hand-off queues, triggers, sufficiency rules, the exactly-once claim,
+//!   processing (command or Rust trait), export (C-STORE or folder), the retry outbox, expiry
+//!   and restart recovery.
 //! - [`config`] — one typed TOML config; every limit is a named field with a default.
 //!
-//! Unsafe code is denied crate-wide; `ul`, `assoc` and `dimse` forbid it.
+//! Unsafe code is denied crate-wide except in `patients`; `ul`, `assoc` and `dimse` forbid it.
 
 #[cfg(not(dicomgate_loom))]
 pub mod assoc;
@@ -32,6 +37,8 @@ pub mod fuzzing;
 #[cfg(not(dicomgate_loom))]
 pub mod net;
 pub mod patients;
+#[cfg(not(dicomgate_loom))]
+pub mod pipeline;
 #[cfg(not(dicomgate_loom))]
 pub mod storage;
 #[cfg(not(dicomgate_loom))]

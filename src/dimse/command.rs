@@ -33,6 +33,9 @@ pub mod status {
     pub const SUCCESS: u16 = 0x0000;
     /// Refused: SOP Class not supported (PS3.7 C.5.3).
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Refused: Not Authorized (PS3.7 C.5.x general status 0124H): an instance no `[[input]]`
+    /// of the node accepts, refused instead of acknowledged and dropped.
+    pub const NOT_AUTHORIZED: u16 = 0x0124;
     /// Unrecognized operation (PS3.7 C.5.10).
     pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
     /// Refused: Out of Resources (PS3.4 B.2.3), used for any failure to store.

@@ -92,15 +92,16 @@ fn fail(msg: &Message, st: u16, comment: &str) -> Action {
     }
 }
 
-/// Decides what a complete message on the accepted context `ctx` needs.
-pub fn handle(msg: Message, ctx: &AcceptedContext) -> Action {
+/// Decides what a complete message on the accepted context `ctx` needs; a C-STORE's data set is
+/// scanned for `wanted` (sorted tags, which must include [`tags::ROUTING`]).
+pub fn handle(msg: Message, ctx: &AcceptedContext, wanted: &[u32]) -> Action {
     let c = &msg.command;
     match c.command_field {
         command_field::C_ECHO_RQ => Action::Respond {
             pc: msg.presentation_context_id,
             response: response_to(c, status::SUCCESS, None),
         },
-        command_field::C_STORE_RQ => handle_store(msg, ctx),
+        command_field::C_STORE_RQ => handle_store(msg, ctx, wanted),
         command_field::C_GET_RQ
         | command_field::C_FIND_RQ
         | command_field::C_MOVE_RQ
@@ -121,7 +122,7 @@ pub fn handle(msg: Message, ctx: &AcceptedContext) -> Action {
     }
 }
 
-fn handle_store(mut msg: Message, ctx: &AcceptedContext) -> Action {
+fn handle_store(mut msg: Message, ctx: &AcceptedContext, wanted: &[u32]) -> Action {
     let Some(data_set) = msg.data_set.take() else {
         return fail(
             &msg,
@@ -156,7 +157,7 @@ fn handle_store(mut msg: Message, ctx: &AcceptedContext) -> Action {
     if !uid::is_valid_uid(cmd_instance) || !uid::is_valid_uid(cmd_class) {
         return fail(&msg, status::CANNOT_UNDERSTAND, "invalid UID in command");
     }
-    let scanned = match scan::scan(&data_set, ctx.transfer_syntax.encoding, tags::ROUTING) {
+    let scanned = match scan::scan(&data_set, ctx.transfer_syntax.encoding, wanted) {
         Ok(s) => s,
         Err(e) => return fail(&msg, status::CANNOT_UNDERSTAND, &e.to_string()),
     };

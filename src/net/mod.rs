@@ -18,13 +18,14 @@ pub mod scu;
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_queue::SegQueue;
 
 use crate::config::Config;
+use crate::pipeline::{self, Pipeline, Processor};
 use crate::storage::{Storage, StoreDone};
 
 /// Counts associations against `max_associations` and `max_associations_per_calling_ae`. Taken
@@ -97,6 +98,8 @@ pub struct Shared {
     pub associations: AssociationLimits,
     pub connections: AtomicUsize,
     pub shutdown: AtomicBool,
+    pub pipeline: Arc<Pipeline>,
+    pub next_association: AtomicU64,
 }
 
 /// A reactor's inbox: new sockets from the acceptor and finished stores from storage.
@@ -127,6 +130,7 @@ pub struct NodeHandle {
     shared: Arc<Shared>,
     mailboxes: Arc<Vec<Mailbox>>,
     threads: Vec<JoinHandle<()>>,
+    pipeline_shutdown: Arc<AtomicBool>,
 }
 
 impl NodeHandle {
@@ -137,6 +141,7 @@ impl NodeHandle {
 
     fn stop(&mut self) {
         self.shared.shutdown.store(true, Ordering::Release);
+        self.pipeline_shutdown.store(true, Ordering::Release);
         for m in self.mailboxes.iter() {
             m.wake();
         }
@@ -167,8 +172,20 @@ impl Drop for NodeHandle {
     }
 }
 
-/// Binds the listener, starts storage, the reactors and the acceptor.
+impl NodeHandle {
+    /// The pipeline's counters (claimed, processed, exported, failed, expired batches).
+    pub fn stats(&self) -> &pipeline::Stats {
+        &self.shared.pipeline.stats
+    }
+}
+
+/// Binds the listener, starts storage, the pipeline, the reactors and the acceptor.
 pub fn start(config: Config) -> io::Result<NodeHandle> {
+    start_with(config, None)
+}
+
+/// [`start`] with a Rust [`Processor`] instead of `[processing] command`.
+pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::Result<NodeHandle> {
     config
         .validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.0))?;
@@ -204,7 +221,13 @@ pub fn start(config: Config) -> io::Result<NodeHandle> {
         config.storage.durability,
         done,
     )?;
+    let pipeline_shutdown = Arc::new(AtomicBool::new(false));
+    let (pipeline, pipeline_threads) =
+        pipeline::start(&config, n, processor, pipeline_shutdown.clone())?;
+    threads.extend(pipeline_threads);
     let shared = Arc::new(Shared {
+        pipeline,
+        next_association: AtomicU64::new(0),
         policy: config.acceptor_policy(),
         timeouts: config.timeouts(),
         associations: AssociationLimits::new(
@@ -254,6 +277,7 @@ pub fn start(config: Config) -> io::Result<NodeHandle> {
         shared,
         mailboxes,
         threads,
+        pipeline_shutdown,
     })
 }
 

@@ -5,8 +5,15 @@
 //! operations window or while the storage queue refuses its next job; it then holds at most one
 //! PDU beyond what it has handed on. Read buffers are allocated once per connection, sized to the
 //! largest PDU the connection may receive, and reused.
+//!
+//! Hand-off to the pipeline: each durable instance becomes an `Event::Stored` on this reactor's
+//! bounded lock-free queue, and each association that stored something ends with an
+//! `Event::Closed` — after its last store completed, even if the connection went away first,
+//! so the close never overtakes an instance. A full queue parks events in a local overflow and
+//! pauses reading on every connection of the reactor until the pipeline catches up; nothing is
+//! dropped.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -17,8 +24,10 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::{Mailbox, Shared};
 use crate::assoc::{negotiate, Association, Event, Negotiated, Outcome, Received, State};
+use crate::config::Unmatched;
 use crate::dimse::command::{self, response_to, status, CommandSet};
 use crate::dimse::{self, message, tags, Action, Assembler};
+use crate::pipeline::{Arrival, Event as PipelineEvent};
 use crate::storage::{FileMeta, ReplyTo, StoreDone, StoreJob};
 use crate::ul::{self, reject_reason, AbortReason, AssociateRj, Pdu, RejectResult, RejectSource};
 
@@ -69,6 +78,10 @@ struct Conn {
     started: Instant,
     stats: Stats,
     outcome: Option<String>,
+    /// Node-wide association number, used by the pipeline's open-association counts.
+    association: u64,
+    /// Store jobs handed to storage.
+    submitted: u64,
 }
 
 impl Conn {
@@ -89,6 +102,11 @@ struct Reactor<'a> {
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
     generation: u64,
+    /// Events the pipeline queue had no room for, oldest first.
+    overflow: VecDeque<PipelineEvent>,
+    /// Associations whose connection is gone while stores are still in flight: how many.
+    orphans: HashMap<u64, usize>,
+    rung: bool,
 }
 
 pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
@@ -103,6 +121,9 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
         conns: Vec::new(),
         free: Vec::new(),
         generation: 0,
+        overflow: VecDeque::new(),
+        orphans: HashMap::new(),
+        rung: false,
     };
     let mut events = Events::with_capacity(1024);
     loop {
@@ -132,7 +153,11 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
             r.take_completions();
         }
         r.retry_blocked();
+        r.flush_overflow();
         r.fire_timers();
+        if std::mem::take(&mut r.rung) {
+            shared.pipeline.ring(id);
+        }
     }
 }
 
@@ -148,7 +173,7 @@ impl Reactor<'_> {
             }
         }
         let mut d = next.map(|t| t.saturating_duration_since(now));
-        if blocked {
+        if blocked || !self.overflow.is_empty() {
             // The storage queue has no "space free" signal; retry soon.
             d = Some(d.map_or(Duration::from_millis(1), |x| {
                 x.min(Duration::from_millis(1))
@@ -197,6 +222,8 @@ impl Reactor<'_> {
                 started: now,
                 stats: Stats::default(),
                 outcome: None,
+                association: self.shared.next_association.fetch_add(1, Ordering::Relaxed) + 1,
+                submitted: 0,
             });
             self.drive(idx, now);
         }
@@ -208,17 +235,73 @@ impl Reactor<'_> {
     }
 
     fn take_completions(&mut self) {
-        while let Some(done) = self.mailbox.completions.pop() {
+        while let Some(mut done) = self.mailbox.completions.pop() {
             let idx = done.reply.connection;
             let now = Instant::now();
-            let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
-                continue;
-            };
-            if c.generation != done.reply.generation {
-                continue; // the connection went away; the instance is stored all the same
+            let association = done.arrival.as_ref().map(|a| a.association);
+            if let (Some(arrival), Ok(stored)) = (done.arrival.take(), &done.result) {
+                let new = stored.new;
+                self.push_event(PipelineEvent::Stored { arrival, new });
             }
-            complete_store(c, done, now);
-            self.drive(idx, now);
+            let live = self
+                .conns
+                .get_mut(idx)
+                .and_then(Option::as_mut)
+                .filter(|c| c.generation == done.reply.generation);
+            match live {
+                Some(c) => {
+                    complete_store(c, done, now);
+                    self.drive(idx, now);
+                }
+                None => {
+                    // The connection went away; the instance is stored (and handed on) all
+                    // the same. The association's close follows its last store.
+                    if let Some(a) = association {
+                        self.orphan_store_done(a);
+                    }
+                }
+            }
+        }
+    }
+
+    fn orphan_store_done(&mut self, association: u64) {
+        if let Some(n) = self.orphans.get_mut(&association) {
+            *n -= 1;
+            if *n == 0 {
+                self.orphans.remove(&association);
+                self.push_event(PipelineEvent::Closed { association });
+            }
+        }
+    }
+
+    fn push_event(&mut self, ev: PipelineEvent) {
+        self.rung = true;
+        if !self.overflow.is_empty() {
+            self.overflow.push_back(ev);
+        } else if let Err(ev) = self.shared.pipeline.push(self.id, ev) {
+            tracing::debug!(reactor = self.id, "pipeline queue full: pausing reads");
+            self.overflow.push_back(ev);
+        }
+    }
+
+    /// Moves parked events to the pipeline queue; when all went, resumes reading.
+    fn flush_overflow(&mut self) {
+        if self.overflow.is_empty() {
+            return;
+        }
+        while let Some(ev) = self.overflow.pop_front() {
+            if let Err(ev) = self.shared.pipeline.push(self.id, ev) {
+                self.overflow.push_front(ev);
+                self.rung = true;
+                return;
+            }
+        }
+        self.rung = true;
+        let now = Instant::now();
+        for idx in 0..self.conns.len() {
+            if self.conns[idx].is_some() {
+                self.drive(idx, now);
+            }
         }
     }
 
@@ -284,7 +367,7 @@ impl Reactor<'_> {
             if c.assoc.state() == State::Sta1 || c.assoc.wants_close() || c.io.eof {
                 break;
             }
-            if c.paused() {
+            if c.paused() || !self.overflow.is_empty() {
                 break;
             }
             match read_some(c, shared) {
@@ -316,6 +399,16 @@ impl Reactor<'_> {
             }
         }
         log_association(&c);
+        if c.submitted > 0 {
+            let in_flight = c.pending.len() - usize::from(c.blocked.is_some());
+            if in_flight == 0 {
+                self.push_event(PipelineEvent::Closed {
+                    association: c.association,
+                });
+            } else {
+                self.orphans.insert(c.association, in_flight);
+            }
+        }
         self.free.push(idx);
         self.forget_connection();
     }
@@ -538,7 +631,7 @@ fn on_message(
         .negotiated
         .as_ref()
         .and_then(|n| n.context(msg.presentation_context_id))
-        .map(|ctx| dimse::handle(msg, ctx))
+        .map(|ctx| dimse::handle(msg, ctx, &shared.pipeline.wanted_tags))
     else {
         return;
     };
@@ -561,6 +654,27 @@ fn on_message(
                 .abort_protocol(now, AbortReason::UNEXPECTED_PDU_PARAMETER, why);
         }
         Action::Store(req) => {
+            let (key, record) = shared.pipeline.describe(&req.routing);
+            if record.inputs == 0 && shared.config.patients.unmatched == Unmatched::Refuse {
+                c.stats.failures += 1;
+                tracing::warn!(
+                    peer = %c.peer,
+                    sop_instance_uid = %req.sop_instance_uid,
+                    "no [[input]] accepts this instance: refused with 0x0124"
+                );
+                let response = response_to(
+                    &req.command,
+                    status::NOT_AUTHORIZED,
+                    Some("no input of this node accepts this instance"),
+                );
+                send_response(c, req.presentation_context_id, &response);
+                return;
+            }
+            let arrival = Some(Box::new(Arrival {
+                association: c.association,
+                key,
+                record,
+            }));
             let token = c.next_token;
             c.next_token += 1;
             let text = |t| {
@@ -594,7 +708,9 @@ fn on_message(
                 study_uid: text(tags::STUDY_INSTANCE_UID).filter(|s| !s.is_empty()),
                 series_uid: text(tags::SERIES_INSTANCE_UID).filter(|s| !s.is_empty()),
                 data_set: req.data_set,
+                arrival,
             };
+            c.submitted += 1;
             c.pending.push_back(PendingStore {
                 token,
                 pc: req.presentation_context_id,

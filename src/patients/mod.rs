@@ -305,8 +305,10 @@ impl Patient {
                         guard,
                     ) {
                         Ok(pushed) => {
-                            // SAFETY: just published by us; nodes are freed only by the batch's
-                            // drop or the claimer, both after `guard`'s epoch.
+                            // SAFETY: just published by us; a node is freed only by the batch's
+                            // drop or through the collector after a claim, both after `guard`
+                            // unpins (freeing at the claim was a use-after-free
+                            // that `tests/patients_stress.rs` caught as a SIGSEGV).
                             let r = &unsafe { pushed.deref() }.record;
                             b.snapshot.rcu(|s| {
                                 let mut n = Snapshot::clone(s);
@@ -392,13 +394,16 @@ impl Patient {
         let mut records = Vec::new();
         let mut cur = head;
         while !cur.is_null() {
-            // SAFETY: the swap above made `head` unreachable from the batch; writers never
-            // dereference a node they did not push, so we are the only owner of the stack and
-            // free each node exactly once.
-            let owned = unsafe { cur.into_owned() };
-            let node = *owned.into_box();
-            cur = node.next.load(Ordering::Relaxed, guard);
-            records.push(node.record);
+            // SAFETY: the swap above made the stack unreachable from the batch, so no new
+            // reference to these nodes can be taken. The writer that pushed a node may still
+            // read it (its snapshot update) until it unpins, so nodes are copied out and retired
+            // through the collector, never freed here.
+            let node = unsafe { cur.deref() };
+            records.push(node.record.clone());
+            let next = node.next.load(Ordering::Relaxed, guard);
+            // SAFETY: unreachable (above); retired once, as we walk each node once.
+            unsafe { guard.defer_destroy(cur) };
+            cur = next;
         }
         records.reverse();
         self.install_next(shared_batch, guard);

@@ -59,6 +59,9 @@ pub struct StoreJob {
     pub study_uid: Option<String>,
     pub series_uid: Option<String>,
     pub data_set: Vec<u8>,
+    /// Opaque to storage: what the pipeline is told once the instance is durable (its path is
+    /// filled in then).
+    pub arrival: Option<Box<crate::pipeline::Arrival>>,
 }
 
 /// The result of one store.
@@ -67,6 +70,7 @@ pub struct StoreDone {
     pub reply: ReplyTo,
     pub token: u64,
     pub result: Result<StoredInstance, String>,
+    pub arrival: Option<Box<crate::pipeline::Arrival>>,
 }
 
 /// A durable instance.
@@ -74,6 +78,9 @@ pub struct StoreDone {
 pub struct StoredInstance {
     pub path: PathBuf,
     pub bytes: u64,
+    /// False when the same SOP Instance UID was already stored for the patient and this copy
+    /// replaced it: the pipeline must not count it twice.
+    pub new: bool,
 }
 
 /// Hex SHA-256 prefix (128 bits) of a Patient ID: the patient's directory name.
@@ -186,6 +193,7 @@ struct Pending {
     file: Option<File>,
     bytes: u64,
     error: Option<String>,
+    new: bool,
 }
 
 /// Largest batch one worker commits at once.
@@ -239,10 +247,16 @@ fn commit(
         p.file = None;
         if let Some(e) = &flush_err {
             p.error = Some(format!("flush failed: {e}"));
-        } else if let Err(e) = fs::rename(&p.tmp, &p.dest) {
-            p.error = Some(format!("rename failed: {e}"));
-        } else if let Some(d) = p.dest.parent() {
-            dirty_dirs.insert(d.to_path_buf());
+        } else {
+            match place(&p.tmp, &p.dest) {
+                Err(e) => p.error = Some(format!("rename failed: {e}")),
+                Ok(new) => {
+                    p.new = new;
+                    if let Some(d) = p.dest.parent() {
+                        dirty_dirs.insert(d.to_path_buf());
+                    }
+                }
+            }
         }
     }
     // Make the renames durable.
@@ -266,14 +280,51 @@ fn commit(
             (None, None) => Ok(StoredInstance {
                 path: p.dest,
                 bytes: p.bytes,
+                new: p.new,
             }),
         };
+        let mut arrival = p.job.arrival;
+        if let (Some(a), Ok(stored)) = (arrival.as_mut(), &result) {
+            a.record.path = stored.path.clone();
+            a.record.bytes = stored.bytes;
+        }
         done(StoreDone {
             reply: p.job.reply,
             token: p.job.token,
             result,
+            arrival,
         });
     }
+}
+
+/// Renames `tmp` over `dest` atomically and says whether `dest` is new. An existing `dest` (the
+/// same instance received again) is swapped out with RENAME_EXCHANGE rather than overwritten,
+/// so "replaced" is decided by the same atomic step that replaces it: the pipeline may move
+/// `dest` into a claimed batch at any moment, and then this store must count as new.
+fn place(tmp: &Path, dest: &Path) -> io::Result<bool> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    for _ in 0..16 {
+        match renameat_with(CWD, tmp, CWD, dest, RenameFlags::NOREPLACE) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                // A file system without renameat2 flags: plain rename, counted as new.
+                fs::rename(tmp, dest)?;
+                return Ok(true);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        match renameat_with(CWD, tmp, CWD, dest, RenameFlags::EXCHANGE) {
+            Ok(()) => {
+                // `tmp` now holds the replaced copy.
+                fs::remove_file(tmp)?;
+                return Ok(false);
+            }
+            Err(rustix::io::Errno::NOENT) => continue, // moved away meanwhile: try again
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::other("destination kept appearing and vanishing"))
 }
 
 fn syncfs(root: &Path) -> io::Result<()> {
@@ -322,6 +373,7 @@ fn write_temp(
         file: None,
         bytes: 0,
         error: None,
+        new: true,
         job,
     };
     let Some(dest) = instance_path(root, &p.job) else {
@@ -413,6 +465,7 @@ mod tests {
             study_uid: Some("1.2".into()),
             series_uid: Some("1.2.3".into()),
             data_set: vec![0x10, 0, 0x20, 0, b'L', b'O', 2, 0, b'A', b'B'],
+            arrival: None,
         }
     }
 
@@ -448,6 +501,9 @@ mod tests {
         }
         let r = results.lock().unwrap();
         assert_eq!(r.len(), 6);
+        // The first round is new; the same instances stored again replace, and say so.
+        let new: Vec<bool> = r.iter().map(|d| d.result.as_ref().unwrap().new).collect();
+        assert_eq!(new, [true, true, false, false, false, false]);
         let stored = r[0].result.as_ref().unwrap();
         let bytes = fs::read(&stored.path).unwrap();
         let parsed = part10::parse(&bytes).unwrap();

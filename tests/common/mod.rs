@@ -15,6 +15,36 @@ pub struct Node {
     _dir: tempfile::TempDir,
 }
 
+fn spawn(cfg: &Path, log: &Path, listen: Option<SocketAddr>) -> (Child, SocketAddr) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dicomgate"));
+    cmd.args(["serve", "--config"]).arg(cfg);
+    if let Some(a) = listen {
+        cmd.arg("--listen").arg(a.to_string());
+    }
+    let mut child = cmd
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("node did not start: {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
 impl Node {
     /// Starts `dicomgate serve` on an ephemeral loopback port with AE title DICOMGATE and the
     /// given extra TOML (sections other than [node]).
@@ -22,43 +52,56 @@ impl Node {
         Self::start_with_node("", extra_toml)
     }
 
+    /// Without a `[trigger]` section in `extra_toml`, the node runs as a plain store (no
+    /// trigger fires, so nothing leaves `patients/`): the receiver tests read what was stored.
     pub fn start_with_node(node_toml: &str, extra_toml: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let cfg = dir.path().join("dicomgate.toml");
+        let trigger = if extra_toml.contains("[trigger]") {
+            ""
+        } else {
+            "[trigger]\non_association_close = false\nquiet_seconds = 0\n"
+        };
         std::fs::write(
             &cfg,
             format!(
-                "[node]\nae_title = \"DICOMGATE\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 2\n{node_toml}\n{extra_toml}\n",
+                "[node]\nae_title = \"DICOMGATE\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 2\n{node_toml}\n{trigger}{extra_toml}\n",
                 data_dir.display().to_string()
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("node did not start: {line:?}"))
-            .parse()
-            .unwrap();
+        let (child, addr) = spawn(&cfg, &dir.path().join("node.log"), None);
         Node {
             addr,
             data_dir,
             child,
             _dir: dir,
         }
+    }
+
+    /// SIGKILL, no shutdown: what a crash or power loss leaves behind.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the node again on the same config, data directory and port.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, addr) = spawn(
+            &self._dir.path().join("dicomgate.toml"),
+            &self._dir.path().join("node.log"),
+            Some(self.addr),
+        );
+        self.child = child;
+        self.addr = addr;
+    }
+
+    /// The directory holding the config and log (for test-side files such as a processing log).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 
     pub fn port(&self) -> String {
@@ -250,4 +293,92 @@ pub fn storescu_still_stores(node: &Node) {
         String::from_utf8_lossy(&out.stderr),
         node.log()
     );
+}
+
+/// Writes a small explicit VR little endian CT Part-10 file; returns its path.
+pub fn write_instance(
+    dir: &Path,
+    patient: &str,
+    study: &str,
+    series: &str,
+    sop: &str,
+    number: u32,
+) -> PathBuf {
+    let mut d = dataset(patient, study, series, sop, 64);
+    // Replace the fixed Instance Number by `number` (rebuild: elements must stay sorted).
+    d.clear();
+    el(&mut d, 0x0008, 0x0016, b"UI", CT_IMAGE_STORAGE.as_bytes());
+    el(&mut d, 0x0008, 0x0018, b"UI", sop.as_bytes());
+    el(&mut d, 0x0008, 0x0020, b"DA", b"20260101");
+    el(&mut d, 0x0008, 0x0060, b"CS", b"CT");
+    el(&mut d, 0x0010, 0x0010, b"PN", b"Test^Patient");
+    el(&mut d, 0x0010, 0x0020, b"LO", patient.as_bytes());
+    el(&mut d, 0x0020, 0x000D, b"UI", study.as_bytes());
+    el(&mut d, 0x0020, 0x000E, b"UI", series.as_bytes());
+    el(&mut d, 0x0020, 0x0013, b"IS", number.to_string().as_bytes());
+    let px: Vec<u8> = (0..64).map(|i| (i * 7 % 251) as u8).collect();
+    el(&mut d, 0x7FE0, 0x0010, b"OW", &px);
+    let meta = dicomgate::storage::FileMeta {
+        sop_class_uid: CT_IMAGE_STORAGE.into(),
+        sop_instance_uid: sop.into(),
+        transfer_syntax_uid: EXPLICIT_LE.into(),
+        source_ae_title: String::new(),
+    };
+    let mut f = dicomgate::storage::part10::header(&meta);
+    f.extend_from_slice(&d);
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(format!("{sop}.dcm"));
+    std::fs::write(&path, f).unwrap();
+    path
+}
+
+/// The data set bytes of a Part-10 file.
+pub fn data_set_of(path: &Path) -> Vec<u8> {
+    let b = std::fs::read(path).unwrap();
+    let p = dicomgate::storage::part10::parse(&b).unwrap();
+    b[p.data_set_offset..].to_vec()
+}
+
+/// The SOP Instance UID in a Part-10 file's meta.
+pub fn sop_uid_of(path: &Path) -> String {
+    let b = std::fs::read(path).unwrap();
+    dicomgate::storage::part10::parse(&b)
+        .unwrap()
+        .sop_instance_uid
+}
+
+/// Polls `cond` every 100 ms until it holds or `secs` pass; returns whether it held.
+pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// DCMTK storescp receiving into `dir` on `port` as `ae`, verbose (one "Association Received"
+/// line per association in `dir/../storescp-<port>.log`).
+pub fn storescp(dir: &Path, port: u16, ae: &str) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+    dcmtk("storescp")
+        .args(["-v", "-aet", ae, "-od"])
+        .arg(dir)
+        .arg(port.to_string())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }

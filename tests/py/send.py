@@ -27,5 +27,5 @@ if not assoc.is_established:
     print("ABORTED"); sys.exit(0)
 for f in files:
     status = assoc.send_c_store(f)
-    print(f"{status.Status if status else 'NONE'} {f}" if status else f"NONE {f}")
+    print(f"{status.Status} {f}" if status else f"NONE {f}", flush=True)
 assoc.release()

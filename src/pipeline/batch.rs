@@ -1,0 +1,521 @@
+//! A claimed batch on disk: `batches/<id>/` with `batch.toml` (manifest), `state` (stage and
+//! attempts), `files/` (the instances, moved from `patients/` keeping their relative paths),
+//! `input/<input name>/` (hard links for processing), `output/`, and `exports/<n>.done`
+//! markers. This directory is the persistent outbox: a restart resumes each batch at its stage.
+//!
+//! Owns: moving a batch aside, running its stages, retry bookkeeping, `failed/` and `expired/`.
+//! Must never delete a batch's files before every export succeeded.
+//!
+//! Crash safety: a batch is assembled in `batches/<id>.tmp/` and renamed into place; a
+//! `.tmp` batch found at start-up is moved back into `patients/` (its instances were never
+//! processed), so a crash at any point leaves each acknowledged instance either pending under
+//! `patients/`, or in exactly one batch.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use super::{export, now_ms, BatchInfo, Context, Job, UNMATCHED_INPUT};
+use crate::config::{ExpireAction, ExportConfig, ExportKind};
+use crate::patients::InstanceRecord;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    /// The grouping key as text (lossy) and as hex (exact).
+    patient_id: String,
+    key_hex: String,
+    created_ms: u64,
+    files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ManifestFile {
+    /// Relative to `files/` (and to `patients/` before the move).
+    path: String,
+    /// Accepting inputs, as in [`InstanceRecord::inputs`].
+    inputs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Stage {
+    Processing,
+    Exporting,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    stage: Stage,
+    processing_attempts: u32,
+    export_attempts: u32,
+}
+
+fn batches(ctx: &Context) -> PathBuf {
+    ctx.data_dir.join("batches")
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("new");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    fs::rename(&tmp, path)
+}
+
+fn write_state(dir: &Path, s: &State) -> io::Result<()> {
+    let text = toml::to_string(s).map_err(io::Error::other)?;
+    write_atomic(&dir.join("state"), text.as_bytes())
+}
+
+fn read_state(dir: &Path) -> io::Result<State> {
+    let text = fs::read_to_string(dir.join("state"))?;
+    toml::from_str(&text).map_err(io::Error::other)
+}
+
+fn read_manifest(dir: &Path) -> io::Result<Manifest> {
+    let text = fs::read_to_string(dir.join("batch.toml"))?;
+    toml::from_str(&text).map_err(io::Error::other)
+}
+
+fn sync_data_dir(ctx: &Context) {
+    if let Ok(f) = fs::File::open(&ctx.data_dir) {
+        let _ = rustix::fs::syncfs(&f);
+    }
+}
+
+/// Every regular file under `root`, iteratively.
+pub fn walk_files(root: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in rd.flatten() {
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+static BATCH_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Moves a claimed batch from `patients/` into `batches/<id>/`; returns the id.
+pub(super) fn create(
+    ctx: &Context,
+    key: &[u8],
+    records: Vec<InstanceRecord>,
+) -> io::Result<String> {
+    let patients = ctx.data_dir.join("patients");
+    let id = format!(
+        "{}-{}-{}-{}",
+        now_ms(),
+        &crate::storage::patient_dir_name(key)[..12],
+        std::process::id(),
+        BATCH_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let tmp = batches(ctx).join(format!("{id}.tmp"));
+    fs::create_dir_all(tmp.join("files"))?;
+    let mut files = Vec::with_capacity(records.len());
+    for r in &records {
+        let Ok(rel) = r.path.strip_prefix(&patients) else {
+            tracing::error!(path = %r.path.display(), "instance outside patients/ left in place");
+            continue;
+        };
+        let dest = tmp.join("files").join(rel);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        match fs::rename(&r.path, &dest) {
+            Ok(()) => files.push(ManifestFile {
+                path: rel.to_string_lossy().into_owned(),
+                inputs: r.inputs,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::error!(path = %r.path.display(), "claimed instance missing from disk");
+            }
+            Err(e) => {
+                // Put back what moved, so the instances stay pending, and give up.
+                restore_tmp(ctx, &tmp);
+                return Err(e);
+            }
+        }
+    }
+    let manifest = Manifest {
+        patient_id: String::from_utf8_lossy(key).into_owned(),
+        key_hex: hex(key),
+        created_ms: now_ms(),
+        files,
+    };
+    let write = || -> io::Result<()> {
+        let text = toml::to_string(&manifest).map_err(io::Error::other)?;
+        write_atomic(&tmp.join("batch.toml"), text.as_bytes())?;
+        write_state(
+            &tmp,
+            &State {
+                stage: Stage::Processing,
+                processing_attempts: 0,
+                export_attempts: 0,
+            },
+        )?;
+        sync_data_dir(ctx);
+        fs::rename(&tmp, batches(ctx).join(&id))?;
+        sync_data_dir(ctx);
+        Ok(())
+    };
+    if let Err(e) = write() {
+        restore_tmp(ctx, &tmp);
+        return Err(e);
+    }
+    tracing::info!(
+        batch = %id,
+        patient = %manifest.patient_id,
+        instances = manifest.files.len(),
+        "batch claimed"
+    );
+    Ok(id)
+}
+
+/// Moves an unfinished `batches/<id>.tmp/` back into `patients/`.
+fn restore_tmp(ctx: &Context, tmp: &Path) {
+    let patients = ctx.data_dir.join("patients");
+    let files_root = tmp.join("files");
+    let mut files = Vec::new();
+    let _ = walk_files(&files_root, &mut files);
+    let mut ok = true;
+    for f in files {
+        let Ok(rel) = f.strip_prefix(&files_root) else {
+            continue;
+        };
+        let dest = patients.join(rel);
+        let r = dest
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|()| fs::rename(&f, &dest));
+        if let Err(e) = r {
+            ok = false;
+            tracing::error!(path = %f.display(), error = %e, "could not restore an instance");
+        }
+    }
+    if ok {
+        let _ = fs::remove_dir_all(tmp);
+    }
+    sync_data_dir(ctx);
+}
+
+/// Start-up: restores unfinished claims and returns a job per batch to resume.
+pub(super) fn recover(ctx: &Context) -> io::Result<Vec<Job>> {
+    fs::create_dir_all(batches(ctx))?;
+    let mut jobs = Vec::new();
+    let mut names: Vec<_> = fs::read_dir(batches(ctx))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let dir = batches(ctx).join(&name);
+        if name.ends_with(".tmp") {
+            tracing::warn!(batch = %name, "restoring a batch interrupted while being claimed");
+            restore_tmp(ctx, &dir);
+        } else if dir.join("state").is_file() {
+            tracing::info!(batch = %name, "resuming a batch");
+            jobs.push(Job::Process { id: name });
+        }
+    }
+    remove_empty_dirs(&ctx.data_dir.join("patients"));
+    Ok(jobs)
+}
+
+/// Removes empty study/series directories and patient directories holding only `patient-id`
+/// (only at start-up, when no store can be creating them).
+fn remove_empty_dirs(patients: &Path) {
+    let Ok(rd) = fs::read_dir(patients) else {
+        return;
+    };
+    for p in rd.flatten().map(|e| e.path()) {
+        let mut files = Vec::new();
+        if walk_files(&p, &mut files).is_ok()
+            && files
+                .iter()
+                .all(|f| f.file_name().is_some_and(|n| n == "patient-id"))
+        {
+            let _ = fs::remove_dir_all(&p);
+        }
+    }
+}
+
+fn input_files(
+    dir: &Path,
+    manifest: &Manifest,
+    names: &[String],
+) -> io::Result<Vec<(String, Vec<PathBuf>)>> {
+    let input = dir.join("input");
+    if input.exists() {
+        fs::remove_dir_all(&input)?;
+    }
+    let mut out: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    for f in &manifest.files {
+        let src = dir.join("files").join(&f.path);
+        let mut targets: Vec<&str> = (0..names.len())
+            .filter(|i| f.inputs & (1 << i) != 0)
+            .map(|i| names[i].as_str())
+            .collect();
+        if targets.is_empty() {
+            targets.push(UNMATCHED_INPUT);
+        }
+        for name in targets {
+            let folder = input.join(name);
+            fs::create_dir_all(&folder)?;
+            let file_name = src
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
+            let mut dest = folder.join(&file_name);
+            let mut n = 1;
+            while dest.exists() {
+                dest = folder.join(format!("{n}-{}", file_name.to_string_lossy()));
+                n += 1;
+            }
+            fs::hard_link(&src, &dest)?;
+            match out.iter_mut().find(|(n, _)| n == name) {
+                Some((_, v)) => v.push(dest),
+                None => out.push((name.to_string(), vec![dest])),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs processing (or skips it in router mode), then export.
+pub(super) fn process(ctx: &Context, id: &str) {
+    let dir = batches(ctx).join(id);
+    let (mut state, manifest) = match (read_state(&dir), read_manifest(&dir)) {
+        (Ok(s), Ok(m)) => (s, m),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(batch = %id, error = %e, "unreadable batch state: moving it to failed/");
+            fail(ctx, id, &format!("unreadable batch state: {e}"));
+            return;
+        }
+    };
+    if state.stage == Stage::Processing {
+        if let Some(processor) = &ctx.processor {
+            let names: Vec<String> = ctx.pipeline.rules.input_names().map(String::from).collect();
+            let prepared = input_files(&dir, &manifest, &names).and_then(|inputs| {
+                let out = dir.join("output");
+                if out.exists() {
+                    fs::remove_dir_all(&out)?;
+                }
+                fs::create_dir_all(&out)?;
+                Ok(inputs)
+            });
+            let inputs = match prepared {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::error!(batch = %id, error = %e, "cannot prepare processing input");
+                    ctx.retry_later(ctx.backoff(1), Job::Process { id: id.into() });
+                    return;
+                }
+            };
+            let info = BatchInfo {
+                id: id.to_string(),
+                patient_id: manifest.patient_id.clone(),
+                input_dir: dir.join("input"),
+                output_dir: dir.join("output"),
+                inputs,
+            };
+            tracing::info!(batch = %id, patient = %manifest.patient_id, "processing");
+            let result = processor.process(&info);
+            if ctx.shutdown.load(Ordering::Acquire) && result.is_err() {
+                return; // interrupted: resumed at the next start
+            }
+            if let Err(why) = result {
+                state.processing_attempts += 1;
+                let allowed = ctx.config.processing.as_ref().map_or(1, |p| p.attempts);
+                if state.processing_attempts >= allowed {
+                    fail(ctx, id, &format!("processing failed: {why}"));
+                } else {
+                    tracing::warn!(batch = %id, error = %why, attempt = state.processing_attempts, "processing failed; will retry");
+                    let _ = write_state(&dir, &state);
+                    ctx.retry_later(
+                        ctx.backoff(state.processing_attempts),
+                        Job::Process { id: id.into() },
+                    );
+                }
+                return;
+            }
+            ctx.pipeline.stats.processed.fetch_add(1, Ordering::Relaxed);
+        }
+        state.stage = Stage::Exporting;
+        if let Err(e) = write_state(&dir, &state) {
+            tracing::error!(batch = %id, error = %e, "cannot record the export stage");
+            ctx.retry_later(ctx.backoff(1), Job::Process { id: id.into() });
+            return;
+        }
+    }
+    export(ctx, id);
+}
+
+fn is_dicom(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 132];
+    fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head[128..] == b"DICM"
+}
+
+/// The destinations: `[[export]]`, or the default folder under the data directory.
+fn destinations(ctx: &Context) -> Vec<ExportConfig> {
+    if ctx.config.exports.is_empty() {
+        vec![ExportConfig {
+            kind: ExportKind::Folder,
+            address: None,
+            ae_title: None,
+            calling_ae_title: None,
+            path: Some(ctx.data_dir.join("export")),
+        }]
+    } else {
+        ctx.config.exports.clone()
+    }
+}
+
+/// Exports to every destination not yet done; deletes the batch when all succeeded.
+pub(super) fn export(ctx: &Context, id: &str) {
+    let dir = batches(ctx).join(id);
+    let mut state = match read_state(&dir) {
+        Ok(s) => s,
+        Err(e) => {
+            fail(ctx, id, &format!("unreadable batch state: {e}"));
+            return;
+        }
+    };
+    let mut files = Vec::new();
+    let source = if ctx.processor.is_some() {
+        "output"
+    } else {
+        "files"
+    };
+    if let Err(e) = walk_files(&dir.join(source), &mut files) {
+        fail(ctx, id, &format!("cannot list {source}/: {e}"));
+        return;
+    }
+    files.retain(|f| is_dicom(f));
+    if files.is_empty() {
+        tracing::warn!(batch = %id, "processing left no DICOM files: nothing to export");
+    }
+    let mut errors = Vec::new();
+    for (i, dest) in destinations(ctx).iter().enumerate() {
+        let marker = dir.join("exports").join(format!("{i}.done"));
+        if marker.exists() || files.is_empty() {
+            continue;
+        }
+        match export::run(dest, &files, ctx.config.node.ae_title.trim()) {
+            Ok(()) => {
+                let _ = fs::create_dir_all(dir.join("exports"))
+                    .and_then(|()| write_atomic(&marker, b""));
+                tracing::info!(batch = %id, destination = i, files = files.len(), "exported");
+            }
+            Err(e) => errors.push(format!("export {i}: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        ctx.pipeline.stats.exported.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::error!(batch = %id, error = %e, "exported, but could not remove the batch");
+        } else {
+            tracing::info!(batch = %id, "batch done");
+        }
+        return;
+    }
+    state.export_attempts += 1;
+    let reason = errors.join("; ");
+    if state.export_attempts >= ctx.config.outbox.attempts {
+        fail(
+            ctx,
+            id,
+            &format!(
+                "export failed after {} attempts: {reason}",
+                state.export_attempts
+            ),
+        );
+        return;
+    }
+    let delay = ctx.backoff(state.export_attempts);
+    tracing::warn!(batch = %id, attempt = state.export_attempts, retry_in_s = delay.as_secs_f64(), error = %reason, "export failed; will retry");
+    ctx.pipeline
+        .stats
+        .export_retries
+        .fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = write_state(&dir, &state) {
+        tracing::error!(batch = %id, error = %e, "cannot record the export attempt");
+    }
+    ctx.retry_later(delay, Job::Export { id: id.into() });
+}
+
+/// Moves a batch to `failed/<id>/` with `reason.txt`.
+fn fail(ctx: &Context, id: &str, reason: &str) {
+    let failed = ctx.data_dir.join("failed");
+    let dest = failed.join(id);
+    let r = fs::create_dir_all(&failed)
+        .and_then(|()| fs::rename(batches(ctx).join(id), &dest))
+        .and_then(|()| write_atomic(&dest.join("reason.txt"), format!("{reason}\n").as_bytes()));
+    ctx.pipeline.stats.failed.fetch_add(1, Ordering::Relaxed);
+    match r {
+        Ok(()) => tracing::error!(batch = %id, %reason, "batch moved to failed/"),
+        Err(e) => {
+            tracing::error!(batch = %id, %reason, error = %e, "batch failed and could not be moved to failed/; left in batches/")
+        }
+    }
+    sync_data_dir(ctx);
+}
+
+/// Removes (or moves to `expired/<id>/`) a patient's batch that never became sufficient.
+pub(super) fn expire(ctx: &Context, key: &[u8], records: Vec<InstanceRecord>) {
+    let patients = ctx.data_dir.join("patients");
+    let id = format!(
+        "{}-{}",
+        now_ms(),
+        &crate::storage::patient_dir_name(key)[..12]
+    );
+    let mut done = 0usize;
+    for r in &records {
+        let res = match ctx.config.patients.expire_action {
+            ExpireAction::Delete => fs::remove_file(&r.path),
+            ExpireAction::Move => {
+                let rel = r.path.strip_prefix(&patients).unwrap_or(&r.path);
+                let dest = ctx.data_dir.join("expired").join(&id).join(rel);
+                dest.parent()
+                    .map_or(Ok(()), fs::create_dir_all)
+                    .and_then(|()| fs::rename(&r.path, &dest))
+            }
+        };
+        match res {
+            Ok(()) => done += 1,
+            Err(e) => {
+                tracing::error!(path = %r.path.display(), error = %e, "could not expire an instance")
+            }
+        }
+    }
+    ctx.pipeline.stats.expired.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        patient = %String::from_utf8_lossy(key),
+        instances = done,
+        action = ?ctx.config.patients.expire_action,
+        "patient expired"
+    );
+}

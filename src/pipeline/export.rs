@@ -1,0 +1,186 @@
+//! Export of a batch's results: C-STORE to a downstream node (`kind = "dicom"`) or a folder
+//! (`kind = "folder"`).
+//!
+//! Owns: delivering a list of Part-10 files to one destination, all or nothing from the
+//! caller's point of view (an `Err` means "retry the whole destination later"; a downstream
+//! receiving an instance twice replaces it, as C-STORE allows). Must never build a path from
+//! file contents without validating it (UIDs checked per PS3.5 §9.1).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::{ExportConfig, ExportKind};
+use crate::dimse::{scan, tags, uid::is_valid_uid};
+use crate::net::scu::{Client, Proposal, ScuOptions};
+use crate::storage::part10;
+
+/// A Part-10 file read for export.
+struct Part10 {
+    bytes: Vec<u8>,
+    data_set_offset: usize,
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    transfer_syntax_uid: String,
+}
+
+fn read(path: &Path) -> Result<Part10, String> {
+    let bytes = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let p =
+        part10::parse(&bytes).ok_or_else(|| format!("{}: not a Part-10 file", path.display()))?;
+    let (sop_class_uid, sop_instance_uid) = p.data_set_sop_uids(&bytes);
+    Ok(Part10 {
+        data_set_offset: p.data_set_offset,
+        sop_class_uid,
+        sop_instance_uid,
+        transfer_syntax_uid: p.transfer_syntax_uid,
+        bytes,
+    })
+}
+
+/// Delivers `files` to `dest`; `node_ae` is the default calling AE title.
+pub fn run(dest: &ExportConfig, files: &[PathBuf], node_ae: &str) -> Result<(), String> {
+    match dest.kind {
+        ExportKind::Folder => {
+            let root = dest.path.as_deref().ok_or("folder export without path")?;
+            to_folder(root, files)
+        }
+        ExportKind::Dicom => {
+            let address = dest
+                .address
+                .as_deref()
+                .ok_or("dicom export without address")?;
+            let called = dest
+                .ae_title
+                .as_deref()
+                .ok_or("dicom export without ae_title")?;
+            let calling = dest.calling_ae_title.as_deref().unwrap_or(node_ae);
+            to_dicom(address, called, calling, files)
+        }
+    }
+}
+
+/// `<root>/<Study UID>/<Series UID>/<SOP Instance UID>.dcm`, each written to a temporary name,
+/// flushed and renamed, then the directories flushed.
+pub fn to_folder(root: &Path, files: &[PathBuf]) -> Result<(), String> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for f in files {
+        let p = read(f)?;
+        if !is_valid_uid(p.sop_instance_uid.as_bytes()) {
+            return Err(format!("{}: invalid SOP Instance UID", f.display()));
+        }
+        let enc = crate::assoc::transfer_syntax::by_uid(p.transfer_syntax_uid.as_bytes())
+            .map(|t| t.encoding);
+        let values = enc.and_then(|enc| {
+            scan::scan(
+                p.bytes.get(p.data_set_offset..)?,
+                enc,
+                &[tags::STUDY_INSTANCE_UID, tags::SERIES_INSTANCE_UID],
+            )
+            .ok()
+        });
+        let name = |tag, fallback: &str| {
+            values
+                .as_ref()
+                .and_then(|v| v.uid(tag))
+                .filter(|u| is_valid_uid(u))
+                .map_or_else(
+                    || fallback.to_string(),
+                    |u| String::from_utf8_lossy(u).into_owned(),
+                )
+        };
+        let dir = root
+            .join(name(tags::STUDY_INSTANCE_UID, "no-study"))
+            .join(name(tags::SERIES_INSTANCE_UID, "no-series"));
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dest = dir.join(format!("{}.dcm", p.sop_instance_uid));
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            p.sop_instance_uid,
+            std::process::id()
+        ));
+        let w = (|| -> std::io::Result<()> {
+            let mut out = File::create(&tmp)?;
+            out.write_all(&p.bytes)?;
+            out.sync_data()?;
+            fs::rename(&tmp, &dest)
+        })();
+        if let Err(e) = w {
+            let _ = fs::remove_file(&tmp);
+            return Err(format!("{}: {e}", dest.display()));
+        }
+        dirs.insert(dir);
+    }
+    for d in dirs.iter().chain(std::iter::once(&root.to_path_buf())) {
+        File::open(d)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    Ok(())
+}
+
+/// One association per batch (more only if it needs over 128 presentation contexts), each file
+/// sent in its own transfer syntax. Success, or a warning status (0xB000, 0xB006, 0xB007), counts
+/// as delivered; anything else fails the export.
+pub fn to_dicom(
+    address: &str,
+    called: &str,
+    calling: &str,
+    files: &[PathBuf],
+) -> Result<(), String> {
+    // Group by (SOP class, transfer syntax) to build the proposals.
+    let mut by_pair: BTreeMap<(String, String), Vec<&PathBuf>> = BTreeMap::new();
+    for f in files {
+        let p = read(f)?;
+        by_pair
+            .entry((p.sop_class_uid, p.transfer_syntax_uid))
+            .or_default()
+            .push(f);
+    }
+    let pairs: Vec<_> = by_pair.into_iter().collect();
+    let opts = ScuOptions {
+        calling_ae: calling.to_string(),
+        called_ae: called.to_string(),
+        max_pdu_length: 65_536,
+        timeout: Duration::from_secs(60),
+    };
+    for chunk in pairs.chunks(128) {
+        let proposals: Vec<Proposal> = chunk
+            .iter()
+            .map(|((sop, ts), _)| Proposal {
+                abstract_syntax: sop.clone(),
+                transfer_syntaxes: vec![ts.clone()],
+            })
+            .collect();
+        let mut client = Client::connect(address, &opts, &proposals)
+            .map_err(|e| format!("{called}@{address}: {e}"))?;
+        for (_, paths) in chunk {
+            for f in paths {
+                let p = read(f)?;
+                let ds = p.bytes.get(p.data_set_offset..).unwrap_or_default();
+                let (status, comment) = client
+                    .store(
+                        &p.sop_class_uid,
+                        &p.sop_instance_uid,
+                        &p.transfer_syntax_uid,
+                        ds,
+                    )
+                    .map_err(|e| format!("{called}@{address}: {e}"))?;
+                if !matches!(status, 0x0000 | 0xB000 | 0xB006 | 0xB007) {
+                    let _ = client.abort();
+                    return Err(format!(
+                        "{called}@{address} answered 0x{status:04X} for {} ({})",
+                        p.sop_instance_uid,
+                        comment.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        client
+            .release()
+            .map_err(|e| format!("{called}@{address}: release: {e}"))?;
+    }
+    Ok(())
+}

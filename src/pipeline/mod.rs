@@ -1,0 +1,597 @@
+//! From stored instances to exported results: hand-off, triggers, claims, processing, export,
+//! the retry outbox, expiry and restart recovery.
+//!
+//! Owns: the threads behind the reactors — ingest (queues → patient map), the checker (triggers
+//! and sufficiency, claims each batch exactly once), the workers (move a claimed batch aside,
+//! process, export, clean up) and the outbox scheduler (timed retries). Must never run on a
+//! reactor thread, never block a reactor (reactors only push onto bounded lock-free queues), and
+//! never delete data that was not exported: a batch leaves the data directory only after every
+//! export succeeded, or moves to `failed/` (with `reason.txt`) or `expired/`.
+//!
+//! Flow of one patient:
+//! 1. A reactor pushes [`Event::Stored`] per durable instance and [`Event::Closed`] per finished
+//!    association onto its own bounded `ArrayQueue`; a full queue pauses that reactor's reading.
+//! 2. Ingest inserts into [`PatientMap`], counts the open associations per patient, and flags a
+//!    patient for evaluation when its last one closes (trigger a).
+//! 3. The checker sweeps the map every `check_interval_ms` (or at once when rung): a flagged
+//!    patient, one quiet for `quiet_seconds` (trigger b), or one recovered at start-up (trigger c)
+//!    is evaluated against the rules; a sufficient batch is claimed by one CAS and handed to the
+//!    workers. A patient idle past `expire_after` is expired instead.
+//! 4. A worker moves the batch's files to `batches/<id>/files/` (same relative paths) and links
+//!    them into `input/<input name>/`, runs processing, exports, and deletes the batch.
+//!    Each stage is recorded in `batches/<id>/state` so a restart resumes where it stopped.
+
+pub mod batch;
+pub mod export;
+pub mod process;
+pub mod rules;
+
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use crossbeam_queue::ArrayQueue;
+
+use crate::config::Config;
+use crate::dimse::scan::Scanned;
+use crate::dimse::tags;
+use crate::patients::{InstanceRecord, Patient, PatientMap, Snapshot};
+pub use process::{BatchInfo, CommandProcessor, Processor};
+use rules::Rules;
+
+/// The input folder of instances kept although no `[[input]]` accepts them.
+pub const UNMATCHED_INPUT: &str = "_unmatched";
+
+/// Events per reactor queue. A full queue pauses the reactor's reading (never a drop).
+pub const QUEUE_DEPTH: usize = 4096;
+
+/// A stored instance on its way to the patient map.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// The association that sent it (0 = recovered from disk).
+    pub association: u64,
+    /// The grouping key (Patient ID by default).
+    pub key: Vec<u8>,
+    pub record: InstanceRecord,
+}
+
+/// What reactors tell the pipeline.
+#[derive(Debug)]
+pub enum Event {
+    /// A durable instance; `new` is false when it replaced the same SOP Instance UID.
+    Stored { arrival: Box<Arrival>, new: bool },
+    /// An association that stored something has ended (release or abort).
+    Closed { association: u64 },
+}
+
+/// Counters, logged at shutdown and readable by tests and library users.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub claimed: AtomicU64,
+    pub processed: AtomicU64,
+    pub exported: AtomicU64,
+    pub failed: AtomicU64,
+    pub expired: AtomicU64,
+    pub export_retries: AtomicU64,
+}
+
+/// What reactors share with the pipeline.
+#[derive(Debug)]
+pub struct Pipeline {
+    queues: Vec<ArrayQueue<Event>>,
+    doorbells: Vec<Sender<()>>,
+    checker_bell: Sender<()>,
+    pub map: Arc<PatientMap>,
+    pub rules: Rules,
+    /// Tags the reactors scan: routing tags, the grouping tag, and every tag the rules read.
+    pub wanted_tags: Vec<u32>,
+    pub group_tag: u32,
+    pub stats: Arc<Stats>,
+}
+
+impl Pipeline {
+    /// Pushes an event from reactor `reactor`; gives it back when the queue is full.
+    #[allow(clippy::result_large_err)] // the event comes back to be retried, not as an error
+    pub fn push(&self, reactor: usize, ev: Event) -> Result<(), Event> {
+        match self.queues.get(reactor) {
+            Some(q) => q.push(ev),
+            None => Err(ev),
+        }
+    }
+
+    /// Wakes the ingest thread that owns reactor `reactor`'s queue (coalesced).
+    pub fn ring(&self, reactor: usize) {
+        if let Some(d) = self.doorbells.get(reactor % self.doorbells.len().max(1)) {
+            let _ = d.try_send(());
+        }
+    }
+
+    /// The grouping key and record draft (no path yet) for an instance with these values.
+    pub fn describe(&self, values: &Scanned) -> (Vec<u8>, InstanceRecord) {
+        describe(values, &self.rules, self.group_tag)
+    }
+}
+
+fn text_arc(values: &Scanned, tag: u32) -> Option<Arc<str>> {
+    values.text(tag).filter(|s| !s.is_empty()).map(Arc::from)
+}
+
+fn number(values: &Scanned, tag: u32) -> u32 {
+    // IS/US values: IS is text, US binary (Number of Slices is US).
+    if tag == tags::NUMBER_OF_SLICES {
+        return values.us(tag).map_or(0, u32::from);
+    }
+    values
+        .text(tag)
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .map_or(0, |n| n.clamp(0, u32::MAX as i64) as u32)
+}
+
+fn describe(values: &Scanned, rules: &Rules, group_tag: u32) -> (Vec<u8>, InstanceRecord) {
+    let key = values
+        .raw(group_tag)
+        .map(|v| crate::dimse::trim_padding(v).trim_ascii_start().to_vec())
+        .unwrap_or_default();
+    let record = InstanceRecord {
+        sop_instance_uid: text_arc(values, tags::SOP_INSTANCE_UID).unwrap_or_else(|| "".into()),
+        study_uid: text_arc(values, tags::STUDY_INSTANCE_UID),
+        series_uid: text_arc(values, tags::SERIES_INSTANCE_UID),
+        study_date: text_arc(values, tags::STUDY_DATE),
+        path: PathBuf::new(),
+        bytes: 0,
+        inputs: rules.accepting(values),
+        instance_number: number(values, tags::INSTANCE_NUMBER),
+        images_in_acquisition: number(values, tags::IMAGES_IN_ACQUISITION),
+        number_of_slices: number(values, tags::NUMBER_OF_SLICES),
+    };
+    (key, record)
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A unit of work for the workers.
+#[derive(Debug)]
+enum Job {
+    /// A freshly claimed batch: move it aside, then process.
+    Claimed {
+        key: Vec<u8>,
+        records: Vec<InstanceRecord>,
+    },
+    Process {
+        id: String,
+    },
+    Export {
+        id: String,
+    },
+    Expire {
+        key: Vec<u8>,
+        records: Vec<InstanceRecord>,
+    },
+}
+
+/// A job due at a time (the outbox's retry schedule).
+#[derive(Debug)]
+struct Timed {
+    due: Instant,
+    seq: u64,
+    job: Job,
+}
+
+impl PartialEq for Timed {
+    fn eq(&self, o: &Self) -> bool {
+        (self.due, self.seq) == (o.due, o.seq)
+    }
+}
+impl Eq for Timed {}
+impl PartialOrd for Timed {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Timed {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        // Earliest first in a max-heap.
+        (o.due, o.seq).cmp(&(self.due, self.seq))
+    }
+}
+
+/// Everything the pipeline's threads share.
+pub(crate) struct Context {
+    pub config: Config,
+    pub data_dir: PathBuf,
+    pub pipeline: Arc<Pipeline>,
+    pub processor: Option<Arc<dyn Processor>>,
+    jobs: Sender<Job>,
+    later: Sender<(Duration, Job)>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// Starts the pipeline for `reactors` reactor queues: recovers the data directory, then starts
+/// ingest, checker, scheduler and worker threads. `processor` overrides `[processing]` (library
+/// users' Rust processing).
+pub fn start(
+    config: &Config,
+    reactors: usize,
+    processor: Option<Arc<dyn Processor>>,
+    shutdown: Arc<AtomicBool>,
+) -> io::Result<(Arc<Pipeline>, Vec<JoinHandle<()>>)> {
+    let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
+    let rules = config.rules().map_err(invalid)?;
+    let group_tag = config.group_by_tag().map_err(invalid)?;
+    let mut wanted: Vec<u32> = tags::ROUTING.to_vec();
+    wanted.extend_from_slice(&rules.tags);
+    wanted.push(group_tag);
+    wanted.sort_unstable();
+    wanted.dedup();
+    let ingest_threads = reactors.div_ceil(4).max(1);
+    let mut doorbells = Vec::new();
+    let mut bell_rx = Vec::new();
+    for _ in 0..ingest_threads {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        doorbells.push(tx);
+        bell_rx.push(rx);
+    }
+    let (checker_bell, checker_rx) = crossbeam_channel::bounded(1);
+    let pipeline = Arc::new(Pipeline {
+        queues: (0..reactors.max(1))
+            .map(|_| ArrayQueue::new(QUEUE_DEPTH))
+            .collect(),
+        doorbells,
+        checker_bell,
+        map: Arc::new(PatientMap::new(config.patients.map_buckets)),
+        rules,
+        wanted_tags: wanted,
+        group_tag,
+        stats: Arc::new(Stats::default()),
+    });
+    let processor: Option<Arc<dyn Processor>> = processor.or_else(|| {
+        config
+            .processing
+            .as_ref()
+            .map(|p| Arc::new(CommandProcessor::new(p.clone(), shutdown.clone())) as _)
+    });
+    let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+    let (later_tx, later_rx) = crossbeam_channel::unbounded();
+    let ctx = Arc::new(Context {
+        config: config.clone(),
+        data_dir: config.node.data_dir.clone(),
+        pipeline: pipeline.clone(),
+        processor,
+        jobs: jobs_tx,
+        later: later_tx,
+        shutdown: shutdown.clone(),
+    });
+    // Restart (trigger c): batches in flight resume, pending instances re-enter the map.
+    let resumed = batch::recover(&ctx)?;
+    for j in resumed {
+        let _ = ctx.jobs.send(j);
+    }
+    recover_patients(&ctx)?;
+
+    let mut threads = Vec::new();
+    for (i, rx) in bell_rx.into_iter().enumerate() {
+        let ctx = ctx.clone();
+        let owned: Vec<usize> = (0..reactors.max(1))
+            .filter(|r| r % ingest_threads == i)
+            .collect();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("ingest-{i}"))
+                .spawn(move || ingest(&ctx, &owned, rx))?,
+        );
+    }
+    {
+        let ctx = ctx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("checker".into())
+                .spawn(move || checker(&ctx, checker_rx))?,
+        );
+    }
+    {
+        let ctx = ctx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("outbox".into())
+                .spawn(move || scheduler(&ctx, later_rx))?,
+        );
+    }
+    for i in 0..config.outbox.workers.max(1) {
+        let ctx = ctx.clone();
+        let rx = jobs_rx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || worker(&ctx, rx))?,
+        );
+    }
+    Ok((pipeline, threads))
+}
+
+/// Re-inserts every instance found under `patients/` and flags each patient for evaluation.
+fn recover_patients(ctx: &Context) -> io::Result<()> {
+    let root = ctx.data_dir.join("patients");
+    let mut files = Vec::new();
+    batch::walk_files(&root, &mut files)?;
+    let map = &ctx.pipeline.map;
+    let g = map.pin();
+    let mut instances = 0usize;
+    for path in &files {
+        if path.extension().is_none_or(|x| x != "dcm") {
+            continue;
+        }
+        let Some((arrival, mtime)) = read_arrival(ctx, path) else {
+            tracing::warn!(path = %path.display(), "unreadable instance left in place");
+            continue;
+        };
+        map.insert(&arrival.key, arrival.record, mtime, &g)
+            .request_evaluation();
+        instances += 1;
+    }
+    if instances > 0 {
+        tracing::info!(
+            instances,
+            patients = map.len(),
+            "recovered pending instances from the data directory"
+        );
+    }
+    Ok(())
+}
+
+/// The arrival for a stored Part-10 file and its modification time in ms.
+fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
+    let bytes = std::fs::read(path).ok()?;
+    let mtime = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or_else(now_ms, |d| d.as_millis() as u64);
+    let parsed = crate::storage::part10::parse(&bytes)?;
+    let ts = crate::assoc::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
+    let ds = bytes.get(parsed.data_set_offset..)?;
+    let values = crate::dimse::scan::scan(ds, ts.encoding, &ctx.pipeline.wanted_tags).ok()?;
+    let (key, mut record) = ctx.pipeline.describe(&values);
+    record.path = path.to_path_buf();
+    record.bytes = bytes.len() as u64;
+    Some((
+        Arrival {
+            association: 0,
+            key,
+            record,
+        },
+        mtime,
+    ))
+}
+
+/// Ingest: drains its reactors' queues into the map. Keeps, per association, the patients it
+/// touched (by identity), so each (association, patient) pair counts once as open.
+fn ingest(ctx: &Context, owned: &[usize], bell: Receiver<()>) {
+    let p = &ctx.pipeline;
+    let mut touched: HashMap<u64, Vec<Arc<Patient>>> = HashMap::new();
+    let on_close = ctx.config.trigger.on_association_close;
+    loop {
+        let mut any = false;
+        let g = p.map.pin();
+        for &r in owned {
+            let Some(q) = p.queues.get(r) else { continue };
+            // Bounded drain per queue per round, so one busy reactor cannot starve another.
+            for _ in 0..1024 {
+                let Some(ev) = q.pop() else { break };
+                any = true;
+                match ev {
+                    Event::Stored { arrival, new } => {
+                        let Arrival {
+                            association,
+                            key,
+                            record,
+                        } = *arrival;
+                        let now = now_ms();
+                        let patient = if new {
+                            p.map.insert(&key, record, now, &g)
+                        } else {
+                            let pt = p.map.get_or_insert(&key, now, &g);
+                            pt.touch(now);
+                            pt
+                        };
+                        if association != 0 {
+                            let list = touched.entry(association).or_default();
+                            if !list.iter().any(|x| Arc::ptr_eq(x, &patient)) {
+                                patient.association_opened();
+                                list.push(patient);
+                            }
+                        }
+                    }
+                    Event::Closed { association } => {
+                        let mut rung = false;
+                        for patient in touched.remove(&association).unwrap_or_default() {
+                            if patient.association_closed() && on_close && !rung {
+                                rung = true;
+                            }
+                            if !on_close {
+                                patient.take_evaluation_request();
+                            }
+                        }
+                        if rung {
+                            let _ = p.checker_bell.try_send(());
+                        }
+                    }
+                }
+            }
+        }
+        drop(g);
+        if !any {
+            if ctx.shutdown.load(Ordering::Acquire)
+                && owned
+                    .iter()
+                    .all(|&r| p.queues.get(r).is_none_or(|q| q.is_empty()))
+            {
+                return;
+            }
+            let _ = bell.recv_timeout(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The checker: triggers, sufficiency, claims, expiry, and retiring empty patients.
+fn checker(ctx: &Context, bell: Receiver<()>) {
+    let p = &ctx.pipeline;
+    let t = &ctx.config.trigger;
+    let quiet_ms = (t.quiet_seconds * 1000.0) as u64;
+    let expire_ms = ctx.config.expire_after().as_millis() as u64;
+    let interval = Duration::from_millis(t.check_interval_ms.max(10));
+    while !ctx.shutdown.load(Ordering::Acquire) {
+        let _ = bell.recv_timeout(interval);
+        let now = now_ms();
+        let g = p.map.pin();
+        for patient in p.map.patients(&g) {
+            let v = patient.view(&g);
+            if v.snapshot.instances == 0 {
+                if v.open_associations == 0 {
+                    patient.take_evaluation_request();
+                    p.map.remove_if_empty(&patient, &g);
+                }
+                continue;
+            }
+            let requested = patient.take_evaluation_request();
+            let quiet = quiet_ms > 0
+                && now.saturating_sub(v.last_arrival_ms) >= quiet_ms
+                && patient.quiet_evaluated_ms.load(Ordering::Acquire) != v.last_arrival_ms;
+            if quiet {
+                patient
+                    .quiet_evaluated_ms
+                    .store(v.last_arrival_ms, Ordering::Release);
+            }
+            let key = String::from_utf8_lossy(patient.key()).into_owned();
+            if requested || quiet {
+                match p.rules.sufficient(&v.snapshot) {
+                    Ok(()) => claim(ctx, &patient, v.batch_seq, &g),
+                    Err(why) => tracing::debug!(patient = %key, %why, "not sufficient yet"),
+                }
+            } else if now.saturating_sub(v.last_arrival_ms) >= expire_ms {
+                if let Some(c) = patient.claim(v.batch_seq, &g) {
+                    tracing::warn!(
+                        patient = %key,
+                        instances = c.records.len(),
+                        "expiring a patient that never became sufficient"
+                    );
+                    let _ = ctx.jobs.send(Job::Expire {
+                        key: patient.key().to_vec(),
+                        records: c.records,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, g: &crossbeam_epoch::Guard) {
+    let p = &ctx.pipeline;
+    let Some(c) = patient.claim(seq, g) else {
+        return;
+    };
+    // Instances pushed between the snapshot and the claim belong to the batch; if they broke
+    // a rule (max_series, single_series, single study date), give the batch back to collecting.
+    if let Err(why) = p.rules.sufficient(&Snapshot::of(&c.records)) {
+        tracing::info!(
+            patient = %String::from_utf8_lossy(patient.key()),
+            %why,
+            "batch changed while being claimed; collecting again"
+        );
+        for r in c.records {
+            p.map.insert(patient.key(), r, now_ms(), g);
+        }
+        return;
+    }
+    p.stats.claimed.fetch_add(1, Ordering::Relaxed);
+    let _ = ctx.jobs.send(Job::Claimed {
+        key: patient.key().to_vec(),
+        records: c.records,
+    });
+}
+
+/// Holds jobs until they are due (the outbox's backoff), then hands them to the workers.
+fn scheduler(ctx: &Context, rx: Receiver<(Duration, Job)>) {
+    let mut heap: BinaryHeap<Timed> = BinaryHeap::new();
+    let mut seq = 0u64;
+    loop {
+        let now = Instant::now();
+        while heap.peek().is_some_and(|t| t.due <= now) {
+            if let Some(t) = heap.pop() {
+                let _ = ctx.jobs.send(t.job);
+            }
+        }
+        let wait = heap
+            .peek()
+            .map_or(Duration::from_millis(200), |t| t.due - now)
+            .min(Duration::from_millis(200));
+        match rx.recv_timeout(wait) {
+            Ok((delay, job)) => {
+                seq += 1;
+                heap.push(Timed {
+                    due: Instant::now() + delay,
+                    seq,
+                    job,
+                });
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(_) => return,
+        }
+        if ctx.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+fn worker(ctx: &Context, rx: Receiver<Job>) {
+    loop {
+        let job = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(j) => j,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if ctx.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => return,
+        };
+        if ctx.shutdown.load(Ordering::Acquire) {
+            // Left on disk: a claimed batch not yet moved is still under patients/, others
+            // are in batches/ with their state; the next start resumes them.
+            return;
+        }
+        match job {
+            Job::Claimed { key, records } => match batch::create(ctx, &key, records) {
+                Ok(id) => batch::process(ctx, &id),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not set a claimed batch aside; its files stay pending")
+                }
+            },
+            Job::Process { id } => batch::process(ctx, &id),
+            Job::Export { id } => batch::export(ctx, &id),
+            Job::Expire { key, records } => batch::expire(ctx, &key, records),
+        }
+    }
+}
+
+impl Context {
+    /// Schedules `job` after `delay` (the outbox's backoff).
+    fn retry_later(&self, delay: Duration, job: Job) {
+        let _ = self.later.send((delay, job));
+    }
+
+    /// The backoff before retry number `attempt` (1-based).
+    fn backoff(&self, attempt: u32) -> Duration {
+        let o = &self.config.outbox;
+        let d = o.first_delay_seconds * 2f64.powi(attempt.saturating_sub(1).min(30) as i32);
+        Duration::from_secs_f64(d.min(o.max_delay_seconds).max(0.0))
+    }
+}

@@ -1,0 +1,533 @@
+//! Sufficiency rules: the declarative `[[input]]` sections (Dicomnode's inputs).
+//!
+//! Owns: deciding which inputs accept one instance (from its top-level values, on the reactor,
+//! before anything is stored) and whether a batch [`Snapshot`] satisfies every input. Pure: no
+//! I/O, no clocks.
+//!
+//! Matching: `match` maps a tag keyword to a pattern or a list of patterns. A pattern matches the
+//! element's whole text value (padding removed), exactly and case-sensitively, with `*` for any
+//! run of characters and `?` for one. A leading `!` negates. A list holds when any of its
+//! positive patterns matches (or it has none) and none of its negated ones does. A missing
+//! element matches no positive pattern and every negated one. `required_tags` must be present
+//! with a non-empty value. Only elements with text VRs can be matched (checked at start-up).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dimse::scan::Scanned;
+use crate::patients::Snapshot;
+
+/// A pattern or a list of patterns (TOML string or array).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Patterns {
+    One(String),
+    Any(Vec<String>),
+}
+
+/// Where a series' expected size comes from, when a batch must hold whole series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Completeness {
+    /// Images in Acquisition (0020,1002).
+    ImagesInAcquisition,
+    /// Number of Slices (0054,0081).
+    NumberOfSlices,
+    /// The highest Instance Number (0020,0013) seen, as Orthanc does: complete when the count
+    /// reaches it.
+    InstanceNumber,
+}
+
+/// One `[[input]]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    pub name: String,
+    #[serde(default, rename = "match")]
+    pub matches: BTreeMap<String, Patterns>,
+    #[serde(default)]
+    pub required_tags: Vec<String>,
+    #[serde(default = "one")]
+    pub min_instances: u32,
+    #[serde(default)]
+    pub min_series: u32,
+    #[serde(default)]
+    pub max_series: Option<u32>,
+    #[serde(default)]
+    pub single_series: bool,
+    #[serde(default)]
+    pub single_study_date: bool,
+    #[serde(default)]
+    pub completeness: Option<Completeness>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl InputConfig {
+    /// The input used when the config has none: accepts every instance.
+    pub fn accept_all() -> InputConfig {
+        InputConfig {
+            name: "all".into(),
+            matches: BTreeMap::new(),
+            required_tags: Vec::new(),
+            min_instances: 1,
+            min_series: 0,
+            max_series: None,
+            single_series: false,
+            single_study_date: false,
+            completeness: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pattern {
+    negated: bool,
+    glob: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct Input {
+    config: InputConfig,
+    matches: Vec<(u32, Vec<Pattern>)>,
+    required: Vec<u32>,
+}
+
+/// The compiled rules.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    inputs: Vec<Input>,
+    /// Every tag the rules read, for the reactor's scan.
+    pub tags: Vec<u32>,
+}
+
+/// At most 64 inputs: an instance's accepting inputs are a bit set in a u64.
+pub const MAX_INPUTS: usize = 64;
+
+fn keyword_tag(keyword: &str) -> Result<(u32, bool), String> {
+    use dicom_core::dictionary::DataDictionary;
+    use dicom_core::VR;
+    let e = dicom_dictionary_std::StandardDataDictionary
+        .by_name(keyword)
+        .ok_or_else(|| format!("unknown tag keyword {keyword:?}"))?;
+    let tag = match e.tag {
+        dicom_core::dictionary::TagRange::Single(t) => t,
+        _ => return Err(format!("{keyword} names a tag range, not one tag")),
+    };
+    let text = matches!(
+        e.vr.relaxed(),
+        VR::AE
+            | VR::AS
+            | VR::CS
+            | VR::DA
+            | VR::DS
+            | VR::DT
+            | VR::IS
+            | VR::LO
+            | VR::LT
+            | VR::PN
+            | VR::SH
+            | VR::ST
+            | VR::TM
+            | VR::UC
+            | VR::UI
+            | VR::UR
+            | VR::UT
+    );
+    Ok(((tag.0 as u32) << 16 | tag.1 as u32, text))
+}
+
+fn glob_match(pat: &[u8], text: &[u8]) -> bool {
+    // Iterative wildcard match with single-star backtracking: O(len(pat) * len(text)) worst
+    // case, no recursion (values are bounded by the scan's MAX_VALUE_LEN).
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pat.len() && (pat[p] == b'?' || pat[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pat.len() && pat[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pat[p..].iter().all(|&b| b == b'*')
+}
+
+impl Rules {
+    /// Compiles `[[input]]` sections; none = one input accepting everything.
+    pub fn compile(inputs: &[InputConfig]) -> Result<Rules, String> {
+        let configs = if inputs.is_empty() {
+            vec![InputConfig::accept_all()]
+        } else {
+            inputs.to_vec()
+        };
+        if configs.len() > MAX_INPUTS {
+            return Err(format!("at most {MAX_INPUTS} [[input]] sections"));
+        }
+        let mut tags = Vec::new();
+        let mut compiled = Vec::new();
+        for (i, c) in configs.iter().enumerate() {
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(format!(
+                    "input name {:?}: use letters, digits, '-' and '_' (it names a folder)",
+                    c.name
+                ));
+            }
+            if configs[..i].iter().any(|o| o.name == c.name) {
+                return Err(format!("two inputs named {:?}", c.name));
+            }
+            if c.max_series.is_some_and(|m| m < c.min_series) {
+                return Err(format!("input {}: max_series < min_series", c.name));
+            }
+            let mut matches = Vec::new();
+            for (kw, pats) in &c.matches {
+                let (tag, text) = keyword_tag(kw).map_err(|e| format!("input {}: {e}", c.name))?;
+                if !text {
+                    return Err(format!(
+                        "input {}: {kw} is not a text element; only text values can be matched",
+                        c.name
+                    ));
+                }
+                let list = match pats {
+                    Patterns::One(p) => vec![p.clone()],
+                    Patterns::Any(v) => v.clone(),
+                };
+                let pats = list
+                    .iter()
+                    .map(|p| match p.strip_prefix('!') {
+                        Some(rest) => Pattern {
+                            negated: true,
+                            glob: rest.as_bytes().to_vec(),
+                        },
+                        None => Pattern {
+                            negated: false,
+                            glob: p.as_bytes().to_vec(),
+                        },
+                    })
+                    .collect();
+                tags.push(tag);
+                matches.push((tag, pats));
+            }
+            let mut required = Vec::new();
+            for kw in &c.required_tags {
+                let (tag, _) = keyword_tag(kw).map_err(|e| format!("input {}: {e}", c.name))?;
+                tags.push(tag);
+                required.push(tag);
+            }
+            compiled.push(Input {
+                config: c.clone(),
+                matches,
+                required,
+            });
+        }
+        tags.sort_unstable();
+        tags.dedup();
+        Ok(Rules {
+            inputs: compiled,
+            tags,
+        })
+    }
+
+    pub fn input_names(&self) -> impl Iterator<Item = &str> {
+        self.inputs.iter().map(|i| i.config.name.as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.inputs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty()
+    }
+
+    /// The inputs that accept an instance with these top-level values, as a bit set.
+    pub fn accepting(&self, values: &Scanned) -> u64 {
+        let mut bits = 0u64;
+        for (i, input) in self.inputs.iter().enumerate() {
+            let matched = input.matches.iter().all(|(tag, pats)| {
+                let v = values
+                    .raw(*tag)
+                    .map(|v| crate::dimse::trim_padding(v).trim_ascii_start());
+                let mut any_positive = false;
+                let mut positive_hit = false;
+                for p in pats {
+                    let hit = v.is_some_and(|v| glob_match(&p.glob, v));
+                    if p.negated {
+                        if hit {
+                            return false;
+                        }
+                    } else {
+                        any_positive = true;
+                        positive_hit |= hit;
+                    }
+                }
+                !any_positive || positive_hit
+            });
+            let present = input.required.iter().all(|t| {
+                values
+                    .raw(*t)
+                    .is_some_and(|v| !crate::dimse::trim_padding(v).is_empty())
+            });
+            if matched && present {
+                bits |= 1 << i;
+            }
+        }
+        bits
+    }
+
+    /// Whether `s` satisfies every input; `Err` names the first input that is not satisfied
+    /// and why (logged when a trigger finds a patient not yet sufficient).
+    pub fn sufficient(&self, s: &Snapshot) -> Result<(), String> {
+        for (i, input) in self.inputs.iter().enumerate() {
+            let c = &input.config;
+            let series: Vec<_> = s
+                .series
+                .iter()
+                .filter(|x| x.per_input.get(i).copied().unwrap_or(0) > 0)
+                .collect();
+            let count: u32 = series.iter().map(|x| x.per_input[i]).sum();
+            let why = |w: String| Err(format!("input {}: {w}", c.name));
+            if count < c.min_instances.max(1) {
+                return why(format!("{count} of {} instances", c.min_instances.max(1)));
+            }
+            let n = series.len() as u32;
+            if n < c.min_series {
+                return why(format!("{n} of {} series", c.min_series));
+            }
+            if let Some(max) = c.max_series {
+                if n > max {
+                    return why(format!("{n} series, at most {max} allowed"));
+                }
+            }
+            if c.single_series && n > 1 {
+                return why(format!("{n} series, one required"));
+            }
+            if c.single_study_date && s.study_dates.get(i).is_some_and(|d| d.len() > 1) {
+                return why("more than one study date".into());
+            }
+            if let Some(kind) = c.completeness {
+                for x in &series {
+                    let expected = match kind {
+                        Completeness::ImagesInAcquisition => x.images_in_acquisition,
+                        Completeness::NumberOfSlices => x.number_of_slices,
+                        Completeness::InstanceNumber => x.max_instance_number,
+                    };
+                    if expected == 0 || x.per_input[i] < expected {
+                        return why(format!(
+                            "series {} has {} of {} expected instances",
+                            x.series_uid.as_deref().unwrap_or("?"),
+                            x.per_input[i],
+                            if expected == 0 {
+                                "unknown".to_string()
+                            } else {
+                                expected.to_string()
+                            }
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::patients::{InstanceRecord, Snapshot};
+    use std::sync::Arc;
+
+    fn input(toml_text: &str) -> InputConfig {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    fn scanned(pairs: &[(u32, &str)]) -> Scanned {
+        // Build an explicit VR LE data set and scan it, so tests go through the real scanner.
+        let mut ds = Vec::new();
+        let mut sorted = pairs.to_vec();
+        sorted.sort();
+        for (tag, v) in sorted {
+            let mut v = v.as_bytes().to_vec();
+            if v.len() % 2 == 1 {
+                v.push(b' ');
+            }
+            ds.extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
+            ds.extend_from_slice(&(tag as u16).to_le_bytes());
+            ds.extend_from_slice(b"LO");
+            ds.extend_from_slice(&(v.len() as u16).to_le_bytes());
+            ds.extend_from_slice(&v);
+        }
+        let tags: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+        crate::dimse::scan::scan(
+            &ds,
+            crate::assoc::transfer_syntax::DatasetEncoding::ExplicitVrLittleEndian,
+            &tags,
+        )
+        .unwrap()
+    }
+
+    const MODALITY: u32 = 0x0008_0060;
+    const SERIES_DESCRIPTION: u32 = 0x0008_103E;
+    const BODY_PART: u32 = 0x0018_0015;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(b"CT", b"CT"));
+        assert!(!glob_match(b"CT", b"CTX"));
+        assert!(glob_match(b"C?", b"CT"));
+        assert!(glob_match(b"*", b""));
+        assert!(glob_match(b"AX*", b"AX 3mm"));
+        assert!(glob_match(b"*SCOUT*", b"a SCOUT b"));
+        assert!(!glob_match(b"*SCOUT*", b"a SCOU b"));
+        assert!(glob_match(b"a*b*c", b"aXbYbZc"));
+        assert!(!glob_match(b"a*b*c", b"aXbYbZ"));
+    }
+
+    #[test]
+    fn match_lists_negation_and_required_tags() {
+        let rules = Rules::compile(&[
+            input(
+                r#"name = "ct"
+                     match = { Modality = "CT", SeriesDescription = ["AX*", "COR*", "!*SCOUT*"] }"#,
+            ),
+            input(
+                r#"name = "not_mr"
+                     match = { Modality = "!MR" }
+                     required_tags = ["BodyPartExamined"]"#,
+            ),
+        ])
+        .unwrap();
+        assert_eq!(rules.tags, vec![MODALITY, SERIES_DESCRIPTION, BODY_PART]);
+        let a = scanned(&[(MODALITY, "CT"), (SERIES_DESCRIPTION, "AX 3mm")]);
+        assert_eq!(rules.accepting(&a), 0b01);
+        let b = scanned(&[
+            (MODALITY, "CT"),
+            (SERIES_DESCRIPTION, "AX SCOUT"),
+            (BODY_PART, "HEAD"),
+        ]);
+        assert_eq!(rules.accepting(&b), 0b10);
+        let c = scanned(&[(MODALITY, "MR"), (BODY_PART, "HEAD")]);
+        assert_eq!(rules.accepting(&c), 0);
+        // Missing element: no positive match, every negation holds.
+        let d = scanned(&[(BODY_PART, "HEAD")]);
+        assert_eq!(rules.accepting(&d), 0b10);
+        // Required tag present but empty.
+        let e = scanned(&[(MODALITY, "CT"), (BODY_PART, "")]);
+        assert_eq!(rules.accepting(&e), 0);
+    }
+
+    #[test]
+    fn config_errors() {
+        assert!(Rules::compile(&[input(
+            r#"name = "x"
+            match = { NoSuchKeyword = "1" }"#
+        )])
+        .unwrap_err()
+        .contains("unknown tag keyword"));
+        assert!(Rules::compile(&[input(
+            r#"name = "x"
+            match = { Rows = "1" }"#
+        )])
+        .unwrap_err()
+        .contains("not a text element"));
+        assert!(Rules::compile(&[input(r#"name = "../x""#)]).is_err());
+        assert!(Rules::compile(&[input(r#"name = "a""#), input(r#"name = "a""#)]).is_err());
+    }
+
+    fn rec(series: &str, date: &str, inputs: u64, number: u32, iia: u32) -> InstanceRecord {
+        InstanceRecord {
+            sop_instance_uid: "1".into(),
+            study_uid: Some("1.2".into()),
+            series_uid: Some(Arc::from(series)),
+            study_date: Some(Arc::from(date)),
+            path: Default::default(),
+            bytes: 1,
+            inputs,
+            instance_number: number,
+            images_in_acquisition: iia,
+            number_of_slices: 0,
+        }
+    }
+
+    #[test]
+    fn sufficiency() {
+        let rules = Rules::compile(&[input(
+            r#"name = "ct"
+               min_instances = 3
+               min_series = 1
+               max_series = 2
+               single_study_date = true"#,
+        )])
+        .unwrap();
+        let mut recs = vec![rec("1", "20260101", 1, 1, 0), rec("1", "20260101", 1, 2, 0)];
+        assert!(rules
+            .sufficient(&Snapshot::of(&recs))
+            .unwrap_err()
+            .contains("2 of 3"));
+        recs.push(rec("2", "20260101", 1, 1, 0));
+        assert!(rules.sufficient(&Snapshot::of(&recs)).is_ok());
+        // An instance the input does not accept does not count.
+        recs.push(rec("3", "20260101", 0, 1, 0));
+        assert!(rules.sufficient(&Snapshot::of(&recs)).is_ok());
+        recs.push(rec("3", "20260101", 1, 1, 0));
+        assert!(rules
+            .sufficient(&Snapshot::of(&recs))
+            .unwrap_err()
+            .contains("at most 2"));
+        recs.truncate(3);
+        recs.push(rec("2", "20260102", 1, 2, 0));
+        assert!(rules
+            .sufficient(&Snapshot::of(&recs))
+            .unwrap_err()
+            .contains("study date"));
+    }
+
+    #[test]
+    fn completeness_from_the_data() {
+        let by_number = Rules::compile(&[input(
+            r#"name = "s"
+               completeness = "instance_number""#,
+        )])
+        .unwrap();
+        let mut recs = vec![rec("1", "d", 1, 1, 0), rec("1", "d", 1, 3, 0)];
+        assert!(by_number.sufficient(&Snapshot::of(&recs)).is_err());
+        recs.push(rec("1", "d", 1, 2, 0));
+        assert!(by_number.sufficient(&Snapshot::of(&recs)).is_ok());
+        let by_iia = Rules::compile(&[input(
+            r#"name = "s"
+               completeness = "images_in_acquisition""#,
+        )])
+        .unwrap();
+        assert!(by_iia
+            .sufficient(&Snapshot::of(&recs))
+            .unwrap_err()
+            .contains("unknown"));
+        let recs = vec![rec("1", "d", 1, 1, 2), rec("1", "d", 1, 2, 2)];
+        assert!(by_iia.sufficient(&Snapshot::of(&recs)).is_ok());
+    }
+
+    #[test]
+    fn no_inputs_accepts_everything() {
+        let rules = Rules::compile(&[]).unwrap();
+        assert_eq!(rules.accepting(&scanned(&[(MODALITY, "XA")])), 1);
+        assert!(rules.sufficient(&Snapshot::default()).is_err());
+        assert!(rules
+            .sufficient(&Snapshot::of(&[rec("1", "d", 1, 0, 0)]))
+            .is_ok());
+    }
+}
