@@ -560,6 +560,24 @@ ae_title = "PACS"
         assert!(Config::from_toml("[patients]\ngroup_by = \"Nope\"\n").is_err());
     }
 
+    /// README.md's configuration block parses, and its values are the defaults (the one
+    /// `[[input]]` example aside), so the README cannot drift from the code.
+    #[test]
+    fn readme_config_block_is_the_defaults() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("## Configuration").unwrap();
+        let block = &readme[start..];
+        let block = &block[block.find("```toml").unwrap() + 7..];
+        let block = &block[..block.find("```").unwrap()];
+        let mut c = Config::from_toml(block).unwrap();
+        assert_eq!(c.inputs.len(), 1);
+        c.inputs.clear();
+        assert_eq!(
+            toml::to_string(&c).unwrap(),
+            toml::to_string(&Config::default()).unwrap()
+        );
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("14d"), Some(Duration::from_secs(14 * 86400)));

@@ -548,3 +548,116 @@ fn kill9_during_ingest_and_processing_loses_nothing_acknowledged() {
     );
     assert!(!node.data_dir.join("failed").exists());
 }
+
+/// Library users' processing: a Rust `Processor` given to `net::start_with` sees the batch
+/// split by input (an instance two inputs accept is in both folders).
+#[test]
+fn rust_processor_gets_the_batch_by_input() {
+    use dicomgate::pipeline::{BatchInfo, Processor};
+    use std::sync::{Arc, Mutex};
+    type Seen = Arc<Mutex<Vec<(String, Vec<(String, usize)>)>>>;
+    struct Record(Seen);
+    impl Processor for Record {
+        fn process(&self, b: &BatchInfo) -> Result<(), String> {
+            self.0.lock().unwrap().push((
+                b.patient_id.clone(),
+                b.inputs.iter().map(|(n, f)| (n.clone(), f.len())).collect(),
+            ));
+            for (_, files) in &b.inputs {
+                for f in files {
+                    std::fs::copy(f, b.output_dir.join(f.file_name().unwrap()))
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dicomgate::config::Config::from_toml(&format!(
+        "[node]\nae_title = \"DICOMGATE\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 1\n\
+         [[input]]\nname = \"ct\"\nmatch = {{ Modality = \"CT\" }}\nmin_instances = 3\n\
+         [[input]]\nname = \"first\"\nmatch = {{ InstanceNumber = \"1\" }}\n",
+        dir.path().join("data").display().to_string()
+    ))
+    .unwrap();
+    let seen: Seen = Default::default();
+    let node = dicomgate::net::start_with(config, Some(Arc::new(Record(seen.clone())))).unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let mut client = dicomgate::net::scu::Client::connect(
+        node.local_addr,
+        &scu_options("LIBRARY"),
+        &[ct_proposal_in(EXPLICIT_LE)],
+    )
+    .unwrap();
+    for i in 1..=3 {
+        let sop = format!("1.2.826.0.1.3680043.10.11.{i}");
+        let f = write_instance(
+            src.path(),
+            "LIB",
+            "1.2.826.0.1.3680043.10.11",
+            "1.2.826.0.1.3680043.10.11.0",
+            &sop,
+            i,
+        );
+        let (st, _) = client
+            .store(CT_IMAGE_STORAGE, &sop, EXPLICIT_LE, &data_set_of(&f))
+            .unwrap();
+        assert_eq!(st, 0);
+    }
+    client.release().unwrap();
+    let export = dir.path().join("data/export");
+    assert!(wait_until(30, || dcm_files(&export).len() == 3));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![(
+            "LIB".to_string(),
+            vec![("ct".to_string(), 3), ("first".to_string(), 1)]
+        )]
+    );
+    assert_eq!(
+        node.stats()
+            .processed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    node.shutdown();
+}
+
+/// A patient that never becomes sufficient is expired after `expire_after`: here moved aside.
+#[test]
+fn insufficient_patient_expires_and_is_moved_aside() {
+    let src = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            write_instance(
+                src.path(),
+                "NEVERENOUGH",
+                "1.2.826.0.1.3680043.10.12",
+                "1.2.826.0.1.3680043.10.12.1",
+                &format!("1.2.826.0.1.3680043.10.12.1.{i}"),
+                i + 1,
+            )
+        })
+        .collect();
+    let node = Node::start(
+        "[patients]\nexpire_after = \"1s\"\nexpire_action = \"move\"\n\
+         [[input]]\nname = \"ct\"\nmin_instances = 100\n\
+         [trigger]\nquiet_seconds = 0.3\ncheck_interval_ms = 100\n",
+    );
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let expired = node.data_dir.join("expired");
+    assert!(
+        wait_until(20, || dcm_files(&expired).len() == 2),
+        "{}",
+        node.log()
+    );
+    assert_eq!(pending_instances(&node), 0);
+    assert!(node.log().contains("patient expired"));
+    assert!(!node.data_dir.join("export").exists(), "never processed");
+}

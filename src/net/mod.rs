@@ -214,14 +214,15 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
             m.wake();
         }
     });
+    let pipeline_shutdown = Arc::new(AtomicBool::new(false));
     let (storage, mut threads) = Storage::start(
         config.node.data_dir.clone(),
         config.storage.workers,
         config.storage.queue_depth,
         config.storage.durability,
         done,
+        pipeline_shutdown.clone(),
     )?;
-    let pipeline_shutdown = Arc::new(AtomicBool::new(false));
     let (pipeline, pipeline_threads) =
         pipeline::start(&config, n, processor, pipeline_shutdown.clone())?;
     threads.extend(pipeline_threads);

@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -130,6 +130,7 @@ impl Storage {
         queue_depth: usize,
         durability: Durability,
         done: Arc<dyn Fn(StoreDone) + Send + Sync>,
+        stop: Arc<AtomicBool>,
     ) -> io::Result<(Storage, Vec<std::thread::JoinHandle<()>>)> {
         fs::create_dir_all(data_dir.join("patients"))?;
         recover(&data_dir)?;
@@ -141,10 +142,11 @@ impl Storage {
             let root = data_dir.clone();
             let done = done.clone();
             let seq = seq.clone();
+            let stop = stop.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("storage-{i}"))
-                    .spawn(move || worker(root, rx, durability, done, seq))?,
+                    .spawn(move || worker(root, rx, durability, done, seq, stop))?,
             );
         }
         Ok((Storage { tx }, handles))
@@ -205,9 +207,21 @@ fn worker(
     durability: Durability,
     done: Arc<dyn Fn(StoreDone) + Send + Sync>,
     seq: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
 ) {
     let mut batch: Vec<StoreJob> = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
+    loop {
+        // Exits once stopped and drained (the sender lives as long as the node's shared state).
+        let first = match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            Ok(j) => j,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {

@@ -1,0 +1,165 @@
+//! The patient map (issue 3): insert throughput from 1, 2 and 4 threads; insert cost against
+//! the size of the series it joins (5 vs 5,000 instances); one checker scan of 10,000 patients
+//! (view + sufficiency rules) while a writer keeps inserting.
+//!
+//! `cargo bench --bench patients`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dicomgate::patients::{InstanceRecord, PatientMap};
+use dicomgate::pipeline::rules::Rules;
+
+fn record(n: usize, series: &str) -> InstanceRecord {
+    InstanceRecord {
+        sop_instance_uid: format!("1.2.826.0.1.3680043.10.99.{n}").into(),
+        study_uid: Some("1.2.826.0.1.3680043.10.99".into()),
+        series_uid: Some(series.into()),
+        study_date: Some("20260101".into()),
+        path: PathBuf::from(format!("/data/patients/x/{n}.dcm")),
+        bytes: 500_000,
+        inputs: 1,
+        instance_number: n as u32,
+        images_in_acquisition: 0,
+        number_of_slices: 0,
+    }
+}
+
+fn insert_threads(c: &mut Criterion) {
+    let mut g = c.benchmark_group("map_insert");
+    let per_thread = 10_000;
+    for threads in [1usize, 2, 4] {
+        g.throughput(Throughput::Elements((threads * per_thread) as u64));
+        g.bench_with_input(
+            BenchmarkId::new("threads", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let map = Arc::new(PatientMap::new(4096));
+                        let barrier = Arc::new(Barrier::new(threads + 1));
+                        let handles: Vec<_> = (0..threads)
+                            .map(|t| {
+                                let map = map.clone();
+                                let barrier = barrier.clone();
+                                // 200 patients per thread, a series each, interleaved.
+                                let recs: Vec<_> = (0..per_thread)
+                                    .map(|i| (format!("P{t}-{}", i % 200), record(i, "1.2.3")))
+                                    .collect();
+                                std::thread::spawn(move || {
+                                    barrier.wait();
+                                    let g = map.pin();
+                                    for (k, r) in recs {
+                                        black_box(map.insert(k.as_bytes(), r, 0, &g));
+                                    }
+                                })
+                            })
+                            .collect();
+                        barrier.wait();
+                        let t0 = Instant::now();
+                        for h in handles {
+                            h.join().unwrap();
+                        }
+                        total += t0.elapsed();
+                    }
+                    total
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn insert_vs_series_size(c: &mut Criterion) {
+    let mut g = c.benchmark_group("insert_vs_series_size");
+    g.throughput(Throughput::Elements(1));
+    for size in [5usize, 5_000] {
+        g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, &size| {
+            b.iter_custom(|iters| {
+                // Chunks of 100 timed inserts, each after refilling a patient to `size`.
+                let mut total = Duration::ZERO;
+                let mut left = iters as usize;
+                while left > 0 {
+                    let n = left.min(100);
+                    left -= n;
+                    let map = PatientMap::new(64);
+                    let guard = map.pin();
+                    for i in 0..size {
+                        map.insert(b"P", record(i, "1.2.3"), 0, &guard);
+                    }
+                    let recs: Vec<_> = (0..n).map(|i| record(size + i, "1.2.3")).collect();
+                    let t0 = Instant::now();
+                    for r in recs {
+                        black_box(map.insert(b"P", r, 0, &guard));
+                    }
+                    total += t0.elapsed();
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+fn checker_scan(c: &mut Criterion) {
+    let mut g = c.benchmark_group("checker_scan");
+    let patients = 10_000;
+    let map = Arc::new(PatientMap::new(4096));
+    {
+        let guard = map.pin();
+        for p in 0..patients {
+            for i in 0..3 {
+                map.insert(
+                    format!("P{p}").as_bytes(),
+                    record(p * 3 + i, "1.2.3"),
+                    0,
+                    &guard,
+                );
+            }
+        }
+    }
+    let rules = Rules::compile(&[]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (map, stop) = (map.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                let g = map.pin();
+                map.insert(
+                    format!("P{}", n % patients).as_bytes(),
+                    record(n, "1.2.4"),
+                    0,
+                    &g,
+                );
+                n += 1;
+            }
+            n - 1_000_000
+        })
+    };
+    g.throughput(Throughput::Elements(patients as u64));
+    g.bench_function("10000_patients_while_inserting", |b| {
+        b.iter(|| {
+            let guard = map.pin();
+            let mut sufficient = 0;
+            for p in map.patients(&guard) {
+                let v = p.view(&guard);
+                sufficient += rules.sufficient(&v.snapshot).is_ok() as usize;
+            }
+            black_box(sufficient)
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    let inserted = writer.join().unwrap();
+    eprintln!("writer inserted {inserted} instances during the scans");
+    g.finish();
+}
+
+criterion_group!(benches, insert_threads, insert_vs_series_size, checker_scan);
+criterion_main!(benches);
