@@ -436,16 +436,11 @@ impl Patient {
     }
 
     /// An association that sent to this patient closed. Returns true when it was the last one
-    /// (trigger (a)): the patient is then flagged for evaluation.
+    /// (trigger (a); the caller flags the patient for evaluation if that trigger is on).
     pub fn association_closed(&self) -> bool {
-        let last = self
-            .open_associations
+        self.open_associations
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            == Ok(1);
-        if last {
-            self.request_evaluation();
-        }
-        last
+            == Ok(1)
     }
 
     pub fn request_evaluation(&self) {
@@ -750,9 +745,11 @@ mod tests {
         p.association_opened();
         p.association_opened();
         assert!(!p.association_closed());
-        assert!(!p.take_evaluation_request());
         assert!(p.association_closed());
+        assert!(!p.take_evaluation_request());
+        p.request_evaluation();
         assert!(p.take_evaluation_request());
+        assert!(!p.take_evaluation_request());
         // Never below zero.
         assert!(!p.association_closed());
     }

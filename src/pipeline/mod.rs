@@ -413,11 +413,9 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Receiver<()>) {
                     Event::Closed { association } => {
                         let mut rung = false;
                         for patient in touched.remove(&association).unwrap_or_default() {
-                            if patient.association_closed() && on_close && !rung {
+                            if patient.association_closed() && on_close {
+                                patient.request_evaluation();
                                 rung = true;
-                            }
-                            if !on_close {
-                                patient.take_evaluation_request();
                             }
                         }
                         if rung {
