@@ -32,10 +32,10 @@ TOML
 done
 
 p=$(port); mkdir -p "$work/dcmtk"
-TCP_NODELAY=1 /usr/bin/storescp -aet DICOMGATE -od "$work/dcmtk" "$p" >/dev/null 2>&1 &
+TCP_NODELAY=1 /usr/bin/storescp --fork -aet DICOMGATE -od "$work/dcmtk" "$p" >/dev/null 2>&1 &
 pid=$!; wait_port "$p"
 echo -n "DCMTK storescp: "; load "$p"
-kill $pid; wait $pid 2>/dev/null || true
+pkill -P $pid 2>/dev/null || true; kill $pid; wait $pid 2>/dev/null || true
 
 p=$(port); mkdir -p "$work/pynetdicom"
 python3 -m pynetdicom storescp -aet DICOMGATE -od "$work/pynetdicom" "$p" >/dev/null 2>&1 &

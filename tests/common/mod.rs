@@ -370,7 +370,7 @@ pub fn free_port() -> u16 {
 
 /// DCMTK storescp receiving into `dir` on `port` as `ae`, verbose (one "Association Received"
 /// line per association in `dir/../storescp-<port>.log`).
-pub fn storescp(dir: &Path, port: u16, ae: &str) -> Child {
+pub fn storescp(dir: &Path, port: u16, ae: &str) -> KillOnDrop {
     std::fs::create_dir_all(dir).unwrap();
     let log = std::fs::File::create(dir.with_extension("log")).unwrap();
     dcmtk("storescp")
@@ -380,5 +380,25 @@ pub fn storescp(dir: &Path, port: u16, ae: &str) -> Child {
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
+        .map(KillOnDrop)
         .unwrap()
+}
+
+/// A child process killed when the test ends, whether it passed or panicked.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.0.kill()
+    }
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
