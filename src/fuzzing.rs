@@ -271,6 +271,104 @@ pub fn tag_scan(data: &[u8]) {
     }
 }
 
+/// Standard VRs and whether their explicit-VR length field is 4 bytes (PS3.5 §7.1.2).
+fn explicit_vr_long(vr: [u8; 2]) -> Option<bool> {
+    match &vr {
+        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR"
+        | b"UT" | b"UV" => Some(true),
+        b"AE" | b"AS" | b"AT" | b"CS" | b"DA" | b"DS" | b"DT" | b"FD" | b"FL" | b"IS" | b"LO"
+        | b"LT" | b"PN" | b"SH" | b"SL" | b"SS" | b"ST" | b"TM" | b"UI" | b"UL" | b"US" => {
+            Some(false)
+        }
+        _ => None,
+    }
+}
+
+/// Differential test of the routing scan against a reference reader (dicom-rs in the fuzz
+/// target and its test; the library does not depend on it). `reference(data, tags)` returns its
+/// text value of each tag. Returns how many values were compared.
+///
+/// Only inputs where the comparison is fair and safe reach the reference: explicit VR little
+/// endian, a flat data set (no sequences, items or undefined lengths) of standard VRs whose every
+/// length lies within the input, at most 64 KiB. Under those conditions the reference cannot be
+/// made to allocate by a declared length or to recurse (the hazards of a full parse on untrusted
+/// bytes), and both readers see the same elements. Compared: routing tags that occur once, with
+/// a text VR, whose value is printable ASCII without a backslash; both sides' values lose their
+/// padding the same way (trailing spaces and NULs, leading spaces).
+pub fn tag_scan_differential(
+    data: &[u8],
+    reference: impl FnOnce(&[u8], &[u32]) -> Option<Vec<Option<String>>>,
+) -> usize {
+    use crate::assoc::DatasetEncoding;
+    use crate::dimse::{scan, tags, trim_padding};
+    if data.len() > 64 * 1024 {
+        return 0;
+    }
+    // Our own flat walk: every header, VR known, every length within the input.
+    let mut pos = 0;
+    let mut seen: Vec<(u32, [u8; 2], &[u8])> = Vec::new();
+    while pos < data.len() {
+        let Some(h) = data.get(pos..pos + 8) else {
+            return 0;
+        };
+        let tag = (u16::from_le_bytes([h[0], h[1]]) as u32) << 16
+            | u16::from_le_bytes([h[2], h[3]]) as u32;
+        let vr = [h[4], h[5]];
+        if tag >> 16 == 0xFFFE || &vr == b"SQ" || &vr == b"UN" {
+            return 0;
+        }
+        let (len, hdr) = match explicit_vr_long(vr) {
+            None => return 0,
+            Some(true) => {
+                let Some(l) = data.get(pos + 8..pos + 12) else {
+                    return 0;
+                };
+                (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
+            }
+            Some(false) => (u16::from_le_bytes([h[6], h[7]]) as usize, 8),
+        };
+        let Some(v) = data.get(pos + hdr..pos + hdr + len) else {
+            return 0;
+        };
+        seen.push((tag, vr, v));
+        pos += hdr + len;
+    }
+    let Ok(ours) = scan::scan(data, DatasetEncoding::ExplicitVrLittleEndian, tags::ROUTING) else {
+        return 0;
+    };
+    let text_vr =
+        |vr: &[u8; 2]| matches!(vr, b"AE" | b"CS" | b"LO" | b"PN" | b"SH" | b"UI" | b"DA");
+    let comparable: Vec<(u32, &[u8])> = tags::ROUTING
+        .iter()
+        .filter_map(|&t| {
+            let mut it = seen.iter().filter(|(tag, _, _)| *tag == t);
+            let (_, vr, v) = it.next()?;
+            (it.next().is_none()
+                && text_vr(vr)
+                && v.iter().all(|&b| (0x20..0x7F).contains(&b) || b == 0)
+                && !v.contains(&b'\\'))
+            .then_some((t, *v))
+        })
+        .collect();
+    if comparable.is_empty() {
+        return 0;
+    }
+    let wanted: Vec<u32> = comparable.iter().map(|(t, _)| *t).collect();
+    let Some(theirs) = reference(data, &wanted) else {
+        return 0;
+    };
+    let norm = |s: &[u8]| -> Vec<u8> { trim_padding(s).trim_ascii_start().to_vec() };
+    for ((tag, _), their) in comparable.iter().zip(theirs) {
+        let mine = ours.raw(*tag).map(norm);
+        let their = their.map(|s| norm(s.as_bytes()));
+        assert_eq!(
+            mine, their,
+            "tag {tag:08X}: our scan and the reference reader disagree"
+        );
+    }
+    comparable.len()
+}
+
 /// PDVs from fuzz bytes into the assembler: never panics, never holds more than the bounds.
 pub fn dimse_message(data: &[u8]) {
     use crate::dimse::{command, Assembler};
