@@ -50,6 +50,61 @@ fn dcm_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// One association sending `files`: DCMTK storescu, or pynetdicom (which prints "STATUS FILE"
+/// per instance on stdout).
+fn send(dcmtk_peer: bool, port: &str, files: &[PathBuf]) -> std::process::Child {
+    let mut c = if dcmtk_peer {
+        let mut c = dcmtk("storescu");
+        c.args(["-aec", "DICOMGATE", "127.0.0.1", port]);
+        c
+    } else {
+        let mut c = python();
+        c.arg(py_script("send.py")).args([port, "DICOMGATE"]);
+        c
+    };
+    c.args(files)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a sender; it must succeed, and a pynetdicom one must report success for each file.
+fn sent_ok(c: std::process::Child) {
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().all(|l| l.starts_with("0 ")), "{text}");
+}
+
+/// `n` instances of one series, SOP Instance UIDs `<series>.<first + i>`, Instance Numbers from
+/// `first + 1`.
+fn series(
+    dir: &Path,
+    patient: &str,
+    study: &str,
+    series: &str,
+    first: usize,
+    n: usize,
+) -> Vec<PathBuf> {
+    (first..first + n)
+        .map(|i| {
+            write_instance(
+                dir,
+                patient,
+                study,
+                series,
+                &format!("{series}.{i}"),
+                i as u32 + 1,
+            )
+        })
+        .collect()
+}
+
 fn pending_instances(node: &Node) -> usize {
     dcm_files(&node.data_dir.join("patients")).len()
 }
@@ -101,38 +156,12 @@ fn twenty_associations_interleaved_patients_processed_exactly_once() {
         processing(tmp.path(), &log, 0.0)
     ));
     let port = node.port();
-    let mut children = Vec::new();
-    for (a, files) in per_assoc.iter().enumerate() {
-        let child = if a % 2 == 0 {
-            dcmtk("storescu")
-                .args(["-aec", "DICOMGATE", "127.0.0.1", &port])
-                .args(files)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        } else {
-            python()
-                .arg(py_script("send.py"))
-                .args([port.as_str(), "DICOMGATE"])
-                .args(files)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        };
-        children.push(child);
-    }
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.lines().all(|l| l.starts_with("0 ")), "{text}");
-    }
+    let children: Vec<_> = per_assoc
+        .iter()
+        .enumerate()
+        .map(|(a, files)| send(a % 2 == 0, &port, files))
+        .collect();
+    children.into_iter().for_each(sent_ok);
     let total = associations * series_per * per_series;
     let export = node.data_dir.join("export");
     assert!(
@@ -174,18 +203,8 @@ fn six_associations_one_series_one_run_one_outgoing_association() {
     let src = tempfile::tempdir().unwrap();
     let files: Vec<Vec<PathBuf>> = (0..6)
         .map(|a| {
-            (0..5)
-                .map(|i| {
-                    write_instance(
-                        src.path(),
-                        "SIXPACK",
-                        "1.2.826.0.1.3680043.10.9",
-                        "1.2.826.0.1.3680043.10.9.1",
-                        &format!("1.2.826.0.1.3680043.10.9.1.{a}.{i}"),
-                        (a * 5 + i + 1) as u32,
-                    )
-                })
-                .collect()
+            let (study, uid) = ("1.2.826.0.1.3680043.10.9", "1.2.826.0.1.3680043.10.9.1");
+            series(src.path(), "SIXPACK", study, uid, a * 5, 5)
         })
         .collect();
     let tmp = tempfile::tempdir().unwrap();
@@ -203,28 +222,9 @@ fn six_associations_one_series_one_run_one_outgoing_association() {
     let children: Vec<_> = files
         .iter()
         .enumerate()
-        .map(|(a, f)| {
-            if a % 2 == 0 {
-                dcmtk("storescu")
-                    .args(["-aec", "DICOMGATE", "127.0.0.1", &port])
-                    .args(f)
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap()
-            } else {
-                python()
-                    .arg(py_script("send.py"))
-                    .args([port.as_str(), "DICOMGATE"])
-                    .args(f)
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .unwrap()
-            }
-        })
+        .map(|(a, f)| send(a % 2 == 0, &port, f))
         .collect();
-    for mut c in children {
-        assert!(c.wait().unwrap().success());
-    }
+    children.into_iter().for_each(sent_ok);
     let received = || files_under(&pacs_dir); // storescp names files CT.<uid>
     assert!(
         wait_until(60, || received().len() == 30),
@@ -258,20 +258,8 @@ fn six_associations_one_series_one_run_one_outgoing_association() {
 #[test]
 fn split_patient_processed_once_when_the_last_association_closes() {
     let src = tempfile::tempdir().unwrap();
-    let mk = |tag: &str, n: usize| -> Vec<PathBuf> {
-        (0..n)
-            .map(|i| {
-                write_instance(
-                    src.path(),
-                    "SPLIT",
-                    "1.2.826.0.1.3680043.10.7",
-                    &format!("1.2.826.0.1.3680043.10.7.{tag}"),
-                    &format!("1.2.826.0.1.3680043.10.7.{tag}.{i}"),
-                    i as u32 + 1,
-                )
-            })
-            .collect()
-    };
+    let (study, prefix) = ("1.2.826.0.1.3680043.10.7", "1.2.826.0.1.3680043.10.7");
+    let mk = |tag: &str, n| series(src.path(), "SPLIT", study, &format!("{prefix}.{tag}"), 0, n);
     let long = mk("1", 10);
     let short = mk("2", 5);
     let tmp = tempfile::tempdir().unwrap();
@@ -326,18 +314,14 @@ fn split_patient_processed_once_when_the_last_association_closes() {
 #[test]
 fn export_retries_until_a_late_downstream_comes_up() {
     let src = tempfile::tempdir().unwrap();
-    let files: Vec<PathBuf> = (0..5)
-        .map(|i| {
-            write_instance(
-                src.path(),
-                "LATE",
-                "1.2.826.0.1.3680043.10.8",
-                "1.2.826.0.1.3680043.10.8.1",
-                &format!("1.2.826.0.1.3680043.10.8.1.{i}"),
-                i + 1,
-            )
-        })
-        .collect();
+    let files = series(
+        src.path(),
+        "LATE",
+        "1.2.826.0.1.3680043.10.8",
+        "1.2.826.0.1.3680043.10.8.1",
+        0,
+        5,
+    );
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("runs.log");
     let pacs_port = free_port();
@@ -383,18 +367,14 @@ fn export_retries_until_a_late_downstream_comes_up() {
 #[test]
 fn failed_processing_moves_the_batch_to_failed_with_a_reason() {
     let src = tempfile::tempdir().unwrap();
-    let files: Vec<PathBuf> = (0..3)
-        .map(|i| {
-            write_instance(
-                src.path(),
-                "BROKEN",
-                "1.2.826.0.1.3680043.10.6",
-                "1.2.826.0.1.3680043.10.6.1",
-                &format!("1.2.826.0.1.3680043.10.6.1.{i}"),
-                i + 1,
-            )
-        })
-        .collect();
+    let files = series(
+        src.path(),
+        "BROKEN",
+        "1.2.826.0.1.3680043.10.6",
+        "1.2.826.0.1.3680043.10.6.1",
+        0,
+        3,
+    );
     let node = Node::start(
         "[trigger]\nquiet_seconds = 0\n\
          [processing]\ncommand = [\"sh\", \"-c\", \"echo bad input >&2; exit 7\"]\nattempts = 2\n\
@@ -628,18 +608,14 @@ fn rust_processor_gets_the_batch_by_input() {
 #[test]
 fn insufficient_patient_expires_and_is_moved_aside() {
     let src = tempfile::tempdir().unwrap();
-    let files: Vec<PathBuf> = (0..2)
-        .map(|i| {
-            write_instance(
-                src.path(),
-                "NEVERENOUGH",
-                "1.2.826.0.1.3680043.10.12",
-                "1.2.826.0.1.3680043.10.12.1",
-                &format!("1.2.826.0.1.3680043.10.12.1.{i}"),
-                i + 1,
-            )
-        })
-        .collect();
+    let files = series(
+        src.path(),
+        "NEVERENOUGH",
+        "1.2.826.0.1.3680043.10.12",
+        "1.2.826.0.1.3680043.10.12.1",
+        0,
+        2,
+    );
     let node = Node::start(
         "[patients]\nexpire_after = \"1s\"\nexpire_action = \"move\"\n\
          [[input]]\nname = \"ct\"\nmin_instances = 100\n\
