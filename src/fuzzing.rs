@@ -290,7 +290,7 @@ fn explicit_vr_long(vr: [u8; 2]) -> Option<bool> {
 ///
 /// Only inputs where the comparison is fair and safe reach the reference: explicit VR little
 /// endian, a flat data set (no sequences, items or undefined lengths) of standard VRs whose every
-/// length lies within the input, at most 64 KiB. Under those conditions the reference cannot be
+/// length lies within the input and is a whole number of values, at most 64 KiB. Under those conditions the reference cannot be
 /// made to allocate by a declared length or to recurse (the hazards of a full parse on untrusted
 /// bytes), and both readers see the same elements. Compared: routing tags that occur once, with
 /// a text VR, whose value is printable ASCII without a backslash; both sides' values lose their
@@ -330,6 +330,19 @@ pub fn tag_scan_differential(
         let Some(v) = data.get(pos + hdr..pos + hdr + len) else {
             return 0;
         };
+        // A binary value whose length is not a whole number of values desynchronises dicom-rs
+        // 0.10.1 (it reads the whole values and goes on 1-7 bytes early), after which it reads a
+        // length from value bytes and allocates it: 775 MB for a 294-byte input (the fuzzer's
+        // first finding; regression test `odd_binary_length_never_reaches_the_reference`).
+        let unit = match &vr {
+            b"OW" | b"US" | b"SS" => 2,
+            b"AT" | b"FL" | b"OF" | b"OL" | b"SL" | b"UL" => 4,
+            b"FD" | b"OD" | b"OV" | b"SV" | b"UV" => 8,
+            _ => 1,
+        };
+        if len % unit != 0 {
+            return 0;
+        }
         seen.push((tag, vr, v));
         pos += hdr + len;
     }

@@ -67,3 +67,26 @@ fn unsafe_inputs_never_reach_the_reference() {
         assert_eq!(n, 0);
     }
 }
+
+/// The differential fuzzer's first finding (not in our scan: in the reference). An UL element
+/// with a 26-byte value desynchronises dicom-rs 0.10.1, which then reads a length from value
+/// bytes and allocates 775 MB for this 294-byte input. Our scan reads it within bounds; the
+/// differential must keep such inputs away from the reference.
+#[test]
+fn odd_binary_length_never_reaches_the_reference() {
+    let d = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/vectors/diff_ul_value_26_bytes.bin"
+    ))
+    .unwrap();
+    assert!(dicomgate::dimse::scan::scan(
+        &d,
+        dicomgate::assoc::DatasetEncoding::ExplicitVrLittleEndian,
+        dicomgate::dimse::tags::ROUTING
+    )
+    .is_ok());
+    let n = dicomgate::fuzzing::tag_scan_differential(&d, |_, _| {
+        panic!("the reference must not see this input")
+    });
+    assert_eq!(n, 0);
+}
