@@ -33,6 +33,8 @@ pub mod config;
 #[cfg(not(dicomgate_loom))]
 pub mod dimse;
 #[cfg(not(dicomgate_loom))]
+pub mod doorbell;
+#[cfg(not(dicomgate_loom))]
 pub mod fuzzing;
 #[cfg(not(dicomgate_loom))]
 pub mod net;
@@ -41,5 +43,7 @@ pub mod patients;
 pub mod pipeline;
 #[cfg(not(dicomgate_loom))]
 pub mod storage;
+#[cfg(not(dicomgate_loom))]
+pub mod synth;
 #[cfg(not(dicomgate_loom))]
 pub mod ul;

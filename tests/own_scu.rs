@@ -283,3 +283,53 @@ fn association_limits_reject_with_local_limit_exceeded() {
         }
     }
 }
+
+/// An asynchronous operations window (PS3.7 D.3.3.3): the node grants what was asked up to its
+/// `max_operations_performed`, answers every outstanding C-STORE, and each answer names its
+/// request. DCMTK's storescp grants no window; the requestor then falls back to one at a time.
+#[test]
+fn operations_window_is_granted_and_pipelined_stores_are_all_answered() {
+    let node = Node::start("[limits]\nmax_operations_performed = 4\n");
+    let mut c =
+        Client::connect_windowed(node.addr.to_string(), &opts(), &[ct_proposal()], 8).unwrap();
+    assert_eq!(c.operations_window, 4, "granted min(asked 8, node's 4)");
+    let sets: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            let sop = format!("1.2.826.0.1.3680043.10.1.{i}");
+            let ds = dataset("WIN", "1.2.3", "1.2.3.4", &sop, 64);
+            (sop, ds)
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for (sop, ds) in &sets {
+        ids.push(
+            c.send_store(CT_IMAGE_STORAGE, sop, EXPLICIT_LE, ds)
+                .unwrap(),
+        );
+    }
+    let mut answered = Vec::new();
+    for _ in 0..4 {
+        let (id, status, comment) = c.receive_response().unwrap();
+        assert_eq!(status, 0, "{comment:?}");
+        answered.push(id);
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, ids);
+    c.release().unwrap();
+    for (sop, ds) in &sets {
+        let f = stored_instance(&node, sop).expect("stored");
+        assert_eq!(&data_set_of(&f), ds);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _scp = storescp(dir.path(), port, "DICOMGATE");
+    assert!(wait_until(10, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    let c = Client::connect_windowed(("127.0.0.1", port), &opts(), &[ct_proposal()], 8).unwrap();
+    assert_eq!(c.operations_window, 1, "storescp ignores the proposal");
+    c.release().unwrap();
+}

@@ -275,7 +275,13 @@ impl Reactor<'_> {
     }
 
     fn push_event(&mut self, ev: PipelineEvent) {
-        self.rung = true;
+        // A close rings at once (it may trigger processing); instances ring once a backlog
+        // builds, else the ingest thread's sweep takes them (pipeline::RING_AT).
+        if matches!(ev, PipelineEvent::Closed { .. })
+            || self.shared.pipeline.backlog(self.id) >= crate::pipeline::RING_AT
+        {
+            self.rung = true;
+        }
         if !self.overflow.is_empty() {
             self.overflow.push_back(ev);
         } else if let Err(ev) = self.shared.pipeline.push(self.id, ev) {

@@ -95,6 +95,9 @@ pub struct Client {
     pub peer_max_pdu: u32,
     max_pdu: u32,
     message_id: u16,
+    /// Operations we may have outstanding at once (PS3.7 D.3.3.3): 1 unless an asynchronous
+    /// operations window was proposed and granted.
+    pub operations_window: u16,
 }
 
 impl Client {
@@ -103,6 +106,19 @@ impl Client {
         addr: impl ToSocketAddrs,
         opts: &ScuOptions,
         proposals: &[Proposal],
+    ) -> Result<Client, ScuError> {
+        Self::connect_windowed(addr, opts, proposals, 1)
+    }
+
+    /// As [`Client::connect`], proposing an asynchronous operations window of `window`
+    /// outstanding operations we invoke (PS3.7 D.3.3.3; not proposed when 1). The granted size
+    /// is in [`Client::operations_window`]: 1 when the acceptor ignores the proposal, as
+    /// PS3.7 allows.
+    pub fn connect_windowed(
+        addr: impl ToSocketAddrs,
+        opts: &ScuOptions,
+        proposals: &[Proposal],
+        window: u16,
     ) -> Result<Client, ScuError> {
         let addr: SocketAddr = addr
             .to_socket_addrs()?
@@ -128,6 +144,7 @@ impl Client {
             peer_max_pdu: 0,
             max_pdu: opts.max_pdu_length,
             message_id: 0,
+            operations_window: 1,
         };
         let items = proposals.iter().take(128).enumerate().map(|(i, p)| {
             Item::PresentationContextRq(PresentationContextRq {
@@ -139,11 +156,21 @@ impl Client {
         });
         let mut all = vec![Item::ApplicationContext(DICOM_APPLICATION_CONTEXT)];
         all.extend(items);
-        all.push(Item::UserInformation(vec![
+        let mut user = vec![
             SubItem::MaximumLength(opts.max_pdu_length),
             SubItem::ImplementationClassUid(IMPLEMENTATION_CLASS_UID.as_bytes()),
-            SubItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.as_bytes()),
-        ]));
+        ];
+        if window > 1 {
+            // PS3.7 D.3.3.3: we invoke up to `window`, and perform none of the peer's.
+            user.push(SubItem::AsynchronousOperationsWindow {
+                max_invoked: window,
+                max_performed: 1,
+            });
+        }
+        user.push(SubItem::ImplementationVersionName(
+            IMPLEMENTATION_VERSION_NAME.as_bytes(),
+        ));
+        all.push(Item::UserInformation(user));
         let rq = Pdu::AssociateRq(Associate {
             protocol_version: 1,
             called_ae: ae_title_field(&opts.called_ae),
@@ -161,6 +188,16 @@ impl Client {
             match c.assoc.handle_pdu(Instant::now(), pdu) {
                 Received::AssociateAc(ac_pdu) => {
                     c.peer_max_pdu = ac_pdu.maximum_length().unwrap_or(0);
+                    for sub in ac_pdu.user_information() {
+                        if let SubItem::AsynchronousOperationsWindow { max_invoked, .. } = sub {
+                            // 0 = unlimited (PS3.7 D.3.3.3.1): bounded by what we proposed.
+                            c.operations_window = match *max_invoked {
+                                0 => window,
+                                n => n.min(window),
+                            }
+                            .max(1);
+                        }
+                    }
                     for pc in ac_pdu.presentation_contexts_ac() {
                         if pc.result != PcResult::ACCEPTANCE {
                             continue;
@@ -314,6 +351,25 @@ impl Client {
         transfer_syntax_uid: &str,
         data_set: &[u8],
     ) -> Result<(u16, Option<String>), ScuError> {
+        self.send_store(
+            sop_class_uid,
+            sop_instance_uid,
+            transfer_syntax_uid,
+            data_set,
+        )?;
+        let (_, status, comment) = self.receive_response()?;
+        Ok((status, comment))
+    }
+
+    /// Sends a C-STORE-RQ without waiting for its response; returns its Message ID. With an
+    /// operations window, up to [`Client::operations_window`] may be outstanding.
+    pub fn send_store(
+        &mut self,
+        sop_class_uid: &str,
+        sop_instance_uid: &str,
+        transfer_syntax_uid: &str,
+        data_set: &[u8],
+    ) -> Result<u16, ScuError> {
         let pc = self
             .contexts
             .iter()
@@ -324,9 +380,10 @@ impl Client {
             .ok_or_else(|| {
                 ScuError::NoContext(format!("{sop_class_uid} in {transfer_syntax_uid}"))
             })?;
+        let message_id = self.next_message_id();
         let rq = CommandSet {
             command_field: command_field::C_STORE_RQ,
-            message_id: Some(self.next_message_id()),
+            message_id: Some(message_id),
             affected_sop_class_uid: Some(sop_class_uid.as_bytes().to_vec()),
             affected_sop_instance_uid: Some(sop_instance_uid.as_bytes().to_vec()),
             priority: Some(0),
@@ -334,12 +391,22 @@ impl Client {
             ..Default::default()
         };
         self.send_command(pc, &rq, Some(data_set))?;
+        Ok(message_id)
+    }
+
+    /// Waits for the next response; returns the Message ID it answers, its status and its error
+    /// comment.
+    pub fn receive_response(&mut self) -> Result<(u16, u16, Option<String>), ScuError> {
         let rsp = self.receive_message()?;
         let comment = rsp
             .command
             .error_comment
             .map(|c| String::from_utf8_lossy(&c).into_owned());
-        Ok((rsp.command.status.unwrap_or(0xFFFF), comment))
+        Ok((
+            rsp.command.message_id_being_responded_to.unwrap_or(0),
+            rsp.command.status.unwrap_or(0xFFFF),
+            comment,
+        ))
     }
 
     fn send_command(

@@ -22,8 +22,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_queue::ArrayQueue;
 use sha2::{Digest, Sha256};
+
+use crate::doorbell::Doorbell;
 
 pub use part10::FileMeta;
 
@@ -118,7 +120,14 @@ pub fn instance_path(root: &Path, job: &StoreJob) -> Option<PathBuf> {
 /// The storage service: worker threads fed by a bounded queue.
 #[derive(Debug, Clone)]
 pub struct Storage {
-    tx: Sender<StoreJob>,
+    queue: Arc<JobQueue>,
+}
+
+/// The bounded job queue the reactors fill and the workers drain.
+#[derive(Debug)]
+struct JobQueue {
+    jobs: ArrayQueue<StoreJob>,
+    bell: Doorbell,
 }
 
 impl Storage {
@@ -134,11 +143,18 @@ impl Storage {
     ) -> io::Result<(Storage, Vec<std::thread::JoinHandle<()>>)> {
         fs::create_dir_all(data_dir.join("patients"))?;
         recover(&data_dir)?;
-        let (tx, rx) = crossbeam_channel::bounded(queue_depth.max(1));
+        let anonymous = anonymous_files_work(&data_dir.join("patients"));
+        if !anonymous {
+            tracing::info!("O_TMPFILE + linkat unavailable here: writing named temporary files");
+        }
+        let queue = Arc::new(JobQueue {
+            jobs: ArrayQueue::new(queue_depth.max(1)),
+            bell: Doorbell::new(),
+        });
         let seq = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
         for i in 0..workers.max(1) {
-            let rx: Receiver<StoreJob> = rx.clone();
+            let rx = queue.clone();
             let root = data_dir.clone();
             let done = done.clone();
             let seq = seq.clone();
@@ -146,19 +162,19 @@ impl Storage {
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("storage-{i}"))
-                    .spawn(move || worker(root, rx, durability, done, seq, stop))?,
+                    .spawn(move || worker(root, rx, durability, anonymous, done, seq, stop))?,
             );
         }
-        Ok((Storage { tx }, handles))
+        Ok((Storage { queue }, handles))
     }
 
     /// Queues a job without blocking. A full queue hands the job back: the caller stops reading
     /// that peer until it can queue it (backpressure), it is never dropped.
     #[allow(clippy::result_large_err)] // the job comes back to be retried, not as an error value
     pub fn try_submit(&self, job: StoreJob) -> Result<(), StoreJob> {
-        self.tx.try_send(job).map_err(|e| match e {
-            TrySendError::Full(j) | TrySendError::Disconnected(j) => j,
-        })
+        self.queue.jobs.push(job)?;
+        self.queue.bell.ring();
+        Ok(())
     }
 }
 
@@ -203,33 +219,37 @@ const MAX_BATCH: usize = 256;
 
 fn worker(
     root: PathBuf,
-    rx: Receiver<StoreJob>,
+    rx: Arc<JobQueue>,
     durability: Durability,
+    anonymous: bool,
     done: Arc<dyn Fn(StoreDone) + Send + Sync>,
     seq: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) {
     let mut batch: Vec<StoreJob> = Vec::with_capacity(MAX_BATCH);
+    let pid = std::process::id();
     loop {
-        // Exits once stopped and drained (the sender lives as long as the node's shared state).
-        let first = match rx.recv_timeout(std::time::Duration::from_millis(100)) {
-            Ok(j) => j,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if stop.load(Ordering::Acquire) {
-                    return;
-                }
-                continue;
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-        };
-        batch.push(first);
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
+            match rx.jobs.pop() {
+                Some(j) => batch.push(j),
+                None => break,
             }
         }
-        commit(&root, batch.drain(..), durability, &*done, &seq);
+        if batch.is_empty() {
+            // Exits once stopped and drained.
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            rx.bell.wait(std::time::Duration::from_millis(100), || {
+                !rx.jobs.is_empty()
+            });
+            continue;
+        }
+        if !rx.jobs.is_empty() {
+            rx.bell.ring(); // more than one batch waiting: another worker takes the rest
+        }
+        let files = FileMode { pid, anonymous };
+        commit(&root, batch.drain(..), durability, &*done, &seq, files);
     }
 }
 
@@ -239,10 +259,11 @@ fn commit(
     durability: Durability,
     done: &(dyn Fn(StoreDone) + Send + Sync),
     seq: &AtomicU64,
+    files: FileMode,
 ) {
     let mut dirty_dirs = BTreeSet::new();
     let mut pending: Vec<Pending> = jobs
-        .map(|job| write_temp(root, job, seq, &mut dirty_dirs))
+        .map(|job| write_temp(root, job, seq, files, &mut dirty_dirs))
         .collect();
     // Flush file contents (and new directory entries of created directories).
     let flush_err = match durability {
@@ -258,11 +279,16 @@ fn commit(
         Durability::None => None,
     };
     for p in pending.iter_mut().filter(|p| p.error.is_none()) {
-        p.file = None;
+        let file = p.file.take();
         if let Some(e) = &flush_err {
             p.error = Some(format!("flush failed: {e}"));
         } else {
-            match place(&p.tmp, &p.dest) {
+            let placed = match &file {
+                Some(f) if files.anonymous => place_anonymous(f, &p.tmp, &p.dest),
+                _ => place(&p.tmp, &p.dest),
+            };
+            drop(file);
+            match placed {
                 Err(e) => p.error = Some(format!("rename failed: {e}")),
                 Ok(new) => {
                     p.new = new;
@@ -375,12 +401,75 @@ fn ensure_dir(root: &Path, dir: &Path, dirty: &mut BTreeSet<PathBuf>) -> io::Res
     Ok(())
 }
 
+/// How a worker creates its files.
+#[derive(Debug, Clone, Copy)]
+struct FileMode {
+    /// Part of every temporary name, so two nodes on one directory cannot collide.
+    pid: u32,
+    /// Files are born anonymous (O_TMPFILE) and linked under their final name.
+    anonymous: bool,
+}
+
+/// Whether this file system gives us anonymous files (O_TMPFILE, Linux ≥ 3.11 on ext4, xfs,
+/// btrfs, tmpfs) that `linkat` through /proc/self/fd can name: one directory entry per instance
+/// instead of a temporary entry renamed over the final one, and nothing left behind by a crash.
+fn anonymous_files_work(dir: &Path) -> bool {
+    let probe = dir.join(format!(".probe.{}.tmp", std::process::id()));
+    let ok = open_anonymous(dir)
+        .and_then(|f| {
+            link_fd(&f, &probe)?;
+            Ok(())
+        })
+        .is_ok();
+    let _ = fs::remove_file(&probe);
+    ok
+}
+
+fn open_anonymous(dir: &Path) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o666),
+    )?;
+    Ok(File::from(fd))
+}
+
+/// Gives an anonymous file the name `dest`; fails with `AlreadyExists` if it is taken.
+fn link_fd(f: &File, dest: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let proc_path = format!("/proc/self/fd/{}", f.as_raw_fd());
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc_path.as_str(),
+        rustix::fs::CWD,
+        dest,
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )?;
+    Ok(())
+}
+
+/// [`place`] for an anonymous file: linked straight under `dest` when that is free (the usual
+/// case, decided atomically by `linkat`); otherwise linked as `tmp` and swapped in by `place`.
+fn place_anonymous(f: &File, tmp: &Path, dest: &Path) -> io::Result<bool> {
+    match link_fd(f, dest) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            link_fd(f, tmp)?;
+            place(tmp, dest)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn write_temp(
     root: &Path,
     job: StoreJob,
     seq: &AtomicU64,
+    files: FileMode,
     dirty: &mut BTreeSet<PathBuf>,
 ) -> Pending {
+    let pid = files.pid;
     let mut p = Pending {
         tmp: PathBuf::new(),
         dest: PathBuf::new(),
@@ -405,25 +494,33 @@ fn write_temp(
         return p;
     };
     let n = seq.fetch_add(1, Ordering::Relaxed);
-    p.tmp = series_dir.join(format!(
-        ".{}.{}.{n}.tmp",
-        p.job.meta.sop_instance_uid,
-        std::process::id()
-    ));
+    p.tmp = series_dir.join(format!(".{}.{pid}.{n}.tmp", p.job.meta.sop_instance_uid));
     p.dest = dest;
     let r = (|| -> io::Result<(File, u64)> {
-        let new_patient = !patient_dir.is_dir();
-        ensure_dir(root, &series_dir, dirty)?;
-        if new_patient || !patient_dir.join("patient-id").exists() {
-            write_patient_index(&patient_dir, &p.job.patient_id, n, dirty)?;
-        }
+        let create = || {
+            if files.anonymous {
+                open_anonymous(&series_dir)
+            } else {
+                OpenOptions::new().write(true).create_new(true).open(&p.tmp)
+            }
+        };
+        // Optimistic: the series directory usually exists (no stat per instance). A missing one
+        // is created, patient directory and its `patient-id` first, so an existing series
+        // directory implies an existing `patient-id`.
+        let mut f = match create() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let new_patient = !patient_dir.is_dir();
+                ensure_dir(root, &patient_dir, dirty)?;
+                if new_patient || !patient_dir.join("patient-id").exists() {
+                    write_patient_index(&patient_dir, &p.job.patient_id, n, pid, dirty)?;
+                }
+                ensure_dir(root, &series_dir, dirty)?;
+                create()?
+            }
+            r => r?,
+        };
         let header = part10::header(&p.job.meta);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p.tmp)?;
-        f.write_all(&header)?;
-        f.write_all(&p.job.data_set)?;
+        write_all_vectored(&mut f, &header, &p.job.data_set)?;
         Ok((f, (header.len() + p.job.data_set.len()) as u64))
     })();
     match r {
@@ -439,6 +536,22 @@ fn write_temp(
     p
 }
 
+/// Writes the Part-10 header and the data set with as few `writev` calls as the kernel allows
+/// (one, for a regular file), instead of one write each.
+fn write_all_vectored(f: &mut File, header: &[u8], data_set: &[u8]) -> io::Result<()> {
+    let mut bufs = [io::IoSlice::new(header), io::IoSlice::new(data_set)];
+    let mut slices: &mut [io::IoSlice<'_>] = &mut bufs;
+    while !slices.is_empty() {
+        match f.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// `patient-id` holds the raw Patient ID, so the digest directory can be mapped back. Two workers
 /// may write it at once for a new patient: each uses its own temporary name (`seq` is unique per
 /// write) and the renames replace each other with identical content.
@@ -446,9 +559,10 @@ fn write_patient_index(
     dir: &Path,
     id: &[u8],
     seq: u64,
+    pid: u32,
     dirty: &mut BTreeSet<PathBuf>,
 ) -> io::Result<()> {
-    let tmp = dir.join(format!(".patient-id.{}.{seq}.tmp", std::process::id()));
+    let tmp = dir.join(format!(".patient-id.{pid}.{seq}.tmp"));
     let mut f = File::create(&tmp)?;
     f.write_all(id)?;
     f.sync_data()?;
@@ -501,16 +615,34 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dicomgate-st-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("patients")).unwrap();
+        // Where the test runs on a file system with O_TMPFILE, both ways of creating files.
+        let anonymous = anonymous_files_work(&dir.join("patients"));
+        fs::remove_dir_all(&dir).unwrap();
+        for mode in [false, anonymous] {
+            commit_round(
+                &dir,
+                FileMode {
+                    pid: 1,
+                    anonymous: mode,
+                },
+            );
+        }
+    }
+
+    fn commit_round(dir: &Path, files: FileMode) {
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir.join("patients")).unwrap();
         let results = std::sync::Mutex::new(Vec::new());
         let done = |d: StoreDone| results.lock().unwrap().push(d);
         let seq = AtomicU64::new(0);
         for d in [Durability::Fsync, Durability::Syncfs, Durability::None] {
             commit(
-                &dir,
+                dir,
                 vec![job("1.2.3.4", b"PAT"), job("1.2.3.5", b"PAT")].into_iter(),
                 d,
                 &done,
                 &seq,
+                files,
             );
         }
         let r = results.lock().unwrap();
@@ -540,6 +672,6 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
-        fs::remove_dir_all(&dir).unwrap();
+        fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -228,20 +228,7 @@ pub fn stored_instance(node: &Node, sop_instance_uid: &str) -> Option<PathBuf> {
 }
 
 fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
-    let mut v = v.to_vec();
-    if v.len() % 2 == 1 {
-        v.push(if vr == b"UI" { 0 } else { b' ' });
-    }
-    out.extend_from_slice(&g.to_le_bytes());
-    out.extend_from_slice(&e.to_le_bytes());
-    out.extend_from_slice(vr);
-    if matches!(vr, b"OB" | b"OW" | b"SQ" | b"UN" | b"UT") {
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    } else {
-        out.extend_from_slice(&(v.len() as u16).to_le_bytes());
-    }
-    out.extend_from_slice(&v);
+    dicomgate::synth::element(out, g, e, vr, v)
 }
 
 pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";

@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""perf/compare.py: the same C-STORE load against several Storage SCPs on loopback, one table.
+
+Sender: target/release/dicomgate-loadgen (same binary, same data sets, same max PDU 65536 for
+every receiver). Receivers, each writing to a fresh folder on the same disk:
+
+  dicomgate        release build, durability = "fsync" (default: acknowledged = durable)
+  dicomgate-none   release build, durability = "none" (no flush, like the others)
+  dcmtk            /usr/bin/storescp --fork (Debian dcmtk), TCP_NODELAY=1
+  dicom-rs         dicom-storescp -n (cargo install dicom-storescp)
+  pynetdicom       python3 -m pynetdicom storescp
+  orthanc          /usr/sbin/Orthanc (Debian), TCP_NODELAY=1, default SyncStorageArea
+
+Per run: instances/s and MB/s (loadgen), server CPU µs per instance (utime+stime of the
+receiver's whole process tree from /proc, reaped children included), C-STORE latency p50/p99.
+Peak RSS: the largest sum of VmRSS over the receiver's process tree, sampled every 50 ms, or
+the main process's VmHWM if larger (shared pages of forked children count once per child). Each
+cell is the median of --runs runs against one receiver process; ratios are to dicomgate (fsync).
+Not counted anywhere: kernel threads (jbd2 journal commits, writeback workers) that flush pages
+on the receivers' behalf.
+
+Where the folders go: $COMPARE_DIR (default: the system's temporary folder). Use a journaled
+file system made for the purpose (perf/RESULTS.md shows how): on an ext4 without a journal, as
+this VM's root is, the inode allocator skips and re-reads every inode freed in the last 60-360 s,
+so whoever creates files after a receiver's files were deleted pays for the deletion.
+
+  python3 perf/compare.py                      # every workload, 1 and 8 senders, 5 runs
+  python3 perf/compare.py --workloads tiny --senders 1 --receivers dicomgate,dcmtk --runs 3
+  python3 perf/compare.py --json results.json  # also keep every run's figures
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADGEN = os.path.join(ROOT, "target", "release", "dicomgate-loadgen")
+NODE = os.path.join(ROOT, "target", "release", "dicomgate")
+MAX_PDU = 65536
+TCK = os.sysconf("SC_CLK_TCK")
+
+# name: (pixel bytes, frames, {senders: instances per sender})
+WORKLOADS = {
+    "tiny": (16 * 16 * 2, 1, {1: 1000, 8: 250}),
+    "ct": (512 * 512 * 2, 1, {1: 200, 8: 50}),
+    "large": (512 * 512 * 2 * 100, 100, {1: 6, 8: 2}),
+}
+RECEIVERS = ["dicomgate", "dicomgate-none", "dcmtk", "dicom-rs", "pynetdicom", "orthanc"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, seconds=30):
+    end = time.time() + seconds
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"receiver exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def receiver_command(name, work, port):
+    """argv and extra environment of one receiver writing under `work`."""
+    data = os.path.join(work, "data")
+    os.makedirs(data)
+    if name.startswith("dicomgate"):
+        cfg = os.path.join(work, "node.toml")
+        durability = "none" if name == "dicomgate-none" else "fsync"
+        with open(cfg, "w") as f:
+            f.write(
+                f'[node]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{data}"\n'
+                f'[limits]\nmax_pdu_length = {MAX_PDU}\n'
+                f'[storage]\ndurability = "{durability}"\n'
+                # Ingest only: no trigger fires, so receivers are compared, not pipelines.
+                "[trigger]\non_association_close = false\nquiet_seconds = 0\n"
+            )
+        return [NODE, "serve", "--config", cfg], {}
+    if name == "dcmtk":
+        return (
+            ["/usr/bin/storescp", "--fork", "-aet", "DICOMGATE", "--max-pdu", str(MAX_PDU),
+             "-od", data, str(port)],
+            {"TCP_NODELAY": "1"},
+        )
+    if name == "dicom-rs":
+        exe = shutil.which("dicom-storescp") or os.path.expanduser("~/.cargo/bin/dicom-storescp")
+        return [exe, "-n", "-m", str(MAX_PDU), "-o", data, "-p", str(port)], {}
+    if name == "pynetdicom":
+        return (
+            [sys.executable, "-m", "pynetdicom", "storescp", "-aet", "DICOMGATE",
+             "--max-pdu", str(MAX_PDU), "-od", data, str(port)],
+            {},
+        )
+    if name == "orthanc":
+        cfg = os.path.join(work, "orthanc.json")
+        with open(cfg, "w") as f:
+            json.dump(
+                {
+                    "Name": "compare",
+                    "StorageDirectory": data,
+                    "IndexDirectory": data,
+                    "DicomAet": "DICOMGATE",
+                    "DicomPort": port,
+                    "HttpPort": free_port(),
+                    "DicomCheckCalledAet": False,
+                    "DicomAlwaysAllowStore": True,
+                    "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False,
+                    "StorageCompression": False,
+                    "MaximumPduLength": MAX_PDU,
+                    "Plugins": [],
+                },
+                f,
+            )
+        return ["/usr/sbin/Orthanc", cfg], {"TCP_NODELAY": "1"}
+    raise ValueError(name)
+
+
+def tree_pids(root):
+    parent = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    s = f.read()
+                parent[int(pid)] = int(s[s.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, stack = [], [root]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(c for c, pp in parent.items() if pp == p)
+    return out
+
+
+def status_kib(pid, field):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, root):
+        super().__init__(daemon=True)
+        self.root, self.peak_kib, self.stop = root, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            total = sum(status_kib(p, "VmRSS") for p in tree_pids(self.root))
+            self.peak_kib = max(self.peak_kib, total, status_kib(self.root, "VmHWM"))
+            self.stop.wait(0.05)
+
+
+def tree_cpu_ticks(root):
+    """utime+stime+cutime+cstime over `root` and its descendants: every process's CPU counted
+    once, in itself while it lives (or is a zombie), in its reaper's c-times once reaped."""
+    stats = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        fields = s[s.rindex(")") + 2:].split()
+        stats[int(pid)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    children = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0, [root]
+    while stack:
+        p = stack.pop()
+        if p in stats:
+            total += stats[p][1]
+        stack.extend(children.get(p, []))
+    return total
+
+
+def run_receiver(name, workload, senders, runs, window, log):
+    pixel_bytes, frames, per_sender = WORKLOADS[workload]
+    work = tempfile.mkdtemp(prefix=f"compare-{name}-", dir=os.environ.get("COMPARE_DIR"))
+    port = free_port()
+    argv, extra = receiver_command(name, work, port)
+    env = dict(os.environ, **extra)
+    out = open(os.path.join(work, "receiver.log"), "w")
+    proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            cwd=work, start_new_session=True)
+    results = []
+    rss = RssSampler(proc.pid)
+    try:
+        wait_port(port, proc)
+        rss.start()
+        time.sleep(0.3)
+        for _ in range(runs):
+            os.sync()  # each run starts with no dirty pages from the one before
+            c0 = tree_cpu_ticks(proc.pid)
+            r0 = os.times()
+            lg = subprocess.run(
+                [LOADGEN, f"127.0.0.1:{port}", "--associations", str(senders),
+                 "--instances", str(per_sender[senders]), "--pixel-bytes", str(pixel_bytes),
+                 "--frames", str(frames), "--window", str(window), "--max-pdu", str(MAX_PDU),
+                 "--json"],
+                capture_output=True, text=True, timeout=900,
+            )
+            r1 = os.times()
+            time.sleep(0.3)  # forked children exit and are reaped after the release
+            c1 = tree_cpu_ticks(proc.pid)
+            if lg.returncode != 0:
+                raise RuntimeError(f"loadgen failed: {lg.stderr.strip()[-500:]}")
+            r = json.loads(lg.stdout)
+            n = max(r["instances"], 1)
+            r["server_cpu_us"] = (c1 - c0) / TCK * 1e6 / n
+            sender = (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system)
+            r["sender_cpu_us"] = sender * 1e6 / n
+            results.append(r)
+            print(f"  {name:15} {workload}/{senders}: {r['instances_per_s']:9.1f} inst/s "
+                  f"{r['mb_per_s']:8.1f} MB/s  server {r['server_cpu_us']:8.0f} us/inst",
+                  file=log, flush=True)
+    finally:
+        rss.stop.set()
+        if rss.is_alive():
+            rss.join()
+        rss.peak_kib = max(rss.peak_kib, status_kib(proc.pid, "VmHWM"))
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.close()
+        shutil.rmtree(work, ignore_errors=True)
+    peak_mb = rss.peak_kib / 1024
+    return {
+        "receiver": name,
+        "runs": results,
+        "instances_per_s": statistics.median(r["instances_per_s"] for r in results),
+        "mb_per_s": statistics.median(r["mb_per_s"] for r in results),
+        "server_cpu_us": statistics.median(r["server_cpu_us"] for r in results),
+        "sender_cpu_us": statistics.median(r["sender_cpu_us"] for r in results),
+        "p50_us": statistics.median(r["latency_us"]["p50"] for r in results),
+        "p99_us": statistics.median(r["latency_us"]["p99"] for r in results),
+        "peak_rss_mb": peak_mb,
+    }
+
+
+def table(workload, senders, rows):
+    base = next((r for r in rows if r["receiver"] == "dicomgate"), rows[0])
+    px, frames, per = WORKLOADS[workload]
+    lines = [
+        f"### {workload} ({px} pixel bytes, {frames} frame(s)), {senders} sender(s) × "
+        f"{per[senders]} instances",
+        "",
+        "| receiver | inst/s | MB/s | server CPU µs/inst | peak RSS MB | p50 ms | p99 ms "
+        "| rate ÷ dicomgate | CPU ÷ dicomgate | RSS ÷ dicomgate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = lambda k: r[k] / base[k] if base[k] else float("nan")
+        lines.append(
+            f"| {r['receiver']} | {r['instances_per_s']:,.0f} | {r['mb_per_s']:,.1f} "
+            f"| {r['server_cpu_us']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['p50_us'] / 1000:.2f} "
+            f"| {r['p99_us'] / 1000:.2f} | {ratio('instances_per_s'):.2f} "
+            f"| {ratio('server_cpu_us'):.2f} | {ratio('peak_rss_mb'):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workloads", default="tiny,ct,large")
+    ap.add_argument("--senders", default="1,8")
+    ap.add_argument("--receivers", default=",".join(RECEIVERS))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--window", type=int, default=1)
+    ap.add_argument("--json", help="also write every run's figures here")
+    ap.add_argument("--no-build", action="store_true")
+    a = ap.parse_args()
+    if not a.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "--bins"], cwd=ROOT, check=True)
+    everything = []
+    print(f"# perf/compare.py {' '.join(sys.argv[1:])}")
+    print(f"# {os.cpu_count()} CPUs; TCP_NODELAY=1 set for DCMTK and Orthanc; max PDU {MAX_PDU}; "
+          f"medians of {a.runs} runs; ratios to dicomgate (fsync)\n")
+    for w in a.workloads.split(","):
+        for s in (int(x) for x in a.senders.split(",")):
+            rows = []
+            for name in a.receivers.split(","):
+                try:
+                    rows.append(run_receiver(name, w, s, a.runs, a.window, sys.stderr))
+                except Exception as e:  # one receiver failing does not lose the others' rows
+                    print(f"  {name} {w}/{s}: FAILED: {e}", file=sys.stderr, flush=True)
+            if rows:
+                print(table(w, s, rows) + "\n", flush=True)
+                everything.append({"workload": w, "senders": s, "rows": rows})
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(everything, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
