@@ -53,6 +53,8 @@ WORKLOADS = {
     "ct": (512 * 512 * 2, 1, {1: 200, 8: 50}),
     "large": (512 * 512 * 2 * 100, 100, {1: 6, 8: 2}),
 }
+# Extra lines for dicomgate's [node] and [storage] sections (perf/scaling.py sets reactors).
+NODE_EXTRA = {}
 RECEIVERS = ["dicomgate", "dicomgate-none", "dcmtk", "dicom-rs", "pynetdicom", "orthanc"]
 
 
@@ -85,8 +87,11 @@ def receiver_command(name, work, port):
         with open(cfg, "w") as f:
             f.write(
                 f'[node]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{data}"\n'
-                f'[limits]\nmax_pdu_length = {MAX_PDU}\n'
+                + NODE_EXTRA.get("node", "")
+                + f'[limits]\nmax_pdu_length = {MAX_PDU}\n'
                 f'[storage]\ndurability = "{durability}"\n'
+                + NODE_EXTRA.get("storage", "")
+                +
                 # Ingest only: no trigger fires, so receivers are compared, not pipelines.
                 "[trigger]\non_association_close = false\nquiet_seconds = 0\n"
             )

@@ -42,6 +42,7 @@ pub struct CtInstance<'a> {
 /// A CT data set carrying `pixels` as its Pixel Data (OW).
 pub fn ct_data_set(i: &CtInstance<'_>, pixels: &[u8]) -> Vec<u8> {
     let mut d = ct_header(i, pixels.len());
+    d.reserve_exact(pixels.len() + 1);
     d.extend_from_slice(pixels);
     if pixels.len() % 2 == 1 {
         d.push(0);
@@ -52,7 +53,7 @@ pub fn ct_data_set(i: &CtInstance<'_>, pixels: &[u8]) -> Vec<u8> {
 /// Everything of [`ct_data_set`] before the pixel values: the elements and the Pixel Data
 /// element's header. The load generator rewrites only this part between instances.
 pub fn ct_header(i: &CtInstance<'_>, pixel_bytes: usize) -> Vec<u8> {
-    let mut d = Vec::with_capacity(pixel_bytes + 512);
+    let mut d = Vec::with_capacity(512);
     element(&mut d, 0x0008, 0x0016, b"UI", CT_IMAGE_STORAGE.as_bytes());
     element(&mut d, 0x0008, 0x0018, b"UI", i.sop_instance_uid.as_bytes());
     element(&mut d, 0x0008, 0x0020, b"DA", b"20260101");

@@ -1,12 +1,14 @@
 //! Durable storage of received instances (design rule 6, "acknowledged means durable").
 //!
 //! Owns: the data directory layout, the Part-10 writer, group commit and the start-up recovery
-//! scan. Each instance is written to a temporary name in its series directory, flushed, renamed
-//! over its final name (so the same SOP Instance UID received again replaces the stored copy
-//! atomically), and the directory is flushed; only then is the store reported done, and only then
-//! does the reactor send the C-STORE success. Workers take every job queued while they were
-//! flushing and make the whole batch durable together (group commit), so durability costs one
-//! flush round per batch, not per instance.
+//! scan. Each instance is written to an anonymous file (O_TMPFILE; a temporary name where the file
+//! system has none) in its series directory, flushed, linked under its final name (the same SOP
+//! Instance UID received again replaces the stored copy atomically), and the directory is
+//! flushed; only then is the store reported done, and only then does the reactor send the
+//! C-STORE success. Workers take every job queued while they were flushing and make the whole
+//! batch durable together (group commit), pipelined so that one flush carries one batch's data
+//! and the previous batch's names: durability costs one flush round per batch, not per instance
+//! (see [`round`]).
 //!
 //! Paths never hold peer text unchecked (design rule 9): a patient's directory is named by a
 //! SHA-256 digest of its Patient ID (the ID itself is kept in the file and in `patient-id` inside
@@ -35,8 +37,9 @@ pub use part10::FileMeta;
 pub enum Durability {
     /// fdatasync each file, then fsync each touched directory after the renames.
     Fsync,
-    /// One syncfs(2) of the data directory's file system before the renames and one after:
-    /// two flushes per batch whatever its size. Best on a dedicated data volume.
+    /// One syncfs(2) of the data directory's file system per group-commit round, whatever the
+    /// batch's size (it carries one batch's data and the previous batch's names). Best on a
+    /// dedicated data volume: it also flushes whatever else is dirty there.
     Syncfs,
     /// No flush at all. Loses acknowledged instances on power loss: benchmarks only.
     None,
@@ -214,7 +217,7 @@ struct Pending {
     new: bool,
 }
 
-/// Largest batch one worker commits at once.
+/// Largest batch one worker writes in one round.
 const MAX_BATCH: usize = 256;
 
 fn worker(
@@ -227,7 +230,12 @@ fn worker(
     stop: Arc<AtomicBool>,
 ) {
     let mut batch: Vec<StoreJob> = Vec::with_capacity(MAX_BATCH);
-    let pid = std::process::id();
+    let files = FileMode {
+        pid: std::process::id(),
+        anonymous,
+    };
+    // The batch whose files are named but whose names are not yet durable.
+    let mut named = Named::default();
     loop {
         while batch.len() < MAX_BATCH {
             match rx.jobs.pop() {
@@ -235,7 +243,7 @@ fn worker(
                 None => break,
             }
         }
-        if batch.is_empty() {
+        if batch.is_empty() && named.pending.is_empty() {
             // Exits once stopped and drained.
             if stop.load(Ordering::Acquire) {
                 return;
@@ -248,39 +256,68 @@ fn worker(
         if !rx.jobs.is_empty() {
             rx.bell.ring(); // more than one batch waiting: another worker takes the rest
         }
-        let files = FileMode { pid, anonymous };
-        commit(&root, batch.drain(..), durability, &*done, &seq, files);
+        named = round(
+            &root,
+            batch.drain(..),
+            named,
+            durability,
+            &*done,
+            &seq,
+            files,
+        );
     }
 }
 
-fn commit(
+/// Files named by the previous round, waiting for their directory entries to be flushed.
+#[derive(Default)]
+struct Named {
+    pending: Vec<Pending>,
+    dirs: BTreeSet<PathBuf>,
+}
+
+/// One group-commit round (design rule 6). A store needs two flushes: its data before its name
+/// appears, then its name. A round writes the new jobs, then makes durable in one flush both the
+/// new jobs' data and the previous round's names, acknowledges the previous round, and names
+/// the new jobs. Under load every round carries both halves, so durability costs one flush
+/// round per batch; when nothing new arrives the next round flushes the names alone at once.
+fn round(
     root: &Path,
     jobs: impl Iterator<Item = StoreJob>,
+    named: Named,
     durability: Durability,
     done: &(dyn Fn(StoreDone) + Send + Sync),
     seq: &AtomicU64,
     files: FileMode,
-) {
-    let mut dirty_dirs = BTreeSet::new();
-    let mut pending: Vec<Pending> = jobs
-        .map(|job| write_temp(root, job, seq, files, &mut dirty_dirs))
+) -> Named {
+    let mut next = Named::default();
+    next.pending = jobs
+        .map(|job| write_temp(root, job, seq, files, &mut next.dirs))
         .collect();
-    // Flush file contents (and new directory entries of created directories).
-    let flush_err = match durability {
+    // The flush: new data (and entries of directories created for it), previous names.
+    let (data_err, dir_err) = match durability {
         Durability::Fsync => {
-            for p in pending.iter_mut().filter(|p| p.error.is_none()) {
+            for p in next.pending.iter_mut().filter(|p| p.error.is_none()) {
                 if let Some(Err(e)) = p.file.as_ref().map(File::sync_data) {
                     p.error = Some(format!("flush failed: {e}"));
                 }
             }
-            None
+            let dir_err = named
+                .dirs
+                .iter()
+                .map(|d| File::open(d).and_then(|f| f.sync_all()))
+                .find_map(Result::err);
+            (None, dir_err)
         }
-        Durability::Syncfs => syncfs(root).err(),
-        Durability::None => None,
+        Durability::Syncfs => match syncfs(root) {
+            Ok(()) => (None, None),
+            Err(e) => (Some(e.to_string()), Some(e)),
+        },
+        Durability::None => (None, None),
     };
-    for p in pending.iter_mut().filter(|p| p.error.is_none()) {
+    acknowledge(named.pending, dir_err.as_ref(), done);
+    for p in next.pending.iter_mut().filter(|p| p.error.is_none()) {
         let file = p.file.take();
-        if let Some(e) = &flush_err {
+        if let Some(e) = &data_err {
             p.error = Some(format!("flush failed: {e}"));
         } else {
             let placed = match &file {
@@ -293,23 +330,23 @@ fn commit(
                 Ok(new) => {
                     p.new = new;
                     if let Some(d) = p.dest.parent() {
-                        dirty_dirs.insert(d.to_path_buf());
+                        next.dirs.insert(d.to_path_buf());
                     }
                 }
             }
         }
     }
-    // Make the renames durable.
-    let dir_err = match durability {
-        Durability::Fsync => dirty_dirs
-            .iter()
-            .map(|d| File::open(d).and_then(|f| f.sync_all()))
-            .find_map(Result::err),
-        Durability::Syncfs => syncfs(root).err(),
-        Durability::None => None,
-    };
+    next
+}
+
+/// Reports a batch whose names were just flushed (or failed to be).
+fn acknowledge(
+    pending: Vec<Pending>,
+    dir_err: Option<&io::Error>,
+    done: &(dyn Fn(StoreDone) + Send + Sync),
+) {
     for p in pending {
-        let result = match (p.error, &dir_err) {
+        let result = match (p.error, dir_err) {
             (Some(e), _) => {
                 let _ = fs::remove_file(&p.tmp);
                 Err(e)
@@ -335,6 +372,29 @@ fn commit(
             arrival,
         });
     }
+}
+
+/// Stores `jobs` completely: one round to write and name them, one to make the names durable.
+#[cfg(test)]
+fn commit(
+    root: &Path,
+    jobs: impl Iterator<Item = StoreJob>,
+    durability: Durability,
+    done: &(dyn Fn(StoreDone) + Send + Sync),
+    seq: &AtomicU64,
+    files: FileMode,
+) {
+    let named = round(root, jobs, Named::default(), durability, done, seq, files);
+    let rest = round(
+        root,
+        std::iter::empty(),
+        named,
+        durability,
+        done,
+        seq,
+        files,
+    );
+    debug_assert!(rest.pending.is_empty());
 }
 
 /// Renames `tmp` over `dest` atomically and says whether `dest` is new. An existing `dest` (the
