@@ -6,6 +6,7 @@ every receiver). Receivers, each writing to a fresh folder on the same disk:
 
   dicomgate        release build, durability = "fsync" (default: acknowledged = durable)
   dicomgate-none   release build, durability = "none" (no flush, like the others)
+  dicomgate-syncfs release build, durability = "syncfs" (not in the default list)
   dcmtk            /usr/bin/storescp --fork (Debian dcmtk), TCP_NODELAY=1
   dicom-rs         dicom-storescp -n (cargo install dicom-storescp)
   pynetdicom       python3 -m pynetdicom storescp
@@ -83,7 +84,7 @@ def receiver_command(name, work, port):
     os.makedirs(data)
     if name.startswith("dicomgate"):
         cfg = os.path.join(work, "node.toml")
-        durability = "none" if name == "dicomgate-none" else "fsync"
+        durability = {"dicomgate-none": "none", "dicomgate-syncfs": "syncfs"}.get(name, "fsync")
         with open(cfg, "w") as f:
             f.write(
                 f'[node]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{data}"\n'

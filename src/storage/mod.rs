@@ -156,18 +156,37 @@ impl Storage {
         });
         let seq = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
+        // fsync mode: flush threads, so that one round's fdatasync calls run at once.
+        let flush_jobs = if durability == Durability::Fsync {
+            let (tx, rx) = crossbeam_channel::unbounded::<FlushJob>();
+            for i in 0..FLUSH_THREADS {
+                let rx = rx.clone();
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(format!("flush-{i}"))
+                        .spawn(move || flusher(rx))?,
+                );
+            }
+            Some(tx)
+        } else {
+            None
+        };
         for i in 0..workers.max(1) {
             let rx = queue.clone();
             let root = data_dir.clone();
             let done = done.clone();
             let seq = seq.clone();
             let stop = stop.clone();
+            let flush_jobs = flush_jobs.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("storage-{i}"))
-                    .spawn(move || worker(root, rx, durability, anonymous, done, seq, stop))?,
+                    .spawn(move || {
+                        worker(root, rx, durability, anonymous, done, seq, stop, flush_jobs)
+                    })?,
             );
         }
+        drop(flush_jobs); // the flush threads end when the last worker does
         Ok((Storage { queue }, handles))
     }
 
@@ -220,6 +239,7 @@ struct Pending {
 /// Largest batch one worker writes in one round.
 const MAX_BATCH: usize = 256;
 
+#[allow(clippy::too_many_arguments)] // a thread's whole context, moved in once
 fn worker(
     root: PathBuf,
     rx: Arc<JobQueue>,
@@ -228,7 +248,9 @@ fn worker(
     done: Arc<dyn Fn(StoreDone) + Send + Sync>,
     seq: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    flush_jobs: Option<crossbeam_channel::Sender<FlushJob>>,
 ) {
+    let pool = flush_jobs.map(FlushPool::new);
     let mut batch: Vec<StoreJob> = Vec::with_capacity(MAX_BATCH);
     let files = FileMode {
         pid: std::process::id(),
@@ -264,6 +286,7 @@ fn worker(
             &*done,
             &seq,
             files,
+            pool.as_ref(),
         );
     }
 }
@@ -280,6 +303,7 @@ struct Named {
 /// new jobs' data and the previous round's names, acknowledges the previous round, and names
 /// the new jobs. Under load every round carries both halves, so durability costs one flush
 /// round per batch; when nothing new arrives the next round flushes the names alone at once.
+#[allow(clippy::too_many_arguments)] // one round's whole context; called from two places
 fn round(
     root: &Path,
     jobs: impl Iterator<Item = StoreJob>,
@@ -288,6 +312,7 @@ fn round(
     done: &(dyn Fn(StoreDone) + Send + Sync),
     seq: &AtomicU64,
     files: FileMode,
+    pool: Option<&FlushPool>,
 ) -> Named {
     let mut next = Named::default();
     next.pending = jobs
@@ -296,11 +321,7 @@ fn round(
     // The flush: new data (and entries of directories created for it), previous names.
     let (data_err, dir_err) = match durability {
         Durability::Fsync => {
-            for p in next.pending.iter_mut().filter(|p| p.error.is_none()) {
-                if let Some(Err(e)) = p.file.as_ref().map(File::sync_data) {
-                    p.error = Some(format!("flush failed: {e}"));
-                }
-            }
+            sync_data_all(&mut next.pending, pool);
             let dir_err = named
                 .dirs
                 .iter()
@@ -337,6 +358,95 @@ fn round(
         }
     }
     next
+}
+
+/// Threads that run fdatasync for the workers in `fsync` mode.
+const FLUSH_THREADS: usize = 8;
+
+type FlushResult = (usize, File, io::Result<()>);
+
+struct FlushJob {
+    file: File,
+    index: usize,
+    reply: crossbeam_channel::Sender<FlushResult>,
+}
+
+/// A worker's handle on the flush threads: where to send files, and its own reply channel.
+struct FlushPool {
+    jobs: crossbeam_channel::Sender<FlushJob>,
+    reply_tx: crossbeam_channel::Sender<FlushResult>,
+    reply_rx: crossbeam_channel::Receiver<FlushResult>,
+}
+
+impl FlushPool {
+    fn new(jobs: crossbeam_channel::Sender<FlushJob>) -> FlushPool {
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+        FlushPool {
+            jobs,
+            reply_tx,
+            reply_rx,
+        }
+    }
+}
+
+/// A flush thread: runs until every worker (every job sender) is gone.
+fn flusher(jobs: crossbeam_channel::Receiver<FlushJob>) {
+    for job in jobs {
+        let r = job.file.sync_data();
+        let _ = job.reply.send((job.index, job.file, r));
+    }
+}
+
+/// fdatasync of every written file. On ext4 each fdatasync ends with its own device cache flush,
+/// so one after the other they cost one flush each; issued at once from the flush threads, the
+/// journal commit and the block layer's flush sequence merge them (perf/RESULTS.md).
+fn sync_data_all(pending: &mut [Pending], pool: Option<&FlushPool>) {
+    let flush = |p: &mut Pending| {
+        if let Some(Err(e)) = p.file.as_ref().map(File::sync_data) {
+            p.error = Some(format!("flush failed: {e}"));
+        }
+    };
+    let todo: Vec<usize> = (0..pending.len())
+        .filter(|&i| pending[i].error.is_none() && pending[i].file.is_some())
+        .collect();
+    let pool = match pool {
+        Some(pool) if todo.len() >= 2 => pool,
+        _ => {
+            for i in todo {
+                flush(&mut pending[i]);
+            }
+            return;
+        }
+    };
+    let mut sent = 0;
+    for i in todo {
+        let Some(file) = pending[i].file.take() else {
+            continue;
+        };
+        let job = FlushJob {
+            file,
+            index: i,
+            reply: pool.reply_tx.clone(),
+        };
+        match pool.jobs.send(job) {
+            Ok(()) => sent += 1,
+            Err(crossbeam_channel::SendError(job)) => {
+                pending[i].file = Some(job.file);
+                flush(&mut pending[i]);
+            }
+        }
+    }
+    for _ in 0..sent {
+        let Ok((i, file, r)) = pool.reply_rx.recv() else {
+            break;
+        };
+        if let Some(p) = pending.get_mut(i) {
+            p.file = Some(file);
+            if let Err(e) = r {
+                p.error = Some(format!("flush failed: {e}"));
+            }
+        }
+    }
 }
 
 /// Reports a batch whose names were just flushed (or failed to be).
@@ -384,7 +494,16 @@ fn commit(
     seq: &AtomicU64,
     files: FileMode,
 ) {
-    let named = round(root, jobs, Named::default(), durability, done, seq, files);
+    let named = round(
+        root,
+        jobs,
+        Named::default(),
+        durability,
+        done,
+        seq,
+        files,
+        None,
+    );
     let rest = round(
         root,
         std::iter::empty(),
@@ -393,6 +512,7 @@ fn commit(
         done,
         seq,
         files,
+        None,
     );
     debug_assert!(rest.pending.is_empty());
 }
