@@ -2,11 +2,12 @@
 # perf/store_cpu.sh [COUNT] [ROWS] [DURABILITY]: starts a release build of the node, sends COUNT
 # instances of ROWS x ROWS with DCMTK's storescu (one association, TCP_NODELAY=1), and prints the
 # node's CPU time per stored instance (utime+stime from /proc) and the wall-clock rate.
-# A quick check for issue 2; perf/ gets a real load generator and comparisons in issue 5.
+# The sender is DCMTK's own, so this is the check that does not depend on dicomgate-loadgen.
+# Data goes under $COMPARE_DIR if set (see perf/RESULTS.md on which file system to use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count=${1:-1000}; rows=${2:-16}; durability=${3:-fsync}
-work=$(mktemp -d); trap 'kill $pid 2>/dev/null; rm -rf "$work"' EXIT
+work=$(mktemp -d -p "${COMPARE_DIR:-/tmp}"); trap 'kill $pid 2>/dev/null; rm -rf "$work"' EXIT
 cargo build --release -q
 python3 perf/make_instances.py "$work/in" "$count" "$rows"
 cat >"$work/cfg.toml" <<TOML
