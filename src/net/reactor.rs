@@ -235,6 +235,9 @@ impl Reactor<'_> {
     }
 
     fn take_completions(&mut self) {
+        // Responses of one batch to one connection go out in one write: each connection is
+        // driven (and flushed) once, after all the completions at hand are queued.
+        let mut touched: Vec<usize> = Vec::new();
         while let Some(mut done) = self.mailbox.completions.pop() {
             let idx = done.reply.connection;
             let now = Instant::now();
@@ -251,7 +254,9 @@ impl Reactor<'_> {
             match live {
                 Some(c) => {
                     complete_store(c, done, now);
-                    self.drive(idx, now);
+                    if !touched.contains(&idx) {
+                        touched.push(idx);
+                    }
                 }
                 None => {
                     // The connection went away; the instance is stored (and handed on) all
@@ -261,6 +266,10 @@ impl Reactor<'_> {
                     }
                 }
             }
+        }
+        let now = Instant::now();
+        for idx in touched {
+            self.drive(idx, now);
         }
     }
 
