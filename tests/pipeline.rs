@@ -70,12 +70,15 @@ fn send(dcmtk_peer: bool, port: &str, files: &[PathBuf]) -> std::process::Child 
 }
 
 /// Waits for a sender; it must succeed, and a pynetdicom one must report success for each file.
-fn sent_ok(c: std::process::Child) {
+/// On failure the node's log is shown too.
+fn sent_ok(node: &Node, c: std::process::Child) {
     let out = c.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{}\n{}\nnode log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().all(|l| l.starts_with("0 ")), "{text}");
@@ -161,7 +164,7 @@ fn twenty_associations_interleaved_patients_processed_exactly_once() {
         .enumerate()
         .map(|(a, files)| send(a % 2 == 0, &port, files))
         .collect();
-    children.into_iter().for_each(sent_ok);
+    children.into_iter().for_each(|c| sent_ok(&node, c));
     let total = associations * series_per * per_series;
     let export = node.data_dir.join("export");
     assert!(
@@ -224,7 +227,7 @@ fn six_associations_one_series_one_run_one_outgoing_association() {
         .enumerate()
         .map(|(a, f)| send(a % 2 == 0, &port, f))
         .collect();
-    children.into_iter().for_each(sent_ok);
+    children.into_iter().for_each(|c| sent_ok(&node, c));
     let received = || files_under(&pacs_dir); // storescp names files CT.<uid>
     assert!(
         wait_until(60, || received().len() == 30),

@@ -235,9 +235,6 @@ impl Reactor<'_> {
     }
 
     fn take_completions(&mut self) {
-        // Responses of one batch to one connection go out in one write: each connection is
-        // driven (and flushed) once, after all the completions at hand are queued.
-        let mut touched: Vec<usize> = Vec::new();
         while let Some(mut done) = self.mailbox.completions.pop() {
             let idx = done.reply.connection;
             let now = Instant::now();
@@ -254,9 +251,7 @@ impl Reactor<'_> {
             match live {
                 Some(c) => {
                     complete_store(c, done, now);
-                    if !touched.contains(&idx) {
-                        touched.push(idx);
-                    }
+                    self.drive(idx, now);
                 }
                 None => {
                     // The connection went away; the instance is stored (and handed on) all
@@ -266,10 +261,6 @@ impl Reactor<'_> {
                     }
                 }
             }
-        }
-        let now = Instant::now();
-        for idx in touched {
-            self.drive(idx, now);
         }
     }
 
