@@ -2,23 +2,9 @@
 //! dicom-rs's reader) over its seeds, plus proof that it compares and can fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use dicom_core::Tag;
-use dicom_object::InMemDicomObject;
-use dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN;
-
-fn dicom_rs(d: &[u8], tags: &[u32]) -> Option<Vec<Option<String>>> {
-    let ts = EXPLICIT_VR_LITTLE_ENDIAN.erased();
-    let obj = InMemDicomObject::read_dataset_with_ts(d, &ts).ok()?;
-    Some(
-        tags.iter()
-            .map(|&t| {
-                obj.element(Tag((t >> 16) as u16, t as u16))
-                    .ok()
-                    .and_then(|e| e.value().to_str().ok().map(|s| s.into_owned()))
-            })
-            .collect(),
-    )
-}
+#[path = "../fuzz/dicom_rs_reference.rs"]
+mod dicom_rs_reference;
+use dicom_rs_reference::dicom_rs;
 
 fn seeds() -> Vec<Vec<u8>> {
     let dir = concat!(

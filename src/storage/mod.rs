@@ -8,7 +8,7 @@
 //! C-STORE success. Workers take every job queued while they were flushing and make the whole
 //! batch durable together (group commit), pipelined so that one flush carries one batch's data
 //! and the previous batch's names: durability costs one flush round per batch, not per instance
-//! (see [`round`]).
+//! (see `Committer::round`).
 //!
 //! Paths never hold peer text unchecked (design rule 9): a patient's directory is named by a
 //! SHA-256 digest of its Patient ID (the ID itself is kept in the file and in `patient-id` inside
@@ -35,7 +35,8 @@ pub use part10::FileMeta;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
-    /// fdatasync each file, then fsync each touched directory after the renames.
+    /// fdatasync each file (a round's files at once, on the flush threads), then, one round
+    /// later, fsync each directory that got a new name.
     Fsync,
     /// One syncfs(2) of the data directory's file system per group-commit round, whatever the
     /// batch's size (it carries one batch's data and the previous batch's names). Best on a
@@ -256,6 +257,14 @@ fn worker(
         pid: std::process::id(),
         anonymous,
     };
+    let committer = Committer {
+        root: &root,
+        durability,
+        files,
+        seq: &seq,
+        done: &*done,
+        pool: pool.as_ref(),
+    };
     // The batch whose files are named but whose names are not yet durable.
     let mut named = Named::default();
     loop {
@@ -278,16 +287,7 @@ fn worker(
         if !rx.jobs.is_empty() {
             rx.bell.ring(); // more than one batch waiting: another worker takes the rest
         }
-        named = round(
-            &root,
-            batch.drain(..),
-            named,
-            durability,
-            &*done,
-            &seq,
-            files,
-            pool.as_ref(),
-        );
+        named = committer.round(batch.drain(..), named);
     }
 }
 
@@ -298,66 +298,87 @@ struct Named {
     dirs: BTreeSet<PathBuf>,
 }
 
-/// One group-commit round (design rule 6). A store needs two flushes: its data before its name
-/// appears, then its name. A round writes the new jobs, then makes durable in one flush both the
-/// new jobs' data and the previous round's names, acknowledges the previous round, and names
-/// the new jobs. Under load every round carries both halves, so durability costs one flush
-/// round per batch; when nothing new arrives the next round flushes the names alone at once.
-#[allow(clippy::too_many_arguments)] // one round's whole context; called from two places
-fn round(
-    root: &Path,
-    jobs: impl Iterator<Item = StoreJob>,
-    named: Named,
+/// What a worker's rounds need: where files go, how durable, how files are made, whom to
+/// tell.
+struct Committer<'a> {
+    root: &'a Path,
     durability: Durability,
-    done: &(dyn Fn(StoreDone) + Send + Sync),
-    seq: &AtomicU64,
     files: FileMode,
-    pool: Option<&FlushPool>,
-) -> Named {
-    let mut next = Named::default();
-    next.pending = jobs
-        .map(|job| write_temp(root, job, seq, files, &mut next.dirs))
-        .collect();
-    // The flush: new data (and entries of directories created for it), previous names.
-    let (data_err, dir_err) = match durability {
-        Durability::Fsync => {
-            sync_data_all(&mut next.pending, pool);
-            let dir_err = named
-                .dirs
-                .iter()
-                .map(|d| File::open(d).and_then(|f| f.sync_all()))
-                .find_map(Result::err);
-            (None, dir_err)
-        }
-        Durability::Syncfs => match syncfs(root) {
-            Ok(()) => (None, None),
-            Err(e) => (Some(e.to_string()), Some(e)),
-        },
-        Durability::None => (None, None),
-    };
-    acknowledge(named.pending, dir_err.as_ref(), done);
-    for p in next.pending.iter_mut().filter(|p| p.error.is_none()) {
-        let file = p.file.take();
-        if let Some(e) = &data_err {
-            p.error = Some(format!("flush failed: {e}"));
-        } else {
-            let placed = match &file {
-                Some(f) if files.anonymous => place_anonymous(f, &p.tmp, &p.dest),
-                _ => place(&p.tmp, &p.dest),
-            };
-            drop(file);
-            match placed {
-                Err(e) => p.error = Some(format!("rename failed: {e}")),
-                Ok(new) => {
-                    p.new = new;
-                    if let Some(d) = p.dest.parent() {
-                        next.dirs.insert(d.to_path_buf());
+    seq: &'a AtomicU64,
+    done: &'a (dyn Fn(StoreDone) + Send + Sync),
+    /// The flush threads (`fsync` mode); `None` flushes on the worker itself.
+    pool: Option<&'a FlushPool>,
+}
+
+impl Committer<'_> {
+    /// One group-commit round (design rule 6). A store needs two flushes: its data before its name
+    /// appears, then its name. A round writes the new jobs, then makes durable in one flush both the
+    /// new jobs' data and the previous round's names, acknowledges the previous round, and names
+    /// the new jobs. Under load every round carries both halves, so durability costs one flush
+    /// round per batch; when nothing new arrives the next round flushes the names alone at once.
+    fn round(&self, jobs: impl Iterator<Item = StoreJob>, named: Named) -> Named {
+        let Committer {
+            root,
+            durability,
+            files,
+            seq,
+            done,
+            pool,
+        } = *self;
+        let mut next = Named::default();
+        next.pending = jobs
+            .map(|job| write_temp(root, job, seq, files, &mut next.dirs))
+            .collect();
+        // The flush: new data (and entries of directories created for it), previous names.
+        let (data_err, dir_err) = match durability {
+            Durability::Fsync => {
+                sync_data_all(&mut next.pending, pool);
+                let dir_err = named
+                    .dirs
+                    .iter()
+                    .map(|d| File::open(d).and_then(|f| f.sync_all()))
+                    .find_map(Result::err);
+                (None, dir_err)
+            }
+            Durability::Syncfs => match syncfs(root) {
+                Ok(()) => (None, None),
+                Err(e) => (Some(e.to_string()), Some(e)),
+            },
+            Durability::None => (None, None),
+        };
+        acknowledge(named.pending, dir_err.as_ref(), done);
+        for p in next.pending.iter_mut().filter(|p| p.error.is_none()) {
+            let file = p.file.take();
+            if let Some(e) = &data_err {
+                p.error = Some(format!("flush failed: {e}"));
+            } else {
+                let placed = match &file {
+                    Some(f) if files.anonymous => place_anonymous(f, &p.tmp, &p.dest),
+                    _ => place(&p.tmp, &p.dest),
+                };
+                drop(file);
+                match placed {
+                    Err(e) => p.error = Some(format!("rename failed: {e}")),
+                    Ok(new) => {
+                        p.new = new;
+                        if let Some(d) = p.dest.parent() {
+                            next.dirs.insert(d.to_path_buf());
+                        }
                     }
                 }
             }
         }
+        next
     }
-    next
+
+    /// Stores `jobs` completely: one round to write and name them, one to make the names
+    /// durable.
+    #[cfg(test)]
+    fn commit(&self, jobs: impl Iterator<Item = StoreJob>) {
+        let named = self.round(jobs, Named::default());
+        let rest = self.round(std::iter::empty(), named);
+        debug_assert!(rest.pending.is_empty());
+    }
 }
 
 /// Threads that run fdatasync for the workers in `fsync` mode.
@@ -482,39 +503,6 @@ fn acknowledge(
             arrival,
         });
     }
-}
-
-/// Stores `jobs` completely: one round to write and name them, one to make the names durable.
-#[cfg(test)]
-fn commit(
-    root: &Path,
-    jobs: impl Iterator<Item = StoreJob>,
-    durability: Durability,
-    done: &(dyn Fn(StoreDone) + Send + Sync),
-    seq: &AtomicU64,
-    files: FileMode,
-) {
-    let named = round(
-        root,
-        jobs,
-        Named::default(),
-        durability,
-        done,
-        seq,
-        files,
-        None,
-    );
-    let rest = round(
-        root,
-        std::iter::empty(),
-        named,
-        durability,
-        done,
-        seq,
-        files,
-        None,
-    );
-    debug_assert!(rest.pending.is_empty());
 }
 
 /// Renames `tmp` over `dest` atomically and says whether `dest` is new. An existing `dest` (the
@@ -816,14 +804,15 @@ mod tests {
         let done = |d: StoreDone| results.lock().unwrap().push(d);
         let seq = AtomicU64::new(0);
         for d in [Durability::Fsync, Durability::Syncfs, Durability::None] {
-            commit(
-                dir,
-                vec![job("1.2.3.4", b"PAT"), job("1.2.3.5", b"PAT")].into_iter(),
-                d,
-                &done,
-                &seq,
+            let committer = Committer {
+                root: dir,
+                durability: d,
                 files,
-            );
+                seq: &seq,
+                done: &done,
+                pool: None,
+            };
+            committer.commit(vec![job("1.2.3.4", b"PAT"), job("1.2.3.5", b"PAT")].into_iter());
         }
         let r = results.lock().unwrap();
         assert_eq!(r.len(), 6);
