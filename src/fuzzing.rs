@@ -401,6 +401,233 @@ pub fn dimse_message(data: &[u8]) {
     }
 }
 
+/// An A-ASSOCIATE-RQ proposing CT Image Storage (explicit and implicit LE, contexts 1 and 3)
+/// and Verification (context 5), with an asynchronous operations window of `window`.
+fn service_associate_rq(window: u16) -> Vec<u8> {
+    use crate::assoc::negotiation::VERIFICATION_SOP_CLASS;
+    use crate::synth::{CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN};
+    use crate::ul::*;
+    let pc = |id: u8, abs: &'static str, ts: &'static str| {
+        Item::PresentationContextRq(PresentationContextRq {
+            id,
+            reserved: [0; 3],
+            abstract_syntax: abs.as_bytes(),
+            transfer_syntaxes: vec![ts.as_bytes()],
+        })
+    };
+    let rq = Pdu::AssociateRq(Associate {
+        protocol_version: 1,
+        called_ae: ae_title_field("DICOMGATE"),
+        calling_ae: ae_title_field("FUZZ"),
+        items: vec![
+            Item::ApplicationContext(DICOM_APPLICATION_CONTEXT),
+            pc(1, CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN),
+            pc(3, CT_IMAGE_STORAGE, "1.2.840.10008.1.2"),
+            pc(5, VERIFICATION_SOP_CLASS, "1.2.840.10008.1.2"),
+            Item::UserInformation(vec![
+                SubItem::MaximumLength(16384),
+                SubItem::ImplementationClassUid(b"1.2.3.4"),
+                SubItem::AsynchronousOperationsWindow {
+                    max_invoked: window,
+                    max_performed: 1,
+                },
+            ]),
+        ],
+    });
+    let mut out = Vec::new();
+    rq.encode(&mut out).expect("encodable");
+    out
+}
+
+/// The encoded command of a C-STORE-RQ (or C-ECHO-RQ) with this message ID, for instance `i`.
+fn service_command(echo: bool, id: u16, i: u8) -> Vec<u8> {
+    use crate::dimse::command::{self, command_field, CommandSet, NO_DATA_SET};
+    let c = if echo {
+        CommandSet {
+            command_field: command_field::C_ECHO_RQ,
+            message_id: Some(id),
+            affected_sop_class_uid: Some(b"1.2.840.10008.1.1".to_vec()),
+            command_data_set_type: NO_DATA_SET,
+            ..Default::default()
+        }
+    } else {
+        CommandSet {
+            command_field: command_field::C_STORE_RQ,
+            message_id: Some(id),
+            affected_sop_class_uid: Some(crate::synth::CT_IMAGE_STORAGE.as_bytes().to_vec()),
+            affected_sop_instance_uid: Some(format!("1.2.3.{i}").into_bytes()),
+            priority: Some(0),
+            command_data_set_type: 0,
+            ..Default::default()
+        }
+    };
+    let mut out = Vec::new();
+    command::encode(&c, &mut out);
+    out
+}
+
+/// A small data set for instance `i` (its SOP UIDs match [`service_command`]'s).
+fn service_data_set(i: u8) -> Vec<u8> {
+    let mut d = Vec::new();
+    crate::synth::element(
+        &mut d,
+        0x0008,
+        0x0016,
+        b"UI",
+        crate::synth::CT_IMAGE_STORAGE.as_bytes(),
+    );
+    crate::synth::element(
+        &mut d,
+        0x0008,
+        0x0018,
+        b"UI",
+        format!("1.2.3.{i}").as_bytes(),
+    );
+    crate::synth::element(&mut d, 0x0010, 0x0020, b"LO", b"FUZZ");
+    d
+}
+
+/// Arbitrary PDV sequences (valid messages, fragments of them, and raw bytes, packed into
+/// P-DATA-TF PDUs of any shape) against the acceptor's DIMSE service, with storage completing
+/// its stores in any order, release, abort, timers and transport closes in between. Never panics;
+/// outstanding stores stay within the window plus what one PDU carries; every store handed out
+/// is answered at most once and no response names a message never sent.
+pub fn dimse_service(data: &[u8]) {
+    use crate::dimse::service::{Service, ServiceConfig, StoreOutcome};
+    use std::time::{Duration, Instant};
+    let config = crate::config::Config::default();
+    let mut policy = config.acceptor_policy();
+    policy.ae_title = "DICOMGATE".into();
+    let mut c = Choices::new(data);
+    let window = u16::from(c.u8() % 8) + 1;
+    policy.max_operations_performed = window;
+    let mut wanted = crate::dimse::tags::ROUTING.to_vec();
+    wanted.sort_unstable();
+    let cfg = ServiceConfig {
+        policy,
+        timeouts: config.timeouts(),
+        wanted_tags: wanted,
+        max_message_bytes: 4096,
+        max_pdu_length: 16384,
+        max_associate_length: 65536,
+    };
+    let mut now = Instant::now();
+    let mut svc = Service::new(now, &cfg);
+    let mut inbox = service_associate_rq(window);
+    let mut handed: Vec<u64> = Vec::new();
+    let mut sent_ids: Vec<u16> = Vec::new();
+    let mut answered = 0usize;
+    let mut granted = true;
+    while !c.done() {
+        match c.u8() % 8 {
+            0..=3 => {
+                // One P-DATA-TF of up to 8 PDVs.
+                let mut body = Vec::new();
+                for _ in 0..1 + c.u8() % 8 {
+                    let pc = [1u8, 3, 5, 7][usize::from(c.u8() % 4)];
+                    let k = c.u8();
+                    let bytes: Vec<u8> = match k % 6 {
+                        0 | 1 => {
+                            let id = u16::from(c.u8());
+                            sent_ids.push(id);
+                            service_command(k % 6 == 1, id, c.u8())
+                        }
+                        2 => service_data_set(c.u8()),
+                        3 => {
+                            let whole = service_data_set(c.u8());
+                            let cut = usize::from(c.u8()) % (whole.len() + 1);
+                            whole[..cut].to_vec()
+                        }
+                        _ => c.bytes(64).to_vec(),
+                    };
+                    let mch = c.u8() & 3;
+                    body.extend_from_slice(&(bytes.len() as u32 + 2).to_be_bytes());
+                    body.push(pc);
+                    body.push(mch);
+                    body.extend_from_slice(&bytes);
+                }
+                inbox.extend_from_slice(&[0x04, 0]);
+                inbox.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                inbox.extend_from_slice(&body);
+            }
+            4 => {
+                // Storage completes one handed-out store (any of them), or fails it.
+                if !handed.is_empty() {
+                    let i = usize::from(c.u8()) % handed.len();
+                    let token = handed.swap_remove(i);
+                    let outcome = if c.u8() % 4 == 0 {
+                        StoreOutcome::Failed {
+                            status: 0xA700,
+                            comment: "full".into(),
+                        }
+                    } else {
+                        StoreOutcome::Stored { bytes: 1 }
+                    };
+                    svc.handle_store_done(now, token, outcome);
+                }
+            }
+            5 => match c.u8() % 4 {
+                0 => inbox.extend_from_slice(&[0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]),
+                1 => inbox.extend_from_slice(&[0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0]),
+                2 => svc.abort(now, "fuzz"),
+                _ => inbox.extend_from_slice(c.bytes(16)),
+            },
+            6 => {
+                now += Duration::from_secs(u64::from(c.u8()));
+                svc.handle_timeout(now);
+            }
+            _ => svc.handle_transport_closed(now),
+        }
+        // The host's part: feed what the service takes, hand stores out, write.
+        let pdvs_in_pdu = 8;
+        let n = svc.handle_input(now, &inbox, &cfg, &mut |_| granted);
+        granted = !granted || c.u8() % 2 == 0;
+        inbox.drain(..n);
+        let outstanding = svc.stores_waiting() + svc.stores_in_flight();
+        assert!(
+            outstanding <= usize::from(window) + pdvs_in_pdu,
+            "outstanding {outstanding} beyond window {window} + one PDU"
+        );
+        while handed.len() < 4 {
+            let Some(s) = svc.poll_store() else { break };
+            handed.push(s.token);
+        }
+        let out = std::mem::take(svc.transmit());
+        let mut pos = 0;
+        while pos + 6 <= out.len() {
+            let len = u32::from_be_bytes([out[pos + 2], out[pos + 3], out[pos + 4], out[pos + 5]])
+                as usize;
+            let pdu = &out[pos..pos + 6 + len];
+            if let Ok(ul::Pdu::PDataTf(p)) = ul::decode(pdu) {
+                for pdv in p.pdvs() {
+                    let rsp =
+                        crate::dimse::command::decode(pdv.data).expect("our response decodes");
+                    let id = rsp
+                        .message_id_being_responded_to
+                        .expect("names its request");
+                    assert!(
+                        sent_ids.contains(&id),
+                        "response to message {id}, never sent"
+                    );
+                    answered += 1;
+                }
+            }
+            pos += 6 + len;
+        }
+        assert_eq!(pos, out.len(), "whole PDUs only");
+        while svc.poll_event().is_some() {}
+        if svc.is_closed() {
+            for t in handed.drain(..) {
+                svc.handle_store_done(now, t, StoreOutcome::Stored { bytes: 1 });
+            }
+            assert_eq!(svc.stores_in_flight(), 0);
+            assert!(svc.transmit().is_empty(), "nothing sent once closed");
+            break;
+        }
+    }
+    assert!(answered <= sent_ids.len());
+}
+
 /// Random events against both sides of the association machine: no panic, and once aborted the
 /// machine reaches Sta1 when the transport closes.
 pub fn assoc_events(data: &[u8]) {
@@ -583,6 +810,7 @@ mod tests {
             deframer_chunked(d);
             tag_scan(d);
             dimse_message(d);
+            dimse_service(d);
             assoc_events(d);
         }
     }

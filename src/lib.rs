@@ -47,3 +47,4 @@ pub mod storage;
 pub mod synth;
 #[cfg(not(dicomgate_loom))]
 pub mod ul;
+pub mod wakeflag;

@@ -333,3 +333,67 @@ fn operations_window_is_granted_and_pipelined_stores_are_all_answered() {
     assert_eq!(c.operations_window, 1, "storescp ignores the proposal");
     c.release().unwrap();
 }
+
+/// Issue 10's reproduced defect, end to end: an association granted an operations window of
+/// 20 sends one P-DATA-TF holding 20 complete C-STOREs while storage's queue (depth 1) is full.
+/// The reactor used to park the store it could not queue in a single slot that the next one
+/// overwrote: 2 responses and 2 files, 18 requests never answered, the association hung until
+/// the idle timer. Every request must be answered and stored.
+#[test]
+fn several_messages_per_pdu_under_full_storage_queue() {
+    use dicomgate::dimse::command::{self, command_field, CommandSet};
+    use dicomgate::dimse::message;
+    use std::io::Write;
+    let node = Node::start(
+        "[limits]\nmax_operations_performed = 20\n\
+         [storage]\nqueue_depth = 1\nworkers = 1\ndurability = \"fsync\"\n",
+    );
+    let o = ScuOptions {
+        timeout: std::time::Duration::from_secs(10),
+        ..opts()
+    };
+    let mut c = Client::connect_windowed(node.addr.to_string(), &o, &[ct_proposal()], 20).unwrap();
+    assert_eq!(c.operations_window, 20);
+    let pc = c.contexts[0].id;
+    let mut bytes = Vec::new();
+    let mut sops = Vec::new();
+    for i in 0..20u16 {
+        let sop = format!("1.2.826.0.1.3680043.10.7.{i}");
+        let rq = CommandSet {
+            command_field: command_field::C_STORE_RQ,
+            message_id: Some(i + 1),
+            affected_sop_class_uid: Some(CT_IMAGE_STORAGE.as_bytes().to_vec()),
+            affected_sop_instance_uid: Some(sop.clone().into_bytes()),
+            priority: Some(0),
+            command_data_set_type: 0,
+            ..Default::default()
+        };
+        let mut cmd = Vec::new();
+        command::encode(&rq, &mut cmd);
+        message::fragment(&mut bytes, pc, true, &cmd, c.peer_max_pdu);
+        let ds = dataset("MANY", "1.2.3", "1.2.3.4", &sop, 32);
+        message::fragment(&mut bytes, pc, false, &ds, c.peer_max_pdu);
+        sops.push(sop);
+    }
+    let one_pdu = coalesce_pdata(&bytes, c.peer_max_pdu);
+    assert_eq!(
+        u32::from_be_bytes(one_pdu[2..6].try_into().unwrap()) as usize + 6,
+        one_pdu.len(),
+        "all 20 messages in one P-DATA-TF"
+    );
+    c.stream().write_all(&one_pdu).unwrap();
+    let mut answered = Vec::new();
+    for n in 0..20 {
+        let (id, status, comment) = c
+            .receive_response()
+            .unwrap_or_else(|e| panic!("after {n} responses: {e}\n{}", node.log()));
+        assert_eq!(status, 0, "{comment:?}");
+        answered.push(id);
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, (1..=20).collect::<Vec<u16>>());
+    c.release().unwrap();
+    for sop in &sops {
+        assert!(stored_instance(&node, sop).is_some(), "{sop} stored");
+    }
+}

@@ -1,14 +1,16 @@
-//! DIMSE (PS3.7): command sets, message assembly from PDV fragments, and the C-ECHO and C-STORE
-//! service logic of the acceptor.
+//! DIMSE (PS3.7): command sets, message assembly from PDV fragments, the C-ECHO and C-STORE
+//! logic of the acceptor, and the per-association [`service::Service`] that drives them.
 //!
-//! Owns: turning a complete message into either a response or a store request. Pure: no sockets,
-//! no files, no clocks. Must never hand untrusted data set bytes to a full parser: routing values
+//! Owns: turning a complete message into either a response or a store request, and (in
+//! `service`) everything one association holds between PDUs. Pure: no sockets, no files, no
+//! clocks. Must never hand untrusted data set bytes to a full parser: routing values
 //! come from the bounded top-level [`scan`].
 #![forbid(unsafe_code)]
 
 pub mod command;
 pub mod message;
 pub mod scan;
+pub mod service;
 pub mod uid;
 
 use crate::assoc::negotiation::VERIFICATION_SOP_CLASS;

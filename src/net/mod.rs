@@ -92,8 +92,8 @@ impl AssociationLimits {
 #[derive(Debug)]
 pub struct Shared {
     pub config: Config,
-    pub policy: crate::assoc::AcceptorPolicy,
-    pub timeouts: crate::assoc::Timeouts,
+    /// What every association's DIMSE service is configured with.
+    pub service: crate::dimse::service::ServiceConfig,
     pub storage: Storage,
     pub associations: AssociationLimits,
     pub connections: AtomicUsize,
@@ -108,14 +108,19 @@ pub struct Mailbox {
     pub new_connections: SegQueue<(TcpStream, SocketAddr)>,
     pub completions: SegQueue<StoreDone>,
     /// Set when a wake is already pending, so a burst of completions costs one wake-up.
-    pub wake_pending: AtomicBool,
+    pub wake_pending: crate::wakeflag::WakeFlag,
     pub waker: mio::Waker,
     pub live: AtomicUsize,
 }
 
 impl Mailbox {
+    /// Called by the reactor before it empties its queues (see [`crate::wakeflag`]).
+    pub fn begin_drain(&self) {
+        self.wake_pending.begin_drain();
+    }
+
     pub fn wake(&self) {
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+        if self.wake_pending.notify() {
             if let Err(e) = self.waker.wake() {
                 tracing::error!(error = %e, "reactor wake-up failed");
             }
@@ -200,7 +205,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         boxes.push(Mailbox {
             new_connections: SegQueue::new(),
             completions: SegQueue::new(),
-            wake_pending: AtomicBool::new(false),
+            wake_pending: crate::wakeflag::WakeFlag::new(),
             waker,
             live: AtomicUsize::new(0),
         });
@@ -214,6 +219,15 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
             m.wake();
         }
     });
+    // Room in storage's queue: wake every reactor whose bit (id % 64) asked.
+    let mb = mailboxes.clone();
+    let space = Arc::new(move |bits: u64| {
+        for (i, m) in mb.iter().enumerate() {
+            if bits & (1 << (i % 64)) != 0 {
+                m.wake();
+            }
+        }
+    });
     let pipeline_shutdown = Arc::new(AtomicBool::new(false));
     let (storage, mut threads) = Storage::start(
         config.node.data_dir.clone(),
@@ -221,16 +235,30 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         config.storage.queue_depth,
         config.storage.durability,
         done,
+        space,
         pipeline_shutdown.clone(),
     )?;
+    let mb = mailboxes.clone();
+    let room = Arc::new(move |r: usize| {
+        if let Some(m) = mb.get(r) {
+            m.wake();
+        }
+    });
     let (pipeline, pipeline_threads) =
-        pipeline::start(&config, n, processor, pipeline_shutdown.clone())?;
+        pipeline::start(&config, n, processor, room, pipeline_shutdown.clone())?;
     threads.extend(pipeline_threads);
+    let service = crate::dimse::service::ServiceConfig {
+        policy: config.acceptor_policy(),
+        timeouts: config.timeouts(),
+        wanted_tags: pipeline.wanted_tags.clone(),
+        max_message_bytes: config.limits.max_message_bytes,
+        max_pdu_length: config.limits.max_pdu_length,
+        max_associate_length: config.limits.max_associate_length,
+    };
     let shared = Arc::new(Shared {
         pipeline,
         next_association: AtomicU64::new(0),
-        policy: config.acceptor_policy(),
-        timeouts: config.timeouts(),
+        service,
         associations: AssociationLimits::new(
             config.limits.max_associations,
             config.limits.max_associations_per_calling_ae,

@@ -1,19 +1,33 @@
-//! One mio event loop: its connections, their read buffers, and the glue from bytes to the
-//! association machine, DIMSE and storage.
+//! One mio event loop: its connections' sockets and read buffers, and the moving of bytes and
+//! completions between them, each association's sans-IO [`Service`] and storage. Nothing of
+//! DIMSE or the association lives here: the service decides, the reactor carries.
 //!
-//! A connection stops reading (backpressure) while its outstanding stores reach the negotiated
-//! operations window or while the storage queue refuses its next job; it then holds at most one
-//! PDU beyond what it has handed on. Read buffers are allocated once per connection, sized to the
-//! largest PDU the connection may receive, and reused.
+//! Rules from mio's docs, kept here: drain reads and writes until `WouldBlock` (events are edge
+//! triggered); expect spurious events; never register a socket twice. A connection whose
+//! service does not want input (backpressure: its operations window is full, or a release
+//! waits for outstanding responses) ignores readiness and is read again when that changes; it
+//! then holds at most one read buffer of bytes beyond what its service took.
+//!
+//! Nothing here polls. Timers live in one heap (an entry per connection's earliest deadline;
+//! entries made stale by later activity are skipped when they come up). A store that finds
+//! storage's queue full waits in its connection's one `blocked` slot, and the connection asks
+//! storage to wake this reactor when a worker makes room (`Storage::submit_or_notify`); the
+//! service queues every further store meanwhile, and no store is taken from it while the slot
+//! is full, so nothing is overwritten. The pipeline's queue works the same way
+//! (`Pipeline::push_or_notify`).
+//!
+//! Responses: completions at hand are all handed to their services first, then each touched
+//! connection is written once (one write per batch, not per response).
 //!
 //! Hand-off to the pipeline: each durable instance becomes an `Event::Stored` on this reactor's
 //! bounded lock-free queue, and each association that stored something ends with an
-//! `Event::Closed` — after its last store completed, even if the connection went away first,
-//! so the close never overtakes an instance. A full queue parks events in a local overflow and
-//! pauses reading on every connection of the reactor until the pipeline catches up; nothing is
-//! dropped.
+//! `Event::Closed` after its last store completed: a connection whose transport is gone keeps
+//! its slot (without a socket) until its in-flight stores are done, so the close never
+//! overtakes an instance. A full queue parks events in a local overflow and pauses reading on
+//! every connection of the reactor until the pipeline catches up; nothing is dropped.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -23,25 +37,18 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use super::{Mailbox, Shared};
-use crate::assoc::{negotiate, Association, Event, Negotiated, Outcome, Received, State};
 use crate::config::Unmatched;
-use crate::dimse::command::{self, response_to, status, CommandSet};
-use crate::dimse::{self, message, tags, Action, Assembler};
+use crate::dimse::command::status;
+use crate::dimse::service::{Service, ServiceEvent, StoreOutcome, StoreSubmission};
+use crate::dimse::tags;
 use crate::pipeline::{Arrival, Event as PipelineEvent};
-use crate::storage::{FileMeta, ReplyTo, StoreDone, StoreJob};
-use crate::ul::{self, reject_reason, AbortReason, AssociateRj, Pdu, RejectResult, RejectSource};
+use crate::storage::{FileMeta, ReplyTo, StoreJob};
+use crate::ul;
 
 pub const WAKER: Token = Token(usize::MAX);
 
 /// Smallest read buffer; grown up to the largest PDU allowed in the connection's state.
 const MIN_BUFFER: usize = 16 * 1024;
-
-#[derive(Debug, Default)]
-struct Stats {
-    instances: u64,
-    bytes: u64,
-    failures: u64,
-}
 
 /// The socket side of a connection.
 #[derive(Debug)]
@@ -50,48 +57,28 @@ struct Io {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// The peer closed its side (or the socket failed).
-    eof: bool,
-}
-
-/// A response waiting for its store to finish.
-#[derive(Debug)]
-struct PendingStore {
-    token: u64,
-    pc: u8,
-    request: CommandSet,
 }
 
 #[derive(Debug)]
 struct Conn {
-    io: Io,
+    /// `None` once the transport is closed, while stores handed out are still in flight.
+    io: Option<Io>,
     peer: SocketAddr,
     generation: u64,
-    assoc: Association,
-    negotiated: Option<Negotiated>,
-    holds_slot: bool,
-    assembler: Assembler,
-    pending: VecDeque<PendingStore>,
+    svc: Service,
+    /// A store storage's queue had no room for; no other is taken from `svc` while it is here.
     blocked: Option<StoreJob>,
-    release_pending: bool,
-    next_token: u64,
+    /// The deadline this connection has in the timer heap, if any.
+    armed: Option<Instant>,
+    /// On the reactor's list of connections to write after a batch of completions.
+    touched: bool,
+    /// On the reactor's list of connections waiting for room in storage's queue.
+    listed_blocked: bool,
+    /// The association's log line was written.
+    logged: bool,
     started: Instant,
-    stats: Stats,
-    outcome: Option<String>,
     /// Node-wide association number, used by the pipeline's open-association counts.
     association: u64,
-    /// Store jobs handed to storage.
-    submitted: u64,
-}
-
-impl Conn {
-    fn paused(&self) -> bool {
-        let window = self
-            .negotiated
-            .as_ref()
-            .map_or(1, |n| n.max_operations_performed as usize);
-        self.blocked.is_some() || self.pending.len() >= window || self.release_pending
-    }
 }
 
 struct Reactor<'a> {
@@ -104,8 +91,10 @@ struct Reactor<'a> {
     generation: u64,
     /// Events the pipeline queue had no room for, oldest first.
     overflow: VecDeque<PipelineEvent>,
-    /// Associations whose connection is gone while stores are still in flight: how many.
-    orphans: HashMap<u64, usize>,
+    /// (deadline, connection, generation); stale entries are skipped.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Connections with a `blocked` store, waiting for room in storage's queue.
+    blocked: Vec<usize>,
     rung: bool,
 }
 
@@ -122,7 +111,8 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
         free: Vec::new(),
         generation: 0,
         overflow: VecDeque::new(),
-        orphans: HashMap::new(),
+        timers: BinaryHeap::new(),
+        blocked: Vec::new(),
         rung: false,
     };
     let mut events = Events::with_capacity(1024);
@@ -144,16 +134,15 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
                 woke = true;
                 continue;
             }
-            let idx = ev.token().0;
-            r.drive(idx, Instant::now());
+            r.drive(ev.token().0, Instant::now());
         }
         if woke || !r.mailbox.completions.is_empty() || !r.mailbox.new_connections.is_empty() {
-            r.mailbox.wake_pending.store(false, Ordering::Release);
+            r.mailbox.begin_drain();
             r.take_new_connections();
             r.take_completions();
+            r.retry_blocked();
+            r.flush_overflow();
         }
-        r.retry_blocked();
-        r.flush_overflow();
         r.fire_timers();
         if std::mem::take(&mut r.rung) {
             shared.pipeline.ring(id);
@@ -163,23 +152,8 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
 
 impl Reactor<'_> {
     fn next_timeout(&self) -> Option<Duration> {
-        let now = Instant::now();
-        let mut next: Option<Instant> = None;
-        let mut blocked = false;
-        for c in self.conns.iter().flatten() {
-            blocked |= c.blocked.is_some();
-            if let Some(t) = c.assoc.poll_timeout() {
-                next = Some(next.map_or(t, |n| n.min(t)));
-            }
-        }
-        let mut d = next.map(|t| t.saturating_duration_since(now));
-        if blocked || !self.overflow.is_empty() {
-            // The storage queue has no "space free" signal; retry soon.
-            d = Some(d.map_or(Duration::from_millis(1), |x| {
-                x.min(Duration::from_millis(1))
-            }));
-        }
-        d
+        let Reverse((t, _, _)) = self.timers.peek()?;
+        Some(t.saturating_duration_since(Instant::now()))
     }
 
     fn take_new_connections(&mut self) {
@@ -202,28 +176,22 @@ impl Reactor<'_> {
             self.generation += 1;
             let now = Instant::now();
             self.conns[idx] = Some(Conn {
-                io: Io {
+                io: Some(Io {
                     stream,
                     buf: Vec::new(),
                     start: 0,
                     end: 0,
-                    eof: false,
-                },
+                }),
                 peer,
                 generation: self.generation,
-                assoc: Association::acceptor(now, self.shared.timeouts),
-                negotiated: None,
-                holds_slot: false,
-                assembler: Assembler::new(self.shared.config.limits.max_message_bytes),
-                pending: VecDeque::new(),
+                svc: Service::new(now, &self.shared.service),
                 blocked: None,
-                release_pending: false,
-                next_token: 0,
+                armed: None,
+                touched: false,
+                listed_blocked: false,
+                logged: false,
                 started: now,
-                stats: Stats::default(),
-                outcome: None,
                 association: self.shared.next_association.fetch_add(1, Ordering::Relaxed) + 1,
-                submitted: 0,
             });
             self.drive(idx, now);
         }
@@ -234,43 +202,47 @@ impl Reactor<'_> {
         self.mailbox.live.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Hands every completion at hand to its service, then writes each touched connection once.
     fn take_completions(&mut self) {
+        let mut touched: Vec<usize> = Vec::new();
+        let now = Instant::now();
         while let Some(mut done) = self.mailbox.completions.pop() {
-            let idx = done.reply.connection;
-            let now = Instant::now();
-            let association = done.arrival.as_ref().map(|a| a.association);
             if let (Some(arrival), Ok(stored)) = (done.arrival.take(), &done.result) {
                 let new = stored.new;
                 self.push_event(PipelineEvent::Stored { arrival, new });
             }
-            let live = self
+            let idx = done.reply.connection;
+            let Some(c) = self
                 .conns
                 .get_mut(idx)
                 .and_then(Option::as_mut)
-                .filter(|c| c.generation == done.reply.generation);
-            match live {
-                Some(c) => {
-                    complete_store(c, done, now);
-                    self.drive(idx, now);
-                }
-                None => {
-                    // The connection went away; the instance is stored (and handed on) all
-                    // the same. The association's close follows its last store.
-                    if let Some(a) = association {
-                        self.orphan_store_done(a);
+                .filter(|c| c.generation == done.reply.generation)
+            else {
+                continue;
+            };
+            let outcome = match done.result {
+                Ok(stored) => StoreOutcome::Stored {
+                    bytes: stored.bytes,
+                },
+                Err(e) => {
+                    tracing::error!(peer = %c.peer, error = %e, "store failed: answering 0xA700");
+                    StoreOutcome::Failed {
+                        status: status::OUT_OF_RESOURCES,
+                        comment: e,
                     }
                 }
+            };
+            c.svc.handle_store_done(now, done.token, outcome);
+            if !c.touched {
+                c.touched = true;
+                touched.push(idx);
             }
         }
-    }
-
-    fn orphan_store_done(&mut self, association: u64) {
-        if let Some(n) = self.orphans.get_mut(&association) {
-            *n -= 1;
-            if *n == 0 {
-                self.orphans.remove(&association);
-                self.push_event(PipelineEvent::Closed { association });
+        for idx in touched {
+            if let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) {
+                c.touched = false;
             }
+            self.drive(idx, now);
         }
     }
 
@@ -285,8 +257,14 @@ impl Reactor<'_> {
         if !self.overflow.is_empty() {
             self.overflow.push_back(ev);
         } else if let Err(ev) = self.shared.pipeline.push(self.id, ev) {
-            tracing::debug!(reactor = self.id, "pipeline queue full: pausing reads");
-            self.overflow.push_back(ev);
+            match self.shared.pipeline.push_or_notify(self.id, ev) {
+                Ok(()) => {}
+                Err(ev) => {
+                    tracing::debug!(reactor = self.id, "pipeline queue full: pausing reads");
+                    self.overflow.push_back(ev);
+                    self.rung = true;
+                }
+            }
         }
     }
 
@@ -296,7 +274,7 @@ impl Reactor<'_> {
             return;
         }
         while let Some(ev) = self.overflow.pop_front() {
-            if let Err(ev) = self.shared.pipeline.push(self.id, ev) {
+            if let Err(ev) = self.shared.pipeline.push_or_notify(self.id, ev) {
                 self.overflow.push_front(ev);
                 self.rung = true;
                 return;
@@ -311,34 +289,35 @@ impl Reactor<'_> {
         }
     }
 
+    /// Offers each blocked store to storage again (after a wake: room may have been made).
     fn retry_blocked(&mut self) {
-        for idx in 0..self.conns.len() {
-            let Some(c) = self.conns[idx].as_mut() else {
-                continue;
-            };
-            if let Some(job) = c.blocked.take() {
-                if let Err(job) = self.shared.storage.try_submit(job) {
-                    c.blocked = Some(job);
-                } else {
-                    self.drive(idx, Instant::now());
-                }
+        let now = Instant::now();
+        for idx in std::mem::take(&mut self.blocked) {
+            if let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) {
+                c.listed_blocked = false;
             }
+            self.drive(idx, now);
         }
     }
 
     fn fire_timers(&mut self) {
         let now = Instant::now();
-        for idx in 0..self.conns.len() {
-            let due = self.conns[idx]
-                .as_ref()
-                .and_then(|c| c.assoc.poll_timeout())
-                .is_some_and(|t| t <= now);
-            if due {
-                if let Some(c) = self.conns[idx].as_mut() {
-                    c.assoc.handle_timeout(now);
-                }
-                self.drive(idx, now);
+        while let Some(&Reverse((t, idx, generation))) = self.timers.peek() {
+            if t > now {
+                break;
             }
+            self.timers.pop();
+            let Some(c) = self
+                .conns
+                .get_mut(idx)
+                .and_then(Option::as_mut)
+                .filter(|c| c.generation == generation && c.armed == Some(t))
+            else {
+                continue; // stale
+            };
+            c.armed = None;
+            c.svc.handle_timeout(now);
+            self.drive(idx, now);
         }
     }
 
@@ -346,113 +325,305 @@ impl Reactor<'_> {
         let now = Instant::now();
         for idx in 0..self.conns.len() {
             if let Some(c) = self.conns[idx].as_mut() {
-                let _ = c.assoc.abort(now);
-                let _ = flush(c);
-                c.outcome
-                    .get_or_insert_with(|| "aborted: node shutting down".into());
+                c.svc.abort(now, "node shutting down");
+                if let Some(io) = c.io.as_mut() {
+                    let _ = write_out(io, &mut c.svc);
+                }
+                self.close_transport(idx);
                 self.remove(idx);
             }
         }
     }
 
-    /// Runs a connection until it can make no more progress without new readiness.
+    /// Runs a connection until it can make no more progress without new readiness, a
+    /// completion or room in a queue; then re-arms its timer.
     fn drive(&mut self, idx: usize, now: Instant) {
         let shared = self.shared;
-        let reply_base = (self.id, idx);
+        let reactor = self.id;
         let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
             return;
         };
+        let mut closed = false;
         loop {
-            process_input(c, shared, reply_base, now);
-            handle_events(c, now);
-            if flush(c).is_err() {
-                c.assoc.handle_transport_closed(now);
-                handle_events(c, now);
+            let cfg = &shared.service;
+            if let Some(io) = c.io.as_mut() {
+                let n = c
+                    .svc
+                    .handle_input(now, &io.buf[io.start..io.end], cfg, &mut |ae| {
+                        shared.associations.try_acquire(ae)
+                    });
+                io.start += n;
+            }
+            submit_stores(c, shared, reactor, idx);
+            log_events(c);
+            let Some(io) = c.io.as_mut() else {
+                break;
+            };
+            if write_out(io, &mut c.svc).is_err() {
+                c.svc.handle_transport_closed(now);
+                closed = true;
                 break;
             }
-            if c.assoc.state() == State::Sta1 || c.assoc.wants_close() || c.io.eof {
+            if c.svc.is_closed() {
+                closed = c.svc.transmit().is_empty() || c.svc.state() == crate::assoc::State::Sta1;
                 break;
             }
-            if c.paused() || !self.overflow.is_empty() {
+            if !c.svc.wants_read() || !self.overflow.is_empty() {
                 break;
             }
-            match read_some(c, shared) {
+            match read_some(io, c.svc.max_receive_pdu(&shared.service)) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(_) => {
-                    c.io.eof = true;
-                    c.assoc.handle_transport_closed(now);
-                    handle_events(c, now);
+                    c.svc.handle_transport_closed(now);
+                    closed = true;
                     break;
                 }
             }
         }
-        let done = c.assoc.state() == State::Sta1
-            || (c.assoc.wants_close() && c.assoc.transmit().is_empty());
+        log_events(c);
+        if c.blocked.is_some() && !c.listed_blocked {
+            c.listed_blocked = true;
+            self.blocked.push(idx);
+        }
+        if closed {
+            self.close_transport(idx);
+        }
+        self.arm(idx);
+        self.remove_if_done(idx);
+    }
+
+    /// Puts the connection's next deadline in the heap unless an earlier one is there already.
+    fn arm(&mut self, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        if c.io.is_none() {
+            return; // no peer left to time out
+        }
+        if let Some(t) = c.svc.poll_timeout() {
+            if c.armed.is_none_or(|a| t < a) {
+                c.armed = Some(t);
+                self.timers.push(Reverse((t, idx, c.generation)));
+            }
+        }
+    }
+
+    /// Closes the socket and gives back the connection's slots; the connection itself stays
+    /// until its stores in flight are done.
+    fn close_transport(&mut self, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(mut io) = c.io.take() else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut io.stream);
+        if c.svc.state() != crate::assoc::State::Sta1 {
+            c.svc.handle_transport_closed(Instant::now());
+        }
+        if let Some(job) = c.blocked.take() {
+            // Never queued, never acknowledged: the peer is gone, so it is not stored.
+            c.svc.handle_store_done(
+                Instant::now(),
+                job.token,
+                StoreOutcome::Failed {
+                    status: status::OUT_OF_RESOURCES,
+                    comment: "connection closed before storage had room".into(),
+                },
+            );
+        }
+        if c.svc.holds_slot() {
+            if let Some(n) = c.svc.negotiated() {
+                self.shared.associations.release(&n.calling_ae);
+            }
+        }
+        if c.svc.stores_in_flight() == 0 {
+            // Logged before the socket closes, so a peer that sees the close finds the line.
+            log_association(c);
+            c.logged = true;
+        }
+        drop(io);
+        self.forget_connection();
+    }
+
+    fn remove_if_done(&mut self, idx: usize) {
+        let done = self
+            .conns
+            .get(idx)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.io.is_none() && c.svc.stores_in_flight() == 0);
         if done {
             self.remove(idx);
         }
     }
 
+    /// Forgets a connection whose transport is closed: logs it and tells the pipeline the
+    /// association ended (after its last store).
     fn remove(&mut self, idx: usize) {
-        let Some(mut c) = self.conns.get_mut(idx).and_then(Option::take) else {
+        let Some(c) = self.conns.get_mut(idx).and_then(Option::take) else {
             return;
         };
-        let _ = self.poll.registry().deregister(&mut c.io.stream);
-        if c.holds_slot {
-            if let Some(n) = &c.negotiated {
-                self.shared.associations.release(&n.calling_ae);
-            }
+        if !c.logged {
+            log_association(&c);
         }
-        log_association(&c);
-        if c.submitted > 0 {
-            let in_flight = c.pending.len() - usize::from(c.blocked.is_some());
-            if in_flight == 0 {
-                self.push_event(PipelineEvent::Closed {
-                    association: c.association,
-                });
-            } else {
-                self.orphans.insert(c.association, in_flight);
-            }
+        if c.svc.stats().submitted > 0 {
+            self.push_event(PipelineEvent::Closed {
+                association: c.association,
+            });
         }
         self.free.push(idx);
-        self.forget_connection();
+    }
+}
+
+/// Hands the service's stores to storage while it has room. When one finds no room it waits in
+/// the connection's `blocked` slot, and storage will wake this reactor when it makes room.
+fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) {
+    if let Some(job) = c.blocked.take() {
+        if let Err(job) = shared.storage.submit_or_notify(reactor, job) {
+            c.blocked = Some(job);
+            return;
+        }
+    }
+    while let Some(sub) = c.svc.poll_store() {
+        let Some(job) = store_job(c, shared, sub, reactor, idx) else {
+            continue;
+        };
+        let job = match shared.storage.try_submit(job) {
+            Ok(()) => continue,
+            Err(job) => job,
+        };
+        if let Err(job) = shared.storage.submit_or_notify(reactor, job) {
+            c.blocked = Some(job);
+            return;
+        }
+    }
+}
+
+/// The storage job for a store the service handed out, or `None` when the node refuses it (no
+/// input accepts it and `[patients] unmatched = "refuse"`; already answered 0x0124).
+fn store_job(
+    c: &mut Conn,
+    shared: &Shared,
+    sub: StoreSubmission,
+    reactor: usize,
+    connection: usize,
+) -> Option<StoreJob> {
+    let StoreSubmission {
+        token,
+        request: req,
+    } = sub;
+    let (key, record) = shared.pipeline.describe(&req.routing);
+    if record.inputs == 0 && shared.config.patients.unmatched == Unmatched::Refuse {
+        tracing::warn!(
+            peer = %c.peer,
+            sop_instance_uid = %req.sop_instance_uid,
+            "no [[input]] accepts this instance: refused with 0x0124"
+        );
+        c.svc.handle_store_done(
+            Instant::now(),
+            token,
+            StoreOutcome::Failed {
+                status: status::NOT_AUTHORIZED,
+                comment: "no input of this node accepts this instance".into(),
+            },
+        );
+        return None;
+    }
+    let text = |t| {
+        req.routing
+            .uid(t)
+            .map(|u| String::from_utf8_lossy(u).into_owned())
+    };
+    let study_uid = text(tags::STUDY_INSTANCE_UID).filter(|s| !s.is_empty());
+    let series_uid = text(tags::SERIES_INSTANCE_UID).filter(|s| !s.is_empty());
+    let patient_id = req
+        .routing
+        .text(tags::PATIENT_ID)
+        .unwrap_or_default()
+        .as_bytes()
+        .to_vec();
+    let req = *req;
+    Some(StoreJob {
+        reply: ReplyTo {
+            reactor,
+            connection,
+            generation: c.generation,
+        },
+        token,
+        meta: FileMeta {
+            sop_class_uid: req.sop_class_uid,
+            sop_instance_uid: req.sop_instance_uid,
+            transfer_syntax_uid: req.transfer_syntax.uid.to_string(),
+            source_ae_title: c
+                .svc
+                .negotiated()
+                .map(|n| n.calling_ae.clone())
+                .unwrap_or_default(),
+        },
+        patient_id,
+        study_uid,
+        series_uid,
+        data_set: req.data_set,
+        arrival: Some(Box::new(Arrival {
+            association: c.association,
+            key,
+            record,
+        })),
+    })
+}
+
+fn log_events(c: &mut Conn) {
+    while let Some(ev) = c.svc.poll_event() {
+        match ev {
+            ServiceEvent::Established => {}
+            ServiceEvent::Rejected {
+                calling_ae,
+                called_ae,
+                rj,
+            } => tracing::info!(
+                peer = %c.peer,
+                calling_ae,
+                called_ae,
+                result = rj.result.0,
+                source = rj.source.0,
+                reason = rj.reason,
+                "association rejected"
+            ),
+            ServiceEvent::Refused { status, comment } => tracing::warn!(
+                peer = %c.peer,
+                status = format!("0x{status:04X}"),
+                comment = %comment,
+                "request refused"
+            ),
+        }
     }
 }
 
 fn log_association(c: &Conn) {
-    let outcome = c.outcome.as_deref().unwrap_or("closed");
+    let outcome = c.svc.outcome().unwrap_or("closed");
     let (calling, called) = c
-        .negotiated
-        .as_ref()
+        .svc
+        .negotiated()
         .map_or(("", ""), |n| (n.calling_ae.as_str(), n.called_ae.as_str()));
+    let stats = c.svc.stats();
     tracing::info!(
         peer = %c.peer,
         calling_ae = calling,
         called_ae = called,
-        instances = c.stats.instances,
-        failures = c.stats.failures,
-        bytes = c.stats.bytes,
+        instances = stats.instances,
+        failures = stats.failures,
+        bytes = stats.bytes,
         duration_ms = c.started.elapsed().as_millis() as u64,
         outcome,
         "association"
     );
 }
 
-/// The largest PDU length the connection may receive in its state: an A-ASSOCIATE-RQ before
-/// negotiation, our advertised Maximum Length after.
-fn pdu_limit(c: &Conn, shared: &Shared) -> u32 {
-    if c.negotiated.is_some() {
-        shared.config.limits.max_pdu_length
-    } else {
-        shared.config.limits.max_associate_length
-    }
-}
-
-/// Reads once into the buffer. `Ok(true)`: got bytes; `Ok(false)`: would block.
-fn read_some(c: &mut Conn, shared: &Shared) -> io::Result<bool> {
-    let limit = pdu_limit(c, shared) as usize + ul::PDU_HEADER_LEN;
-    let io = &mut c.io;
+/// Reads once into the buffer, which may hold PDUs of up to `max_pdu` bytes. `Ok(true)`: got
+/// bytes; `Ok(false)`: would block, or the buffer is full of bytes the service has not taken.
+fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<bool> {
+    let limit = max_pdu as usize + ul::PDU_HEADER_LEN;
     if io.start == io.end {
         io.start = 0;
         io.end = 0;
@@ -469,16 +640,13 @@ fn read_some(c: &mut Conn, shared: &Shared) -> io::Result<bool> {
             let n = (io.buf.len() * 2).min(limit);
             io.buf.resize(n, 0);
         } else {
-            // A full buffer of complete PDUs waiting behind backpressure; stop reading.
+            // A full buffer the service has not taken (it waits for backpressure to lift).
             return Ok(false);
         }
     }
     loop {
         match io.stream.read(&mut io.buf[io.end..]) {
-            Ok(0) => {
-                io.eof = true;
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
                 io.end += n;
                 return Ok(true);
@@ -490,15 +658,15 @@ fn read_some(c: &mut Conn, shared: &Shared) -> io::Result<bool> {
     }
 }
 
-/// Writes what the association has to send, until done or `WouldBlock`.
-fn flush(c: &mut Conn) -> io::Result<()> {
-    let out = c.assoc.transmit();
+/// Writes what the service has to send, until done or `WouldBlock`.
+fn write_out(io: &mut Io, svc: &mut Service) -> io::Result<()> {
+    let out = svc.transmit();
     let mut written = 0;
     let r = loop {
         if written == out.len() {
             break Ok(());
         }
-        match c.io.stream.write(&out[written..]) {
+        match io.stream.write(&out[written..]) {
             Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
@@ -508,277 +676,4 @@ fn flush(c: &mut Conn) -> io::Result<()> {
     };
     out.drain(..written);
     r
-}
-
-/// Parses and handles every complete PDU in the buffer while the connection is not paused. The
-/// buffer is moved out while PDUs borrow from it, and put back after.
-fn process_input(c: &mut Conn, shared: &Shared, reply_base: (usize, usize), now: Instant) {
-    let buf = std::mem::take(&mut c.io.buf);
-    process_buffered(c, &buf, shared, reply_base, now);
-    c.io.buf = buf;
-}
-
-fn process_buffered(
-    c: &mut Conn,
-    buf: &[u8],
-    shared: &Shared,
-    reply_base: (usize, usize),
-    now: Instant,
-) {
-    while !c.paused() && c.io.start < c.io.end && !c.assoc.wants_close() {
-        let max = pdu_limit(c, shared);
-        let data = &buf[c.io.start..c.io.end];
-        let n = match ul::deframe(data, max) {
-            Ok(ul::Status::Complete(n)) => n,
-            Ok(ul::Status::Partial { .. }) => return,
-            Err(e) => {
-                tracing::debug!(peer = %c.peer, error = %e, "bad PDU header");
-                c.outcome = Some(format!("protocol error: {e}"));
-                c.assoc.handle_invalid_pdu(now, e);
-                c.io.start = c.io.end;
-                return;
-            }
-        };
-        c.assoc.touch(now);
-        let (start, end) = (c.io.start, c.io.start + n);
-        c.io.start = end;
-        let pdu = match ul::decode(&buf[start..end]) {
-            Ok(p) => p,
-            Err(e) => {
-                c.outcome = Some(format!("protocol error: {e}"));
-                c.assoc.handle_invalid_pdu(now, e);
-                c.io.start = c.io.end;
-                return;
-            }
-        };
-        if let Pdu::Abort(a) = &pdu {
-            c.outcome = Some(format!(
-                "aborted by peer (source {}, reason {})",
-                a.source.0, a.reason.0
-            ));
-        }
-        match c.assoc.handle_pdu(now, pdu) {
-            Received::AssociateRq(rq) => on_associate_rq(c, shared, &rq, now),
-            Received::Data(p) => {
-                for pdv in p.pdvs() {
-                    let Some(neg) = c.negotiated.as_ref() else {
-                        break;
-                    };
-                    match c.assembler.push(pdv, |id| neg.context(id).is_some()) {
-                        Ok(Some(msg)) => on_message(c, shared, msg, reply_base, now),
-                        Ok(None) => {}
-                        Err(e) => {
-                            c.outcome = Some(format!("aborted: {e}"));
-                            c.assoc.abort_protocol(now, e.abort_reason(), e.describe());
-                            break;
-                        }
-                    }
-                }
-                c.assoc.set_message_in_progress(c.assembler.in_progress());
-            }
-            Received::AssociateAc(_) | Received::Nothing => {}
-        }
-    }
-}
-
-fn on_associate_rq(c: &mut Conn, shared: &Shared, rq: &ul::Associate<'_>, now: Instant) {
-    let outcome = negotiate(rq, &shared.policy);
-    let rj = match outcome {
-        Outcome::Accept { ac, negotiated } => {
-            if shared.associations.try_acquire(&negotiated.calling_ae) {
-                c.holds_slot = true;
-                c.negotiated = Some(negotiated);
-                let _ = c.assoc.accept(now, &ac);
-                return;
-            }
-            c.negotiated = Some(negotiated);
-            AssociateRj {
-                result: RejectResult::TRANSIENT,
-                source: RejectSource::SERVICE_PROVIDER_PRESENTATION,
-                reason: reject_reason::LOCAL_LIMIT_EXCEEDED,
-            }
-        }
-        Outcome::Reject(rj) => rj,
-    };
-    c.outcome = Some(format!(
-        "rejected (result {}, source {}, reason {})",
-        rj.result.0, rj.source.0, rj.reason
-    ));
-    tracing::info!(
-        peer = %c.peer,
-        calling_ae = ul::ae_title_str(&rq.calling_ae).unwrap_or("<invalid>"),
-        called_ae = ul::ae_title_str(&rq.called_ae).unwrap_or("<invalid>"),
-        result = rj.result.0,
-        source = rj.source.0,
-        reason = rj.reason,
-        "association rejected"
-    );
-    let _ = c.assoc.reject(now, rj);
-}
-
-fn send_response(c: &mut Conn, pc: u8, response: &CommandSet) {
-    let max = c.negotiated.as_ref().map_or(16384, |n| n.peer_max_pdu);
-    let mut cmd = Vec::with_capacity(160);
-    command::encode(response, &mut cmd);
-    let _ = c
-        .assoc
-        .send_pdata(|out| message::fragment(out, pc, true, &cmd, max));
-}
-
-fn on_message(
-    c: &mut Conn,
-    shared: &Shared,
-    msg: dimse::Message,
-    (reactor, connection): (usize, usize),
-    now: Instant,
-) {
-    // The action owns what it needs, so the context is only borrowed while it is decided.
-    let Some(action) = c
-        .negotiated
-        .as_ref()
-        .and_then(|n| n.context(msg.presentation_context_id))
-        .map(|ctx| dimse::handle(msg, ctx, &shared.pipeline.wanted_tags))
-    else {
-        return;
-    };
-    match action {
-        Action::Respond { pc, response } => {
-            if response.status != Some(status::SUCCESS) {
-                c.stats.failures += 1;
-                tracing::warn!(
-                    peer = %c.peer,
-                    status = format!("0x{:04X}", response.status.unwrap_or(0)),
-                    comment = %String::from_utf8_lossy(response.error_comment.as_deref().unwrap_or(b"")),
-                    "request refused"
-                );
-            }
-            send_response(c, pc, &response);
-        }
-        Action::Abort(why) => {
-            c.outcome = Some(format!("aborted: {why}"));
-            c.assoc
-                .abort_protocol(now, AbortReason::UNEXPECTED_PDU_PARAMETER, why);
-        }
-        Action::Store(req) => {
-            let (key, record) = shared.pipeline.describe(&req.routing);
-            if record.inputs == 0 && shared.config.patients.unmatched == Unmatched::Refuse {
-                c.stats.failures += 1;
-                tracing::warn!(
-                    peer = %c.peer,
-                    sop_instance_uid = %req.sop_instance_uid,
-                    "no [[input]] accepts this instance: refused with 0x0124"
-                );
-                let response = response_to(
-                    &req.command,
-                    status::NOT_AUTHORIZED,
-                    Some("no input of this node accepts this instance"),
-                );
-                send_response(c, req.presentation_context_id, &response);
-                return;
-            }
-            let arrival = Some(Box::new(Arrival {
-                association: c.association,
-                key,
-                record,
-            }));
-            let token = c.next_token;
-            c.next_token += 1;
-            let text = |t| {
-                req.routing
-                    .uid(t)
-                    .map(|u| String::from_utf8_lossy(u).into_owned())
-            };
-            let job = StoreJob {
-                reply: ReplyTo {
-                    reactor,
-                    connection,
-                    generation: c.generation,
-                },
-                token,
-                meta: FileMeta {
-                    sop_class_uid: req.sop_class_uid,
-                    sop_instance_uid: req.sop_instance_uid,
-                    transfer_syntax_uid: req.transfer_syntax.uid.to_string(),
-                    source_ae_title: c
-                        .negotiated
-                        .as_ref()
-                        .map(|n| n.calling_ae.clone())
-                        .unwrap_or_default(),
-                },
-                patient_id: req
-                    .routing
-                    .text(tags::PATIENT_ID)
-                    .unwrap_or_default()
-                    .as_bytes()
-                    .to_vec(),
-                study_uid: text(tags::STUDY_INSTANCE_UID).filter(|s| !s.is_empty()),
-                series_uid: text(tags::SERIES_INSTANCE_UID).filter(|s| !s.is_empty()),
-                data_set: req.data_set,
-                arrival,
-            };
-            c.submitted += 1;
-            c.pending.push_back(PendingStore {
-                token,
-                pc: req.presentation_context_id,
-                request: req.command,
-            });
-            if let Err(job) = shared.storage.try_submit(job) {
-                c.blocked = Some(job);
-            }
-        }
-    }
-}
-
-fn complete_store(c: &mut Conn, done: StoreDone, now: Instant) {
-    let Some(pos) = c.pending.iter().position(|p| p.token == done.token) else {
-        return;
-    };
-    let Some(p) = c.pending.remove(pos) else {
-        return;
-    };
-    let response = match &done.result {
-        Ok(stored) => {
-            c.stats.instances += 1;
-            c.stats.bytes += stored.bytes;
-            response_to(&p.request, status::SUCCESS, None)
-        }
-        Err(e) => {
-            c.stats.failures += 1;
-            tracing::error!(peer = %c.peer, error = %e, "store failed: answering 0xA700");
-            response_to(&p.request, status::OUT_OF_RESOURCES, Some(e))
-        }
-    };
-    c.assoc.touch(now);
-    send_response(c, p.pc, &response);
-    if c.pending.is_empty() && c.release_pending {
-        c.release_pending = false;
-        let _ = c.assoc.release_response(now);
-    }
-}
-
-fn handle_events(c: &mut Conn, now: Instant) {
-    while let Some(ev) = c.assoc.poll_event() {
-        match ev {
-            Event::ReleaseRequested => {
-                if c.pending.is_empty() && c.blocked.is_none() {
-                    let _ = c.assoc.release_response(now);
-                } else {
-                    c.release_pending = true;
-                }
-                c.outcome.get_or_insert_with(|| "released".into());
-            }
-            Event::AbortedByPeer(a) => {
-                c.outcome = Some(format!(
-                    "aborted by peer (source {}, reason {})",
-                    a.source.0, a.reason.0
-                ));
-            }
-            Event::ProviderAbort { sent, why } => {
-                if c.outcome.is_none() || sent.is_some() && why != "transport connection closed" {
-                    c.outcome = Some(format!("aborted: {why}"));
-                }
-            }
-            Event::Released | Event::Accepted | Event::Rejected(_) | Event::Closed => {}
-        }
-    }
 }

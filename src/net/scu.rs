@@ -82,10 +82,11 @@ pub struct Context {
     pub transfer_syntax: String,
 }
 
-/// An established association as requestor.
+/// An established association as requestor, over a TCP socket or (in the simulator tests) any
+/// blocking byte stream.
 #[derive(Debug)]
-pub struct Client {
-    stream: TcpStream,
+pub struct Client<S = TcpStream> {
+    stream: S,
     assoc: Association,
     buf: Vec<u8>,
     start: usize,
@@ -127,6 +128,19 @@ impl Client {
         let stream = TcpStream::connect_timeout(&addr, opts.timeout)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(opts.timeout))?;
+        Client::handshake(stream, opts, proposals, window)
+    }
+}
+
+impl<S: Read + Write> Client<S> {
+    /// Negotiates over an already connected byte stream (what [`Client::connect_windowed`] does
+    /// after connecting; the simulator tests pass an in-memory stream).
+    pub fn handshake(
+        stream: S,
+        opts: &ScuOptions,
+        proposals: &[Proposal],
+        window: u16,
+    ) -> Result<Client<S>, ScuError> {
         let now = Instant::now();
         let timeouts = Timeouts {
             artim: opts.timeout,
@@ -462,7 +476,7 @@ impl Client {
     }
 
     /// Raw access for tests: the socket.
-    pub fn stream(&mut self) -> &mut TcpStream {
+    pub fn stream(&mut self) -> &mut S {
         &mut self.stream
     }
 }

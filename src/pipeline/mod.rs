@@ -90,9 +90,12 @@ pub struct Stats {
 }
 
 /// What reactors share with the pipeline.
-#[derive(Debug)]
 pub struct Pipeline {
     queues: Vec<ArrayQueue<Event>>,
+    /// Per reactor queue: set when the reactor found it full and waits to hear of room.
+    room_wanted: Vec<AtomicBool>,
+    /// Tells reactor `r` that its queue has room (wakes it).
+    room: Arc<dyn Fn(usize) + Send + Sync>,
     doorbells: Vec<Arc<Doorbell>>,
     checker_bell: Sender<()>,
     pub map: Arc<PatientMap>,
@@ -103,7 +106,41 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
 }
 
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("queues", &self.queues.len())
+            .field("rules", &self.rules)
+            .field("wanted_tags", &self.wanted_tags)
+            .field("group_tag", &self.group_tag)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Pipeline {
+    /// After [`Pipeline::push`] gave an event back: asks to be told (the `room` callback given
+    /// to [`start`]) when ingest next takes events off this reactor's queue, then tries once
+    /// more, so the reactor can sleep without polling. Store-fence-load against
+    /// `Pipeline::room_made`, as in the doorbell.
+    #[allow(clippy::result_large_err)] // as push
+    pub fn push_or_notify(&self, reactor: usize, ev: Event) -> Result<(), Event> {
+        if let Some(w) = self.room_wanted.get(reactor) {
+            w.store(true, Ordering::SeqCst);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.push(reactor, ev)
+    }
+
+    /// Ingest took events off reactor `reactor`'s queue.
+    fn room_made(&self, reactor: usize) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Some(w) = self.room_wanted.get(reactor) {
+            if w.load(Ordering::SeqCst) && w.swap(false, Ordering::SeqCst) {
+                (self.room)(reactor);
+            }
+        }
+    }
+
     /// Pushes an event from reactor `reactor`; gives it back when the queue is full.
     #[allow(clippy::result_large_err)] // the event comes back to be retried, not as an error
     pub fn push(&self, reactor: usize, ev: Event) -> Result<(), Event> {
@@ -231,11 +268,12 @@ pub(crate) struct Context {
 
 /// Starts the pipeline for `reactors` reactor queues: recovers the data directory, then starts
 /// ingest, checker, scheduler and worker threads. `processor` overrides `[processing]` (library
-/// users' Rust processing).
+/// users' Rust processing); `room(r)` wakes reactor `r` when its full queue has room again.
 pub fn start(
     config: &Config,
     reactors: usize,
     processor: Option<Arc<dyn Processor>>,
+    room: Arc<dyn Fn(usize) + Send + Sync>,
     shutdown: Arc<AtomicBool>,
 ) -> io::Result<(Arc<Pipeline>, Vec<JoinHandle<()>>)> {
     let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
@@ -255,6 +293,10 @@ pub fn start(
         queues: (0..reactors.max(1))
             .map(|_| ArrayQueue::new(QUEUE_DEPTH))
             .collect(),
+        room_wanted: (0..reactors.max(1))
+            .map(|_| AtomicBool::new(false))
+            .collect(),
+        room,
         doorbells: doorbells.clone(),
         checker_bell,
         map: Arc::new(PatientMap::new(config.patients.map_buckets)),
@@ -394,8 +436,12 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
         for &r in owned {
             let Some(q) = p.queues.get(r) else { continue };
             // Bounded drain per queue per round, so one busy reactor cannot starve another.
-            for _ in 0..1024 {
+            for i in 0..1024 {
                 let Some(ev) = q.pop() else { break };
+                if i == 0 {
+                    // One event taken is room enough for a waiting reactor to go on.
+                    p.room_made(r);
+                }
                 any = true;
                 match ev {
                     Event::Stored { arrival, new } => {

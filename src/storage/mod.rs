@@ -128,21 +128,51 @@ pub struct Storage {
 }
 
 /// The bounded job queue the reactors fill and the workers drain.
-#[derive(Debug)]
 struct JobQueue {
     jobs: ArrayQueue<StoreJob>,
     bell: Doorbell,
+    /// Bit `r % 64` set: reactor `r` found the queue full and waits to be told of room.
+    space_wanted: AtomicU64,
+    /// Called by a worker with the bits it cleared, after it took jobs off the queue.
+    space: Arc<dyn Fn(u64) + Send + Sync>,
+}
+
+impl std::fmt::Debug for JobQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobQueue")
+            .field("len", &self.jobs.len())
+            .field("space_wanted", &self.space_wanted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobQueue {
+    /// After taking jobs: tells the reactors that wait for room. Pairs with
+    /// [`Storage::submit_or_notify`]: the pop, a SeqCst fence, then the load here; the reactor's
+    /// fetch_or, then its second push attempt. Either the reactor's retry sees the room, or this
+    /// load sees its bit (store-fence-load, as in the doorbell).
+    fn room_made(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.space_wanted.load(Ordering::SeqCst) != 0 {
+            let bits = self.space_wanted.swap(0, Ordering::SeqCst);
+            if bits != 0 {
+                (self.space)(bits);
+            }
+        }
+    }
 }
 
 impl Storage {
     /// Starts `workers` threads writing under `data_dir`; `done` is called on a worker thread
-    /// for every job.
+    /// for every job, and `space` with a mask of the reactor bits (`reactor % 64`) that asked,
+    /// through [`Storage::submit_or_notify`], to hear of room in the queue.
     pub fn start(
         data_dir: PathBuf,
         workers: usize,
         queue_depth: usize,
         durability: Durability,
         done: Arc<dyn Fn(StoreDone) + Send + Sync>,
+        space: Arc<dyn Fn(u64) + Send + Sync>,
         stop: Arc<AtomicBool>,
     ) -> io::Result<(Storage, Vec<std::thread::JoinHandle<()>>)> {
         fs::create_dir_all(data_dir.join("patients"))?;
@@ -154,6 +184,8 @@ impl Storage {
         let queue = Arc::new(JobQueue {
             jobs: ArrayQueue::new(queue_depth.max(1)),
             bell: Doorbell::new(),
+            space_wanted: AtomicU64::new(0),
+            space,
         });
         let seq = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
@@ -198,6 +230,18 @@ impl Storage {
         self.queue.jobs.push(job)?;
         self.queue.bell.ring();
         Ok(())
+    }
+
+    /// After `try_submit` found the queue full: asks to be told (the `space` callback, with bit
+    /// `reactor % 64`) when a worker next takes jobs, then tries once more. A job that goes in
+    /// here needs no wake-up; one that comes back will get one, so the caller can sleep
+    /// without polling.
+    #[allow(clippy::result_large_err)] // as try_submit
+    pub fn submit_or_notify(&self, reactor: usize, job: StoreJob) -> Result<(), StoreJob> {
+        self.queue
+            .space_wanted
+            .fetch_or(1 << (reactor % 64), Ordering::SeqCst);
+        self.try_submit(job)
     }
 }
 
@@ -268,11 +312,15 @@ fn worker(
     // The batch whose files are named but whose names are not yet durable.
     let mut named = Named::default();
     loop {
+        let before = batch.len();
         while batch.len() < MAX_BATCH {
             match rx.jobs.pop() {
                 Some(j) => batch.push(j),
                 None => break,
             }
+        }
+        if batch.len() > before {
+            rx.room_made();
         }
         if batch.is_empty() && named.pending.is_empty() {
             // Exits once stopped and drained.

@@ -389,3 +389,39 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Rewrites a byte stream of PDUs so that each run of consecutive P-DATA-TF PDUs becomes as few
+/// PDUs as fit in `max_pdu` (their PDV items concatenated, in order): what a requestor that packs
+/// several messages into one PDU sends. Other PDUs and a trailing partial PDU pass unchanged.
+pub fn coalesce_pdata(bytes: &[u8], max_pdu: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut body: Vec<u8> = Vec::new();
+    let flush = |out: &mut Vec<u8>, body: &mut Vec<u8>| {
+        if !body.is_empty() {
+            out.extend_from_slice(&[0x04, 0]);
+            out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            out.append(body);
+        }
+    };
+    let mut pos = 0;
+    while pos + 6 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[pos + 2..pos + 6].try_into().unwrap()) as usize;
+        if pos + 6 + len > bytes.len() {
+            break;
+        }
+        let pdu = &bytes[pos..pos + 6 + len];
+        if pdu[0] == 0x04 {
+            if body.len() + len > max_pdu as usize {
+                flush(&mut out, &mut body);
+            }
+            body.extend_from_slice(&pdu[6..]);
+        } else {
+            flush(&mut out, &mut body);
+            out.extend_from_slice(pdu);
+        }
+        pos += 6 + len;
+    }
+    flush(&mut out, &mut body);
+    out.extend_from_slice(&bytes[pos..]);
+    out
+}
