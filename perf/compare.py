@@ -7,6 +7,8 @@ every receiver). Receivers, each writing to a fresh folder on the same disk:
   dicomgate        release build, durability = "fsync" (default: acknowledged = durable)
   dicomgate-none   release build, durability = "none" (no flush, like the others)
   dicomgate-syncfs release build, durability = "syncfs" (not in the default list)
+  dicomgate-files  release build, fsync, inline_max_bytes = 0: every instance its own file, no
+                   segment log (the storage path before issue 10; not in the default list)
   dcmtk            /usr/bin/storescp --fork (Debian dcmtk), TCP_NODELAY=1
   dicom-rs         dicom-storescp -n (cargo install dicom-storescp)
   pynetdicom       python3 -m pynetdicom storescp
@@ -85,12 +87,14 @@ def receiver_command(name, work, port):
     if name.startswith("dicomgate"):
         cfg = os.path.join(work, "node.toml")
         durability = {"dicomgate-none": "none", "dicomgate-syncfs": "syncfs"}.get(name, "fsync")
+        # dicomgate-files: every instance its own file (no segment log), as before issue 10.
+        inline = "inline_max_bytes = 0\n" if name == "dicomgate-files" else ""
         with open(cfg, "w") as f:
             f.write(
                 f'[node]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{data}"\n'
                 + NODE_EXTRA.get("node", "")
                 + f'[limits]\nmax_pdu_length = {MAX_PDU}\n'
-                f'[storage]\ndurability = "{durability}"\n'
+                f'[storage]\ndurability = "{durability}"\n{inline}'
                 + NODE_EXTRA.get("storage", "")
                 +
                 # Ingest only: no trigger fires, so receivers are compared, not pipelines.
@@ -293,6 +297,40 @@ def table(workload, senders, rows):
     return "\n".join(lines)
 
 
+def probe(base):
+    """The disk's floor, on the file system the receivers write to: p50 of a 4 KiB pwrite +
+    fdatasync into a preallocated (written) file, and sequential write bandwidth with one final
+    fdatasync."""
+    d = tempfile.mkdtemp(prefix="probe-", dir=base)
+    try:
+        path = os.path.join(d, "probe.bin")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        zero = bytes(1 << 20)
+        for _ in range(16):
+            os.write(fd, zero)
+        os.fsync(fd)
+        buf = os.urandom(4096)
+        lat = []
+        for i in range(2000):
+            t = time.perf_counter()
+            os.pwrite(fd, buf, (i % 4096) * 4096)
+            os.fdatasync(fd)
+            lat.append(time.perf_counter() - t)
+        os.close(fd)
+        os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        chunk = os.urandom(1 << 20)
+        t = time.perf_counter()
+        for _ in range(512):
+            os.write(fd, chunk)
+        os.fdatasync(fd)
+        bw = 512 * (1 << 20) / (time.perf_counter() - t) / 1e6
+        os.close(fd)
+        return {"fdatasync_4k_p50_ms": statistics.median(lat) * 1e3, "seq_write_mb_per_s": bw}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workloads", default="tiny,ct,large")
@@ -302,6 +340,7 @@ def main():
     ap.add_argument("--window", type=int, default=1)
     ap.add_argument("--json", help="also write every run's figures here")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--no-probe", action="store_true")
     a = ap.parse_args()
     if not a.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "--bins"], cwd=ROOT, check=True)
@@ -309,6 +348,12 @@ def main():
     print(f"# perf/compare.py {' '.join(sys.argv[1:])}")
     print(f"# {os.cpu_count()} CPUs; TCP_NODELAY=1 set for DCMTK and Orthanc; max PDU {MAX_PDU}; "
           f"medians of {a.runs} runs; ratios to dicomgate (fsync)\n")
+    if not a.no_probe:
+        p = probe(os.environ.get("COMPARE_DIR") or tempfile.gettempdir())
+        print(f"# probe (same file system): 4 KiB pwrite + fdatasync into a preallocated file "
+              f"p50 {p['fdatasync_4k_p50_ms']:.3f} ms; sequential write + one fdatasync "
+              f"{p['seq_write_mb_per_s']:.0f} MB/s\n", flush=True)
+        everything.append({"probe": p})
     for w in a.workloads.split(","):
         for s in (int(x) for x in a.senders.split(",")):
             rows = []

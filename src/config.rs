@@ -128,6 +128,11 @@ pub struct StorageConfig {
     pub queue_depth: usize,
     /// `fsync`, `syncfs` or `none` (benchmarks only: acknowledged data can be lost).
     pub durability: Durability,
+    /// Data sets up to this size are appended to the segment log (one shared flush per
+    /// group-commit round); larger ones get their own file. 0 = every instance its own file.
+    pub inline_max_bytes: usize,
+    /// Size of one segment of the log (preallocated). At least 2 × `inline_max_bytes` + 64 KiB.
+    pub segment_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -136,6 +141,8 @@ impl Default for StorageConfig {
             workers: 2,
             queue_depth: 1024,
             durability: Durability::Fsync,
+            inline_max_bytes: 1 << 20,
+            segment_bytes: 16 << 20,
         }
     }
 }
@@ -370,6 +377,16 @@ impl Config {
         }
         if self.storage.workers == 0 || self.storage.queue_depth == 0 {
             return err("storage.workers and storage.queue_depth must be at least 1".into());
+        }
+        let st = &self.storage;
+        if st.inline_max_bytes > 0 && st.segment_bytes < 2 * st.inline_max_bytes as u64 + (64 << 10)
+        {
+            return err(format!(
+                "storage.segment_bytes ({}) must be at least 2 × storage.inline_max_bytes + 64 KiB \
+                 ({}): raise segment_bytes or lower inline_max_bytes",
+                st.segment_bytes,
+                2 * st.inline_max_bytes as u64 + (64 << 10)
+            ));
         }
         self.rules().map_err(ConfigError)?;
         self.group_by_tag().map_err(ConfigError)?;

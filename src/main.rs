@@ -56,6 +56,155 @@ enum Command {
         #[arg(long, default_value = "DICOMGATE-SCU")]
         calling: String,
     },
+    /// List what a data directory holds: pending patients and instances (own file or segment
+    /// log record), the log's segments, and claimed batches. Safe beside a running node.
+    Ls {
+        /// The node's config file (its `[node] data_dir`); or give --data-dir.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// One line per instance, not only per patient.
+        #[arg(long)]
+        instances: bool,
+    },
+    /// Copy pending instances (of one patient, or all) or a batch's instances out of a data
+    /// directory as Part-10 files, keeping `<patient digest>/<study>/<series>/<SOP>.dcm`.
+    Extract {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Only this Patient ID's pending instances.
+        #[arg(long, conflicts_with = "batch")]
+        patient: Option<String>,
+        /// A claimed batch's instances (its id under batches/ or failed/).
+        #[arg(long)]
+        batch: Option<String>,
+        /// Folder to write into (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// The data directory named by `--data-dir`, or by the config file, or the default.
+fn data_dir_of(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    if let Some(d) = data_dir {
+        return Ok(d);
+    }
+    let cfg = match config {
+        Some(p) => Config::from_toml(&std::fs::read_to_string(&p)?)
+            .map_err(|e| format!("{}: {e}", p.display()))?,
+        None => Config::default(),
+    };
+    Ok(cfg.node.data_dir)
+}
+
+fn ls(data_dir: &Path, instances: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use dicomgate::storage::inventory::{self, Source};
+    let (entries, segments) = inventory::pending(data_dir)?;
+    let mut patients: BTreeMap<Vec<u8>, (usize, usize, u64)> = BTreeMap::new();
+    for e in &entries {
+        let p = patients.entry(e.patient_id.clone()).or_default();
+        match e.source {
+            Source::File(_) => p.0 += 1,
+            Source::Log(_) => p.1 += 1,
+        }
+        p.2 += e.bytes;
+    }
+    println!("data directory {}", data_dir.display());
+    println!(
+        "pending: {} patients, {} instances",
+        patients.len(),
+        entries.len()
+    );
+    for (id, (files, logged, bytes)) in &patients {
+        println!(
+            "  patient {:?}: {} instances ({} in files, {} in the log), {} bytes",
+            String::from_utf8_lossy(id),
+            files + logged,
+            files,
+            logged,
+            bytes
+        );
+    }
+    if instances {
+        for e in &entries {
+            let at = match &e.source {
+                Source::File(f) => f.display().to_string(),
+                Source::Log(l) => format!("log segment {:016x} offset {}", l.seq, l.offset),
+            };
+            println!("  {}  {}  {} bytes", e.rel.display(), at, e.bytes);
+        }
+    }
+    println!("log: {} segments", segments.len());
+    for (seq, live, bytes) in &segments {
+        println!("  segment {seq:016x}: {live} live records, {bytes} bytes on disk");
+    }
+    for dir in ["batches", "failed"] {
+        let mut names: Vec<String> = std::fs::read_dir(data_dir.join(dir))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        println!("{dir}: {}", names.len());
+        for n in names {
+            println!("  {n}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn extract(
+    data_dir: &Path,
+    patient: Option<String>,
+    batch: Option<String>,
+    out: &Path,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use dicomgate::storage::inventory;
+    std::fs::create_dir_all(out)?;
+    let mut n = 0usize;
+    if let Some(b) = batch {
+        if b.contains('/') || b.starts_with('.') {
+            return Err(format!("batch {b:?}: give the batch's directory name").into());
+        }
+        let dir = ["batches", "failed"]
+            .iter()
+            .map(|d| data_dir.join(d).join(&b).join("files"))
+            .find(|d| d.is_dir())
+            .ok_or_else(|| format!("no batch {b:?} under batches/ or failed/"))?;
+        let mut files = Vec::new();
+        collect(&dir, &mut files)?;
+        for f in files {
+            let Ok(rel) = f.strip_prefix(&dir) else {
+                continue;
+            };
+            let dest = out.join(rel);
+            if let Some(p) = dest.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            std::fs::copy(&f, &dest)?;
+            n += 1;
+        }
+    } else {
+        let (entries, _) = inventory::pending(data_dir)?;
+        for e in entries.iter().filter(|e| {
+            patient
+                .as_ref()
+                .is_none_or(|p| e.patient_id == p.as_bytes())
+        }) {
+            inventory::extract(data_dir, e, out)?;
+            n += 1;
+        }
+    }
+    println!("extracted {n} instances into {}", out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -140,6 +289,18 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             called,
             calling,
         } => store(&address, &paths, called, calling),
+        Command::Ls {
+            config,
+            data_dir,
+            instances,
+        } => ls(&data_dir_of(config, data_dir)?, instances),
+        Command::Extract {
+            config,
+            data_dir,
+            patient,
+            batch,
+            out,
+        } => extract(&data_dir_of(config, data_dir)?, patient, batch, &out),
     }
 }
 

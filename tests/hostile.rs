@@ -8,6 +8,7 @@ use common::*;
 use dicomgate::ul::{self, Associate, Item, Pdu, PresentationContextRq, SubItem};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// What came back: the PDUs the node sent until it closed or went quiet for a second.
@@ -242,9 +243,29 @@ fn path_traversal_attempts_stay_inside_the_data_directory() {
     }
     c.release().unwrap();
     let root = node.data_dir.join("patients");
+    let log = node.data_dir.join("log");
     let files = files_under(&node.data_dir);
     assert_eq!(node.stored().len(), evil_ids.len());
+    // Small instances are records of the segment log, whose files have fixed names; their
+    // identities (the paths they are extracted to) obey the same rules as files.
+    let (pending, _) = dicomgate::storage::inventory::pending(&node.data_dir).unwrap();
+    let mut rels: Vec<PathBuf> = pending.iter().map(|e| root.join(&e.rel)).collect();
     for f in &files {
+        if let Ok(name) = f.strip_prefix(&log) {
+            let name = name.to_string_lossy();
+            let hex = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+            assert!(
+                name == "spare.seg"
+                    || name == "spare.tmp"
+                    || name.strip_suffix(".seg").is_some_and(hex)
+                    || name.strip_suffix(".done").is_some_and(hex),
+                "unexpected log file {name}"
+            );
+        } else {
+            rels.push(f.clone());
+        }
+    }
+    for f in &rels {
         let rel = f
             .strip_prefix(&root)
             .unwrap_or_else(|_| panic!("outside: {}", f.display()));

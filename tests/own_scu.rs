@@ -217,7 +217,8 @@ fn abort_mid_data_set_leaves_no_file() {
 /// patient fail with ENOTDIR, a real error from the file system.
 #[test]
 fn unwritable_data_directory_answers_a700_and_the_node_keeps_serving() {
-    let mut node = Node::start("");
+    // Every instance its own file here (the segment log's failure is the next test's).
+    let mut node = Node::start("[storage]\ninline_max_bytes = 0\n");
     let blocked = node
         .data_dir
         .join("patients")
@@ -240,6 +241,54 @@ fn unwritable_data_directory_answers_a700_and_the_node_keeps_serving() {
     c.release().unwrap();
     assert!(node.is_running());
     assert_eq!(node.stored().len(), 1);
+}
+
+/// The segment log on a full file system (a 6 MiB tmpfs, 1 MiB segments): once no segment can
+/// be made, stores are answered 0xA700, never success; every instance answered success is
+/// stored; the association and the node go on.
+#[test]
+fn full_file_system_answers_a700_and_acknowledges_only_what_is_stored() {
+    let mnt = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs (needs root, as in CI)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.path().to_path_buf());
+    let data = mnt.path().join("data");
+    let mut node = Node::start_with_data_dir(
+        &data,
+        "[storage]\nsegment_bytes = 1048576\ninline_max_bytes = 262144\n",
+    );
+    let mut c = Client::connect(node.addr, &opts(), &[ct_proposal()]).unwrap();
+    let (mut ok, mut full) = (Vec::new(), 0);
+    for i in 0..200 {
+        let sop = format!("1.2.826.0.1.3680043.10.5.{i}");
+        let ds = dataset("FULL", "1.2.5", "1.2.5.1", &sop, 100_000);
+        let (st, comment) = c.store(CT_IMAGE_STORAGE, &sop, EXPLICIT_LE, &ds).unwrap();
+        match st {
+            0 => ok.push(sop),
+            0xA700 => full += 1,
+            other => panic!("status 0x{other:04X} {comment:?}"),
+        }
+    }
+    c.release().unwrap();
+    assert!(node.is_running());
+    assert!(full > 0, "the file system never filled");
+    assert!(ok.len() > 10, "{} stored before it filled", ok.len());
+    for sop in &ok {
+        assert!(
+            stored_instance(&node, sop).is_some(),
+            "{sop} acknowledged but not stored"
+        );
+    }
 }
 
 /// Beyond `max_associations` (and per calling AE) the node answers A-ASSOCIATE-RJ 2/3/2
@@ -395,5 +444,34 @@ fn several_messages_per_pdu_under_full_storage_queue() {
     c.release().unwrap();
     for sop in &sops {
         assert!(stored_instance(&node, sop).is_some(), "{sop} stored");
+    }
+}
+
+/// Found in review: with window 1, a C-STORE that no input accepts (answered 0x0124 by the
+/// reactor) followed at once by A-RELEASE-RQ left the release unread in the buffer (the
+/// refusal freed the window but nothing offered the buffered bytes again): the requestor waited
+/// for the idle timer's A-ABORT. The same with a window of 4.
+#[test]
+fn refused_store_then_pipelined_release_is_answered() {
+    let o = ScuOptions {
+        timeout: std::time::Duration::from_secs(8),
+        ..opts()
+    };
+    for window in [1u16, 4] {
+        let node = Node::start(&format!(
+            "[limits]\nmax_operations_performed = {window}\n\
+             [[input]]\nname = \"mr\"\nmatch = {{ Modality = \"MR\" }}\n"
+        ));
+        let mut c =
+            Client::connect_windowed(node.addr.to_string(), &o, &[ct_proposal()], window).unwrap();
+        for i in 0..window {
+            let sop = format!("1.2.826.0.1.3680043.10.9.{i}");
+            let ds = dataset("REF", "1.2.3", "1.2.3.4", &sop, 32);
+            c.send_store(CT_IMAGE_STORAGE, &sop, EXPLICIT_LE, &ds)
+                .unwrap();
+        }
+        c.release()
+            .unwrap_or_else(|e| panic!("window {window}: release: {e}\n{}", node.log()));
+        assert!(node.stored().is_empty());
     }
 }

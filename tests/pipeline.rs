@@ -108,8 +108,12 @@ fn series(
         .collect()
 }
 
+/// Instances waiting for their batch: own files under `patients/` and segment log records.
 fn pending_instances(node: &Node) -> usize {
-    dcm_files(&node.data_dir.join("patients")).len()
+    dicomgate::storage::inventory::pending(&node.data_dir)
+        .unwrap()
+        .0
+        .len()
 }
 
 /// 20 concurrent associations × 3 series × 50 instances; each association sends series of
@@ -639,4 +643,89 @@ fn insufficient_patient_expires_and_is_moved_aside() {
     assert_eq!(pending_instances(&node), 0);
     assert!(node.log().contains("patient expired"));
     assert!(!node.data_dir.join("export").exists(), "never processed");
+}
+
+/// Issue 10: three kill -9 during load (four associations with operations windows, small
+/// instances going to the segment log, batches claimed and processed meanwhile), a restart
+/// after each: every instance any sender saw acknowledged is exported in the end.
+#[test]
+fn several_kills_during_load_lose_no_acknowledged_instance() {
+    use dicomgate::net::scu::{Client, ScuOptions};
+    use std::sync::{Arc, Mutex};
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("runs.log");
+    let mut node = Node::start(&format!(
+        "[trigger]\nquiet_seconds = 0.2\n{}",
+        processing(tmp.path(), &log, 0.1)
+    ));
+    let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    for round in 0..3 {
+        let before = acked.lock().unwrap().len();
+        let senders: Vec<_> = (0..4)
+            .map(|s| {
+                let (addr, acked) = (node.addr, acked.clone());
+                std::thread::spawn(move || {
+                    let opts = ScuOptions {
+                        timeout: std::time::Duration::from_secs(10),
+                        ..scu_options(&format!("KILL{s}"))
+                    };
+                    let Ok(mut c) =
+                        Client::connect_windowed(addr, &opts, &[ct_proposal_in(EXPLICIT_LE)], 4)
+                    else {
+                        return;
+                    };
+                    let mut out: std::collections::HashMap<u16, String> = Default::default();
+                    for i in 0..2000 {
+                        let patient = format!("KR{round}P{}", i / 25);
+                        let study = format!("1.2.826.0.1.3680043.10.6.{round}.{}", i / 25);
+                        let series = format!("{study}.{s}");
+                        let sop = format!("{series}.{i}");
+                        let ds = dataset(&patient, &study, &series, &sop, 64);
+                        match c.send_store(CT_IMAGE_STORAGE, &sop, EXPLICIT_LE, &ds) {
+                            Ok(id) => drop(out.insert(id, sop)),
+                            Err(_) => return,
+                        }
+                        while out.len() >= usize::from(c.operations_window) {
+                            match c.receive_response() {
+                                Ok((id, 0, _)) => {
+                                    if let Some(sop) = out.remove(&id) {
+                                        acked.lock().unwrap().insert(sop);
+                                    }
+                                }
+                                Ok((id, _, _)) => drop(out.remove(&id)),
+                                Err(_) => return,
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Kill once this round has stored a good part, while senders are still sending.
+        assert!(wait_until(60, || acked.lock().unwrap().len() >= before + 300));
+        node.kill9();
+        for s in senders {
+            s.join().unwrap();
+        }
+        let now = acked.lock().unwrap().len();
+        assert!(
+            now < before + 8000,
+            "round {round}: the kill landed mid-load"
+        );
+        node.restart();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let exported = || -> BTreeSet<String> {
+        dcm_files(&node.data_dir.join("export"))
+            .iter()
+            .map(|p| sop_uid_of(p))
+            .collect()
+    };
+    assert!(
+        wait_until(120, || acked.is_subset(&exported())),
+        "{} acknowledged, missing after the last restart: {:?}\n{}",
+        acked.len(),
+        acked.difference(&exported()).take(5).collect::<Vec<_>>(),
+        node.log()
+    );
+    assert!(!node.data_dir.join("failed").exists());
 }

@@ -81,7 +81,11 @@ pub enum ServiceEvent {
         rj: AssociateRj,
     },
     /// A request was answered with a failure status.
-    Refused { status: u16, comment: String },
+    Refused {
+        status: u16,
+        comment: String,
+        sop_instance_uid: Option<String>,
+    },
 }
 
 /// Counters of one association.
@@ -215,8 +219,10 @@ impl Service {
                                 .abort_protocol(now, e.abort_reason(), e.describe());
                         }
                     }
-                    if self.assoc.wants_close() {
-                        break;
+                    if self.assoc.wants_close()
+                        || matches!(self.assoc.state(), State::Sta1 | State::Sta13)
+                    {
+                        break; // aborted: the rest of the PDU is not looked at
                     }
                 }
                 self.assoc
@@ -455,6 +461,10 @@ impl Service {
             status: response.status.unwrap_or(0),
             comment: String::from_utf8_lossy(response.error_comment.as_deref().unwrap_or(b""))
                 .into_owned(),
+            sop_instance_uid: response
+                .affected_sop_instance_uid
+                .as_deref()
+                .map(|u| String::from_utf8_lossy(super::trim_padding(u)).into_owned()),
         });
     }
 

@@ -231,9 +231,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     let pipeline_shutdown = Arc::new(AtomicBool::new(false));
     let (storage, mut threads) = Storage::start(
         config.node.data_dir.clone(),
-        config.storage.workers,
-        config.storage.queue_depth,
-        config.storage.durability,
+        &config.storage,
         done,
         space,
         pipeline_shutdown.clone(),
@@ -244,8 +242,14 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
             m.wake();
         }
     });
-    let (pipeline, pipeline_threads) =
-        pipeline::start(&config, n, processor, room, pipeline_shutdown.clone())?;
+    let (pipeline, pipeline_threads) = pipeline::start(
+        &config,
+        n,
+        processor,
+        storage.log().clone(),
+        room,
+        pipeline_shutdown.clone(),
+    )?;
     threads.extend(pipeline_threads);
     let service = crate::dimse::service::ServiceConfig {
         policy: config.acceptor_policy(),

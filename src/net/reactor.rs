@@ -346,15 +346,25 @@ impl Reactor<'_> {
         let mut closed = false;
         loop {
             let cfg = &shared.service;
-            if let Some(io) = c.io.as_mut() {
-                let n = c
-                    .svc
-                    .handle_input(now, &io.buf[io.start..io.end], cfg, &mut |ae| {
-                        shared.associations.try_acquire(ae)
-                    });
-                io.start += n;
+            // Input and storage until neither moves: a store answered at once (refused) frees
+            // the window, so bytes already buffered (a pipelined A-RELEASE-RQ, say) must be
+            // offered again before reading, or nothing would ever drive them.
+            loop {
+                let mut consumed = 0;
+                if let Some(io) = c.io.as_mut() {
+                    consumed = c
+                        .svc
+                        .handle_input(now, &io.buf[io.start..io.end], cfg, &mut |ae| {
+                            shared.associations.try_acquire(ae)
+                        });
+                    io.start += consumed;
+                }
+                let answered = submit_stores(c, shared, reactor, idx);
+                let more = c.io.as_ref().is_some_and(|io| io.start < io.end);
+                if !(more && c.svc.wants_read() && (consumed > 0 || answered > 0)) {
+                    break;
+                }
             }
-            submit_stores(c, shared, reactor, idx);
             log_events(c);
             let Some(io) = c.io.as_mut() else {
                 break;
@@ -478,15 +488,18 @@ impl Reactor<'_> {
 
 /// Hands the service's stores to storage while it has room. When one finds no room it waits in
 /// the connection's `blocked` slot, and storage will wake this reactor when it makes room.
-fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) {
+/// Returns how many stores were answered at once (refused) instead.
+fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) -> usize {
+    let mut answered = 0;
     if let Some(job) = c.blocked.take() {
         if let Err(job) = shared.storage.submit_or_notify(reactor, job) {
             c.blocked = Some(job);
-            return;
+            return answered;
         }
     }
     while let Some(sub) = c.svc.poll_store() {
         let Some(job) = store_job(c, shared, sub, reactor, idx) else {
+            answered += 1;
             continue;
         };
         let job = match shared.storage.try_submit(job) {
@@ -495,9 +508,10 @@ fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) {
         };
         if let Err(job) = shared.storage.submit_or_notify(reactor, job) {
             c.blocked = Some(job);
-            return;
+            return answered;
         }
     }
+    answered
 }
 
 /// The storage job for a store the service handed out, or `None` when the node refuses it (no
@@ -515,11 +529,7 @@ fn store_job(
     } = sub;
     let (key, record) = shared.pipeline.describe(&req.routing);
     if record.inputs == 0 && shared.config.patients.unmatched == Unmatched::Refuse {
-        tracing::warn!(
-            peer = %c.peer,
-            sop_instance_uid = %req.sop_instance_uid,
-            "no [[input]] accepts this instance: refused with 0x0124"
-        );
+        // Logged as the service's `Refused` event, with the SOP Instance UID.
         c.svc.handle_store_done(
             Instant::now(),
             token,
@@ -590,10 +600,15 @@ fn log_events(c: &mut Conn) {
                 reason = rj.reason,
                 "association rejected"
             ),
-            ServiceEvent::Refused { status, comment } => tracing::warn!(
+            ServiceEvent::Refused {
+                status,
+                comment,
+                sop_instance_uid,
+            } => tracing::warn!(
                 peer = %c.peer,
                 status = format!("0x{status:04X}"),
                 comment = %comment,
+                sop_instance_uid = sop_instance_uid.as_deref().unwrap_or(""),
                 "request refused"
             ),
         }

@@ -37,6 +37,10 @@ struct ManifestFile {
     path: String,
     /// Accepting inputs, as in [`InstanceRecord::inputs`].
     inputs: u64,
+    /// The segment log records (segment, offset) this file was made from, released once the
+    /// batch is durable; a restart releases them again if that release was cut short.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    log: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +136,13 @@ pub(super) fn create(
     let tmp = batches(ctx).join(format!("{id}.tmp"));
     fs::create_dir_all(tmp.join("files"))?;
     let mut files = Vec::with_capacity(records.len());
+    // Instances copied out of the segment log: released once the batch is durable.
+    let mut taken: Vec<(PathBuf, crate::storage::log::Taken)> = Vec::new();
+    let give_back = |taken: Vec<(PathBuf, crate::storage::log::Taken)>| {
+        for (rel, t) in taken {
+            ctx.log.untake(rel, t);
+        }
+    };
     for r in &records {
         let Ok(rel) = r.path.strip_prefix(&patients) else {
             tracing::error!(path = %r.path.display(), "instance outside patients/ left in place");
@@ -141,17 +152,38 @@ pub(super) fn create(
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent)?;
         }
-        match fs::rename(&r.path, &dest) {
-            Ok(()) => files.push(ManifestFile {
+        let moved = match fs::rename(&r.path, &dest) {
+            Ok(()) => Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match ctx.log.take(rel) {
+                // Not a file: a small instance in the log. Its newest record becomes the file.
+                Some(t) => match ctx.log.read(t.latest).and_then(|i| i.write_file(&dest)) {
+                    Ok(_) => {
+                        let locs = t.all().map(|l| (l.seq, l.offset)).collect();
+                        taken.push((rel.to_path_buf(), t));
+                        Ok(locs)
+                    }
+                    Err(e) => {
+                        taken.push((rel.to_path_buf(), t));
+                        Err(e)
+                    }
+                },
+                None => {
+                    tracing::error!(path = %r.path.display(), "claimed instance missing from disk");
+                    continue;
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match moved {
+            Ok(log) => files.push(ManifestFile {
                 path: rel.to_string_lossy().into_owned(),
                 inputs: r.inputs,
+                log,
             }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::error!(path = %r.path.display(), "claimed instance missing from disk");
-            }
             Err(e) => {
                 // Put back what moved, so the instances stay pending, and give up.
                 restore_tmp(ctx, &tmp);
+                give_back(taken);
                 return Err(e);
             }
         }
@@ -180,7 +212,14 @@ pub(super) fn create(
     };
     if let Err(e) = write() {
         restore_tmp(ctx, &tmp);
+        give_back(taken);
         return Err(e);
+    }
+    // The batch is durable: the log records it was made from are done.
+    let released: Vec<crate::storage::log::Loc> = taken.iter().flat_map(|(_, t)| t.all()).collect();
+    if let Err(e) = ctx.log.release(&released) {
+        // The manifest names them: the next start releases them.
+        tracing::warn!(batch = %id, error = %e, "could not release log records");
     }
     tracing::info!(
         batch = %id,
@@ -202,6 +241,11 @@ fn restore_tmp(ctx: &Context, tmp: &Path) {
         let Ok(rel) = f.strip_prefix(&files_root) else {
             continue;
         };
+        if ctx.log.contains(rel) {
+            // A copy of a record still in the segment log: the record stays the instance.
+            let _ = fs::remove_file(&f);
+            continue;
+        }
         let dest = patients.join(rel);
         let r = dest
             .parent()
@@ -235,6 +279,34 @@ pub(super) fn recover(ctx: &Context) -> io::Result<Vec<Job>> {
         } else if dir.join("state").is_file() {
             tracing::info!(batch = %name, "resuming a batch");
             jobs.push(Job::Process { id: name });
+        }
+    }
+    // Log records that made a batch which still exists (in batches/ or failed/) are done, even
+    // if their release was cut short by a crash.
+    let mut consumed = Vec::new();
+    for root in [batches(ctx), ctx.data_dir.join("failed")] {
+        let Ok(rd) = fs::read_dir(&root) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if let Ok(m) = read_manifest(&e.path()) {
+                for f in m.files {
+                    consumed.extend(
+                        f.log
+                            .iter()
+                            .map(|&(seq, offset)| crate::storage::log::Loc { seq, offset }),
+                    );
+                }
+            }
+        }
+    }
+    if !consumed.is_empty() {
+        let n = ctx.log.release_consumed(&consumed)?;
+        if n > 0 {
+            tracing::info!(
+                records = n,
+                "released log records that made batches before a crash"
+            );
         }
     }
     remove_empty_dirs(&ctx.data_dir.join("patients"));
@@ -494,6 +566,32 @@ pub(super) fn expire(ctx: &Context, key: &[u8], records: Vec<InstanceRecord>) {
     );
     let mut done = 0usize;
     for r in &records {
+        let rel = r.path.strip_prefix(&patients).unwrap_or(&r.path);
+        if !r.path.is_file() {
+            if let Some(t) = ctx.log.take(rel) {
+                // A small instance in the log: copied out when it is to be kept, then released.
+                let res = match ctx.config.patients.expire_action {
+                    ExpireAction::Delete => Ok(()),
+                    ExpireAction::Move => {
+                        let dest = ctx.data_dir.join("expired").join(&id).join(rel);
+                        dest.parent()
+                            .map_or(Ok(()), fs::create_dir_all)
+                            .and_then(|()| ctx.log.read(t.latest))
+                            .and_then(|i| i.write_file(&dest))
+                            .map(|_| sync_data_dir(ctx)) // moved aside durably, then released
+                    }
+                };
+                let all: Vec<_> = t.all().collect();
+                match res.and_then(|()| ctx.log.release(&all)) {
+                    Ok(()) => done += 1,
+                    Err(e) => {
+                        ctx.log.untake(rel.to_path_buf(), t);
+                        tracing::error!(path = %r.path.display(), error = %e, "could not expire an instance");
+                    }
+                }
+                continue;
+            }
+        }
         let res = match ctx.config.patients.expire_action {
             ExpireAction::Delete => fs::remove_file(&r.path),
             ExpireAction::Move => {

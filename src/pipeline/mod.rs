@@ -261,6 +261,8 @@ pub(crate) struct Context {
     pub data_dir: PathBuf,
     pub pipeline: Arc<Pipeline>,
     pub processor: Option<Arc<dyn Processor>>,
+    /// Where small instances wait until their batch is claimed (storage's segment log).
+    pub log: Arc<crate::storage::log::Log>,
     jobs: Sender<Job>,
     later: Sender<(Duration, Job)>,
     pub shutdown: Arc<AtomicBool>,
@@ -268,11 +270,13 @@ pub(crate) struct Context {
 
 /// Starts the pipeline for `reactors` reactor queues: recovers the data directory, then starts
 /// ingest, checker, scheduler and worker threads. `processor` overrides `[processing]` (library
-/// users' Rust processing); `room(r)` wakes reactor `r` when its full queue has room again.
+/// users' Rust processing); `log` is storage's segment log; `room(r)` wakes reactor `r` when
+/// its full queue has room again.
 pub fn start(
     config: &Config,
     reactors: usize,
     processor: Option<Arc<dyn Processor>>,
+    log: Arc<crate::storage::log::Log>,
     room: Arc<dyn Fn(usize) + Send + Sync>,
     shutdown: Arc<AtomicBool>,
 ) -> io::Result<(Arc<Pipeline>, Vec<JoinHandle<()>>)> {
@@ -318,11 +322,13 @@ pub fn start(
         data_dir: config.node.data_dir.clone(),
         pipeline: pipeline.clone(),
         processor,
+        log,
         jobs: jobs_tx,
         later: later_tx,
         shutdown: shutdown.clone(),
     });
-    // Restart (trigger c): batches in flight resume, pending instances re-enter the map.
+    // Restart (trigger c): batches in flight resume (log records they consumed are released if
+    // that had not become durable), pending instances re-enter the map.
     let resumed = batch::recover(&ctx)?;
     for j in resumed {
         let _ = ctx.jobs.send(j);
@@ -389,6 +395,45 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             .request_evaluation();
         instances += 1;
     }
+    // Small instances waiting in the segment log.
+    for (rel, loc) in ctx.log.live() {
+        let path = root.join(&rel);
+        if path.is_file() {
+            // A file of the same instance is there too (a large re-send): the file is newer.
+            if let Some(t) = ctx.log.take(&rel) {
+                let all: Vec<_> = t.all().collect();
+                if let Err(e) = ctx.log.release(&all) {
+                    tracing::warn!(error = %e, "could not release a replaced log record");
+                }
+            }
+            continue;
+        }
+        let inst = match ctx.log.read(loc) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(path = %rel.display(), error = %e, "unreadable log record left in place");
+                continue;
+            }
+        };
+        let Some(ts) =
+            crate::assoc::transfer_syntax::by_uid(inst.meta.transfer_syntax_uid.as_bytes())
+        else {
+            continue;
+        };
+        let Ok(values) =
+            crate::dimse::scan::scan(&inst.data_set, ts.encoding, &ctx.pipeline.wanted_tags)
+        else {
+            tracing::warn!(path = %rel.display(), "log record that cannot be scanned left in place");
+            continue;
+        };
+        let (key, mut record) = ctx.pipeline.describe(&values);
+        record.path = path;
+        record.bytes =
+            (crate::storage::part10::header(&inst.file_meta()).len() + inst.data_set.len()) as u64;
+        map.insert(&key, record, inst.meta.received_ms, &g)
+            .request_evaluation();
+        instances += 1;
+    }
     if instances > 0 {
         tracing::info!(
             instances,
@@ -436,12 +481,10 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
         for &r in owned {
             let Some(q) = p.queues.get(r) else { continue };
             // Bounded drain per queue per round, so one busy reactor cannot starve another.
-            for i in 0..1024 {
+            let mut popped = false;
+            for _ in 0..1024 {
                 let Some(ev) = q.pop() else { break };
-                if i == 0 {
-                    // One event taken is room enough for a waiting reactor to go on.
-                    p.room_made(r);
-                }
+                popped = true;
                 any = true;
                 match ev {
                     Event::Stored { arrival, new } => {
@@ -479,6 +522,11 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
                         }
                     }
                 }
+            }
+            if popped {
+                // After the whole drain, so a reactor that found the queue full during it is
+                // told too (store-fence-load with `push_or_notify`).
+                p.room_made(r);
             }
         }
         drop(g);

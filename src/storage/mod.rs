@@ -15,6 +15,8 @@
 //! the directory); study, series and instance names are UIDs validated per PS3.5 §9.1, which
 //! cannot be `.`, `..` or hold a separator. Must never run on a reactor thread.
 
+pub mod inventory;
+pub mod log;
 pub mod part10;
 
 use std::collections::BTreeSet;
@@ -97,8 +99,8 @@ pub fn patient_dir_name(patient_id: &[u8]) -> String {
 
 /// Placeholder directory names for objects without a study or series (not valid UIDs, so they
 /// cannot collide with one).
-const NO_STUDY: &str = "no-study";
-const NO_SERIES: &str = "no-series";
+pub(crate) const NO_STUDY: &str = "no-study";
+pub(crate) const NO_SERIES: &str = "no-series";
 
 /// The final path of an instance. `None` if a UID is not valid (the caller answers 0xC000).
 pub fn instance_path(root: &Path, job: &StoreJob) -> Option<PathBuf> {
@@ -121,10 +123,12 @@ pub fn instance_path(root: &Path, job: &StoreJob) -> Option<PathBuf> {
     Some(p)
 }
 
-/// The storage service: worker threads fed by a bounded queue.
+/// The storage service: worker threads fed by a bounded queue, the segment log for small
+/// instances and files for large ones.
 #[derive(Debug, Clone)]
 pub struct Storage {
     queue: Arc<JobQueue>,
+    log: Arc<log::Log>,
 }
 
 /// The bounded job queue the reactors fill and the workers drain.
@@ -168,15 +172,32 @@ impl Storage {
     /// through [`Storage::submit_or_notify`], to hear of room in the queue.
     pub fn start(
         data_dir: PathBuf,
-        workers: usize,
-        queue_depth: usize,
-        durability: Durability,
+        config: &crate::config::StorageConfig,
         done: Arc<dyn Fn(StoreDone) + Send + Sync>,
         space: Arc<dyn Fn(u64) + Send + Sync>,
         stop: Arc<AtomicBool>,
     ) -> io::Result<(Storage, Vec<std::thread::JoinHandle<()>>)> {
+        let (workers, queue_depth, durability) =
+            (config.workers, config.queue_depth, config.durability);
+        let inline_max = config.inline_max_bytes;
         fs::create_dir_all(data_dir.join("patients"))?;
         recover(&data_dir)?;
+        let (log, recovered, log_threads) = log::Log::open(
+            data_dir.join("log"),
+            config.segment_bytes,
+            durability,
+            done.clone(),
+            stop.clone(),
+        )?;
+        if recovered.records > 0 || recovered.torn_bytes > 0 {
+            tracing::info!(
+                segments = recovered.segments,
+                records = recovered.records,
+                released = recovered.released,
+                torn_bytes = recovered.torn_bytes,
+                "segment log recovered"
+            );
+        }
         let anonymous = anonymous_files_work(&data_dir.join("patients"));
         if !anonymous {
             tracing::info!("O_TMPFILE + linkat unavailable here: writing named temporary files");
@@ -188,7 +209,7 @@ impl Storage {
             space,
         });
         let seq = Arc::new(AtomicU64::new(0));
-        let mut handles = Vec::new();
+        let mut handles = log_threads;
         // fsync mode: flush threads, so that one round's fdatasync calls run at once.
         let flush_jobs = if durability == Durability::Fsync {
             let (tx, rx) = crossbeam_channel::unbounded::<FlushJob>();
@@ -211,16 +232,31 @@ impl Storage {
             let seq = seq.clone();
             let stop = stop.clone();
             let flush_jobs = flush_jobs.clone();
+            let ctx = WorkerContext {
+                root,
+                rx,
+                durability,
+                anonymous,
+                done,
+                seq,
+                stop,
+                flush_jobs,
+                log: log.clone(),
+                inline_max,
+            };
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("storage-{i}"))
-                    .spawn(move || {
-                        worker(root, rx, durability, anonymous, done, seq, stop, flush_jobs)
-                    })?,
+                    .spawn(move || worker(ctx))?,
             );
         }
         drop(flush_jobs); // the flush threads end when the last worker does
-        Ok((Storage { queue }, handles))
+        Ok((Storage { queue, log }, handles))
+    }
+
+    /// The segment log, for the pipeline (claims, expiry, recovery) and operators.
+    pub fn log(&self) -> &Arc<log::Log> {
+        &self.log
     }
 
     /// Queues a job without blocking. A full queue hands the job back: the caller stops reading
@@ -241,6 +277,7 @@ impl Storage {
         self.queue
             .space_wanted
             .fetch_or(1 << (reactor % 64), Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         self.try_submit(job)
     }
 }
@@ -284,8 +321,8 @@ struct Pending {
 /// Largest batch one worker writes in one round.
 const MAX_BATCH: usize = 256;
 
-#[allow(clippy::too_many_arguments)] // a thread's whole context, moved in once
-fn worker(
+/// A storage worker's whole context, moved into its thread once.
+struct WorkerContext {
     root: PathBuf,
     rx: Arc<JobQueue>,
     durability: Durability,
@@ -294,7 +331,23 @@ fn worker(
     seq: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     flush_jobs: Option<crossbeam_channel::Sender<FlushJob>>,
-) {
+    log: Arc<log::Log>,
+    inline_max: usize,
+}
+
+fn worker(ctx: WorkerContext) {
+    let WorkerContext {
+        root,
+        rx,
+        durability,
+        anonymous,
+        done,
+        seq,
+        stop,
+        flush_jobs,
+        log,
+        inline_max,
+    } = ctx;
     let pool = flush_jobs.map(FlushPool::new);
     let mut batch: Vec<StoreJob> = Vec::with_capacity(MAX_BATCH);
     let files = FileMode {
@@ -335,7 +388,31 @@ fn worker(
         if !rx.jobs.is_empty() {
             rx.bell.ring(); // more than one batch waiting: another worker takes the rest
         }
-        named = committer.round(batch.drain(..), named);
+        // Small instances go to the log (acknowledged by its flusher), large ones to files.
+        let mut small = Vec::new();
+        let mut large = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            if job.data_set.len() > inline_max {
+                large.push(job);
+                continue;
+            }
+            match instance_path(&root, &job) {
+                Some(dest) => {
+                    let rel = dest
+                        .strip_prefix(root.join("patients"))
+                        .map(Path::to_path_buf)
+                        .unwrap_or_default();
+                    small.push((job, rel, dest));
+                }
+                None => large.push(job), // answered "invalid UID" by the file path
+            }
+        }
+        if !small.is_empty() {
+            log.append(small);
+        }
+        if !large.is_empty() || !named.pending.is_empty() {
+            named = committer.round(large.into_iter(), named);
+        }
     }
 }
 

@@ -55,8 +55,17 @@ impl Node {
     /// Without a `[trigger]` section in `extra_toml`, the node runs as a plain store (no
     /// trigger fires, so nothing leaves `patients/`): the receiver tests read what was stored.
     pub fn start_with_node(node_toml: &str, extra_toml: &str) -> Node {
+        Self::start_in(None, node_toml, extra_toml)
+    }
+
+    /// [`Node::start`] with the data directory at `data_dir` (a test's own mount, say).
+    pub fn start_with_data_dir(data_dir: &Path, extra_toml: &str) -> Node {
+        Self::start_in(Some(data_dir), "", extra_toml)
+    }
+
+    fn start_in(data_dir: Option<&Path>, node_toml: &str, extra_toml: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("data");
+        let data_dir = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let cfg = dir.path().join("dicomgate.toml");
         let trigger = if extra_toml.contains("[trigger]") {
             ""
@@ -127,11 +136,21 @@ impl Node {
         self.child.try_wait().unwrap().is_none()
     }
 
-    /// Every stored instance file.
+    /// Every stored (pending) instance as a Part-10 file: its own file under `patients/`, or a
+    /// copy of its segment log record made by `storage::inventory::extract` (the node's
+    /// `dicomgate extract`) under this test's directory, with the same file name.
     pub fn stored(&self) -> Vec<PathBuf> {
-        files_under(&self.data_dir.join("patients"))
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        let (entries, _) = dicomgate::storage::inventory::pending(&self.data_dir).unwrap();
+        let out = self._dir.path().join("extracted");
+        entries
+            .iter()
+            .filter_map(|e| match &e.source {
+                dicomgate::storage::inventory::Source::File(f) => Some(f.clone()),
+                dicomgate::storage::inventory::Source::Log(_) => {
+                    // The record may be released (claimed) meanwhile: then it is not pending.
+                    dicomgate::storage::inventory::extract(&self.data_dir, e, &out).ok()
+                }
+            })
             .collect()
     }
 

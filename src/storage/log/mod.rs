@@ -1,0 +1,1156 @@
+//! The segment log: where small instances are made durable (design rule 6), one append and one
+//! shared flush per group-commit round instead of a file, a flush, a link and a directory flush
+//! each. The format is in [`format`] and docs/segment-log.md.
+//!
+//! Owns: the `log/` directory of the data directory — numbered segment files (`<seq>.seg`,
+//! 16 hex digits), their release files (`<seq>.done`), and one prepared spare segment
+//! (`spare.seg`) — and, in memory, the index from an instance's place under `patients/` (its
+//! would-be path, the identity a re-sent SOP Instance UID replaces) to its newest record and
+//! the records it superseded. Must never acknowledge a record before the flush that covers it,
+//! never delete a segment holding a record that is not released, and never append to a segment
+//! written by an earlier run (recovery seals them all and starts a new one, so a torn tail can
+//! never be mistaken for a record later).
+//!
+//! Lifecycle of a record: appended (under the log's lock, at the active segment's tail) → made
+//! durable by the flusher thread's `fdatasync`, shared by every record appended meanwhile from
+//! every association, then acknowledged → taken by the pipeline when its batch is claimed or
+//! expired ([`Log::take`]), copied out as a Part-10 file where a file is needed → released
+//! ([`Log::release`]: an entry in the segment's `.done` file, flushed). A segment whose every
+//! record is released is recycled as the spare (its blocks are already allocated, so writing
+//! into it costs no extent conversion at flush) or deleted.
+//!
+//! Segments are prepared ahead by the `log-prepare` thread: zero-filled while the log fills
+//! slowly (a 4 KiB write and fdatasync into written blocks costs ~0.16 ms here, ~0.49 ms into
+//! fallocated ones, perf/RESULTS.md), only fallocated when a segment filled within a second
+//! (bulk data, where zeroing first would halve the bandwidth).
+
+pub mod format;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, IoSlice};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use format::{InstanceMeta, SegmentHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+
+use super::{Durability, StoreDone, StoreJob, StoredInstance};
+use crate::doorbell::Doorbell;
+
+/// Where a record is: its segment and its offset from the segment's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Loc {
+    pub seq: u64,
+    pub offset: u64,
+}
+
+/// What [`Log::take`] hands the pipeline for one instance: its newest record, and older records
+/// of the same instance that it replaced (released together with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    pub latest: Loc,
+    pub superseded: Vec<Loc>,
+}
+
+impl Taken {
+    /// Every record this instance holds.
+    pub fn all(&self) -> impl Iterator<Item = Loc> + '_ {
+        std::iter::once(self.latest).chain(self.superseded.iter().copied())
+    }
+}
+
+/// A record read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogInstance {
+    pub meta: InstanceMeta,
+    pub data_set: Vec<u8>,
+}
+
+impl LogInstance {
+    /// The Part-10 meta information of the file this instance becomes.
+    pub fn file_meta(&self) -> super::FileMeta {
+        super::FileMeta {
+            sop_class_uid: self.meta.sop_class_uid.clone(),
+            sop_instance_uid: self.meta.sop_instance_uid.clone(),
+            transfer_syntax_uid: self.meta.transfer_syntax_uid.clone(),
+            source_ae_title: self.meta.source_ae_title.clone(),
+        }
+    }
+
+    /// The Part-10 file's bytes: our meta group, then the data set exactly as received.
+    pub fn part10(&self) -> Vec<u8> {
+        let mut b = super::part10::header(&self.file_meta());
+        b.extend_from_slice(&self.data_set);
+        b
+    }
+
+    /// Writes the Part-10 file at `path` (its directory must exist) and flushes it.
+    pub fn write_file(&self, path: &Path) -> io::Result<u64> {
+        let b = self.part10();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        io::Write::write_all(&mut f, &b)?;
+        f.sync_data()?;
+        Ok(b.len() as u64)
+    }
+}
+
+/// Counts for operators and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub segments: usize,
+    pub live_records: usize,
+    /// Bytes of the segments on disk (their preallocated size).
+    pub segment_bytes: u64,
+    /// Bytes of records not yet released.
+    pub live_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    /// Records not released (superseded ones included until their instance is released).
+    live: usize,
+    live_bytes: u64,
+    /// The `.done` file, opened on the first release.
+    done: Option<Arc<File>>,
+}
+
+#[derive(Debug)]
+struct Active {
+    seq: u64,
+    file: Arc<File>,
+    tail: u64,
+    opened: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    active: Option<Active>,
+    next_seq: u64,
+    segments: BTreeMap<u64, Segment>,
+    index: HashMap<PathBuf, Taken>,
+    /// Bytes of each record, for space accounting.
+    sizes: HashMap<Loc, u32>,
+    spare_ready: bool,
+    /// How long the last sealed segment took to fill (decides how the next spare is made).
+    last_fill: Option<Duration>,
+}
+
+struct FlushItem {
+    file: Arc<File>,
+    acks: Vec<StoreDone>,
+}
+
+/// The log of one data directory.
+pub struct Log {
+    dir: PathBuf,
+    segment_bytes: u64,
+    durability: Durability,
+    inner: Mutex<Inner>,
+    flush_queue: Mutex<VecDeque<FlushItem>>,
+    flush_bell: Doorbell,
+    /// A segment name was created since the last flush: the flusher also flushes `log/`.
+    dir_dirty: AtomicBool,
+    prepare_bell: Doorbell,
+    done: Arc<dyn Fn(StoreDone) + Send + Sync>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.dir)
+            .field("segment_bytes", &self.segment_bytes)
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn segment_name(seq: u64) -> String {
+    format!("{seq:016x}.seg")
+}
+
+fn done_name(seq: u64) -> String {
+    format!("{seq:016x}.done")
+}
+
+fn parse_seq(name: &str, ext: &str) -> Option<u64> {
+    let hex = name.strip_suffix(ext)?;
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// What recovery found, for the log line and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    pub segments: usize,
+    pub records: usize,
+    pub released: usize,
+    /// Bytes after the last valid record of a segment that were not zero (a torn append).
+    pub torn_bytes: u64,
+}
+
+impl Log {
+    /// Opens (recovering) the log in `dir`, and starts its flusher and preparer threads. `done`
+    /// gets every appended store once it is durable.
+    pub fn open(
+        dir: PathBuf,
+        segment_bytes: u64,
+        durability: Durability,
+        done: Arc<dyn Fn(StoreDone) + Send + Sync>,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<(Arc<Log>, Recovered, Vec<std::thread::JoinHandle<()>>)> {
+        fs::create_dir_all(&dir)?;
+        let (inner, recovered) = recover(&dir)?;
+        let log = Arc::new(Log {
+            dir,
+            segment_bytes,
+            durability,
+            inner: Mutex::new(inner),
+            flush_queue: Mutex::new(VecDeque::new()),
+            flush_bell: Doorbell::new(),
+            dir_dirty: AtomicBool::new(false),
+            prepare_bell: Doorbell::new(),
+            done,
+            stop,
+        });
+        log.free_empty_segments();
+        let mut threads = Vec::new();
+        let l = log.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("log-flush".into())
+                .spawn(move || l.flusher())?,
+        );
+        let l = log.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("log-prepare".into())
+                .spawn(move || l.preparer())?,
+        );
+        Ok((log, recovered, threads))
+    }
+
+    /// Appends small instances (each with its identity `rel` under `patients/` and its would-be
+    /// path `dest`); each job's [`StoreDone`] goes to `done` once its record is durable (at
+    /// once with `durability = "none"`), or with an error if it could not be written.
+    pub fn append(&self, jobs: Vec<(StoreJob, PathBuf, PathBuf)>) {
+        // Encoded outside the lock: each record's body prefix and checksum.
+        let mut prepared = Vec::with_capacity(jobs.len());
+        for (job, rel, dest) in jobs {
+            let meta = InstanceMeta {
+                sop_class_uid: job.meta.sop_class_uid.clone(),
+                sop_instance_uid: job.meta.sop_instance_uid.clone(),
+                transfer_syntax_uid: job.meta.transfer_syntax_uid.clone(),
+                source_ae_title: job.meta.source_ae_title.clone(),
+                patient_id: job.patient_id.clone(),
+                study_uid: job.study_uid.clone(),
+                series_uid: job.series_uid.clone(),
+                received_ms: now_ms(),
+            };
+            let mut prefix = Vec::with_capacity(256);
+            let r = format::encode_body(&meta, &[], &mut prefix).map(|_| {
+                // The data set length was written as 0: patch it, then checksum prefix + data.
+                let n = prefix.len();
+                prefix[n - 4..].copy_from_slice(&(job.data_set.len() as u32).to_le_bytes());
+                crc32c::crc32c_append(crc32c::crc32c(&prefix), &job.data_set)
+            });
+            prepared.push((job, rel, dest, prefix, r));
+        }
+        let mut items: Vec<FlushItem> = Vec::new();
+        let mut failed = Vec::new();
+        {
+            let mut inner = lock(&self.inner);
+            for (job, rel, dest, prefix, crc) in prepared {
+                let res = crc.map_err(|e| e.to_string()).and_then(|crc| {
+                    self.append_one(&mut inner, &job, &rel, &prefix, crc)
+                        .map_err(|e| format!("log write failed: {e}"))
+                });
+                match res {
+                    Ok((file, new)) => {
+                        let bytes =
+                            (super::part10::header(&job.meta).len() + job.data_set.len()) as u64;
+                        let ack = done_for(job, dest, bytes, new);
+                        match items.last_mut() {
+                            Some(it) if Arc::ptr_eq(&it.file, &file) => it.acks.push(ack),
+                            _ => items.push(FlushItem {
+                                file,
+                                acks: vec![ack],
+                            }),
+                        }
+                    }
+                    Err(e) => failed.push(StoreDone {
+                        reply: job.reply,
+                        token: job.token,
+                        result: Err(e),
+                        arrival: job.arrival,
+                    }),
+                }
+            }
+            if self.durability != Durability::None && !items.is_empty() {
+                lock(&self.flush_queue).extend(items.drain(..));
+            }
+        }
+        for d in failed {
+            (self.done)(d);
+        }
+        if self.durability == Durability::None {
+            for it in items {
+                for a in it.acks {
+                    (self.done)(a);
+                }
+            }
+        } else {
+            self.flush_bell.ring();
+        }
+    }
+
+    /// Writes one record at the active segment's tail (rolling over when it does not fit) and
+    /// indexes it; returns its segment's file and whether the instance is new.
+    fn append_one(
+        &self,
+        inner: &mut Inner,
+        job: &StoreJob,
+        rel: &Path,
+        prefix: &[u8],
+        crc: u32,
+    ) -> io::Result<(Arc<File>, bool)> {
+        let body = prefix.len() + job.data_set.len();
+        let total = RECORD_HEADER_LEN + body;
+        let stride = (total + format::padding(total)) as u64;
+        if stride > self.segment_bytes - SEGMENT_HEADER_LEN as u64 {
+            return Err(io::Error::other("record larger than a segment"));
+        }
+        let fits = inner
+            .active
+            .as_ref()
+            .is_some_and(|a| a.tail + stride <= self.segment_bytes);
+        if !fits {
+            self.roll_over(inner)?;
+        }
+        let Some(a) = inner.active.as_mut() else {
+            return Err(io::Error::other("no active segment"));
+        };
+        let header = format::encode_header(a.seq, body, crc).map_err(io::Error::other)?;
+        let pad = [0u8; format::ALIGN];
+        let bufs = [
+            IoSlice::new(&header),
+            IoSlice::new(prefix),
+            IoSlice::new(&job.data_set),
+            IoSlice::new(&pad[..format::padding(total)]),
+        ];
+        write_all_at(&a.file, &bufs, a.tail)?;
+        let loc = Loc {
+            seq: a.seq,
+            offset: a.tail,
+        };
+        a.tail += stride;
+        let file = a.file.clone();
+        if let Some(s) = inner.segments.get_mut(&loc.seq) {
+            s.live += 1;
+            s.live_bytes += stride;
+        }
+        inner.sizes.insert(loc, stride as u32);
+        let new = match inner.index.get_mut(rel) {
+            Some(t) => {
+                let old = std::mem::replace(&mut t.latest, loc);
+                t.superseded.push(old);
+                false
+            }
+            None => {
+                inner.index.insert(
+                    rel.to_path_buf(),
+                    Taken {
+                        latest: loc,
+                        superseded: Vec::new(),
+                    },
+                );
+                true
+            }
+        };
+        Ok((file, new))
+    }
+
+    /// Seals the active segment and opens the next one (the prepared spare when there is one).
+    fn roll_over(&self, inner: &mut Inner) -> io::Result<()> {
+        if let Some(a) = inner.active.take() {
+            inner.last_fill = Some(a.opened.elapsed());
+            let empty = inner.segments.get(&a.seq).is_some_and(|s| s.live == 0);
+            if empty {
+                self.free_segment(inner, a.seq);
+            }
+        }
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        let path = self.dir.join(segment_name(seq));
+        let spare = self.dir.join("spare.seg");
+        let file = if inner.spare_ready && fs::rename(&spare, &path).is_ok() {
+            inner.spare_ready = false;
+            OpenOptions::new().read(true).write(true).open(&path)?
+        } else {
+            inner.spare_ready = false;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            rustix::fs::fallocate(
+                &f,
+                rustix::fs::FallocateFlags::empty(),
+                0,
+                self.segment_bytes,
+            )
+            .map_err(io::Error::from)?;
+            f
+        };
+        let header = SegmentHeader {
+            seq,
+            segment_bytes: self.segment_bytes,
+            created_ms: now_ms(),
+        };
+        file.write_all_at(&header.encode(), 0)?;
+        let file = Arc::new(file);
+        self.dir_dirty.store(true, Ordering::SeqCst);
+        inner.segments.insert(
+            seq,
+            Segment {
+                file: file.clone(),
+                live: 0,
+                live_bytes: 0,
+                done: None,
+            },
+        );
+        inner.active = Some(Active {
+            seq,
+            file,
+            tail: SEGMENT_HEADER_LEN as u64,
+            opened: Instant::now(),
+        });
+        self.prepare_bell.ring();
+        Ok(())
+    }
+
+    /// The flusher thread: one `fdatasync` per segment touched since its last round, then the
+    /// acknowledgements of everything that round covered.
+    fn flusher(&self) {
+        loop {
+            let items: Vec<FlushItem> = lock(&self.flush_queue).drain(..).collect();
+            if items.is_empty() {
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                self.flush_bell.wait(Duration::from_millis(100), || {
+                    !lock(&self.flush_queue).is_empty()
+                });
+                continue;
+            }
+            let mut synced: Vec<(Arc<File>, Option<String>)> = Vec::new();
+            for it in &items {
+                if !synced.iter().any(|(f, _)| Arc::ptr_eq(f, &it.file)) {
+                    let err = it.file.sync_data().err().map(|e| e.to_string());
+                    synced.push((it.file.clone(), err));
+                }
+            }
+            let dir_err = if self.dir_dirty.swap(false, Ordering::SeqCst) {
+                sync_dir(&self.dir).err().map(|e| e.to_string())
+            } else {
+                None
+            };
+            for it in items {
+                let err = synced
+                    .iter()
+                    .find(|(f, _)| Arc::ptr_eq(f, &it.file))
+                    .and_then(|(_, e)| e.clone())
+                    .or_else(|| dir_err.clone());
+                for mut a in it.acks {
+                    if let Some(e) = &err {
+                        // Not known durable: not acknowledged. The record may survive; a
+                        // re-send of the instance replaces it.
+                        a.result = Err(format!("log flush failed: {e}"));
+                        a.arrival = None;
+                    }
+                    (self.done)(a);
+                }
+            }
+        }
+    }
+
+    /// The preparer thread: keeps one spare segment ready.
+    fn preparer(&self) {
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let (ready, last_fill) = {
+                let i = lock(&self.inner);
+                (i.spare_ready, i.last_fill)
+            };
+            if !ready {
+                let zero = last_fill.is_none_or(|d| d >= Duration::from_secs(1));
+                match self.prepare_spare(zero) {
+                    Ok(()) => lock(&self.inner).spare_ready = true,
+                    Err(e) => {
+                        if !self.stop.load(Ordering::Acquire) {
+                            tracing::warn!(error = %e, "could not prepare a log segment");
+                        }
+                        let _ = fs::remove_file(self.dir.join("spare.tmp"));
+                        // Try again later (a full disk must not turn into a busy loop).
+                        self.prepare_bell.wait(Duration::from_secs(2), || false);
+                        continue;
+                    }
+                }
+            }
+            self.prepare_bell.wait(Duration::from_millis(500), || {
+                !lock(&self.inner).spare_ready
+            });
+        }
+    }
+
+    fn prepare_spare(&self, zero: bool) -> io::Result<()> {
+        let tmp = self.dir.join("spare.tmp");
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        if zero {
+            let z = vec![0u8; 1 << 20];
+            let mut off = 0;
+            while off < self.segment_bytes {
+                if self.stop.load(Ordering::Acquire) {
+                    return Err(io::Error::other("stopping"));
+                }
+                let n = (self.segment_bytes - off).min(z.len() as u64) as usize;
+                f.write_all_at(&z[..n], off)?;
+                off += n as u64;
+            }
+        } else {
+            rustix::fs::fallocate(
+                &f,
+                rustix::fs::FallocateFlags::empty(),
+                0,
+                self.segment_bytes,
+            )
+            .map_err(io::Error::from)?;
+        }
+        f.sync_all()?;
+        fs::rename(&tmp, self.dir.join("spare.seg"))?;
+        sync_dir(&self.dir)
+    }
+
+    /// Takes an instance out of the index (its batch is being claimed or it expires): the
+    /// caller copies it out and then [`Log::release`]s every record of it, or gives it back
+    /// with [`Log::untake`].
+    pub fn take(&self, rel: &Path) -> Option<Taken> {
+        lock(&self.inner).index.remove(rel)
+    }
+
+    /// Gives a taken instance back (its batch could not be made). A newer record of it that
+    /// arrived meanwhile stays the newest.
+    pub fn untake(&self, rel: PathBuf, taken: Taken) {
+        let mut inner = lock(&self.inner);
+        match inner.index.get_mut(&rel) {
+            Some(t) => t.superseded.extend(taken.all()),
+            None => {
+                inner.index.insert(rel, taken);
+            }
+        }
+    }
+
+    /// Whether the index holds an instance at `rel`.
+    pub fn contains(&self, rel: &Path) -> bool {
+        lock(&self.inner).index.contains_key(rel)
+    }
+
+    /// Every indexed instance: (identity, newest record), in log order.
+    pub fn live(&self) -> Vec<(PathBuf, Loc)> {
+        let inner = lock(&self.inner);
+        let mut v: Vec<(PathBuf, Loc)> = inner
+            .index
+            .iter()
+            .map(|(p, t)| (p.clone(), t.latest))
+            .collect();
+        v.sort_by_key(|(_, l)| *l);
+        v
+    }
+
+    /// Reads a record back.
+    pub fn read(&self, loc: Loc) -> io::Result<LogInstance> {
+        let file = lock(&self.inner)
+            .segments
+            .get(&loc.seq)
+            .map(|s| s.file.clone())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such segment"))?;
+        read_at(&file, loc, self.segment_bytes)
+    }
+
+    /// Marks records done, durably (an entry in each segment's `.done` file, flushed), then
+    /// frees segments left with no live record.
+    pub fn release(&self, locs: &[Loc]) -> io::Result<()> {
+        let mut by_seq: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for l in locs {
+            by_seq.entry(l.seq).or_default().push(l.offset);
+        }
+        for (seq, offsets) in &by_seq {
+            let (file, created) = {
+                let mut inner = lock(&self.inner);
+                let Some(s) = inner.segments.get_mut(seq) else {
+                    continue; // already freed
+                };
+                match &s.done {
+                    Some(f) => (f.clone(), false),
+                    None => {
+                        let f = Arc::new(
+                            OpenOptions::new()
+                                .append(true)
+                                .create(true)
+                                .open(self.dir.join(done_name(*seq)))?,
+                        );
+                        s.done = Some(f.clone());
+                        (f, true)
+                    }
+                }
+            };
+            let mut b = Vec::with_capacity(offsets.len() * format::RELEASE_LEN);
+            for o in offsets {
+                b.extend_from_slice(&format::encode_release(*seq, *o));
+            }
+            io::Write::write_all(&mut &*file, &b)?;
+            file.sync_data()?;
+            if created {
+                sync_dir(&self.dir)?;
+            }
+        }
+        let mut inner = lock(&self.inner);
+        for (seq, offsets) in by_seq {
+            let mut freed = 0u64;
+            for o in &offsets {
+                freed += u64::from(inner.sizes.remove(&Loc { seq, offset: *o }).unwrap_or(0));
+            }
+            let active = inner.active.as_ref().map(|a| a.seq);
+            let Some(s) = inner.segments.get_mut(&seq) else {
+                continue;
+            };
+            s.live = s.live.saturating_sub(offsets.len());
+            s.live_bytes = s.live_bytes.saturating_sub(freed);
+            if s.live == 0 && active != Some(seq) {
+                self.free_segment(&mut inner, seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// At start-up: releases the records named by batches that were made (their manifests list
+    /// them) before their release became durable.
+    pub fn release_consumed(&self, locs: &[Loc]) -> io::Result<usize> {
+        let set: HashSet<Loc> = locs.iter().copied().collect();
+        let mut hit = Vec::new();
+        {
+            let mut inner = lock(&self.inner);
+            inner.index.retain(|_, t| {
+                t.superseded.retain(|l| {
+                    let h = set.contains(l);
+                    if h {
+                        hit.push(*l);
+                    }
+                    !h
+                });
+                if set.contains(&t.latest) {
+                    hit.push(t.latest);
+                    hit.append(&mut t.superseded);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.release(&hit)?;
+        Ok(hit.len())
+    }
+
+    fn free_empty_segments(&self) {
+        let mut inner = lock(&self.inner);
+        let empty: Vec<u64> = inner
+            .segments
+            .iter()
+            .filter(|(_, s)| s.live == 0)
+            .map(|(k, _)| *k)
+            .collect();
+        for seq in empty {
+            self.free_segment(&mut inner, seq);
+        }
+    }
+
+    /// Drops a segment with no live record: it becomes the spare (when none is ready) or is
+    /// deleted; its `.done` file goes after it, never before (a segment without its releases
+    /// would bring released records back at the next start).
+    fn free_segment(&self, inner: &mut Inner, seq: u64) {
+        let Some(s) = inner.segments.remove(&seq) else {
+            return;
+        };
+        drop(s);
+        let path = self.dir.join(segment_name(seq));
+        let r = if inner.spare_ready {
+            fs::remove_file(&path)
+        } else {
+            let r = fs::rename(&path, self.dir.join("spare.seg"));
+            if r.is_ok() {
+                inner.spare_ready = true;
+            }
+            r
+        };
+        if let Err(e) = r.and_then(|()| sync_dir(&self.dir)) {
+            tracing::warn!(segment = seq, error = %e, "could not free a log segment");
+            return;
+        }
+        let _ = fs::remove_file(self.dir.join(done_name(seq)));
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let inner = lock(&self.inner);
+        LogStats {
+            segments: inner.segments.len(),
+            live_records: inner.segments.values().map(|s| s.live).sum(),
+            segment_bytes: inner.segments.len() as u64 * self.segment_bytes,
+            live_bytes: inner.segments.values().map(|s| s.live_bytes).sum(),
+        }
+    }
+}
+
+fn done_for(job: StoreJob, dest: PathBuf, bytes: u64, new: bool) -> StoreDone {
+    let mut arrival = job.arrival;
+    if let Some(a) = arrival.as_mut() {
+        a.record.path = dest.clone();
+        a.record.bytes = bytes;
+    }
+    StoreDone {
+        reply: job.reply,
+        token: job.token,
+        result: Ok(StoredInstance {
+            path: dest,
+            bytes,
+            new,
+        }),
+        arrival,
+    }
+}
+
+fn write_all_at(f: &File, bufs: &[IoSlice<'_>], mut offset: u64) -> io::Result<()> {
+    let mut owned: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).copied().collect();
+    let mut slices: &mut [IoSlice<'_>] = &mut owned;
+    while !slices.is_empty() {
+        match rustix::io::pwritev(f, slices, offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                offset += n as u64;
+                IoSlice::advance_slices(&mut slices, n);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The identity of an instance under `patients/` (the relative path its file has, or would
+/// have): `None` when a UID is not valid.
+pub fn identity(meta: &InstanceMeta) -> Option<PathBuf> {
+    let valid = |u: &str| crate::dimse::uid::is_valid_uid(u.as_bytes());
+    if !valid(&meta.sop_instance_uid)
+        || meta.study_uid.as_deref().is_some_and(|u| !valid(u))
+        || meta.series_uid.as_deref().is_some_and(|u| !valid(u))
+    {
+        return None;
+    }
+    let mut p = PathBuf::from(super::patient_dir_name(&meta.patient_id));
+    p.push(meta.study_uid.as_deref().unwrap_or(super::NO_STUDY));
+    p.push(meta.series_uid.as_deref().unwrap_or(super::NO_SERIES));
+    p.push(format!("{}.dcm", meta.sop_instance_uid));
+    Some(p)
+}
+
+/// Start-up: every segment sealed, the index rebuilt from their unreleased records.
+fn recover(dir: &Path) -> io::Result<(Inner, Recovered)> {
+    let mut inner = Inner::default();
+    let mut rec = Recovered::default();
+    let mut segs = Vec::new();
+    let mut dones = HashSet::new();
+    for e in fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(seq) = parse_seq(&name, ".seg") {
+            segs.push(seq);
+        } else if let Some(seq) = parse_seq(&name, ".done") {
+            dones.insert(seq);
+        } else if name == "spare.tmp" {
+            let _ = fs::remove_file(e.path());
+        } else if name == "spare.seg" {
+            inner.spare_ready = true;
+        }
+    }
+    segs.sort_unstable();
+    for &seq in &segs {
+        inner.next_seq = inner.next_seq.max(seq + 1);
+        let path = dir.join(segment_name(seq));
+        let bytes = fs::read(&path)?;
+        let header = SegmentHeader::decode(&bytes).ok().filter(|h| h.seq == seq);
+        if header.is_none() {
+            // Its header never became durable, so nothing in it was acknowledged.
+            tracing::warn!(segment = seq, "log segment without a valid header removed");
+            fs::remove_file(&path)?;
+            let _ = fs::remove_file(dir.join(done_name(seq)));
+            continue;
+        }
+        let released: HashSet<u64> = fs::read(dir.join(done_name(seq)))
+            .map(|b| format::decode_releases(&b, seq).into_iter().collect())
+            .unwrap_or_default();
+        let body = bytes.get(SEGMENT_HEADER_LEN..).unwrap_or(&[]);
+        let (records, end) = format::scan_records(body, seq);
+        if body[end..].iter().any(|&b| b != 0) {
+            let torn = body[end..]
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(0, |p| p + 1);
+            rec.torn_bytes += torn as u64;
+        }
+        let mut seg = Segment {
+            file: Arc::new(OpenOptions::new().read(true).write(true).open(&path)?),
+            live: 0,
+            live_bytes: 0,
+            done: None,
+        };
+        for (off, r) in records {
+            let loc = Loc {
+                seq,
+                offset: (SEGMENT_HEADER_LEN + off) as u64,
+            };
+            rec.records += 1;
+            if released.contains(&loc.offset) {
+                rec.released += 1;
+                continue;
+            }
+            let Some(rel) = identity(&r.meta) else {
+                continue;
+            };
+            seg.live += 1;
+            seg.live_bytes += r.stride as u64;
+            inner.sizes.insert(loc, r.stride as u32);
+            match inner.index.get_mut(&rel) {
+                Some(t) => {
+                    let old = std::mem::replace(&mut t.latest, loc);
+                    t.superseded.push(old);
+                }
+                None => {
+                    inner.index.insert(
+                        rel,
+                        Taken {
+                            latest: loc,
+                            superseded: Vec::new(),
+                        },
+                    );
+                }
+            }
+        }
+        rec.segments += 1;
+        inner.segments.insert(seq, seg);
+    }
+    for seq in dones {
+        if !inner.segments.contains_key(&seq) {
+            let _ = fs::remove_file(dir.join(done_name(seq)));
+        }
+    }
+    Ok((inner, rec))
+}
+
+/// A segment as [`inspect`] sees it: (sequence, live records, bytes on disk).
+pub type SegmentInfo = (u64, usize, u64);
+
+/// One pending instance found by [`inspect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    /// Its identity under `patients/`.
+    pub rel: PathBuf,
+    pub loc: Loc,
+    pub meta: InstanceMeta,
+    /// Bytes of its Part-10 file.
+    pub bytes: u64,
+}
+
+/// What the log in `dir` holds, read without opening it for writing (safe beside a running
+/// node: only whole, checksummed records are reported): each segment's (sequence, live
+/// records, bytes on disk), and every unreleased instance in its newest record.
+pub fn inspect(dir: &Path) -> io::Result<(Vec<SegmentInfo>, Vec<Inspected>)> {
+    let mut segs: Vec<u64> = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .filter_map(|e| parse_seq(&e.file_name().to_string_lossy(), ".seg"))
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) => return Err(e),
+    };
+    segs.sort_unstable();
+    let mut newest: HashMap<PathBuf, Inspected> = HashMap::new();
+    let mut segments = Vec::new();
+    for seq in segs {
+        let Ok(bytes) = fs::read(dir.join(segment_name(seq))) else {
+            continue; // freed meanwhile
+        };
+        if SegmentHeader::decode(&bytes)
+            .ok()
+            .filter(|h| h.seq == seq)
+            .is_none()
+        {
+            continue;
+        }
+        let released: HashSet<u64> = fs::read(dir.join(done_name(seq)))
+            .map(|b| format::decode_releases(&b, seq).into_iter().collect())
+            .unwrap_or_default();
+        let (records, _) = format::scan_records(&bytes[SEGMENT_HEADER_LEN..], seq);
+        let mut live = 0;
+        for (off, r) in records {
+            let offset = (SEGMENT_HEADER_LEN + off) as u64;
+            if released.contains(&offset) {
+                continue;
+            }
+            let Some(rel) = identity(&r.meta) else {
+                continue;
+            };
+            live += 1;
+            let inst = LogInstance {
+                meta: r.meta,
+                data_set: Vec::new(),
+            };
+            let bytes = (super::part10::header(&inst.file_meta()).len() + r.data_set.len()) as u64;
+            newest.insert(
+                rel.clone(),
+                Inspected {
+                    rel,
+                    loc: Loc { seq, offset },
+                    meta: inst.meta,
+                    bytes,
+                },
+            );
+        }
+        segments.push((seq, live, bytes.len() as u64));
+    }
+    let mut out: Vec<Inspected> = newest.into_values().collect();
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok((segments, out))
+}
+
+/// Reads one record of the log in `dir` without opening the log (see [`inspect`]).
+pub fn read_record(dir: &Path, loc: Loc) -> io::Result<LogInstance> {
+    let f = File::open(dir.join(segment_name(loc.seq)))?;
+    let len = f.metadata()?.len();
+    read_at(&f, loc, len)
+}
+
+fn read_at(f: &File, loc: Loc, segment_len: u64) -> io::Result<LogInstance> {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    f.read_exact_at(&mut h, loc.offset)?;
+    let (total, _) = format::decode_header(&h, loc.seq).map_err(io::Error::other)?;
+    if loc.offset + total as u64 > segment_len {
+        return Err(io::Error::other("record longer than its segment"));
+    }
+    let mut b = vec![0u8; total];
+    f.read_exact_at(&mut b, loc.offset)?;
+    let r = format::decode_record(&b, loc.seq).map_err(io::Error::other)?;
+    Ok(LogInstance {
+        meta: r.meta,
+        data_set: r.data_set.to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{FileMeta, ReplyTo};
+    use std::sync::atomic::AtomicUsize;
+
+    fn job(i: u32, patient: &[u8]) -> (StoreJob, PathBuf, PathBuf) {
+        let job = StoreJob {
+            reply: ReplyTo {
+                reactor: 0,
+                connection: 0,
+                generation: 0,
+            },
+            token: u64::from(i),
+            meta: FileMeta {
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+                sop_instance_uid: format!("1.2.3.{i}"),
+                transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+                source_ae_title: "T".into(),
+            },
+            patient_id: patient.to_vec(),
+            study_uid: Some("1.2".into()),
+            series_uid: Some("1.2.3".into()),
+            data_set: vec![i as u8; 300 + i as usize],
+            arrival: None,
+        };
+        let meta = InstanceMeta {
+            sop_instance_uid: job.meta.sop_instance_uid.clone(),
+            patient_id: job.patient_id.clone(),
+            study_uid: job.study_uid.clone(),
+            series_uid: job.series_uid.clone(),
+            ..Default::default()
+        };
+        let rel = identity(&meta).unwrap();
+        let dest = PathBuf::from("/nowhere/patients").join(&rel);
+        (job, rel, dest)
+    }
+
+    struct Opened {
+        log: Arc<Log>,
+        recovered: Recovered,
+        threads: Vec<std::thread::JoinHandle<()>>,
+        stop: Arc<AtomicBool>,
+        acks: Arc<AtomicUsize>,
+    }
+
+    impl Opened {
+        fn close(self) {
+            self.stop.store(true, Ordering::Release);
+            self.log.flush_bell.ring();
+            self.log.prepare_bell.ring();
+            for t in self.threads {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    fn open(dir: &Path, durability: Durability) -> Opened {
+        let acks = Arc::new(AtomicUsize::new(0));
+        let a = acks.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (log, recovered, threads) = Log::open(
+            dir.to_path_buf(),
+            64 << 10,
+            durability,
+            Arc::new(move |d: StoreDone| {
+                assert!(d.result.is_ok(), "{:?}", d.result);
+                a.fetch_add(1, Ordering::SeqCst);
+            }),
+            stop.clone(),
+        )
+        .unwrap();
+        Opened {
+            log,
+            recovered,
+            threads,
+            stop,
+            acks,
+        }
+    }
+
+    /// A crash that cut the last record at any byte: recovery keeps every record before it,
+    /// and the torn one is gone; the log then appends to a new segment.
+    #[test]
+    fn recovery_cuts_the_last_record_at_every_byte_offset() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let o = open(&dir, Durability::Fsync);
+        o.log.append((0..5).map(|i| job(i, b"P")).collect());
+        assert!(wait(|| o.acks.load(Ordering::SeqCst) == 5));
+        let live = o.log.live();
+        assert_eq!(live.len(), 5);
+        let last = live[4].1;
+        o.close();
+        let seg = dir.join(segment_name(last.seq));
+        let whole = fs::read(&seg).unwrap();
+        let (total, _) = format::decode_header(&whole[last.offset as usize..], last.seq).unwrap();
+        let end = last.offset as usize + total;
+        let copy = base.path().join("cut");
+        fs::create_dir_all(&copy).unwrap();
+        for cut in last.offset as usize..=end {
+            let mut b = whole.clone();
+            b[cut..].iter_mut().for_each(|x| *x = 0xEE); // junk where the append was torn
+            fs::write(copy.join(segment_name(last.seq)), &b).unwrap();
+            let (inner, recovered) = recover(&copy).unwrap();
+            let n = inner.index.len();
+            assert_eq!(n, if cut == end { 5 } else { 4 }, "cut at {cut}");
+            assert!(cut == end || recovered.torn_bytes > 0);
+        }
+        // Opened on a torn segment, the log appends to a new segment, never after the tail.
+        let mut b = whole.clone();
+        b[last.offset as usize + 10..]
+            .iter_mut()
+            .for_each(|x| *x = 0xEE);
+        fs::write(copy.join(segment_name(last.seq)), &b).unwrap();
+        let o = open(&copy, Durability::None);
+        assert_eq!(o.log.live().len(), 4);
+        assert_eq!(o.recovered.records, 4);
+        o.log.append(vec![job(9, b"Q")]);
+        let newest = o.log.live().last().unwrap().1;
+        assert_ne!(newest.seq, last.seq);
+        o.close();
+    }
+
+    /// Released records stay released across a restart; a re-sent instance replaces the older
+    /// record; a segment whose records are all released is recycled.
+    #[test]
+    fn releases_and_replacements_survive_a_restart_and_free_segments() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let o = open(&dir, Durability::None);
+        // Enough to fill several 64 KiB segments.
+        o.log.append((0..400).map(|i| job(i, b"P")).collect());
+        let (_, rel0, _) = job(0, b"P");
+        o.log.append(vec![job(0, b"P")]); // the same instance again
+        let segments = o.log.stats().segments;
+        assert!(segments > 2, "{segments}");
+        let t = o.log.take(&rel0).unwrap();
+        assert_eq!(t.superseded.len(), 1);
+        o.log.release(&t.all().collect::<Vec<_>>()).unwrap();
+        // Release everything in the first segment.
+        let first = o.log.live()[0].1.seq;
+        let in_first: Vec<(PathBuf, Loc)> = o
+            .log
+            .live()
+            .into_iter()
+            .filter(|(_, l)| l.seq == first)
+            .collect();
+        for (rel, _) in &in_first {
+            let t = o.log.take(rel).unwrap();
+            o.log.release(&t.all().collect::<Vec<_>>()).unwrap();
+        }
+        assert!(!dir.join(segment_name(first)).exists(), "freed");
+        let live_before = o.log.live().len();
+        assert_eq!(live_before, 400 - 1 - in_first.len());
+        o.close();
+        let o = open(&dir, Durability::None);
+        assert_eq!(o.log.live().len(), live_before);
+        assert!(!o.log.contains(&rel0));
+        o.close();
+    }
+
+    fn wait(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..500 {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+}
