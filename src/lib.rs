@@ -7,16 +7,19 @@
 //! The map, in the order one instance travels:
 //!
 //! - [`net`] — the only socket code: an acceptor hands connections to one mio reactor per pinned
-//!   core; each reactor reads into a reused buffer per connection.
+//!   core; each reactor reads into a reused buffer per connection and moves bytes and
+//!   completions between the socket, the association's DIMSE service and storage.
 //! - [`ul`] — the Upper Layer wire format (PS3.8 §9): a deframer answers Complete / Partial /
 //!   Error from the 6-byte header, PDUs are parsed as views into the buffer. Pure.
 //! - [`assoc`] — the PS3.8 Table 9-10 state machine for both sides, ARTIM and idle timers (time
 //!   passed in), and acceptor negotiation. Pure.
-//! - [`dimse`] — command sets, message assembly from PDV fragments, C-ECHO and C-STORE logic, and
-//!   the bounded top-level tag scan that gives the routing values. Pure.
-//! - [`storage`] — Part-10 files (our meta group + the data set bytes exactly as received),
-//!   temp-write, flush, rename, directory flush, batched across connections (group commit). Only
-//!   after that does the reactor send the C-STORE success.
+//! - [`dimse`] — command sets, message assembly from PDV fragments, C-ECHO and C-STORE logic, the
+//!   bounded top-level tag scan that gives the routing values, and `dimse::service`: one
+//!   association's DIMSE state (window, stores waiting for storage, release gating), sans-IO.
+//! - [`storage`] — the segment log for small instances (append, one shared fdatasync per
+//!   group-commit round, recovery; `docs/segment-log.md`) and Part-10 files for large ones
+//!   (temp-write, flush, link, directory flush). Only after that does the reactor send the
+//!   C-STORE success.
 //! - [`patients`] — the concurrent patient map (crossbeam-epoch, arc-swap snapshots): the only
 //!   shared mutable state and the only unsafe code.
 //! - [`pipeline`] — hand-off queues, triggers, sufficiency rules, the exactly-once claim,

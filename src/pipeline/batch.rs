@@ -119,6 +119,10 @@ fn hex(b: &[u8]) -> String {
 
 static BATCH_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// In a batch being assembled: the instances copied out of the segment log (one relative path
+/// a line), written before the copies are.
+const FROM_LOG: &str = "from-log";
+
 /// Moves a claimed batch from `patients/` into `batches/<id>/`; returns the id.
 pub(super) fn create(
     ctx: &Context,
@@ -136,56 +140,81 @@ pub(super) fn create(
     let tmp = batches(ctx).join(format!("{id}.tmp"));
     fs::create_dir_all(tmp.join("files"))?;
     let mut files = Vec::with_capacity(records.len());
-    // Instances copied out of the segment log: released once the batch is durable.
+    // Log records the batch consumes: released once the batch is durable.
     let mut taken: Vec<(PathBuf, crate::storage::log::Taken)> = Vec::new();
     let give_back = |taken: Vec<(PathBuf, crate::storage::log::Taken)>| {
         for (rel, t) in taken {
             ctx.log.untake(rel, t);
         }
     };
+    let locs = |t: &crate::storage::log::Taken| t.all().map(|l| (l.seq, l.offset)).collect();
+    // Pass 1: files are moved in; instances in the log are taken out of its index, to copy.
+    let mut copies: Vec<(usize, PathBuf)> = Vec::new();
     for r in &records {
         let Ok(rel) = r.path.strip_prefix(&patients) else {
             tracing::error!(path = %r.path.display(), "instance outside patients/ left in place");
             continue;
         };
         let dest = tmp.join("files").join(rel);
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        let moved = match fs::rename(&r.path, &dest) {
-            Ok(()) => Ok(Vec::new()),
+        let moved = dest
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|()| fs::rename(&r.path, &dest));
+        let log = match moved {
+            // A log record of the same instance too (re-sent with a size on the other side of
+            // inline_max_bytes): the file is what the batch gets, the record goes with it.
+            Ok(()) => ctx.log.take(rel).map_or_else(Vec::new, |t| {
+                let l = locs(&t);
+                taken.push((rel.to_path_buf(), t));
+                l
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => match ctx.log.take(rel) {
-                // Not a file: a small instance in the log. Its newest record becomes the file.
-                Some(t) => match ctx.log.read(t.latest).and_then(|i| i.write_file(&dest)) {
-                    Ok(_) => {
-                        let locs = t.all().map(|l| (l.seq, l.offset)).collect();
-                        taken.push((rel.to_path_buf(), t));
-                        Ok(locs)
-                    }
-                    Err(e) => {
-                        taken.push((rel.to_path_buf(), t));
-                        Err(e)
-                    }
-                },
+                Some(t) => {
+                    let l = locs(&t);
+                    copies.push((taken.len(), dest));
+                    taken.push((rel.to_path_buf(), t));
+                    l
+                }
                 None => {
                     tracing::error!(path = %r.path.display(), "claimed instance missing from disk");
                     continue;
                 }
             },
-            Err(e) => Err(e),
-        };
-        match moved {
-            Ok(log) => files.push(ManifestFile {
-                path: rel.to_string_lossy().into_owned(),
-                inputs: r.inputs,
-                log,
-            }),
             Err(e) => {
                 // Put back what moved, so the instances stay pending, and give up.
-                restore_tmp(ctx, &tmp);
                 give_back(taken);
+                restore_tmp(ctx, &tmp);
                 return Err(e);
             }
+        };
+        files.push(ManifestFile {
+            path: rel.to_string_lossy().into_owned(),
+            inputs: r.inputs,
+            log,
+        });
+    }
+    // Pass 2: the copies. Their names are made durable first (`from-log`), so that a batch
+    // interrupted now is put back by deleting the copies (the records stay the instances),
+    // never by turning them into files beside their records.
+    if !copies.is_empty() {
+        let list: String = copies
+            .iter()
+            .filter_map(|(i, _)| taken.get(*i))
+            .map(|(rel, _)| format!("{}\n", rel.display()))
+            .collect();
+        let copied = write_atomic(&tmp.join(FROM_LOG), list.as_bytes()).and_then(|()| {
+            fs::File::open(&tmp)?.sync_all()?; // the name too, before any copy exists
+            for (i, dest) in &copies {
+                if let Some((_, t)) = taken.get(*i) {
+                    ctx.log.read(t.latest)?.write_file(dest)?;
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = copied {
+            give_back(taken);
+            restore_tmp(ctx, &tmp);
+            return Err(e);
         }
     }
     let manifest = Manifest {
@@ -211,8 +240,8 @@ pub(super) fn create(
         Ok(())
     };
     if let Err(e) = write() {
-        restore_tmp(ctx, &tmp);
         give_back(taken);
+        restore_tmp(ctx, &tmp);
         return Err(e);
     }
     // The batch is durable: the log records it was made from are done.
@@ -234,6 +263,11 @@ pub(super) fn create(
 fn restore_tmp(ctx: &Context, tmp: &Path) {
     let patients = ctx.data_dir.join("patients");
     let files_root = tmp.join("files");
+    let copied: std::collections::HashSet<PathBuf> = fs::read_to_string(tmp.join(FROM_LOG))
+        .unwrap_or_default()
+        .lines()
+        .map(PathBuf::from)
+        .collect();
     let mut files = Vec::new();
     let _ = walk_files(&files_root, &mut files);
     let mut ok = true;
@@ -241,8 +275,8 @@ fn restore_tmp(ctx: &Context, tmp: &Path) {
         let Ok(rel) = f.strip_prefix(&files_root) else {
             continue;
         };
-        if ctx.log.contains(rel) {
-            // A copy of a record still in the segment log: the record stays the instance.
+        if copied.contains(rel) {
+            // A copy of a segment log record: the record stays the instance.
             let _ = fs::remove_file(&f);
             continue;
         }
