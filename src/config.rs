@@ -82,6 +82,10 @@ pub struct Limits {
     pub max_presentation_contexts: usize,
     /// Largest data set in one C-STORE, buffered in memory before it is written. 2 GiB.
     pub max_message_bytes: usize,
+    /// Data set bytes the whole node holds in memory (messages being received, stores waiting
+    /// for storage); above it connections are not read from until storage catches up, except
+    /// one connection finishing its message (so the peak is this plus one message).
+    pub max_buffered_bytes: usize,
     /// Concurrent associations on the node; more are rejected with A-ASSOCIATE-RJ 2/3/2
     /// (transient, local limit exceeded).
     pub max_associations: usize,
@@ -108,6 +112,7 @@ impl Default for Limits {
             max_associate_length: 65_536,
             max_presentation_contexts: 128,
             max_message_bytes: 2 << 30,
+            max_buffered_bytes: 32 << 20,
             max_associations: 256,
             max_associations_per_calling_ae: 64,
             max_connections: 2048,
@@ -359,6 +364,11 @@ impl Config {
         let l = &self.limits;
         if l.max_pdu_length < 4096 {
             return err("limits.max_pdu_length must be at least 4096".into());
+        }
+        if l.max_buffered_bytes < (1 << 20) {
+            return err(
+                "limits.max_buffered_bytes must be at least 1048576 (1 MiB): raise it".into(),
+            );
         }
         if l.max_associate_length < 1024 {
             return err("limits.max_associate_length must be at least 1024".into());

@@ -475,3 +475,67 @@ fn refused_store_then_pipelined_release_is_answered() {
         assert!(node.stored().is_empty());
     }
 }
+
+/// `[limits] max_buffered_bytes`: eight associations each sending 8 MB data sets at once hold
+/// about the budget plus one message in memory, not eight messages; none is refused and none
+/// deadlocks. Without the budget the same load holds up to every data set whole (64 MB).
+#[test]
+fn memory_budget_bounds_what_concurrent_large_stores_hold() {
+    let mut node = Node::start("[limits]\nmax_buffered_bytes = 1048576\n");
+    let base = node.rss_kib();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pid_status = format!("/proc/{}/status", node.pid());
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                if let Ok(s) = std::fs::read_to_string(&pid_status) {
+                    if let Some(v) = s
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    {
+                        peak = peak.max(v);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            peak
+        })
+    };
+    let senders: Vec<_> = (0..8)
+        .map(|s| {
+            let addr = node.addr;
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr, &opts(), &[ct_proposal()]).unwrap();
+                let mut sops = Vec::new();
+                for i in 0..2 {
+                    let sop = format!("1.2.826.0.1.3680043.10.8.{s}.{i}");
+                    let ds = dataset("BIG", "1.2.8", &format!("1.2.8.{s}"), &sop, 8_000_000);
+                    let (st, comment) = c.store(CT_IMAGE_STORAGE, &sop, EXPLICIT_LE, &ds).unwrap();
+                    assert_eq!(st, 0, "{comment:?}");
+                    sops.push(sop);
+                }
+                c.release().unwrap();
+                sops
+            })
+        })
+        .collect();
+    let sops: Vec<String> = senders
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let peak = sampler.join().unwrap();
+    assert_eq!(sops.len(), 16);
+    for sop in &sops {
+        assert!(stored_instance(&node, sop).is_some(), "{sop}");
+    }
+    let grew_mib = peak.saturating_sub(base) as f64 / 1024.0;
+    eprintln!("node RSS {base} KiB before, peak {peak} KiB: +{grew_mib:.1} MiB");
+    // Eight whole 8 MB messages would be +61 MiB; the budget + one message + buffers is far
+    // less (+~20 MiB measured, with the allocator's slack).
+    assert!(grew_mib < 40.0, "+{grew_mib:.1} MiB");
+    assert!(node.is_running());
+}

@@ -106,6 +106,8 @@ struct InFlight {
     token: u64,
     pc: u8,
     request: CommandSet,
+    /// Its data set's size, held until storage answers.
+    bytes: usize,
 }
 
 /// The acceptor side of one association: see the module doc for the polling order.
@@ -123,6 +125,8 @@ pub struct Service {
     // Invariant: true only in Sta8 with outstanding stores; cleared when the A-RELEASE-RP goes.
     release_pending: bool,
     next_token: u64,
+    // Invariant: the sum of the data set sizes in `waiting` and `in_flight`.
+    held: usize,
     stats: ServiceStats,
     outcome: Option<String>,
     events: VecDeque<ServiceEvent>,
@@ -140,6 +144,7 @@ impl Service {
             in_flight: Vec::new(),
             release_pending: false,
             next_token: 0,
+            held: 0,
             stats: ServiceStats::default(),
             outcome: None,
             events: VecDeque::new(),
@@ -297,6 +302,7 @@ impl Service {
             Action::Store(request) => {
                 let token = self.next_token;
                 self.next_token += 1;
+                self.held += request.data_set.len();
                 self.waiting.push_back(StoreSubmission { token, request });
             }
         }
@@ -310,6 +316,7 @@ impl Service {
             return;
         };
         let p = self.in_flight.swap_remove(pos);
+        self.held -= p.bytes;
         let response = match outcome {
             StoreOutcome::Stored { bytes } => {
                 self.stats.instances += 1;
@@ -361,6 +368,7 @@ impl Service {
             token: s.token,
             pc: s.request.presentation_context_id,
             request: s.request.command.clone(),
+            bytes: s.request.data_set.len(),
         });
         self.stats.submitted += 1;
         Some(s)
@@ -399,6 +407,23 @@ impl Service {
     /// Stores decided but not yet handed out.
     pub fn stores_waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Data set bytes this association holds in memory: the message being assembled, and the
+    /// stores waiting for or handed to storage until storage answers (the node-wide budget,
+    /// `[limits] max_buffered_bytes`, counts these).
+    pub fn held_bytes(&self) -> usize {
+        self.held + self.assembler.buffered()
+    }
+
+    /// The part of [`Service::held_bytes`] held by stores (waiting for storage or in it).
+    pub fn store_bytes(&self) -> usize {
+        self.held
+    }
+
+    /// True while a message is partly received.
+    pub fn message_in_progress(&self) -> bool {
+        self.assembler.in_progress()
     }
 
     /// The largest PDU to accept in the current state: the A-ASSOCIATE-RQ bound before
@@ -515,7 +540,9 @@ impl Service {
         if self.assoc.wants_close() || matches!(self.assoc.state(), State::Sta1 | State::Sta13) {
             // Nobody will read the answers: stores not yet handed out are dropped (they were
             // never acknowledged); those handed out still complete and are accounted for.
-            self.waiting.clear();
+            for w in self.waiting.drain(..) {
+                self.held -= w.request.data_set.len();
+            }
             self.release_pending = false;
         }
     }

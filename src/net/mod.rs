@@ -12,6 +12,7 @@
 //! triggered); expect spurious events; never register a socket twice; a paused connection
 //! (backpressure) ignores readiness and is read again when it resumes.
 
+pub mod budget;
 pub mod reactor;
 pub mod scu;
 
@@ -95,6 +96,8 @@ pub struct Shared {
     /// What every association's DIMSE service is configured with.
     pub service: crate::dimse::service::ServiceConfig,
     pub storage: Storage,
+    /// Data set bytes held in memory, node-wide (`[limits] max_buffered_bytes`).
+    pub budget: budget::Budget,
     pub associations: AssociationLimits,
     pub connections: AtomicUsize,
     pub shutdown: AtomicBool,
@@ -269,6 +272,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         ),
         connections: AtomicUsize::new(0),
         shutdown: AtomicBool::new(false),
+        budget: budget::Budget::new(config.limits.max_buffered_bytes),
         storage,
         config,
     });

@@ -76,6 +76,10 @@ struct Conn {
     listed_blocked: bool,
     /// The association's log line was written.
     logged: bool,
+    /// Bytes of this connection counted in the node-wide budget: (all, those held by stores).
+    accounted: (usize, usize),
+    /// On the reactor's list of connections waiting for room in the budget.
+    listed_starved: bool,
     started: Instant,
     /// Node-wide association number, used by the pipeline's open-association counts.
     association: u64,
@@ -85,6 +89,8 @@ struct Reactor<'a> {
     id: usize,
     poll: Poll,
     mailbox: &'a Mailbox,
+    /// Every reactor's mailbox, to wake those waiting for room in the budget.
+    mailboxes: &'a [Mailbox],
     shared: &'a Shared,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
@@ -95,6 +101,8 @@ struct Reactor<'a> {
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Connections with a `blocked` store, waiting for room in storage's queue.
     blocked: Vec<usize>,
+    /// Connections not read from while the node is over its memory budget.
+    starved: Vec<usize>,
     rung: bool,
 }
 
@@ -106,6 +114,7 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
         id,
         poll,
         mailbox,
+        mailboxes,
         shared,
         conns: Vec::new(),
         free: Vec::new(),
@@ -113,6 +122,7 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
         overflow: VecDeque::new(),
         timers: BinaryHeap::new(),
         blocked: Vec::new(),
+        starved: Vec::new(),
         rung: false,
     };
     let mut events = Events::with_capacity(1024);
@@ -141,6 +151,7 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
             r.take_new_connections();
             r.take_completions();
             r.retry_blocked();
+            r.retry_starved();
             r.flush_overflow();
         }
         r.fire_timers();
@@ -190,6 +201,8 @@ impl Reactor<'_> {
                 touched: false,
                 listed_blocked: false,
                 logged: false,
+                accounted: (0, 0),
+                listed_starved: false,
                 started: now,
                 association: self.shared.next_association.fetch_add(1, Ordering::Relaxed) + 1,
             });
@@ -300,6 +313,47 @@ impl Reactor<'_> {
         }
     }
 
+    /// Reads again from connections that waited for room in the budget (after a wake).
+    fn retry_starved(&mut self) {
+        let now = Instant::now();
+        for idx in std::mem::take(&mut self.starved) {
+            if let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) {
+                c.listed_starved = false;
+            }
+            self.drive(idx, now);
+        }
+    }
+
+    /// Brings the connection's share of the node-wide budget up to date; when that made room
+    /// (or gave the overdraft back), wakes the reactors with connections waiting for it.
+    fn account(&mut self, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) else {
+            return;
+        };
+        let budget = &self.shared.budget;
+        let held = (c.svc.held_bytes(), c.svc.store_bytes());
+        let mut freed = budget.adjust(c.accounted, held);
+        c.accounted = held;
+        if !c.svc.message_in_progress() || c.io.is_none() {
+            freed |= budget.release_overdraft(super::budget::Budget::key(self.id, c.generation));
+        }
+        if freed {
+            self.wake_starved();
+        }
+    }
+
+    fn wake_starved(&self) {
+        let bits = self.shared.budget.take_starved();
+        if bits == 0 {
+            return;
+        }
+        for (i, m) in self.mailboxes.iter().enumerate() {
+            if bits & (1 << (i % 64)) != 0 {
+                m.wake();
+            }
+        }
+    }
+
     fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some(&Reverse((t, idx, generation))) = self.timers.peek() {
@@ -344,6 +398,9 @@ impl Reactor<'_> {
             return;
         };
         let mut closed = false;
+        let mut starved = false;
+        let mut freed = false;
+        let key = super::budget::Budget::key(reactor, c.generation);
         loop {
             let cfg = &shared.service;
             // Input and storage until neither moves: a store answered at once (refused) frees
@@ -381,6 +438,17 @@ impl Reactor<'_> {
             if !c.svc.wants_read() || !self.overflow.is_empty() {
                 break;
             }
+            // The budget sees what this connection holds now, not at the end of the drive
+            // (one drive can read a whole message from a fast peer).
+            let held = (c.svc.held_bytes(), c.svc.store_bytes());
+            freed |= shared.budget.adjust(c.accounted, held);
+            c.accounted = held;
+            if !shared.budget.may_read(key, c.svc.message_in_progress())
+                && !shared.budget.starve(reactor)
+            {
+                starved = true; // woken when room is made
+                break;
+            }
             match read_some(io, c.svc.max_receive_pdu(&shared.service)) {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -396,10 +464,18 @@ impl Reactor<'_> {
             c.listed_blocked = true;
             self.blocked.push(idx);
         }
+        if starved && !c.listed_starved {
+            c.listed_starved = true;
+            self.starved.push(idx);
+        }
         if closed {
             self.close_transport(idx);
         }
         self.arm(idx);
+        if freed {
+            self.wake_starved();
+        }
+        self.account(idx);
         self.remove_if_done(idx);
     }
 
@@ -476,6 +552,12 @@ impl Reactor<'_> {
         };
         if !c.logged {
             log_association(&c);
+        }
+        let budget = &self.shared.budget;
+        let freed = budget.adjust(c.accounted, (0, 0))
+            | budget.release_overdraft(super::budget::Budget::key(self.id, c.generation));
+        if freed {
+            self.wake_starved();
         }
         if c.svc.stats().submitted > 0 {
             self.push_event(PipelineEvent::Closed {

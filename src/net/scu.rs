@@ -14,6 +14,11 @@ use crate::ul::{
     DICOM_APPLICATION_CONTEXT,
 };
 
+/// The responses we wait for (C-STORE-RSP, C-ECHO-RSP) carry no data set; a peer that sends one
+/// anyway gets this much buffered at most before the association is aborted (commands are
+/// bounded by the assembler's own 64 KiB).
+const MAX_RESPONSE_DATA_SET: usize = 1 << 20;
+
 /// What can go wrong on the requestor side.
 #[derive(Debug)]
 pub enum ScuError {
@@ -153,7 +158,7 @@ impl<S: Read + Write> Client<S> {
             buf: vec![0; 64 * 1024],
             start: 0,
             end: 0,
-            assembler: Assembler::new(usize::MAX),
+            assembler: Assembler::new(MAX_RESPONSE_DATA_SET),
             contexts: Vec::new(),
             peer_max_pdu: 0,
             max_pdu: opts.max_pdu_length,

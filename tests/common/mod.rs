@@ -121,6 +121,11 @@ impl Node {
         std::fs::read_to_string(self._dir.path().join("node.log")).unwrap_or_default()
     }
 
+    /// The node's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Resident memory of the node process, from /proc (KiB).
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
