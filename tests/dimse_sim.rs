@@ -401,7 +401,11 @@ fn window_1_and_n_every_interleaving_answers_every_store() {
             assert_all_answered(&responses, 30);
             let stats = c.stream().node.svc.stats().clone();
             assert_eq!((stats.instances, stats.submitted), (30, 30));
-            assert_eq!(c.stream().node.svc.held_bytes(), 0, "memory budget share returned");
+            assert_eq!(
+                c.stream().node.svc.held_bytes(),
+                0,
+                "memory budget share returned"
+            );
             c.release().unwrap();
         }
     }
