@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use crate::assoc::transfer_syntax::{self, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN};
 use crate::assoc::{AcceptorPolicy, Timeouts};
 use crate::pipeline::rules::{InputConfig, Rules};
-use crate::storage::Durability;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -66,6 +65,22 @@ impl Default for NodeConfig {
             ],
         }
     }
+}
+
+/// How stored instances are made durable before they are acknowledged (`[storage] durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Segment log: fdatasync of the segment per round. Own files: fdatasync each file (a
+    /// round's files at once, on the flush threads), then, one round later, fsync each
+    /// directory that got a new name.
+    Fsync,
+    /// Segment log: as `fsync`. Own files: one syncfs(2) of the data directory's file system per
+    /// group-commit round, whatever the batch's size. Best on a dedicated data volume: it also
+    /// flushes whatever else is dirty there.
+    Syncfs,
+    /// No flush at all. Loses acknowledged instances on power loss: benchmarks only.
+    None,
 }
 
 /// Bounds on what a peer controls (design rule 4).

@@ -76,6 +76,8 @@ struct Conn {
     listed_blocked: bool,
     /// The association's log line was written.
     logged: bool,
+    /// What the pipeline is told of each store in storage, by token, once it is durable.
+    arrivals: Vec<(u64, Box<Arrival>)>,
     /// Bytes of this connection counted in the node-wide budget: (all, those held by stores).
     accounted: (usize, usize),
     /// On the reactor's list of connections waiting for room in the budget.
@@ -202,6 +204,7 @@ impl Reactor<'_> {
                 listed_blocked: false,
                 logged: false,
                 accounted: (0, 0),
+                arrivals: Vec::new(),
                 listed_starved: false,
                 started: now,
                 association: self.shared.next_association.fetch_add(1, Ordering::Relaxed) + 1,
@@ -219,11 +222,7 @@ impl Reactor<'_> {
     fn take_completions(&mut self) {
         let mut touched: Vec<usize> = Vec::new();
         let now = Instant::now();
-        while let Some(mut done) = self.mailbox.completions.pop() {
-            if let (Some(arrival), Ok(stored)) = (done.arrival.take(), &done.result) {
-                let new = stored.new;
-                self.push_event(PipelineEvent::Stored { arrival, new });
-            }
+        while let Some(done) = self.mailbox.completions.pop() {
             let idx = done.reply.connection;
             let Some(c) = self
                 .conns
@@ -233,10 +232,27 @@ impl Reactor<'_> {
             else {
                 continue;
             };
+            let arrival = c
+                .arrivals
+                .iter()
+                .position(|(t, _)| *t == done.token)
+                .map(|i| c.arrivals.swap_remove(i).1);
+            let mut stored_event = None;
             let outcome = match done.result {
-                Ok(stored) => StoreOutcome::Stored {
-                    bytes: stored.bytes,
-                },
+                Ok(stored) => {
+                    if let Some(mut a) = arrival {
+                        // What the pipeline is told: the instance is durable, and where.
+                        a.record.bytes = stored.bytes;
+                        a.record.path = stored.path;
+                        stored_event = Some(PipelineEvent::Stored {
+                            arrival: a,
+                            new: stored.new,
+                        });
+                    }
+                    StoreOutcome::Stored {
+                        bytes: stored.bytes,
+                    }
+                }
                 Err(e) => {
                     tracing::error!(peer = %c.peer, error = %e, "store failed: answering 0xA700");
                     StoreOutcome::Failed {
@@ -249,6 +265,10 @@ impl Reactor<'_> {
             if !c.touched {
                 c.touched = true;
                 touched.push(idx);
+            }
+            // Before the connection is driven (and perhaps removed, which sends its Closed).
+            if let Some(ev) = stored_event {
+                self.push_event(ev);
             }
         }
         for idx in touched {
@@ -510,6 +530,7 @@ impl Reactor<'_> {
         }
         if let Some(job) = c.blocked.take() {
             // Never queued, never acknowledged: the peer is gone, so it is not stored.
+            c.arrivals.retain(|(t, _)| *t != job.token);
             c.svc.handle_store_done(
                 Instant::now(),
                 job.token,
@@ -636,6 +657,14 @@ fn store_job(
         .as_bytes()
         .to_vec();
     let req = *req;
+    c.arrivals.push((
+        token,
+        Box::new(Arrival {
+            association: c.association,
+            key,
+            record,
+        }),
+    ));
     Some(StoreJob {
         reply: ReplyTo {
             reactor,
@@ -657,11 +686,6 @@ fn store_job(
         study_uid,
         series_uid,
         data_set: req.data_set,
-        arrival: Some(Box::new(Arrival {
-            association: c.association,
-            key,
-            record,
-        })),
     })
 }
 

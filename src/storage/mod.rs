@@ -1,7 +1,8 @@
 //! Durable storage of received instances (design rule 6, "acknowledged means durable").
 //!
-//! Owns: the data directory layout, the Part-10 writer, group commit and the start-up recovery
-//! scan. Each instance is written to an anonymous file (O_TMPFILE; a temporary name where the file
+//! Owns: the data directory layout, the segment log ([`log`]: small instances, one append and
+//! one shared flush per group-commit round), the Part-10 writer, group commit and the start-up
+//! recovery scan. Instances above `inline_max_bytes` are written to an anonymous file (O_TMPFILE; a temporary name where the file
 //! system has none) in its series directory, flushed, linked under its final name (the same SOP
 //! Instance UID received again replaces the stored copy atomically), and the directory is
 //! flushed; only then is the store reported done, and only then does the reactor send the
@@ -13,7 +14,8 @@
 //! Paths never hold peer text unchecked (design rule 9): a patient's directory is named by a
 //! SHA-256 digest of its Patient ID (the ID itself is kept in the file and in `patient-id` inside
 //! the directory); study, series and instance names are UIDs validated per PS3.5 §9.1, which
-//! cannot be `.`, `..` or hold a separator. Must never run on a reactor thread.
+//! cannot be `.`, `..` or hold a separator. Must never run on a reactor thread, and knows no
+//! pipeline type: what the pipeline is told of a durable instance is the reactor's business.
 
 pub mod inventory;
 pub mod log;
@@ -33,20 +35,7 @@ use crate::doorbell::Doorbell;
 
 pub use part10::FileMeta;
 
-/// How a batch is made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// fdatasync each file (a round's files at once, on the flush threads), then, one round
-    /// later, fsync each directory that got a new name.
-    Fsync,
-    /// One syncfs(2) of the data directory's file system per group-commit round, whatever the
-    /// batch's size (it carries one batch's data and the previous batch's names). Best on a
-    /// dedicated data volume: it also flushes whatever else is dirty there.
-    Syncfs,
-    /// No flush at all. Loses acknowledged instances on power loss: benchmarks only.
-    None,
-}
+pub use crate::config::Durability;
 
 /// Where a finished store must be reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +56,6 @@ pub struct StoreJob {
     pub study_uid: Option<String>,
     pub series_uid: Option<String>,
     pub data_set: Vec<u8>,
-    /// Opaque to storage: what the pipeline is told once the instance is durable (its path is
-    /// filled in then).
-    pub arrival: Option<Box<crate::pipeline::Arrival>>,
 }
 
 /// The result of one store.
@@ -78,7 +64,6 @@ pub struct StoreDone {
     pub reply: ReplyTo,
     pub token: u64,
     pub result: Result<StoredInstance, String>,
-    pub arrival: Option<Box<crate::pipeline::Arrival>>,
 }
 
 /// A durable instance.
@@ -616,16 +601,10 @@ fn acknowledge(
                 new: p.new,
             }),
         };
-        let mut arrival = p.job.arrival;
-        if let (Some(a), Ok(stored)) = (arrival.as_mut(), &result) {
-            a.record.path = stored.path.clone();
-            a.record.bytes = stored.bytes;
-        }
         done(StoreDone {
             reply: p.job.reply,
             token: p.job.token,
             result,
-            arrival,
         });
     }
 }
@@ -886,7 +865,6 @@ mod tests {
             study_uid: Some("1.2".into()),
             series_uid: Some("1.2.3".into()),
             data_set: vec![0x10, 0, 0x20, 0, b'L', b'O', 2, 0, b'A', b'B'],
-            arrival: None,
         }
     }
 

@@ -305,7 +305,6 @@ impl Log {
                         reply: job.reply,
                         token: job.token,
                         result: Err(e),
-                        arrival: job.arrival,
                     }),
                 }
             }
@@ -489,7 +488,6 @@ impl Log {
                         // Not known durable: not acknowledged. The record may survive; a
                         // re-send of the instance replaces it.
                         a.result = Err(format!("log flush failed: {e}"));
-                        a.arrival = None;
                     }
                     (self.done)(a);
                 }
@@ -879,11 +877,6 @@ impl Log {
 }
 
 fn done_for(job: StoreJob, dest: PathBuf, bytes: u64, new: bool) -> StoreDone {
-    let mut arrival = job.arrival;
-    if let Some(a) = arrival.as_mut() {
-        a.record.path = dest.clone();
-        a.record.bytes = bytes;
-    }
     StoreDone {
         reply: job.reply,
         token: job.token,
@@ -892,7 +885,6 @@ fn done_for(job: StoreJob, dest: PathBuf, bytes: u64, new: bool) -> StoreDone {
             bytes,
             new,
         }),
-        arrival,
     }
 }
 
@@ -1145,7 +1137,6 @@ mod tests {
             study_uid: Some("1.2".into()),
             series_uid: Some("1.2.3".into()),
             data_set: vec![i as u8; 300 + i as usize],
-            arrival: None,
         };
         let meta = InstanceMeta {
             sop_instance_uid: job.meta.sop_instance_uid.clone(),
