@@ -257,6 +257,8 @@ fn path_traversal_attempts_stay_inside_the_data_directory() {
             assert!(
                 name == "spare.seg"
                     || name == "spare.tmp"
+                    || name == "seq-reserved"
+                    || name == "seq-reserved.tmp"
                     || name.strip_suffix(".seg").is_some_and(hex)
                     || name.strip_suffix(".done").is_some_and(hex),
                 "unexpected log file {name}"

@@ -86,9 +86,14 @@ fn read_manifest(dir: &Path) -> io::Result<Manifest> {
 }
 
 fn sync_data_dir(ctx: &Context) {
-    if let Ok(f) = fs::File::open(&ctx.data_dir) {
-        let _ = rustix::fs::syncfs(&f);
-    }
+    let _ = sync_data_dir_checked(ctx);
+}
+
+/// syncfs of the data directory's file system, for the steps whose next step depends on it
+/// (releasing log records once their copies are durable).
+fn sync_data_dir_checked(ctx: &Context) -> io::Result<()> {
+    let f = fs::File::open(&ctx.data_dir)?;
+    rustix::fs::syncfs(&f).map_err(io::Error::from)
 }
 
 /// Every regular file under `root`, iteratively.
@@ -162,9 +167,13 @@ pub(super) fn create(
             .and_then(|()| fs::rename(&r.path, &dest));
         let log = match moved {
             // A log record of the same instance too (re-sent with a size on the other side of
-            // inline_max_bytes): the file is what the batch gets, the record goes with it.
+            // inline_max_bytes): the newer of the two is what the batch gets; the record goes
+            // with it either way.
             Ok(()) => ctx.log.take(rel).map_or_else(Vec::new, |t| {
                 let l = locs(&t);
+                if log_is_newer(ctx, &t, &dest) {
+                    copies.push((taken.len(), dest.clone()));
+                }
                 taken.push((rel.to_path_buf(), t));
                 l
             }),
@@ -234,21 +243,20 @@ pub(super) fn create(
                 export_attempts: 0,
             },
         )?;
-        sync_data_dir(ctx);
-        fs::rename(&tmp, batches(ctx).join(&id))?;
-        sync_data_dir(ctx);
-        Ok(())
+        sync_data_dir_checked(ctx)?;
+        fs::rename(&tmp, batches(ctx).join(&id))
     };
     if let Err(e) = write() {
         give_back(taken);
         restore_tmp(ctx, &tmp);
         return Err(e);
     }
-    // The batch is durable: the log records it was made from are done.
+    // The batch is in place. Once that is durable, the log records it was made from are done
+    // (if not, they stay taken and are released before the batch is deleted, or at a restart
+    // from its manifest; a batch that did not survive a crash leaves them pending).
     let released: Vec<crate::storage::log::Loc> = taken.iter().flat_map(|(_, t)| t.all()).collect();
-    if let Err(e) = ctx.log.release(&released) {
-        // The manifest names them: the next start releases them.
-        tracing::warn!(batch = %id, error = %e, "could not release log records");
+    if let Err(e) = sync_data_dir_checked(ctx).and_then(|()| ctx.log.release(&released)) {
+        tracing::warn!(batch = %id, error = %e, "could not release log records yet: they go when the batch does");
     }
     tracing::info!(
         batch = %id,
@@ -257,6 +265,18 @@ pub(super) fn create(
         "batch claimed"
     );
     Ok(id)
+}
+
+/// Whether the log's newest record of an instance arrived after its file was written.
+pub(super) fn log_is_newer(ctx: &Context, t: &crate::storage::log::Taken, file: &Path) -> bool {
+    let mtime_ms = fs::metadata(file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
+    ctx.log
+        .read(t.latest)
+        .is_ok_and(|i| i.meta.received_ms > mtime_ms)
 }
 
 /// Moves an unfinished `batches/<id>.tmp/` back into `patients/`.
@@ -541,6 +561,21 @@ pub(super) fn export(ctx: &Context, id: &str) {
     }
     if errors.is_empty() {
         ctx.pipeline.stats.exported.fetch_add(1, Ordering::Relaxed);
+        // The log records the batch was made from must be released before its manifest goes
+        // (if releasing failed at creation, nothing else names them): else a restart would
+        // bring them back and export them again. Releasing is idempotent.
+        if let Err(e) = read_manifest(&dir).and_then(|m| {
+            let locs: Vec<crate::storage::log::Loc> = m
+                .files
+                .iter()
+                .flat_map(|f| f.log.iter())
+                .map(|&(seq, offset)| crate::storage::log::Loc { seq, offset })
+                .collect();
+            ctx.log.release(&locs)
+        }) {
+            tracing::error!(batch = %id, error = %e, "exported, but its log records could not be released: the batch stays until they are (restart retries)");
+            return;
+        }
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::error!(batch = %id, error = %e, "exported, but could not remove the batch");
         } else {
@@ -612,7 +647,7 @@ pub(super) fn expire(ctx: &Context, key: &[u8], records: Vec<InstanceRecord>) {
                             .map_or(Ok(()), fs::create_dir_all)
                             .and_then(|()| ctx.log.read(t.latest))
                             .and_then(|i| i.write_file(&dest))
-                            .map(|_| sync_data_dir(ctx)) // moved aside durably, then released
+                            .and_then(|_| sync_data_dir_checked(ctx)) // durably aside, then released
                     }
                 };
                 let all: Vec<_> = t.all().collect();

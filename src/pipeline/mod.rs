@@ -399,13 +399,21 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
     for (rel, loc) in ctx.log.live() {
         let path = root.join(&rel);
         if path.is_file() {
-            // A file of the same instance is there too (a large re-send): the file is newer.
-            if let Some(t) = ctx.log.take(&rel) {
+            // A file of the same instance is there too (re-sent with a size on the other side
+            // of inline_max_bytes): the newer copy stays, the older goes.
+            let Some(t) = ctx.log.take(&rel) else {
+                continue;
+            };
+            if !batch::log_is_newer(ctx, &t, &path) {
                 let all: Vec<_> = t.all().collect();
                 if let Err(e) = ctx.log.release(&all) {
                     tracing::warn!(error = %e, "could not release a replaced log record");
                 }
+                continue; // the file was recovered above
             }
+            ctx.log.untake(rel.clone(), t);
+            // The file was recovered above too: that map record stands for the instance, and
+            // the claim takes the newer log copy (batch::create).
             continue;
         }
         let inst = match ctx.log.read(loc) {

@@ -377,7 +377,7 @@ fn worker(ctx: WorkerContext) {
         let mut small = Vec::new();
         let mut large = Vec::with_capacity(batch.len());
         for job in batch.drain(..) {
-            if job.data_set.len() > inline_max {
+            if inline_max == 0 || job.data_set.len() > inline_max {
                 large.push(job);
                 continue;
             }

@@ -120,6 +120,8 @@ struct Segment {
     live_bytes: u64,
     /// The `.done` file, opened on the first release.
     done: Option<Arc<File>>,
+    /// Its directory entry is known durable.
+    done_durable: bool,
 }
 
 #[derive(Debug)]
@@ -139,6 +141,10 @@ struct Inner {
     /// Bytes of each record, for space accounting.
     sizes: HashMap<Loc, u32>,
     spare_ready: bool,
+    // Invariant: every segment number below this is durably reserved in `seq-reserved`, and no
+    // number at or above it was ever used: segment numbers are never reused (a manifest's
+    // (segment, offset) and a recycled spare's old records stay unambiguous forever).
+    reserved: u64,
     /// How long the last sealed segment took to fill (decides how the next spare is made).
     last_fill: Option<Duration>,
 }
@@ -200,6 +206,27 @@ fn parse_seq(name: &str, ext: &str) -> Option<u64> {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// `seq-reserved`: segment numbers below the value are taken (8 bytes LE, then CRC32C).
+const RESERVED: &str = "seq-reserved";
+
+fn write_reserved(dir: &Path, upto: u64) -> io::Result<()> {
+    let mut b = upto.to_le_bytes().to_vec();
+    b.extend_from_slice(&crc32c::crc32c(&upto.to_le_bytes()).to_le_bytes());
+    let tmp = dir.join("seq-reserved.tmp");
+    let f = File::create(&tmp)?;
+    f.write_all_at(&b, 0)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(RESERVED))?;
+    sync_dir(dir)
+}
+
+fn read_reserved(dir: &Path) -> Option<u64> {
+    let b = fs::read(dir.join(RESERVED)).ok()?;
+    let v = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+    let crc = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?);
+    (crc == crc32c::crc32c(&v.to_le_bytes())).then_some(v)
 }
 
 /// What recovery found, for the log line and tests.
@@ -339,7 +366,7 @@ impl Log {
         let body = prefix.len() + job.data_set.len();
         let total = RECORD_HEADER_LEN + body;
         let stride = (total + format::padding(total)) as u64;
-        if stride > self.segment_bytes - SEGMENT_HEADER_LEN as u64 {
+        if stride > self.segment_bytes.saturating_sub(SEGMENT_HEADER_LEN as u64) {
             return Err(io::Error::other("record larger than a segment"));
         }
         let fits = inner
@@ -402,6 +429,13 @@ impl Log {
             }
         }
         let seq = inner.next_seq;
+        if seq >= inner.reserved {
+            // One flushed write per 64 segments: numbers are never handed out twice, even when
+            // every segment was freed before a restart.
+            let upto = seq + 64;
+            write_reserved(&self.dir, upto)?;
+            inner.reserved = upto;
+        }
         inner.next_seq += 1;
         let path = self.dir.join(segment_name(seq));
         let spare = self.dir.join("spare.seg");
@@ -439,6 +473,7 @@ impl Log {
                 live: 0,
                 live_bytes: 0,
                 done: None,
+                done_durable: false,
             },
         );
         inner.active = Some(Active {
@@ -473,7 +508,12 @@ impl Log {
                 }
             }
             let dir_err = if self.dir_dirty.swap(false, Ordering::SeqCst) {
-                sync_dir(&self.dir).err().map(|e| e.to_string())
+                let e = sync_dir(&self.dir).err().map(|e| e.to_string());
+                if e.is_some() {
+                    // Nothing in the new segment is acknowledged until this succeeds.
+                    self.dir_dirty.store(true, Ordering::SeqCst);
+                }
+                e
             } else {
                 None
             };
@@ -746,18 +786,27 @@ impl Log {
     /// Marks records done, durably (an entry in each segment's `.done` file, flushed), then
     /// frees segments left with no live record.
     pub fn release(&self, locs: &[Loc]) -> io::Result<()> {
+        // Idempotent: only records still live are released (a batch's records may be released
+        // at its creation and again before it is deleted).
         let mut by_seq: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for l in locs {
-            by_seq.entry(l.seq).or_default().push(l.offset);
+        {
+            let inner = lock(&self.inner);
+            for l in locs {
+                if inner.sizes.contains_key(l) {
+                    by_seq.entry(l.seq).or_default().push(l.offset);
+                }
+            }
         }
-        for (seq, offsets) in &by_seq {
-            let (file, created) = {
+        for (seq, offsets) in by_seq.iter_mut() {
+            offsets.sort_unstable();
+            offsets.dedup();
+            let (file, durable) = {
                 let mut inner = lock(&self.inner);
                 let Some(s) = inner.segments.get_mut(seq) else {
                     continue; // already freed
                 };
                 match &s.done {
-                    Some(f) => (f.clone(), false),
+                    Some(f) => (f.clone(), s.done_durable),
                     None => {
                         let f = Arc::new(
                             OpenOptions::new()
@@ -766,31 +815,39 @@ impl Log {
                                 .open(self.dir.join(done_name(*seq)))?,
                         );
                         s.done = Some(f.clone());
-                        (f, true)
+                        (f, false)
                     }
                 }
             };
             let mut b = Vec::with_capacity(offsets.len() * format::RELEASE_LEN);
-            for o in offsets {
+            for o in offsets.iter() {
                 b.extend_from_slice(&format::encode_release(*seq, *o));
             }
             io::Write::write_all(&mut &*file, &b)?;
             file.sync_data()?;
-            if created {
+            if !durable {
+                // The `.done` file's name too, by whoever gets here first after it was made
+                // (a second releaser must not return before that either).
                 sync_dir(&self.dir)?;
+                if let Some(s) = lock(&self.inner).segments.get_mut(seq) {
+                    s.done_durable = true;
+                }
             }
         }
         let mut inner = lock(&self.inner);
         for (seq, offsets) in by_seq {
-            let mut freed = 0u64;
+            let (mut freed, mut count) = (0u64, 0usize);
             for o in &offsets {
-                freed += u64::from(inner.sizes.remove(&Loc { seq, offset: *o }).unwrap_or(0));
+                if let Some(sz) = inner.sizes.remove(&Loc { seq, offset: *o }) {
+                    freed += u64::from(sz);
+                    count += 1;
+                }
             }
             let active = inner.active.as_ref().map(|a| a.seq);
             let Some(s) = inner.segments.get_mut(&seq) else {
                 continue;
             };
-            s.live = s.live.saturating_sub(offsets.len());
+            s.live = s.live.saturating_sub(count);
             s.live_bytes = s.live_bytes.saturating_sub(freed);
             if s.live == 0 && active != Some(seq) {
                 self.free_segment(&mut inner, seq);
@@ -941,16 +998,26 @@ fn recover(dir: &Path) -> io::Result<(Inner, Recovered)> {
         }
     }
     segs.sort_unstable();
+    // Numbers already handed out, even to segments since freed, are never handed out again.
+    inner.next_seq = read_reserved(dir).unwrap_or(0);
+    inner.reserved = inner.next_seq;
     for &seq in &segs {
         inner.next_seq = inner.next_seq.max(seq + 1);
         let path = dir.join(segment_name(seq));
         let bytes = fs::read(&path)?;
         let header = SegmentHeader::decode(&bytes).ok().filter(|h| h.seq == seq);
         if header.is_none() {
-            // Its header never became durable, so nothing in it was acknowledged.
-            tracing::warn!(segment = seq, "log segment without a valid header removed");
-            fs::remove_file(&path)?;
-            let _ = fs::remove_file(dir.join(done_name(seq)));
+            // Its header never became durable (then nothing in it was acknowledged), or the
+            // medium damaged it: kept aside, not deleted, with the reason in the log.
+            let aside = dir.join("damaged");
+            fs::create_dir_all(&aside)?;
+            fs::rename(&path, aside.join(segment_name(seq)))?;
+            let _ = fs::rename(dir.join(done_name(seq)), aside.join(done_name(seq)));
+            tracing::warn!(
+                segment = seq,
+                moved_to = %aside.display(),
+                "log segment without a valid header moved aside"
+            );
             continue;
         }
         let released: HashSet<u64> = fs::read(dir.join(done_name(seq)))
@@ -970,6 +1037,7 @@ fn recover(dir: &Path) -> io::Result<(Inner, Recovered)> {
             live: 0,
             live_bytes: 0,
             done: None,
+            done_durable: false,
         };
         for (off, r) in records {
             let loc = Loc {
@@ -1330,6 +1398,79 @@ mod tests {
         let o = open(&dir, Durability::None);
         assert_eq!(o.log.live().len(), lingering.len());
         check(&o.log);
+        o.close();
+    }
+
+    /// Found in review: segment numbers were derived from the segments on disk only, so after
+    /// the newest segment was freed a restart handed the same number out again, and a
+    /// manifest's (segment, offset) kept in failed/ named a new, unprocessed record, which the
+    /// next start released (an acknowledged instance deleted). Numbers are now reserved durably.
+    #[test]
+    fn segment_numbers_are_never_reused_after_the_newest_segment_was_freed() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let o = open(&dir, Durability::None);
+        o.log.append(vec![job(1, b"P")]);
+        let (_, rel1, _) = job(1, b"P");
+        let t = o.log.take(&rel1).unwrap();
+        let old = t.latest;
+        o.log.release(&t.all().collect::<Vec<_>>()).unwrap();
+        o.close();
+        let o = open(&dir, Durability::None); // frees the sealed, fully released segment
+        o.close();
+        let o = open(&dir, Durability::None);
+        o.log.append(vec![job(2, b"P")]);
+        let new = o.log.live()[0].1;
+        o.close();
+        assert!(new.seq > old.seq, "old {old:?} new {new:?}");
+        let o = open(&dir, Durability::None);
+        assert_eq!(o.log.release_consumed(&[old]).unwrap(), 0);
+        assert_eq!(o.log.live().len(), 1, "the new instance stays pending");
+        o.close();
+    }
+
+    /// Found in review: a recycled spare keeps its old records; with a reused segment number
+    /// they passed as records of the new segment once its tail reached one of their
+    /// boundaries, and released instances came back after a restart.
+    #[test]
+    fn a_recycled_segments_old_records_never_come_back() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let o = open(&dir, Durability::None);
+        o.log.append(vec![job(1, b"P"), job(3, b"P"), job(5, b"P")]);
+        for i in [1, 3, 5] {
+            let (_, rel, _) = job(i, b"P");
+            let t = o.log.take(&rel).unwrap();
+            o.log.release(&t.all().collect::<Vec<_>>()).unwrap();
+        }
+        o.close();
+        // As after a crash while the spare was being prepared: no spare.seg.
+        let _ = fs::remove_file(dir.join("spare.seg"));
+        let o = open(&dir, Durability::None); // recycles the released segment as the spare
+        o.close();
+        assert!(dir.join("spare.seg").exists());
+        let o = open(&dir, Durability::None);
+        o.log.append(vec![job(2, b"P")]);
+        o.close();
+        let o = open(&dir, Durability::None);
+        let live = o.log.live();
+        o.close();
+        assert_eq!(live.len(), 1, "released records came back: {live:?}");
+    }
+
+    /// Releasing twice (at batch creation, then again before the batch is deleted) counts once.
+    #[test]
+    fn release_is_idempotent() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let o = open(&dir, Durability::None);
+        o.log.append(vec![job(1, b"P"), job(2, b"P")]);
+        let (_, rel1, _) = job(1, b"P");
+        let t = o.log.take(&rel1).unwrap();
+        let locs: Vec<Loc> = t.all().collect();
+        o.log.release(&locs).unwrap();
+        o.log.release(&locs).unwrap();
+        assert_eq!(o.log.stats().live_records, 1);
         o.close();
     }
 
