@@ -334,6 +334,8 @@ pub fn start(
         let _ = ctx.jobs.send(j);
     }
     recover_patients(&ctx)?;
+    // Locations in manifests are matched: the log may move records from now on.
+    ctx.log.enable_compaction();
 
     let mut threads = Vec::new();
     for (i, rx) in doorbells.into_iter().enumerate() {

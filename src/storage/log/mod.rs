@@ -167,6 +167,9 @@ pub struct Log {
     prepare_bell: Doorbell,
     done: Arc<dyn Fn(StoreDone) + Send + Sync>,
     stop: Arc<AtomicBool>,
+    /// Compaction moves records; it waits until start-up recovery has matched the records that
+    /// batches consumed by their locations ([`Log::release_consumed`]).
+    compaction: AtomicBool,
 }
 
 impl std::fmt::Debug for Log {
@@ -262,6 +265,7 @@ impl Log {
             prepare_bell: Doorbell::new(),
             done,
             stop,
+            compaction: AtomicBool::new(false),
         });
         log.free_empty_segments();
         let mut threads = Vec::new();
@@ -560,8 +564,10 @@ impl Log {
                     }
                 }
             }
-            if let Err(e) = self.compact() {
-                tracing::warn!(error = %e, "log compaction failed");
+            if self.compaction.load(Ordering::Acquire) {
+                if let Err(e) = self.compact() {
+                    tracing::warn!(error = %e, "log compaction failed");
+                }
             }
             self.prepare_bell.wait(Duration::from_millis(500), || {
                 !lock(&self.inner).spare_ready
@@ -663,6 +669,11 @@ impl Log {
             tracing::debug!(segment = victim, moved, "log segment compacted");
         }
         Ok(moved)
+    }
+
+    /// Lets the background compaction run (once start-up recovery is done with locations).
+    pub fn enable_compaction(&self) {
+        self.compaction.store(true, Ordering::Release);
     }
 
     /// Whether the segments take at most twice the live bytes plus two segments.
