@@ -92,11 +92,12 @@ impl Budget {
     }
 
     /// After `may_read` said no: asks to be woken (reactor `reactor`'s bit) when room is made,
-    /// then looks once more; true when there is room after all.
-    pub fn starve(&self, reactor: usize) -> bool {
+    /// then asks `may_read` once more (room, or an overdraft that became free, meanwhile);
+    /// true when the connection may read after all.
+    pub fn starve(&self, reactor: usize, key: u64, in_progress: bool) -> bool {
         self.starved.fetch_or(1 << (reactor % 64), Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        self.used.load(Ordering::SeqCst) < self.limit
+        self.may_read(key, in_progress)
     }
 
     /// The connection `key` gives the overdraft back (its message is complete, or it ended);
@@ -135,7 +136,7 @@ mod tests {
         assert!(!b.may_read(k1, false), "not in a message: waits");
         assert!(b.may_read(k1, true), "takes the overdraft");
         assert!(!b.may_read(k2, true), "one holder at a time");
-        assert!(!b.starve(1));
+        assert!(!b.starve(1, k2, true));
         assert!(b.release_overdraft(k1));
         assert!(b.may_read(k2, true));
         assert!(b.adjust((110, 0), (20, 0)));

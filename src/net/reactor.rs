@@ -463,8 +463,13 @@ impl Reactor<'_> {
             let held = (c.svc.held_bytes(), c.svc.store_bytes());
             freed |= shared.budget.adjust(c.accounted, held);
             c.accounted = held;
-            if !shared.budget.may_read(key, c.svc.message_in_progress())
-                && !shared.budget.starve(reactor)
+            let in_progress = c.svc.message_in_progress();
+            if !in_progress {
+                // The overdraft covers one message: given back as soon as it is complete.
+                freed |= shared.budget.release_overdraft(key);
+            }
+            if !shared.budget.may_read(key, in_progress)
+                && !shared.budget.starve(reactor, key, in_progress)
             {
                 starved = true; // woken when room is made
                 break;

@@ -577,42 +577,24 @@ impl Log {
 
     /// Keeps the segments on disk within twice the bytes of live records (plus the active
     /// segment and the spare), so that patients pending for days do not pin every segment
-    /// written since they arrived: the live records of the sparsest sealed segment are copied
-    /// to the active one (flushed), the index moves to the copies, and the originals are
-    /// released, which frees the segment. A crash in between leaves both copies, and the newer
-    /// one wins at recovery. Records taken for a batch are not moved (they are released soon).
-    /// Returns the records moved.
+    /// written since they arrived. Compaction re-appends the newest record of each instance in
+    /// the sparsest sealed segment, as a re-send would (under the lock, only while that record
+    /// is still the newest: a real re-send that came meanwhile stays the newest), so the old
+    /// record becomes a superseded one; superseded records are released only after every
+    /// segment and the log directory were flushed, i.e. once their newer records are durable.
+    /// A crash at any point leaves the newest record of every instance, or both. Records taken
+    /// for a batch are not moved (they are released soon). Returns the records moved.
     pub fn compact(&self) -> io::Result<usize> {
-        let mut moved = 0;
         if self.within_bound() {
             return Ok(0); // the usual case: a check of a few counters
         }
-        // Superseded records are kept until their newer record is flushed: flush first, then
-        // they can all go.
-        let superseded: Vec<Loc> = {
-            // Every segment: the newer records may sit in one just sealed, not flushed yet (a
-            // clean file's fdatasync costs next to nothing).
-            let files: Vec<Arc<File>> = lock(&self.inner)
-                .segments
-                .values()
-                .map(|s| s.file.clone())
-                .collect();
-            for f in files {
-                f.sync_data()?;
-            }
-            let mut inner = lock(&self.inner);
-            inner
-                .index
-                .values_mut()
-                .flat_map(|t| std::mem::take(&mut t.superseded))
-                .collect()
-        };
-        self.release(&superseded)?;
+        let mut moved = 0;
         for _ in 0..64 {
+            self.release_superseded()?;
             if self.within_bound() {
                 return Ok(moved);
             }
-            let (victim, moves) = {
+            let moves: Vec<(PathBuf, Loc)> = {
                 let inner = lock(&self.inner);
                 let active = inner.active.as_ref().map(|a| a.seq);
                 let Some((&victim, _)) = inner
@@ -623,52 +605,69 @@ impl Log {
                 else {
                     return Ok(moved);
                 };
-                let moves: Vec<(PathBuf, Loc)> = inner
+                inner
                     .index
                     .iter()
                     .filter(|(_, t)| t.latest.seq == victim)
                     .map(|(r, t)| (r.clone(), t.latest))
-                    .collect();
-                (victim, moves)
+                    .collect()
             };
             if moves.is_empty() {
                 return Ok(moved); // only taken records left there: freed when released
             }
-            let mut copies = Vec::with_capacity(moves.len());
-            let mut files: Vec<Arc<File>> = Vec::new();
             for (rel, old) in moves {
-                let inst = self.read(old)?;
-                let (new, file) = self.append_copy(&inst)?;
-                if !files.iter().any(|f| Arc::ptr_eq(f, &file)) {
-                    files.push(file);
-                }
-                copies.push((rel, old, new));
-            }
-            for f in &files {
-                f.sync_data()?;
-            }
-            if self.dir_dirty.swap(false, Ordering::SeqCst) {
-                sync_dir(&self.dir)?;
-            }
-            let mut released = Vec::with_capacity(copies.len());
-            {
-                let mut inner = lock(&self.inner);
-                for (rel, old, new) in copies {
-                    match inner.index.get_mut(&rel) {
-                        Some(t) if t.latest == old => {
-                            t.latest = new;
-                            released.push(old);
-                            moved += 1;
-                        }
-                        // Taken or replaced meanwhile: the copy is not needed.
-                        _ => released.push(new),
-                    }
+                let inst = match self.read(old) {
+                    Ok(i) => i,
+                    // Released meanwhile (its batch was made): nothing to move.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                if self.append_copy(&rel, old, &inst)? {
+                    moved += 1;
                 }
             }
-            self.release(&released)?;
-            tracing::debug!(segment = victim, moved, "log segment compacted");
         }
+        self.release_superseded()?;
         Ok(moved)
+    }
+
+    /// Flushes every segment and the log directory, then releases the superseded records
+    /// taken from the index at the start (their newer records were appended before, so they
+    /// are durable then). On an error they are put back, still superseded, for next time.
+    fn release_superseded(&self) -> io::Result<()> {
+        let (superseded, files) = {
+            let mut inner = lock(&self.inner);
+            let superseded: Vec<(PathBuf, Vec<Loc>)> = inner
+                .index
+                .iter_mut()
+                .filter(|(_, t)| !t.superseded.is_empty())
+                .map(|(r, t)| (r.clone(), std::mem::take(&mut t.superseded)))
+                .collect();
+            let files: Vec<Arc<File>> = inner.segments.values().map(|s| s.file.clone()).collect();
+            (superseded, files)
+        };
+        if superseded.is_empty() {
+            return Ok(());
+        }
+        let locs: Vec<Loc> = superseded
+            .iter()
+            .flat_map(|(_, l)| l.iter().copied())
+            .collect();
+        let done = files
+            .iter()
+            .try_for_each(|f| f.sync_data())
+            .and_then(|()| sync_dir(&self.dir))
+            .and_then(|()| self.release(&locs));
+        if let Err(e) = done {
+            let mut inner = lock(&self.inner);
+            for (rel, ls) in superseded {
+                if let Some(t) = inner.index.get_mut(&rel) {
+                    t.superseded.extend(ls);
+                }
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Lets the background compaction run (once start-up recovery is done with locations).
@@ -684,11 +683,17 @@ impl Log {
         total <= 2 * live + 2 * self.segment_bytes
     }
 
-    /// Appends a copy of a record (compaction) without indexing it.
-    fn append_copy(&self, inst: &LogInstance) -> io::Result<(Loc, Arc<File>)> {
+    /// Compaction's re-append of `inst`, the record at `old`: done only while `old` is still the
+    /// newest record of `rel` (checked under the same lock as the append, so a re-send cannot
+    /// slip in between); the copy becomes the newest, `old` a superseded record. False when
+    /// nothing was appended.
+    fn append_copy(&self, rel: &Path, old: Loc, inst: &LogInstance) -> io::Result<bool> {
         let rec = format::encode_record(0, &inst.meta, &inst.data_set).map_err(io::Error::other)?;
         let stride = rec.len() as u64;
         let mut inner = lock(&self.inner);
+        if inner.index.get(rel).is_none_or(|t| t.latest != old) {
+            return Ok(false);
+        }
         let fits = inner
             .active
             .as_ref()
@@ -707,13 +712,16 @@ impl Log {
             offset: a.tail,
         };
         a.tail += stride;
-        let file = a.file.clone();
         if let Some(s) = inner.segments.get_mut(&loc.seq) {
             s.live += 1;
             s.live_bytes += stride;
         }
         inner.sizes.insert(loc, stride as u32);
-        Ok((loc, file))
+        if let Some(t) = inner.index.get_mut(rel) {
+            t.latest = loc;
+            t.superseded.push(old);
+        }
+        Ok(true)
     }
 
     fn prepare_spare(&self, zero: bool) -> io::Result<()> {
