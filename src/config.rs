@@ -495,6 +495,24 @@ impl Config {
         parse_duration(&self.patients.expire_after).unwrap_or(Duration::from_secs(14 * 86400))
     }
 
+    /// What every association's DIMSE service is configured with; `wanted_tags` are the tags
+    /// to scan from each data set (sorted here).
+    pub fn service_config(
+        &self,
+        mut wanted_tags: Vec<u32>,
+    ) -> crate::dimse::service::ServiceConfig {
+        wanted_tags.sort_unstable();
+        wanted_tags.dedup();
+        crate::dimse::service::ServiceConfig {
+            policy: self.acceptor_policy(),
+            timeouts: self.timeouts(),
+            wanted_tags,
+            max_message_bytes: self.limits.max_message_bytes,
+            max_pdu_length: self.limits.max_pdu_length,
+            max_associate_length: self.limits.max_associate_length,
+        }
+    }
+
     pub fn timeouts(&self) -> Timeouts {
         let opt = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         Timeouts {

@@ -493,24 +493,15 @@ fn service_data_set(i: u8) -> Vec<u8> {
 /// outstanding stores stay within the window plus what one PDU carries; every store handed out
 /// is answered at most once and no response names a message never sent.
 pub fn dimse_service(data: &[u8]) {
-    use crate::dimse::service::{Service, ServiceConfig, StoreOutcome};
+    use crate::dimse::service::{Service, StoreOutcome};
     use std::time::{Duration, Instant};
-    let config = crate::config::Config::default();
-    let mut policy = config.acceptor_policy();
-    policy.ae_title = "DICOMGATE".into();
     let mut c = Choices::new(data);
     let window = u16::from(c.u8() % 8) + 1;
-    policy.max_operations_performed = window;
-    let mut wanted = crate::dimse::tags::ROUTING.to_vec();
-    wanted.sort_unstable();
-    let cfg = ServiceConfig {
-        policy,
-        timeouts: config.timeouts(),
-        wanted_tags: wanted,
-        max_message_bytes: 4096,
-        max_pdu_length: 16384,
-        max_associate_length: 65536,
-    };
+    let mut cfg =
+        crate::config::Config::default().service_config(crate::dimse::tags::ROUTING.to_vec());
+    cfg.policy.max_operations_performed = window;
+    cfg.max_message_bytes = 4096;
+    cfg.max_pdu_length = 16384;
     let mut now = Instant::now();
     let mut svc = Service::new(now, &cfg);
     let mut inbox = service_associate_rq(window);

@@ -69,25 +69,10 @@ struct SimNode {
 
 impl SimNode {
     fn new(seed: u64, window: u16, depth: usize) -> SimNode {
-        let config = Config::default();
-        let mut policy = config.acceptor_policy();
-        policy.ae_title = "DICOMGATE".into();
-        policy.max_operations_performed = window;
-        let cfg = ServiceConfig {
-            policy,
-            timeouts: config.timeouts(),
-            wanted_tags: dicomgate::dimse::tags::ROUTING.to_vec(),
-            max_message_bytes: 1 << 20,
-            max_pdu_length: config.limits.max_pdu_length,
-            max_associate_length: config.limits.max_associate_length,
-        };
+        let mut cfg = Config::default().service_config(dicomgate::dimse::tags::ROUTING.to_vec());
+        cfg.policy.max_operations_performed = window;
+        cfg.max_message_bytes = 1 << 20;
         let now = Instant::now();
-        let mut wanted = cfg.wanted_tags.clone();
-        wanted.sort_unstable();
-        let cfg = ServiceConfig {
-            wanted_tags: wanted,
-            ..cfg
-        };
         SimNode {
             svc: Service::new(now, &cfg),
             cfg,

@@ -81,7 +81,11 @@ fn sent_ok(node: &Node, c: std::process::Child) {
         node.log()
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.lines().all(|l| l.starts_with("0 ")), "{text}");
+    assert!(
+        text.lines().all(|l| l.starts_with("0 ")),
+        "{text}\nnode log:\n{}",
+        node.log()
+    );
 }
 
 /// `n` instances of one series, SOP Instance UIDs `<series>.<first + i>`, Instance Numbers from
@@ -105,6 +109,14 @@ fn series(
                 i as u32 + 1,
             )
         })
+        .collect()
+}
+
+/// SOP Instance UIDs of the files in the node's default folder export.
+fn exported_sops(node: &Node) -> BTreeSet<String> {
+    dcm_files(&node.data_dir.join("export"))
+        .iter()
+        .map(|p| sop_uid_of(p))
         .collect()
 }
 
@@ -521,12 +533,7 @@ fn kill9_during_ingest_and_processing_loses_nothing_acknowledged() {
         acked.len()
     );
     node.restart();
-    let exported = || -> BTreeSet<String> {
-        dcm_files(&node.data_dir.join("export"))
-            .iter()
-            .map(|p| sop_uid_of(p))
-            .collect()
-    };
+    let exported = || exported_sops(&node);
     assert!(
         wait_until(90, || acked.is_subset(&exported())),
         "missing after restart: {:?}\n{}",
@@ -714,12 +721,7 @@ fn several_kills_during_load_lose_no_acknowledged_instance() {
         node.restart();
     }
     let acked = acked.lock().unwrap().clone();
-    let exported = || -> BTreeSet<String> {
-        dcm_files(&node.data_dir.join("export"))
-            .iter()
-            .map(|p| sop_uid_of(p))
-            .collect()
-    };
+    let exported = || exported_sops(&node);
     assert!(
         wait_until(120, || acked.is_subset(&exported())),
         "{} acknowledged, missing after the last restart: {:?}\n{}",

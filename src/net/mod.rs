@@ -254,14 +254,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         pipeline_shutdown.clone(),
     )?;
     threads.extend(pipeline_threads);
-    let service = crate::dimse::service::ServiceConfig {
-        policy: config.acceptor_policy(),
-        timeouts: config.timeouts(),
-        wanted_tags: pipeline.wanted_tags.clone(),
-        max_message_bytes: config.limits.max_message_bytes,
-        max_pdu_length: config.limits.max_pdu_length,
-        max_associate_length: config.limits.max_associate_length,
-    };
+    let service = config.service_config(pipeline.wanted_tags.clone());
     let shared = Arc::new(Shared {
         pipeline,
         next_association: AtomicU64::new(0),

@@ -152,8 +152,7 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
             r.mailbox.begin_drain();
             r.take_new_connections();
             r.take_completions();
-            r.retry_blocked();
-            r.retry_starved();
+            r.retry_waiting();
             r.flush_overflow();
         }
         r.fire_timers();
@@ -322,22 +321,17 @@ impl Reactor<'_> {
         }
     }
 
-    /// Offers each blocked store to storage again (after a wake: room may have been made).
-    fn retry_blocked(&mut self) {
+    /// After a wake, drives again the connections that waited for room: in storage's queue (a
+    /// blocked store) or in the memory budget (not read from). Each once.
+    fn retry_waiting(&mut self) {
         let now = Instant::now();
-        for idx in std::mem::take(&mut self.blocked) {
+        let mut idxs = std::mem::take(&mut self.blocked);
+        idxs.append(&mut self.starved);
+        idxs.sort_unstable();
+        idxs.dedup();
+        for idx in idxs {
             if let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) {
                 c.listed_blocked = false;
-            }
-            self.drive(idx, now);
-        }
-    }
-
-    /// Reads again from connections that waited for room in the budget (after a wake).
-    fn retry_starved(&mut self) {
-        let now = Instant::now();
-        for idx in std::mem::take(&mut self.starved) {
-            if let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) {
                 c.listed_starved = false;
             }
             self.drive(idx, now);

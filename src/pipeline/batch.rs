@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::{export, now_ms, BatchInfo, Context, Job, UNMATCHED_INPUT};
 use crate::config::{ExpireAction, ExportConfig, ExportKind};
 use crate::patients::InstanceRecord;
+use crate::storage::inventory::walk_files;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Manifest {
@@ -94,28 +95,6 @@ fn sync_data_dir(ctx: &Context) {
 fn sync_data_dir_checked(ctx: &Context) -> io::Result<()> {
     let f = fs::File::open(&ctx.data_dir)?;
     rustix::fs::syncfs(&f).map_err(io::Error::from)
-}
-
-/// Every regular file under `root`, iteratively.
-pub fn walk_files(root: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let rd = match fs::read_dir(&d) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for e in rd.flatten() {
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                out.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    Ok(())
 }
 
 fn hex(b: &[u8]) -> String {

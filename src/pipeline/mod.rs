@@ -381,7 +381,7 @@ pub fn start(
 fn recover_patients(ctx: &Context) -> io::Result<()> {
     let root = ctx.data_dir.join("patients");
     let mut files = Vec::new();
-    batch::walk_files(&root, &mut files)?;
+    crate::storage::inventory::walk_files(&root, &mut files)?;
     let map = &ctx.pipeline.map;
     let g = map.pin();
     let mut instances = 0usize;
@@ -438,8 +438,7 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
         };
         let (key, mut record) = ctx.pipeline.describe(&values);
         record.path = path;
-        record.bytes =
-            (crate::storage::part10::header(&inst.file_meta()).len() + inst.data_set.len()) as u64;
+        record.bytes = crate::storage::part10::file_len(&inst.file_meta(), inst.data_set.len());
         map.insert(&key, record, inst.meta.received_ms, &g)
             .request_evaluation();
         instances += 1;

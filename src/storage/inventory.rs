@@ -36,7 +36,7 @@ pub fn pending(data_dir: &Path) -> io::Result<(Vec<Entry>, Vec<SegmentInfo>)> {
     let patients = data_dir.join("patients");
     let mut out = Vec::new();
     let mut files = Vec::new();
-    walk(&patients, &mut files)?;
+    walk_files(&patients, &mut files)?;
     for f in files {
         if f.extension().is_none_or(|e| e != "dcm") {
             continue;
@@ -103,7 +103,8 @@ pub fn extract(data_dir: &Path, entry: &Entry, out_dir: &Path) -> io::Result<Pat
     Ok(dest)
 }
 
-fn walk(root: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+/// Every regular file under `root` (none when it does not exist), iteratively, sorted.
+pub fn walk_files(root: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         let rd = match fs::read_dir(&d) {
@@ -112,12 +113,14 @@ fn walk(root: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         for e in rd.flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => out.push(e.path()),
-                _ => {}
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
             }
         }
     }
+    out.sort();
     Ok(())
 }

@@ -211,21 +211,15 @@ impl Storage {
             None
         };
         for i in 0..workers.max(1) {
-            let rx = queue.clone();
-            let root = data_dir.clone();
-            let done = done.clone();
-            let seq = seq.clone();
-            let stop = stop.clone();
-            let flush_jobs = flush_jobs.clone();
             let ctx = WorkerContext {
-                root,
-                rx,
+                root: data_dir.clone(),
+                rx: queue.clone(),
                 durability,
                 anonymous,
-                done,
-                seq,
-                stop,
-                flush_jobs,
+                done: done.clone(),
+                seq: seq.clone(),
+                stop: stop.clone(),
+                flush_jobs: flush_jobs.clone(),
                 log: log.clone(),
                 inline_max,
             };

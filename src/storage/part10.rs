@@ -29,6 +29,11 @@ fn element(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &[u8], pad: u8) {
     }
 }
 
+/// Bytes of the Part-10 file of a data set of `data_set_len` bytes: [`header`] and the data set.
+pub fn file_len(meta: &FileMeta, data_set_len: usize) -> u64 {
+    (header(meta).len() + data_set_len) as u64
+}
+
 /// The preamble, `DICM` and the File Meta Information group.
 pub fn header(meta: &FileMeta) -> Vec<u8> {
     let mut group = Vec::with_capacity(256);

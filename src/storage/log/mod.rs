@@ -69,15 +69,20 @@ pub struct LogInstance {
     pub data_set: Vec<u8>,
 }
 
+/// The Part-10 meta information of the file a record's instance becomes.
+fn file_meta(meta: &InstanceMeta) -> super::FileMeta {
+    super::FileMeta {
+        sop_class_uid: meta.sop_class_uid.clone(),
+        sop_instance_uid: meta.sop_instance_uid.clone(),
+        transfer_syntax_uid: meta.transfer_syntax_uid.clone(),
+        source_ae_title: meta.source_ae_title.clone(),
+    }
+}
+
 impl LogInstance {
     /// The Part-10 meta information of the file this instance becomes.
     pub fn file_meta(&self) -> super::FileMeta {
-        super::FileMeta {
-            sop_class_uid: self.meta.sop_class_uid.clone(),
-            sop_instance_uid: self.meta.sop_instance_uid.clone(),
-            transfer_syntax_uid: self.meta.transfer_syntax_uid.clone(),
-            source_ae_title: self.meta.source_ae_title.clone(),
-        }
+        file_meta(&self.meta)
     }
 
     /// The Part-10 file's bytes: our meta group, then the data set exactly as received.
@@ -321,8 +326,7 @@ impl Log {
                 });
                 match res {
                     Ok((file, new)) => {
-                        let bytes =
-                            (super::part10::header(&job.meta).len() + job.data_set.len()) as u64;
+                        let bytes = super::part10::file_len(&job.meta, job.data_set.len());
                         let ack = done_for(job, dest, bytes, new);
                         match items.last_mut() {
                             Some(it) if Arc::ptr_eq(&it.file, &file) => it.acks.push(ack),
@@ -775,11 +779,6 @@ impl Log {
         }
     }
 
-    /// Whether the index holds an instance at `rel`.
-    pub fn contains(&self, rel: &Path) -> bool {
-        lock(&self.inner).index.contains_key(rel)
-    }
-
     /// Every indexed instance: (identity, newest record), in log order.
     pub fn live(&self) -> Vec<(PathBuf, Loc)> {
         let inner = lock(&self.inner);
@@ -998,6 +997,49 @@ pub fn identity(meta: &InstanceMeta) -> Option<PathBuf> {
     Some(p)
 }
 
+/// A segment file read back whole, with the offsets its `.done` file releases.
+struct SegmentFile {
+    bytes: Vec<u8>,
+    released: HashSet<u64>,
+}
+
+impl SegmentFile {
+    /// `None` when its header is not a valid header of segment `seq`.
+    fn read(dir: &Path, seq: u64) -> io::Result<Option<SegmentFile>> {
+        let bytes = fs::read(dir.join(segment_name(seq)))?;
+        if SegmentHeader::decode(&bytes)
+            .ok()
+            .filter(|h| h.seq == seq)
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let released = fs::read(dir.join(done_name(seq)))
+            .map(|b| format::decode_releases(&b, seq).into_iter().collect())
+            .unwrap_or_default();
+        Ok(Some(SegmentFile { bytes, released }))
+    }
+
+    /// The valid records of segment `seq` (each with its location and whether it is
+    /// released), and how many non-zero bytes follow the last of them (a torn append).
+    fn records(&self, seq: u64) -> (Vec<(Loc, format::Record<'_>, bool)>, u64) {
+        let body = self.bytes.get(SEGMENT_HEADER_LEN..).unwrap_or(&[]);
+        let (records, end) = format::scan_records(body, seq);
+        let torn = body[end..]
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |p| p + 1) as u64;
+        let records = records
+            .into_iter()
+            .map(|(off, r)| {
+                let offset = (SEGMENT_HEADER_LEN + off) as u64;
+                (Loc { seq, offset }, r, self.released.contains(&offset))
+            })
+            .collect();
+        (records, torn)
+    }
+}
+
 /// Start-up: every segment sealed, the index rebuilt from their unreleased records.
 fn recover(dir: &Path) -> io::Result<(Inner, Recovered)> {
     let mut inner = Inner::default();
@@ -1023,9 +1065,7 @@ fn recover(dir: &Path) -> io::Result<(Inner, Recovered)> {
     for &seq in &segs {
         inner.next_seq = inner.next_seq.max(seq + 1);
         let path = dir.join(segment_name(seq));
-        let bytes = fs::read(&path)?;
-        let header = SegmentHeader::decode(&bytes).ok().filter(|h| h.seq == seq);
-        if header.is_none() {
+        let Some(file) = SegmentFile::read(dir, seq)? else {
             // Its header never became durable (then nothing in it was acknowledged), or the
             // medium damaged it: kept aside, not deleted, with the reason in the log.
             let aside = dir.join("damaged");
@@ -1038,19 +1078,9 @@ fn recover(dir: &Path) -> io::Result<(Inner, Recovered)> {
                 "log segment without a valid header moved aside"
             );
             continue;
-        }
-        let released: HashSet<u64> = fs::read(dir.join(done_name(seq)))
-            .map(|b| format::decode_releases(&b, seq).into_iter().collect())
-            .unwrap_or_default();
-        let body = bytes.get(SEGMENT_HEADER_LEN..).unwrap_or(&[]);
-        let (records, end) = format::scan_records(body, seq);
-        if body[end..].iter().any(|&b| b != 0) {
-            let torn = body[end..]
-                .iter()
-                .rposition(|&b| b != 0)
-                .map_or(0, |p| p + 1);
-            rec.torn_bytes += torn as u64;
-        }
+        };
+        let (records, torn) = file.records(seq);
+        rec.torn_bytes += torn;
         let mut seg = Segment {
             file: Arc::new(OpenOptions::new().read(true).write(true).open(&path)?),
             live: 0,
@@ -1058,13 +1088,9 @@ fn recover(dir: &Path) -> io::Result<(Inner, Recovered)> {
             done: None,
             done_durable: false,
         };
-        for (off, r) in records {
-            let loc = Loc {
-                seq,
-                offset: (SEGMENT_HEADER_LEN + off) as u64,
-            };
+        for (loc, r, released) in records {
             rec.records += 1;
-            if released.contains(&loc.offset) {
+            if released {
                 rec.released += 1;
                 continue;
             }
@@ -1131,46 +1157,28 @@ pub fn inspect(dir: &Path) -> io::Result<(Vec<SegmentInfo>, Vec<Inspected>)> {
     let mut newest: HashMap<PathBuf, Inspected> = HashMap::new();
     let mut segments = Vec::new();
     for seq in segs {
-        let Ok(bytes) = fs::read(dir.join(segment_name(seq))) else {
-            continue; // freed meanwhile
-        };
-        if SegmentHeader::decode(&bytes)
-            .ok()
-            .filter(|h| h.seq == seq)
-            .is_none()
-        {
+        // Freed meanwhile (NotFound), or a header never made durable: nothing pending there.
+        let Ok(Some(file)) = SegmentFile::read(dir, seq) else {
             continue;
-        }
-        let released: HashSet<u64> = fs::read(dir.join(done_name(seq)))
-            .map(|b| format::decode_releases(&b, seq).into_iter().collect())
-            .unwrap_or_default();
-        let (records, _) = format::scan_records(&bytes[SEGMENT_HEADER_LEN..], seq);
+        };
         let mut live = 0;
-        for (off, r) in records {
-            let offset = (SEGMENT_HEADER_LEN + off) as u64;
-            if released.contains(&offset) {
-                continue;
-            }
-            let Some(rel) = identity(&r.meta) else {
+        for (loc, r, released) in file.records(seq).0 {
+            let Some(rel) = identity(&r.meta).filter(|_| !released) else {
                 continue;
             };
             live += 1;
-            let inst = LogInstance {
-                meta: r.meta,
-                data_set: Vec::new(),
-            };
-            let bytes = (super::part10::header(&inst.file_meta()).len() + r.data_set.len()) as u64;
+            let bytes = super::part10::file_len(&file_meta(&r.meta), r.data_set.len());
             newest.insert(
                 rel.clone(),
                 Inspected {
                     rel,
-                    loc: Loc { seq, offset },
-                    meta: inst.meta,
+                    loc,
+                    meta: r.meta,
                     bytes,
                 },
             );
         }
-        segments.push((seq, live, bytes.len() as u64));
+        segments.push((seq, live, file.bytes.len() as u64));
     }
     let mut out: Vec<Inspected> = newest.into_values().collect();
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
@@ -1357,7 +1365,7 @@ mod tests {
         o.close();
         let o = open(&dir, Durability::None);
         assert_eq!(o.log.live().len(), live_before);
-        assert!(!o.log.contains(&rel0));
+        assert!(o.log.live().iter().all(|(r, _)| *r != rel0));
         o.close();
     }
 
