@@ -349,6 +349,9 @@ fn valid_ae(ae: &str) -> bool {
     !t.is_empty() && t.len() <= 16 && t.bytes().all(|b| (0x20..0x7F).contains(&b) && b != b'\\')
 }
 
+/// The smallest data set size above which data sets are streamed to their file as they arrive.
+pub const STREAM_ABOVE_MIN: usize = 256 << 10;
+
 impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let c: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
@@ -497,6 +500,7 @@ impl Config {
 
     /// What every association's DIMSE service is configured with; `wanted_tags` are the tags
     /// to scan from each data set (sorted here).
+    /// Data sets larger than `max(inline_max_bytes, STREAM_ABOVE_MIN)` are streamed to storage.
     pub fn service_config(
         &self,
         mut wanted_tags: Vec<u32>,
@@ -510,6 +514,9 @@ impl Config {
             max_message_bytes: self.limits.max_message_bytes,
             max_pdu_length: self.limits.max_pdu_length,
             max_associate_length: self.limits.max_associate_length,
+            // Larger than what goes to the log (those are held whole and appended), and not
+            // so small that every modest image pays for chunked writes.
+            stream_above: self.storage.inline_max_bytes.max(STREAM_ABOVE_MIN),
         }
     }
 

@@ -251,7 +251,8 @@ fn frames(stream: &[u8], max: u32) -> (Vec<Vec<u8>>, Option<ul::PduError>) {
     }
 }
 
-/// The top-level scan never panics, in every encoding, and what it returns lies within the input.
+/// The top-level scan never panics, in every encoding, what it returns lies within the input, and
+/// a scan fed in pieces finds what the scan of the whole finds.
 pub fn tag_scan(data: &[u8]) {
     use crate::assoc::DatasetEncoding::*;
     use crate::dimse::{scan, tags};
@@ -261,12 +262,24 @@ pub fn tag_scan(data: &[u8]) {
         ExplicitVrBigEndian,
         DeflatedExplicitVrLittleEndian,
     ] {
-        if let Ok(s) = scan::scan(data, enc, tags::ROUTING) {
+        let whole = scan::scan(data, enc, tags::ROUTING);
+        if let Ok(s) = &whole {
             for t in tags::ROUTING {
                 if let Some(v) = s.raw(*t) {
                     assert!(v.len() <= scan::MAX_VALUE_LEN);
                 }
             }
+        }
+        if enc != DeflatedExplicitVrLittleEndian {
+            // Fed in pieces (a streamed data set), cut where the input's first byte says.
+            let step = usize::from(data.first().copied().unwrap_or(1)).max(1);
+            let mut s = scan::Scanner::new(enc, tags::ROUTING);
+            for piece in data.chunks(step) {
+                if s.feed(piece).is_err() {
+                    break;
+                }
+            }
+            assert_eq!(s.finish(), whole, "pieces of {step} bytes");
         }
     }
 }
@@ -493,19 +506,23 @@ fn service_data_set(i: u8) -> Vec<u8> {
 /// outstanding stores stay within the window plus what one PDU carries; every store handed out
 /// is answered at most once and no response names a message never sent.
 pub fn dimse_service(data: &[u8]) {
-    use crate::dimse::service::{Service, StoreOutcome};
+    use crate::dimse::service::{Service, StoreOutcome, Work};
     use std::time::{Duration, Instant};
     let mut c = Choices::new(data);
     let window = u16::from(c.u8() % 8) + 1;
+    // Data sets above this are streamed in chunks (most fuzz data sets are a few dozen bytes).
+    let stream_above = usize::from(c.u8() % 64);
     let mut cfg =
         crate::config::Config::default().service_config(crate::dimse::tags::ROUTING.to_vec());
     cfg.policy.max_operations_performed = window;
     cfg.max_message_bytes = 4096;
     cfg.max_pdu_length = 16384;
+    cfg.stream_above = stream_above;
     let mut now = Instant::now();
     let mut svc = Service::new(now, &cfg);
     let mut inbox = service_associate_rq(window);
     let mut handed: Vec<u64> = Vec::new();
+    let mut writes: Vec<(u64, usize)> = Vec::new();
     let mut sent_ids: Vec<u16> = Vec::new();
     let mut answered = 0usize;
     let mut granted = true;
@@ -540,6 +557,12 @@ pub fn dimse_service(data: &[u8]) {
                 inbox.extend_from_slice(&[0x04, 0]);
                 inbox.extend_from_slice(&(body.len() as u32).to_be_bytes());
                 inbox.extend_from_slice(&body);
+            }
+            4 if c.u8() % 2 == 0 && !writes.is_empty() => {
+                // Storage writes one handed-out chunk (any of them).
+                let i = usize::from(c.u8()) % writes.len();
+                let (token, n) = writes.swap_remove(i);
+                svc.handle_written(now, token, n);
             }
             4 => {
                 // Storage completes one handed-out store (any of them), or fails it.
@@ -579,9 +602,19 @@ pub fn dimse_service(data: &[u8]) {
             outstanding <= usize::from(window) + pdvs_in_pdu,
             "outstanding {outstanding} beyond window {window} + one PDU"
         );
-        while handed.len() < 4 {
-            let Some(s) = svc.poll_store() else { break };
-            handed.push(s.token);
+        assert!(
+            svc.store_bytes()
+                <= 4096 * usize::from(window) + crate::dimse::service::STREAM_WINDOW + 16384,
+            "held {} bytes",
+            svc.store_bytes()
+        );
+        while handed.len() < 4 && writes.len() < 64 {
+            match svc.poll_work() {
+                None => break,
+                Some(Work::Store(s)) => handed.push(s.token),
+                Some(Work::Write(w)) => writes.push((w.token, w.bytes.len())),
+                Some(Work::Discard { .. }) => {}
+            }
         }
         let out = std::mem::take(svc.transmit());
         let mut pos = 0;
@@ -611,7 +644,18 @@ pub fn dimse_service(data: &[u8]) {
             for t in handed.drain(..) {
                 svc.handle_store_done(now, t, StoreOutcome::Stored { bytes: 1 });
             }
+            for (t, n) in writes.drain(..) {
+                svc.handle_written(now, t, n);
+            }
+            while let Some(w) = svc.poll_work() {
+                assert!(
+                    matches!(w, Work::Discard { .. }),
+                    "only discards once closed"
+                );
+            }
             assert_eq!(svc.stores_in_flight(), 0);
+            assert_eq!(svc.work_in_flight(), 0);
+            assert_eq!(svc.held_bytes(), 0, "everything given back");
             assert!(svc.transmit().is_empty(), "nothing sent once closed");
             break;
         }

@@ -21,7 +21,7 @@ use dicomgate::assoc::State;
 use dicomgate::config::Config;
 use dicomgate::dimse::command::{self, command_field, status, CommandSet};
 use dicomgate::dimse::message;
-use dicomgate::dimse::service::{Service, ServiceConfig, StoreOutcome, StoreSubmission};
+use dicomgate::dimse::service::{Service, ServiceConfig, StoreOutcome, Work, STREAM_WINDOW};
 use dicomgate::net::scu::{Client, Proposal, ScuError};
 use dicomgate::ul::{self, Pdu};
 
@@ -51,9 +51,17 @@ struct SimNode {
     inbox: Vec<u8>,
     /// Bytes for the requestor.
     outbox: VecDeque<u8>,
-    /// Storage's queue and its depth (the node's `[storage] queue_depth`).
-    queue: Vec<StoreSubmission>,
+    /// Storage's queue (stores and writes of streamed data sets) and its depth (the node's
+    /// `[storage] queue_depth`).
+    queue: Vec<Work>,
     depth: usize,
+    /// Streamed data sets as written, by token; discarded ones are removed.
+    files: std::collections::HashMap<u64, Vec<u8>>,
+    /// Data sets made durable, in order: (SOP Instance UID, bytes).
+    stored_data: Vec<(String, Vec<u8>)>,
+    discarded: usize,
+    /// Largest store_bytes() seen (what storage holds for the association).
+    peak_store_bytes: usize,
     /// Merge consecutive P-DATA-TF PDUs the requestor wrote into one (as a requestor that packs
     /// several messages per PDU would send them).
     coalesce: bool,
@@ -82,6 +90,10 @@ impl SimNode {
             outbox: VecDeque::new(),
             queue: Vec::new(),
             depth,
+            files: Default::default(),
+            stored_data: Vec::new(),
+            discarded: 0,
+            peak_store_bytes: 0,
             coalesce: false,
             stored: Vec::new(),
             sent: Vec::new(),
@@ -131,7 +143,7 @@ impl SimNode {
         if self.has_pdu() && self.svc.wants_read() {
             enabled.push(0);
         }
-        if self.queue.len() < self.depth && self.svc.stores_waiting() > 0 {
+        if self.queue.len() < self.depth && self.svc.work_waiting() > 0 {
             enabled.push(1);
         }
         if !self.queue.is_empty() {
@@ -147,24 +159,55 @@ impl SimNode {
                     .handle_input(self.now, &self.inbox, &self.cfg, &mut |_| true);
                 self.inbox.drain(..n);
             }
-            1 => {
-                let s = self.svc.poll_store().expect("a waiting store");
-                self.queue.push(s);
-            }
+            1 => match self.svc.poll_work().expect("waiting work") {
+                Work::Discard { token } => {
+                    self.files.remove(&token);
+                    self.discarded += 1;
+                }
+                w => self.queue.push(w),
+            },
             _ => {
-                // Storage completes up to `batch` queued stores, in any order, before the node
-                // writes: their responses leave in one write.
+                // Storage completes up to `batch` queued stores and writes, in any order,
+                // before the node writes: their responses leave in one write.
                 let k = 1 + self.rng.below(self.batch.min(self.queue.len()));
                 for _ in 0..k {
                     let i = self.rng.below(self.queue.len());
-                    let s = self.queue.swap_remove(i);
-                    self.stored.push(s.request.sop_instance_uid.clone());
-                    let bytes = s.request.data_set.len() as u64;
-                    self.svc
-                        .handle_store_done(self.now, s.token, StoreOutcome::Stored { bytes });
+                    match self.queue.swap_remove(i) {
+                        Work::Store(s) => {
+                            let uid = s.request.sop_instance_uid.clone();
+                            let data = match s.streamed {
+                                Some(n) => {
+                                    let f = self.files.remove(&s.token).expect("its file");
+                                    assert_eq!(f.len() as u64, n, "streamed length");
+                                    f
+                                }
+                                None => s.request.data_set.clone(),
+                            };
+                            self.stored.push(uid.clone());
+                            let bytes = data.len() as u64;
+                            self.stored_data.push((uid, data));
+                            self.svc.handle_store_done(
+                                self.now,
+                                s.token,
+                                StoreOutcome::Stored { bytes },
+                            );
+                        }
+                        Work::Write(c) => {
+                            let f = self.files.entry(c.token).or_default();
+                            assert_eq!(c.begin.is_some(), c.offset == 0, "begin with offset 0");
+                            let end = c.offset as usize + c.bytes.len();
+                            if f.len() < end {
+                                f.resize(end, 0);
+                            }
+                            f[c.offset as usize..end].copy_from_slice(&c.bytes);
+                            self.svc.handle_written(self.now, c.token, c.bytes.len());
+                        }
+                        Work::Discard { .. } => unreachable!("never queued"),
+                    }
                 }
             }
         }
+        self.peak_store_bytes = self.peak_store_bytes.max(self.svc.store_bytes());
         self.collect_output();
         true
     }
@@ -610,7 +653,9 @@ fn timers_abort_a_silent_peer_and_stores_in_flight_still_complete() {
             .handle_input(node.now, &node.inbox, &node.cfg, &mut |_| true);
         node.inbox.drain(..n);
     }
-    let s = node.svc.poll_store().expect("the first store");
+    let Some(Work::Store(s)) = node.svc.poll_work() else {
+        panic!("the first store")
+    };
     assert_eq!(node.svc.stores_in_flight(), 1);
     let start = node.now;
     assert!(node.fire_next_timer());
@@ -627,4 +672,147 @@ fn timers_abort_a_silent_peer_and_stores_in_flight_still_complete() {
     // The peer never closes: ARTIM (30 s) closes the transport.
     assert!(node.fire_next_timer());
     assert!(node.svc.is_closed());
+}
+
+/// A data set bigger than `stream_above` of its own size, as `n` PDVs at most.
+fn big_data_set(i: usize, pixels: usize) -> Vec<u8> {
+    common::dataset(
+        "SIM-PATIENT",
+        "1.2.826.0.1.3680043.10.2",
+        "1.2.826.0.1.3680043.10.3",
+        &sop(i),
+        pixels,
+    )
+}
+
+/// Data sets above `stream_above` go to storage in chunks as their PDVs arrive, interleaved
+/// with whole ones, in every interleaving of input, writes and stores: each is stored byte-exact
+/// and answered once, what storage holds for the association stays within the stream window
+/// and one PDU (plus the whole data sets of the window), and nothing is held afterwards.
+#[test]
+fn streamed_data_sets_are_stored_whole_in_every_interleaving() {
+    for (window, depth) in [(1u16, 1usize), (1, 8), (4, 2), (8, 16)] {
+        for seed in 0..12 {
+            let mut node = SimNode::new(seed, window, depth);
+            node.cfg.stream_above = 4096;
+            node.cfg.max_message_bytes = 8 << 20;
+            node.svc = Service::new(node.now, &node.cfg);
+            node.batch = 4;
+            let mut c = connect(node, window);
+            let sizes: Vec<usize> = (0..12)
+                .map(|i| match i % 4 {
+                    0 => 100,       // whole
+                    1 => 5_000,     // just above the threshold
+                    2 => 300_000,   // a few chunks
+                    _ => 1_500_000, // many chunks: the stream window binds
+                })
+                .collect();
+            let mut sent = 0;
+            let mut answered = Vec::new();
+            while answered.len() < sizes.len() {
+                while sent < sizes.len() && sent - answered.len() < usize::from(window) {
+                    c.send_store(
+                        CT,
+                        &sop(sent),
+                        EXPLICIT_LE,
+                        &big_data_set(sent, sizes[sent]),
+                    )
+                    .unwrap();
+                    sent += 1;
+                }
+                let (id, st, _) = c
+                    .receive_response()
+                    .unwrap_or_else(|e| panic!("window {window} seed {seed}: {e}"));
+                answered.push((id, st));
+            }
+            assert_all_answered(&answered, sizes.len());
+            let node = &c.stream().node;
+            assert_eq!(node.stored_data.len(), sizes.len());
+            for (uid, data) in &node.stored_data {
+                let i: usize = uid.rsplit('.').next().unwrap().parse().unwrap();
+                assert!(
+                    *data == big_data_set(i, sizes[i]),
+                    "seed {seed}: {uid} byte-exact"
+                );
+            }
+            let whole = usize::from(window) * 5_000;
+            assert!(
+                node.peak_store_bytes <= STREAM_WINDOW + node.cfg.max_pdu_length as usize + whole,
+                "window {window} seed {seed}: storage held {} bytes",
+                node.peak_store_bytes
+            );
+            assert_eq!(node.svc.held_bytes(), 0);
+            assert_eq!(node.svc.work_in_flight(), 0);
+            assert!(node.files.is_empty(), "no file left over");
+            c.release().unwrap();
+        }
+    }
+}
+
+/// A streamed data set whose own SOP Instance UID differs from its command's is answered
+/// 0xA900 once complete, and its file is discarded, never stored; the association goes on.
+#[test]
+fn streamed_data_set_that_does_not_match_its_command_is_refused_and_discarded() {
+    for seed in 0..20 {
+        let mut node = SimNode::new(seed, 1, 2);
+        node.cfg.stream_above = 4096;
+        node.batch = 2;
+        let mut c = connect(node, 1);
+        c.send_store(CT, &sop(1), EXPLICIT_LE, &big_data_set(2, 400_000))
+            .unwrap();
+        let (_, st, _) = c.receive_response().unwrap();
+        assert_eq!(st, status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS);
+        c.send_store(CT, &sop(3), EXPLICIT_LE, &big_data_set(3, 400_000))
+            .unwrap();
+        let (_, st, _) = c.receive_response().unwrap();
+        assert_eq!(st, status::SUCCESS);
+        c.stream().node.settle();
+        let node = &c.stream().node;
+        assert_eq!(node.stored, vec![sop(3)], "seed {seed}");
+        assert_eq!(node.discarded, 1);
+        assert!(node.files.is_empty());
+        assert_eq!(node.svc.held_bytes(), 0);
+        c.release().unwrap();
+    }
+}
+
+/// The peer aborts in the middle of a streamed data set: the stream is discarded, its writes in
+/// flight still complete, and the service holds nothing once they did.
+#[test]
+fn abort_in_the_middle_of_a_streamed_data_set() {
+    for seed in 0..20 {
+        let mut node = SimNode::new(seed, 1, 4);
+        node.cfg.stream_above = 4096;
+        let mut c = connect(node, 1);
+        let ds = big_data_set(1, 2_000_000);
+        // The command and the first half of the data set, then an A-ABORT.
+        let rq = CommandSet {
+            command_field: command_field::C_STORE_RQ,
+            message_id: Some(1),
+            affected_sop_class_uid: Some(CT.as_bytes().to_vec()),
+            affected_sop_instance_uid: Some(sop(1).into_bytes()),
+            priority: Some(0),
+            command_data_set_type: 0,
+            ..Default::default()
+        };
+        let mut bytes = Vec::new();
+        let mut cmd = Vec::new();
+        command::encode(&rq, &mut cmd);
+        message::fragment(&mut bytes, 1, true, &cmd, 16384);
+        let mut half = Vec::new();
+        message::fragment(&mut half, 1, false, &ds, 16384);
+        bytes.extend_from_slice(&half[..half.len() / 2 / 16390 * 16390]);
+        bytes.extend_from_slice(&[0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
+        let node = &mut c.stream().node;
+        node.inbox.extend_from_slice(&bytes);
+        node.settle();
+        assert!(node.svc.is_closed(), "seed {seed}");
+        assert_eq!(node.svc.work_in_flight(), 0);
+        assert_eq!(node.svc.held_bytes(), 0);
+        assert!(node.stored.is_empty());
+        assert!(
+            node.files.is_empty(),
+            "seed {seed}: the stream was discarded"
+        );
+    }
 }

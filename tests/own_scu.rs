@@ -477,33 +477,14 @@ fn refused_store_then_pipelined_release_is_answered() {
 }
 
 /// `[limits] max_buffered_bytes`: eight associations each sending 8 MB data sets at once hold
-/// about the budget plus one message in memory, not eight messages; none is refused and none
-/// deadlocks. Without the budget the same load holds up to every data set whole (64 MB).
+/// about the budget in memory (the data sets stream to their files), not eight messages; none is
+/// refused and none deadlocks. Without the budget and streaming the same load holds up to every
+/// data set whole (64 MB).
 #[test]
 fn memory_budget_bounds_what_concurrent_large_stores_hold() {
     let mut node = Node::start("[limits]\nmax_buffered_bytes = 1048576\n");
     let base = node.rss_kib();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let pid_status = format!("/proc/{}/status", node.pid());
-    let sampler = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut peak = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                if let Ok(s) = std::fs::read_to_string(&pid_status) {
-                    if let Some(v) = s
-                        .lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                    {
-                        peak = peak.max(v);
-                    }
-                }
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            peak
-        })
-    };
+    let sampler = PeakRss::start(node.pid());
     let senders: Vec<_> = (0..8)
         .map(|s| {
             let addr = node.addr;
@@ -526,16 +507,86 @@ fn memory_budget_bounds_what_concurrent_large_stores_hold() {
         .into_iter()
         .flat_map(|t| t.join().unwrap())
         .collect();
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let peak = sampler.join().unwrap();
+    let peak = sampler.stop();
     assert_eq!(sops.len(), 16);
     for sop in &sops {
         assert!(stored_instance(&node, sop).is_some(), "{sop}");
     }
     let grew_mib = peak.saturating_sub(base) as f64 / 1024.0;
     eprintln!("node RSS {base} KiB before, peak {peak} KiB: +{grew_mib:.1} MiB");
-    // Eight whole 8 MB messages would be +61 MiB; the budget + one message + buffers is far
-    // less (+~20 MiB measured, with the allocator's slack).
+    // Eight whole 8 MB messages would be +61 MiB; the budget, the stream windows and buffers
+    // are far less (with the allocator's slack).
     assert!(grew_mib < 40.0, "+{grew_mib:.1} MiB");
+    assert!(node.is_running());
+}
+
+/// Samples a process's peak resident set size every 2 ms until stopped.
+struct PeakRss {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl PeakRss {
+    fn start(pid: u32) -> PeakRss {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid_status = format!("/proc/{pid}/status");
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    if let Ok(s) = std::fs::read_to_string(&pid_status) {
+                        if let Some(v) = s
+                            .lines()
+                            .find_map(|l| l.strip_prefix("VmRSS:"))
+                            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                        {
+                            peak = peak.max(v);
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                peak
+            })
+        };
+        PeakRss { stop, thread }
+    }
+
+    /// The peak in KiB.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().unwrap()
+    }
+}
+
+/// One data set far larger than `[limits] max_buffered_bytes` streams to its file as its PDVs
+/// arrive: the node's memory grows by about the budget and one stream window, not by the data
+/// set (before streaming, the budget's one-message overdraft held it whole: +64 MiB), and the
+/// stored file is byte-exact with nothing left in `incoming/`.
+#[test]
+fn one_data_set_larger_than_the_budget_streams_to_its_file() {
+    let mut node = Node::start("[limits]\nmax_buffered_bytes = 1048576\n");
+    let base = node.rss_kib();
+    let sop = "1.2.826.0.1.3680043.10.9.1";
+    let ds = dataset("HUGE", "1.2.9", "1.2.9.1", sop, 64_000_000);
+    let sampler = PeakRss::start(node.pid());
+    let mut c = Client::connect(node.addr, &opts(), &[ct_proposal()]).unwrap();
+    let (st, comment) = c.store(CT_IMAGE_STORAGE, sop, EXPLICIT_LE, &ds).unwrap();
+    assert_eq!(st, 0, "{comment:?}");
+    c.release().unwrap();
+    let peak = sampler.stop();
+    let path = stored_instance(&node, sop).expect("stored");
+    let file = std::fs::read(&path).unwrap();
+    assert!(
+        file.len() - ds.len() < 1024 && file.ends_with(&ds),
+        "byte-exact"
+    );
+    let left = std::fs::read_dir(node.data_dir.join("incoming"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "nothing left in incoming/");
+    let grew_mib = peak.saturating_sub(base) as f64 / 1024.0;
+    eprintln!("node RSS {base} KiB before, peak {peak} KiB: +{grew_mib:.1} MiB");
+    assert!(grew_mib < 24.0, "+{grew_mib:.1} MiB for a 64 MB data set");
     assert!(node.is_running());
 }

@@ -79,6 +79,24 @@ enum Phase {
         command: CommandSet,
         buf: Vec<u8>,
     },
+    /// The data set goes to the caller fragment by fragment ([`Assembler::begin_stream`]).
+    Streaming {
+        pc: u8,
+        received: usize,
+    },
+}
+
+/// What one PDV did.
+#[derive(Debug)]
+pub enum Assembled<'a> {
+    /// Nothing complete yet.
+    Pending,
+    Message(Message),
+    /// The next bytes of a data set being streamed; `last`: the message is complete.
+    Streamed {
+        data: &'a [u8],
+        last: bool,
+    },
 }
 
 /// Per-association assembler.
@@ -106,16 +124,57 @@ impl Assembler {
         match &self.phase {
             Phase::Idle => 0,
             Phase::Command { buf, .. } | Phase::DataSet { buf, .. } => buf.len(),
+            Phase::Streaming { .. } => 0,
+        }
+    }
+
+    /// The message whose data set is being received: its context and command.
+    pub fn data_set_command(&self) -> Option<(u8, &CommandSet)> {
+        match &self.phase {
+            Phase::DataSet { pc, command, .. } => Some((*pc, command)),
+            _ => None,
+        }
+    }
+
+    /// From now on the data set in progress is not buffered: its later fragments come out of
+    /// [`Assembler::push_pdv`] as [`Assembled::Streamed`]. Returns its context, command and the
+    /// bytes received so far; `None` when no data set is in progress.
+    pub fn begin_stream(&mut self) -> Option<(u8, CommandSet, Vec<u8>)> {
+        match std::mem::take(&mut self.phase) {
+            Phase::DataSet { pc, command, buf } => {
+                self.phase = Phase::Streaming {
+                    pc,
+                    received: buf.len(),
+                };
+                Some((pc, command, buf))
+            }
+            other => {
+                self.phase = other;
+                None
+            }
         }
     }
 
     /// Adds one PDV; returns a message when this PDV completed one. `accepted` says whether a
-    /// presentation context ID was accepted at negotiation.
+    /// presentation context ID was accepted at negotiation. For an assembler that never
+    /// streams ([`Assembler::begin_stream`] is not called).
     pub fn push(
         &mut self,
         pdv: Pdv<'_>,
         accepted: impl Fn(u8) -> bool,
     ) -> Result<Option<Message>, AssemblyError> {
+        match self.push_pdv(pdv, accepted)? {
+            Assembled::Message(m) => Ok(Some(m)),
+            Assembled::Pending | Assembled::Streamed { .. } => Ok(None),
+        }
+    }
+
+    /// Adds one PDV: a complete message, the next bytes of a streamed data set, or nothing yet.
+    pub fn push_pdv<'a>(
+        &mut self,
+        pdv: Pdv<'a>,
+        accepted: impl Fn(u8) -> bool,
+    ) -> Result<Assembled<'a>, AssemblyError> {
         let pc = pdv.presentation_context_id;
         if !accepted(pc) {
             return Err(AssemblyError::UnknownContext(pc));
@@ -160,32 +219,56 @@ impl Assembler {
                 }
                 buf.extend_from_slice(pdv.data);
                 if pdv.is_last() {
-                    Ok(Some(Message {
+                    Ok(Assembled::Message(Message {
                         presentation_context_id: pc,
                         command,
                         data_set: Some(buf),
                     }))
                 } else {
                     self.phase = Phase::DataSet { pc, command, buf };
-                    Ok(None)
+                    Ok(Assembled::Pending)
                 }
+            }
+            Phase::Streaming { pc: mpc, received } => {
+                if mpc != pc {
+                    return Err(AssemblyError::ContextChanged);
+                }
+                if pdv.is_command() {
+                    return Err(AssemblyError::UnexpectedFragment(
+                        "command fragment inside a data set (interleaved messages)",
+                    ));
+                }
+                let received = received.saturating_add(pdv.data.len());
+                if received > self.max_data_set {
+                    return Err(AssemblyError::DataSetTooLong {
+                        max: self.max_data_set,
+                    });
+                }
+                let last = pdv.is_last();
+                if !last {
+                    self.phase = Phase::Streaming { pc, received };
+                }
+                Ok(Assembled::Streamed {
+                    data: pdv.data,
+                    last,
+                })
             }
         }
     }
 
-    fn command_fragment(
+    fn command_fragment<'a>(
         &mut self,
         pc: u8,
         mut buf: Vec<u8>,
         pdv: Pdv<'_>,
-    ) -> Result<Option<Message>, AssemblyError> {
+    ) -> Result<Assembled<'a>, AssemblyError> {
         if buf.len() + pdv.data.len() > MAX_COMMAND_LEN {
             return Err(AssemblyError::CommandTooLong);
         }
         buf.extend_from_slice(pdv.data);
         if !pdv.is_last() {
             self.phase = Phase::Command { pc, buf };
-            return Ok(None);
+            return Ok(Assembled::Pending);
         }
         let command = command::decode(&buf).map_err(AssemblyError::BadCommand)?;
         if command.has_data_set() {
@@ -194,9 +277,9 @@ impl Assembler {
                 command,
                 buf: Vec::new(),
             };
-            Ok(None)
+            Ok(Assembled::Pending)
         } else {
-            Ok(Some(Message {
+            Ok(Assembled::Message(Message {
                 presentation_context_id: pc,
                 command,
                 data_set: None,

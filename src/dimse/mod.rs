@@ -16,7 +16,7 @@ pub mod uid;
 use crate::assoc::negotiation::VERIFICATION_SOP_CLASS;
 use crate::assoc::{AcceptedContext, TransferSyntax};
 use command::{command_field, response_to, status, CommandSet};
-pub use message::{Assembler, AssemblyError, Message};
+pub use message::{Assembled, Assembler, AssemblyError, Message};
 
 /// A value without its padding: trailing spaces and NULs (PS3.5 §6.2: text is padded with a
 /// space, UIDs with a NUL).
@@ -125,6 +125,7 @@ pub fn handle(msg: Message, ctx: &AcceptedContext, wanted: &[u32]) -> Action {
 }
 
 fn handle_store(mut msg: Message, ctx: &AcceptedContext, wanted: &[u32]) -> Action {
+    let pc = msg.presentation_context_id;
     let Some(data_set) = msg.data_set.take() else {
         return fail(
             &msg,
@@ -132,66 +133,118 @@ fn handle_store(mut msg: Message, ctx: &AcceptedContext, wanted: &[u32]) -> Acti
             "C-STORE without a data set",
         );
     };
-    if ctx.abstract_syntax == VERIFICATION_SOP_CLASS {
-        return fail(
-            &msg,
-            status::SOP_CLASS_NOT_SUPPORTED,
-            "C-STORE on Verification",
-        );
-    }
-    let c = &msg.command;
-    let (Some(cmd_class), Some(cmd_instance)) =
-        (&c.affected_sop_class_uid, &c.affected_sop_instance_uid)
-    else {
-        return fail(
-            &msg,
-            status::CANNOT_UNDERSTAND,
-            "command lacks affected SOP UIDs",
-        );
+    let header = match store_header(pc, msg.command, ctx) {
+        Ok(h) => h,
+        Err(response) => return Action::Respond { pc, response },
     };
-    if cmd_class.as_slice() != ctx.abstract_syntax.as_bytes() {
-        return fail(
-            &msg,
-            status::SOP_CLASS_NOT_SUPPORTED,
-            "SOP class differs from the presentation context's",
-        );
-    }
-    if !uid::is_valid_uid(cmd_instance) || !uid::is_valid_uid(cmd_class) {
-        return fail(&msg, status::CANNOT_UNDERSTAND, "invalid UID in command");
-    }
     let scanned = match scan::scan(&data_set, ctx.transfer_syntax.encoding, wanted) {
         Ok(s) => s,
-        Err(e) => return fail(&msg, status::CANNOT_UNDERSTAND, &e.to_string()),
+        Err(e) => {
+            return Action::Respond {
+                pc,
+                response: response_to(
+                    &header.command,
+                    status::CANNOT_UNDERSTAND,
+                    Some(&e.to_string()),
+                ),
+            }
+        }
     };
+    match store_request(header, scanned, data_set) {
+        Ok(r) => Action::Store(r),
+        Err(response) => Action::Respond { pc, response },
+    }
+}
+
+/// A C-STORE request whose command and context were checked, before its data set is looked at
+/// (a data set streamed to storage is checked as it arrives).
+#[derive(Debug, Clone)]
+pub struct StoreHeader {
+    pub presentation_context_id: u8,
+    pub command: CommandSet,
+    pub transfer_syntax: &'static TransferSyntax,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+}
+
+/// The checks of a C-STORE-RQ's command against its accepted context (PS3.4 B.2.3 statuses):
+/// the header, or the failure response to send once the message is complete.
+pub fn store_header(
+    pc: u8,
+    command: CommandSet,
+    ctx: &AcceptedContext,
+) -> Result<StoreHeader, CommandSet> {
+    let refuse = |st: u16, why: &str| response_to(&command, st, Some(why));
+    if ctx.abstract_syntax == VERIFICATION_SOP_CLASS {
+        return Err(refuse(
+            status::SOP_CLASS_NOT_SUPPORTED,
+            "C-STORE on Verification",
+        ));
+    }
+    let (Some(cmd_class), Some(cmd_instance)) = (
+        &command.affected_sop_class_uid,
+        &command.affected_sop_instance_uid,
+    ) else {
+        return Err(refuse(
+            status::CANNOT_UNDERSTAND,
+            "command lacks affected SOP UIDs",
+        ));
+    };
+    if cmd_class.as_slice() != ctx.abstract_syntax.as_bytes() {
+        return Err(refuse(
+            status::SOP_CLASS_NOT_SUPPORTED,
+            "SOP class differs from the presentation context's",
+        ));
+    }
+    if !uid::is_valid_uid(cmd_instance) || !uid::is_valid_uid(cmd_class) {
+        return Err(refuse(status::CANNOT_UNDERSTAND, "invalid UID in command"));
+    }
+    let sop_class_uid = String::from_utf8_lossy(cmd_class).into_owned();
+    let sop_instance_uid = String::from_utf8_lossy(cmd_instance).into_owned();
+    Ok(StoreHeader {
+        presentation_context_id: pc,
+        transfer_syntax: ctx.transfer_syntax,
+        sop_class_uid,
+        sop_instance_uid,
+        command,
+    })
+}
+
+/// The checks of a scanned data set against its command: the store request, or the failure
+/// response. `data_set` is empty for a data set streamed to storage.
+pub fn store_request(
+    header: StoreHeader,
+    scanned: scan::Scanned,
+    data_set: Vec<u8>,
+) -> Result<Box<StoreRequest>, CommandSet> {
+    let refuse = |st: u16, why: &str| response_to(&header.command, st, Some(why));
     let ds_class = scanned.uid(tags::SOP_CLASS_UID);
     let ds_instance = scanned.uid(tags::SOP_INSTANCE_UID);
-    if ds_class != Some(cmd_class.as_slice()) || ds_instance != Some(cmd_instance.as_slice()) {
-        return fail(
-            &msg,
+    if ds_class != Some(header.sop_class_uid.as_bytes())
+        || ds_instance != Some(header.sop_instance_uid.as_bytes())
+    {
+        return Err(refuse(
             status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             "data set SOP Class/Instance UID differ from the command's",
-        );
+        ));
     }
     for t in [tags::STUDY_INSTANCE_UID, tags::SERIES_INSTANCE_UID] {
         if scanned
             .uid(t)
             .is_some_and(|u| !u.is_empty() && !uid::is_valid_uid(u))
         {
-            return fail(
-                &msg,
+            return Err(refuse(
                 status::CANNOT_UNDERSTAND,
                 "invalid Study/Series Instance UID",
-            );
+            ));
         }
     }
-    let sop_class_uid = String::from_utf8_lossy(cmd_class).into_owned();
-    let sop_instance_uid = String::from_utf8_lossy(cmd_instance).into_owned();
-    Action::Store(Box::new(StoreRequest {
-        presentation_context_id: msg.presentation_context_id,
-        command: msg.command,
-        transfer_syntax: ctx.transfer_syntax,
-        sop_class_uid,
-        sop_instance_uid,
+    Ok(Box::new(StoreRequest {
+        presentation_context_id: header.presentation_context_id,
+        command: header.command,
+        transfer_syntax: header.transfer_syntax,
+        sop_class_uid: header.sop_class_uid,
+        sop_instance_uid: header.sop_instance_uid,
         routing: scanned,
         data_set,
     }))

@@ -148,20 +148,34 @@ fn vr_has_4_byte_length(vr: [u8; 2]) -> bool {
 
 /// Scans `data` in the given encoding; `wanted` lists tags as `group << 16 | element`.
 pub fn scan(data: &[u8], enc: DatasetEncoding, wanted: &[u32]) -> Result<Scanned, ScanError> {
-    match enc {
-        DatasetEncoding::DeflatedExplicitVrLittleEndian => {
-            let (inflated, complete) = inflate_prefix(data)?;
-            scan_plain(&inflated, false, false, wanted, !complete)
-        }
-        DatasetEncoding::ImplicitVrLittleEndian => scan_plain(data, true, false, wanted, false),
-        DatasetEncoding::ExplicitVrLittleEndian => scan_plain(data, false, false, wanted, false),
-        DatasetEncoding::ExplicitVrBigEndian => scan_plain(data, false, true, wanted, false),
+    if enc == DatasetEncoding::DeflatedExplicitVrLittleEndian {
+        return scan_deflated(data, wanted, true);
+    }
+    let mut s = Scanner::new(enc, wanted);
+    s.feed(data)?;
+    s.finish()
+}
+
+/// The deflated encoding (PS3.5 §A.5): inflates at most [`MAX_INFLATE`] bytes and scans them.
+/// `complete` is false when `data` is only the first part of the stream (a data set streamed to
+/// storage): running out of input is then the end of what can be scanned, not an error.
+pub fn scan_deflated(data: &[u8], wanted: &[u32], complete: bool) -> Result<Scanned, ScanError> {
+    let (inflated, whole) = inflate_prefix(data, complete)?;
+    let mut s = Scanner::new(DatasetEncoding::ExplicitVrLittleEndian, wanted);
+    let fed = s.feed(&inflated);
+    if whole {
+        fed?;
+        s.finish()
+    } else {
+        // Cut on purpose: what was found before the cut.
+        Ok(s.finish_partial())
     }
 }
 
 /// Inflates at most [`MAX_INFLATE`] bytes of a raw deflate stream (PS3.5 §A.5). Returns the
-/// bytes and whether the whole stream fit.
-fn inflate_prefix(data: &[u8]) -> Result<(Vec<u8>, bool), ScanError> {
+/// bytes and whether the whole stream fit. When `complete` is false, input that ends before the
+/// stream does is a prefix, not a cut-short stream.
+fn inflate_prefix(data: &[u8], complete: bool) -> Result<(Vec<u8>, bool), ScanError> {
     use flate2::{Decompress, FlushDecompress, Status};
     let mut d = Decompress::new(false);
     let mut out = Vec::with_capacity(data.len().saturating_mul(4).clamp(4096, MAX_INFLATE));
@@ -185,91 +199,278 @@ fn inflate_prefix(data: &[u8]) -> Result<(Vec<u8>, bool), ScanError> {
         }
         let stalled = d.total_out() == produced && d.total_in() as usize == consumed;
         if stalled && out.len() < out.capacity() {
+            if !complete {
+                return Ok((out, false));
+            }
             // No progress with room to spare: the stream is cut short.
             return Err(ScanError::Inflate);
         }
     }
 }
 
-fn scan_plain(
-    data: &[u8],
+/// Longest piece one step needs whole: an explicit-VR header (12 bytes) and a wanted value.
+pub const MAX_STEP: usize = 12 + MAX_VALUE_LEN;
+
+/// The resumable top-level scan: fed a data set in pieces of any size (the PDVs of a data set
+/// streamed to storage), it finds what [`scan`] finds on the whole, holding at most
+/// [`MAX_STEP`] bytes between pieces (an element header or a wanted value cut by a piece's end)
+/// and skipping every other value without looking at it.
+#[derive(Debug, Clone)]
+pub struct Scanner<W: AsRef<[u32]>> {
     implicit: bool,
     big_endian: bool,
-    wanted: &[u32],
-    partial_ok: bool,
-) -> Result<Scanned, ScanError> {
-    let mut out = Scanned {
-        values: Vec::new(),
-        big_endian,
-    };
-    let mut stack: Vec<Ctx> = Vec::new();
-    let mut pos = 0usize;
-    let u16_at = |p: usize, le: bool| -> Option<u16> {
-        let b = data.get(p..p + 2)?;
-        Some(if le {
-            u16::from_le_bytes([b[0], b[1]])
-        } else {
-            u16::from_be_bytes([b[0], b[1]])
-        })
-    };
-    let u32_at = |p: usize, le: bool| -> Option<u32> {
-        let b = data.get(p..p + 4)?;
-        let a = [b[0], b[1], b[2], b[3]];
-        Some(if le {
-            u32::from_le_bytes(a)
-        } else {
-            u32::from_be_bytes(a)
-        })
-    };
-    loop {
-        if pos == data.len() {
-            if stack.is_empty() {
-                return Ok(out);
-            }
-            return end_early(out, pos, partial_ok);
+    wanted: W,
+    out: Scanned,
+    stack: Vec<Ctx>,
+    /// Offset in the data set of the next byte not yet consumed.
+    pos: u64,
+    /// Bytes of a value still to skip, and the element they belong to (tag, offset, whether it
+    /// is a wanted value too long to keep).
+    skip: u64,
+    skipping: (u32, u64, bool),
+    /// Bytes from `pos` on that one step needed whole and the last piece cut.
+    carry: Vec<u8>,
+    failed: Option<ScanError>,
+}
+
+/// What one step did with the bytes at the scan's position.
+enum Step {
+    /// Not enough bytes for the next header (or wanted value) yet.
+    NeedMore,
+    /// Consumed this many bytes; then skip this many more (a value that runs past the bytes at
+    /// hand).
+    Consumed(usize, u64),
+}
+
+impl<W: AsRef<[u32]>> Scanner<W> {
+    /// A scan of a data set in the given encoding (a deflated one is scanned as the explicit VR
+    /// little endian it inflates to: the caller inflates).
+    pub fn new(enc: DatasetEncoding, wanted: W) -> Scanner<W> {
+        let (implicit, big_endian) = match enc {
+            DatasetEncoding::ImplicitVrLittleEndian => (true, false),
+            DatasetEncoding::ExplicitVrBigEndian => (false, true),
+            DatasetEncoding::ExplicitVrLittleEndian
+            | DatasetEncoding::DeflatedExplicitVrLittleEndian => (false, false),
+        };
+        Scanner {
+            implicit,
+            big_endian,
+            wanted,
+            out: Scanned {
+                values: Vec::new(),
+                big_endian,
+            },
+            stack: Vec::new(),
+            pos: 0,
+            skip: 0,
+            skipping: (0, 0, false),
+            carry: Vec::new(),
+            failed: None,
         }
-        let (implicit_here, le) = match stack.last() {
+    }
+
+    /// Bytes the scan holds between pieces.
+    pub fn held(&self) -> usize {
+        self.carry.capacity()
+    }
+
+    /// Scans the next piece of the data set. After an error every later piece is ignored and
+    /// [`Scanner::finish`] returns the error.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), ScanError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let r = self.feed_inner(data);
+        if let Err(e) = r {
+            self.failed = Some(e);
+            self.carry = Vec::new();
+        }
+        r
+    }
+
+    fn feed_inner(&mut self, mut data: &[u8]) -> Result<(), ScanError> {
+        loop {
+            if self.skip > 0 {
+                let k = (data.len() as u64).min(self.skip);
+                self.skip -= k;
+                self.pos += k;
+                data = &data[k as usize..];
+                if self.skip > 0 {
+                    return Ok(());
+                }
+                if self.skipping.2 {
+                    return Err(ScanError::ValueTooLong {
+                        tag: self.skipping.0,
+                    });
+                }
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+            if self.carry.is_empty() {
+                match self.step(data, false)? {
+                    Step::NeedMore => {
+                        self.carry.extend_from_slice(data);
+                        return Ok(());
+                    }
+                    Step::Consumed(n, skip) => {
+                        data = &data[n..];
+                        self.pos += n as u64;
+                        self.skip = skip;
+                    }
+                }
+            } else {
+                let old = self.carry.len();
+                let take = data.len().min(MAX_STEP.saturating_sub(old).max(1));
+                let mut carry = std::mem::take(&mut self.carry);
+                carry.extend_from_slice(&data[..take]);
+                let step = self.step(&carry, false)?;
+                match step {
+                    Step::NeedMore => {
+                        self.carry = carry;
+                        data = &data[take..];
+                        if data.is_empty() {
+                            return Ok(());
+                        }
+                    }
+                    Step::Consumed(n, skip) => {
+                        self.pos += n as u64;
+                        self.skip = skip;
+                        if n >= old {
+                            data = &data[n - old..];
+                        } else {
+                            carry.drain(..n);
+                            self.carry = carry;
+                            data = &data[take..];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The end of the data set: the values found, or why the data set cannot be understood.
+    pub fn finish(mut self) -> Result<Scanned, ScanError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        if self.skip > 0 {
+            let (tag, offset, _) = self.skipping;
+            return Err(ScanError::ElementPastEnd {
+                tag,
+                offset: offset as usize,
+            });
+        }
+        let mut carry = std::mem::take(&mut self.carry);
+        while !carry.is_empty() {
+            match self.step(&carry, true)? {
+                Step::Consumed(n, 0) => {
+                    carry.drain(..n);
+                    self.pos += n as u64;
+                }
+                Step::Consumed(..) | Step::NeedMore => {
+                    // `step` at the end reports what is missing as an error.
+                    return Err(ScanError::Truncated {
+                        offset: self.pos as usize,
+                    });
+                }
+            }
+        }
+        if !self.stack.is_empty() {
+            return Err(ScanError::Truncated {
+                offset: self.pos as usize,
+            });
+        }
+        Ok(self.out)
+    }
+
+    /// The values found so far, for input cut short on purpose (a bounded inflate).
+    pub fn finish_partial(self) -> Scanned {
+        self.out
+    }
+
+    /// One header (with its value when it is wanted or fits) at the start of `buf`, which
+    /// begins at `self.pos`. `eof`: nothing follows `buf`, so what is missing is an error.
+    fn step(&mut self, buf: &[u8], eof: bool) -> Result<Step, ScanError> {
+        let start = self.pos as usize;
+        let short = || -> Result<Step, ScanError> {
+            if eof {
+                Err(ScanError::Truncated { offset: start })
+            } else {
+                Ok(Step::NeedMore)
+            }
+        };
+        let (implicit_here, le) = match self.stack.last() {
             Some(Ctx::Seq { implicit_le: true }) | Some(Ctx::Item { implicit_le: true }) => {
                 (true, true)
             }
-            _ => (implicit, !big_endian),
+            _ => (self.implicit, !self.big_endian),
         };
-        let (Some(group), Some(elem)) = (u16_at(pos, le), u16_at(pos + 2, le)) else {
-            return end_early(out, pos, partial_ok);
+        let u16_at = |p: usize| -> Option<u16> {
+            let b = buf.get(p..p + 2)?;
+            Some(if le {
+                u16::from_le_bytes([b[0], b[1]])
+            } else {
+                u16::from_be_bytes([b[0], b[1]])
+            })
+        };
+        let u32_at = |p: usize| -> Option<u32> {
+            let b = buf.get(p..p + 4)?;
+            let a = [b[0], b[1], b[2], b[3]];
+            Some(if le {
+                u32::from_le_bytes(a)
+            } else {
+                u32::from_be_bytes(a)
+            })
+        };
+        let (Some(group), Some(elem)) = (u16_at(0), u16_at(2)) else {
+            return short();
         };
         let tag = (group as u32) << 16 | elem as u32;
-        let start = pos;
-        match stack.last().copied() {
+        // A value of `len` after a header of `header` bytes, not kept: consumed as far as `buf`
+        // holds it, the rest skipped.
+        let value = |this: &mut Scanner<W>, header: usize, len: u32, too_long: bool| {
+            let end = header as u64 + len as u64;
+            if end <= buf.len() as u64 {
+                if too_long {
+                    return Err(ScanError::ValueTooLong { tag });
+                }
+                Ok(Step::Consumed(end as usize, 0))
+            } else if eof {
+                Err(ScanError::ElementPastEnd { tag, offset: start })
+            } else {
+                this.skipping = (tag, start as u64, too_long);
+                Ok(Step::Consumed(buf.len(), end - buf.len() as u64))
+            }
+        };
+        match self.stack.last().copied() {
             Some(Ctx::Seq { implicit_le }) => {
                 // PS3.5 §7.5: items and the sequence delimiter, with a 4-byte length, no VR.
-                let Some(len) = u32_at(pos + 4, le) else {
-                    return end_early(out, pos, partial_ok);
+                let Some(len) = u32_at(4) else {
+                    return short();
                 };
-                pos += 8;
-                match tag {
+                return match tag {
                     ITEM if len == UNDEFINED => {
-                        if stack.len() >= MAX_NESTING {
+                        if self.stack.len() >= MAX_NESTING {
                             return Err(ScanError::NestingTooDeep);
                         }
-                        stack.push(Ctx::Item { implicit_le });
+                        self.stack.push(Ctx::Item { implicit_le });
+                        Ok(Step::Consumed(8, 0))
                     }
-                    ITEM => {
-                        pos = skip(data, pos, len, tag, start, partial_ok)?;
-                    }
+                    ITEM => value(self, 8, len, false),
                     SEQUENCE_DELIMITATION => {
-                        stack.pop();
+                        self.stack.pop();
+                        Ok(Step::Consumed(8, 0))
                     }
-                    _ => return Err(ScanError::UnexpectedDelimiter { tag, offset: start }),
-                }
-                continue;
+                    _ => Err(ScanError::UnexpectedDelimiter { tag, offset: start }),
+                };
             }
             Some(Ctx::Item { .. }) if tag == ITEM_DELIMITATION => {
-                if u32_at(pos + 4, le).is_none() {
-                    return end_early(out, pos, partial_ok);
+                if u32_at(4).is_none() {
+                    return short();
                 }
-                pos += 8;
-                stack.pop();
-                continue;
+                self.stack.pop();
+                return Ok(Step::Consumed(8, 0));
             }
             _ => {}
         }
@@ -278,31 +479,30 @@ fn scan_plain(
         }
         // An element header (PS3.5 §7.1.2 explicit, §7.1.3 implicit).
         let (len, vr, header) = if implicit_here {
-            let Some(len) = u32_at(pos + 4, le) else {
-                return end_early(out, pos, partial_ok);
+            let Some(len) = u32_at(4) else {
+                return short();
             };
             (len, None, 8)
         } else {
-            let Some(vr) = data.get(pos + 4..pos + 6) else {
-                return end_early(out, pos, partial_ok);
+            let Some(vr) = buf.get(4..6) else {
+                return short();
             };
             let vr = [vr[0], vr[1]];
             if !vr.iter().all(u8::is_ascii_uppercase) {
                 return Err(ScanError::BadVr { tag, offset: start });
             }
             if vr_has_4_byte_length(vr) {
-                let Some(len) = u32_at(pos + 8, le) else {
-                    return end_early(out, pos, partial_ok);
+                let Some(len) = u32_at(8) else {
+                    return short();
                 };
                 (len, Some(vr), 12)
             } else {
-                let Some(len) = u16_at(pos + 6, le) else {
-                    return end_early(out, pos, partial_ok);
+                let Some(len) = u16_at(6) else {
+                    return short();
                 };
                 (len as u32, Some(vr), 8)
             }
         };
-        pos += header;
         if len == UNDEFINED {
             // Only SQ, UN (a sequence in implicit VR LE, PS3.5 §6.2.2) and encapsulated pixel
             // data (OB/OW) may have undefined length; in implicit VR it means SQ.
@@ -312,53 +512,30 @@ fn scan_plain(
                 Some(v) if &v == b"UN" => true,
                 Some(_) => return Err(ScanError::BadVr { tag, offset: start }),
             };
-            if stack.len() >= MAX_NESTING {
+            if self.stack.len() >= MAX_NESTING {
                 return Err(ScanError::NestingTooDeep);
             }
-            stack.push(Ctx::Seq {
+            self.stack.push(Ctx::Seq {
                 implicit_le: inner_implicit || implicit_here && le,
             });
-            continue;
+            return Ok(Step::Consumed(header, 0));
         }
-        let end = skip(data, pos, len, tag, start, partial_ok)?;
-        if stack.is_empty() && wanted.contains(&tag) {
+        if self.stack.is_empty() && self.wanted.as_ref().contains(&tag) {
             if len as usize > MAX_VALUE_LEN {
-                return Err(ScanError::ValueTooLong { tag });
+                return value(self, header, len, true);
             }
-            if let Some(v) = data.get(pos..end) {
-                out.values.push((tag, v.to_vec()));
-            }
+            let end = header + len as usize;
+            let Some(v) = buf.get(header..end) else {
+                return if eof {
+                    Err(ScanError::ElementPastEnd { tag, offset: start })
+                } else {
+                    Ok(Step::NeedMore)
+                };
+            };
+            self.out.values.push((tag, v.to_vec()));
+            return Ok(Step::Consumed(end, 0));
         }
-        pos = end;
-    }
-}
-
-/// The data ends inside a header at `pos`: the values found so far when the input was cut short
-/// on purpose (a bounded inflate), an error otherwise.
-fn end_early(out: Scanned, pos: usize, partial_ok: bool) -> Result<Scanned, ScanError> {
-    if partial_ok {
-        Ok(out)
-    } else {
-        Err(ScanError::Truncated { offset: pos })
-    }
-}
-
-/// The end of a value of `len` bytes starting at `pos`, checked against the data.
-fn skip(
-    data: &[u8],
-    pos: usize,
-    len: u32,
-    tag: u32,
-    start: usize,
-    partial_ok: bool,
-) -> Result<usize, ScanError> {
-    let end = pos.saturating_add(len as usize);
-    if end <= data.len() {
-        Ok(end)
-    } else if partial_ok {
-        Ok(data.len())
-    } else {
-        Err(ScanError::ElementPastEnd { tag, offset: start })
+        value(self, header, len, false)
     }
 }
 
@@ -481,5 +658,132 @@ mod tests {
             ),
             Err(ScanError::BadVr { .. })
         ));
+    }
+
+    fn scan_in_pieces(
+        d: &[u8],
+        enc: DatasetEncoding,
+        wanted: &[u32],
+        cuts: &[usize],
+    ) -> Result<Scanned, ScanError> {
+        let mut s = Scanner::new(enc, wanted);
+        let mut at = 0;
+        for &c in cuts.iter().chain(std::iter::once(&d.len())) {
+            let c = c.clamp(at, d.len());
+            if s.feed(&d[at..c]).is_err() {
+                break;
+            }
+            assert!(s.held() <= 2 * MAX_STEP, "holds {} bytes", s.held());
+            at = c;
+        }
+        s.finish()
+    }
+
+    /// A data set streamed to storage is scanned piece by piece as its PDVs arrive: wherever
+    /// the pieces are cut, the result is the one-piece scan's (values or error).
+    #[test]
+    fn scan_in_pieces_equals_scan_of_the_whole() {
+        let mut cases: Vec<(Vec<u8>, DatasetEncoding)> = Vec::new();
+        let mut d = Vec::new();
+        el_explicit(&mut d, 0x0008, 0x0018, b"UI", b"1.2.3\0");
+        d.extend_from_slice(&[
+            0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+        d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"INNER ");
+        d.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        d.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        el_explicit(&mut d, 0x0010, 0x0010, b"PN", &[b'N'; 200]);
+        el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"PAT1");
+        el_explicit(&mut d, 0x0020, 0x000D, b"UI", &[b'1'; 1100]); // wanted, too long
+        cases.push((d.clone(), ExplicitVrLittleEndian));
+        d.truncate(d.len() - 1100 - 12);
+        el_explicit(&mut d, 0x7FE0, 0x0010, b"OW", &[7; 3000]);
+        cases.push((d.clone(), ExplicitVrLittleEndian));
+        // Encapsulated pixel data: an undefined-length OB of items.
+        let mut e = d[..d.len() - 3012].to_vec();
+        e.extend_from_slice(&[
+            0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+        for n in [0u32, 40, 700] {
+            e.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+            e.extend_from_slice(&n.to_le_bytes());
+            e.extend(std::iter::repeat_n(9u8, n as usize));
+        }
+        e.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        cases.push((e.clone(), ExplicitVrLittleEndian));
+        for cut in [1, 7, 12, 300, e.len() - 5] {
+            cases.push((e[..e.len() - cut].to_vec(), ExplicitVrLittleEndian)); // truncated
+        }
+        let mut imp = Vec::new();
+        imp.extend_from_slice(&[0x10, 0x00, 0x20, 0x00, 4, 0, 0, 0]);
+        imp.extend_from_slice(b"ABCD");
+        imp.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, 0, 1, 0, 0]);
+        imp.extend(std::iter::repeat_n(1u8, 256));
+        cases.push((imp, ImplicitVrLittleEndian));
+        cases.push((
+            vec![0x00, 0x54, 0x00, 0x81, b'U', b'S', 0, 2, 0x01, 0x02],
+            ExplicitVrBigEndian,
+        ));
+        cases.push((
+            vec![0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0],
+            ExplicitVrLittleEndian,
+        ));
+        cases.push((
+            vec![0x10, 0x00, 0x20, 0x00, b'l', b'o', 0, 0],
+            ExplicitVrLittleEndian,
+        ));
+        let wanted = [
+            SOP_INSTANCE,
+            0x0010_0010,
+            PATIENT_ID,
+            0x0020_000D,
+            0x0054_0081,
+        ];
+        for (d, enc) in &cases {
+            let whole = scan(d, *enc, &wanted);
+            for cut in 0..=d.len() {
+                assert_eq!(
+                    scan_in_pieces(d, *enc, &wanted, &[cut]),
+                    whole,
+                    "cut at {cut}"
+                );
+            }
+            let bytes: Vec<usize> = (1..d.len()).collect();
+            assert_eq!(
+                scan_in_pieces(d, *enc, &wanted, &bytes),
+                whole,
+                "byte by byte"
+            );
+            let threes: Vec<usize> = (1..d.len()).step_by(3).collect();
+            assert_eq!(
+                scan_in_pieces(d, *enc, &wanted, &threes),
+                whole,
+                "in threes"
+            );
+        }
+    }
+
+    /// The first part of a deflated stream scans as far as it inflates (a streamed data set's
+    /// first bytes); the same bytes as a whole stream are cut short (an error).
+    #[test]
+    fn deflated_prefix_scans_what_it_holds() {
+        use std::io::Write;
+        let mut d = Vec::new();
+        el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"DEFL");
+        let noise: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        el_explicit(&mut d, 0x7FE0, 0x0010, b"OB", &noise);
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&d).unwrap();
+        let z = enc.finish().unwrap();
+        let prefix = &z[..z.len() / 2];
+        let s = scan_deflated(prefix, &[PATIENT_ID], false).unwrap();
+        assert_eq!(s.text(PATIENT_ID), Some("DEFL"));
+        assert_eq!(
+            scan_deflated(prefix, &[PATIENT_ID], true),
+            Err(ScanError::Inflate)
+        );
     }
 }

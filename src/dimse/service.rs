@@ -3,37 +3,51 @@
 //! Sans-IO, in the style of quinn-proto's `Connection`.
 //!
 //! Owns, for one association: the [`Association`] state machine, negotiation's outcome, the
-//! message [`Assembler`], the C-STORE requests waiting to be handed to storage (a queue, never a
-//! single slot), the stores handed out and not yet answered, the operations window, and release
-//! gating (the A-RELEASE-RP waits for the last outstanding response). Must never touch a socket,
-//! a file or a clock: time comes in as `now`.
+//! message [`Assembler`], the work waiting to be handed to storage (a queue, never a single
+//! slot), the stores handed out and not yet answered, the data sets being streamed to storage,
+//! the operations window, and release gating (the A-RELEASE-RP waits for the last outstanding
+//! response). Must never touch a socket, a file or a clock: time comes in as `now`.
 //!
 //! Inputs: [`Service::handle_input`] (received bytes), [`Service::handle_store_done`] (storage's
-//! answer for a store handed out), [`Service::handle_timeout`], [`Service::handle_transport_closed`],
+//! answer for a store handed out), [`Service::handle_written`] (a chunk of a streamed data set
+//! was written), [`Service::handle_timeout`], [`Service::handle_transport_closed`],
 //! [`Service::abort`]. After any input, poll in this order:
-//! 1. [`Service::poll_store`] until `None` while storage has room: each store handed out must
-//!    get exactly one `handle_store_done`, whatever happens to the connection;
+//! 1. [`Service::poll_work`] until `None` while storage has room: each store handed out must
+//!    get exactly one `handle_store_done` and each write one `handle_written`, whatever happens
+//!    to the connection;
 //! 2. [`Service::transmit`]: write it and `drain(..n)` what was written. Responses to every
 //!    completion handled since the last write go out together (one write per batch);
 //! 3. [`Service::poll_event`] until `None` (things to log);
 //! 4. [`Service::poll_timeout`] to re-arm the timer; [`Service::wants_read`] to decide whether to
 //!    read more; [`Service::is_closed`] to close the transport once `transmit` is empty.
 //!
+//! Streaming: a C-STORE data set that grows past `stream_above` stops being buffered. Its
+//! command is checked at once ([`super::store_header`]); its bytes are scanned as they arrive by
+//! the resumable [`Scanner`] (a deflated one: its first bytes, inflated) and handed out as
+//! [`Work::Write`] chunks of about [`STREAM_CHUNK`]; when the data set is complete, valid and
+//! every chunk written, it becomes a [`Work::Store`] like any other; otherwise it is answered
+//! with a failure status and its file is discarded ([`Work::Discard`]). Any other message that
+//! grows that large is read and dropped, then answered as it would be.
+//!
 //! Backpressure: the service stops taking PDUs (`handle_input` consumes no more and `wants_read`
-//! is false) while its outstanding stores (waiting plus handed out) reach the negotiated window,
-//! or a release is pending. A PDU is always handled whole: every message it completes is queued,
-//! so a P-DATA-TF holding many C-STOREs can exceed the window by at most what one PDU of the
-//! negotiated maximum length carries; nothing is dropped or overwritten.
+//! is false) while its outstanding operations (stores waiting or handed out, streamed data sets
+//! waiting for their writes) reach the negotiated window, while [`STREAM_WINDOW`] bytes of
+//! streamed data are on their way to disk, or while a release is pending. A PDU is always
+//! handled whole: every message it completes is queued, so a P-DATA-TF holding many C-STOREs
+//! can exceed the window by at most what one PDU of the negotiated maximum length carries;
+//! nothing is dropped or overwritten.
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::command::{self, response_to, status, CommandSet};
-use super::{handle, message, Action, Assembler, StoreRequest};
+use super::scan::{self, ScanError, Scanned, Scanner};
+use super::{handle, message, Action, Assembled, Assembler, StoreHeader, StoreRequest};
 use crate::assoc::{
     negotiate, AcceptorPolicy, Association, Event, Negotiated, Outcome, Received, State, Timeouts,
 };
+use crate::assoc::{DatasetEncoding, TransferSyntax};
 use crate::ul::{self, reject_reason, AbortReason, AssociateRj, Pdu, RejectResult, RejectSource};
 
 /// What the service needs from configuration; shared by every association of a node.
@@ -49,6 +63,47 @@ pub struct ServiceConfig {
     pub max_pdu_length: u32,
     /// Largest A-ASSOCIATE-RQ accepted.
     pub max_associate_length: u32,
+    /// A C-STORE data set that grows past this many bytes is streamed to storage as it arrives
+    /// ([`Work::Write`]) instead of being held whole; `usize::MAX`: never.
+    pub stream_above: usize,
+}
+
+/// Bytes of a streamed data set gathered into one [`Work::Write`].
+pub const STREAM_CHUNK: usize = 256 << 10;
+/// Bytes of streamed data sets an association may have on their way to disk (handed out or
+/// waiting) before it stops taking input.
+pub const STREAM_WINDOW: usize = 4 * STREAM_CHUNK;
+
+/// Work for the host, from [`Service::poll_work`]. For one token, every `Write` comes before
+/// its `Store` or `Discard`.
+#[derive(Debug)]
+pub enum Work {
+    /// Store this instance; answer with [`Service::handle_store_done`].
+    Store(StoreSubmission),
+    /// Write these bytes of a streamed data set; answer with [`Service::handle_written`].
+    Write(Chunk),
+    /// The streamed data set of `token` will not be stored: forget what was written of it. No
+    /// answer.
+    Discard { token: u64 },
+}
+
+/// Bytes of a data set streamed to storage.
+#[derive(Debug)]
+pub struct Chunk {
+    pub token: u64,
+    /// Where `bytes` go in the data set.
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+    /// With the first chunk of a data set (offset 0): what its file's meta information needs.
+    pub begin: Option<Box<StreamBegin>>,
+}
+
+/// What a streamed data set's file is made with before its data set is known.
+#[derive(Debug, Clone)]
+pub struct StreamBegin {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub transfer_syntax: &'static TransferSyntax,
 }
 
 /// A C-STORE handed to the host for storage.
@@ -57,6 +112,9 @@ pub struct StoreSubmission {
     /// Pass back to [`Service::handle_store_done`].
     pub token: u64,
     pub request: Box<StoreRequest>,
+    /// For a data set streamed to storage (its `Write`s all done, `request.data_set` empty):
+    /// its length.
+    pub streamed: Option<u64>,
 }
 
 /// Storage's answer to one [`StoreSubmission`].
@@ -110,6 +168,47 @@ struct InFlight {
     bytes: usize,
 }
 
+/// How a streamed data set is scanned as it arrives.
+#[derive(Debug)]
+enum StreamScan {
+    Plain(Scanner<Vec<u32>>),
+    /// Deflated: scanned once, on what the stream's first bytes inflate to.
+    Deflated(Result<Scanned, ScanError>),
+}
+
+/// What becomes of a streamed data set.
+#[derive(Debug)]
+enum Sink {
+    /// Written to storage in chunks, stored when complete and valid.
+    Store {
+        header: Box<StoreHeader>,
+        scan: StreamScan,
+        /// Bytes gathered for the next chunk.
+        buf: Vec<u8>,
+    },
+    /// Read and dropped; at its end, this response goes.
+    Refuse(CommandSet),
+    /// Not a C-STORE: read and dropped, then the command is handled as if its data set were
+    /// empty (its answer never depends on it).
+    Other(CommandSet),
+}
+
+/// A data set being streamed, or streamed and waiting for its last writes.
+#[derive(Debug)]
+struct Stream {
+    token: u64,
+    pc: u8,
+    sink: Sink,
+    /// Bytes handed out as chunks so far.
+    offset: u64,
+    /// Chunk bytes not yet written (waiting or handed out).
+    unwritten: usize,
+    /// The whole data set arrived.
+    received: bool,
+    /// Complete and valid: queued as a store once `unwritten` is zero.
+    ready: Option<Box<StoreRequest>>,
+}
+
 /// The acceptor side of one association: see the module doc for the polling order.
 #[derive(Debug)]
 pub struct Service {
@@ -117,15 +216,22 @@ pub struct Service {
     negotiated: Option<Negotiated>,
     holds_slot: bool,
     assembler: Assembler,
-    /// Decided stores not yet handed out, oldest first.
-    waiting: VecDeque<StoreSubmission>,
+    /// Work not yet handed out, oldest first.
+    waiting: VecDeque<Work>,
+    /// How many of `waiting` are stores.
+    waiting_stores: usize,
+    /// Streamed data sets not yet stored or forgotten; at most one is being received.
+    streams: Vec<Stream>,
+    // Invariant: the sum of `unwritten` over `streams` (also counted in `held`).
+    stream_bytes: usize,
     /// Handed out, not yet done; answered in completion order (PS3.7 D.3.3.3 lets responses
     /// come in any order within the window).
     in_flight: Vec<InFlight>,
     // Invariant: true only in Sta8 with outstanding stores; cleared when the A-RELEASE-RP goes.
     release_pending: bool,
     next_token: u64,
-    // Invariant: the sum of the data set sizes in `waiting` and `in_flight`.
+    // Invariant: the sum of the data set sizes of the stores in `waiting` and `in_flight`, plus
+    // `stream_bytes`.
     held: usize,
     stats: ServiceStats,
     outcome: Option<String>,
@@ -141,6 +247,9 @@ impl Service {
             holds_slot: false,
             assembler: Assembler::new(cfg.max_message_bytes),
             waiting: VecDeque::new(),
+            waiting_stores: 0,
+            streams: Vec::new(),
+            stream_bytes: 0,
             in_flight: Vec::new(),
             release_pending: false,
             next_token: 0,
@@ -215,9 +324,16 @@ impl Service {
                     let Some(neg) = self.negotiated.as_ref() else {
                         break;
                     };
-                    match self.assembler.push(pdv, |id| neg.context(id).is_some()) {
-                        Ok(Some(msg)) => self.on_message(now, msg, cfg),
-                        Ok(None) => {}
+                    match self.assembler.push_pdv(pdv, |id| neg.context(id).is_some()) {
+                        Ok(Assembled::Message(msg)) => self.on_message(now, msg, cfg),
+                        Ok(Assembled::Pending) => {
+                            if self.assembler.buffered() > cfg.stream_above {
+                                self.begin_stream(cfg);
+                            }
+                        }
+                        Ok(Assembled::Streamed { data, last }) => {
+                            self.stream_data(now, data, last, cfg)
+                        }
                         Err(e) => {
                             self.outcome = Some(format!("aborted: {e}"));
                             self.assoc
@@ -303,8 +419,248 @@ impl Service {
                 let token = self.next_token;
                 self.next_token += 1;
                 self.held += request.data_set.len();
-                self.waiting.push_back(StoreSubmission { token, request });
+                self.queue_store(StoreSubmission {
+                    token,
+                    request,
+                    streamed: None,
+                });
             }
+        }
+    }
+
+    fn queue_store(&mut self, s: StoreSubmission) {
+        self.waiting_stores += 1;
+        self.waiting.push_back(Work::Store(s));
+    }
+
+    /// The data set in progress passed `stream_above`: from here on it goes to storage in
+    /// chunks as it arrives (a C-STORE that passes the command checks), or is read and dropped.
+    fn begin_stream(&mut self, cfg: &ServiceConfig) {
+        let Some((pc, command, first)) = self.assembler.begin_stream() else {
+            return;
+        };
+        let token = self.next_token;
+        self.next_token += 1;
+        let ctx = self.negotiated.as_ref().and_then(|n| n.context(pc));
+        let sink = match ctx {
+            Some(ctx) if command.command_field == command::command_field::C_STORE_RQ => {
+                match super::store_header(pc, command, ctx) {
+                    Ok(header) => {
+                        let enc = header.transfer_syntax.encoding;
+                        let scan = if enc == DatasetEncoding::DeflatedExplicitVrLittleEndian {
+                            StreamScan::Deflated(scan::scan_deflated(
+                                &first,
+                                &cfg.wanted_tags,
+                                false,
+                            ))
+                        } else {
+                            StreamScan::Plain(Scanner::new(enc, cfg.wanted_tags.clone()))
+                        };
+                        Sink::Store {
+                            header: Box::new(header),
+                            scan,
+                            buf: Vec::with_capacity(STREAM_CHUNK),
+                        }
+                    }
+                    Err(refusal) => Sink::Refuse(refusal),
+                }
+            }
+            _ => Sink::Other(command),
+        };
+        self.streams.push(Stream {
+            token,
+            pc,
+            sink,
+            offset: 0,
+            unwritten: 0,
+            received: false,
+            ready: None,
+        });
+        self.add_stream_bytes(&first, false);
+    }
+
+    /// The next bytes of the data set being streamed.
+    fn stream_data(&mut self, now: Instant, data: &[u8], last: bool, cfg: &ServiceConfig) {
+        self.add_stream_bytes(data, last);
+        if last {
+            self.end_stream(now, cfg);
+        }
+    }
+
+    /// Scans and gathers `data` into the receiving stream's chunk; hands the chunk out when it
+    /// is full or the data set ends.
+    fn add_stream_bytes(&mut self, data: &[u8], last: bool) {
+        let Some(i) = self.streams.iter().rposition(|s| !s.received) else {
+            return;
+        };
+        let st = &mut self.streams[i];
+        let Sink::Store { header, scan, buf } = &mut st.sink else {
+            return;
+        };
+        if let StreamScan::Plain(s) = scan {
+            if let Err(e) = s.feed(data) {
+                // Not understood: nothing more is written; answered at the end.
+                let refusal = response_to(
+                    &header.command,
+                    status::CANNOT_UNDERSTAND,
+                    Some(&e.to_string()),
+                );
+                st.sink = Sink::Refuse(refusal);
+                self.discard(i);
+                return;
+            }
+        }
+        // Chunks of about STREAM_CHUNK, without copying twice when a piece is that big.
+        let mut data = data;
+        while !data.is_empty() || last && !buf.is_empty() {
+            let room = STREAM_CHUNK.saturating_sub(buf.len());
+            let take = data.len().min(room);
+            buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if buf.len() < STREAM_CHUNK && !(last && data.is_empty()) {
+                break;
+            }
+            let bytes = std::mem::replace(buf, Vec::with_capacity(STREAM_CHUNK.min(data.len())));
+            let begin = (st.offset == 0).then(|| {
+                Box::new(StreamBegin {
+                    sop_class_uid: header.sop_class_uid.clone(),
+                    sop_instance_uid: header.sop_instance_uid.clone(),
+                    transfer_syntax: header.transfer_syntax,
+                })
+            });
+            let n = bytes.len();
+            self.waiting.push_back(Work::Write(Chunk {
+                token: st.token,
+                offset: st.offset,
+                bytes,
+                begin,
+            }));
+            st.offset += n as u64;
+            st.unwritten += n;
+            self.stream_bytes += n;
+            self.held += n;
+            if data.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// The streamed data set is complete: decide, and answer now unless it waits for its writes.
+    fn end_stream(&mut self, now: Instant, cfg: &ServiceConfig) {
+        let Some(i) = self.streams.iter().rposition(|s| !s.received) else {
+            return;
+        };
+        self.streams[i].received = true;
+        let pc = self.streams[i].pc;
+        let sink = std::mem::replace(
+            &mut self.streams[i].sink,
+            Sink::Refuse(CommandSet::default()),
+        );
+        match sink {
+            Sink::Store { header, scan, .. } => {
+                let scanned = match scan {
+                    StreamScan::Plain(s) => s.finish(),
+                    StreamScan::Deflated(r) => r,
+                };
+                let decided = match scanned {
+                    Ok(scanned) => super::store_request(*header, scanned, Vec::new()),
+                    Err(e) => Err(response_to(
+                        &header.command,
+                        status::CANNOT_UNDERSTAND,
+                        Some(&e.to_string()),
+                    )),
+                };
+                match decided {
+                    Ok(request) => {
+                        self.streams[i].ready = Some(request);
+                        self.stream_progress(i);
+                    }
+                    Err(refusal) => {
+                        self.discard(i);
+                        self.refused(&refusal);
+                        self.send_response(pc, &refusal);
+                        self.forget_if_done(i);
+                    }
+                }
+            }
+            Sink::Refuse(refusal) => {
+                self.refused(&refusal);
+                self.send_response(pc, &refusal);
+                self.forget_if_done(i);
+            }
+            Sink::Other(command) => {
+                self.forget_if_done(i);
+                let msg = message::Message {
+                    presentation_context_id: pc,
+                    command,
+                    data_set: Some(Vec::new()),
+                };
+                self.on_message(now, msg, cfg);
+            }
+        }
+    }
+
+    /// Stops writing stream `i`: its chunks not yet handed out are dropped, and the host is
+    /// told to forget the rest.
+    fn discard(&mut self, i: usize) {
+        let token = self.streams[i].token;
+        let mut dropped = 0;
+        self.waiting.retain(|w| match w {
+            Work::Write(c) if c.token == token => {
+                dropped += c.bytes.len();
+                false
+            }
+            _ => true,
+        });
+        let st = &mut self.streams[i];
+        st.unwritten -= dropped;
+        self.stream_bytes -= dropped;
+        self.held -= dropped;
+        if st.offset > 0 {
+            self.waiting.push_back(Work::Discard { token });
+        }
+    }
+
+    /// A complete, valid stream whose writes are all done becomes a store.
+    fn stream_progress(&mut self, i: usize) {
+        let st = &mut self.streams[i];
+        if st.unwritten > 0 || st.ready.is_none() {
+            return;
+        }
+        let (token, streamed) = (st.token, st.offset);
+        if let Some(request) = st.ready.take() {
+            self.streams.swap_remove(i);
+            self.queue_store(StoreSubmission {
+                token,
+                request,
+                streamed: Some(streamed),
+            });
+        }
+    }
+
+    /// Forgets stream `i` once it is complete, not to be stored, and nothing of it is on its
+    /// way to disk.
+    fn forget_if_done(&mut self, i: usize) {
+        let st = &self.streams[i];
+        if st.received && st.ready.is_none() && st.unwritten == 0 {
+            self.streams.swap_remove(i);
+        }
+    }
+
+    /// Storage wrote `bytes` of the streamed data set `token` (or failed to: storage reports
+    /// that when the store is asked for). An unknown token is ignored.
+    pub fn handle_written(&mut self, _now: Instant, token: u64, bytes: usize) {
+        let Some(i) = self.streams.iter().position(|s| s.token == token) else {
+            return;
+        };
+        let n = bytes.min(self.streams[i].unwritten);
+        self.streams[i].unwritten -= n;
+        self.stream_bytes -= n;
+        self.held -= n;
+        if self.streams[i].ready.is_some() {
+            self.stream_progress(i);
+        } else {
+            self.forget_if_done(i);
         }
     }
 
@@ -360,18 +716,22 @@ impl Service {
 
     // ---- outputs ----------------------------------------------------------------------
 
-    /// The next store to hand to storage. Call only while storage has room; a store taken here
-    /// is the host's until it calls [`Service::handle_store_done`] for its token.
-    pub fn poll_store(&mut self) -> Option<StoreSubmission> {
-        let s = self.waiting.pop_front()?;
-        self.in_flight.push(InFlight {
-            token: s.token,
-            pc: s.request.presentation_context_id,
-            request: s.request.command.clone(),
-            bytes: s.request.data_set.len(),
-        });
-        self.stats.submitted += 1;
-        Some(s)
+    /// The next work to hand to storage. Call only while storage has room; a store taken here
+    /// is the host's until it calls [`Service::handle_store_done`] for its token, a write until
+    /// [`Service::handle_written`].
+    pub fn poll_work(&mut self) -> Option<Work> {
+        let w = self.waiting.pop_front()?;
+        if let Work::Store(s) = &w {
+            self.waiting_stores -= 1;
+            self.in_flight.push(InFlight {
+                token: s.token,
+                pc: s.request.presentation_context_id,
+                request: s.request.command.clone(),
+                bytes: s.request.data_set.len(),
+            });
+            self.stats.submitted += 1;
+        }
+        Some(w)
     }
 
     /// Bytes to send, in order; remove what was written with `drain(..n)`.
@@ -406,6 +766,17 @@ impl Service {
 
     /// Stores decided but not yet handed out.
     pub fn stores_waiting(&self) -> usize {
+        self.waiting_stores
+    }
+
+    /// Work handed out and not yet answered: stores, and streams with writes not yet done. The
+    /// host keeps the association's context until this is zero.
+    pub fn work_in_flight(&self) -> usize {
+        self.in_flight.len() + self.streams.iter().filter(|s| s.unwritten > 0).count()
+    }
+
+    /// Work waiting to be handed out (stores, writes, discards).
+    pub fn work_waiting(&self) -> usize {
         self.waiting.len()
     }
 
@@ -413,10 +784,22 @@ impl Service {
     /// stores waiting for or handed to storage until storage answers (the node-wide budget,
     /// `[limits] max_buffered_bytes`, counts these).
     pub fn held_bytes(&self) -> usize {
-        self.held + self.assembler.buffered()
+        self.held + self.assembler.buffered() + self.gathering()
     }
 
-    /// The part of [`Service::held_bytes`] held by stores (waiting for storage or in it).
+    /// Bytes gathered for the next chunk of the stream being received.
+    fn gathering(&self) -> usize {
+        self.streams
+            .iter()
+            .map(|s| match &s.sink {
+                Sink::Store { buf, .. } => buf.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// The part of [`Service::held_bytes`] that storage will free without more input: stores
+    /// and streamed chunks waiting for storage or in it.
     pub fn store_bytes(&self) -> usize {
         self.held
     }
@@ -473,11 +856,15 @@ impl Service {
             .negotiated
             .as_ref()
             .map_or(1, |n| usize::from(n.max_operations_performed.max(1)));
-        self.waiting.len() + self.in_flight.len() < window
+        self.outstanding() < window && self.stream_bytes + self.gathering() < STREAM_WINDOW
     }
 
+    /// Operations not yet answered: stores waiting or handed out, and streamed data sets that
+    /// wait for their last writes.
     fn outstanding(&self) -> usize {
-        self.waiting.len() + self.in_flight.len()
+        self.waiting_stores
+            + self.in_flight.len()
+            + self.streams.iter().filter(|s| s.ready.is_some()).count()
     }
 
     fn refused(&mut self, response: &CommandSet) {
@@ -538,11 +925,41 @@ impl Service {
             }
         }
         if self.assoc.wants_close() || matches!(self.assoc.state(), State::Sta1 | State::Sta13) {
-            // Nobody will read the answers: stores not yet handed out are dropped (they were
-            // never acknowledged); those handed out still complete and are accounted for.
+            // Nobody will read the answers: stores and writes not yet handed out are dropped
+            // (never acknowledged); those handed out still complete and are accounted for.
+            // Every stream is forgotten (the host is told), once its writes in flight are done.
+            let mut kept = VecDeque::new();
             for w in self.waiting.drain(..) {
-                self.held -= w.request.data_set.len();
+                match w {
+                    Work::Store(s) => self.held -= s.request.data_set.len(),
+                    Work::Write(c) => {
+                        if let Some(st) = self.streams.iter_mut().find(|s| s.token == c.token) {
+                            st.unwritten -= c.bytes.len();
+                        }
+                        self.stream_bytes -= c.bytes.len();
+                        self.held -= c.bytes.len();
+                    }
+                    d @ Work::Discard { .. } => kept.push_back(d),
+                }
             }
+            self.waiting = kept;
+            self.waiting_stores = 0;
+            for st in &mut self.streams {
+                let told = self
+                    .waiting
+                    .iter()
+                    .any(|w| matches!(w, Work::Discard { token } if *token == st.token));
+                if st.offset > 0
+                    && !told
+                    && (st.ready.is_some() || matches!(st.sink, Sink::Store { .. }))
+                {
+                    self.waiting.push_back(Work::Discard { token: st.token });
+                }
+                st.ready = None;
+                st.received = true;
+                st.sink = Sink::Refuse(CommandSet::default());
+            }
+            self.streams.retain(|s| s.unwritten > 0);
             self.release_pending = false;
         }
     }

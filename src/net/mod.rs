@@ -27,7 +27,7 @@ use crossbeam_queue::SegQueue;
 
 use crate::config::Config;
 use crate::pipeline::{self, Pipeline, Processor};
-use crate::storage::{Storage, StoreDone};
+use crate::storage::{Storage, StoreDone, Written};
 
 /// Counts associations against `max_associations` and `max_associations_per_calling_ae`. Taken
 /// once when an association is accepted and once when it ends, never per PDU; the per-AE map is
@@ -110,6 +110,8 @@ pub struct Shared {
 pub struct Mailbox {
     pub new_connections: SegQueue<(TcpStream, SocketAddr)>,
     pub completions: SegQueue<StoreDone>,
+    /// Writes of streamed data sets done.
+    pub written: SegQueue<Written>,
     /// Set when a wake is already pending, so a burst of completions costs one wake-up.
     pub wake_pending: crate::wakeflag::WakeFlag,
     pub waker: mio::Waker,
@@ -208,6 +210,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         boxes.push(Mailbox {
             new_connections: SegQueue::new(),
             completions: SegQueue::new(),
+            written: SegQueue::new(),
             wake_pending: crate::wakeflag::WakeFlag::new(),
             waker,
             live: AtomicUsize::new(0),
@@ -219,6 +222,13 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     let done = Arc::new(move |d: StoreDone| {
         if let Some(m) = mb.get(d.reply.reactor) {
             m.completions.push(d);
+            m.wake();
+        }
+    });
+    let mb = mailboxes.clone();
+    let written = Arc::new(move |w: Written| {
+        if let Some(m) = mb.get(w.reply.reactor) {
+            m.written.push(w);
             m.wake();
         }
     });
@@ -236,6 +246,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         config.node.data_dir.clone(),
         &config.storage,
         done,
+        written,
         space,
         pipeline_shutdown.clone(),
     )?;
@@ -254,7 +265,10 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         pipeline_shutdown.clone(),
     )?;
     threads.extend(pipeline_threads);
-    let service = config.service_config(pipeline.wanted_tags.clone());
+    let mut service = config.service_config(pipeline.wanted_tags.clone());
+    if !storage.streams() {
+        service.stream_above = usize::MAX;
+    }
     let shared = Arc::new(Shared {
         pipeline,
         next_association: AtomicU64::new(0),

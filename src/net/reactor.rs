@@ -9,11 +9,14 @@
 //! then holds at most one read buffer of bytes beyond what its service took.
 //!
 //! Nothing here polls. Timers live in one heap (an entry per connection's earliest deadline;
-//! entries made stale by later activity are skipped when they come up). A store that finds
-//! storage's queue full waits in its connection's one `blocked` slot, and the connection asks
-//! storage to wake this reactor when a worker makes room (`Storage::submit_or_notify`); the
-//! service queues every further store meanwhile, and no store is taken from it while the slot
-//! is full, so nothing is overwritten. The pipeline's queue works the same way
+//! entries made stale by later activity are skipped when they come up). Work (a store, or a
+//! write of a streamed data set) that finds storage's queue full waits in its connection's one
+//! `blocked` slot, and the connection asks storage to wake this reactor when a worker makes room
+//! (`Storage::submit_or_notify`); the service queues all further work meanwhile, and none is
+//! taken from it while the slot is full, so nothing is overwritten. A streamed data set's file
+//! (`storage::StreamFile`) is made on its first chunk and kept by token until its store takes
+//! it or the service discards it (then a worker frees it, never this thread unless storage's
+//! queue is full at that moment). The pipeline's queue works the same way
 //! (`Pipeline::push_or_notify`).
 //!
 //! Responses: completions at hand are all handed to their services first, then each touched
@@ -39,11 +42,12 @@ use mio::{Events, Interest, Poll, Token};
 use super::{Mailbox, Shared};
 use crate::config::Unmatched;
 use crate::dimse::command::status;
-use crate::dimse::service::{Service, ServiceEvent, StoreOutcome, StoreSubmission};
+use crate::dimse::service::{Chunk, Service, ServiceEvent, StoreOutcome, StoreSubmission, Work};
 use crate::dimse::tags;
 use crate::pipeline::{Arrival, Event as PipelineEvent};
-use crate::storage::{FileMeta, ReplyTo, StoreJob};
+use crate::storage::{FileMeta, Job, ReplyTo, StoreJob, StreamFile, WriteJob};
 use crate::ul;
+use std::sync::Arc;
 
 pub const WAKER: Token = Token(usize::MAX);
 
@@ -66,8 +70,10 @@ struct Conn {
     peer: SocketAddr,
     generation: u64,
     svc: Service,
-    /// A store storage's queue had no room for; no other is taken from `svc` while it is here.
-    blocked: Option<StoreJob>,
+    /// Work storage's queue had no room for; no other is taken from `svc` while it is here.
+    blocked: Option<Job>,
+    /// The files of data sets being streamed to storage, by token.
+    streams: Vec<(u64, Arc<StreamFile>)>,
     /// The deadline this connection has in the timer heap, if any.
     armed: Option<Instant>,
     /// On the reactor's list of connections to write after a batch of completions.
@@ -148,7 +154,11 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
             }
             r.drive(ev.token().0, Instant::now());
         }
-        if woke || !r.mailbox.completions.is_empty() || !r.mailbox.new_connections.is_empty() {
+        if woke
+            || !r.mailbox.completions.is_empty()
+            || !r.mailbox.written.is_empty()
+            || !r.mailbox.new_connections.is_empty()
+        {
             r.mailbox.begin_drain();
             r.take_new_connections();
             r.take_completions();
@@ -198,6 +208,7 @@ impl Reactor<'_> {
                 generation: self.generation,
                 svc: Service::new(now, &self.shared.service),
                 blocked: None,
+                streams: Vec::new(),
                 armed: None,
                 touched: false,
                 listed_blocked: false,
@@ -221,6 +232,22 @@ impl Reactor<'_> {
     fn take_completions(&mut self) {
         let mut touched: Vec<usize> = Vec::new();
         let now = Instant::now();
+        while let Some(w) = self.mailbox.written.pop() {
+            let idx = w.reply.connection;
+            let Some(c) = self
+                .conns
+                .get_mut(idx)
+                .and_then(Option::as_mut)
+                .filter(|c| c.generation == w.reply.generation)
+            else {
+                continue;
+            };
+            c.svc.handle_written(now, w.token, w.bytes);
+            if !c.touched {
+                c.touched = true;
+                touched.push(idx);
+            }
+        }
         while let Some(done) = self.mailbox.completions.pop() {
             let idx = done.reply.connection;
             let Some(c) = self
@@ -527,24 +554,28 @@ impl Reactor<'_> {
         if c.svc.state() != crate::assoc::State::Sta1 {
             c.svc.handle_transport_closed(Instant::now());
         }
-        if let Some(job) = c.blocked.take() {
-            // Never queued, never acknowledged: the peer is gone, so it is not stored.
-            c.arrivals.retain(|(t, _)| *t != job.token);
-            c.svc.handle_store_done(
-                Instant::now(),
-                job.token,
-                StoreOutcome::Failed {
-                    status: status::OUT_OF_RESOURCES,
-                    comment: "connection closed before storage had room".into(),
-                },
-            );
+        match c.blocked.take() {
+            Some(Job::Store(job)) => {
+                // Never queued, never acknowledged: the peer is gone, so it is not stored.
+                c.arrivals.retain(|(t, _)| *t != job.token);
+                c.svc.handle_store_done(
+                    Instant::now(),
+                    job.token,
+                    StoreOutcome::Failed {
+                        status: status::OUT_OF_RESOURCES,
+                        comment: "connection closed before storage had room".into(),
+                    },
+                );
+            }
+            Some(Job::Write(w)) => c.svc.handle_written(Instant::now(), w.token, w.bytes.len()),
+            Some(Job::Discard(_)) | None => {}
         }
         if c.svc.holds_slot() {
             if let Some(n) = c.svc.negotiated() {
                 self.shared.associations.release(&n.calling_ae);
             }
         }
-        if c.svc.stores_in_flight() == 0 {
+        if c.svc.work_in_flight() == 0 {
             // Logged before the socket closes, so a peer that sees the close finds the line.
             log_association(c);
             c.logged = true;
@@ -558,7 +589,7 @@ impl Reactor<'_> {
             .conns
             .get(idx)
             .and_then(Option::as_ref)
-            .is_some_and(|c| c.io.is_none() && c.svc.stores_in_flight() == 0);
+            .is_some_and(|c| c.io.is_none() && c.svc.work_in_flight() == 0);
         if done {
             self.remove(idx);
         }
@@ -572,6 +603,10 @@ impl Reactor<'_> {
         };
         if !c.logged {
             log_association(&c);
+        }
+        for (_, f) in c.streams {
+            // Freed by a worker; only when storage's queue is full, here.
+            let _ = self.shared.storage.try_submit(Job::Discard(f));
         }
         let budget = &self.shared.budget;
         let freed = budget.adjust(c.accounted, (0, 0))
@@ -588,7 +623,7 @@ impl Reactor<'_> {
     }
 }
 
-/// Hands the service's stores to storage while it has room. When one finds no room it waits in
+/// Hands the service's work to storage while it has room. When one finds no room it waits in
 /// the connection's `blocked` slot, and storage will wake this reactor when it makes room.
 /// Returns how many stores were answered at once (refused) instead.
 fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) -> usize {
@@ -599,10 +634,32 @@ fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) -> u
             return answered;
         }
     }
-    while let Some(sub) = c.svc.poll_store() {
-        let Some(job) = store_job(c, shared, sub, reactor, idx) else {
-            answered += 1;
-            continue;
+    let reply = ReplyTo {
+        reactor,
+        connection: idx,
+        generation: c.generation,
+    };
+    while let Some(work) = c.svc.poll_work() {
+        let job = match work {
+            Work::Store(sub) => match store_job(c, shared, sub, reply) {
+                Some(job) => Job::Store(job),
+                None => {
+                    answered += 1;
+                    continue;
+                }
+            },
+            Work::Write(chunk) => match write_job(c, shared, chunk, reply) {
+                Some(job) => job,
+                None => continue,
+            },
+            Work::Discard { token } => {
+                if let Some(i) = c.streams.iter().position(|(t, _)| *t == token) {
+                    let (_, f) = c.streams.swap_remove(i);
+                    // Best effort: a full queue means the file is freed here instead.
+                    let _ = shared.storage.try_submit(Job::Discard(f));
+                }
+                continue;
+            }
         };
         let job = match shared.storage.try_submit(job) {
             Ok(()) => continue,
@@ -616,21 +673,81 @@ fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) -> u
     answered
 }
 
+/// The storage job for a chunk of a streamed data set; the first chunk makes its file. `None`
+/// (the chunk counted as written) when there is no file for it: its store then fails.
+fn write_job(c: &mut Conn, shared: &Shared, chunk: Chunk, reply: ReplyTo) -> Option<Job> {
+    let Chunk {
+        token,
+        offset,
+        bytes,
+        begin,
+    } = chunk;
+    if let Some(b) = begin {
+        let meta = FileMeta {
+            sop_class_uid: b.sop_class_uid,
+            sop_instance_uid: b.sop_instance_uid,
+            transfer_syntax_uid: b.transfer_syntax.uid.to_string(),
+            source_ae_title: c
+                .svc
+                .negotiated()
+                .map(|n| n.calling_ae.clone())
+                .unwrap_or_default(),
+        };
+        if let Some(f) = shared.storage.stream(&meta) {
+            c.streams.push((token, f));
+        }
+    }
+    let Some(file) = c
+        .streams
+        .iter()
+        .find(|(t, _)| *t == token)
+        .map(|(_, f)| f.clone())
+    else {
+        c.svc.handle_written(Instant::now(), token, bytes.len());
+        return None;
+    };
+    Some(Job::Write(WriteJob {
+        reply,
+        token,
+        file,
+        offset,
+        bytes,
+    }))
+}
+
 /// The storage job for a store the service handed out, or `None` when the node refuses it (no
 /// input accepts it and `[patients] unmatched = "refuse"`; already answered 0x0124).
 fn store_job(
     c: &mut Conn,
     shared: &Shared,
     sub: StoreSubmission,
-    reactor: usize,
-    connection: usize,
+    reply: ReplyTo,
 ) -> Option<StoreJob> {
     let StoreSubmission {
         token,
         request: req,
+        streamed,
     } = sub;
+    let file = streamed.and_then(|_| {
+        let i = c.streams.iter().position(|(t, _)| *t == token)?;
+        Some(c.streams.swap_remove(i).1)
+    });
+    if streamed.is_some() && file.is_none() {
+        c.svc.handle_store_done(
+            Instant::now(),
+            token,
+            StoreOutcome::Failed {
+                status: status::OUT_OF_RESOURCES,
+                comment: "streamed data set has no file".into(),
+            },
+        );
+        return None;
+    }
     let (key, record) = shared.pipeline.describe(&req.routing);
     if record.inputs == 0 && shared.config.patients.unmatched == Unmatched::Refuse {
+        if let Some(f) = file {
+            let _ = shared.storage.try_submit(Job::Discard(f));
+        }
         // Logged as the service's `Refused` event, with the SOP Instance UID.
         c.svc.handle_store_done(
             Instant::now(),
@@ -665,11 +782,7 @@ fn store_job(
         }),
     ));
     Some(StoreJob {
-        reply: ReplyTo {
-            reactor,
-            connection,
-            generation: c.generation,
-        },
+        reply,
         token,
         meta: FileMeta {
             sop_class_uid: req.sop_class_uid,
@@ -685,6 +798,7 @@ fn store_job(
         study_uid,
         series_uid,
         data_set: req.data_set,
+        streamed: file,
     })
 }
 

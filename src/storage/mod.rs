@@ -3,7 +3,8 @@
 //! Owns: the data directory layout, the segment log ([`log`]: small instances, one append and
 //! one shared flush per group-commit round), the Part-10 writer, group commit and the start-up
 //! recovery scan. Instances above `inline_max_bytes` are written to an anonymous file (O_TMPFILE; a temporary name where the file
-//! system has none) in its series directory, flushed, linked under its final name (the same SOP
+//! system has none) in its series directory — or, for a data set streamed as it arrived
+//! ([`StreamFile`], [`Job::Write`]), in `incoming/` — flushed, linked under its final name (the same SOP
 //! Instance UID received again replaces the stored copy atomically), and the directory is
 //! flushed; only then is the store reported done, and only then does the reactor send the
 //! C-STORE success. Workers take every job queued while they were flushing and make the whole
@@ -56,6 +57,113 @@ pub struct StoreJob {
     pub study_uid: Option<String>,
     pub series_uid: Option<String>,
     pub data_set: Vec<u8>,
+    /// A data set already written to its (anonymous) file as it arrived; `data_set` is then
+    /// empty.
+    pub streamed: Option<Arc<StreamFile>>,
+}
+
+/// Work for the storage workers.
+#[derive(Debug)]
+pub enum Job {
+    Store(StoreJob),
+    /// Write bytes of a streamed data set; reported through the `written` callback.
+    Write(WriteJob),
+    /// A streamed data set that will not be stored: its file goes when the last holder drops it
+    /// (a worker, so that freeing a large file never runs on a reactor).
+    Discard(Arc<StreamFile>),
+}
+
+impl From<StoreJob> for Job {
+    fn from(j: StoreJob) -> Job {
+        Job::Store(j)
+    }
+}
+
+/// Bytes of a streamed data set, to be written at `offset` of its data set.
+#[derive(Debug)]
+pub struct WriteJob {
+    pub reply: ReplyTo,
+    pub token: u64,
+    pub file: Arc<StreamFile>,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A write of a streamed data set was done (or failed: the failure is reported when the store
+/// is asked for).
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    pub reply: ReplyTo,
+    pub token: u64,
+    pub bytes: usize,
+}
+
+/// The file of a data set streamed to storage as its PDVs arrive (PS3.10 file: the meta
+/// information header, then the data set). Born anonymous (O_TMPFILE) in the data directory's
+/// `incoming/`, opened by the first write, written at explicit offsets by whichever worker takes
+/// a write, and given its name by the store once the data set is complete and scanned: a crash
+/// or a discarded stream leaves nothing behind.
+pub struct StreamFile {
+    dir: Arc<Path>,
+    header: Vec<u8>,
+    state: std::sync::Mutex<StreamState>,
+}
+
+enum StreamState {
+    Unopened,
+    Open(File),
+    Failed(String),
+    Taken,
+}
+
+impl std::fmt::Debug for StreamFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamFile")
+            .field("header_len", &self.header.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamFile {
+    /// Writes `bytes` at `offset` of the data set; the first failure is kept and every later
+    /// write skipped.
+    fn write_at(&self, offset: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        if let StreamState::Unopened = *state {
+            *state = match open_anonymous(&self.dir).and_then(|f| {
+                f.write_all_at(&self.header, 0)?;
+                Ok(f)
+            }) {
+                Ok(f) => StreamState::Open(f),
+                Err(e) => StreamState::Failed(format!("create failed: {e}")),
+            };
+        }
+        if let StreamState::Open(f) = &*state {
+            if let Err(e) = f.write_all_at(bytes, self.header.len() as u64 + offset) {
+                *state = StreamState::Failed(format!("write failed: {e}"));
+            }
+        }
+    }
+
+    /// The written file, once: for the store that names it.
+    fn take(&self) -> Result<File, String> {
+        let Ok(mut state) = self.state.lock() else {
+            return Err("stream state poisoned".into());
+        };
+        match std::mem::replace(&mut *state, StreamState::Taken) {
+            StreamState::Open(f) => Ok(f),
+            StreamState::Failed(e) => Err(e),
+            StreamState::Unopened => Err("nothing was written".into()),
+            StreamState::Taken => Err("stored twice".into()),
+        }
+    }
+
+    fn header_len(&self) -> u64 {
+        self.header.len() as u64
+    }
 }
 
 /// The result of one store.
@@ -114,11 +222,14 @@ pub fn instance_path(root: &Path, job: &StoreJob) -> Option<PathBuf> {
 pub struct Storage {
     queue: Arc<JobQueue>,
     log: Arc<log::Log>,
+    /// Where streamed data sets are born; `None` when this file system has no anonymous files
+    /// (data sets are then held whole until stored).
+    incoming: Option<Arc<Path>>,
 }
 
 /// The bounded job queue the reactors fill and the workers drain.
 struct JobQueue {
-    jobs: ArrayQueue<StoreJob>,
+    jobs: ArrayQueue<Job>,
     bell: Doorbell,
     /// Bit `r % 64` set: reactor `r` found the queue full and waits to be told of room.
     space_wanted: AtomicU64,
@@ -159,6 +270,7 @@ impl Storage {
         data_dir: PathBuf,
         config: &crate::config::StorageConfig,
         done: Arc<dyn Fn(StoreDone) + Send + Sync>,
+        written: Arc<dyn Fn(Written) + Send + Sync>,
         space: Arc<dyn Fn(u64) + Send + Sync>,
         stop: Arc<AtomicBool>,
     ) -> io::Result<(Storage, Vec<std::thread::JoinHandle<()>>)> {
@@ -185,8 +297,14 @@ impl Storage {
         }
         let anonymous = anonymous_files_work(&data_dir.join("patients"));
         if !anonymous {
-            tracing::info!("O_TMPFILE + linkat unavailable here: writing named temporary files");
+            tracing::info!(
+                "O_TMPFILE + linkat unavailable here: writing named temporary files, and holding \
+                 each data set whole until it is stored (no streaming)"
+            );
         }
+        let incoming = data_dir.join("incoming");
+        fs::create_dir_all(&incoming)?;
+        let incoming: Option<Arc<Path>> = anonymous.then(|| Arc::from(incoming.as_path()));
         let queue = Arc::new(JobQueue {
             jobs: ArrayQueue::new(queue_depth.max(1)),
             bell: Doorbell::new(),
@@ -217,6 +335,7 @@ impl Storage {
                 durability,
                 anonymous,
                 done: done.clone(),
+                written: written.clone(),
                 seq: seq.clone(),
                 stop: stop.clone(),
                 flush_jobs: flush_jobs.clone(),
@@ -230,7 +349,30 @@ impl Storage {
             );
         }
         drop(flush_jobs); // the flush threads end when the last worker does
-        Ok((Storage { queue, log }, handles))
+        Ok((
+            Storage {
+                queue,
+                log,
+                incoming,
+            },
+            handles,
+        ))
+    }
+
+    /// A new streamed data set's file (nothing is created until its first write), or `None`
+    /// when data sets cannot be streamed here.
+    pub fn stream(&self, meta: &FileMeta) -> Option<Arc<StreamFile>> {
+        let dir = self.incoming.clone()?;
+        Some(Arc::new(StreamFile {
+            dir,
+            header: part10::header(meta),
+            state: std::sync::Mutex::new(StreamState::Unopened),
+        }))
+    }
+
+    /// Whether data sets can be streamed to their files ([`Storage::stream`]).
+    pub fn streams(&self) -> bool {
+        self.incoming.is_some()
     }
 
     /// The segment log, for the pipeline (claims, expiry, recovery) and operators.
@@ -241,8 +383,8 @@ impl Storage {
     /// Queues a job without blocking. A full queue hands the job back: the caller stops reading
     /// that peer until it can queue it (backpressure), it is never dropped.
     #[allow(clippy::result_large_err)] // the job comes back to be retried, not as an error value
-    pub fn try_submit(&self, job: StoreJob) -> Result<(), StoreJob> {
-        self.queue.jobs.push(job)?;
+    pub fn try_submit(&self, job: impl Into<Job>) -> Result<(), Job> {
+        self.queue.jobs.push(job.into())?;
         self.queue.bell.ring();
         Ok(())
     }
@@ -252,7 +394,7 @@ impl Storage {
     /// here needs no wake-up; one that comes back will get one, so the caller can sleep
     /// without polling.
     #[allow(clippy::result_large_err)] // as try_submit
-    pub fn submit_or_notify(&self, reactor: usize, job: StoreJob) -> Result<(), StoreJob> {
+    pub fn submit_or_notify(&self, reactor: usize, job: Job) -> Result<(), Job> {
         self.queue
             .space_wanted
             .fetch_or(1 << (reactor % 64), Ordering::SeqCst);
@@ -307,6 +449,7 @@ struct WorkerContext {
     durability: Durability,
     anonymous: bool,
     done: Arc<dyn Fn(StoreDone) + Send + Sync>,
+    written: Arc<dyn Fn(Written) + Send + Sync>,
     seq: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     flush_jobs: Option<crossbeam_channel::Sender<FlushJob>>,
@@ -321,6 +464,7 @@ fn worker(ctx: WorkerContext) {
         durability,
         anonymous,
         done,
+        written,
         seq,
         stop,
         flush_jobs,
@@ -347,7 +491,18 @@ fn worker(ctx: WorkerContext) {
         let before = batch.len();
         while batch.len() < MAX_BATCH {
             match rx.jobs.pop() {
-                Some(j) => batch.push(j),
+                Some(Job::Store(j)) => batch.push(j),
+                Some(Job::Write(w)) => {
+                    // Streamed bytes go to the page cache at once; the store's flush makes
+                    // them durable with the rest of its round.
+                    w.file.write_at(w.offset, &w.bytes);
+                    written(Written {
+                        reply: w.reply,
+                        token: w.token,
+                        bytes: w.bytes.len(),
+                    });
+                }
+                Some(Job::Discard(f)) => drop(f),
                 None => break,
             }
         }
@@ -371,7 +526,7 @@ fn worker(ctx: WorkerContext) {
         let mut small = Vec::new();
         let mut large = Vec::with_capacity(batch.len());
         for job in batch.drain(..) {
-            if inline_max == 0 || job.data_set.len() > inline_max {
+            if inline_max == 0 || job.data_set.len() > inline_max || job.streamed.is_some() {
                 large.push(job);
                 continue;
             }
@@ -762,7 +917,25 @@ fn write_temp(
     let n = seq.fetch_add(1, Ordering::Relaxed);
     p.tmp = series_dir.join(format!(".{}.{pid}.{n}.tmp", p.job.meta.sop_instance_uid));
     p.dest = dest;
+    let streamed = p.job.streamed.take();
     let r = (|| -> io::Result<(File, u64)> {
+        if let Some(sf) = &streamed {
+            // Written already: only its directories may be missing.
+            let f = sf.take().map_err(io::Error::other)?;
+            let len = f.metadata()?.len();
+            if !series_dir.is_dir() {
+                let new_patient = !patient_dir.is_dir();
+                ensure_dir(root, &patient_dir, dirty)?;
+                if new_patient || !patient_dir.join("patient-id").exists() {
+                    write_patient_index(&patient_dir, &p.job.patient_id, n, pid, dirty)?;
+                }
+                ensure_dir(root, &series_dir, dirty)?;
+            }
+            if len < sf.header_len() {
+                return Err(io::Error::other("streamed file shorter than its header"));
+            }
+            return Ok((f, len));
+        }
         let create = || {
             if files.anonymous {
                 open_anonymous(&series_dir)
@@ -859,6 +1032,7 @@ mod tests {
             study_uid: Some("1.2".into()),
             series_uid: Some("1.2.3".into()),
             data_set: vec![0x10, 0, 0x20, 0, b'L', b'O', 2, 0, b'A', b'B'],
+            streamed: None,
         }
     }
 

@@ -1232,6 +1232,7 @@ mod tests {
             study_uid: Some("1.2".into()),
             series_uid: Some("1.2.3".into()),
             data_set: vec![i as u8; 300 + i as usize],
+            streamed: None,
         };
         let meta = InstanceMeta {
             sop_instance_uid: job.meta.sop_instance_uid.clone(),
