@@ -6,7 +6,8 @@
 //!
 //! Matching: `match` maps a tag keyword to a pattern or a list of patterns. A pattern matches the
 //! element's whole text value (padding removed), exactly and case-sensitively, with `*` for any
-//! run of characters and `?` for one. A leading `!` negates. A list holds when any of its
+//! run of characters and `?` for one (bytes: one character in single-byte character sets); a
+//! `*` or `?` in the value is an ordinary character. A leading `!` negates. A list holds when any of its
 //! positive patterns matches (or it has none) and none of its negated ones does. A missing
 //! element matches no positive pattern and every negated one. `required_tags` must be present
 //! with a non-empty value. Only elements with text VRs can be matched (checked at start-up).
@@ -140,27 +141,43 @@ fn keyword_tag(keyword: &str) -> Result<(u32, bool), String> {
     Ok(((tag.0 as u32) << 16 | tag.1 as u32, text))
 }
 
+/// Whether `pat` matches all of `text`: `*` any run of bytes (none included), `?` one byte,
+/// anything else itself. `text` is peer bytes (an element value, bounded by the scan's
+/// `MAX_VALUE_LEN`); `pat` comes from the config.
+///
+/// Iterative, no recursion, O(len(pat) × len(text)) at worst: the classic greedy match that
+/// remembers only the last `*` seen. A `*` in the pattern is always a wildcard, tested before
+/// the literal comparison (comparing first took a `*` in the text for the pattern's `*` and
+/// lost the backtracking point: `A*B` did not match `A*XB`, issue 11). Going back to the last
+/// star alone is enough: whatever an earlier star would absorb, the last one can absorb too,
+/// since everything between them already matched.
 fn glob_match(pat: &[u8], text: &[u8]) -> bool {
-    // Iterative wildcard match with single-star backtracking: O(len(pat) * len(text)) worst
-    // case, no recursion (values are bounded by the scan's MAX_VALUE_LEN).
     let (mut p, mut t) = (0, 0);
+    // (pattern index just after the last `*`, text index that star's run ends at)
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
-        if p < pat.len() && (pat[p] == b'?' || pat[p] == text[t]) {
-            p += 1;
-            t += 1;
-        } else if p < pat.len() && pat[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if let Some((sp, st)) = star {
-            p = sp + 1;
-            t = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
+        match (pat.get(p), text.get(t)) {
+            (Some(b'*'), _) => {
+                p += 1;
+                star = Some((p, t));
+            }
+            (Some(&c), Some(&x)) if c == b'?' || c == x => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                // The last star absorbs one more byte; retry the rest of the pattern there.
+                Some((sp, st)) => {
+                    p = sp;
+                    t = st + 1;
+                    star = Some((sp, t));
+                }
+                None => return false,
+            },
         }
     }
-    pat[p..].iter().all(|&b| b == b'*')
+    pat.get(p..)
+        .is_some_and(|rest| rest.iter().all(|&b| b == b'*'))
 }
 
 impl Rules {
@@ -396,6 +413,114 @@ mod tests {
         assert!(!glob_match(b"*SCOUT*", b"a SCOU b"));
         assert!(glob_match(b"a*b*c", b"aXbYbZc"));
         assert!(!glob_match(b"a*b*c", b"aXbYbZ"));
+    }
+
+    /// Issue 11 (5): the literal branch was tried before `*`, so a `*` in the text was taken as
+    /// matching the pattern's `*` literally and the star's backtracking point was never set.
+    #[test]
+    fn glob_star_backtracks_past_a_literal_match() {
+        assert!(glob_match(b"A*B", b"A*XB"));
+        assert!(glob_match(b"*X", b"**X"));
+        assert!(glob_match(b"*SCOUT*", b"* SCOUT"));
+        assert!(glob_match(b"?*b", b"**b"));
+        assert!(!glob_match(b"A*B", b"A*X"));
+    }
+
+    /// Issue 11 (5): `!*SCOUT*` let a scout through when its description held a `*`.
+    #[test]
+    fn negated_scout_pattern_refuses_a_description_containing_a_star() {
+        let rules = Rules::compile(&[input(
+            r#"name = "ct"
+               match = { SeriesDescription = ["AX*", "!*SCOUT*"] }"#,
+        )])
+        .unwrap();
+        for description in ["AX SCOUT*2", "AX SCOUT**", "AX *SCOUT*1"] {
+            let v = scanned(&[(SERIES_DESCRIPTION, description)]);
+            assert_eq!(rules.accepting(&v), 0, "{description:?} was accepted");
+        }
+        // And the positive pattern still takes a description with a `*` after its prefix.
+        for description in ["AX 3mm", "AX* 3mm"] {
+            let v = scanned(&[(SERIES_DESCRIPTION, description)]);
+            assert_eq!(rules.accepting(&v), 1, "{description:?} was refused");
+        }
+    }
+
+    /// An independent oracle: the textbook dynamic programme over (pattern prefix, text prefix),
+    /// iterative, no backtracking at all. `m[i][j]`: `pat[..i]` matches `text[..j]`.
+    fn dp_match(pat: &[u8], text: &[u8]) -> bool {
+        let w = text.len() + 1;
+        let mut m = vec![false; (pat.len() + 1) * w];
+        m[0] = true;
+        for i in 1..=pat.len() {
+            for j in 0..=text.len() {
+                m[i * w + j] = match pat[i - 1] {
+                    b'*' => m[(i - 1) * w + j] || (j > 0 && m[i * w + j - 1]),
+                    c => j > 0 && (c == b'?' || c == text[j - 1]) && m[(i - 1) * w + j - 1],
+                };
+            }
+        }
+        m[pat.len() * w + text.len()]
+    }
+
+    /// Every string over `alphabet` up to `max_len` long.
+    fn all_strings(alphabet: &[u8], max_len: usize) -> Vec<Vec<u8>> {
+        let mut out = vec![Vec::new()];
+        let mut layer = vec![Vec::new()];
+        for _ in 0..max_len {
+            let mut next = Vec::new();
+            for s in &layer {
+                for &c in alphabet {
+                    let mut t: Vec<u8> = s.clone();
+                    t.push(c);
+                    next.push(t);
+                }
+            }
+            out.extend(next.iter().cloned());
+            layer = next;
+        }
+        out
+    }
+
+    /// Property: the matcher agrees with the oracle on every pattern and every text up to five
+    /// symbols over an alphabet holding both wildcards as text too (exhaustive, so no seed), and
+    /// on seeded random longer ones.
+    #[test]
+    fn glob_agrees_with_a_dynamic_programming_oracle() {
+        let alphabet = b"ab*?";
+        let strings = all_strings(alphabet, 5);
+        for pat in &strings {
+            for text in &strings {
+                assert_eq!(
+                    glob_match(pat, text),
+                    dp_match(pat, text),
+                    "pattern {:?} text {:?}",
+                    String::from_utf8_lossy(pat),
+                    String::from_utf8_lossy(text)
+                );
+            }
+        }
+        // xorshift64, fixed seed: longer inputs with several stars.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut gen = |len: u64| -> Vec<u8> {
+                let n = next() % len;
+                (0..n).map(|_| alphabet[(next() % 4) as usize]).collect()
+            };
+            let (pat, text) = (gen(12), gen(24));
+            assert_eq!(
+                glob_match(&pat, &text),
+                dp_match(&pat, &text),
+                "pattern {:?} text {:?}",
+                String::from_utf8_lossy(&pat),
+                String::from_utf8_lossy(&text)
+            );
+        }
     }
 
     #[test]
