@@ -181,8 +181,9 @@ pub struct PatientsConfig {
     /// Authorized) and stores nothing; `keep` stores it and sends it with the patient's batch
     /// (input folder `_unmatched`) without counting it towards any input.
     pub unmatched: Unmatched,
-    /// A patient that never became sufficient and got nothing new for this long is removed,
-    /// e.g. "14d", "12h", "90m", "30s". Dicomnode's default: 14 days.
+    /// A patient that never became sufficient, got nothing new for this long and has no open
+    /// association that sent it something is removed, e.g. "14d", "12h", "90m", "30s".
+    /// Dicomnode's default: 14 days.
     pub expire_after: String,
     /// `delete` the expired files, or `move` them to `<data_dir>/expired/`.
     pub expire_action: ExpireAction,

@@ -731,3 +731,48 @@ fn several_kills_during_load_lose_no_acknowledged_instance() {
     );
     assert!(!node.data_dir.join("failed").exists());
 }
+
+/// Issue 11 (6): with `expire_after = "1s"`, a sender that pauses 2.5 s inside one association
+/// had the instances it sent before the pause expired (deleted) while the association was still
+/// open, and the rest too once it closed: all acknowledged, none processed. A patient with an
+/// open association is never expired; here it is exported whole when the association closes.
+#[test]
+fn expiry_never_deletes_a_patient_with_an_open_association() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        "[patients]\nexpire_after = \"1s\"\n\
+         [[input]]\nname = \"ct\"\nmin_instances = 40\n\
+         [trigger]\nquiet_seconds = 0\non_association_close = true\ncheck_interval_ms = 100\n",
+    );
+    let mut client = dicomgate::net::scu::Client::connect(
+        node.addr,
+        &scu_options("PAUSING"),
+        &[ct_proposal_in(EXPLICIT_LE)],
+    )
+    .unwrap();
+    let study = "1.2.826.0.1.3680043.10.13";
+    let series_uid = "1.2.826.0.1.3680043.10.13.1";
+    let mut sent = BTreeSet::new();
+    for i in 0..40u32 {
+        if i == 20 {
+            // Longer than expire_after, inside the association.
+            std::thread::sleep(std::time::Duration::from_millis(2500));
+        }
+        let sop = format!("{series_uid}.{i}");
+        let f = write_instance(dir.path(), "PAUSED", study, series_uid, &sop, i + 1);
+        let (st, _) = client
+            .store(CT_IMAGE_STORAGE, &sop, EXPLICIT_LE, &data_set_of(&f))
+            .unwrap();
+        assert_eq!(st, 0);
+        sent.insert(sop);
+    }
+    client.release().unwrap();
+    assert!(
+        wait_until(30, || exported_sops(&node) == sent),
+        "exported {} of 40, expired {}\n{}",
+        exported_sops(&node).len(),
+        node.log().matches("patient expired").count(),
+        node.log()
+    );
+    assert!(!node.log().contains("patient expired"), "{}", node.log());
+}

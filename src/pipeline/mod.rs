@@ -16,7 +16,8 @@
 //! 3. The checker sweeps the map every `check_interval_ms` (or at once when rung): a flagged
 //!    patient, one quiet for `quiet_seconds` (trigger b), or one recovered at start-up (trigger c)
 //!    is evaluated against the rules; a sufficient batch is claimed by one CAS and handed to the
-//!    workers. A patient idle past `expire_after` is expired instead.
+//!    workers. A patient idle past `expire_after`, with no open association that sent it
+//!    something, is expired instead (never one still receiving: `claim_expired`).
 //! 4. A worker moves the batch's files to `batches/<id>/files/` (same relative paths) and links
 //!    them into `input/<input name>/`, runs processing, exports, and deletes the batch.
 //!    Each stage is recorded in `batches/<id>/state` so a restart resumes where it stopped.
@@ -41,7 +42,7 @@ use crate::config::Config;
 use crate::dimse::scan::Scanned;
 use crate::dimse::tags;
 use crate::doorbell::Doorbell;
-use crate::patients::{InstanceRecord, Patient, PatientMap, Snapshot};
+use crate::patients::{Claimed, InstanceRecord, Patient, PatientMap, PatientView, Snapshot};
 pub use process::{BatchInfo, CommandProcessor, Processor};
 use rules::Rules;
 
@@ -502,19 +503,29 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
                             key,
                             record,
                         } = *arrival;
+                        // The arrival and the association are noted on the patient before the
+                        // record is pushed, so a claim that takes the record sees both (expiry
+                        // relies on it: `claim_expired`).
                         let now = now_ms();
-                        let patient = if new {
-                            p.map.insert(&key, record, now, &g)
-                        } else {
-                            let pt = p.map.get_or_insert(&key, now, &g);
-                            pt.touch(now);
-                            pt
+                        let found = p.map.get_or_insert(&key, now, &g);
+                        found.touch(now);
+                        let mut opened = |pt: &Arc<Patient>| {
+                            if association != 0 {
+                                let list = touched.entry(association).or_default();
+                                if !list.iter().any(|x| Arc::ptr_eq(x, pt)) {
+                                    pt.association_opened();
+                                    list.push(pt.clone());
+                                }
+                            }
                         };
-                        if association != 0 {
-                            let list = touched.entry(association).or_default();
-                            if !list.iter().any(|x| Arc::ptr_eq(x, &patient)) {
-                                patient.association_opened();
-                                list.push(patient);
+                        opened(&found);
+                        if new {
+                            let took = p.map.insert(&key, record, now, &g);
+                            if !Arc::ptr_eq(&took, &found) {
+                                // `found` was retired meanwhile (it was empty, so nothing of
+                                // it can expire); the patient that took the record counts
+                                // the association too.
+                                opened(&took);
                             }
                         }
                     }
@@ -592,21 +603,66 @@ fn checker(ctx: &Context, bell: Receiver<()>) {
                     Ok(()) => claim(ctx, &patient, v.batch_seq, &g),
                     Err(why) => tracing::debug!(patient = %key, %why, "not sufficient yet"),
                 }
-            } else if now.saturating_sub(v.last_arrival_ms) >= expire_ms {
-                if let Some(c) = patient.claim(v.batch_seq, &g) {
-                    tracing::warn!(
-                        patient = %key,
-                        instances = c.records.len(),
-                        "expiring a patient that never became sufficient"
-                    );
-                    let _ = ctx.jobs.send(Job::Expire {
-                        key: patient.key().to_vec(),
-                        records: c.records,
-                    });
-                }
+            } else if let Some(c) = claim_expired(&p.map, &patient, &v, now, expire_ms, &g) {
+                tracing::warn!(
+                    patient = %key,
+                    instances = c.records.len(),
+                    "expiring a patient that never became sufficient"
+                );
+                let _ = ctx.jobs.send(Job::Expire {
+                    key: patient.key().to_vec(),
+                    records: c.records,
+                });
             }
         }
     }
+}
+
+/// Claims `patient`'s batch for expiry, if it may expire: no association that sent it
+/// something is open, and nothing arrived for it for `expire_ms`, by `v` (the checker's view
+/// this sweep) and again after the claim. A claim that took more than `v` showed, or that
+/// raced an arrival or a new association, is undone: its records go back to collecting, with
+/// their arrival time left as it was.
+///
+/// Why checking after the claim is enough: ingest notes an arrival (`touch`) and a new
+/// association (`association_opened`) on the patient *before* it pushes the record (see
+/// [`ingest`]), and the claim's CAS on the batch's head acquires every push it takes. So for
+/// each record this claim took, its arrival time and its association are visible here. An
+/// instance pushed after the claim goes to the patient's next batch and is not touched. (An
+/// association is known to the pipeline from its first ingested instance on; one still sending
+/// its first instance for a patient cannot be seen, and whatever it stores starts a new batch.)
+fn claim_expired(
+    map: &PatientMap,
+    patient: &Arc<Patient>,
+    v: &PatientView,
+    now: u64,
+    expire_ms: u64,
+    g: &crossbeam_epoch::Guard,
+) -> Option<Claimed> {
+    let idle = |v: &PatientView| {
+        v.open_associations == 0 && now.saturating_sub(v.last_arrival_ms) >= expire_ms
+    };
+    if !idle(v) {
+        return None;
+    }
+    let c = patient.claim(v.batch_seq, g)?;
+    let after = patient.view(g);
+    if idle(&after)
+        && after.last_arrival_ms == v.last_arrival_ms
+        && c.records.len() == v.snapshot.instances as usize
+    {
+        return Some(c);
+    }
+    tracing::info!(
+        patient = %String::from_utf8_lossy(patient.key()),
+        instances = c.records.len(),
+        "an instance or association arrived while the patient was being expired; collecting again"
+    );
+    for r in c.records {
+        // Its own arrival time, so the give-back does not restart the quiet or expiry clock.
+        map.insert(patient.key(), r, v.last_arrival_ms, g);
+    }
+    None
 }
 
 fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, g: &crossbeam_epoch::Guard) {
@@ -709,5 +765,70 @@ impl Context {
         let o = &self.config.outbox;
         let d = o.first_delay_seconds * 2f64.powi(attempt.saturating_sub(1).min(30) as i32);
         Duration::from_secs_f64(d.min(o.max_delay_seconds).max(0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn rec(sop: &str, series: &str, inputs: u64) -> InstanceRecord {
+        InstanceRecord {
+            sop_instance_uid: sop.into(),
+            study_uid: Some("1.2.3".into()),
+            series_uid: Some(series.into()),
+            study_date: None,
+            path: PathBuf::from(format!("/nonexistent/{sop}.dcm")),
+            bytes: 10,
+            inputs,
+            instance_number: 0,
+            images_in_acquisition: 0,
+            number_of_slices: 0,
+        }
+    }
+
+    const EXPIRE_MS: u64 = 1_000;
+
+    /// Issue 11 (6): a sender paused longer than `expire_after` inside its association had the
+    /// patient's batch expired under it. An open association keeps the patient, however old its
+    /// last arrival.
+    #[test]
+    fn expiry_never_claims_a_patient_with_an_open_association() {
+        let map = PatientMap::new(4);
+        let g = map.pin();
+        let patient = map.insert(b"P", rec("1", "s", 1), 0, &g);
+        patient.association_opened();
+        let v = patient.view(&g);
+        assert!(claim_expired(&map, &patient, &v, 10 * EXPIRE_MS, EXPIRE_MS, &g).is_none());
+        assert_eq!(
+            patient.view(&g).snapshot.instances,
+            1,
+            "the batch was taken"
+        );
+        // Once it closes, the patient may expire.
+        patient.association_closed();
+        let v = patient.view(&g);
+        let c = claim_expired(&map, &patient, &v, 10 * EXPIRE_MS, EXPIRE_MS, &g).unwrap();
+        assert_eq!(c.records.len(), 1);
+    }
+
+    /// Issue 11 (6): an instance that reached the patient between the checker's view and its
+    /// claim was expired with the rest although it had just arrived. The claim is undone: every
+    /// record goes back to collecting.
+    #[test]
+    fn expiry_never_deletes_an_arrival_newer_than_expire_after() {
+        let map = PatientMap::new(4);
+        let g = map.pin();
+        let patient = map.insert(b"P", rec("1", "s", 1), 0, &g);
+        let v = patient.view(&g);
+        // Arrives now, after the view was taken (as ingest does it: noted, then pushed).
+        let now = 10 * EXPIRE_MS;
+        patient.touch(now);
+        map.insert(b"P", rec("2", "s", 1), now, &g);
+        assert!(claim_expired(&map, &patient, &v, now, EXPIRE_MS, &g).is_none());
+        let after = map.get(b"P", &g).unwrap().view(&g);
+        assert_eq!(after.snapshot.instances, 2, "records lost: {after:?}");
+        assert_eq!(after.last_arrival_ms, now);
     }
 }
