@@ -251,6 +251,22 @@ pub struct ProcessingConfig {
     /// Runs of a failing command before the batch moves to `failed/` (1 = no retry).
     #[serde(default = "one_u32")]
     pub attempts: u32,
+    /// A run that exits successfully but leaves no DICOM file in `output/`: `fail` (default)
+    /// counts it as a failed run (retried up to `attempts`, then `failed/`, the data kept);
+    /// `ok` makes it a success: the batch is done and deleted with nothing exported.
+    #[serde(default)]
+    pub empty_output: EmptyOutput,
+}
+
+/// `[processing] empty_output`: what a successful run with no DICOM output means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmptyOutput {
+    /// A failed run: nothing is deleted that was not exported.
+    #[default]
+    Fail,
+    /// The processing decided there is nothing to send: the batch is done.
+    Ok,
 }
 
 fn default_processing_timeout() -> f64 {
@@ -644,6 +660,25 @@ ae_title = "PACS"
             toml::to_string(&c).unwrap(),
             toml::to_string(&Config::default()).unwrap()
         );
+    }
+
+    /// `[processing] empty_output` defaults to the safe `fail`; a bad value is refused at
+    /// start-up, naming the field.
+    #[test]
+    fn processing_empty_output_defaults_to_fail_and_refuses_bad_values() {
+        let c = Config::from_toml("[processing]\ncommand = [\"true\"]\n").unwrap();
+        assert_eq!(
+            c.processing.as_ref().unwrap().empty_output,
+            EmptyOutput::Fail
+        );
+        let c = Config::from_toml("[processing]\ncommand = [\"true\"]\nempty_output = \"ok\"\n")
+            .unwrap();
+        assert_eq!(c.processing.as_ref().unwrap().empty_output, EmptyOutput::Ok);
+        let e = Config::from_toml("[processing]\ncommand = [\"true\"]\nempty_output = \"maybe\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty_output"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
     }
 
     #[test]

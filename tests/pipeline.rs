@@ -776,3 +776,89 @@ fn expiry_never_deletes_a_patient_with_an_open_association() {
     );
     assert!(!node.log().contains("patient expired"), "{}", node.log());
 }
+
+/// Issue 11 (7): processing that exited 0 and wrote no DICOM file had its batch, input
+/// included, deleted and counted as exported. By default (`empty_output = "fail"`) it is a
+/// failed processing run: the batch moves to failed/ with a reason, its instances kept.
+#[test]
+fn processing_with_no_dicom_output_keeps_the_batch() {
+    let src = tempfile::tempdir().unwrap();
+    let files = series(
+        src.path(),
+        "NOOUTPUT",
+        "1.2.826.0.1.3680043.10.14",
+        "1.2.826.0.1.3680043.10.14.1",
+        0,
+        3,
+    );
+    let node = Node::start(
+        "[trigger]\nquiet_seconds = 0\n\
+         [processing]\ncommand = [\"sh\", \"-c\", \"echo wrote nothing\"]\n",
+    );
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let failed = node.data_dir.join("failed");
+    let kept = || {
+        dcm_files(&failed)
+            .into_iter()
+            .filter(|p| p.components().any(|c| c.as_os_str() == "files"))
+            .count()
+    };
+    assert!(
+        wait_until(30, || kept() == 3),
+        "kept {} of 3 in failed/, batch done: {}\n{}",
+        kept(),
+        node.log().contains("batch done"),
+        node.log()
+    );
+    let reason = files_under(&failed)
+        .into_iter()
+        .find(|p| p.ends_with("reason.txt"))
+        .unwrap();
+    let reason = std::fs::read_to_string(reason).unwrap();
+    assert!(reason.contains("no DICOM output"), "{reason}");
+    assert!(reason.contains("empty_output"), "{reason}");
+    assert!(!node.log().contains("batch done"), "{}", node.log());
+}
+
+/// `empty_output = "ok"`: a run that writes nothing is a success; the batch is done, nothing is
+/// exported, and the log says so.
+#[test]
+fn processing_with_no_dicom_output_is_done_when_empty_output_is_ok() {
+    let src = tempfile::tempdir().unwrap();
+    let files = series(
+        src.path(),
+        "NOOUTPUTOK",
+        "1.2.826.0.1.3680043.10.15",
+        "1.2.826.0.1.3680043.10.15.1",
+        0,
+        2,
+    );
+    let node = Node::start(
+        "[trigger]\nquiet_seconds = 0\n\
+         [processing]\ncommand = [\"true\"]\nempty_output = \"ok\"\n",
+    );
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        wait_until(30, || node.log().contains("batch done")),
+        "{}",
+        node.log()
+    );
+    assert!(
+        node.log().contains("empty_output = \"ok\""),
+        "{}",
+        node.log()
+    );
+    assert_eq!(pending_instances(&node), 0);
+    assert!(!node.data_dir.join("failed").exists());
+    assert!(dcm_files(&node.data_dir.join("export")).is_empty());
+}

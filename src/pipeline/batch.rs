@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use super::{export, now_ms, BatchInfo, Context, Job, UNMATCHED_INPUT};
-use crate::config::{ExpireAction, ExportConfig, ExportKind};
+use crate::config::{EmptyOutput, ExpireAction, ExportConfig, ExportKind};
 use crate::patients::InstanceRecord;
 use crate::storage::inventory::walk_files;
 
@@ -444,7 +444,19 @@ pub(super) fn process(ctx: &Context, id: &str) {
                 inputs,
             };
             tracing::info!(batch = %id, patient = %manifest.patient_id, "processing");
-            let result = processor.process(&info);
+            let result = processor.process(&info).and_then(|()| {
+                // A run that wrote nothing to send keeps the batch unless the config says
+                // that is a success (issue 11: it was deleted and counted as exported).
+                match dicom_files(&info.output_dir) {
+                    Ok(f) if f.is_empty() && empty_output(ctx) == EmptyOutput::Fail => Err(
+                        "the run exited successfully but left no DICOM output in output/ \
+                         ([processing] empty_output = \"fail\")"
+                            .to_string(),
+                    ),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(format!("cannot list output/: {e}")),
+                }
+            });
             if ctx.shutdown.load(Ordering::Acquire) && result.is_err() {
                 return; // interrupted: resumed at the next start
             }
@@ -473,6 +485,23 @@ pub(super) fn process(ctx: &Context, id: &str) {
         }
     }
     export(ctx, id);
+}
+
+/// `[processing] empty_output`; `fail` for a library user's `Processor` without a
+/// `[processing]` section.
+fn empty_output(ctx: &Context) -> EmptyOutput {
+    ctx.config
+        .processing
+        .as_ref()
+        .map_or(EmptyOutput::Fail, |p| p.empty_output)
+}
+
+/// The Part-10 files under `root`, recursively.
+fn dicom_files(root: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    walk_files(root, &mut files)?;
+    files.retain(|f| is_dicom(f));
+    Ok(files)
 }
 
 fn is_dicom(path: &Path) -> bool {
@@ -509,19 +538,37 @@ pub(super) fn export(ctx: &Context, id: &str) {
             return;
         }
     };
-    let mut files = Vec::new();
     let source = if ctx.processor.is_some() {
         "output"
     } else {
         "files"
     };
-    if let Err(e) = walk_files(&dir.join(source), &mut files) {
-        fail(ctx, id, &format!("cannot list {source}/: {e}"));
-        return;
-    }
-    files.retain(|f| is_dicom(f));
+    let files = match dicom_files(&dir.join(source)) {
+        Ok(f) => f,
+        Err(e) => {
+            fail(ctx, id, &format!("cannot list {source}/: {e}"));
+            return;
+        }
+    };
     if files.is_empty() {
-        tracing::warn!(batch = %id, "processing left no DICOM files: nothing to export");
+        if ctx.processor.is_none() {
+            // Router mode: files/ is the batch itself, so there is nothing to lose either.
+            tracing::warn!(batch = %id, "the batch holds no instance: nothing to export");
+        } else if empty_output(ctx) == EmptyOutput::Fail {
+            // Processing checks this before the export stage; here after a restart, or if
+            // output/ lost its files meanwhile. Nothing is deleted that was not exported.
+            fail(
+                ctx,
+                id,
+                "nothing to export: no DICOM file in output/ ([processing] empty_output = \"fail\")",
+            );
+            return;
+        } else {
+            tracing::info!(
+                batch = %id,
+                "processing left no DICOM output and [processing] empty_output = \"ok\": nothing to export, the batch is done"
+            );
+        }
     }
     let mut errors = Vec::new();
     for (i, dest) in destinations(ctx).iter().enumerate() {
@@ -539,7 +586,9 @@ pub(super) fn export(ctx: &Context, id: &str) {
         }
     }
     if errors.is_empty() {
-        ctx.pipeline.stats.exported.fetch_add(1, Ordering::Relaxed);
+        if !files.is_empty() {
+            ctx.pipeline.stats.exported.fetch_add(1, Ordering::Relaxed);
+        }
         // The log records the batch was made from must be released before its manifest goes
         // (if releasing failed at creation, nothing else names them): else a restart would
         // bring them back and export them again. Releasing is idempotent.

@@ -33,7 +33,8 @@ pub struct BatchInfo {
 /// a crash that interrupted it, or on retry when `[processing] attempts` > 1).
 pub trait Processor: Send + Sync {
     /// Reads `batch.input_dir`, writes results to `batch.output_dir`. An `Err` keeps the data
-    /// and counts as a failed attempt.
+    /// and counts as a failed attempt; so does an `Ok` that leaves no DICOM file in
+    /// `output_dir`, unless `[processing] empty_output = "ok"`.
     fn process(&self, batch: &BatchInfo) -> Result<(), String>;
 }
 
@@ -148,6 +149,7 @@ mod tests {
                 command: cmd.iter().map(|s| s.to_string()).collect(),
                 timeout_seconds: timeout,
                 attempts: 1,
+                empty_output: Default::default(),
             },
             Arc::new(AtomicBool::new(false)),
         );
