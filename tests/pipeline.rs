@@ -862,3 +862,50 @@ fn processing_with_no_dicom_output_is_done_when_empty_output_is_ok() {
     assert!(!node.data_dir.join("failed").exists());
     assert!(dcm_files(&node.data_dir.join("export")).is_empty());
 }
+
+/// Issue 11 (8): when setting a claimed batch aside failed (`batch::create`), its files went
+/// back to the pending area but its records left the patient map, so no trigger or expiry saw
+/// them again until a restart. Here `batches/` is made a file so creation fails; once it can be
+/// created again the batch is claimed again and exported, without a restart or a new arrival.
+#[test]
+fn failed_batch_creation_puts_the_records_back_in_the_map() {
+    let src = tempfile::tempdir().unwrap();
+    let files = series(
+        src.path(),
+        "NOBATCHDIR",
+        "1.2.826.0.1.3680043.10.16",
+        "1.2.826.0.1.3680043.10.16.1",
+        0,
+        3,
+    );
+    let node = Node::start(
+        "[trigger]\nquiet_seconds = 0\non_association_close = true\ncheck_interval_ms = 50\n\
+         [outbox]\nfirst_delay_seconds = 0.2\nmax_delay_seconds = 0.5\n",
+    );
+    let batches = node.data_dir.join("batches");
+    std::fs::remove_dir_all(&batches).unwrap();
+    std::fs::write(&batches, b"not a directory").unwrap();
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        wait_until(30, || node
+            .log()
+            .contains("could not set a claimed batch aside")),
+        "{}",
+        node.log()
+    );
+    assert_eq!(pending_instances(&node), 3, "the files stay pending");
+    std::fs::remove_file(&batches).unwrap();
+    let sent: BTreeSet<String> = files.iter().map(|f| sop_uid_of(f)).collect();
+    assert!(
+        wait_until(30, || exported_sops(&node) == sent),
+        "exported {} of 3, pending {}\n{}",
+        exported_sops(&node).len(),
+        pending_instances(&node),
+        node.log()
+    );
+}

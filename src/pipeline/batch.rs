@@ -107,12 +107,10 @@ static BATCH_SEQ: AtomicU64 = AtomicU64::new(0);
 /// a line), written before the copies are.
 const FROM_LOG: &str = "from-log";
 
-/// Moves a claimed batch from `patients/` into `batches/<id>/`; returns the id.
-pub(super) fn create(
-    ctx: &Context,
-    key: &[u8],
-    records: Vec<InstanceRecord>,
-) -> io::Result<String> {
+/// Moves a claimed batch from `patients/` into `batches/<id>/`; returns the id. On an error
+/// every instance is where it was (under `patients/` or in the log), and the caller still has
+/// `records` to put back in the patient map.
+pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> io::Result<String> {
     let patients = ctx.data_dir.join("patients");
     let id = format!(
         "{}-{}-{}-{}",
@@ -134,7 +132,7 @@ pub(super) fn create(
     let locs = |t: &crate::storage::log::Taken| t.all().map(|l| (l.seq, l.offset)).collect();
     // Pass 1: files are moved in; instances in the log are taken out of its index, to copy.
     let mut copies: Vec<(usize, PathBuf)> = Vec::new();
-    for r in &records {
+    for r in records {
         let Ok(rel) = r.path.strip_prefix(&patients) else {
             tracing::error!(path = %r.path.display(), "instance outside patients/ left in place");
             continue;

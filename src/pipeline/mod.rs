@@ -228,6 +228,22 @@ enum Job {
         key: Vec<u8>,
         records: Vec<InstanceRecord>,
     },
+    /// Asks the checker to evaluate a patient again (after a batch could not be created).
+    Evaluate {
+        key: Vec<u8>,
+    },
+}
+
+/// Puts a claimed batch's records back in the patient map (collecting again) after its batch
+/// could not be created: triggers and expiry see them again. They count as arriving now, so
+/// expiry waits `expire_after` again and the quiet trigger fires again.
+fn give_back(ctx: &Context, key: &[u8], records: Vec<InstanceRecord>) {
+    let map = &ctx.pipeline.map;
+    let g = map.pin();
+    let now = now_ms();
+    for r in records {
+        map.insert(key, r, now, &g);
+    }
 }
 
 /// A job due at a time (the outbox's retry schedule).
@@ -741,12 +757,29 @@ fn worker(ctx: &Context, rx: Receiver<Job>) {
             return;
         }
         match job {
-            Job::Claimed { key, records } => match batch::create(ctx, &key, records) {
+            Job::Claimed { key, records } => match batch::create(ctx, &key, &records) {
                 Ok(id) => batch::process(ctx, &id),
                 Err(e) => {
-                    tracing::error!(error = %e, "could not set a claimed batch aside; its files stay pending")
+                    let retry = ctx.backoff(1);
+                    tracing::error!(
+                        patient = %String::from_utf8_lossy(&key),
+                        instances = records.len(),
+                        error = %e,
+                        retry_in_s = retry.as_secs_f64(),
+                        "could not set a claimed batch aside; its files stay pending and it goes back to collecting"
+                    );
+                    give_back(ctx, &key, records);
+                    ctx.retry_later(retry, Job::Evaluate { key });
                 }
             },
+            Job::Evaluate { key } => {
+                let p = &ctx.pipeline;
+                let g = p.map.pin();
+                if let Some(patient) = p.map.get(&key, &g) {
+                    patient.request_evaluation();
+                    let _ = p.checker_bell.try_send(());
+                }
+            }
             Job::Process { id } => batch::process(ctx, &id),
             Job::Export { id } => batch::export(ctx, &id),
             Job::Expire { key, records } => batch::expire(ctx, &key, records),
