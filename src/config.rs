@@ -226,6 +226,11 @@ pub struct TriggerConfig {
     pub on_association_close: bool,
     /// How often the checker sweeps the map for quiet and expired patients, in milliseconds.
     pub check_interval_ms: u64,
+    /// Instances for a patient arriving within this long after one of its batches was claimed
+    /// are late arrivals: logged at info and counted (`Stats::late_arrivals`). They start a
+    /// new batch that waits for the rules again. The checker remembers each claimed patient
+    /// this long (one small entry each). 0 = not tracked.
+    pub late_arrival_seconds: u64,
 }
 
 impl Default for TriggerConfig {
@@ -234,6 +239,7 @@ impl Default for TriggerConfig {
             quiet_seconds: 60.0,
             on_association_close: true,
             check_interval_ms: 200,
+            late_arrival_seconds: 3600,
         }
     }
 }

@@ -909,3 +909,46 @@ fn failed_batch_creation_puts_the_records_back_in_the_map() {
         node.log()
     );
 }
+
+/// Issue 11 (9): an instance arriving after its patient's batch was claimed starts a new batch
+/// that waits for the rules again; that was logged only at debug level ("not sufficient yet").
+/// It is logged at info and counted.
+#[test]
+fn late_arrivals_are_logged_at_info_and_counted() {
+    let src = tempfile::tempdir().unwrap();
+    let (study, series_uid) = ("1.2.826.0.1.3680043.10.17", "1.2.826.0.1.3680043.10.17.1");
+    let first = series(src.path(), "LATE", study, series_uid, 0, 3);
+    let late = series(src.path(), "LATE", study, series_uid, 3, 1);
+    let node = Node::start(
+        "[[input]]\nname = \"ct\"\nmin_instances = 3\n\
+         [trigger]\nquiet_seconds = 0\non_association_close = true\ncheck_interval_ms = 50\n",
+    );
+    let store = |files: &[PathBuf]| {
+        let st = dcmtk("storescu")
+            .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+            .args(files)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    store(&first);
+    assert!(
+        wait_until(30, || exported_sops(&node).len() == 3),
+        "{}",
+        node.log()
+    );
+    store(&late);
+    let late_line = || {
+        node.log()
+            .lines()
+            .find(|l| l.contains(" INFO ") && l.contains("late arrival"))
+            .map(str::to_string)
+    };
+    assert!(wait_until(30, || late_line().is_some()), "{}", node.log());
+    let line = late_line().unwrap();
+    assert!(line.contains("late_arrivals_total=1"), "{line}");
+    assert!(line.contains("patient=LATE"), "{line}");
+    // It waits for the rules (one instance of three): nothing more is exported.
+    assert_eq!(exported_sops(&node).len(), 3);
+    assert_eq!(pending_instances(&node), 1);
+}

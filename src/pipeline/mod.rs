@@ -88,6 +88,10 @@ pub struct Stats {
     pub failed: AtomicU64,
     pub expired: AtomicU64,
     pub export_retries: AtomicU64,
+    /// Instances that reached a patient within `[trigger] late_arrival_seconds` after one of
+    /// its batches was claimed for processing (each starts or joins a new batch that waits for
+    /// the rules again).
+    pub late_arrivals: AtomicU64,
 }
 
 /// What reactors share with the pipeline.
@@ -234,18 +238,6 @@ enum Job {
     },
 }
 
-/// Puts a claimed batch's records back in the patient map (collecting again) after its batch
-/// could not be created: triggers and expiry see them again. They count as arriving now, so
-/// expiry waits `expire_after` again and the quiet trigger fires again.
-fn give_back(ctx: &Context, key: &[u8], records: Vec<InstanceRecord>) {
-    let map = &ctx.pipeline.map;
-    let g = map.pin();
-    let now = now_ms();
-    for r in records {
-        map.insert(key, r, now, &g);
-    }
-}
-
 /// A job due at a time (the outbox's retry schedule).
 #[derive(Debug)]
 struct Timed {
@@ -282,6 +274,9 @@ pub(crate) struct Context {
     pub log: Arc<crate::storage::log::Log>,
     jobs: Sender<Job>,
     later: Sender<(Duration, Job)>,
+    /// Claimed batches that could not be set aside, back to the checker (which alone puts
+    /// them in the map again, so it does not count them as late arrivals).
+    given_back: Sender<(Vec<u8>, Vec<InstanceRecord>)>,
     pub shutdown: Arc<AtomicBool>,
 }
 
@@ -334,6 +329,7 @@ pub fn start(
     });
     let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
     let (later_tx, later_rx) = crossbeam_channel::unbounded();
+    let (given_back_tx, given_back_rx) = crossbeam_channel::unbounded();
     let ctx = Arc::new(Context {
         config: config.clone(),
         data_dir: config.node.data_dir.clone(),
@@ -342,6 +338,7 @@ pub fn start(
         log,
         jobs: jobs_tx,
         later: later_tx,
+        given_back: given_back_tx,
         shutdown: shutdown.clone(),
     });
     // Restart (trigger c): batches in flight resume (log records they consumed are released if
@@ -371,7 +368,7 @@ pub fn start(
         threads.push(
             std::thread::Builder::new()
                 .name("checker".into())
-                .spawn(move || checker(&ctx, checker_rx))?,
+                .spawn(move || checker(&ctx, checker_rx, given_back_rx))?,
         );
     }
     {
@@ -584,19 +581,66 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
     }
 }
 
-/// The checker: triggers, sufficiency, claims, expiry, and retiring empty patients.
-fn checker(ctx: &Context, bell: Receiver<()>) {
+/// The checker's memory of a patient whose batch it claimed for processing, kept for
+/// `[trigger] late_arrival_seconds`: what arrives for that key meanwhile is a late arrival.
+#[derive(Debug)]
+struct RecentClaim {
+    claimed_ms: u64,
+    /// Instances of the patient's current batch already counted as late.
+    counted: u32,
+}
+
+/// The checker: triggers, sufficiency, claims, expiry, retiring empty patients, and noticing
+/// late arrivals.
+fn checker(
+    ctx: &Context,
+    bell: Receiver<()>,
+    given_back: Receiver<(Vec<u8>, Vec<InstanceRecord>)>,
+) {
     let p = &ctx.pipeline;
     let t = &ctx.config.trigger;
     let quiet_ms = (t.quiet_seconds * 1000.0) as u64;
     let expire_ms = ctx.config.expire_after().as_millis() as u64;
+    let late_ms = t.late_arrival_seconds.saturating_mul(1000);
     let interval = Duration::from_millis(t.check_interval_ms.max(10));
+    // Only this thread reads or writes it (design rule 7: the map is the only shared state).
+    let mut recent: HashMap<Vec<u8>, RecentClaim> = HashMap::new();
     while !ctx.shutdown.load(Ordering::Acquire) {
         let _ = bell.recv_timeout(interval);
         let now = now_ms();
         let g = p.map.pin();
+        // Batches that could not be set aside (batch::create failed): back to collecting, as
+        // arriving now, and evaluated again after the outbox's first delay.
+        while let Ok((key, records)) = given_back.try_recv() {
+            recent.remove(&key);
+            for r in records {
+                p.map.insert(&key, r, now, &g);
+            }
+            ctx.retry_later(ctx.backoff(1), Job::Evaluate { key });
+        }
+        recent.retain(|_, r| now.saturating_sub(r.claimed_ms) < late_ms);
         for patient in p.map.patients(&g) {
             let v = patient.view(&g);
+            if let Some(r) = recent.get_mut(patient.key()) {
+                if v.snapshot.instances > r.counted {
+                    let new = v.snapshot.instances - r.counted;
+                    let total = p
+                        .stats
+                        .late_arrivals
+                        .fetch_add(u64::from(new), Ordering::Relaxed)
+                        + u64::from(new);
+                    let since_claim_s = now.saturating_sub(r.claimed_ms) as f64 / 1000.0;
+                    let patient = String::from_utf8_lossy(patient.key());
+                    let msg = "late arrival: instances for a patient whose batch was already \
+                               claimed; they start a new batch that waits for the rules again";
+                    if r.counted == 0 {
+                        tracing::info!(%patient, instances = new, since_claim_s, late_arrivals_total = total, "{msg}");
+                    } else {
+                        tracing::debug!(%patient, instances = new, since_claim_s, late_arrivals_total = total, "{msg}");
+                    }
+                    r.counted = v.snapshot.instances;
+                }
+            }
             if v.snapshot.instances == 0 {
                 if v.open_associations == 0 {
                     patient.take_evaluation_request();
@@ -616,7 +660,22 @@ fn checker(ctx: &Context, bell: Receiver<()>) {
             let key = String::from_utf8_lossy(patient.key()).into_owned();
             if requested || quiet {
                 match p.rules.sufficient(&v.snapshot) {
-                    Ok(()) => claim(ctx, &patient, v.batch_seq, &g),
+                    Ok(()) => {
+                        if claim(ctx, &patient, v.batch_seq, &g) {
+                            let late = recent
+                                .insert(
+                                    patient.key().to_vec(),
+                                    RecentClaim {
+                                        claimed_ms: now,
+                                        counted: 0,
+                                    },
+                                )
+                                .map_or(0, |r| r.counted);
+                            if late > 0 {
+                                tracing::info!(patient = %key, late_instances = late, "a batch of late arrivals was claimed (a follow-up batch)");
+                            }
+                        }
+                    }
                     Err(why) => tracing::debug!(patient = %key, %why, "not sufficient yet"),
                 }
             } else if let Some(c) = claim_expired(&p.map, &patient, &v, now, expire_ms, &g) {
@@ -625,6 +684,9 @@ fn checker(ctx: &Context, bell: Receiver<()>) {
                     instances = c.records.len(),
                     "expiring a patient that never became sufficient"
                 );
+                if let Some(r) = recent.get_mut(patient.key()) {
+                    r.counted = 0; // what comes next is counted afresh
+                }
                 let _ = ctx.jobs.send(Job::Expire {
                     key: patient.key().to_vec(),
                     records: c.records,
@@ -681,10 +743,12 @@ fn claim_expired(
     None
 }
 
-fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, g: &crossbeam_epoch::Guard) {
+/// Claims batch `seq` of `patient` for processing; returns whether it was handed to the
+/// workers.
+fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, g: &crossbeam_epoch::Guard) -> bool {
     let p = &ctx.pipeline;
     let Some(c) = patient.claim(seq, g) else {
-        return;
+        return false;
     };
     // Instances pushed between the snapshot and the claim belong to the batch; if they broke
     // a rule (max_series, single_series, single study date), give the batch back to collecting.
@@ -697,13 +761,14 @@ fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, g: &crossbeam_epoch::G
         for r in c.records {
             p.map.insert(patient.key(), r, now_ms(), g);
         }
-        return;
+        return false;
     }
     p.stats.claimed.fetch_add(1, Ordering::Relaxed);
     let _ = ctx.jobs.send(Job::Claimed {
         key: patient.key().to_vec(),
         records: c.records,
     });
+    true
 }
 
 /// Holds jobs until they are due (the outbox's backoff), then hands them to the workers.
@@ -768,8 +833,9 @@ fn worker(ctx: &Context, rx: Receiver<Job>) {
                         retry_in_s = retry.as_secs_f64(),
                         "could not set a claimed batch aside; its files stay pending and it goes back to collecting"
                     );
-                    give_back(ctx, &key, records);
-                    ctx.retry_later(retry, Job::Evaluate { key });
+                    // The checker puts them back (and schedules the re-evaluation); if it has
+                    // stopped, the node is stopping and a restart recovers them from disk.
+                    let _ = ctx.given_back.send((key, records));
                 }
             },
             Job::Evaluate { key } => {
