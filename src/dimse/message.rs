@@ -114,6 +114,11 @@ impl Assembler {
         }
     }
 
+    /// Drops the message in progress (the association is gone).
+    pub fn reset(&mut self) {
+        self.phase = Phase::Idle;
+    }
+
     /// True while a message is partly received.
     pub fn in_progress(&self) -> bool {
         !matches!(self.phase, Phase::Idle)

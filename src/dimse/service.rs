@@ -960,6 +960,7 @@ impl Service {
                 st.sink = Sink::Refuse(CommandSet::default());
             }
             self.streams.retain(|s| s.unwritten > 0);
+            self.assembler.reset();
             self.release_pending = false;
         }
     }
