@@ -523,6 +523,8 @@ pub fn dimse_service(data: &[u8]) {
     let mut inbox = service_associate_rq(window);
     let mut handed: Vec<u64> = Vec::new();
     let mut writes: Vec<(u64, usize)> = Vec::new();
+    // Tokens whose Store or Discard was handed out: no Write of theirs may follow.
+    let mut finished = std::collections::HashSet::new();
     let mut sent_ids: Vec<u16> = Vec::new();
     let mut answered = 0usize;
     let mut granted = true;
@@ -611,9 +613,20 @@ pub fn dimse_service(data: &[u8]) {
         while handed.len() < 4 && writes.len() < 64 {
             match svc.poll_work() {
                 None => break,
-                Some(Work::Store(s)) => handed.push(s.token),
-                Some(Work::Write(w)) => writes.push((w.token, w.bytes.len())),
-                Some(Work::Discard { .. }) => {}
+                Some(Work::Store(s)) => {
+                    assert!(finished.insert(s.token), "one Store per token");
+                    handed.push(s.token)
+                }
+                Some(Work::Write(w)) => {
+                    assert!(
+                        !finished.contains(&w.token),
+                        "a Write after its Store/Discard"
+                    );
+                    writes.push((w.token, w.bytes.len()))
+                }
+                Some(Work::Discard { token }) => {
+                    finished.insert(token);
+                }
             }
         }
         let out = std::mem::take(svc.transmit());

@@ -162,12 +162,11 @@ pub fn scan(data: &[u8], enc: DatasetEncoding, wanted: &[u32]) -> Result<Scanned
 pub fn scan_deflated(data: &[u8], wanted: &[u32], complete: bool) -> Result<Scanned, ScanError> {
     let (inflated, whole) = inflate_prefix(data, complete)?;
     let mut s = Scanner::new(DatasetEncoding::ExplicitVrLittleEndian, wanted);
-    let fed = s.feed(&inflated);
+    // An error before the cut is an error either way; running out is not, when cut on purpose.
+    s.feed(&inflated)?;
     if whole {
-        fed?;
         s.finish()
     } else {
-        // Cut on purpose: what was found before the cut.
         Ok(s.finish_partial())
     }
 }
@@ -269,9 +268,10 @@ impl<W: AsRef<[u32]>> Scanner<W> {
         }
     }
 
-    /// Bytes the scan holds between pieces.
+    /// Bytes the scan holds between pieces: the carry and the values found (at most one of
+    /// each wanted tag).
     pub fn held(&self) -> usize {
-        self.carry.capacity()
+        self.carry.capacity() + self.out.values.iter().map(|(_, v)| v.len()).sum::<usize>()
     }
 
     /// Scans the next piece of the data set. After an error every later piece is ignored and
@@ -523,6 +523,11 @@ impl<W: AsRef<[u32]>> Scanner<W> {
         if self.stack.is_empty() && self.wanted.as_ref().contains(&tag) {
             if len as usize > MAX_VALUE_LEN {
                 return value(self, header, len, true);
+            }
+            if self.out.values.iter().any(|(t, _)| *t == tag) {
+                // A repeat (top-level tags must ascend, PS3.5 §7.1): the first is the value;
+                // keeping every copy would let a data set of repeats grow without bound.
+                return value(self, header, len, false);
             }
             let end = header + len as usize;
             let Some(v) = buf.get(header..end) else {
@@ -785,5 +790,20 @@ mod tests {
             scan_deflated(prefix, &[PATIENT_ID], true),
             Err(ScanError::Inflate)
         );
+    }
+
+    /// A data set of one wanted tag repeated (a hostile peer streaming gigabytes of it) keeps
+    /// one value, not every copy: the scan's memory does not grow with the data set.
+    #[test]
+    fn repeated_wanted_tag_is_kept_once() {
+        let mut one = Vec::new();
+        el_explicit(&mut one, 0x0010, 0x0020, b"LO", &[b'P'; 1000]);
+        let mut s = Scanner::new(ExplicitVrLittleEndian, &[PATIENT_ID][..]);
+        for _ in 0..10_000 {
+            s.feed(&one).unwrap();
+        }
+        assert!(s.held() < 4 * MAX_STEP, "holds {} bytes", s.held());
+        let found = s.finish().unwrap();
+        assert_eq!(found.raw(PATIENT_ID).map(<[u8]>::len), Some(1000));
     }
 }

@@ -456,10 +456,18 @@ impl Service {
                         } else {
                             StreamScan::Plain(Scanner::new(enc, cfg.wanted_tags.clone()))
                         };
-                        Sink::Store {
-                            header: Box::new(header),
-                            scan,
-                            buf: Vec::with_capacity(STREAM_CHUNK),
+                        match scan {
+                            // Not understood already: nothing of it is written.
+                            StreamScan::Deflated(Err(e)) => Sink::Refuse(response_to(
+                                &header.command,
+                                status::CANNOT_UNDERSTAND,
+                                Some(&e.to_string()),
+                            )),
+                            scan => Sink::Store {
+                                header: Box::new(header),
+                                scan,
+                                buf: Vec::with_capacity(STREAM_CHUNK),
+                            },
                         }
                     }
                     Err(refusal) => Sink::Refuse(refusal),
@@ -787,12 +795,18 @@ impl Service {
         self.held + self.assembler.buffered() + self.gathering()
     }
 
-    /// Bytes gathered for the next chunk of the stream being received.
+    /// Memory taken for the next chunk of the stream being received, and by its scan.
     fn gathering(&self) -> usize {
         self.streams
             .iter()
             .map(|s| match &s.sink {
-                Sink::Store { buf, .. } => buf.len(),
+                Sink::Store { buf, scan, .. } => {
+                    buf.capacity()
+                        + match scan {
+                            StreamScan::Plain(s) => s.held(),
+                            StreamScan::Deflated(_) => 0,
+                        }
+                }
                 _ => 0,
             })
             .sum()

@@ -728,9 +728,9 @@ fn store_job(
         request: req,
         streamed,
     } = sub;
-    let file = streamed.and_then(|_| {
+    let file = streamed.and_then(|len| {
         let i = c.streams.iter().position(|(t, _)| *t == token)?;
-        Some(c.streams.swap_remove(i).1)
+        Some((c.streams.swap_remove(i).1, len))
     });
     if streamed.is_some() && file.is_none() {
         c.svc.handle_store_done(
@@ -745,7 +745,7 @@ fn store_job(
     }
     let (key, record) = shared.pipeline.describe(&req.routing);
     if record.inputs == 0 && shared.config.patients.unmatched == Unmatched::Refuse {
-        if let Some(f) = file {
+        if let Some((f, _)) = file {
             let _ = shared.storage.try_submit(Job::Discard(f));
         }
         // Logged as the service's `Refused` event, with the SOP Instance UID.

@@ -57,9 +57,9 @@ pub struct StoreJob {
     pub study_uid: Option<String>,
     pub series_uid: Option<String>,
     pub data_set: Vec<u8>,
-    /// A data set already written to its (anonymous) file as it arrived; `data_set` is then
-    /// empty.
-    pub streamed: Option<Arc<StreamFile>>,
+    /// A data set already written to its (anonymous) file as it arrived, and its length;
+    /// `data_set` is then empty.
+    pub streamed: Option<(Arc<StreamFile>, u64)>,
 }
 
 /// Work for the storage workers.
@@ -295,7 +295,8 @@ impl Storage {
                 "segment log recovered"
             );
         }
-        let anonymous = anonymous_files_work(&data_dir.join("patients"));
+        let anonymous =
+            anonymous_files_work(&data_dir.join("patients"), &data_dir.join("patients"));
         if !anonymous {
             tracing::info!(
                 "O_TMPFILE + linkat unavailable here: writing named temporary files, and holding \
@@ -304,7 +305,16 @@ impl Storage {
         }
         let incoming = data_dir.join("incoming");
         fs::create_dir_all(&incoming)?;
-        let incoming: Option<Arc<Path>> = anonymous.then(|| Arc::from(incoming.as_path()));
+        // Streamed files are born in incoming/ and linked into patients/: both on one file
+        // system (else every streamed store would fail at its link, EXDEV).
+        let streams = anonymous && anonymous_files_work(&incoming, &data_dir.join("patients"));
+        if anonymous && !streams {
+            tracing::warn!(
+                incoming = %incoming.display(),
+                "incoming/ cannot link into patients/ (another file system?): data sets are held whole until stored (no streaming)"
+            );
+        }
+        let incoming: Option<Arc<Path>> = streams.then(|| Arc::from(incoming.as_path()));
         let queue = Arc::new(JobQueue {
             jobs: ArrayQueue::new(queue_depth.max(1)),
             bell: Doorbell::new(),
@@ -488,9 +498,11 @@ fn worker(ctx: WorkerContext) {
     // The batch whose files are named but whose names are not yet durable.
     let mut named = Named::default();
     loop {
-        let before = batch.len();
+        let mut popped = false;
         while batch.len() < MAX_BATCH {
-            match rx.jobs.pop() {
+            let job = rx.jobs.pop();
+            popped |= job.is_some();
+            match job {
                 Some(Job::Store(j)) => batch.push(j),
                 Some(Job::Write(w)) => {
                     // Streamed bytes go to the page cache at once; the store's flush makes
@@ -506,7 +518,8 @@ fn worker(ctx: WorkerContext) {
                 None => break,
             }
         }
-        if batch.len() > before {
+        if popped {
+            // Any job taken (a write too) is room a waiting reactor may need.
             rx.room_made();
         }
         if batch.is_empty() && named.pending.is_empty() {
@@ -832,10 +845,10 @@ struct FileMode {
 }
 
 /// Whether this file system gives us anonymous files (O_TMPFILE, Linux ≥ 3.11 on ext4, xfs,
-/// btrfs, tmpfs) that `linkat` through /proc/self/fd can name: one directory entry per instance
+/// btrfs, tmpfs) in `dir` that `linkat` through /proc/self/fd can name in `link_into`: one directory entry per instance
 /// instead of a temporary entry renamed over the final one, and nothing left behind by a crash.
-fn anonymous_files_work(dir: &Path) -> bool {
-    let probe = dir.join(format!(".probe.{}.tmp", std::process::id()));
+fn anonymous_files_work(dir: &Path, link_into: &Path) -> bool {
+    let probe = link_into.join(format!(".probe.{}.tmp", std::process::id()));
     let ok = open_anonymous(dir)
         .and_then(|f| {
             link_fd(&f, &probe)?;
@@ -919,10 +932,16 @@ fn write_temp(
     p.dest = dest;
     let streamed = p.job.streamed.take();
     let r = (|| -> io::Result<(File, u64)> {
-        if let Some(sf) = &streamed {
+        if let Some((sf, data_set_len)) = &streamed {
             // Written already: only its directories may be missing.
             let f = sf.take().map_err(io::Error::other)?;
             let len = f.metadata()?.len();
+            if len != sf.header_len() + data_set_len {
+                return Err(io::Error::other(format!(
+                    "streamed file holds {len} bytes, not {} + {data_set_len}",
+                    sf.header_len()
+                )));
+            }
             if !series_dir.is_dir() {
                 let new_patient = !patient_dir.is_dir();
                 ensure_dir(root, &patient_dir, dirty)?;
@@ -930,9 +949,6 @@ fn write_temp(
                     write_patient_index(&patient_dir, &p.job.patient_id, n, pid, dirty)?;
                 }
                 ensure_dir(root, &series_dir, dirty)?;
-            }
-            if len < sf.header_len() {
-                return Err(io::Error::other("streamed file shorter than its header"));
             }
             return Ok((f, len));
         }
@@ -1055,7 +1071,7 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("patients")).unwrap();
         // Where the test runs on a file system with O_TMPFILE, both ways of creating files.
-        let anonymous = anonymous_files_work(&dir.join("patients"));
+        let anonymous = anonymous_files_work(&dir.join("patients"), &dir.join("patients"));
         fs::remove_dir_all(&dir).unwrap();
         for mode in [false, anonymous] {
             commit_round(
@@ -1113,5 +1129,75 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty());
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A reactor waiting for room in the queue (`submit_or_notify`) is told when a worker takes
+    /// jobs off it, whatever they are: a worker that took only writes of streamed data sets
+    /// told no one, so a store waiting on another reactor stalled until some store came by.
+    #[test]
+    fn a_reactor_waiting_for_room_is_told_when_a_worker_takes_only_writes() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::StorageConfig {
+            workers: 1,
+            queue_depth: 1,
+            ..Default::default()
+        };
+        let spaces = Arc::new(AtomicUsize::new(0));
+        let sp = spaces.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (storage, handles) = Storage::start(
+            dir.path().to_path_buf(),
+            &cfg,
+            Arc::new(|_| {}),
+            Arc::new(|_| {}),
+            Arc::new(move |_| {
+                sp.fetch_add(1, Ordering::SeqCst);
+            }),
+            stop.clone(),
+        )
+        .unwrap();
+        let meta = job("1.2.3.4", b"P").meta;
+        let Some(f) = storage.stream(&meta) else {
+            eprintln!("no O_TMPFILE here: nothing streams, nothing to test");
+            return;
+        };
+        let reply = ReplyTo {
+            reactor: 1,
+            connection: 0,
+            generation: 1,
+        };
+        let mut blocked = None;
+        let mut offset = 0;
+        for _ in 0..1000 {
+            // The queue kept full of writes; a store from reactor 1 then finds no room.
+            let _ = storage.try_submit(Job::Write(WriteJob {
+                reply,
+                token: 0,
+                file: f.clone(),
+                offset,
+                bytes: vec![7u8; 4 << 20],
+            }));
+            offset += 4 << 20;
+            if let Err(j) = storage.submit_or_notify(1, Job::Store(job("1.2.3.5", b"P"))) {
+                blocked = Some(j);
+                break;
+            }
+        }
+        let before = spaces.load(Ordering::SeqCst);
+        assert!(blocked.is_some(), "the queue was never full");
+        let told = (0..1000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            spaces.load(Ordering::SeqCst) > before
+        });
+        stop.store(true, Ordering::SeqCst);
+        drop(storage);
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert!(
+            told,
+            "the worker took the write but never said there was room"
+        );
     }
 }
