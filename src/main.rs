@@ -105,7 +105,8 @@ fn data_dir_of(
 
 fn ls(data_dir: &Path, instances: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
     use dicomgate::storage::inventory::{self, Source};
-    let (entries, segments) = inventory::pending(data_dir)?;
+    let (entries, segments) =
+        inventory::pending_except(data_dir, &dicomgate::pipeline::held_records(data_dir)?)?;
     let mut patients: BTreeMap<Vec<u8>, (usize, usize, u64)> = BTreeMap::new();
     for e in &entries {
         let p = patients.entry(e.patient_id.clone()).or_default();
@@ -192,8 +193,19 @@ fn extract(
             std::fs::copy(&f, &dest)?;
             n += 1;
         }
+        // A router-mode batch's instances that are still segment log records.
+        let batch_dir = dir.parent().unwrap_or(&dir);
+        for (rel, loc) in dicomgate::pipeline::records_of(batch_dir).unwrap_or_default() {
+            let dest = out.join(&rel);
+            if let Some(p) = dest.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            dicomgate::storage::log::read_record(&data_dir.join("log"), loc)?.write_file(&dest)?;
+            n += 1;
+        }
     } else {
-        let (entries, _) = inventory::pending(data_dir)?;
+        let (entries, _) =
+            inventory::pending_except(data_dir, &dicomgate::pipeline::held_records(data_dir)?)?;
         for e in entries.iter().filter(|e| {
             patient
                 .as_ref()

@@ -122,10 +122,13 @@ fn exported_sops(node: &Node) -> BTreeSet<String> {
 
 /// Instances waiting for their batch: own files under `patients/` and segment log records.
 fn pending_instances(node: &Node) -> usize {
-    dicomgate::storage::inventory::pending(&node.data_dir)
-        .unwrap()
-        .0
-        .len()
+    dicomgate::storage::inventory::pending_except(
+        &node.data_dir,
+        &dicomgate::pipeline::held_records(&node.data_dir).unwrap(),
+    )
+    .unwrap()
+    .0
+    .len()
 }
 
 /// 20 concurrent associations × 3 series × 50 instances; each association sends series of
@@ -951,4 +954,151 @@ fn late_arrivals_are_logged_at_info_and_counted() {
     // It waits for the rules (one instance of three): nothing more is exported.
     assert_eq!(exported_sops(&node).len(), 3);
     assert_eq!(pending_instances(&node), 1);
+}
+
+/// The data set of a Part-10 file (after its meta information).
+fn data_set_of(path: &Path) -> Vec<u8> {
+    let b = std::fs::read(path).unwrap();
+    let p = dicomgate::storage::part10::parse(&b).unwrap();
+    b[p.data_set_offset..].to_vec()
+}
+
+/// Segment log records not yet released, read from disk.
+fn live_log_records(node: &Node) -> usize {
+    dicomgate::storage::log::inspect(&node.data_dir.join("log"))
+        .unwrap()
+        .1
+        .len()
+}
+
+/// Router mode (no processing) with a `dicom` export reads the batch's small instances from
+/// the segment log instead of copying them into the batch: while the downstream is down the
+/// batch's `files/` holds no copy, nothing is pending, and the records stay in the log; a
+/// kill -9 then and a restart resume the same batch (not a second one); once the downstream
+/// is up every instance arrives byte-exact, and the records are released.
+#[test]
+fn router_export_reads_the_segment_log_and_survives_a_kill() {
+    let src = tempfile::tempdir().unwrap();
+    let files = series(
+        src.path(),
+        "ROUTER",
+        "1.2.826.0.1.3680043.10.11",
+        "1.2.826.0.1.3680043.10.11.1",
+        0,
+        6,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs_port = free_port();
+    let mut node = Node::start(&format!(
+        "[trigger]\nquiet_seconds = 0\n\
+         [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{pacs_port}\"\nae_title = \"PACS\"\n\
+         [outbox]\nattempts = 100\nfirst_delay_seconds = 0.2\nmax_delay_seconds = 0.5\n"
+    ));
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        wait_until(30, || node.log().contains("export failed; will retry")),
+        "{}",
+        node.log()
+    );
+    let batches_root = node.data_dir.join("batches");
+    let batch_dirs = || -> Vec<PathBuf> {
+        std::fs::read_dir(&batches_root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    };
+    let batches = batch_dirs();
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert!(
+        dcm_files(&batches[0].join("files")).is_empty(),
+        "no copy out of the log"
+    );
+    assert_eq!(
+        dicomgate::pipeline::records_of(&batches[0]).unwrap().len(),
+        6
+    );
+    assert_eq!(pending_instances(&node), 0, "held, not pending");
+    assert_eq!(live_log_records(&node), 6);
+    node.kill9();
+    node.restart();
+    assert!(
+        wait_until(30, || node.log().contains("resuming a batch")),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(batch_dirs(), batches, "the same batch, no second one");
+    assert_eq!(
+        pending_instances(&node),
+        0,
+        "not pending again after the restart"
+    );
+    let pacs_dir = tmp.path().join("pacs");
+    let _pacs = storescp(&pacs_dir, pacs_port, "PACS");
+    assert!(
+        wait_until(30, || node.log().contains("batch done")),
+        "{}",
+        node.log()
+    );
+    let received = files_under(&pacs_dir);
+    assert_eq!(received.len(), 6);
+    let mut sent: Vec<Vec<u8>> = files.iter().map(|f| data_set_of(f)).collect();
+    let mut got: Vec<Vec<u8>> = received.iter().map(|f| data_set_of(f)).collect();
+    sent.sort();
+    got.sort();
+    assert!(sent == got, "byte-exact data sets");
+    assert!(batch_dirs().is_empty());
+    assert_eq!(live_log_records(&node), 0, "released once exported");
+}
+
+/// A router-mode batch whose export keeps failing moves to failed/ with its instances as
+/// files (copied out of the log first), and the log lets its records go.
+#[test]
+fn failed_router_batch_keeps_its_log_instances_as_files() {
+    let src = tempfile::tempdir().unwrap();
+    let files = series(
+        src.path(),
+        "ROUTERFAIL",
+        "1.2.826.0.1.3680043.10.12",
+        "1.2.826.0.1.3680043.10.12.1",
+        0,
+        3,
+    );
+    let dead_port = free_port();
+    let node = Node::start(&format!(
+        "[trigger]\nquiet_seconds = 0\n\
+         [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{dead_port}\"\nae_title = \"PACS\"\n\
+         [outbox]\nattempts = 2\nfirst_delay_seconds = 0.1\nmax_delay_seconds = 0.2\n"
+    ));
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        wait_until(30, || node.log().contains("batch moved to failed/")),
+        "{}",
+        node.log()
+    );
+    let failed: Vec<PathBuf> = std::fs::read_dir(node.data_dir.join("failed"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(failed.len(), 1);
+    let kept = dcm_files(&failed[0].join("files"));
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    let mut sent: Vec<Vec<u8>> = files.iter().map(|f| data_set_of(f)).collect();
+    let mut got: Vec<Vec<u8>> = kept.iter().map(|f| data_set_of(f)).collect();
+    sent.sort();
+    got.sort();
+    assert!(sent == got, "byte-exact");
+    assert!(wait_until(10, || live_log_records(&node) == 0));
 }

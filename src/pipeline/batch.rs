@@ -22,6 +22,7 @@ use super::{export, now_ms, BatchInfo, Context, Job, UNMATCHED_INPUT};
 use crate::config::{EmptyOutput, ExpireAction, ExportConfig, ExportKind};
 use crate::patients::InstanceRecord;
 use crate::storage::inventory::walk_files;
+use crate::storage::log::Loc;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Manifest {
@@ -42,6 +43,17 @@ struct ManifestFile {
     /// batch is durable; a restart releases them again if that release was cut short.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     log: Vec<(u64, u64)>,
+    /// Router mode: the instance is this segment log record, never copied into `files/`. It
+    /// stays unreleased (and out of the log's index) until the batch is exported, or is copied
+    /// into the batch when it fails; not in `log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    record: Option<(u64, u64)>,
+}
+
+impl ManifestFile {
+    fn record(&self) -> Option<Loc> {
+        self.record.map(|(seq, offset)| Loc { seq, offset })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +121,9 @@ const FROM_LOG: &str = "from-log";
 
 /// Moves a claimed batch from `patients/` into `batches/<id>/`; returns the id. On an error
 /// every instance is where it was (under `patients/` or in the log), and the caller still has
-/// `records` to put back in the patient map.
+/// `records` to put back in the patient map. Instances in the segment log are copied into the
+/// batch for processing; in router mode (no processing) they are not: the batch names their
+/// records, which a `dicom` or `folder` export reads directly.
 pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> io::Result<String> {
     let patients = ctx.data_dir.join("patients");
     let id = format!(
@@ -131,7 +145,8 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
     };
     let locs = |t: &crate::storage::log::Taken| t.all().map(|l| (l.seq, l.offset)).collect();
     // Pass 1: files are moved in; instances in the log are taken out of its index, to copy.
-    let mut copies: Vec<(usize, PathBuf)> = Vec::new();
+    // (taken index, destination in files/, manifest index)
+    let mut copies: Vec<(usize, PathBuf, usize)> = Vec::new();
     for r in records {
         let Ok(rel) = r.path.strip_prefix(&patients) else {
             tracing::error!(path = %r.path.display(), "instance outside patients/ left in place");
@@ -149,7 +164,7 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
             Ok(()) => ctx.log.take(rel).map_or_else(Vec::new, |t| {
                 let l = locs(&t);
                 if log_is_newer(ctx, &t, &dest) {
-                    copies.push((taken.len(), dest.clone()));
+                    copies.push((taken.len(), dest.clone(), files.len()));
                 }
                 taken.push((rel.to_path_buf(), t));
                 l
@@ -157,7 +172,7 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
             Err(e) if e.kind() == io::ErrorKind::NotFound => match ctx.log.take(rel) {
                 Some(t) => {
                     let l = locs(&t);
-                    copies.push((taken.len(), dest));
+                    copies.push((taken.len(), dest, files.len()));
                     taken.push((rel.to_path_buf(), t));
                     l
                 }
@@ -177,7 +192,19 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
             path: rel.to_string_lossy().into_owned(),
             inputs: r.inputs,
             log,
+            record: None,
         });
+    }
+    // Router mode: each instance whose newest copy is a log record stays that record.
+    let mut kept: std::collections::HashSet<Loc> = Default::default();
+    if ctx.processor.is_none() {
+        for (ti, _, fi) in copies.drain(..) {
+            if let (Some((_, t)), Some(f)) = (taken.get(ti), files.get_mut(fi)) {
+                f.record = Some((t.latest.seq, t.latest.offset));
+                f.log = t.superseded.iter().map(|l| (l.seq, l.offset)).collect();
+                kept.insert(t.latest);
+            }
+        }
     }
     // Pass 2: the copies. Their names are made durable first (`from-log`), so that a batch
     // interrupted now is put back by deleting the copies (the records stay the instances),
@@ -185,12 +212,12 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
     if !copies.is_empty() {
         let list: String = copies
             .iter()
-            .filter_map(|(i, _)| taken.get(*i))
+            .filter_map(|(i, _, _)| taken.get(*i))
             .map(|(rel, _)| format!("{}\n", rel.display()))
             .collect();
         let copied = write_atomic(&tmp.join(FROM_LOG), list.as_bytes()).and_then(|()| {
             fs::File::open(&tmp)?.sync_all()?; // the name too, before any copy exists
-            for (i, dest) in &copies {
+            for (i, dest, _) in &copies {
                 if let Some((_, t)) = taken.get(*i) {
                     ctx.log.read(t.latest)?.write_file(dest)?;
                 }
@@ -231,7 +258,11 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
     // The batch is in place. Once that is durable, the log records it was made from are done
     // (if not, they stay taken and are released before the batch is deleted, or at a restart
     // from its manifest; a batch that did not survive a crash leaves them pending).
-    let released: Vec<crate::storage::log::Loc> = taken.iter().flat_map(|(_, t)| t.all()).collect();
+    let released: Vec<Loc> = taken
+        .iter()
+        .flat_map(|(_, t)| t.all())
+        .filter(|l| !kept.contains(l))
+        .collect();
     if let Err(e) = sync_data_dir_checked(ctx).and_then(|()| ctx.log.release(&released)) {
         tracing::warn!(batch = %id, error = %e, "could not release log records yet: they go when the batch does");
     }
@@ -239,6 +270,7 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
         batch = %id,
         patient = %manifest.patient_id,
         instances = manifest.files.len(),
+        read_from_log = kept.len(),
         "batch claimed"
     );
     Ok(id)
@@ -313,20 +345,27 @@ pub(super) fn recover(ctx: &Context) -> io::Result<Vec<Job>> {
         }
     }
     // Log records that made a batch which still exists (in batches/ or failed/) are done, even
-    // if their release was cut short by a crash.
+    // if their release was cut short by a crash. The records a router-mode batch in batches/
+    // is made of are held (out of the index, not released) until it is exported; in failed/
+    // they were copied into the batch first, so they are done too.
     let mut consumed = Vec::new();
-    for root in [batches(ctx), ctx.data_dir.join("failed")] {
+    let mut held: Vec<(PathBuf, Loc)> = Vec::new();
+    for (root, failed) in [(batches(ctx), false), (ctx.data_dir.join("failed"), true)] {
         let Ok(rd) = fs::read_dir(&root) else {
             continue;
         };
         for e in rd.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                continue; // restored above: its records were never released or held
+            }
             if let Ok(m) = read_manifest(&e.path()) {
                 for f in m.files {
-                    consumed.extend(
-                        f.log
-                            .iter()
-                            .map(|&(seq, offset)| crate::storage::log::Loc { seq, offset }),
-                    );
+                    consumed.extend(f.log.iter().map(|&(seq, offset)| Loc { seq, offset }));
+                    match f.record() {
+                        Some(r) if failed => consumed.push(r),
+                        Some(r) => held.push((PathBuf::from(&f.path), r)),
+                        None => {}
+                    }
                 }
             }
         }
@@ -337,6 +376,15 @@ pub(super) fn recover(ctx: &Context) -> io::Result<Vec<Job>> {
             tracing::info!(
                 records = n,
                 "released log records that made batches before a crash"
+            );
+        }
+    }
+    if !held.is_empty() {
+        let missing = ctx.log.hold(&held);
+        if missing > 0 {
+            tracing::warn!(
+                missing,
+                "records of a batch being exported are no longer in the log (released before a crash): that batch cannot export them"
             );
         }
     }
@@ -536,16 +584,32 @@ pub(super) fn export(ctx: &Context, id: &str) {
             return;
         }
     };
-    let source = if ctx.processor.is_some() {
-        "output"
+    let files: Vec<export::Source> = if ctx.processor.is_some() {
+        match dicom_files(&dir.join("output")) {
+            Ok(f) => f.into_iter().map(export::Source::File).collect(),
+            Err(e) => {
+                fail(ctx, id, &format!("cannot list output/: {e}"));
+                return;
+            }
+        }
     } else {
-        "files"
-    };
-    let files = match dicom_files(&dir.join(source)) {
-        Ok(f) => f,
-        Err(e) => {
-            fail(ctx, id, &format!("cannot list {source}/: {e}"));
-            return;
+        // Router mode: the batch itself, each instance from its file or its log record.
+        match read_manifest(&dir) {
+            Ok(m) => m
+                .files
+                .iter()
+                .filter_map(|f| match f.record() {
+                    Some(r) => Some(export::Source::Log(r)),
+                    None => {
+                        let p = dir.join("files").join(&f.path);
+                        is_dicom(&p).then_some(export::Source::File(p))
+                    }
+                })
+                .collect(),
+            Err(e) => {
+                fail(ctx, id, &format!("unreadable manifest: {e}"));
+                return;
+            }
         }
     };
     if files.is_empty() {
@@ -574,7 +638,7 @@ pub(super) fn export(ctx: &Context, id: &str) {
         if marker.exists() || files.is_empty() {
             continue;
         }
-        match export::run(dest, &files, ctx.config.node.ae_title.trim()) {
+        match export::run(dest, &files, ctx.config.node.ae_title.trim(), &ctx.log) {
             Ok(()) => {
                 let _ = fs::create_dir_all(dir.join("exports"))
                     .and_then(|()| write_atomic(&marker, b""));
@@ -587,18 +651,11 @@ pub(super) fn export(ctx: &Context, id: &str) {
         if !files.is_empty() {
             ctx.pipeline.stats.exported.fetch_add(1, Ordering::Relaxed);
         }
-        // The log records the batch was made from must be released before its manifest goes
-        // (if releasing failed at creation, nothing else names them): else a restart would
-        // bring them back and export them again. Releasing is idempotent.
-        if let Err(e) = read_manifest(&dir).and_then(|m| {
-            let locs: Vec<crate::storage::log::Loc> = m
-                .files
-                .iter()
-                .flat_map(|f| f.log.iter())
-                .map(|&(seq, offset)| crate::storage::log::Loc { seq, offset })
-                .collect();
-            ctx.log.release(&locs)
-        }) {
+        // The log records the batch was made from (and, in router mode, is made of) must be
+        // released before its manifest goes (if releasing failed at creation, nothing else
+        // names them): else a restart would bring them back and export them again. Releasing
+        // is idempotent.
+        if let Err(e) = read_manifest(&dir).and_then(|m| ctx.log.release(&manifest_locs(&m))) {
             tracing::error!(batch = %id, error = %e, "exported, but its log records could not be released: the batch stays until they are (restart retries)");
             return;
         }
@@ -634,14 +691,94 @@ pub(super) fn export(ctx: &Context, id: &str) {
     ctx.retry_later(delay, Job::Export { id: id.into() });
 }
 
+/// Every log record a batch's manifest names (those it was made from, and those it is made of).
+fn manifest_locs(m: &Manifest) -> Vec<Loc> {
+    m.files
+        .iter()
+        .flat_map(|f| {
+            f.log
+                .iter()
+                .map(|&(seq, offset)| Loc { seq, offset })
+                .chain(f.record())
+        })
+        .collect()
+}
+
+/// The log records a batch in `dir` is made of (router mode): (path relative to `files/`,
+/// record).
+pub fn records_of(dir: &Path) -> io::Result<Vec<(PathBuf, Loc)>> {
+    Ok(read_manifest(dir)?
+        .files
+        .iter()
+        .filter_map(|f| Some((PathBuf::from(&f.path), f.record()?)))
+        .collect())
+}
+
+/// The log records that the batches under `data_dir/batches/` are made of: not pending, though
+/// in the log.
+pub fn held_records(data_dir: &Path) -> io::Result<std::collections::HashSet<Loc>> {
+    let mut out = std::collections::HashSet::new();
+    let rd = match fs::read_dir(data_dir.join("batches")) {
+        Ok(rd) => rd,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(out)
+        }
+        Err(e) => return Err(e),
+    };
+    for e in rd.flatten() {
+        if let Ok(r) = records_of(&e.path()) {
+            out.extend(r.into_iter().map(|(_, l)| l));
+        }
+    }
+    Ok(out)
+}
+
+/// Router mode: writes each instance the batch holds as a log record into `files/`, durably, so
+/// that the batch can leave the log (to `failed/`). Then the records are only a copy.
+fn copy_records_out(ctx: &Context, dir: &Path) -> io::Result<Vec<Loc>> {
+    let m = read_manifest(dir)?;
+    let mut copied = Vec::new();
+    for f in &m.files {
+        let Some(r) = f.record() else {
+            continue;
+        };
+        let dest = dir.join("files").join(&f.path);
+        if let Some(p) = dest.parent() {
+            fs::create_dir_all(p)?;
+        }
+        ctx.log.read(r)?.write_file(&dest)?;
+        copied.push(r);
+    }
+    if !copied.is_empty() {
+        sync_data_dir_checked(ctx)?;
+    }
+    Ok(copied)
+}
+
 /// Moves a batch to `failed/<id>/` with `reason.txt`.
 fn fail(ctx: &Context, id: &str, reason: &str) {
     let failed = ctx.data_dir.join("failed");
     let dest = failed.join(id);
-    let r = fs::create_dir_all(&failed)
+    let mut copied = Vec::new();
+    let r = copy_records_out(ctx, &batches(ctx).join(id))
+        .map(|c| copied = c)
+        .and_then(|()| fs::create_dir_all(&failed))
         .and_then(|()| fs::rename(batches(ctx).join(id), &dest))
         .and_then(|()| write_atomic(&dest.join("reason.txt"), format!("{reason}\n").as_bytes()));
     ctx.pipeline.stats.failed.fetch_add(1, Ordering::Relaxed);
+    if r.is_ok() && !copied.is_empty() {
+        // Its instances are files in failed/ now (a restart releases these too if this is cut
+        // short).
+        sync_data_dir(ctx);
+        if let Err(e) = ctx.log.release(&copied) {
+            tracing::warn!(batch = %id, error = %e, "could not release the failed batch's log records yet: released at the next start");
+        }
+    }
     match r {
         Ok(()) => tracing::error!(batch = %id, %reason, "batch moved to failed/"),
         Err(e) => {

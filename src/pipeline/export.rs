@@ -1,8 +1,9 @@
 //! Export of a batch's results: C-STORE to a downstream node (`kind = "dicom"`) or a folder
 //! (`kind = "folder"`).
 //!
-//! Owns: delivering a list of Part-10 files to one destination, all or nothing from the
-//! caller's point of view (an `Err` means "retry the whole destination later"; a downstream
+//! Owns: delivering a list of instances (Part-10 files, or segment log records that a
+//! router-mode batch never copied out) to one destination, all or nothing from the caller's
+//! point of view (an `Err` means "retry the whole destination later"; a downstream
 //! receiving an instance twice replaces it, as C-STORE allows). Must never build a path from
 //! file contents without validating it (UIDs checked per PS3.5 §9.1).
 
@@ -15,7 +16,26 @@ use std::time::Duration;
 use crate::config::{ExportConfig, ExportKind};
 use crate::dimse::{scan, tags, uid::is_valid_uid};
 use crate::net::scu::{Client, Proposal, ScuOptions};
+use crate::storage::log::{Loc, Log};
 use crate::storage::part10;
+
+/// Where an instance to export is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A Part-10 file.
+    File(PathBuf),
+    /// A segment log record, read as the Part-10 file it stands for.
+    Log(Loc),
+}
+
+impl Source {
+    fn name(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Log(l) => format!("log record {}:{}", l.seq, l.offset),
+        }
+    }
+}
 
 /// A Part-10 file read for export.
 struct Part10 {
@@ -26,10 +46,13 @@ struct Part10 {
     transfer_syntax_uid: String,
 }
 
-fn read(path: &Path) -> Result<Part10, String> {
-    let bytes = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let p =
-        part10::parse(&bytes).ok_or_else(|| format!("{}: not a Part-10 file", path.display()))?;
+fn read(src: &Source, log: &Log) -> Result<Part10, String> {
+    let bytes = match src {
+        Source::File(path) => fs::read(path),
+        Source::Log(loc) => log.read(*loc).map(|i| i.part10()),
+    }
+    .map_err(|e| format!("{}: {e}", src.name()))?;
+    let p = part10::parse(&bytes).ok_or_else(|| format!("{}: not a Part-10 file", src.name()))?;
     let (sop_class_uid, sop_instance_uid) = p.data_set_sop_uids(&bytes);
     Ok(Part10 {
         data_set_offset: p.data_set_offset,
@@ -40,12 +63,13 @@ fn read(path: &Path) -> Result<Part10, String> {
     })
 }
 
-/// Delivers `files` to `dest`; `node_ae` is the default calling AE title.
-pub fn run(dest: &ExportConfig, files: &[PathBuf], node_ae: &str) -> Result<(), String> {
+/// Delivers `files` to `dest`; `node_ae` is the default calling AE title; log records are read
+/// from `log`.
+pub fn run(dest: &ExportConfig, files: &[Source], node_ae: &str, log: &Log) -> Result<(), String> {
     match dest.kind {
         ExportKind::Folder => {
             let root = dest.path.as_deref().ok_or("folder export without path")?;
-            to_folder(root, files)
+            to_folder(root, files, log)
         }
         ExportKind::Dicom => {
             let address = dest
@@ -57,19 +81,19 @@ pub fn run(dest: &ExportConfig, files: &[PathBuf], node_ae: &str) -> Result<(), 
                 .as_deref()
                 .ok_or("dicom export without ae_title")?;
             let calling = dest.calling_ae_title.as_deref().unwrap_or(node_ae);
-            to_dicom(address, called, calling, files)
+            to_dicom(address, called, calling, files, log)
         }
     }
 }
 
 /// `<root>/<Study UID>/<Series UID>/<SOP Instance UID>.dcm`, each written to a temporary name,
 /// flushed and renamed, then the directories flushed.
-pub fn to_folder(root: &Path, files: &[PathBuf]) -> Result<(), String> {
+pub fn to_folder(root: &Path, files: &[Source], log: &Log) -> Result<(), String> {
     let mut dirs = std::collections::BTreeSet::new();
     for f in files {
-        let p = read(f)?;
+        let p = read(f, log)?;
         if !is_valid_uid(p.sop_instance_uid.as_bytes()) {
-            return Err(format!("{}: invalid SOP Instance UID", f.display()));
+            return Err(format!("{}: invalid SOP Instance UID", f.name()));
         }
         let enc = crate::assoc::transfer_syntax::by_uid(p.transfer_syntax_uid.as_bytes())
             .map(|t| t.encoding);
@@ -128,12 +152,13 @@ pub fn to_dicom(
     address: &str,
     called: &str,
     calling: &str,
-    files: &[PathBuf],
+    files: &[Source],
+    log: &Log,
 ) -> Result<(), String> {
     // Group by (SOP class, transfer syntax) to build the proposals.
-    let mut by_pair: BTreeMap<(String, String), Vec<&PathBuf>> = BTreeMap::new();
+    let mut by_pair: BTreeMap<(String, String), Vec<&Source>> = BTreeMap::new();
     for f in files {
-        let p = read(f)?;
+        let p = read(f, log)?;
         by_pair
             .entry((p.sop_class_uid, p.transfer_syntax_uid))
             .or_default()
@@ -158,7 +183,7 @@ pub fn to_dicom(
             .map_err(|e| format!("{called}@{address}: {e}"))?;
         for (_, paths) in chunk {
             for f in paths {
-                let p = read(f)?;
+                let p = read(f, log)?;
                 let ds = p.bytes.get(p.data_set_offset..).unwrap_or_default();
                 let (status, comment) = client
                     .store(

@@ -43,6 +43,7 @@ use crate::dimse::scan::Scanned;
 use crate::dimse::tags;
 use crate::doorbell::Doorbell;
 use crate::patients::{Claimed, InstanceRecord, Patient, PatientMap, PatientView, Snapshot};
+pub use batch::{held_records, records_of};
 pub use process::{BatchInfo, CommandProcessor, Processor};
 use rules::Rules;
 

@@ -33,6 +33,15 @@ pub use super::log::SegmentInfo;
 
 /// Every pending instance of `data_dir` (files and log records) and the log's segments.
 pub fn pending(data_dir: &Path) -> io::Result<(Vec<Entry>, Vec<SegmentInfo>)> {
+    pending_except(data_dir, &std::collections::HashSet::new())
+}
+
+/// [`pending`], leaving out the log records in `held` (those that batches are made of: the
+/// pipeline knows which, `pipeline::held_records`).
+pub fn pending_except(
+    data_dir: &Path,
+    held: &std::collections::HashSet<Loc>,
+) -> io::Result<(Vec<Entry>, Vec<SegmentInfo>)> {
     let patients = data_dir.join("patients");
     let mut out = Vec::new();
     let mut files = Vec::new();
@@ -64,7 +73,7 @@ pub fn pending(data_dir: &Path) -> io::Result<(Vec<Entry>, Vec<SegmentInfo>)> {
     }
     let (segments, records) = log::inspect(&data_dir.join("log"))?;
     for r in records {
-        if out.iter().any(|e| e.rel == r.rel) {
+        if held.contains(&r.loc) || out.iter().any(|e| e.rel == r.rel) {
             continue; // the file is the newer copy
         }
         out.push(Entry {

@@ -145,7 +145,11 @@ impl Node {
     /// copy of its segment log record made by `storage::inventory::extract` (the node's
     /// `dicomgate extract`) under this test's directory, with the same file name.
     pub fn stored(&self) -> Vec<PathBuf> {
-        let (entries, _) = dicomgate::storage::inventory::pending(&self.data_dir).unwrap();
+        let (entries, _) = dicomgate::storage::inventory::pending_except(
+            &self.data_dir,
+            &dicomgate::pipeline::held_records(&self.data_dir).unwrap(),
+        )
+        .unwrap();
         let out = self._dir.path().join("extracted");
         entries
             .iter()
