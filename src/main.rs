@@ -200,8 +200,13 @@ fn extract(
             if let Some(p) = dest.parent() {
                 std::fs::create_dir_all(p)?;
             }
-            dicomgate::storage::log::read_record(&data_dir.join("log"), loc)?.write_file(&dest)?;
-            n += 1;
+            match dicomgate::storage::log::read_record(&data_dir.join("log"), loc) {
+                Ok(r) => {
+                    r.write_file(&dest)?;
+                    n += 1;
+                }
+                Err(e) => eprintln!("{}: not in the segment log: {e}", rel.display()),
+            }
         }
     } else {
         let (entries, _) =

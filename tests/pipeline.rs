@@ -1058,7 +1058,9 @@ fn router_export_reads_the_segment_log_and_survives_a_kill() {
 }
 
 /// A router-mode batch whose export keeps failing moves to failed/ with its instances as
-/// files (copied out of the log first), and the log lets its records go.
+/// files (copied out of the log first), and the log lets its records go; after a restart they
+/// stay gone and `dicomgate extract --batch` gives the three instances (it failed on the
+/// released records the failed manifest still named).
 #[test]
 fn failed_router_batch_keeps_its_log_instances_as_files() {
     let src = tempfile::tempdir().unwrap();
@@ -1071,7 +1073,7 @@ fn failed_router_batch_keeps_its_log_instances_as_files() {
         3,
     );
     let dead_port = free_port();
-    let node = Node::start(&format!(
+    let mut node = Node::start(&format!(
         "[trigger]\nquiet_seconds = 0\n\
          [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{dead_port}\"\nae_title = \"PACS\"\n\
          [outbox]\nattempts = 2\nfirst_delay_seconds = 0.1\nmax_delay_seconds = 0.2\n"
@@ -1101,4 +1103,32 @@ fn failed_router_batch_keeps_its_log_instances_as_files() {
     got.sort();
     assert!(sent == got, "byte-exact");
     assert!(wait_until(10, || live_log_records(&node) == 0));
+    node.kill9();
+    node.restart();
+    assert!(
+        wait_until(30, || node.log().matches("dicomgate serving").count() >= 2),
+        "{}",
+        node.log()
+    );
+    assert_eq!(live_log_records(&node), 0, "not back after a restart");
+    assert_eq!(pending_instances(&node), 0);
+    let out = tempfile::tempdir().unwrap();
+    let id = failed[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["extract", "--data-dir"])
+        .arg(&node.data_dir)
+        .args(["--batch", &id, "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert_eq!(dcm_files(out.path()).len(), 3);
 }

@@ -345,12 +345,12 @@ pub(super) fn recover(ctx: &Context) -> io::Result<Vec<Job>> {
         }
     }
     // Log records that made a batch which still exists (in batches/ or failed/) are done, even
-    // if their release was cut short by a crash. The records a router-mode batch in batches/
-    // is made of are held (out of the index, not released) until it is exported; in failed/
-    // they were copied into the batch first, so they are done too.
+    // if their release was cut short by a crash. The records a router-mode batch is made of
+    // are held (out of the index, not released) until it is exported; a failed batch names
+    // only those it could not copy out.
     let mut consumed = Vec::new();
     let mut held: Vec<(PathBuf, Loc)> = Vec::new();
-    for (root, failed) in [(batches(ctx), false), (ctx.data_dir.join("failed"), true)] {
+    for root in [batches(ctx), ctx.data_dir.join("failed")] {
         let Ok(rd) = fs::read_dir(&root) else {
             continue;
         };
@@ -361,32 +361,25 @@ pub(super) fn recover(ctx: &Context) -> io::Result<Vec<Job>> {
             if let Ok(m) = read_manifest(&e.path()) {
                 for f in m.files {
                     consumed.extend(f.log.iter().map(|&(seq, offset)| Loc { seq, offset }));
-                    match f.record() {
-                        Some(r) if failed => consumed.push(r),
-                        Some(r) => held.push((PathBuf::from(&f.path), r)),
-                        None => {}
+                    if let Some(r) = f.record() {
+                        held.push((PathBuf::from(&f.path), r));
                     }
                 }
             }
         }
     }
-    if !consumed.is_empty() {
-        let n = ctx.log.release_consumed(&consumed)?;
-        if n > 0 {
-            tracing::info!(
-                records = n,
-                "released log records that made batches before a crash"
-            );
-        }
+    let (released, missing) = ctx.log.recover_batches(&consumed, &held)?;
+    if released > 0 {
+        tracing::info!(
+            records = released,
+            "released log records that made batches before a crash"
+        );
     }
-    if !held.is_empty() {
-        let missing = ctx.log.hold(&held);
-        if missing > 0 {
-            tracing::warn!(
-                missing,
-                "records of a batch being exported are no longer in the log (released before a crash): that batch cannot export them"
-            );
-        }
+    if missing > 0 {
+        tracing::warn!(
+            missing,
+            "records a batch is made of are no longer in the log: that batch cannot export them and will be moved to failed/"
+        );
     }
     remove_empty_dirs(&ctx.data_dir.join("patients"));
     Ok(jobs)
@@ -465,6 +458,42 @@ pub(super) fn process(ctx: &Context, id: &str) {
     };
     if state.stage == Stage::Processing {
         if let Some(processor) = &ctx.processor {
+            // A batch made in router mode, resumed with processing configured since: its
+            // records become files first (processing reads files).
+            let manifest = if manifest.files.iter().any(|f| f.record.is_some()) {
+                match copy_records_out(ctx, &dir) {
+                    Ok((copied, problems)) if problems.is_empty() => {
+                        if let Err(e) = ctx.log.release(&copied) {
+                            tracing::warn!(batch = %id, error = %e, "could not release copied records yet");
+                        }
+                        match read_manifest(&dir) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                fail(ctx, id, &format!("unreadable batch state: {e}"));
+                                return;
+                            }
+                        }
+                    }
+                    Ok((_, problems)) => {
+                        fail(
+                            ctx,
+                            id,
+                            &format!(
+                                "instances missing from the segment log: {}",
+                                problems.join("; ")
+                            ),
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(batch = %id, error = %e, "cannot copy the batch's records out for processing");
+                        ctx.retry_later(ctx.backoff(1), Job::Process { id: id.into() });
+                        return;
+                    }
+                }
+            } else {
+                manifest
+            };
             let names: Vec<String> = ctx.pipeline.rules.input_names().map(String::from).collect();
             let prepared = input_files(&dir, &manifest, &names).and_then(|inputs| {
                 let out = dir.join("output");
@@ -655,7 +684,11 @@ pub(super) fn export(ctx: &Context, id: &str) {
         // released before its manifest goes (if releasing failed at creation, nothing else
         // names them): else a restart would bring them back and export them again. Releasing
         // is idempotent.
-        if let Err(e) = read_manifest(&dir).and_then(|m| ctx.log.release(&manifest_locs(&m))) {
+        // The markers durable first: a restart must not export a released record again.
+        if let Err(e) = sync_data_dir_checked(ctx)
+            .and_then(|()| read_manifest(&dir))
+            .and_then(|m| ctx.log.release(&manifest_locs(&m)))
+        {
             tracing::error!(batch = %id, error = %e, "exported, but its log records could not be released: the batch stays until they are (restart retries)");
             return;
         }
@@ -738,36 +771,67 @@ pub fn held_records(data_dir: &Path) -> io::Result<std::collections::HashSet<Loc
     Ok(out)
 }
 
-/// Router mode: writes each instance the batch holds as a log record into `files/`, durably, so
-/// that the batch can leave the log (to `failed/`). Then the records are only a copy.
-fn copy_records_out(ctx: &Context, dir: &Path) -> io::Result<Vec<Loc>> {
-    let m = read_manifest(dir)?;
+/// Writes each instance the batch in `dir` holds as a log record (router mode) into `files/`,
+/// durably, then rewrites the manifest so that those records are only what the batch was made
+/// from (`log`, released at a restart if not before). Returns the records copied, for the
+/// caller to release once the batch is where it stays, and what could not be copied (those
+/// stay named as `record`, held and never released).
+fn copy_records_out(ctx: &Context, dir: &Path) -> io::Result<(Vec<Loc>, Vec<String>)> {
+    let mut m = read_manifest(dir)?;
     let mut copied = Vec::new();
-    for f in &m.files {
+    let mut problems = Vec::new();
+    for f in &mut m.files {
         let Some(r) = f.record() else {
             continue;
         };
         let dest = dir.join("files").join(&f.path);
-        if let Some(p) = dest.parent() {
-            fs::create_dir_all(p)?;
+        let w = dest
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|()| ctx.log.read(r))
+            .and_then(|i| i.write_file(&dest));
+        match w {
+            Ok(_) => {
+                f.log.push((r.seq, r.offset));
+                f.record = None;
+                copied.push(r);
+            }
+            Err(e) => problems.push(format!("{}: {e}", f.path)),
         }
-        ctx.log.read(r)?.write_file(&dest)?;
-        copied.push(r);
     }
     if !copied.is_empty() {
+        // The copies' names first, then the manifest that stops naming their records.
+        sync_data_dir_checked(ctx)?;
+        let text = toml::to_string(&m).map_err(io::Error::other)?;
+        write_atomic(&dir.join("batch.toml"), text.as_bytes())?;
         sync_data_dir_checked(ctx)?;
     }
-    Ok(copied)
+    Ok((copied, problems))
 }
 
 /// Moves a batch to `failed/<id>/` with `reason.txt`.
 fn fail(ctx: &Context, id: &str, reason: &str) {
     let failed = ctx.data_dir.join("failed");
     let dest = failed.join(id);
-    let mut copied = Vec::new();
-    let r = copy_records_out(ctx, &batches(ctx).join(id))
-        .map(|c| copied = c)
-        .and_then(|()| fs::create_dir_all(&failed))
+    // Its instances that are log records become files first. Whatever happens there, the
+    // batch is moved aside with its reason (what could not be copied stays held in the log).
+    let (copied, problems) = match copy_records_out(ctx, &batches(ctx).join(id)) {
+        Ok(c) => c,
+        Err(e) => (
+            Vec::new(),
+            vec![format!("its log records could not be copied out: {e}")],
+        ),
+    };
+    let reason = if problems.is_empty() {
+        reason.to_string()
+    } else {
+        format!(
+            "{reason}\nnot copied out of the segment log: {}",
+            problems.join("; ")
+        )
+    };
+    let reason = reason.as_str();
+    let r = fs::create_dir_all(&failed)
         .and_then(|()| fs::rename(batches(ctx).join(id), &dest))
         .and_then(|()| write_atomic(&dest.join("reason.txt"), format!("{reason}\n").as_bytes()));
     ctx.pipeline.stats.failed.fetch_add(1, Ordering::Relaxed);

@@ -173,7 +173,7 @@ pub struct Log {
     done: Arc<dyn Fn(StoreDone) + Send + Sync>,
     stop: Arc<AtomicBool>,
     /// Compaction moves records; it waits until start-up recovery has matched the records that
-    /// batches consumed by their locations ([`Log::release_consumed`]).
+    /// batches consumed by their locations ([`Log::recover_batches`]).
     compaction: AtomicBool,
 }
 
@@ -683,11 +683,23 @@ impl Log {
     }
 
     /// Whether the segments take at most twice the live bytes plus two segments.
+    /// Whether the segments take at most twice their live bytes plus two segments, leaving out
+    /// segments pinned by records out of the index (held by router-mode batches): compaction
+    /// cannot free those, and counting them would make it copy the same records forever.
     fn within_bound(&self) -> bool {
         let inner = lock(&self.inner);
-        let total = inner.segments.len() as u64 * self.segment_bytes;
-        let live: u64 = inner.segments.values().map(|s| s.live_bytes).sum();
-        total <= 2 * live + 2 * self.segment_bytes
+        let active = inner.active.as_ref().map(|a| a.seq);
+        let referenced: HashSet<u64> = inner
+            .index
+            .values()
+            .flat_map(|t| t.all().map(|l| l.seq).collect::<Vec<_>>())
+            .collect();
+        let counted = inner
+            .segments
+            .iter()
+            .filter(|(seq, s)| Some(**seq) == active || s.live == 0 || referenced.contains(seq));
+        let (n, live) = counted.fold((0u64, 0u64), |(n, l), (_, s)| (n + 1, l + s.live_bytes));
+        n * self.segment_bytes <= 2 * live + 2 * self.segment_bytes
     }
 
     /// Compaction's re-append of `inst`, the record at `old`: done only while `old` is still the
@@ -780,44 +792,6 @@ impl Log {
                 inner.index.insert(rel, taken);
             }
         }
-    }
-
-    /// At start-up: takes out of the index the records that batches are made of (router mode:
-    /// `held` = their identity and record), so that they are not pending again; they stay
-    /// unreleased until their batch releases them. A newer record of the same instance stays
-    /// pending. Returns how many were no longer there (released already).
-    pub fn hold(&self, held: &[(PathBuf, Loc)]) -> usize {
-        let mut missing = 0;
-        let mut stale = Vec::new();
-        {
-            let mut inner = lock(&self.inner);
-            for (rel, loc) in held {
-                if !inner.sizes.contains_key(loc) {
-                    missing += 1;
-                    continue;
-                }
-                let newest = match inner.index.get_mut(rel) {
-                    Some(t) if t.latest == *loc => true,
-                    Some(t) => {
-                        t.superseded.retain(|l| l != loc);
-                        false
-                    }
-                    None => false,
-                };
-                if newest {
-                    if let Some(t) = inner.index.remove(rel) {
-                        // Older than the batch's record and named by no batch: done.
-                        stale.extend(t.superseded);
-                    }
-                }
-            }
-        }
-        if !stale.is_empty() {
-            if let Err(e) = self.release(&stale) {
-                tracing::warn!(error = %e, "could not release superseded records yet");
-            }
-        }
-        missing
     }
 
     /// Every indexed instance: (identity, newest record), in log order.
@@ -916,22 +890,43 @@ impl Log {
     }
 
     /// At start-up: releases the records named by batches that were made (their manifests list
-    /// them) before their release became durable.
-    pub fn release_consumed(&self, locs: &[Loc]) -> io::Result<usize> {
-        let set: HashSet<Loc> = locs.iter().copied().collect();
+    /// them) before their release became durable, and takes out of the index the records that
+    /// batches are made of (`held`: router mode, identity and record), so that they are not
+    /// pending again; those stay unreleased until their batch releases them. A record in `held`
+    /// is never released here, whatever else names it (a re-sent instance may have one record
+    /// held by one batch and a newer one consumed or held by another). A newer record of a held
+    /// instance stays pending. Returns (records released, held records no longer in the log).
+    pub fn recover_batches(
+        &self,
+        consumed: &[Loc],
+        held: &[(PathBuf, Loc)],
+    ) -> io::Result<(usize, usize)> {
+        let consumed: HashSet<Loc> = consumed.iter().copied().collect();
+        let held_set: HashSet<Loc> = held.iter().map(|(_, l)| *l).collect();
         let mut hit = Vec::new();
+        let mut missing = 0;
         {
             let mut inner = lock(&self.inner);
+            missing += held_set
+                .iter()
+                .filter(|l| !inner.sizes.contains_key(l))
+                .count();
             inner.index.retain(|_, t| {
+                // Held records leave the index wherever they are in it.
+                t.superseded.retain(|l| !held_set.contains(l));
                 t.superseded.retain(|l| {
-                    let h = set.contains(l);
+                    let h = consumed.contains(l);
                     if h {
                         hit.push(*l);
                     }
                     !h
                 });
-                if set.contains(&t.latest) {
-                    hit.push(t.latest);
+                let latest_held = held_set.contains(&t.latest);
+                if latest_held || consumed.contains(&t.latest) {
+                    if !latest_held {
+                        hit.push(t.latest);
+                    }
+                    // Older than a record a batch took: no batch needs them.
                     hit.append(&mut t.superseded);
                     false
                 } else {
@@ -939,8 +934,9 @@ impl Log {
                 }
             });
         }
+        hit.retain(|l| !held_set.contains(l));
         self.release(&hit)?;
-        Ok(hit.len())
+        Ok((hit.len(), missing))
     }
 
     fn free_empty_segments(&self) {
@@ -1411,11 +1407,6 @@ mod tests {
         o.close();
     }
 
-    /// Issue 10's space bound: under a churn of patients that complete (their records taken and
-    /// released) and a few that linger, the segments on disk stay within twice the live bytes
-    /// (plus the active segment and one more) once compaction runs, where without it every
-    /// segment a lingering record landed in stays; the lingering instances survive compaction
-    /// and a restart byte-exact.
     /// A record taken and held for long (a router-mode batch waiting for its downstream) pins its
     /// segment, which then is the sparsest: compaction must go on with the other segments
     /// (it stopped at the first segment with nothing to move, so space grew with the churn).
@@ -1455,6 +1446,103 @@ mod tests {
         o.close();
     }
 
+    /// Router-mode batches hold records out of the index; a re-sent instance can have an older
+    /// record held by one batch and a newer one held (or consumed) by another. Recovery took
+    /// the newest out of the index and released every older record with it, including the
+    /// one the first batch still needed (it could then never export nor be moved aside).
+    #[test]
+    fn recovery_never_releases_a_record_another_batch_holds() {
+        for (case, consumed_newer) in [(0, false), (1, false), (2, true)] {
+            let base = tempfile::tempdir().unwrap();
+            let dir = base.path().join("log");
+            let o = open(&dir, Durability::Fsync);
+            let (j, rel, dest) = job(1, b"RESENT");
+            o.log.append(vec![(j, rel.clone(), dest.clone())]);
+            let first = o.log.take(&rel).unwrap().latest; // batch 1 holds it
+            let (j, _, _) = job(1, b"RESENT");
+            o.log.append(vec![(j, rel.clone(), dest)]); // re-sent: pending again
+            let newer = o.log.take(&rel).unwrap().latest; // batch 2 takes it
+            assert!(wait(|| o.acks.load(Ordering::SeqCst) == 2));
+            o.close();
+            let o = open(&dir, Durability::Fsync);
+            let (consumed, mut held) = if consumed_newer {
+                (vec![newer], vec![(rel.clone(), first)])
+            } else {
+                (vec![], vec![(rel.clone(), first), (rel.clone(), newer)])
+            };
+            if case == 1 {
+                held.reverse();
+            }
+            o.log.recover_batches(&consumed, &held).unwrap();
+            assert!(o.log.live().is_empty(), "case {case}: nothing pending");
+            let live = if consumed_newer { 1 } else { 2 };
+            assert_eq!(
+                o.log.stats().live_records,
+                live,
+                "case {case}: held records kept"
+            );
+            assert!(o.log.read(first).is_ok());
+            o.close();
+            let o = open(&dir, Durability::Fsync);
+            assert_eq!(o.log.stats().live_records, live, "case {case}: durably");
+            o.close();
+        }
+    }
+
+    /// Segments pinned by held records cannot be freed: counting them in the space bound made
+    /// compaction copy the same pending records again and again.
+    #[test]
+    fn compaction_leaves_segments_pinned_by_held_records_out_of_its_bound() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let o = open(&dir, Durability::None);
+        let mut n = 0u32;
+        let mut held = Vec::new();
+        let mut pending = 0;
+        for s in 0..20u32 {
+            let (j, rel, d) = job(n, format!("HELD{s}").as_bytes());
+            n += 1;
+            o.log.append(vec![(j, rel.clone(), d)]);
+            held.push(o.log.take(&rel).unwrap());
+            // Pending records, 12 KiB each (about four segments' worth in all), in the same
+            // segments as the held ones.
+            for _ in 0..1 + s % 2 {
+                let (mut j, rel, d) = job(n, b"PENDING");
+                j.data_set = vec![7; 12 << 10];
+                o.log.append(vec![(j, rel, d)]);
+                n += 1;
+                pending += 1;
+            }
+            let mut filler = Vec::new();
+            for _ in 0..60 {
+                let (mut j, rel, d) = job(n, format!("FILL{s}").as_bytes());
+                j.data_set = vec![1; 800];
+                filler.push((j, rel, d));
+                n += 1;
+            }
+            let rels: Vec<PathBuf> = filler.iter().map(|(_, r, _)| r.clone()).collect();
+            o.log.append(filler);
+            for r in rels {
+                let t = o.log.take(&r).unwrap();
+                o.log.release(&t.all().collect::<Vec<_>>()).unwrap();
+            }
+        }
+        let moved: usize = (0..8).map(|_| o.log.compact().unwrap()).sum();
+        assert!(
+            moved <= 2 * pending,
+            "moved {moved} records for {pending} pending"
+        );
+        for h in &held {
+            assert!(o.log.read(h.latest).is_ok());
+        }
+        o.close();
+    }
+
+    /// Issue 10's space bound: under a churn of patients that complete (their records taken and
+    /// released) and a few that linger, the segments on disk stay within twice the live bytes
+    /// (plus the active segment and one more) once compaction runs, where without it every
+    /// segment a lingering record landed in stays; the lingering instances survive compaction
+    /// and a restart byte-exact.
     #[test]
     fn compaction_keeps_space_within_twice_the_live_bytes_under_churn() {
         let base = tempfile::tempdir().unwrap();
@@ -1532,7 +1620,7 @@ mod tests {
         o.close();
         assert!(new.seq > old.seq, "old {old:?} new {new:?}");
         let o = open(&dir, Durability::None);
-        assert_eq!(o.log.release_consumed(&[old]).unwrap(), 0);
+        assert_eq!(o.log.recover_batches(&[old], &[]).unwrap().0, 0);
         assert_eq!(o.log.live().len(), 1, "the new instance stays pending");
         o.close();
     }
