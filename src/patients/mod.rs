@@ -236,8 +236,6 @@ pub struct Patient {
     evaluate: AtomicBool,
     /// The checker's own memo: the last arrival time it evaluated on the quiet trigger.
     pub quiet_evaluated_ms: AtomicU64,
-    /// The map's collector, so a patient dropped last by any thread retires its batch there.
-    collector: crossbeam_epoch::Collector,
 }
 
 impl std::fmt::Debug for Patient {
@@ -253,9 +251,8 @@ impl std::fmt::Debug for Patient {
 }
 
 impl Patient {
-    fn new(key: &[u8], now_ms: u64, collector: crossbeam_epoch::Collector) -> Patient {
+    fn new(key: &[u8], now_ms: u64) -> Patient {
         Patient {
-            collector,
             key: key.into(),
             current: Atomic::new(Batch::new(0)),
             next_seq: AtomicU64::new(1),
@@ -272,8 +269,9 @@ impl Patient {
 
     fn batch<'g>(&self, guard: &'g Guard) -> &'g Batch {
         let b = self.current.load(Ordering::Acquire, guard);
-        // SAFETY: `current` is never null (invariant) and a batch is retired through `guard`'s
-        // collector only after it was replaced, so it outlives this pin.
+        // SAFETY: `current` is never null (invariant); a batch is retired through `guard`'s
+        // collector only after it was replaced, so it outlives this pin, and the current one
+        // is freed by `Patient::drop` only, which cannot run while `&self` is borrowed.
         unsafe { b.deref() }
     }
 
@@ -305,10 +303,12 @@ impl Patient {
                         guard,
                     ) {
                         Ok(pushed) => {
-                            // SAFETY: just published by us; a node is freed only by the batch's
-                            // drop or through the collector after a claim, both after `guard`
-                            // unpins (freeing at the claim was a use-after-free
-                            // that `tests/patients_stress.rs` caught as a SIGSEGV).
+                            // SAFETY: just published by us; a node is freed only through the
+                            // collector after a claim (after `guard` unpins; freeing at the
+                            // claim was a use-after-free that `tests/patients_stress.rs` caught
+                            // as a SIGSEGV) or by its batch's drop, which runs after the batch
+                            // was retired through the collector or in `Patient::drop`, which
+                            // cannot run while `&self` is borrowed.
                             let r = &unsafe { pushed.deref() }.record;
                             b.snapshot.rcu(|s| {
                                 let mut n = Snapshot::clone(s);
@@ -454,15 +454,23 @@ impl Patient {
 }
 
 impl Drop for Patient {
+    /// Frees the current batch at once, without the epoch collector: a patient is often dropped
+    /// by the collector itself (its last `Arc` sits in a retired bucket), and a drop that pinned
+    /// a participant there ran a collection that dropped the next patient, and so on, until the
+    /// stack overflowed (issue 11 (1), `mass_retirement_does_not_overflow_the_stack`).
     fn drop(&mut self) {
-        // SAFETY: we have the last Arc, so `current` is reachable by nobody through this
-        // patient; a reader may still be pinned on a batch it loaded before dropping its Arc,
-        // so the batch goes through the collector rather than being freed here.
+        // SAFETY: `&mut self` on the last `Arc`: no thread holds a reference to this patient,
+        // so none is inside one of its methods, and those are the only code that loads
+        // `current` or reads the batch and its nodes (every reference to a batch is confined
+        // to the patient method that loaded it; nothing public borrows from a batch). Batches
+        // this patient replaced were retired through the collector when replaced and are not
+        // reachable from `current`. So the batch is exclusively ours: made by `Owned::new`,
+        // freed once here (its drop frees the nodes still on its stack).
         unsafe {
-            let g = &self.collector.register().pin();
-            let b = self.current.load(Ordering::Acquire, g);
+            let g = crossbeam_epoch::unprotected();
+            let b = self.current.load(Ordering::Relaxed, g);
             if !b.is_null() {
-                g.defer_destroy(b);
+                drop(b.into_owned());
             }
         }
     }
@@ -479,8 +487,9 @@ pub struct PatientMap {
     buckets: Box<[Atomic<Bucket>]>,
     hasher: RandomState,
     len: AtomicUsize,
-    /// crossbeam-epoch's default collector in production; a private one under loom, where each
-    /// model execution needs its own.
+    /// A private collector under loom, where each model execution needs its own (production
+    /// uses crossbeam-epoch's default collector).
+    #[cfg(dicomgate_loom)]
     collector: crossbeam_epoch::Collector,
 }
 
@@ -510,8 +519,6 @@ impl PatientMap {
             len: AtomicUsize::new(0),
             #[cfg(dicomgate_loom)]
             collector: crossbeam_epoch::Collector::new(),
-            #[cfg(not(dicomgate_loom))]
-            collector: crossbeam_epoch::default_collector().clone(),
         }
     }
 
@@ -564,7 +571,7 @@ impl PatientMap {
                 return p.clone();
             }
             let p = fresh
-                .get_or_insert_with(|| Arc::new(Patient::new(key, now_ms, self.collector.clone())))
+                .get_or_insert_with(|| Arc::new(Patient::new(key, now_ms)))
                 .clone();
             let mut v = Vec::with_capacity(b.patients.len() + 1);
             v.extend(b.patients.iter().cloned());
@@ -765,5 +772,60 @@ mod tests {
         assert_eq!(m.patients(&g).len(), 200);
         assert!(m.get(b"P77", &g).is_some());
         assert!(m.get(b"nope", &g).is_none());
+    }
+
+    /// Issue 11 (1): `Patient::drop` registered an epoch participant and pinned it; its first
+    /// pin ran a collection, which dropped the next retired patient, whose drop pinned and
+    /// collected again: 100,000 empty patients retired before one collection overflowed a
+    /// 2 MiB stack (the checker's and ingest's). The overflow aborts the process, so the work
+    /// runs in a child process (this test binary again, filtered to this test).
+    #[test]
+    fn mass_retirement_does_not_overflow_the_stack() {
+        const CHILD: &str = "DICOMGATE_MASS_RETIREMENT_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(retire_many_then_collect)
+                .unwrap()
+                .join()
+                .unwrap();
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "patients::tests::mass_retirement_does_not_overflow_the_stack",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "the child retiring 100,000 patients on a 2 MiB stack died ({}): {}",
+            out.status,
+            stderr.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+        );
+        // The child really ran the test (a filter that matched nothing would also succeed).
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("1 passed"), "child: {stdout}");
+    }
+
+    /// Retires 100,000 empty patients while one pin keeps every retired bucket (each holding
+    /// the last `Arc` of its patient) queued, then lets the collector run.
+    fn retire_many_then_collect() {
+        let map = PatientMap::new(4096);
+        let hold = map.pin();
+        for i in 0..100_000u32 {
+            let p = map.get_or_insert(&i.to_le_bytes(), 0, &hold);
+            assert!(map.remove_if_empty(&p, &hold));
+        }
+        assert!(map.is_empty());
+        drop(hold);
+        for _ in 0..16 {
+            map.pin().flush();
+        }
     }
 }
