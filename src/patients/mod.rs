@@ -34,6 +34,27 @@
 //!   `null` to `null|RETIRED`, then unlinked from its bucket; a writer racing with it either
 //!   pushed first (the CAS fails, nothing is removed) or sees `RETIRED` and retries on the map.
 //!
+//! # Guards
+//!
+//! Every method that reads shared memory takes a [`MapGuard`], and [`PatientMap::pin`] is the
+//! only way to make one: a pin of the current thread on crossbeam-epoch's default collector,
+//! which every map uses for every retirement (under loom that collector is per model
+//! execution, through `loom::lazy_static`). So every guard a map is given is on the collector
+//! its frees go to and its readers are pinned on, by construction: there is nothing to check
+//! at run time, and a guard from any other `Collector` does not type-check (issue 11 (2); the
+//! map used to take any `&crossbeam_epoch::Guard`). papaya instead lets each map own a
+//! collector and verifies `guard.collector()` on every call; one collector for all maps makes
+//! that check, and its panic, unnecessary.
+//!
+//! Why a caller-held guard rather than pinning inside each call: the hot path is ingest's
+//! insert, and ingest pins once per drain round of up to 1,024 instances. A pin costs a
+//! `SeqCst` fence, and every 128th pin of a thread runs a collection; a caller-held guard pays
+//! that once per round instead of once per instance (or per nested pin). A guard cannot
+//! outlive its thread (`MapGuard` is not `Send`) nor lend anything
+//! out: what the methods return is owned (`Arc<Patient>`, `PatientView`, `Claimed`). The cost
+//! of holding one is the caller's to bound: keep a pin short (the checker pins per patient),
+//! as no memory any thread retires meanwhile is freed until it goes.
+//!
 //! Memory orderings: pushes publish with `Release` and heads are read with `Acquire`, so the
 //! claimer sees every record it takes; bucket and batch pointers likewise. Counters that only
 //! feed triggers (`last_arrival_ms`, `open_associations`) use `AcqRel`/`Acquire` too: they are off
@@ -281,8 +302,9 @@ impl Patient {
         &self,
         record: InstanceRecord,
         now_ms: u64,
-        guard: &Guard,
+        guard: &MapGuard,
     ) -> Result<(), Retired> {
+        let guard = guard.epoch();
         let mut node = Owned::new(Node {
             record,
             next: Atomic::null(),
@@ -347,8 +369,8 @@ impl Patient {
         self.last_arrival_ms.fetch_max(now_ms, Ordering::AcqRel);
     }
 
-    pub fn view(&self, guard: &Guard) -> PatientView {
-        let b = self.batch(guard);
+    pub fn view(&self, guard: &MapGuard) -> PatientView {
+        let b = self.batch(guard.epoch());
         PatientView {
             batch_seq: b.seq,
             state: b.state.load(Ordering::Acquire),
@@ -360,7 +382,8 @@ impl Patient {
 
     /// Claims batch `seq` if it is still the current, collecting batch: exactly one caller
     /// wins. The winner gets every record pushed before its claim.
-    pub fn claim(&self, seq: u64, guard: &Guard) -> Option<Claimed> {
+    pub fn claim(&self, seq: u64, guard: &MapGuard) -> Option<Claimed> {
+        let guard = guard.epoch();
         let shared_batch = self.current.load(Ordering::Acquire, guard);
         // SAFETY: as in `batch()`.
         let b = unsafe { shared_batch.deref() };
@@ -426,7 +449,8 @@ impl Patient {
                 .is_ok()
     }
 
-    pub fn is_retired(&self, guard: &Guard) -> bool {
+    pub fn is_retired(&self, guard: &MapGuard) -> bool {
+        let guard = guard.epoch();
         self.batch(guard).head.load(Ordering::Acquire, guard).tag() == RETIRED
     }
 
@@ -481,16 +505,36 @@ struct Bucket {
     patients: Vec<Arc<Patient>>,
 }
 
+/// The current thread pinned on the epoch collector every [`PatientMap`] shares (module doc,
+/// "Guards"). Made only by [`PatientMap::pin`]; every map and patient method that reads shared
+/// memory takes one. Not `Send`: it pins the thread that made it.
+pub struct MapGuard {
+    // Invariant: pinned on crossbeam-epoch's default collector (made only by `PatientMap::pin`,
+    // the field is private), and never unpinned or repinned while the `MapGuard` lives: that
+    // takes `&mut Guard` (`repin`, `repin_after`), which this module never makes; `epoch()`
+    // lends `&Guard` to this module's code only.
+    guard: Guard,
+}
+
+impl MapGuard {
+    /// The pin, for this module's raw code.
+    fn epoch(&self) -> &Guard {
+        &self.guard
+    }
+}
+
+impl std::fmt::Debug for MapGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapGuard").finish_non_exhaustive()
+    }
+}
+
 /// The concurrent map from grouping key (Patient ID by default) to patient.
 pub struct PatientMap {
     // Invariant: every slot is non-null from construction to drop.
     buckets: Box<[Atomic<Bucket>]>,
     hasher: RandomState,
     len: AtomicUsize,
-    /// A private collector under loom, where each model execution needs its own (production
-    /// uses crossbeam-epoch's default collector).
-    #[cfg(dicomgate_loom)]
-    collector: crossbeam_epoch::Collector,
 }
 
 impl std::fmt::Debug for PatientMap {
@@ -517,20 +561,15 @@ impl PatientMap {
                 .collect(),
             hasher: RandomState::new(),
             len: AtomicUsize::new(0),
-            #[cfg(dicomgate_loom)]
-            collector: crossbeam_epoch::Collector::new(),
         }
     }
 
-    /// Pins the current thread for a map operation.
-    pub fn pin(&self) -> Guard {
-        #[cfg(dicomgate_loom)]
-        {
-            self.collector.register().pin()
-        }
-        #[cfg(not(dicomgate_loom))]
-        {
-            crossbeam_epoch::pin()
+    /// Pins the current thread for map and patient operations: the only way to get the guard
+    /// they take. Hold it for a bounded piece of work (a drain round, one patient of a sweep):
+    /// while any thread holds one, nothing retired since is freed, for every map.
+    pub fn pin(&self) -> MapGuard {
+        MapGuard {
+            guard: crossbeam_epoch::pin(),
         }
     }
 
@@ -556,13 +595,14 @@ impl PatientMap {
     }
 
     /// The patient for `key`, if present.
-    pub fn get(&self, key: &[u8], guard: &Guard) -> Option<Arc<Patient>> {
-        let (_, b) = Self::bucket(self.slot(key), guard);
+    pub fn get(&self, key: &[u8], guard: &MapGuard) -> Option<Arc<Patient>> {
+        let (_, b) = Self::bucket(self.slot(key), guard.epoch());
         b.patients.iter().find(|p| &*p.key == key).cloned()
     }
 
     /// The patient for `key`, created if absent. Lock-free: a CAS on the key's bucket.
-    pub fn get_or_insert(&self, key: &[u8], now_ms: u64, guard: &Guard) -> Arc<Patient> {
+    pub fn get_or_insert(&self, key: &[u8], now_ms: u64, guard: &MapGuard) -> Arc<Patient> {
+        let guard = guard.epoch();
         let slot = self.slot(key);
         let mut fresh: Option<Arc<Patient>> = None;
         loop {
@@ -597,7 +637,7 @@ impl PatientMap {
         key: &[u8],
         mut record: InstanceRecord,
         now_ms: u64,
-        guard: &Guard,
+        guard: &MapGuard,
     ) -> Arc<Patient> {
         loop {
             let p = self.get_or_insert(key, now_ms, guard);
@@ -605,14 +645,15 @@ impl PatientMap {
                 Ok(()) => return p,
                 Err(Retired(r)) => {
                     record = r;
-                    self.unlink(&p, guard);
+                    self.unlink(&p, guard.epoch());
                 }
             }
         }
     }
 
     /// Removes `patient` if its open batch is empty (nothing pending). Returns whether it did.
-    pub fn remove_if_empty(&self, patient: &Arc<Patient>, guard: &Guard) -> bool {
+    pub fn remove_if_empty(&self, patient: &Arc<Patient>, guard: &MapGuard) -> bool {
+        let guard = guard.epoch();
         if !patient.retire(guard) {
             return false;
         }
@@ -648,7 +689,8 @@ impl PatientMap {
     }
 
     /// Every patient now in the map (a moment's view; writers go on meanwhile).
-    pub fn patients(&self, guard: &Guard) -> Vec<Arc<Patient>> {
+    pub fn patients(&self, guard: &MapGuard) -> Vec<Arc<Patient>> {
+        let guard = guard.epoch();
         let mut out = Vec::with_capacity(self.len());
         for slot in self.buckets.iter() {
             let (_, b) = Self::bucket(slot, guard);
@@ -673,6 +715,32 @@ impl Drop for PatientMap {
         }
     }
 }
+
+/// Issue 11 (2), use-after-free from safe code: every map method took any
+/// `&crossbeam_epoch::Guard` and deferred its frees through it, so a guard pinned on another
+/// collector (safe to make) had the map free memory its readers, pinned on the map's collector,
+/// still used. Such a guard does not compile as a map guard:
+///
+/// ```compile_fail,E0308
+/// use dicomgate::patients::PatientMap;
+/// let map = PatientMap::new(16);
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// let p = map.get_or_insert(b"P", 0, &foreign);
+/// map.remove_if_empty(&p, &foreign);
+/// ```
+///
+/// while the same calls with the map's own guard do (so the test above fails for that reason):
+///
+/// ```
+/// use dicomgate::patients::PatientMap;
+/// let map = PatientMap::new(16);
+/// let _foreign = crossbeam_epoch::Collector::new().register().pin();
+/// let own = map.pin();
+/// let p = map.get_or_insert(b"P", 0, &own);
+/// assert!(map.remove_if_empty(&p, &own));
+/// ```
+#[cfg(doctest)]
+pub fn foreign_guard_use_after_free_does_not_compile() {}
 
 #[cfg(all(test, not(dicomgate_loom)))]
 mod tests {
@@ -825,7 +893,7 @@ mod tests {
         assert!(map.is_empty());
         drop(hold);
         for _ in 0..16 {
-            map.pin().flush();
+            map.pin().epoch().flush();
         }
     }
 }

@@ -42,8 +42,10 @@ use crate::config::Config;
 use crate::dimse::scan::Scanned;
 use crate::dimse::tags;
 use crate::doorbell::Doorbell;
-use crate::patients::{Claimed, InstanceRecord, Patient, PatientMap, PatientView, Snapshot};
 pub use batch::{held_records, records_of};
+use crate::patients::{
+    Claimed, InstanceRecord, MapGuard, Patient, PatientMap, PatientView, Snapshot,
+};
 pub use process::{BatchInfo, CommandProcessor, Processor};
 use rules::Rules;
 
@@ -716,7 +718,7 @@ fn claim_expired(
     v: &PatientView,
     now: u64,
     expire_ms: u64,
-    g: &crossbeam_epoch::Guard,
+    g: &MapGuard,
 ) -> Option<Claimed> {
     let idle = |v: &PatientView| {
         v.open_associations == 0 && now.saturating_sub(v.last_arrival_ms) >= expire_ms
@@ -746,7 +748,7 @@ fn claim_expired(
 
 /// Claims batch `seq` of `patient` for processing; returns whether it was handed to the
 /// workers.
-fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, g: &crossbeam_epoch::Guard) -> bool {
+fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, g: &MapGuard) -> bool {
     let p = &ctx.pipeline;
     let Some(c) = patient.claim(seq, g) else {
         return false;
