@@ -688,6 +688,33 @@ impl PatientMap {
         }
     }
 
+    /// Calls `f` on every patient in the map (each patient in it from the start to the end of
+    /// the sweep is visited once; one inserted or removed meanwhile may or may not be), with a
+    /// guard pinned for that patient alone. So a sweep, however many patients it visits and
+    /// whatever `f` does (claims, rollbacks), holds back the reclamation of what other threads
+    /// retire for at most one patient's work (issue 11 (4): the checker held one pin for its
+    /// whole sweep). Patients are gathered a chunk of buckets at a time under a short pin of
+    /// their own.
+    pub fn for_each_patient(&self, mut f: impl FnMut(&Arc<Patient>, &MapGuard)) {
+        const CHUNK: usize = 256; // patients gathered per pin, so a sparse map needs few pins
+        let mut chunk: Vec<Arc<Patient>> = Vec::with_capacity(CHUNK);
+        let mut next = 0;
+        while next < self.buckets.len() {
+            {
+                let g = self.pin();
+                while next < self.buckets.len() && chunk.len() < CHUNK {
+                    let (_, b) = Self::bucket(&self.buckets[next], g.epoch());
+                    chunk.extend(b.patients.iter().cloned());
+                    next += 1;
+                }
+            }
+            for p in chunk.drain(..) {
+                let g = self.pin();
+                f(&p, &g);
+            }
+        }
+    }
+
     /// Every patient now in the map (a moment's view; writers go on meanwhile).
     pub fn patients(&self, guard: &MapGuard) -> Vec<Arc<Patient>> {
         let guard = guard.epoch();
@@ -894,6 +921,66 @@ mod tests {
         drop(hold);
         for _ in 0..16 {
             map.pin().epoch().flush();
+        }
+    }
+
+    /// Issue 11 (4): the checker held one pin for a whole sweep (claims, rollbacks and
+    /// snapshots included), so nothing any thread retired during the sweep could be freed
+    /// before it ended. Here a writer retires a claimed record while a sweep over 1,000
+    /// patients is under way, then collects once per patient the sweep visits; the record must
+    /// be freed before the sweep ends. No clock: the writer gets a bounded number of rounds.
+    #[test]
+    fn checker_sweep_does_not_hold_back_reclamation() {
+        let map = Arc::new(PatientMap::new(64));
+        {
+            let g = map.pin();
+            for i in 0..1000 {
+                map.insert(format!("P{i}").as_bytes(), rec("1", "2", 1), 0, &g);
+            }
+        }
+        // A rendezvous: each round of the writer waits for the sweep to take its result.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bool>(0);
+        let mut writer = None;
+        let mut seen = 0usize;
+        let mut freed_at = None;
+        map.for_each_patient(|_, _| {
+            seen += 1;
+            if seen == 10 {
+                let (m, tx) = (map.clone(), tx.clone());
+                writer = Some(std::thread::spawn(move || retire_then_collect(&m, &tx)));
+            } else if seen > 10 && freed_at.is_none() {
+                // One collection round of the writer per patient swept.
+                if rx.recv() == Ok(true) {
+                    freed_at = Some(seen);
+                }
+            }
+        });
+        drop((tx, rx)); // the writer's next send fails: it stops
+        writer.unwrap().join().unwrap();
+        assert!(seen >= 1000, "the sweep saw {seen} patients");
+        assert!(
+            freed_at.is_some(),
+            "a record retired during the sweep was still not freed when it ended"
+        );
+    }
+
+    /// Inserts a record and claims it (its node goes to the collector), then runs a collection
+    /// per round and reports whether the record is freed yet, until it is or the sweep ends.
+    fn retire_then_collect(map: &PatientMap, tx: &std::sync::mpsc::SyncSender<bool>) {
+        let r = rec("retired-by-the-writer", "2", 1);
+        let alive = Arc::downgrade(&r.sop_instance_uid);
+        {
+            let g = map.pin();
+            let p = map.insert(b"W", r, 0, &g);
+            let c = p.claim(p.view(&g).batch_seq, &g);
+            assert_eq!(c.map(|c| c.records.len()), Some(1));
+        } // the claimed copy is gone; the node's record is the last strong reference
+        loop {
+            map.pin().epoch().flush();
+            let freed = alive.upgrade().is_none();
+            if tx.send(freed).is_err() || freed {
+                return;
+            }
         }
     }
 }

@@ -400,7 +400,8 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
     let mut files = Vec::new();
     crate::storage::inventory::walk_files(&root, &mut files)?;
     let map = &ctx.pipeline.map;
-    let g = map.pin();
+    // A pin per instance, not around the file reads: a pin held across the whole recovery
+    // would keep every bucket copy it retires until the end.
     let mut instances = 0usize;
     for path in &files {
         if path.extension().is_none_or(|x| x != "dcm") {
@@ -410,7 +411,7 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             tracing::warn!(path = %path.display(), "unreadable instance left in place");
             continue;
         };
-        map.insert(&arrival.key, arrival.record, mtime, &g)
+        map.insert(&arrival.key, arrival.record, mtime, &map.pin())
             .request_evaluation();
         instances += 1;
     }
@@ -456,7 +457,7 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
         let (key, mut record) = ctx.pipeline.describe(&values);
         record.path = path;
         record.bytes = crate::storage::part10::file_len(&inst.file_meta(), inst.data_set.len());
-        map.insert(&key, record, inst.meta.received_ms, &g)
+        map.insert(&key, record, inst.meta.received_ms, &map.pin())
             .request_evaluation();
         instances += 1;
     }
@@ -611,19 +612,23 @@ fn checker(
     while !ctx.shutdown.load(Ordering::Acquire) {
         let _ = bell.recv_timeout(interval);
         let now = now_ms();
-        let g = p.map.pin();
         // Batches that could not be set aside (batch::create failed): back to collecting, as
         // arriving now, and evaluated again after the outbox's first delay.
         while let Ok((key, records)) = given_back.try_recv() {
             recent.remove(&key);
-            for r in records {
-                p.map.insert(&key, r, now, &g);
+            {
+                let g = p.map.pin();
+                for r in records {
+                    p.map.insert(&key, r, now, &g);
+                }
             }
             ctx.retry_later(ctx.backoff(1), Job::Evaluate { key });
         }
         recent.retain(|_, r| now.saturating_sub(r.claimed_ms) < late_ms);
-        for patient in p.map.patients(&g) {
-            let v = patient.view(&g);
+        // One pin per patient (issue 11 (4)): a sweep over many patients, with its claims and
+        // rollbacks, never holds back the reclamation of what ingest retires meanwhile.
+        p.map.for_each_patient(|patient, g| {
+            let v = patient.view(g);
             if let Some(r) = recent.get_mut(patient.key()) {
                 if v.snapshot.instances > r.counted {
                     let new = v.snapshot.instances - r.counted;
@@ -647,9 +652,9 @@ fn checker(
             if v.snapshot.instances == 0 {
                 if v.open_associations == 0 {
                     patient.take_evaluation_request();
-                    p.map.remove_if_empty(&patient, &g);
+                    p.map.remove_if_empty(patient, g);
                 }
-                continue;
+                return;
             }
             let requested = patient.take_evaluation_request();
             let quiet = quiet_ms > 0
@@ -664,7 +669,7 @@ fn checker(
             if requested || quiet {
                 match p.rules.sufficient(&v.snapshot) {
                     Ok(()) => {
-                        if claim(ctx, &patient, v.batch_seq, &g) {
+                        if claim(ctx, patient, v.batch_seq, g) {
                             let late = recent
                                 .insert(
                                     patient.key().to_vec(),
@@ -681,7 +686,7 @@ fn checker(
                     }
                     Err(why) => tracing::debug!(patient = %key, %why, "not sufficient yet"),
                 }
-            } else if let Some(c) = claim_expired(&p.map, &patient, &v, now, expire_ms, &g) {
+            } else if let Some(c) = claim_expired(&p.map, patient, &v, now, expire_ms, g) {
                 tracing::warn!(
                     patient = %key,
                     instances = c.records.len(),
@@ -695,7 +700,7 @@ fn checker(
                     records: c.records,
                 });
             }
-        }
+        });
     }
 }
 
