@@ -167,6 +167,9 @@ pub struct Log {
     inner: Mutex<Inner>,
     flush_queue: Mutex<VecDeque<FlushItem>>,
     flush_bell: Doorbell,
+    // Invariant: true while one thread runs flush rounds (rounds never overlap: a round's
+    // directory flush must be done before a later round acknowledges a record it covers).
+    flushing: AtomicBool,
     /// A segment name was created since the last flush: the flusher also flushes `log/`.
     dir_dirty: AtomicBool,
     prepare_bell: Doorbell,
@@ -266,6 +269,7 @@ impl Log {
             inner: Mutex::new(inner),
             flush_queue: Mutex::new(VecDeque::new()),
             flush_bell: Doorbell::new(),
+            flushing: AtomicBool::new(false),
             dir_dirty: AtomicBool::new(false),
             prepare_bell: Doorbell::new(),
             done,
@@ -357,7 +361,34 @@ impl Log {
                 }
             }
         } else {
-            self.flush_bell.ring();
+            // Leader/follower group commit (PostgreSQL's WAL flush): the appender flushes
+            // itself unless a round is running, whose leader then takes these records in its
+            // next round. One thread hop fewer on the acknowledgement path than a flusher
+            // thread woken per round.
+            self.lead_flush();
+        }
+    }
+
+    /// Runs flush rounds until the queue is empty, unless another thread is running them.
+    fn lead_flush(&self) {
+        while self
+            .flushing
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            loop {
+                let items: Vec<FlushItem> = lock(&self.flush_queue).drain(..).collect();
+                if items.is_empty() {
+                    break;
+                }
+                self.flush_round(items);
+            }
+            self.flushing.store(false, Ordering::SeqCst);
+            // Records queued after the last drain but before the store: their appender's
+            // compare_exchange may have failed; take them unless someone else leads now.
+            if lock(&self.flush_queue).is_empty() {
+                return;
+            }
         }
     }
 
@@ -494,20 +525,24 @@ impl Log {
         Ok(())
     }
 
-    /// The flusher thread: one `fdatasync` per segment touched since its last round, then the
-    /// acknowledgements of everything that round covered.
+    /// The flusher thread: a backstop that leads a round when records wait and no appender
+    /// does (appenders lead their own rounds, [`Log::lead_flush`]).
     fn flusher(&self) {
         loop {
-            let items: Vec<FlushItem> = lock(&self.flush_queue).drain(..).collect();
-            if items.is_empty() {
-                if self.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                self.flush_bell.wait(Duration::from_millis(100), || {
-                    !lock(&self.flush_queue).is_empty()
-                });
-                continue;
+            if lock(&self.flush_queue).is_empty() && self.stop.load(Ordering::Acquire) {
+                return;
             }
+            self.flush_bell.wait(Duration::from_millis(100), || false);
+            if !lock(&self.flush_queue).is_empty() {
+                self.lead_flush();
+            }
+        }
+    }
+
+    /// One round: one `fdatasync` per segment the items are in (and the log directory when a
+    /// segment was created), then the acknowledgements of everything the round covered.
+    fn flush_round(&self, items: Vec<FlushItem>) {
+        {
             let mut synced: Vec<(Arc<File>, Option<String>)> = Vec::new();
             for it in &items {
                 if !synced.iter().any(|(f, _)| Arc::ptr_eq(f, &it.file)) {
