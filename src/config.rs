@@ -48,6 +48,10 @@ pub struct NodeConfig {
     /// Transfer syntax UIDs in order of preference when a context proposes several; proposed
     /// syntaxes not listed follow in the requestor's order.
     pub transfer_syntax_preference: Vec<String>,
+    /// On SIGTERM or SIGINT: how long open associations and running processing may go on
+    /// before they are cut (A-ABORT; the processing's process group killed, its batch resumed at
+    /// the next start).
+    pub drain_seconds: f64,
 }
 
 impl Default for NodeConfig {
@@ -63,6 +67,7 @@ impl Default for NodeConfig {
                 EXPLICIT_VR_LITTLE_ENDIAN.into(),
                 IMPLICIT_VR_LITTLE_ENDIAN.into(),
             ],
+            drain_seconds: 30.0,
         }
     }
 }
@@ -401,6 +406,12 @@ impl Config {
                     "node.transfer_syntax_preference: unknown transfer syntax {uid}"
                 ));
             }
+        }
+        if !(0.0..=86_400.0).contains(&self.node.drain_seconds) {
+            return err(format!(
+                "node.drain_seconds = {} must be between 0 and 86400 (seconds)",
+                self.node.drain_seconds
+            ));
         }
         let l = &self.limits;
         if l.max_pdu_length < 4096 {

@@ -270,10 +270,28 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 print!("{}", toml::to_string(&cfg)?);
                 return Ok(ExitCode::SUCCESS);
             }
+            let drain = std::time::Duration::from_secs_f64(cfg.node.drain_seconds);
+            // Before the node starts: a signal in between is not lost.
+            let mut signals = signal_hook::iterator::Signals::new([
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGINT,
+            ])?;
             let node = dicomgate::net::start(cfg)?;
             // Tests and scripts read the bound address from this line.
             println!("listening on {}", node.local_addr);
-            node.wait();
+            let first = signals.forever().next();
+            tracing::info!(
+                signal = first,
+                "stop requested: draining (a second signal stops at once)"
+            );
+            std::thread::spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    tracing::warn!(signal = sig, "second signal: stopping at once");
+                    dicomgate::pipeline::kill_running_processing();
+                    std::process::exit(1);
+                }
+            });
+            node.drain(drain);
             Ok(ExitCode::SUCCESS)
         }
         Command::Echo {

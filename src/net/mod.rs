@@ -101,6 +101,11 @@ pub struct Shared {
     pub associations: AssociationLimits,
     pub connections: AtomicUsize,
     pub shutdown: AtomicBool,
+    /// Set by [`NodeHandle::drain`]: the acceptor stops, and each reactor ends once its last
+    /// association is done.
+    pub draining: AtomicBool,
+    /// Reactor threads still running.
+    pub reactors_running: AtomicUsize,
     pub pipeline: Arc<Pipeline>,
     pub next_association: AtomicU64,
 }
@@ -141,6 +146,20 @@ pub struct NodeHandle {
     mailboxes: Arc<Vec<Mailbox>>,
     threads: Vec<JoinHandle<()>>,
     pipeline_shutdown: Arc<AtomicBool>,
+    /// Held until the node has stopped.
+    _lock: crate::storage::DataDirLock,
+}
+
+/// What a graceful stop ([`NodeHandle::drain`]) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections open when the drain began.
+    pub open_at_start: usize,
+    /// Connections still open at the deadline, aborted.
+    pub cut: usize,
+    /// The pipeline was still busy at the deadline (processing interrupted, resumed at the
+    /// next start).
+    pub pipeline_cut: bool,
 }
 
 impl NodeHandle {
@@ -149,18 +168,74 @@ impl NodeHandle {
         self.stop();
     }
 
+    /// A graceful stop (SIGTERM): no new associations; open ones may finish, and the pipeline
+    /// (processing, export) may go on, until both are done or `within` has passed; then what is
+    /// left is cut as [`NodeHandle::shutdown`] does: associations get an A-ABORT (every store
+    /// acknowledged so far stays durable), running processing has its process group killed and
+    /// its batch resumes at the next start.
+    pub fn drain(mut self, within: std::time::Duration) -> Drained {
+        let deadline = std::time::Instant::now() + within;
+        let open_at_start = self.shared.connections.load(Ordering::Acquire);
+        self.shared.draining.store(true, Ordering::Release);
+        self.unblock_accept();
+        for m in self.mailboxes.iter() {
+            m.wake();
+        }
+        tracing::info!(
+            open_associations = open_at_start,
+            drain_seconds = within.as_secs_f64(),
+            "draining: no new associations; open ones and running processing may finish"
+        );
+        // Idle for a few checks in a row: an association's close may still trigger a claim.
+        let mut idle_checks = 0;
+        let pipeline_cut = loop {
+            let idle = self.shared.reactors_running.load(Ordering::Acquire) == 0
+                && self.shared.pipeline.is_idle();
+            idle_checks = if idle { idle_checks + 1 } else { 0 };
+            if idle_checks >= 4 {
+                break false;
+            }
+            if std::time::Instant::now() >= deadline {
+                break !self.shared.pipeline.is_idle();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let cut = self.shared.connections.load(Ordering::Acquire);
+        if cut > 0 || pipeline_cut {
+            tracing::warn!(
+                associations_aborted = cut,
+                processing_interrupted = pipeline_cut,
+                "drain deadline reached: cutting what is left (interrupted batches resume at the next start)"
+            );
+        }
+        self.stop();
+        tracing::info!(
+            associations_finished = open_at_start.saturating_sub(cut),
+            associations_aborted = cut,
+            "stopped"
+        );
+        Drained {
+            open_at_start,
+            cut,
+            pipeline_cut,
+        }
+    }
+
+    fn unblock_accept(&self) {
+        let mut a = self.local_addr;
+        if a.ip().is_unspecified() {
+            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let _ = TcpStream::connect(a);
+    }
+
     fn stop(&mut self) {
         self.shared.shutdown.store(true, Ordering::Release);
         self.pipeline_shutdown.store(true, Ordering::Release);
         for m in self.mailboxes.iter() {
             m.wake();
         }
-        // Unblock accept().
-        let mut a = self.local_addr;
-        if a.ip().is_unspecified() {
-            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        let _ = TcpStream::connect(a);
+        self.unblock_accept();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -199,7 +274,17 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     config
         .validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.0))?;
-    let listener = TcpListener::bind(config.node.listen)?;
+    // Before anything reads or recovers the data directory: one node per directory.
+    let lock = crate::storage::lock_data_dir(&config.node.data_dir)?;
+    let listener = TcpListener::bind(config.node.listen).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot listen on {} ([node] listen): {e}",
+                config.node.listen
+            ),
+        )
+    })?;
     let local_addr = listener.local_addr()?;
     let n = config.reactor_count();
     let mut polls = Vec::with_capacity(n);
@@ -279,6 +364,8 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         ),
         connections: AtomicUsize::new(0),
         shutdown: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        reactors_running: AtomicUsize::new(n),
         budget: budget::Budget::new(config.limits.max_buffered_bytes),
         storage,
         config,
@@ -296,6 +383,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
                         core_affinity::set_for_current(c);
                     }
                     reactor::run(i, poll, &mailboxes, &shared);
+                    shared.reactors_running.fetch_sub(1, Ordering::AcqRel);
                 })?,
         );
     }
@@ -322,6 +410,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         mailboxes,
         threads,
         pipeline_shutdown,
+        _lock: lock,
     })
 }
 
@@ -331,7 +420,9 @@ fn accept_loop(listener: TcpListener, mailboxes: &[Mailbox], shared: &Shared) {
         let (stream, peer) = match listener.accept() {
             Ok(s) => s,
             Err(e) => {
-                if shared.shutdown.load(Ordering::Acquire) {
+                if shared.shutdown.load(Ordering::Acquire)
+                    || shared.draining.load(Ordering::Acquire)
+                {
                     return;
                 }
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -340,8 +431,8 @@ fn accept_loop(listener: TcpListener, mailboxes: &[Mailbox], shared: &Shared) {
                 continue;
             }
         };
-        if shared.shutdown.load(Ordering::Acquire) {
-            return;
+        if shared.shutdown.load(Ordering::Acquire) || shared.draining.load(Ordering::Acquire) {
+            return; // the listener closes with this thread: no new associations
         }
         let open = shared.connections.load(Ordering::Acquire);
         if open >= shared.config.limits.max_connections {

@@ -139,6 +139,13 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
             r.close_all();
             return;
         }
+        if shared.draining.load(Ordering::Acquire)
+            && r.conns.iter().all(Option::is_none)
+            && r.overflow.is_empty()
+            && r.mailbox.new_connections.is_empty()
+        {
+            return; // drained: every association of this reactor is done
+        }
         let timeout = r.next_timeout();
         if let Err(e) = r.poll.poll(&mut events, timeout) {
             if e.kind() != io::ErrorKind::Interrupted {

@@ -30,7 +30,7 @@ pub mod rules;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,11 +42,13 @@ use crate::config::Config;
 use crate::dimse::scan::Scanned;
 use crate::dimse::tags;
 use crate::doorbell::Doorbell;
-pub use batch::{held_records, records_of};
 use crate::patients::{
     Claimed, InstanceRecord, MapGuard, Patient, PatientMap, PatientView, Snapshot,
 };
-pub use process::{BatchInfo, CommandProcessor, Processor};
+pub use batch::{held_records, records_of};
+pub use process::{
+    kill_running as kill_running_processing, BatchInfo, CommandProcessor, Processor,
+};
 use rules::Rules;
 
 /// The input folder of instances kept although no `[[input]]` accepts them.
@@ -112,6 +114,9 @@ pub struct Pipeline {
     pub wanted_tags: Vec<u32>,
     pub group_tag: u32,
     pub stats: Arc<Stats>,
+    /// Jobs handed to the workers and not yet finished (due retries included once they are
+    /// due): with empty queues, zero means the pipeline is idle ([`Pipeline::is_idle`]).
+    active: AtomicUsize,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -126,6 +131,12 @@ impl std::fmt::Debug for Pipeline {
 }
 
 impl Pipeline {
+    /// Nothing to ingest from the reactors and no job running or waiting for a worker (retries
+    /// scheduled for later do not count): what a draining node waits for.
+    pub fn is_idle(&self) -> bool {
+        self.active.load(Ordering::Acquire) == 0 && self.queues.iter().all(ArrayQueue::is_empty)
+    }
+
     /// After [`Pipeline::push`] gave an event back: asks to be told (the `room` callback given
     /// to [`start`]) when ingest next takes events off this reactor's queue, then tries once
     /// more, so the reactor can sleep without polling. Store-fence-load against
@@ -323,6 +334,7 @@ pub fn start(
         wanted_tags: wanted,
         group_tag,
         stats: Arc::new(Stats::default()),
+        active: AtomicUsize::new(0),
     });
     let processor: Option<Arc<dyn Processor>> = processor.or_else(|| {
         config
@@ -348,7 +360,7 @@ pub fn start(
     // that had not become durable), pending instances re-enter the map.
     let resumed = batch::recover(&ctx)?;
     for j in resumed {
-        let _ = ctx.jobs.send(j);
+        ctx.send_job(j);
     }
     recover_patients(&ctx)?;
     // Locations in manifests are matched: the log may move records from now on.
@@ -695,7 +707,7 @@ fn checker(
                 if let Some(r) = recent.get_mut(patient.key()) {
                     r.counted = 0; // what comes next is counted afresh
                 }
-                let _ = ctx.jobs.send(Job::Expire {
+                ctx.send_job(Job::Expire {
                     key: patient.key().to_vec(),
                     records: c.records,
                 });
@@ -772,7 +784,7 @@ fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, g: &MapGuard) -> bool 
         return false;
     }
     p.stats.claimed.fetch_add(1, Ordering::Relaxed);
-    let _ = ctx.jobs.send(Job::Claimed {
+    ctx.send_job(Job::Claimed {
         key: patient.key().to_vec(),
         records: c.records,
     });
@@ -787,7 +799,7 @@ fn scheduler(ctx: &Context, rx: Receiver<(Duration, Job)>) {
         let now = Instant::now();
         while heap.peek().is_some_and(|t| t.due <= now) {
             if let Some(t) = heap.pop() {
-                let _ = ctx.jobs.send(t.job);
+                ctx.send_job(t.job);
             }
         }
         let wait = heap
@@ -827,8 +839,16 @@ fn worker(ctx: &Context, rx: Receiver<Job>) {
         if ctx.shutdown.load(Ordering::Acquire) {
             // Left on disk: a claimed batch not yet moved is still under patients/, others
             // are in batches/ with their state; the next start resumes them.
+            ctx.pipeline.active.fetch_sub(1, Ordering::AcqRel);
             return;
         }
+        run_job(ctx, job);
+        ctx.pipeline.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn run_job(ctx: &Context, job: Job) {
+    {
         match job {
             Job::Claimed { key, records } => match batch::create(ctx, &key, &records) {
                 Ok(id) => batch::process(ctx, &id),
@@ -862,6 +882,14 @@ fn worker(ctx: &Context, rx: Receiver<Job>) {
 }
 
 impl Context {
+    /// Hands `job` to the workers, counted in [`Pipeline::is_idle`] until it is done.
+    fn send_job(&self, job: Job) {
+        self.pipeline.active.fetch_add(1, Ordering::AcqRel);
+        if self.jobs.send(job).is_err() {
+            self.pipeline.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Schedules `job` after `delay` (the outbox's backoff).
     fn retry_later(&self, delay: Duration, job: Job) {
         let _ = self.later.send((delay, job));

@@ -54,6 +54,19 @@ impl CommandProcessor {
     }
 }
 
+/// Process groups of the processing commands running now, so that a node told to stop at once
+/// (a second SIGTERM) leaves none behind.
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Kills the process group of every processing command running now (their batches resume at
+/// the next start).
+pub fn kill_running() {
+    let pids = RUNNING.lock().map(|r| r.clone()).unwrap_or_default();
+    for pid in pids {
+        kill_group(pid);
+    }
+}
+
 fn kill_group(pid: u32) {
     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
@@ -78,6 +91,10 @@ impl Processor for CommandProcessor {
             .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot start {program}: {e}"))?;
+        let pid = child.id();
+        if let Ok(mut r) = RUNNING.lock() {
+            r.push(pid);
+        }
         let mut readers = Vec::new();
         for (stream, name) in [
             (
@@ -127,6 +144,9 @@ impl Processor for CommandProcessor {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        if let Ok(mut r) = RUNNING.lock() {
+            r.retain(|&p| p != pid);
+        }
         // The group is gone or finished; the readers end at EOF. (A grandchild that left the
         // group and kept the pipes open would hold them: we do not wait for it.)
         for r in readers {

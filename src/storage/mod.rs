@@ -413,6 +413,48 @@ impl Storage {
     }
 }
 
+/// One node per data directory: an exclusive `flock` on `<data_dir>/LOCK`, held while the
+/// node runs (the kernel lets go when the process ends, however it ends). The file holds the
+/// holder's PID, for the message a second node gets.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+/// Takes the data directory's lock, creating the directory; refused (naming the holder's PID)
+/// while another process holds it.
+pub fn lock_data_dir(data_dir: &Path) -> io::Result<DataDirLock> {
+    use rustix::fs::{flock, FlockOperation};
+    fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("LOCK");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {
+            file.set_len(0)?;
+            writeln!(file, "{}", std::process::id())?;
+            Ok(DataDirLock { _file: file })
+        }
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "data directory {} is in use by another dicomgate (pid {}): stop it, or give \
+                     this node another [node] data_dir",
+                    data_dir.display(),
+                    holder.trim()
+                ),
+            ))
+        }
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
 /// Removes temporary files a crash left behind: they were never acknowledged.
 pub fn recover(data_dir: &Path) -> io::Result<usize> {
     let mut removed = 0;

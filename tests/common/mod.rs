@@ -89,6 +89,32 @@ impl Node {
         }
     }
 
+    /// Sends `sig` to the node (SIGTERM: a graceful stop).
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// Waits up to `secs` for the node to exit; its exit status, or `None` if it is still
+    /// running.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if std::time::Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// The node's config file.
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("dicomgate.toml")
+    }
+
     /// SIGKILL, no shutdown: what a crash or power loss leaves behind.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
