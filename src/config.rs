@@ -338,7 +338,11 @@ impl Default for OutboxConfig {
     }
 }
 
-/// Parses "14d", "12h", "90m", "30s" or a number of seconds.
+/// The longest duration any setting may name: ten years. Longer ones would overflow
+/// `Duration::from_secs_f64` or `Instant + Duration` (a panic in a node thread).
+pub const MAX_SECONDS: f64 = 315_360_000.0;
+
+/// Parses "14d", "12h", "90m", "30s" or a number of seconds (at most [`MAX_SECONDS`]).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let (num, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
@@ -357,7 +361,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "d" => 86400.0,
         _ => return None,
     };
-    Some(Duration::from_secs_f64(n * mult))
+    let secs = n * mult;
+    (secs <= MAX_SECONDS).then(|| Duration::from_secs_f64(secs))
 }
 
 /// A configuration that cannot be used.
@@ -371,6 +376,28 @@ impl std::fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// Where `program` is, as `Command` would find it: a path (containing `/`) as given, else the
+/// first match in `PATH`; it must be an executable regular file.
+fn find_executable(program: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let ok = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return match std::fs::metadata(&p) {
+            Err(e) => Err(format!("cannot be run: {e}")),
+            Ok(_) if !ok(&p) => Err("is not an executable file: chmod +x it".into()),
+            Ok(_) => Ok(p),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| ok(p))
+        .ok_or_else(|| "is not found in PATH: give its full path".to_string())
+}
 
 fn valid_ae(ae: &str) -> bool {
     let t = ae.trim();
@@ -407,7 +434,8 @@ impl Config {
                 ));
             }
         }
-        if !(0.0..=86_400.0).contains(&self.node.drain_seconds) {
+        if !(0.0..=86_400.0).contains(&self.node.drain_seconds) || self.node.drain_seconds.is_nan()
+        {
             return err(format!(
                 "node.drain_seconds = {} must be between 0 and 86400 (seconds)",
                 self.node.drain_seconds
@@ -454,16 +482,38 @@ impl Config {
         self.group_by_tag().map_err(ConfigError)?;
         if parse_duration(&self.patients.expire_after).is_none() {
             return err(format!(
-                "patients.expire_after {:?}: use e.g. \"14d\", \"12h\", \"30s\"",
+                "patients.expire_after {:?}: use e.g. \"14d\", \"12h\", \"30s\" (at most ten years)",
                 self.patients.expire_after
             ));
         }
-        let finite = |x: f64| x.is_finite() && x >= 0.0;
-        if !finite(self.trigger.quiet_seconds)
-            || !finite(self.outbox.first_delay_seconds)
-            || !finite(self.outbox.max_delay_seconds)
+        let finite = |x: f64| x.is_finite() && (0.0..=MAX_SECONDS).contains(&x);
+        for (field, x) in [
+            ("trigger.quiet_seconds", self.trigger.quiet_seconds),
+            (
+                "outbox.first_delay_seconds",
+                self.outbox.first_delay_seconds,
+            ),
+            ("outbox.max_delay_seconds", self.outbox.max_delay_seconds),
+        ] {
+            if !finite(x) {
+                return err(format!(
+                    "{field} = {x}: give a number of seconds from 0 to {MAX_SECONDS} (ten years)"
+                ));
+            }
+        }
+        if self.trigger.late_arrival_seconds as f64 > MAX_SECONDS
+            || self.trigger.check_interval_ms as f64 > MAX_SECONDS * 1000.0
         {
-            return err("durations must be finite and not negative".into());
+            return err(
+                "trigger.late_arrival_seconds and trigger.check_interval_ms must be at most ten years"
+                    .into(),
+            );
+        }
+        if let Some(i) = self.inputs.iter().find(|i| i.min_instances == 0) {
+            return err(format!(
+                "input {:?}: min_instances = 0: a batch has at least one instance; use 1 or more",
+                i.name
+            ));
         }
         if self.outbox.attempts == 0 || self.outbox.workers == 0 {
             return err("outbox.attempts and outbox.workers must be at least 1".into());
@@ -472,8 +522,14 @@ impl Config {
             if p.command.is_empty() {
                 return err("processing.command must name a program".into());
             }
-            if !finite(p.timeout_seconds) || p.timeout_seconds == 0.0 || p.attempts == 0 {
-                return err("processing.timeout_seconds and attempts must be positive".into());
+            if !finite(p.timeout_seconds) || p.timeout_seconds == 0.0 {
+                return err(format!(
+                    "processing.timeout_seconds = {}: give a number of seconds above 0, at most {MAX_SECONDS}",
+                    p.timeout_seconds
+                ));
+            }
+            if p.attempts == 0 {
+                return err("processing.attempts must be at least 1".into());
             }
         }
         for (i, e) in self.exports.iter().enumerate() {
@@ -496,6 +552,74 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// What the configuration works on outside itself, checked at start-up: the processing
+    /// command is an executable program, each `dicom` export's address resolves (HOST:PORT),
+    /// each folder export's path is a writable directory (created if missing), the data
+    /// directory is not a file. Each error names the field and what to do.
+    pub fn check_environment(&self) -> Result<(), ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        if self.node.data_dir.exists() && !self.node.data_dir.is_dir() {
+            return err(format!(
+                "node.data_dir {}: is not a directory: name a directory (it is created if missing)",
+                self.node.data_dir.display()
+            ));
+        }
+        if let Some(p) = &self.processing {
+            if let Some(program) = p.command.first() {
+                if let Err(why) = find_executable(program) {
+                    return err(format!("processing.command: {program:?} {why}"));
+                }
+            }
+        }
+        for (i, e) in self.exports.iter().enumerate() {
+            match e.kind {
+                ExportKind::Dicom => {
+                    let a = e.address.as_deref().unwrap_or_default();
+                    if let Err(why) = std::net::ToSocketAddrs::to_socket_addrs(a)
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut it| {
+                            it.next()
+                                .map(|_| ())
+                                .ok_or_else(|| "no address".to_string())
+                        })
+                    {
+                        return err(format!(
+                            "export {i}: address {a:?} does not resolve ({why}): give HOST:PORT"
+                        ));
+                    }
+                }
+                ExportKind::Folder => {
+                    let Some(path) = &e.path else { continue };
+                    let probe = path.join(format!(".dicomgate-probe.{}", std::process::id()));
+                    let w = std::fs::create_dir_all(path)
+                        .and_then(|()| std::fs::write(&probe, b""))
+                        .and_then(|()| std::fs::remove_file(&probe));
+                    if let Err(why) = w {
+                        return err(format!(
+                            "export {i}: path {} is not a writable directory ({why})",
+                            path.display()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Settings that work but probably do not do what was meant, for a start-up warning.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.trigger.quiet_seconds == 0.0 && !self.trigger.on_association_close {
+            w.push(
+                "trigger.quiet_seconds = 0 and trigger.on_association_close = false: no trigger \
+                 can fire, so no batch is ever processed (a store-only node); only \
+                 patients.expire_after removes data"
+                    .to_string(),
+            );
+        }
+        w
     }
 
     /// The compiled `[[input]]` rules.
@@ -706,5 +830,128 @@ ae_title = "PACS"
         assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
         assert_eq!(parse_duration("3w"), None);
         assert_eq!(parse_duration("-1s"), None);
+    }
+
+    fn refused(toml: &str) -> String {
+        Config::from_toml(toml).map_or_else(|e| e.0, |_| format!("accepted: {toml}"))
+    }
+
+    /// Issue 11: durations so large that `Duration::from_secs_f64` or `Instant + Duration`
+    /// panics a node thread later were accepted (1e20 s is finite). Refused now, naming the field.
+    #[test]
+    fn absurd_durations_are_refused_at_start_up_not_a_panic() {
+        let e = refused("[processing]\ncommand = [\"sh\"]\ntimeout_seconds = 1e20\n");
+        assert!(e.contains("processing.timeout_seconds"), "{e}");
+        let e = refused("[trigger]\nquiet_seconds = 1e300\n");
+        assert!(e.contains("trigger.quiet_seconds"), "{e}");
+        let e = refused("[outbox]\nmax_delay_seconds = 1e30\n");
+        assert!(e.contains("outbox.max_delay_seconds"), "{e}");
+        let e = refused("[patients]\nexpire_after = \"1e300d\"\n");
+        assert!(e.contains("patients.expire_after"), "{e}");
+        let e = refused("[node]\ndrain_seconds = nan\n");
+        assert!(e.contains("node.drain_seconds"), "{e}");
+        assert!(
+            Config::from_toml("[processing]\ncommand = [\"sh\"]\ntimeout_seconds = 3600\n").is_ok()
+        );
+    }
+
+    /// Issue 11: `min_instances = 0` was accepted and silently meant 1.
+    #[test]
+    fn min_instances_zero_is_refused() {
+        let e = refused("[[input]]\nname = \"ct\"\nmin_instances = 0\n");
+        assert!(
+            e.contains("min_instances = 0") && e.contains("\"ct\""),
+            "{e}"
+        );
+    }
+
+    /// Issue 11: a processing command that cannot run, a `dicom` export address without a port
+    /// or that does not resolve, a folder export that cannot be written and a data directory
+    /// that is a file were all accepted at start-up and failed only at the first batch (or the
+    /// first store). Each is refused, naming the field.
+    #[test]
+    fn what_the_config_names_outside_itself_is_checked_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |toml: &str| {
+            Config::from_toml(toml)
+                .unwrap()
+                .check_environment()
+                .map_or_else(|e| e.0, |()| "ok".into())
+        };
+        let with_data = |extra: &str| {
+            format!(
+                "[node]\ndata_dir = {:?}\n{extra}",
+                dir.path().join("data").display().to_string()
+            )
+        };
+        assert_eq!(
+            check(&with_data(
+                "[processing]\ncommand = [\"sh\", \"-c\", \"true\"]\n"
+            )),
+            "ok"
+        );
+        let e = check(&with_data(
+            "[processing]\ncommand = [\"/nonexistent/tool\"]\n",
+        ));
+        assert!(
+            e.contains("processing.command") && e.contains("cannot be run"),
+            "{e}"
+        );
+        let e = check(&with_data(
+            "[processing]\ncommand = [\"no-such-tool-anywhere\"]\n",
+        ));
+        assert!(e.contains("not found in PATH"), "{e}");
+        let script = dir.path().join("not-executable.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let e = check(&with_data(&format!(
+            "[processing]\ncommand = [{:?}]\n",
+            script.display().to_string()
+        )));
+        assert!(e.contains("not an executable file"), "{e}");
+        let dicom = |a: &str| {
+            with_data(&format!(
+                "[[export]]\nkind = \"dicom\"\naddress = {a:?}\nae_title = \"PACS\"\n"
+            ))
+        };
+        assert_eq!(check(&dicom("127.0.0.1:104")), "ok");
+        let e = check(&dicom("127.0.0.1"));
+        assert!(e.contains("export 0") && e.contains("HOST:PORT"), "{e}");
+        let e = check(&dicom("no-such-host.invalid:104"));
+        assert!(e.contains("does not resolve"), "{e}");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        let folder = |p: &std::path::Path| {
+            with_data(&format!(
+                "[[export]]\nkind = \"folder\"\npath = {:?}\n",
+                p.display().to_string()
+            ))
+        };
+        assert_eq!(check(&folder(&dir.path().join("out"))), "ok");
+        let e = check(&folder(&file.join("sub")));
+        assert!(e.contains("not a writable directory"), "{e}");
+        let e = check(&format!(
+            "[node]\ndata_dir = {:?}\n",
+            file.display().to_string()
+        ));
+        assert!(
+            e.contains("node.data_dir") && e.contains("not a directory"),
+            "{e}"
+        );
+    }
+
+    /// Issue 11: a store-only configuration (no trigger can fire) gave no sign that nothing
+    /// would ever be processed.
+    #[test]
+    fn a_config_where_no_trigger_can_fire_is_warned_about() {
+        let c = Config::from_toml("[trigger]\nquiet_seconds = 0\non_association_close = false\n")
+            .unwrap();
+        let w = c.warnings();
+        assert!(
+            w.len() == 1
+                && w[0].contains("trigger.quiet_seconds")
+                && w[0].contains("trigger.on_association_close"),
+            "{w:?}"
+        );
+        assert!(Config::default().warnings().is_empty());
     }
 }

@@ -252,8 +252,11 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             print_config,
         } => {
             let mut cfg = match config {
-                Some(p) => Config::from_toml(&std::fs::read_to_string(&p)?)
-                    .map_err(|e| format!("{}: {e}", p.display()))?,
+                Some(p) => Config::from_toml(
+                    &std::fs::read_to_string(&p)
+                        .map_err(|e| format!("config file {}: {e}", p.display()))?,
+                )
+                .map_err(|e| format!("{}: {e}", p.display()))?,
                 None => Config::default(),
             };
             if let Some(l) = listen {
@@ -370,7 +373,10 @@ fn store(
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut files = Vec::new();
     for p in paths {
-        collect(p, &mut files)?;
+        if !p.exists() {
+            return Err(format!("{}: no such file or directory", p.display()).into());
+        }
+        collect(p, &mut files).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     let mut to_send = Vec::new();
     for path in files {

@@ -273,7 +273,11 @@ pub fn start(config: Config) -> io::Result<NodeHandle> {
 pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::Result<NodeHandle> {
     config
         .validate()
+        .and_then(|()| config.check_environment())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.0))?;
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     // Before anything reads or recovers the data directory: one node per directory.
     let lock = crate::storage::lock_data_dir(&config.node.data_dir)?;
     let listener = TcpListener::bind(config.node.listen).map_err(|e| {

@@ -425,7 +425,15 @@ pub struct DataDirLock {
 /// while another process holds it.
 pub fn lock_data_dir(data_dir: &Path) -> io::Result<DataDirLock> {
     use rustix::fs::{flock, FlockOperation};
-    fs::create_dir_all(data_dir)?;
+    fs::create_dir_all(data_dir).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "data directory {} ([node] data_dir): {e}",
+                data_dir.display()
+            ),
+        )
+    })?;
     let path = data_dir.join("LOCK");
     let mut file = OpenOptions::new()
         .read(true)
