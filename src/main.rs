@@ -274,26 +274,34 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 return Ok(ExitCode::SUCCESS);
             }
             let drain = std::time::Duration::from_secs_f64(cfg.node.drain_seconds);
-            // Before the node starts: a signal in between is not lost.
+            // Watched from before the node starts (recovery can take a while): the first
+            // signal asks for a drain, the second stops at once, start-up included.
             let mut signals = signal_hook::iterator::Signals::new([
                 signal_hook::consts::SIGTERM,
                 signal_hook::consts::SIGINT,
             ])?;
+            let (stop_tx, stop_rx) = std::sync::mpsc::channel::<i32>();
+            std::thread::spawn(move || {
+                let mut seen = 0;
+                for sig in signals.forever() {
+                    seen += 1;
+                    if seen == 1 {
+                        tracing::info!(
+                            signal = sig,
+                            "stop requested: draining (a second signal stops at once)"
+                        );
+                        let _ = stop_tx.send(sig);
+                    } else {
+                        tracing::warn!(signal = sig, "second signal: stopping at once");
+                        dicomgate::pipeline::kill_running_processing();
+                        std::process::exit(1);
+                    }
+                }
+            });
             let node = dicomgate::net::start(cfg)?;
             // Tests and scripts read the bound address from this line.
             println!("listening on {}", node.local_addr);
-            let first = signals.forever().next();
-            tracing::info!(
-                signal = first,
-                "stop requested: draining (a second signal stops at once)"
-            );
-            std::thread::spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    tracing::warn!(signal = sig, "second signal: stopping at once");
-                    dicomgate::pipeline::kill_running_processing();
-                    std::process::exit(1);
-                }
-            });
+            let _ = stop_rx.recv();
             node.drain(drain);
             Ok(ExitCode::SUCCESS)
         }

@@ -125,6 +125,25 @@ fn sigterm_lets_open_associations_finish_and_processing_resume_once() {
     // While they send (checked below from the node's drain line).
     std::thread::sleep(std::time::Duration::from_millis(300));
     node.signal(Signal::TERM);
+    // The listener is closed at once: a new association is refused while the drain goes on.
+    assert!(
+        wait_until(10, || node.log().contains("draining")),
+        "{}",
+        node.log()
+    );
+    let echo = std::process::Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args([
+            "echo",
+            &format!("127.0.0.1:{}", node.port()),
+            "--called",
+            "DICOMGATE",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !echo.status.success(),
+        "a new association during the drain was accepted"
+    );
     for s in senders {
         let out = s.wait_with_output().unwrap();
         assert!(
@@ -146,7 +165,7 @@ fn sigterm_lets_open_associations_finish_and_processing_resume_once() {
         !drain.contains("open_associations=0"),
         "SIGTERM came after the senders were done: the test proves nothing\n{drain}"
     );
-    assert!(log.contains("processing_interrupted=true"), "{log}");
+    assert!(log.contains("pipeline_interrupted=true"), "{log}");
     assert!(
         processes_with(sleep).is_empty()
             && processes_with(&script.display().to_string()).is_empty(),
@@ -225,6 +244,154 @@ fn second_signal_stops_at_once_and_leaves_no_processing_behind() {
     assert!(
         wait_until(10, || processes_with(sleep).is_empty()),
         "processing outlived the node"
+    );
+    // Stopped, not failed: the batch resumes and runs to its end once.
+    std::fs::remove_file(&flag).unwrap();
+    node.restart();
+    assert!(
+        wait_until(30, || runs_of(&runs) == vec!["SLOW".to_string()]),
+        "runs {:?}\n{}",
+        runs_of(&runs),
+        node.log()
+    );
+    assert!(!node.data_dir.join("failed").exists(), "{}", node.log());
+}
+
+/// With nothing left to wait for, a drain ends by itself long before its deadline: the
+/// senders finish, their instances are exported (router mode, to the default folder), and the
+/// node exits 0 (with `drain_seconds = 600` the test would time out otherwise).
+#[test]
+fn drain_ends_once_associations_and_pipeline_are_done() {
+    let src = tempfile::tempdir().unwrap();
+    let mut node = Node::start_with_node(
+        "drain_seconds = 600",
+        "[trigger]\non_association_close = true\nquiet_seconds = 0\n",
+    );
+    let mut sent = 0;
+    let senders: Vec<_> = ["QA", "QBB"]
+        .iter()
+        .map(|p| {
+            let files = instances(&src.path().join(p), p, 100, 128 << 10);
+            sent += files.len();
+            storescu(&node.port(), &files)
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    node.signal(Signal::TERM);
+    for s in senders {
+        assert!(
+            s.wait_with_output().unwrap().status.success(),
+            "{}",
+            node.log()
+        );
+    }
+    let status = node
+        .wait_exit(60)
+        .unwrap_or_else(|| panic!("the drain did not end once idle\n{}", node.log()));
+    assert!(status.success(), "{}", node.log());
+    let exported = files_under(&node.data_dir.join("export")).len();
+    assert_eq!(
+        exported, sent,
+        "everything acknowledged was exported before the exit"
+    );
+}
+
+/// An export waiting on a downstream that accepts and never answers does not hold the stop
+/// until its 60 s I/O timeout, and the cut export is not counted as a failed attempt (with
+/// `attempts = 1` the batch would have gone to failed/).
+#[test]
+fn an_export_to_a_silent_peer_does_not_hold_the_stop() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in silent.incoming().take(4) {
+            conns.push(c);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(120));
+    });
+    let src = tempfile::tempdir().unwrap();
+    let mut node = Node::start_with_node(
+        "drain_seconds = 1",
+        &format!(
+            "[trigger]\non_association_close = true\nquiet_seconds = 0\n\
+             [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{port}\"\nae_title = \"SILENT\"\n\
+             [outbox]\nattempts = 1\n"
+        ),
+    );
+    let files = instances(&src.path().join("x"), "SILENTPEER", 3, 64);
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        wait_until(30, || node.log().contains("batch claimed")),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    node.signal(Signal::TERM);
+    let status = node
+        .wait_exit(30)
+        .unwrap_or_else(|| panic!("the stop waited for the silent peer\n{}", node.log()));
+    assert!(status.success(), "{}", node.log());
+    assert!(!node.data_dir.join("failed").exists(), "{}", node.log());
+    assert_eq!(
+        std::fs::read_dir(node.data_dir.join("batches"))
+            .unwrap()
+            .count(),
+        1,
+        "the batch waits for the next start"
+    );
+    drop(held);
+}
+
+/// A kill -9 leaves the processing command running (its own process group). At the next start
+/// it is killed before its batch resumes, so the batch never runs twice at once, and the
+/// resumed run is the only one that finishes.
+#[test]
+fn a_processing_run_left_by_a_killed_node_is_killed_before_its_batch_resumes() {
+    let src = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let flag = tmp.path().join("slow");
+    std::fs::write(&flag, b"").unwrap();
+    let runs = tmp.path().join("runs.log");
+    let sleep = "63.5";
+    let (processing, _) = processing(tmp.path(), &flag, &runs, sleep);
+    let mut node = Node::start(&format!(
+        "[trigger]\non_association_close = true\nquiet_seconds = 0\n{processing}"
+    ));
+    let slow = instances(&src.path().join("slow"), "SLOW", 1, 64);
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&slow)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        wait_until(30, || !processes_with(sleep).is_empty()),
+        "{}",
+        node.log()
+    );
+    node.kill9();
+    assert!(
+        !processes_with(sleep).is_empty(),
+        "kill -9 leaves the command running"
+    );
+    std::fs::remove_file(&flag).unwrap();
+    node.restart();
+    assert!(
+        wait_until(20, || processes_with(sleep).is_empty()),
+        "the left-over run still runs beside the resumed batch\n{}",
+        node.log()
+    );
+    assert!(
+        wait_until(30, || runs_of(&runs) == vec!["SLOW".to_string()]),
+        "runs {:?}\n{}",
+        runs_of(&runs),
+        node.log()
     );
 }
 

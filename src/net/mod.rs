@@ -150,6 +150,9 @@ pub struct NodeHandle {
     _lock: crate::storage::DataDirLock,
 }
 
+/// How long a stop waits for its threads once told to end (see `NodeHandle::stop`).
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What a graceful stop ([`NodeHandle::drain`]) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
@@ -157,8 +160,8 @@ pub struct Drained {
     pub open_at_start: usize,
     /// Connections still open at the deadline, aborted.
     pub cut: usize,
-    /// The pipeline was still busy at the deadline (processing interrupted, resumed at the
-    /// next start).
+    /// The pipeline was still busy at the deadline (processing or exports interrupted,
+    /// resumed at the next start).
     pub pipeline_cut: bool,
 }
 
@@ -204,7 +207,7 @@ impl NodeHandle {
         if cut > 0 || pipeline_cut {
             tracing::warn!(
                 associations_aborted = cut,
-                processing_interrupted = pipeline_cut,
+                pipeline_interrupted = pipeline_cut,
                 "drain deadline reached: cutting what is left (interrupted batches resume at the next start)"
             );
         }
@@ -236,8 +239,26 @@ impl NodeHandle {
             m.wake();
         }
         self.unblock_accept();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        // Threads end within moments of the flags, except one blocked on a peer (an export
+        // waiting up to its I/O timeout on a silent downstream): past a grace period we stop
+        // waiting. Nothing is lost: what was acknowledged is durable, and an export cut short
+        // is retried at the next start (its marker was not written).
+        let threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let joiner = std::thread::spawn(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(STOP_GRACE) {
+            Ok(()) => {
+                let _ = joiner.join();
+            }
+            Err(_) => tracing::warn!(
+                grace_seconds = STOP_GRACE.as_secs(),
+                "a pipeline worker is still waiting on a peer: stopping without it (its batch resumes at the next start)"
+            ),
         }
     }
 
@@ -386,8 +407,16 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
+                    // Counted down however the reactor ends (a panic included), so a drain never
+                    // waits for a reactor that is gone.
+                    struct Running<'a>(&'a AtomicUsize);
+                    impl Drop for Running<'_> {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    }
+                    let _running = Running(&shared.reactors_running);
                     reactor::run(i, poll, &mailboxes, &shared);
-                    shared.reactors_running.fetch_sub(1, Ordering::AcqRel);
                 })?,
         );
     }

@@ -340,6 +340,12 @@ pub(super) fn recover(ctx: &Context) -> io::Result<Vec<Job>> {
             tracing::warn!(batch = %name, "restoring a batch interrupted while being claimed");
             restore_tmp(ctx, &dir);
         } else if dir.join("state").is_file() {
+            // A processing run of this batch that outlived its node (kill -9, a crash) must not
+            // run beside the resumed one.
+            let killed = super::process::kill_leftovers(&name);
+            if killed > 0 {
+                tracing::warn!(batch = %name, processes = killed, "killed a processing run left over from a previous node");
+            }
             tracing::info!(batch = %name, "resuming a batch");
             jobs.push(Job::Process { id: name });
         }
@@ -532,8 +538,15 @@ pub(super) fn process(ctx: &Context, id: &str) {
                     Err(e) => Err(format!("cannot list output/: {e}")),
                 }
             });
-            if ctx.shutdown.load(Ordering::Acquire) && result.is_err() {
-                return; // interrupted: resumed at the next start
+            if (ctx.shutdown.load(Ordering::Acquire) || super::process::stopping())
+                && result.is_err()
+            {
+                tracing::warn!(
+                    batch = %id,
+                    patient = %manifest.patient_id,
+                    "processing interrupted by the stop: the batch resumes at the next start"
+                );
+                return;
             }
             if let Err(why) = result {
                 state.processing_attempts += 1;
@@ -667,7 +680,13 @@ pub(super) fn export(ctx: &Context, id: &str) {
         if marker.exists() || files.is_empty() {
             continue;
         }
-        match export::run(dest, &files, ctx.config.node.ae_title.trim(), &ctx.log) {
+        match export::run(
+            dest,
+            &files,
+            ctx.config.node.ae_title.trim(),
+            &ctx.log,
+            &ctx.shutdown,
+        ) {
             Ok(()) => {
                 let _ = fs::create_dir_all(dir.join("exports"))
                     .and_then(|()| write_atomic(&marker, b""));
@@ -697,6 +716,11 @@ pub(super) fn export(ctx: &Context, id: &str) {
         } else {
             tracing::info!(batch = %id, "batch done");
         }
+        return;
+    }
+    if ctx.shutdown.load(Ordering::Acquire) {
+        // Cut by the stop, not a failure of the destination: not an attempt.
+        tracing::warn!(batch = %id, "export interrupted by the stop: it resumes at the next start");
         return;
     }
     state.export_attempts += 1;

@@ -19,6 +19,9 @@ use crate::net::scu::{Client, Proposal, ScuOptions};
 use crate::storage::log::{Loc, Log};
 use crate::storage::part10;
 
+/// The error of an export cut short because the node is stopping.
+pub const STOPPING: &str = "node stopping";
+
 /// Where an instance to export is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -65,11 +68,19 @@ fn read(src: &Source, log: &Log) -> Result<Part10, String> {
 
 /// Delivers `files` to `dest`; `node_ae` is the default calling AE title; log records are read
 /// from `log`.
-pub fn run(dest: &ExportConfig, files: &[Source], node_ae: &str, log: &Log) -> Result<(), String> {
+/// `stop`: the node is stopping; checked before each instance (an export cut short is
+/// retried at the next start).
+pub fn run(
+    dest: &ExportConfig,
+    files: &[Source],
+    node_ae: &str,
+    log: &Log,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), String> {
     match dest.kind {
         ExportKind::Folder => {
             let root = dest.path.as_deref().ok_or("folder export without path")?;
-            to_folder(root, files, log)
+            to_folder(root, files, log, stop)
         }
         ExportKind::Dicom => {
             let address = dest
@@ -81,16 +92,24 @@ pub fn run(dest: &ExportConfig, files: &[Source], node_ae: &str, log: &Log) -> R
                 .as_deref()
                 .ok_or("dicom export without ae_title")?;
             let calling = dest.calling_ae_title.as_deref().unwrap_or(node_ae);
-            to_dicom(address, called, calling, files, log)
+            to_dicom(address, called, calling, files, log, stop)
         }
     }
 }
 
 /// `<root>/<Study UID>/<Series UID>/<SOP Instance UID>.dcm`, each written to a temporary name,
 /// flushed and renamed, then the directories flushed.
-pub fn to_folder(root: &Path, files: &[Source], log: &Log) -> Result<(), String> {
+pub fn to_folder(
+    root: &Path,
+    files: &[Source],
+    log: &Log,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), String> {
     let mut dirs = std::collections::BTreeSet::new();
     for f in files {
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(STOPPING.into());
+        }
         let p = read(f, log)?;
         if !is_valid_uid(p.sop_instance_uid.as_bytes()) {
             return Err(format!("{}: invalid SOP Instance UID", f.name()));
@@ -154,6 +173,7 @@ pub fn to_dicom(
     calling: &str,
     files: &[Source],
     log: &Log,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
     // Group by (SOP class, transfer syntax) to build the proposals.
     let mut by_pair: BTreeMap<(String, String), Vec<&Source>> = BTreeMap::new();
@@ -183,6 +203,10 @@ pub fn to_dicom(
             .map_err(|e| format!("{called}@{address}: {e}"))?;
         for (_, paths) in chunk {
             for f in paths {
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let _ = client.abort();
+                    return Err(STOPPING.into());
+                }
                 let p = read(f, log)?;
                 let ds = p.bytes.get(p.data_set_offset..).unwrap_or_default();
                 let (status, comment) = client

@@ -842,8 +842,15 @@ fn worker(ctx: &Context, rx: Receiver<Job>) {
             ctx.pipeline.active.fetch_sub(1, Ordering::AcqRel);
             return;
         }
+        // Counted down however the job ends (a library Processor's panic included).
+        struct Done<'a>(&'a AtomicUsize);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _done = Done(&ctx.pipeline.active);
         run_job(ctx, job);
-        ctx.pipeline.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

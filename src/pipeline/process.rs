@@ -55,16 +55,68 @@ impl CommandProcessor {
 }
 
 /// Process groups of the processing commands running now, so that a node told to stop at once
-/// (a second SIGTERM) leaves none behind.
-static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+/// (a second SIGTERM) leaves none behind; and whether it is stopping so (then no command
+/// starts, and one killed is not a failure).
+static RUNNING: std::sync::Mutex<(bool, Vec<u32>)> = std::sync::Mutex::new((false, Vec::new()));
 
-/// Kills the process group of every processing command running now (their batches resume at
-/// the next start).
+/// Stops every processing command running now (their process groups killed; their batches
+/// resume at the next start) and lets no new one start.
 pub fn kill_running() {
-    let pids = RUNNING.lock().map(|r| r.clone()).unwrap_or_default();
+    let pids = match RUNNING.lock() {
+        Ok(mut r) => {
+            r.0 = true;
+            r.1.clone()
+        }
+        Err(p) => p.into_inner().1.clone(),
+    };
     for pid in pids {
         kill_group(pid);
     }
+}
+
+/// True once [`kill_running`] was called.
+pub fn stopping() -> bool {
+    RUNNING.lock().map(|r| r.0).unwrap_or(true)
+}
+
+/// Kills the processes that still run batch `id`'s processing (they carry
+/// `DICOMGATE_BATCH_ID=<id>` in their environment) from a node that died, and waits until they
+/// are gone; returns how many there were.
+pub fn kill_leftovers(id: &str) -> usize {
+    let needle = format!("DICOMGATE_BATCH_ID={id}");
+    let find = || -> Vec<i32> {
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid != std::process::id() as i32)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
+            })
+            .collect()
+    };
+    let found = find();
+    for &pid in &found {
+        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+            match rustix::process::getpgid(Some(p)) {
+                Ok(g) => {
+                    let _ = rustix::process::kill_process_group(g, rustix::process::Signal::KILL);
+                }
+                Err(_) => {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                }
+            }
+        }
+    }
+    for _ in 0..250 {
+        if find().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    found.len()
 }
 
 fn kill_group(pid: u32) {
@@ -79,6 +131,11 @@ impl Processor for CommandProcessor {
         let Some((program, args)) = self.config.command.split_first() else {
             return Err("processing.command is empty".into());
         };
+        // Spawned and registered under the lock that kill_running takes: none escapes it.
+        let mut running = RUNNING.lock().map_err(|_| "processing registry poisoned")?;
+        if running.0 {
+            return Err("node shutting down".into());
+        }
         let mut child = Command::new(program)
             .args(args)
             .env("DICOMGATE_PATIENT_ID", &batch.patient_id)
@@ -92,9 +149,8 @@ impl Processor for CommandProcessor {
             .spawn()
             .map_err(|e| format!("cannot start {program}: {e}"))?;
         let pid = child.id();
-        if let Ok(mut r) = RUNNING.lock() {
-            r.push(pid);
-        }
+        running.1.push(pid);
+        drop(running);
         let mut readers = Vec::new();
         for (stream, name) in [
             (
@@ -137,7 +193,7 @@ impl Processor for CommandProcessor {
                     timeout.as_secs_f64()
                 ));
             }
-            if self.shutdown.load(Ordering::Acquire) {
+            if self.shutdown.load(Ordering::Acquire) || stopping() {
                 kill_group(child.id());
                 let _ = child.wait();
                 break Err("node shutting down".into());
@@ -145,7 +201,7 @@ impl Processor for CommandProcessor {
             std::thread::sleep(Duration::from_millis(20));
         };
         if let Ok(mut r) = RUNNING.lock() {
-            r.retain(|&p| p != pid);
+            r.1.retain(|&p| p != pid);
         }
         // The group is gone or finished; the readers end at EOF. (A grandchild that left the
         // group and kept the pipes open would hold them: we do not wait for it.)

@@ -413,12 +413,13 @@ impl Storage {
     }
 }
 
-/// One node per data directory: an exclusive `flock` on `<data_dir>/LOCK`, held while the
-/// node runs (the kernel lets go when the process ends, however it ends). The file holds the
-/// holder's PID, for the message a second node gets.
+/// One node per data directory: an exclusive `flock` on the data directory itself, held while
+/// the node runs (the kernel lets go when the process ends, however it ends; deleting a file
+/// cannot undo it). `<data_dir>/LOCK` holds the holder's PID, for the message a second node
+/// gets. A local file system: over NFS, flock is only as good as the server's lock manager.
 #[derive(Debug)]
 pub struct DataDirLock {
-    _file: File,
+    _dir: File,
 }
 
 /// Takes the data directory's lock, creating the directory; refused (naming the holder's PID)
@@ -435,31 +436,35 @@ pub fn lock_data_dir(data_dir: &Path) -> io::Result<DataDirLock> {
         )
     })?;
     let path = data_dir.join("LOCK");
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)?;
-    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+    let dir = File::open(data_dir)?;
+    match flock(&dir, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {
-            file.set_len(0)?;
-            writeln!(file, "{}", std::process::id())?;
-            Ok(DataDirLock { _file: file })
+            // Written whole under a temporary name, so a reader never sees it half written.
+            let tmp = data_dir.join("LOCK.tmp");
+            fs::write(&tmp, format!("{}\n", std::process::id()))?;
+            fs::rename(&tmp, &path)?;
+            Ok(DataDirLock { _dir: dir })
         }
         Err(rustix::io::Errno::WOULDBLOCK) => {
             let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = if holder.trim().is_empty() {
+                "unknown".to_string()
+            } else {
+                holder.trim().to_string()
+            };
             Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!(
-                    "data directory {} is in use by another dicomgate (pid {}): stop it, or give \
-                     this node another [node] data_dir",
+                    "data directory {} is in use by another dicomgate (pid {holder}): stop it, or \
+                     give this node another [node] data_dir",
                     data_dir.display(),
-                    holder.trim()
                 ),
             ))
         }
-        Err(e) => Err(io::Error::from(e)),
+        Err(e) => Err(io::Error::new(
+            io::Error::from(e).kind(),
+            format!("cannot lock data directory {}: {e}", data_dir.display()),
+        )),
     }
 }
 
