@@ -288,7 +288,7 @@ impl Patient {
         &self.key
     }
 
-    fn batch<'g>(&self, guard: &'g Guard) -> &'g Batch {
+    fn batch<'a>(&'a self, guard: &'a Guard) -> &'a Batch {
         let b = self.current.load(Ordering::Acquire, guard);
         // SAFETY: `current` is never null (invariant); a batch is retired through `guard`'s
         // collector only after it was replaced, so it outlives this pin, and the current one
@@ -617,6 +617,10 @@ impl PatientMap {
             v.extend(b.patients.iter().cloned());
             v.push(p.clone());
             let next = Owned::new(Bucket { patients: v });
+            // Counted before it is visible: an unlink that finds the new patient (and
+            // subtracts) comes after this add, so `len` never goes below zero (it briefly
+            // wrapped to usize::MAX, and `patients()` sized a vector by it: a panic).
+            self.len.fetch_add(1, Ordering::AcqRel);
             if slot
                 .compare_exchange(shared, next, Ordering::AcqRel, Ordering::Acquire, guard)
                 .is_ok()
@@ -624,9 +628,9 @@ impl PatientMap {
                 // SAFETY: the old bucket is unreachable from the slot; pinned readers keep it
                 // alive until they unpin.
                 unsafe { guard.defer_destroy(shared) };
-                self.len.fetch_add(1, Ordering::AcqRel);
                 return p;
             }
+            self.len.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -696,6 +700,11 @@ impl PatientMap {
     /// whole sweep). Patients are gathered a chunk of buckets at a time under a short pin of
     /// their own.
     pub fn for_each_patient(&self, mut f: impl FnMut(&Arc<Patient>, &MapGuard)) {
+        // A caller already pinned would hold every per-patient pin back (they nest).
+        debug_assert!(
+            !crossbeam_epoch::is_pinned(),
+            "for_each_patient called pinned"
+        );
         const CHUNK: usize = 256; // patients gathered per pin, so a sparse map needs few pins
         let mut chunk: Vec<Arc<Patient>> = Vec::with_capacity(CHUNK);
         let mut next = 0;
@@ -718,7 +727,8 @@ impl PatientMap {
     /// Every patient now in the map (a moment's view; writers go on meanwhile).
     pub fn patients(&self, guard: &MapGuard) -> Vec<Arc<Patient>> {
         let guard = guard.epoch();
-        let mut out = Vec::with_capacity(self.len());
+        // A hint only (writers go on); never trusted for a size.
+        let mut out = Vec::with_capacity(self.len().min(1 << 16));
         for slot in self.buckets.iter() {
             let (_, b) = Self::bucket(slot, guard);
             out.extend(b.patients.iter().cloned());
@@ -962,6 +972,12 @@ mod tests {
             freed_at.is_some(),
             "a record retired during the sweep was still not freed when it ended"
         );
+        // Within a few patients of the retirement, not at the end of a 256-patient chunk: a
+        // pin held per chunk would also hold reclamation back.
+        assert!(
+            freed_at.is_some_and(|n| n <= 10 + 64),
+            "freed only after {freed_at:?} patients"
+        );
     }
 
     /// Inserts a record and claims it (its node goes to the collector), then runs a collection
@@ -982,5 +998,17 @@ mod tests {
                 return;
             }
         }
+    }
+
+    /// `len` is a counter beside the buckets, so a reader may see it off by the inserts and
+    /// removals in progress (it could even wrap below zero, fixed above); `patients()` sized
+    /// its vector by it and panicked ("capacity overflow") when it had wrapped.
+    #[test]
+    fn patients_does_not_trust_a_wrapped_len() {
+        let map = PatientMap::new(4);
+        let g = map.pin();
+        map.get_or_insert(b"P", 0, &g);
+        map.len.store(usize::MAX, Ordering::Relaxed);
+        assert_eq!(map.patients(&g).len(), 1);
     }
 }
