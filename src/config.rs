@@ -48,6 +48,11 @@ pub struct NodeConfig {
     /// Transfer syntax UIDs in order of preference when a context proposes several; proposed
     /// syntaxes not listed follow in the requestor's order.
     pub transfer_syntax_preference: Vec<String>,
+    /// How a presentation context's transfer syntax is chosen: `sender` (default) keeps the
+    /// requestor's first proposed syntax when it is compressed and applies
+    /// `transfer_syntax_preference` among uncompressed ones; `preference` applies the list
+    /// first whatever the requestor prefers.
+    pub transfer_syntax_choice: TransferSyntaxChoice,
     /// On SIGTERM or SIGINT: how long open associations and running processing may go on
     /// before they are cut (A-ABORT; the processing's process group killed, its batch resumed at
     /// the next start).
@@ -67,9 +72,22 @@ impl Default for NodeConfig {
                 EXPLICIT_VR_LITTLE_ENDIAN.into(),
                 IMPLICIT_VR_LITTLE_ENDIAN.into(),
             ],
+            transfer_syntax_choice: TransferSyntaxChoice::Sender,
             drain_seconds: 30.0,
         }
     }
+}
+
+/// `[node] transfer_syntax_choice`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferSyntaxChoice {
+    /// Keep the sender's (compressed) encoding; the preference list decides among uncompressed
+    /// syntaxes.
+    #[default]
+    Sender,
+    /// The preference list first.
+    Preference,
 }
 
 /// How stored instances are made durable before they are acknowledged (`[storage] durability`).
@@ -706,6 +724,7 @@ impl Config {
                 .iter()
                 .filter_map(|u| transfer_syntax::by_uid(u.as_bytes()))
                 .collect(),
+            keep_sender_encoding: self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender,
             max_presentation_contexts: self.limits.max_presentation_contexts,
         }
     }

@@ -195,3 +195,57 @@ fn several_storescu_associations_at_once() {
         .collect();
     assert_eq!(patients.len(), 3);
 }
+
+/// The data set of a Part-10 file and its transfer syntax.
+fn data_set_and_syntax(path: &Path) -> (Vec<u8>, String) {
+    let b = std::fs::read(path).unwrap();
+    let p = dicomgate::storage::part10::parse(&b).unwrap();
+    (
+        b[p.data_set_offset..].to_vec(),
+        p.transfer_syntax_uid.clone(),
+    )
+}
+
+/// Issue 16: DCMTK dcmsend proposes an RLE image's own syntax and uncompressed ones; the node
+/// chose explicit VR little endian, so dcmsend decompressed (pydicom's SC_rgb_rle.dcm went out
+/// with 111,003 pixel bytes instead of 2,630) and the stored file was not what was sent. The
+/// node now keeps the sender's compressed syntax: stored byte-exact, still RLE.
+#[test]
+fn dcmsend_keeps_an_rle_image_compressed_and_it_is_stored_byte_exact() {
+    let Ok(out) = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "from pydicom.data import get_testdata_file as g; print(g('SC_rgb_rle.dcm', download=False))",
+        ])
+        .output()
+    else {
+        panic!("python3 with pydicom is needed (bash .ci/run installs it)");
+    };
+    let src = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        Path::new(&src).is_file(),
+        "pydicom's test file SC_rgb_rle.dcm not found: {src:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node = Node::start("[patients]\nunmatched = \"keep\"\n");
+    let st = dcmtk("dcmsend")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port(), &src])
+        .status()
+        .unwrap();
+    assert!(st.success(), "{}", node.log());
+    let stored = node.stored();
+    assert_eq!(stored.len(), 1, "{}", node.log());
+    let (sent, sent_ts) = data_set_and_syntax(Path::new(&src));
+    let (got, got_ts) = data_set_and_syntax(&stored[0]);
+    assert_eq!(sent_ts, "1.2.840.10008.1.2.5", "the test file is RLE");
+    assert_eq!(
+        got_ts, sent_ts,
+        "accepted in the sender's compressed syntax"
+    );
+    assert!(
+        got == sent,
+        "byte-exact: {} bytes stored, {} sent",
+        got.len(),
+        sent.len()
+    );
+}

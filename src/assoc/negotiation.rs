@@ -39,6 +39,10 @@ pub struct AcceptorPolicy {
     /// Transfer syntaxes in order of preference; among proposed ones not listed here the
     /// requestor's order decides.
     pub transfer_syntax_preference: Vec<&'static TransferSyntax>,
+    /// Keep the sender's encoding: when the requestor's first proposed syntax that we can
+    /// store is compressed (encapsulated or deflated), it is chosen, and the preference list
+    /// decides only among uncompressed ones. `false`: the preference list always goes first.
+    pub keep_sender_encoding: bool,
     /// Bound on presentation context items in one request.
     pub max_presentation_contexts: usize,
 }
@@ -260,7 +264,13 @@ pub fn negotiate(rq: &Associate<'_>, policy: &AcceptorPolicy) -> Outcome {
     }
 }
 
-/// Our preference list first, then the requestor's order.
+/// The transfer syntax of one presentation context (PS3.8 §9.3.2.2: the requestor lists its
+/// syntaxes in its order of preference; the acceptor picks one). By default the sender's
+/// encoding is kept: its first proposed syntax that we can store wins when it is compressed
+/// (a sender that can decompress would otherwise do so one hop before us, and the stored file
+/// would no longer be what the modality made); among uncompressed ones our preference list
+/// decides, then the requestor's order. With `keep_sender_encoding = false` the preference
+/// list always goes first.
 fn choose_transfer_syntax(
     proposed: &[&[u8]],
     policy: &AcceptorPolicy,
@@ -269,11 +279,26 @@ fn choose_transfer_syntax(
         .iter()
         .filter_map(|p| transfer_syntax::by_uid(p))
         .collect();
+    if policy.keep_sender_encoding {
+        if let Some(first) = known.first().filter(|t| !transfer_syntax::is_native(t)) {
+            return Some(first);
+        }
+    }
+    let candidates: Vec<&'static TransferSyntax> = if policy.keep_sender_encoding {
+        known
+            .iter()
+            .copied()
+            .filter(|t| transfer_syntax::is_native(t))
+            .collect()
+    } else {
+        known.clone()
+    };
     policy
         .transfer_syntax_preference
         .iter()
-        .find(|pref| known.iter().any(|k| k.uid == pref.uid))
+        .find(|pref| candidates.iter().any(|k| k.uid == pref.uid))
         .copied()
+        .or_else(|| candidates.first().copied())
         .or_else(|| known.first().copied())
 }
 
@@ -294,6 +319,7 @@ mod tests {
                 by_uid(b"1.2.840.10008.1.2.1").unwrap(),
                 by_uid(b"1.2.840.10008.1.2").unwrap(),
             ],
+            keep_sender_encoding: true,
             max_presentation_contexts: 128,
         }
     }
@@ -410,6 +436,41 @@ mod tests {
             vec![(1, 0), (3, 0), (5, 3), (7, 4), (7, 2), (9, 0)]
         );
         assert_eq!(ac.maximum_length(), Some(65536));
+    }
+
+    /// Issue 16: a context proposing [RLE Lossless, explicit LE, implicit LE] was accepted as
+    /// explicit LE and one proposing [JPEG 2000 Lossless, implicit LE] as implicit LE, so
+    /// senders that can decompress did (DCMTK dcmsend sent an RLE image 42× larger). The
+    /// requestor's first syntax is kept when it is compressed; the preference list decides
+    /// among uncompressed ones; `keep_sender_encoding = false` is the old rule.
+    #[test]
+    fn transfer_syntax_choice_keeps_the_senders_compression() {
+        const RLE: &str = "1.2.840.10008.1.2.5";
+        const J2K_LOSSLESS: &str = "1.2.840.10008.1.2.4.90";
+        const EXPLICIT: &str = "1.2.840.10008.1.2.1";
+        const IMPLICIT: &str = "1.2.840.10008.1.2";
+        let choose = |keep: bool, ts: &[&str]| {
+            let mut p = policy();
+            p.keep_sender_encoding = keep;
+            let b: Vec<&[u8]> = ts.iter().map(|t| t.as_bytes()).collect();
+            choose_transfer_syntax(&b, &p).map(|t| t.uid)
+        };
+        assert_eq!(choose(true, &[RLE, EXPLICIT, IMPLICIT]), Some(RLE));
+        assert_eq!(choose(true, &[J2K_LOSSLESS, IMPLICIT]), Some(J2K_LOSSLESS));
+        assert_eq!(choose(true, &[IMPLICIT, EXPLICIT]), Some(EXPLICIT));
+        assert_eq!(
+            choose(true, &[EXPLICIT, RLE]),
+            Some(EXPLICIT),
+            "the sender prefers it"
+        );
+        assert_eq!(
+            choose(true, &["1.2.3.4", RLE, EXPLICIT]),
+            Some(RLE),
+            "unknown ones skipped"
+        );
+        assert_eq!(choose(false, &[RLE, EXPLICIT, IMPLICIT]), Some(EXPLICIT));
+        assert_eq!(choose(false, &[J2K_LOSSLESS, IMPLICIT]), Some(IMPLICIT));
+        assert_eq!(choose(true, &["1.2.3.4"]), None);
     }
 
     #[test]

@@ -21,6 +21,15 @@ pub struct TransferSyntax {
     pub encoding: DatasetEncoding,
 }
 
+/// Whether `ts` is one of the native (uncompressed, unencapsulated) encodings of PS3.5 §A.1–A.3:
+/// implicit VR little endian, explicit VR little endian, explicit VR big endian.
+pub fn is_native(ts: &TransferSyntax) -> bool {
+    matches!(
+        ts.uid,
+        "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.2"
+    )
+}
+
 use DatasetEncoding::*;
 
 macro_rules! ts {

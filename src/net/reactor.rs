@@ -812,7 +812,19 @@ fn store_job(
 fn log_events(c: &mut Conn) {
     while let Some(ev) = c.svc.poll_event() {
         match ev {
-            ServiceEvent::Established => {}
+            ServiceEvent::Established => {
+                if let Some(n) = c.svc.negotiated() {
+                    for ctx in &n.contexts {
+                        tracing::debug!(
+                            peer = %c.peer,
+                            context = ctx.id,
+                            abstract_syntax = %ctx.abstract_syntax,
+                            transfer_syntax = ctx.transfer_syntax.keyword,
+                            "presentation context accepted"
+                        );
+                    }
+                }
+            }
             ServiceEvent::Rejected {
                 calling_ae,
                 called_ae,
