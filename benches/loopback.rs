@@ -41,6 +41,7 @@ fn store(c: &mut Criterion) {
             config.node.listen = "127.0.0.1:0".parse().unwrap();
             config.node.data_dir = dir.path().to_path_buf();
             config.node.reactors = 1;
+            config.http.listen = String::new();
             config.storage.durability = durability;
             // Ingest only: no trigger fires.
             config.trigger.on_association_close = false;

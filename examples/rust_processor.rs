@@ -61,6 +61,7 @@ fn tracing_line(batch: &BatchInfo) {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let mut config = Config::default();
+    config.http.listen = String::new(); // no /metrics for this example
     if let Some(listen) = args.next() {
         config.node.listen = listen.parse()?;
     }

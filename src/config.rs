@@ -30,6 +30,23 @@ pub struct Config {
     #[serde(rename = "export", skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportConfig>,
     pub outbox: OutboxConfig,
+    pub http: HttpConfig,
+}
+
+/// `[http]`: metrics and health over HTTP, on its own thread.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// HOST:PORT for `/metrics`, `/healthz` and `/readyz`; empty = no HTTP endpoint.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8104".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

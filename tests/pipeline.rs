@@ -573,7 +573,7 @@ fn rust_processor_gets_the_batch_by_input() {
     let config = dicomgate::config::Config::from_toml(&format!(
         "[node]\nae_title = \"DICOMGATE\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 1\n\
          [[input]]\nname = \"ct\"\nmatch = {{ Modality = \"CT\" }}\nmin_instances = 3\n\
-         [[input]]\nname = \"first\"\nmatch = {{ InstanceNumber = \"1\" }}\n",
+         [[input]]\nname = \"first\"\nmatch = {{ InstanceNumber = \"1\" }}\n[http]\nlisten = \"\"\n",
         dir.path().join("data").display().to_string()
     ))
     .unwrap();

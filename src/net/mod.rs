@@ -13,6 +13,7 @@
 //! (backpressure) ignores readiness and is read again when it resumes.
 
 pub mod budget;
+pub mod http;
 pub mod reactor;
 pub mod scu;
 
@@ -106,6 +107,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Reactor threads still running.
     pub reactors_running: AtomicUsize,
+    /// What `/metrics` reports.
+    pub counters: http::Counters,
     pub pipeline: Arc<Pipeline>,
     pub next_association: AtomicU64,
 }
@@ -148,10 +151,23 @@ pub struct NodeHandle {
     pipeline_shutdown: Arc<AtomicBool>,
     /// Held until the node has stopped.
     _lock: crate::storage::DataDirLock,
+    /// The HTTP endpoint, if `[http] listen` names one.
+    http: Option<HttpServer>,
+    /// Where it listens.
+    pub http_addr: Option<SocketAddr>,
 }
 
 /// How long a stop waits for its threads once told to end (see `NodeHandle::stop`).
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The HTTP endpoint's server (tiny_http's has no `Debug`).
+struct HttpServer(Arc<tiny_http::Server>);
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpServer")
+    }
+}
 
 /// What a graceful stop ([`NodeHandle::drain`]) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +255,9 @@ impl NodeHandle {
             m.wake();
         }
         self.unblock_accept();
+        if let Some(h) = &self.http {
+            h.0.unblock();
+        }
         // Threads end within moments of the flags, except one blocked on a peer (an export
         // waiting up to its I/O timeout on a silent downstream): past a grace period we stop
         // waiting. Nothing is lost: what was acknowledged is durable, and an export cut short
@@ -310,6 +329,17 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
             ),
         )
     })?;
+    let http = if config.http.listen.trim().is_empty() {
+        None
+    } else {
+        let server = tiny_http::Server::http(config.http.listen.trim()).map_err(|e| {
+            io::Error::other(format!(
+                "cannot listen on {} ([http] listen): {e}",
+                config.http.listen
+            ))
+        })?;
+        Some(Arc::new(server))
+    };
     let local_addr = listener.local_addr()?;
     let n = config.reactor_count();
     let mut polls = Vec::with_capacity(n);
@@ -391,6 +421,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         shutdown: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         reactors_running: AtomicUsize::new(n),
+        counters: http::Counters::default(),
         budget: budget::Budget::new(config.limits.max_buffered_bytes),
         storage,
         config,
@@ -429,6 +460,18 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
                 .spawn(move || accept_loop(listener, &mailboxes, &shared))?,
         );
     }
+    let http_addr = http.as_ref().and_then(|s| s.server_addr().to_ip());
+    if let Some(server) = &http {
+        let (server, shared) = (server.clone(), shared.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("http".into())
+                .spawn(move || http::serve(server, shared, n))?,
+        );
+        if let Some(a) = http_addr {
+            tracing::info!(listen = %a, "http serving /metrics /healthz /readyz");
+        }
+    }
     tracing::info!(
         listen = %local_addr,
         ae_title = %shared.config.node.ae_title,
@@ -444,6 +487,8 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         threads,
         pipeline_shutdown,
         _lock: lock,
+        http: http.map(HttpServer),
+        http_addr,
     })
 }
 

@@ -273,6 +273,9 @@ impl Reactor<'_> {
             let mut stored_event = None;
             let outcome = match done.result {
                 Ok(stored) => {
+                    let counters = &self.shared.counters;
+                    counters.instances.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes.fetch_add(stored.bytes, Ordering::Relaxed);
                     if let Some(mut a) = arrival {
                         // What the pipeline is told: the instance is durable, and where.
                         a.record.bytes = stored.bytes;
@@ -470,7 +473,7 @@ impl Reactor<'_> {
                     break;
                 }
             }
-            log_events(c);
+            log_events(c, shared);
             let Some(io) = c.io.as_mut() else {
                 break;
             };
@@ -512,7 +515,7 @@ impl Reactor<'_> {
                 }
             }
         }
-        log_events(c);
+        log_events(c, shared);
         if c.blocked.is_some() && !c.listed_blocked {
             c.listed_blocked = true;
             self.blocked.push(idx);
@@ -584,7 +587,7 @@ impl Reactor<'_> {
         }
         if c.svc.work_in_flight() == 0 {
             // Logged before the socket closes, so a peer that sees the close finds the line.
-            log_association(c);
+            log_association(c, self.shared);
             c.logged = true;
         }
         drop(io);
@@ -609,7 +612,7 @@ impl Reactor<'_> {
             return;
         };
         if !c.logged {
-            log_association(&c);
+            log_association(&c, self.shared);
         }
         for (_, f) in c.streams {
             // Freed by a worker; only when storage's queue is full, here.
@@ -809,7 +812,7 @@ fn store_job(
     })
 }
 
-fn log_events(c: &mut Conn) {
+fn log_events(c: &mut Conn, shared: &Shared) {
     while let Some(ev) = c.svc.poll_event() {
         match ev {
             ServiceEvent::Established => {
@@ -842,19 +845,23 @@ fn log_events(c: &mut Conn) {
                 status,
                 comment,
                 sop_instance_uid,
-            } => tracing::warn!(
+            } => {
+                shared.counters.failure(status);
+                tracing::warn!(
                 peer = %c.peer,
                 status = format!("0x{status:04X}"),
                 comment = %comment,
                 sop_instance_uid = sop_instance_uid.as_deref().unwrap_or(""),
                 "request refused"
-            ),
+                )
+            }
         }
     }
 }
 
-fn log_association(c: &Conn) {
+fn log_association(c: &Conn, shared: &Shared) {
     let outcome = c.svc.outcome().unwrap_or("closed");
+    shared.counters.association_ended(outcome);
     let (calling, called) = c
         .svc
         .negotiated()

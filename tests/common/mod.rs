@@ -67,6 +67,12 @@ impl Node {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let cfg = dir.path().join("dicomgate.toml");
+        // No HTTP endpoint unless a test asks (tests run in parallel: one port each).
+        let http = if extra_toml.contains("[http]") {
+            ""
+        } else {
+            "[http]\nlisten = \"\"\n"
+        };
         let trigger = if extra_toml.contains("[trigger]") {
             ""
         } else {
@@ -75,7 +81,7 @@ impl Node {
         std::fs::write(
             &cfg,
             format!(
-                "[node]\nae_title = \"DICOMGATE\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 2\n{node_toml}\n{trigger}{extra_toml}\n",
+                "[node]\nae_title = \"DICOMGATE\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 2\n{node_toml}\n{http}{trigger}{extra_toml}\n",
                 data_dir.display().to_string()
             ),
         )

@@ -1,0 +1,132 @@
+//! Issue 12, HTTP: `/metrics` parsed by Prometheus's own text parser (PyPI `prometheus_client`)
+//! with counters equal to what was sent, and `/healthz` / `/readyz`, against the real binary.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use common::*;
+use dicomgate::net::scu::Client;
+
+/// The HTTP address the node logged.
+fn http_addr(node: &Node) -> String {
+    let log = node.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("http serving"))
+        .unwrap_or_else(|| panic!("no http line\n{log}"));
+    line.rsplit("listen=")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `GET path`: (status code, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (code, body)
+}
+
+/// Every sample of `/metrics` as the Prometheus parser read it.
+fn scrape(addr: &str) -> BTreeMap<String, f64> {
+    let out = python()
+        .arg(py_script("metrics.py"))
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the page: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.lines()
+            .next()
+            .unwrap_or_default()
+            .contains("openmetrics-text"),
+        "{text}"
+    );
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Five instances stored by storescu, one refused (its data set names another SOP instance
+/// than its command: 0xA900) by our own requestor: the counters say exactly that, parsed by
+/// Prometheus's parser; `/healthz` and `/readyz` answer 200, an unknown path 404.
+#[test]
+fn metrics_parse_and_count_what_was_sent() {
+    let node = Node::start("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let addr = http_addr(&node);
+    let src = tempfile::tempdir().unwrap();
+    let files: Vec<_> = (0..5)
+        .map(|i| {
+            write_instance(
+                src.path(),
+                "METRICS",
+                "1.2.826.0.1.3680043.10.30",
+                "1.2.826.0.1.3680043.10.30.1",
+                &format!("1.2.826.0.1.3680043.10.30.1.{i}"),
+                i + 1,
+            )
+        })
+        .collect();
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut c = Client::connect(
+        node.addr,
+        &scu_options("METRICS"),
+        &[ct_proposal_in(EXPLICIT_LE)],
+    )
+    .unwrap();
+    let ds = dataset("METRICS", "1.2.3", "1.2.3.4", "1.2.3.4.99", 16);
+    let (status, _) = c
+        .store(CT_IMAGE_STORAGE, "1.2.3.4.100", EXPLICIT_LE, &ds)
+        .unwrap();
+    assert_eq!(status, 0xA900);
+    c.release().unwrap();
+    let want = [
+        ("dicomgate_instances_stored_total{}", 5.0),
+        ("dicomgate_associations_total{outcome=released}", 2.0),
+        ("dicomgate_request_failures_total{status=0xA900}", 1.0),
+        ("dicomgate_reactors_running{}", 2.0),
+    ];
+    let mut got = BTreeMap::new();
+    let matched = wait_until(10, || {
+        got = scrape(&addr);
+        want.iter().all(|(k, v)| got.get(*k) == Some(v))
+    });
+    assert!(matched, "{got:#?}");
+    assert!(
+        got["dicomgate_stored_bytes_total{}"] > 5.0 * 128.0,
+        "{got:#?}"
+    );
+    assert_eq!(got["dicomgate_buffered_bytes_limit{}"], 33_554_432.0);
+    assert_eq!(get(&addr, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(get(&addr, "/readyz"), (200, "ready\n".into()));
+    assert_eq!(get(&addr, "/nowhere").0, 404);
+}
