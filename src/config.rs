@@ -415,9 +415,9 @@ impl std::error::Error for ConfigError {}
 /// Where `program` is, as `Command` would find it: a path (containing `/`) as given, else the
 /// first match in `PATH`; it must be an executable regular file.
 fn find_executable(program: &str) -> Result<PathBuf, String> {
-    use std::os::unix::fs::PermissionsExt;
     let ok = |p: &std::path::Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        std::fs::metadata(p).is_ok_and(|m| m.is_file())
+            && rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok()
     };
     if program.contains('/') {
         let p = PathBuf::from(program);
@@ -496,6 +496,17 @@ impl Config {
             || l.max_connections == 0
         {
             return err("association and connection limits must be at least 1".into());
+        }
+        for (field, v) in [
+            ("limits.artim_seconds", l.artim_seconds),
+            ("limits.idle_seconds", l.idle_seconds),
+            ("limits.dimse_seconds", l.dimse_seconds),
+        ] {
+            if v as f64 > MAX_SECONDS {
+                return err(format!(
+                    "{field} = {v}: at most {MAX_SECONDS} (ten years); 0 turns idle and dimse off"
+                ));
+            }
         }
         if l.artim_seconds == 0 {
             return err("limits.artim_seconds must be at least 1".into());
@@ -612,17 +623,22 @@ impl Config {
             match e.kind {
                 ExportKind::Dicom => {
                     let a = e.address.as_deref().unwrap_or_default();
-                    if let Err(why) = std::net::ToSocketAddrs::to_socket_addrs(a)
-                        .map_err(|e| e.to_string())
-                        .and_then(|mut it| {
-                            it.next()
-                                .map(|_| ())
-                                .ok_or_else(|| "no address".to_string())
-                        })
-                    {
-                        return err(format!(
-                            "export {i}: address {a:?} does not resolve ({why}): give HOST:PORT"
-                        ));
+                    let port_ok = a.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                    });
+                    if !port_ok {
+                        return err(format!("export {i}: address {a:?}: give HOST:PORT"));
+                    }
+                    // A name that does not resolve now (DNS down at boot) may later: exports
+                    // retry, so this is a warning, not a reason to stop ingesting.
+                    let resolves = std::net::ToSocketAddrs::to_socket_addrs(a)
+                        .is_ok_and(|mut it| it.next().is_some());
+                    if !resolves {
+                        tracing::warn!(
+                            export = i,
+                            address = a,
+                            "export address does not resolve now: its exports fail and are retried until it does"
+                        );
                     }
                 }
                 ExportKind::Folder => {
@@ -651,6 +667,18 @@ impl Config {
                 "trigger.quiet_seconds = 0 and trigger.on_association_close = false: no trigger \
                  can fire, so no batch is ever processed (a store-only node); only \
                  patients.expire_after removes data"
+                    .to_string(),
+            );
+        }
+        if self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender
+            && (self.processing.is_some()
+                || self.exports.iter().any(|e| e.kind == ExportKind::Dicom))
+        {
+            w.push(
+                "node.transfer_syntax_choice = \"sender\": compressed instances are stored, processed \
+                 and exported as received; a destination or processing that takes only \
+                 uncompressed syntaxes will refuse them (set it to \"preference\" to have senders \
+                 decompress)"
                     .to_string(),
             );
         }
@@ -884,8 +912,8 @@ ae_title = "PACS"
         assert!(e.contains("outbox.max_delay_seconds"), "{e}");
         let e = refused("[patients]\nexpire_after = \"1e300d\"\n");
         assert!(e.contains("patients.expire_after"), "{e}");
-        let e = refused("[node]\ndrain_seconds = nan\n");
-        assert!(e.contains("node.drain_seconds"), "{e}");
+        let e = refused("[limits]\nidle_seconds = 9223372036854775807\n");
+        assert!(e.contains("limits.idle_seconds"), "{e}");
         assert!(
             Config::from_toml("[processing]\ncommand = [\"sh\"]\ntimeout_seconds = 3600\n").is_ok()
         );
@@ -952,8 +980,10 @@ ae_title = "PACS"
         assert_eq!(check(&dicom("127.0.0.1:104")), "ok");
         let e = check(&dicom("127.0.0.1"));
         assert!(e.contains("export 0") && e.contains("HOST:PORT"), "{e}");
-        let e = check(&dicom("no-such-host.invalid:104"));
-        assert!(e.contains("does not resolve"), "{e}");
+        let e = check(&dicom("127.0.0.1:0"));
+        assert!(e.contains("HOST:PORT"), "{e}");
+        // Resolution can fail for a while (DNS at boot): not a start-up error.
+        assert_eq!(check(&dicom("no-such-host.invalid:104")), "ok");
         let file = dir.path().join("a-file");
         std::fs::write(&file, b"").unwrap();
         let folder = |p: &std::path::Path| {

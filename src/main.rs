@@ -32,6 +32,9 @@ enum Command {
         data_dir: Option<PathBuf>,
         #[arg(long)]
         ae_title: Option<String>,
+        /// HOST:PORT of the HTTP endpoint (/metrics, /healthz, /readyz); "" for none.
+        #[arg(long)]
+        http: Option<String>,
         /// Print the effective configuration as TOML and exit.
         #[arg(long)]
         print_config: bool,
@@ -249,6 +252,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             listen,
             data_dir,
             ae_title,
+            http,
             print_config,
         } => {
             let mut cfg = match config {
@@ -267,6 +271,9 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
             if let Some(a) = ae_title {
                 cfg.node.ae_title = a;
+            }
+            if let Some(h) = http {
+                cfg.http.listen = h;
             }
             cfg.validate()?;
             if print_config {

@@ -281,7 +281,21 @@ fn choose_transfer_syntax(
         .collect();
     if policy.keep_sender_encoding {
         if let Some(first) = known.first().filter(|t| !transfer_syntax::is_native(t)) {
-            return Some(first);
+            if !transfer_syntax::is_lossy(first) {
+                return Some(first);
+            }
+            // A lossy syntax first: taken only when nothing lossless is proposed beside it
+            // (then the sender holds lossy data); else we would have it compress lossily on
+            // the fly. A lossless compressed one keeps a compression, in the sender's order.
+            if let Some(lossless) = known
+                .iter()
+                .find(|t| !transfer_syntax::is_native(t) && !transfer_syntax::is_lossy(t))
+            {
+                return Some(lossless);
+            }
+            if !known.iter().any(|t| transfer_syntax::is_native(t)) {
+                return Some(first);
+            }
         }
     }
     let candidates: Vec<&'static TransferSyntax> = if policy.keep_sender_encoding {
@@ -471,6 +485,15 @@ mod tests {
         assert_eq!(choose(false, &[RLE, EXPLICIT, IMPLICIT]), Some(EXPLICIT));
         assert_eq!(choose(false, &[J2K_LOSSLESS, IMPLICIT]), Some(IMPLICIT));
         assert_eq!(choose(true, &["1.2.3.4"]), None);
+        // Never asked to compress lossily on the fly: a lossy first choice is taken only alone.
+        const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+        const J2K: &str = "1.2.840.10008.1.2.4.91";
+        assert_eq!(choose(true, &[JPEG_BASELINE, EXPLICIT]), Some(EXPLICIT));
+        assert_eq!(
+            choose(true, &[J2K, J2K_LOSSLESS, EXPLICIT]),
+            Some(J2K_LOSSLESS)
+        );
+        assert_eq!(choose(true, &[JPEG_BASELINE]), Some(JPEG_BASELINE));
     }
 
     #[test]

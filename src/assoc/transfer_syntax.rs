@@ -21,6 +21,45 @@ pub struct TransferSyntax {
     pub encoding: DatasetEncoding,
 }
 
+/// Whether `ts` may be lossy (PS3.5 Annex A: JPEG baseline/extended and the retired lossy
+/// processes, JPEG-LS near-lossless, JPEG 2000 (lossy-capable), JPEG 2000 part 2, the MPEG
+/// and HEVC video syntaxes, high-throughput JPEG 2000, JPEG XL). A sender offering one of these
+/// beside a lossless syntax may be offering to compress lossily on the fly.
+pub fn is_lossy(ts: &TransferSyntax) -> bool {
+    let Some(n) = ts.uid.strip_prefix("1.2.840.10008.1.2.4.") else {
+        return false;
+    };
+    matches!(
+        n,
+        "50" | "51"
+            | "52"
+            | "53"
+            | "54"
+            | "55"
+            | "56"
+            | "59"
+            | "60"
+            | "61"
+            | "62"
+            | "63"
+            | "64"
+            | "81"
+            | "91"
+            | "93"
+            | "100"
+            | "101"
+            | "102"
+            | "103"
+            | "104"
+            | "105"
+            | "106"
+            | "107"
+            | "108"
+            | "112"
+            | "203"
+    )
+}
+
 /// Whether `ts` is one of the native (uncompressed, unencapsulated) encodings of PS3.5 §A.1–A.3:
 /// implicit VR little endian, explicit VR little endian, explicit VR big endian.
 pub fn is_native(ts: &TransferSyntax) -> bool {

@@ -81,7 +81,7 @@ pub fn render(shared: &Shared) -> String {
     let c = &shared.counters;
     r.register(
         "instances_stored",
-        "Instances stored (a C-STORE success answered)",
+        "C-STORE successes (an instance sent again counts again)",
         ConstCounter::new(c.instances.load(Ordering::Relaxed)),
     );
     r.register(
@@ -174,52 +174,128 @@ pub fn render(shared: &Shared) -> String {
     out
 }
 
-/// Serves requests until the server is unblocked (the node stops).
-pub fn serve(server: Arc<tiny_http::Server>, shared: Arc<Shared>, reactors: usize) {
-    use tiny_http::{Header, Response};
-    let text = |s: &str| Header::from_bytes("Content-Type", s).ok();
-    for req in server.incoming_requests() {
-        let (code, body, ctype) = match req.url() {
-            "/metrics" => (
-                200,
-                render(&shared),
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
-            "/healthz" => {
-                let ok = shared.reactors_running.load(Ordering::Acquire) == reactors
-                    && !shared.shutdown.load(Ordering::Acquire);
-                (
-                    if ok { 200 } else { 503 },
-                    if ok { "ok\n" } else { "unhealthy\n" }.into(),
-                    "text/plain",
-                )
+/// Longest request head we read; a longer one gets 431 and the connection closed.
+const MAX_REQUEST: usize = 8 << 10;
+/// Read and write timeout per connection: a client that stops reading (or never sends its
+/// request) cannot hold the endpoint longer than this.
+const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves one connection at a time until `shared.shutdown` is set (the stopper connects once
+/// to wake the accept). Deliberately small: three GET paths, `Connection: close`, bounded
+/// request size and time, no thread per client, so no client can take the node's descriptors
+/// or hold this thread for long.
+pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usize) {
+    use std::io::{Read, Write};
+    loop {
+        let mut stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                if shared.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                tracing::warn!(error = %e, "http accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
             }
-            "/readyz" => {
-                let draining = shared.draining.load(Ordering::Acquire);
-                let probe = shared
-                    .config
-                    .node
-                    .data_dir
-                    .join(format!(".readyz.{}", std::process::id()));
-                let writable = std::fs::write(&probe, b"")
-                    .and_then(|()| std::fs::remove_file(&probe))
-                    .is_ok();
-                let ok = !draining && writable;
-                let why = if draining {
-                    "draining\n"
-                } else if !writable {
-                    "data directory not writable\n"
-                } else {
-                    "ready\n"
-                };
-                (if ok { 200 } else { 503 }, why.into(), "text/plain")
-            }
-            _ => (404, "not found\n".into(), "text/plain"),
         };
-        let mut resp = Response::from_string(body).with_status_code(code);
-        if let Some(h) = text(ctype) {
-            resp = resp.with_header(h);
+        if shared.shutdown.load(Ordering::Acquire) {
+            return;
         }
-        let _ = req.respond(resp);
+        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+        let mut head = Vec::with_capacity(512);
+        let mut buf = [0u8; 1024];
+        let complete = loop {
+            if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                break true;
+            }
+            if head.len() > MAX_REQUEST {
+                break false;
+            }
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        };
+        let (code, body, ctype) = if !complete {
+            (
+                431,
+                "request head too large or incomplete\n".to_string(),
+                "text/plain",
+            )
+        } else {
+            let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            let mut parts = line.split_whitespace();
+            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let path = target.split('?').next().unwrap_or("");
+            if method != "GET" && method != "HEAD" {
+                (405, "only GET\n".into(), "text/plain")
+            } else {
+                respond(path, &shared, reactors)
+            }
+        };
+        let reason = match code {
+            200 => "OK",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            431 => "Request Header Fields Too Large",
+            _ => "Service Unavailable",
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .and_then(|()| stream.write_all(body.as_bytes()));
+    }
+}
+
+/// The answer for `path`: (status, body, content type).
+fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'static str) {
+    match path {
+        "/metrics" => (
+            200,
+            render(shared),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/healthz" => {
+            let ok = shared.reactors_running.load(Ordering::Acquire) == reactors
+                && !shared.shutdown.load(Ordering::Acquire);
+            if ok {
+                (200, "ok\n".into(), "text/plain")
+            } else {
+                (503, "unhealthy\n".into(), "text/plain")
+            }
+        }
+        "/readyz" => {
+            let why = if shared.draining.load(Ordering::Acquire) {
+                Some("draining".to_string())
+            } else {
+                data_dir_problem(&shared.config)
+            };
+            match why {
+                None => (200, "ready\n".into(), "text/plain"),
+                Some(w) => (503, format!("{w}\n"), "text/plain"),
+            }
+        }
+        _ => (404, "not found\n".into(), "text/plain"),
+    }
+}
+
+/// Why the data directory cannot take instances now, if it cannot: not writable by us, or
+/// less free space than two log segments (a full disk answers every store 0xA700).
+fn data_dir_problem(config: &crate::config::Config) -> Option<String> {
+    let dir = &config.node.data_dir;
+    if rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_err() {
+        return Some("data directory not writable".into());
+    }
+    match rustix::fs::statvfs(dir) {
+        Ok(st) => {
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let want = 2 * config.storage.segment_bytes;
+            (free < want).then(|| format!("data directory has {free} bytes free, under {want}"))
+        }
+        Err(e) => Some(format!("data directory: {e}")),
     }
 }

@@ -151,23 +151,12 @@ pub struct NodeHandle {
     pipeline_shutdown: Arc<AtomicBool>,
     /// Held until the node has stopped.
     _lock: crate::storage::DataDirLock,
-    /// The HTTP endpoint, if `[http] listen` names one.
-    http: Option<HttpServer>,
-    /// Where it listens.
+    /// Where the HTTP endpoint listens, if `[http] listen` names one.
     pub http_addr: Option<SocketAddr>,
 }
 
 /// How long a stop waits for its threads once told to end (see `NodeHandle::stop`).
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The HTTP endpoint's server (tiny_http's has no `Debug`).
-struct HttpServer(Arc<tiny_http::Server>);
-
-impl std::fmt::Debug for HttpServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HttpServer")
-    }
-}
 
 /// What a graceful stop ([`NodeHandle::drain`]) did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,8 +244,12 @@ impl NodeHandle {
             m.wake();
         }
         self.unblock_accept();
-        if let Some(h) = &self.http {
-            h.0.unblock();
+        if let Some(mut a) = self.http_addr {
+            // Wakes the HTTP thread's accept, which then sees the flag.
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let _ = TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1));
         }
         // Threads end within moments of the flags, except one blocked on a peer (an export
         // waiting up to its I/O timeout on a silent downstream): past a grace period we stop
@@ -332,13 +325,17 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     let http = if config.http.listen.trim().is_empty() {
         None
     } else {
-        let server = tiny_http::Server::http(config.http.listen.trim()).map_err(|e| {
-            io::Error::other(format!(
-                "cannot listen on {} ([http] listen): {e}",
-                config.http.listen
-            ))
+        let l = TcpListener::bind(config.http.listen.trim()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot listen on {} ([http] listen): {e}: another dicomgate on this host? \
+                     set [http] listen (or --http) to another address, or \"\" for none",
+                    config.http.listen
+                ),
+            )
         })?;
-        Some(Arc::new(server))
+        Some(l)
     };
     let local_addr = listener.local_addr()?;
     let n = config.reactor_count();
@@ -460,13 +457,13 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
                 .spawn(move || accept_loop(listener, &mailboxes, &shared))?,
         );
     }
-    let http_addr = http.as_ref().and_then(|s| s.server_addr().to_ip());
-    if let Some(server) = &http {
-        let (server, shared) = (server.clone(), shared.clone());
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = http {
+        let shared = shared.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("http".into())
-                .spawn(move || http::serve(server, shared, n))?,
+                .spawn(move || http::serve(listener, shared, n))?,
         );
         if let Some(a) = http_addr {
             tracing::info!(listen = %a, "http serving /metrics /healthz /readyz");
@@ -487,7 +484,6 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         threads,
         pipeline_shutdown,
         _lock: lock,
-        http: http.map(HttpServer),
         http_addr,
     })
 }
