@@ -130,3 +130,58 @@ fn metrics_parse_and_count_what_was_sent() {
     assert_eq!(get(&addr, "/readyz"), (200, "ready\n".into()));
     assert_eq!(get(&addr, "/nowhere").0, 404);
 }
+
+/// Clients that connect and send nothing, or send an endless request head, hold the endpoint
+/// for its I/O timeout at most, one at a time: a health probe behind them is still answered,
+/// and an oversized head gets 431 (the first version, tiny_http, gave each client a thread and
+/// froze when one stopped reading).
+#[test]
+fn http_clients_that_stall_or_flood_do_not_hold_the_endpoint() {
+    let node = Node::start("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let addr = http_addr(&node);
+    let idle: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    let mut flood = std::net::TcpStream::connect(&addr).unwrap();
+    let _ = flood.write_all(b"GET /metrics HTTP/1.1\r\n");
+    let _ = flood.write_all(&vec![b'x'; 64 << 10]);
+    let mut answered = false;
+    for _ in 0..30 {
+        if get(&addr, "/healthz") == (200, "ok\n".into()) {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "a probe behind stalled clients was not answered");
+    let mut resp = String::new();
+    let _ = flood.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp:?}");
+    drop(idle);
+}
+
+/// Two nodes on one host with the default HTTP address: the second refuses to start, naming
+/// `[http] listen` and what to do.
+#[test]
+fn a_busy_http_address_is_refused_naming_the_field() {
+    let node = Node::start("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let addr = http_addr(&node);
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            &addr,
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[http] listen") && err.contains("another address"),
+        "{err}"
+    );
+}
