@@ -114,6 +114,11 @@ fn metrics_parse_and_count_what_was_sent() {
         ("dicomgate_associations_total{outcome=released}", 2.0),
         ("dicomgate_request_failures_total{status=0xA900}", 1.0),
         ("dicomgate_reactors_running{}", 2.0),
+        // The five stores, each timed from storage to durable; the refused one never reached
+        // storage. All five were small: records of the segment log, made durable by its rounds.
+        ("dicomgate_store_seconds_count{}", 5.0),
+        ("dicomgate_log_flushed_records_total{}", 5.0),
+        ("dicomgate_batches_now{place=batches}", 0.0),
     ];
     let mut got = BTreeMap::new();
     let matched = wait_until(10, || {
@@ -126,6 +131,8 @@ fn metrics_parse_and_count_what_was_sent() {
         "{got:#?}"
     );
     assert_eq!(got["dicomgate_buffered_bytes_limit{}"], 33_554_432.0);
+    assert!(got["dicomgate_log_flush_rounds_total{}"] >= 1.0, "{got:#?}");
+    assert!(got["dicomgate_store_seconds_sum{}"] > 0.0, "{got:#?}");
     assert_eq!(get(&addr, "/healthz"), (200, "ok\n".into()));
     assert_eq!(get(&addr, "/readyz"), (200, "ready\n".into()));
     assert_eq!(get(&addr, "/nowhere").0, 404);

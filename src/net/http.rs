@@ -15,12 +15,13 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use super::Shared;
 
 /// Counters the reactors keep for the endpoint (all monotonic).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     /// Instances stored (C-STORE success answered or answerable) and their bytes.
     pub instances: AtomicU64,
@@ -30,6 +31,21 @@ pub struct Counters {
     pub associations: Mutex<BTreeMap<&'static str, u64>>,
     /// Requests answered with a failure status, by status.
     pub failures: Mutex<BTreeMap<u16, u64>>,
+    /// Seconds from a store handed to storage to its outcome (durable, or failed).
+    pub store_seconds: Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            instances: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            associations: Mutex::default(),
+            failures: Mutex::default(),
+            // 50 µs to ~1.6 s.
+            store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+        }
+    }
 }
 
 impl Counters {
@@ -71,6 +87,11 @@ struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlaceLabel {
+    place: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabel {
     stage: String,
 }
@@ -88,6 +109,42 @@ pub fn render(shared: &Shared) -> String {
         "stored_bytes",
         "Bytes of the instances stored (Part-10 files or log records)",
         ConstCounter::new(c.bytes.load(Ordering::Relaxed)),
+    );
+    r.register(
+        "store_seconds",
+        "Seconds from a C-STORE handed to storage until it was durable (or failed)",
+        c.store_seconds.clone(),
+    );
+    let (rounds, records, nanos) = shared.storage.log().flush_stats();
+    r.register(
+        "log_flush_rounds",
+        "Group-commit flush rounds of the segment log",
+        ConstCounter::new(rounds),
+    );
+    r.register(
+        "log_flushed_records",
+        "Records made durable by those rounds",
+        ConstCounter::new(records),
+    );
+    r.register(
+        "log_flush_seconds",
+        "Seconds spent in those rounds (fdatasync and acknowledgements)",
+        ConstCounter::new(nanos as f64 / 1e9),
+    );
+    let places = Family::<PlaceLabel, prometheus_client::metrics::gauge::Gauge>::default();
+    for place in ["batches", "failed"] {
+        let n = std::fs::read_dir(shared.config.node.data_dir.join(place))
+            .map_or(0, |rd| rd.flatten().filter(|e| e.path().is_dir()).count());
+        places
+            .get_or_create(&PlaceLabel {
+                place: place.to_string(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "batches_now",
+        "Batches in batches/ (being processed or exported) and in failed/",
+        places,
     );
     let assoc = Family::<OutcomeLabel, Counter>::default();
     if let Ok(m) = c.associations.lock() {

@@ -83,7 +83,7 @@ struct Conn {
     /// The association's log line was written.
     logged: bool,
     /// What the pipeline is told of each store in storage, by token, once it is durable.
-    arrivals: Vec<(u64, Box<Arrival>)>,
+    arrivals: Vec<(u64, Instant, Box<Arrival>)>,
     /// Bytes of this connection counted in the node-wide budget: (all, those held by stores).
     accounted: (usize, usize),
     /// On the reactor's list of connections waiting for room in the budget.
@@ -268,8 +268,15 @@ impl Reactor<'_> {
             let arrival = c
                 .arrivals
                 .iter()
-                .position(|(t, _)| *t == done.token)
-                .map(|i| c.arrivals.swap_remove(i).1);
+                .position(|(t, _, _)| *t == done.token)
+                .map(|i| c.arrivals.swap_remove(i));
+            let arrival = arrival.map(|(_, submitted, a)| {
+                self.shared
+                    .counters
+                    .store_seconds
+                    .observe(now.saturating_duration_since(submitted).as_secs_f64());
+                a
+            });
             let mut stored_event = None;
             let outcome = match done.result {
                 Ok(stored) => {
@@ -567,7 +574,7 @@ impl Reactor<'_> {
         match c.blocked.take() {
             Some(Job::Store(job)) => {
                 // Never queued, never acknowledged: the peer is gone, so it is not stored.
-                c.arrivals.retain(|(t, _)| *t != job.token);
+                c.arrivals.retain(|(t, _, _)| *t != job.token);
                 c.svc.handle_store_done(
                     Instant::now(),
                     job.token,
@@ -785,6 +792,7 @@ fn store_job(
     let req = *req;
     c.arrivals.push((
         token,
+        Instant::now(),
         Box::new(Arrival {
             association: c.association,
             key,

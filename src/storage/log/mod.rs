@@ -167,6 +167,8 @@ pub struct Log {
     inner: Mutex<Inner>,
     flush_queue: Mutex<VecDeque<FlushItem>>,
     flush_bell: Doorbell,
+    /// Flush rounds, records they covered, nanoseconds in them (for `/metrics`).
+    flush_counts: [std::sync::atomic::AtomicU64; 3],
     // Invariant: true while one thread runs flush rounds (rounds never overlap: a round's
     // directory flush must be done before a later round acknowledges a record it covers).
     flushing: AtomicBool,
@@ -269,6 +271,7 @@ impl Log {
             inner: Mutex::new(inner),
             flush_queue: Mutex::new(VecDeque::new()),
             flush_bell: Doorbell::new(),
+            flush_counts: Default::default(),
             flushing: AtomicBool::new(false),
             dir_dirty: AtomicBool::new(false),
             prepare_bell: Doorbell::new(),
@@ -542,6 +545,8 @@ impl Log {
     /// One round: one `fdatasync` per segment the items are in (and the log directory when a
     /// segment was created), then the acknowledgements of everything the round covered.
     fn flush_round(&self, items: Vec<FlushItem>) {
+        let started = std::time::Instant::now();
+        let records: usize = items.iter().map(|i| i.acks.len()).sum();
         {
             let mut synced: Vec<(Arc<File>, Option<String>)> = Vec::new();
             for it in &items {
@@ -576,6 +581,10 @@ impl Log {
                 }
             }
         }
+        let [rounds, recs, nanos] = &self.flush_counts;
+        rounds.fetch_add(1, Ordering::Relaxed);
+        recs.fetch_add(records as u64, Ordering::Relaxed);
+        nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// The preparer thread: keeps one spare segment ready.
@@ -827,6 +836,16 @@ impl Log {
                 inner.index.insert(rel, taken);
             }
         }
+    }
+
+    /// (flush rounds, records they made durable, nanoseconds spent in them) since start.
+    pub fn flush_stats(&self) -> (u64, u64, u64) {
+        let [a, b, c] = &self.flush_counts;
+        (
+            a.load(Ordering::Relaxed),
+            b.load(Ordering::Relaxed),
+            c.load(Ordering::Relaxed),
+        )
     }
 
     /// Every indexed instance: (identity, newest record), in log order.
