@@ -85,35 +85,61 @@ fn storescu(port: &str, files: &[PathBuf]) -> std::process::Child {
         .unwrap()
 }
 
+/// A node (with `node_toml` in its [node] section) whose processing of patient SLOW sleeps
+/// `sleep` seconds while `flag` exists; SLOW's one instance has been sent and its processing is
+/// running when this returns.
+struct Slow {
+    node: Node,
+    src: tempfile::TempDir,
+    _tmp: tempfile::TempDir,
+    flag: PathBuf,
+    runs: PathBuf,
+    script: PathBuf,
+}
+
+fn slow_node(node_toml: &str, sleep: &str) -> Slow {
+    let src = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let flag = tmp.path().join("slow");
+    std::fs::write(&flag, b"").unwrap();
+    let runs = tmp.path().join("runs.log");
+    let (processing, script) = processing(tmp.path(), &flag, &runs, sleep);
+    let node = Node::start_with_node(
+        node_toml,
+        &format!("[trigger]\non_association_close = true\nquiet_seconds = 0\n{processing}"),
+    );
+    let slow = instances(&src.path().join("slow"), "SLOW", 1, 64);
+    assert!(storescu(&node.port(), &slow).wait().unwrap().success());
+    assert!(
+        wait_until(30, || !processes_with(sleep).is_empty()),
+        "the slow processing never started\n{}",
+        node.log()
+    );
+    Slow {
+        node,
+        src,
+        _tmp: tmp,
+        flag,
+        runs,
+        script,
+    }
+}
+
 /// SIGTERM while four storescu associations send 100 files each and a processing command
 /// runs: every storescu completes all its files with success, the node exits 0 once its
 /// drain is over (the long processing is cut at `drain_seconds`), no process of the cut
 /// command remains, and after a restart every patient's batch has been processed exactly once.
 #[test]
 fn sigterm_lets_open_associations_finish_and_processing_resume_once() {
-    let src = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let flag = tmp.path().join("slow");
-    std::fs::write(&flag, b"").unwrap();
-    let runs = tmp.path().join("runs.log");
     let sleep = "61.25";
-    let (processing, script) = processing(tmp.path(), &flag, &runs, sleep);
-    let mut node = Node::start_with_node(
-        "drain_seconds = 3",
-        &format!("[trigger]\non_association_close = true\nquiet_seconds = 0\n{processing}"),
-    );
-    let slow = instances(&src.path().join("slow"), "SLOW", 1, 64);
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&slow)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    assert!(
-        wait_until(30, || !processes_with(sleep).is_empty()),
-        "the slow processing never started\n{}",
-        node.log()
-    );
+    let Slow {
+        mut node,
+        src,
+        _tmp,
+        flag,
+        runs,
+        script,
+    } = slow_node("drain_seconds = 3", sleep);
     let patients = ["PA", "PBB", "PCCC", "PDDDD"];
     let senders: Vec<_> = patients
         .iter()
@@ -209,29 +235,14 @@ fn sigterm_lets_open_associations_finish_and_processing_resume_once() {
 /// command's process group goes with it.
 #[test]
 fn second_signal_stops_at_once_and_leaves_no_processing_behind() {
-    let src = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let flag = tmp.path().join("slow");
-    std::fs::write(&flag, b"").unwrap();
-    let runs = tmp.path().join("runs.log");
     let sleep = "62.75";
-    let (processing, _) = processing(tmp.path(), &flag, &runs, sleep);
-    let mut node = Node::start_with_node(
-        "drain_seconds = 600",
-        &format!("[trigger]\non_association_close = true\nquiet_seconds = 0\n{processing}"),
-    );
-    let slow = instances(&src.path().join("slow"), "SLOW", 1, 64);
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&slow)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    assert!(
-        wait_until(30, || !processes_with(sleep).is_empty()),
-        "{}",
-        node.log()
-    );
+    let Slow {
+        mut node,
+        flag,
+        runs,
+        _tmp,
+        ..
+    } = slow_node("drain_seconds = 600", sleep);
     node.signal(Signal::TERM);
     assert!(
         wait_until(30, || node.log().contains("draining")),
@@ -320,12 +331,7 @@ fn an_export_to_a_silent_peer_does_not_hold_the_stop() {
         ),
     );
     let files = instances(&src.path().join("x"), "SILENTPEER", 3, 64);
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    assert!(storescu(&node.port(), &files).wait().unwrap().success());
     assert!(
         wait_until(30, || node.log().contains("batch claimed")),
         "{}",
@@ -353,28 +359,14 @@ fn an_export_to_a_silent_peer_does_not_hold_the_stop() {
 /// resumed run is the only one that finishes.
 #[test]
 fn a_processing_run_left_by_a_killed_node_is_killed_before_its_batch_resumes() {
-    let src = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let flag = tmp.path().join("slow");
-    std::fs::write(&flag, b"").unwrap();
-    let runs = tmp.path().join("runs.log");
     let sleep = "63.5";
-    let (processing, _) = processing(tmp.path(), &flag, &runs, sleep);
-    let mut node = Node::start(&format!(
-        "[trigger]\non_association_close = true\nquiet_seconds = 0\n{processing}"
-    ));
-    let slow = instances(&src.path().join("slow"), "SLOW", 1, 64);
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&slow)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    assert!(
-        wait_until(30, || !processes_with(sleep).is_empty()),
-        "{}",
-        node.log()
-    );
+    let Slow {
+        mut node,
+        flag,
+        runs,
+        _tmp,
+        ..
+    } = slow_node("", sleep);
     node.kill9();
     assert!(
         !processes_with(sleep).is_empty(),
