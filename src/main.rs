@@ -26,10 +26,13 @@ enum Command {
         /// TOML config file; flags below override it.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// IP:PORT to accept associations on ([node] listen; default 0.0.0.0:11112).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Where instances, the segment log and batches are kept ([node] data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Our AE title: the called AE title associations must name ([node] ae_title).
         #[arg(long)]
         ae_title: Option<String>,
         /// HOST:PORT of the HTTP endpoint (/metrics, /healthz, /readyz); "" for none.
@@ -43,8 +46,10 @@ enum Command {
     Echo {
         /// HOST:PORT
         address: String,
-        #[arg(long, default_value = "ANY-SCP")]
+        /// The peer's AE title (the called AE); dicomgate's own default is DICOMGATE.
+        #[arg(long, default_value = "DICOMGATE")]
         called: String,
+        /// Our AE title (the calling AE).
         #[arg(long, default_value = "DICOMGATE-SCU")]
         calling: String,
     },
@@ -54,8 +59,10 @@ enum Command {
         address: String,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        #[arg(long, default_value = "ANY-SCP")]
+        /// The peer's AE title (the called AE); dicomgate's own default is DICOMGATE.
+        #[arg(long, default_value = "DICOMGATE")]
         called: String,
+        /// Our AE title (the calling AE).
         #[arg(long, default_value = "DICOMGATE-SCU")]
         calling: String,
     },

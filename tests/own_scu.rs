@@ -90,6 +90,52 @@ fn dicomgate_store_and_echo_are_byte_exact_and_readable_by_dicom_object() {
     );
 }
 
+/// Issue 12: `dicomgate echo` defaulted to called AE `ANY-SCP`, which the node's own default
+/// rejects; rejections printed as bare codes; a rejected association was logged twice, the
+/// second time with empty AE titles. Now: echo works with its defaults, a rejection reads as
+/// words (CLI and node log), and the node logs it once with the AE titles that were asked.
+#[test]
+fn echo_defaults_work_and_a_rejection_is_logged_once_in_words() {
+    let node = Node::start("");
+    let echo = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+            .args(["echo", &node.addr.to_string()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = echo(&[]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let bad = echo(&["--called", "NOT-HERE", "--calling", "REJECTME"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("called AE title not recognized"), "{err}");
+    assert!(
+        wait_until(10, || node.log().contains("REJECTME")),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let log = node.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("REJECTME")).collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("called_ae=\"NOT-HERE\"")
+            && lines[0].contains("called AE title not recognized"),
+        "{}",
+        lines[0]
+    );
+    let help = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--listen", "--data-dir", "--ae-title", "--http", "--config"] {
+        let line = help.lines().find(|l| l.contains(flag)).unwrap_or_default();
+        assert!(line.trim().len() > flag.len() + 12, "no help for {flag}: {help}");
+    }
+}
+
 #[test]
 fn eight_associations_storing_at_once() {
     let node = Node::start("");

@@ -311,8 +311,8 @@ impl Service {
     ) {
         if let Pdu::Abort(a) = &pdu {
             self.outcome = Some(format!(
-                "aborted by peer (source {}, reason {})",
-                a.source.0, a.reason.0
+                "aborted by peer {}",
+                ul::describe_abort(a.source.0, a.reason.0)
             ));
         }
         match self.assoc.handle_pdu(now, pdu) {
@@ -378,10 +378,7 @@ impl Service {
             }
             Outcome::Reject(rj) => rj,
         };
-        self.outcome = Some(format!(
-            "rejected (result {}, source {}, reason {})",
-            rj.result.0, rj.source.0, rj.reason
-        ));
+        self.outcome = Some(ul::describe_reject(rj.result.0, rj.source.0, rj.reason));
         self.events.push_back(ServiceEvent::Rejected {
             calling_ae: ul::ae_title_str(&rq.calling_ae)
                 .unwrap_or("<invalid>")
@@ -924,8 +921,8 @@ impl Service {
                 }
                 Event::AbortedByPeer(a) => {
                     self.outcome = Some(format!(
-                        "aborted by peer (source {}, reason {})",
-                        a.source.0, a.reason.0
+                        "aborted by peer {}",
+                        ul::describe_abort(a.source.0, a.reason.0)
                     ));
                 }
                 Event::ProviderAbort { sent, why } => {

@@ -82,6 +82,8 @@ struct Conn {
     listed_blocked: bool,
     /// The association's log line was written.
     logged: bool,
+    /// The AE titles of a rejected A-ASSOCIATE-RQ, for its log line.
+    rejected_aes: Option<(String, String)>,
     /// What the pipeline is told of each store in storage, by token, once it is durable.
     arrivals: Vec<(u64, Instant, Box<Arrival>)>,
     /// Bytes of this connection counted in the node-wide budget: (all, those held by stores).
@@ -220,6 +222,7 @@ impl Reactor<'_> {
                 touched: false,
                 listed_blocked: false,
                 logged: false,
+                rejected_aes: None,
                 accounted: (0, 0),
                 arrivals: Vec::new(),
                 listed_starved: false,
@@ -839,16 +842,12 @@ fn log_events(c: &mut Conn, shared: &Shared) {
             ServiceEvent::Rejected {
                 calling_ae,
                 called_ae,
-                rj,
-            } => tracing::info!(
-                peer = %c.peer,
-                calling_ae,
-                called_ae,
-                result = rj.result.0,
-                source = rj.source.0,
-                reason = rj.reason,
-                "association rejected"
-            ),
+                ..
+            } => {
+                // Logged once, by the association's own line (its outcome says why), with
+                // the AE titles the request named.
+                c.rejected_aes = Some((calling_ae, called_ae));
+            }
             ServiceEvent::Refused {
                 status,
                 comment,
@@ -870,10 +869,11 @@ fn log_events(c: &mut Conn, shared: &Shared) {
 fn log_association(c: &Conn, shared: &Shared) {
     let outcome = c.svc.outcome().unwrap_or("closed");
     shared.counters.association_ended(outcome);
-    let (calling, called) = c
-        .svc
-        .negotiated()
-        .map_or(("", ""), |n| (n.calling_ae.as_str(), n.called_ae.as_str()));
+    let (calling, called) = match (c.svc.negotiated(), &c.rejected_aes) {
+        (_, Some((calling, called))) => (calling.as_str(), called.as_str()),
+        (Some(n), None) => (n.calling_ae.as_str(), n.called_ae.as_str()),
+        (None, None) => ("", ""),
+    };
     let stats = c.svc.stats();
     tracing::info!(
         peer = %c.peer,

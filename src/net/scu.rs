@@ -35,8 +35,8 @@ impl std::fmt::Display for ScuError {
             ScuError::Io(e) => write!(f, "I/O error: {e}"),
             ScuError::Rejected(rj) => write!(
                 f,
-                "association rejected (result {}, source {}, reason {})",
-                rj.result.0, rj.source.0, rj.reason
+                "association {}",
+                crate::ul::describe_reject(rj.result.0, rj.source.0, rj.reason)
             ),
             ScuError::Aborted(w) => write!(f, "association aborted: {w}"),
             ScuError::Protocol(w) => write!(f, "protocol error: {w}"),
@@ -294,8 +294,8 @@ impl<S: Read + Write> Client<S> {
                 Event::Rejected(rj) => return Err(ScuError::Rejected(rj)),
                 Event::AbortedByPeer(a) => {
                     return Err(ScuError::Aborted(format!(
-                        "by peer, source {} reason {}",
-                        a.source.0, a.reason.0
+                        "by the peer, {}",
+                        crate::ul::describe_abort(a.source.0, a.reason.0)
                     )))
                 }
                 Event::ProviderAbort { why, .. } => return Err(ScuError::Aborted(why.into())),

@@ -98,6 +98,56 @@ pub mod reject_reason {
     pub const LOCAL_LIMIT_EXCEEDED: u8 = 2;
 }
 
+/// An A-ASSOCIATE-RJ in words (PS3.8 Table 9-21), with its codes: e.g. "rejected permanently
+/// by the service user: called AE title not recognized (result 1, source 1, reason 7)".
+pub fn describe_reject(result: u8, source: u8, reason: u8) -> String {
+    let how = match result {
+        1 => "rejected permanently",
+        2 => "rejected transiently",
+        _ => "rejected",
+    };
+    let (by, why) = match (source, reason) {
+        (1, 1) => ("the service user", "no reason given"),
+        (1, 2) => ("the service user", "application context name not supported"),
+        (1, 3) => ("the service user", "calling AE title not recognized"),
+        (1, 7) => ("the service user", "called AE title not recognized"),
+        (1, _) => ("the service user", "reserved reason"),
+        (2, 1) => ("the service provider (ACSE)", "no reason given"),
+        (2, 2) => (
+            "the service provider (ACSE)",
+            "protocol version not supported",
+        ),
+        (2, _) => ("the service provider (ACSE)", "reserved reason"),
+        (3, 1) => (
+            "the service provider (presentation)",
+            "temporary congestion",
+        ),
+        (3, 2) => (
+            "the service provider (presentation)",
+            "local limit exceeded",
+        ),
+        (3, _) => ("the service provider (presentation)", "reserved reason"),
+        _ => ("an unknown source", "unknown reason"),
+    };
+    format!("{how} by {by}: {why} (result {result}, source {source}, reason {reason})")
+}
+
+/// An A-ABORT in words (PS3.8 Table 9-26), with its codes.
+pub fn describe_abort(source: u8, reason: u8) -> String {
+    let text = match (source, reason) {
+        (0, _) => "by the service user".to_string(),
+        (2, 0) => "by the service provider: reason not specified".to_string(),
+        (2, 1) => "by the service provider: unrecognized PDU".to_string(),
+        (2, 2) => "by the service provider: unexpected PDU".to_string(),
+        (2, 4) => "by the service provider: unrecognized PDU parameter".to_string(),
+        (2, 5) => "by the service provider: unexpected PDU parameter".to_string(),
+        (2, 6) => "by the service provider: invalid PDU parameter value".to_string(),
+        (2, _) => "by the service provider: reserved reason".to_string(),
+        _ => "from a reserved source".to_string(),
+    };
+    format!("{text} (source {source}, reason {reason})")
+}
+
 code_table!(
     /// Presentation context result/reason in an A-ASSOCIATE-AC, PS3.8 Table 9-18.
     PcResult {
@@ -130,3 +180,28 @@ pub mod item_type {
 
 /// The DICOM application context name, PS3.7 Annex A.2.1.
 pub const DICOM_APPLICATION_CONTEXT: &[u8] = b"1.2.840.10008.3.1.1.1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 12: rejections printed as "(result 1, source 1, reason 7)" only.
+    #[test]
+    fn reject_and_abort_reasons_are_in_words() {
+        assert_eq!(
+            describe_reject(1, 1, 7),
+            "rejected permanently by the service user: called AE title not recognized \
+             (result 1, source 1, reason 7)"
+        );
+        assert!(
+            describe_reject(2, 3, 2).contains("transiently")
+                && describe_reject(2, 3, 2).contains("local limit exceeded")
+        );
+        assert_eq!(
+            describe_abort(2, 6),
+            "by the service provider: invalid PDU parameter value (source 2, reason 6)"
+        );
+        assert!(describe_abort(0, 0).starts_with("by the service user"));
+        assert!(describe_reject(9, 9, 9).contains("unknown"));
+    }
+}
