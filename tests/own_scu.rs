@@ -105,7 +105,11 @@ fn echo_defaults_work_and_a_rejection_is_logged_once_in_words() {
             .unwrap()
     };
     let ok = echo(&[]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let bad = echo(&["--called", "NOT-HERE", "--calling", "REJECTME"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
@@ -132,7 +136,10 @@ fn echo_defaults_work_and_a_rejection_is_logged_once_in_words() {
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in ["--listen", "--data-dir", "--ae-title", "--http", "--config"] {
         let line = help.lines().find(|l| l.contains(flag)).unwrap_or_default();
-        assert!(line.trim().len() > flag.len() + 12, "no help for {flag}: {help}");
+        assert!(
+            line.trim().len() > flag.len() + 12,
+            "no help for {flag}: {help}"
+        );
     }
 }
 
