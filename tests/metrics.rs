@@ -192,3 +192,61 @@ fn a_busy_http_address_is_refused_naming_the_field() {
         "{err}"
     );
 }
+
+/// The pipeline's side: one processing run that succeeds, then an export to a dead port that
+/// fails its two attempts and moves the batch to failed/; the counters say exactly that.
+#[test]
+fn processing_and_export_failures_are_counted() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead); // nothing listens there now
+    let node = Node::start(&format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n\
+         [trigger]\non_association_close = true\nquiet_seconds = 0\n\
+         [processing]\ncommand = [\"sh\", \"-c\", \"cp -R \\\"$DICOMGATE_INPUT_DIR\\\"/. \\\"$DICOMGATE_OUTPUT_DIR\\\"/\"]\n\
+         [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{dead_port}\"\nae_title = \"PACS\"\n\
+         [outbox]\nattempts = 2\nfirst_delay_seconds = 0.1\nmax_delay_seconds = 0.2\n"
+    ));
+    let addr = http_addr(&node);
+    let src = tempfile::tempdir().unwrap();
+    let files: Vec<_> = (0..2)
+        .map(|i| {
+            write_instance(
+                src.path(),
+                "PIPEMETRICS",
+                "1.2.826.0.1.3680043.10.31",
+                "1.2.826.0.1.3680043.10.31.1",
+                &format!("1.2.826.0.1.3680043.10.31.1.{i}"),
+                i + 1,
+            )
+        })
+        .collect();
+    let st = dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(
+        wait_until(30, || node.log().contains("batch moved to failed/")),
+        "{}",
+        node.log()
+    );
+    let want = [
+        ("dicomgate_processing_runs_total{}", 1.0),
+        ("dicomgate_processing_failures_total{}", 0.0),
+        ("dicomgate_export_failures_total{destination=0}", 2.0),
+        ("dicomgate_batches_total{stage=failed}", 1.0),
+        ("dicomgate_batches_total{stage=processed}", 1.0),
+        ("dicomgate_batches_now{place=failed}", 1.0),
+        ("dicomgate_batches_now{place=batches}", 0.0),
+    ];
+    let got = scrape(&addr);
+    for (k, v) in want {
+        assert_eq!(got.get(k), Some(&v), "{k}: {got:#?}");
+    }
+    assert!(
+        got["dicomgate_processing_seconds_total{}"] > 0.0,
+        "{got:#?}"
+    );
+}

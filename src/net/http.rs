@@ -87,6 +87,11 @@ struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabel {
+    destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PlaceLabel {
     place: String,
 }
@@ -218,6 +223,34 @@ pub fn render(shared: &Shared) -> String {
         "export_retries",
         "Export attempts that failed and were scheduled again",
         ConstCounter::new(s.export_retries.load(Ordering::Relaxed)),
+    );
+    r.register(
+        "processing_runs",
+        "Processing runs that ended (not those cut by a stop)",
+        ConstCounter::new(s.processing_runs.load(Ordering::Relaxed)),
+    );
+    r.register(
+        "processing_failures",
+        "Processing runs that failed (an error, a timeout, no output when that is a failure)",
+        ConstCounter::new(s.processing_failures.load(Ordering::Relaxed)),
+    );
+    r.register(
+        "processing_seconds",
+        "Seconds the processing runs took in all",
+        ConstCounter::new(s.processing_micros.load(Ordering::Relaxed) as f64 / 1e6),
+    );
+    let export_failures = Family::<DestinationLabel, Counter>::default();
+    for (i, n) in s.export_failures.iter().enumerate() {
+        export_failures
+            .get_or_create(&DestinationLabel {
+                destination: i.to_string(),
+            })
+            .inc_by(n.load(Ordering::Relaxed));
+    }
+    r.register(
+        "export_failures",
+        "Failed export attempts, by destination ([[export]] index)",
+        export_failures,
     );
     r.register(
         "late_arrivals",

@@ -525,6 +525,7 @@ pub(super) fn process(ctx: &Context, id: &str) {
                 inputs,
             };
             tracing::info!(batch = %id, patient = %manifest.patient_id, "processing");
+            let started = std::time::Instant::now();
             let result = processor.process(&info).and_then(|()| {
                 // A run that wrote nothing to send keeps the batch unless the config says
                 // that is a success (issue 11: it was deleted and counted as exported).
@@ -547,6 +548,14 @@ pub(super) fn process(ctx: &Context, id: &str) {
                     "processing interrupted by the stop: the batch resumes at the next start"
                 );
                 return;
+            }
+            let stats = &ctx.pipeline.stats;
+            stats.processing_runs.fetch_add(1, Ordering::Relaxed);
+            stats
+                .processing_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            if result.is_err() {
+                stats.processing_failures.fetch_add(1, Ordering::Relaxed);
             }
             if let Err(why) = result {
                 state.processing_attempts += 1;
@@ -692,7 +701,14 @@ pub(super) fn export(ctx: &Context, id: &str) {
                     .and_then(|()| write_atomic(&marker, b""));
                 tracing::info!(batch = %id, destination = i, files = files.len(), "exported");
             }
-            Err(e) => errors.push(format!("export {i}: {e}")),
+            Err(e) => {
+                if !ctx.shutdown.load(Ordering::Acquire) {
+                    if let Some(n) = ctx.pipeline.stats.export_failures.get(i) {
+                        n.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                errors.push(format!("export {i}: {e}"))
+            }
         }
     }
     if errors.is_empty() {

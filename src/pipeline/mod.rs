@@ -97,6 +97,23 @@ pub struct Stats {
     /// its batches was claimed for processing (each starts or joins a new batch that waits for
     /// the rules again).
     pub late_arrivals: AtomicU64,
+    /// Processing runs that ended (not those cut by a stop), those that failed, and the
+    /// microseconds they took in all.
+    pub processing_runs: AtomicU64,
+    pub processing_failures: AtomicU64,
+    pub processing_micros: AtomicU64,
+    /// Failed export attempts, by destination (the `[[export]]` index; one default folder
+    /// export when there is none).
+    pub export_failures: Vec<AtomicU64>,
+}
+
+impl Stats {
+    fn new(destinations: usize) -> Stats {
+        Stats {
+            export_failures: (0..destinations).map(|_| AtomicU64::new(0)).collect(),
+            ..Stats::default()
+        }
+    }
 }
 
 /// What reactors share with the pipeline.
@@ -333,7 +350,7 @@ pub fn start(
         rules,
         wanted_tags: wanted,
         group_tag,
-        stats: Arc::new(Stats::default()),
+        stats: Arc::new(Stats::new(config.exports.len().max(1))),
         active: AtomicUsize::new(0),
     });
     let processor: Option<Arc<dyn Processor>> = processor.or_else(|| {
