@@ -91,11 +91,7 @@ fn metrics_parse_and_count_what_was_sent() {
             )
         })
         .collect();
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     let mut c = Client::connect(
         node.addr,
@@ -221,11 +217,7 @@ fn processing_and_export_failures_are_counted() {
             )
         })
         .collect();
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     assert!(
         wait_until(30, || node.log().contains("batch moved to failed/")),

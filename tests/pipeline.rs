@@ -306,11 +306,7 @@ fn split_patient_processed_once_when_the_last_association_closes() {
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
     assert_eq!(line.trim(), "SENT");
     // DCMTK storescu sends its 5 and closes.
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&short)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &short);
     assert!(st.success());
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(
@@ -353,11 +349,7 @@ fn export_retries_until_a_late_downstream_comes_up() {
          [outbox]\nattempts = 50\nfirst_delay_seconds = 0.2\nmax_delay_seconds = 0.5\n",
         processing(tmp.path(), &log, 0.0)
     ));
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     assert!(
         wait_until(30, || node
@@ -402,11 +394,7 @@ fn failed_processing_moves_the_batch_to_failed_with_a_reason() {
          [processing]\ncommand = [\"sh\", \"-c\", \"echo bad input >&2; exit 7\"]\nattempts = 2\n\
          [outbox]\nfirst_delay_seconds = 0.1\n",
     );
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     let failed = node.data_dir.join("failed");
     let kept = || {
@@ -638,11 +626,7 @@ fn insufficient_patient_expires_and_is_moved_aside() {
          [[input]]\nname = \"ct\"\nmin_instances = 100\n\
          [trigger]\nquiet_seconds = 0.3\ncheck_interval_ms = 100\n",
     );
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     let expired = node.data_dir.join("expired");
     assert!(
@@ -798,11 +782,7 @@ fn processing_with_no_dicom_output_keeps_the_batch() {
         "[trigger]\nquiet_seconds = 0\n\
          [processing]\ncommand = [\"sh\", \"-c\", \"echo wrote nothing\"]\n",
     );
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     let failed = node.data_dir.join("failed");
     let kept = || {
@@ -845,11 +825,7 @@ fn processing_with_no_dicom_output_is_done_when_empty_output_is_ok() {
         "[trigger]\nquiet_seconds = 0\n\
          [processing]\ncommand = [\"true\"]\nempty_output = \"ok\"\n",
     );
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     assert!(
         wait_until(30, || node.log().contains("batch done")),
@@ -888,11 +864,7 @@ fn failed_batch_creation_puts_the_records_back_in_the_map() {
     let batches = node.data_dir.join("batches");
     std::fs::remove_dir_all(&batches).unwrap();
     std::fs::write(&batches, b"not a directory").unwrap();
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     assert!(
         wait_until(30, || node
@@ -927,11 +899,7 @@ fn late_arrivals_are_logged_at_info_and_counted() {
          [trigger]\nquiet_seconds = 0\non_association_close = true\ncheck_interval_ms = 50\n",
     );
     let store = |files: &[PathBuf]| {
-        let st = dcmtk("storescu")
-            .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-            .args(files)
-            .status()
-            .unwrap();
+        let st = storescu_status(&node, files);
         assert!(st.success());
     };
     store(&first);
@@ -994,11 +962,7 @@ fn router_export_reads_the_segment_log_and_survives_a_kill() {
          [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{pacs_port}\"\nae_title = \"PACS\"\n\
          [outbox]\nattempts = 100\nfirst_delay_seconds = 0.2\nmax_delay_seconds = 0.5\n"
     ));
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     assert!(
         wait_until(30, || node.log().contains("export failed; will retry")),
@@ -1078,11 +1042,7 @@ fn failed_router_batch_keeps_its_log_instances_as_files() {
          [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{dead_port}\"\nae_title = \"PACS\"\n\
          [outbox]\nattempts = 2\nfirst_delay_seconds = 0.1\nmax_delay_seconds = 0.2\n"
     ));
-    let st = dcmtk("storescu")
-        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
-        .args(&files)
-        .status()
-        .unwrap();
+    let st = storescu_status(&node, &files);
     assert!(st.success());
     assert!(
         wait_until(30, || node.log().contains("batch moved to failed/")),

@@ -244,12 +244,7 @@ impl Reactor<'_> {
         let now = Instant::now();
         while let Some(w) = self.mailbox.written.pop() {
             let idx = w.reply.connection;
-            let Some(c) = self
-                .conns
-                .get_mut(idx)
-                .and_then(Option::as_mut)
-                .filter(|c| c.generation == w.reply.generation)
-            else {
+            let Some(c) = conn_of(&mut self.conns, w.reply) else {
                 continue;
             };
             c.svc.handle_written(now, w.token, w.bytes);
@@ -260,12 +255,7 @@ impl Reactor<'_> {
         }
         while let Some(done) = self.mailbox.completions.pop() {
             let idx = done.reply.connection;
-            let Some(c) = self
-                .conns
-                .get_mut(idx)
-                .and_then(Option::as_mut)
-                .filter(|c| c.generation == done.reply.generation)
-            else {
+            let Some(c) = conn_of(&mut self.conns, done.reply) else {
                 continue;
             };
             let arrival = c
@@ -641,6 +631,14 @@ impl Reactor<'_> {
         }
         self.free.push(idx);
     }
+}
+
+/// The connection a completion is for, unless it is gone (its slot empty or reused).
+fn conn_of(conns: &mut [Option<Conn>], reply: ReplyTo) -> Option<&mut Conn> {
+    conns
+        .get_mut(reply.connection)
+        .and_then(Option::as_mut)
+        .filter(|c| c.generation == reply.generation)
 }
 
 /// Hands the service's work to storage while it has room. When one finds no room it waits in

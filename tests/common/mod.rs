@@ -328,6 +328,16 @@ pub fn ct_proposal_in(ts: &str) -> dicomgate::net::scu::Proposal {
 }
 
 /// DCMTK's storescu stores pydicom's CT_small.dcm on the node: a normal sender is served.
+/// DCMTK storescu sends `files` to `node` in one association (called AE DICOMGATE); its exit
+/// status.
+pub fn storescu_status(node: &Node, files: &[PathBuf]) -> std::process::ExitStatus {
+    dcmtk("storescu")
+        .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
+        .args(files)
+        .status()
+        .unwrap()
+}
+
 pub fn storescu_still_stores(node: &Node) {
     let out = dcmtk("storescu")
         .args(["-aec", "DICOMGATE", "127.0.0.1", &node.port()])
