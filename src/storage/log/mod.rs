@@ -736,7 +736,7 @@ impl Log {
         let referenced: HashSet<u64> = inner
             .index
             .values()
-            .flat_map(|t| t.all().map(|l| l.seq).collect::<Vec<_>>())
+            .flat_map(|t| t.all().map(|l| l.seq))
             .collect();
         let counted = inner
             .segments
