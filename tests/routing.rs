@@ -381,3 +381,42 @@ fn one_of_group_is_satisfied_by_either_input() {
     );
     assert_eq!(sops(&dcm_files(&export)), sops(&mr));
 }
+
+/// After a kill -9, instances pending on disk are matched again with the Calling AE Title kept
+/// in them (Source AE Title, in a segment log record or in a Part-10 file of its own with
+/// `inline_max_bytes = 0`): SITE_A's instances, stored before the crash, still join the input
+/// whose rule is `calling_ae = "SITE_A"`, and the recovered patient is processed (trigger c).
+#[test]
+fn calling_ae_title_rule_holds_for_instances_recovered_after_a_kill() {
+    for (case, storage) in [("log", ""), ("files", "[storage]\ninline_max_bytes = 0\n")] {
+        let src = tempfile::tempdir().unwrap();
+        let a = series(
+            src.path(),
+            "CT",
+            "AX",
+            "RECOVERED",
+            "1.2.826.0.1.3680043.10.14.8",
+            3,
+        );
+        // Nothing triggers before the kill: a quiet time far away, no trigger on close.
+        let mut node = Node::start(&format!(
+            "[[input]]\nname = \"site_a\"\ncalling_ae = \"SITE_A\"\nmin_instances = 3\n\
+             [trigger]\nquiet_seconds = 3600\non_association_close = false\n{storage}"
+        ));
+        let out = storescu(&node, "SITE_A", &a);
+        assert!(out.status.success(), "{case}: {}", node.log());
+        assert_eq!(responses(&out), (3, 3), "{case}");
+        if case == "files" {
+            assert_eq!(dcm_files(&node.data_dir.join("patients")).len(), 3);
+        }
+        node.kill9();
+        node.restart();
+        let export = node.data_dir.join("export");
+        assert!(
+            wait_until(30, || dcm_files(&export).len() == 3),
+            "{case}: {}",
+            node.log()
+        );
+        assert_eq!(sops(&dcm_files(&export)), sops(&a), "{case}");
+    }
+}
