@@ -197,8 +197,8 @@ fn ae_patterns(input: &str, field: &str, p: &Option<Patterns>) -> Result<Vec<Pat
             .all(|&b| (0x20..0x7F).contains(&b) && b != b'\\');
         if pat.glob.is_empty() || literal > 16 || !printable {
             return Err(format!(
-                "input {input:?}: {field} pattern {:?} is not an AE title pattern (1-16 \
-                 printable characters without '\\', '*' and '?' as wildcards, a \
+                "input {input:?}: {field} pattern {:?} is not an AE title pattern: 1 to 16 \
+                 printable characters other than a backslash ('*' and '?' are wildcards, a \
                  leading '!' negates)",
                 format!(
                     "{}{}",
