@@ -679,6 +679,14 @@ fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) -> u
                 continue;
             }
         };
+        // A small whole data set is appended here, with no hand-off to a storage worker.
+        let job = match job {
+            Job::Store(j) => match shared.storage.append_here(j) {
+                Ok(()) => continue,
+                Err(j) => Job::Store(j),
+            },
+            other => other,
+        };
         let job = match shared.storage.try_submit(job) {
             Ok(()) => continue,
             Err(job) => job,
