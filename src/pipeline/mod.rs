@@ -489,7 +489,13 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             tracing::warn!(path = %rel.display(), "log record that cannot be scanned left in place");
             continue;
         };
-        let from = recovered_requestor(ctx, &inst.meta.source_ae_title);
+        let m = &inst.meta;
+        let from = recovered_requestor(
+            ctx,
+            &m.source_ae_title,
+            &m.receiving_ae_title,
+            &m.requestor_address,
+        );
         let (key, mut record) = ctx.pipeline.describe(&values, &from);
         record.path = path;
         record.bytes = crate::storage::part10::file_len(&inst.file_meta(), inst.data_set.len());
@@ -507,15 +513,24 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
     Ok(())
 }
 
-/// The sender of an instance recovered from disk, as far as it is known: its Calling AE Title
-/// (storage keeps it as the Source AE Title), the Called AE Title when the node accepts only its
-/// own, and no address (storage does not keep it: a `peer` rule does not hold for it).
-fn recovered_requestor<'a>(ctx: &'a Context, source_ae_title: &'a str) -> Requestor<'a> {
+/// The sender of an instance recovered from disk, as storage kept it: its Calling AE Title
+/// (the Source AE Title), its Called AE Title (the Receiving AE Title) and the requestor's
+/// address, so that sender rules decide as they did when it was stored. An instance stored by
+/// an older build kept only the Calling AE Title: its Called AE Title is then the node's own
+/// when the node accepts no other, and it has no address (a `peer` rule does not hold for it).
+fn recovered_requestor<'a>(
+    ctx: &'a Context,
+    source_ae_title: &'a str,
+    receiving_ae_title: &'a str,
+    requestor_address: &str,
+) -> Requestor<'a> {
     let node = &ctx.config.node;
+    let kept = |s: &'a str| Some(s.trim()).filter(|s| !s.is_empty());
     Requestor {
-        calling_ae_title: Some(source_ae_title.trim()).filter(|s| !s.is_empty()),
-        called_ae_title: (!node.accept_any_called_ae).then(|| node.ae_title.trim()),
-        address: None,
+        calling_ae_title: kept(source_ae_title),
+        called_ae_title: kept(receiving_ae_title)
+            .or_else(|| (!node.accept_any_called_ae).then(|| node.ae_title.trim())),
+        address: requestor_address.parse().ok(),
     }
 }
 
@@ -531,7 +546,12 @@ fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
     let ts = crate::assoc::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
     let ds = bytes.get(parsed.data_set_offset..)?;
     let values = crate::dimse::scan::scan(ds, ts.encoding, &ctx.pipeline.wanted_tags).ok()?;
-    let from = recovered_requestor(ctx, &parsed.source_ae_title);
+    let from = recovered_requestor(
+        ctx,
+        &parsed.source_ae_title,
+        &parsed.receiving_ae_title,
+        &parsed.requestor_address,
+    );
     let (key, mut record) = ctx.pipeline.describe(&values, &from);
     record.path = path.to_path_buf();
     record.bytes = bytes.len() as u64;

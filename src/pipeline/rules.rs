@@ -17,9 +17,11 @@
 //! patterns, lists and `!`; `peer` lists CIDR blocks (IPv4 or IPv6, a bare address is one host)
 //! the requestor's address must fall in (an IPv4-mapped IPv6 address counts as its IPv4 one).
 //! They are given to [`Rules::accepting`] as a plain [`Requestor`], so rules know no network
-//! type. A sender rule whose value is not known (an instance recovered from disk after a restart:
-//! its Calling AE Title is kept in the file, its peer address is not) does not hold: an instance
-//! is never routed to an input it was not shown to belong to.
+//! type. Storage keeps all three with each instance (Source and Receiving AE Titles, the
+//! requestor's address), so an instance recovered after a restart is matched as it was when it
+//! was stored. A sender rule whose value is not known (an instance stored by a build that kept
+//! only the Calling AE Title) does not hold: an instance is never routed to an input it was not
+//! shown to belong to.
 //!
 //! Alternative inputs: inputs naming the same `one_of` group form a group that is satisfied when
 //! any one of them is; a batch is sufficient when every group and every ungrouped input is.
@@ -434,12 +436,6 @@ impl Rules {
         bits
     }
 
-    /// Whether any input has a sender rule on the requestor's address (not known for an
-    /// instance recovered after a restart).
-    pub fn has_peer_rules(&self) -> bool {
-        self.inputs.iter().any(|i| !i.peer.is_empty())
-    }
-
     /// The bit of the input named `name`, if there is one.
     pub fn input_bit(&self, name: &str) -> Option<u64> {
         self.inputs
@@ -797,7 +793,6 @@ mod tests {
             ..from("X", "Y", "10.1.0.1")
         };
         assert_eq!(rules.accepting(&v, &unknown), 0);
-        assert!(rules.has_peer_rules());
         for bad in ["10.0.0.0/33", "::/129", "10.0.0", "x"] {
             let e =
                 Rules::compile(&[input(&format!("name = \"a\"\npeer = [{bad:?}]"))]).unwrap_err();

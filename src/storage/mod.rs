@@ -69,6 +69,9 @@ pub struct StoreJob {
 
 /// Work for the storage workers.
 #[derive(Debug)]
+// A store is the common job: boxing it would cost an allocation per instance to save bytes in
+// a queue of `queue_depth` slots.
+#[allow(clippy::large_enum_variant)]
 pub enum Job {
     Store(StoreJob),
     /// Write bytes of a streamed data set; reported through the `written` callback.
@@ -1138,6 +1141,7 @@ mod tests {
                 sop_instance_uid: uid.into(),
                 transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
                 source_ae_title: "T".into(),
+                ..FileMeta::default()
             },
             patient_id: pid.to_vec(),
             study_uid: Some("1.2".into()),

@@ -380,6 +380,7 @@ pub fn write_instance(
         sop_instance_uid: sop.into(),
         transfer_syntax_uid: EXPLICIT_LE.into(),
         source_ae_title: String::new(),
+        ..Default::default()
     };
     let mut f = dicomgate::storage::part10::header(&meta);
     f.extend_from_slice(&d);

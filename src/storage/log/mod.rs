@@ -76,6 +76,8 @@ fn file_meta(meta: &InstanceMeta) -> super::FileMeta {
         sop_instance_uid: meta.sop_instance_uid.clone(),
         transfer_syntax_uid: meta.transfer_syntax_uid.clone(),
         source_ae_title: meta.source_ae_title.clone(),
+        receiving_ae_title: meta.receiving_ae_title.clone(),
+        requestor_address: meta.requestor_address.clone(),
     }
 }
 
@@ -353,6 +355,8 @@ impl Log {
                 study_uid: job.study_uid.clone(),
                 series_uid: job.series_uid.clone(),
                 received_ms: now_ms(),
+                receiving_ae_title: job.meta.receiving_ae_title.clone(),
+                requestor_address: job.meta.requestor_address.clone(),
             };
             let mut prefix = Vec::with_capacity(256);
             let r = format::encode_body(&meta, &[], &mut prefix).map(|_| {
@@ -1414,6 +1418,7 @@ mod tests {
                 sop_instance_uid: format!("1.2.3.{i}"),
                 transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
                 source_ae_title: "T".into(),
+                ..FileMeta::default()
             },
             patient_id: patient.to_vec(),
             study_uid: Some("1.2".into()),
