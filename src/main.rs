@@ -1,5 +1,6 @@
 //! `dicomgate`: thin CLI over the library. `serve` runs the node; `echo` and `store` run the
-//! requestor side of the same code.
+//! requestor side of the same code; `status` asks a running node's HTTP endpoint; `ls` and
+//! `extract` read a data directory.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,6 +67,21 @@ enum Command {
         #[arg(long, default_value = "DICOMGATE-SCU")]
         calling: String,
     },
+    /// Show what a running node is doing (its status page, in the terminal): pending patients
+    /// and each input's progress, batches, failed batches with their reasons, recent
+    /// associations. Reads the node's `GET /api/status`.
+    Status {
+        /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
+        /// 127.0.0.1:8104.
+        #[arg(long)]
+        http: Option<String>,
+        /// The node's config file (for its [http] listen).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the JSON as the node sent it.
+        #[arg(long)]
+        json: bool,
+    },
     /// List what a data directory holds: pending patients and instances (own file or segment
     /// log record), the log's segments, and claimed batches. Safe beside a running node.
     Ls {
@@ -111,6 +127,58 @@ fn data_dir_of(
         None => Config::default(),
     };
     Ok(cfg.node.data_dir)
+}
+
+/// The node's HTTP address for `dicomgate status`: `--http`, else the config's `[http]
+/// listen` (an unspecified IP such as 0.0.0.0 asked on loopback), else the default.
+fn http_address(
+    http: Option<String>,
+    config: Option<PathBuf>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    if let Some(h) = http {
+        return Ok(h);
+    }
+    let cfg = match config {
+        Some(p) => Config::from_toml(
+            &std::fs::read_to_string(&p)
+                .map_err(|e| format!("config file {}: {e}", p.display()))?,
+        )
+        .map_err(|e| format!("{}: {e}", p.display()))?,
+        None => Config::default(),
+    };
+    let listen = cfg.http.listen.trim();
+    if listen.is_empty() {
+        return Err(
+            "the config's [http] listen is \"\" (no HTTP endpoint): give --http HOST:PORT".into(),
+        );
+    }
+    Ok(match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let ip: std::net::IpAddr = if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(ip, a.port()).to_string()
+        }
+        _ => listen.to_string(),
+    })
+}
+
+fn status(
+    http: Option<String>,
+    config: Option<PathBuf>,
+    json: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use dicomgate::net::status;
+    let addr = http_address(http, config)?;
+    let s = status::fetch(&addr)?;
+    if json {
+        println!("{}", status::render_json(&s)?);
+    } else {
+        print!("{}", status::render_text(&s));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ls(data_dir: &Path, instances: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -349,6 +417,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             called,
             calling,
         } => store(&address, &paths, called, calling),
+        Command::Status { http, config, json } => status(http, config, json),
         Command::Ls {
             config,
             data_dir,

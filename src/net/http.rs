@@ -1,10 +1,12 @@
 //! The node's HTTP endpoint (`[http] listen`), on its own thread, off the reactors:
 //! `/metrics` in the OpenMetrics text format (encoded by prometheus-client), `/healthz` (200
-//! while every reactor runs and the node is not stopping, else 503) and `/readyz` (200 while
-//! not draining and the data directory is writable, else 503).
+//! while every reactor runs and the node is not stopping, else 503), `/readyz` (200 while
+//! not draining and the data directory is writable, else 503), and the status page `/` and
+//! its JSON `/api/status` (built by [`super::status`]).
 //!
-//! Owns: serving those three paths, and building each scrape from the node's counters (read,
-//! never reset). Must never block a reactor or touch the data path beyond reading counters;
+//! Owns: serving those paths, the counters the reactors keep for them (with the bounded rings
+//! of recent associations and per-second throughput), and building each scrape from them
+//! (read, never reset). Must never block a reactor or touch the data path beyond reading counters;
 //! a slow scraper holds only this thread.
 
 use std::collections::BTreeMap;
@@ -33,6 +35,27 @@ pub struct Counters {
     pub failures: Mutex<BTreeMap<u16, u64>>,
     /// Seconds from a store handed to storage to its outcome (durable, or failed).
     pub store_seconds: Histogram,
+    /// When the node started (the status page's uptime and throughput clock).
+    pub started: std::time::Instant,
+    /// The last [`RECENT_ASSOCIATIONS`] associations that ended, oldest first.
+    pub recent: Mutex<std::collections::VecDeque<super::status::RecentAssociation>>,
+    /// Instances and bytes stored per second over the last [`THROUGHPUT_SECONDS`] seconds,
+    /// a ring indexed by the second since `started`.
+    per_second: Box<[SecondSlot]>,
+}
+
+/// Associations kept for the status page's "recent associations".
+pub const RECENT_ASSOCIATIONS: usize = 50;
+/// Seconds of per-second throughput kept for the status page's plot.
+pub const THROUGHPUT_SECONDS: usize = 300;
+
+/// One second of the throughput ring.
+#[derive(Debug, Default)]
+struct SecondSlot {
+    /// 1 + the second since `started` this slot counts; 0 = never used.
+    second: AtomicU64,
+    instances: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl Default for Counters {
@@ -44,11 +67,73 @@ impl Default for Counters {
             failures: Mutex::default(),
             // 50 µs to ~1.6 s.
             store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            started: std::time::Instant::now(),
+            recent: Mutex::default(),
+            per_second: (0..THROUGHPUT_SECONDS)
+                .map(|_| SecondSlot::default())
+                .collect(),
         }
     }
 }
 
 impl Counters {
+    /// An instance of `bytes` became durable at `now` (a reactor's clock).
+    ///
+    /// The throughput ring is approximate by design: the reactor that first stores in a new
+    /// second resets that slot, and an instance counted by another reactor in the same
+    /// nanoseconds may be lost to the reset. Three relaxed atomics, no lock, no clock read.
+    pub fn stored(&self, now: std::time::Instant, bytes: u64) {
+        self.instances.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let sec = now.saturating_duration_since(self.started).as_secs();
+        let Some(slot) = self
+            .per_second
+            .get((sec % THROUGHPUT_SECONDS as u64) as usize)
+        else {
+            return;
+        };
+        let mark = sec + 1;
+        if slot.second.load(Ordering::Relaxed) != mark
+            && slot.second.swap(mark, Ordering::Relaxed) != mark
+        {
+            slot.instances.store(0, Ordering::Relaxed);
+            slot.bytes.store(0, Ordering::Relaxed);
+        }
+        slot.instances.fetch_add(1, Ordering::Relaxed);
+        slot.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// (instances, bytes) stored in each of the last `THROUGHPUT_SECONDS` seconds, oldest
+    /// first, the current (partial) second last; seconds before the node started are left
+    /// out.
+    pub fn throughput(&self) -> Vec<(u64, u64)> {
+        let now = self.started.elapsed().as_secs();
+        let first = (now + 1).saturating_sub(THROUGHPUT_SECONDS as u64);
+        (first..=now)
+            .map(|sec| {
+                self.per_second
+                    .get((sec % THROUGHPUT_SECONDS as u64) as usize)
+                    .filter(|s| s.second.load(Ordering::Relaxed) == sec + 1)
+                    .map_or((0, 0), |s| {
+                        (
+                            s.instances.load(Ordering::Relaxed),
+                            s.bytes.load(Ordering::Relaxed),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// Keeps an ended association for the status page (the last [`RECENT_ASSOCIATIONS`]).
+    pub fn remember(&self, a: super::status::RecentAssociation) {
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() >= RECENT_ASSOCIATIONS {
+                r.pop_front();
+            }
+            r.push_back(a);
+        }
+    }
+
     /// An association ended with this outcome text (the service's).
     pub fn association_ended(&self, outcome: &str) {
         let kind = if outcome.starts_with("released") {
@@ -264,6 +349,13 @@ pub fn render(shared: &Shared) -> String {
     out
 }
 
+/// Sent with every answer. The status page needs nothing but its own inline CSS, so a policy
+/// that allows nothing else means text a peer sent (a Patient ID, an AE title) could not run
+/// script or load anything even if it escaped the page's HTML escaping.
+const SAFETY_HEADERS: &str =
+    "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'\r\n\
+     X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n";
+
 /// Longest request head we read; a longer one gets 431 and the connection closed.
 const MAX_REQUEST: usize = 8 << 10;
 /// Read and write timeout per connection: a client that stops reading (or never sends its
@@ -271,7 +363,7 @@ const MAX_REQUEST: usize = 8 << 10;
 const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves one connection at a time until `shared.shutdown` is set (the stopper connects once
-/// to wake the accept). Deliberately small: three GET paths, `Connection: close`, bounded
+/// to wake the accept). Deliberately small: a few GET paths, `Connection: close`, bounded
 /// request size and time, no thread per client, so no client can take the node's descriptors
 /// or hold this thread for long.
 pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usize) {
@@ -330,11 +422,12 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
             404 => "Not Found",
             405 => "Method Not Allowed",
             431 => "Request Header Fields Too Large",
+            500 => "Internal Server Error",
             _ => "Service Unavailable",
         };
         let _ = write!(
             stream,
-            "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{SAFETY_HEADERS}Connection: close\r\n\r\n",
             body.len()
         )
         .and_then(|()| stream.write_all(body.as_bytes()));
@@ -349,6 +442,15 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
             render(shared),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
+        "/" | "/index.html" => (
+            200,
+            super::status::render_html(&super::status::collect(shared)),
+            "text/html; charset=utf-8",
+        ),
+        "/api/status" => match super::status::render_json(&super::status::collect(shared)) {
+            Ok(json) => (200, json, "application/json"),
+            Err(e) => (500, format!("{e}\n"), "text/plain"),
+        },
         "/healthz" => {
             let ok = shared.reactors_running.load(Ordering::Acquire) == reactors
                 && !shared.shutdown.load(Ordering::Acquire);

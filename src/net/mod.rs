@@ -16,6 +16,7 @@ pub mod budget;
 pub mod http;
 pub mod reactor;
 pub mod scu;
+pub mod status;
 
 use std::collections::HashMap;
 use std::io;

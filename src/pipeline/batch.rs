@@ -953,3 +953,107 @@ pub(super) fn expire(ctx: &Context, key: &[u8], records: Vec<InstanceRecord>) {
         "patient expired"
     );
 }
+
+/// A batch as the status page shows it: its directory under `batches/` or `failed/`, and what
+/// its `state` (or `reason.txt`) says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchOnDisk {
+    /// The directory name (`<ms>-<patient digest, 12 hex>-<pid>-<n>`).
+    pub id: String,
+    /// `processing`, `exporting` (from `state`), `claiming` (a `.tmp` batch being set aside),
+    /// `failed`, or `unknown` (no readable state).
+    pub stage: String,
+    pub processing_attempts: u32,
+    pub export_attempts: u32,
+    /// The first lines of `reason.txt` (failed batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Lines and bytes of `reason.txt` shown per failed batch.
+pub const REASON_LINES: usize = 5;
+pub const REASON_BYTES: usize = 1024;
+
+/// The batches under `data_dir`'s `batches/` (oldest first) and `failed/` (newest first),
+/// at most `cap` of each, with how many each folder holds. Reads only small files (`state`,
+/// the head of `reason.txt`), never a manifest; safe beside the workers (a batch that moves
+/// meanwhile is shown where it was, or not at all).
+pub fn on_disk(data_dir: &Path, cap: usize) -> (Vec<BatchOnDisk>, usize, Vec<BatchOnDisk>, usize) {
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let in_flight_dir = data_dir.join("batches");
+    let in_flight_names = names(&in_flight_dir);
+    let in_flight = in_flight_names
+        .iter()
+        .take(cap)
+        .map(|id| {
+            let dir = in_flight_dir.join(id);
+            let (stage, p, e) = if id.ends_with(".tmp") {
+                ("claiming".to_string(), 0, 0)
+            } else {
+                match read_state(&dir) {
+                    Ok(s) => (
+                        match s.stage {
+                            Stage::Processing => "processing",
+                            Stage::Exporting => "exporting",
+                        }
+                        .to_string(),
+                        s.processing_attempts,
+                        s.export_attempts,
+                    ),
+                    Err(_) => ("unknown".to_string(), 0, 0),
+                }
+            };
+            BatchOnDisk {
+                id: id.clone(),
+                stage,
+                processing_attempts: p,
+                export_attempts: e,
+                reason: None,
+            }
+        })
+        .collect();
+    let failed_dir = data_dir.join("failed");
+    let failed_names = names(&failed_dir);
+    let failed = failed_names
+        .iter()
+        .rev()
+        .take(cap)
+        .map(|id| {
+            let dir = failed_dir.join(id);
+            let state = read_state(&dir).ok();
+            BatchOnDisk {
+                id: id.clone(),
+                stage: "failed".into(),
+                processing_attempts: state.as_ref().map_or(0, |s| s.processing_attempts),
+                export_attempts: state.as_ref().map_or(0, |s| s.export_attempts),
+                reason: Some(reason_head(&dir.join("reason.txt"))),
+            }
+        })
+        .collect();
+    (in_flight, in_flight_names.len(), failed, failed_names.len())
+}
+
+/// The first [`REASON_LINES`] lines (at most [`REASON_BYTES`] bytes) of a `reason.txt`.
+fn reason_head(path: &Path) -> String {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(REASON_BYTES);
+    match fs::File::open(path).and_then(|f| f.take(REASON_BYTES as u64).read_to_end(&mut buf)) {
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&buf);
+            let lines: Vec<&str> = text.lines().take(REASON_LINES).collect();
+            lines.join("\n")
+        }
+        Err(e) => format!("(no reason.txt: {e})"),
+    }
+}

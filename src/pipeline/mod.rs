@@ -45,7 +45,7 @@ use crate::doorbell::Doorbell;
 use crate::patients::{
     Claimed, InstanceRecord, MapGuard, Patient, PatientMap, PatientView, Snapshot,
 };
-pub use batch::{held_records, records_of};
+pub use batch::{held_records, on_disk as batches_on_disk, records_of, BatchOnDisk};
 pub use process::{
     kill_running as kill_running_processing, BatchInfo, CommandProcessor, Processor,
 };
