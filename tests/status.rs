@@ -260,7 +260,8 @@ fn status_command_names_an_unreachable_address() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&addr) && err.contains("is the node running"),
+        err.contains(&format!("cannot get the status from {addr}: "))
+            && err.contains("is the node running"),
         "{err}"
     );
 }
