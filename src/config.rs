@@ -37,7 +37,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// HOST:PORT for `/metrics`, `/healthz` and `/readyz`; empty = no HTTP endpoint.
+    /// HOST:PORT for the status page `/`, `/api/status`, `/metrics`, `/healthz` and `/readyz`;
+    /// empty = no HTTP endpoint.
     pub listen: String,
 }
 

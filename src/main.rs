@@ -36,7 +36,7 @@ enum Command {
         /// Our AE title: the called AE title associations must name ([node] ae_title).
         #[arg(long)]
         ae_title: Option<String>,
-        /// HOST:PORT of the HTTP endpoint (/metrics, /healthz, /readyz); "" for none.
+        /// HOST:PORT of the HTTP endpoint (/, /api/status, /metrics, /healthz, /readyz); "" for none.
         #[arg(long)]
         http: Option<String>,
         /// Print the effective configuration as TOML and exit.
