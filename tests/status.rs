@@ -130,6 +130,7 @@ fn status_shows_40_of_100_in_json_browser_and_terminal() {
         "{p:#}"
     );
     assert_eq!(s["patients"]["pending"], 1);
+    assert_eq!(s["node"]["listen"], node.addr.to_string());
     assert_eq!(s["throughput"]["instances_total"], 40);
     let recent = &s["associations"]["recent"][0];
     assert_eq!(recent["called_ae"], "DICOMGATE", "{s:#}");
@@ -232,8 +233,13 @@ fn a_failed_batch_is_listed_with_its_reason() {
     assert!(ok, "{s:#}\n{}", node.log());
     let failed = &s["batches"]["failed_listed"][0];
     assert_eq!(failed["stage"], "failed");
+    // The one attempt allowed, counted in failed/<id>/state.
+    assert_eq!(failed["export_attempts"], 1, "{failed:#}");
     let reason = failed["reason"].as_str().unwrap();
-    assert!(reason.contains("export failed"), "{reason}");
+    assert!(
+        reason.contains("export failed after 1 attempts"),
+        "{reason}"
+    );
     let digest = dicomgate::storage::patient_dir_name(b"STATUS-FAIL");
     assert!(
         failed["id"].as_str().unwrap().contains(&digest[..12]),

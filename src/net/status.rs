@@ -39,7 +39,7 @@ pub struct Status {
 pub struct NodeStatus {
     pub version: String,
     pub ae_title: String,
-    /// The DICOM listen address (`[node] listen`).
+    /// The address the DICOM listener is bound to (`[node] listen`, its port resolved).
     pub listen: String,
     pub uptime_seconds: u64,
     /// A graceful stop is under way: no new associations.
@@ -194,7 +194,7 @@ pub fn collect(shared: &Shared) -> Status {
         node: NodeStatus {
             version: env!("CARGO_PKG_VERSION").into(),
             ae_title: shared.config.node.ae_title.clone(),
-            listen: shared.config.node.listen.to_string(),
+            listen: shared.local_addr.to_string(),
             uptime_seconds: c.started.elapsed().as_secs(),
             draining: shared.draining.load(Ordering::Acquire),
             now_ms: now,
@@ -687,10 +687,11 @@ pub fn fetch(addr: &str) -> Result<Status, String> {
     let code = head.split_whitespace().nth(1).unwrap_or("");
     if code != "200" {
         let first = head.lines().next().unwrap_or("");
+        let body: String = body.trim().chars().take(200).collect();
         return Err(fail(&format!(
-            "{} {}",
+            "it answered {} ({}): is it a dicomgate with a status page?",
             printable(first),
-            printable(body.trim())
+            printable(&body)
         )));
     }
     serde_json::from_str(body).map_err(|e| fail(&format!("not a dicomgate status: {e}")))

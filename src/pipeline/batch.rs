@@ -561,6 +561,8 @@ pub(super) fn process(ctx: &Context, id: &str) {
                 state.processing_attempts += 1;
                 let allowed = ctx.config.processing.as_ref().map_or(1, |p| p.attempts);
                 if state.processing_attempts >= allowed {
+                    // failed/<id>/state counts the last attempt too (the status page shows it).
+                    let _ = write_state(&dir, &state);
                     fail(ctx, id, &format!("processing failed: {why}"));
                 } else {
                     tracing::warn!(batch = %id, error = %why, attempt = state.processing_attempts, "processing failed; will retry");
@@ -742,6 +744,8 @@ pub(super) fn export(ctx: &Context, id: &str) {
     state.export_attempts += 1;
     let reason = errors.join("; ");
     if state.export_attempts >= ctx.config.outbox.attempts {
+        // failed/<id>/state counts the last attempt too (the status page shows it).
+        let _ = write_state(&dir, &state);
         fail(
             ctx,
             id,
