@@ -82,6 +82,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run failed batches again: move them from failed/ back into the outbox of the running
+    /// node (POST /api/retry), which processes or exports them from the stage they failed in.
+    Retry {
+        /// The batch id (its directory name under failed/).
+        #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
+        batch: Option<String>,
+        /// Every batch in failed/.
+        #[arg(long)]
+        all_failed: bool,
+        /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
+        /// 127.0.0.1:8104.
+        #[arg(long)]
+        http: Option<String>,
+        /// The node's config file (for its [http] listen and token_file).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A file holding the bearer token (default: the config's [http] token_file); not
+        /// needed from the node's own host.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// List what a data directory holds: pending patients and instances (own file or segment
     /// log record), the log's segments, and claimed batches. Safe beside a running node.
     Ls {
@@ -162,6 +183,60 @@ fn http_address(
             std::net::SocketAddr::new(ip, a.port()).to_string()
         }
         _ => listen.to_string(),
+    })
+}
+
+fn retry(
+    batch: Option<String>,
+    http: Option<String>,
+    config: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use dicomgate::net::status;
+    let cfg = match &config {
+        Some(p) => Some(
+            Config::from_toml(
+                &std::fs::read_to_string(p)
+                    .map_err(|e| format!("config file {}: {e}", p.display()))?,
+            )
+            .map_err(|e| format!("{}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let token_file = token_file.or_else(|| {
+        cfg.as_ref()
+            .map(|c| c.http.token_file.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .map(PathBuf::from)
+    });
+    let token = match token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(&f)
+                .map_err(|e| format!("token file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let addr = http_address(http, config)?;
+    let answer = status::retry(&addr, batch.as_deref(), token.as_deref())?;
+    for id in &answer.retried {
+        println!("retrying {}", status::printable(id));
+    }
+    for e in &answer.errors {
+        eprintln!(
+            "cannot retry {}: {}",
+            status::printable(&e.batch),
+            status::printable(&e.error)
+        );
+    }
+    if answer.retried.is_empty() && answer.errors.is_empty() {
+        println!("no failed batch");
+    }
+    Ok(if answer.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 
@@ -418,6 +493,13 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             calling,
         } => store(&address, &paths, called, calling),
         Command::Status { http, config, json } => status(http, config, json),
+        Command::Retry {
+            batch,
+            all_failed: _,
+            http,
+            config,
+            token_file,
+        } => retry(batch, http, config, token_file),
         Command::Ls {
             config,
             data_dir,

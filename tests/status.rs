@@ -271,3 +271,149 @@ fn status_command_names_an_unreachable_address() {
         "{err}"
     );
 }
+
+/// `dicomgate retry`: a batch whose export failed because the PACS (DCMTK storescp) was down
+/// lands in failed/; once storescp is up, `dicomgate retry BATCH` moves it back and it is
+/// delivered: both instances arrive, failed/ and batches/ are empty. A second batch is then
+/// retried with `--all-failed`.
+#[test]
+fn retry_delivers_a_failed_batch_once_the_pacs_is_up() {
+    let pacs_port = free_port();
+    let node = Node::start(&format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n\
+         [trigger]\non_association_close = true\nquiet_seconds = 0\n\
+         [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{pacs_port}\"\nae_title = \"PACS\"\n\
+         [outbox]\nattempts = 1\nfirst_delay_seconds = 0.1\nmax_delay_seconds = 0.2\n"
+    ));
+    let addr = http_addr(&node);
+    let src = tempfile::tempdir().unwrap();
+    let failed_ids = |want: usize| {
+        let mut s = Value::Null;
+        let ok = wait_until(30, || {
+            s = api_status(&addr);
+            s["batches"]["failed"] == want
+        });
+        assert!(ok, "{s:#}\n{}", node.log());
+        s["batches"]["failed_listed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let files = instances(src.path(), "RETRY-1", "1.2.826.0.1.3680043.10.43", 2);
+    assert!(storescu_status(&node, &files).success(), "{}", node.log());
+    let ids = failed_ids(1);
+
+    // Still down: the retry is accepted, the export fails again, the batch is back in failed/.
+    let retry = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+            .args(["retry", "--http", &addr])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = retry(&[&ids[0]]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("retrying {}", ids[0])),
+        "{out:?}"
+    );
+    assert!(
+        wait_until(30, || node.log().matches("batch moved to failed/").count()
+            == 2),
+        "{}",
+        node.log()
+    );
+    assert_eq!(failed_ids(1), ids);
+
+    let received = src.path().join("pacs");
+    let _pacs = storescp(&received, pacs_port, "PACS");
+    assert!(wait_until(10, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        pacs_port
+    ))
+    .is_ok()));
+    let out = retry(&[&ids[0]]);
+    assert!(out.status.success(), "{out:?}");
+    let delivered = || files_under(&received).len();
+    assert!(wait_until(30, || delivered() == 2), "{}", node.log());
+    assert!(wait_until(10, || {
+        let s = api_status(&addr);
+        s["batches"]["failed"] == 0 && s["batches"]["in_flight"] == 0
+    }));
+    assert!(node.log().contains("batch done"), "{}", node.log());
+
+    // An unknown batch is an error naming it; --all-failed with nothing failed says so.
+    let out = retry(&["1-nosuch-2-3"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no failed batch 1-nosuch-2-3"),
+        "{out:?}"
+    );
+    let out = retry(&["--all-failed"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no failed batch"));
+
+    // --all-failed: storescp down again, a second patient fails, then it is retried with it up.
+    drop(_pacs);
+    let files = instances(src.path(), "RETRY-2", "1.2.826.0.1.3680043.10.44", 3);
+    assert!(storescu_status(&node, &files).success(), "{}", node.log());
+    let ids = failed_ids(1);
+    let _pacs = storescp(&received, pacs_port, "PACS");
+    assert!(wait_until(10, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        pacs_port
+    ))
+    .is_ok()));
+    let out = retry(&["--all-failed"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&ids[0]),
+        "{out:?}"
+    );
+    assert!(wait_until(30, || delivered() == 5), "{}", node.log());
+}
+
+/// Mutating requests a web page could send (they carry `Origin`) are refused even from
+/// loopback, as is a wrong bearer token; nothing moves out of failed/.
+#[test]
+fn retry_refuses_browser_requests_and_wrong_tokens() {
+    let dead_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let node = Node::start(&format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\ntoken_file = {:?}\n\
+         [trigger]\non_association_close = true\nquiet_seconds = 0\n\
+         [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{dead_port}\"\nae_title = \"PACS\"\n\
+         [outbox]\nattempts = 1\nfirst_delay_seconds = 0.1\nmax_delay_seconds = 0.2\n",
+        token.display().to_string()
+    ));
+    let addr = http_addr(&node);
+    let src = tempfile::tempdir().unwrap();
+    let files = instances(src.path(), "RETRY-NO", "1.2.826.0.1.3680043.10.45", 1);
+    assert!(storescu_status(&node, &files).success(), "{}", node.log());
+    assert!(wait_until(30, || api_status(&addr)["batches"]["failed"] == 1));
+    let post = |headers: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST /api/retry HTTP/1.0\r\n{headers}Content-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let r = post("Origin: http://evil.example\r\n");
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    let r = post("Authorization: Bearer wrong\r\n");
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert_eq!(api_status(&addr)["batches"]["failed"], 1);
+    // The right token (and, from loopback, none at all) is allowed.
+    let r = post("Authorization: Bearer s3cret\r\n");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("\"retried\":[\""), "{r}");
+}

@@ -369,8 +369,8 @@ const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usize) {
     use std::io::{Read, Write};
     loop {
-        let mut stream = match listener.accept() {
-            Ok((s, _)) => s,
+        let (mut stream, peer) = match listener.accept() {
+            Ok(x) => x,
             Err(e) => {
                 if shared.shutdown.load(Ordering::Acquire) {
                     return;
@@ -411,15 +411,26 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
             let mut parts = line.split_whitespace();
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let path = target.split('?').next().unwrap_or("");
-            if method != "GET" && method != "HEAD" {
-                (405, "only GET\n".into(), "text/plain")
+            if method == "POST" {
+                match may_mutate(&head, peer, &shared.config.http) {
+                    Ok(()) => mutate(path, &shared),
+                    Err(why) => (403, format!("{why}\n"), "text/plain"),
+                }
+            } else if method != "GET" && method != "HEAD" {
+                (
+                    405,
+                    "only GET, and POST to /api/retry\n".into(),
+                    "text/plain",
+                )
             } else {
                 respond(path, &shared, reactors)
             }
         };
         let reason = match code {
             200 => "OK",
+            403 => "Forbidden",
             404 => "Not Found",
+            409 => "Conflict",
             405 => "Method Not Allowed",
             431 => "Request Header Fields Too Large",
             500 => "Internal Server Error",
@@ -475,6 +486,102 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
     }
 }
 
+/// The value of request header `name` (case-insensitive) in a request head, if present.
+fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    head.split(|&b| b == b'\n').skip(1).find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|&b| b == b':')?;
+        let (k, v) = line.split_at(colon);
+        k.eq_ignore_ascii_case(name.as_bytes())
+            .then(|| v.get(1..).unwrap_or_default().trim_ascii())
+    })
+}
+
+/// Whether a mutating request may run: from a loopback peer, or with the bearer token of
+/// `[http] token_file`; never one a browser sent on a page's behalf (it carries `Origin`:
+/// a page elsewhere, or one reached by DNS rebinding, cannot make the node retry).
+fn may_mutate(
+    head: &[u8],
+    peer: std::net::SocketAddr,
+    http: &crate::config::HttpConfig,
+) -> Result<(), &'static str> {
+    if header(head, "origin").is_some() {
+        return Err(
+            "refused: a request from a web page (Origin header); use dicomgate retry or curl",
+        );
+    }
+    if let Some(auth) = header(head, "authorization") {
+        let token = (!http.token_file.trim().is_empty())
+            .then(|| std::fs::read(http.token_file.trim()).ok())
+            .flatten();
+        let sent = auth.strip_prefix(b"Bearer ").map(<[u8]>::trim_ascii);
+        return match (token, sent) {
+            (Some(t), Some(s))
+                if !t.trim_ascii().is_empty() && constant_time_eq(t.trim_ascii(), s) =>
+            {
+                Ok(())
+            }
+            _ => Err("refused: the bearer token is not the one in [http] token_file"),
+        };
+    }
+    if peer.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err("refused: mutating requests are answered for loopback peers only, or with the bearer token of [http] token_file")
+    }
+}
+
+/// Compares without stopping at the first difference (a token's prefix cannot be timed).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Runs a permitted mutating request: `POST /api/retry/{batch}` (one failed batch) or
+/// `POST /api/retry` (every failed batch). The answer is JSON: `{"retried": [ids],
+/// "errors": [{"batch", "error"}]}`, 200 when nothing failed, 404 for an unknown batch, else
+/// 409.
+fn mutate(path: &str, shared: &Shared) -> (u16, String, &'static str) {
+    let p = &shared.pipeline;
+    let ids: Vec<String> = match path.strip_prefix("/api/retry") {
+        Some("") | Some("/") => p.failed_ids(),
+        Some(rest) => match rest.strip_prefix('/') {
+            Some(id) => vec![id.to_string()],
+            None => return (404, "not found\n".into(), "text/plain"),
+        },
+        None => return (404, "not found\n".into(), "text/plain"),
+    };
+    let (mut retried, mut errors) = (Vec::new(), Vec::new());
+    let mut unknown = false;
+    for id in ids {
+        if !crate::pipeline::batch::is_batch_id(&id) {
+            unknown = true;
+            errors.push(serde_json::json!({"batch": id, "error": "not a batch id"}));
+            continue;
+        }
+        if !shared
+            .config
+            .node
+            .data_dir
+            .join("failed")
+            .join(&id)
+            .is_dir()
+        {
+            unknown = true;
+        }
+        match p.retry_failed(&id) {
+            Ok(()) => retried.push(id),
+            Err(e) => errors.push(serde_json::json!({"batch": id, "error": e})),
+        }
+    }
+    let code = match (errors.is_empty(), unknown) {
+        (true, _) => 200,
+        (false, true) => 404,
+        (false, false) => 409,
+    };
+    let body = serde_json::json!({"retried": retried, "errors": errors});
+    (code, format!("{body}\n"), "application/json")
+}
+
 /// Why the data directory cannot take instances now, if it cannot: not writable by us, or
 /// less free space than two log segments (a full disk answers every store 0xA700).
 fn data_dir_problem(config: &crate::config::Config) -> Option<String> {
@@ -489,5 +596,59 @@ fn data_dir_problem(config: &crate::config::Config) -> Option<String> {
             (free < want).then(|| format!("data directory has {free} bytes free, under {want}"))
         }
         Err(e) => Some(format!("data directory: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn http(token_file: &str) -> crate::config::HttpConfig {
+        crate::config::HttpConfig {
+            listen: String::new(),
+            token_file: token_file.into(),
+        }
+    }
+
+    const LOOPBACK: &str = "127.0.0.1:5000";
+    const REMOTE: &str = "192.0.2.7:5000";
+
+    #[test]
+    fn headers_are_found_case_insensitively() {
+        let head = b"POST /api/retry HTTP/1.1\r\nHost: x\r\nAUTHORIZATION:  Bearer abc \r\n\r\n";
+        assert_eq!(header(head, "authorization"), Some(&b"Bearer abc"[..]));
+        assert_eq!(header(head, "origin"), None);
+        // The request line is not a header.
+        assert_eq!(
+            header(b"POST /origin: x HTTP/1.1\r\n\r\n", "post /origin"),
+            None
+        );
+    }
+
+    /// Mutations: loopback peers by default, any peer with the token, never a web page's.
+    #[test]
+    fn who_may_mutate() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let token = token.display().to_string();
+        let plain = b"POST /api/retry HTTP/1.1\r\n\r\n";
+        let with = |h: &str| format!("POST /api/retry HTTP/1.1\r\n{h}\r\n\r\n").into_bytes();
+        assert!(may_mutate(plain, LOOPBACK.parse().unwrap(), &http("")).is_ok());
+        assert!(may_mutate(plain, REMOTE.parse().unwrap(), &http("")).is_err());
+        assert!(may_mutate(plain, REMOTE.parse().unwrap(), &http(&token)).is_err());
+        let good = with("Authorization: Bearer s3cret");
+        assert!(may_mutate(&good, REMOTE.parse().unwrap(), &http(&token)).is_ok());
+        assert!(may_mutate(&good, REMOTE.parse().unwrap(), &http("")).is_err());
+        let bad = with("Authorization: Bearer s3cre");
+        assert!(may_mutate(&bad, LOOPBACK.parse().unwrap(), &http(&token)).is_err());
+        let page = with("Origin: http://127.0.0.1:8104");
+        assert!(may_mutate(&page, LOOPBACK.parse().unwrap(), &http("")).is_err());
+        // An empty token file allows no one by token.
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let empty = dir.path().join("empty").display().to_string();
+        let blank = with("Authorization: Bearer ");
+        assert!(may_mutate(&blank, REMOTE.parse().unwrap(), &http(&empty)).is_err());
     }
 }

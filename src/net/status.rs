@@ -1,6 +1,7 @@
 //! The node's status for operators (issue 12 items 3 and 4): one [`Status`] snapshot, served by
 //! the HTTP thread as JSON (`GET /api/status`) and as a self-contained HTML page (`GET /`), and
-//! fetched and printed by `dicomgate status` ([`fetch`], [`render_text`]).
+//! fetched and printed by `dicomgate status` ([`fetch`], [`render_text`]); and the client side
+//! of `dicomgate retry` ([`retry`]; the endpoint is in [`super::http`]).
 //!
 //! Owns: gathering the snapshot (node, associations, pending patients with each input's
 //! progress from [`Rules::explain`](crate::pipeline::rules::Rules::explain), batches on disk,
@@ -645,12 +646,72 @@ pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 /// `GET /api/status` from the node's HTTP endpoint at `addr` (HOST:PORT). Errors name the
 /// address and what went wrong.
 pub fn fetch(addr: &str) -> Result<Status, String> {
+    let fail = |what: &str| format!("cannot get the status from {addr}: {what}");
+    let (code, first, body) = request(addr, "GET", "/api/status", None).map_err(|e| fail(&e))?;
+    if code != 200 {
+        let body: String = body.trim().chars().take(200).collect();
+        return Err(fail(&format!(
+            "it answered {} ({}): is it a dicomgate with a status page?",
+            printable(&first),
+            printable(&body)
+        )));
+    }
+    serde_json::from_str(&body).map_err(|e| fail(&format!("not a dicomgate status: {e}")))
+}
+
+/// What `POST /api/retry...` answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryAnswer {
+    pub retried: Vec<String>,
+    pub errors: Vec<RetryError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryError {
+    pub batch: String,
+    pub error: String,
+}
+
+/// `dicomgate retry`: `POST /api/retry/{batch}` (or `/api/retry` for every failed batch) to
+/// the node at `addr`, with `token` as a bearer token if given.
+pub fn retry(addr: &str, batch: Option<&str>, token: Option<&str>) -> Result<RetryAnswer, String> {
+    let fail = |what: &str| format!("cannot ask {addr} to retry: {what}");
+    let path = match batch {
+        Some(b) => format!("/api/retry/{b}"),
+        None => "/api/retry".to_string(),
+    };
+    let (code, first, body) = request(addr, "POST", &path, token).map_err(|e| fail(&e))?;
+    match serde_json::from_str::<RetryAnswer>(&body) {
+        Ok(a) => Ok(a),
+        Err(_) => {
+            let body: String = body.trim().chars().take(300).collect();
+            Err(fail(&format!(
+                "it answered {} ({}){}",
+                printable(&first),
+                printable(&body),
+                if code == 404 {
+                    ": is it a dicomgate with /api/retry?"
+                } else {
+                    ""
+                }
+            )))
+        }
+    }
+}
+
+/// One HTTP/1.0 request to `addr`: (status code, status line, body). The error says what
+/// failed, with a hint when nothing listens.
+fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String, String), String> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
-    let fail = |what: &str| format!("cannot get the status from {addr}: {what}");
     let targets: Vec<_> = addr
         .to_socket_addrs()
-        .map_err(|e| fail(&format!("{e} (give --http HOST:PORT)")))?
+        .map_err(|e| format!("{e} (give --http HOST:PORT)"))?
         .collect();
     let mut last = String::from("no address");
     let mut stream = None;
@@ -663,38 +724,32 @@ pub fn fetch(addr: &str) -> Result<Status, String> {
             Err(e) => last = e.to_string(),
         }
     }
-    let mut s = stream.ok_or_else(|| {
-        fail(&format!(
-            "{last}: is the node running, with [http] listen = \"{addr}\"?"
-        ))
-    })?;
+    let mut s = stream
+        .ok_or_else(|| format!("{last}: is the node running, with [http] listen = \"{addr}\"?"))?;
     let _ = s.set_read_timeout(Some(FETCH_TIMEOUT));
     let _ = s.set_write_timeout(Some(FETCH_TIMEOUT));
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET /api/status HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\n\r\n"
     )
-    .map_err(|e| fail(&e.to_string()))?;
+    .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     // A status of 1000 patients is a few MB at most; more is not a dicomgate answering.
     s.take(64 << 20)
         .read_to_end(&mut raw)
-        .map_err(|e| fail(&e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| fail("not an HTTP answer"))?;
-    let code = head.split_whitespace().nth(1).unwrap_or("");
-    if code != "200" {
-        let first = head.lines().next().unwrap_or("");
-        let body: String = body.trim().chars().take(200).collect();
-        return Err(fail(&format!(
-            "it answered {} ({}): is it a dicomgate with a status page?",
-            printable(first),
-            printable(&body)
-        )));
-    }
-    serde_json::from_str(body).map_err(|e| fail(&format!("not a dicomgate status: {e}")))
+        .ok_or_else(|| "not an HTTP answer".to_string())?;
+    let first = head.lines().next().unwrap_or("").to_string();
+    let code = first
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, first, body.to_string()))
 }
 
 #[cfg(test)]

@@ -1061,3 +1061,59 @@ fn reason_head(path: &Path) -> String {
         Err(e) => format!("(no reason.txt: {e})"),
     }
 }
+
+/// Whether `id` can name a batch directory: what [`create`] makes (digits, hex, `-`), so a
+/// name from an HTTP request or a command line can never leave `failed/` (design rule 9).
+pub fn is_batch_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The ids of the batches in `failed/`, oldest first.
+pub(super) fn failed_ids(data_dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(data_dir.join("failed"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| is_batch_id(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Moves failed batch `id` back to `batches/<id>/`, its attempts reset (in its `state`,
+/// written before the move, so a crash leaves it either still failed or resumable) and its
+/// `reason.txt` kept as `previous-failure.txt`.
+pub(super) fn unfail(data_dir: &Path, id: &str) -> Result<(), String> {
+    if !is_batch_id(id) {
+        return Err(format!("{id:?} is not a batch id"));
+    }
+    let from = data_dir.join("failed").join(id);
+    if !from.is_dir() {
+        return Err(format!("no failed batch {id}"));
+    }
+    let to = data_dir.join("batches").join(id);
+    if to.exists() {
+        return Err(format!("batches/{id} exists already"));
+    }
+    let mut state = read_state(&from).map_err(|e| {
+        format!("{id} has no readable state ({e}): it cannot run again; dicomgate extract --batch {id} copies its instances out")
+    })?;
+    state.processing_attempts = 0;
+    state.export_attempts = 0;
+    let step = |what: &str, e: io::Error| format!("{id}: {what}: {e}");
+    write_state(&from, &state).map_err(|e| step("cannot reset its state", e))?;
+    let reason = from.join("reason.txt");
+    if reason.exists() {
+        fs::rename(&reason, from.join("previous-failure.txt"))
+            .map_err(|e| step("cannot keep its reason", e))?;
+    }
+    fs::create_dir_all(data_dir.join("batches")).map_err(|e| step("batches/", e))?;
+    fs::rename(&from, &to).map_err(|e| step("cannot move it back to batches/", e))?;
+    if let Ok(f) = fs::File::open(data_dir) {
+        let _ = rustix::fs::syncfs(&f);
+    }
+    Ok(())
+}
