@@ -1062,7 +1062,7 @@ fn reason_head(path: &Path) -> String {
     }
 }
 
-/// Whether `id` can name a batch directory: what [`create`] makes (digits, hex, `-`), so a
+/// Whether `id` can name a batch directory: what `create` makes (digits, hex, `-`), so a
 /// name from an HTTP request or a command line can never leave `failed/` (design rule 9).
 pub fn is_batch_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')

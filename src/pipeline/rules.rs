@@ -310,7 +310,7 @@ impl Rules {
 
     /// Whether `s` satisfies every input; `Err` names the first input that is not satisfied
     /// and why (logged when a trigger finds a patient not yet sufficient). The same walk as
-    /// [`Rules::explain`] ([`Rules::findings`]), stopped at the first rule that does not hold.
+    /// [`Rules::explain`] (`Rules::findings`), stopped at the first rule that does not hold.
     pub fn sufficient(&self, s: &Snapshot) -> Result<(), String> {
         for i in 0..self.inputs.len() {
             let mut failed = None;
