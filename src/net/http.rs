@@ -488,8 +488,13 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
 
 /// The value of request header `name` (case-insensitive) in a request head, if present.
 fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
-    head.split(|&b| b == b'\n').skip(1).find_map(|line| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        // The blank line ends the head; what follows is a body.
+        .take_while(|line| !line.is_empty());
+    lines.find_map(|line| {
         let colon = line.iter().position(|&b| b == b':')?;
         let (k, v) = line.split_at(colon);
         k.eq_ignore_ascii_case(name.as_bytes())
@@ -622,6 +627,11 @@ mod tests {
         // The request line is not a header.
         assert_eq!(
             header(b"POST /origin: x HTTP/1.1\r\n\r\n", "post /origin"),
+            None
+        );
+        // Nor is a body line.
+        assert_eq!(
+            header(b"POST / HTTP/1.1\r\n\r\nOrigin: x\r\n", "origin"),
             None
         );
     }
