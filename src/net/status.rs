@@ -833,6 +833,19 @@ mod tests {
         }
     }
 
+    /// What was not listed is counted, on the page and in the terminal.
+    #[test]
+    fn what_is_not_listed_is_said() {
+        let mut s = status();
+        s.patients.pending = 1004;
+        s.patients.more = 1003;
+        s.batches.failed = 205;
+        for out in [render_html(&s), render_text(&s)] {
+            assert!(out.contains("and 1003 more patients"), "{out}");
+            assert!(out.contains("and 204 more failed batches"), "{out}");
+        }
+    }
+
     #[test]
     fn the_page_escapes_every_peer_text_and_json_round_trips() {
         let s = status();
