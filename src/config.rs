@@ -225,7 +225,10 @@ pub struct PatientsConfig {
     pub map_buckets: usize,
     /// An instance no `[[input]]` accepts: `refuse` answers C-STORE 0x0124 (Refused: Not
     /// Authorized) and stores nothing; `keep` stores it and sends it with the patient's batch
-    /// (input folder `_unmatched`) without counting it towards any input.
+    /// (input folder `_unmatched`) without counting it towards any input; `discard` answers
+    /// success (0x0000) and stores nothing (counted, and logged once per association): the one
+    /// configured exception to "acknowledged means durable", for senders such as DCMTK's
+    /// storescu that stop a whole send at the first refusal.
     pub unmatched: Unmatched,
     /// A patient that never became sufficient, got nothing new for this long and has no open
     /// association that sent it something is removed, e.g. "14d", "12h", "90m", "30s".
@@ -252,6 +255,8 @@ impl Default for PatientsConfig {
 pub enum Unmatched {
     Refuse,
     Keep,
+    /// Answered success, never stored: not durable, by configuration.
+    Discard,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,6 +351,11 @@ pub struct ExportConfig {
     /// `folder`: destination directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// Router mode: the `[[input]]` names whose instances this destination gets (an instance
+    /// goes if any input it joined is listed; `_unmatched` names those kept by
+    /// `unmatched = "keep"`). Empty = the whole batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -584,7 +594,23 @@ impl Config {
                 return err("processing.attempts must be at least 1".into());
             }
         }
+        let rules = self.rules().map_err(ConfigError)?;
         for (i, e) in self.exports.iter().enumerate() {
+            if !e.inputs.is_empty() && self.processing.is_some() {
+                return err(format!(
+                    "export {i}: inputs applies in router mode only (no [processing]): processing \
+                     output belongs to no input"
+                ));
+            }
+            if let Some(bad) = e.inputs.iter().find(|n| {
+                n.as_str() != crate::pipeline::UNMATCHED_INPUT && rules.input_bit(n).is_none()
+            }) {
+                let names: Vec<&str> = rules.input_names().collect();
+                return err(format!(
+                    "export {i}: inputs names {bad:?}, which is no [[input]] (inputs: {})",
+                    names.join(", ")
+                ));
+            }
             match e.kind {
                 ExportKind::Dicom => {
                     if e.address.is_none() || !e.ae_title.as_deref().is_some_and(valid_ae) {
@@ -685,6 +711,14 @@ impl Config {
                  and exported as received; a destination or processing that takes only \
                  uncompressed syntaxes will refuse them (set it to \"preference\" to have senders \
                  decompress)"
+                    .to_string(),
+            );
+        }
+        if self.inputs.iter().any(|i| !i.peer.is_empty()) {
+            w.push(
+                "an [[input]] has a peer rule: the requestor's address is not stored with an \
+                 instance, so instances recovered after a restart join no input with a peer \
+                 rule (they still go with their patient's batch)"
                     .to_string(),
             );
         }
@@ -902,8 +936,14 @@ ae_title = "PACS"
         assert_eq!(parse_duration("-1s"), None);
     }
 
+    /// The error a config is refused with; a config that is accepted fails the test (it
+    /// returned the config's own text, which holds whatever a test looks for in the error, so
+    /// a check that was removed went unnoticed).
     fn refused(toml: &str) -> String {
-        Config::from_toml(toml).map_or_else(|e| e.0, |_| format!("accepted: {toml}"))
+        match Config::from_toml(toml) {
+            Err(e) => e.0,
+            Ok(_) => panic!("accepted, but should be refused: {toml}"),
+        }
     }
 
     /// Issue 11: durations so large that `Duration::from_secs_f64` or `Instant + Duration`
@@ -1009,6 +1049,52 @@ ae_title = "PACS"
             e.contains("node.data_dir") && e.contains("not a directory"),
             "{e}"
         );
+    }
+
+    /// Issue 14: a bad CIDR or AE title pattern in a sender rule, an export naming an input
+    /// that does not exist, and `inputs` beside processing are refused at start-up, naming the
+    /// field; good ones are accepted, and `unmatched = "discard"` parses.
+    #[test]
+    fn sender_rules_and_export_inputs_are_checked_at_start_up() {
+        let ok = Config::from_toml(
+            "[patients]\nunmatched = \"discard\"\n\
+             [[input]]\nname = \"ct\"\ncalling_ae = [\"CT*\", \"!CTTEST\"]\ncalled_ae = \"DICOMGATE\"\n\
+             peer = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.168.1.7\", \"::1\"]\n\
+             [[input]]\nname = \"mr\"\n\
+             [[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\ninputs = [\"ct\", \"_unmatched\"]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.patients.unmatched, Unmatched::Discard);
+        assert_eq!(ok.exports[0].inputs, vec!["ct", "_unmatched"]);
+        let printed = toml::to_string(&ok).unwrap();
+        assert!(Config::from_toml(&printed).is_ok(), "{printed}");
+        for bad in ["10.0.0.0/33", "10.0.0", "2001:db8::/129", "ten/8", ""] {
+            let e = refused(&format!("[[input]]\nname = \"ct\"\npeer = [{bad:?}]\n"));
+            assert!(
+                e.contains("input \"ct\": peer") && e.contains("is not a CIDR block"),
+                "{bad}: {e}"
+            );
+        }
+        for (field, bad) in [
+            ("calling_ae", "WAY_TOO_LONG_AE_TITLE"),
+            ("calling_ae", "!"),
+            ("called_ae", "A\\\\B"),
+        ] {
+            let e = refused(&format!("[[input]]\nname = \"ct\"\n{field} = \"{bad}\"\n"));
+            assert!(
+                e.contains(field) && e.contains("not an AE title pattern"),
+                "{e}"
+            );
+        }
+        let e = refused("[[input]]\nname = \"ct\"\n[[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\ninputs = [\"mr\"]\n");
+        assert!(e.contains("export 0") && e.contains("\"mr\""), "{e}");
+        let e = refused("[processing]\ncommand = [\"true\"]\n[[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\ninputs = [\"all\"]\n");
+        assert!(e.contains("router mode"), "{e}");
+        assert!(Config::from_toml(
+            "[[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\ninputs = [\"all\"]\n"
+        )
+        .is_ok());
+        assert!(ok.warnings().iter().any(|w| w.contains("peer rule")));
     }
 
     /// Issue 11: a store-only configuration (no trigger can fire) gave no sign that nothing

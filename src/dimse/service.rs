@@ -125,6 +125,9 @@ pub enum StoreOutcome {
     /// Not stored: answer with this failure status and comment (e.g. 0xA700, or 0x0124 when no
     /// input accepts the instance).
     Failed { status: u16, comment: String },
+    /// Not stored on purpose, yet answered success (0x0000): the host's configuration says
+    /// instances nobody wants are discarded (`[patients] unmatched = "discard"`).
+    Discarded,
 }
 
 /// Things worth logging; the service never logs itself.
@@ -154,6 +157,8 @@ pub struct ServiceStats {
     pub bytes: u64,
     /// Requests answered with a failure status.
     pub failures: u64,
+    /// Stores answered success without being stored ([`StoreOutcome::Discarded`]).
+    pub discarded: u64,
     /// Stores handed to the host.
     pub submitted: u64,
 }
@@ -688,6 +693,10 @@ impl Service {
                 let r = response_to(&p.request, status, Some(&comment));
                 self.refused(&r);
                 r
+            }
+            StoreOutcome::Discarded => {
+                self.stats.discarded += 1;
+                response_to(&p.request, status::SUCCESS, None)
             }
         };
         self.assoc.touch(now);

@@ -28,6 +28,9 @@ pub struct Counters {
     /// Instances stored (C-STORE success answered or answerable) and their bytes.
     pub instances: AtomicU64,
     pub bytes: AtomicU64,
+    /// Instances no input accepts, answered success and stored nowhere
+    /// (`[patients] unmatched = "discard"`).
+    pub discarded: AtomicU64,
     /// Associations ended, by outcome (released, aborted, aborted_by_peer, rejected,
     /// protocol_error, closed).
     pub associations: Mutex<BTreeMap<&'static str, u64>>,
@@ -63,6 +66,7 @@ impl Default for Counters {
         Counters {
             instances: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
             associations: Mutex::default(),
             failures: Mutex::default(),
             // 50 µs to ~1.6 s.
@@ -199,6 +203,11 @@ pub fn render(shared: &Shared) -> String {
         "stored_bytes",
         "Bytes of the instances stored (Part-10 files or log records)",
         ConstCounter::new(c.bytes.load(Ordering::Relaxed)),
+    );
+    r.register(
+        "instances_discarded",
+        "C-STORE requests no input accepts, answered success and not stored ([patients] unmatched = \"discard\")",
+        ConstCounter::new(c.discarded.load(Ordering::Relaxed)),
     );
     r.register(
         "store_seconds",

@@ -677,6 +677,14 @@ fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) -> u
                 continue;
             }
         };
+        // A small whole data set is appended here, with no hand-off to a storage worker.
+        let job = match job {
+            Job::Store(j) => match shared.storage.append_here(j) {
+                Ok(()) => continue,
+                Err(j) => Job::Store(j),
+            },
+            other => other,
+        };
         let job = match shared.storage.try_submit(job) {
             Ok(()) => continue,
             Err(job) => job,
@@ -731,8 +739,9 @@ fn write_job(c: &mut Conn, shared: &Shared, chunk: Chunk, reply: ReplyTo) -> Opt
     }))
 }
 
-/// The storage job for a store the service handed out, or `None` when the node refuses it (no
-/// input accepts it and `[patients] unmatched = "refuse"`; already answered 0x0124).
+/// The storage job for a store the service handed out, or `None` when the node does not store
+/// it: no input accepts it and `[patients] unmatched` is `refuse` (already answered 0x0124) or
+/// `discard` (already answered 0x0000).
 fn store_job(
     c: &mut Conn,
     shared: &Shared,
@@ -759,20 +768,33 @@ fn store_job(
         );
         return None;
     }
-    let (key, record) = shared.pipeline.describe(&req.routing);
-    if record.inputs == 0 && shared.config.patients.unmatched == Unmatched::Refuse {
+    let from = {
+        let n = c.svc.negotiated();
+        crate::pipeline::rules::Requestor {
+            calling_ae_title: n.map(|n| n.calling_ae.as_str()),
+            called_ae_title: n.map(|n| n.called_ae.as_str()),
+            address: Some(c.peer.ip()),
+        }
+    };
+    let (key, record) = shared.pipeline.describe(&req.routing, &from);
+    let unmatched = shared.config.patients.unmatched;
+    if record.inputs == 0 && unmatched != Unmatched::Keep {
         if let Some((f, _)) = file {
             let _ = shared.storage.try_submit(Job::Discard(f));
         }
-        // Logged as the service's `Refused` event, with the SOP Instance UID.
-        c.svc.handle_store_done(
-            Instant::now(),
-            token,
+        let outcome = if unmatched == Unmatched::Discard {
+            // Answered success, stored nowhere: counted here, logged once with the
+            // association (`log_association`).
+            shared.counters.discarded.fetch_add(1, Ordering::Relaxed);
+            StoreOutcome::Discarded
+        } else {
+            // Logged as the service's `Refused` event, with the SOP Instance UID.
             StoreOutcome::Failed {
                 status: status::NOT_AUTHORIZED,
                 comment: "no input of this node accepts this instance".into(),
-            },
-        );
+            }
+        };
+        c.svc.handle_store_done(Instant::now(), token, outcome);
         return None;
     }
     let text = |t| {
@@ -893,6 +915,15 @@ fn log_association(c: &Conn, shared: &Shared) {
         outcome,
         "association"
     );
+    if stats.discarded > 0 {
+        tracing::info!(
+            peer = %c.peer,
+            calling_ae = calling,
+            called_ae = called,
+            discarded = stats.discarded,
+            "instances no input accepts were answered success and discarded ([patients] unmatched = \"discard\")"
+        );
+    }
 }
 
 /// Reads once into the buffer, which may hold PDUs of up to `max_pdu` bytes. `Ok(true)`: got

@@ -102,7 +102,8 @@ pub struct PendingPatient {
     pub seconds_since_last_arrival: u64,
     /// Open associations that sent this patient something.
     pub open_associations: u32,
-    /// Every input's rules hold (the batch is claimed at the next trigger).
+    /// Every input's rules hold, or for a `one_of` group one input's (the batch is claimed at
+    /// the next trigger): [`Rules::sufficient`](crate::pipeline::rules::Rules::sufficient).
     pub sufficient: bool,
     /// Why not, as the checker logs it ("input ct: 40 of 100 instances").
     pub not_sufficient_because: Option<String>,
@@ -165,6 +166,7 @@ pub fn collect(shared: &Shared) -> Status {
         .map(|(key, v)| {
             let s = &v.snapshot;
             let inputs = p.rules.explain(s);
+            let why_not = p.rules.sufficient(s).err();
             let text = String::from_utf8_lossy(key).into_owned();
             PendingPatient {
                 digest: crate::storage::patient_dir_name(key),
@@ -176,8 +178,8 @@ pub fn collect(shared: &Shared) -> Status {
                 last_arrival_ms: v.last_arrival_ms,
                 seconds_since_last_arrival: now.saturating_sub(v.last_arrival_ms) / 1000,
                 open_associations: v.open_associations,
-                sufficient: inputs.iter().all(|i| i.sufficient),
-                not_sufficient_because: p.rules.sufficient(s).err(),
+                sufficient: why_not.is_none(),
+                not_sufficient_because: why_not,
                 progress: inputs.iter().map(InputProgress::summary).collect(),
                 inputs,
             }

@@ -621,6 +621,7 @@ fn destinations(ctx: &Context) -> Vec<ExportConfig> {
             ae_title: None,
             calling_ae_title: None,
             path: Some(ctx.data_dir.join("export")),
+            inputs: Vec::new(),
         }]
     } else {
         ctx.config.exports.clone()
@@ -637,9 +638,13 @@ pub(super) fn export(ctx: &Context, id: &str) {
             return;
         }
     };
-    let files: Vec<export::Source> = if ctx.processor.is_some() {
+    // Each instance with the inputs it joined (router mode; processing output joined none).
+    let files: Vec<(u64, export::Source)> = if ctx.processor.is_some() {
         match dicom_files(&dir.join("output")) {
-            Ok(f) => f.into_iter().map(export::Source::File).collect(),
+            Ok(f) => f
+                .into_iter()
+                .map(|p| (0, export::Source::File(p)))
+                .collect(),
             Err(e) => {
                 fail(ctx, id, &format!("cannot list output/: {e}"));
                 return;
@@ -652,10 +657,10 @@ pub(super) fn export(ctx: &Context, id: &str) {
                 .files
                 .iter()
                 .filter_map(|f| match f.record() {
-                    Some(r) => Some(export::Source::Log(r)),
+                    Some(r) => Some((f.inputs, export::Source::Log(r))),
                     None => {
                         let p = dir.join("files").join(&f.path);
-                        is_dicom(&p).then_some(export::Source::File(p))
+                        is_dicom(&p).then_some((f.inputs, export::Source::File(p)))
                     }
                 })
                 .collect(),
@@ -691,9 +696,15 @@ pub(super) fn export(ctx: &Context, id: &str) {
         if marker.exists() || files.is_empty() {
             continue;
         }
+        let mine = for_destination(ctx, dest, &files);
+        if mine.is_empty() {
+            // Nothing of this batch is for it: done, as a destination that got everything.
+            tracing::debug!(batch = %id, destination = i, "no instance of the batch is for this destination");
+            continue;
+        }
         match export::run(
             dest,
-            &files,
+            &mine,
             ctx.config.node.ae_title.trim(),
             &ctx.log,
             &ctx.shutdown,
@@ -701,7 +712,7 @@ pub(super) fn export(ctx: &Context, id: &str) {
             Ok(()) => {
                 let _ = fs::create_dir_all(dir.join("exports"))
                     .and_then(|()| write_atomic(&marker, b""));
-                tracing::info!(batch = %id, destination = i, files = files.len(), "exported");
+                tracing::info!(batch = %id, destination = i, files = mine.len(), "exported");
             }
             Err(e) => {
                 if !ctx.shutdown.load(Ordering::Acquire) {
@@ -766,6 +777,32 @@ pub(super) fn export(ctx: &Context, id: &str) {
         tracing::error!(batch = %id, error = %e, "cannot record the export attempt");
     }
     ctx.retry_later(delay, Job::Export { id: id.into() });
+}
+
+/// What of a batch's `files` (each with the inputs it joined) goes to `dest`: all of them, or,
+/// when it lists `inputs` (router mode), those that joined one of them (`_unmatched`: those
+/// that joined none). Processing output joined no input; a library `Processor` (no
+/// `[processing]` section, so `inputs` passed validation) sends all of it to every destination.
+fn for_destination(
+    ctx: &Context,
+    dest: &ExportConfig,
+    files: &[(u64, export::Source)],
+) -> Vec<export::Source> {
+    if dest.inputs.is_empty() || ctx.processor.is_some() {
+        return files.iter().map(|(_, f)| f.clone()).collect();
+    }
+    let rules = &ctx.pipeline.rules;
+    let mask = dest
+        .inputs
+        .iter()
+        .filter_map(|n| rules.input_bit(n))
+        .fold(0u64, |m, b| m | b);
+    let unmatched = dest.inputs.iter().any(|n| n == UNMATCHED_INPUT);
+    files
+        .iter()
+        .filter(|(inputs, _)| inputs & mask != 0 || (unmatched && *inputs == 0))
+        .map(|(_, f)| f.clone())
+        .collect()
 }
 
 /// Every log record a batch's manifest names (those it was made from, and those it is made of).

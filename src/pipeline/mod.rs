@@ -49,7 +49,7 @@ pub use batch::{held_records, on_disk as batches_on_disk, records_of, BatchOnDis
 pub use process::{
     kill_running as kill_running_processing, BatchInfo, CommandProcessor, Processor,
 };
-use rules::Rules;
+use rules::{Requestor, Rules};
 
 /// The input folder of instances kept although no `[[input]]` accepts them.
 pub const UNMATCHED_INPUT: &str = "_unmatched";
@@ -230,9 +230,10 @@ impl Pipeline {
         }
     }
 
-    /// The grouping key and record draft (no path yet) for an instance with these values.
-    pub fn describe(&self, values: &Scanned) -> (Vec<u8>, InstanceRecord) {
-        describe(values, &self.rules, self.group_tag)
+    /// The grouping key and record draft (no path yet) for an instance with these values,
+    /// sent by `from`.
+    pub fn describe(&self, values: &Scanned, from: &Requestor<'_>) -> (Vec<u8>, InstanceRecord) {
+        describe(values, from, &self.rules, self.group_tag)
     }
 }
 
@@ -251,7 +252,12 @@ fn number(values: &Scanned, tag: u32) -> u32 {
         .map_or(0, |n| n.clamp(0, u32::MAX as i64) as u32)
 }
 
-fn describe(values: &Scanned, rules: &Rules, group_tag: u32) -> (Vec<u8>, InstanceRecord) {
+fn describe(
+    values: &Scanned,
+    from: &Requestor<'_>,
+    rules: &Rules,
+    group_tag: u32,
+) -> (Vec<u8>, InstanceRecord) {
     let key = values
         .raw(group_tag)
         .map(|v| crate::dimse::trim_padding(v).trim_ascii_start().to_vec())
@@ -263,7 +269,7 @@ fn describe(values: &Scanned, rules: &Rules, group_tag: u32) -> (Vec<u8>, Instan
         study_date: text_arc(values, tags::STUDY_DATE),
         path: PathBuf::new(),
         bytes: 0,
-        inputs: rules.accepting(values),
+        inputs: rules.accepting(values, from),
         instance_number: number(values, tags::INSTANCE_NUMBER),
         images_in_acquisition: number(values, tags::IMAGES_IN_ACQUISITION),
         number_of_slices: number(values, tags::NUMBER_OF_SLICES),
@@ -516,7 +522,8 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             tracing::warn!(path = %rel.display(), "log record that cannot be scanned left in place");
             continue;
         };
-        let (key, mut record) = ctx.pipeline.describe(&values);
+        let from = recovered_requestor(ctx, &inst.meta.source_ae_title);
+        let (key, mut record) = ctx.pipeline.describe(&values, &from);
         record.path = path;
         record.bytes = crate::storage::part10::file_len(&inst.file_meta(), inst.data_set.len());
         map.insert(&key, record, inst.meta.received_ms, &map.pin())
@@ -533,6 +540,18 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
     Ok(())
 }
 
+/// The sender of an instance recovered from disk, as far as it is known: its Calling AE Title
+/// (storage keeps it as the Source AE Title), the Called AE Title when the node accepts only its
+/// own, and no address (storage does not keep it: a `peer` rule does not hold for it).
+fn recovered_requestor<'a>(ctx: &'a Context, source_ae_title: &'a str) -> Requestor<'a> {
+    let node = &ctx.config.node;
+    Requestor {
+        calling_ae_title: Some(source_ae_title.trim()).filter(|s| !s.is_empty()),
+        called_ae_title: (!node.accept_any_called_ae).then(|| node.ae_title.trim()),
+        address: None,
+    }
+}
+
 /// The arrival for a stored Part-10 file and its modification time in ms.
 fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
     let bytes = std::fs::read(path).ok()?;
@@ -545,7 +564,8 @@ fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
     let ts = crate::assoc::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
     let ds = bytes.get(parsed.data_set_offset..)?;
     let values = crate::dimse::scan::scan(ds, ts.encoding, &ctx.pipeline.wanted_tags).ok()?;
-    let (key, mut record) = ctx.pipeline.describe(&values);
+    let from = recovered_requestor(ctx, &parsed.source_ae_title);
+    let (key, mut record) = ctx.pipeline.describe(&values, &from);
     record.path = path.to_path_buf();
     record.bytes = bytes.len() as u64;
     Some((

@@ -11,8 +11,21 @@
 //! positive patterns matches (or it has none) and none of its negated ones does. A missing
 //! element matches no positive pattern and every negated one. `required_tags` must be present
 //! with a non-empty value. Only elements with text VRs can be matched (checked at start-up).
+//!
+//! Sender rules: `calling_ae` and `called_ae` match the association's Calling AE Title and
+//! Called AE Title (PS3.8 §7.1.1.3, §7.1.1.4; leading and trailing spaces removed) with the same
+//! patterns, lists and `!`; `peer` lists CIDR blocks (IPv4 or IPv6, a bare address is one host)
+//! the requestor's address must fall in (an IPv4-mapped IPv6 address counts as its IPv4 one).
+//! They are given to [`Rules::accepting`] as a plain [`Requestor`], so rules know no network
+//! type. A sender rule whose value is not known (an instance recovered from disk after a restart:
+//! its Calling AE Title is kept in the file, its peer address is not) does not hold: an instance
+//! is never routed to an input it was not shown to belong to.
+//!
+//! Alternative inputs: inputs naming the same `one_of` group form a group that is satisfied when
+//! any one of them is; a batch is sufficient when every group and every ungrouped input is.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
@@ -62,6 +75,18 @@ pub struct InputConfig {
     pub single_study_date: bool,
     #[serde(default)]
     pub completeness: Option<Completeness>,
+    /// Calling AE Title patterns the requestor must match (as `match` values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calling_ae: Option<Patterns>,
+    /// Called AE Title patterns the association must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub called_ae: Option<Patterns>,
+    /// CIDR blocks the requestor's address must be in (any of them); empty = any address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer: Vec<String>,
+    /// The group of alternative inputs this one belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_of: Option<String>,
 }
 
 fn one() -> u32 {
@@ -81,8 +106,21 @@ impl InputConfig {
             single_series: false,
             single_study_date: false,
             completeness: None,
+            calling_ae: None,
+            called_ae: None,
+            peer: Vec::new(),
+            one_of: None,
         }
     }
+}
+
+/// Who sent an instance: the association requestor's Calling AE Title, the Called AE Title it
+/// asked for, and its network address. `None`: not known (see the module doc).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requestor<'a> {
+    pub calling_ae_title: Option<&'a str>,
+    pub called_ae_title: Option<&'a str>,
+    pub address: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +134,106 @@ struct Input {
     config: InputConfig,
     matches: Vec<(u32, Vec<Pattern>)>,
     required: Vec<u32>,
+    /// Sender rules; empty = none.
+    calling_ae: Vec<Pattern>,
+    called_ae: Vec<Pattern>,
+    peer: Vec<ipnet::IpNet>,
+}
+
+fn patterns(p: &Patterns) -> Vec<Pattern> {
+    let list = match p {
+        Patterns::One(p) => std::slice::from_ref(p),
+        Patterns::Any(v) => v.as_slice(),
+    };
+    list.iter()
+        .map(|p| match p.strip_prefix('!') {
+            Some(rest) => Pattern {
+                negated: true,
+                glob: rest.as_bytes().to_vec(),
+            },
+            None => Pattern {
+                negated: false,
+                glob: p.as_bytes().to_vec(),
+            },
+        })
+        .collect()
+}
+
+/// Whether a pattern list holds for `v`: any positive pattern matches (or there is none) and no
+/// negated one does. `None` (element missing) matches no positive pattern and every negated one.
+fn list_holds(pats: &[Pattern], v: Option<&[u8]>) -> bool {
+    let mut any_positive = false;
+    let mut positive_hit = false;
+    for p in pats {
+        let hit = v.is_some_and(|v| glob_match(&p.glob, v));
+        if p.negated {
+            if hit {
+                return false;
+            }
+        } else {
+            any_positive = true;
+            positive_hit |= hit;
+        }
+    }
+    !any_positive || positive_hit
+}
+
+/// AE title patterns from the config: each (after a leading `!`) 1 to 16 characters other than
+/// `*`, printable ASCII without a backslash (PS3.5 AE VR).
+fn ae_patterns(input: &str, field: &str, p: &Option<Patterns>) -> Result<Vec<Pattern>, String> {
+    let Some(p) = p else {
+        return Ok(Vec::new());
+    };
+    let pats = patterns(p);
+    if pats.is_empty() {
+        return Err(format!(
+            "input {input:?}: {field} = []: give at least one pattern"
+        ));
+    }
+    for pat in &pats {
+        let literal = pat.glob.iter().filter(|&&b| b != b'*').count();
+        let printable = pat
+            .glob
+            .iter()
+            .all(|&b| (0x20..0x7F).contains(&b) && b != b'\\');
+        if pat.glob.is_empty() || literal > 16 || !printable {
+            return Err(format!(
+                "input {input:?}: {field} pattern {:?} is not an AE title pattern: 1 to 16 \
+                 printable characters other than a backslash ('*' and '?' are wildcards, a \
+                 leading '!' negates)",
+                format!(
+                    "{}{}",
+                    if pat.negated { "!" } else { "" },
+                    String::from_utf8_lossy(&pat.glob)
+                )
+            ));
+        }
+    }
+    Ok(pats)
+}
+
+/// `peer` CIDR blocks; a bare address is a block of one.
+fn cidrs(input: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    list.iter()
+        .map(|c| {
+            let t = c.trim();
+            t.parse::<ipnet::IpNet>()
+                .or_else(|_| t.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    format!(
+                        "input {input:?}: peer {c:?} is not a CIDR block (e.g. \"10.0.0.0/8\", \
+                         \"2001:db8::/32\") or an address"
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Whether `address` is in one of `blocks` (an IPv4-mapped IPv6 address as its IPv4 one).
+fn in_blocks(blocks: &[ipnet::IpNet], address: IpAddr) -> bool {
+    let a = address.to_canonical();
+    blocks.iter().any(|b| b.contains(&a))
 }
 
 /// The compiled rules.
@@ -181,6 +319,18 @@ fn glob_match(pat: &[u8], text: &[u8]) -> bool {
         .is_some_and(|rest| rest.iter().all(|&b| b == b'*'))
 }
 
+impl Input {
+    /// The sender rules: each one given holds for `from`; one whose value is unknown does not.
+    fn sender_holds(&self, from: &Requestor<'_>) -> bool {
+        let ae = |pats: &[Pattern], v: Option<&str>| {
+            pats.is_empty() || v.is_some_and(|v| list_holds(pats, Some(v.trim().as_bytes())))
+        };
+        ae(&self.calling_ae, from.calling_ae_title)
+            && ae(&self.called_ae, from.called_ae_title)
+            && (self.peer.is_empty() || from.address.is_some_and(|a| in_blocks(&self.peer, a)))
+    }
+}
+
 impl Rules {
     /// Compiles `[[input]]` sections; none = one input accepting everything.
     pub fn compile(inputs: &[InputConfig]) -> Result<Rules, String> {
@@ -221,23 +371,7 @@ impl Rules {
                         c.name
                     ));
                 }
-                let list = match pats {
-                    Patterns::One(p) => vec![p.clone()],
-                    Patterns::Any(v) => v.clone(),
-                };
-                let pats = list
-                    .iter()
-                    .map(|p| match p.strip_prefix('!') {
-                        Some(rest) => Pattern {
-                            negated: true,
-                            glob: rest.as_bytes().to_vec(),
-                        },
-                        None => Pattern {
-                            negated: false,
-                            glob: p.as_bytes().to_vec(),
-                        },
-                    })
-                    .collect();
+                let pats = patterns(pats);
                 tags.push(tag);
                 matches.push((tag, pats));
             }
@@ -247,10 +381,16 @@ impl Rules {
                 tags.push(tag);
                 required.push(tag);
             }
+            if c.one_of.as_deref().is_some_and(|g| g.trim().is_empty()) {
+                return Err(format!("input {:?}: one_of must name a group", c.name));
+            }
             compiled.push(Input {
                 config: c.clone(),
                 matches,
                 required,
+                calling_ae: ae_patterns(&c.name, "calling_ae", &c.calling_ae)?,
+                called_ae: ae_patterns(&c.name, "called_ae", &c.called_ae)?,
+                peer: cidrs(&c.name, &c.peer)?,
             });
         }
         tags.sort_unstable();
@@ -273,63 +413,98 @@ impl Rules {
         self.inputs.is_empty()
     }
 
-    /// The inputs that accept an instance with these top-level values, as a bit set.
-    pub fn accepting(&self, values: &Scanned) -> u64 {
+    /// The inputs that accept an instance with these top-level values from `from`, as a bit set.
+    pub fn accepting(&self, values: &Scanned, from: &Requestor<'_>) -> u64 {
         let mut bits = 0u64;
         for (i, input) in self.inputs.iter().enumerate() {
             let matched = input.matches.iter().all(|(tag, pats)| {
                 let v = values
                     .raw(*tag)
                     .map(|v| crate::dimse::trim_padding(v).trim_ascii_start());
-                let mut any_positive = false;
-                let mut positive_hit = false;
-                for p in pats {
-                    let hit = v.is_some_and(|v| glob_match(&p.glob, v));
-                    if p.negated {
-                        if hit {
-                            return false;
-                        }
-                    } else {
-                        any_positive = true;
-                        positive_hit |= hit;
-                    }
-                }
-                !any_positive || positive_hit
+                list_holds(pats, v)
             });
             let present = input.required.iter().all(|t| {
                 values
                     .raw(*t)
                     .is_some_and(|v| !crate::dimse::trim_padding(v).is_empty())
             });
-            if matched && present {
+            if matched && present && input.sender_holds(from) {
                 bits |= 1 << i;
             }
         }
         bits
     }
 
-    /// Whether `s` satisfies every input; `Err` names the first input that is not satisfied
-    /// and why (logged when a trigger finds a patient not yet sufficient). The same walk as
-    /// [`Rules::explain`] (`Rules::findings`), stopped at the first rule that does not hold.
-    pub fn sufficient(&self, s: &Snapshot) -> Result<(), String> {
-        for i in 0..self.inputs.len() {
-            let mut failed = None;
-            self.findings(i, s, |f| {
-                if f.holds() {
-                    ControlFlow::Continue(())
-                } else {
-                    failed = Some(f.to_string());
-                    ControlFlow::Break(())
-                }
-            });
-            if let Some(w) = failed {
-                return Err(format!("input {}: {w}", self.inputs[i].config.name));
-            }
-        }
-        Ok(())
+    /// Whether any input has a sender rule on the requestor's address (not known for an
+    /// instance recovered after a restart).
+    pub fn has_peer_rules(&self) -> bool {
+        self.inputs.iter().any(|i| !i.peer.is_empty())
     }
 
-    /// Every input's progress against its rules for `s`, in words (the status page's
+    /// The bit of the input named `name`, if there is one.
+    pub fn input_bit(&self, name: &str) -> Option<u64> {
+        self.inputs
+            .iter()
+            .position(|i| i.config.name == name)
+            .map(|i| 1u64 << i)
+    }
+
+    /// Whether `s` satisfies every ungrouped input and every `one_of` group (one of its inputs);
+    /// `Err` names the first that is not satisfied and why (logged when a trigger finds a
+    /// patient not yet sufficient).
+    pub fn sufficient(&self, s: &Snapshot) -> Result<(), String> {
+        // (group, satisfied, why its members are not), in the order groups first appear.
+        let mut groups: Vec<(&str, bool, Vec<String>)> = Vec::new();
+        for (i, input) in self.inputs.iter().enumerate() {
+            let r = self.input_sufficient(i, input, s);
+            match input.config.one_of.as_deref() {
+                None => r?,
+                Some(g) => {
+                    let at = match groups.iter().position(|(n, _, _)| *n == g) {
+                        Some(at) => at,
+                        None => {
+                            groups.push((g, false, Vec::new()));
+                            groups.len() - 1
+                        }
+                    };
+                    if let Some(entry) = groups.get_mut(at) {
+                        match r {
+                            Ok(()) => entry.1 = true,
+                            Err(why) => entry.2.push(why),
+                        }
+                    }
+                }
+            }
+        }
+        match groups.into_iter().find(|(_, ok, _)| !ok) {
+            Some((g, _, why)) => Err(format!(
+                "group {g}: none of its inputs is satisfied ({})",
+                why.join("; ")
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `s` satisfies input `i` on its own: the walk of [`Rules::explain`]
+    /// (`Rules::findings`), stopped at the first rule that does not hold.
+    fn input_sufficient(&self, i: usize, input: &Input, s: &Snapshot) -> Result<(), String> {
+        let mut failed = None;
+        self.findings(i, s, |f| {
+            if f.holds() {
+                ControlFlow::Continue(())
+            } else {
+                failed = Some(f.to_string());
+                ControlFlow::Break(())
+            }
+        });
+        match failed {
+            Some(w) => Err(format!("input {}: {w}", input.config.name)),
+            None => Ok(()),
+        }
+    }
+
+    /// Every input's progress against its rules for `s` (each on its own: whether the patient
+    /// is sufficient, `one_of` groups included, is [`Rules::sufficient`]'s answer), in words (the status page's
     /// "ct: 40 of 100 instances; single_series: ok"): each rule the input sets, whether it holds
     /// now and what it counted. The same evaluation as [`Rules::sufficient`], not stopped at the
     /// first rule that fails; per-series completeness findings are capped at
@@ -340,6 +515,7 @@ impl Rules {
             let c = &input.config;
             let mut p = InputProgress {
                 input: c.name.clone(),
+                one_of: c.one_of.clone(),
                 instances: 0,
                 min_instances: c.min_instances.max(1),
                 sufficient: true,
@@ -554,6 +730,9 @@ impl std::fmt::Display for Finding<'_> {
 pub struct InputProgress {
     /// The `[[input]]` name.
     pub input: String,
+    /// Its `one_of` group: the group is satisfied when any one of its inputs is.
+    #[serde(default)]
+    pub one_of: Option<String>,
     /// Instances the input accepted, and `min_instances`.
     pub instances: u32,
     pub min_instances: u32,
@@ -564,9 +743,13 @@ pub struct InputProgress {
 }
 
 impl InputProgress {
-    /// In words: "ct: 40 of 100 instances; single_series: ok".
+    /// In words: "ct: 40 of 100 instances; single_series: ok" ("ct (one of g): ..." for an
+    /// input of a `one_of` group).
     pub fn summary(&self) -> String {
         let mut out = self.input.clone();
+        if let Some(g) = &self.one_of {
+            out.push_str(&format!(" (one of {g})"));
+        }
         for (i, r) in self.rules.iter().enumerate() {
             out.push_str(if i == 0 { ": " } else { "; " });
             if r.rule != "min_instances" {
@@ -624,6 +807,13 @@ mod tests {
         .unwrap()
     }
 
+    /// A requestor no sender rule is written for.
+    const ANY: Requestor<'static> = Requestor {
+        calling_ae_title: Some("ANY"),
+        called_ae_title: Some("DICOMGATE"),
+        address: None,
+    };
+
     const MODALITY: u32 = 0x0008_0060;
     const SERIES_DESCRIPTION: u32 = 0x0008_103E;
     const BODY_PART: u32 = 0x0018_0015;
@@ -662,12 +852,12 @@ mod tests {
         .unwrap();
         for description in ["AX SCOUT*2", "AX SCOUT**", "AX *SCOUT*1"] {
             let v = scanned(&[(SERIES_DESCRIPTION, description)]);
-            assert_eq!(rules.accepting(&v), 0, "{description:?} was accepted");
+            assert_eq!(rules.accepting(&v, &ANY), 0, "{description:?} was accepted");
         }
         // And the positive pattern still takes a description with a `*` after its prefix.
         for description in ["AX 3mm", "AX* 3mm"] {
             let v = scanned(&[(SERIES_DESCRIPTION, description)]);
-            assert_eq!(rules.accepting(&v), 1, "{description:?} was refused");
+            assert_eq!(rules.accepting(&v, &ANY), 1, "{description:?} was refused");
         }
     }
 
@@ -765,21 +955,176 @@ mod tests {
         .unwrap();
         assert_eq!(rules.tags, vec![MODALITY, SERIES_DESCRIPTION, BODY_PART]);
         let a = scanned(&[(MODALITY, "CT"), (SERIES_DESCRIPTION, "AX 3mm")]);
-        assert_eq!(rules.accepting(&a), 0b01);
+        assert_eq!(rules.accepting(&a, &ANY), 0b01);
         let b = scanned(&[
             (MODALITY, "CT"),
             (SERIES_DESCRIPTION, "AX SCOUT"),
             (BODY_PART, "HEAD"),
         ]);
-        assert_eq!(rules.accepting(&b), 0b10);
+        assert_eq!(rules.accepting(&b, &ANY), 0b10);
         let c = scanned(&[(MODALITY, "MR"), (BODY_PART, "HEAD")]);
-        assert_eq!(rules.accepting(&c), 0);
+        assert_eq!(rules.accepting(&c, &ANY), 0);
         // Missing element: no positive match, every negation holds.
         let d = scanned(&[(BODY_PART, "HEAD")]);
-        assert_eq!(rules.accepting(&d), 0b10);
+        assert_eq!(rules.accepting(&d, &ANY), 0b10);
         // Required tag present but empty.
         let e = scanned(&[(MODALITY, "CT"), (BODY_PART, "")]);
-        assert_eq!(rules.accepting(&e), 0);
+        assert_eq!(rules.accepting(&e, &ANY), 0);
+    }
+
+    fn from<'a>(calling: &'a str, called: &'a str, address: &str) -> Requestor<'a> {
+        Requestor {
+            calling_ae_title: Some(calling),
+            called_ae_title: Some(called),
+            address: Some(address.parse().unwrap()),
+        }
+    }
+
+    /// Issue 14: `peer` CIDR blocks, IPv4 and IPv6, with prefixes 0 and full length, a bare
+    /// address, host bits set, and an IPv4-mapped IPv6 peer taken as its IPv4 address.
+    #[test]
+    fn peer_cidr_blocks() {
+        let rules = Rules::compile(&[
+            input(
+                r#"name = "lan"
+                     peer = ["10.1.0.0/16", "2001:db8:1::/48"]"#,
+            ),
+            input(
+                r#"name = "any4"
+                     peer = ["0.0.0.0/0"]"#,
+            ),
+            input(
+                r#"name = "any6"
+                     peer = ["::/0"]"#,
+            ),
+            input(
+                r#"name = "host"
+                     peer = ["192.168.7.9/32", "2001:db8::5/128", "10.9.9.9"]"#,
+            ),
+            input(
+                r#"name = "hostbits"
+                     peer = ["172.16.5.4/12"]"#,
+            ),
+        ])
+        .unwrap();
+        let v = scanned(&[(MODALITY, "CT")]);
+        let bits = |a: &str| rules.accepting(&v, &from("X", "Y", a));
+        assert_eq!(bits("10.1.200.3"), 0b00011);
+        assert_eq!(bits("10.2.0.1"), 0b00010);
+        assert_eq!(bits("2001:db8:1:ffff::1"), 0b00101);
+        assert_eq!(bits("2001:db8:2::1"), 0b00100);
+        assert_eq!(bits("192.168.7.9"), 0b01010);
+        assert_eq!(bits("192.168.7.8"), 0b00010);
+        assert_eq!(bits("2001:db8::5"), 0b01100);
+        assert_eq!(bits("2001:db8::6"), 0b00100);
+        assert_eq!(bits("10.9.9.9"), 0b01010);
+        assert_eq!(bits("172.31.255.255"), 0b10010);
+        assert_eq!(bits("172.32.0.0"), 0b00010);
+        // An IPv4 client on a dual-stack listener.
+        assert_eq!(bits("::ffff:10.1.0.1"), 0b00011);
+        // Not known (recovered from disk): no peer rule holds.
+        let unknown = Requestor {
+            address: None,
+            ..from("X", "Y", "10.1.0.1")
+        };
+        assert_eq!(rules.accepting(&v, &unknown), 0);
+        assert!(rules.has_peer_rules());
+        for bad in ["10.0.0.0/33", "::/129", "10.0.0", "x"] {
+            let e =
+                Rules::compile(&[input(&format!("name = \"a\"\npeer = [{bad:?}]"))]).unwrap_err();
+            assert!(e.contains("peer") && e.contains(bad), "{e}");
+        }
+    }
+
+    /// Issue 14: Calling and Called AE Title rules use the `match` patterns, `!` included; an
+    /// unknown AE title holds no rule.
+    #[test]
+    fn calling_and_called_ae_title_rules() {
+        let rules = Rules::compile(&[
+            input(
+                r#"name = "ct1"
+                     calling_ae = ["CT*", "!CT_TEST"]"#,
+            ),
+            input(
+                r#"name = "to_gate2"
+                     called_ae = "GATE2""#,
+            ),
+            input(
+                r#"name = "both"
+                     calling_ae = "MR?"
+                     called_ae = "!GATE2""#,
+            ),
+        ])
+        .unwrap();
+        let v = scanned(&[(MODALITY, "CT")]);
+        let bits =
+            |calling: &str, called: &str| rules.accepting(&v, &from(calling, called, "127.0.0.1"));
+        assert_eq!(bits("CT_SCANNER", "GATE"), 0b001);
+        assert_eq!(bits("CT_TEST", "GATE"), 0b000);
+        assert_eq!(bits("CT_TEST", "GATE2"), 0b010);
+        assert_eq!(bits("MR1", "GATE"), 0b100);
+        assert_eq!(bits("MR1", "GATE2"), 0b010);
+        assert_eq!(
+            bits(" CT1 ", "GATE"),
+            0b001,
+            "AE title padding is not significant"
+        );
+        let unknown = Requestor {
+            calling_ae_title: None,
+            called_ae_title: None,
+            address: None,
+        };
+        assert_eq!(rules.accepting(&v, &unknown), 0);
+        assert_eq!(rules.input_bit("both"), Some(0b100));
+        assert_eq!(rules.input_bit("nope"), None);
+    }
+
+    /// Issue 14 (5): alternative inputs: a group is satisfied by any one of its inputs; every
+    /// group and every ungrouped input must be.
+    #[test]
+    fn one_of_groups() {
+        let rules = Rules::compile(&[
+            input(
+                r#"name = "ct"
+                     one_of = "anatomy"
+                     min_instances = 2"#,
+            ),
+            input(
+                r#"name = "mr"
+                     one_of = "anatomy""#,
+            ),
+            input(r#"name = "plan""#),
+        ])
+        .unwrap();
+        // bit 0 ct, bit 1 mr, bit 2 plan
+        let plan = rec("p", "d", 0b100, 1, 0);
+        let ct = |n| rec("c", "d", 0b001, n, 0);
+        let mr = rec("m", "d", 0b010, 1, 0);
+        assert!(rules
+            .sufficient(&Snapshot::of(std::slice::from_ref(&plan)))
+            .unwrap_err()
+            .contains("group anatomy"));
+        assert!(rules
+            .sufficient(&Snapshot::of(&[plan.clone(), ct(1)]))
+            .is_err());
+        assert!(rules
+            .sufficient(&Snapshot::of(&[plan.clone(), ct(1), ct(2)]))
+            .is_ok());
+        assert!(rules
+            .sufficient(&Snapshot::of(&[plan.clone(), mr.clone()]))
+            .is_ok());
+        assert!(rules
+            .sufficient(&Snapshot::of(&[mr.clone(), ct(1), ct(2)]))
+            .unwrap_err()
+            .contains("input plan"));
+        assert!(Rules::compile(&[input("name = \"a\"\none_of = \" \"")]).is_err());
+        // Explained input by input, each naming its group; the patient is sufficient though
+        // one input of the group is not.
+        let recs = [plan.clone(), mr.clone()];
+        let p = rules.explain(&Snapshot::of(&recs));
+        assert_eq!(p[0].summary(), "ct (one of anatomy): 0 of 2 instances");
+        assert_eq!(p[1].summary(), "mr (one of anatomy): 1 of 1 instances");
+        assert!(!p[0].sufficient && p[1].sufficient && p[2].sufficient);
     }
 
     #[test]
@@ -947,7 +1292,7 @@ mod tests {
     #[test]
     fn no_inputs_accepts_everything() {
         let rules = Rules::compile(&[]).unwrap();
-        assert_eq!(rules.accepting(&scanned(&[(MODALITY, "XA")])), 1);
+        assert_eq!(rules.accepting(&scanned(&[(MODALITY, "XA")]), &ANY), 1);
         assert!(rules.sufficient(&Snapshot::default()).is_err());
         assert!(rules
             .sufficient(&Snapshot::of(&[rec("1", "d", 1, 0, 0)]))

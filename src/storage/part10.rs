@@ -96,6 +96,8 @@ pub struct ParsedFile {
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
     pub transfer_syntax_uid: String,
+    /// Source Application Entity Title (0002,0016): the Calling AE Title that sent it to us.
+    pub source_ae_title: String,
     pub data_set_offset: usize,
 }
 
@@ -137,6 +139,7 @@ pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {
         sop_class_uid: String::new(),
         sop_instance_uid: String::new(),
         transfer_syntax_uid: String::new(),
+        source_ae_title: String::new(),
         data_set_offset: 0,
     };
     let text = |v: &[u8]| String::from_utf8_lossy(crate::dimse::trim_padding(v)).into_owned();
@@ -159,6 +162,7 @@ pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {
             0x0002 => out.sop_class_uid = text(v),
             0x0003 => out.sop_instance_uid = text(v),
             0x0010 => out.transfer_syntax_uid = text(v),
+            0x0016 => out.source_ae_title = text(v).trim().to_string(),
             _ => {}
         }
         pos += hdr + len;

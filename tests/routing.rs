@@ -1,0 +1,422 @@
+//! Issue 14 end to end, with real peers (DCMTK storescu sending with TCP_NODELAY, DCMTK storescp
+//! as export targets): `[patients] unmatched = "discard"` with a scout sent before a CT series,
+//! sender rules on the Calling AE Title, exports per input in router mode, and alternative
+//! inputs (`one_of`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+const MR_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.4";
+
+fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
+    dicomgate::synth::element(out, g, e, vr, v)
+}
+
+/// One instance as a Part-10 file in `dir`, named `<sop>.dcm`.
+struct Instance<'a> {
+    modality: &'a str,
+    description: &'a str,
+    patient: &'a str,
+    study: &'a str,
+    series: &'a str,
+    sop: String,
+    number: u32,
+}
+
+impl Instance<'_> {
+    fn write(&self, dir: &Path) -> PathBuf {
+        let class = if self.modality == "MR" {
+            MR_IMAGE_STORAGE
+        } else {
+            CT_IMAGE_STORAGE
+        };
+        let mut d = Vec::new();
+        el(&mut d, 0x0008, 0x0016, b"UI", class.as_bytes());
+        el(&mut d, 0x0008, 0x0018, b"UI", self.sop.as_bytes());
+        el(&mut d, 0x0008, 0x0020, b"DA", b"20260101");
+        el(&mut d, 0x0008, 0x0060, b"CS", self.modality.as_bytes());
+        el(&mut d, 0x0008, 0x103E, b"LO", self.description.as_bytes());
+        el(&mut d, 0x0010, 0x0010, b"PN", b"Test^Patient");
+        el(&mut d, 0x0010, 0x0020, b"LO", self.patient.as_bytes());
+        el(&mut d, 0x0020, 0x000D, b"UI", self.study.as_bytes());
+        el(&mut d, 0x0020, 0x000E, b"UI", self.series.as_bytes());
+        el(
+            &mut d,
+            0x0020,
+            0x0013,
+            b"IS",
+            self.number.to_string().as_bytes(),
+        );
+        let px: Vec<u8> = (0..64).map(|i| (i * 7 % 251) as u8).collect();
+        el(&mut d, 0x7FE0, 0x0010, b"OW", &px);
+        let meta = dicomgate::storage::FileMeta {
+            sop_class_uid: class.into(),
+            sop_instance_uid: self.sop.clone(),
+            transfer_syntax_uid: EXPLICIT_LE.into(),
+            source_ae_title: String::new(),
+        };
+        let mut f = dicomgate::storage::part10::header(&meta);
+        f.extend_from_slice(&d);
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(format!("{}.dcm", self.sop));
+        std::fs::write(&path, f).unwrap();
+        path
+    }
+}
+
+/// `n` instances of one series (`<series>.<i>`), Instance Numbers from 1.
+fn series(
+    dir: &Path,
+    modality: &str,
+    description: &str,
+    patient: &str,
+    series: &str,
+    n: usize,
+) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            Instance {
+                modality,
+                description,
+                patient,
+                study: "1.2.826.0.1.3680043.10.14",
+                series,
+                sop: format!("{series}.{}", i + 1),
+                number: i as u32 + 1,
+            }
+            .write(dir)
+        })
+        .collect()
+}
+
+/// DCMTK storescu (verbose) sends `files` in one association as `calling`; its output.
+fn storescu(node: &Node, calling: &str, files: &[PathBuf]) -> std::process::Output {
+    dcmtk("storescu")
+        .args(["-v", "-aet", calling, "-aec", "DICOMGATE", "127.0.0.1"])
+        .arg(node.port())
+        .args(files)
+        .output()
+        .unwrap()
+}
+
+/// The C-STORE responses storescu reports: (successes, all).
+fn responses(out: &std::process::Output) -> (usize, usize) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        text.matches("Received Store Response (Success)").count(),
+        text.matches("Received Store Response").count(),
+    )
+}
+
+fn dcm_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
+        .collect()
+}
+
+fn sops(files: &[PathBuf]) -> BTreeSet<String> {
+    files.iter().map(|p| sop_uid_of(p)).collect()
+}
+
+/// Whether any file under `dir` (segment log, batches, exports, anything) holds `needle`.
+fn anywhere_in(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(p)
+                .map(|b| b.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// `GET /metrics`: the body.
+fn metrics(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// storescu sends a scout, then 30 CT slices, to a node whose one input takes CT but no scout
+/// and `unmatched = "discard"`: every one of the 31 is answered success (with `refuse` storescu
+/// would stop at the scout), the 30 slices are exported, the scout is stored nowhere under the
+/// data directory, counted once in `/metrics` and logged once for the association.
+#[test]
+fn discarded_scout_does_not_stop_the_ct_series_behind_it() {
+    let src = tempfile::tempdir().unwrap();
+    let scout = Instance {
+        modality: "CT",
+        description: "SCOUT",
+        patient: "DISCARD",
+        study: "1.2.826.0.1.3680043.10.14",
+        series: "1.2.826.0.1.3680043.10.14.1",
+        sop: "1.2.826.0.1.3680043.10.14.1.1".into(),
+        number: 1,
+    }
+    .write(src.path());
+    let slices = series(
+        src.path(),
+        "CT",
+        "AX 3mm",
+        "DISCARD",
+        "1.2.826.0.1.3680043.10.14.2",
+        30,
+    );
+    let http = format!("127.0.0.1:{}", free_port());
+    let node = Node::start(&format!(
+        "[patients]\nunmatched = \"discard\"\n\
+         [[input]]\nname = \"ct\"\nmatch = {{ Modality = \"CT\", SeriesDescription = \"!*SCOUT*\" }}\nmin_instances = 30\n\
+         [trigger]\nquiet_seconds = 0\non_association_close = true\n\
+         [http]\nlisten = \"{http}\"\n"
+    ));
+    let mut files = vec![scout.clone()];
+    files.extend(slices.iter().cloned());
+    let out = storescu(&node, "SCANNER", &files);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log()
+    );
+    assert_eq!(
+        responses(&out),
+        (31, 31),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let export = node.data_dir.join("export");
+    assert!(
+        wait_until(30, || dcm_files(&export).len() == 30
+            && node.log().contains("batch done")),
+        "exported {}\n{}",
+        dcm_files(&export).len(),
+        node.log()
+    );
+    assert_eq!(sops(&dcm_files(&export)), sops(&slices));
+    let scout_uid = sop_uid_of(&scout);
+    let found = anywhere_in(&node.data_dir, scout_uid.as_bytes());
+    assert!(found.is_empty(), "the scout is stored in {found:?}");
+    let m = metrics(&http);
+    assert!(
+        m.lines()
+            .any(|l| l.trim() == "dicomgate_instances_discarded_total 1"),
+        "{m}"
+    );
+    assert!(m
+        .lines()
+        .any(|l| l.trim() == "dicomgate_instances_stored_total 30"));
+    let log = node.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("answered success and discarded"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("discarded=1") && lines[0].contains("calling_ae=\"SCANNER\""),
+        "{}",
+        lines[0]
+    );
+}
+
+/// Two storescu with different Calling AE Titles send CT instances of one patient to two inputs
+/// whose rules differ only in `calling_ae`: the batch's `input/site_a/` holds exactly what
+/// SITE_A sent and `input/site_b/` what SITE_B sent; a third sender matches neither and is
+/// refused (0x0124, the default `unmatched`).
+#[test]
+fn calling_ae_title_rules_put_each_senders_instances_in_its_input() {
+    let src = tempfile::tempdir().unwrap();
+    let a = series(
+        &src.path().join("a"),
+        "CT",
+        "AX",
+        "SENDERS",
+        "1.2.826.0.1.3680043.10.14.3",
+        4,
+    );
+    let b = series(
+        &src.path().join("b"),
+        "CT",
+        "AX",
+        "SENDERS",
+        "1.2.826.0.1.3680043.10.14.4",
+        3,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let listing = tmp.path().join("inputs.txt");
+    let script = tmp.path().join("list.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\ncd \"$DICOMGATE_INPUT_DIR\"\nfind . -name '*.dcm' | sort >> {listing:?}\n\
+             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n"
+        ),
+    )
+    .unwrap();
+    let node = Node::start(&format!(
+        "[[input]]\nname = \"site_a\"\ncalling_ae = \"SITE_A\"\nmin_instances = 4\n\
+         [[input]]\nname = \"site_b\"\ncalling_ae = [\"SITE_*\", \"!SITE_A\"]\nmin_instances = 3\n\
+         [trigger]\nquiet_seconds = 0\non_association_close = true\n\
+         [processing]\ncommand = [\"sh\", {:?}]\n",
+        script.display().to_string()
+    ));
+    let out = storescu(&node, "SITE_A", &a);
+    assert!(out.status.success(), "{}", node.log());
+    // A sender no input names: refused, not stored.
+    let other = storescu(&node, "OTHER", &a[..1]);
+    assert_eq!(
+        responses(&other).0,
+        0,
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let out = storescu(&node, "SITE_B", &b);
+    assert!(out.status.success(), "{}", node.log());
+    assert!(
+        wait_until(30, || std::fs::read_to_string(&listing)
+            .is_ok_and(|t| !t.is_empty())),
+        "{}",
+        node.log()
+    );
+    let text = std::fs::read_to_string(&listing).unwrap();
+    let in_input = |name: &str| -> BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("./{name}/")))
+            .map(|f| f.trim_end_matches(".dcm").to_string())
+            .collect()
+    };
+    assert_eq!(in_input("site_a"), sops(&a), "{text}");
+    assert_eq!(in_input("site_b"), sops(&b), "{text}");
+    assert_eq!(text.lines().count(), 7, "{text}");
+}
+
+/// Router mode, two inputs (CT, MR) and two DCMTK storescp, each `[[export]]` listing one input:
+/// each destination receives exactly its input's instances of the one batch, and the batch is
+/// done only once both have.
+#[test]
+fn exports_per_input_send_each_input_to_its_own_destination() {
+    let src = tempfile::tempdir().unwrap();
+    let ct = series(
+        src.path(),
+        "CT",
+        "AX",
+        "PERINPUT",
+        "1.2.826.0.1.3680043.10.14.5",
+        4,
+    );
+    let mr = series(
+        src.path(),
+        "MR",
+        "T1",
+        "PERINPUT",
+        "1.2.826.0.1.3680043.10.14.6",
+        3,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (ct_port, mr_port) = (free_port(), free_port());
+    let (ct_dir, mr_dir) = (tmp.path().join("ct_pacs"), tmp.path().join("mr_pacs"));
+    let _ct_pacs = storescp(&ct_dir, ct_port, "CT_PACS");
+    let _mr_pacs = storescp(&mr_dir, mr_port, "MR_PACS");
+    let node = Node::start(&format!(
+        "[[input]]\nname = \"ct\"\nmatch = {{ Modality = \"CT\" }}\nmin_instances = 4\n\
+         [[input]]\nname = \"mr\"\nmatch = {{ Modality = \"MR\" }}\nmin_instances = 3\n\
+         [trigger]\nquiet_seconds = 0\non_association_close = true\n\
+         [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{ct_port}\"\nae_title = \"CT_PACS\"\ninputs = [\"ct\"]\n\
+         [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{mr_port}\"\nae_title = \"MR_PACS\"\ninputs = [\"mr\"]\n"
+    ));
+    let mut files = ct.clone();
+    files.extend(mr.iter().cloned());
+    let out = storescu(&node, "SCANNER", &files);
+    assert!(out.status.success(), "{}", node.log());
+    assert_eq!(responses(&out), (7, 7));
+    assert!(
+        wait_until(30, || node.log().contains("batch done")),
+        "{}",
+        node.log()
+    );
+    assert_eq!(sops(&files_under(&ct_dir)), sops(&ct), "CT_PACS");
+    assert_eq!(sops(&files_under(&mr_dir)), sops(&mr), "MR_PACS");
+    assert!(dcm_files(&node.data_dir.join("batches")).is_empty());
+    assert!(!node.data_dir.join("failed").exists());
+}
+
+/// Alternative inputs: `ct` and `mr` form the group `anatomy`; a patient with only MR
+/// instances is sufficient (either series kind suffices), and its batch is exported.
+#[test]
+fn one_of_group_is_satisfied_by_either_input() {
+    let src = tempfile::tempdir().unwrap();
+    let mr = series(
+        src.path(),
+        "MR",
+        "T1",
+        "EITHER",
+        "1.2.826.0.1.3680043.10.14.7",
+        3,
+    );
+    let node = Node::start(
+        "[[input]]\nname = \"ct\"\nmatch = { Modality = \"CT\" }\none_of = \"anatomy\"\n\
+         [[input]]\nname = \"mr\"\nmatch = { Modality = \"MR\" }\nmin_instances = 3\none_of = \"anatomy\"\n\
+         [trigger]\nquiet_seconds = 0\non_association_close = true\n",
+    );
+    let out = storescu(&node, "SCANNER", &mr);
+    assert!(out.status.success(), "{}", node.log());
+    let export = node.data_dir.join("export");
+    assert!(
+        wait_until(30, || dcm_files(&export).len() == 3),
+        "{}",
+        node.log()
+    );
+    assert_eq!(sops(&dcm_files(&export)), sops(&mr));
+}
+
+/// After a kill -9, instances pending on disk are matched again with the Calling AE Title kept
+/// in them (Source AE Title, in a segment log record or in a Part-10 file of its own with
+/// `inline_max_bytes = 0`): SITE_A's instances, stored before the crash, still join the input
+/// whose rule is `calling_ae = "SITE_A"`, and the recovered patient is processed (trigger c).
+#[test]
+fn calling_ae_title_rule_holds_for_instances_recovered_after_a_kill() {
+    for (case, storage) in [("log", ""), ("files", "[storage]\ninline_max_bytes = 0\n")] {
+        let src = tempfile::tempdir().unwrap();
+        let a = series(
+            src.path(),
+            "CT",
+            "AX",
+            "RECOVERED",
+            "1.2.826.0.1.3680043.10.14.8",
+            3,
+        );
+        // Nothing triggers before the kill: a quiet time far away, no trigger on close.
+        let mut node = Node::start(&format!(
+            "[[input]]\nname = \"site_a\"\ncalling_ae = \"SITE_A\"\nmin_instances = 3\n\
+             [trigger]\nquiet_seconds = 3600\non_association_close = false\n{storage}"
+        ));
+        let out = storescu(&node, "SITE_A", &a);
+        assert!(out.status.success(), "{case}: {}", node.log());
+        assert_eq!(responses(&out), (3, 3), "{case}");
+        if case == "files" {
+            assert_eq!(dcm_files(&node.data_dir.join("patients")).len(), 3);
+        }
+        node.kill9();
+        node.restart();
+        let export = node.data_dir.join("export");
+        assert!(
+            wait_until(30, || dcm_files(&export).len() == 3),
+            "{case}: {}",
+            node.log()
+        );
+        assert_eq!(sops(&dcm_files(&export)), sops(&a), "{case}");
+    }
+}
