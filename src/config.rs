@@ -37,14 +37,20 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// HOST:PORT for `/metrics`, `/healthz` and `/readyz`; empty = no HTTP endpoint.
+    /// HOST:PORT for the status page `/`, `/api/status`, `/metrics`, `/healthz` and `/readyz`;
+    /// empty = no HTTP endpoint.
     pub listen: String,
+    /// A file holding a bearer token: a mutating request (`POST /api/retry...`) that sends
+    /// `Authorization: Bearer <its contents>` is allowed from any peer. Empty = none: mutating
+    /// requests are allowed from loopback peers only.
+    pub token_file: String,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:8104".into(),
+            token_file: String::new(),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod budget;
 pub mod http;
 pub mod reactor;
 pub mod scu;
+pub mod status;
 
 use std::collections::HashMap;
 use std::io;
@@ -94,6 +95,8 @@ impl AssociationLimits {
 #[derive(Debug)]
 pub struct Shared {
     pub config: Config,
+    /// The address the DICOM listener is bound to (`[node] listen` with its port resolved).
+    pub local_addr: SocketAddr,
     /// What every association's DIMSE service is configured with.
     pub service: crate::dimse::service::ServiceConfig,
     pub storage: Storage,
@@ -407,6 +410,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         service.stream_above = usize::MAX;
     }
     let shared = Arc::new(Shared {
+        local_addr,
         pipeline,
         next_association: AtomicU64::new(0),
         service,

@@ -273,9 +273,7 @@ impl Reactor<'_> {
             let mut stored_event = None;
             let outcome = match done.result {
                 Ok(stored) => {
-                    let counters = &self.shared.counters;
-                    counters.instances.fetch_add(1, Ordering::Relaxed);
-                    counters.bytes.fetch_add(stored.bytes, Ordering::Relaxed);
+                    self.shared.counters.stored(now, stored.bytes);
                     if let Some(mut a) = arrival {
                         // What the pipeline is told: the instance is durable, and where.
                         a.record.bytes = stored.bytes;
@@ -907,6 +905,17 @@ fn log_association(c: &Conn, shared: &Shared) {
         (None, None) => ("", ""),
     };
     let stats = c.svc.stats();
+    shared.counters.remember(super::status::RecentAssociation {
+        ended_ms: crate::pipeline::now_ms(),
+        peer: c.peer.to_string(),
+        calling_ae: calling.to_string(),
+        called_ae: called.to_string(),
+        instances: stats.instances,
+        failures: stats.failures,
+        bytes: stats.bytes,
+        duration_ms: c.started.elapsed().as_millis() as u64,
+        outcome: outcome.to_string(),
+    });
     tracing::info!(
         peer = %c.peer,
         calling_ae = calling,

@@ -405,6 +405,41 @@ pub fn sop_uid_of(path: &Path) -> String {
         .sop_instance_uid
 }
 
+/// The HTTP address the node logged ("http serving ... listen=ADDR").
+pub fn http_addr(node: &Node) -> String {
+    let log = node.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("http serving"))
+        .unwrap_or_else(|| panic!("no http line\n{log}"));
+    line.rsplit("listen=")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `GET path` over HTTP/1.0: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
 /// Polls `cond` every 100 ms until it holds or `secs` pass; returns whether it held.
 pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
