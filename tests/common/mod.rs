@@ -453,12 +453,30 @@ pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// A TCP port nothing listens on right now.
+/// A free loopback port for a peer a test starts (often later: a downstream that comes up
+/// late). It is taken below the kernel's ephemeral range (ip_local_port_range, read here; 32768
+/// and up by default), from which the node's own `127.0.0.1:0` listener and every client socket
+/// draw: a port from the ephemeral range, free when probed, could be given to the node under
+/// test meanwhile, which then exported to itself (a flake seen in
+/// router_export_reads_the_segment_log_and_survives_a_kill). Spread by process id and a counter
+/// so that concurrent tests do not probe the same ports.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_start.clamp(10_001, 65_535));
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high}");
 }
 
 /// DCMTK storescp receiving into `dir` on `port` as `ae`, verbose (one "Association Received"
