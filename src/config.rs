@@ -40,10 +40,14 @@ pub struct HttpConfig {
     /// HOST:PORT for the status page `/`, `/api/status`, `/metrics`, `/healthz` and `/readyz`;
     /// empty = no HTTP endpoint.
     pub listen: String,
-    /// A file holding a bearer token: a mutating request (`POST /api/retry...`) that sends
-    /// `Authorization: Bearer <its contents>` is allowed from any peer. Empty = none: mutating
-    /// requests are allowed from loopback peers only.
+    /// A file holding a bearer token: a mutating request (`POST /api/retry...`,
+    /// `/api/force/...`) must then send `Authorization: Bearer <its contents>`, from any peer,
+    /// loopback included. Empty = none: mutating requests are allowed from loopback peers only.
     pub token_file: String,
+    /// Host names (besides IP literals and `localhost`) the status page and `/api/` answer to
+    /// in a request's `Host` header: any other is refused, so a hostile web page that points
+    /// its own name at this address (DNS rebinding) cannot read what the page shows.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -51,6 +55,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:8104".into(),
             token_file: String::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }

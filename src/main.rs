@@ -103,6 +103,24 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// Claim a pending patient's batch now, whether or not the rules hold (as mercure's force
+    /// complete): it is processed and exported as any batch.
+    Force {
+        /// The patient: its grouping key (the Patient ID by default) or its folder name (the
+        /// digest the status page shows).
+        patient: String,
+        /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
+        /// 127.0.0.1:8104.
+        #[arg(long)]
+        http: Option<String>,
+        /// The node's config file (for its [http] listen and token_file).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A file holding the bearer token (default: the config's [http] token_file); not
+        /// needed from the node's own host.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// List what a data directory holds: pending patients and instances (own file or segment
     /// log record), the log's segments, and claimed batches. Safe beside a running node.
     Ls {
@@ -186,14 +204,13 @@ fn http_address(
     })
 }
 
-fn retry(
-    batch: Option<String>,
-    http: Option<String>,
-    config: Option<PathBuf>,
+/// The bearer token for a mutating request: from `token_file`, else the config's
+/// `[http] token_file`; none when neither names one (enough from the node's own host).
+fn token_of(
+    config: &Option<PathBuf>,
     token_file: Option<PathBuf>,
-) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    use dicomgate::net::status;
-    let cfg = match &config {
+) -> Result<Option<String>, Box<dyn std::error::Error>> {
+    let cfg = match config {
         Some(p) => Some(
             Config::from_toml(
                 &std::fs::read_to_string(p)
@@ -209,7 +226,7 @@ fn retry(
             .filter(|t| !t.is_empty())
             .map(PathBuf::from)
     });
-    let token = match token_file {
+    Ok(match token_file {
         Some(f) => Some(
             std::fs::read_to_string(&f)
                 .map_err(|e| format!("token file {}: {e}", f.display()))?
@@ -217,7 +234,34 @@ fn retry(
                 .to_string(),
         ),
         None => None,
-    };
+    })
+}
+
+fn force(
+    patient: String,
+    http: Option<String>,
+    config: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use dicomgate::net::status;
+    let token = token_of(&config, token_file)?;
+    let addr = http_address(http, config)?;
+    let key = status::force(&addr, &patient, token.as_deref())?;
+    println!(
+        "forced {}: its batch is claimed now, sufficient or not",
+        status::printable(&key)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn retry(
+    batch: Option<String>,
+    http: Option<String>,
+    config: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use dicomgate::net::status;
+    let token = token_of(&config, token_file)?;
     let addr = http_address(http, config)?;
     let answer = status::retry(&addr, batch.as_deref(), token.as_deref())?;
     for id in &answer.retried {
@@ -228,6 +272,12 @@ fn retry(
             "cannot retry {}: {}",
             status::printable(&e.batch),
             status::printable(&e.error)
+        );
+    }
+    if answer.left > 0 {
+        println!(
+            "{} more failed batches left: run it again to retry them",
+            answer.left
         );
     }
     if answer.retried.is_empty() && answer.errors.is_empty() {
@@ -249,7 +299,7 @@ fn status(
     let addr = http_address(http, config)?;
     let s = status::fetch(&addr)?;
     if json {
-        println!("{}", status::render_json(&s)?);
+        println!("{}", status::terminal_json(&status::render_json(&s)?));
     } else {
         print!("{}", status::render_text(&s));
     }
@@ -500,6 +550,12 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             config,
             token_file,
         } => retry(batch, http, config, token_file),
+        Command::Force {
+            patient,
+            http,
+            config,
+            token_file,
+        } => force(patient, http, config, token_file),
         Command::Ls {
             config,
             data_dir,

@@ -417,3 +417,62 @@ fn retry_refuses_browser_requests_and_wrong_tokens() {
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert!(r.contains("\"retried\":[\""), "{r}");
 }
+
+/// Issue 12 item 4: `dicomgate force PATIENT` claims a pending patient's batch now, sufficient
+/// or not (mercure's force complete): 40 of the 100 instances the rule wants are processed and
+/// exported (the default folder export); an unknown patient is refused with its name, and a
+/// forced patient is found by its folder name (digest) too.
+#[test]
+fn force_claims_a_patient_that_is_not_sufficient() {
+    let node = node_wanting_100_ct();
+    let addr = http_addr(&node);
+    let src = tempfile::tempdir().unwrap();
+    let files = instances(src.path(), "FORCE-40", "1.2.826.0.1.3680043.10.41", 40);
+    assert!(storescu_status(&node, &files).success(), "{}", node.log());
+    wait_for_patient(&addr, "FORCE-40", 40);
+    let export = node.data_dir.join("export");
+    let exported = || {
+        files_under(&export)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
+            .count()
+    };
+    // Not sufficient: nothing goes out by itself.
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert_eq!(exported(), 0, "{}", node.log());
+
+    let force = |who: &str| {
+        Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+            .args(["force", who, "--http", &addr])
+            .output()
+            .unwrap()
+    };
+    let out = force("NOBODY");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no pending patient \"NOBODY\""), "{err}");
+
+    let out = force("FORCE-40");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("forced FORCE-40"));
+    assert!(
+        wait_until(30, || exported() == 40),
+        "{} exported\n{}",
+        exported(),
+        node.log()
+    );
+    assert!(wait_until(10, || api_status(&addr)["patients"]["pending"] == 0));
+
+    // By folder name: a second patient, forced by the digest the status page shows.
+    let more = instances(src.path(), "FORCE-B", "1.2.826.0.1.3680043.10.42", 3);
+    assert!(storescu_status(&node, &more).success());
+    wait_for_patient(&addr, "FORCE-B", 3);
+    let digest = dicomgate::storage::patient_dir_name(b"FORCE-B");
+    assert!(force(&digest).status.success());
+    assert!(wait_until(30, || exported() == 43), "{}", node.log());
+}

@@ -367,9 +367,15 @@ const SAFETY_HEADERS: &str =
 
 /// Longest request head we read; a longer one gets 431 and the connection closed.
 const MAX_REQUEST: usize = 8 << 10;
-/// Read and write timeout per connection: a client that stops reading (or never sends its
-/// request) cannot hold the endpoint longer than this.
+/// Read and write timeout per call.
 const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The most one connection may take, reading its request and writing the answer: a client that
+/// sends or reads one byte at a time cannot hold the endpoint longer than this (and one more
+/// [`IO_TIMEOUT`]).
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Failed batches one `POST /api/retry` moves back at most (each is flushed to disk): the rest
+/// wait for the next request, and the answer says how many.
+const RETRY_AT_ONCE: usize = 100;
 
 /// Serves one connection at a time until `shared.shutdown` is set (the stopper connects once
 /// to wake the accept). Deliberately small: a few GET paths, `Connection: close`, bounded
@@ -394,13 +400,14 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
         }
         let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
         let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+        let started = std::time::Instant::now();
         let mut head = Vec::with_capacity(512);
         let mut buf = [0u8; 1024];
         let complete = loop {
             if head.windows(4).any(|w| w == b"\r\n\r\n") {
                 break true;
             }
-            if head.len() > MAX_REQUEST {
+            if head.len() > MAX_REQUEST || started.elapsed() > DEADLINE {
                 break false;
             }
             match stream.read(&mut buf) {
@@ -420,7 +427,16 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
             let mut parts = line.split_whitespace();
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let path = target.split('?').next().unwrap_or("");
-            if method == "POST" {
+            let shows_patients = path == "/" || path == "/index.html" || path.starts_with("/api/");
+            if shows_patients && !host_allowed(&head, &shared.config.http) {
+                (
+                    403,
+                    "refused: the Host header names no address of this node; add the name to \
+                     [http] allowed_hosts\n"
+                        .into(),
+                    "text/plain",
+                )
+            } else if method == "POST" {
                 match may_mutate(&head, peer, &shared.config.http) {
                     Ok(()) => mutate(path, &shared),
                     Err(why) => (403, format!("{why}\n"), "text/plain"),
@@ -428,7 +444,7 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
             } else if method != "GET" && method != "HEAD" {
                 (
                     405,
-                    "only GET, and POST to /api/retry\n".into(),
+                    "only GET, and POST to /api/retry and /api/force\n".into(),
                     "text/plain",
                 )
             } else {
@@ -445,12 +461,21 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
             500 => "Internal Server Error",
             _ => "Service Unavailable",
         };
-        let _ = write!(
+        if write!(
             stream,
             "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{SAFETY_HEADERS}Connection: close\r\n\r\n",
             body.len()
         )
-        .and_then(|()| stream.write_all(body.as_bytes()));
+        .is_err()
+        {
+            continue;
+        }
+        // In pieces, so that a client reading slowly is cut at the deadline.
+        for piece in body.as_bytes().chunks(16 << 10) {
+            if started.elapsed() > DEADLINE || stream.write_all(piece).is_err() {
+                break;
+            }
+        }
     }
 }
 
@@ -511,9 +536,48 @@ fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
     })
 }
 
-/// Whether a mutating request may run: from a loopback peer, or with the bearer token of
-/// `[http] token_file`; never one a browser sent on a page's behalf (it carries `Origin`:
-/// a page elsewhere, or one reached by DNS rebinding, cannot make the node retry).
+/// Whether the request's `Host` names this node: no `Host` (an HTTP/1.0 client; browsers always
+/// send one), an IP literal, `localhost`, or a name in `[http] allowed_hosts`. A page whose own
+/// name was pointed at this address (DNS rebinding) sends its name, and is refused.
+fn host_allowed(head: &[u8], http: &crate::config::HttpConfig) -> bool {
+    let Some(h) = header(head, "host") else {
+        return true;
+    };
+    let h = String::from_utf8_lossy(h);
+    let host = match h.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => match h.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => &h,
+        },
+    };
+    host.parse::<std::net::IpAddr>().is_ok()
+        || host.eq_ignore_ascii_case("localhost")
+        || http
+            .allowed_hosts
+            .iter()
+            .any(|a| a.trim().eq_ignore_ascii_case(host))
+}
+
+/// The bearer token of `[http] token_file` (its first 4 KiB, trimmed), if one is set and
+/// readable.
+fn token(http: &crate::config::HttpConfig) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let path = http.token_file.trim();
+    if path.is_empty() {
+        return None;
+    }
+    let mut t = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4096).read_to_end(&mut t))
+        .ok()?;
+    Some(t.trim_ascii().to_vec()).filter(|t| !t.is_empty())
+}
+
+/// Whether a mutating request may run: with the bearer token of `[http] token_file` when one
+/// is set (from every peer: behind a reverse proxy or a port forward every peer is loopback),
+/// else from a loopback peer; never one a browser sent on a page's behalf (it carries
+/// `Origin`: a page elsewhere, or one reached by DNS rebinding, cannot make the node act).
 fn may_mutate(
     head: &[u8],
     peer: std::net::SocketAddr,
@@ -524,25 +588,42 @@ fn may_mutate(
             "refused: a request from a web page (Origin header); use dicomgate retry or curl",
         );
     }
+    let configured = !http.token_file.trim().is_empty();
     if let Some(auth) = header(head, "authorization") {
-        let token = (!http.token_file.trim().is_empty())
-            .then(|| std::fs::read(http.token_file.trim()).ok())
-            .flatten();
-        let sent = auth.strip_prefix(b"Bearer ").map(<[u8]>::trim_ascii);
-        return match (token, sent) {
-            (Some(t), Some(s))
-                if !t.trim_ascii().is_empty() && constant_time_eq(t.trim_ascii(), s) =>
-            {
-                Ok(())
-            }
+        // The scheme is case-insensitive (RFC 9110 11.1).
+        let sent = (auth.len() > 7 && auth[..7].eq_ignore_ascii_case(b"bearer "))
+            .then(|| auth[7..].trim_ascii());
+        return match (token(http), sent) {
+            (Some(t), Some(s)) if constant_time_eq(&t, s) => Ok(()),
             _ => Err("refused: the bearer token is not the one in [http] token_file"),
         };
     }
-    if peer.ip().is_loopback() {
+    if configured {
+        return Err("refused: [http] token_file is set, so every mutating request must send its bearer token (dicomgate retry/force --token-file)");
+    }
+    if peer.ip().to_canonical().is_loopback() {
         Ok(())
     } else {
         Err("refused: mutating requests are answered for loopback peers only, or with the bearer token of [http] token_file")
     }
+}
+
+/// `%XX` escapes decoded (RFC 3986 2.1); `None` for a bad escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Compares without stopping at the first difference (a token's prefix cannot be timed).
@@ -556,14 +637,40 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// 409.
 fn mutate(path: &str, shared: &Shared) -> (u16, String, &'static str) {
     let p = &shared.pipeline;
-    let ids: Vec<String> = match path.strip_prefix("/api/retry") {
-        Some("") | Some("/") => p.failed_ids(),
+    if let Some(patient) = path.strip_prefix("/api/force/") {
+        // `POST /api/force/{patient}`: a percent-encoded grouping key or patient folder name.
+        let Some(patient) = percent_decode(patient) else {
+            return (
+                404,
+                "not a percent-encoded UTF-8 patient\n".into(),
+                "text/plain",
+            );
+        };
+        return match p.force(&patient) {
+            Ok(key) => (
+                200,
+                format!("{}\n", serde_json::json!({ "forced": key })),
+                "application/json",
+            ),
+            Err(e) => (
+                404,
+                format!("{}\n", serde_json::json!({ "error": e })),
+                "application/json",
+            ),
+        };
+    }
+    let mut ids: Vec<String> = match path.strip_prefix("/api/retry") {
+        // Only the bare path means "all": `/api/retry/` is an empty id (a script's unset
+        // variable), not a request to retry everything.
+        Some("") => p.failed_ids(),
         Some(rest) => match rest.strip_prefix('/') {
             Some(id) => vec![id.to_string()],
             None => return (404, "not found\n".into(), "text/plain"),
         },
         None => return (404, "not found\n".into(), "text/plain"),
     };
+    let left = ids.len().saturating_sub(RETRY_AT_ONCE);
+    ids.truncate(RETRY_AT_ONCE);
     let (mut retried, mut errors) = (Vec::new(), Vec::new());
     let mut unknown = false;
     for id in ids {
@@ -592,7 +699,7 @@ fn mutate(path: &str, shared: &Shared) -> (u16, String, &'static str) {
         (false, true) => 404,
         (false, false) => 409,
     };
-    let body = serde_json::json!({"retried": retried, "errors": errors});
+    let body = serde_json::json!({"retried": retried, "errors": errors, "left": left});
     (code, format!("{body}\n"), "application/json")
 }
 
@@ -622,6 +729,7 @@ mod tests {
         crate::config::HttpConfig {
             listen: String::new(),
             token_file: token_file.into(),
+            allowed_hosts: Vec::new(),
         }
     }
 
@@ -669,5 +777,46 @@ mod tests {
         let empty = dir.path().join("empty").display().to_string();
         let blank = with("Authorization: Bearer ");
         assert!(may_mutate(&blank, REMOTE.parse().unwrap(), &http(&empty)).is_err());
+        // Found in review: with a token set, a loopback peer without it was let through (behind
+        // a reverse proxy or a port forward every peer is loopback).
+        assert!(may_mutate(plain, LOOPBACK.parse().unwrap(), &http(&token)).is_err());
+        assert!(may_mutate(&good, LOOPBACK.parse().unwrap(), &http(&token)).is_ok());
+        let lower = with("authorization: bearer s3cret");
+        assert!(may_mutate(&lower, REMOTE.parse().unwrap(), &http(&token)).is_ok());
+        // A loopback client on a dual-stack listener.
+        assert!(may_mutate(plain, "[::ffff:127.0.0.1]:5000".parse().unwrap(), &http("")).is_ok());
+    }
+
+    /// Found in review: a page whose own name was pointed at 127.0.0.1 (DNS rebinding) could
+    /// read the status page; only IP literals, localhost and `allowed_hosts` are answered.
+    #[test]
+    fn host_header_must_name_this_node() {
+        let req = |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes();
+        let mut cfg = http("");
+        for ok in [
+            "127.0.0.1:8104",
+            "127.0.0.1",
+            "[::1]:8104",
+            "localhost:8104",
+            "LOCALHOST",
+            "10.1.2.3",
+        ] {
+            assert!(host_allowed(&req(ok), &cfg), "{ok}");
+        }
+        for bad in [
+            "evil.example:8104",
+            "evil.example",
+            "127.0.0.1.evil.example",
+            "gate:80",
+        ] {
+            assert!(!host_allowed(&req(bad), &cfg), "{bad}");
+        }
+        assert!(
+            host_allowed(b"GET / HTTP/1.0\r\n\r\n", &cfg),
+            "no Host: not a browser"
+        );
+        cfg.allowed_hosts = vec!["gate".into()];
+        assert!(host_allowed(&req("gate:80"), &cfg));
+        assert!(host_allowed(&req("GATE"), &cfg));
     }
 }

@@ -255,7 +255,7 @@ pub fn html_escape(text: &str) -> String {
 pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for ch in text.chars() {
-        if ch.is_control() {
+        if reorders_or_hides(ch) {
             let _ = write!(out, "\\u{{{:x}}}", ch as u32);
         } else {
             out.push(ch);
@@ -666,6 +666,9 @@ pub fn fetch(addr: &str) -> Result<Status, String> {
 pub struct RetryAnswer {
     pub retried: Vec<String>,
     pub errors: Vec<RetryError>,
+    /// Failed batches not moved by this request (one moves a bounded number): ask again.
+    #[serde(default)]
+    pub left: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -679,6 +682,14 @@ pub struct RetryError {
 pub fn retry(addr: &str, batch: Option<&str>, token: Option<&str>) -> Result<RetryAnswer, String> {
     let fail = |what: &str| format!("cannot ask {addr} to retry: {what}");
     let path = match batch {
+        // Checked here too: an empty id (a script's unset variable) must never become the
+        // request for every failed batch, nor `a b` batch `a`.
+        Some(b) if !crate::pipeline::batch::is_batch_id(b) => {
+            return Err(fail(&format!(
+                "{} is not a batch id (a directory name under failed/)",
+                printable(&format!("{b:?}"))
+            )))
+        }
         Some(b) => format!("/api/retry/{b}"),
         None => "/api/retry".to_string(),
     };
@@ -699,6 +710,65 @@ pub fn retry(addr: &str, batch: Option<&str>, token: Option<&str>) -> Result<Ret
             )))
         }
     }
+}
+
+/// `dicomgate force`: `POST /api/force/{patient}` to the node at `addr`; the grouping key
+/// the node forced.
+pub fn force(addr: &str, patient: &str, token: Option<&str>) -> Result<String, String> {
+    let fail = |what: &str| format!("cannot ask {addr} to force {}: {what}", printable(patient));
+    let encoded: String = patient
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (_, first, body) =
+        request(addr, "POST", &format!("/api/force/{encoded}"), token).map_err(|e| fail(&e))?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|_| {
+        let body: String = body.trim().chars().take(300).collect();
+        fail(&format!(
+            "it answered {} ({}): is it a dicomgate with /api/force?",
+            printable(&first),
+            printable(&body)
+        ))
+    })?;
+    match (v.get("forced"), v.get("error")) {
+        (Some(k), _) => Ok(k.as_str().unwrap_or_default().to_string()),
+        (_, Some(e)) => Err(fail(e.as_str().unwrap_or("refused"))),
+        _ => Err(fail(&printable(&first))),
+    }
+}
+
+/// A character a terminal acts on rather than shows: controls (C0, DEL, C1 such as U+009B, a
+/// CSI to some terminals), and the invisible ones that reorder or hide text (bidi embeddings,
+/// overrides and isolates, zero-width characters, the BOM): a Patient ID could otherwise make
+/// a line read as something else.
+fn reorders_or_hides(ch: char) -> bool {
+    ch.is_control()
+        || matches!(ch,
+            '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}' | '\u{00AD}')
+}
+
+/// JSON for a terminal (`dicomgate status --json`): what [`printable`] would escape, written as
+/// a JSON `\uXXXX` escape instead (those characters are only ever inside strings, so the JSON
+/// stays valid and means the same).
+pub fn terminal_json(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for ch in json.chars() {
+        if ch != '\n' && reorders_or_hides(ch) {
+            let mut units = [0u16; 2];
+            for u in ch.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{u:04x}");
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 /// One HTTP/1.0 request to `addr`: (status code, status line, body). The error says what
@@ -766,6 +836,15 @@ mod tests {
             "&lt;script&gt;alert(&#39;1&#39;)&lt;/script&gt;&amp;&quot;"
         );
         assert_eq!(printable("a\u{1b}[2Jb\n"), "a\\u{1b}[2Jb\\u{a}");
+        // Found in review: text that reorders or hides itself, and C1 controls.
+        assert_eq!(
+            printable("ab\u{202e}cd\u{200b}\u{9b}"),
+            "ab\\u{202e}cd\\u{200b}\\u{9b}"
+        );
+        let json = terminal_json("{\"id\":\"x\u{202e}y\u{9b}\"}\n");
+        assert_eq!(json, "{\"id\":\"x\\u202ey\\u009b\"}\n");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["id"], "x\u{202e}y\u{9b}");
     }
 
     fn status() -> Status {

@@ -138,6 +138,9 @@ pub struct Pipeline {
     jobs: Sender<Job>,
     data_dir: PathBuf,
     shutdown: Arc<AtomicBool>,
+    /// Grouping keys an operator forced ([`Pipeline::force`]): the checker claims each one's
+    /// batch at its next look, sufficient or not.
+    forced: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -173,6 +176,46 @@ impl Pipeline {
         tracing::info!(batch = %id, "failed batch moved back to batches/ by an operator: running it again");
         self.send_job(Job::Process { id: id.to_string() });
         Ok(())
+    }
+
+    /// An operator's force (`POST /api/force/{patient}`, `dicomgate force`; mercure's "force
+    /// complete"): the pending patient whose grouping key is `patient`, or whose folder name
+    /// (the digest the status page shows) it is, has its batch claimed at the checker's next
+    /// look whether or not the rules hold, and processed and exported as any batch. Returns
+    /// the grouping key. Refused while the node stops, and for a patient with nothing pending.
+    pub fn force(&self, patient: &str) -> Result<String, String> {
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err("the node is stopping".into());
+        }
+        let g = self.map.pin();
+        let found = self.map.get(patient.as_bytes(), &g).or_else(|| {
+            self.map
+                .patients(&g)
+                .into_iter()
+                .find(|p| crate::storage::patient_dir_name(p.key()) == patient)
+        });
+        let Some(p) = found.filter(|p| p.view(&g).snapshot.instances > 0) else {
+            return Err(format!("no pending patient {patient:?}"));
+        };
+        let key = p.key().to_vec();
+        self.forced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone());
+        p.request_evaluation();
+        let _ = self.checker_bell.try_send(());
+        let key = String::from_utf8_lossy(&key).into_owned();
+        tracing::info!(patient = %key, "forced by an operator: its batch is claimed now, sufficient or not");
+        Ok(key)
+    }
+
+    /// Whether an operator forced `key`'s batch (taken: a force claims one batch).
+    fn take_forced(&self, key: &[u8]) -> bool {
+        let mut f = self
+            .forced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        !f.is_empty() && f.remove(key)
     }
 
     /// The ids of the batches in `failed/`, oldest first.
@@ -393,6 +436,7 @@ pub fn start(
         jobs: jobs_tx,
         data_dir: config.node.data_dir.clone(),
         shutdown: shutdown.clone(),
+        forced: Default::default(),
     });
     let processor: Option<Arc<dyn Processor>> = processor.or_else(|| {
         config
@@ -768,10 +812,15 @@ fn checker(
                     .store(v.last_arrival_ms, Ordering::Release);
             }
             let key = String::from_utf8_lossy(patient.key()).into_owned();
+            let forced = requested && p.take_forced(patient.key());
             if requested || quiet {
-                match p.rules.sufficient(&v.snapshot) {
+                let verdict = match forced {
+                    true => Ok(()),
+                    false => p.rules.sufficient(&v.snapshot),
+                };
+                match verdict {
                     Ok(()) => {
-                        if claim(ctx, patient, v.batch_seq, g) {
+                        if claim(ctx, patient, v.batch_seq, forced, g) {
                             let late = recent
                                 .insert(
                                     patient.key().to_vec(),
@@ -784,6 +833,14 @@ fn checker(
                             if late > 0 {
                                 tracing::info!(patient = %key, late_instances = late, "a batch of late arrivals was claimed (a follow-up batch)");
                             }
+                        } else if forced {
+                            // The claim lost a race (an arrival): the force holds for the next
+                            // look.
+                            p.forced
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .insert(patient.key().to_vec());
+                            patient.request_evaluation();
                         }
                     }
                     Err(why) => tracing::debug!(patient = %key, %why, "not sufficient yet"),
@@ -853,16 +910,20 @@ fn claim_expired(
     None
 }
 
-/// Claims batch `seq` of `patient` for processing; returns whether it was handed to the
-/// workers.
-fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, g: &MapGuard) -> bool {
+/// Claims batch `seq` of `patient` for processing (`forced`: by an operator, whatever the
+/// rules say); returns whether it was handed to the workers.
+fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, forced: bool, g: &MapGuard) -> bool {
     let p = &ctx.pipeline;
     let Some(c) = patient.claim(seq, g) else {
         return false;
     };
     // Instances pushed between the snapshot and the claim belong to the batch; if they broke
     // a rule (max_series, single_series, single study date), give the batch back to collecting.
-    if let Err(why) = p.rules.sufficient(&Snapshot::of(&c.records)) {
+    let verdict = match forced {
+        true => Ok(()),
+        false => p.rules.sufficient(&Snapshot::of(&c.records)),
+    };
+    if let Err(why) = verdict {
         tracing::info!(
             patient = %String::from_utf8_lossy(patient.key()),
             %why,
