@@ -361,6 +361,18 @@ pub fn start(
     shutdown: Arc<AtomicBool>,
 ) -> io::Result<(Arc<Pipeline>, Vec<JoinHandle<()>>)> {
     let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
+    // `[[export]] inputs` routes the instances of router mode; processing output belongs to no
+    // input. The config refuses it beside `[processing]`; a library `Processor` is only known
+    // here (before, it was accepted and then ignored: every destination got everything).
+    if processor.is_some() {
+        if let Some(i) = config.exports.iter().position(|e| !e.inputs.is_empty()) {
+            return Err(invalid(format!(
+                "export {i}: inputs applies in router mode only, and this node is started with \
+                 a Rust Processor, whose output belongs to no input: remove inputs from \
+                 [[export]] (every destination gets the whole output)"
+            )));
+        }
+    }
     let rules = config.rules().map_err(invalid)?;
     let group_tag = config.group_by_tag().map_err(invalid)?;
     let mut wanted: Vec<u32> = tags::ROUTING.to_vec();
