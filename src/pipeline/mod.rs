@@ -54,6 +54,37 @@ use rules::{Requestor, Rules};
 /// The input folder of instances kept although no `[[input]]` accepts them.
 pub const UNMATCHED_INPUT: &str = "_unmatched";
 
+/// What the node does with an instance at the door, once the rules have seen its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtTheDoor {
+    /// Stored (an input accepts it, or `unmatched = "keep"`: it goes to `_unmatched`).
+    Store,
+    /// Answered 0x0124, stored nowhere (`unmatched = "refuse"`).
+    Refuse,
+    /// Answered success, stored nowhere (`unmatched = "discard"`).
+    Discard,
+}
+
+/// The door's decision for an instance that joined `inputs` under `[patients] unmatched`.
+/// `incomplete`: its values come from a partial scan ([`Scanned::is_incomplete`]: a streamed
+/// deflated data set, scanned on what its first bytes inflate to), so a tag that could have
+/// routed it may lie beyond what was scanned. Such an instance is never discarded: it is kept
+/// as `keep` would (in `_unmatched`, and matched again from the whole file after a restart),
+/// since keeping never loses data. `refuse` still refuses it: the sender keeps its copy.
+pub fn at_the_door(
+    inputs: u64,
+    unmatched: crate::config::Unmatched,
+    incomplete: bool,
+) -> AtTheDoor {
+    use crate::config::Unmatched;
+    match (inputs, unmatched) {
+        (1.., _) | (0, Unmatched::Keep) => AtTheDoor::Store,
+        (0, Unmatched::Refuse) => AtTheDoor::Refuse,
+        (0, Unmatched::Discard) if incomplete => AtTheDoor::Store,
+        (0, Unmatched::Discard) => AtTheDoor::Discard,
+    }
+}
+
 /// Events per reactor queue. A full queue pauses the reactor's reading (never a drop).
 pub const QUEUE_DEPTH: usize = 4096;
 
@@ -1030,6 +1061,21 @@ mod tests {
     }
 
     const EXPIRE_MS: u64 = 1_000;
+
+    /// Review of issue 14, defect D5: an instance whose values came from a partial scan (a
+    /// streamed deflated data set) and that matched no input was discarded under
+    /// `unmatched = "discard"`, though a tag beyond the scanned prefix might have matched. It
+    /// is kept (to `_unmatched`) instead; complete scans are decided as before.
+    #[test]
+    fn partial_scan_is_never_discarded() {
+        use crate::config::Unmatched::*;
+        assert_eq!(at_the_door(0, Discard, true), AtTheDoor::Store);
+        assert_eq!(at_the_door(0, Discard, false), AtTheDoor::Discard);
+        assert_eq!(at_the_door(0, Refuse, true), AtTheDoor::Refuse);
+        assert_eq!(at_the_door(0, Keep, false), AtTheDoor::Store);
+        assert_eq!(at_the_door(0b10, Discard, false), AtTheDoor::Store);
+        assert_eq!(at_the_door(1, Refuse, false), AtTheDoor::Store);
+    }
 
     /// Issue 11 (6): a sender paused longer than `expire_after` inside its association had the
     /// patient's batch expired under it. An open association keeps the patient, however old its
