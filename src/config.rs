@@ -729,6 +729,25 @@ impl Config {
                     .to_string(),
             );
         }
+        // A `one_of` group of one input is that input required: probably a misspelt group.
+        for i in &self.inputs {
+            let Some(g) = i.one_of.as_deref() else {
+                continue;
+            };
+            if self
+                .inputs
+                .iter()
+                .filter(|o| o.one_of.as_deref() == Some(g))
+                .count()
+                == 1
+            {
+                w.push(format!(
+                    "input {:?}: one_of = {g:?} names a group no other input is in: the input is \
+                     simply required (is the group name misspelt in one of its inputs?)",
+                    i.name
+                ));
+            }
+        }
         if self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender
             && (self.processing.is_some()
                 || self.exports.iter().any(|e| e.kind == ExportKind::Dicom))
@@ -1171,5 +1190,22 @@ ae_title = "PACS"
             "{w:?}"
         );
         assert!(Config::default().warnings().is_empty());
+    }
+
+    /// Review of issue 14, low item b: a `one_of` group with a single member (a misspelt group
+    /// name in one of its inputs) is warned about at start-up.
+    #[test]
+    fn a_one_of_group_of_one_input_is_warned_about() {
+        let c = Config::from_toml(
+            "[[input]]\nname = \"ct\"\none_of = \"anatomy\"\n\
+             [[input]]\nname = \"mr\"\none_of = \"anatomi\"\n\
+             [[input]]\nname = \"pt\"\none_of = \"anatomy\"\n",
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("\"mr\"") && w[0].contains("\"anatomi\""),
+            "{w:?}"
+        );
     }
 }

@@ -786,7 +786,7 @@ fn store_job(
     }
     let from = {
         let n = c.svc.negotiated();
-        crate::pipeline::rules::Requestor {
+        crate::pipeline::rules::Sender {
             calling_ae_title: n.map(|n| n.calling_ae.as_str()),
             called_ae_title: n.map(|n| n.called_ae.as_str()),
             address: Some(c.peer.ip()),

@@ -49,7 +49,7 @@ pub use batch::{held_records, on_disk as batches_on_disk, records_of, BatchOnDis
 pub use process::{
     kill_running as kill_running_processing, BatchInfo, CommandProcessor, Processor,
 };
-use rules::{Requestor, Rules};
+use rules::Rules;
 
 /// The input folder of instances kept although no `[[input]]` accepts them.
 pub const UNMATCHED_INPUT: &str = "_unmatched";
@@ -263,7 +263,11 @@ impl Pipeline {
 
     /// The grouping key and record draft (no path yet) for an instance with these values,
     /// sent by `from`.
-    pub fn describe(&self, values: &Scanned, from: &Requestor<'_>) -> (Vec<u8>, InstanceRecord) {
+    pub fn describe(
+        &self,
+        values: &Scanned,
+        from: &rules::Sender<'_>,
+    ) -> (Vec<u8>, InstanceRecord) {
         describe(values, from, &self.rules, self.group_tag)
     }
 }
@@ -285,7 +289,7 @@ fn number(values: &Scanned, tag: u32) -> u32 {
 
 fn describe(
     values: &Scanned,
-    from: &Requestor<'_>,
+    from: &rules::Sender<'_>,
     rules: &Rules,
     group_tag: u32,
 ) -> (Vec<u8>, InstanceRecord) {
@@ -566,7 +570,7 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             continue;
         };
         let m = &inst.meta;
-        let from = recovered_requestor(
+        let from = recovered_sender(
             ctx,
             &m.source_ae_title,
             &m.receiving_ae_title,
@@ -594,15 +598,15 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
 /// address, so that sender rules decide as they did when it was stored. An instance stored by
 /// an older build kept only the Calling AE Title: its Called AE Title is then the node's own
 /// when the node accepts no other, and it has no address (a `peer` rule does not hold for it).
-fn recovered_requestor<'a>(
+fn recovered_sender<'a>(
     ctx: &'a Context,
     source_ae_title: &'a str,
     receiving_ae_title: &'a str,
     requestor_address: &str,
-) -> Requestor<'a> {
+) -> rules::Sender<'a> {
     let node = &ctx.config.node;
     let kept = |s: &'a str| Some(s.trim()).filter(|s| !s.is_empty());
-    Requestor {
+    rules::Sender {
         calling_ae_title: kept(source_ae_title),
         called_ae_title: kept(receiving_ae_title)
             .or_else(|| (!node.accept_any_called_ae).then(|| node.ae_title.trim())),
@@ -622,7 +626,7 @@ fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
     let ts = crate::assoc::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
     let ds = bytes.get(parsed.data_set_offset..)?;
     let values = crate::dimse::scan::scan(ds, ts.encoding, &ctx.pipeline.wanted_tags).ok()?;
-    let from = recovered_requestor(
+    let from = recovered_sender(
         ctx,
         &parsed.source_ae_title,
         &parsed.receiving_ae_title,
