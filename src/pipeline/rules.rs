@@ -1026,6 +1026,10 @@ mod tests {
         assert_eq!(bits("172.32.0.0"), 0b00010);
         // An IPv4 client on a dual-stack listener.
         assert_eq!(bits("::ffff:10.1.0.1"), 0b00011);
+        // No IPv6 block matches an IPv4 client, an IPv4-mapped one included (README says so).
+        let mapped = Rules::compile(&[input("name = \"m\"\npeer = [\"::ffff:0:0/96\"]")]).unwrap();
+        assert_eq!(mapped.accepting(&v, &from("X", "Y", "::ffff:10.1.0.1")), 0);
+        assert_eq!(mapped.accepting(&v, &from("X", "Y", "10.1.0.1")), 0);
         // Not known (recovered from disk): no peer rule holds.
         let unknown = Sender {
             address: None,
