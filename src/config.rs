@@ -634,6 +634,33 @@ impl Config {
                 }
             }
         }
+        // Exports per input: when every export lists `inputs`, an input (or `_unmatched`,
+        // kept by `unmatched = "keep"`) that none lists would have its acknowledged instances
+        // deleted with the batch, unexported.
+        if !self.exports.is_empty() && self.exports.iter().all(|e| !e.inputs.is_empty()) {
+            let listed = |n: &str| self.exports.iter().any(|e| e.inputs.iter().any(|x| x == n));
+            let keep = self.patients.unmatched == Unmatched::Keep;
+            let names = rules
+                .input_names()
+                .chain(keep.then_some(crate::pipeline::UNMATCHED_INPUT));
+            let missing: Vec<String> = names
+                .filter(|n| !listed(n))
+                .map(|n| format!("{n:?}"))
+                .collect();
+            if !missing.is_empty() {
+                return err(format!(
+                    "[[export]] inputs: every export lists inputs, and none lists {}: their \
+                     instances would be deleted unexported. Add them to an export's inputs, or \
+                     add an [[export]] without inputs (it gets the whole batch){}",
+                    missing.join(", "),
+                    if keep {
+                        " (\"_unmatched\" names the instances patients.unmatched = \"keep\" keeps)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -706,6 +733,25 @@ impl Config {
                  patients.expire_after removes data"
                     .to_string(),
             );
+        }
+        // A `one_of` group of one input is that input required: probably a misspelt group.
+        for i in &self.inputs {
+            let Some(g) = i.one_of.as_deref() else {
+                continue;
+            };
+            if self
+                .inputs
+                .iter()
+                .filter(|o| o.one_of.as_deref() == Some(g))
+                .count()
+                == 1
+            {
+                w.push(format!(
+                    "input {:?}: one_of = {g:?} names a group no other input is in: the input is \
+                     simply required (is the group name misspelt in one of its inputs?)",
+                    i.name
+                ));
+            }
         }
         if self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender
             && (self.processing.is_some()
@@ -1058,7 +1104,8 @@ ae_title = "PACS"
              [[input]]\nname = \"ct\"\ncalling_ae = [\"CT*\", \"!CTTEST\"]\ncalled_ae = \"DICOMGATE\"\n\
              peer = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.168.1.7\", \"::1\"]\n\
              [[input]]\nname = \"mr\"\n\
-             [[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\ninputs = [\"ct\", \"_unmatched\"]\n",
+             [[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\ninputs = [\"ct\", \"_unmatched\"]\n\
+             [[export]]\nkind = \"folder\"\npath = \"/tmp/y\"\ninputs = [\"mr\"]\n",
         )
         .unwrap();
         assert_eq!(ok.patients.unmatched, Unmatched::Discard);
@@ -1093,6 +1140,47 @@ ae_title = "PACS"
         .is_ok());
     }
 
+    /// Review of issue 14, defect D2: with every `[[export]]` listing `inputs`, an input no
+    /// export lists (or `_unmatched` under `unmatched = "keep"`) had its instances deleted
+    /// unexported when the batch completed. Such a config is refused, naming the field and
+    /// what is missing; covering them, or one export without `inputs`, is accepted.
+    #[test]
+    fn export_inputs_that_leave_an_input_unexported_are_refused() {
+        let inputs = "[[input]]\nname = \"ct\"\nmatch = { Modality = \"CT\" }\n\
+                      [[input]]\nname = \"mr\"\nmatch = { Modality = \"MR\" }\n\
+                      [[input]]\nname = \"pt\"\nmatch = { Modality = \"PT\" }\n";
+        let export = |list: &str| {
+            format!("[[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\ninputs = [{list}]\n")
+        };
+        let e = refused(&format!("{inputs}{}{}", export("\"ct\""), export("\"mr\"")));
+        assert!(
+            e.contains("[[export]] inputs") && e.contains("\"pt\"") && !e.contains("\"ct\","),
+            "{e}"
+        );
+        let keep = "[patients]\nunmatched = \"keep\"\n";
+        let e = refused(&format!(
+            "{keep}{inputs}{}",
+            export("\"ct\", \"mr\", \"pt\"")
+        ));
+        assert!(e.contains("\"_unmatched\""), "{e}");
+        // No inputs: the one input "all" must be listed too.
+        let e = refused(&export("\"_unmatched\""));
+        assert!(e.contains("\"all\""), "{e}");
+        for ok in [
+            format!(
+                "{keep}{inputs}{}",
+                export("\"ct\", \"mr\", \"pt\", \"_unmatched\"")
+            ),
+            format!("{inputs}{}{}", export("\"ct\", \"mr\""), export("\"pt\"")),
+            format!(
+                "{keep}{inputs}{}[[export]]\nkind = \"folder\"\npath = \"/tmp/all\"\n",
+                export("\"ct\"")
+            ),
+        ] {
+            assert!(Config::from_toml(&ok).is_ok(), "{ok}");
+        }
+    }
+
     /// Issue 11: a store-only configuration (no trigger can fire) gave no sign that nothing
     /// would ever be processed.
     #[test]
@@ -1107,5 +1195,22 @@ ae_title = "PACS"
             "{w:?}"
         );
         assert!(Config::default().warnings().is_empty());
+    }
+
+    /// Review of issue 14, low item b: a `one_of` group with a single member (a misspelt group
+    /// name in one of its inputs) is warned about at start-up.
+    #[test]
+    fn a_one_of_group_of_one_input_is_warned_about() {
+        let c = Config::from_toml(
+            "[[input]]\nname = \"ct\"\none_of = \"anatomy\"\n\
+             [[input]]\nname = \"mr\"\none_of = \"anatomi\"\n\
+             [[input]]\nname = \"pt\"\none_of = \"anatomy\"\n",
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("\"mr\"") && w[0].contains("\"anatomi\""),
+            "{w:?}"
+        );
     }
 }

@@ -276,13 +276,33 @@ fn calling_ae_title_rules_put_each_senders_instances_in_its_input() {
     ));
     let out = storescu(&node, "SITE_A", &a);
     assert!(out.status.success(), "{}", node.log());
-    // A sender no input names: refused, not stored.
-    let other = storescu(&node, "OTHER", &a[..1]);
-    assert_eq!(
-        responses(&other).0,
-        0,
-        "{}",
+    // A sender no input names: refused (0x0124), not stored. An instance of its own, so that
+    // "not stored" can be checked; exactly one response, so a storescu that never associated
+    // does not pass.
+    let refused = series(
+        &src.path().join("other"),
+        "CT",
+        "AX",
+        "SENDERS",
+        "1.2.826.0.1.3680043.10.14.9",
+        1,
+    );
+    let other = storescu(&node, "OTHER", &refused);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&other.stdout),
         String::from_utf8_lossy(&other.stderr)
+    );
+    assert_eq!(responses(&other), (0, 1), "{said}");
+    // DCMTK names no status for 0x0124 (Refused: Not Authorized): "Unknown Status: 0x124".
+    assert!(
+        said.contains("Store Response (Unknown Status: 0x124)"),
+        "{said}"
+    );
+    let refused_uid = sop_uid_of(&refused[0]);
+    assert!(
+        anywhere_in(&node.data_dir, refused_uid.as_bytes()).is_empty(),
+        "the refused instance is stored"
     );
     let out = storescu(&node, "SITE_B", &b);
     assert!(out.status.success(), "{}", node.log());
@@ -350,7 +370,12 @@ fn exports_per_input_send_each_input_to_its_own_destination() {
     );
     assert_eq!(sops(&files_under(&ct_dir)), sops(&ct), "CT_PACS");
     assert_eq!(sops(&files_under(&mr_dir)), sops(&mr), "MR_PACS");
-    assert!(dcm_files(&node.data_dir.join("batches")).is_empty());
+    // Router mode keeps instances as log records, so no .dcm under batches/ proves nothing:
+    // the batch directory itself is gone.
+    let left: Vec<_> = std::fs::read_dir(node.data_dir.join("batches"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "batches left: {left:?}");
     assert!(!node.data_dir.join("failed").exists());
 }
 
@@ -433,4 +458,204 @@ fn sender_rules_hold_for_instances_recovered_after_a_kill() {
         );
         assert_eq!(sops(&dcm_files(&export)), sops(&a), "{case}");
     }
+}
+
+/// A batch of `files` claimed under `before` (which exports to `dead`, a port nothing listens
+/// on, and retries in an hour), with the node killed once its export failed and started again
+/// on `after` (the text of `before` replaced in the config file).
+fn claimed_then_restarted_on(before: &str, after: &str, files: &[PathBuf]) -> Node {
+    let mut node = Node::start(before);
+    let out = storescu(&node, "SCANNER", files);
+    assert!(out.status.success(), "{}", node.log());
+    assert_eq!(responses(&out), (files.len(), files.len()));
+    assert!(
+        wait_until(30, || node.log().contains("export failed; will retry")),
+        "{}",
+        node.log()
+    );
+    node.kill9();
+    let cfg = std::fs::read_to_string(node.config_path()).unwrap();
+    assert!(cfg.contains(before));
+    std::fs::write(node.config_path(), cfg.replace(before, after)).unwrap();
+    node.restart();
+    node
+}
+
+/// `[trigger]` and `[outbox]` of the restart tests, and a dicom export nobody answers.
+fn export_that_fails() -> String {
+    format!(
+        "[trigger]\nquiet_seconds = 0\non_association_close = true\n\
+         [outbox]\nfirst_delay_seconds = 3600\n\
+         [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{}\"\nae_title = \"PACS\"\n",
+        free_port()
+    )
+}
+
+/// `[[export]]` to folder `dir` with `inputs`.
+fn folder_export(dir: &Path, inputs: &str) -> String {
+    format!(
+        "[[export]]\nkind = \"folder\"\npath = {:?}\ninputs = [{inputs}]\n",
+        dir.display().to_string()
+    )
+}
+
+/// The reason.txt of the one batch in failed/, once there is one.
+fn failed_reason(node: &Node) -> String {
+    let failed = node.data_dir.join("failed");
+    assert!(
+        wait_until(30, || files_under(&failed)
+            .iter()
+            .any(|p| p.ends_with("reason.txt"))),
+        "{}",
+        node.log()
+    );
+    let reasons: Vec<_> = files_under(&failed)
+        .into_iter()
+        .filter(|p| p.ends_with("reason.txt"))
+        .collect();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    std::fs::read_to_string(&reasons[0]).unwrap()
+}
+
+/// Review of issue 14, defect D3: a batch's manifest kept its instances' inputs as bit
+/// positions in `[[input]]` order. Claimed before the inputs were reordered and resumed after
+/// a restart, its CT instances were read as MR ones and sent to the MR destination (and the MR
+/// ones to the CT destination). Now the manifest names its inputs: each goes where its input
+/// says. And a batch naming an input the config no longer has is not guessed at: it moves to
+/// failed/ with a reason naming that input, nothing exported.
+#[test]
+fn batch_claimed_before_inputs_were_reordered_keeps_its_inputs_by_name() {
+    let src = tempfile::tempdir().unwrap();
+    let ct = series(
+        src.path(),
+        "CT",
+        "AX",
+        "REORDER",
+        "1.2.826.0.1.3680043.10.14.10",
+        2,
+    );
+    let mr = series(
+        src.path(),
+        "MR",
+        "T1",
+        "REORDER",
+        "1.2.826.0.1.3680043.10.14.11",
+        1,
+    );
+    let mut files = ct.clone();
+    files.extend(mr.iter().cloned());
+    let (ct_in, mr_in) = (
+        "[[input]]\nname = \"ct\"\nmatch = { Modality = \"CT\" }\nmin_instances = 2\n",
+        "[[input]]\nname = \"mr\"\nmatch = { Modality = \"MR\" }\n",
+    );
+    let before = format!("{ct_in}{mr_in}{}", export_that_fails());
+    let out = tempfile::tempdir().unwrap();
+    let (ct_dir, mr_dir) = (out.path().join("ct"), out.path().join("mr"));
+    let trigger = "[trigger]\nquiet_seconds = 0\non_association_close = true\n";
+    // Reordered: mr is bit 0 now.
+    let after = format!(
+        "{mr_in}{ct_in}{trigger}{}{}",
+        folder_export(&ct_dir, "\"ct\""),
+        folder_export(&mr_dir, "\"mr\"")
+    );
+    let node = claimed_then_restarted_on(&before, &after, &files);
+    assert!(
+        wait_until(30, || node.log().contains("batch done")),
+        "{}",
+        node.log()
+    );
+    assert_eq!(sops(&dcm_files(&ct_dir)), sops(&ct), "{}", node.log());
+    assert_eq!(sops(&dcm_files(&mr_dir)), sops(&mr), "{}", node.log());
+
+    // Removed: mr is gone from the config.
+    let ct_dir = out.path().join("ct2");
+    let after = format!("{ct_in}{trigger}{}", folder_export(&ct_dir, "\"ct\""));
+    let node = claimed_then_restarted_on(&before, &after, &files);
+    let reason = failed_reason(&node);
+    assert!(
+        reason.contains("\"mr\"") && reason.contains("no longer has"),
+        "{reason}"
+    );
+    assert!(dcm_files(&ct_dir).is_empty(), "exported by guess");
+    let kept = sops(&dcm_files(&node.data_dir.join("failed")));
+    assert_eq!(kept, sops(&files));
+}
+
+/// Review of issue 14, defect D2: with exports per input, an instance no destination lists
+/// was deleted unexported when its batch completed. Start-up refuses such a config now
+/// (config tests), but a batch claimed under another config can still hold one: here an MR
+/// instance kept in `_unmatched` (`unmatched = "keep"`), resumed after a restart with
+/// `unmatched = "refuse"` and one export listing only `ct`. The CT instances are exported;
+/// the batch then goes to failed/ with a reason naming the MR instance's input, and the MR
+/// instance is kept there.
+#[test]
+fn instance_for_no_destination_is_kept_in_failed_not_deleted() {
+    let src = tempfile::tempdir().unwrap();
+    let ct = series(
+        src.path(),
+        "CT",
+        "AX",
+        "NODEST",
+        "1.2.826.0.1.3680043.10.14.12",
+        2,
+    );
+    let mr = series(
+        src.path(),
+        "MR",
+        "T1",
+        "NODEST",
+        "1.2.826.0.1.3680043.10.14.13",
+        1,
+    );
+    let mut files = ct.clone();
+    files.extend(mr.iter().cloned());
+    let ct_in = "[[input]]\nname = \"ct\"\nmatch = { Modality = \"CT\" }\nmin_instances = 2\n";
+    let before = format!(
+        "[patients]\nunmatched = \"keep\"\n{ct_in}{}",
+        export_that_fails()
+    );
+    let out = tempfile::tempdir().unwrap();
+    let ct_dir = out.path().join("ct");
+    let after = format!(
+        "{ct_in}[trigger]\nquiet_seconds = 0\non_association_close = true\n{}",
+        folder_export(&ct_dir, "\"ct\"")
+    );
+    let node = claimed_then_restarted_on(&before, &after, &files);
+    let reason = failed_reason(&node);
+    assert!(
+        reason.contains("for none") && reason.contains("_unmatched"),
+        "{reason}"
+    );
+    assert_eq!(sops(&dcm_files(&ct_dir)), sops(&ct), "{}", node.log());
+    let kept = sops(&dcm_files(&node.data_dir.join("failed")));
+    assert!(kept.is_superset(&sops(&mr)), "{kept:?}\n{}", node.log());
+}
+
+/// Review of issue 14, defect D4: a library `Processor` with `[[export]] inputs` was accepted,
+/// and `inputs` then ignored (every destination got all of the output). Refused at start.
+#[test]
+fn export_inputs_beside_a_library_processor_are_refused() {
+    use dicomgate::pipeline::{BatchInfo, Processor};
+    struct Nothing;
+    impl Processor for Nothing {
+        fn process(&self, _: &BatchInfo) -> Result<(), String> {
+            Ok(())
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dicomgate::config::Config::from_toml(&format!(
+        "[node]\nae_title = \"DICOMGATE\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 1\n\
+         [[input]]\nname = \"ct\"\n[http]\nlisten = \"\"\n{}",
+        dir.path().join("data").display().to_string(),
+        folder_export(&dir.path().join("out"), "\"ct\"")
+    ))
+    .unwrap();
+    let e = match dicomgate::net::start_with(config, Some(std::sync::Arc::new(Nothing))) {
+        Ok(_) => panic!("started with [[export]] inputs beside a Rust Processor"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("export 0") && e.contains("inputs") && e.contains("Processor"),
+        "{e}"
+    );
 }

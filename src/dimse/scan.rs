@@ -86,9 +86,19 @@ impl std::error::Error for ScanError {}
 pub struct Scanned {
     values: Vec<(u32, Vec<u8>)>,
     big_endian: bool,
+    /// The scan stopped (a prefix, [`Scanner::finish_partial`]) before it could tell whether
+    /// some wanted tag is there: a missing value may only be missing from what was scanned.
+    incomplete: bool,
 }
 
 impl Scanned {
+    /// Whether a wanted value that is missing may be beyond what was scanned (a streamed
+    /// deflated data set is scanned on what its first bytes inflate to). Routing on such
+    /// values must not act as if the element were absent where that would lose data.
+    pub fn is_incomplete(&self) -> bool {
+        self.incomplete
+    }
+
     pub fn raw(&self, tag: u32) -> Option<&[u8]> {
         self.values
             .iter()
@@ -230,6 +240,9 @@ pub struct Scanner<W: AsRef<[u32]>> {
     /// Bytes from `pos` on that one step needed whole and the last piece cut.
     carry: Vec<u8>,
     failed: Option<ScanError>,
+    /// The highest top-level tag whose header was consumed: wanted tags below it that were not
+    /// found are absent (top-level tags ascend, PS3.5 §7.1).
+    reached: Option<u32>,
 }
 
 /// What one step did with the bytes at the scan's position.
@@ -258,6 +271,7 @@ impl<W: AsRef<[u32]>> Scanner<W> {
             out: Scanned {
                 values: Vec::new(),
                 big_endian,
+                incomplete: false,
             },
             stack: Vec::new(),
             pos: 0,
@@ -265,6 +279,7 @@ impl<W: AsRef<[u32]>> Scanner<W> {
             skipping: (0, 0, false),
             carry: Vec::new(),
             failed: None,
+            reached: None,
         }
     }
 
@@ -384,9 +399,18 @@ impl<W: AsRef<[u32]>> Scanner<W> {
         Ok(self.out)
     }
 
-    /// The values found so far, for input cut short on purpose (a bounded inflate).
+    /// The values found so far, for input cut short on purpose (a bounded inflate); marked
+    /// [`Scanned::is_incomplete`] when a wanted tag not found lies at or beyond where the scan
+    /// stopped (it may come later in the data set).
     pub fn finish_partial(self) -> Scanned {
-        self.out
+        let mut out = self.out;
+        let reached = self.reached;
+        out.incomplete = self
+            .wanted
+            .as_ref()
+            .iter()
+            .any(|w| out.values.iter().all(|(t, _)| t != w) && reached.is_none_or(|r| *w >= r));
+        out
     }
 
     /// One header (with its value when it is wanted or fits) at the start of `buf`, which
@@ -477,6 +501,63 @@ impl<W: AsRef<[u32]>> Scanner<W> {
         if group == 0xFFFE {
             return Err(ScanError::UnexpectedDelimiter { tag, offset: start });
         }
+        let top_level = self.stack.is_empty();
+        let r = self.element(buf, eof, tag, start, implicit_here, le);
+        if top_level && matches!(r, Ok(Step::Consumed(..))) {
+            self.reached = Some(self.reached.map_or(tag, |t| t.max(tag)));
+        }
+        r
+    }
+
+    /// One element header (and its value, when wanted) at the start of `buf`: the part of
+    /// [`Scanner::step`] after items and delimiters.
+    fn element(
+        &mut self,
+        buf: &[u8],
+        eof: bool,
+        tag: u32,
+        start: usize,
+        implicit_here: bool,
+        le: bool,
+    ) -> Result<Step, ScanError> {
+        let short = || -> Result<Step, ScanError> {
+            if eof {
+                Err(ScanError::Truncated { offset: start })
+            } else {
+                Ok(Step::NeedMore)
+            }
+        };
+        let u16_at = |p: usize| -> Option<u16> {
+            let b = buf.get(p..p + 2)?;
+            Some(if le {
+                u16::from_le_bytes([b[0], b[1]])
+            } else {
+                u16::from_be_bytes([b[0], b[1]])
+            })
+        };
+        let u32_at = |p: usize| -> Option<u32> {
+            let b = buf.get(p..p + 4)?;
+            let a = [b[0], b[1], b[2], b[3]];
+            Some(if le {
+                u32::from_le_bytes(a)
+            } else {
+                u32::from_be_bytes(a)
+            })
+        };
+        let value = |this: &mut Scanner<W>, header: usize, len: u32, too_long: bool| {
+            let end = header as u64 + len as u64;
+            if end <= buf.len() as u64 {
+                if too_long {
+                    return Err(ScanError::ValueTooLong { tag });
+                }
+                Ok(Step::Consumed(end as usize, 0))
+            } else if eof {
+                Err(ScanError::ElementPastEnd { tag, offset: start })
+            } else {
+                this.skipping = (tag, start as u64, too_long);
+                Ok(Step::Consumed(buf.len(), end - buf.len() as u64))
+            }
+        };
         // An element header (PS3.5 §7.1.2 explicit, §7.1.3 implicit).
         let (len, vr, header) = if implicit_here {
             let Some(len) = u32_at(4) else {
@@ -790,6 +871,40 @@ mod tests {
             scan_deflated(prefix, &[PATIENT_ID], true),
             Err(ScanError::Inflate)
         );
+    }
+
+    /// Review of issue 14, defect D5: a deflated prefix scanned only up to where it inflates
+    /// told nobody that a wanted tag beyond it was unknown rather than absent, so
+    /// `unmatched = "discard"` dropped an instance that the tag might have routed. The scan is
+    /// marked incomplete exactly when a wanted tag not found lies at or past where it stopped.
+    #[test]
+    fn deflated_prefix_says_when_a_wanted_tag_may_lie_beyond_it() {
+        use std::io::Write;
+        const BODY_PART: u32 = 0x0018_0015;
+        const ACCESSION: u32 = 0x0008_0050;
+        let mut d = Vec::new();
+        el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"DEFL");
+        let noise: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        el_explicit(&mut d, 0x0011, 0x0010, b"OB", &noise);
+        el_explicit(&mut d, 0x0018, 0x0015, b"CS", b"HEAD");
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&d).unwrap();
+        let z = enc.finish().unwrap();
+        let prefix = &z[..z.len() / 2];
+        // Body Part Examined is beyond the prefix: unknown.
+        let s = scan_deflated(prefix, &[PATIENT_ID, BODY_PART], false).unwrap();
+        assert_eq!(s.text(PATIENT_ID), Some("DEFL"));
+        assert_eq!(s.text(BODY_PART), None);
+        assert!(s.is_incomplete());
+        // Accession Number would come before Patient ID, which was passed: absent, known.
+        let s = scan_deflated(prefix, &[ACCESSION, PATIENT_ID], false).unwrap();
+        assert!(!s.is_incomplete());
+        // The whole stream: complete, the value found.
+        let s = scan_deflated(&z, &[PATIENT_ID, BODY_PART], false).unwrap();
+        assert_eq!(s.text(BODY_PART), Some("HEAD"));
+        assert!(!s.is_incomplete());
     }
 
     /// A data set of one wanted tag repeated (a hostile peer streaming gigabytes of it) keeps

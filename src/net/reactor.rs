@@ -44,7 +44,7 @@ use crate::config::Unmatched;
 use crate::dimse::command::status;
 use crate::dimse::service::{Chunk, Service, ServiceEvent, StoreOutcome, StoreSubmission, Work};
 use crate::dimse::tags;
-use crate::pipeline::{Arrival, Event as PipelineEvent};
+use crate::pipeline::{Arrival, AtTheDoor, Event as PipelineEvent};
 use crate::storage::{FileMeta, Job, ReplyTo, StoreJob, StreamFile, WriteJob};
 use crate::ul;
 use std::sync::Arc;
@@ -786,7 +786,7 @@ fn store_job(
     }
     let from = {
         let n = c.svc.negotiated();
-        crate::pipeline::rules::Requestor {
+        crate::pipeline::rules::Sender {
             calling_ae_title: n.map(|n| n.calling_ae.as_str()),
             called_ae_title: n.map(|n| n.called_ae.as_str()),
             address: Some(c.peer.ip()),
@@ -794,11 +794,20 @@ fn store_job(
     };
     let (key, record) = shared.pipeline.describe(&req.routing, &from);
     let unmatched = shared.config.patients.unmatched;
-    if record.inputs == 0 && unmatched != Unmatched::Keep {
+    let incomplete = req.routing.is_incomplete();
+    let door = crate::pipeline::at_the_door(record.inputs, unmatched, incomplete);
+    if door == AtTheDoor::Store && record.inputs == 0 && unmatched == Unmatched::Discard {
+        tracing::info!(
+            association = c.association,
+            sop_instance_uid = %req.sop_instance_uid,
+            "no input accepts this instance on what its scan saw, but the scan was partial (a streamed deflated data set): kept in _unmatched, not discarded"
+        );
+    }
+    if door != AtTheDoor::Store {
         if let Some((f, _)) = file {
             let _ = shared.storage.try_submit(Job::Discard(f));
         }
-        let outcome = if unmatched == Unmatched::Discard {
+        let outcome = if door == AtTheDoor::Discard {
             // Answered success, stored nowhere: counted here, logged once with the
             // association (`log_association`).
             shared.counters.discarded.fetch_add(1, Ordering::Relaxed);

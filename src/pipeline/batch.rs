@@ -30,6 +30,13 @@ struct Manifest {
     patient_id: String,
     key_hex: String,
     created_ms: u64,
+    /// The `[[input]]` names when the batch was claimed, in bit order: what each file's
+    /// `inputs` bits mean. A batch resumed after the config's inputs were inserted, reordered
+    /// or removed reads its bits by these names ([`current_inputs`]), never by today's order.
+    /// Empty in manifests written before names were kept (read against today's order, with a
+    /// warning).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    input_names: Vec<String>,
     files: Vec<ManifestFile>,
 }
 
@@ -37,7 +44,8 @@ struct Manifest {
 struct ManifestFile {
     /// Relative to `files/` (and to `patients/` before the move).
     path: String,
-    /// Accepting inputs, as in [`InstanceRecord::inputs`].
+    /// Accepting inputs, as in [`InstanceRecord::inputs`]: bit `i` is
+    /// [`Manifest::input_names`]`[i]`.
     inputs: u64,
     /// The segment log records (segment, offset) this file was made from, released once the
     /// batch is durable; a restart releases them again if that release was cut short.
@@ -234,6 +242,7 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
         patient_id: String::from_utf8_lossy(key).into_owned(),
         key_hex: hex(key),
         created_ms: now_ms(),
+        input_names: ctx.pipeline.rules.input_names().map(String::from).collect(),
         files,
     };
     let write = || -> io::Result<()> {
@@ -500,6 +509,11 @@ pub(super) fn process(ctx: &Context, id: &str) {
             } else {
                 manifest
             };
+            let mut manifest = manifest;
+            if let Err(why) = current_inputs(ctx, id, &mut manifest) {
+                fail(ctx, id, &why);
+                return;
+            }
             let names: Vec<String> = ctx.pipeline.rules.input_names().map(String::from).collect();
             let prepared = input_files(&dir, &manifest, &names).and_then(|inputs| {
                 let out = dir.join("output");
@@ -651,24 +665,40 @@ pub(super) fn export(ctx: &Context, id: &str) {
             }
         }
     } else {
-        // Router mode: the batch itself, each instance from its file or its log record.
-        match read_manifest(&dir) {
-            Ok(m) => m
-                .files
-                .iter()
-                .filter_map(|f| match f.record() {
-                    Some(r) => Some((f.inputs, export::Source::Log(r))),
-                    None => {
-                        let p = dir.join("files").join(&f.path);
-                        is_dicom(&p).then_some((f.inputs, export::Source::File(p)))
-                    }
-                })
-                .collect(),
+        // Router mode: the batch itself, each instance from its file or its log record, with
+        // the inputs it joined by today's bits.
+        let mut m = match read_manifest(&dir) {
+            Ok(m) => m,
             Err(e) => {
                 fail(ctx, id, &format!("unreadable manifest: {e}"));
                 return;
             }
+        };
+        if let Err(why) = current_inputs(ctx, id, &mut m) {
+            fail(ctx, id, &why);
+            return;
         }
+        m.files
+            .iter()
+            .filter_map(|f| match f.record() {
+                Some(r) => Some((f.inputs, export::Source::Log(r))),
+                None => {
+                    let p = dir.join("files").join(&f.path);
+                    is_dicom(&p).then_some((f.inputs, export::Source::File(p)))
+                }
+            })
+            .collect()
+    };
+    // Router mode with exports per input: an instance no destination's part holds would be
+    // deleted with the batch unexported. Start-up refuses such a config; a batch claimed under
+    // another config (`unmatched` changed, exports edited) can still hold one, and an instance
+    // kept in `_unmatched` because its scan was partial (`unmatched = "discard"`) too. The other
+    // instances are exported as usual; then the batch goes to failed/ with the reason, never
+    // deleted.
+    let unexported = if ctx.processor.is_none() {
+        for_no_destination(ctx, &files)
+    } else {
+        Vec::new()
     };
     if files.is_empty() {
         if ctx.processor.is_none() {
@@ -723,6 +753,22 @@ pub(super) fn export(ctx: &Context, id: &str) {
                 errors.push(format!("export {i}: {e}"))
             }
         }
+    }
+    if errors.is_empty() && !unexported.is_empty() {
+        let _ = write_state(&dir, &state);
+        fail(
+            ctx,
+            id,
+            &format!(
+                "exported to every destination, but {} instance(s) are for none ([[export]] \
+                 inputs lists none of the inputs they joined): kept here, not deleted; add their \
+                 input to an export's inputs (or an [[export]] without inputs) and run \
+                 dicomgate retry {id}: {}",
+                unexported.len(),
+                unexported.join("; ")
+            ),
+        );
+        return;
     }
     if errors.is_empty() {
         if !files.is_empty() {
@@ -781,28 +827,132 @@ pub(super) fn export(ctx: &Context, id: &str) {
 
 /// What of a batch's `files` (each with the inputs it joined) goes to `dest`: all of them, or,
 /// when it lists `inputs` (router mode), those that joined one of them (`_unmatched`: those
-/// that joined none). Processing output joined no input; a library `Processor` (no
-/// `[processing]` section, so `inputs` passed validation) sends all of it to every destination.
+/// that joined none). Processing output joined no input: with a processor every destination
+/// gets all of it (`inputs` is refused beside `[processing]` by the config, beside a library
+/// `Processor` by [`super::start`]).
 fn for_destination(
     ctx: &Context,
     dest: &ExportConfig,
     files: &[(u64, export::Source)],
 ) -> Vec<export::Source> {
-    if dest.inputs.is_empty() || ctx.processor.is_some() {
+    if ctx.processor.is_some() {
         return files.iter().map(|(_, f)| f.clone()).collect();
     }
-    let rules = &ctx.pipeline.rules;
+    files
+        .iter()
+        .filter(|(inputs, _)| is_for(&ctx.pipeline.rules, dest, *inputs))
+        .map(|(_, f)| f.clone())
+        .collect()
+}
+
+/// Whether an instance that joined `inputs` (today's bits) is in `dest`'s part of a batch.
+fn is_for(rules: &super::Rules, dest: &ExportConfig, inputs: u64) -> bool {
+    if dest.inputs.is_empty() {
+        return true;
+    }
     let mask = dest
         .inputs
         .iter()
         .filter_map(|n| rules.input_bit(n))
         .fold(0u64, |m, b| m | b);
-    let unmatched = dest.inputs.iter().any(|n| n == UNMATCHED_INPUT);
-    files
+    inputs & mask != 0 || (inputs == 0 && dest.inputs.iter().any(|n| n == UNMATCHED_INPUT))
+}
+
+/// Router mode: the instances of `files` that no destination's part holds, in words (what
+/// it is and the inputs it joined), at most 20 named.
+fn for_no_destination(ctx: &Context, files: &[(u64, export::Source)]) -> Vec<String> {
+    let rules = &ctx.pipeline.rules;
+    let dests = destinations(ctx);
+    let names: Vec<&str> = rules.input_names().collect();
+    let lost: Vec<String> = files
         .iter()
-        .filter(|(inputs, _)| inputs & mask != 0 || (unmatched && *inputs == 0))
-        .map(|(_, f)| f.clone())
-        .collect()
+        .filter(|(inputs, _)| !dests.iter().any(|d| is_for(rules, d, *inputs)))
+        .map(|(inputs, f)| {
+            let joined: Vec<&str> = names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| inputs & (1u64 << i) != 0)
+                .map(|(_, n)| *n)
+                .collect();
+            let what = match f {
+                export::Source::File(p) => p.display().to_string(),
+                export::Source::Log(l) => format!("segment log record {}:{}", l.seq, l.offset),
+            };
+            if joined.is_empty() {
+                format!("{what} (input {UNMATCHED_INPUT})")
+            } else {
+                format!("{what} (inputs {})", joined.join(", "))
+            }
+        })
+        .collect();
+    let n = lost.len();
+    let mut out: Vec<String> = lost.into_iter().take(20).collect();
+    if n > 20 {
+        out.push(format!("{} more", n - 20));
+    }
+    out
+}
+
+/// Translates each file's `inputs` bits from the names the batch was claimed with
+/// ([`Manifest::input_names`]) to today's `[[input]]` order, in place. `Err` (the reason to
+/// move the batch to failed/) names an input one of its instances joined that the config no
+/// longer has: routing it anywhere would be a guess. A manifest without names (an older
+/// build's) is read against today's order, with a warning.
+fn current_inputs(ctx: &Context, id: &str, m: &mut Manifest) -> Result<(), String> {
+    let rules = &ctx.pipeline.rules;
+    if m.input_names.is_empty() {
+        if m.files.iter().any(|f| f.inputs != 0) {
+            let today: Vec<&str> = rules.input_names().collect();
+            tracing::warn!(
+                batch = %id,
+                inputs = ?today,
+                "the batch's manifest (an older build's) does not name its inputs: its instances' inputs are read in today's [[input]] order, which is wrong if inputs were inserted, reordered or removed since it was claimed"
+            );
+        }
+        return Ok(());
+    }
+    let to: Vec<Option<u64>> = m.input_names.iter().map(|n| rules.input_bit(n)).collect();
+    let mut gone: Vec<&str> = Vec::new();
+    for f in &mut m.files {
+        let mut bits = 0u64;
+        for i in 0..64u32 {
+            if f.inputs & (1u64 << i) == 0 {
+                continue;
+            }
+            match (to.get(i as usize), m.input_names.get(i as usize)) {
+                (Some(Some(b)), _) => bits |= b,
+                (Some(None), Some(name)) => {
+                    if !gone.contains(&name.as_str()) {
+                        gone.push(name);
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "the batch's manifest names {} inputs, but {} joined input number {}: \
+                         the manifest is damaged; nothing was exported",
+                        m.input_names.len(),
+                        f.path,
+                        i + 1
+                    ))
+                }
+            }
+        }
+        f.inputs = bits;
+    }
+    if gone.is_empty() {
+        return Ok(());
+    }
+    let today: Vec<&str> = rules.input_names().collect();
+    Err(format!(
+        "the batch was claimed with input(s) {} that the config no longer has (its [[input]] \
+         names now: {}): its instances are not routed by guess; nothing was exported. Restore \
+         the input, or move the instances on by hand (dicomgate extract --batch {id})",
+        gone.iter()
+            .map(|g| format!("{g:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        today.join(", ")
+    ))
 }
 
 /// Every log record a batch's manifest names (those it was made from, and those it is made of).

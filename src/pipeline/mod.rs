@@ -49,10 +49,41 @@ pub use batch::{held_records, on_disk as batches_on_disk, records_of, BatchOnDis
 pub use process::{
     kill_running as kill_running_processing, BatchInfo, CommandProcessor, Processor,
 };
-use rules::{Requestor, Rules};
+use rules::Rules;
 
 /// The input folder of instances kept although no `[[input]]` accepts them.
 pub const UNMATCHED_INPUT: &str = "_unmatched";
+
+/// What the node does with an instance at the door, once the rules have seen its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtTheDoor {
+    /// Stored (an input accepts it, or `unmatched = "keep"`: it goes to `_unmatched`).
+    Store,
+    /// Answered 0x0124, stored nowhere (`unmatched = "refuse"`).
+    Refuse,
+    /// Answered success, stored nowhere (`unmatched = "discard"`).
+    Discard,
+}
+
+/// The door's decision for an instance that joined `inputs` under `[patients] unmatched`.
+/// `incomplete`: its values come from a partial scan ([`Scanned::is_incomplete`]: a streamed
+/// deflated data set, scanned on what its first bytes inflate to), so a tag that could have
+/// routed it may lie beyond what was scanned. Such an instance is never discarded: it is kept
+/// as `keep` would (in `_unmatched`, and matched again from the whole file after a restart),
+/// since keeping never loses data. `refuse` still refuses it: the sender keeps its copy.
+pub fn at_the_door(
+    inputs: u64,
+    unmatched: crate::config::Unmatched,
+    incomplete: bool,
+) -> AtTheDoor {
+    use crate::config::Unmatched;
+    match (inputs, unmatched) {
+        (1.., _) | (0, Unmatched::Keep) => AtTheDoor::Store,
+        (0, Unmatched::Refuse) => AtTheDoor::Refuse,
+        (0, Unmatched::Discard) if incomplete => AtTheDoor::Store,
+        (0, Unmatched::Discard) => AtTheDoor::Discard,
+    }
+}
 
 /// Events per reactor queue. A full queue pauses the reactor's reading (never a drop).
 pub const QUEUE_DEPTH: usize = 4096;
@@ -275,7 +306,11 @@ impl Pipeline {
 
     /// The grouping key and record draft (no path yet) for an instance with these values,
     /// sent by `from`.
-    pub fn describe(&self, values: &Scanned, from: &Requestor<'_>) -> (Vec<u8>, InstanceRecord) {
+    pub fn describe(
+        &self,
+        values: &Scanned,
+        from: &rules::Sender<'_>,
+    ) -> (Vec<u8>, InstanceRecord) {
         describe(values, from, &self.rules, self.group_tag)
     }
 }
@@ -297,7 +332,7 @@ fn number(values: &Scanned, tag: u32) -> u32 {
 
 fn describe(
     values: &Scanned,
-    from: &Requestor<'_>,
+    from: &rules::Sender<'_>,
     rules: &Rules,
     group_tag: u32,
 ) -> (Vec<u8>, InstanceRecord) {
@@ -404,6 +439,18 @@ pub fn start(
     shutdown: Arc<AtomicBool>,
 ) -> io::Result<(Arc<Pipeline>, Vec<JoinHandle<()>>)> {
     let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
+    // `[[export]] inputs` routes the instances of router mode; processing output belongs to no
+    // input. The config refuses it beside `[processing]`; a library `Processor` is only known
+    // here (before, it was accepted and then ignored: every destination got everything).
+    if processor.is_some() {
+        if let Some(i) = config.exports.iter().position(|e| !e.inputs.is_empty()) {
+            return Err(invalid(format!(
+                "export {i}: inputs applies in router mode only, and this node is started with \
+                 a Rust Processor, whose output belongs to no input: remove inputs from \
+                 [[export]] (every destination gets the whole output)"
+            )));
+        }
+    }
     let rules = config.rules().map_err(invalid)?;
     let group_tag = config.group_by_tag().map_err(invalid)?;
     let mut wanted: Vec<u32> = tags::ROUTING.to_vec();
@@ -567,7 +614,7 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             continue;
         };
         let m = &inst.meta;
-        let from = recovered_requestor(
+        let from = recovered_sender(
             ctx,
             &m.source_ae_title,
             &m.receiving_ae_title,
@@ -595,15 +642,15 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
 /// address, so that sender rules decide as they did when it was stored. An instance stored by
 /// an older build kept only the Calling AE Title: its Called AE Title is then the node's own
 /// when the node accepts no other, and it has no address (a `peer` rule does not hold for it).
-fn recovered_requestor<'a>(
+fn recovered_sender<'a>(
     ctx: &'a Context,
     source_ae_title: &'a str,
     receiving_ae_title: &'a str,
     requestor_address: &str,
-) -> Requestor<'a> {
+) -> rules::Sender<'a> {
     let node = &ctx.config.node;
     let kept = |s: &'a str| Some(s.trim()).filter(|s| !s.is_empty());
-    Requestor {
+    rules::Sender {
         calling_ae_title: kept(source_ae_title),
         called_ae_title: kept(receiving_ae_title)
             .or_else(|| (!node.accept_any_called_ae).then(|| node.ae_title.trim())),
@@ -623,7 +670,7 @@ fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
     let ts = crate::assoc::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
     let ds = bytes.get(parsed.data_set_offset..)?;
     let values = crate::dimse::scan::scan(ds, ts.encoding, &ctx.pipeline.wanted_tags).ok()?;
-    let from = recovered_requestor(
+    let from = recovered_sender(
         ctx,
         &parsed.source_ae_title,
         &parsed.receiving_ae_title,
@@ -1079,6 +1126,21 @@ mod tests {
     }
 
     const EXPIRE_MS: u64 = 1_000;
+
+    /// Review of issue 14, defect D5: an instance whose values came from a partial scan (a
+    /// streamed deflated data set) and that matched no input was discarded under
+    /// `unmatched = "discard"`, though a tag beyond the scanned prefix might have matched. It
+    /// is kept (to `_unmatched`) instead; complete scans are decided as before.
+    #[test]
+    fn partial_scan_is_never_discarded() {
+        use crate::config::Unmatched::*;
+        assert_eq!(at_the_door(0, Discard, true), AtTheDoor::Store);
+        assert_eq!(at_the_door(0, Discard, false), AtTheDoor::Discard);
+        assert_eq!(at_the_door(0, Refuse, true), AtTheDoor::Refuse);
+        assert_eq!(at_the_door(0, Keep, false), AtTheDoor::Store);
+        assert_eq!(at_the_door(0b10, Discard, false), AtTheDoor::Store);
+        assert_eq!(at_the_door(1, Refuse, false), AtTheDoor::Store);
+    }
 
     /// Issue 11 (6): a sender paused longer than `expire_after` inside its association had the
     /// patient's batch expired under it. An open association keeps the patient, however old its

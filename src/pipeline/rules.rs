@@ -13,10 +13,10 @@
 //! with a non-empty value. Only elements with text VRs can be matched (checked at start-up).
 //!
 //! Sender rules: `calling_ae` and `called_ae` match the association's Calling AE Title and
-//! Called AE Title (PS3.8 §7.1.1.3, §7.1.1.4; leading and trailing spaces removed) with the same
-//! patterns, lists and `!`; `peer` lists CIDR blocks (IPv4 or IPv6, a bare address is one host)
+//! Called AE Title (PS3.8 §7.1.1.3, §7.1.1.4; leading and trailing spaces removed, from the
+//! titles and from the patterns) with the same patterns, lists and `!`; `peer` lists CIDR blocks (IPv4 or IPv6, a bare address is one host)
 //! the requestor's address must fall in (an IPv4-mapped IPv6 address counts as its IPv4 one).
-//! They are given to [`Rules::accepting`] as a plain [`Requestor`], so rules know no network
+//! They are given to [`Rules::accepting`] as a plain [`Sender`], so rules know no network
 //! type. Storage keeps all three with each instance (Source and Receiving AE Titles, the
 //! requestor's address), so an instance recovered after a restart is matched as it was when it
 //! was stored. A sender rule whose value is not known (an instance stored by a build that kept
@@ -119,7 +119,7 @@ impl InputConfig {
 /// Who sent an instance: the association requestor's Calling AE Title, the Called AE Title it
 /// asked for, and its network address. `None`: not known (see the module doc).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Requestor<'a> {
+pub struct Sender<'a> {
     pub calling_ae_title: Option<&'a str>,
     pub called_ae_title: Option<&'a str>,
     pub address: Option<IpAddr>,
@@ -186,7 +186,15 @@ fn ae_patterns(input: &str, field: &str, p: &Option<Patterns>) -> Result<Vec<Pat
     let Some(p) = p else {
         return Ok(Vec::new());
     };
-    let pats = patterns(p);
+    // AE titles are compared without their leading and trailing spaces (PS3.5 AE VR: they are
+    // not significant), so a pattern is trimmed the same way (`" CT1 "` would match nothing).
+    let pats: Vec<Pattern> = patterns(p)
+        .into_iter()
+        .map(|mut pat| {
+            pat.glob = pat.glob.trim_ascii().to_vec();
+            pat
+        })
+        .collect();
     if pats.is_empty() {
         return Err(format!(
             "input {input:?}: {field} = []: give at least one pattern"
@@ -323,7 +331,7 @@ fn glob_match(pat: &[u8], text: &[u8]) -> bool {
 
 impl Input {
     /// The sender rules: each one given holds for `from`; one whose value is unknown does not.
-    fn sender_holds(&self, from: &Requestor<'_>) -> bool {
+    fn sender_holds(&self, from: &Sender<'_>) -> bool {
         let ae = |pats: &[Pattern], v: Option<&str>| {
             pats.is_empty() || v.is_some_and(|v| list_holds(pats, Some(v.trim().as_bytes())))
         };
@@ -416,7 +424,7 @@ impl Rules {
     }
 
     /// The inputs that accept an instance with these top-level values from `from`, as a bit set.
-    pub fn accepting(&self, values: &Scanned, from: &Requestor<'_>) -> u64 {
+    pub fn accepting(&self, values: &Scanned, from: &Sender<'_>) -> u64 {
         let mut bits = 0u64;
         for (i, input) in self.inputs.iter().enumerate() {
             let matched = input.matches.iter().all(|(tag, pats)| {
@@ -804,7 +812,7 @@ mod tests {
     }
 
     /// A requestor no sender rule is written for.
-    const ANY: Requestor<'static> = Requestor {
+    const ANY: Sender<'static> = Sender {
         calling_ae_title: Some("ANY"),
         called_ae_title: Some("DICOMGATE"),
         address: None,
@@ -968,8 +976,8 @@ mod tests {
         assert_eq!(rules.accepting(&e, &ANY), 0);
     }
 
-    fn from<'a>(calling: &'a str, called: &'a str, address: &str) -> Requestor<'a> {
-        Requestor {
+    fn from<'a>(calling: &'a str, called: &'a str, address: &str) -> Sender<'a> {
+        Sender {
             calling_ae_title: Some(calling),
             called_ae_title: Some(called),
             address: Some(address.parse().unwrap()),
@@ -1018,8 +1026,12 @@ mod tests {
         assert_eq!(bits("172.32.0.0"), 0b00010);
         // An IPv4 client on a dual-stack listener.
         assert_eq!(bits("::ffff:10.1.0.1"), 0b00011);
+        // No IPv6 block matches an IPv4 client, an IPv4-mapped one included (README says so).
+        let mapped = Rules::compile(&[input("name = \"m\"\npeer = [\"::ffff:0:0/96\"]")]).unwrap();
+        assert_eq!(mapped.accepting(&v, &from("X", "Y", "::ffff:10.1.0.1")), 0);
+        assert_eq!(mapped.accepting(&v, &from("X", "Y", "10.1.0.1")), 0);
         // Not known (recovered from disk): no peer rule holds.
-        let unknown = Requestor {
+        let unknown = Sender {
             address: None,
             ..from("X", "Y", "10.1.0.1")
         };
@@ -1064,7 +1076,17 @@ mod tests {
             0b001,
             "AE title padding is not significant"
         );
-        let unknown = Requestor {
+        // Nor in a pattern (review of issue 14, low item a): " GATE2 " matched no title.
+        let padded = Rules::compile(&[input(
+            r#"name = "p"
+                 called_ae = [" GATE2 "]
+                 calling_ae = "! MR1""#,
+        )])
+        .unwrap();
+        assert_eq!(padded.accepting(&v, &from("CT1", "GATE2", "127.0.0.1")), 1);
+        assert_eq!(padded.accepting(&v, &from("MR1", "GATE2", "127.0.0.1")), 0);
+        assert!(Rules::compile(&[input("name = \"p\"\ncalling_ae = \"  \"")]).is_err());
+        let unknown = Sender {
             calling_ae_title: None,
             called_ae_title: None,
             address: None,
