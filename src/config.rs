@@ -31,6 +31,30 @@ pub struct Config {
     pub exports: Vec<ExportConfig>,
     pub outbox: OutboxConfig,
     pub http: HttpConfig,
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: DICOM over TLS (PS3.15 B.12, the BCP 195 profile) on a listener of its own, beside
+/// the plain `[node] listen`. The files are PEM; they are read and checked at start-up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// HOST:PORT for associations over TLS (conventionally port 2762); empty = no TLS listener.
+    pub listen: String,
+    /// The node's certificate chain (PEM, its own certificate first).
+    pub certificate: PathBuf,
+    /// The private key of `certificate` (PEM: PKCS#8, PKCS#1 or SEC1, unencrypted).
+    pub private_key: PathBuf,
+    /// CA certificates (PEM); when set, a client certificate signed by one of them is required.
+    /// Empty = no client certificate asked for.
+    pub client_ca: PathBuf,
+}
+
+impl TlsConfig {
+    /// A TLS listener is configured.
+    pub fn enabled(&self) -> bool {
+        !self.listen.trim().is_empty()
+    }
 }
 
 /// `[http]`: metrics and health over HTTP, on its own thread.
@@ -486,6 +510,24 @@ impl Config {
                 self.node.drain_seconds
             ));
         }
+        if self.tls.enabled() {
+            if self.tls.listen.trim().parse::<SocketAddr>().is_err() {
+                return err(format!(
+                    "tls.listen {:?}: give IP:PORT (conventionally port 2762), or \"\" for no TLS listener",
+                    self.tls.listen
+                ));
+            }
+            for (field, p) in [
+                ("tls.certificate", &self.tls.certificate),
+                ("tls.private_key", &self.tls.private_key),
+            ] {
+                if p.as_os_str().is_empty() {
+                    return err(format!(
+                        "{field} is not set: tls.listen needs the node's certificate and key (PEM files)"
+                    ));
+                }
+            }
+        }
         let l = &self.limits;
         if l.max_pdu_length < 4096 {
             return err("limits.max_pdu_length must be at least 4096".into());
@@ -632,6 +674,9 @@ impl Config {
     /// directory is not a file. Each error names the field and what to do.
     pub fn check_environment(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
+        if self.tls.enabled() {
+            crate::net::tls::server_config(&self.tls).map_err(ConfigError)?;
+        }
         if self.node.data_dir.exists() && !self.node.data_dir.is_dir() {
             return err(format!(
                 "node.data_dir {}: is not a directory: name a directory (it is created if missing)",

@@ -290,14 +290,20 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let drain = std::time::Duration::from_secs_f64(cfg.node.drain_seconds);
             // Watched from before the node starts (recovery can take a while): the first
             // signal asks for a drain, the second stops at once, start-up included.
+            // SIGHUP: read [tls]'s certificate, key and CA files again.
             let mut signals = signal_hook::iterator::Signals::new([
                 signal_hook::consts::SIGTERM,
                 signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGHUP,
             ])?;
             let (stop_tx, stop_rx) = std::sync::mpsc::channel::<i32>();
             std::thread::spawn(move || {
                 let mut seen = 0;
                 for sig in signals.forever() {
+                    if sig == signal_hook::consts::SIGHUP {
+                        let _ = stop_tx.send(sig);
+                        continue;
+                    }
                     seen += 1;
                     if seen == 1 {
                         tracing::info!(
@@ -313,9 +319,25 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 }
             });
             let node = dicomgate::net::start(cfg)?;
-            // Tests and scripts read the bound address from this line.
+            // Tests and scripts read the bound address from this line (and the TLS one from
+            // the next, when [tls] listen is set).
             println!("listening on {}", node.local_addr);
-            let _ = stop_rx.recv();
+            if let Some(a) = node.tls_addr {
+                println!("tls listening on {a}");
+            }
+            while let Ok(sig) = stop_rx.recv() {
+                if sig != signal_hook::consts::SIGHUP {
+                    break;
+                }
+                match node.reload_tls() {
+                    Ok(()) => tracing::info!(
+                        "SIGHUP: TLS certificate, key and CA reloaded; new connections use them"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SIGHUP: TLS files not reloaded, the old ones stay")
+                    }
+                }
+            }
             node.drain(drain);
             Ok(ExitCode::SUCCESS)
         }

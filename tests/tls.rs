@@ -1,0 +1,504 @@
+//! DICOM over TLS (issue 13 item 1, PS3.15 B.12): the node's `[tls]` listener against DCMTK's
+//! echoscu and storescu `+tls` (Debian's build, with OpenSSL), client certificates required by
+//! `client_ca`, plain DICOM and silence on the TLS port, and start-up refusal of bad files.
+//! Certificates are made per test with the `openssl` command (a CA, a server certificate for
+//! 127.0.0.1/localhost, a client certificate, and a second, unrelated CA with its own client).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The certificates of one test, in a directory of their own.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("/usr/bin/openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("/usr/bin/openssl missing: apt-get install openssl (bash .ci/run does)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\nbasicConstraints = CA:FALSE\n\
+             keyUsage = digitalSignature, keyEncipherment\nextendedKeyUsage = serverAuth\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("client.ext"),
+            "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature, keyEncipherment\n\
+             extendedKeyUsage = clientAuth\n",
+        )
+        .unwrap();
+        for ca in ["ca", "other-ca"] {
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.pem"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=dicomgate test {ca}"),
+                ],
+            );
+        }
+        for (name, ca, ext) in [
+            ("server", "ca", "server.ext"),
+            ("client", "ca", "client.ext"),
+            ("other-client", "other-ca", "client.ext"),
+        ] {
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            );
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    &format!("{ca}.pem"),
+                    "-CAkey",
+                    &format!("{ca}.key"),
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-days",
+                    "2",
+                    "-extfile",
+                    ext,
+                ],
+            );
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn s(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    /// The `[tls]` section for the node, with `client_ca` when asked.
+    fn tls_toml(&self, client_ca: bool) -> String {
+        let mut t = format!(
+            "[tls]\nlisten = \"127.0.0.1:0\"\ncertificate = {:?}\nprivate_key = {:?}\n",
+            self.s("server.pem"),
+            self.s("server.key")
+        );
+        if client_ca {
+            t += &format!("client_ca = {:?}\n", self.s("ca.pem"));
+        }
+        t
+    }
+}
+
+fn tls_port(node: &Node) -> String {
+    node.tls_addr
+        .expect("node has a TLS listener")
+        .port()
+        .to_string()
+}
+
+/// DCMTK `tool` over TLS to the node's TLS port: `client` = Some((key, cert)) presents that
+/// client certificate (`+tls`), None is anonymous (`+tla`); the server is verified against
+/// our CA (`+cf`).
+fn dcmtk_tls(
+    tool: &str,
+    pki: &Pki,
+    node: &Node,
+    client: Option<(&str, &str)>,
+    files: &[PathBuf],
+) -> std::process::Output {
+    let mut c = dcmtk(tool);
+    match client {
+        Some((key, cert)) => c.args(["+tls", &pki.s(key), &pki.s(cert), "-pw"]),
+        None => c.arg("+tla"),
+    };
+    c.args([
+        "+cf",
+        &pki.s("ca.pem"),
+        "-aec",
+        "DICOMGATE",
+        "127.0.0.1",
+        &tls_port(node),
+    ])
+    .args(files)
+    .output()
+    .unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+}
+
+fn write_part10(dir: &Path, ds: &[u8], sop: &str) -> PathBuf {
+    let meta = dicomgate::storage::FileMeta {
+        sop_class_uid: CT_IMAGE_STORAGE.into(),
+        sop_instance_uid: sop.into(),
+        transfer_syntax_uid: EXPLICIT_LE.into(),
+        source_ae_title: "TEST".into(),
+    };
+    let mut bytes = dicomgate::storage::part10::header(&meta);
+    bytes.extend_from_slice(ds);
+    let p = dir.join(format!("{sop}.dcm"));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// (a) echoscu and storescu `+tls` into the TLS listener; the plain listener serves beside it;
+/// every stored data set is the one sent (three small ones and a 0.5 MB one: many records).
+#[test]
+fn echoscu_and_storescu_over_tls_store_what_was_sent() {
+    let pki = Pki::new();
+    let node = Node::start(&pki.tls_toml(false));
+    let echo = dcmtk_tls(
+        "echoscu",
+        &pki,
+        &node,
+        Some(("client.key", "client.pem")),
+        &[],
+    );
+    assert!(echo.status.success(), "{}\n{}", text(&echo), node.log());
+    let work = tempfile::tempdir().unwrap();
+    let mut sent = Vec::new();
+    for (i, pixels) in [(1, 64), (2, 4096), (3, 100), (4, 512 * 512 * 2)] {
+        let sop = format!("1.2.826.0.1.3680043.2.1143.{i}");
+        let ds = dataset("TLSPAT", "1.2.3.9", "1.2.3.9.1", &sop, pixels);
+        sent.push((write_part10(work.path(), &ds, &sop), sop, ds));
+    }
+    let files: Vec<PathBuf> = sent.iter().map(|s| s.0.clone()).collect();
+    let store = dcmtk_tls(
+        "storescu",
+        &pki,
+        &node,
+        Some(("client.key", "client.pem")),
+        &files,
+    );
+    assert!(store.status.success(), "{}\n{}", text(&store), node.log());
+    for (_, sop, ds) in &sent {
+        let f = stored_instance(&node, sop).unwrap_or_else(|| panic!("{sop} not stored"));
+        assert!(data_set_of(&f) == *ds, "{sop}: stored data set differs");
+    }
+    // The profile: TLS 1.2 or 1.3 with an AEAD suite (what DCMTK's BCP 195 profile and ours
+    // share).
+    let log = node.log();
+    let established: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TLS established"))
+        .collect();
+    assert_eq!(established.len(), 2, "{log}");
+    assert!(
+        established
+            .iter()
+            .all(|l| (l.contains("TLSv1_3") || l.contains("TLSv1_2"))
+                && (l.contains("GCM") || l.contains("CHACHA20"))),
+        "{established:#?}"
+    );
+    // The plain listener still serves beside the TLS one.
+    storescu_still_stores(&node);
+    assert!(
+        !node.log().contains("TLS handshake failed"),
+        "{}",
+        node.log()
+    );
+}
+
+/// (b) With `client_ca`: a client certificate signed by it is accepted; none, or one from
+/// another CA, is refused by an alert, logged once each with the peer, and the node serves on.
+#[test]
+fn client_ca_requires_a_certificate_signed_by_it() {
+    let pki = Pki::new();
+    let node = Node::start(&pki.tls_toml(true));
+    let ok = dcmtk_tls(
+        "echoscu",
+        &pki,
+        &node,
+        Some(("client.key", "client.pem")),
+        &[],
+    );
+    assert!(ok.status.success(), "{}\n{}", text(&ok), node.log());
+    let anonymous = dcmtk_tls("echoscu", &pki, &node, None, &[]);
+    assert!(
+        !anonymous.status.success(),
+        "no client certificate was accepted"
+    );
+    assert!(
+        wait_until(5, || node.log().contains("NoCertificatesPresented")
+            || node.log().contains("peer sent no certificates")),
+        "{}",
+        node.log()
+    );
+    let other = dcmtk_tls(
+        "echoscu",
+        &pki,
+        &node,
+        Some(("other-client.key", "other-client.pem")),
+        &[],
+    );
+    assert!(
+        !other.status.success(),
+        "a certificate of another CA was accepted"
+    );
+    assert!(
+        wait_until(5, || node.log().matches("TLS handshake failed").count()
+            >= 2),
+        "{}",
+        node.log()
+    );
+    let log = node.log();
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TLS handshake failed"))
+        .collect();
+    assert_eq!(failures.len(), 2, "each failure logged once: {failures:#?}");
+    assert!(
+        failures.iter().all(|l| l.contains("peer=127.0.0.1:")),
+        "{failures:#?}"
+    );
+    assert!(
+        failures.iter().any(|l| l.contains("UnknownIssuer")),
+        "{failures:#?}"
+    );
+    // Still serving, over TLS and plain.
+    let again = dcmtk_tls(
+        "echoscu",
+        &pki,
+        &node,
+        Some(("client.key", "client.pem")),
+        &[],
+    );
+    assert!(again.status.success(), "{}\n{}", text(&again), node.log());
+    storescu_still_stores(&node);
+}
+
+/// (c) Plain DICOM to the TLS port is closed after an alert (logged once) and the node serves
+/// on; a TCP peer that connects and sends nothing is dropped by ARTIM, as on the plain port.
+#[test]
+fn plain_dicom_and_silence_on_the_tls_port_are_dropped() {
+    use std::io::Read;
+    let pki = Pki::new();
+    let node = Node::start(&format!(
+        "[limits]\nartim_seconds = 2\n{}",
+        pki.tls_toml(false)
+    ));
+    let plain = dcmtk("echoscu")
+        .args([
+            "-to",
+            "5",
+            "-aec",
+            "DICOMGATE",
+            "127.0.0.1",
+            &tls_port(&node),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "plain DICOM accepted on the TLS port"
+    );
+    assert!(
+        wait_until(5, || node.log().contains("TLS handshake failed")),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        node.log().matches("TLS handshake failed").count(),
+        1,
+        "{}",
+        node.log()
+    );
+    // Silence: connected, never a ClientHello.
+    let mut silent = std::net::TcpStream::connect(node.tls_addr.unwrap()).unwrap();
+    silent
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut b = [0u8; 16];
+    let n = silent.read(&mut b).unwrap_or(0);
+    let waited = t0.elapsed();
+    assert_eq!(n, 0, "the node sent something to a silent peer");
+    assert!(
+        waited >= std::time::Duration::from_millis(1500)
+            && waited < std::time::Duration::from_secs(8),
+        "dropped after {waited:?}, ARTIM is 2 s"
+    );
+    let ok = dcmtk_tls(
+        "echoscu",
+        &pki,
+        &node,
+        Some(("client.key", "client.pem")),
+        &[],
+    );
+    assert!(ok.status.success(), "{}\n{}", text(&ok), node.log());
+    storescu_still_stores(&node);
+}
+
+/// Bad `[tls]` files are refused at start-up, naming the field: unreadable, not PEM, a key that
+/// is not the certificate's, an unreadable client CA; and `listen` without a certificate.
+#[test]
+fn bad_tls_files_are_refused_at_start_up_naming_the_field() {
+    let pki = Pki::new();
+    let check = |cert: &str, key: &str, ca: Option<&str>| -> String {
+        let mut t = format!(
+            "[tls]\nlisten = \"127.0.0.1:0\"\ncertificate = {cert:?}\nprivate_key = {key:?}\n"
+        );
+        if let Some(ca) = ca {
+            t += &format!("client_ca = {ca:?}\n");
+        }
+        match dicomgate::config::Config::from_toml(&t) {
+            Err(e) => e.0,
+            Ok(c) => c.check_environment().map_or_else(|e| e.0, |()| "ok".into()),
+        }
+    };
+    let (cert, key) = (pki.s("server.pem"), pki.s("server.key"));
+    assert_eq!(check(&cert, &key, None), "ok");
+    assert_eq!(check(&cert, &key, Some(&pki.s("ca.pem"))), "ok");
+    let e = check("/nonexistent/server.pem", &key, None);
+    assert!(
+        e.contains("tls.certificate") && e.contains("cannot be read"),
+        "{e}"
+    );
+    let e = check(&pki.s("server.ext"), &key, None);
+    assert!(
+        e.contains("tls.certificate") && e.contains("no PEM certificate"),
+        "{e}"
+    );
+    let e = check(&cert, &pki.s("server.pem"), None);
+    assert!(
+        e.contains("tls.private_key") && e.contains("no PEM private key"),
+        "{e}"
+    );
+    let e = check(&cert, &pki.s("client.key"), None);
+    assert!(
+        e.contains("tls.private_key") && e.contains("does not go with tls.certificate"),
+        "{e}"
+    );
+    let e = check(&cert, &key, Some("/nonexistent/ca.pem"));
+    assert!(
+        e.contains("tls.client_ca") && e.contains("cannot be read"),
+        "{e}"
+    );
+    let e = match dicomgate::config::Config::from_toml("[tls]\nlisten = \"127.0.0.1:2762\"\n") {
+        Err(e) => e.0,
+        Ok(_) => panic!("listen without certificate accepted"),
+    };
+    assert!(e.contains("tls.certificate is not set"), "{e}");
+    // The real binary refuses to start, with the message.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\n[http]\nlisten = \"\"\n\
+             [tls]\nlisten = \"127.0.0.1:0\"\ncertificate = \"/nonexistent/server.pem\"\nprivate_key = {key:?}\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls.certificate /nonexistent/server.pem: cannot be read"),
+        "{err}"
+    );
+}
+
+/// The PS3.15 B.12 / BCP 195 profile, probed with `openssl s_client`: TLS 1.3 and TLS 1.2
+/// with ECDHE and AES-GCM are accepted; TLS 1.1, a CBC suite, TLS 1.2's ChaCha20 and RSA key
+/// exchange are refused.
+#[test]
+fn the_profile_is_tls_1_2_and_1_3_with_ecdhe_and_aead_only() {
+    let pki = Pki::new();
+    let node = Node::start(&pki.tls_toml(false));
+    let connect = format!("127.0.0.1:{}", tls_port(&node));
+    let probe = |args: &[&str]| -> (bool, String) {
+        let out = Command::new("/usr/bin/openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &connect,
+                "-CAfile",
+                &pki.s("ca.pem"),
+            ])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let t = text(&out);
+        (
+            out.status.success() && t.contains("Verify return code: 0 (ok)"),
+            t,
+        )
+    };
+    for ok in [
+        &["-tls1_3"][..],
+        &["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"],
+        &["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"],
+        &["-tls1_2", "-cipher", "ECDHE-RSA-AES256-GCM-SHA384"],
+    ] {
+        let (accepted, t) = probe(ok);
+        assert!(accepted, "{ok:?} refused:\n{t}");
+    }
+    for bad in [
+        &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"][..],
+        &["-tls1_2", "-cipher", "ECDHE-RSA-AES128-SHA256"],
+        &["-tls1_2", "-cipher", "ECDHE-RSA-AES128-SHA"],
+        &["-tls1_2", "-cipher", "ECDHE-RSA-CHACHA20-POLY1305"],
+        &["-tls1_2", "-cipher", "AES128-GCM-SHA256"],
+    ] {
+        let (accepted, t) = probe(bad);
+        assert!(!accepted, "{bad:?} accepted:\n{t}");
+    }
+    let ok = dcmtk_tls(
+        "echoscu",
+        &pki,
+        &node,
+        Some(("client.key", "client.pem")),
+        &[],
+    );
+    assert!(ok.status.success(), "{}\n{}", text(&ok), node.log());
+}
