@@ -374,6 +374,47 @@ pub struct ExportConfig {
     /// `unmatched = "keep"`). Empty = the whole batch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<String>,
+    /// `dicom`: DICOM over TLS (PS3.15 B.12, the node's TLS profile); needs `tls_ca`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
+    /// `tls`: the CA certificate(s) (PEM) the destination's certificate must chain to; the
+    /// certificate must also name the host of `address` (IP address or DNS name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// `tls`: our client certificate chain (PEM), for a destination that asks for one; with
+    /// `tls_private_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificate: Option<PathBuf>,
+    /// `tls`: the private key (PEM) of `tls_certificate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_private_key: Option<PathBuf>,
+}
+
+impl ExportConfig {
+    /// The rustls configuration of a `tls = true` export, read from its files (`None`: plain).
+    /// `field` starts each error (`"export 0: "`).
+    pub fn tls_client_config(
+        &self,
+        field: &str,
+    ) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let ca = self
+            .tls_ca
+            .as_deref()
+            .ok_or_else(|| format!("{field}tls = true needs tls_ca (the CA's PEM file)"))?;
+        let client = match (&self.tls_certificate, &self.tls_private_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let fields = [
+            format!("{field}tls_ca"),
+            format!("{field}tls_certificate"),
+            format!("{field}tls_private_key"),
+        ];
+        crate::net::tls::client_config([&fields[0], &fields[1], &fields[2]], ca, client).map(Some)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -657,10 +698,35 @@ impl Config {
                     if e.calling_ae_title.as_deref().is_some_and(|a| !valid_ae(a)) {
                         return err(format!("export {i}: calling_ae_title is not valid"));
                     }
+                    if e.tls && e.tls_ca.is_none() {
+                        return err(format!(
+                            "export {i}: tls = true needs tls_ca (PEM file of the CA that signed \
+                             the destination's certificate)"
+                        ));
+                    }
+                    if e.tls_certificate.is_some() != e.tls_private_key.is_some() {
+                        return err(format!(
+                            "export {i}: tls_certificate and tls_private_key go together: give both \
+                             or neither"
+                        ));
+                    }
+                    if !e.tls
+                        && (e.tls_ca.is_some()
+                            || e.tls_certificate.is_some()
+                            || e.tls_private_key.is_some())
+                    {
+                        return err(format!(
+                            "export {i}: tls_ca, tls_certificate and tls_private_key apply with \
+                             tls = true: set it, or remove them"
+                        ));
+                    }
                 }
                 ExportKind::Folder => {
                     if e.path.is_none() {
                         return err(format!("export {i}: kind = \"folder\" needs path"));
+                    }
+                    if e.tls {
+                        return err(format!("export {i}: tls applies to kind = \"dicom\" only"));
                     }
                 }
             }
@@ -700,6 +766,8 @@ impl Config {
                     if !port_ok {
                         return err(format!("export {i}: address {a:?}: give HOST:PORT"));
                     }
+                    e.tls_client_config(&format!("export {i}: "))
+                        .map_err(ConfigError)?;
                     // A name that does not resolve now (DNS down at boot) may later: exports
                     // retry, so this is a warning, not a reason to stop ingesting.
                     let resolves = std::net::ToSocketAddrs::to_socket_addrs(a)
@@ -1134,6 +1202,43 @@ ae_title = "PACS"
         )
         .is_ok());
         assert!(ok.warnings().iter().any(|w| w.contains("peer rule")));
+    }
+
+    /// Issue 13: `[tls]` and an export's TLS settings are checked as a whole at start-up: a
+    /// listener needs a certificate and key; an export's `tls` needs `tls_ca`, a client
+    /// certificate needs its key, TLS files without `tls = true` and `tls` on a folder export
+    /// are refused, naming the field. (The files themselves: tests/tls.rs.)
+    #[test]
+    fn tls_settings_are_checked_at_start_up() {
+        let e = refused("[tls]\nlisten = \"127.0.0.1:2762\"\ncertificate = \"/x.pem\"\n");
+        assert!(e.contains("tls.private_key is not set"), "{e}");
+        let e = refused("[tls]\nlisten = \"2762\"\n");
+        assert!(e.contains("tls.listen") && e.contains("IP:PORT"), "{e}");
+        assert!(!Config::default().tls.enabled());
+        let dicom =
+            "[[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:2762\"\nae_title = \"PACS\"\n";
+        let e = refused(&format!("{dicom}tls = true\n"));
+        assert!(e.contains("export 0: tls = true needs tls_ca"), "{e}");
+        let e = refused(&format!(
+            "{dicom}tls = true\ntls_ca = \"/ca.pem\"\ntls_certificate = \"/c.pem\"\n"
+        ));
+        assert!(
+            e.contains("tls_certificate and tls_private_key go together"),
+            "{e}"
+        );
+        let e = refused(&format!("{dicom}tls_ca = \"/ca.pem\"\n"));
+        assert!(e.contains("apply with tls = true"), "{e}");
+        let e = refused("[[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\ntls = true\n");
+        assert!(e.contains("tls applies to kind = \"dicom\" only"), "{e}");
+        let ok = Config::from_toml(&format!("{dicom}tls = true\ntls_ca = \"/ca.pem\"\n")).unwrap();
+        let printed = toml::to_string(&ok).unwrap();
+        assert!(printed.contains("tls = true"), "{printed}");
+        assert!(Config::from_toml(&printed).is_ok(), "{printed}");
+        let e = ok.check_environment().unwrap_err().0;
+        assert!(
+            e.contains("export 0: tls_ca /ca.pem: cannot be read"),
+            "{e}"
+        );
     }
 
     /// Issue 11: a store-only configuration (no trigger can fire) gave no sign that nothing

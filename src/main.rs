@@ -52,6 +52,20 @@ enum Command {
         /// Our AE title (the calling AE).
         #[arg(long, default_value = "DICOMGATE-SCU")]
         calling: String,
+        /// DICOM over TLS: the CA certificate(s) (PEM) the peer's certificate must chain to.
+        #[arg(long, value_name = "PEM")]
+        tls_ca: Option<PathBuf>,
+        /// With --tls-ca: our client certificate chain (PEM), for a peer that asks for one.
+        #[arg(
+            long,
+            value_name = "PEM",
+            requires = "tls_private_key",
+            requires = "tls_ca"
+        )]
+        tls_certificate: Option<PathBuf>,
+        /// The private key (PEM) of --tls-certificate.
+        #[arg(long, value_name = "PEM", requires = "tls_certificate")]
+        tls_private_key: Option<PathBuf>,
     },
     /// C-STORE Part-10 files (directories are walked) to a peer, each in its own transfer syntax.
     Store {
@@ -65,6 +79,20 @@ enum Command {
         /// Our AE title (the calling AE).
         #[arg(long, default_value = "DICOMGATE-SCU")]
         calling: String,
+        /// DICOM over TLS: the CA certificate(s) (PEM) the peer's certificate must chain to.
+        #[arg(long, value_name = "PEM")]
+        tls_ca: Option<PathBuf>,
+        /// With --tls-ca: our client certificate chain (PEM), for a peer that asks for one.
+        #[arg(
+            long,
+            value_name = "PEM",
+            requires = "tls_private_key",
+            requires = "tls_ca"
+        )]
+        tls_certificate: Option<PathBuf>,
+        /// The private key (PEM) of --tls-certificate.
+        #[arg(long, value_name = "PEM", requires = "tls_certificate")]
+        tls_private_key: Option<PathBuf>,
     },
     /// List what a data directory holds: pending patients and instances (own file or segment
     /// log record), the log's segments, and claimed batches. Safe beside a running node.
@@ -345,17 +373,21 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             address,
             called,
             calling,
+            tls_ca,
+            tls_certificate,
+            tls_private_key,
         } => {
             let opts = ScuOptions {
                 called_ae: called,
                 calling_ae: calling,
+                tls: scu_tls(tls_ca, tls_certificate, tls_private_key)?,
                 ..Default::default()
             };
             let proposal = Proposal {
                 abstract_syntax: VERIFICATION_SOP_CLASS.into(),
                 transfer_syntaxes: vec![IMPLICIT_VR_LITTLE_ENDIAN.into()],
             };
-            let mut c = Client::connect(address.as_str(), &opts, &[proposal])?;
+            let mut c = Client::open(address.as_str(), &opts, &[proposal])?;
             let status = c.echo()?;
             c.release()?;
             println!("C-ECHO status 0x{status:04X}");
@@ -370,7 +402,13 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             paths,
             called,
             calling,
-        } => store(&address, &paths, called, calling),
+            tls_ca,
+            tls_certificate,
+            tls_private_key,
+        } => {
+            let tls = scu_tls(tls_ca, tls_certificate, tls_private_key)?;
+            store(&address, &paths, called, calling, tls)
+        }
         Command::Ls {
             config,
             data_dir,
@@ -409,11 +447,31 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The requestor's TLS configuration from `--tls-ca` (and a client certificate), if given.
+fn scu_tls(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+    let Some(ca) = ca else { return Ok(None) };
+    let client = match (&cert, &key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    dicomgate::net::tls::client_config(
+        ["--tls-ca", "--tls-certificate", "--tls-private-key"],
+        &ca,
+        client,
+    )
+    .map(Some)
+}
+
 fn store(
     address: &str,
     paths: &[PathBuf],
     called: String,
     calling: String,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut files = Vec::new();
     for p in paths {
@@ -456,6 +514,7 @@ fn store(
     let opts = ScuOptions {
         called_ae: called,
         calling_ae: calling,
+        tls,
         ..Default::default()
     };
     let (mut ok, mut failed) = (0usize, 0usize);
@@ -467,7 +526,7 @@ fn store(
                 transfer_syntaxes: vec![ts.clone()],
             })
             .collect();
-        let mut c = Client::connect(address, &opts, &proposals)?;
+        let mut c = Client::open(address, &opts, &proposals)?;
         for key in chunk {
             for &i in &groups[key] {
                 let f = &to_send[i];

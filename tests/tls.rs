@@ -502,3 +502,159 @@ fn the_profile_is_tls_1_2_and_1_3_with_ecdhe_and_aead_only() {
     );
     assert!(ok.status.success(), "{}\n{}", text(&ok), node.log());
 }
+
+/// DCMTK storescp over TLS (`+tls`), requiring a client certificate (its default `-rc`),
+/// verified against our CA; its log is `dir.log`.
+fn storescp_tls(pki: &Pki, dir: &Path, port: u16) -> KillOnDrop {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+    let child = dcmtk("storescp")
+        .args([
+            "-v",
+            "+tls",
+            &pki.s("server.key"),
+            &pki.s("server.pem"),
+            "-pw",
+        ])
+        .args(["+cf", &pki.s("ca.pem"), "-aet", "TLS_PACS", "-od"])
+        .arg(dir)
+        .arg(port.to_string())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .map(KillOnDrop)
+        .unwrap();
+    // Listening once a TLS handshake can be had (a TCP connect alone would do, but it leaves
+    // storescp a failed handshake to log).
+    assert!(
+        wait_until(10, || std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok()),
+        "storescp +tls did not start"
+    );
+    child
+}
+
+/// (d) `[[export]] tls = true` with our client certificate: the batch reaches DCMTK
+/// `storescp +tls`, each data set as it was sent; a `tls_ca` that did not sign storescp's
+/// certificate fails the export (the batch is kept, retried), with the reason in the log.
+#[test]
+fn export_over_tls_to_storescp_delivers_the_batch() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let recv = work.path().join("pacs");
+    let port = free_port();
+    let _pacs = storescp_tls(&pki, &recv, port);
+    let export = |ca: &str| {
+        format!(
+            "[trigger]\nquiet_seconds = 0\non_association_close = true\n\
+             [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{port}\"\nae_title = \"TLS_PACS\"\n\
+             tls = true\ntls_ca = {:?}\ntls_certificate = {:?}\ntls_private_key = {:?}\n\
+             [outbox]\nfirst_delay_seconds = 0.2\nmax_delay_seconds = 0.5\nattempts = 100\n",
+            pki.s(ca),
+            pki.s("client.pem"),
+            pki.s("client.key")
+        )
+    };
+    let node = Node::start(&export("ca.pem"));
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut sent = Vec::new();
+    for i in 1..=3 {
+        let sop = format!("1.2.826.0.1.3680043.2.1143.7.{i}");
+        let ds = dataset("EXPPAT", "1.2.3.7", "1.2.3.7.1", &sop, 2048 * i);
+        sent.push((write_part10(&src, &ds, &sop), sop, ds));
+    }
+    let files: Vec<PathBuf> = sent.iter().map(|s| s.0.clone()).collect();
+    assert!(storescu_status(&node, &files).success(), "{}", node.log());
+    assert!(
+        wait_until(20, || files_under(&recv).len() >= sent.len()),
+        "storescp got {:?}\nnode:\n{}\nstorescp:\n{}",
+        files_under(&recv),
+        node.log(),
+        std::fs::read_to_string(recv.with_extension("log")).unwrap_or_default()
+    );
+    for (_, sop, ds) in &sent {
+        let f = files_under(&recv)
+            .into_iter()
+            .find(|p| sop_uid_of(p) == *sop)
+            .unwrap_or_else(|| panic!("{sop} not received"));
+        assert!(data_set_of(&f) == *ds, "{sop}: received data set differs");
+    }
+    let pacs_log = std::fs::read_to_string(recv.with_extension("log")).unwrap_or_default();
+    assert!(pacs_log.contains("Association Received"), "{pacs_log}");
+
+    // The wrong CA: storescp's certificate is refused by our requestor; nothing delivered.
+    let recv2 = work.path().join("pacs2");
+    let port2 = free_port();
+    let _pacs2 = storescp_tls(&pki, &recv2, port2);
+    let node2 = Node::start(&export("other-ca.pem").replace(&port.to_string(), &port2.to_string()));
+    assert!(
+        storescu_status(&node2, &files[..1]).success(),
+        "{}",
+        node2.log()
+    );
+    assert!(
+        wait_until(20, || node2.log().contains("UnknownIssuer")),
+        "{}",
+        node2.log()
+    );
+    assert!(
+        files_under(&recv2).is_empty(),
+        "delivered despite the wrong CA"
+    );
+}
+
+/// `dicomgate echo` and `store` over TLS against the node's own listener (with `client_ca`):
+/// our requestor's client certificate is accepted and the data stored; a server certificate
+/// from a CA it was not told to trust is refused before any DICOM is sent.
+#[test]
+fn dicomgate_echo_and_store_over_tls() {
+    let pki = Pki::new();
+    let node = Node::start(&pki.tls_toml(true));
+    let addr = node.tls_addr.unwrap().to_string();
+    let bin = env!("CARGO_BIN_EXE_dicomgate");
+    let client = [
+        "--tls-certificate",
+        &pki.s("client.pem"),
+        "--tls-private-key",
+        &pki.s("client.key"),
+    ];
+    let echo = Command::new(bin)
+        .args(["echo", &addr, "--tls-ca", &pki.s("ca.pem")])
+        .args(client)
+        .output()
+        .unwrap();
+    assert!(echo.status.success(), "{}\n{}", text(&echo), node.log());
+    let work = tempfile::tempdir().unwrap();
+    let sop = "1.2.826.0.1.3680043.2.1143.8.1";
+    let ds = dataset("SCUPAT", "1.2.3.8", "1.2.3.8.1", sop, 300_000);
+    write_part10(work.path(), &ds, sop);
+    let store = Command::new(bin)
+        .args(["store", &addr])
+        .arg(work.path())
+        .args(["--tls-ca", &pki.s("ca.pem")])
+        .args(client)
+        .output()
+        .unwrap();
+    assert!(store.status.success(), "{}\n{}", text(&store), node.log());
+    let f = stored_instance(&node, sop).expect("stored");
+    assert!(data_set_of(&f) == ds, "stored data set differs");
+    // Trusting the other CA only: the node's certificate is refused by our requestor.
+    let wrong = Command::new(bin)
+        .args(["echo", &addr, "--tls-ca", &pki.s("other-ca.pem")])
+        .args(client)
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        text(&wrong).contains("TLS: handshake with") && text(&wrong).contains("UnknownIssuer"),
+        "{}",
+        text(&wrong)
+    );
+    // No client certificate: the node refuses it.
+    let anonymous = Command::new(bin)
+        .args(["echo", &addr, "--tls-ca", &pki.s("ca.pem")])
+        .output()
+        .unwrap();
+    assert!(!anonymous.status.success(), "{}", text(&anonymous));
+}

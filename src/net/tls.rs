@@ -142,6 +142,39 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// A requestor's TLS configuration (exports, `dicomgate echo/store --tls-ca`): the server's
+/// certificate must chain to a CA in `ca`; with `client` = (certificate, key) that client
+/// certificate is presented. `fields` name the three settings (CA, certificate, key) in errors
+/// (`export 0: tls_ca`, `--tls-ca`, ...).
+pub fn client_config(
+    fields: [&str; 3],
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let [ca_field, cert_field, key_field] = fields;
+    let roots = load_roots(ca_field, ca)?;
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(profile_provider()))
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| format!("{ca_field}: {e}"))?
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let certs = load_certificates(cert_field, cert)?;
+            let k = load_private_key(key_field, key)?;
+            builder.with_client_auth_cert(certs, k).map_err(|e| {
+                format!(
+                    "{key_field} {} does not go with {cert_field} {} ({e}): \
+                     give the key the certificate was made for",
+                    key.display(),
+                    cert.display()
+                )
+            })?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
 /// The rustls session of one TLS connection of a reactor.
 #[derive(Debug)]
 pub struct Session {
