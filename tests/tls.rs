@@ -69,6 +69,7 @@ impl Pki {
             ("server", "ca", "server.ext"),
             ("client", "ca", "client.ext"),
             ("other-client", "other-ca", "client.ext"),
+            ("other-server", "other-ca", "server.ext"),
         ] {
             openssl(
                 d,
@@ -657,4 +658,246 @@ fn dicomgate_echo_and_store_over_tls() {
         .output()
         .unwrap();
     assert!(!anonymous.status.success(), "{}", text(&anonymous));
+}
+
+/// Our requestor's TLS configuration trusting `ca`, with the test client certificate.
+fn client_tls(pki: &Pki, ca: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    dicomgate::net::tls::client_config(
+        ["ca", "cert", "key"],
+        &pki.path(ca),
+        Some((&pki.path("client.pem"), &pki.path("client.key"))),
+    )
+    .unwrap()
+}
+
+/// A TLS connection is counted like a plain one: `max_connections` (shared by both listeners)
+/// closes the connection past it at once, `max_associations` rejects an association over TLS
+/// with A-ASSOCIATE-RJ (2, 3, 2); once they are gone, the node serves again.
+#[test]
+fn tls_connections_obey_the_connection_and_association_limits() {
+    use dicomgate::net::scu::{Client, ScuError};
+    use std::io::Read;
+    let pki = Pki::new();
+    let node = Node::start(&format!(
+        "[limits]\nmax_connections = 3\nmax_associations = 1\n{}",
+        pki.tls_toml(true)
+    ));
+    let tls = node.tls_addr.unwrap();
+    let closed_at_once = |addr: std::net::SocketAddr| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let n = s.read(&mut [0u8; 8]);
+        matches!(n, Ok(0))
+            || matches!(&n, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+                && t0.elapsed() < std::time::Duration::from_secs(3)
+    };
+    let opts = dicomgate::net::scu::ScuOptions {
+        tls: Some(client_tls(&pki, "ca.pem")),
+        ..scu_options("TLSLIMIT")
+    };
+    let proposal = dicomgate::net::scu::Proposal {
+        abstract_syntax: dicomgate::assoc::negotiation::VERIFICATION_SOP_CLASS.into(),
+        transfer_syntaxes: vec![dicomgate::assoc::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN.into()],
+    };
+    let mut first = Client::open(&tls.to_string(), &opts, std::slice::from_ref(&proposal)).unwrap();
+    assert_eq!(first.echo().unwrap(), 0);
+    match Client::open(&tls.to_string(), &opts, std::slice::from_ref(&proposal)) {
+        Err(ScuError::Rejected(rj)) => assert_eq!((rj.result.0, rj.source.0, rj.reason), (2, 3, 2)),
+        other => panic!("second association over TLS not rejected: {other:?}"),
+    }
+    // The rejected association's connection is counted until the node has seen it close.
+    assert!(
+        wait_until(5, || node.log().contains("local limit exceeded")),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200)); // the count follows the log line
+                                                               // Two silent TLS connections beside the association: three, the limit.
+    let silent: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(tls).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(closed_at_once(tls), "a fourth TLS connection was kept");
+    assert!(
+        closed_at_once(node.addr),
+        "a fourth (plain) connection was kept"
+    );
+    assert!(
+        node.log().contains("max_connections reached"),
+        "{}",
+        node.log()
+    );
+    drop(silent);
+    first.release().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut again = Client::open(&tls.to_string(), &opts, &[proposal]).unwrap();
+    assert_eq!(again.echo().unwrap(), 0);
+    again.release().unwrap();
+}
+
+/// Hostile bytes on the TLS port: a record header declaring 64 KiB (more than TLS allows) is
+/// refused from the header; garbage records after a completed handshake get an alert; each is
+/// logged once, and the node serves on.
+#[test]
+fn garbage_before_and_after_the_handshake_is_an_alert_not_a_crash() {
+    use std::io::{Read, Write};
+    let pki = Pki::new();
+    let mut node = Node::start(&pki.tls_toml(false));
+    let tls = node.tls_addr.unwrap();
+    // Before: a handshake record of 65535 bytes, then silence. rustls refuses the header.
+    let mut s = std::net::TcpStream::connect(tls).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(&[0x16, 0x03, 0x01, 0xFF, 0xFF, 0x01, 0x00])
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        got.first() == Some(&0x15),
+        "expected an alert record, got {got:02X?}"
+    );
+    assert!(
+        wait_until(5, || node.log().contains("TLS handshake failed")),
+        "{}",
+        node.log()
+    );
+    // After: a real handshake (rustls client), then a record that does not decrypt.
+    let conn = rustls::ClientConnection::new(
+        client_tls(&pki, "ca.pem"),
+        rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+    )
+    .unwrap();
+    let sock = std::net::TcpStream::connect(tls).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, sock);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap();
+    }
+    let mut bogus = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+    bogus.extend((0..0x40u8).map(|i| i.wrapping_mul(37)));
+    stream.sock.write_all(&bogus).unwrap();
+    let mut buf = [0u8; 64];
+    let r = stream.read(&mut buf);
+    assert!(r.is_err() || matches!(r, Ok(0)), "{r:?}");
+    assert!(
+        wait_until(5, || node.log().contains("TLS error: closing")),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        node.log().matches("TLS error: closing").count(),
+        1,
+        "{}",
+        node.log()
+    );
+    assert!(node.is_running());
+    let ok = dcmtk_tls(
+        "echoscu",
+        &pki,
+        &node,
+        Some(("client.key", "client.pem")),
+        &[],
+    );
+    assert!(ok.status.success(), "{}\n{}", text(&ok), node.log());
+}
+
+/// SIGHUP reads the certificate and key files again: new connections get the new certificate
+/// (here one signed by the other CA); a bad file at reload keeps the old ones, with a warning.
+#[test]
+fn sighup_reloads_the_certificate() {
+    let pki = Pki::new();
+    let live = |n: &str| pki.path(&format!("live-{n}"));
+    std::fs::copy(pki.path("server.pem"), live("cert")).unwrap();
+    std::fs::copy(pki.path("server.key"), live("key")).unwrap();
+    let node = Node::start(&format!(
+        "[tls]\nlisten = \"127.0.0.1:0\"\ncertificate = {:?}\nprivate_key = {:?}\n",
+        live("cert").display().to_string(),
+        live("key").display().to_string()
+    ));
+    let echo = |ca: &str| {
+        dcmtk("echoscu")
+            .args([
+                "+tla",
+                "+cf",
+                &pki.s(ca),
+                "-aec",
+                "DICOMGATE",
+                "127.0.0.1",
+                &tls_port(&node),
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(echo("ca.pem") && !echo("other-ca.pem"));
+    std::fs::copy(pki.path("other-server.pem"), live("cert")).unwrap();
+    std::fs::copy(pki.path("other-server.key"), live("key")).unwrap();
+    node.signal(rustix::process::Signal::HUP);
+    assert!(
+        wait_until(5, || node
+            .log()
+            .contains("TLS certificate, key and CA reloaded")),
+        "{}",
+        node.log()
+    );
+    assert!(echo("other-ca.pem") && !echo("ca.pem"), "{}", node.log());
+    // A key that does not match: refused, the certificate in use stays.
+    std::fs::copy(pki.path("client.key"), live("key")).unwrap();
+    node.signal(rustix::process::Signal::HUP);
+    assert!(
+        wait_until(5, || node.log().contains("TLS files not reloaded")),
+        "{}",
+        node.log()
+    );
+    assert!(
+        node.log().contains("does not go with tls.certificate"),
+        "{}",
+        node.log()
+    );
+    assert!(echo("other-ca.pem"), "{}", node.log());
+}
+
+/// Memory: 200 idle associations over TLS (handshake done, A-ASSOCIATE accepted, a C-ECHO
+/// each) grow the node by a bounded amount each (printed with --nocapture); tests/flood.rs
+/// measures plain ones (17.5 KiB each).
+#[test]
+fn idle_tls_associations_cost_bounded_memory() {
+    use dicomgate::net::scu::Client;
+    let pki = Pki::new();
+    let node = Node::start(&pki.tls_toml(false));
+    let tls = node.tls_addr.unwrap().to_string();
+    let proposal = dicomgate::net::scu::Proposal {
+        abstract_syntax: dicomgate::assoc::negotiation::VERIFICATION_SOP_CLASS.into(),
+        transfer_syntaxes: vec![dicomgate::assoc::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN.into()],
+    };
+    let config = client_tls(&pki, "ca.pem");
+    // Warm up (first allocations of each reactor), then measure.
+    let opts = |i: usize| dicomgate::net::scu::ScuOptions {
+        tls: Some(config.clone()),
+        ..scu_options(&format!("MEM{}", i % 8))
+    };
+    let mut warm = Client::open(&tls, &opts(0), std::slice::from_ref(&proposal)).unwrap();
+    assert_eq!(warm.echo().unwrap(), 0);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = node.rss_kib();
+    let n = 200;
+    let mut clients: Vec<_> = (0..n)
+        .map(|i| Client::open(&tls, &opts(i), std::slice::from_ref(&proposal)).unwrap())
+        .collect();
+    for c in &mut clients {
+        assert_eq!(c.echo().unwrap(), 0);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let after = node.rss_kib();
+    let each = (after.saturating_sub(before)) as f64 / n as f64;
+    println!("{n} idle TLS associations: RSS {before} KiB -> {after} KiB, {each:.1} KiB each");
+    assert!(each < 64.0, "{each:.1} KiB per idle TLS association");
+    for c in clients {
+        c.release().unwrap();
+    }
+    warm.release().unwrap();
 }
