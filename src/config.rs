@@ -78,7 +78,9 @@ impl Default for HttpConfig {
 pub struct NodeConfig {
     /// Our AE title; the called AE title of every association must equal it.
     pub ae_title: String,
-    pub listen: SocketAddr,
+    /// IP:PORT for plain DICOM; `""` = none (TLS only: then `[tls] listen` must be set).
+    #[serde(with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Accept any called AE title instead of only `ae_title`.
     pub accept_any_called_ae: bool,
@@ -104,7 +106,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             ae_title: "DICOMGATE".into(),
-            listen: SocketAddr::from(([0, 0, 0, 0], 11112)),
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], 11112))),
             data_dir: PathBuf::from("./dicomgate-data"),
             accept_any_called_ae: false,
             calling_ae_titles: Vec::new(),
@@ -116,6 +118,32 @@ impl Default for NodeConfig {
             transfer_syntax_choice: TransferSyntaxChoice::Sender,
             drain_seconds: 30.0,
         }
+    }
+}
+
+/// `[node] listen`: an address, or `""` for none.
+mod optional_addr {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::SocketAddr;
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not IP:PORT (use \"\" for no plain listener)"
+            ))
+        })
     }
 }
 
@@ -551,6 +579,13 @@ impl Config {
                 self.node.drain_seconds
             ));
         }
+        if self.node.listen.is_none() && !self.tls.enabled() {
+            return err(
+                "node.listen is \"\" and [tls] listen is not set: the node would accept no \
+                 association; give node.listen an IP:PORT, or set [tls] listen (TLS only)"
+                    .into(),
+            );
+        }
         if self.tls.enabled() {
             if self.tls.listen.trim().parse::<SocketAddr>().is_err() {
                 return err(format!(
@@ -938,7 +973,7 @@ mod tests {
     fn defaults_are_valid_and_embedded() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.node.ae_title, "DICOMGATE");
-        assert_eq!(c.node.listen.port(), 11112);
+        assert_eq!(c.node.listen.unwrap().port(), 11112);
         assert_eq!(c.storage.durability, Durability::Fsync);
     }
 

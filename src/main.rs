@@ -26,7 +26,7 @@ enum Command {
         /// TOML config file; flags below override it.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// IP:PORT to accept associations on ([node] listen; default 0.0.0.0:11112).
+        /// IP:PORT to accept plain associations on ([node] listen; default 0.0.0.0:11112).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
         /// Where instances, the segment log and batches are kept ([node] data_dir).
@@ -299,7 +299,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 None => Config::default(),
             };
             if let Some(l) = listen {
-                cfg.node.listen = l;
+                cfg.node.listen = Some(l);
             }
             if let Some(d) = data_dir {
                 cfg.node.data_dir = d;
@@ -348,8 +348,10 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             });
             let node = dicomgate::net::start(cfg)?;
             // Tests and scripts read the bound address from this line (and the TLS one from
-            // the next, when [tls] listen is set).
-            println!("listening on {}", node.local_addr);
+            // the next, when [tls] listen is set; only that one when node.listen is "").
+            if let Some(a) = node.local_addr {
+                println!("listening on {a}");
+            }
             if let Some(a) = node.tls_addr {
                 println!("tls listening on {a}");
             }

@@ -901,3 +901,77 @@ fn idle_tls_associations_cost_bounded_memory() {
     }
     warm.release().unwrap();
 }
+
+/// TLS only: `[node] listen = ""` binds no plain listener (the node says so) and serves DICOM
+/// over TLS; with no `[tls] listen` either, start-up is refused, naming both.
+#[test]
+fn tls_only_with_an_empty_plain_listen() {
+    use std::io::BufRead;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let data = dir.path().join("data").display().to_string();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nlisten = \"\"\ndata_dir = {data:?}\nreactors = 1\n[http]\nlisten = \"\"\n{}",
+            pki.tls_toml(false)
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("tls listening on ")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .to_string();
+    let echo = dcmtk("echoscu")
+        .args([
+            "+tla",
+            "+cf",
+            &pki.s("ca.pem"),
+            "-aec",
+            "DICOMGATE",
+            "127.0.0.1",
+            &port,
+        ])
+        .output()
+        .unwrap();
+    let node_log = std::fs::read_to_string(dir.path().join("node.log")).unwrap();
+    assert!(echo.status.success(), "{}\n{node_log}", text(&echo));
+    assert!(
+        node_log.contains("listen=none (TLS only)")
+            || node_log.contains("listen=\"none (TLS only)\""),
+        "{node_log}"
+    );
+    let _ = child.kill();
+    let e = match dicomgate::config::Config::from_toml("[node]\nlisten = \"\"\n") {
+        Err(e) => e.0,
+        Ok(_) => panic!("no listener at all was accepted"),
+    };
+    assert!(
+        e.contains("node.listen") && e.contains("[tls] listen"),
+        "{e}"
+    );
+    let e = match dicomgate::config::Config::from_toml("[node]\nlisten = \"11112\"\n") {
+        Err(e) => e.0,
+        Ok(_) => panic!("a port without an address was accepted"),
+    };
+    assert!(e.contains("listen") && e.contains("IP:PORT"), "{e}");
+}

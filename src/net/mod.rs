@@ -154,7 +154,8 @@ impl Mailbox {
 /// A running node.
 #[derive(Debug)]
 pub struct NodeHandle {
-    pub local_addr: SocketAddr,
+    /// Where the plain listener listens; `None` when `[node] listen` is "" (TLS only).
+    pub local_addr: Option<SocketAddr>,
     /// Where the TLS listener listens, if `[tls] listen` names one.
     pub tls_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
@@ -242,7 +243,7 @@ impl NodeHandle {
     }
 
     fn unblock_accept(&self) {
-        for mut a in std::iter::once(self.local_addr).chain(self.tls_addr) {
+        for mut a in self.local_addr.into_iter().chain(self.tls_addr) {
             if a.ip().is_unspecified() {
                 a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
@@ -337,15 +338,15 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     }
     // Before anything reads or recovers the data directory: one node per directory.
     let lock = crate::storage::lock_data_dir(&config.node.data_dir)?;
-    let listener = TcpListener::bind(config.node.listen).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "cannot listen on {} ([node] listen): {e}",
-                config.node.listen
-            ),
-        )
-    })?;
+    let listener = match config.node.listen {
+        None => None, // TLS only (validate() made sure [tls] listen is set)
+        Some(a) => Some(TcpListener::bind(a).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {a} ([node] listen): {e}"),
+            )
+        })?),
+    };
     let http = if config.http.listen.trim().is_empty() {
         None
     } else {
@@ -383,7 +384,10 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         Some(l) => Some(l.local_addr()?),
         None => None,
     };
-    let local_addr = listener.local_addr()?;
+    let local_addr = match &listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let n = config.reactor_count();
     let mut polls = Vec::with_capacity(n);
     let mut boxes = Vec::with_capacity(n);
@@ -495,7 +499,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
                 })?,
         );
     }
-    {
+    if let Some(listener) = listener {
         let shared = shared.clone();
         let mailboxes = mailboxes.clone();
         threads.push(
@@ -537,7 +541,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         }
     }
     tracing::info!(
-        listen = %local_addr,
+        listen = local_addr.map_or_else(|| "none (TLS only)".to_string(), |a| a.to_string()),
         ae_title = %shared.config.node.ae_title,
         reactors = n,
         data_dir = %shared.config.node.data_dir.display(),

@@ -44,20 +44,23 @@ fn spawn(
     let mut line = String::new();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     out.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("node did not start: {line:?}"))
-        .parse()
-        .unwrap();
+    let parse = |line: &str, prefix: &str| -> SocketAddr {
+        line.trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("node did not start: {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    if line.starts_with("tls listening on ") {
+        // TLS only ([node] listen = ""): `addr` is the TLS listener's too.
+        let a = parse(&line, "tls listening on ");
+        return (child, a, Some(a));
+    }
+    let addr = parse(&line, "listening on ");
     let tls_addr = tls.then(|| {
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
-        line.trim()
-            .strip_prefix("tls listening on ")
-            .unwrap_or_else(|| panic!("no TLS listener: {line:?}"))
-            .parse()
-            .unwrap()
+        parse(&line, "tls listening on ")
     });
     (child, addr, tls_addr)
 }
