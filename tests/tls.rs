@@ -975,3 +975,30 @@ fn tls_only_with_an_empty_plain_listen() {
     };
     assert!(e.contains("listen") && e.contains("IP:PORT"), "{e}");
 }
+
+/// pynetdicom with an `ssl.SSLContext` (Python's ssl module): with `client_ca`, a client
+/// certificate signed by it echoes and stores (data sets as sent); without one, no association.
+#[test]
+fn pynetdicom_over_tls_with_and_without_a_client_certificate() {
+    let pki = Pki::new();
+    let node = Node::start(&pki.tls_toml(true));
+    let work = tempfile::tempdir().unwrap();
+    let sop = "1.2.826.0.1.3680043.2.1143.9.1";
+    let ds = dataset("PYPAT", "1.2.3.10", "1.2.3.10.1", sop, 70_000);
+    let f = write_part10(work.path(), &ds, sop);
+    let port = tls_port(&node);
+    let (ca, cert, key) = (pki.s("ca.pem"), pki.s("client.pem"), pki.s("client.key"));
+    let f = f.display().to_string();
+    let out = run_py("tls_send.py", &[&port, &ca, &cert, &key, &f]);
+    assert!(out.contains("ECHO 0"), "{out}\n{}", node.log());
+    assert!(out.contains(&format!("0 {f}")), "{out}\n{}", node.log());
+    let stored = stored_instance(&node, sop).expect("stored");
+    assert!(data_set_of(&stored) == ds, "stored data set differs");
+    let out = run_py("tls_send.py", &[&port, &ca, "-", "-", &f]);
+    assert!(out.trim() == "ABORTED", "{out}\n{}", node.log());
+    assert!(
+        wait_until(5, || node.log().contains("peer sent no certificates")),
+        "{}",
+        node.log()
+    );
+}
