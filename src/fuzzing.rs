@@ -911,6 +911,8 @@ mod tests {
             study_uid: Some("1.2.3".into()),
             series_uid: None,
             received_ms: 1,
+            receiving_ae_title: "DICOMGATE".into(),
+            requestor_address: "10.0.0.7".into(),
         };
         for n in 1..=3u8 {
             let mut b = vec![1u8];

@@ -8,7 +8,9 @@
 //!
 //! - [`net`] — the only socket code: an acceptor hands connections to one mio reactor per pinned
 //!   core; each reactor reads into a reused buffer per connection and moves bytes and
-//!   completions between the socket, the association's DIMSE service and storage.
+//!   completions between the socket, the association's DIMSE service and storage. Its HTTP
+//!   endpoint (`net::http`, one thread off the reactors) serves `/metrics`, health, the status
+//!   page and `/api/status` (`net::status`), and the operator's `POST /api/retry`.
 //! - [`ul`] — the Upper Layer wire format (PS3.8 §9): a deframer answers Complete / Partial /
 //!   Error from the 6-byte header, PDUs are parsed as views into the buffer. Pure.
 //! - [`assoc`] — the PS3.8 Table 9-10 state machine for both sides, ARTIM and idle timers (time

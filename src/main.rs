@@ -1,5 +1,6 @@
 //! `dicomgate`: thin CLI over the library. `serve` runs the node; `echo` and `store` run the
-//! requestor side of the same code.
+//! requestor side of the same code; `status` asks a running node's HTTP endpoint; `ls` and
+//! `extract` read a data directory.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +36,7 @@ enum Command {
         /// Our AE title: the called AE title associations must name ([node] ae_title).
         #[arg(long)]
         ae_title: Option<String>,
-        /// HOST:PORT of the HTTP endpoint (/metrics, /healthz, /readyz); "" for none.
+        /// HOST:PORT of the HTTP endpoint (/, /api/status, /metrics, /healthz, /readyz); "" for none.
         #[arg(long)]
         http: Option<String>,
         /// Print the effective configuration as TOML and exit.
@@ -94,6 +95,42 @@ enum Command {
         #[arg(long, value_name = "PEM", requires = "tls_certificate")]
         tls_private_key: Option<PathBuf>,
     },
+    /// Show what a running node is doing (its status page, in the terminal): pending patients
+    /// and each input's progress, batches, failed batches with their reasons, recent
+    /// associations. Reads the node's `GET /api/status`.
+    Status {
+        /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
+        /// 127.0.0.1:8104.
+        #[arg(long)]
+        http: Option<String>,
+        /// The node's config file (for its [http] listen).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the JSON as the node sent it.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run failed batches again: move them from failed/ back into the outbox of the running
+    /// node (POST /api/retry), which processes or exports them from the stage they failed in.
+    Retry {
+        /// The batch id (its directory name under failed/).
+        #[arg(required_unless_present = "all_failed", conflicts_with = "all_failed")]
+        batch: Option<String>,
+        /// Every batch in failed/.
+        #[arg(long)]
+        all_failed: bool,
+        /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
+        /// 127.0.0.1:8104.
+        #[arg(long)]
+        http: Option<String>,
+        /// The node's config file (for its [http] listen and token_file).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A file holding the bearer token (default: the config's [http] token_file); not
+        /// needed from the node's own host.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// List what a data directory holds: pending patients and instances (own file or segment
     /// log record), the log's segments, and claimed batches. Safe beside a running node.
     Ls {
@@ -139,6 +176,112 @@ fn data_dir_of(
         None => Config::default(),
     };
     Ok(cfg.node.data_dir)
+}
+
+/// The node's HTTP address for `dicomgate status`: `--http`, else the config's `[http]
+/// listen` (an unspecified IP such as 0.0.0.0 asked on loopback), else the default.
+fn http_address(
+    http: Option<String>,
+    config: Option<PathBuf>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    if let Some(h) = http {
+        return Ok(h);
+    }
+    let cfg = match config {
+        Some(p) => Config::from_toml(
+            &std::fs::read_to_string(&p)
+                .map_err(|e| format!("config file {}: {e}", p.display()))?,
+        )
+        .map_err(|e| format!("{}: {e}", p.display()))?,
+        None => Config::default(),
+    };
+    let listen = cfg.http.listen.trim();
+    if listen.is_empty() {
+        return Err(
+            "the config's [http] listen is \"\" (no HTTP endpoint): give --http HOST:PORT".into(),
+        );
+    }
+    Ok(match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let ip: std::net::IpAddr = if a.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(ip, a.port()).to_string()
+        }
+        _ => listen.to_string(),
+    })
+}
+
+fn retry(
+    batch: Option<String>,
+    http: Option<String>,
+    config: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use dicomgate::net::status;
+    let cfg = match &config {
+        Some(p) => Some(
+            Config::from_toml(
+                &std::fs::read_to_string(p)
+                    .map_err(|e| format!("config file {}: {e}", p.display()))?,
+            )
+            .map_err(|e| format!("{}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let token_file = token_file.or_else(|| {
+        cfg.as_ref()
+            .map(|c| c.http.token_file.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .map(PathBuf::from)
+    });
+    let token = match token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(&f)
+                .map_err(|e| format!("token file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let addr = http_address(http, config)?;
+    let answer = status::retry(&addr, batch.as_deref(), token.as_deref())?;
+    for id in &answer.retried {
+        println!("retrying {}", status::printable(id));
+    }
+    for e in &answer.errors {
+        eprintln!(
+            "cannot retry {}: {}",
+            status::printable(&e.batch),
+            status::printable(&e.error)
+        );
+    }
+    if answer.retried.is_empty() && answer.errors.is_empty() {
+        println!("no failed batch");
+    }
+    Ok(if answer.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn status(
+    http: Option<String>,
+    config: Option<PathBuf>,
+    json: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use dicomgate::net::status;
+    let addr = http_address(http, config)?;
+    let s = status::fetch(&addr)?;
+    if json {
+        println!("{}", status::render_json(&s)?);
+    } else {
+        print!("{}", status::render_text(&s));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ls(data_dir: &Path, instances: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -411,6 +554,14 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let tls = scu_tls(tls_ca, tls_certificate, tls_private_key)?;
             store(&address, &paths, called, calling, tls)
         }
+        Command::Status { http, config, json } => status(http, config, json),
+        Command::Retry {
+            batch,
+            all_failed: _,
+            http,
+            config,
+            token_file,
+        } => retry(batch, http, config, token_file),
         Command::Ls {
             config,
             data_dir,

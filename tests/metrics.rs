@@ -11,36 +11,7 @@ use std::io::{Read, Write};
 use common::*;
 use dicomgate::net::scu::Client;
 
-/// The HTTP address the node logged.
-fn http_addr(node: &Node) -> String {
-    let log = node.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("http serving"))
-        .unwrap_or_else(|| panic!("no http line\n{log}"));
-    line.rsplit("listen=")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// `GET path`: (status code, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-    (code, body)
-}
+use common::http_get as get;
 
 /// Every sample of `/metrics` as the Prometheus parser read it.
 fn scrape(addr: &str) -> BTreeMap<String, f64> {

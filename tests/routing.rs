@@ -61,6 +61,7 @@ impl Instance<'_> {
             sop_instance_uid: self.sop.clone(),
             transfer_syntax_uid: EXPLICIT_LE.into(),
             source_ae_title: String::new(),
+            ..Default::default()
         };
         let mut f = dicomgate::storage::part10::header(&meta);
         f.extend_from_slice(&d);
@@ -382,12 +383,16 @@ fn one_of_group_is_satisfied_by_either_input() {
     assert_eq!(sops(&dcm_files(&export)), sops(&mr));
 }
 
-/// After a kill -9, instances pending on disk are matched again with the Calling AE Title kept
-/// in them (Source AE Title, in a segment log record or in a Part-10 file of its own with
-/// `inline_max_bytes = 0`): SITE_A's instances, stored before the crash, still join the input
-/// whose rule is `calling_ae = "SITE_A"`, and the recovered patient is processed (trigger c).
+/// After a kill -9, instances pending on disk are matched again with the sender they were
+/// stored from, kept with them (Source and Receiving AE Titles and the requestor's address, in a
+/// segment log record or in a Part-10 file of its own with `inline_max_bytes = 0`): SITE_A's
+/// instances, sent from 127.0.0.1 to GATE_B before the crash, still join the input whose rules
+/// are `calling_ae = "SITE_A"`, `called_ae = "GATE_B"` and `peer = ["127.0.0.0/8"]`, and the
+/// recovered patient is processed (trigger c). Found in review: the address was not kept, so a
+/// `peer` rule (and a `called_ae` rule on a node that accepts any Called AE Title) never held
+/// after a restart, and the acknowledged instances waited in no input until they expired.
 #[test]
-fn calling_ae_title_rule_holds_for_instances_recovered_after_a_kill() {
+fn sender_rules_hold_for_instances_recovered_after_a_kill() {
     for (case, storage) in [("log", ""), ("files", "[storage]\ninline_max_bytes = 0\n")] {
         let src = tempfile::tempdir().unwrap();
         let a = series(
@@ -399,11 +404,20 @@ fn calling_ae_title_rule_holds_for_instances_recovered_after_a_kill() {
             3,
         );
         // Nothing triggers before the kill: a quiet time far away, no trigger on close.
-        let mut node = Node::start(&format!(
-            "[[input]]\nname = \"site_a\"\ncalling_ae = \"SITE_A\"\nmin_instances = 3\n\
-             [trigger]\nquiet_seconds = 3600\non_association_close = false\n{storage}"
-        ));
-        let out = storescu(&node, "SITE_A", &a);
+        let mut node = Node::start_with_node(
+            "accept_any_called_ae = true",
+            &format!(
+                "[[input]]\nname = \"site_a\"\ncalling_ae = \"SITE_A\"\ncalled_ae = \"GATE_B\"\n\
+                 peer = [\"127.0.0.0/8\"]\nmin_instances = 3\n\
+                 [trigger]\nquiet_seconds = 3600\non_association_close = false\n{storage}"
+            ),
+        );
+        let out = dcmtk("storescu")
+            .args(["-v", "-aet", "SITE_A", "-aec", "GATE_B", "127.0.0.1"])
+            .arg(node.port())
+            .args(&a)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{case}: {}", node.log());
         assert_eq!(responses(&out), (3, 3), "{case}");
         if case == "files" {

@@ -57,6 +57,7 @@ fn instances(dir: &Path, patient: &str, n: usize, pixels: usize) -> Vec<PathBuf>
                 sop_instance_uid: sop.clone(),
                 transfer_syntax_uid: EXPLICIT_LE.into(),
                 source_ae_title: String::new(),
+                ..Default::default()
             };
             let mut f = dicomgate::storage::part10::header(&meta);
             f.extend_from_slice(&dataset(patient, &study, &series, &sop, pixels));

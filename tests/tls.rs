@@ -177,6 +177,7 @@ fn write_part10(dir: &Path, ds: &[u8], sop: &str) -> PathBuf {
         sop_instance_uid: sop.into(),
         transfer_syntax_uid: EXPLICIT_LE.into(),
         source_ae_title: "TEST".into(),
+        ..Default::default()
     };
     let mut bytes = dicomgate::storage::part10::header(&meta);
     bytes.extend_from_slice(ds);

@@ -1,10 +1,12 @@
 //! The node's HTTP endpoint (`[http] listen`), on its own thread, off the reactors:
 //! `/metrics` in the OpenMetrics text format (encoded by prometheus-client), `/healthz` (200
-//! while every reactor runs and the node is not stopping, else 503) and `/readyz` (200 while
-//! not draining and the data directory is writable, else 503).
+//! while every reactor runs and the node is not stopping, else 503), `/readyz` (200 while
+//! not draining and the data directory is writable, else 503), and the status page `/` and
+//! its JSON `/api/status` (built by [`super::status`]).
 //!
-//! Owns: serving those three paths, and building each scrape from the node's counters (read,
-//! never reset). Must never block a reactor or touch the data path beyond reading counters;
+//! Owns: serving those paths, the counters the reactors keep for them (with the bounded rings
+//! of recent associations and per-second throughput), and building each scrape from them
+//! (read, never reset). Must never block a reactor or touch the data path beyond reading counters;
 //! a slow scraper holds only this thread.
 
 use std::collections::BTreeMap;
@@ -36,6 +38,27 @@ pub struct Counters {
     pub failures: Mutex<BTreeMap<u16, u64>>,
     /// Seconds from a store handed to storage to its outcome (durable, or failed).
     pub store_seconds: Histogram,
+    /// When the node started (the status page's uptime and throughput clock).
+    pub started: std::time::Instant,
+    /// The last [`RECENT_ASSOCIATIONS`] associations that ended, oldest first.
+    pub recent: Mutex<std::collections::VecDeque<super::status::RecentAssociation>>,
+    /// Instances and bytes stored per second over the last [`THROUGHPUT_SECONDS`] seconds,
+    /// a ring indexed by the second since `started`.
+    per_second: Box<[SecondSlot]>,
+}
+
+/// Associations kept for the status page's "recent associations".
+pub const RECENT_ASSOCIATIONS: usize = 50;
+/// Seconds of per-second throughput kept for the status page's plot.
+pub const THROUGHPUT_SECONDS: usize = 300;
+
+/// One second of the throughput ring.
+#[derive(Debug, Default)]
+struct SecondSlot {
+    /// 1 + the second since `started` this slot counts; 0 = never used.
+    second: AtomicU64,
+    instances: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl Default for Counters {
@@ -48,11 +71,73 @@ impl Default for Counters {
             failures: Mutex::default(),
             // 50 µs to ~1.6 s.
             store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            started: std::time::Instant::now(),
+            recent: Mutex::default(),
+            per_second: (0..THROUGHPUT_SECONDS)
+                .map(|_| SecondSlot::default())
+                .collect(),
         }
     }
 }
 
 impl Counters {
+    /// An instance of `bytes` became durable at `now` (a reactor's clock).
+    ///
+    /// The throughput ring is approximate by design: the reactor that first stores in a new
+    /// second resets that slot, and an instance counted by another reactor in the same
+    /// nanoseconds may be lost to the reset. Three relaxed atomics, no lock, no clock read.
+    pub fn stored(&self, now: std::time::Instant, bytes: u64) {
+        self.instances.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let sec = now.saturating_duration_since(self.started).as_secs();
+        let Some(slot) = self
+            .per_second
+            .get((sec % THROUGHPUT_SECONDS as u64) as usize)
+        else {
+            return;
+        };
+        let mark = sec + 1;
+        if slot.second.load(Ordering::Relaxed) != mark
+            && slot.second.swap(mark, Ordering::Relaxed) != mark
+        {
+            slot.instances.store(0, Ordering::Relaxed);
+            slot.bytes.store(0, Ordering::Relaxed);
+        }
+        slot.instances.fetch_add(1, Ordering::Relaxed);
+        slot.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// (instances, bytes) stored in each of the last `THROUGHPUT_SECONDS` seconds, oldest
+    /// first, the current (partial) second last; seconds before the node started are left
+    /// out.
+    pub fn throughput(&self) -> Vec<(u64, u64)> {
+        let now = self.started.elapsed().as_secs();
+        let first = (now + 1).saturating_sub(THROUGHPUT_SECONDS as u64);
+        (first..=now)
+            .map(|sec| {
+                self.per_second
+                    .get((sec % THROUGHPUT_SECONDS as u64) as usize)
+                    .filter(|s| s.second.load(Ordering::Relaxed) == sec + 1)
+                    .map_or((0, 0), |s| {
+                        (
+                            s.instances.load(Ordering::Relaxed),
+                            s.bytes.load(Ordering::Relaxed),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// Keeps an ended association for the status page (the last [`RECENT_ASSOCIATIONS`]).
+    pub fn remember(&self, a: super::status::RecentAssociation) {
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() >= RECENT_ASSOCIATIONS {
+                r.pop_front();
+            }
+            r.push_back(a);
+        }
+    }
+
     /// An association ended with this outcome text (the service's).
     pub fn association_ended(&self, outcome: &str) {
         let kind = if outcome.starts_with("released") {
@@ -273,6 +358,13 @@ pub fn render(shared: &Shared) -> String {
     out
 }
 
+/// Sent with every answer. The status page needs nothing but its own inline CSS, so a policy
+/// that allows nothing else means text a peer sent (a Patient ID, an AE title) could not run
+/// script or load anything even if it escaped the page's HTML escaping.
+const SAFETY_HEADERS: &str =
+    "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'\r\n\
+     X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n";
+
 /// Longest request head we read; a longer one gets 431 and the connection closed.
 const MAX_REQUEST: usize = 8 << 10;
 /// Read and write timeout per connection: a client that stops reading (or never sends its
@@ -280,14 +372,14 @@ const MAX_REQUEST: usize = 8 << 10;
 const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves one connection at a time until `shared.shutdown` is set (the stopper connects once
-/// to wake the accept). Deliberately small: three GET paths, `Connection: close`, bounded
+/// to wake the accept). Deliberately small: a few GET paths, `Connection: close`, bounded
 /// request size and time, no thread per client, so no client can take the node's descriptors
 /// or hold this thread for long.
 pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usize) {
     use std::io::{Read, Write};
     loop {
-        let mut stream = match listener.accept() {
-            Ok((s, _)) => s,
+        let (mut stream, peer) = match listener.accept() {
+            Ok(x) => x,
             Err(e) => {
                 if shared.shutdown.load(Ordering::Acquire) {
                     return;
@@ -328,22 +420,34 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
             let mut parts = line.split_whitespace();
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let path = target.split('?').next().unwrap_or("");
-            if method != "GET" && method != "HEAD" {
-                (405, "only GET\n".into(), "text/plain")
+            if method == "POST" {
+                match may_mutate(&head, peer, &shared.config.http) {
+                    Ok(()) => mutate(path, &shared),
+                    Err(why) => (403, format!("{why}\n"), "text/plain"),
+                }
+            } else if method != "GET" && method != "HEAD" {
+                (
+                    405,
+                    "only GET, and POST to /api/retry\n".into(),
+                    "text/plain",
+                )
             } else {
                 respond(path, &shared, reactors)
             }
         };
         let reason = match code {
             200 => "OK",
+            403 => "Forbidden",
             404 => "Not Found",
+            409 => "Conflict",
             405 => "Method Not Allowed",
             431 => "Request Header Fields Too Large",
+            500 => "Internal Server Error",
             _ => "Service Unavailable",
         };
         let _ = write!(
             stream,
-            "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{SAFETY_HEADERS}Connection: close\r\n\r\n",
             body.len()
         )
         .and_then(|()| stream.write_all(body.as_bytes()));
@@ -358,6 +462,15 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
             render(shared),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
+        "/" | "/index.html" => (
+            200,
+            super::status::render_html(&super::status::collect(shared)),
+            "text/html; charset=utf-8",
+        ),
+        "/api/status" => match super::status::render_json(&super::status::collect(shared)) {
+            Ok(json) => (200, json, "application/json"),
+            Err(e) => (500, format!("{e}\n"), "text/plain"),
+        },
         "/healthz" => {
             let ok = shared.reactors_running.load(Ordering::Acquire) == reactors
                 && !shared.shutdown.load(Ordering::Acquire);
@@ -382,6 +495,107 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
     }
 }
 
+/// The value of request header `name` (case-insensitive) in a request head, if present.
+fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        // The blank line ends the head; what follows is a body.
+        .take_while(|line| !line.is_empty());
+    lines.find_map(|line| {
+        let colon = line.iter().position(|&b| b == b':')?;
+        let (k, v) = line.split_at(colon);
+        k.eq_ignore_ascii_case(name.as_bytes())
+            .then(|| v.get(1..).unwrap_or_default().trim_ascii())
+    })
+}
+
+/// Whether a mutating request may run: from a loopback peer, or with the bearer token of
+/// `[http] token_file`; never one a browser sent on a page's behalf (it carries `Origin`:
+/// a page elsewhere, or one reached by DNS rebinding, cannot make the node retry).
+fn may_mutate(
+    head: &[u8],
+    peer: std::net::SocketAddr,
+    http: &crate::config::HttpConfig,
+) -> Result<(), &'static str> {
+    if header(head, "origin").is_some() {
+        return Err(
+            "refused: a request from a web page (Origin header); use dicomgate retry or curl",
+        );
+    }
+    if let Some(auth) = header(head, "authorization") {
+        let token = (!http.token_file.trim().is_empty())
+            .then(|| std::fs::read(http.token_file.trim()).ok())
+            .flatten();
+        let sent = auth.strip_prefix(b"Bearer ").map(<[u8]>::trim_ascii);
+        return match (token, sent) {
+            (Some(t), Some(s))
+                if !t.trim_ascii().is_empty() && constant_time_eq(t.trim_ascii(), s) =>
+            {
+                Ok(())
+            }
+            _ => Err("refused: the bearer token is not the one in [http] token_file"),
+        };
+    }
+    if peer.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err("refused: mutating requests are answered for loopback peers only, or with the bearer token of [http] token_file")
+    }
+}
+
+/// Compares without stopping at the first difference (a token's prefix cannot be timed).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Runs a permitted mutating request: `POST /api/retry/{batch}` (one failed batch) or
+/// `POST /api/retry` (every failed batch). The answer is JSON: `{"retried": [ids],
+/// "errors": [{"batch", "error"}]}`, 200 when nothing failed, 404 for an unknown batch, else
+/// 409.
+fn mutate(path: &str, shared: &Shared) -> (u16, String, &'static str) {
+    let p = &shared.pipeline;
+    let ids: Vec<String> = match path.strip_prefix("/api/retry") {
+        Some("") | Some("/") => p.failed_ids(),
+        Some(rest) => match rest.strip_prefix('/') {
+            Some(id) => vec![id.to_string()],
+            None => return (404, "not found\n".into(), "text/plain"),
+        },
+        None => return (404, "not found\n".into(), "text/plain"),
+    };
+    let (mut retried, mut errors) = (Vec::new(), Vec::new());
+    let mut unknown = false;
+    for id in ids {
+        if !crate::pipeline::batch::is_batch_id(&id) {
+            unknown = true;
+            errors.push(serde_json::json!({"batch": id, "error": "not a batch id"}));
+            continue;
+        }
+        if !shared
+            .config
+            .node
+            .data_dir
+            .join("failed")
+            .join(&id)
+            .is_dir()
+        {
+            unknown = true;
+        }
+        match p.retry_failed(&id) {
+            Ok(()) => retried.push(id),
+            Err(e) => errors.push(serde_json::json!({"batch": id, "error": e})),
+        }
+    }
+    let code = match (errors.is_empty(), unknown) {
+        (true, _) => 200,
+        (false, true) => 404,
+        (false, false) => 409,
+    };
+    let body = serde_json::json!({"retried": retried, "errors": errors});
+    (code, format!("{body}\n"), "application/json")
+}
+
 /// Why the data directory cannot take instances now, if it cannot: not writable by us, or
 /// less free space than two log segments (a full disk answers every store 0xA700).
 fn data_dir_problem(config: &crate::config::Config) -> Option<String> {
@@ -396,5 +610,64 @@ fn data_dir_problem(config: &crate::config::Config) -> Option<String> {
             (free < want).then(|| format!("data directory has {free} bytes free, under {want}"))
         }
         Err(e) => Some(format!("data directory: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn http(token_file: &str) -> crate::config::HttpConfig {
+        crate::config::HttpConfig {
+            listen: String::new(),
+            token_file: token_file.into(),
+        }
+    }
+
+    const LOOPBACK: &str = "127.0.0.1:5000";
+    const REMOTE: &str = "192.0.2.7:5000";
+
+    #[test]
+    fn headers_are_found_case_insensitively() {
+        let head = b"POST /api/retry HTTP/1.1\r\nHost: x\r\nAUTHORIZATION:  Bearer abc \r\n\r\n";
+        assert_eq!(header(head, "authorization"), Some(&b"Bearer abc"[..]));
+        assert_eq!(header(head, "origin"), None);
+        // The request line is not a header.
+        assert_eq!(
+            header(b"POST /origin: x HTTP/1.1\r\n\r\n", "post /origin"),
+            None
+        );
+        // Nor is a body line.
+        assert_eq!(
+            header(b"POST / HTTP/1.1\r\n\r\nOrigin: x\r\n", "origin"),
+            None
+        );
+    }
+
+    /// Mutations: loopback peers by default, any peer with the token, never a web page's.
+    #[test]
+    fn who_may_mutate() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let token = token.display().to_string();
+        let plain = b"POST /api/retry HTTP/1.1\r\n\r\n";
+        let with = |h: &str| format!("POST /api/retry HTTP/1.1\r\n{h}\r\n\r\n").into_bytes();
+        assert!(may_mutate(plain, LOOPBACK.parse().unwrap(), &http("")).is_ok());
+        assert!(may_mutate(plain, REMOTE.parse().unwrap(), &http("")).is_err());
+        assert!(may_mutate(plain, REMOTE.parse().unwrap(), &http(&token)).is_err());
+        let good = with("Authorization: Bearer s3cret");
+        assert!(may_mutate(&good, REMOTE.parse().unwrap(), &http(&token)).is_ok());
+        assert!(may_mutate(&good, REMOTE.parse().unwrap(), &http("")).is_err());
+        let bad = with("Authorization: Bearer s3cre");
+        assert!(may_mutate(&bad, LOOPBACK.parse().unwrap(), &http(&token)).is_err());
+        let page = with("Origin: http://127.0.0.1:8104");
+        assert!(may_mutate(&page, LOOPBACK.parse().unwrap(), &http("")).is_err());
+        // An empty token file allows no one by token.
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let empty = dir.path().join("empty").display().to_string();
+        let blank = with("Authorization: Bearer ");
+        assert!(may_mutate(&blank, REMOTE.parse().unwrap(), &http(&empty)).is_err());
     }
 }

@@ -21,6 +21,7 @@ pub mod budget;
 pub mod http;
 pub mod reactor;
 pub mod scu;
+pub mod status;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -100,6 +101,11 @@ impl AssociationLimits {
 #[derive(Debug)]
 pub struct Shared {
     pub config: Config,
+    /// The address the plain DICOM listener is bound to (`[node] listen` with its port
+    /// resolved); `None` when TLS only.
+    pub local_addr: Option<SocketAddr>,
+    /// The address the TLS listener is bound to, if any.
+    pub tls_addr: Option<SocketAddr>,
     /// What every association's DIMSE service is configured with.
     pub service: crate::dimse::service::ServiceConfig,
     pub storage: Storage,
@@ -457,6 +463,8 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         service.stream_above = usize::MAX;
     }
     let shared = Arc::new(Shared {
+        local_addr,
+        tls_addr,
         pipeline,
         next_association: AtomicU64::new(0),
         service,

@@ -307,9 +307,7 @@ impl Reactor<'_> {
             let mut stored_event = None;
             let outcome = match done.result {
                 Ok(stored) => {
-                    let counters = &self.shared.counters;
-                    counters.instances.fetch_add(1, Ordering::Relaxed);
-                    counters.bytes.fetch_add(stored.bytes, Ordering::Relaxed);
+                    self.shared.counters.stored(now, stored.bytes);
                     if let Some(mut a) = arrival {
                         // What the pipeline is told: the instance is durable, and where.
                         a.record.bytes = stored.bytes;
@@ -722,6 +720,14 @@ fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) -> u
                 continue;
             }
         };
+        // A small whole data set is appended here, with no hand-off to a storage worker.
+        let job = match job {
+            Job::Store(j) => match shared.storage.append_here(j) {
+                Ok(()) => continue,
+                Err(j) => Job::Store(j),
+            },
+            other => other,
+        };
         let job = match shared.storage.try_submit(job) {
             Ok(()) => continue,
             Err(job) => job,
@@ -734,6 +740,26 @@ fn submit_stores(c: &mut Conn, shared: &Shared, reactor: usize, idx: usize) -> u
     answered
 }
 
+/// The file meta of an instance this connection sends: besides its UIDs, who sent it to whom
+/// (Calling and Called AE Titles, the requestor's address), kept so that sender rules hold
+/// again for it when it is recovered after a restart.
+fn file_meta(
+    c: &Conn,
+    sop_class_uid: String,
+    sop_instance_uid: String,
+    transfer_syntax_uid: &str,
+) -> FileMeta {
+    let n = c.svc.negotiated();
+    FileMeta {
+        sop_class_uid,
+        sop_instance_uid,
+        transfer_syntax_uid: transfer_syntax_uid.to_string(),
+        source_ae_title: n.map(|n| n.calling_ae.clone()).unwrap_or_default(),
+        receiving_ae_title: n.map(|n| n.called_ae.clone()).unwrap_or_default(),
+        requestor_address: c.peer.ip().to_string(),
+    }
+}
+
 /// The storage job for a chunk of a streamed data set; the first chunk makes its file. `None`
 /// (the chunk counted as written) when there is no file for it: its store then fails.
 fn write_job(c: &mut Conn, shared: &Shared, chunk: Chunk, reply: ReplyTo) -> Option<Job> {
@@ -744,16 +770,12 @@ fn write_job(c: &mut Conn, shared: &Shared, chunk: Chunk, reply: ReplyTo) -> Opt
         begin,
     } = chunk;
     if let Some(b) = begin {
-        let meta = FileMeta {
-            sop_class_uid: b.sop_class_uid,
-            sop_instance_uid: b.sop_instance_uid,
-            transfer_syntax_uid: b.transfer_syntax.uid.to_string(),
-            source_ae_title: c
-                .svc
-                .negotiated()
-                .map(|n| n.calling_ae.clone())
-                .unwrap_or_default(),
-        };
+        let meta = file_meta(
+            c,
+            b.sop_class_uid,
+            b.sop_instance_uid,
+            b.transfer_syntax.uid,
+        );
         if let Some(f) = shared.storage.stream(&meta) {
             c.streams.push((token, f));
         }
@@ -860,16 +882,12 @@ fn store_job(
     Some(StoreJob {
         reply,
         token,
-        meta: FileMeta {
-            sop_class_uid: req.sop_class_uid,
-            sop_instance_uid: req.sop_instance_uid,
-            transfer_syntax_uid: req.transfer_syntax.uid.to_string(),
-            source_ae_title: c
-                .svc
-                .negotiated()
-                .map(|n| n.calling_ae.clone())
-                .unwrap_or_default(),
-        },
+        meta: file_meta(
+            c,
+            req.sop_class_uid,
+            req.sop_instance_uid,
+            req.transfer_syntax.uid,
+        ),
         patient_id,
         study_uid,
         series_uid,
@@ -930,6 +948,17 @@ fn log_association(c: &Conn, shared: &Shared) {
         (None, None) => ("", ""),
     };
     let stats = c.svc.stats();
+    shared.counters.remember(super::status::RecentAssociation {
+        ended_ms: crate::pipeline::now_ms(),
+        peer: c.peer.to_string(),
+        calling_ae: calling.to_string(),
+        called_ae: called.to_string(),
+        instances: stats.instances,
+        failures: stats.failures,
+        bytes: stats.bytes,
+        duration_ms: c.started.elapsed().as_millis() as u64,
+        outcome: outcome.to_string(),
+    });
     tracing::info!(
         peer = %c.peer,
         calling_ae = calling,

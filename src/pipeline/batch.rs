@@ -561,6 +561,8 @@ pub(super) fn process(ctx: &Context, id: &str) {
                 state.processing_attempts += 1;
                 let allowed = ctx.config.processing.as_ref().map_or(1, |p| p.attempts);
                 if state.processing_attempts >= allowed {
+                    // failed/<id>/state counts the last attempt too (the status page shows it).
+                    let _ = write_state(&dir, &state);
                     fail(ctx, id, &format!("processing failed: {why}"));
                 } else {
                     tracing::warn!(batch = %id, error = %why, attempt = state.processing_attempts, "processing failed; will retry");
@@ -757,6 +759,8 @@ pub(super) fn export(ctx: &Context, id: &str) {
     state.export_attempts += 1;
     let reason = errors.join("; ");
     if state.export_attempts >= ctx.config.outbox.attempts {
+        // failed/<id>/state counts the last attempt too (the status page shows it).
+        let _ = write_state(&dir, &state);
         fail(
             ctx,
             id,
@@ -993,4 +997,164 @@ pub(super) fn expire(ctx: &Context, key: &[u8], records: Vec<InstanceRecord>) {
         action = ?ctx.config.patients.expire_action,
         "patient expired"
     );
+}
+
+/// A batch as the status page shows it: its directory under `batches/` or `failed/`, and what
+/// its `state` (or `reason.txt`) says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchOnDisk {
+    /// The directory name (`<ms>-<patient digest, 12 hex>-<pid>-<n>`).
+    pub id: String,
+    /// `processing`, `exporting` (from `state`), `claiming` (a `.tmp` batch being set aside),
+    /// `failed`, or `unknown` (no readable state).
+    pub stage: String,
+    pub processing_attempts: u32,
+    pub export_attempts: u32,
+    /// The first lines of `reason.txt` (failed batches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Lines and bytes of `reason.txt` shown per failed batch.
+pub const REASON_LINES: usize = 5;
+pub const REASON_BYTES: usize = 1024;
+
+/// The batches under `data_dir`'s `batches/` (oldest first) and `failed/` (newest first),
+/// at most `cap` of each, with how many each folder holds. Reads only small files (`state`,
+/// the head of `reason.txt`), never a manifest; safe beside the workers (a batch that moves
+/// meanwhile is shown where it was, or not at all).
+pub fn on_disk(data_dir: &Path, cap: usize) -> (Vec<BatchOnDisk>, usize, Vec<BatchOnDisk>, usize) {
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let in_flight_dir = data_dir.join("batches");
+    let in_flight_names = names(&in_flight_dir);
+    let in_flight = in_flight_names
+        .iter()
+        .take(cap)
+        .map(|id| {
+            let dir = in_flight_dir.join(id);
+            let (stage, p, e) = if id.ends_with(".tmp") {
+                ("claiming".to_string(), 0, 0)
+            } else {
+                match read_state(&dir) {
+                    Ok(s) => (
+                        match s.stage {
+                            Stage::Processing => "processing",
+                            Stage::Exporting => "exporting",
+                        }
+                        .to_string(),
+                        s.processing_attempts,
+                        s.export_attempts,
+                    ),
+                    Err(_) => ("unknown".to_string(), 0, 0),
+                }
+            };
+            BatchOnDisk {
+                id: id.clone(),
+                stage,
+                processing_attempts: p,
+                export_attempts: e,
+                reason: None,
+            }
+        })
+        .collect();
+    let failed_dir = data_dir.join("failed");
+    let failed_names = names(&failed_dir);
+    let failed = failed_names
+        .iter()
+        .rev()
+        .take(cap)
+        .map(|id| {
+            let dir = failed_dir.join(id);
+            let state = read_state(&dir).ok();
+            BatchOnDisk {
+                id: id.clone(),
+                stage: "failed".into(),
+                processing_attempts: state.as_ref().map_or(0, |s| s.processing_attempts),
+                export_attempts: state.as_ref().map_or(0, |s| s.export_attempts),
+                reason: Some(reason_head(&dir.join("reason.txt"))),
+            }
+        })
+        .collect();
+    (in_flight, in_flight_names.len(), failed, failed_names.len())
+}
+
+/// The first [`REASON_LINES`] lines (at most [`REASON_BYTES`] bytes) of a `reason.txt`.
+fn reason_head(path: &Path) -> String {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(REASON_BYTES);
+    match fs::File::open(path).and_then(|f| f.take(REASON_BYTES as u64).read_to_end(&mut buf)) {
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&buf);
+            let lines: Vec<&str> = text.lines().take(REASON_LINES).collect();
+            lines.join("\n")
+        }
+        Err(e) => format!("(no reason.txt: {e})"),
+    }
+}
+
+/// Whether `id` can name a batch directory: what `create` makes (digits, hex, `-`), so a
+/// name from an HTTP request or a command line can never leave `failed/` (design rule 9).
+pub fn is_batch_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// The ids of the batches in `failed/`, oldest first.
+pub(super) fn failed_ids(data_dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(data_dir.join("failed"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| is_batch_id(n))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Moves failed batch `id` back to `batches/<id>/`, its attempts reset (in its `state`,
+/// written before the move, so a crash leaves it either still failed or resumable) and its
+/// `reason.txt` kept as `previous-failure.txt`.
+pub(super) fn unfail(data_dir: &Path, id: &str) -> Result<(), String> {
+    if !is_batch_id(id) {
+        return Err(format!("{id:?} is not a batch id"));
+    }
+    let from = data_dir.join("failed").join(id);
+    if !from.is_dir() {
+        return Err(format!("no failed batch {id}"));
+    }
+    let to = data_dir.join("batches").join(id);
+    if to.exists() {
+        return Err(format!("batches/{id} exists already"));
+    }
+    let mut state = read_state(&from).map_err(|e| {
+        format!("{id} has no readable state ({e}): it cannot run again; dicomgate extract --batch {id} copies its instances out")
+    })?;
+    state.processing_attempts = 0;
+    state.export_attempts = 0;
+    let step = |what: &str, e: io::Error| format!("{id}: {what}: {e}");
+    write_state(&from, &state).map_err(|e| step("cannot reset its state", e))?;
+    let reason = from.join("reason.txt");
+    if reason.exists() {
+        fs::rename(&reason, from.join("previous-failure.txt"))
+            .map_err(|e| step("cannot keep its reason", e))?;
+    }
+    fs::create_dir_all(data_dir.join("batches")).map_err(|e| step("batches/", e))?;
+    fs::rename(&from, &to).map_err(|e| step("cannot move it back to batches/", e))?;
+    if let Ok(f) = fs::File::open(data_dir) {
+        let _ = rustix::fs::syncfs(&f);
+    }
+    Ok(())
 }

@@ -45,7 +45,7 @@ use crate::doorbell::Doorbell;
 use crate::patients::{
     Claimed, InstanceRecord, MapGuard, Patient, PatientMap, PatientView, Snapshot,
 };
-pub use batch::{held_records, records_of};
+pub use batch::{held_records, on_disk as batches_on_disk, records_of, BatchOnDisk};
 pub use process::{
     kill_running as kill_running_processing, BatchInfo, CommandProcessor, Processor,
 };
@@ -134,6 +134,10 @@ pub struct Pipeline {
     /// Jobs handed to the workers and not yet finished (due retries included once they are
     /// due): with empty queues, zero means the pipeline is idle ([`Pipeline::is_idle`]).
     active: AtomicUsize,
+    /// The workers' queue (operator retries are handed to it from the HTTP thread).
+    jobs: Sender<Job>,
+    data_dir: PathBuf,
+    shutdown: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -148,6 +152,34 @@ impl std::fmt::Debug for Pipeline {
 }
 
 impl Pipeline {
+    /// Hands `job` to the workers, counted in [`Pipeline::is_idle`] until it is done.
+    fn send_job(&self, job: Job) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        if self.jobs.send(job).is_err() {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// An operator's retry (`POST /api/retry/{batch}`, `dicomgate retry`): moves failed batch
+    /// `id` from `failed/` back into `batches/` with its attempts counted afresh, and hands it
+    /// to the workers, which run it from the stage it failed in (processing, or export to the
+    /// destinations without an `exports/<n>.done` marker). Refused while the node stops; a
+    /// stop before the workers take it leaves it in `batches/`, resumed at the next start.
+    pub fn retry_failed(&self, id: &str) -> Result<(), String> {
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err("the node is stopping".into());
+        }
+        batch::unfail(&self.data_dir, id)?;
+        tracing::info!(batch = %id, "failed batch moved back to batches/ by an operator: running it again");
+        self.send_job(Job::Process { id: id.to_string() });
+        Ok(())
+    }
+
+    /// The ids of the batches in `failed/`, oldest first.
+    pub fn failed_ids(&self) -> Vec<String> {
+        batch::failed_ids(&self.data_dir)
+    }
+
     /// Nothing to ingest from the reactors and no job running or waiting for a worker (retries
     /// scheduled for later do not count): what a draining node waits for.
     pub fn is_idle(&self) -> bool {
@@ -309,7 +341,6 @@ pub(crate) struct Context {
     pub processor: Option<Arc<dyn Processor>>,
     /// Where small instances wait until their batch is claimed (storage's segment log).
     pub log: Arc<crate::storage::log::Log>,
-    jobs: Sender<Job>,
     later: Sender<(Duration, Job)>,
     /// Claimed batches that could not be set aside, back to the checker (which alone puts
     /// them in the map again, so it does not count them as late arrivals).
@@ -342,6 +373,7 @@ pub fn start(
         .map(|_| Arc::new(Doorbell::new()))
         .collect();
     let (checker_bell, checker_rx) = crossbeam_channel::bounded(1);
+    let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
     let pipeline = Arc::new(Pipeline {
         queues: (0..reactors.max(1))
             .map(|_| ArrayQueue::new(QUEUE_DEPTH))
@@ -358,6 +390,9 @@ pub fn start(
         group_tag,
         stats: Arc::new(Stats::new(config.exports.len().max(1))),
         active: AtomicUsize::new(0),
+        jobs: jobs_tx,
+        data_dir: config.node.data_dir.clone(),
+        shutdown: shutdown.clone(),
     });
     let processor: Option<Arc<dyn Processor>> = processor.or_else(|| {
         config
@@ -365,7 +400,6 @@ pub fn start(
             .as_ref()
             .map(|p| Arc::new(CommandProcessor::new(p.clone(), shutdown.clone())) as _)
     });
-    let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
     let (later_tx, later_rx) = crossbeam_channel::unbounded();
     let (given_back_tx, given_back_rx) = crossbeam_channel::unbounded();
     let ctx = Arc::new(Context {
@@ -374,7 +408,6 @@ pub fn start(
         pipeline: pipeline.clone(),
         processor,
         log,
-        jobs: jobs_tx,
         later: later_tx,
         given_back: given_back_tx,
         shutdown: shutdown.clone(),
@@ -489,7 +522,13 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             tracing::warn!(path = %rel.display(), "log record that cannot be scanned left in place");
             continue;
         };
-        let from = recovered_requestor(ctx, &inst.meta.source_ae_title);
+        let m = &inst.meta;
+        let from = recovered_requestor(
+            ctx,
+            &m.source_ae_title,
+            &m.receiving_ae_title,
+            &m.requestor_address,
+        );
         let (key, mut record) = ctx.pipeline.describe(&values, &from);
         record.path = path;
         record.bytes = crate::storage::part10::file_len(&inst.file_meta(), inst.data_set.len());
@@ -507,15 +546,24 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
     Ok(())
 }
 
-/// The sender of an instance recovered from disk, as far as it is known: its Calling AE Title
-/// (storage keeps it as the Source AE Title), the Called AE Title when the node accepts only its
-/// own, and no address (storage does not keep it: a `peer` rule does not hold for it).
-fn recovered_requestor<'a>(ctx: &'a Context, source_ae_title: &'a str) -> Requestor<'a> {
+/// The sender of an instance recovered from disk, as storage kept it: its Calling AE Title
+/// (the Source AE Title), its Called AE Title (the Receiving AE Title) and the requestor's
+/// address, so that sender rules decide as they did when it was stored. An instance stored by
+/// an older build kept only the Calling AE Title: its Called AE Title is then the node's own
+/// when the node accepts no other, and it has no address (a `peer` rule does not hold for it).
+fn recovered_requestor<'a>(
+    ctx: &'a Context,
+    source_ae_title: &'a str,
+    receiving_ae_title: &'a str,
+    requestor_address: &str,
+) -> Requestor<'a> {
     let node = &ctx.config.node;
+    let kept = |s: &'a str| Some(s.trim()).filter(|s| !s.is_empty());
     Requestor {
-        calling_ae_title: Some(source_ae_title.trim()).filter(|s| !s.is_empty()),
-        called_ae_title: (!node.accept_any_called_ae).then(|| node.ae_title.trim()),
-        address: None,
+        calling_ae_title: kept(source_ae_title),
+        called_ae_title: kept(receiving_ae_title)
+            .or_else(|| (!node.accept_any_called_ae).then(|| node.ae_title.trim())),
+        address: requestor_address.parse().ok(),
     }
 }
 
@@ -531,7 +579,12 @@ fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
     let ts = crate::assoc::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
     let ds = bytes.get(parsed.data_set_offset..)?;
     let values = crate::dimse::scan::scan(ds, ts.encoding, &ctx.pipeline.wanted_tags).ok()?;
-    let from = recovered_requestor(ctx, &parsed.source_ae_title);
+    let from = recovered_requestor(
+        ctx,
+        &parsed.source_ae_title,
+        &parsed.receiving_ae_title,
+        &parsed.requestor_address,
+    );
     let (key, mut record) = ctx.pipeline.describe(&values, &from);
     record.path = path.to_path_buf();
     record.bytes = bytes.len() as u64;
@@ -928,10 +981,7 @@ fn run_job(ctx: &Context, job: Job) {
 impl Context {
     /// Hands `job` to the workers, counted in [`Pipeline::is_idle`] until it is done.
     fn send_job(&self, job: Job) {
-        self.pipeline.active.fetch_add(1, Ordering::AcqRel);
-        if self.jobs.send(job).is_err() {
-            self.pipeline.active.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.pipeline.send_job(job);
     }
 
     /// Schedules `job` after `delay` (the outbox's backoff).

@@ -17,15 +17,18 @@
 //! patterns, lists and `!`; `peer` lists CIDR blocks (IPv4 or IPv6, a bare address is one host)
 //! the requestor's address must fall in (an IPv4-mapped IPv6 address counts as its IPv4 one).
 //! They are given to [`Rules::accepting`] as a plain [`Requestor`], so rules know no network
-//! type. A sender rule whose value is not known (an instance recovered from disk after a restart:
-//! its Calling AE Title is kept in the file, its peer address is not) does not hold: an instance
-//! is never routed to an input it was not shown to belong to.
+//! type. Storage keeps all three with each instance (Source and Receiving AE Titles, the
+//! requestor's address), so an instance recovered after a restart is matched as it was when it
+//! was stored. A sender rule whose value is not known (an instance stored by a build that kept
+//! only the Calling AE Title) does not hold: an instance is never routed to an input it was not
+//! shown to belong to.
 //!
 //! Alternative inputs: inputs naming the same `one_of` group form a group that is satisfied when
 //! any one of them is; a batch is sufficient when every group and every ungrouped input is.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
 
@@ -434,12 +437,6 @@ impl Rules {
         bits
     }
 
-    /// Whether any input has a sender rule on the requestor's address (not known for an
-    /// instance recovered after a restart).
-    pub fn has_peer_rules(&self) -> bool {
-        self.inputs.iter().any(|i| !i.peer.is_empty())
-    }
-
     /// The bit of the input named `name`, if there is one.
     pub fn input_bit(&self, name: &str) -> Option<u64> {
         self.inputs
@@ -484,8 +481,104 @@ impl Rules {
         }
     }
 
-    /// Whether `s` satisfies input `i` on its own.
+    /// Whether `s` satisfies input `i` on its own: the walk of [`Rules::explain`]
+    /// (`Rules::findings`), stopped at the first rule that does not hold.
     fn input_sufficient(&self, i: usize, input: &Input, s: &Snapshot) -> Result<(), String> {
+        let mut failed = None;
+        self.findings(i, s, |f| {
+            if f.holds() {
+                ControlFlow::Continue(())
+            } else {
+                failed = Some(f.to_string());
+                ControlFlow::Break(())
+            }
+        });
+        match failed {
+            Some(w) => Err(format!("input {}: {w}", input.config.name)),
+            None => Ok(()),
+        }
+    }
+
+    /// Every input's progress against its rules for `s` (each on its own: whether the patient
+    /// is sufficient, `one_of` groups included, is [`Rules::sufficient`]'s answer), in words (the status page's
+    /// "ct: 40 of 100 instances; single_series: ok"): each rule the input sets, whether it holds
+    /// now and what it counted. The same evaluation as [`Rules::sufficient`], not stopped at the
+    /// first rule that fails; per-series completeness findings are capped at
+    /// [`MAX_SERIES_EXPLAINED`] per input, the rest summed up in one line.
+    pub fn explain(&self, s: &Snapshot) -> Vec<InputProgress> {
+        let mut out = Vec::with_capacity(self.inputs.len());
+        for (i, input) in self.inputs.iter().enumerate() {
+            let c = &input.config;
+            let mut p = InputProgress {
+                input: c.name.clone(),
+                one_of: c.one_of.clone(),
+                instances: 0,
+                min_instances: c.min_instances.max(1),
+                sufficient: true,
+                rules: Vec::new(),
+            };
+            let (mut series_done, mut series_left, mut series_told) = (0u32, 0u32, 0usize);
+            self.findings(i, s, |f| {
+                let holds = f.holds();
+                p.sufficient &= holds;
+                match f {
+                    Finding::Instances { have, .. } => p.instances = have,
+                    Finding::SeriesComplete { .. } => {
+                        if holds {
+                            series_done += 1;
+                            return ControlFlow::Continue(());
+                        }
+                        series_left += 1;
+                        if series_told >= MAX_SERIES_EXPLAINED {
+                            return ControlFlow::Continue(());
+                        }
+                        series_told += 1;
+                    }
+                    _ => {}
+                }
+                p.rules.push(RuleProgress {
+                    rule: f.rule().into(),
+                    holds,
+                    text: if holds && f.says_ok() {
+                        "ok".into()
+                    } else {
+                        f.to_string()
+                    },
+                });
+                ControlFlow::Continue(())
+            });
+            if c.completeness.is_some() {
+                let untold = series_left as usize - series_told;
+                p.rules.push(RuleProgress {
+                    rule: "completeness".into(),
+                    holds: series_left == 0,
+                    text: if untold > 0 {
+                        format!(
+                            "{series_done} of {} series complete ({untold} more incomplete not listed)",
+                            series_done + series_left
+                        )
+                    } else {
+                        format!("{series_done} of {} series complete", series_done + series_left)
+                    },
+                });
+            }
+            out.push(p);
+        }
+        out
+    }
+
+    /// Walks input `i`'s rules over `s`, in the order [`Rules::sufficient`] reports them,
+    /// handing each finding to `f` until it breaks. Only the rules the input sets are visited
+    /// (an unset rule cannot fail).
+    fn findings<'s>(
+        &self,
+        i: usize,
+        s: &'s Snapshot,
+        mut f: impl FnMut(Finding<'s>) -> ControlFlow<()>,
+    ) {
+        let Some(input) = self.inputs.get(i) else {
+            return;
+        };
         let c = &input.config;
         let series: Vec<_> = s
             .series
@@ -496,49 +589,183 @@ impl Rules {
             .iter()
             .map(|x| x.per_input.get(i).copied().unwrap_or(0))
             .sum();
-        let why = |w: String| Err(format!("input {}: {w}", c.name));
-        if count < c.min_instances.max(1) {
-            return why(format!("{count} of {} instances", c.min_instances.max(1)));
-        }
         let n = series.len() as u32;
-        if n < c.min_series {
-            return why(format!("{n} of {} series", c.min_series));
+        macro_rules! visit {
+            ($finding:expr) => {
+                if f($finding).is_break() {
+                    return;
+                }
+            };
+        }
+        visit!(Finding::Instances {
+            have: count,
+            need: c.min_instances.max(1),
+        });
+        if c.min_series > 0 {
+            visit!(Finding::MinSeries {
+                have: n,
+                need: c.min_series,
+            });
         }
         if let Some(max) = c.max_series {
-            if n > max {
-                return why(format!("{n} series, at most {max} allowed"));
-            }
+            visit!(Finding::MaxSeries { have: n, max });
         }
-        if c.single_series && n > 1 {
-            return why(format!("{n} series, one required"));
+        if c.single_series {
+            visit!(Finding::SingleSeries { have: n });
         }
-        if c.single_study_date && s.study_dates.get(i).is_some_and(|d| d.len() > 1) {
-            return why("more than one study date".into());
+        if c.single_study_date {
+            visit!(Finding::SingleStudyDate {
+                dates: s.study_dates.get(i).map_or(0, Vec::len),
+            });
         }
         if let Some(kind) = c.completeness {
             for x in &series {
-                let got = x.per_input.get(i).copied().unwrap_or(0);
                 let expected = match kind {
                     Completeness::ImagesInAcquisition => x.images_in_acquisition,
                     Completeness::NumberOfSlices => x.number_of_slices,
                     Completeness::InstanceNumber => x.max_instance_number,
                 };
-                if expected == 0 || got < expected {
-                    return why(format!(
-                        "series {} has {} of {} expected instances",
-                        x.series_uid.as_deref().unwrap_or("?"),
-                        got,
-                        if expected == 0 {
-                            "unknown".to_string()
-                        } else {
-                            expected.to_string()
-                        }
-                    ));
+                visit!(Finding::SeriesComplete {
+                    series_uid: x.series_uid.as_deref(),
+                    have: x.per_input.get(i).copied().unwrap_or(0),
+                    expected,
+                });
+            }
+        }
+    }
+}
+
+/// At most this many incomplete series are named per input in [`Rules::explain`].
+pub const MAX_SERIES_EXPLAINED: usize = 5;
+
+/// What one rule of one input found in a snapshot (see [`Rules::findings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finding<'s> {
+    /// `min_instances`: instances the input accepted.
+    Instances { have: u32, need: u32 },
+    /// `min_series`.
+    MinSeries { have: u32, need: u32 },
+    /// `max_series`.
+    MaxSeries { have: u32, max: u32 },
+    /// `single_series`.
+    SingleSeries { have: u32 },
+    /// `single_study_date`: distinct Study Dates seen.
+    SingleStudyDate { dates: usize },
+    /// `completeness`, per series: `expected` 0 = the data does not say.
+    SeriesComplete {
+        series_uid: Option<&'s str>,
+        have: u32,
+        expected: u32,
+    },
+}
+
+impl Finding<'_> {
+    fn holds(&self) -> bool {
+        match *self {
+            Finding::Instances { have, need } | Finding::MinSeries { have, need } => have >= need,
+            Finding::MaxSeries { have, max } => have <= max,
+            Finding::SingleSeries { have } => have <= 1,
+            Finding::SingleStudyDate { dates } => dates <= 1,
+            Finding::SeriesComplete { have, expected, .. } => expected != 0 && have >= expected,
+        }
+    }
+
+    /// The config field the finding checks.
+    fn rule(&self) -> &'static str {
+        match self {
+            Finding::Instances { .. } => "min_instances",
+            Finding::MinSeries { .. } => "min_series",
+            Finding::MaxSeries { .. } => "max_series",
+            Finding::SingleSeries { .. } => "single_series",
+            Finding::SingleStudyDate { .. } => "single_study_date",
+            Finding::SeriesComplete { .. } => "completeness",
+        }
+    }
+
+    /// Whether a holding finding reads better as "ok" than as its counts.
+    fn says_ok(&self) -> bool {
+        matches!(
+            self,
+            Finding::SingleSeries { .. } | Finding::SingleStudyDate { .. }
+        )
+    }
+}
+
+impl std::fmt::Display for Finding<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Finding::Instances { have, need } => write!(f, "{have} of {need} instances"),
+            Finding::MinSeries { have, need } => write!(f, "{have} of {need} series"),
+            Finding::MaxSeries { have, max } => write!(f, "{have} series, at most {max} allowed"),
+            Finding::SingleSeries { have } => write!(f, "{have} series, one required"),
+            Finding::SingleStudyDate { dates } => {
+                if dates > 1 {
+                    write!(f, "more than one study date")
+                } else {
+                    write!(f, "one study date")
+                }
+            }
+            Finding::SeriesComplete {
+                series_uid,
+                have,
+                expected,
+            } => {
+                write!(f, "series {} has {have} of ", series_uid.unwrap_or("?"))?;
+                if expected == 0 {
+                    write!(f, "unknown expected instances")
+                } else {
+                    write!(f, "{expected} expected instances")
                 }
             }
         }
-        Ok(())
     }
+}
+
+/// One input's progress against its rules ([`Rules::explain`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputProgress {
+    /// The `[[input]]` name.
+    pub input: String,
+    /// Its `one_of` group: the group is satisfied when any one of its inputs is.
+    #[serde(default)]
+    pub one_of: Option<String>,
+    /// Instances the input accepted, and `min_instances`.
+    pub instances: u32,
+    pub min_instances: u32,
+    /// Every rule of the input holds.
+    pub sufficient: bool,
+    /// The rules the input sets, in the order they are checked.
+    pub rules: Vec<RuleProgress>,
+}
+
+impl InputProgress {
+    /// In words: "ct: 40 of 100 instances; single_series: ok" ("ct (one of g): ..." for an
+    /// input of a `one_of` group).
+    pub fn summary(&self) -> String {
+        let mut out = self.input.clone();
+        if let Some(g) = &self.one_of {
+            out.push_str(&format!(" (one of {g})"));
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            out.push_str(if i == 0 { ": " } else { "; " });
+            if r.rule != "min_instances" {
+                out.push_str(&r.rule);
+                out.push_str(": ");
+            }
+            out.push_str(&r.text);
+        }
+        out
+    }
+}
+
+/// One rule of one input ([`InputProgress`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleProgress {
+    /// The config field (`min_instances`, `max_series`, `completeness`, ...).
+    pub rule: std::borrow::Cow<'static, str>,
+    pub holds: bool,
+    /// What was counted, in words ("40 of 100 instances"), or "ok".
+    pub text: String,
 }
 
 #[cfg(test)]
@@ -797,7 +1024,6 @@ mod tests {
             ..from("X", "Y", "10.1.0.1")
         };
         assert_eq!(rules.accepting(&v, &unknown), 0);
-        assert!(rules.has_peer_rules());
         for bad in ["10.0.0.0/33", "::/129", "10.0.0", "x"] {
             let e =
                 Rules::compile(&[input(&format!("name = \"a\"\npeer = [{bad:?}]"))]).unwrap_err();
@@ -887,6 +1113,13 @@ mod tests {
             .unwrap_err()
             .contains("input plan"));
         assert!(Rules::compile(&[input("name = \"a\"\none_of = \" \"")]).is_err());
+        // Explained input by input, each naming its group; the patient is sufficient though
+        // one input of the group is not.
+        let recs = [plan.clone(), mr.clone()];
+        let p = rules.explain(&Snapshot::of(&recs));
+        assert_eq!(p[0].summary(), "ct (one of anatomy): 0 of 2 instances");
+        assert_eq!(p[1].summary(), "mr (one of anatomy): 1 of 1 instances");
+        assert!(!p[0].sufficient && p[1].sufficient && p[2].sufficient);
     }
 
     #[test]
@@ -953,6 +1186,78 @@ mod tests {
             .sufficient(&Snapshot::of(&recs))
             .unwrap_err()
             .contains("study date"));
+    }
+
+    /// The explanation is the checker's evaluation: for every snapshot, an input is explained
+    /// sufficient exactly when `sufficient` finds nothing wrong with it, and the first rule
+    /// explained as failing is the one `sufficient` names.
+    #[test]
+    fn explain_agrees_with_sufficient() {
+        let rules = Rules::compile(&[
+            input(
+                r#"name = "ct"
+                   min_instances = 3
+                   max_series = 1
+                   single_series = true"#,
+            ),
+            input(
+                r#"name = "s"
+                   completeness = "instance_number""#,
+            ),
+        ])
+        .unwrap();
+        let mut recs = vec![rec("1", "d", 1, 1, 0)];
+        let p = rules.explain(&Snapshot::of(&recs));
+        assert_eq!(
+            p[0].summary(),
+            "ct: 1 of 3 instances; max_series: 1 series, at most 1 allowed; single_series: ok"
+        );
+        assert_eq!(
+            p[1].summary(),
+            "s: 0 of 1 instances; completeness: 0 of 0 series complete"
+        );
+        assert!(!p[0].sufficient && !p[1].sufficient);
+        assert_eq!(
+            rules.sufficient(&Snapshot::of(&recs)).unwrap_err(),
+            "input ct: 1 of 3 instances"
+        );
+        recs.push(rec("1", "d", 1, 2, 0));
+        recs.push(rec("1", "d", 3, 4, 0));
+        let p = rules.explain(&Snapshot::of(&recs));
+        assert!(p[0].sufficient, "{p:?}");
+        assert_eq!(p[0].instances, 3);
+        assert_eq!(
+            p[1].summary(),
+            "s: 1 of 1 instances; completeness: series 1 has 1 of 4 expected instances; completeness: 0 of 1 series complete"
+        );
+        assert_eq!(
+            rules.sufficient(&Snapshot::of(&recs)).unwrap_err(),
+            "input s: series 1 has 1 of 4 expected instances"
+        );
+        recs.push(rec("2", "d", 1, 1, 0));
+        let p = rules.explain(&Snapshot::of(&recs));
+        assert_eq!(p[0].summary(), "ct: 4 of 3 instances; max_series: 2 series, at most 1 allowed; single_series: 2 series, one required");
+        assert_eq!(
+            rules.sufficient(&Snapshot::of(&recs)).unwrap_err(),
+            "input ct: 2 series, at most 1 allowed"
+        );
+    }
+
+    /// A patient with many incomplete series is explained in bounded space.
+    #[test]
+    fn explain_names_a_bounded_number_of_series() {
+        let rules = Rules::compile(&[input(
+            r#"name = "s"
+               completeness = "images_in_acquisition""#,
+        )])
+        .unwrap();
+        let recs: Vec<_> = (0..50).map(|i| rec(&i.to_string(), "d", 1, 1, 2)).collect();
+        let p = rules.explain(&Snapshot::of(&recs));
+        assert_eq!(p[0].rules.len(), 1 + MAX_SERIES_EXPLAINED + 1, "{p:?}");
+        assert_eq!(
+            p[0].rules.last().unwrap().text,
+            "0 of 50 series complete (45 more incomplete not listed)"
+        );
     }
 
     #[test]

@@ -38,8 +38,13 @@ pub use part10::FileMeta;
 
 pub use crate::config::Durability;
 
+/// The largest data set a reactor appends to the log itself ([`Storage::append_here`]): a
+/// pwrite of this much into the page cache takes some microseconds; larger ones go to the
+/// storage workers, so a reactor never spends long on one connection's copy.
+pub const APPEND_HERE_MAX: usize = 64 * 1024;
+
 /// Where a finished store must be reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ReplyTo {
     pub reactor: usize,
     pub connection: usize,
@@ -64,6 +69,9 @@ pub struct StoreJob {
 
 /// Work for the storage workers.
 #[derive(Debug)]
+// A store is the common job: boxing it would cost an allocation per instance to save bytes in
+// a queue of `queue_depth` slots.
+#[allow(clippy::large_enum_variant)]
 pub enum Job {
     Store(StoreJob),
     /// Write bytes of a streamed data set; reported through the `written` callback.
@@ -222,6 +230,9 @@ pub fn instance_path(root: &Path, job: &StoreJob) -> Option<PathBuf> {
 pub struct Storage {
     queue: Arc<JobQueue>,
     log: Arc<log::Log>,
+    root: PathBuf,
+    /// Data sets up to this many bytes go to the log (0: none do).
+    inline_max: usize,
     /// Where streamed data sets are born; `None` when this file system has no anonymous files
     /// (data sets are then held whole until stored).
     incoming: Option<Arc<Path>>,
@@ -363,6 +374,8 @@ impl Storage {
             Storage {
                 queue,
                 log,
+                root: data_dir,
+                inline_max,
                 incoming,
             },
             handles,
@@ -388,6 +401,22 @@ impl Storage {
     /// The segment log, for the pipeline (claims, expiry, recovery) and operators.
     pub fn log(&self) -> &Arc<log::Log> {
         &self.log
+    }
+
+    /// Appends a small store's record to the segment log on the calling (reactor) thread, to be
+    /// acknowledged by the log's next flush round, which its flusher thread runs: no hand-off
+    /// to a storage worker per instance (a thread wake-up each, the costliest step of a tiny
+    /// store after the flush itself). The pwrite goes to the page cache; data sets above
+    /// [`APPEND_HERE_MAX`] (or the log's `inline_max_bytes`), streamed ones and those for a
+    /// file of their own come back, for [`Storage::try_submit`].
+    #[allow(clippy::result_large_err)] // the job comes back to be queued
+    pub fn append_here(&self, job: StoreJob) -> Result<(), StoreJob> {
+        if job.data_set.len() > APPEND_HERE_MAX {
+            return Err(job);
+        }
+        let entry = log_entry(&self.root, self.inline_max, job)?;
+        self.log.append_for_flusher(vec![entry]);
+        Ok(())
     }
 
     /// Queues a job without blocking. A full queue hands the job back: the caller stops reading
@@ -594,19 +623,9 @@ fn worker(ctx: WorkerContext) {
         let mut small = Vec::new();
         let mut large = Vec::with_capacity(batch.len());
         for job in batch.drain(..) {
-            if inline_max == 0 || job.data_set.len() > inline_max || job.streamed.is_some() {
-                large.push(job);
-                continue;
-            }
-            match instance_path(&root, &job) {
-                Some(dest) => {
-                    let rel = dest
-                        .strip_prefix(root.join("patients"))
-                        .map(Path::to_path_buf)
-                        .unwrap_or_default();
-                    small.push((job, rel, dest));
-                }
-                None => large.push(job), // answered "invalid UID" by the file path
+            match log_entry(&root, inline_max, job) {
+                Ok(entry) => small.push(entry),
+                Err(job) => large.push(job),
             }
         }
         if !small.is_empty() {
@@ -615,6 +634,30 @@ fn worker(ctx: WorkerContext) {
         if !large.is_empty() || !named.pending.is_empty() {
             named = committer.round(large.into_iter(), named);
         }
+    }
+}
+
+/// A store for the segment log, with its identity under `patients/` and its would-be path, or
+/// the job back when it goes to a file of its own: a data set above `inline_max`, a streamed
+/// one, or one whose UIDs make no valid path (the file path answers it "invalid UID").
+#[allow(clippy::result_large_err)] // the job comes back to take the other path
+fn log_entry(
+    root: &Path,
+    inline_max: usize,
+    job: StoreJob,
+) -> Result<(StoreJob, PathBuf, PathBuf), StoreJob> {
+    if inline_max == 0 || job.data_set.len() > inline_max || job.streamed.is_some() {
+        return Err(job);
+    }
+    match instance_path(root, &job) {
+        Some(dest) => {
+            let rel = dest
+                .strip_prefix(root.join("patients"))
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
+            Ok((job, rel, dest))
+        }
+        None => Err(job),
     }
 }
 
@@ -1098,6 +1141,7 @@ mod tests {
                 sop_instance_uid: uid.into(),
                 transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
                 source_ae_title: "T".into(),
+                ..FileMeta::default()
             },
             patient_id: pid.to_vec(),
             study_uid: Some("1.2".into()),

@@ -4,13 +4,23 @@
 use crate::assoc::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 
 /// What the file meta group records.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FileMeta {
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
     pub transfer_syntax_uid: String,
+    /// Source AE Title (0002,0016): the Calling AE Title of the association that sent it.
     pub source_ae_title: String,
+    /// Receiving AE Title (0002,0018): the Called AE Title it was sent to.
+    pub receiving_ae_title: String,
+    /// The requestor's IP address (empty: unknown), kept as Private Information (0002,0102)
+    /// under our Implementation Class UID as its creator (0002,0100): a `peer` rule is checked
+    /// against it again when the instance is recovered after a restart.
+    pub requestor_address: String,
 }
+
+/// The prefix of the Private Information (0002,0102) we write.
+const PEER_INFO: &[u8] = b"peer=";
 
 fn element(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &[u8], pad: u8) {
     let padded = value.len() + value.len() % 2;
@@ -76,6 +86,26 @@ pub fn header(meta: &FileMeta) -> Vec<u8> {
             b' ',
         );
     }
+    if !meta.receiving_ae_title.is_empty() {
+        element(
+            &mut group,
+            0x0018,
+            b"AE",
+            meta.receiving_ae_title.as_bytes(),
+            b' ',
+        );
+    }
+    if !meta.requestor_address.is_empty() {
+        element(
+            &mut group,
+            0x0100,
+            b"UI",
+            IMPLEMENTATION_CLASS_UID.as_bytes(),
+            0,
+        );
+        let info = [PEER_INFO, meta.requestor_address.as_bytes()].concat();
+        element(&mut group, 0x0102, b"OB", &info, 0);
+    }
     let mut out = Vec::with_capacity(128 + 4 + 12 + group.len());
     out.resize(128, 0);
     out.extend_from_slice(b"DICM");
@@ -98,6 +128,10 @@ pub struct ParsedFile {
     pub transfer_syntax_uid: String,
     /// Source Application Entity Title (0002,0016): the Calling AE Title that sent it to us.
     pub source_ae_title: String,
+    /// Receiving AE Title (0002,0018): the Called AE Title it was sent to (empty: not kept).
+    pub receiving_ae_title: String,
+    /// The requestor's IP address from our Private Information (empty: not kept).
+    pub requestor_address: String,
     pub data_set_offset: usize,
 }
 
@@ -140,8 +174,11 @@ pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {
         sop_instance_uid: String::new(),
         transfer_syntax_uid: String::new(),
         source_ae_title: String::new(),
+        receiving_ae_title: String::new(),
+        requestor_address: String::new(),
         data_set_offset: 0,
     };
+    let mut ours = false;
     let text = |v: &[u8]| String::from_utf8_lossy(crate::dimse::trim_padding(v)).into_owned();
     loop {
         let h = bytes.get(pos..pos + 8)?;
@@ -163,6 +200,13 @@ pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {
             0x0003 => out.sop_instance_uid = text(v),
             0x0010 => out.transfer_syntax_uid = text(v),
             0x0016 => out.source_ae_title = text(v).trim().to_string(),
+            0x0018 => out.receiving_ae_title = text(v).trim().to_string(),
+            0x0100 => ours = text(v) == IMPLEMENTATION_CLASS_UID,
+            0x0102 if ours => {
+                if let Some(a) = crate::dimse::trim_padding(v).strip_prefix(PEER_INFO) {
+                    out.requestor_address = String::from_utf8_lossy(a).into_owned();
+                }
+            }
             _ => {}
         }
         pos += hdr + len;
@@ -182,6 +226,8 @@ mod tests {
             sop_instance_uid: "1.2.3".into(),
             transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
             source_ae_title: "SCU".into(),
+            receiving_ae_title: "DICOMGATE".into(),
+            requestor_address: "fe80::1".into(),
         };
         let mut f = header(&meta);
         let ds_at = f.len();
@@ -189,6 +235,8 @@ mod tests {
         let p = parse(&f).unwrap();
         assert_eq!(p.sop_class_uid, meta.sop_class_uid);
         assert_eq!(p.sop_instance_uid, "1.2.3");
+        assert_eq!(p.receiving_ae_title, "DICOMGATE");
+        assert_eq!(p.requestor_address, "fe80::1");
         assert_eq!(p.transfer_syntax_uid, meta.transfer_syntax_uid);
         assert_eq!(p.data_set_offset, ds_at);
         assert_eq!(ds_at % 2, 0);

@@ -402,6 +402,7 @@ pub fn write_instance(
         sop_instance_uid: sop.into(),
         transfer_syntax_uid: EXPLICIT_LE.into(),
         source_ae_title: String::new(),
+        ..Default::default()
     };
     let mut f = dicomgate::storage::part10::header(&meta);
     f.extend_from_slice(&d);
@@ -426,6 +427,41 @@ pub fn sop_uid_of(path: &Path) -> String {
         .sop_instance_uid
 }
 
+/// The HTTP address the node logged ("http serving ... listen=ADDR").
+pub fn http_addr(node: &Node) -> String {
+    let log = node.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("http serving"))
+        .unwrap_or_else(|| panic!("no http line\n{log}"));
+    line.rsplit("listen=")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `GET path` over HTTP/1.0: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
 /// Polls `cond` every 100 ms until it holds or `secs` pass; returns whether it held.
 pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
@@ -439,12 +475,30 @@ pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// A TCP port nothing listens on right now.
+/// A free loopback port for a peer a test starts (often later: a downstream that comes up
+/// late). It is taken below the kernel's ephemeral range (ip_local_port_range, read here; 32768
+/// and up by default), from which the node's own `127.0.0.1:0` listener and every client socket
+/// draw: a port from the ephemeral range, free when probed, could be given to the node under
+/// test meanwhile, which then exported to itself (a flake seen in
+/// router_export_reads_the_segment_log_and_survives_a_kill). Spread by process id and a counter
+/// so that concurrent tests do not probe the same ports.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_start.clamp(10_001, 65_535));
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high}");
 }
 
 /// DCMTK storescp receiving into `dir` on `port` as `ae`, verbose (one "Association Received"

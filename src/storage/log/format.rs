@@ -1,4 +1,4 @@
-//! The segment log's on-disk format, version 1 (docs/segment-log.md is the reference): segment
+//! The segment log's on-disk format, version 2 (docs/segment-log.md is the reference): segment
 //! headers, instance records and release entries, encoded and decoded. Pure: no files, no
 //! clocks; decoding never trusts a length it has not bounded by the bytes at hand, never
 //! panics, and allocates at most the record it returns (recovery reads whatever is on disk).
@@ -7,8 +7,13 @@
 //! Kafka's record batches.
 #![forbid(unsafe_code)]
 
-/// Format version written in every segment header.
-pub const VERSION: u32 = 1;
+/// Format version written in every segment header. Version 2 added record kind 2 (the
+/// requestor's Called AE Title and address); version 1 segments, whose records are all kind 1,
+/// are still read. A build that knows only version 1 moves a version 2 segment aside (it never
+/// mistakes a record it cannot read for a torn tail).
+pub const VERSION: u32 = 2;
+/// The oldest segment version still read.
+pub const OLDEST_VERSION: u32 = 1;
 /// First bytes of every segment file.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"DGSEGLOG";
 /// Bytes of the segment header; the first record starts here.
@@ -21,8 +26,10 @@ pub const RECORD_HEADER_LEN: usize = 24;
 pub const ALIGN: usize = 8;
 /// Bytes of one release entry in a segment's `.done` file.
 pub const RELEASE_LEN: usize = 16;
-/// Record kind: one stored instance.
-pub const KIND_INSTANCE: u8 = 1;
+/// Record kind: one stored instance (format version 1: no Called AE Title, no address).
+pub const KIND_INSTANCE_V1: u8 = 1;
+/// Record kind: one stored instance, with the requestor's Called AE Title and address.
+pub const KIND_INSTANCE: u8 = 2;
 
 /// A segment file's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +63,7 @@ impl SegmentHeader {
             return Err(FormatError::BadChecksum);
         }
         let version = u32_at(h, 8);
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(FormatError::UnknownVersion(version));
         }
         Ok(SegmentHeader {
@@ -109,6 +116,10 @@ pub struct InstanceMeta {
     pub study_uid: Option<String>,
     pub series_uid: Option<String>,
     pub received_ms: u64,
+    /// The Called AE Title the instance was sent to (empty: not kept, a kind 1 record).
+    pub receiving_ae_title: String,
+    /// The requestor's IP address (empty: not kept).
+    pub requestor_address: String,
 }
 
 /// A decoded instance record, borrowing its data set from the bytes it was read from.
@@ -135,6 +146,8 @@ fn body_len(meta: &InstanceMeta, data_set_len: usize) -> usize {
         meta.patient_id.len(),
         meta.study_uid.as_ref().map_or(0, String::len),
         meta.series_uid.as_ref().map_or(0, String::len),
+        meta.receiving_ae_title.len(),
+        meta.requestor_address.len(),
     ]
     .iter()
     .map(|l| 2 + l)
@@ -155,7 +168,7 @@ pub fn encode_body(
     let start = out.len();
     out.reserve(body_len(meta, data_set.len()));
     out.push(KIND_INSTANCE);
-    let fields: [&[u8]; 7] = [
+    let fields: [&[u8]; 9] = [
         meta.sop_class_uid.as_bytes(),
         meta.sop_instance_uid.as_bytes(),
         meta.transfer_syntax_uid.as_bytes(),
@@ -163,6 +176,8 @@ pub fn encode_body(
         &meta.patient_id,
         meta.study_uid.as_deref().unwrap_or("").as_bytes(),
         meta.series_uid.as_deref().unwrap_or("").as_bytes(),
+        meta.receiving_ae_title.as_bytes(),
+        meta.requestor_address.as_bytes(),
     ];
     for f in fields {
         let n = u16::try_from(f.len()).map_err(|_| FormatError::BadField("field too long"))?;
@@ -230,7 +245,8 @@ pub fn decode_record(b: &[u8], seq: u64) -> Result<Record<'_>, FormatError> {
         return Err(FormatError::BadChecksum);
     }
     let mut r = Cursor { b: body, pos: 0 };
-    if r.take(1)? != [KIND_INSTANCE] {
+    let kind = r.take(1)?[0];
+    if kind != KIND_INSTANCE && kind != KIND_INSTANCE_V1 {
         return Err(FormatError::BadField("record kind"));
     }
     let text = |r: &mut Cursor<'_>, what| -> Result<String, FormatError> {
@@ -245,6 +261,14 @@ pub fn decode_record(b: &[u8], seq: u64) -> Result<Record<'_>, FormatError> {
     let patient_id = r.take(n)?.to_vec();
     let study_uid = Some(text(&mut r, "Study Instance UID")?).filter(|s| !s.is_empty());
     let series_uid = Some(text(&mut r, "Series Instance UID")?).filter(|s| !s.is_empty());
+    let (receiving_ae_title, requestor_address) = if kind == KIND_INSTANCE {
+        (
+            text(&mut r, "Called AE Title")?,
+            text(&mut r, "requestor address")?,
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let received_ms = r.u64()?;
     let n = r.u32()? as usize;
     let data_set = r.take(n)?;
@@ -261,6 +285,8 @@ pub fn decode_record(b: &[u8], seq: u64) -> Result<Record<'_>, FormatError> {
             study_uid,
             series_uid,
             received_ms,
+            receiving_ae_title,
+            requestor_address,
         },
         data_set,
         stride: total + padding(total),
@@ -378,7 +404,70 @@ mod tests {
             study_uid: Some("1.2.3".into()),
             series_uid: (i % 2 == 0).then(|| "1.2.3.4".into()),
             received_ms: 1_700_000_000_000 + u64::from(i),
+            receiving_ae_title: "DICOMGATE".into(),
+            requestor_address: if i % 3 == 0 {
+                "10.1.2.3".into()
+            } else {
+                String::new()
+            },
         }
+    }
+
+    /// Segments written by format version 1 hold kind 1 records (no Called AE Title, no
+    /// address): they are still read, with those two empty.
+    #[test]
+    fn a_version_1_record_still_decodes() {
+        let m = meta(4);
+        let mut body = vec![KIND_INSTANCE_V1];
+        for f in [
+            m.sop_class_uid.as_bytes(),
+            m.sop_instance_uid.as_bytes(),
+            m.transfer_syntax_uid.as_bytes(),
+            m.source_ae_title.as_bytes(),
+            &m.patient_id,
+            m.study_uid.as_deref().unwrap_or("").as_bytes(),
+            m.series_uid.as_deref().unwrap_or("").as_bytes(),
+        ] {
+            body.extend_from_slice(&(f.len() as u16).to_le_bytes());
+            body.extend_from_slice(f);
+        }
+        body.extend_from_slice(&m.received_ms.to_le_bytes());
+        body.extend_from_slice(&3u32.to_le_bytes());
+        body.extend_from_slice(b"abc");
+        let mut rec = encode_header(9, body.len(), crc32c::crc32c(&body))
+            .unwrap()
+            .to_vec();
+        rec.extend_from_slice(&body);
+        let r = decode_record(&rec, 9).unwrap();
+        assert_eq!(r.data_set, b"abc");
+        assert_eq!(r.meta.receiving_ae_title, "");
+        assert_eq!(r.meta.requestor_address, "");
+        assert_eq!(
+            r.meta,
+            InstanceMeta {
+                receiving_ae_title: String::new(),
+                requestor_address: String::new(),
+                ..m
+            }
+        );
+        // And a version 1 segment header is still accepted.
+        let mut h = SegmentHeader {
+            seq: 9,
+            segment_bytes: 1 << 20,
+            created_ms: 5,
+        }
+        .encode();
+        h[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&h[..60]);
+        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(SegmentHeader::decode(&h).unwrap().seq, 9);
+        h[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c::crc32c(&h[..60]);
+        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            SegmentHeader::decode(&h),
+            Err(FormatError::UnknownVersion(3))
+        ));
     }
 
     #[test]

@@ -32,12 +32,12 @@ use std::io::{self, IoSlice};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use format::{InstanceMeta, SegmentHeader, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 
-use super::{Durability, StoreDone, StoreJob, StoredInstance};
+use super::{Durability, ReplyTo, StoreDone, StoreJob, StoredInstance};
 use crate::doorbell::Doorbell;
 
 /// Where a record is: its segment and its offset from the segment's start.
@@ -76,6 +76,8 @@ fn file_meta(meta: &InstanceMeta) -> super::FileMeta {
         sop_instance_uid: meta.sop_instance_uid.clone(),
         transfer_syntax_uid: meta.transfer_syntax_uid.clone(),
         source_ae_title: meta.source_ae_title.clone(),
+        receiving_ae_title: meta.receiving_ae_title.clone(),
+        requestor_address: meta.requestor_address.clone(),
     }
 }
 
@@ -159,6 +161,18 @@ struct FlushItem {
     acks: Vec<StoreDone>,
 }
 
+/// The longest the flusher waits for the records it expects before a round ([`Log::gather`]).
+const MAX_GATHER: Duration = Duration::from_millis(2);
+
+/// What the flusher knows of the rounds before (only the round's leader touches it).
+#[derive(Default)]
+struct Gather {
+    /// The connections that had a record in each of the last two rounds, newest first.
+    recent: [Vec<ReplyTo>; 2],
+    /// How long the last round's flush took.
+    last_flush: Duration,
+}
+
 /// The log of one data directory.
 pub struct Log {
     dir: PathBuf,
@@ -166,6 +180,10 @@ pub struct Log {
     durability: Durability,
     inner: Mutex<Inner>,
     flush_queue: Mutex<VecDeque<FlushItem>>,
+    /// Signalled when records join `flush_queue` while the flusher gathers (`gathering`).
+    queued: Condvar,
+    gathering: AtomicBool,
+    gather: Mutex<Gather>,
     flush_bell: Doorbell,
     /// Flush rounds, records they covered, nanoseconds in them (for `/metrics`).
     flush_counts: [std::sync::atomic::AtomicU64; 3],
@@ -270,6 +288,9 @@ impl Log {
             durability,
             inner: Mutex::new(inner),
             flush_queue: Mutex::new(VecDeque::new()),
+            queued: Condvar::new(),
+            gathering: AtomicBool::new(false),
+            gather: Mutex::new(Gather::default()),
             flush_bell: Doorbell::new(),
             flush_counts: Default::default(),
             flushing: AtomicBool::new(false),
@@ -300,6 +321,28 @@ impl Log {
     /// path `dest`); each job's [`StoreDone`] goes to `done` once its record is durable (at
     /// once with `durability = "none"`), or with an error if it could not be written.
     pub fn append(&self, jobs: Vec<(StoreJob, PathBuf, PathBuf)>) {
+        if self.append_unflushed(jobs) {
+            // Leader/follower group commit (PostgreSQL's WAL flush): the appender flushes
+            // itself unless a round is running, whose leader then takes these records in its
+            // next round. One thread hop fewer on the acknowledgement path than a flusher
+            // thread woken per round.
+            self.lead_flush(false);
+        }
+    }
+
+    /// [`Log::append`] from a thread that must not wait for a flush (a reactor): the log's
+    /// flusher thread leads the round that acknowledges these records.
+    pub fn append_for_flusher(&self, jobs: Vec<(StoreJob, PathBuf, PathBuf)>) {
+        if self.append_unflushed(jobs) && !self.flushing.load(Ordering::SeqCst) {
+            // A running round's leader takes them in its next round (it drains until empty,
+            // and checks once more after it lets go: lead_flush).
+            self.flush_bell.ring();
+        }
+    }
+
+    /// Appends and acknowledges what needs no flush (`durability = "none"`, failures); true when
+    /// records wait in the flush queue.
+    fn append_unflushed(&self, jobs: Vec<(StoreJob, PathBuf, PathBuf)>) -> bool {
         // Encoded outside the lock: each record's body prefix and checksum.
         let mut prepared = Vec::with_capacity(jobs.len());
         for (job, rel, dest) in jobs {
@@ -312,6 +355,8 @@ impl Log {
                 study_uid: job.study_uid.clone(),
                 series_uid: job.series_uid.clone(),
                 received_ms: now_ms(),
+                receiving_ae_title: job.meta.receiving_ae_title.clone(),
+                requestor_address: job.meta.requestor_address.clone(),
             };
             let mut prefix = Vec::with_capacity(256);
             let r = format::encode_body(&meta, &[], &mut prefix).map(|_| {
@@ -324,6 +369,7 @@ impl Log {
         }
         let mut items: Vec<FlushItem> = Vec::new();
         let mut failed = Vec::new();
+        let mut queued = false;
         {
             let mut inner = lock(&self.inner);
             for (job, rel, dest, prefix, crc) in prepared {
@@ -352,6 +398,10 @@ impl Log {
             }
             if self.durability != Durability::None && !items.is_empty() {
                 lock(&self.flush_queue).extend(items.drain(..));
+                queued = true;
+                if self.gathering.load(Ordering::SeqCst) {
+                    self.queued.notify_one();
+                }
             }
         }
         for d in failed {
@@ -363,24 +413,22 @@ impl Log {
                     (self.done)(a);
                 }
             }
-        } else {
-            // Leader/follower group commit (PostgreSQL's WAL flush): the appender flushes
-            // itself unless a round is running, whose leader then takes these records in its
-            // next round. One thread hop fewer on the acknowledgement path than a flusher
-            // thread woken per round.
-            self.lead_flush();
+            return false;
         }
+        queued
     }
 
-    /// Runs flush rounds until the queue is empty, unless another thread is running them.
-    fn lead_flush(&self) {
+    /// Runs flush rounds until the queue is empty, unless another thread is running them;
+    /// `gather`: wait for the expected records before each round ([`Log::gather`]; only the
+    /// flusher thread does, a storage worker never waits for other appenders).
+    fn lead_flush(&self, gather: bool) {
         while self
             .flushing
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
         {
             loop {
-                let items: Vec<FlushItem> = lock(&self.flush_queue).drain(..).collect();
+                let items = self.gather(gather);
                 if items.is_empty() {
                     break;
                 }
@@ -388,11 +436,62 @@ impl Log {
             }
             self.flushing.store(false, Ordering::SeqCst);
             // Records queued after the last drain but before the store: their appender's
-            // compare_exchange may have failed; take them unless someone else leads now.
+            // compare_exchange (or its look at `flushing`) may have failed; take them unless
+            // someone else leads now.
             if lock(&self.flush_queue).is_empty() {
                 return;
             }
         }
+    }
+
+    /// Takes the next round's records. With `wait`, the leader first waits, at most as long as
+    /// the last flush took (and [`MAX_GATHER`]), until every connection of the last two rounds
+    /// has a record queued: without it, associations that each wait for their response before
+    /// sending again split into two groups that alternate rounds (half of them arrive while the
+    /// other half's round flushes), and every flush covers half of what it could (PostgreSQL's
+    /// `commit_delay`/`commit_siblings`, sized by what was seen, not by a setting). One
+    /// connection never waits; a connection that stopped sending costs one bounded wait in
+    /// each of the next two rounds.
+    fn gather(&self, wait: bool) -> Vec<FlushItem> {
+        let mut g = lock(&self.gather);
+        let mut q = lock(&self.flush_queue);
+        let expected: HashSet<ReplyTo> = g.recent.iter().flatten().copied().collect();
+        if wait && expected.len() > 1 && !q.is_empty() {
+            let deadline = Instant::now() + g.last_flush.min(MAX_GATHER);
+            // Only this leader drains the queue, so it only grows here: scan what is new.
+            let (mut scanned, mut present) = (0, HashSet::new());
+            self.gathering.store(true, Ordering::SeqCst);
+            loop {
+                for it in q.iter().skip(scanned) {
+                    for a in &it.acks {
+                        if expected.contains(&a.reply) {
+                            present.insert(a.reply);
+                        }
+                    }
+                }
+                scanned = q.len();
+                let now = Instant::now();
+                if present.len() == expected.len() || now >= deadline {
+                    break;
+                }
+                q = self
+                    .queued
+                    .wait_timeout(q, deadline - now)
+                    .map(|(q, _)| q)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            self.gathering.store(false, Ordering::SeqCst);
+        }
+        let items: Vec<FlushItem> = q.drain(..).collect();
+        drop(q);
+        let mut seen = HashSet::new();
+        let now: Vec<ReplyTo> = items
+            .iter()
+            .flat_map(|it| it.acks.iter().map(|a| a.reply))
+            .filter(|r| seen.insert(*r))
+            .collect();
+        g.recent[1] = std::mem::replace(&mut g.recent[0], now);
+        items
     }
 
     /// Writes one record at the active segment's tail (rolling over when it does not fit) and
@@ -537,7 +636,7 @@ impl Log {
             }
             self.flush_bell.wait(Duration::from_millis(100), || false);
             if !lock(&self.flush_queue).is_empty() {
-                self.lead_flush();
+                self.lead_flush(true);
             }
         }
     }
@@ -581,6 +680,7 @@ impl Log {
                 }
             }
         }
+        lock(&self.gather).last_flush = started.elapsed();
         let [rounds, recs, nanos] = &self.flush_counts;
         rounds.fetch_add(1, Ordering::Relaxed);
         recs.fetch_add(records as u64, Ordering::Relaxed);
@@ -1318,6 +1418,7 @@ mod tests {
                 sop_instance_uid: format!("1.2.3.{i}"),
                 transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
                 source_ae_title: "T".into(),
+                ..FileMeta::default()
             },
             patient_id: patient.to_vec(),
             study_uid: Some("1.2".into()),
