@@ -65,11 +65,13 @@ impl Pki {
                 ],
             );
         }
-        for (name, ca, ext) in [
-            ("server", "ca", "server.ext"),
-            ("client", "ca", "client.ext"),
-            ("other-client", "other-ca", "client.ext"),
-            ("other-server", "other-ca", "server.ext"),
+        // (name, signing CA, extensions, validity in days: -1 = expired yesterday)
+        for (name, ca, ext, days) in [
+            ("server", "ca", "server.ext", "2"),
+            ("client", "ca", "client.ext", "2"),
+            ("other-client", "other-ca", "client.ext", "2"),
+            ("other-server", "other-ca", "server.ext", "2"),
+            ("expired-server", "ca", "server.ext", "-1"),
         ] {
             openssl(
                 d,
@@ -101,7 +103,7 @@ impl Pki {
                     "-out",
                     &format!("{name}.pem"),
                     "-days",
-                    "2",
+                    days,
                     "-extfile",
                     ext,
                 ],
@@ -999,6 +1001,45 @@ fn pynetdicom_over_tls_with_and_without_a_client_certificate() {
     assert!(out.trim() == "ABORTED", "{out}\n{}", node.log());
     assert!(
         wait_until(5, || node.log().contains("peer sent no certificates")),
+        "{}",
+        node.log()
+    );
+}
+
+/// A server certificate that has expired is refused by our own requestor (and by DCMTK), before
+/// any DICOM is sent; the node logs the client's alert once each.
+#[test]
+fn an_expired_server_certificate_is_refused_by_our_requestor() {
+    let pki = Pki::new();
+    let node = Node::start(&format!(
+        "[tls]\nlisten = \"127.0.0.1:0\"\ncertificate = {:?}\nprivate_key = {:?}\n",
+        pki.s("expired-server.pem"),
+        pki.s("expired-server.key")
+    ));
+    let addr = node.tls_addr.unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["echo", &addr, "--tls-ca", &pki.s("ca.pem")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("TLS: handshake with") && text(&out).contains("Expired"),
+        "{}",
+        text(&out)
+    );
+    let dcmtk = dcmtk_tls("echoscu", &pki, &node, None, &[]);
+    assert!(
+        !dcmtk.status.success(),
+        "DCMTK accepted an expired certificate"
+    );
+    assert!(
+        wait_until(5, || node.log().matches("TLS handshake failed").count()
+            >= 2),
+        "{}",
+        node.log()
+    );
+    assert!(
+        !node.log().contains("calling_ae=\"ECHOSCU\""),
         "{}",
         node.log()
     );
