@@ -38,7 +38,7 @@ fn store(c: &mut Criterion) {
         for (dname, durability) in [("none", Durability::None), ("fsync", Durability::Fsync)] {
             let dir = tempfile::tempdir_in(&base).unwrap();
             let mut config = Config::default();
-            config.node.listen = "127.0.0.1:0".parse().unwrap();
+            config.node.listen = Some("127.0.0.1:0".parse().unwrap());
             config.node.data_dir = dir.path().to_path_buf();
             config.node.reactors = 1;
             config.http.listen = String::new();
@@ -55,7 +55,7 @@ fn store(c: &mut Criterion) {
                 abstract_syntax: CT_IMAGE_STORAGE.into(),
                 transfer_syntaxes: vec![EXPLICIT_VR_LITTLE_ENDIAN.into()],
             };
-            let mut client = Client::connect(node.local_addr, &opts, &[proposal]).unwrap();
+            let mut client = Client::connect(node.local_addr.unwrap(), &opts, &[proposal]).unwrap();
             let px: Vec<u8> = (0..pixels).map(|i| (i * 7 % 251) as u8).collect();
             let mut n = 0u64;
             // Built once; each store rewrites only the header (same-length UIDs).

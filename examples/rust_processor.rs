@@ -63,13 +63,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config::default();
     config.http.listen = String::new(); // no /metrics for this example
     if let Some(listen) = args.next() {
-        config.node.listen = listen.parse()?;
+        config.node.listen = Some(listen.parse()?);
     }
     config.node.data_dir =
         Path::new(&args.next().unwrap_or_else(|| "./example-data".into())).to_path_buf();
     config.trigger.quiet_seconds = 5.0;
     let node = dicomgate::net::start_with(config, Some(Arc::new(Anonymise)))?;
-    println!("listening on {}", node.local_addr);
+    if let Some(a) = node.local_addr {
+        println!("listening on {a}");
+    }
     node.wait();
     Ok(())
 }

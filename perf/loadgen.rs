@@ -277,6 +277,7 @@ fn main() -> ExitCode {
         called_ae: a.called.clone(),
         max_pdu_length: a.max_pdu,
         timeout: Duration::from_secs(120),
+        tls: None,
     };
     let run = std::process::id();
     let threads: Vec<_> = (0..associations)

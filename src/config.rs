@@ -31,6 +31,30 @@ pub struct Config {
     pub exports: Vec<ExportConfig>,
     pub outbox: OutboxConfig,
     pub http: HttpConfig,
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: DICOM over TLS (PS3.15 B.12, the BCP 195 profile) on a listener of its own, beside
+/// the plain `[node] listen`. The files are PEM; they are read and checked at start-up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// HOST:PORT for associations over TLS (conventionally port 2762); empty = no TLS listener.
+    pub listen: String,
+    /// The node's certificate chain (PEM, its own certificate first).
+    pub certificate: PathBuf,
+    /// The private key of `certificate` (PEM: PKCS#8, PKCS#1 or SEC1, unencrypted).
+    pub private_key: PathBuf,
+    /// CA certificates (PEM); when set, a client certificate signed by one of them is required.
+    /// Empty = no client certificate asked for.
+    pub client_ca: PathBuf,
+}
+
+impl TlsConfig {
+    /// A TLS listener is configured.
+    pub fn enabled(&self) -> bool {
+        !self.listen.trim().is_empty()
+    }
 }
 
 /// `[http]`: metrics and health over HTTP, on its own thread.
@@ -65,7 +89,9 @@ impl Default for HttpConfig {
 pub struct NodeConfig {
     /// Our AE title; the called AE title of every association must equal it.
     pub ae_title: String,
-    pub listen: SocketAddr,
+    /// IP:PORT for plain DICOM; `""` = none (TLS only: then `[tls] listen` must be set).
+    #[serde(with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Accept any called AE title instead of only `ae_title`.
     pub accept_any_called_ae: bool,
@@ -91,7 +117,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             ae_title: "DICOMGATE".into(),
-            listen: SocketAddr::from(([0, 0, 0, 0], 11112)),
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], 11112))),
             data_dir: PathBuf::from("./dicomgate-data"),
             accept_any_called_ae: false,
             calling_ae_titles: Vec::new(),
@@ -103,6 +129,32 @@ impl Default for NodeConfig {
             transfer_syntax_choice: TransferSyntaxChoice::Sender,
             drain_seconds: 30.0,
         }
+    }
+}
+
+/// `[node] listen`: an address, or `""` for none.
+mod optional_addr {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::SocketAddr;
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not IP:PORT (use \"\" for no plain listener)"
+            ))
+        })
     }
 }
 
@@ -361,6 +413,47 @@ pub struct ExportConfig {
     /// `unmatched = "keep"`). Empty = the whole batch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<String>,
+    /// `dicom`: DICOM over TLS (PS3.15 B.12, the node's TLS profile); needs `tls_ca`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
+    /// `tls`: the CA certificate(s) (PEM) the destination's certificate must chain to; the
+    /// certificate must also name the host of `address` (IP address or DNS name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// `tls`: our client certificate chain (PEM), for a destination that asks for one; with
+    /// `tls_private_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificate: Option<PathBuf>,
+    /// `tls`: the private key (PEM) of `tls_certificate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_private_key: Option<PathBuf>,
+}
+
+impl ExportConfig {
+    /// The rustls configuration of a `tls = true` export, read from its files (`None`: plain).
+    /// `field` starts each error (`"export 0: "`).
+    pub fn tls_client_config(
+        &self,
+        field: &str,
+    ) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+        if !self.tls {
+            return Ok(None);
+        }
+        let ca = self
+            .tls_ca
+            .as_deref()
+            .ok_or_else(|| format!("{field}tls = true needs tls_ca (the CA's PEM file)"))?;
+        let client = match (&self.tls_certificate, &self.tls_private_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let fields = [
+            format!("{field}tls_ca"),
+            format!("{field}tls_certificate"),
+            format!("{field}tls_private_key"),
+        ];
+        crate::net::tls::client_config([&fields[0], &fields[1], &fields[2]], ca, client).map(Some)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -497,6 +590,31 @@ impl Config {
                 self.node.drain_seconds
             ));
         }
+        if self.node.listen.is_none() && !self.tls.enabled() {
+            return err(
+                "node.listen is \"\" and [tls] listen is not set: the node would accept no \
+                 association; give node.listen an IP:PORT, or set [tls] listen (TLS only)"
+                    .into(),
+            );
+        }
+        if self.tls.enabled() {
+            if self.tls.listen.trim().parse::<SocketAddr>().is_err() {
+                return err(format!(
+                    "tls.listen {:?}: give IP:PORT (conventionally port 2762), or \"\" for no TLS listener",
+                    self.tls.listen
+                ));
+            }
+            for (field, p) in [
+                ("tls.certificate", &self.tls.certificate),
+                ("tls.private_key", &self.tls.private_key),
+            ] {
+                if p.as_os_str().is_empty() {
+                    return err(format!(
+                        "{field} is not set: tls.listen needs the node's certificate and key (PEM files)"
+                    ));
+                }
+            }
+        }
         let l = &self.limits;
         if l.max_pdu_length < 4096 {
             return err("limits.max_pdu_length must be at least 4096".into());
@@ -626,10 +744,35 @@ impl Config {
                     if e.calling_ae_title.as_deref().is_some_and(|a| !valid_ae(a)) {
                         return err(format!("export {i}: calling_ae_title is not valid"));
                     }
+                    if e.tls && e.tls_ca.is_none() {
+                        return err(format!(
+                            "export {i}: tls = true needs tls_ca (PEM file of the CA that signed \
+                             the destination's certificate)"
+                        ));
+                    }
+                    if e.tls_certificate.is_some() != e.tls_private_key.is_some() {
+                        return err(format!(
+                            "export {i}: tls_certificate and tls_private_key go together: give both \
+                             or neither"
+                        ));
+                    }
+                    if !e.tls
+                        && (e.tls_ca.is_some()
+                            || e.tls_certificate.is_some()
+                            || e.tls_private_key.is_some())
+                    {
+                        return err(format!(
+                            "export {i}: tls_ca, tls_certificate and tls_private_key apply with \
+                             tls = true: set it, or remove them"
+                        ));
+                    }
                 }
                 ExportKind::Folder => {
                     if e.path.is_none() {
                         return err(format!("export {i}: kind = \"folder\" needs path"));
+                    }
+                    if e.tls {
+                        return err(format!("export {i}: tls applies to kind = \"dicom\" only"));
                     }
                 }
             }
@@ -670,6 +813,9 @@ impl Config {
     /// directory is not a file. Each error names the field and what to do.
     pub fn check_environment(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
+        if self.tls.enabled() {
+            crate::net::tls::server_config(&self.tls).map_err(ConfigError)?;
+        }
         if self.node.data_dir.exists() && !self.node.data_dir.is_dir() {
             return err(format!(
                 "node.data_dir {}: is not a directory: name a directory (it is created if missing)",
@@ -693,6 +839,8 @@ impl Config {
                     if !port_ok {
                         return err(format!("export {i}: address {a:?}: give HOST:PORT"));
                     }
+                    e.tls_client_config(&format!("export {i}: "))
+                        .map_err(ConfigError)?;
                     // A name that does not resolve now (DNS down at boot) may later: exports
                     // retry, so this is a warning, not a reason to stop ingesting.
                     let resolves = std::net::ToSocketAddrs::to_socket_addrs(a)
@@ -874,7 +1022,7 @@ mod tests {
     fn defaults_are_valid_and_embedded() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c.node.ae_title, "DICOMGATE");
-        assert_eq!(c.node.listen.port(), 11112);
+        assert_eq!(c.node.listen.unwrap().port(), 11112);
         assert_eq!(c.storage.durability, Durability::Fsync);
     }
 
@@ -1179,6 +1327,43 @@ ae_title = "PACS"
         ] {
             assert!(Config::from_toml(&ok).is_ok(), "{ok}");
         }
+    }
+
+    /// Issue 13: `[tls]` and an export's TLS settings are checked as a whole at start-up: a
+    /// listener needs a certificate and key; an export's `tls` needs `tls_ca`, a client
+    /// certificate needs its key, TLS files without `tls = true` and `tls` on a folder export
+    /// are refused, naming the field. (The files themselves: tests/tls.rs.)
+    #[test]
+    fn tls_settings_are_checked_at_start_up() {
+        let e = refused("[tls]\nlisten = \"127.0.0.1:2762\"\ncertificate = \"/x.pem\"\n");
+        assert!(e.contains("tls.private_key is not set"), "{e}");
+        let e = refused("[tls]\nlisten = \"2762\"\n");
+        assert!(e.contains("tls.listen") && e.contains("IP:PORT"), "{e}");
+        assert!(!Config::default().tls.enabled());
+        let dicom =
+            "[[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:2762\"\nae_title = \"PACS\"\n";
+        let e = refused(&format!("{dicom}tls = true\n"));
+        assert!(e.contains("export 0: tls = true needs tls_ca"), "{e}");
+        let e = refused(&format!(
+            "{dicom}tls = true\ntls_ca = \"/ca.pem\"\ntls_certificate = \"/c.pem\"\n"
+        ));
+        assert!(
+            e.contains("tls_certificate and tls_private_key go together"),
+            "{e}"
+        );
+        let e = refused(&format!("{dicom}tls_ca = \"/ca.pem\"\n"));
+        assert!(e.contains("apply with tls = true"), "{e}");
+        let e = refused("[[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\ntls = true\n");
+        assert!(e.contains("tls applies to kind = \"dicom\" only"), "{e}");
+        let ok = Config::from_toml(&format!("{dicom}tls = true\ntls_ca = \"/ca.pem\"\n")).unwrap();
+        let printed = toml::to_string(&ok).unwrap();
+        assert!(printed.contains("tls = true"), "{printed}");
+        assert!(Config::from_toml(&printed).is_ok(), "{printed}");
+        let e = ok.check_environment().unwrap_err().0;
+        assert!(
+            e.contains("export 0: tls_ca /ca.pem: cannot be read"),
+            "{e}"
+        );
     }
 
     /// Issue 11: a store-only configuration (no trigger can fire) gave no sign that nothing

@@ -832,9 +832,127 @@ const fn sample_associate(t: u8) -> [u8; 74 + 25 + 4 + 4 + 21 + 4 + 17] {
     b
 }
 
+/// A self-signed P-256 certificate and its key, for [`tls_server`] only (no secret: it
+/// authenticates nothing).
+const FUZZ_TLS_CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----\nMIIBijCCAS+gAwIBAgIUcCztkPV/47N8ZfUTChoR/8zjtWMwCgYIKoZIzj0EAwIw\nGTEXMBUGA1UEAwwOZGljb21nYXRlIGZ1enowIBcNMjYxMjAxMTM1OTIyWhgPMjEy\nNjExMDcxMzU5MjJaMBkxFzAVBgNVBAMMDmRpY29tZ2F0ZSBmdXp6MFkwEwYHKoZI\nzj0CAQYIKoZIzj0DAQcDQgAEdh4HCBll9ia0tS1FPR1PriZkGC3ERtBO7RKZAY5H\nzpNPxgeEI+pwRRrQfcfpuWIH7R2H2vcQyobz6NT777TSNKNTMFEwHQYDVR0OBBYE\nFFL1D716PVK3oQc2xqK3Sf4gWGSmMB8GA1UdIwQYMBaAFFL1D716PVK3oQc2xqK3\nSf4gWGSmMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSQAwRgIhAP+U5XFg\n00Bqlv5a4kKAJ9ja2MXVoO63qHa+KN4I+q90AiEA2FUdBYHLD0ZL101+AXMQPLwF\nKqWnxucBaWPUiQImHLQ=\n-----END CERTIFICATE-----\n";
+const FUZZ_TLS_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQglCnkU6LHUmEbF+Re\nro2MRzEzsnSg+7ZilhnKONKuJ3ChRANCAAR2HgcIGWX2JrS1LUU9HU+uJmQYLcRG\n0E7tEpkBjkfOk0/GB4Qj6nBFGtB9x+m5YgftHYfa9xDKhvPo1PvvtNI0\n-----END PRIVATE KEY-----\n";
+
+/// A peer's bytes into the TLS listener's session ([`crate::net::tls::Session`]), before,
+/// during and after the handshake: the first byte sets how many bytes the fake socket gives per
+/// read (1-64), the rest is what the peer sends; between reads the association's side writes.
+/// Never panics; each call either makes progress, would block, or ends the connection with an
+/// error (after which nothing more is read); what the session holds stays bounded.
+pub fn tls_server(data: &[u8]) {
+    use crate::net::tls::Session;
+    use rustls::pki_types::pem::PemObject;
+    use std::io;
+    use std::sync::{Arc, OnceLock};
+    static CONFIG: OnceLock<Option<Arc<rustls::ServerConfig>>> = OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let certs: Vec<_> =
+            rustls::pki_types::CertificateDer::pem_slice_iter(FUZZ_TLS_CERTIFICATE.as_bytes())
+                .collect::<Result<_, _>>()
+                .ok()?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(FUZZ_TLS_KEY.as_bytes()).ok()?;
+        rustls::ServerConfig::builder_with_provider(Arc::new(crate::net::tls::profile_provider()))
+            .with_protocol_versions(crate::net::tls::VERSIONS)
+            .ok()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .ok()
+            .map(Arc::new)
+    });
+    let (Some(config), Some((&step, input))) = (config.clone(), data.split_first()) else {
+        return;
+    };
+    struct Sock<'a> {
+        input: &'a [u8],
+        step: usize,
+        /// One read may be served, then WouldBlock until the next round.
+        readable: bool,
+        written: usize,
+    }
+    impl io::Read for Sock<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if !self.readable || self.input.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.readable = false;
+            let n = self.step.min(self.input.len()).min(buf.len());
+            buf[..n].copy_from_slice(&self.input[..n]);
+            self.input = &self.input[n..];
+            Ok(n)
+        }
+    }
+    impl io::Write for Sock<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.written += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let Ok(mut session) = Session::new(config) else {
+        return;
+    };
+    let mut sock = Sock {
+        input,
+        step: step as usize % 64 + 1,
+        readable: false,
+        written: 0,
+    };
+    let mut plain = [0u8; 97];
+    // An A-ABORT PDU: what the association side might answer at any point.
+    let answer = [0x07, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x02, 0x00];
+    while !sock.input.is_empty() {
+        sock.readable = true;
+        match session.read_plaintext(&mut sock, &mut plain) {
+            Ok(n) => assert!(n <= plain.len()),
+            Err(_) => return, // alert sent as far as possible; the reactor closes here
+        }
+        if session.write_plaintext(&mut sock, &answer).is_err() {
+            return;
+        }
+        // The socket takes everything, so nothing of ours waits in the session.
+        assert!(!session.wants_write() || session.is_handshaking());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The TLS body on its seeds (a real ClientHello at several read sizes) and on garbage.
+    #[test]
+    fn tls_server_body_runs_on_seeds_and_garbage() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/tls_server");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let seed = std::fs::read(e.path()).unwrap();
+            for step in [0u8, 1, 7, 63] {
+                let mut d = seed.clone();
+                if let Some(b) = d.first_mut() {
+                    *b = step;
+                }
+                tls_server(&d);
+            }
+            n += 1;
+        }
+        assert!(n > 0, "no seeds in {dir}");
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for len in [0, 1, 5, 6, 100, 5000] {
+            let d: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            tls_server(&d);
+        }
+    }
 
     /// Every captured vector, whole and in pieces, goes through the fuzz body.
     #[test]

@@ -27,7 +27,7 @@ enum Command {
         /// TOML config file; flags below override it.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// IP:PORT to accept associations on ([node] listen; default 0.0.0.0:11112).
+        /// IP:PORT to accept plain associations on ([node] listen; default 0.0.0.0:11112).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
         /// Where instances, the segment log and batches are kept ([node] data_dir).
@@ -53,6 +53,20 @@ enum Command {
         /// Our AE title (the calling AE).
         #[arg(long, default_value = "DICOMGATE-SCU")]
         calling: String,
+        /// DICOM over TLS: the CA certificate(s) (PEM) the peer's certificate must chain to.
+        #[arg(long, value_name = "PEM")]
+        tls_ca: Option<PathBuf>,
+        /// With --tls-ca: our client certificate chain (PEM), for a peer that asks for one.
+        #[arg(
+            long,
+            value_name = "PEM",
+            requires = "tls_private_key",
+            requires = "tls_ca"
+        )]
+        tls_certificate: Option<PathBuf>,
+        /// The private key (PEM) of --tls-certificate.
+        #[arg(long, value_name = "PEM", requires = "tls_certificate")]
+        tls_private_key: Option<PathBuf>,
     },
     /// C-STORE Part-10 files (directories are walked) to a peer, each in its own transfer syntax.
     Store {
@@ -66,6 +80,20 @@ enum Command {
         /// Our AE title (the calling AE).
         #[arg(long, default_value = "DICOMGATE-SCU")]
         calling: String,
+        /// DICOM over TLS: the CA certificate(s) (PEM) the peer's certificate must chain to.
+        #[arg(long, value_name = "PEM")]
+        tls_ca: Option<PathBuf>,
+        /// With --tls-ca: our client certificate chain (PEM), for a peer that asks for one.
+        #[arg(
+            long,
+            value_name = "PEM",
+            requires = "tls_private_key",
+            requires = "tls_ca"
+        )]
+        tls_certificate: Option<PathBuf>,
+        /// The private key (PEM) of --tls-certificate.
+        #[arg(long, value_name = "PEM", requires = "tls_certificate")]
+        tls_private_key: Option<PathBuf>,
     },
     /// Show what a running node is doing (its status page, in the terminal): pending patients
     /// and each input's progress, batches, failed batches with their reasons, recent
@@ -464,7 +492,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 None => Config::default(),
             };
             if let Some(l) = listen {
-                cfg.node.listen = l;
+                cfg.node.listen = Some(l);
             }
             if let Some(d) = data_dir {
                 cfg.node.data_dir = d;
@@ -483,14 +511,20 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let drain = std::time::Duration::from_secs_f64(cfg.node.drain_seconds);
             // Watched from before the node starts (recovery can take a while): the first
             // signal asks for a drain, the second stops at once, start-up included.
+            // SIGHUP: read [tls]'s certificate, key and CA files again.
             let mut signals = signal_hook::iterator::Signals::new([
                 signal_hook::consts::SIGTERM,
                 signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGHUP,
             ])?;
             let (stop_tx, stop_rx) = std::sync::mpsc::channel::<i32>();
             std::thread::spawn(move || {
                 let mut seen = 0;
                 for sig in signals.forever() {
+                    if sig == signal_hook::consts::SIGHUP {
+                        let _ = stop_tx.send(sig);
+                        continue;
+                    }
                     seen += 1;
                     if seen == 1 {
                         tracing::info!(
@@ -506,9 +540,27 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 }
             });
             let node = dicomgate::net::start(cfg)?;
-            // Tests and scripts read the bound address from this line.
-            println!("listening on {}", node.local_addr);
-            let _ = stop_rx.recv();
+            // Tests and scripts read the bound address from this line (and the TLS one from
+            // the next, when [tls] listen is set; only that one when node.listen is "").
+            if let Some(a) = node.local_addr {
+                println!("listening on {a}");
+            }
+            if let Some(a) = node.tls_addr {
+                println!("tls listening on {a}");
+            }
+            while let Ok(sig) = stop_rx.recv() {
+                if sig != signal_hook::consts::SIGHUP {
+                    break;
+                }
+                match node.reload_tls() {
+                    Ok(()) => tracing::info!(
+                        "SIGHUP: TLS certificate, key and CA reloaded; new connections use them"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SIGHUP: TLS files not reloaded, the old ones stay")
+                    }
+                }
+            }
             node.drain(drain);
             Ok(ExitCode::SUCCESS)
         }
@@ -516,17 +568,21 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             address,
             called,
             calling,
+            tls_ca,
+            tls_certificate,
+            tls_private_key,
         } => {
             let opts = ScuOptions {
                 called_ae: called,
                 calling_ae: calling,
+                tls: scu_tls(tls_ca, tls_certificate, tls_private_key)?,
                 ..Default::default()
             };
             let proposal = Proposal {
                 abstract_syntax: VERIFICATION_SOP_CLASS.into(),
                 transfer_syntaxes: vec![IMPLICIT_VR_LITTLE_ENDIAN.into()],
             };
-            let mut c = Client::connect(address.as_str(), &opts, &[proposal])?;
+            let mut c = Client::open(address.as_str(), &opts, &[proposal])?;
             let status = c.echo()?;
             c.release()?;
             println!("C-ECHO status 0x{status:04X}");
@@ -541,7 +597,13 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             paths,
             called,
             calling,
-        } => store(&address, &paths, called, calling),
+            tls_ca,
+            tls_certificate,
+            tls_private_key,
+        } => {
+            let tls = scu_tls(tls_ca, tls_certificate, tls_private_key)?;
+            store(&address, &paths, called, calling, tls)
+        }
         Command::Status { http, config, json } => status(http, config, json),
         Command::Retry {
             batch,
@@ -594,11 +656,31 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The requestor's TLS configuration from `--tls-ca` (and a client certificate), if given.
+fn scu_tls(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+    let Some(ca) = ca else { return Ok(None) };
+    let client = match (&cert, &key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    dicomgate::net::tls::client_config(
+        ["--tls-ca", "--tls-certificate", "--tls-private-key"],
+        &ca,
+        client,
+    )
+    .map(Some)
+}
+
 fn store(
     address: &str,
     paths: &[PathBuf],
     called: String,
     calling: String,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut files = Vec::new();
     for p in paths {
@@ -641,6 +723,7 @@ fn store(
     let opts = ScuOptions {
         called_ae: called,
         calling_ae: calling,
+        tls,
         ..Default::default()
     };
     let (mut ok, mut failed) = (0usize, 0usize);
@@ -652,7 +735,7 @@ fn store(
                 transfer_syntaxes: vec![ts.clone()],
             })
             .collect();
-        let mut c = Client::connect(address, &opts, &proposals)?;
+        let mut c = Client::open(address, &opts, &proposals)?;
         for key in chunk {
             for &i in &groups[key] {
                 let f = &to_send[i];

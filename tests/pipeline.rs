@@ -569,7 +569,7 @@ fn rust_processor_gets_the_batch_by_input() {
     let node = dicomgate::net::start_with(config, Some(Arc::new(Record(seen.clone())))).unwrap();
     let src = tempfile::tempdir().unwrap();
     let mut client = dicomgate::net::scu::Client::connect(
-        node.local_addr,
+        node.local_addr.unwrap(),
         &scu_options("LIBRARY"),
         &[ct_proposal_in(EXPLICIT_LE)],
     )

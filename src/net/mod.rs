@@ -1,6 +1,11 @@
 //! The only code that touches sockets: the acceptor, one mio reactor per core, and the blocking
 //! requestor used by `dicomgate echo` / `store`.
 //!
+//! DICOM over TLS (`[tls]`, [`tls`]) is a second listener with its own acceptor thread; its
+//! connections go to the same reactors, counted against the same `max_connections`,
+//! associations limits and memory budget, with a rustls session between the socket and the
+//! association's bytes (sans-IO, in the reactor's loop; the handshake runs under ARTIM).
+//!
 //! Connections are spread by one acceptor thread that hands each accepted socket to the reactor
 //! with the fewest connections over a lock-free queue and wakes it with a `mio::Waker`. We chose
 //! this over one SO_REUSEPORT listener per reactor because the kernel's hash spreads few, long
@@ -17,6 +22,7 @@ pub mod http;
 pub mod reactor;
 pub mod scu;
 pub mod status;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io;
@@ -95,8 +101,11 @@ impl AssociationLimits {
 #[derive(Debug)]
 pub struct Shared {
     pub config: Config,
-    /// The address the DICOM listener is bound to (`[node] listen` with its port resolved).
-    pub local_addr: SocketAddr,
+    /// The address the plain DICOM listener is bound to (`[node] listen` with its port
+    /// resolved); `None` when TLS only.
+    pub local_addr: Option<SocketAddr>,
+    /// The address the TLS listener is bound to, if any.
+    pub tls_addr: Option<SocketAddr>,
     /// What every association's DIMSE service is configured with.
     pub service: crate::dimse::service::ServiceConfig,
     pub storage: Storage,
@@ -114,12 +123,16 @@ pub struct Shared {
     pub counters: http::Counters,
     pub pipeline: Arc<Pipeline>,
     pub next_association: AtomicU64,
+    /// The TLS listener's rustls configuration, when `[tls] listen` is set; replaced whole by
+    /// [`NodeHandle::reload_tls`] (new connections get the new one).
+    pub tls: Option<arc_swap::ArcSwap<rustls::ServerConfig>>,
 }
 
 /// A reactor's inbox: new sockets from the acceptor and finished stores from storage.
 #[derive(Debug)]
 pub struct Mailbox {
-    pub new_connections: SegQueue<(TcpStream, SocketAddr)>,
+    /// Accepted sockets: (socket, peer, over TLS).
+    pub new_connections: SegQueue<(TcpStream, SocketAddr, bool)>,
     pub completions: SegQueue<StoreDone>,
     /// Writes of streamed data sets done.
     pub written: SegQueue<Written>,
@@ -147,7 +160,10 @@ impl Mailbox {
 /// A running node.
 #[derive(Debug)]
 pub struct NodeHandle {
-    pub local_addr: SocketAddr,
+    /// Where the plain listener listens; `None` when `[node] listen` is "" (TLS only).
+    pub local_addr: Option<SocketAddr>,
+    /// Where the TLS listener listens, if `[tls] listen` names one.
+    pub tls_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
     mailboxes: Arc<Vec<Mailbox>>,
     threads: Vec<JoinHandle<()>>,
@@ -233,11 +249,23 @@ impl NodeHandle {
     }
 
     fn unblock_accept(&self) {
-        let mut a = self.local_addr;
-        if a.ip().is_unspecified() {
-            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        for mut a in self.local_addr.into_iter().chain(self.tls_addr) {
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let _ = TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1));
         }
-        let _ = TcpStream::connect(a);
+    }
+
+    /// Reads `[tls]`'s certificate, key and CA files again (SIGHUP): new TLS connections use
+    /// them, open ones keep what they were made with. On an error the old ones stay.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        let Some(current) = &self.shared.tls else {
+            return Err("no [tls] listen: nothing to reload".into());
+        };
+        let cfg = tls::server_config(&self.shared.config.tls)?;
+        current.store(cfg);
+        Ok(())
     }
 
     fn stop(&mut self) {
@@ -316,15 +344,15 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     }
     // Before anything reads or recovers the data directory: one node per directory.
     let lock = crate::storage::lock_data_dir(&config.node.data_dir)?;
-    let listener = TcpListener::bind(config.node.listen).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "cannot listen on {} ([node] listen): {e}",
-                config.node.listen
-            ),
-        )
-    })?;
+    let listener = match config.node.listen {
+        None => None, // TLS only (validate() made sure [tls] listen is set)
+        Some(a) => Some(TcpListener::bind(a).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {a} ([node] listen): {e}"),
+            )
+        })?),
+    };
     let http = if config.http.listen.trim().is_empty() {
         None
     } else {
@@ -340,7 +368,32 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         })?;
         Some(l)
     };
-    let local_addr = listener.local_addr()?;
+    let tls_listener = if config.tls.enabled() {
+        let l = TcpListener::bind(config.tls.listen.trim()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} ([tls] listen): {e}", config.tls.listen),
+            )
+        })?;
+        Some(l)
+    } else {
+        None
+    };
+    let tls_config = match &tls_listener {
+        Some(_) => Some(arc_swap::ArcSwap::new(
+            tls::server_config(&config.tls)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        )),
+        None => None,
+    };
+    let tls_addr = match &tls_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let local_addr = match &listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let n = config.reactor_count();
     let mut polls = Vec::with_capacity(n);
     let mut boxes = Vec::with_capacity(n);
@@ -411,6 +464,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     }
     let shared = Arc::new(Shared {
         local_addr,
+        tls_addr,
         pipeline,
         next_association: AtomicU64::new(0),
         service,
@@ -426,6 +480,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         budget: budget::Budget::new(config.limits.max_buffered_bytes),
         storage,
         config,
+        tls: tls_config,
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     for (i, poll) in polls.into_iter().enumerate() {
@@ -452,13 +507,33 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
                 })?,
         );
     }
-    {
+    if let Some(listener) = listener {
         let shared = shared.clone();
         let mailboxes = mailboxes.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("acceptor".into())
-                .spawn(move || accept_loop(listener, &mailboxes, &shared))?,
+                .spawn(move || accept_loop(listener, false, &mailboxes, &shared))?,
+        );
+    }
+    if let Some(listener) = tls_listener {
+        if let Some(a) = tls_addr {
+            tracing::info!(
+                listen = %a,
+                client_certificate = if shared.config.tls.client_ca.as_os_str().is_empty() {
+                    "not asked for"
+                } else {
+                    "required"
+                },
+                "DICOM TLS listener (TLS 1.2/1.3, PS3.15 B.12 BCP 195 profile)"
+            );
+        }
+        let shared = shared.clone();
+        let mailboxes = mailboxes.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("acceptor-tls".into())
+                .spawn(move || accept_loop(listener, true, &mailboxes, &shared))?,
         );
     }
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
@@ -474,7 +549,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         }
     }
     tracing::info!(
-        listen = %local_addr,
+        listen = local_addr.map_or_else(|| "none (TLS only)".to_string(), |a| a.to_string()),
         ae_title = %shared.config.node.ae_title,
         reactors = n,
         data_dir = %shared.config.node.data_dir.display(),
@@ -483,6 +558,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     );
     Ok(NodeHandle {
         local_addr,
+        tls_addr,
         shared,
         mailboxes,
         threads,
@@ -492,7 +568,8 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     })
 }
 
-fn accept_loop(listener: TcpListener, mailboxes: &[Mailbox], shared: &Shared) {
+/// Accepts connections from `listener` (the TLS one when `tls`) and hands them to reactors.
+fn accept_loop(listener: TcpListener, tls: bool, mailboxes: &[Mailbox], shared: &Shared) {
     let mut refused_logged = false;
     loop {
         let (stream, peer) = match listener.accept() {
@@ -512,10 +589,18 @@ fn accept_loop(listener: TcpListener, mailboxes: &[Mailbox], shared: &Shared) {
         if shared.shutdown.load(Ordering::Acquire) || shared.draining.load(Ordering::Acquire) {
             return; // the listener closes with this thread: no new associations
         }
-        let open = shared.connections.load(Ordering::Acquire);
-        if open >= shared.config.limits.max_connections {
+        // Taken before the socket is set up, in one step: the plain and the TLS acceptor
+        // share the count, so two of them never both take the last slot.
+        let max = shared.config.limits.max_connections;
+        if let Err(open) =
+            shared
+                .connections
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+        {
             if !refused_logged {
-                tracing::warn!(%peer, open, "max_connections reached: closing new connections");
+                tracing::warn!(%peer, open, tls, "max_connections reached: closing new connections");
                 refused_logged = true;
             }
             continue; // dropped: closed at once
@@ -526,9 +611,9 @@ fn accept_loop(listener: TcpListener, mailboxes: &[Mailbox], shared: &Shared) {
             .and(stream.set_nonblocking(true))
             .is_err()
         {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
             continue;
         }
-        shared.connections.fetch_add(1, Ordering::AcqRel);
         let Some((_, m)) = mailboxes
             .iter()
             .enumerate()
@@ -537,7 +622,7 @@ fn accept_loop(listener: TcpListener, mailboxes: &[Mailbox], shared: &Shared) {
             return;
         };
         m.live.fetch_add(1, Ordering::Relaxed);
-        m.new_connections.push((stream, peer));
+        m.new_connections.push((stream, peer, tls));
         m.wake();
     }
 }

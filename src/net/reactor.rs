@@ -19,6 +19,14 @@
 //! queue is full at that moment). The pipeline's queue works the same way
 //! (`Pipeline::push_or_notify`).
 //!
+//! TLS (PS3.15 B.12): a connection from the TLS listener has a rustls session in its `Io`
+//! ([`super::tls::Session`]); reads take decrypted bytes from it (reading records from the
+//! socket while it has none) and writes go through it, so everything above sees the same bytes
+//! as on a plain socket. The handshake needs nothing of its own: it runs before the
+//! A-ASSOCIATE-RQ, so ARTIM (running from the accept) drops a peer that never completes it, and
+//! a failed handshake or a bad record is logged once with the peer and rustls's reason and the
+//! connection closed after the alert.
+//!
 //! Responses: completions at hand are all handed to their services first, then each touched
 //! connection is written once (one write per batch, not per response).
 //!
@@ -58,6 +66,9 @@ const MIN_BUFFER: usize = 16 * 1024;
 #[derive(Debug)]
 struct Io {
     stream: TcpStream,
+    peer: SocketAddr,
+    /// The rustls session of a connection from the TLS listener.
+    tls: Option<Box<super::tls::Session>>,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -188,8 +199,29 @@ impl Reactor<'_> {
     }
 
     fn take_new_connections(&mut self) {
-        while let Some((std_stream, peer)) = self.mailbox.new_connections.pop() {
+        while let Some((std_stream, peer, over_tls)) = self.mailbox.new_connections.pop() {
             let mut stream = TcpStream::from_std(std_stream);
+            let tls = if over_tls {
+                let session = self
+                    .shared
+                    .tls
+                    .as_ref()
+                    .map(|c| super::tls::Session::new(c.load_full()));
+                match session {
+                    Some(Ok(s)) => Some(Box::new(s)),
+                    Some(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "TLS session not made: closing");
+                        self.forget_connection();
+                        continue;
+                    }
+                    None => {
+                        self.forget_connection();
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let idx = self.free.pop().unwrap_or_else(|| {
                 self.conns.push(None);
                 self.conns.len() - 1
@@ -209,6 +241,8 @@ impl Reactor<'_> {
             self.conns[idx] = Some(Conn {
                 io: Some(Io {
                     stream,
+                    peer,
+                    tls,
                     buf: Vec::new(),
                     start: 0,
                     end: 0,
@@ -481,7 +515,10 @@ impl Reactor<'_> {
                 break;
             }
             if c.svc.is_closed() {
-                closed = c.svc.transmit().is_empty() || c.svc.state() == crate::assoc::State::Sta1;
+                // Over TLS, also the records rustls still holds must be out.
+                let tls_pending = io.tls.as_ref().is_some_and(|t| t.wants_write());
+                closed = (c.svc.transmit().is_empty() && !tls_pending)
+                    || c.svc.state() == crate::assoc::State::Sta1;
                 break;
             }
             if !c.svc.wants_read() || !self.overflow.is_empty() {
@@ -506,7 +543,10 @@ impl Reactor<'_> {
             match read_some(io, c.svc.max_receive_pdu(&shared.service)) {
                 Ok(true) => continue,
                 Ok(false) => break,
-                Err(_) => {
+                Err(e) => {
+                    if let Some(t) = io.tls.as_ref() {
+                        log_tls_end(c.peer, t, &e);
+                    }
                     c.svc.handle_transport_closed(now);
                     closed = true;
                     break;
@@ -558,6 +598,9 @@ impl Reactor<'_> {
         let Some(mut io) = c.io.take() else {
             return;
         };
+        if let Some(t) = io.tls.as_mut() {
+            t.close(&mut io.stream);
+        }
         let _ = self.poll.registry().deregister(&mut io.stream);
         if c.svc.state() != crate::assoc::State::Sta1 {
             c.svc.handle_transport_closed(Instant::now());
@@ -947,6 +990,20 @@ fn log_association(c: &Conn, shared: &Shared) {
     }
 }
 
+/// The one log line of a TLS connection that ended in error (a failed handshake, a bad
+/// record) or was closed by the peer during the handshake.
+fn log_tls_end(peer: SocketAddr, t: &super::tls::Session, e: &io::Error) {
+    if super::tls::is_tls_error(e) {
+        if t.is_handshaking() {
+            tracing::warn!(%peer, reason = %e, "TLS handshake failed: closing");
+        } else {
+            tracing::warn!(%peer, reason = %e, "TLS error: closing");
+        }
+    } else if t.is_handshaking() {
+        tracing::info!(%peer, reason = %e, "TLS handshake not completed: the peer closed the connection");
+    }
+}
+
 /// Reads once into the buffer, which may hold PDUs of up to `max_pdu` bytes. `Ok(true)`: got
 /// bytes; `Ok(false)`: would block, or the buffer is full of bytes the service has not taken.
 fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<bool> {
@@ -971,6 +1028,20 @@ fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<bool> {
             return Ok(false);
         }
     }
+    if let Some(t) = io.tls.as_mut() {
+        let n = t.read_plaintext(&mut io.stream, &mut io.buf[io.end..])?;
+        if let Some((version, suite, client_certificate)) = t.take_established() {
+            tracing::debug!(
+                peer = %io.peer,
+                version,
+                suite,
+                client_certificate,
+                "TLS established"
+            );
+        }
+        io.end += n;
+        return Ok(n > 0);
+    }
     loop {
         match io.stream.read(&mut io.buf[io.end..]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -988,6 +1059,11 @@ fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<bool> {
 /// Writes what the service has to send, until done or `WouldBlock`.
 fn write_out(io: &mut Io, svc: &mut Service) -> io::Result<()> {
     let out = svc.transmit();
+    if let Some(t) = io.tls.as_mut() {
+        let taken = t.write_plaintext(&mut io.stream, out)?;
+        out.drain(..taken);
+        return Ok(());
+    }
     let mut written = 0;
     let r = loop {
         if written == out.len() {

@@ -1,5 +1,8 @@
-//! The requestor side (SCU) over a blocking socket, for `dicomgate echo` and `dicomgate store`:
-//! the same PDU layer, state machine and DIMSE assembly as the node, driven synchronously.
+//! The requestor side (SCU) over a blocking socket, for `dicomgate echo` and `dicomgate store`
+//! and the pipeline's `dicom` exports: the same PDU layer, state machine and DIMSE assembly as
+//! the node, driven synchronously. Over TLS (PS3.15 B.12, the profile of [`super::tls`]) the
+//! socket is wrapped in a `rustls::StreamOwned` ([`Transport`]) and the handshake completed
+//! before the A-ASSOCIATE-RQ, so a refused certificate is reported as such.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -27,6 +30,8 @@ pub enum ScuError {
     Aborted(String),
     Protocol(String),
     NoContext(String),
+    /// The TLS handshake failed (a certificate refused either way, no common suite, ...).
+    Tls(String),
 }
 
 impl std::fmt::Display for ScuError {
@@ -41,6 +46,7 @@ impl std::fmt::Display for ScuError {
             ScuError::Aborted(w) => write!(f, "association aborted: {w}"),
             ScuError::Protocol(w) => write!(f, "protocol error: {w}"),
             ScuError::NoContext(w) => write!(f, "no accepted presentation context for {w}"),
+            ScuError::Tls(w) => write!(f, "TLS: {w}"),
         }
     }
 }
@@ -66,6 +72,9 @@ pub struct ScuOptions {
     pub called_ae: String,
     pub max_pdu_length: u32,
     pub timeout: Duration,
+    /// DICOM over TLS with this configuration ([`super::tls::client_config`]); `None` = plain
+    /// TCP. Only [`Client::open`] uses it.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ScuOptions {
@@ -75,8 +84,48 @@ impl Default for ScuOptions {
             called_ae: "DICOMGATE".into(),
             max_pdu_length: 65_536,
             timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
+}
+
+/// The byte stream of a [`Client`] made by [`Client::open`]: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub enum Transport {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.read(buf),
+            Transport::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.write(buf),
+            Transport::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Plain(s) => s.flush(),
+            Transport::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// The host part of HOST:PORT (`[v6]:port` without its brackets).
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 /// An accepted context: (ID, abstract syntax, transfer syntax).
@@ -134,6 +183,41 @@ impl Client {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(opts.timeout))?;
         Client::handshake(stream, opts, proposals, window)
+    }
+}
+
+impl Client<Transport> {
+    /// Connects to HOST:PORT, over TLS when `opts.tls` is set (the server's certificate must
+    /// chain to the configured CA and name HOST, an IP address or a DNS name), and negotiates.
+    pub fn open(
+        address: &str,
+        opts: &ScuOptions,
+        proposals: &[Proposal],
+    ) -> Result<Client<Transport>, ScuError> {
+        let addr: SocketAddr = address
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+        let mut stream = TcpStream::connect_timeout(&addr, opts.timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(opts.timeout))?;
+        stream.set_write_timeout(Some(opts.timeout))?;
+        let transport = match &opts.tls {
+            None => Transport::Plain(stream),
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from(host_of(address).to_string())
+                    .map_err(|e| ScuError::Tls(format!("{address}: not a server name ({e})")))?;
+                let mut conn = rustls::ClientConnection::new(config.clone(), name)
+                    .map_err(|e| ScuError::Tls(e.to_string()))?;
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut stream).map_err(|e| {
+                        ScuError::Tls(format!("handshake with {address} failed: {e}"))
+                    })?;
+                }
+                Transport::Tls(Box::new(rustls::StreamOwned::new(conn, stream)))
+            }
+        };
+        Client::handshake(transport, opts, proposals, 1)
     }
 }
 

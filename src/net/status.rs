@@ -40,8 +40,12 @@ pub struct Status {
 pub struct NodeStatus {
     pub version: String,
     pub ae_title: String,
-    /// The address the DICOM listener is bound to (`[node] listen`, its port resolved).
+    /// The address the DICOM listener is bound to (`[node] listen`, its port resolved); ""
+    /// when TLS only.
     pub listen: String,
+    /// The address the DICOM TLS listener is bound to (`[tls] listen`); "" = none.
+    #[serde(default)]
+    pub tls_listen: String,
     pub uptime_seconds: u64,
     /// A graceful stop is under way: no new associations.
     pub draining: bool,
@@ -197,7 +201,10 @@ pub fn collect(shared: &Shared) -> Status {
         node: NodeStatus {
             version: env!("CARGO_PKG_VERSION").into(),
             ae_title: shared.config.node.ae_title.clone(),
-            listen: shared.local_addr.to_string(),
+            listen: shared
+                .local_addr
+                .map_or_else(String::new, |a| a.to_string()),
+            tls_listen: shared.tls_addr.map_or_else(String::new, |a| a.to_string()),
             uptime_seconds: c.started.elapsed().as_secs(),
             draining: shared.draining.load(Ordering::Acquire),
             now_ms: now,
@@ -853,6 +860,7 @@ mod tests {
                 version: "0.1.0".into(),
                 ae_title: "DICOMGATE".into(),
                 listen: "127.0.0.1:11112".into(),
+                tls_listen: String::new(),
                 uptime_seconds: 3,
                 draining: false,
                 now_ms: 10_000,

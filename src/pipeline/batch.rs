@@ -636,6 +636,10 @@ fn destinations(ctx: &Context) -> Vec<ExportConfig> {
             calling_ae_title: None,
             path: Some(ctx.data_dir.join("export")),
             inputs: Vec::new(),
+            tls: false,
+            tls_ca: None,
+            tls_certificate: None,
+            tls_private_key: None,
         }]
     } else {
         ctx.config.exports.clone()

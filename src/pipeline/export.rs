@@ -92,7 +92,9 @@ pub fn run(
                 .as_deref()
                 .ok_or("dicom export without ae_title")?;
             let calling = dest.calling_ae_title.as_deref().unwrap_or(node_ae);
-            to_dicom(address, called, calling, files, log, stop)
+            // Read at each export: renewed certificate files are used without a restart.
+            let tls = dest.tls_client_config("export ")?;
+            to_dicom(address, called, calling, tls, files, log, stop)
         }
     }
 }
@@ -171,6 +173,7 @@ pub fn to_dicom(
     address: &str,
     called: &str,
     calling: &str,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     files: &[Source],
     log: &Log,
     stop: &std::sync::atomic::AtomicBool,
@@ -190,6 +193,7 @@ pub fn to_dicom(
         called_ae: called.to_string(),
         max_pdu_length: 65_536,
         timeout: Duration::from_secs(60),
+        tls,
     };
     for chunk in pairs.chunks(128) {
         let proposals: Vec<Proposal> = chunk
@@ -199,7 +203,7 @@ pub fn to_dicom(
                 transfer_syntaxes: vec![ts.clone()],
             })
             .collect();
-        let mut client = Client::connect(address, &opts, &proposals)
+        let mut client = Client::open(address, &opts, &proposals)
             .map_err(|e| format!("{called}@{address}: {e}"))?;
         for (_, paths) in chunk {
             for f in paths {

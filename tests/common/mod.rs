@@ -10,12 +10,21 @@ use std::process::{Child, Command, Stdio};
 
 pub struct Node {
     pub addr: SocketAddr,
+    /// The TLS listener's address, when the config has `[tls] listen`.
+    pub tls_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
 }
 
-fn spawn(cfg: &Path, log: &Path, listen: Option<SocketAddr>) -> (Child, SocketAddr) {
+fn spawn(
+    cfg: &Path,
+    log: &Path,
+    listen: Option<SocketAddr>,
+) -> (Child, SocketAddr, Option<SocketAddr>) {
+    let tls = std::fs::read_to_string(cfg)
+        .unwrap()
+        .contains("\n[tls]\nlisten");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -33,16 +42,27 @@ fn spawn(cfg: &Path, log: &Path, listen: Option<SocketAddr>) -> (Child, SocketAd
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("node did not start: {line:?}"))
-        .parse()
-        .unwrap();
-    (child, addr)
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut line).unwrap();
+    let parse = |line: &str, prefix: &str| -> SocketAddr {
+        line.trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("node did not start: {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    if line.starts_with("tls listening on ") {
+        // TLS only ([node] listen = ""): `addr` is the TLS listener's too.
+        let a = parse(&line, "tls listening on ");
+        return (child, a, Some(a));
+    }
+    let addr = parse(&line, "listening on ");
+    let tls_addr = tls.then(|| {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        parse(&line, "tls listening on ")
+    });
+    (child, addr, tls_addr)
 }
 
 impl Node {
@@ -86,9 +106,10 @@ impl Node {
             ),
         )
         .unwrap();
-        let (child, addr) = spawn(&cfg, &dir.path().join("node.log"), None);
+        let (child, addr, tls_addr) = spawn(&cfg, &dir.path().join("node.log"), None);
         Node {
             addr,
+            tls_addr,
             data_dir,
             child,
             _dir: dir,
@@ -131,13 +152,14 @@ impl Node {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, addr) = spawn(
+        let (child, addr, tls_addr) = spawn(
             &self._dir.path().join("dicomgate.toml"),
             &self._dir.path().join("node.log"),
             Some(self.addr),
         );
         self.child = child;
         self.addr = addr;
+        self.tls_addr = tls_addr;
     }
 
     /// The directory holding the config and log (for test-side files such as a processing log).
