@@ -28,11 +28,15 @@
 //!   processing (command or Rust trait), export (C-STORE or folder), the retry outbox, expiry
 //!   and restart recovery.
 //! - [`config`] — one typed TOML config; every limit is a named field with a default.
+//! - [`bench`] — the C-STORE load generator behind `dicomgate bench` and `dicomgate-loadgen`,
+//!   and its HTML report.
 //!
 //! Unsafe code is denied crate-wide except in `patients`; `ul`, `assoc` and `dimse` forbid it.
 
 #[cfg(not(dicomgate_loom))]
 pub mod assoc;
+#[cfg(not(dicomgate_loom))]
+pub mod bench;
 #[cfg(not(dicomgate_loom))]
 pub mod config;
 #[cfg(not(dicomgate_loom))]

@@ -98,6 +98,16 @@ enum Command {
     /// Show what a running node is doing (its status page, in the terminal): pending patients
     /// and each input's progress, batches, failed batches with their reasons, recent
     /// associations. Reads the node's `GET /api/status`.
+    /// Benchmark any Storage SCP (ours or another): associations at once, each sending
+    /// synthetic CT instances or a folder's files, with a live progress line on a terminal,
+    /// the result as a line or JSON (the keys of dicomgate-loadgen), and an HTML report.
+    Bench {
+        #[command(flatten)]
+        load: dicomgate::bench::LoadArgs,
+        /// Also write an HTML report (latency histogram, throughput over time) to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     Status {
         /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
         /// 127.0.0.1:8104.
@@ -316,6 +326,69 @@ fn retry(
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn bench(
+    load: &dicomgate::bench::LoadArgs,
+    report: Option<&Path>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use std::io::{IsTerminal, Write};
+    let started = utc_now();
+    // A live line on a terminal (stderr, so that stdout keeps only the result).
+    let live = std::io::stderr().is_terminal();
+    let progress = |p: &dicomgate::bench::Progress| {
+        let _ = write!(
+            std::io::stderr(),
+            "\r{:>5.0} s  {:>9} instances  {:>9.0}/s  {:>8.1} MB/s  p99 {:>8.2} ms ",
+            p.elapsed.as_secs_f64(),
+            p.instances,
+            p.instances_per_s,
+            p.mb_per_s,
+            p.p99_us as f64 / 1000.0
+        );
+    };
+    let s = dicomgate::bench::run(load, live.then_some(&progress as _))?;
+    if live {
+        eprintln!();
+    }
+    for e in &s.errors {
+        eprintln!("association failed: {e}");
+    }
+    println!("{}", if load.json { s.json() } else { s.line() });
+    if let Some(path) = report {
+        std::fs::write(path, dicomgate::bench::report::html(load, &s, &started))
+            .map_err(|e| format!("report {}: {e}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(if s.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Now as `YYYY-MM-DD HH:MM:SS UTC` (civil date from the Unix day count: Howard Hinnant's
+/// days_from_civil, inverted).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn status(
@@ -605,6 +678,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             store(&address, &paths, called, calling, tls)
         }
         Command::Status { http, config, json } => status(http, config, json),
+        Command::Bench { load, report } => bench(&load, report.as_deref()),
         Command::Retry {
             batch,
             all_failed: _,

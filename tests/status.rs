@@ -67,38 +67,6 @@ fn wait_for_patient(addr: &str, id: &str, instances: u64) -> Value {
     last
 }
 
-/// The DOM Debian's chromium builds from `url`, headless, as `--dump-dom` prints it.
-fn chromium_dom(url: &str) -> String {
-    let chromium = Path::new("/usr/bin/chromium");
-    assert!(
-        chromium.exists(),
-        "/usr/bin/chromium missing: install Debian's chromium (apt-get install -y chromium; \
-         bash .ci/run does) — the status page is checked in a real browser"
-    );
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("--dump-dom")
-        .arg(url)
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && dom.contains("</html>"),
-        "chromium failed ({}):\n{}\n{dom}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dom
-}
-
 /// Forty of the hundred CT instances the input wants, sent by storescu: `/api/status` says
 /// "40 of 100" for that input (from the checker's own rule evaluation) and why the patient is
 /// not sufficient; chromium renders the page with "40 of 100" and the Patient ID; `dicomgate

@@ -571,3 +571,35 @@ pub fn coalesce_pdata(bytes: &[u8], max_pdu: u32) -> Vec<u8> {
     out.extend_from_slice(&bytes[pos..]);
     out
 }
+
+/// The DOM Debian's chromium builds from `url`, headless, as `--dump-dom` prints it.
+pub fn chromium_dom(url: &str) -> String {
+    let chromium = Path::new("/usr/bin/chromium");
+    assert!(
+        chromium.exists(),
+        "/usr/bin/chromium missing: install Debian's chromium (apt-get install -y chromium; \
+         bash .ci/run does) — pages are checked in a real browser"
+    );
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && dom.contains("</html>"),
+        "chromium failed ({}):\n{}\n{dom}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dom
+}
