@@ -874,6 +874,15 @@ impl Config {
     /// Settings that work but probably do not do what was meant, for a start-up warning.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        if self.tls.enabled() && !self.tls.client_ca.as_os_str().is_empty() {
+            if let Some(plain) = self.node.listen {
+                w.push(format!(
+                    "tls.client_ca is set (TLS clients must show a certificate), but node.listen \
+                     = \"{plain}\" also takes plain associations, without TLS or a certificate: \
+                     set node.listen = \"\" for TLS only"
+                ));
+            }
+        }
         if self.trigger.quiet_seconds == 0.0 && !self.trigger.on_association_close {
             w.push(
                 "trigger.quiet_seconds = 0 and trigger.on_association_close = false: no trigger \
@@ -1335,6 +1344,18 @@ ae_title = "PACS"
     /// are refused, naming the field. (The files themselves: tests/tls.rs.)
     #[test]
     fn tls_settings_are_checked_at_start_up() {
+        // Found in review: a plain listener beside a TLS one that requires client
+        // certificates takes unauthenticated associations; said at start-up.
+        let tls = "[tls]\nlisten = \"127.0.0.1:2762\"\ncertificate = \"/c.pem\"\n\
+                   private_key = \"/k.pem\"\nclient_ca = \"/ca.pem\"\n";
+        let both = Config::from_toml(tls).unwrap();
+        assert!(
+            both.warnings().iter().any(|w| w.contains("node.listen")),
+            "{:?}",
+            both.warnings()
+        );
+        let only = Config::from_toml(&format!("[node]\nlisten = \"\"\n{tls}")).unwrap();
+        assert!(!only.warnings().iter().any(|w| w.contains("node.listen")));
         let e = refused("[tls]\nlisten = \"127.0.0.1:2762\"\ncertificate = \"/x.pem\"\n");
         assert!(e.contains("tls.private_key is not set"), "{e}");
         let e = refused("[tls]\nlisten = \"2762\"\n");

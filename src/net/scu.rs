@@ -175,6 +175,13 @@ impl Client {
         proposals: &[Proposal],
         window: u16,
     ) -> Result<Client, ScuError> {
+        if opts.tls.is_some() {
+            // Plain TCP only: a caller that set TLS must not get cleartext (Client::open).
+            return Err(ScuError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "TLS is set: connect with Client::open",
+            )));
+        }
         let addr: SocketAddr = addr
             .to_socket_addrs()?
             .next()

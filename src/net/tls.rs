@@ -31,7 +31,9 @@ use crate::config::TlsConfig;
 
 /// Unsent TLS records (and plaintext written before the handshake completed) one connection
 /// may hold in rustls; past it the association's own output waits in its service, as it does
-/// for a plain socket. Received plaintext is bounded by rustls itself (16 KiB).
+/// for a plain socket. Received plaintext is bounded by rustls itself (16 KiB); during the
+/// handshake rustls may also hold a handshake message being reassembled (up to ~64 KiB) and
+/// its record buffer (~18 KiB), for at most ARTIM (README, "TLS").
 pub const BUFFER_LIMIT: usize = 64 * 1024;
 
 /// The crypto provider restricted to the PS3.15 B.12 / BCP 195 suites listed in the module doc.
