@@ -76,7 +76,7 @@ use crossbeam_epoch::{Atomic, Guard, Owned, Shared};
 use sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 /// One durable instance as the map knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct InstanceRecord {
     pub sop_instance_uid: Arc<str>,
     pub study_uid: Option<Arc<str>>,
@@ -775,6 +775,114 @@ impl Drop for PatientMap {
 /// let own = map.pin();
 /// let p = map.get_or_insert(b"P", 0, &own);
 /// assert!(map.remove_if_empty(&p, &own));
+/// ```
+///
+/// And each guard-taking method on its own, every other call made with the map's guard (the
+/// same calls all compile with the map's own guard:
+///
+/// ```
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// let map = PatientMap::new(16);
+/// let own = map.pin();
+/// let p = map.get_or_insert(b"P", 0, &own);
+/// let _ = map.get(b"P", &own);
+/// map.insert(b"P", InstanceRecord::default(), 0, &own);
+/// let _ = p.insert(InstanceRecord::default(), 0, &own);
+/// let _ = (map.patients(&own), p.view(&own), p.is_retired(&own));
+/// let _ = p.claim(0, &own);
+/// let _ = map.remove_if_empty(&p, &own);
+/// ```
+///
+/// so each of these fails for its foreign guard alone):
+///
+/// ```compile_fail,E0308
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// # let map = PatientMap::new(16);
+/// # let own = map.pin();
+/// # let p = map.get_or_insert(b"P", 0, &own);
+/// # let rec = InstanceRecord::default();
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// map.get(b"P", &foreign); // PatientMap::get
+/// ```
+///
+/// ```compile_fail,E0308
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// # let map = PatientMap::new(16);
+/// # let own = map.pin();
+/// # let p = map.get_or_insert(b"P", 0, &own);
+/// # let rec = InstanceRecord::default();
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// map.get_or_insert(b"P", 0, &foreign); // PatientMap::get_or_insert
+/// ```
+///
+/// ```compile_fail,E0308
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// # let map = PatientMap::new(16);
+/// # let own = map.pin();
+/// # let p = map.get_or_insert(b"P", 0, &own);
+/// # let rec = InstanceRecord::default();
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// map.insert(b"P", rec, 0, &foreign); // PatientMap::insert
+/// ```
+///
+/// ```compile_fail,E0308
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// # let map = PatientMap::new(16);
+/// # let own = map.pin();
+/// # let p = map.get_or_insert(b"P", 0, &own);
+/// # let rec = InstanceRecord::default();
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// map.remove_if_empty(&p, &foreign); // PatientMap::remove_if_empty
+/// ```
+///
+/// ```compile_fail,E0308
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// # let map = PatientMap::new(16);
+/// # let own = map.pin();
+/// # let p = map.get_or_insert(b"P", 0, &own);
+/// # let rec = InstanceRecord::default();
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// map.patients(&foreign); // PatientMap::patients
+/// ```
+///
+/// ```compile_fail,E0308
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// # let map = PatientMap::new(16);
+/// # let own = map.pin();
+/// # let p = map.get_or_insert(b"P", 0, &own);
+/// # let rec = InstanceRecord::default();
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// let _ = p.insert(rec, 0, &foreign); // Patient::insert
+/// ```
+///
+/// ```compile_fail,E0308
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// # let map = PatientMap::new(16);
+/// # let own = map.pin();
+/// # let p = map.get_or_insert(b"P", 0, &own);
+/// # let rec = InstanceRecord::default();
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// p.view(&foreign); // Patient::view
+/// ```
+///
+/// ```compile_fail,E0308
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// # let map = PatientMap::new(16);
+/// # let own = map.pin();
+/// # let p = map.get_or_insert(b"P", 0, &own);
+/// # let rec = InstanceRecord::default();
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// p.claim(0, &foreign); // Patient::claim
+/// ```
+///
+/// ```compile_fail,E0308
+/// # use dicomgate::patients::{InstanceRecord, PatientMap};
+/// # let map = PatientMap::new(16);
+/// # let own = map.pin();
+/// # let p = map.get_or_insert(b"P", 0, &own);
+/// # let rec = InstanceRecord::default();
+/// let foreign = crossbeam_epoch::Collector::new().register().pin();
+/// p.is_retired(&foreign); // Patient::is_retired
 /// ```
 #[cfg(doctest)]
 pub fn foreign_guard_use_after_free_does_not_compile() {}
