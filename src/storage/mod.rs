@@ -415,8 +415,14 @@ impl Storage {
             return Err(job);
         }
         let entry = log_entry(&self.root, self.inline_max, job)?;
-        self.log.append_for_flusher(vec![entry]);
-        Ok(())
+        match self.log.append_for_flusher(vec![entry]) {
+            Ok(()) => Ok(()),
+            // The log's lock was busy: the one job comes back, for a worker.
+            Err(mut back) => match back.pop() {
+                Some((job, _, _)) => Err(job),
+                None => Ok(()), // one in, one back: not reached
+            },
+        }
     }
 
     /// Queues a job without blocking. A full queue hands the job back: the caller stops reading

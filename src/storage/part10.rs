@@ -179,8 +179,17 @@ pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {
         data_set_offset: 0,
     };
     let mut ours = false;
+    // Where the group ends by its File Meta Information Group Length (0002,0000), when the file
+    // has one (ours always do): elements of group 0002 after it belong to the data set, which
+    // a peer sent, and must not be read as our meta (found in review: a data set starting with
+    // (0002,0102) could forge the requestor address a `peer` rule is checked against after a
+    // restart). Files without it (other writers') are read while the group lasts.
+    let mut end: Option<usize> = None;
     let text = |v: &[u8]| String::from_utf8_lossy(crate::dimse::trim_padding(v)).into_owned();
     loop {
+        if end.is_some_and(|e| pos >= e) {
+            break;
+        }
         let h = bytes.get(pos..pos + 8)?;
         let group = u16::from_le_bytes([h[0], h[1]]);
         if group != 0x0002 {
@@ -196,6 +205,10 @@ pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {
         };
         let v = bytes.get(pos + hdr..(pos + hdr).checked_add(len)?)?;
         match elem {
+            0x0000 if end.is_none() && pos == 132 && v.len() == 4 => {
+                let n = u32::from_le_bytes([v[0], v[1], v[2], v[3]]) as usize;
+                end = Some((pos + hdr + len).saturating_add(n));
+            }
             0x0002 => out.sop_class_uid = text(v),
             0x0003 => out.sop_instance_uid = text(v),
             0x0010 => out.transfer_syntax_uid = text(v),
@@ -240,5 +253,36 @@ mod tests {
         assert_eq!(p.transfer_syntax_uid, meta.transfer_syntax_uid);
         assert_eq!(p.data_set_offset, ds_at);
         assert_eq!(ds_at % 2, 0);
+    }
+
+    /// Found in review: group 0002 elements at the start of a data set (a peer's bytes) were
+    /// read as our meta, so a peer could forge the requestor address a `peer` rule is checked
+    /// against after a restart; the group length bounds the meta.
+    #[test]
+    fn group_0002_elements_in_the_data_set_are_not_read_as_meta() {
+        let meta = FileMeta {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: "1.2.3".into(),
+            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            ..FileMeta::default()
+        };
+        let mut forged = header(&FileMeta {
+            requestor_address: String::new(),
+            ..meta.clone()
+        });
+        let ds_at = forged.len();
+        let mut fake = Vec::new();
+        element(
+            &mut fake,
+            0x0100,
+            b"UI",
+            IMPLEMENTATION_CLASS_UID.as_bytes(),
+            0,
+        );
+        element(&mut fake, 0x0102, b"OB", b"peer=10.0.0.5", 0);
+        forged.extend_from_slice(&fake);
+        let p = parse(&forged).unwrap();
+        assert_eq!(p.requestor_address, "", "a forged address was read");
+        assert_eq!(p.data_set_offset, ds_at);
     }
 }
