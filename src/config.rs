@@ -816,6 +816,24 @@ impl Config {
         if self.tls.enabled() {
             crate::net::tls::server_config(&self.tls).map_err(ConfigError)?;
         }
+        let token = self.http.token_file.trim();
+        if !token.is_empty() {
+            match std::fs::read(token) {
+                Ok(t) if !t.trim_ascii().is_empty() => {}
+                Ok(_) => {
+                    return err(format!(
+                        "http.token_file {token}: is empty: write the bearer token into it, or set \
+                         token_file = \"\""
+                    ))
+                }
+                Err(e) => {
+                    return err(format!(
+                    "http.token_file {token}: cannot be read ({e}): give a readable file holding \
+                         the bearer token, or set token_file = \"\""
+                ))
+                }
+            }
+        }
         if self.node.data_dir.exists() && !self.node.data_dir.is_dir() {
             return err(format!(
                 "node.data_dir {}: is not a directory: name a directory (it is created if missing)",

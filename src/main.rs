@@ -95,9 +95,6 @@ enum Command {
         #[arg(long, value_name = "PEM", requires = "tls_certificate")]
         tls_private_key: Option<PathBuf>,
     },
-    /// Show what a running node is doing (its status page, in the terminal): pending patients
-    /// and each input's progress, batches, failed batches with their reasons, recent
-    /// associations. Reads the node's `GET /api/status`.
     /// Benchmark any Storage SCP (ours or another): associations at once, each sending
     /// synthetic CT instances or a folder's files, with a live progress line on a terminal,
     /// the result as a line or JSON (the keys of dicomgate-loadgen), and an HTML report.
@@ -108,6 +105,9 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Show what a running node is doing (its status page, in the terminal): pending patients
+    /// and each input's progress, batches, failed batches with their reasons, recent
+    /// associations. Reads the node's `GET /api/status`.
     Status {
         /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
         /// 127.0.0.1:8104.
@@ -136,8 +136,8 @@ enum Command {
         /// The node's config file (for its [http] listen and token_file).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// A file holding the bearer token (default: the config's [http] token_file); not
-        /// needed from the node's own host.
+        /// A file holding the bearer token (default: the config's [http] token_file); needed
+        /// from every host, the node's own too, once the node has a token_file.
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
@@ -154,8 +154,8 @@ enum Command {
         /// The node's config file (for its [http] listen and token_file).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// A file holding the bearer token (default: the config's [http] token_file); not
-        /// needed from the node's own host.
+        /// A file holding the bearer token (default: the config's [http] token_file); needed
+        /// from every host, the node's own too, once the node has a token_file.
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
@@ -243,7 +243,8 @@ fn http_address(
 }
 
 /// The bearer token for a mutating request: from `token_file`, else the config's
-/// `[http] token_file`; none when neither names one (enough from the node's own host).
+/// `[http] token_file`; none when neither names one (then only the node's own host may ask, and
+/// only while the node has no token_file).
 fn token_of(
     config: &Option<PathBuf>,
     token_file: Option<PathBuf>,

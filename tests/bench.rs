@@ -104,15 +104,30 @@ fn loadgen_keeps_its_output() {
         String::from_utf8_lossy(&out.stderr)
     );
     let j = json_of(&out.stdout);
-    for key in [
+    let mut got: Vec<&str> = j.as_object().unwrap().keys().map(String::as_str).collect();
+    got.sort_unstable();
+    let mut want = [
+        "associations",
+        "window",
         "instances",
+        "bytes",
+        "seconds",
         "instances_per_s",
         "mb_per_s",
-        "seconds",
-        "bytes",
-    ] {
-        assert!(j.get(key).is_some(), "{key} missing: {j}");
-    }
+        "latency_us",
+        "failed",
+    ];
+    want.sort_unstable();
+    assert_eq!(got, want, "{j}");
+    let mut lat: Vec<&str> = j["latency_us"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    lat.sort_unstable();
+    assert_eq!(lat, ["max", "p50", "p99", "p999"], "{j}");
+    assert_eq!(j["failed"], false);
     assert_eq!(j["instances"], 20);
     assert!(j["latency_us"]["p50"].is_u64() && j["latency_us"]["p99"].is_u64());
     let out = gen(&[]);

@@ -419,6 +419,11 @@ fn force_claims_a_patient_that_is_not_sufficient() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no pending patient \"NOBODY\""), "{err}");
+    // Found in review: an empty name (a script's unset variable) named the patient of the
+    // instances without a Patient ID.
+    let out = force("");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty key"));
 
     let out = force("FORCE-40");
     assert!(
@@ -443,4 +448,55 @@ fn force_claims_a_patient_that_is_not_sufficient() {
     let digest = dicomgate::storage::patient_dir_name(b"FORCE-B");
     assert!(force(&digest).status.success());
     assert!(wait_until(30, || exported() == 43), "{}", node.log());
+}
+
+/// Found in review: a force while an association still sends to the patient split its study
+/// (what came after the claim waited in a batch of its own, which could expire); it is refused
+/// until the association ends, then accepted.
+#[test]
+fn force_waits_for_open_associations_to_end() {
+    let node = node_wanting_100_ct();
+    let addr = http_addr(&node);
+    let src = tempfile::tempdir().unwrap();
+    let files = instances(src.path(), "FORCE-OPEN", "1.2.826.0.1.3680043.10.43", 4);
+    let go = src.path().join("go");
+    // Killed if the test fails before it lets the association end.
+    let mut held = KillOnDrop(
+        python()
+            .arg(py_script("hold.py"))
+            .args([&node.port(), "DICOMGATE", go.to_str().unwrap(), "2"])
+            .args(&files)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_patient(&addr, "FORCE-OPEN", 2);
+    let force = || {
+        Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+            .args(["force", "FORCE-OPEN", "--http", &addr])
+            .output()
+            .unwrap()
+    };
+    let out = force();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("open association"), "{err}");
+    std::fs::write(&go, b"").unwrap();
+    assert!(held.wait().unwrap().success());
+    wait_for_patient(&addr, "FORCE-OPEN", 4);
+    assert!(
+        wait_until(10, || force().status.success()),
+        "{}",
+        node.log()
+    );
+    let export = node.data_dir.join("export");
+    assert!(
+        wait_until(30, || files_under(&export)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
+            .count()
+            == 4),
+        "{}",
+        node.log()
+    );
 }

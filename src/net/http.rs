@@ -407,9 +407,11 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
             if head.windows(4).any(|w| w == b"\r\n\r\n") {
                 break true;
             }
-            if head.len() > MAX_REQUEST || started.elapsed() > DEADLINE {
+            let left = DEADLINE.saturating_sub(started.elapsed());
+            if head.len() > MAX_REQUEST || left.is_zero() {
                 break false;
             }
+            let _ = stream.set_read_timeout(Some(left.min(IO_TIMEOUT)));
             match stream.read(&mut buf) {
                 Ok(0) | Err(_) => break false,
                 Ok(n) => head.extend_from_slice(&buf[..n]),
@@ -470,10 +472,17 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
         {
             continue;
         }
-        // In pieces, so that a client reading slowly is cut at the deadline.
-        for piece in body.as_bytes().chunks(16 << 10) {
-            if started.elapsed() > DEADLINE || stream.write_all(piece).is_err() {
+        // Write by write, each given the time left, so that a client reading slowly is cut at
+        // the deadline.
+        let mut rest = body.as_bytes();
+        while !rest.is_empty() {
+            let left = DEADLINE.saturating_sub(started.elapsed());
+            if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
                 break;
+            }
+            match stream.write(rest) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest = &rest[n..],
             }
         }
     }
@@ -540,23 +549,50 @@ fn header<'a>(head: &'a [u8], name: &str) -> Option<&'a [u8]> {
 /// send one), an IP literal, `localhost`, or a name in `[http] allowed_hosts`. A page whose own
 /// name was pointed at this address (DNS rebinding) sends its name, and is refused.
 fn host_allowed(head: &[u8], http: &crate::config::HttpConfig) -> bool {
+    if headers_named(head, "host") > 1 {
+        return false; // RFC 9112 3.2: a request with more than one Host is refused
+    }
     let Some(h) = header(head, "host") else {
         return true;
     };
     let h = String::from_utf8_lossy(h);
-    let host = match h.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => match h.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            _ => &h,
-        },
-    };
+    let host = host_part(&h);
     host.parse::<std::net::IpAddr>().is_ok()
         || host.eq_ignore_ascii_case("localhost")
         || http
             .allowed_hosts
             .iter()
-            .any(|a| a.trim().eq_ignore_ascii_case(host))
+            .any(|a| host_part(a.trim()).eq_ignore_ascii_case(host))
+}
+
+/// The host of `host[:port]` or `[v6][:port]`.
+fn host_part(h: &str) -> &str {
+    match h.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => match h.rsplit_once(':') {
+            // One colon: a port. More: a bare IPv6 address.
+            Some((name, port))
+                if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                name
+            }
+            _ => h,
+        },
+    }
+}
+
+/// How many header lines of the request head are named `name`.
+fn headers_named(head: &[u8], name: &str) -> usize {
+    head.split(|&b| b == b'\n')
+        .skip(1)
+        .map(<[u8]>::trim_ascii)
+        .take_while(|line| !line.is_empty())
+        .filter(|line| {
+            line.iter()
+                .position(|&b| b == b':')
+                .is_some_and(|c| line[..c].eq_ignore_ascii_case(name.as_bytes()))
+        })
+        .count()
 }
 
 /// The bearer token of `[http] token_file` (its first 4 KiB, trimmed), if one is set and
@@ -615,8 +651,11 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = b.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None; // from_str_radix alone would take "+1"
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -653,7 +692,13 @@ fn mutate(path: &str, shared: &Shared) -> (u16, String, &'static str) {
                 "application/json",
             ),
             Err(e) => (
-                404,
+                if e.contains("stopping") {
+                    503
+                } else if e.contains("open association") {
+                    409
+                } else {
+                    404
+                },
                 format!("{}\n", serde_json::json!({ "error": e })),
                 "application/json",
             ),
@@ -815,8 +860,23 @@ mod tests {
             host_allowed(b"GET / HTTP/1.0\r\n\r\n", &cfg),
             "no Host: not a browser"
         );
-        cfg.allowed_hosts = vec!["gate".into()];
+        cfg.allowed_hosts = vec!["gate".into(), "pacs-gw:8104".into()];
         assert!(host_allowed(&req("gate:80"), &cfg));
         assert!(host_allowed(&req("GATE"), &cfg));
+        // Found in review: a listed name with a port never matched; two Host headers.
+        assert!(host_allowed(&req("pacs-gw:8104"), &cfg));
+        assert!(host_allowed(&req("::1"), &cfg), "a bare IPv6 literal");
+        let two = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n";
+        assert!(!host_allowed(two, &cfg));
+    }
+
+    /// Found in review: `%+1` was decoded as 0x01 (from_str_radix takes a sign).
+    #[test]
+    fn percent_decoding_takes_two_hex_digits() {
+        assert_eq!(percent_decode("A%20B%2Fc").as_deref(), Some("A B/c"));
+        assert_eq!(percent_decode("%+1"), None);
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(percent_decode("%FF"), None, "not UTF-8");
     }
 }

@@ -169,9 +169,10 @@ pub struct Pipeline {
     jobs: Sender<Job>,
     data_dir: PathBuf,
     shutdown: Arc<AtomicBool>,
-    /// Grouping keys an operator forced ([`Pipeline::force`]): the checker claims each one's
-    /// batch at its next look, sufficient or not.
-    forced: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// Grouping keys an operator forced ([`Pipeline::force`]), each with the batch it forced:
+    /// the checker claims that batch at its next look, sufficient or not. A force holds for
+    /// that batch only: whatever claims or expires it, or a later batch, drops it.
+    forced: std::sync::Mutex<HashMap<Vec<u8>, u64>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -218,6 +219,11 @@ impl Pipeline {
         if self.shutdown.load(Ordering::Acquire) {
             return Err("the node is stopping".into());
         }
+        if patient.is_empty() {
+            // Instances without a Patient ID group under "": an unset variable must not force
+            // them (name that patient by its folder name).
+            return Err("no patient named (an empty key); give its folder name".into());
+        }
         let g = self.map.pin();
         let found = self.map.get(patient.as_bytes(), &g).or_else(|| {
             self.map
@@ -225,14 +231,28 @@ impl Pipeline {
                 .into_iter()
                 .find(|p| crate::storage::patient_dir_name(p.key()) == patient)
         });
-        let Some(p) = found.filter(|p| p.view(&g).snapshot.instances > 0) else {
+        let Some((p, v)) = found
+            .map(|p| {
+                let v = p.view(&g);
+                (p, v)
+            })
+            .filter(|(_, v)| v.snapshot.instances > 0)
+        else {
             return Err(format!("no pending patient {patient:?}"));
         };
+        if v.open_associations > 0 {
+            // What they send after the claim would start a batch of its own that may never be
+            // sufficient, and expire: force once they are done.
+            return Err(format!(
+                "{} open association(s) still send to patient {patient:?}: force it once they end",
+                v.open_associations
+            ));
+        }
         let key = p.key().to_vec();
         self.forced
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key.clone());
+            .insert(key.clone(), v.batch_seq);
         p.request_evaluation();
         let _ = self.checker_bell.try_send(());
         let key = String::from_utf8_lossy(&key).into_owned();
@@ -240,13 +260,14 @@ impl Pipeline {
         Ok(key)
     }
 
-    /// Whether an operator forced `key`'s batch (taken: a force claims one batch).
-    fn take_forced(&self, key: &[u8]) -> bool {
+    /// Whether an operator forced batch `seq` of `key` (taken: a force claims one batch; a
+    /// force for another batch of the patient, already claimed or expired, is dropped).
+    fn take_forced(&self, key: &[u8], seq: u64) -> bool {
         let mut f = self
             .forced
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        !f.is_empty() && f.remove(key)
+        !f.is_empty() && f.remove(key) == Some(seq)
     }
 
     /// The ids of the batches in `failed/`, oldest first.
@@ -845,6 +866,7 @@ fn checker(
             if v.snapshot.instances == 0 {
                 if v.open_associations == 0 {
                     patient.take_evaluation_request();
+                    p.take_forced(patient.key(), v.batch_seq); // a force for a batch now gone
                     p.map.remove_if_empty(patient, g);
                 }
                 return;
@@ -859,7 +881,7 @@ fn checker(
                     .store(v.last_arrival_ms, Ordering::Release);
             }
             let key = String::from_utf8_lossy(patient.key()).into_owned();
-            let forced = requested && p.take_forced(patient.key());
+            let forced = requested && p.take_forced(patient.key(), v.batch_seq);
             if requested || quiet {
                 let verdict = match forced {
                     true => Ok(()),
@@ -880,14 +902,6 @@ fn checker(
                             if late > 0 {
                                 tracing::info!(patient = %key, late_instances = late, "a batch of late arrivals was claimed (a follow-up batch)");
                             }
-                        } else if forced {
-                            // The claim lost a race (an arrival): the force holds for the next
-                            // look.
-                            p.forced
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .insert(patient.key().to_vec());
-                            patient.request_evaluation();
                         }
                     }
                     Err(why) => tracing::debug!(patient = %key, %why, "not sufficient yet"),
