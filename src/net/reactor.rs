@@ -215,7 +215,7 @@ impl Reactor<'_> {
                 }),
                 peer,
                 generation: self.generation,
-                svc: Service::new(now, &self.shared.service),
+                svc: Service::new(now, &self.shared.service).with_peer_ip(peer.ip()),
                 blocked: None,
                 streams: Vec::new(),
                 armed: None,
