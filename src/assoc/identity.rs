@@ -295,6 +295,8 @@ mod tests {
             }
         );
         let first = t.elapsed();
+        // `cargo test --lib identity -- --nocapture` shows it (argon2 is optimized in dev too).
+        eprintln!("one argon2id verification (m=19456 KiB, t=2, p=1): {first:?}");
         let t = std::time::Instant::now();
         assert_eq!(
             dir.check(rq(2, 0, b"alice", b"s3cret")),
