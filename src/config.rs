@@ -609,6 +609,14 @@ impl Config {
         if dir.is_empty() {
             tracing::warn!(users_file = path, "auth.users_file lists no user");
         }
+        let open_to_others = std::fs::metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 != 0);
+        if open_to_others {
+            tracing::warn!(
+                users_file = path,
+                "auth.users_file can be read by other users (its hashes can be attacked offline): chmod 600 it"
+            );
+        }
         Ok(Some(std::sync::Arc::new(dir)))
     }
 
