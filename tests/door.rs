@@ -339,3 +339,36 @@ fn siemens_csa_non_image_is_exported_byte_exact_to_a_named_peer() {
         CSA_NON_IMAGE
     );
 }
+
+/// A `[[peer]]` whose host does not resolve stops the start-up only when its address is
+/// checked (`check_peer_address`); as an export target alone it may resolve later (exports
+/// retry).
+#[test]
+fn an_unresolvable_peer_host_is_fatal_only_when_addresses_are_checked() {
+    let peer =
+        "[[peer]]\nname = \"far\"\nae_title = \"FAR\"\naddress = \"no-such-host.invalid:104\"\n";
+    let node = Node::start(peer);
+    storescu_still_stores(&node);
+    drop(node);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\ncheck_peer_address = true\n[http]\nlisten = \"\"\n{peer}",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("peer \"far\"") && err.contains("does not resolve"),
+        "{err}"
+    );
+}
