@@ -53,6 +53,15 @@ enum Credential {
     Hash(String),
 }
 
+/// The set behind `m`, emptied first when it is full.
+fn lock(m: &Mutex<HashSet<[u8; 32]>>) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
+    let mut set = m.lock().unwrap_or_else(|e| e.into_inner());
+    if set.len() >= CACHE_ENTRIES {
+        set.clear();
+    }
+    set
+}
+
 /// The users a node accepts, and whether an identity is required.
 pub struct UserDirectory {
     users: HashMap<String, Credential>,
@@ -60,6 +69,10 @@ pub struct UserDirectory {
     key: [u8; 32],
     // Invariant: holds only digests of (username, passcode) pairs that verified.
     cache: Mutex<HashSet<[u8; 32]>>,
+    // Invariant: holds only digests of pairs that failed (the users do not change while the
+    // process runs, so they fail again): a requestor retrying a stale passcode in a loop costs
+    // one verification, not one per attempt.
+    failed: Mutex<HashSet<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for UserDirectory {
@@ -157,6 +170,7 @@ impl UserDirectory {
             required,
             key,
             cache: Mutex::new(HashSet::new()),
+            failed: Mutex::new(HashSet::new()),
         })
     }
 
@@ -183,20 +197,16 @@ impl UserDirectory {
 
     fn verify_cached(&self, user: &str, passcode: &[u8], phc: &str) -> bool {
         let d = self.digest(user, passcode);
-        let lock = || self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if lock().contains(&d) {
+        if lock(&self.cache).contains(&d) {
             return true;
         }
-        // Not under the lock: other reactors go on while this one verifies.
-        if !verify_password(passcode, phc) {
+        if lock(&self.failed).contains(&d) {
             return false;
         }
-        let mut c = lock();
-        if c.len() >= CACHE_ENTRIES {
-            c.clear();
-        }
-        c.insert(d);
-        true
+        // Not under a lock: other reactors go on while this one verifies.
+        let ok = verify_password(passcode, phc);
+        lock(if ok { &self.cache } else { &self.failed }).insert(d);
+        ok
     }
 
     /// The verdict on an A-ASSOCIATE-RQ's User Identity sub-item (the first, if several; the
@@ -306,7 +316,15 @@ mod tests {
             }
         );
         assert!(t.elapsed() < first, "the second one is cached");
+        let t = std::time::Instant::now();
         let why = refused(dir.check(rq(2, 1, b"alice", b"wrong")));
+        let failed = t.elapsed();
+        let t = std::time::Instant::now();
+        refused(dir.check(rq(2, 1, b"alice", b"wrong")));
+        assert!(
+            t.elapsed() < failed,
+            "the same wrong one again is remembered"
+        );
         assert!(
             why.contains("wrong passcode") && why.contains("alice") && !why.contains("wrong\""),
             "{why}"
