@@ -606,17 +606,6 @@ impl Config {
         let dir =
             crate::assoc::identity::UserDirectory::parse(&text, self.auth.required, random_key())
                 .map_err(|e| ConfigError(format!("auth.users_file {path}: {e}")))?;
-        if dir.is_empty() {
-            tracing::warn!(users_file = path, "auth.users_file lists no user");
-        }
-        let open_to_others = std::fs::metadata(path)
-            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 != 0);
-        if open_to_others {
-            tracing::warn!(
-                users_file = path,
-                "auth.users_file can be read by other users (its hashes can be attacked offline): chmod 600 it"
-            );
-        }
         Ok(Some(std::sync::Arc::new(dir)))
     }
 
@@ -904,6 +893,27 @@ impl Config {
                  patients.expire_after removes data"
                     .to_string(),
             );
+        }
+        let users = self.auth.users_file.trim();
+        if !users.is_empty() {
+            let open_to_others = std::fs::metadata(users).is_ok_and(|m| {
+                std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 != 0
+            });
+            if open_to_others {
+                w.push(format!(
+                    "auth.users_file {users} can be read by other users (its hashes can be \
+                     attacked offline): chmod 600 it"
+                ));
+            }
+            let no_user = std::fs::read_to_string(users).is_ok_and(|t| {
+                t.lines()
+                    .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+            });
+            if no_user {
+                w.push(format!(
+                    "auth.users_file {users} lists no user: every username (+ passcode) identity sent is refused"
+                ));
+            }
         }
         if self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender
             && (self.processing.is_some()
@@ -1393,6 +1403,15 @@ ae_title = "PACS"
         assert!(e.contains("auth.users_file") && e.contains("line 2"), "{e}");
         std::fs::write(&users, "scanner:-\n").unwrap();
         assert_eq!(env(&auth), "ok");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = Config::from_toml(&auth).unwrap().warnings();
+        assert!(w.len() == 1 && w[0].contains("chmod 600"), "{w:?}");
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Config::from_toml(&auth).unwrap().warnings().is_empty());
+        std::fs::write(&users, "# nobody yet\n").unwrap();
+        let w = Config::from_toml(&auth).unwrap().warnings();
+        assert!(w.len() == 1 && w[0].contains("lists no user"), "{w:?}");
         let e = env("[auth]\nusers_file = \"/nonexistent/users\"\n");
         assert!(e.contains("cannot be read"), "{e}");
         let e = env("[node]\ncheck_peer_address = true\n\
