@@ -116,6 +116,10 @@ fn user_identity_with_dcmtk_storescu() {
     );
     assert!(log.contains("no user identity"), "{log}");
     assert!(!log.contains("wrongpw") && !log.contains("s3cret"), "{log}");
+    assert!(
+        log.contains("user=\"alice\""),
+        "the accepted user is logged: {log}"
+    );
     assert_eq!(
         node.stored().len(),
         1,

@@ -152,6 +152,8 @@ pub struct Negotiated {
     pub max_operations_performed: u16,
     pub peer_implementation_class_uid: String,
     pub peer_implementation_version_name: String,
+    /// The user whose identity was verified (`[auth]`), if any.
+    pub user: Option<String>,
 }
 
 impl Negotiated {
@@ -269,9 +271,13 @@ pub fn negotiate_from(
         _ => None,
     });
     let mut identity_response = false;
+    let mut verified_user = None;
     if let Some(dir) = &policy.identity {
         match dir.check(identity) {
-            Verdict::Accepted { respond, .. } => identity_response = respond,
+            Verdict::Accepted { respond, user } => {
+                identity_response = respond;
+                verified_user = Some(user);
+            }
             Verdict::Anonymous => {}
             Verdict::Refused { why } => {
                 return rj_why(
@@ -408,6 +414,7 @@ pub fn negotiate_from(
             max_operations_performed: ops,
             peer_implementation_class_uid: peer_impl_uid,
             peer_implementation_version_name: peer_version,
+            user: verified_user,
         },
     }
 }

@@ -920,6 +920,7 @@ fn log_association(c: &Conn, shared: &Shared) {
         peer = %c.peer,
         calling_ae = calling,
         called_ae = called,
+        user = c.svc.negotiated().and_then(|n| n.user.as_deref()).unwrap_or(""),
         instances = stats.instances,
         failures = stats.failures,
         bytes = stats.bytes,
