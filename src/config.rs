@@ -32,6 +32,11 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub http: HttpConfig,
     pub tls: TlsConfig,
+    /// `[auth]`: user identity negotiation (PS3.7 D.3.3.7).
+    pub auth: AuthConfig,
+    /// `[[peer]]`: known peers, by name.
+    #[serde(rename = "peer", skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
 }
 
 /// `[tls]`: DICOM over TLS (PS3.15 B.12, the BCP 195 profile) on a listener of its own, beside
@@ -55,6 +60,32 @@ impl TlsConfig {
     pub fn enabled(&self) -> bool {
         !self.listen.trim().is_empty()
     }
+}
+
+/// `[auth]`: who may associate, by the A-ASSOCIATE-RQ's User Identity sub-item.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A file of `username:hash` lines (`hash` from `dicomgate passwd`, or `-` for a user
+    /// accepted on its username alone). Empty = no user identity check: the sub-item is ignored.
+    pub users_file: String,
+    /// `true`: an association without a username (type 1) or username-and-passcode (type 2)
+    /// identity that verifies is refused. `false`: one without an identity, or with another type
+    /// (Kerberos, SAML, JWT), is accepted; a type 1 or 2 identity that is sent is still checked.
+    pub required: bool,
+}
+
+/// One `[[peer]]`: a DICOM node we know by name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// What `[[export]] peer` names it by.
+    pub name: String,
+    /// Its AE title (the calling AE title it associates with; the called one when exported to).
+    pub ae_title: String,
+    /// HOST:PORT of its C-STORE SCP; its host is where its associations must come from under
+    /// `[node] check_peer_address`.
+    pub address: String,
 }
 
 /// `[http]`: metrics and health over HTTP, on its own thread.
@@ -111,6 +142,18 @@ pub struct NodeConfig {
     /// before they are cut (A-ABORT; the processing's process group killed, its batch resumed at
     /// the next start).
     pub drain_seconds: f64,
+    /// A calling AE title that is a `[[peer]]`'s must come from that peer's host (its address
+    /// resolved at start-up); from another address it is refused (A-ASSOCIATE-RJ 1/1/3).
+    pub check_peer_address: bool,
+    /// Only calling AE titles of `[[peer]]`s may associate (others: A-ASSOCIATE-RJ 1/1/3).
+    /// `false`: any other calling AE title is allowed (subject to `calling_ae_titles`).
+    pub known_peers_only: bool,
+    /// SOP Class UIDs accepted for storage beside the standard storage classes (vendor ones,
+    /// e.g. Siemens CSA Non-Image Storage "1.3.12.2.1107.5.9.1").
+    pub extra_sop_classes: Vec<String>,
+    /// Accept, for storage, any abstract syntax that is a valid UID (PS3.5 §9.1) and not a
+    /// standard UID of another kind (as DCMTK storescp's `--promiscuous`); stored as received.
+    pub accept_unknown_sop_classes: bool,
 }
 
 impl Default for NodeConfig {
@@ -128,6 +171,10 @@ impl Default for NodeConfig {
             ],
             transfer_syntax_choice: TransferSyntaxChoice::Sender,
             drain_seconds: 30.0,
+            check_peer_address: false,
+            known_peers_only: false,
+            extra_sop_classes: Vec::new(),
+            accept_unknown_sop_classes: false,
         }
     }
 }
@@ -396,6 +443,10 @@ fn one_u32() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     pub kind: ExportKind,
+    /// `dicom`: the `[[peer]]` name to send to, instead of `address` and `ae_title` (its
+    /// address and AE title are filled in at start-up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     /// `dicom`: HOST:PORT of the C-STORE SCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
@@ -553,14 +604,102 @@ fn valid_ae(ae: &str) -> bool {
     !t.is_empty() && t.len() <= 16 && t.bytes().all(|b| (0x20..0x7F).contains(&b) && b != b'\\')
 }
 
+/// 32 random bytes from the kernel; should it fail, bytes from std's randomly keyed hasher
+/// (only the identity cache's digests use them).
+pub fn random_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .is_ok();
+    if !ok {
+        use std::hash::{BuildHasher, Hasher};
+        for chunk in key.chunks_mut(8) {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u8(0);
+            chunk.copy_from_slice(&h.finish().to_be_bytes());
+        }
+    }
+    key
+}
+
 /// The smallest data set size above which data sets are streamed to their file as they arrive.
 pub const STREAM_ABOVE_MIN: usize = 256 << 10;
 
 impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        c.resolve_export_peers()?;
         c.validate()?;
         Ok(c)
+    }
+
+    /// Fills in the address and AE title of each `[[export]]` that names a `[[peer]]` (and
+    /// forgets the name, so the effective config prints as what it does).
+    pub fn resolve_export_peers(&mut self) -> Result<(), ConfigError> {
+        for (i, e) in self.exports.iter_mut().enumerate() {
+            let Some(name) = e.peer.take() else { continue };
+            if e.address.is_some() || e.ae_title.is_some() {
+                return Err(ConfigError(format!(
+                    "export {i}: peer = {name:?} with address or ae_title: give one or the other"
+                )));
+            }
+            let Some(p) = self.peers.iter().find(|p| p.name == name) else {
+                let names: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+                return Err(ConfigError(format!(
+                    "export {i}: peer = {name:?} names no [[peer]] (peers: {})",
+                    names.join(", ")
+                )));
+            };
+            e.address = Some(p.address.clone());
+            e.ae_title = Some(p.ae_title.clone());
+        }
+        Ok(())
+    }
+
+    /// The `[[peer]]`s with the addresses their hosts resolve to now; a peer whose host does
+    /// not resolve is an error naming it.
+    pub fn resolve_peers(&self) -> Result<crate::assoc::KnownPeers, ConfigError> {
+        let mut peers = Vec::new();
+        for p in &self.peers {
+            let addrs: Vec<std::net::IpAddr> =
+                std::net::ToSocketAddrs::to_socket_addrs(p.address.as_str())
+                    .map_err(|e| {
+                        ConfigError(format!(
+                            "peer {:?}: address {:?} does not resolve ({e})",
+                            p.name, p.address
+                        ))
+                    })?
+                    .map(|a| a.ip().to_canonical())
+                    .collect();
+            if addrs.is_empty() {
+                return Err(ConfigError(format!(
+                    "peer {:?}: address {:?} resolves to no address",
+                    p.name, p.address
+                )));
+            }
+            peers.push((p.ae_title.trim().to_string(), addrs));
+        }
+        Ok(crate::assoc::KnownPeers {
+            peers,
+            check_address: self.node.check_peer_address,
+            known_only: self.node.known_peers_only,
+        })
+    }
+
+    /// The `[auth] users_file`, read and parsed; `None` without one. Errors name the field.
+    pub fn user_directory(
+        &self,
+    ) -> Result<Option<std::sync::Arc<crate::assoc::identity::UserDirectory>>, ConfigError> {
+        let path = self.auth.users_file.trim();
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("auth.users_file {path}: cannot be read ({e})")))?;
+        let dir =
+            crate::assoc::identity::UserDirectory::parse(&text, self.auth.required, random_key())
+                .map_err(|e| ConfigError(format!("auth.users_file {path}: {e}")))?;
+        Ok(Some(std::sync::Arc::new(dir)))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -614,6 +753,45 @@ impl Config {
                     ));
                 }
             }
+        }
+        for uid in &self.node.extra_sop_classes {
+            if !crate::dimse::uid::is_valid_uid(uid.as_bytes()) {
+                return err(format!(
+                    "node.extra_sop_classes: {uid:?} is not a valid UID (digits and dots, at most 64 characters, no leading zeros)"
+                ));
+            }
+        }
+        if self.auth.required && self.auth.users_file.trim().is_empty() {
+            return err("auth.required = true needs auth.users_file".into());
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.name.trim().is_empty() {
+                return err(format!("peer {i}: name is empty"));
+            }
+            if self.peers[..i].iter().any(|q| q.name == p.name) {
+                return err(format!("peer {:?}: name used twice", p.name));
+            }
+            if !valid_ae(&p.ae_title) {
+                return err(format!(
+                    "peer {:?}: ae_title {:?} is not a valid AE title",
+                    p.name, p.ae_title
+                ));
+            }
+            let port_ok = p.address.rsplit_once(':').is_some_and(|(h, port)| {
+                !h.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0)
+            });
+            if !port_ok {
+                return err(format!(
+                    "peer {:?}: address {:?}: give HOST:PORT",
+                    p.name, p.address
+                ));
+            }
+        }
+        if (self.node.check_peer_address || self.node.known_peers_only) && self.peers.is_empty() {
+            return err(
+                "node.check_peer_address or node.known_peers_only is set, but there is no [[peer]]"
+                    .into(),
+            );
         }
         let l = &self.limits;
         if l.max_pdu_length < 4096 {
@@ -734,6 +912,11 @@ impl Config {
                     names.join(", ")
                 ));
             }
+            if let Some(p) = &e.peer {
+                return err(format!(
+                    "export {i}: peer = {p:?} was not resolved (Config::resolve_export_peers)"
+                ));
+            }
             match e.kind {
                 ExportKind::Dicom => {
                     if e.address.is_none() || !e.ae_title.as_deref().is_some_and(valid_ae) {
@@ -834,6 +1017,10 @@ impl Config {
                 }
             }
         }
+        self.user_directory()?;
+        if self.node.check_peer_address {
+            self.resolve_peers()?;
+        }
         if self.node.data_dir.exists() && !self.node.data_dir.is_dir() {
             return err(format!(
                 "node.data_dir {}: is not a directory: name a directory (it is created if missing)",
@@ -925,6 +1112,27 @@ impl Config {
                     "input {:?}: one_of = {g:?} names a group no other input is in: the input is \
                      simply required (is the group name misspelt in one of its inputs?)",
                     i.name
+                ));
+            }
+        }
+        let users = self.auth.users_file.trim();
+        if !users.is_empty() {
+            let open_to_others = std::fs::metadata(users).is_ok_and(|m| {
+                std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 != 0
+            });
+            if open_to_others {
+                w.push(format!(
+                    "auth.users_file {users} can be read by other users (its hashes can be \
+                     attacked offline): chmod 600 it"
+                ));
+            }
+            let no_user = std::fs::read_to_string(users).is_ok_and(|t| {
+                t.lines()
+                    .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+            });
+            if no_user {
+                w.push(format!(
+                    "auth.users_file {users} lists no user: every username (+ passcode) identity sent is refused"
                 ));
             }
         }
@@ -1029,6 +1237,27 @@ impl Config {
                 .collect(),
             keep_sender_encoding: self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender,
             max_presentation_contexts: self.limits.max_presentation_contexts,
+            // Set by the node at start-up from the users file ([`Config::user_directory`]).
+            identity: None,
+            // AE titles only; addresses are resolved at start-up ([`Config::resolve_peers`]).
+            // With check_peer_address and no addresses, a known peer's AE title is refused:
+            // never open by omission.
+            peers: std::sync::Arc::new(crate::assoc::KnownPeers {
+                peers: self
+                    .peers
+                    .iter()
+                    .map(|p| (p.ae_title.trim().to_string(), Vec::new()))
+                    .collect(),
+                check_address: self.node.check_peer_address,
+                known_only: self.node.known_peers_only,
+            }),
+            extra_sop_classes: {
+                let mut v = self.node.extra_sop_classes.clone();
+                v.sort();
+                v.dedup();
+                v
+            },
+            accept_unknown_sop_classes: self.node.accept_unknown_sop_classes,
         }
     }
 
@@ -1435,6 +1664,90 @@ ae_title = "PACS"
         assert!(
             w.len() == 1 && w[0].contains("\"mr\"") && w[0].contains("\"anatomi\""),
             "{w:?}"
+        );
+    }
+
+    /// Issue 13: the door's settings are checked at start-up, naming the field: UIDs in
+    /// extra_sop_classes, [[peer]] entries, an [[export]] peer that names no [[peer]] (or
+    /// names one beside an address), required identity without a users file, a users file
+    /// that cannot be read or has a bad line, a peer host that does not resolve.
+    #[test]
+    fn door_settings_are_checked_at_start_up() {
+        let e = refused("[node]\nextra_sop_classes = [\"1.3.12.2.1107.5.9.1\", \"1.02\"]\n");
+        assert!(
+            e.contains("node.extra_sop_classes") && e.contains("\"1.02\""),
+            "{e}"
+        );
+        let peer = "[[peer]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"127.0.0.1:104\"\n";
+        let c = Config::from_toml(&format!(
+            "[node]\ncheck_peer_address = true\nextra_sop_classes = [\"1.3.12.2.1107.5.9.1\"]\n{peer}\
+             [[export]]\nkind = \"dicom\"\npeer = \"pacs\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.exports[0].address.as_deref(), Some("127.0.0.1:104"));
+        assert_eq!(c.exports[0].ae_title.as_deref(), Some("PACS"));
+        let printed = toml::to_string(&c).unwrap();
+        assert!(Config::from_toml(&printed).is_ok(), "{printed}");
+        let p = c.acceptor_policy();
+        assert!(p.accepts_abstract_syntax(b"1.3.12.2.1107.5.9.1"));
+        assert!(!p.accepts_abstract_syntax(b"1.2.3.4"));
+        let known = c.resolve_peers().unwrap();
+        assert_eq!(
+            known.peers,
+            vec![("PACS".to_string(), vec!["127.0.0.1".parse().unwrap()])]
+        );
+        let e = refused(&format!(
+            "{peer}[[export]]\nkind = \"dicom\"\npeer = \"nas\"\n"
+        ));
+        assert!(
+            e.contains("export 0: peer = \"nas\" names no [[peer]] (peers: pacs)"),
+            "{e}"
+        );
+        let e = refused(&format!(
+            "{peer}[[export]]\nkind = \"dicom\"\npeer = \"pacs\"\naddress = \"h:1\"\n"
+        ));
+        assert!(e.contains("give one or the other"), "{e}");
+        let e = refused(&format!("{peer}{peer}"));
+        assert!(e.contains("peer \"pacs\": name used twice"), "{e}");
+        let e = refused("[[peer]]\nname = \"x\"\nae_title = \"X\"\naddress = \"nohost\"\n");
+        assert!(
+            e.contains("peer \"x\": address \"nohost\": give HOST:PORT"),
+            "{e}"
+        );
+        let e = refused("[node]\ncheck_peer_address = true\n");
+        assert!(e.contains("no [[peer]]"), "{e}");
+        let e = refused("[auth]\nrequired = true\n");
+        assert!(e.contains("auth.users_file"), "{e}");
+        let env = |toml: &str| {
+            Config::from_toml(toml)
+                .unwrap()
+                .check_environment()
+                .map_or_else(|e| e.0, |()| "ok".into())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users");
+        std::fs::write(&users, "scanner:-\nbad line\n").unwrap();
+        let auth = format!("[auth]\nusers_file = {:?}\n", users.display().to_string());
+        let e = env(&auth);
+        assert!(e.contains("auth.users_file") && e.contains("line 2"), "{e}");
+        std::fs::write(&users, "scanner:-\n").unwrap();
+        assert_eq!(env(&auth), "ok");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = Config::from_toml(&auth).unwrap().warnings();
+        assert!(w.len() == 1 && w[0].contains("chmod 600"), "{w:?}");
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Config::from_toml(&auth).unwrap().warnings().is_empty());
+        std::fs::write(&users, "# nobody yet\n").unwrap();
+        let w = Config::from_toml(&auth).unwrap().warnings();
+        assert!(w.len() == 1 && w[0].contains("lists no user"), "{w:?}");
+        let e = env("[auth]\nusers_file = \"/nonexistent/users\"\n");
+        assert!(e.contains("cannot be read"), "{e}");
+        let e = env("[node]\ncheck_peer_address = true\n\
+             [[peer]]\nname = \"ct\"\nae_title = \"CT\"\naddress = \"no-such-host.invalid:104\"\n");
+        assert!(
+            e.contains("peer \"ct\"") && e.contains("does not resolve"),
+            "{e}"
         );
     }
 }

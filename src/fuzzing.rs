@@ -16,6 +16,9 @@ pub fn pdu_decode(data: &[u8]) {
     while let Ok(Status::Complete(n)) = ul::deframe(rest, MAX_PDU) {
         let (one, tail) = rest.split_at(n);
         if let Ok(pdu) = ul::decode(one) {
+            if let ul::Pdu::AssociateRq(rq) = &pdu {
+                let _ = negotiate_at_the_door(rq);
+            }
             let mut out = Vec::new();
             if pdu.encode(&mut out).is_ok() {
                 let again = ul::decode(&out).expect("a re-encoded PDU decodes");
@@ -30,6 +33,33 @@ pub fn pdu_decode(data: &[u8]) {
             }
         }
         rest = tail;
+    }
+}
+
+/// Negotiates a decoded A-ASSOCIATE-RQ under a policy with every door check on (a users file
+/// of username-only users, known peers with their addresses, unknown SOP classes accepted):
+/// never panics, and an accepted one's A-ASSOCIATE-AC decodes. Whether it was accepted.
+fn negotiate_at_the_door(rq: &ul::Associate<'_>) -> bool {
+    use crate::assoc::{identity::UserDirectory, negotiate_from, KnownPeers, Outcome};
+    use std::sync::Arc;
+    let mut policy = crate::config::Config::default().acceptor_policy();
+    policy.accept_any_called_ae = true;
+    policy.accept_unknown_sop_classes = true;
+    policy.extra_sop_classes = vec!["1.3.12.2.1107.5.9.1".into()];
+    policy.peers = Arc::new(KnownPeers {
+        peers: vec![("SCU".into(), vec![std::net::IpAddr::from([127, 0, 0, 1])])],
+        check_address: true,
+        known_only: false,
+    });
+    policy.identity = UserDirectory::parse("u:-\nscanner:-\n", true, [0; 32])
+        .ok()
+        .map(Arc::new);
+    match negotiate_from(rq, &policy, Some(std::net::IpAddr::from([127, 0, 0, 2]))) {
+        Outcome::Accept { ac, .. } => {
+            ul::decode(&ac).expect("our A-ASSOCIATE-AC decodes");
+            true
+        }
+        Outcome::Reject(..) => false,
     }
 }
 
@@ -955,6 +985,35 @@ mod tests {
     }
 
     /// Every captured vector, whole and in pieces, goes through the fuzz body.
+    #[test]
+    fn negotiate_at_the_door_accepts_a_listed_user_with_a_vendor_class() {
+        use crate::ul::{ae_title_field, Associate, Item, PresentationContextRq, SubItem};
+        let rq = Associate {
+            protocol_version: 1,
+            called_ae: ae_title_field("ANY"),
+            calling_ae: ae_title_field("MR1"),
+            items: vec![
+                Item::ApplicationContext(ul::DICOM_APPLICATION_CONTEXT),
+                Item::PresentationContextRq(PresentationContextRq {
+                    id: 1,
+                    reserved: [0; 3],
+                    abstract_syntax: b"1.3.12.2.1107.5.9.1",
+                    transfer_syntaxes: vec![b"1.2.840.10008.1.2"],
+                }),
+                Item::UserInformation(vec![SubItem::UserIdentityRq {
+                    identity_type: 1,
+                    positive_response_requested: 1,
+                    primary: b"u",
+                    secondary: b"",
+                }]),
+            ],
+        };
+        assert!(negotiate_at_the_door(&rq));
+        let mut bytes = Vec::new();
+        ul::Pdu::AssociateRq(rq).encode(&mut bytes).unwrap();
+        pdu_decode(&bytes);
+    }
+
     #[test]
     fn pdu_decode_body_runs_on_vectors_and_garbage() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors");

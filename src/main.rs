@@ -171,6 +171,13 @@ enum Command {
         #[arg(long)]
         instances: bool,
     },
+    /// Print a users-file line (`USERNAME:HASH`, an argon2id PHC string) for `[auth]
+    /// users_file`. The password is read from stdin's first line, or prompted for (not
+    /// echoed) when stdin is a terminal; it is never printed.
+    Passwd {
+        /// The username the requestor will send (no ':' and no control characters).
+        username: String,
+    },
     /// Copy pending instances (of one patient, or all) or a batch's instances out of a data
     /// directory as Part-10 files, keeping `<patient digest>/<study>/<series>/<SOP>.dcm`.
     Extract {
@@ -529,6 +536,48 @@ fn extract(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `dicomgate passwd USERNAME`.
+fn passwd(username: &str) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if username.is_empty()
+        || username.contains(':')
+        || username.chars().any(char::is_control)
+        || username.len() > dicomgate::assoc::identity::MAX_USERNAME
+    {
+        return Err(
+            "the username must be 1 to 256 bytes, without ':' or control characters".into(),
+        );
+    }
+    let stdin = std::io::stdin();
+    let tty = stdin.is_terminal();
+    let mut line = String::new();
+    if tty {
+        eprint!("password for {username}: ");
+        std::io::stderr().flush()?;
+        // Not echoed: the terminal's echo is off while the line is read.
+        let old = rustix::termios::tcgetattr(&stdin)?;
+        let mut quiet = old.clone();
+        quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &quiet)?;
+        let r = stdin.lock().read_line(&mut line);
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &old)?;
+        eprintln!();
+        r?;
+    } else {
+        stdin.lock().read_line(&mut line)?;
+    }
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err("empty password: list the user with '-' for username-only identities".into());
+    }
+    let mut salt = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut salt)?;
+    let hash = dicomgate::assoc::identity::hash_password(password.as_bytes(), &salt)?;
+    println!("{username}:{hash}");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -680,6 +729,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Status { http, config, json } => status(http, config, json),
         Command::Bench { load, report } => bench(&load, report.as_deref()),
+        Command::Passwd { username } => passwd(&username),
         Command::Retry {
             batch,
             all_failed: _,

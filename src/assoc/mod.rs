@@ -6,13 +6,16 @@
 //! not allow in the current state.
 #![forbid(unsafe_code)]
 
+pub mod identity;
 pub mod machine;
 pub mod negotiation;
 pub mod storage_sop_classes;
 pub mod transfer_syntax;
 
 pub use machine::{Association, Event, NotAllowed, Received, Role, State, Timeouts};
-pub use negotiation::{negotiate, AcceptedContext, AcceptorPolicy, Negotiated, Outcome};
+pub use negotiation::{
+    negotiate, negotiate_from, AcceptedContext, AcceptorPolicy, KnownPeers, Negotiated, Outcome,
+};
 pub use transfer_syntax::{DatasetEncoding, TransferSyntax};
 
 #[cfg(test)]

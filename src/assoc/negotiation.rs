@@ -2,6 +2,10 @@
 //! received A-ASSOCIATE-RQ and our policy, either the A-ASSOCIATE-AC to send plus the negotiated
 //! presentation contexts, or the A-ASSOCIATE-RJ.
 
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::identity::{IdentityRq, UserDirectory, Verdict};
 use super::storage_sop_classes::STORAGE_SOP_CLASSES;
 use super::transfer_syntax::{self, TransferSyntax};
 use crate::ul::{
@@ -22,6 +26,65 @@ pub fn is_storage_sop_class(uid: &[u8]) -> bool {
     STORAGE_SOP_CLASSES
         .binary_search_by(|(u, _)| u.as_bytes().cmp(uid))
         .is_ok()
+}
+
+/// Is this abstract syntax one that `[node] accept_unknown_sop_classes` takes for storage: a
+/// syntactically valid UID (PS3.5 §9.1, the one UID rule of [`crate::dimse::uid`]) that is not
+/// a UID the standard defines as something else: a non-storage SOP class (a query/retrieve
+/// model, ...: dicom-dictionary-std's SOP class table), a transfer syntax, the application
+/// context name. A vendor's private SOP class (Siemens CSA Non-Image
+/// Storage, 1.3.12.2.1107.5.9.1) and a standard storage class newer than our table are.
+pub fn is_unknown_sop_class(uid: &[u8]) -> bool {
+    use dicom_core::dictionary::UidDictionary;
+    let uid = uid_bytes(uid);
+    if !crate::dimse::uid::is_valid_uid(uid) {
+        return false;
+    }
+    let known_sop_class = std::str::from_utf8(uid)
+        .ok()
+        .and_then(|u| dicom_dictionary_std::StandardSopClassDictionary.by_uid(u))
+        .is_some();
+    !known_sop_class && transfer_syntax::by_uid(uid).is_none() && uid != DICOM_APPLICATION_CONTEXT
+}
+
+/// The known peers (`[[peer]]`) as negotiation checks them: each AE title with the addresses its
+/// host resolved to at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct KnownPeers {
+    /// (AE title, addresses); several peers may share an AE title (then any of their hosts).
+    pub peers: Vec<(String, Vec<IpAddr>)>,
+    /// `[node] check_peer_address`: a calling AE title that is a known peer's must come from
+    /// one of that peer's addresses.
+    pub check_address: bool,
+    /// `[node] known_peers_only`: a calling AE title that is no known peer's is refused.
+    pub known_only: bool,
+}
+
+impl KnownPeers {
+    /// `None` when the calling AE title may associate from `peer`; else why not.
+    fn refuse(&self, calling: &str, peer: Option<IpAddr>) -> Option<String> {
+        let mut known = false;
+        let mut from_ok = false;
+        let peer = peer.map(|p| p.to_canonical());
+        for (ae, addrs) in &self.peers {
+            if ae == calling {
+                known = true;
+                from_ok |= peer.is_some_and(|p| addrs.iter().any(|a| a.to_canonical() == p));
+            }
+        }
+        let shown = peer.map_or_else(|| "an unknown address".to_string(), |p| p.to_string());
+        if !known && self.known_only {
+            return Some(format!(
+                "calling AE title {calling:?} is no [[peer]]'s ([node] known_peers_only)"
+            ));
+        }
+        if known && self.check_address && !from_ok {
+            return Some(format!(
+                "calling AE title {calling:?} from {shown}, not from its [[peer]]'s host ([node] check_peer_address)"
+            ));
+        }
+        None
+    }
 }
 
 /// What we accept, from config.
@@ -45,6 +108,28 @@ pub struct AcceptorPolicy {
     pub keep_sender_encoding: bool,
     /// Bound on presentation context items in one request.
     pub max_presentation_contexts: usize,
+    /// User identity negotiation (`[auth]`); `None`: the sub-item is ignored and never answered.
+    pub identity: Option<Arc<UserDirectory>>,
+    /// `[[peer]]` with `[node] check_peer_address` and `known_peers_only`.
+    pub peers: Arc<KnownPeers>,
+    /// `[node] extra_sop_classes`, sorted: accepted as storage SOP classes.
+    pub extra_sop_classes: Vec<String>,
+    /// `[node] accept_unknown_sop_classes`: any [`is_unknown_sop_class`] is accepted for storage.
+    pub accept_unknown_sop_classes: bool,
+}
+
+impl AcceptorPolicy {
+    /// Whether a presentation context for `abstract_syntax` is accepted (transfer syntax aside).
+    pub fn accepts_abstract_syntax(&self, abstract_syntax: &[u8]) -> bool {
+        let uid = uid_bytes(abstract_syntax);
+        uid == VERIFICATION_SOP_CLASS.as_bytes()
+            || is_storage_sop_class(uid)
+            || self
+                .extra_sop_classes
+                .binary_search_by(|u| u.as_bytes().cmp(uid))
+                .is_ok()
+            || (self.accept_unknown_sop_classes && is_unknown_sop_class(uid))
+    }
 }
 
 /// One accepted presentation context.
@@ -67,6 +152,8 @@ pub struct Negotiated {
     pub max_operations_performed: u16,
     pub peer_implementation_class_uid: String,
     pub peer_implementation_version_name: String,
+    /// The user whose identity was verified (`[auth]`), if any.
+    pub user: Option<String>,
 }
 
 impl Negotiated {
@@ -78,27 +165,50 @@ impl Negotiated {
 #[derive(Debug)]
 pub enum Outcome {
     /// The encoded A-ASSOCIATE-AC and what was agreed.
-    Accept {
-        ac: Vec<u8>,
-        negotiated: Negotiated,
-    },
-    Reject(AssociateRj),
+    Accept { ac: Vec<u8>, negotiated: Negotiated },
+    /// The A-ASSOCIATE-RJ, and for a refusal of our own policy (identity, known peers) what
+    /// to log with it.
+    Reject(AssociateRj, Option<String>),
 }
 
 fn rj(result: RejectResult, source: RejectSource, reason: u8) -> Outcome {
-    Outcome::Reject(AssociateRj {
-        result,
-        source,
-        reason,
-    })
+    Outcome::Reject(
+        AssociateRj {
+            result,
+            source,
+            reason,
+        },
+        None,
+    )
+}
+
+fn rj_why(reason: u8, why: String) -> Outcome {
+    Outcome::Reject(
+        AssociateRj {
+            result: RejectResult::PERMANENT,
+            source: RejectSource::SERVICE_USER,
+            reason,
+        },
+        Some(why),
+    )
 }
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(uid_bytes(b)).trim().to_string()
 }
 
-/// Negotiates one A-ASSOCIATE-RQ.
+/// Negotiates one A-ASSOCIATE-RQ from an unknown address (see [`negotiate_from`]).
 pub fn negotiate(rq: &Associate<'_>, policy: &AcceptorPolicy) -> Outcome {
+    negotiate_from(rq, policy, None)
+}
+
+/// Negotiates one A-ASSOCIATE-RQ that arrived from `peer` (the transport's remote address;
+/// `None` when unknown, which `check_peer_address` refuses for a known peer's AE title).
+pub fn negotiate_from(
+    rq: &Associate<'_>,
+    policy: &AcceptorPolicy,
+    peer: Option<IpAddr>,
+) -> Outcome {
     use RejectResult as R;
     use RejectSource as S;
     // PS3.8 §9.3.2: only bit 0 (protocol version 1) is tested.
@@ -141,6 +251,42 @@ pub fn negotiate(rq: &Associate<'_>, policy: &AcceptorPolicy) -> Outcome {
             reject_reason::CALLING_AE_TITLE_NOT_RECOGNIZED,
         );
     }
+    if let Some(why) = calling.and_then(|c| policy.peers.refuse(c, peer)) {
+        return rj_why(reject_reason::CALLING_AE_TITLE_NOT_RECOGNIZED, why);
+    }
+    // PS3.7 D.3.3.7: user identity. A refusal is A-ASSOCIATE-RJ permanent, service user, no
+    // reason given (Table 9-21 has no reason for it).
+    let identity = rq.user_information().iter().find_map(|s| match s {
+        SubItem::UserIdentityRq {
+            identity_type,
+            positive_response_requested,
+            primary,
+            secondary,
+        } => Some(IdentityRq {
+            identity_type: *identity_type,
+            positive_response_requested: *positive_response_requested,
+            primary,
+            secondary,
+        }),
+        _ => None,
+    });
+    let mut identity_response = false;
+    let mut verified_user = None;
+    if let Some(dir) = &policy.identity {
+        match dir.check(identity) {
+            Verdict::Accepted { respond, user } => {
+                identity_response = respond;
+                verified_user = Some(user);
+            }
+            Verdict::Anonymous => {}
+            Verdict::Refused { why } => {
+                return rj_why(
+                    reject_reason::NO_REASON_GIVEN,
+                    format!("user identity: {why}"),
+                )
+            }
+        }
+    }
     if rq.presentation_contexts_rq().count() > policy.max_presentation_contexts {
         return rj(
             R::PERMANENT,
@@ -154,8 +300,7 @@ pub fn negotiate(rq: &Associate<'_>, policy: &AcceptorPolicy) -> Outcome {
     let mut contexts = Vec::new();
     for pc in rq.presentation_contexts_rq() {
         let dup = std::mem::replace(&mut seen[pc.id as usize], true);
-        let abstract_ok = uid_bytes(pc.abstract_syntax) == VERIFICATION_SOP_CLASS.as_bytes()
-            || is_storage_sop_class(pc.abstract_syntax);
+        let abstract_ok = policy.accepts_abstract_syntax(pc.abstract_syntax);
         let (result, ts) = if dup || pc.id % 2 == 0 {
             (PcResult::NO_REASON, None)
         } else if !abstract_ok {
@@ -225,13 +370,22 @@ pub fn negotiate(rq: &Associate<'_>, policy: &AcceptorPolicy) -> Outcome {
                     scp_role: 0,
                 });
             }
-            // User identity (PS3.7 D.3.3.7): we do not authenticate, so no AC sub-item is sent,
-            // which the standard allows; the requestor decides whether to go on. SOP class
-            // extended and common extended negotiation are not supported and so not answered.
+            // User identity (PS3.7 D.3.3.7) was checked above. SOP class extended and common
+            // extended negotiation are not supported and so not answered.
             _ => {}
         }
     }
     user.extend(roles);
+    // PS3.7 D.3.3.7.2: the User Identity sub-item of the AC is sent only when the requestor
+    // asked for a positive response and its identity was accepted; its server response is
+    // empty (length 0) for types 1 and 2 (it carries a ticket, assertion or token only for
+    // types 3-5, which we do not check). Without [auth], or for an identity we did not check
+    // (types 3-5 when not required), no sub-item goes: the requestor decides whether to go on.
+    if identity_response {
+        user.push(SubItem::UserIdentityAc {
+            server_response: b"",
+        });
+    }
     user.push(SubItem::ImplementationVersionName(
         IMPLEMENTATION_VERSION_NAME.as_bytes(),
     ));
@@ -260,6 +414,7 @@ pub fn negotiate(rq: &Associate<'_>, policy: &AcceptorPolicy) -> Outcome {
             max_operations_performed: ops,
             peer_implementation_class_uid: peer_impl_uid,
             peer_implementation_version_name: peer_version,
+            user: verified_user,
         },
     }
 }
@@ -335,6 +490,10 @@ mod tests {
             ],
             keep_sender_encoding: true,
             max_presentation_contexts: 128,
+            identity: None,
+            peers: Arc::default(),
+            extra_sop_classes: Vec::new(),
+            accept_unknown_sop_classes: false,
         }
     }
 
@@ -366,7 +525,7 @@ mod tests {
 
     fn rejected(o: Outcome) -> (u8, u8, u8) {
         match o {
-            Outcome::Reject(r) => (r.result.0, r.source.0, r.reason),
+            Outcome::Reject(r, _) => (r.result.0, r.source.0, r.reason),
             Outcome::Accept { .. } => panic!("accepted"),
         }
     }
@@ -547,6 +706,152 @@ mod tests {
             .collect();
         assert_eq!(
             rejected(negotiate(&rq("GATE", "SCU", many, vec![]), &policy())),
+            (1, 1, 1)
+        );
+    }
+
+    const CSA_NON_IMAGE: &str = "1.3.12.2.1107.5.9.1";
+
+    fn results(o: Outcome) -> Vec<(u8, u8)> {
+        let Outcome::Accept { ac, .. } = o else {
+            panic!("rejected")
+        };
+        let crate::ul::Pdu::AssociateAc(ac) = decode(&ac).unwrap() else {
+            panic!()
+        };
+        ac.presentation_contexts_ac()
+            .map(|p| (p.id, p.result.0))
+            .collect()
+    }
+
+    /// Issue 13 item 4: a vendor SOP class is refused (result 3) by default, accepted when
+    /// listed in extra_sop_classes or under accept_unknown_sop_classes; the latter never takes
+    /// a standard UID of another kind nor an invalid UID.
+    #[test]
+    fn vendor_and_unknown_sop_classes() {
+        let pcs = || {
+            vec![
+                pc(1, CSA_NON_IMAGE, &["1.2.840.10008.1.2.1"]),
+                pc(3, "1.2.840.10008.5.1.4.1.2.1.1", &["1.2.840.10008.1.2"]), // C-FIND model
+                pc(5, "1.2.840.10008.1.2.1", &["1.2.840.10008.1.2"]),         // a transfer syntax
+                pc(7, "1.02.3", &["1.2.840.10008.1.2"]),                      // leading zero
+                pc(9, "1.2.3.4.5", &["1.2.840.10008.1.2"]),                   // some other vendor's
+                pc(11, CT, &["1.2.840.10008.1.2"]),
+            ]
+        };
+        let r = rq("GATE", "SCU", pcs(), vec![]);
+        let p = policy();
+        assert_eq!(
+            results(negotiate(&r, &p)),
+            vec![(1, 3), (3, 3), (5, 3), (7, 3), (9, 3), (11, 0)]
+        );
+        let mut extra = p.clone();
+        extra.extra_sop_classes = vec![CSA_NON_IMAGE.into()];
+        assert_eq!(
+            results(negotiate(&r, &extra)),
+            vec![(1, 0), (3, 3), (5, 3), (7, 3), (9, 3), (11, 0)]
+        );
+        let mut any = p.clone();
+        any.accept_unknown_sop_classes = true;
+        let Outcome::Accept { negotiated, .. } = negotiate(&r, &any) else {
+            panic!()
+        };
+        assert_eq!(negotiated.contexts[0].abstract_syntax, CSA_NON_IMAGE);
+        assert_eq!(
+            results(negotiate(&r, &any)),
+            vec![(1, 0), (3, 3), (5, 3), (7, 3), (9, 0), (11, 0)]
+        );
+        assert!(is_unknown_sop_class(b"1.3.12.2.1107.5.9.1\0"));
+        assert!(!is_unknown_sop_class(&[b'1'; 65]));
+        assert!(!is_unknown_sop_class(b"1.2.840.10008.1.1"));
+    }
+
+    fn peers(check: bool, only: bool) -> AcceptorPolicy {
+        let mut p = policy();
+        p.peers = Arc::new(KnownPeers {
+            peers: vec![("CT1".into(), vec!["127.0.0.1".parse().unwrap()])],
+            check_address: check,
+            known_only: only,
+        });
+        p
+    }
+
+    /// Issue 13 item 3: a known peer's AE title from another address is refused (1, 1, 3),
+    /// from its own (IPv4-mapped too) accepted; unknown AE titles pass unless known_only.
+    #[test]
+    fn known_peers_and_their_addresses() {
+        let r = rq("GATE", "CT1", vec![], vec![]);
+        let other = rq("GATE", "MR1", vec![], vec![]);
+        let at = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let p = peers(true, false);
+        let accepted = |o: Outcome| matches!(o, Outcome::Accept { .. });
+        assert!(accepted(negotiate_from(&r, &p, at("127.0.0.1"))));
+        assert!(accepted(negotiate_from(&r, &p, at("::ffff:127.0.0.1"))));
+        let o = negotiate_from(&r, &p, at("127.0.0.2"));
+        let Outcome::Reject(rj, Some(why)) = &o else {
+            panic!("{o:?}")
+        };
+        assert_eq!((rj.result.0, rj.source.0, rj.reason), (1, 1, 3));
+        assert!(why.contains("\"CT1\" from 127.0.0.2"), "{why}");
+        assert_eq!(rejected(negotiate_from(&r, &p, None)), (1, 1, 3));
+        assert!(accepted(negotiate_from(&other, &p, at("127.0.0.2"))));
+        // Not checked: any address.
+        assert!(accepted(negotiate_from(
+            &r,
+            &peers(false, false),
+            at("127.0.0.2")
+        )));
+        let only = peers(false, true);
+        assert_eq!(
+            rejected(negotiate_from(&other, &only, at("127.0.0.1"))),
+            (1, 1, 3)
+        );
+        assert!(accepted(negotiate_from(&r, &only, at("127.0.0.2"))));
+    }
+
+    /// Issue 13 item 2: user identity through negotiation: refused as (1, 1, 1) with the user
+    /// named; the AC carries an empty server response (0x59) only when one was asked for.
+    #[test]
+    fn user_identity_refuses_and_answers() {
+        let hash = crate::assoc::identity::hash_password(b"pw", &[3u8; 16]).unwrap();
+        let dir = UserDirectory::parse(&format!("alice:{hash}\n"), true, [0; 32]).unwrap();
+        let mut p = policy();
+        p.identity = Some(Arc::new(dir));
+        let with = |pos: u8, pass: &'static [u8]| {
+            rq(
+                "GATE",
+                "SCU",
+                vec![pc(1, CT, &["1.2.840.10008.1.2"])],
+                vec![SubItem::UserIdentityRq {
+                    identity_type: 2,
+                    positive_response_requested: pos,
+                    primary: b"alice",
+                    secondary: pass,
+                }],
+            )
+        };
+        let response = |o: Outcome| {
+            let Outcome::Accept { ac, .. } = o else {
+                panic!("rejected: {o:?}")
+            };
+            let crate::ul::Pdu::AssociateAc(ac) = decode(&ac).unwrap() else {
+                panic!()
+            };
+            ac.user_information().iter().find_map(|s| match s {
+                SubItem::UserIdentityAc { server_response } => Some(server_response.to_vec()),
+                _ => None,
+            })
+        };
+        assert_eq!(response(negotiate(&with(1, b"pw"), &p)), Some(vec![]));
+        assert_eq!(response(negotiate(&with(0, b"pw"), &p)), None);
+        let o = negotiate(&with(1, b"nope"), &p);
+        let Outcome::Reject(rj, Some(why)) = &o else {
+            panic!("{o:?}")
+        };
+        assert_eq!((rj.result.0, rj.source.0, rj.reason), (1, 1, 1));
+        assert!(why.contains("alice") && !why.contains("nope"), "{why}");
+        assert_eq!(
+            rejected(negotiate(&rq("GATE", "SCU", vec![], vec![]), &p)),
             (1, 1, 1)
         );
     }

@@ -45,7 +45,8 @@ use super::command::{self, response_to, status, CommandSet};
 use super::scan::{self, ScanError, Scanned, Scanner};
 use super::{handle, message, Action, Assembled, Assembler, StoreHeader, StoreRequest};
 use crate::assoc::{
-    negotiate, AcceptorPolicy, Association, Event, Negotiated, Outcome, Received, State, Timeouts,
+    negotiate_from, AcceptorPolicy, Association, Event, Negotiated, Outcome, Received, State,
+    Timeouts,
 };
 use crate::assoc::{DatasetEncoding, TransferSyntax};
 use crate::ul::{self, reject_reason, AbortReason, AssociateRj, Pdu, RejectResult, RejectSource};
@@ -218,6 +219,8 @@ struct Stream {
 #[derive(Debug)]
 pub struct Service {
     assoc: Association,
+    /// The requestor's address, for `[node] check_peer_address`; `None` when not given.
+    peer_ip: Option<std::net::IpAddr>,
     negotiated: Option<Negotiated>,
     holds_slot: bool,
     assembler: Assembler,
@@ -248,6 +251,7 @@ impl Service {
     pub fn new(now: Instant, cfg: &ServiceConfig) -> Service {
         Service {
             assoc: Association::acceptor(now, cfg.timeouts),
+            peer_ip: None,
             negotiated: None,
             holds_slot: false,
             assembler: Assembler::new(cfg.max_message_bytes),
@@ -263,6 +267,12 @@ impl Service {
             outcome: None,
             events: VecDeque::new(),
         }
+    }
+
+    /// The transport's remote address, which known-peer checks compare (set before input).
+    pub fn with_peer_ip(mut self, ip: std::net::IpAddr) -> Service {
+        self.peer_ip = Some(ip);
+        self
     }
 
     // ---- inputs -----------------------------------------------------------------------
@@ -365,7 +375,7 @@ impl Service {
         cfg: &ServiceConfig,
         admit: &mut dyn FnMut(&str) -> bool,
     ) {
-        let rj = match negotiate(rq, &cfg.policy) {
+        let (rj, why) = match negotiate_from(rq, &cfg.policy, self.peer_ip) {
             Outcome::Accept { ac, negotiated } => {
                 if admit(&negotiated.calling_ae) {
                     self.holds_slot = true;
@@ -375,15 +385,20 @@ impl Service {
                     return;
                 }
                 self.negotiated = Some(negotiated);
-                AssociateRj {
+                let rj = AssociateRj {
                     result: RejectResult::TRANSIENT,
                     source: RejectSource::SERVICE_PROVIDER_PRESENTATION,
                     reason: reject_reason::LOCAL_LIMIT_EXCEEDED,
-                }
+                };
+                (rj, None)
             }
-            Outcome::Reject(rj) => rj,
+            Outcome::Reject(rj, why) => (rj, why),
         };
-        self.outcome = Some(ul::describe_reject(rj.result.0, rj.source.0, rj.reason));
+        let described = ul::describe_reject(rj.result.0, rj.source.0, rj.reason);
+        self.outcome = Some(match why {
+            Some(why) => format!("{described}: {why}"),
+            None => described,
+        });
         self.events.push_back(ServiceEvent::Rejected {
             calling_ae: ul::ae_title_str(&rq.calling_ae)
                 .unwrap_or("<invalid>")

@@ -459,6 +459,15 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     )?;
     threads.extend(pipeline_threads);
     let mut service = config.service_config(pipeline.wanted_tags.clone());
+    // What the door checks, from outside the config: the users file and the peers' hosts,
+    // both read once, here.
+    let invalid = |e: crate::config::ConfigError| io::Error::new(io::ErrorKind::InvalidInput, e.0);
+    service.policy.identity = config.user_directory().map_err(invalid)?;
+    if config.node.check_peer_address {
+        // Only then are the hosts needed (a peer that is only an export target may not resolve
+        // yet: exports retry).
+        service.policy.peers = Arc::new(config.resolve_peers().map_err(invalid)?);
+    }
     if !storage.streams() {
         service.stream_above = usize::MAX;
     }

@@ -631,6 +631,7 @@ fn destinations(ctx: &Context) -> Vec<ExportConfig> {
     if ctx.config.exports.is_empty() {
         vec![ExportConfig {
             kind: ExportKind::Folder,
+            peer: None,
             address: None,
             ae_title: None,
             calling_ae_title: None,
