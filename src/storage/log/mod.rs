@@ -670,8 +670,10 @@ impl Log {
             // doorbell's contract): a ring from an appender that found no round running, rung
             // just before this wait began, is never lost (found in review: with `|| false` such
             // a record waited for the 100 ms backstop).
+            // Only records nobody is flushing: a running leader drains the queue and looks
+            // again after it lets go (lead_flush), so waking for those would spin beside it.
             self.flush_bell.wait(Duration::from_millis(100), || {
-                !lock(&self.flush_queue).is_empty()
+                !self.flushing.load(Ordering::SeqCst) && !lock(&self.flush_queue).is_empty()
             });
             if !lock(&self.flush_queue).is_empty() {
                 self.lead_flush(true);
