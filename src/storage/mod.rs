@@ -635,7 +635,9 @@ fn worker(ctx: WorkerContext) {
             }
         }
         if !small.is_empty() {
-            log.append(small);
+            // The flusher leads every round of the log (and gathers it): a worker leading one
+            // took the records at hand, a partial round, and the next ones waited for the next.
+            log.append_for_flusher_blocking(small);
         }
         if !large.is_empty() || !named.pending.is_empty() {
             named = committer.round(large.into_iter(), named);

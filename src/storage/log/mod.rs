@@ -319,13 +319,14 @@ impl Log {
 
     /// Appends small instances (each with its identity `rel` under `patients/` and its would-be
     /// path `dest`); each job's [`StoreDone`] goes to `done` once its record is durable (at
-    /// once with `durability = "none"`), or with an error if it could not be written.
+    /// once with `durability = "none"`), or with an error if it could not be written. The
+    /// calling thread leads the flush round itself unless one is running (leader/follower, as
+    /// PostgreSQL's WAL flush), and returns once its records are acknowledged or taken by the
+    /// running round: for callers that may wait (tools, tests). The node's own paths hand
+    /// rounds to the flusher thread instead ([`Log::append_for_flusher`],
+    /// [`Log::append_for_flusher_blocking`]), which gathers them whole.
     pub fn append(&self, jobs: Vec<(StoreJob, PathBuf, PathBuf)>) {
         if self.append_unflushed(jobs, false).unwrap_or(false) {
-            // Leader/follower group commit (PostgreSQL's WAL flush): the appender flushes
-            // itself unless a round is running, whose leader then takes these records in its
-            // next round. One thread hop fewer on the acknowledgement path than a flusher
-            // thread woken per round.
             self.lead_flush(false);
         }
     }
@@ -339,9 +340,24 @@ impl Log {
         &self,
         jobs: Vec<(StoreJob, PathBuf, PathBuf)>,
     ) -> Result<(), Vec<(StoreJob, PathBuf, PathBuf)>> {
-        if !self.append_unflushed(jobs, true)? {
-            return Ok(());
+        if self.append_unflushed(jobs, true)? {
+            self.hand_to_flusher();
         }
+        Ok(())
+    }
+
+    /// [`Log::append`] for the flusher thread to acknowledge (it gathers the round: one leader
+    /// for every round keeps rounds whole), waiting for the log's lock: a storage worker's path
+    /// for small instances.
+    pub fn append_for_flusher_blocking(&self, jobs: Vec<(StoreJob, PathBuf, PathBuf)>) {
+        if self.append_unflushed(jobs, false).unwrap_or(false) {
+            self.hand_to_flusher();
+        }
+    }
+
+    /// After records were queued: wakes the flusher unless a round is running (its leader takes
+    /// them), or leads the round here when the node stops (the flusher may be gone).
+    fn hand_to_flusher(&self) {
         if self.stop.load(Ordering::Acquire) {
             // Stopping: the flusher may be gone already; lead the last round here.
             self.lead_flush(false);
@@ -350,7 +366,6 @@ impl Log {
             // and checks once more after it lets go: lead_flush).
             self.flush_bell.ring();
         }
-        Ok(())
     }
 
     /// Appends and acknowledges what needs no flush (`durability = "none"`, failures); true when
@@ -659,8 +674,8 @@ impl Log {
         Ok(())
     }
 
-    /// The flusher thread: a backstop that leads a round when records wait and no appender
-    /// does (appenders lead their own rounds, [`Log::lead_flush`]).
+    /// The flusher thread: leads the node's flush rounds, gathering each ([`Log::gather`]);
+    /// woken by the appenders that found no round running, and every 100 ms.
     fn flusher(&self) {
         loop {
             if lock(&self.flush_queue).is_empty() && self.stop.load(Ordering::Acquire) {
