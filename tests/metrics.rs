@@ -99,6 +99,20 @@ fn metrics_parse_and_count_what_was_sent() {
     );
     assert_eq!(got["dicomgate_buffered_bytes_limit{}"], 33_554_432.0);
     assert!(got["dicomgate_log_flush_rounds_total{}"] >= 1.0, "{got:#?}");
+    // Each round in the round histograms: as many rounds, records summing to the five.
+    assert_eq!(
+        got["dicomgate_log_flush_round_records_count{}"], got["dicomgate_log_flush_rounds_total{}"],
+        "{got:#?}"
+    );
+    assert_eq!(
+        got["dicomgate_log_flush_round_records_sum{}"], 5.0,
+        "{got:#?}"
+    );
+    assert!(
+        got["dicomgate_log_flush_round_seconds_sum{}"] > 0.0,
+        "{got:#?}"
+    );
+    assert_eq!(got["dicomgate_retries_waiting{}"], 0.0, "{got:#?}");
     assert!(got["dicomgate_store_seconds_sum{}"] > 0.0, "{got:#?}");
     assert_eq!(get(&addr, "/healthz"), (200, "ok\n".into()));
     assert_eq!(get(&addr, "/readyz"), (200, "ready\n".into()));
@@ -172,7 +186,7 @@ fn processing_and_export_failures_are_counted() {
          [trigger]\non_association_close = true\nquiet_seconds = 0\n\
          [processing]\ncommand = [\"sh\", \"-c\", \"cp -R \\\"$DICOMGATE_INPUT_DIR\\\"/. \\\"$DICOMGATE_OUTPUT_DIR\\\"/\"]\n\
          [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{dead_port}\"\nae_title = \"PACS\"\n\
-         [outbox]\nattempts = 2\nfirst_delay_seconds = 0.1\nmax_delay_seconds = 0.2\n"
+         [outbox]\nattempts = 2\nfirst_delay_seconds = 2\nmax_delay_seconds = 2\n"
     ));
     let addr = http_addr(&node);
     let src = tempfile::tempdir().unwrap();
@@ -190,6 +204,13 @@ fn processing_and_export_failures_are_counted() {
         .collect();
     let st = storescu_status(&node, &files);
     assert!(st.success());
+    // Between the two attempts (2 s apart) the batch waits in the outbox.
+    assert!(
+        wait_until(30, || scrape(&addr).get("dicomgate_retries_waiting{}")
+            == Some(&1.0)),
+        "{}",
+        node.log()
+    );
     assert!(
         wait_until(30, || node.log().contains("batch moved to failed/")),
         "{}",
@@ -208,6 +229,8 @@ fn processing_and_export_failures_are_counted() {
     for (k, v) in want {
         assert_eq!(got.get(k), Some(&v), "{k}: {got:#?}");
     }
+    // Nothing waits for a retry once the batch is in failed/ (two attempts, both done).
+    assert_eq!(got["dicomgate_retries_waiting{}"], 0.0, "{got:#?}");
     assert!(
         got["dicomgate_processing_seconds_total{}"] > 0.0,
         "{got:#?}"

@@ -230,6 +230,28 @@ pub fn render(shared: &Shared) -> String {
         "Seconds spent in those rounds (fdatasync and acknowledgements)",
         ConstCounter::new(nanos as f64 / 1e9),
     );
+    let (round_seconds, round_records) = shared.storage.log().round_histograms();
+    r.register(
+        "log_flush_round_seconds",
+        "Seconds each flush round took (fdatasync and acknowledgements)",
+        round_seconds,
+    );
+    r.register(
+        "log_flush_round_records",
+        "Records each flush round made durable (the group commit's batch size)",
+        round_records,
+    );
+    r.register(
+        "retries_waiting",
+        "Batches waiting for a retry (the outbox's backoff)",
+        prometheus_client::metrics::gauge::ConstGauge::new(
+            shared
+                .pipeline
+                .stats
+                .retries_waiting
+                .load(Ordering::Relaxed) as i64,
+        ),
+    );
     let places = Family::<PlaceLabel, prometheus_client::metrics::gauge::Gauge>::default();
     for place in ["batches", "failed"] {
         let n = std::fs::read_dir(shared.config.node.data_dir.join(place))

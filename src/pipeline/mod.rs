@@ -124,6 +124,8 @@ pub struct Stats {
     pub failed: AtomicU64,
     pub expired: AtomicU64,
     pub export_retries: AtomicU64,
+    /// Jobs waiting in the outbox for their retry time.
+    pub retries_waiting: AtomicU64,
     /// Instances that reached a patient within `[trigger] late_arrival_seconds` after one of
     /// its batches was claimed for processing (each starts or joins a new batch that waits for
     /// the rules again).
@@ -1013,6 +1015,10 @@ fn scheduler(ctx: &Context, rx: Receiver<(Duration, Job)>) {
             if let Some(t) = heap.pop() {
                 ctx.send_job(t.job);
             }
+            ctx.pipeline
+                .stats
+                .retries_waiting
+                .store(heap.len() as u64, Ordering::Relaxed);
         }
         let wait = heap
             .peek()
@@ -1026,6 +1032,10 @@ fn scheduler(ctx: &Context, rx: Receiver<(Duration, Job)>) {
                     seq,
                     job,
                 });
+                ctx.pipeline
+                    .stats
+                    .retries_waiting
+                    .store(heap.len() as u64, Ordering::Relaxed);
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(_) => return,

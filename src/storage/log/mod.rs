@@ -187,6 +187,10 @@ pub struct Log {
     flush_bell: Doorbell,
     /// Flush rounds, records they covered, nanoseconds in them (for `/metrics`).
     flush_counts: [std::sync::atomic::AtomicU64; 3],
+    /// Each round's duration and records, for `/metrics` (prometheus-client histograms share
+    /// their state: the HTTP endpoint registers clones).
+    round_seconds: prometheus_client::metrics::histogram::Histogram,
+    round_records: prometheus_client::metrics::histogram::Histogram,
     // Invariant: true while one thread runs flush rounds (rounds never overlap: a round's
     // directory flush must be done before a later round acknowledges a record it covers).
     flushing: AtomicBool,
@@ -293,6 +297,12 @@ impl Log {
             gather: Mutex::new(Gather::default()),
             flush_bell: Doorbell::new(),
             flush_counts: Default::default(),
+            round_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 14),
+            ),
+            round_records: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 10),
+            ),
             flushing: AtomicBool::new(false),
             dir_dirty: AtomicBool::new(false),
             prepare_bell: Doorbell::new(),
@@ -735,7 +745,10 @@ impl Log {
                 }
             }
         }
-        lock(&self.gather).last_flush = started.elapsed();
+        let took = started.elapsed();
+        lock(&self.gather).last_flush = took;
+        self.round_seconds.observe(took.as_secs_f64());
+        self.round_records.observe(records as f64);
         let [rounds, recs, nanos] = &self.flush_counts;
         rounds.fetch_add(1, Ordering::Relaxed);
         recs.fetch_add(records as u64, Ordering::Relaxed);
@@ -994,6 +1007,16 @@ impl Log {
     }
 
     /// (flush rounds, records they made durable, nanoseconds spent in them) since start.
+    /// The histograms of flush rounds: seconds each took, records each covered.
+    pub fn round_histograms(
+        &self,
+    ) -> (
+        prometheus_client::metrics::histogram::Histogram,
+        prometheus_client::metrics::histogram::Histogram,
+    ) {
+        (self.round_seconds.clone(), self.round_records.clone())
+    }
+
     pub fn flush_stats(&self) -> (u64, u64, u64) {
         let [a, b, c] = &self.flush_counts;
         (
