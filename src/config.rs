@@ -447,6 +447,11 @@ pub struct ExportConfig {
     /// address and AE title are filled in at start-up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// `dicom`: send each batch back to where it came from: the `[[peer]]` whose `ae_title` is
+    /// the Calling AE Title of the association that sent the batch's first instance (never the
+    /// ephemeral source port). Instead of `peer`, `address` and `ae_title`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reply_to_sender: bool,
     /// `dicom`: HOST:PORT of the C-STORE SCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
@@ -917,7 +922,29 @@ impl Config {
                     "export {i}: peer = {p:?} was not resolved (Config::resolve_export_peers)"
                 ));
             }
+            if e.reply_to_sender && e.kind != ExportKind::Dicom {
+                return err(format!(
+                    "export {i}: reply_to_sender applies to kind = \"dicom\" only"
+                ));
+            }
             match e.kind {
+                ExportKind::Dicom if e.reply_to_sender => {
+                    if e.address.is_some() || e.ae_title.is_some() {
+                        return err(format!(
+                            "export {i}: reply_to_sender = true takes its address and ae_title \
+                             from the [[peer]] of the sender: remove address and ae_title"
+                        ));
+                    }
+                    if self.peers.is_empty() {
+                        return err(format!(
+                            "export {i}: reply_to_sender = true needs [[peer]] entries (the \
+                             senders it may reply to, by their AE titles)"
+                        ));
+                    }
+                    if e.calling_ae_title.as_deref().is_some_and(|a| !valid_ae(a)) {
+                        return err(format!("export {i}: calling_ae_title is not valid"));
+                    }
+                }
                 ExportKind::Dicom => {
                     if e.address.is_none() || !e.ae_title.as_deref().is_some_and(valid_ae) {
                         return err(format!(
@@ -1036,6 +1063,10 @@ impl Config {
         }
         for (i, e) in self.exports.iter().enumerate() {
             match e.kind {
+                ExportKind::Dicom if e.reply_to_sender => {
+                    e.tls_client_config(&format!("export {i}: "))
+                        .map_err(ConfigError)?;
+                }
                 ExportKind::Dicom => {
                     let a = e.address.as_deref().unwrap_or_default();
                     let port_ok = a.rsplit_once(':').is_some_and(|(h, p)| {
@@ -1583,6 +1614,26 @@ ae_title = "PACS"
         ] {
             assert!(Config::from_toml(&ok).is_ok(), "{ok}");
         }
+    }
+
+    /// Issue 14 item 4: `reply_to_sender` takes its destination from `[[peer]]`: it is refused
+    /// beside an address or AE title, without any peer, and on a folder export.
+    #[test]
+    fn reply_to_sender_is_checked_at_start_up() {
+        let peer = "[[peer]]\nname = \"ct\"\nae_title = \"CT1\"\naddress = \"127.0.0.1:104\"\n";
+        let reply = "[[export]]\nkind = \"dicom\"\nreply_to_sender = true\n";
+        assert!(Config::from_toml(&format!("{peer}{reply}")).is_ok());
+        let e = refused(&format!("{peer}{reply}address = \"127.0.0.1:104\"\n"));
+        assert!(
+            e.contains("reply_to_sender") && e.contains("remove address"),
+            "{e}"
+        );
+        let e = refused(reply);
+        assert!(e.contains("needs [[peer]]"), "{e}");
+        let e = refused(&format!(
+            "{peer}[[export]]\nkind = \"folder\"\npath = \"/tmp/x\"\nreply_to_sender = true\n"
+        ));
+        assert!(e.contains("kind = \"dicom\" only"), "{e}");
     }
 
     /// Issue 13: `[tls]` and an export's TLS settings are checked as a whole at start-up: a

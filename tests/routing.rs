@@ -659,3 +659,67 @@ fn export_inputs_beside_a_library_processor_are_refused() {
         "{e}"
     );
 }
+
+/// Issue 14 item 4: an export with `reply_to_sender = true` sends each batch to the `[[peer]]`
+/// whose AE title is the Calling AE Title that sent it (never the ephemeral source port): two
+/// modalities, each registered as a peer with its own DCMTK storescp, each get back only the
+/// patient they sent; a sender no `[[peer]]` names gets nothing, and its batch waits for a
+/// retry, with the reason, instead of going elsewhere.
+#[test]
+fn reply_to_sender_reaches_the_peer_registered_for_the_calling_ae() {
+    let src = tempfile::tempdir().unwrap();
+    let a = series(
+        src.path(),
+        "CT",
+        "AX",
+        "REPLY-A",
+        "1.2.826.0.1.3680043.10.14.21",
+        3,
+    );
+    let b = series(
+        src.path(),
+        "CT",
+        "AX",
+        "REPLY-B",
+        "1.2.826.0.1.3680043.10.14.22",
+        2,
+    );
+    let c = series(
+        src.path(),
+        "CT",
+        "AX",
+        "REPLY-C",
+        "1.2.826.0.1.3680043.10.14.23",
+        1,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (a_port, b_port) = (free_port(), free_port());
+    let (a_dir, b_dir) = (tmp.path().join("mod_a"), tmp.path().join("mod_b"));
+    let _a = storescp(&a_dir, a_port, "MOD_A");
+    let _b = storescp(&b_dir, b_port, "MOD_B");
+    let node = Node::start(&format!(
+        "[trigger]\nquiet_seconds = 0\non_association_close = true\n\
+         [[peer]]\nname = \"a\"\nae_title = \"MOD_A\"\naddress = \"127.0.0.1:{a_port}\"\n\
+         [[peer]]\nname = \"b\"\nae_title = \"MOD_B\"\naddress = \"127.0.0.1:{b_port}\"\n\
+         [[export]]\nkind = \"dicom\"\nreply_to_sender = true\n\
+         [outbox]\nattempts = 3\nfirst_delay_seconds = 30\n"
+    ));
+    assert!(storescu(&node, "MOD_A", &a).status.success());
+    assert!(storescu(&node, "MOD_B", &b).status.success());
+    assert!(storescu(&node, "STRANGER", &c).status.success());
+    assert!(
+        wait_until(30, || files_under(&a_dir).len() == 3
+            && files_under(&b_dir).len() == 2),
+        "{}",
+        node.log()
+    );
+    assert_eq!(sops(&files_under(&a_dir)), sops(&a), "MOD_A");
+    assert_eq!(sops(&files_under(&b_dir)), sops(&b), "MOD_B");
+    assert!(
+        wait_until(30, || node
+            .log()
+            .contains("calling AE title \"STRANGER\", which no [[peer]] has")),
+        "{}",
+        node.log()
+    );
+}

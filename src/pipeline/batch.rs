@@ -632,6 +632,7 @@ fn destinations(ctx: &Context) -> Vec<ExportConfig> {
         vec![ExportConfig {
             kind: ExportKind::Folder,
             peer: None,
+            reply_to_sender: false,
             address: None,
             ae_title: None,
             calling_ae_title: None,
@@ -742,6 +743,7 @@ pub(super) fn export(ctx: &Context, id: &str) {
             &mine,
             ctx.config.node.ae_title.trim(),
             &ctx.log,
+            &ctx.config.peers,
             &ctx.shutdown,
         ) {
             Ok(()) => {

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{ExportConfig, ExportKind};
+use crate::config::{ExportConfig, ExportKind, PeerConfig};
 use crate::dimse::{scan, tags, uid::is_valid_uid};
 use crate::net::scu::{Client, Proposal, ScuOptions};
 use crate::storage::log::{Loc, Log};
@@ -67,7 +67,7 @@ fn read(src: &Source, log: &Log) -> Result<Part10, String> {
 }
 
 /// Delivers `files` to `dest`; `node_ae` is the default calling AE title; log records are read
-/// from `log`.
+/// from `log`; `peers`: the known peers a `reply_to_sender` export chooses from.
 /// `stop`: the node is stopping; checked before each instance (an export cut short is
 /// retried at the next start).
 pub fn run(
@@ -75,9 +75,24 @@ pub fn run(
     files: &[Source],
     node_ae: &str,
     log: &Log,
+    peers: &[PeerConfig],
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
     match dest.kind {
+        ExportKind::Dicom if dest.reply_to_sender => {
+            let peer = sender_peer(files, log, peers)?;
+            let calling = dest.calling_ae_title.as_deref().unwrap_or(node_ae);
+            let tls = dest.tls_client_config("export ")?;
+            to_dicom(
+                &peer.address,
+                peer.ae_title.trim(),
+                calling,
+                tls,
+                files,
+                log,
+                stop,
+            )
+        }
         ExportKind::Folder => {
             let root = dest.path.as_deref().ok_or("folder export without path")?;
             to_folder(root, files, log, stop)
@@ -97,6 +112,39 @@ pub fn run(
             to_dicom(address, called, calling, tls, files, log, stop)
         }
     }
+}
+
+/// The `[[peer]]` a `reply_to_sender` export sends to: the one whose AE title is the Calling
+/// AE Title (kept as the Source AE Title) of the batch's first instance.
+fn sender_peer<'a>(
+    files: &[Source],
+    log: &Log,
+    peers: &'a [PeerConfig],
+) -> Result<&'a PeerConfig, String> {
+    let first = files.first().ok_or("reply to sender: an empty batch")?;
+    let bytes = match first {
+        Source::File(path) => fs::read(path),
+        Source::Log(loc) => log.read(*loc).map(|i| i.part10()),
+    }
+    .map_err(|e| format!("{}: {e}", first.name()))?;
+    let sender = part10::parse(&bytes)
+        .map(|p| p.source_ae_title)
+        .unwrap_or_default();
+    if sender.is_empty() {
+        return Err(format!(
+            "reply to sender: {} keeps no Calling AE Title",
+            first.name()
+        ));
+    }
+    peers
+        .iter()
+        .find(|p| p.ae_title.trim() == sender)
+        .ok_or_else(|| {
+            format!(
+                "reply to sender: the batch came from calling AE title {sender:?}, which no \
+                 [[peer]] has: add one with its address"
+            )
+        })
 }
 
 /// `<root>/<Study UID>/<Series UID>/<SOP Instance UID>.dcm`, each written to a temporary name,
