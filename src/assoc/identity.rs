@@ -575,7 +575,8 @@ mod tests {
             2,
             "and remembered like a listed user's"
         );
-        // Even the dummy's own passcode never admits an unknown user: the result is ignored.
+        // The dummy hash parses, and a passcode tried against it does not verify (the result is
+        // ignored anyway: an unknown user is always refused).
         assert!(!verify_password(b"zq9x", DUMMY_HASH));
         assert!(PasswordHash::new(DUMMY_HASH).is_ok());
     }

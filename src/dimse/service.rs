@@ -843,7 +843,8 @@ impl Service {
         self.negotiated.as_ref()
     }
 
-    /// Whether `admit` granted a slot that must be released when the association ends.
+    /// Whether negotiation took a slot (from `handle_input`'s `slots`) that must be released when the
+    /// association ends.
     pub fn holds_slot(&self) -> bool {
         self.holds_slot
     }
