@@ -51,8 +51,17 @@ fn encode(c: &mut Criterion) {
     policy.accept_any_called_ae = true;
     let mut g = c.benchmark_group("negotiate");
     g.throughput(Throughput::Elements(1));
+    let now = std::time::Instant::now();
     g.bench_function("dcmtk_associate_rq_to_ac", |b| {
-        b.iter(|| black_box(dicomgate::assoc::negotiate(black_box(&rq), &policy)))
+        b.iter(|| {
+            black_box(dicomgate::assoc::negotiate_from(
+                black_box(&rq),
+                &policy,
+                None,
+                now,
+                &true,
+            ))
+        })
     });
     g.finish();
 }

@@ -63,7 +63,7 @@ impl TlsConfig {
 }
 
 /// `[auth]`: who may associate, by the A-ASSOCIATE-RQ's User Identity sub-item.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// A file of `username:hash` lines (`hash` from `dicomgate passwd`, or `-` for a user
@@ -73,6 +73,21 @@ pub struct AuthConfig {
     /// identity that verifies is refused. `false`: one without an identity, or with another type
     /// (Kerberos, SAML, JWT), is accepted; a type 1 or 2 identity that is sent is still checked.
     pub required: bool,
+    /// argon2 verifications the node runs per second, all associations together (a burst of as
+    /// many); above it an identity that is not cached is refused with A-ASSOCIATE-RJ (2, 3, 1),
+    /// temporary congestion. Default 20.
+    pub max_verifications_per_second: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            users_file: String::new(),
+            required: false,
+            max_verifications_per_second:
+                crate::assoc::identity::DEFAULT_MAX_VERIFICATIONS_PER_SECOND,
+        }
+    }
 }
 
 /// One `[[peer]]`: a DICOM node we know by name.
@@ -703,7 +718,8 @@ impl Config {
             .map_err(|e| ConfigError(format!("auth.users_file {path}: cannot be read ({e})")))?;
         let dir =
             crate::assoc::identity::UserDirectory::parse(&text, self.auth.required, random_key())
-                .map_err(|e| ConfigError(format!("auth.users_file {path}: {e}")))?;
+                .map_err(|e| ConfigError(format!("auth.users_file {path}: {e}")))?
+                .with_max_verifications_per_second(self.auth.max_verifications_per_second);
         Ok(Some(std::sync::Arc::new(dir)))
     }
 
@@ -765,6 +781,15 @@ impl Config {
                     "node.extra_sop_classes: {uid:?} is not a valid UID (digits and dots, at most 64 characters, no leading zeros)"
                 ));
             }
+            if crate::assoc::negotiation::is_standard_non_storage_uid(uid.as_bytes()) {
+                return err(format!(
+                    "node.extra_sop_classes: {uid:?} is a UID of the DICOM standard (1.2.840.10008.) \
+                     that is not a storage SOP class: only storage SOP classes can be added"
+                ));
+            }
+        }
+        if self.auth.max_verifications_per_second == 0 {
+            return err("auth.max_verifications_per_second must be at least 1".into());
         }
         if self.auth.required && self.auth.users_file.trim().is_empty() {
             return err("auth.required = true needs auth.users_file".into());
@@ -1166,6 +1191,23 @@ impl Config {
                     "auth.users_file {users} lists no user: every username (+ passcode) identity sent is refused"
                 ));
             }
+            if let Some(dir) = std::fs::read_to_string(users).ok().and_then(|t| {
+                crate::assoc::identity::UserDirectory::parse(&t, self.auth.required, [0; 32]).ok()
+            }) {
+                w.extend(
+                    dir.warnings()
+                        .iter()
+                        .map(|n| format!("auth.users_file {users}: {n}")),
+                );
+            }
+        }
+        if self.node.known_peers_only && !self.node.check_peer_address {
+            w.push(
+                "node.known_peers_only = true without node.check_peer_address: any host can \
+                 claim a [[peer]]'s AE title (set check_peer_address = true to hold each peer \
+                 to its host)"
+                    .to_string(),
+            );
         }
         if self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender
             && (self.processing.is_some()
@@ -1269,7 +1311,11 @@ impl Config {
             keep_sender_encoding: self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender,
             max_presentation_contexts: self.limits.max_presentation_contexts,
             // Set by the node at start-up from the users file ([`Config::user_directory`]).
-            identity: None,
+            // Until then a required identity fails closed: every association is refused.
+            identity: self
+                .auth
+                .required
+                .then(|| std::sync::Arc::new(crate::assoc::identity::UserDirectory::not_loaded())),
             // AE titles only; addresses are resolved at start-up ([`Config::resolve_peers`]).
             // With check_peer_address and no addresses, a known peer's AE title is refused:
             // never open by omission.
@@ -1800,5 +1846,94 @@ ae_title = "PACS"
             e.contains("peer \"ct\"") && e.contains("does not resolve"),
             "{e}"
         );
+    }
+
+    /// Review of issue 13: `extra_sop_classes` naming a standard UID that is not a storage SOP
+    /// class (a Meta SOP class, a query model, Verification) was taken; refused at start-up now.
+    #[test]
+    fn extra_sop_classes_refuse_standard_non_storage_uids() {
+        for uid in [
+            "1.2.840.10008.5.1.1.9",
+            "1.2.840.10008.5.1.4.1.2.1.1",
+            "1.2.840.10008.1.20.1.1",
+        ] {
+            let e = refused(&format!("[node]\nextra_sop_classes = [{uid:?}]\n"));
+            assert!(
+                e.contains("node.extra_sop_classes")
+                    && e.contains(&format!("{uid:?}"))
+                    && e.contains("not a storage SOP class"),
+                "{e}"
+            );
+        }
+        // A storage class (redundant) and a vendor's are fine.
+        Config::from_toml(
+            "[node]\nextra_sop_classes = [\"1.2.840.10008.5.1.4.1.1.2\", \"1.3.12.2.1107.5.9.1\"]\n",
+        )
+        .unwrap();
+    }
+
+    /// Review of issue 13: `known_peers_only` without `check_peer_address` lets any host claim
+    /// a peer's AE title; a `-` user while `required = true` is accepted on a name that is no
+    /// secret; a hash below OWASP's minimum. Each is a start-up warning now.
+    #[test]
+    fn door_warnings_for_claimable_ae_titles_and_username_only_users() {
+        let peer = "[[peer]]\nname = \"pacs\"\nae_title = \"PACS\"\naddress = \"127.0.0.1:104\"\n";
+        let w = Config::from_toml(&format!("[node]\nknown_peers_only = true\n{peer}"))
+            .unwrap()
+            .warnings();
+        assert!(
+            w.len() == 1
+                && w[0].contains("known_peers_only")
+                && w[0].contains("check_peer_address"),
+            "{w:?}"
+        );
+        let both = format!("[node]\nknown_peers_only = true\ncheck_peer_address = true\n{peer}");
+        assert!(Config::from_toml(&both).unwrap().warnings().is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users");
+        std::fs::write(
+            &users,
+            "scanner:-\nweak:$argon2id$v=19$m=4096,t=1,p=1$c2FsdHNhbHRzYWx0$ZmFrZWhhc2hmYWtlaGFzaGZha2VoYXNo\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let auth = |required: bool| {
+            Config::from_toml(&format!(
+                "[auth]\nusers_file = {:?}\nrequired = {required}\n",
+                users.display().to_string()
+            ))
+            .unwrap()
+            .warnings()
+        };
+        let w = auth(true);
+        assert!(
+            w.len() == 2
+                && w.iter()
+                    .any(|w| w.contains("\"scanner\"") && w.contains("no secret"))
+                && w.iter()
+                    .any(|w| w.contains("line 2") && w.contains("below OWASP")),
+            "{w:?}"
+        );
+        let w = auth(false);
+        assert!(w.len() == 1 && w[0].contains("below OWASP"), "{w:?}");
+    }
+
+    /// Review of issue 13: `acceptor_policy()` with `[auth] required = true` had no identity
+    /// check at all until the node filled in the users file: open by omission. It refuses
+    /// everything now until the file is loaded.
+    #[test]
+    fn required_identity_fails_closed_before_the_users_file_is_loaded() {
+        let c = Config::from_toml("[auth]\nusers_file = \"/x/users\"\nrequired = true\n").unwrap();
+        let dir = c.acceptor_policy().identity.expect("an identity check");
+        let v = dir.check(None, std::time::Instant::now());
+        assert!(
+            matches!(&v, crate::assoc::identity::Verdict::Refused { why } if why.contains("not loaded")),
+            "{v:?}"
+        );
+        assert!(Config::default().acceptor_policy().identity.is_none());
+        assert_eq!(c.auth.max_verifications_per_second, 20);
+        let e = refused("[auth]\nmax_verifications_per_second = 0\n");
+        assert!(e.contains("auth.max_verifications_per_second"), "{e}");
     }
 }

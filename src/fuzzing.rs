@@ -54,7 +54,13 @@ fn negotiate_at_the_door(rq: &ul::Associate<'_>) -> bool {
     policy.identity = UserDirectory::parse("u:-\nscanner:-\n", true, [0; 32])
         .ok()
         .map(Arc::new);
-    match negotiate_from(rq, &policy, Some(std::net::IpAddr::from([127, 0, 0, 2]))) {
+    match negotiate_from(
+        rq,
+        &policy,
+        Some(std::net::IpAddr::from([127, 0, 0, 2])),
+        std::time::Instant::now(),
+        &true,
+    ) {
         Outcome::Accept { ac, .. } => {
             ul::decode(&ac).expect("our A-ASSOCIATE-AC decodes");
             true
@@ -626,7 +632,7 @@ pub fn dimse_service(data: &[u8]) {
         }
         // The host's part: feed what the service takes, hand stores out, write.
         let pdvs_in_pdu = 8;
-        let n = svc.handle_input(now, &inbox, &cfg, &mut |_| granted);
+        let n = svc.handle_input(now, &inbox, &cfg, &granted);
         granted = !granted || c.u8() % 2 == 0;
         inbox.drain(..n);
         let outstanding = svc.stores_waiting() + svc.stores_in_flight();

@@ -162,7 +162,7 @@ impl SimNode {
             0 => {
                 let n = self
                     .svc
-                    .handle_input(self.now, &self.inbox, &self.cfg, &mut |_| true);
+                    .handle_input(self.now, &self.inbox, &self.cfg, &true);
                 self.inbox.drain(..n);
             }
             1 => match self.svc.poll_work().expect("waiting work") {
@@ -668,7 +668,7 @@ fn timers_abort_a_silent_peer_and_stores_in_flight_still_complete() {
     while node.has_pdu() {
         let n = node
             .svc
-            .handle_input(node.now, &node.inbox, &node.cfg, &mut |_| true);
+            .handle_input(node.now, &node.inbox, &node.cfg, &true);
         node.inbox.drain(..n);
     }
     let Some(Work::Store(s)) = node.svc.poll_work() else {

@@ -14,7 +14,7 @@ pub mod transfer_syntax;
 
 pub use machine::{Association, Event, NotAllowed, Received, Role, State, Timeouts};
 pub use negotiation::{
-    negotiate, negotiate_from, AcceptedContext, AcceptorPolicy, KnownPeers, Negotiated, Outcome,
+    negotiate_from, AcceptedContext, AcceptorPolicy, KnownPeers, Negotiated, Outcome, Slots,
 };
 pub use transfer_syntax::{DatasetEncoding, TransferSyntax};
 

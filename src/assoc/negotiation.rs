@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::identity::{IdentityRq, UserDirectory, Verdict};
 use super::storage_sop_classes::STORAGE_SOP_CLASSES;
@@ -28,23 +29,26 @@ pub fn is_storage_sop_class(uid: &[u8]) -> bool {
         .is_ok()
 }
 
-/// Is this abstract syntax one that `[node] accept_unknown_sop_classes` takes for storage: a
-/// syntactically valid UID (PS3.5 §9.1, the one UID rule of [`crate::dimse::uid`]) that is not
-/// a UID the standard defines as something else: a non-storage SOP class (a query/retrieve
-/// model, ...: dicom-dictionary-std's SOP class table), a transfer syntax, the application
-/// context name. A vendor's private SOP class (Siemens CSA Non-Image
-/// Storage, 1.3.12.2.1107.5.9.1) and a standard storage class newer than our table are.
-pub fn is_unknown_sop_class(uid: &[u8]) -> bool {
-    use dicom_core::dictionary::UidDictionary;
+/// The root of the UIDs the DICOM standard defines (PS3.5 §9.1, Annex A).
+pub const DICOM_UID_ROOT: &[u8] = b"1.2.840.10008.";
+
+/// Is this a UID under the standard's root that is not a storage SOP class of our table: a
+/// query/retrieve model, a Meta SOP class (1.2.840.10008.5.1.1.9), a well-known SOP instance
+/// (1.2.840.10008.1.20.1.1), a service class, a transfer syntax, the application context,
+/// Verification, ... (or a storage class newer than our table, which we cannot tell apart).
+pub fn is_standard_non_storage_uid(uid: &[u8]) -> bool {
     let uid = uid_bytes(uid);
-    if !crate::dimse::uid::is_valid_uid(uid) {
-        return false;
-    }
-    let known_sop_class = std::str::from_utf8(uid)
-        .ok()
-        .and_then(|u| dicom_dictionary_std::StandardSopClassDictionary.by_uid(u))
-        .is_some();
-    !known_sop_class && transfer_syntax::by_uid(uid).is_none() && uid != DICOM_APPLICATION_CONTEXT
+    uid.starts_with(DICOM_UID_ROOT) && !is_storage_sop_class(uid)
+}
+
+/// Is this abstract syntax one that `[node] accept_unknown_sop_classes` takes for storage: a
+/// syntactically valid UID (PS3.5 §9.1, the one UID rule of [`crate::dimse::uid`]) outside the
+/// standard's root `1.2.840.10008.` (every standard UID that is no storage SOP class of our
+/// table is something else: see [`is_standard_non_storage_uid`]). A vendor's private SOP class
+/// (Siemens CSA Non-Image Storage, 1.3.12.2.1107.5.9.1) is.
+pub fn is_unknown_sop_class(uid: &[u8]) -> bool {
+    let uid = uid_bytes(uid);
+    crate::dimse::uid::is_valid_uid(uid) && !is_standard_non_storage_uid(uid)
 }
 
 /// The known peers (`[[peer]]`) as negotiation checks them: each AE title with the addresses its
@@ -197,17 +201,37 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(uid_bytes(b)).trim().to_string()
 }
 
-/// Negotiates one A-ASSOCIATE-RQ from an unknown address (see [`negotiate_from`]).
-pub fn negotiate(rq: &Associate<'_>, policy: &AcceptorPolicy) -> Outcome {
-    negotiate_from(rq, policy, None)
+/// The host's association slots (`[limits] max_associations`, per calling AE title), which
+/// negotiation takes one of before it verifies a user identity.
+pub trait Slots {
+    /// Takes a slot for `calling_ae`, or says no.
+    fn try_acquire(&self, calling_ae: &str) -> bool;
+    /// Gives back a slot [`Slots::try_acquire`] took (the association was refused after all).
+    fn release(&self, calling_ae: &str);
+}
+
+/// `true`: every association gets a slot, with nothing to give back; `false`: none does (for
+/// tests and fuzzing).
+impl Slots for bool {
+    fn try_acquire(&self, _: &str) -> bool {
+        *self
+    }
+    fn release(&self, _: &str) {}
 }
 
 /// Negotiates one A-ASSOCIATE-RQ that arrived from `peer` (the transport's remote address;
-/// `None` when unknown, which `check_peer_address` refuses for a known peer's AE title).
+/// `None` when unknown, which `check_peer_address` refuses for a known peer's AE title) at
+/// `now`. The checks that cost nothing come first (version, application context, AE titles,
+/// known peers, presentation contexts), then a slot from `slots` (refused: A-ASSOCIATE-RJ
+/// (2, 3, 2)), then the user identity, which may cost an argon2 verification. An
+/// [`Outcome::Accept`] holds the slot, to give back when the association ends; a rejection
+/// holds none.
 pub fn negotiate_from(
     rq: &Associate<'_>,
     policy: &AcceptorPolicy,
     peer: Option<IpAddr>,
+    now: Instant,
+    slots: &dyn Slots,
 ) -> Outcome {
     use RejectResult as R;
     use RejectSource as S;
@@ -253,39 +277,6 @@ pub fn negotiate_from(
     }
     if let Some(why) = calling.and_then(|c| policy.peers.refuse(c, peer)) {
         return rj_why(reject_reason::CALLING_AE_TITLE_NOT_RECOGNIZED, why);
-    }
-    // PS3.7 D.3.3.7: user identity. A refusal is A-ASSOCIATE-RJ permanent, service user, no
-    // reason given (Table 9-21 has no reason for it).
-    let identity = rq.user_information().iter().find_map(|s| match s {
-        SubItem::UserIdentityRq {
-            identity_type,
-            positive_response_requested,
-            primary,
-            secondary,
-        } => Some(IdentityRq {
-            identity_type: *identity_type,
-            positive_response_requested: *positive_response_requested,
-            primary,
-            secondary,
-        }),
-        _ => None,
-    });
-    let mut identity_response = false;
-    let mut verified_user = None;
-    if let Some(dir) = &policy.identity {
-        match dir.check(identity) {
-            Verdict::Accepted { respond, user } => {
-                identity_response = respond;
-                verified_user = Some(user);
-            }
-            Verdict::Anonymous => {}
-            Verdict::Refused { why } => {
-                return rj_why(
-                    reject_reason::NO_REASON_GIVEN,
-                    format!("user identity: {why}"),
-                )
-            }
-        }
     }
     if rq.presentation_contexts_rq().count() > policy.max_presentation_contexts {
         return rj(
@@ -376,6 +367,62 @@ pub fn negotiate_from(
         }
     }
     user.extend(roles);
+    // Everything cheap is decided: now a slot (`max_associations`), then the user identity,
+    // whose verification is the one costly step (an association refused anyway never pays it).
+    let calling = calling.unwrap_or_default();
+    if !slots.try_acquire(calling) {
+        return rj(
+            R::TRANSIENT,
+            S::SERVICE_PROVIDER_PRESENTATION,
+            reject_reason::LOCAL_LIMIT_EXCEEDED,
+        );
+    }
+    // PS3.7 D.3.3.7: user identity. A refusal is A-ASSOCIATE-RJ permanent, service user, no
+    // reason given (Table 9-21 has no reason for it); a verification the rate limit does not
+    // allow is transient, service provider (presentation), temporary congestion.
+    let identity = rq.user_information().iter().find_map(|s| match s {
+        SubItem::UserIdentityRq {
+            identity_type,
+            positive_response_requested,
+            primary,
+            secondary,
+        } => Some(IdentityRq {
+            identity_type: *identity_type,
+            positive_response_requested: *positive_response_requested,
+            primary,
+            secondary,
+        }),
+        _ => None,
+    });
+    let mut identity_response = false;
+    let mut verified_user = None;
+    if let Some(dir) = &policy.identity {
+        match dir.check(identity, now) {
+            Verdict::Accepted { respond, user } => {
+                identity_response = respond;
+                verified_user = Some(user);
+            }
+            Verdict::Anonymous => {}
+            Verdict::Refused { why } => {
+                slots.release(calling);
+                return rj_why(
+                    reject_reason::NO_REASON_GIVEN,
+                    format!("user identity: {why}"),
+                );
+            }
+            Verdict::Busy { why } => {
+                slots.release(calling);
+                return Outcome::Reject(
+                    AssociateRj {
+                        result: R::TRANSIENT,
+                        source: S::SERVICE_PROVIDER_PRESENTATION,
+                        reason: reject_reason::TEMPORARY_CONGESTION,
+                    },
+                    Some(format!("user identity: {why}")),
+                );
+            }
+        }
+    }
     // PS3.7 D.3.3.7.2: the User Identity sub-item of the AC is sent only when the requestor
     // asked for a positive response and its identity was accepted; its server response is
     // empty (length 0) for types 1 and 2 (it carries a ticket, assertion or token only for
@@ -398,6 +445,7 @@ pub fn negotiate_from(
     });
     let mut bytes = Vec::new();
     if ac.encode(&mut bytes).is_err() {
+        slots.release(calling);
         return rj(
             R::PERMANENT,
             S::SERVICE_USER,
@@ -407,7 +455,7 @@ pub fn negotiate_from(
     Outcome::Accept {
         ac: bytes,
         negotiated: Negotiated {
-            calling_ae: calling.unwrap_or_default().to_string(),
+            calling_ae: calling.to_string(),
             called_ae: called.unwrap_or_default().to_string(),
             contexts,
             peer_max_pdu,
@@ -476,6 +524,19 @@ mod tests {
     use super::*;
     use crate::assoc::transfer_syntax::by_uid;
     use crate::ul::{ae_title_field, decode, PresentationContextRq};
+
+    /// With a slot for everyone, now (the tests' clock: assoc/ itself reads none).
+    fn negotiate_from(
+        rq: &Associate<'_>,
+        policy: &AcceptorPolicy,
+        peer: Option<IpAddr>,
+    ) -> Outcome {
+        super::negotiate_from(rq, policy, peer, Instant::now(), &true)
+    }
+
+    fn negotiate(rq: &Associate<'_>, policy: &AcceptorPolicy) -> Outcome {
+        negotiate_from(rq, policy, None)
+    }
 
     fn policy() -> AcceptorPolicy {
         AcceptorPolicy {
@@ -766,6 +827,32 @@ mod tests {
         assert!(!is_unknown_sop_class(b"1.2.840.10008.1.1"));
     }
 
+    /// Review of issue 13: `accept_unknown_sop_classes` took standard UIDs that are no storage
+    /// SOP class and were missing from dicom-dictionary-std's SOP class table: Meta SOP classes,
+    /// well-known SOP instances, service classes. Every UID under 1.2.840.10008. that is not
+    /// in our storage table is refused now.
+    #[test]
+    fn unknown_sop_classes_exclude_every_standard_non_storage_uid() {
+        let mut any = policy();
+        any.accept_unknown_sop_classes = true;
+        for uid in [
+            "1.2.840.10008.5.1.1.9",  // Basic Grayscale Print Management Meta SOP Class
+            "1.2.840.10008.1.20.1.1", // Storage Commitment Push Model SOP Instance
+            "1.2.840.10008.4.2",      // Storage Service Class
+            "1.2.840.10008.5.1.4.1.1.999", // under the storage branch, not in the table
+            "1.2.840.10008.3.1.1.1",  // the application context
+            "1.2.840.10008.1.2.4.50", // a transfer syntax
+        ] {
+            assert!(!is_unknown_sop_class(uid.as_bytes()), "{uid}");
+            assert!(!any.accepts_abstract_syntax(uid.as_bytes()), "{uid}");
+            assert!(is_standard_non_storage_uid(uid.as_bytes()), "{uid}");
+        }
+        assert!(any.accepts_abstract_syntax(CT.as_bytes()));
+        assert!(!is_standard_non_storage_uid(CT.as_bytes()));
+        assert!(any.accepts_abstract_syntax(b"1.3.12.2.1107.5.9.1"));
+        assert!(any.accepts_abstract_syntax(b"1.2.840.10009.1"));
+    }
+
     fn peers(check: bool, only: bool) -> AcceptorPolicy {
         let mut p = policy();
         p.peers = Arc::new(KnownPeers {
@@ -854,5 +941,121 @@ mod tests {
             rejected(negotiate(&rq("GATE", "SCU", vec![], vec![]), &p)),
             (1, 1, 1)
         );
+    }
+
+    /// Slots that count what was taken and given back.
+    struct Counted {
+        free: std::cell::Cell<usize>,
+        taken: std::cell::Cell<usize>,
+    }
+
+    impl Slots for Counted {
+        fn try_acquire(&self, _: &str) -> bool {
+            if self.free.get() == 0 {
+                return false;
+            }
+            self.free.set(self.free.get() - 1);
+            self.taken.set(self.taken.get() + 1);
+            true
+        }
+        fn release(&self, _: &str) {
+            self.free.set(self.free.get() + 1);
+        }
+    }
+
+    /// Review of issue 13: the user identity was verified (argon2, ~20 ms) before the cheap
+    /// checks that refuse an association anyway: too many presentation contexts, no association
+    /// slot, an unknown called AE title, a peer from the wrong address. Those now come first and
+    /// cost no verification; an identity refused after a slot was taken gives the slot back.
+    #[test]
+    fn refused_anyway_costs_no_verification() {
+        let hash = crate::assoc::identity::hash_password(b"pw", &[3u8; 16]).unwrap();
+        let dir =
+            Arc::new(UserDirectory::parse(&format!("alice:{hash}\n"), true, [0; 32]).unwrap());
+        let mut p = peers(true, false);
+        p.identity = Some(dir.clone());
+        p.max_presentation_contexts = 2;
+        let ident = |calling: &str, called: &str, n: u8| {
+            rq(
+                called,
+                calling,
+                (0..n)
+                    .map(|i| pc(2 * i + 1, CT, &["1.2.840.10008.1.2"]))
+                    .collect(),
+                vec![SubItem::UserIdentityRq {
+                    identity_type: 2,
+                    positive_response_requested: 0,
+                    primary: b"alice",
+                    secondary: b"zq9x",
+                }],
+            )
+        };
+        let at = |a: &str| Some(a.parse::<IpAddr>().unwrap());
+        let now = Instant::now();
+        let full = Counted {
+            free: 0.into(),
+            taken: 0.into(),
+        };
+        let go = |r: &Associate<'_>, peer, slots: &dyn Slots| {
+            rejected(super::negotiate_from(r, &p, peer, now, slots))
+        };
+        assert_eq!(go(&ident("SCU", "GATE", 3), None, &true), (1, 1, 1));
+        assert_eq!(go(&ident("SCU", "GATE", 1), None, &full), (2, 3, 2));
+        assert_eq!(go(&ident("SCU", "OTHER", 1), None, &true), (1, 1, 7));
+        assert_eq!(
+            go(&ident("CT1", "GATE", 1), at("127.0.0.2"), &true),
+            (1, 1, 3)
+        );
+        assert_eq!(dir.verifications(), 0, "no verification for any of them");
+        // Past the cheap checks: verified, refused, and the slot given back.
+        let one = Counted {
+            free: 1.into(),
+            taken: 0.into(),
+        };
+        assert_eq!(go(&ident("SCU", "GATE", 1), None, &one), (1, 1, 1));
+        assert_eq!(dir.verifications(), 1);
+        assert_eq!((one.taken.get(), one.free.get()), (1, 1));
+    }
+
+    /// Review of issue 13: with the node's verifications per second spent, an identity that
+    /// would need one is refused transiently: A-ASSOCIATE-RJ (2, 3, 1), temporary congestion
+    /// (PS3.8 Table 9-21), its slot given back; a cached success still goes through.
+    #[test]
+    fn verifications_beyond_the_rate_are_refused_as_congestion() {
+        let hash = crate::assoc::identity::hash_password(b"pw", &[3u8; 16]).unwrap();
+        let dir = UserDirectory::parse(&format!("alice:{hash}\n"), true, [0; 32])
+            .unwrap()
+            .with_max_verifications_per_second(1);
+        let mut p = policy();
+        p.identity = Some(Arc::new(dir));
+        let with = |pass: &'static [u8]| {
+            rq(
+                "GATE",
+                "SCU",
+                vec![pc(1, CT, &["1.2.840.10008.1.2"])],
+                vec![SubItem::UserIdentityRq {
+                    identity_type: 2,
+                    positive_response_requested: 0,
+                    primary: b"alice",
+                    secondary: pass,
+                }],
+            )
+        };
+        let now = Instant::now();
+        let slots = Counted {
+            free: 5.into(),
+            taken: 0.into(),
+        };
+        let go = |r: &Associate<'_>| super::negotiate_from(r, &p, None, now, &slots);
+        assert!(matches!(go(&with(b"pw")), Outcome::Accept { .. }));
+        let o = go(&with(b"zq9x"));
+        let Outcome::Reject(rj, Some(why)) = &o else {
+            panic!("{o:?}")
+        };
+        assert_eq!((rj.result.0, rj.source.0, rj.reason), (2, 3, 1));
+        assert!(why.contains("max_verifications_per_second"), "{why}");
+        assert!(matches!(go(&with(b"pw")), Outcome::Accept { .. }), "cached");
+        // Two accepted hold their slots; the refused one gave its back.
+        assert_eq!((slots.taken.get(), slots.free.get()), (3, 3));
     }
 }

@@ -45,11 +45,11 @@ use super::command::{self, response_to, status, CommandSet};
 use super::scan::{self, ScanError, Scanned, Scanner};
 use super::{handle, message, Action, Assembled, Assembler, StoreHeader, StoreRequest};
 use crate::assoc::{
-    negotiate_from, AcceptorPolicy, Association, Event, Negotiated, Outcome, Received, State,
-    Timeouts,
+    negotiate_from, AcceptorPolicy, Association, Event, Negotiated, Outcome, Received, Slots,
+    State, Timeouts,
 };
 use crate::assoc::{DatasetEncoding, TransferSyntax};
-use crate::ul::{self, reject_reason, AbortReason, AssociateRj, Pdu, RejectResult, RejectSource};
+use crate::ul::{self, AbortReason, AssociateRj, Pdu};
 
 /// What the service needs from configuration; shared by every association of a node.
 #[derive(Debug, Clone)]
@@ -279,15 +279,15 @@ impl Service {
 
     /// Handles the complete PDUs at the start of `buf` while the service takes input; returns
     /// how many bytes it consumed (the rest is a partial PDU or waits for backpressure to lift).
-    /// `admit` is asked once, for an acceptable A-ASSOCIATE-RQ, whether the calling AE title may
-    /// have another association; a `true` means the caller holds a slot to release when the
-    /// association ends ([`Service::holds_slot`]).
+    /// `slots` is asked once, for an A-ASSOCIATE-RQ that passes the cheap checks, for a slot for
+    /// the calling AE title (before any user identity is verified); one kept by an accepted
+    /// association is the caller's to release when it ends ([`Service::holds_slot`]).
     pub fn handle_input(
         &mut self,
         now: Instant,
         buf: &[u8],
         cfg: &ServiceConfig,
-        admit: &mut dyn FnMut(&str) -> bool,
+        slots: &dyn Slots,
     ) -> usize {
         let mut pos = 0;
         while self.takes_input() && pos < buf.len() {
@@ -305,7 +305,7 @@ impl Service {
             let bytes = &buf[pos..pos + n];
             pos += n;
             match ul::decode(bytes) {
-                Ok(pdu) => self.handle_pdu(now, pdu, cfg, admit),
+                Ok(pdu) => self.handle_pdu(now, pdu, cfg, slots),
                 Err(e) => {
                     self.outcome = Some(format!("protocol error: {e}"));
                     self.assoc.handle_invalid_pdu(now, e);
@@ -317,13 +317,7 @@ impl Service {
         pos
     }
 
-    fn handle_pdu(
-        &mut self,
-        now: Instant,
-        pdu: Pdu<'_>,
-        cfg: &ServiceConfig,
-        admit: &mut dyn FnMut(&str) -> bool,
-    ) {
+    fn handle_pdu(&mut self, now: Instant, pdu: Pdu<'_>, cfg: &ServiceConfig, slots: &dyn Slots) {
         if let Pdu::Abort(a) = &pdu {
             self.outcome = Some(format!(
                 "aborted by peer {}",
@@ -331,7 +325,7 @@ impl Service {
             ));
         }
         match self.assoc.handle_pdu(now, pdu) {
-            Received::AssociateRq(rq) => self.on_associate_rq(now, &rq, cfg, admit),
+            Received::AssociateRq(rq) => self.on_associate_rq(now, &rq, cfg, slots),
             Received::Data(p) => {
                 // Every PDV of the PDU, whatever backpressure says: a message it completes is
                 // queued, never parked in a slot a later one could overwrite.
@@ -373,24 +367,15 @@ impl Service {
         now: Instant,
         rq: &ul::Associate<'_>,
         cfg: &ServiceConfig,
-        admit: &mut dyn FnMut(&str) -> bool,
+        slots: &dyn Slots,
     ) {
-        let (rj, why) = match negotiate_from(rq, &cfg.policy, self.peer_ip) {
+        let (rj, why) = match negotiate_from(rq, &cfg.policy, self.peer_ip, now, slots) {
             Outcome::Accept { ac, negotiated } => {
-                if admit(&negotiated.calling_ae) {
-                    self.holds_slot = true;
-                    self.negotiated = Some(negotiated);
-                    let _ = self.assoc.accept(now, &ac);
-                    self.events.push_back(ServiceEvent::Established);
-                    return;
-                }
+                self.holds_slot = true;
                 self.negotiated = Some(negotiated);
-                let rj = AssociateRj {
-                    result: RejectResult::TRANSIENT,
-                    source: RejectSource::SERVICE_PROVIDER_PRESENTATION,
-                    reason: reject_reason::LOCAL_LIMIT_EXCEEDED,
-                };
-                (rj, None)
+                let _ = self.assoc.accept(now, &ac);
+                self.events.push_back(ServiceEvent::Established);
+                return;
             }
             Outcome::Reject(rj, why) => (rj, why),
         };
@@ -858,7 +843,8 @@ impl Service {
         self.negotiated.as_ref()
     }
 
-    /// Whether `admit` granted a slot that must be released when the association ends.
+    /// Whether negotiation took a slot (from `handle_input`'s `slots`) that must be released when the
+    /// association ends.
     pub fn holds_slot(&self) -> bool {
         self.holds_slot
     }

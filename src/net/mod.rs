@@ -97,6 +97,15 @@ impl AssociationLimits {
     }
 }
 
+impl crate::assoc::Slots for AssociationLimits {
+    fn try_acquire(&self, calling_ae: &str) -> bool {
+        AssociationLimits::try_acquire(self, calling_ae)
+    }
+    fn release(&self, calling_ae: &str) {
+        AssociationLimits::release(self, calling_ae)
+    }
+}
+
 /// What the reactors share.
 #[derive(Debug)]
 pub struct Shared {

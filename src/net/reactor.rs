@@ -492,11 +492,12 @@ impl Reactor<'_> {
             loop {
                 let mut consumed = 0;
                 if let Some(io) = c.io.as_mut() {
-                    consumed = c
-                        .svc
-                        .handle_input(now, &io.buf[io.start..io.end], cfg, &mut |ae| {
-                            shared.associations.try_acquire(ae)
-                        });
+                    consumed = c.svc.handle_input(
+                        now,
+                        &io.buf[io.start..io.end],
+                        cfg,
+                        &shared.associations,
+                    );
                     io.start += consumed;
                 }
                 let answered = submit_stores(c, shared, reactor, idx);
