@@ -79,8 +79,17 @@ fn status_shows_40_of_100_in_json_browser_and_terminal() {
     let files = instances(src.path(), "STATUS-40", "1.2.826.0.1.3680043.10.40", 40);
     assert!(storescu_status(&node, &files).success(), "{}", node.log());
 
-    // (a) The JSON.
-    let s = wait_for_patient(&addr, "STATUS-40", 40);
+    // (a) The JSON. The association's line in `recent` is written when the node has seen it
+    // close, which may come after its instances are visible (a flake seen in CI).
+    wait_for_patient(&addr, "STATUS-40", 40);
+    let mut s = api_status(&addr);
+    assert!(
+        wait_until(10, || {
+            s = api_status(&addr);
+            s["associations"]["recent"][0]["instances"] == 40
+        }),
+        "{s:#}"
+    );
     let p = patient(&s, "STATUS-40").unwrap();
     assert_eq!(p["inputs"][0]["input"], "ct", "{p:#}");
     assert_eq!(p["inputs"][0]["instances"], 40, "{p:#}");
