@@ -966,6 +966,19 @@ impl Config {
                              senders it may reply to, by their AE titles)"
                         ));
                     }
+                    if let Some(p) = self.peers.iter().enumerate().find_map(|(k, p)| {
+                        self.peers[..k]
+                            .iter()
+                            .any(|q| q.ae_title.trim() == p.ae_title.trim())
+                            .then_some(p)
+                    }) {
+                        return err(format!(
+                            "export {i}: reply_to_sender = true, but two [[peer]] entries have \
+                             ae_title {:?}: a reply could not tell them apart; give each peer its \
+                             own AE title",
+                            p.ae_title.trim()
+                        ));
+                    }
                     if e.calling_ae_title.as_deref().is_some_and(|a| !valid_ae(a)) {
                         return err(format!("export {i}: calling_ae_title is not valid"));
                     }
@@ -1135,6 +1148,14 @@ impl Config {
     /// Settings that work but probably do not do what was meant, for a start-up warning.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
+        if self.exports.iter().any(|e| e.reply_to_sender) && !self.node.check_peer_address {
+            w.push(
+                "an [[export]] has reply_to_sender = true while node.check_peer_address = false: \
+                 any host can claim a peer's calling AE title and have that peer sent what it \
+                 stored; set node.check_peer_address = true"
+                    .to_string(),
+            );
+        }
         if self.tls.enabled() && !self.tls.client_ca.as_os_str().is_empty() {
             if let Some(plain) = self.node.listen {
                 w.push(format!(

@@ -698,23 +698,51 @@ fn reply_to_sender_reaches_the_peer_registered_for_the_calling_ae() {
     let _a = storescp(&a_dir, a_port, "MOD_A");
     let _b = storescp(&b_dir, b_port, "MOD_B");
     let node = Node::start(&format!(
-        "[trigger]\nquiet_seconds = 0\non_association_close = true\n\
+        "[trigger]\nquiet_seconds = 2\non_association_close = false\n\
          [[peer]]\nname = \"a\"\nae_title = \"MOD_A\"\naddress = \"127.0.0.1:{a_port}\"\n\
          [[peer]]\nname = \"b\"\nae_title = \"MOD_B\"\naddress = \"127.0.0.1:{b_port}\"\n\
          [[export]]\nkind = \"dicom\"\nreply_to_sender = true\n\
          [outbox]\nattempts = 3\nfirst_delay_seconds = 30\n"
     ));
-    assert!(storescu(&node, "MOD_A", &a).status.success());
-    assert!(storescu(&node, "MOD_B", &b).status.success());
+    // One patient's instances from both modalities, in one batch (quiet time, no trigger at
+    // close): each goes back to its own sender only (found in review: the sender of the
+    // batch's first instance got the whole batch).
+    let m_a = series(
+        src.path(),
+        "CT",
+        "AX",
+        "REPLY-M",
+        "1.2.826.0.1.3680043.10.14.24",
+        2,
+    );
+    let m_b = series(
+        src.path(),
+        "MR",
+        "T1",
+        "REPLY-M",
+        "1.2.826.0.1.3680043.10.14.25",
+        1,
+    );
+    let mut from_a = a.clone();
+    from_a.extend(m_a.iter().cloned());
+    let mut from_b = b.clone();
+    from_b.extend(m_b.iter().cloned());
+    assert!(storescu(&node, "MOD_A", &from_a).status.success());
+    assert!(storescu(&node, "MOD_B", &from_b).status.success());
     assert!(storescu(&node, "STRANGER", &c).status.success());
     assert!(
-        wait_until(30, || files_under(&a_dir).len() == 3
-            && files_under(&b_dir).len() == 2),
+        wait_until(30, || files_under(&a_dir).len() == 5
+            && files_under(&b_dir).len() == 3),
         "{}",
         node.log()
     );
-    assert_eq!(sops(&files_under(&a_dir)), sops(&a), "MOD_A");
-    assert_eq!(sops(&files_under(&b_dir)), sops(&b), "MOD_B");
+    assert_eq!(sops(&files_under(&a_dir)), sops(&from_a), "MOD_A");
+    assert_eq!(sops(&files_under(&b_dir)), sops(&from_b), "MOD_B");
+    assert!(
+        node.log().contains("patient=REPLY-M instances=3"),
+        "the mixed batch was not one batch: {}",
+        node.log()
+    );
     assert!(
         wait_until(30, || node
             .log()

@@ -726,6 +726,20 @@ pub(super) fn export(ctx: &Context, id: &str) {
             );
         }
     }
+    // Where a reply goes for an instance that keeps no Calling AE Title (a processing result):
+    // to the sender of the batch's first instance, from the manifest.
+    let batch_sender = if ctx.config.exports.iter().any(|e| e.reply_to_sender) {
+        read_manifest(&dir).ok().and_then(|m| {
+            let f = m.files.first()?;
+            let src = match f.record() {
+                Some(r) => export::Source::Log(r),
+                None => export::Source::File(dir.join("files").join(&f.path)),
+            };
+            export::sender_of(&src, &ctx.log).ok().flatten()
+        })
+    } else {
+        None
+    };
     let mut errors = Vec::new();
     for (i, dest) in destinations(ctx).iter().enumerate() {
         let marker = dir.join("exports").join(format!("{i}.done"));
@@ -744,6 +758,7 @@ pub(super) fn export(ctx: &Context, id: &str) {
             ctx.config.node.ae_title.trim(),
             &ctx.log,
             &ctx.config.peers,
+            batch_sender.as_deref(),
             &ctx.shutdown,
         ) {
             Ok(()) => {

@@ -67,7 +67,9 @@ fn read(src: &Source, log: &Log) -> Result<Part10, String> {
 }
 
 /// Delivers `files` to `dest`; `node_ae` is the default calling AE title; log records are read
-/// from `log`; `peers`: the known peers a `reply_to_sender` export chooses from.
+/// from `log`; `peers`: the known peers a `reply_to_sender` export chooses from, by each
+/// instance's own Calling AE Title, or `batch_sender`'s for an instance that keeps none (a
+/// processing result).
 /// `stop`: the node is stopping; checked before each instance (an export cut short is
 /// retried at the next start).
 pub fn run(
@@ -76,22 +78,50 @@ pub fn run(
     node_ae: &str,
     log: &Log,
     peers: &[PeerConfig],
+    batch_sender: Option<&str>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
     match dest.kind {
         ExportKind::Dicom if dest.reply_to_sender => {
-            let peer = sender_peer(files, log, peers)?;
+            // Each instance back to its own sender (a patient's batch may hold instances from
+            // several modalities: none goes to another sender's peer).
+            let mut groups: Vec<(&PeerConfig, Vec<Source>)> = Vec::new();
+            for f in files {
+                let sender = sender_of(f, log)?;
+                let sender = sender.as_deref().or(batch_sender).ok_or_else(|| {
+                    format!(
+                        "reply to sender: {} keeps no Calling AE Title, nor does the batch",
+                        f.name()
+                    )
+                })?;
+                let peer = peers
+                    .iter()
+                    .find(|p| p.ae_title.trim() == sender)
+                    .ok_or_else(|| {
+                        format!(
+                            "reply to sender: the batch came from calling AE title {sender:?}, \
+                             which no [[peer]] has: add one with its address"
+                        )
+                    })?;
+                match groups.iter_mut().find(|(p, _)| std::ptr::eq(*p, peer)) {
+                    Some((_, g)) => g.push(f.clone()),
+                    None => groups.push((peer, vec![f.clone()])),
+                }
+            }
             let calling = dest.calling_ae_title.as_deref().unwrap_or(node_ae);
-            let tls = dest.tls_client_config("export ")?;
-            to_dicom(
-                &peer.address,
-                peer.ae_title.trim(),
-                calling,
-                tls,
-                files,
-                log,
-                stop,
-            )
+            for (peer, group) in groups {
+                let tls = dest.tls_client_config("export ")?;
+                to_dicom(
+                    &peer.address,
+                    peer.ae_title.trim(),
+                    calling,
+                    tls,
+                    &group,
+                    log,
+                    stop,
+                )?;
+            }
+            Ok(())
         }
         ExportKind::Folder => {
             let root = dest.path.as_deref().ok_or("folder export without path")?;
@@ -114,37 +144,23 @@ pub fn run(
     }
 }
 
-/// The `[[peer]]` a `reply_to_sender` export sends to: the one whose AE title is the Calling
-/// AE Title (kept as the Source AE Title) of the batch's first instance.
-fn sender_peer<'a>(
-    files: &[Source],
-    log: &Log,
-    peers: &'a [PeerConfig],
-) -> Result<&'a PeerConfig, String> {
-    let first = files.first().ok_or("reply to sender: an empty batch")?;
-    let bytes = match first {
-        Source::File(path) => fs::read(path),
-        Source::Log(loc) => log.read(*loc).map(|i| i.part10()),
+/// The Calling AE Title an instance was received from (its Source AE Title), if it keeps one.
+/// A file's meta is read from its first 64 KiB only.
+pub fn sender_of(src: &Source, log: &Log) -> Result<Option<String>, String> {
+    let head = match src {
+        Source::File(path) => {
+            use std::io::Read;
+            let mut head = Vec::with_capacity(4096);
+            File::open(path)
+                .and_then(|f| f.take(64 << 10).read_to_end(&mut head))
+                .map(|_| head)
+        }
+        Source::Log(loc) => log.read(*loc).map(|i| part10::header(&i.file_meta())),
     }
-    .map_err(|e| format!("{}: {e}", first.name()))?;
-    let sender = part10::parse(&bytes)
+    .map_err(|e| format!("{}: {e}", src.name()))?;
+    Ok(part10::parse(&head)
         .map(|p| p.source_ae_title)
-        .unwrap_or_default();
-    if sender.is_empty() {
-        return Err(format!(
-            "reply to sender: {} keeps no Calling AE Title",
-            first.name()
-        ));
-    }
-    peers
-        .iter()
-        .find(|p| p.ae_title.trim() == sender)
-        .ok_or_else(|| {
-            format!(
-                "reply to sender: the batch came from calling AE title {sender:?}, which no \
-                 [[peer]] has: add one with its address"
-            )
-        })
+        .filter(|s| !s.is_empty()))
 }
 
 /// `<root>/<Study UID>/<Series UID>/<SOP Instance UID>.dcm`, each written to a temporary name,
