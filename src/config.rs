@@ -781,7 +781,12 @@ impl Config {
                     "node.extra_sop_classes: {uid:?} is not a valid UID (digits and dots, at most 64 characters, no leading zeros)"
                 ));
             }
-            if crate::assoc::negotiation::is_standard_non_storage_uid(uid.as_bytes()) {
+            // Storage SOP classes are defined under 1.2.840.10008.5.1.4.1.1.: one the standard
+            // published after our table (dicom-dictionary-std's) can be added here (found in
+            // review: it could not be, by this list or by accept_unknown_sop_classes).
+            if crate::assoc::negotiation::is_standard_non_storage_uid(uid.as_bytes())
+                && !uid.starts_with("1.2.840.10008.5.1.4.1.1.")
+            {
                 return err(format!(
                     "node.extra_sop_classes: {uid:?} is a UID of the DICOM standard (1.2.840.10008.) \
                      that is not a storage SOP class: only storage SOP classes can be added"
@@ -1886,9 +1891,10 @@ ae_title = "PACS"
                 "{e}"
             );
         }
-        // A storage class (redundant) and a vendor's are fine.
+        // A storage class (redundant) and a vendor's are fine, and so is a standard storage class
+        // newer than our table (under 1.2.840.10008.5.1.4.1.1.).
         Config::from_toml(
-            "[node]\nextra_sop_classes = [\"1.2.840.10008.5.1.4.1.1.2\", \"1.3.12.2.1107.5.9.1\"]\n",
+            "[node]\nextra_sop_classes = [\"1.2.840.10008.5.1.4.1.1.2\", \"1.3.12.2.1107.5.9.1\", \"1.2.840.10008.5.1.4.1.1.999\"]\n",
         )
         .unwrap();
     }
