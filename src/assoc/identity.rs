@@ -106,6 +106,20 @@ pub struct UserDirectory {
     failed: Mutex<HashSet<[u8; 32]>>,
     /// argon2 verifications run (cache misses), for tests and the curious.
     verifications: std::sync::atomic::AtomicU64,
+    /// What an unknown user's passcode is verified against (the result ignored): the costliest
+    /// listed hash, so that a refusal takes as long as one for the slowest listed user and
+    /// timing does not tell who is listed; [`DUMMY_HASH`] when none is.
+    dummy: String,
+}
+
+/// The work an argon2 PHC string asks for (m × t × p), 0 if it does not parse.
+fn cost(phc: &str) -> u64 {
+    PasswordHash::new(phc).map_or(0, |h| {
+        ["m", "t", "p"]
+            .iter()
+            .map(|k| u64::from(h.params.get_decimal(*k).unwrap_or(1)))
+            .product()
+    })
 }
 
 impl std::fmt::Debug for UserDirectory {
@@ -218,10 +232,21 @@ impl UserDirectory {
                 return Err(format!("line {n}: user {user:?} is listed twice"));
             }
         }
+        let dummy = users
+            .values()
+            .filter_map(|c| match c {
+                Credential::Hash(h) => Some(h),
+                Credential::NoPasscode => None,
+            })
+            .max_by_key(|h| cost(h))
+            .filter(|h| cost(h) > cost(DUMMY_HASH))
+            .cloned()
+            .unwrap_or_else(|| DUMMY_HASH.to_string());
         Ok(UserDirectory {
             users,
             required,
             loaded: true,
+            dummy,
             rate: DEFAULT_MAX_VERIFICATIONS_PER_SECOND,
             bucket: Mutex::new(Bucket {
                 credit_ns: NANOS,
@@ -370,7 +395,7 @@ impl UserDirectory {
                 rq.identity_type == t::USERNAME_AND_PASSCODE && rq.secondary.len() <= MAX_PASSCODE;
             if verifies
                 && self
-                    .verify_cached(user, rq.secondary, DUMMY_HASH, now)
+                    .verify_cached(user, rq.secondary, &self.dummy, now)
                     .is_none()
             {
                 return busy();
@@ -579,6 +604,27 @@ mod tests {
         // ignored anyway: an unknown user is always refused).
         assert!(!verify_password(b"zq9x", DUMMY_HASH));
         assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+    }
+
+    /// Review of issue 13: an unknown user was verified against a hash of argon2's default
+    /// cost, so with costlier listed hashes a refusal still told who is listed; the dummy is
+    /// the costliest listed hash.
+    #[test]
+    fn unknown_users_are_verified_against_the_costliest_listed_hash() {
+        use argon2::{Algorithm, Params, Version};
+        let strong = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(32 * 1024, 3, 1, None).unwrap(),
+        );
+        let salt = SaltString::encode_b64(&[7u8; 16]).unwrap();
+        let phc = strong.hash_password(b"s3cret", &salt).unwrap().to_string();
+        let weak = hash_password(b"other", &[9u8; 16]).unwrap();
+        let d = UserDirectory::parse(&format!("alice:{phc}\nbob:{weak}\n"), true, [1; 32]).unwrap();
+        assert_eq!(d.dummy, phc);
+        assert!(cost(&d.dummy) > cost(DUMMY_HASH));
+        let d = UserDirectory::parse(&format!("bob:{weak}\n"), true, [1; 32]).unwrap();
+        assert_eq!(cost(&d.dummy), cost(DUMMY_HASH));
     }
 
     /// Review of issue 13: the caps on a users file's argon2 cost were m 256 MiB, t 16, p 8;
