@@ -751,3 +751,46 @@ fn reply_to_sender_reaches_the_peer_registered_for_the_calling_ae() {
         node.log()
     );
 }
+
+/// Found in review of reply to sender: processing results keep no Calling AE Title (their file
+/// meta is the processing's own), so a reply could not find its sender and every batch failed;
+/// a result goes back to the sender of the batch's first instance.
+#[test]
+fn reply_to_sender_sends_processing_results_to_the_batchs_sender() {
+    let src = tempfile::tempdir().unwrap();
+    let a = series(
+        src.path(),
+        "CT",
+        "AX",
+        "REPLY-P",
+        "1.2.826.0.1.3680043.10.14.26",
+        2,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let dir = tmp.path().join("mod_a");
+    let _a = storescp(&dir, port, "MOD_A");
+    let script = py_script("strip_source_ae.py");
+    let node = Node::start(&format!(
+        "[trigger]\nquiet_seconds = 0\non_association_close = true\n\
+         [processing]\ncommand = [\"python3\", {:?}]\n\
+         [[peer]]\nname = \"a\"\nae_title = \"MOD_A\"\naddress = \"127.0.0.1:{port}\"\n\
+         [[export]]\nkind = \"dicom\"\nreply_to_sender = true\n\
+         [outbox]\nattempts = 3\nfirst_delay_seconds = 30\n",
+        script.display().to_string()
+    ));
+    assert!(storescu(&node, "MOD_A", &a).status.success());
+    assert!(
+        wait_until(30, || files_under(&dir).len() == 2),
+        "{}",
+        node.log()
+    );
+    for f in files_under(&dir) {
+        let text = String::from_utf8_lossy(&std::fs::read(&f).unwrap()).into_owned();
+        assert!(
+            text.contains("RESULT"),
+            "not a processing result: {}",
+            f.display()
+        );
+    }
+}
