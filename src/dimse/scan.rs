@@ -137,6 +137,26 @@ enum Ctx {
     Item { implicit_le: bool },
 }
 
+/// The u16 at `p` of `buf` in the data set's byte order (`le`: little endian), if it is there.
+fn read_u16(buf: &[u8], p: usize, le: bool) -> Option<u16> {
+    let b: [u8; 2] = buf.get(p..p.checked_add(2)?)?.try_into().ok()?;
+    Some(if le {
+        u16::from_le_bytes(b)
+    } else {
+        u16::from_be_bytes(b)
+    })
+}
+
+/// The u32 at `p` of `buf` in the data set's byte order, if it is there.
+fn read_u32(buf: &[u8], p: usize, le: bool) -> Option<u32> {
+    let b: [u8; 4] = buf.get(p..p.checked_add(4)?)?.try_into().ok()?;
+    Some(if le {
+        u32::from_le_bytes(b)
+    } else {
+        u32::from_be_bytes(b)
+    })
+}
+
 fn vr_has_4_byte_length(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
@@ -430,23 +450,8 @@ impl<W: AsRef<[u32]>> Scanner<W> {
             }
             _ => (self.implicit, !self.big_endian),
         };
-        let u16_at = |p: usize| -> Option<u16> {
-            let b = buf.get(p..p + 2)?;
-            Some(if le {
-                u16::from_le_bytes([b[0], b[1]])
-            } else {
-                u16::from_be_bytes([b[0], b[1]])
-            })
-        };
-        let u32_at = |p: usize| -> Option<u32> {
-            let b = buf.get(p..p + 4)?;
-            let a = [b[0], b[1], b[2], b[3]];
-            Some(if le {
-                u32::from_le_bytes(a)
-            } else {
-                u32::from_be_bytes(a)
-            })
-        };
+        let u16_at = |p: usize| read_u16(buf, p, le);
+        let u32_at = |p: usize| read_u32(buf, p, le);
         let (Some(group), Some(elem)) = (u16_at(0), u16_at(2)) else {
             return short();
         };
@@ -527,23 +532,8 @@ impl<W: AsRef<[u32]>> Scanner<W> {
                 Ok(Step::NeedMore)
             }
         };
-        let u16_at = |p: usize| -> Option<u16> {
-            let b = buf.get(p..p + 2)?;
-            Some(if le {
-                u16::from_le_bytes([b[0], b[1]])
-            } else {
-                u16::from_be_bytes([b[0], b[1]])
-            })
-        };
-        let u32_at = |p: usize| -> Option<u32> {
-            let b = buf.get(p..p + 4)?;
-            let a = [b[0], b[1], b[2], b[3]];
-            Some(if le {
-                u32::from_le_bytes(a)
-            } else {
-                u32::from_be_bytes(a)
-            })
-        };
+        let u16_at = |p: usize| read_u16(buf, p, le);
+        let u32_at = |p: usize| read_u32(buf, p, le);
         let value = |this: &mut Scanner<W>, header: usize, len: u32, too_long: bool| {
             let end = header as u64 + len as u64;
             if end <= buf.len() as u64 {
