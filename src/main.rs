@@ -20,6 +20,66 @@ struct Cli {
     command: Command,
 }
 
+/// The peer `echo` and `store` associate with: AE titles, and TLS if asked for.
+#[derive(clap::Args)]
+struct PeerArgs {
+    /// The peer's AE title (the called AE); dicomgate's own default is DICOMGATE.
+    #[arg(long, default_value = "DICOMGATE")]
+    called: String,
+    /// Our AE title (the calling AE).
+    #[arg(long, default_value = "DICOMGATE-SCU")]
+    calling: String,
+    /// DICOM over TLS: the CA certificate(s) (PEM) the peer's certificate must chain to.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: our client certificate chain (PEM), for a peer that asks for one.
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "tls_private_key",
+        requires = "tls_ca"
+    )]
+    tls_certificate: Option<PathBuf>,
+    /// The private key (PEM) of --tls-certificate.
+    #[arg(long, value_name = "PEM", requires = "tls_certificate")]
+    tls_private_key: Option<PathBuf>,
+}
+
+impl PeerArgs {
+    fn options(self) -> Result<ScuOptions, String> {
+        Ok(ScuOptions {
+            called_ae: self.called,
+            calling_ae: self.calling,
+            tls: scu_tls(self.tls_ca, self.tls_certificate, self.tls_private_key)?,
+            ..Default::default()
+        })
+    }
+}
+
+/// Where `retry` and `force` reach the node's operator API, and with which token.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
+    /// 127.0.0.1:8104.
+    #[arg(long)]
+    http: Option<String>,
+    /// The node's config file (for its [http] listen and token_file).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A file holding the bearer token (default: the config's [http] token_file); needed
+    /// from every host, the node's own too, once the node has a token_file.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// The endpoint's address and the bearer token to send (if any).
+    fn reach(self) -> Result<(String, Option<String>), Box<dyn std::error::Error>> {
+        let token = token_of(&self.config, self.token_file)?;
+        Ok((http_address(self.http, self.config)?, token))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the node (embedded defaults when no config file is given).
@@ -47,26 +107,8 @@ enum Command {
     Echo {
         /// HOST:PORT
         address: String,
-        /// The peer's AE title (the called AE); dicomgate's own default is DICOMGATE.
-        #[arg(long, default_value = "DICOMGATE")]
-        called: String,
-        /// Our AE title (the calling AE).
-        #[arg(long, default_value = "DICOMGATE-SCU")]
-        calling: String,
-        /// DICOM over TLS: the CA certificate(s) (PEM) the peer's certificate must chain to.
-        #[arg(long, value_name = "PEM")]
-        tls_ca: Option<PathBuf>,
-        /// With --tls-ca: our client certificate chain (PEM), for a peer that asks for one.
-        #[arg(
-            long,
-            value_name = "PEM",
-            requires = "tls_private_key",
-            requires = "tls_ca"
-        )]
-        tls_certificate: Option<PathBuf>,
-        /// The private key (PEM) of --tls-certificate.
-        #[arg(long, value_name = "PEM", requires = "tls_certificate")]
-        tls_private_key: Option<PathBuf>,
+        #[command(flatten)]
+        peer: PeerArgs,
     },
     /// C-STORE Part-10 files (directories are walked) to a peer, each in its own transfer syntax.
     Store {
@@ -74,26 +116,8 @@ enum Command {
         address: String,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// The peer's AE title (the called AE); dicomgate's own default is DICOMGATE.
-        #[arg(long, default_value = "DICOMGATE")]
-        called: String,
-        /// Our AE title (the calling AE).
-        #[arg(long, default_value = "DICOMGATE-SCU")]
-        calling: String,
-        /// DICOM over TLS: the CA certificate(s) (PEM) the peer's certificate must chain to.
-        #[arg(long, value_name = "PEM")]
-        tls_ca: Option<PathBuf>,
-        /// With --tls-ca: our client certificate chain (PEM), for a peer that asks for one.
-        #[arg(
-            long,
-            value_name = "PEM",
-            requires = "tls_private_key",
-            requires = "tls_ca"
-        )]
-        tls_certificate: Option<PathBuf>,
-        /// The private key (PEM) of --tls-certificate.
-        #[arg(long, value_name = "PEM", requires = "tls_certificate")]
-        tls_private_key: Option<PathBuf>,
+        #[command(flatten)]
+        peer: PeerArgs,
     },
     /// Benchmark any Storage SCP (ours or another): associations at once, each sending
     /// synthetic CT instances or a folder's files, with a live progress line on a terminal,
@@ -129,17 +153,8 @@ enum Command {
         /// Every batch in failed/.
         #[arg(long)]
         all_failed: bool,
-        /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
-        /// 127.0.0.1:8104.
-        #[arg(long)]
-        http: Option<String>,
-        /// The node's config file (for its [http] listen and token_file).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// A file holding the bearer token (default: the config's [http] token_file); needed
-        /// from every host, the node's own too, once the node has a token_file.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Claim a pending patient's batch now, whether or not the rules hold (as mercure's force
     /// complete): it is processed and exported as any batch.
@@ -147,17 +162,8 @@ enum Command {
         /// The patient: its grouping key (the Patient ID by default) or its folder name (the
         /// digest the status page shows).
         patient: String,
-        /// HOST:PORT of the node's HTTP endpoint; default: the config's [http] listen, or
-        /// 127.0.0.1:8104.
-        #[arg(long)]
-        http: Option<String>,
-        /// The node's config file (for its [http] listen and token_file).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// A file holding the bearer token (default: the config's [http] token_file); needed
-        /// from every host, the node's own too, once the node has a token_file.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// List what a data directory holds: pending patients and instances (own file or segment
     /// log record), the log's segments, and claimed batches. Safe beside a running node.
@@ -283,15 +289,9 @@ fn token_of(
     })
 }
 
-fn force(
-    patient: String,
-    http: Option<String>,
-    config: Option<PathBuf>,
-    token_file: Option<PathBuf>,
-) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn force(patient: String, api: ApiArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     use dicomgate::net::status;
-    let token = token_of(&config, token_file)?;
-    let addr = http_address(http, config)?;
+    let (addr, token) = api.reach()?;
     let key = status::force(&addr, &patient, token.as_deref())?;
     println!(
         "forced {}: its batch is claimed now, sufficient or not",
@@ -300,15 +300,9 @@ fn force(
     Ok(ExitCode::SUCCESS)
 }
 
-fn retry(
-    batch: Option<String>,
-    http: Option<String>,
-    config: Option<PathBuf>,
-    token_file: Option<PathBuf>,
-) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn retry(batch: Option<String>, api: ApiArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     use dicomgate::net::status;
-    let token = token_of(&config, token_file)?;
-    let addr = http_address(http, config)?;
+    let (addr, token) = api.reach()?;
     let answer = status::retry(&addr, batch.as_deref(), token.as_deref())?;
     for id in &answer.retried {
         println!("retrying {}", status::printable(id));
@@ -687,20 +681,8 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             node.drain(drain);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Echo {
-            address,
-            called,
-            calling,
-            tls_ca,
-            tls_certificate,
-            tls_private_key,
-        } => {
-            let opts = ScuOptions {
-                called_ae: called,
-                calling_ae: calling,
-                tls: scu_tls(tls_ca, tls_certificate, tls_private_key)?,
-                ..Default::default()
-            };
+        Command::Echo { address, peer } => {
+            let opts = peer.options()?;
             let proposal = Proposal {
                 abstract_syntax: VERIFICATION_SOP_CLASS.into(),
                 transfer_syntaxes: vec![IMPLICIT_VR_LITTLE_ENDIAN.into()],
@@ -718,31 +700,17 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Store {
             address,
             paths,
-            called,
-            calling,
-            tls_ca,
-            tls_certificate,
-            tls_private_key,
-        } => {
-            let tls = scu_tls(tls_ca, tls_certificate, tls_private_key)?;
-            store(&address, &paths, called, calling, tls)
-        }
+            peer,
+        } => store(&address, &paths, peer.options()?),
         Command::Status { http, config, json } => status(http, config, json),
         Command::Bench { load, report } => bench(&load, report.as_deref()),
         Command::Passwd { username } => passwd(&username),
         Command::Retry {
             batch,
             all_failed: _,
-            http,
-            config,
-            token_file,
-        } => retry(batch, http, config, token_file),
-        Command::Force {
-            patient,
-            http,
-            config,
-            token_file,
-        } => force(patient, http, config, token_file),
+            api,
+        } => retry(batch, api),
+        Command::Force { patient, api } => force(patient, api),
         Command::Ls {
             config,
             data_dir,
@@ -803,9 +771,7 @@ fn scu_tls(
 fn store(
     address: &str,
     paths: &[PathBuf],
-    called: String,
-    calling: String,
-    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    opts: ScuOptions,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let mut files = Vec::new();
     for p in paths {
@@ -845,12 +811,6 @@ fn store(
             .push(i);
     }
     let keys: Vec<_> = groups.keys().cloned().collect();
-    let opts = ScuOptions {
-        called_ae: called,
-        calling_ae: calling,
-        tls,
-        ..Default::default()
-    };
     let (mut ok, mut failed) = (0usize, 0usize);
     for chunk in keys.chunks(128) {
         let proposals: Vec<Proposal> = chunk
