@@ -123,6 +123,29 @@ fn check(corpus_dir: &Path, received: &[&Path]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The verdict per kind for what `node` stored (its pending instances, as Part-10 files).
+fn check_stored(node: &Node, corpus_dir: &Path) -> BTreeMap<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    for f in node.stored() {
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    check(corpus_dir, &[dir.path()])
+}
+
+/// Starts a Storage SCP (`cmd`, its output to null) and waits until it listens on `port`.
+fn start_scp(mut cmd: Command, port: u16) -> KillOnDrop {
+    let scp = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(KillOnDrop)
+        .unwrap();
+    wait_until(20, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    scp
+}
+
 fn run(cmd: &mut Command) -> Result<std::process::Output, String> {
     cmd.stdin(Stdio::null())
         .output()
@@ -262,12 +285,7 @@ fn into_node(
 ) -> BTreeMap<String, String> {
     let node = Node::start("");
     let sent = send(&node, files);
-    let stored = node.stored();
-    let dir = tempfile::tempdir().unwrap();
-    for f in &stored {
-        std::fs::copy(f, dir.path().join(f.file_name().unwrap())).unwrap();
-    }
-    let mut cells = check(files[0].parent().unwrap(), &[dir.path()]);
+    let mut cells = check_stored(&node, files[0].parent().unwrap());
     if let Err(e) = sent {
         cells.insert("_send".into(), e);
     }
@@ -433,11 +451,7 @@ fn interop_matrix_into_dicomgate() {
                     o.post("/modalities/dicomgate/store", &["-d", &body])
                         .map(drop)
                 });
-            let dir = tempfile::tempdir().unwrap();
-            for f in node.stored() {
-                std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
-            }
-            let mut cells = check(&work.path().join("corpus"), &[dir.path()]);
+            let mut cells = check_stored(&node, &work.path().join("corpus"));
             if let Err(e) = sent {
                 cells.insert("_send".into(), e);
             }
@@ -542,18 +556,12 @@ fn interop_matrix_from_dicomgate_export() {
 
     let dir = work.path().join("storescp");
     let port = free_port();
-    let log = std::fs::File::create(work.path().join("storescp.log")).unwrap();
     std::fs::create_dir_all(&dir).unwrap();
-    let scp = dcmtk("storescp")
-        .args(["+xa", "-aet", "STORESCP", "-od"])
+    let mut cmd = dcmtk("storescp");
+    cmd.args(["+xa", "-aet", "STORESCP", "-od"])
         .arg(&dir)
-        .arg(port.to_string())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .map(KillOnDrop)
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+        .arg(port.to_string());
+    let scp = start_scp(cmd, port);
     let cells = export(port, "STORESCP", &[&dir], "storescp");
     drop(scp);
     rows.push(row(
@@ -565,18 +573,11 @@ fn interop_matrix_from_dicomgate_export() {
     let dir = work.path().join("pynetdicom");
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port();
-    let scp = python()
-        .args(["-m", "pynetdicom", "storescp", "-aet", "PYSCP", "-od"])
+    let mut cmd = python();
+    cmd.args(["-m", "pynetdicom", "storescp", "-aet", "PYSCP", "-od"])
         .arg(&dir)
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(KillOnDrop)
-        .unwrap();
-    wait_until(20, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+        .arg(port.to_string());
+    let scp = start_scp(cmd, port);
     let cells = export(port, "PYSCP", &[&dir], "pynetdicom storescp");
     drop(scp);
     rows.push(row(
@@ -614,18 +615,11 @@ fn interop_matrix_from_dicomgate_export() {
             // --promiscuous: dicom-storescp 0.10 does not list Secondary Capture, RT Plan or
             // SR among the SOP classes it accepts otherwise (the export then fails: "no
             // accepted presentation context").
-            let scp = Command::new(&exe)
-                .args(["--promiscuous", "-o"])
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--promiscuous", "-o"])
                 .arg(&dir)
-                .args(["-p", &port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map(KillOnDrop)
-                .unwrap();
-            wait_until(20, || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
+                .args(["-p", &port.to_string()]);
+            let scp = start_scp(cmd, port);
             let cells = export(port, "STORE-SCP", &[&dir], "dicom-storescp");
             drop(scp);
             rows.push(row(
