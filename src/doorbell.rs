@@ -45,11 +45,18 @@ impl Doorbell {
     /// Sleeps until rung or `timeout`, unless `has_work` says there is work already (checked
     /// after announcing the sleep, so work published meanwhile is never missed). Returns false
     /// when it timed out with nothing rung.
+    ///
+    /// `has_work` runs without the doorbell's lock: it may take locks of its own that a
+    /// ringer holds while it rings (found in CI: the log's preparer checked `spare_ready` under
+    /// the log's lock from inside this wait while an appender, holding that lock for a
+    /// roll-over, rang; each waited for the other). A ring that comes between `has_work` and
+    /// the sleep is kept in `rung`, since the sleeper was counted before `has_work` ran.
     pub fn wait(&self, timeout: Duration, has_work: impl Fn() -> bool) -> bool {
-        let mut rung = self.rung.lock().unwrap_or_else(PoisonError::into_inner);
         self.sleepers.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        let woken = if *rung || has_work() {
+        let work = has_work();
+        let mut rung = self.rung.lock().unwrap_or_else(PoisonError::into_inner);
+        let woken = if *rung || work {
             true
         } else {
             let (g, t) = self
@@ -74,6 +81,41 @@ mod tests {
 
     /// A producer hands items one at a time to a consumer that sleeps between them with a long
     /// timeout: a lost wake-up shows as a timed-out wait while an item was pending.
+    /// Found in CI (a log unit test hung at close): `has_work` ran under the doorbell's lock,
+    /// so a waiter whose `has_work` takes a lock that a ringer holds while ringing deadlocked
+    /// with it. The ringer here holds that lock, waits until the waiter is inside `has_work`,
+    /// and rings: the ring must complete.
+    #[test]
+    fn a_ring_under_a_lock_has_work_takes_does_not_deadlock() {
+        use std::sync::Mutex;
+        let bell = Arc::new(Doorbell::new());
+        let lock = Arc::new(Mutex::new(()));
+        let held = lock.lock().unwrap();
+        let (b, l) = (bell.clone(), lock.clone());
+        let waiter = std::thread::spawn(move || {
+            b.wait(Duration::from_secs(30), || {
+                drop(l.lock().unwrap());
+                false
+            })
+        });
+        while bell.sleepers.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        // The waiter is counted; give it time to be inside has_work, blocked on `lock`.
+        std::thread::sleep(Duration::from_millis(50));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let b = bell.clone();
+        let ringer = std::thread::spawn(move || {
+            b.ring();
+            let _ = done_tx.send(());
+        });
+        let rang = done_rx.recv_timeout(Duration::from_secs(10)).is_ok();
+        drop(held);
+        assert!(rang, "ring() deadlocked with a waiter inside has_work");
+        ringer.join().unwrap();
+        assert!(waiter.join().unwrap(), "the ring was lost");
+    }
+
     #[test]
     fn no_lost_wake_ups() {
         let q = Arc::new(ArrayQueue::<u32>::new(4));
