@@ -271,6 +271,16 @@ pub struct Limits {
     pub max_associations: usize,
     /// Concurrent associations from one calling AE title; rejected with 2/3/2 beyond.
     pub max_associations_per_calling_ae: usize,
+    /// Concurrent associations from one requestor IP address (an IPv4-mapped IPv6 address
+    /// counts as its IPv4 address); rejected with 2/3/2 beyond. AE titles are whatever a peer
+    /// claims; its address is what it cannot choose freely.
+    pub max_associations_per_address: usize,
+    /// Slowest a peer may send inside a message: while a PDU or a DIMSE message is partly
+    /// received, every window of [`crate::dimse::service::MIN_RATE_WINDOW`] (10 s) must bring
+    /// at least this many bytes per second on average, or the association is aborted (A-ABORT,
+    /// service provider). Windows in which the node itself paused reading (backpressure) are
+    /// not judged. 0 = no minimum.
+    pub min_bytes_per_second: u64,
     /// Open TCP connections (associated or not); beyond it new connections are closed at once.
     pub max_connections: usize,
     /// Outstanding C-STORE operations one association may have on us (asynchronous operations
@@ -295,6 +305,8 @@ impl Default for Limits {
             max_buffered_bytes: 32 << 20,
             max_associations: 256,
             max_associations_per_calling_ae: 64,
+            max_associations_per_address: 32,
+            min_bytes_per_second: 1024,
             max_connections: 2048,
             max_operations_performed: 16,
             artim_seconds: 30,
@@ -843,11 +855,31 @@ impl Config {
         if l.max_presentation_contexts == 0 || l.max_presentation_contexts > 128 {
             return err("limits.max_presentation_contexts must be 1..=128".into());
         }
-        if l.max_associations == 0
-            || l.max_associations_per_calling_ae == 0
-            || l.max_connections == 0
-        {
-            return err("association and connection limits must be at least 1".into());
+        for (field, v) in [
+            ("limits.max_associations", l.max_associations),
+            (
+                "limits.max_associations_per_calling_ae",
+                l.max_associations_per_calling_ae,
+            ),
+            (
+                "limits.max_associations_per_address",
+                l.max_associations_per_address,
+            ),
+            ("limits.max_connections", l.max_connections),
+        ] {
+            if v == 0 {
+                return err(format!(
+                    "{field} = 0: must be at least 1 (it bounds concurrent associations or \
+                     connections; there is no \"unlimited\")"
+                ));
+            }
+        }
+        if l.min_bytes_per_second > 1 << 40 {
+            return err(format!(
+                "limits.min_bytes_per_second = {}: at most {} (1 TiB/s); 0 turns the minimum off",
+                l.min_bytes_per_second,
+                1u64 << 40
+            ));
         }
         for (field, v) in [
             ("limits.artim_seconds", l.artim_seconds),
@@ -1303,6 +1335,7 @@ impl Config {
             // Larger than what goes to the log (those are held whole and appended), and not
             // so small that every modest image pays for chunked writes.
             stream_above: self.storage.inline_max_bytes.max(STREAM_ABOVE_MIN),
+            min_bytes_per_second: self.limits.min_bytes_per_second,
         }
     }
 
@@ -1516,6 +1549,23 @@ ae_title = "PACS"
     }
 
     /// Issue 11: `min_instances = 0` was accepted and silently meant 1.
+    #[test]
+    fn association_limits_of_zero_are_refused_naming_the_field() {
+        for field in [
+            "max_associations",
+            "max_associations_per_calling_ae",
+            "max_associations_per_address",
+            "max_connections",
+        ] {
+            let e = refused(&format!("[limits]\n{field} = 0\n"));
+            assert!(e.contains(&format!("limits.{field} = 0")), "{e}");
+        }
+        let e = refused("[limits]\nmin_bytes_per_second = 2199023255553\n");
+        assert!(e.contains("limits.min_bytes_per_second"), "{e}");
+        let c = Config::from_toml("[limits]\nmin_bytes_per_second = 0\n").unwrap();
+        assert_eq!(c.service_config(vec![]).min_bytes_per_second, 0, "0: off");
+    }
+
     #[test]
     fn min_instances_zero_is_refused() {
         let e = refused("[[input]]\nname = \"ct\"\nmin_instances = 0\n");
