@@ -183,6 +183,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReactorLabel {
+    reactor: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RejectLabel {
     result: String,
     source: String,
@@ -334,6 +339,19 @@ pub fn render(shared: &Shared) -> String {
         "connections_open",
         "TCP connections open (associated or not)",
         gauge(shared.connections.load(Ordering::Relaxed)),
+    );
+    let per_reactor = Family::<ReactorLabel, prometheus_client::metrics::gauge::Gauge>::default();
+    for (i, m) in shared.mailboxes.iter().enumerate() {
+        per_reactor
+            .get_or_create(&ReactorLabel {
+                reactor: i.to_string(),
+            })
+            .set(i64::try_from(m.live.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "reactor_connections",
+        "TCP connections each reactor serves",
+        per_reactor,
     );
     r.register(
         "buffered_bytes",

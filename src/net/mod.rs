@@ -165,6 +165,8 @@ pub struct Shared {
     /// The TLS listener's rustls configuration, when `[tls] listen` is set; replaced whole by
     /// [`NodeHandle::reload_tls`] (new connections get the new one).
     pub tls: Option<arc_swap::ArcSwap<rustls::ServerConfig>>,
+    /// Every reactor's mailbox, by reactor number (for `/metrics`' connections per reactor).
+    pub mailboxes: Arc<Vec<Mailbox>>,
 }
 
 /// A reactor's inbox: new sockets from the acceptor and finished stores from storage.
@@ -530,6 +532,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         storage,
         config,
         tls: tls_config,
+        mailboxes: mailboxes.clone(),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     for (i, poll) in polls.into_iter().enumerate() {
