@@ -685,6 +685,19 @@ impl Config {
             e.address = Some(p.address.clone());
             e.ae_title = Some(p.ae_title.clone());
         }
+        // A priors input's Query/Retrieve SCP is a [[peer]] too.
+        for input in &self.inputs {
+            let Some(name) = &input.qr_peer else { continue };
+            if !self.peers.iter().any(|p| &p.name == name) {
+                let names: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+                return Err(ConfigError(format!(
+                    "input {:?}: qr_peer = {name:?} names no [[peer]] (peers: {}); add a \
+                     [[peer]] with the Query/Retrieve SCP's name, ae_title and address",
+                    input.name,
+                    names.join(", ")
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -1549,6 +1562,43 @@ ae_title = "PACS"
     }
 
     /// Issue 11: `min_instances = 0` was accepted and silently meant 1.
+    /// Issue 14 item 6: a `kind = "priors"` input needs a qr_peer naming a [[peer]], takes no
+    /// rules of its own, and there is one at most; its settings on another input are refused.
+    #[test]
+    fn priors_inputs_are_checked_at_start_up() {
+        let peer = "[[peer]]\nname = \"pacs\"\nae_title = \"QR\"\naddress = \"127.0.0.1:104\"\n";
+        let ok = format!("{peer}[[input]]\nname = \"p\"\nkind = \"priors\"\nqr_peer = \"pacs\"\n");
+        let c = Config::from_toml(&ok).unwrap();
+        assert_eq!(c.inputs[0].priors().max_studies, 5, "default");
+        assert!(c.rules().unwrap().priors == Some(1));
+        for (toml, says) in [
+            (
+                format!("{peer}[[input]]\nname = \"p\"\nkind = \"priors\"\n"),
+                "needs qr_peer",
+            ),
+            (
+                "[[input]]\nname = \"p\"\nkind = \"priors\"\nqr_peer = \"nas\"\n".into(),
+                "qr_peer = \"nas\" names no [[peer]]",
+            ),
+            (
+                format!("{peer}[[input]]\nname = \"c\"\nqr_peer = \"pacs\"\n"),
+                "belong to kind = \"priors\"",
+            ),
+            (
+                format!("{ok}match = {{ Modality = \"CT\" }}\n"),
+                "takes what its retrieval brings",
+            ),
+            (
+                format!("{ok}[[input]]\nname = \"q\"\nkind = \"priors\"\nqr_peer = \"pacs\"\n"),
+                "only one input",
+            ),
+            (format!("{ok}timeout_seconds = 0\n"), "timeout_seconds = 0"),
+        ] {
+            let e = refused(&toml);
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
     #[test]
     fn association_limits_of_zero_are_refused_naming_the_field() {
         for field in [

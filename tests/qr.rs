@@ -229,3 +229,130 @@ fn a_huge_c_find_identifier_fails_the_query() {
     let r = c.find_studies(&pat1(), 50);
     assert!(matches!(r, Err(ScuError::Protocol(_))), "{r:?}");
 }
+
+/// A node whose `priors` input asks `pacs` (at `qr_port`) and whose processing lists its
+/// input folders into `listing`.
+fn priors_node(qr_port: u16, timeout_seconds: u64, listing: &Path, script: &Path) -> Node {
+    std::fs::write(
+        script,
+        format!(
+            "#!/bin/sh\nset -e\ncd \"$DICOMGATE_INPUT_DIR\"\nfind . -name '*.dcm' | sort >> {listing:?}\n\
+             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n"
+        ),
+    )
+    .unwrap();
+    Node::start(&format!(
+        "[[peer]]\nname = \"pacs\"\nae_title = \"QRSCP\"\naddress = \"127.0.0.1:{qr_port}\"\n\
+         [[input]]\nname = \"current\"\nmin_instances = 3\n\
+         [[input]]\nname = \"priors\"\nkind = \"priors\"\nqr_peer = \"pacs\"\n\
+         timeout_seconds = {timeout_seconds}\n\
+         [trigger]\nquiet_seconds = 0\non_association_close = true\n\
+         [processing]\ncommand = [\"sh\", {:?}]\n",
+        script.display().to_string()
+    ))
+}
+
+/// What the processing listing holds under `./{input}/`, as SOP Instance UIDs.
+fn in_input(listing: &str, input: &str) -> Vec<String> {
+    let mut v: Vec<String> = listing
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("./{input}/")))
+        .map(|f| {
+            f.rsplit('/')
+                .next()
+                .unwrap_or(f)
+                .trim_end_matches(".dcm")
+                .to_string()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn sops(study_no: u32, n: u32) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{}.1.{i}", study(study_no)))
+        .collect()
+}
+
+fn write_study(dir: &Path, patient: &str, study_no: u32, n: u32) -> Vec<std::path::PathBuf> {
+    (0..n)
+        .map(|i| {
+            write_instance(
+                dir,
+                patient,
+                &study(study_no),
+                &format!("{}.1", study(study_no)),
+                &format!("{}.1.{i}", study(study_no)),
+                i + 1,
+            )
+        })
+        .collect()
+}
+
+/// Issue 14 item 6 with DCMTK's dcmqrscp: a patient's new CT (3 slices) arrives; its two prior
+/// studies (3 and 2 instances, loaded into dcmqrscp by storescu beside another patient's) are
+/// found and moved into the node, which holds the batch until they are in: processing sees
+/// `input/current/` with the 3 new slices and `input/priors/` with the 5 prior instances, and
+/// nothing of the other patient.
+#[test]
+fn priors_are_retrieved_from_dcmqrscp_before_processing() {
+    let dir = tempfile::tempdir().unwrap();
+    let qr_port = free_port();
+    let listing = dir.path().join("inputs.txt");
+    let node = priors_node(qr_port, 120, &listing, &dir.path().join("list.sh"));
+    let _qr = dcmqrscp(dir.path(), qr_port, node.addr.port());
+    let src = dir.path().join("src");
+    let mut priors = write_study(&src.join("p"), "PRIOR1", 1, 3);
+    priors.extend(write_study(&src.join("p"), "PRIOR1", 2, 2));
+    priors.extend(write_study(&src.join("p"), "OTHER", 3, 1));
+    let st = dcmtk("storescu")
+        .args(["-aec", "QRSCP", "localhost", &qr_port.to_string()])
+        .args(&priors)
+        .status()
+        .unwrap();
+    assert!(st.success(), "priors loaded into dcmqrscp");
+    let current = write_study(&src.join("c"), "PRIOR1", 4, 3);
+    assert!(storescu_status(&node, &current).success(), "{}", node.log());
+    assert!(
+        wait_until(60, || std::fs::read_to_string(&listing)
+            .is_ok_and(|t| !t.is_empty())),
+        "not processed\n{}",
+        node.log()
+    );
+    let text = std::fs::read_to_string(&listing).unwrap();
+    assert_eq!(in_input(&text, "current"), sops(4, 3), "{text}");
+    let mut want = sops(1, 3);
+    want.extend(sops(2, 2));
+    assert_eq!(in_input(&text, "priors"), want, "{text}");
+    assert_eq!(text.lines().count(), 8, "{text}");
+    assert!(node.log().contains("priors: retrieved"), "{}", node.log());
+}
+
+/// A Q/R peer that is down: the retrieval is retried (5 s, then the timeout comes first), and
+/// when `timeout_seconds` has passed the patient goes on without priors: processing sees the
+/// current instances only, and the log says so.
+#[test]
+fn a_qr_peer_that_is_down_is_retried_then_the_patient_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let listing = dir.path().join("inputs.txt");
+    let down = free_port(); // nobody listens there
+    let node = priors_node(down, 8, &listing, &dir.path().join("list.sh"));
+    let current = write_study(&dir.path().join("c"), "PRIOR2", 5, 3);
+    assert!(storescu_status(&node, &current).success(), "{}", node.log());
+    assert!(
+        wait_until(60, || std::fs::read_to_string(&listing)
+            .is_ok_and(|t| !t.is_empty())),
+        "not processed\n{}",
+        node.log()
+    );
+    let text = std::fs::read_to_string(&listing).unwrap();
+    assert_eq!(in_input(&text, "current"), sops(5, 3), "{text}");
+    assert!(in_input(&text, "priors").is_empty(), "{text}");
+    let log = node.log();
+    assert!(
+        log.matches("priors: retrieval failed; retrying").count() >= 2,
+        "retried\n{log}"
+    );
+    assert!(log.contains("priors: timed out"), "{log}");
+}

@@ -287,7 +287,10 @@ mod tests {
         };
         let mut b = Vec::new();
         encode(&rq, &mut b);
-        let at = b.windows(6).position(|w| w == b"GATE1 ").expect("padded with a space");
+        let at = b
+            .windows(6)
+            .position(|w| w == b"GATE1 ")
+            .expect("padded with a space");
         assert_eq!(&b[at - 8..at - 4], &[0, 0, 0x00, 0x06], "(0000,0600)");
         assert_eq!(decode(&b).unwrap(), rq);
     }
