@@ -1008,6 +1008,9 @@ fn checker(
                 if let Some(r) = recent.get_mut(patient.key()) {
                     r.counted = 0; // what comes next is counted afresh
                 }
+                if let Some(pr) = &p.priors {
+                    pr.claimed(patient.key());
+                }
                 ctx.send_job(Job::Expire {
                     key: patient.key().to_vec(),
                     records: c.records,

@@ -204,9 +204,8 @@ impl Priors {
             attempts: 0,
             last_error: None,
         };
-        if let Err(e) = self.persist(&entry) {
-            tracing::warn!(patient = %entry.patient_id, error = %e, "could not write the priors record; retrieving anyway");
-        }
+        // Not written yet (ingest must not wait for a disk flush): until its studies are known
+        // there is nothing a restart could lose, since recovery notes every patient again.
         m.insert(key.to_vec(), entry);
         drop(m);
         let _ = self.queue.send(key.to_vec());
@@ -237,8 +236,8 @@ impl Priors {
         }
     }
 
-    /// The batch of `key` was claimed: its retrieval record goes (a later batch of the patient
-    /// asks again). Its routes stay a day, so instances of a C-MOVE still under way join the
+    /// The batch of `key` was claimed, for processing or expiry: its retrieval record goes (a
+    /// later batch of the patient asks again). Its routes stay a day, so instances of a C-MOVE still under way join the
     /// priors input rather than another.
     pub fn claimed(&self, key: &[u8]) {
         if self.lock().remove(key).is_some() {
