@@ -648,3 +648,26 @@ fn one_data_set_larger_than_the_budget_streams_to_its_file() {
     assert!(grew_mib < 24.0, "+{grew_mib:.1} MiB for a 64 MB data set");
     assert!(node.is_running());
 }
+
+/// Issue 11: a peer that resets its connection (RST: SO_LINGER 0, then close) in the middle of
+/// an association was logged like one that closed it ("transport connection closed"). The
+/// reset is logged as a transport error, with the kernel's reason.
+#[test]
+fn a_connection_reset_is_logged_as_a_transport_error_not_a_close() {
+    let node = Node::start("");
+    let mut c = Client::connect(node.addr, &scu_options("RESETTER"), &[ct_proposal()]).unwrap();
+    rustix::net::sockopt::set_socket_linger(&*c.stream(), Some(std::time::Duration::ZERO)).unwrap();
+    drop(c);
+    let line = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("calling_ae=\"RESETTER\"") || l.contains("calling_ae=RESETTER"))
+            .map(str::to_string)
+    };
+    assert!(
+        wait_until(10, || line(&node.log()).is_some()),
+        "{}",
+        node.log()
+    );
+    let l = line(&node.log()).unwrap();
+    assert!(l.contains("transport error") && l.contains("reset"), "{l}");
+}

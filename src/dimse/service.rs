@@ -775,6 +775,21 @@ impl Service {
         self.drain_assoc_events(now);
     }
 
+    /// The transport failed (a reset, a write error): as [`Service::handle_transport_closed`],
+    /// and unless the association had already ended (released or aborted), its outcome says
+    /// so with `error`, not as a close.
+    pub fn handle_transport_error(&mut self, now: Instant, error: &str) {
+        let ended = self
+            .outcome
+            .as_deref()
+            .is_some_and(|o| o.starts_with("released"))
+            || matches!(self.assoc.state(), State::Sta1 | State::Sta13);
+        if !ended {
+            self.outcome = Some(format!("aborted: transport error: {error}"));
+        }
+        self.handle_transport_closed(now);
+    }
+
     /// A local A-ABORT (the node is stopping).
     pub fn abort(&mut self, now: Instant, why: &str) {
         if self.assoc.abort(now).is_ok() {

@@ -510,8 +510,8 @@ impl Reactor<'_> {
             let Some(io) = c.io.as_mut() else {
                 break;
             };
-            if write_out(io, &mut c.svc).is_err() {
-                c.svc.handle_transport_closed(now);
+            if let Err(e) = write_out(io, &mut c.svc) {
+                c.svc.handle_transport_error(now, &e.to_string());
                 closed = true;
                 break;
             }
@@ -556,7 +556,12 @@ impl Reactor<'_> {
                     if let Some(t) = io.tls.as_ref() {
                         log_tls_end(c.peer, t, &e);
                     }
-                    c.svc.handle_transport_closed(now);
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        c.svc.handle_transport_closed(now); // the peer closed: EOF
+                    } else {
+                        // A reset or another failure is not an orderly close (issue 11).
+                        c.svc.handle_transport_error(now, &e.to_string());
+                    }
                     closed = true;
                     break;
                 }
