@@ -298,7 +298,8 @@ fn unwritable_data_directory_answers_a700_and_the_node_keeps_serving() {
 
 /// The segment log on a full file system (a 6 MiB tmpfs, 1 MiB segments): once no segment can
 /// be made, stores are answered 0xA700, never success; every instance answered success is
-/// stored; the association and the node go on.
+/// stored; the association and the node go on; the failures are counted and logged as
+/// `no_space`.
 #[test]
 fn full_file_system_answers_a700_and_acknowledges_only_what_is_stored() {
     let mnt = tempfile::tempdir().unwrap();
@@ -318,7 +319,8 @@ fn full_file_system_answers_a700_and_acknowledges_only_what_is_stored() {
     let data = mnt.path().join("data");
     let mut node = Node::start_with_data_dir(
         &data,
-        "[storage]\nsegment_bytes = 1048576\ninline_max_bytes = 262144\n",
+        "[storage]\nsegment_bytes = 1048576\ninline_max_bytes = 262144\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n",
     );
     let mut c = Client::connect(node.addr, &opts(), &[ct_proposal()]).unwrap();
     let (mut ok, mut full) = (Vec::new(), 0);
@@ -336,6 +338,15 @@ fn full_file_system_answers_a700_and_acknowledges_only_what_is_stored() {
     assert!(node.is_running());
     assert!(full > 0, "the file system never filled");
     assert!(ok.len() > 10, "{} stored before it filled", ok.len());
+    // Issue 11: counted as what they are (ENOSPC), not as just "failed".
+    let (_, metrics) = http_get(&http_addr(&node), "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "dicomgate_store_errors_total{{kind=\"no_space\"}} {full}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(node.log().contains("kind=\"no_space\""), "{}", node.log());
     for sop in &ok {
         assert!(
             stored_instance(&node, sop).is_some(),

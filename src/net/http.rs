@@ -34,6 +34,8 @@ pub struct Counters {
     /// Associations ended, by outcome (released, aborted, aborted_too_slow, aborted_by_peer,
     /// rejected, protocol_error, closed).
     pub associations: Mutex<BTreeMap<&'static str, u64>>,
+    /// Stores that failed in storage (answered 0xA700), by kind (`StoreErrorKind::label`).
+    pub store_errors: Mutex<BTreeMap<&'static str, u64>>,
     /// A-ASSOCIATE-RJs sent, by (result, source, reason) of PS3.8 Table 9-21.
     pub rejections: Mutex<BTreeMap<(u8, u8, u8), u64>>,
     /// Requests answered with a failure status, by status.
@@ -71,6 +73,7 @@ impl Default for Counters {
             discarded: AtomicU64::new(0),
             associations: Mutex::default(),
             rejections: Mutex::default(),
+            store_errors: Mutex::default(),
             failures: Mutex::default(),
             // 50 µs to ~1.6 s.
             store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
@@ -163,6 +166,13 @@ impl Counters {
         }
     }
 
+    /// A store failed in storage with an error of `kind`.
+    pub fn store_error(&self, kind: &'static str) {
+        if let Ok(mut m) = self.store_errors.lock() {
+            *m.entry(kind).or_default() += 1;
+        }
+    }
+
     /// An A-ASSOCIATE-RJ was sent.
     pub fn rejected(&self, result: u8, source: u8, reason: u8) {
         if let Ok(mut m) = self.rejections.lock() {
@@ -180,6 +190,11 @@ impl Counters {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -314,6 +329,21 @@ pub fn render(shared: &Shared) -> String {
                 .inc_by(*v);
         }
     }
+    let store_errors = Family::<KindLabel, Counter>::default();
+    if let Ok(m) = c.store_errors.lock() {
+        for (k, v) in m.iter() {
+            store_errors
+                .get_or_create(&KindLabel {
+                    kind: (*k).to_string(),
+                })
+                .inc_by(*v);
+        }
+    }
+    r.register(
+        "store_errors",
+        "Stores that failed in storage (answered 0xA700), by kind: no_space, quota, io, read_only, invalid, other",
+        store_errors,
+    );
     r.register(
         "associations_rejected",
         "A-ASSOCIATE-RJ sent, by result, source and reason (PS3.8 Table 9-21)",

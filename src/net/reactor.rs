@@ -322,10 +322,12 @@ impl Reactor<'_> {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(peer = %c.peer, error = %e, "store failed: answering 0xA700");
+                    let kind = e.kind.label();
+                    self.shared.counters.store_error(kind);
+                    tracing::error!(peer = %c.peer, kind, error = %e, "store failed: answering 0xA700");
                     StoreOutcome::Failed {
                         status: status::OUT_OF_RESOURCES,
-                        comment: e,
+                        comment: e.message,
                     }
                 }
             };
