@@ -427,7 +427,8 @@ impl Service {
             Outcome::Accept { ac, negotiated } => {
                 self.holds_slot = true;
                 self.negotiated = Some(negotiated);
-                let _ = self.assoc.accept(now, &ac);
+                let r = self.assoc.accept(now, &ac);
+                self.must(now, r);
                 self.events.push_back(ServiceEvent::Established);
                 return;
             }
@@ -447,7 +448,18 @@ impl Service {
                 .to_string(),
             rj,
         });
-        let _ = self.assoc.reject(now, rj);
+        let r = self.assoc.reject(now, rj);
+        self.must(now, r);
+    }
+
+    /// A primitive the service only calls where PS3.8 Table 9-10 allows it. Were one refused
+    /// (a defect of ours), the association is not left half-way: it is aborted and its outcome
+    /// names the defect (issue 11: such results were discarded).
+    fn must(&mut self, now: Instant, r: Result<(), crate::assoc::NotAllowed>) {
+        if let Err(e) = r {
+            self.outcome = Some(format!("aborted: internal error: {e}"));
+            let _ = self.assoc.abort(now); // not allowed only where nothing is open
+        }
     }
 
     fn on_message(&mut self, now: Instant, msg: message::Message, cfg: &ServiceConfig) {
@@ -1054,7 +1066,8 @@ impl Service {
     fn maybe_release(&mut self, now: Instant) {
         if self.release_pending && self.outstanding() == 0 {
             self.release_pending = false;
-            let _ = self.assoc.release_response(now);
+            let r = self.assoc.release_response(now);
+            self.must(now, r);
         }
     }
 
@@ -1064,7 +1077,8 @@ impl Service {
                 Event::ReleaseRequested => {
                     self.outcome.get_or_insert_with(|| "released".into());
                     if self.outstanding() == 0 {
-                        let _ = self.assoc.release_response(now);
+                        let r = self.assoc.release_response(now);
+                        self.must(now, r);
                     } else {
                         self.release_pending = true;
                     }
