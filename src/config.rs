@@ -273,7 +273,9 @@ pub struct Limits {
     pub max_associations_per_calling_ae: usize,
     /// Concurrent associations from one requestor IP address (an IPv4-mapped IPv6 address
     /// counts as its IPv4 address); rejected with 2/3/2 beyond. AE titles are whatever a peer
-    /// claims; its address is what it cannot choose freely.
+    /// claims; an IPv4 address is harder to choose. Each IPv6 address counts on its own, and an
+    /// IPv6 host can often use many addresses of its /64 (counting per /64 would put every
+    /// modality of an IPv6 LAN segment under one count).
     pub max_associations_per_address: usize,
     /// Slowest a peer may send inside a message: while a PDU or a DIMSE message is partly
     /// received, every window of [`crate::dimse::service::MIN_RATE_WINDOW`] (10 s) must bring
@@ -1593,6 +1595,10 @@ ae_title = "PACS"
                 "only one input",
             ),
             (format!("{ok}timeout_seconds = 0\n"), "timeout_seconds = 0"),
+            (
+                format!("{ok}move_destination = \"A-TITLE-FAR-TOO-LONG\"\n"),
+                "is not an AE title",
+            ),
         ] {
             let e = refused(&toml);
             assert!(e.contains(says), "{e}");

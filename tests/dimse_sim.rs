@@ -980,3 +980,34 @@ fn a_window_the_node_paused_is_not_judged() {
     assert_eq!(node.now - start, Duration::from_secs(20), "the next window");
     assert_eq!(last_abort(node), Some((2, 0)), "judged: too slow");
 }
+
+/// Review of issue 13 item 5: peers that fill the memory budget with half-received messages
+/// and go silent were never judged (each window found the node pausing them). A pause exempts
+/// a window for a minute at most (`MAX_PAUSED_WINDOWS`): then the peer is judged on its
+/// average since the message began, and one that brought nothing is aborted.
+#[test]
+fn a_peer_the_node_keeps_paused_is_judged_after_a_minute() {
+    let mut node = SimNode::new(15, 1, 4);
+    // The DIMSE timer (60 s, no PDU inside a message) would fire at the same moment: off.
+    node.cfg.timeouts.dimse = None;
+    node.svc = Service::new(node.now, &node.cfg);
+    let mut c = connect(node, 1);
+    let (cmd, _) = raw_store_pdvs(1, 1, 0);
+    let node = &mut c.stream().node;
+    node.outbox.clear();
+    node.inbox.extend_from_slice(&cmd);
+    node.svc.handle_received(node.now, cmd.len());
+    node.settle();
+    let start = node.now;
+    while last_abort(node).is_none() && node.now - start < Duration::from_secs(600) {
+        node.svc.handle_read_paused(node.now); // the budget is full at every look
+        assert!(node.fire_next_timer());
+    }
+    assert_eq!(last_abort(node), Some((2, 0)));
+    assert_eq!(
+        node.now - start,
+        dicomgate::dimse::service::MIN_RATE_WINDOW * dicomgate::dimse::service::MAX_PAUSED_WINDOWS,
+        "judged at the sixth paused window"
+    );
+    assert!(node.svc.outcome().is_some_and(|o| o.contains("too slow")));
+}

@@ -38,6 +38,16 @@ fn qr_options() -> ScuOptions {
 /// DCMTK dcmqrscp as QRSCP on `port`, its storage area under `dir`, knowing `DICOMGATE` at
 /// `dest_port` on localhost as a move destination.
 fn dcmqrscp(dir: &Path, port: u16, dest_port: u16) -> KillOnDrop {
+    dcmqrscp_knowing(dir, port, &[("DICOMGATE", dest_port)])
+}
+
+/// [`dcmqrscp`] knowing each (AE title, port) on localhost as a move destination.
+fn dcmqrscp_knowing(dir: &Path, port: u16, hosts: &[(&str, u16)]) -> KillOnDrop {
+    let table: String = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (ae, p))| format!("dest{i} = ({ae}, localhost, {p})\n"))
+        .collect();
     let area = dir.join("QRSCP");
     std::fs::create_dir_all(&area).unwrap();
     let cfg = dir.join("dcmqrscp.cfg");
@@ -45,7 +55,7 @@ fn dcmqrscp(dir: &Path, port: u16, dest_port: u16) -> KillOnDrop {
         &cfg,
         format!(
             "NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n\
-             HostTable BEGIN\ngate = (DICOMGATE, localhost, {dest_port})\nHostTable END\n\
+             HostTable BEGIN\n{table}HostTable END\n\
              VendorTable BEGIN\nVendorTable END\n\
              AETable BEGIN\nQRSCP {} RW (200, 1024mb) ANY\nAETable END\n",
             area.display()
@@ -109,7 +119,7 @@ fn find_and_move_prior_studies_from_dcmqrscp() {
         patient_id: "PRIOR1".into(),
         since: None,
     };
-    let found = c.find_studies(&q, 100).unwrap();
+    let found = c.find_studies(&q, 100, None).unwrap();
     assert_eq!(found.status, 0x0000, "{found:?}");
     assert!(found.refused.is_empty(), "{found:?}");
     let mut uids: Vec<_> = found
@@ -123,7 +133,9 @@ fn find_and_move_prior_studies_from_dcmqrscp() {
         uids,
         vec![(study(1), "20260101".into()), (study(2), "20260101".into())]
     );
-    let moved = c.move_study("DICOMGATE", "PRIOR1", &study(1)).unwrap();
+    let moved = c
+        .move_study("DICOMGATE", "PRIOR1", &study(1), None)
+        .unwrap();
     assert_eq!(
         (moved.status, moved.completed, moved.failed),
         (0x0000, 3, 0),
@@ -138,7 +150,7 @@ fn find_and_move_prior_studies_from_dcmqrscp() {
             .collect::<Vec<_>>(),
         "the moved study arrived at the node's own listener"
     );
-    let unknown = c.move_study("NOBODY", "PRIOR1", &study(2)).unwrap();
+    let unknown = c.move_study("NOBODY", "PRIOR1", &study(2), None).unwrap();
     assert_eq!(
         unknown.status, 0xA801,
         "move destination unknown: {unknown:?}"
@@ -189,7 +201,7 @@ fn pat1() -> StudyQuery {
 fn endless_pending_c_find_responses_are_cut_off() {
     let (_scp, port) = hostile_scp("endless");
     let mut c = Client::connect(("127.0.0.1", port), &qr_options(), &find_proposal()).unwrap();
-    match c.find_studies(&pat1(), 50) {
+    match c.find_studies(&pat1(), 50, None) {
         Err(ScuError::Refused(why)) => assert!(why.contains("more than 50"), "{why}"),
         other => panic!("not cut off: {other:?}"),
     }
@@ -201,7 +213,7 @@ fn endless_pending_c_find_responses_are_cut_off() {
 fn malformed_c_find_matches_are_left_out_with_a_reason() {
     let (_scp, port) = hostile_scp("bad");
     let mut c = Client::connect(("127.0.0.1", port), &qr_options(), &find_proposal()).unwrap();
-    let found = c.find_studies(&pat1(), 50).unwrap();
+    let found = c.find_studies(&pat1(), 50, None).unwrap();
     assert_eq!(found.status, 0x0000);
     let uids: Vec<_> = found
         .matches
@@ -226,13 +238,24 @@ fn malformed_c_find_matches_are_left_out_with_a_reason() {
 fn a_huge_c_find_identifier_fails_the_query() {
     let (_scp, port) = hostile_scp("huge");
     let mut c = Client::connect(("127.0.0.1", port), &qr_options(), &find_proposal()).unwrap();
-    let r = c.find_studies(&pat1(), 50);
+    let r = c.find_studies(&pat1(), 50, None);
     assert!(matches!(r, Err(ScuError::Protocol(_))), "{r:?}");
 }
 
 /// A node whose `priors` input asks `pacs` (at `qr_port`) and whose processing lists its
 /// input folders into `listing`.
 fn priors_node(qr_port: u16, timeout_seconds: u64, listing: &Path, script: &Path) -> Node {
+    priors_node_moving_to(qr_port, timeout_seconds, listing, script, "")
+}
+
+/// [`priors_node`] with extra lines for the priors input (a `move_destination`, say).
+fn priors_node_moving_to(
+    qr_port: u16,
+    timeout_seconds: u64,
+    listing: &Path,
+    script: &Path,
+    extra: &str,
+) -> Node {
     std::fs::write(
         script,
         format!(
@@ -245,7 +268,7 @@ fn priors_node(qr_port: u16, timeout_seconds: u64, listing: &Path, script: &Path
         "[[peer]]\nname = \"pacs\"\nae_title = \"QRSCP\"\naddress = \"127.0.0.1:{qr_port}\"\n\
          [[input]]\nname = \"current\"\nmin_instances = 3\n\
          [[input]]\nname = \"priors\"\nkind = \"priors\"\nqr_peer = \"pacs\"\n\
-         timeout_seconds = {timeout_seconds}\n\
+         timeout_seconds = {timeout_seconds}\n{extra}\
          [trigger]\nquiet_seconds = 0\non_association_close = true\n\
          [processing]\ncommand = [\"sh\", {:?}]\n",
         script.display().to_string()
@@ -294,7 +317,8 @@ fn write_study(dir: &Path, patient: &str, study_no: u32, n: u32) -> Vec<std::pat
 /// studies (3 and 2 instances, loaded into dcmqrscp by storescu beside another patient's) are
 /// found and moved into the node, which holds the batch until they are in: processing sees
 /// `input/current/` with the 3 new slices and `input/priors/` with the 5 prior instances, and
-/// nothing of the other patient.
+/// nothing of the other patient. The PACS holds the new CT as well (review of issue 14: the
+/// retrieval could look before the new study was in the batch and fetch it as a prior).
 #[test]
 fn priors_are_retrieved_from_dcmqrscp_before_processing() {
     let dir = tempfile::tempdir().unwrap();
@@ -306,13 +330,16 @@ fn priors_are_retrieved_from_dcmqrscp_before_processing() {
     let mut priors = write_study(&src.join("p"), "PRIOR1", 1, 3);
     priors.extend(write_study(&src.join("p"), "PRIOR1", 2, 2));
     priors.extend(write_study(&src.join("p"), "OTHER", 3, 1));
+    // The PACS has the new CT too (the modality sent it there as well): it is the newest
+    // study, and it must not be taken for a prior.
+    let current = write_study(&src.join("c"), "PRIOR1", 4, 3);
+    priors.extend(current.iter().cloned());
     let st = dcmtk("storescu")
         .args(["-aec", "QRSCP", "localhost", &qr_port.to_string()])
         .args(&priors)
         .status()
         .unwrap();
     assert!(st.success(), "priors loaded into dcmqrscp");
-    let current = write_study(&src.join("c"), "PRIOR1", 4, 3);
     assert!(storescu_status(&node, &current).success(), "{}", node.log());
     assert!(
         wait_until(60, || std::fs::read_to_string(&listing)
@@ -353,6 +380,55 @@ fn a_qr_peer_that_is_down_is_retried_then_the_patient_goes_on() {
     assert!(
         log.matches("priors: retrieval failed; retrying").count() >= 2,
         "retried\n{log}"
+    );
+    assert!(log.contains("priors: timed out"), "{log}");
+}
+
+/// Review of issue 14: a C-MOVE that reports its instances completed, but to somewhere else
+/// (`move_destination` names another AE, here a DCMTK storescp), left the batch waiting for
+/// them for ever (the timeout held only while retrieving). It goes on at `timeout_seconds`:
+/// processing sees the current instances, and the log says the priors timed out.
+#[test]
+fn priors_reported_but_never_received_do_not_hold_the_batch_past_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let qr_port = free_port();
+    let scp_port = free_port();
+    let _scp = storescp(&dir.path().join("elsewhere"), scp_port, "ELSEWHERE");
+    let listing = dir.path().join("inputs.txt");
+    let node = priors_node_moving_to(
+        qr_port,
+        6,
+        &listing,
+        &dir.path().join("list.sh"),
+        "move_destination = \"ELSEWHERE\"\n",
+    );
+    let _qr = dcmqrscp_knowing(
+        dir.path(),
+        qr_port,
+        &[("DICOMGATE", node.addr.port()), ("ELSEWHERE", scp_port)],
+    );
+    let priors = write_study(&dir.path().join("p"), "PRIOR3", 6, 2);
+    let st = dcmtk("storescu")
+        .args(["-aec", "QRSCP", "localhost", &qr_port.to_string()])
+        .args(&priors)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let current = write_study(&dir.path().join("c"), "PRIOR3", 7, 3);
+    assert!(storescu_status(&node, &current).success(), "{}", node.log());
+    assert!(
+        wait_until(60, || std::fs::read_to_string(&listing)
+            .is_ok_and(|t| !t.is_empty())),
+        "held past the timeout\n{}",
+        node.log()
+    );
+    let text = std::fs::read_to_string(&listing).unwrap();
+    assert_eq!(in_input(&text, "current"), sops(7, 3), "{text}");
+    assert!(in_input(&text, "priors").is_empty(), "{text}");
+    let log = node.log();
+    assert!(
+        log.contains("priors: retrieved"),
+        "the C-MOVE completed\n{log}"
     );
     assert!(log.contains("priors: timed out"), "{log}");
 }

@@ -78,6 +78,11 @@ pub struct ServiceConfig {
 /// association slot for at most two windows.
 pub const MIN_RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Windows in a row the node may pause a peer's reading before the peer is judged on its average
+/// since the message began (a pause lets peers that hold half-received messages in the memory
+/// budget go unjudged; after a minute, a peer that brought little is cut off all the same).
+pub const MAX_PAUSED_WINDOWS: u32 = 6;
+
 /// The window in which the peer's rate is being measured: it began at `start`, when `base`
 /// bytes had been received.
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +91,11 @@ struct RateWindow {
     base: u64,
     /// The node paused reading during the window (its own backpressure): not judged.
     paused: bool,
+    /// When receiving began, and the bytes received then.
+    began: Instant,
+    began_base: u64,
+    /// Windows in a row the node paused reading.
+    paused_windows: u32,
 }
 
 /// Bytes of a streamed data set gathered into one [`Work::Write`].
@@ -974,6 +984,9 @@ impl Service {
                     start: now,
                     base: self.received,
                     paused,
+                    began: now,
+                    began_base: self.received,
+                    paused_windows: 0,
                 })
             }
         }
@@ -987,13 +1000,31 @@ impl Service {
         let Some(w) = self.rate else {
             return;
         };
+        if !self.receiving() {
+            self.rate = None; // aborted or closing meanwhile: nothing to judge
+            return;
+        }
         let elapsed = now.saturating_duration_since(w.start);
         if elapsed < MIN_RATE_WINDOW {
             return;
         }
-        let got = self.received - w.base;
-        let wanted = (self.min_bytes_per_second as u128 * elapsed.as_millis() / 1000) as u64;
-        if !w.paused && got < wanted {
+        let wanted_over = |d: std::time::Duration| {
+            (u128::from(self.min_bytes_per_second) * d.as_millis() / 1000) as u64
+        };
+        let paused_windows = if w.paused { w.paused_windows + 1 } else { 0 };
+        // A window the node paused is not judged, unless it paused this peer for a minute:
+        // then the peer's average since receiving began is.
+        let (got, over) = if !w.paused {
+            (self.received - w.base, elapsed)
+        } else if paused_windows >= MAX_PAUSED_WINDOWS {
+            (
+                self.received - w.began_base,
+                now.saturating_duration_since(w.began),
+            )
+        } else {
+            (u64::MAX, elapsed)
+        };
+        if got < wanted_over(over) {
             self.rate = None;
             self.assoc.abort_protocol(
                 now,
@@ -1004,7 +1035,7 @@ impl Service {
             self.outcome = Some(format!(
                 "aborted: sender too slow inside a message ({got} bytes in {:.1} s; \
                  [limits] min_bytes_per_second = {})",
-                elapsed.as_secs_f64(),
+                over.as_secs_f64(),
                 self.min_bytes_per_second
             ));
             return;
@@ -1013,6 +1044,9 @@ impl Service {
             start: now,
             base: self.received,
             paused: !self.takes_input(),
+            began: w.began,
+            began_base: w.began_base,
+            paused_windows,
         });
     }
 

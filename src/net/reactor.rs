@@ -549,9 +549,13 @@ impl Reactor<'_> {
                 break;
             }
             match read_some(io, c.svc.max_receive_pdu(&shared.service)) {
-                Ok(0) => break,
-                Ok(n) => {
-                    c.svc.handle_received(now, n);
+                Ok((n, wire)) => {
+                    if wire > 0 {
+                        c.svc.handle_received(now, wire);
+                    }
+                    if n == 0 {
+                        break;
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -1026,9 +1030,11 @@ fn log_tls_end(peer: SocketAddr, t: &super::tls::Session, e: &io::Error) {
     }
 }
 
-/// Reads once into the buffer, which may hold PDUs of up to `max_pdu` bytes. `Ok(n)`: got `n`
-/// bytes; `Ok(0)`: would block, or the buffer is full of bytes the service has not taken.
-fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<usize> {
+/// Reads once into the buffer, which may hold PDUs of up to `max_pdu` bytes. `Ok((n, wire))`:
+/// got `n` bytes for the service (0: would block, or the buffer is full of bytes the service
+/// has not taken) and read `wire` bytes off the socket (over TLS, records, whose plaintext only
+/// comes out whole: what `[limits] min_bytes_per_second` counts).
+fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<(usize, usize)> {
     let limit = max_pdu as usize + ul::PDU_HEADER_LEN;
     if io.start == io.end {
         io.start = 0;
@@ -1047,7 +1053,7 @@ fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<usize> {
             io.buf.resize(n, 0);
         } else {
             // A full buffer the service has not taken (it waits for backpressure to lift).
-            return Ok(0);
+            return Ok((0, 0));
         }
     }
     if let Some(t) = io.tls.as_mut() {
@@ -1062,16 +1068,16 @@ fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<usize> {
             );
         }
         io.end += n;
-        return Ok(n);
+        return Ok((n, t.take_received()));
     }
     loop {
         match io.stream.read(&mut io.buf[io.end..]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
                 io.end += n;
-                return Ok(n);
+                return Ok((n, n));
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((0, 0)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }

@@ -566,6 +566,18 @@ impl<S: Read + Write> Client<S> {
         Ok(())
     }
 
+    /// Past `deadline`: the association is aborted and `what` fails.
+    fn within(&mut self, deadline: Option<Instant>, what: &str) -> Result<(), ScuError> {
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            let _ = self.assoc.abort(Instant::now());
+            let _ = self.flush();
+            return Err(ScuError::Refused(format!(
+                "{what}: deadline passed; association aborted"
+            )));
+        }
+        Ok(())
+    }
+
     /// The context accepted for `abstract_syntax` and the encoding of its data sets.
     fn context_for(
         &self,
@@ -602,11 +614,13 @@ impl<S: Read + Write> Client<S> {
     /// without end, or with everything it has, is cut off). A response identifier that cannot
     /// be read, names another patient or lacks a valid Study Instance UID is left out, with its
     /// reason in [`FindOutcome::refused`]. Each response is bounded in size by the requestor's
-    /// assembler (1 MiB) and in time by the socket timeout.
+    /// assembler (1 MiB) and in time by the socket timeout; past `deadline` (checked at each
+    /// response) the association is aborted and the query fails.
     pub fn find_studies(
         &mut self,
         q: &crate::dimse::query::StudyQuery,
         max_matches: usize,
+        deadline: Option<Instant>,
     ) -> Result<FindOutcome, ScuError> {
         use crate::dimse::query;
         let (pc, enc) = self.context_for(query::PATIENT_ROOT_FIND)?;
@@ -626,6 +640,7 @@ impl<S: Read + Write> Client<S> {
         let mut pending = 0usize;
         loop {
             let m = self.response_to(message_id)?;
+            self.within(deadline, "C-FIND")?;
             let status = m.command.status.unwrap_or(0xFFFF);
             match status {
                 // Pending (PS3.4 C.4.1.1.4): one match each.
@@ -667,13 +682,16 @@ impl<S: Read + Write> Client<S> {
 
     /// C-MOVE of one study to `destination` (an AE title the peer knows the address of: PS3.4
     /// C.4.2), in the Patient Root model. Waits for the final response and returns its status
-    /// and sub-operation counts; at most 65,536 pending responses are taken (the counts are
-    /// 16-bit), more abort the association.
+    /// and sub-operation counts (a final response may leave them out, PS3.4 C.4.2.1.6: then
+    /// the last pending response's are taken, its remaining ones counted as completed); at most
+    /// 65,536 pending responses are taken (the counts are 16-bit), more abort the association,
+    /// as does passing `deadline`.
     pub fn move_study(
         &mut self,
         destination: &str,
         patient_id: &str,
         study_instance_uid: &str,
+        deadline: Option<Instant>,
     ) -> Result<MoveOutcome, ScuError> {
         use crate::dimse::query;
         let (pc, enc) = self.context_for(query::PATIENT_ROOT_MOVE)?;
@@ -694,15 +712,18 @@ impl<S: Read + Write> Client<S> {
         };
         self.send_command(pc, &rq, Some(&identifier))?;
         let mut pending = 0usize;
+        let mut last_pending = [None; 4];
         loop {
             let m = self.response_to(message_id)?;
+            self.within(deadline, "C-MOVE")?;
             let status = m.command.status.unwrap_or(0xFFFF);
-            let [remaining, completed, failed, warning] = m
+            let counts = m
                 .command
                 .retrieve
                 .as_ref()
                 .map_or([None; 4], |r| r.suboperations);
             if status == 0xFF00 {
+                last_pending = counts;
                 pending += 1;
                 if pending > 65_536 {
                     let _ = self.assoc.abort(Instant::now());
@@ -713,6 +734,17 @@ impl<S: Read + Write> Client<S> {
                 }
                 continue;
             }
+            let [remaining, completed, failed, warning] = if counts.iter().any(Option::is_some) {
+                counts
+            } else {
+                let [r, c, f, w] = last_pending;
+                [
+                    Some(0),
+                    Some(c.unwrap_or(0).saturating_add(r.unwrap_or(0))),
+                    f,
+                    w,
+                ]
+            };
             return Ok(MoveOutcome {
                 status,
                 remaining: remaining.unwrap_or(0),

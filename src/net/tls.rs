@@ -183,6 +183,8 @@ pub struct Session {
     conn: ServerConnection,
     /// The end of the handshake was reported by [`Session::take_established`].
     reported: bool,
+    /// Bytes read off the socket (records) since [`Session::take_received`].
+    received: usize,
 }
 
 /// Why a TLS connection ended in error: what rustls said, for the log line.
@@ -197,6 +199,7 @@ impl Session {
         Ok(Session {
             conn,
             reported: false,
+            received: 0,
         })
     }
 
@@ -244,7 +247,10 @@ impl Session {
             }
             let n = loop {
                 match self.conn.read_tls(sock) {
-                    Ok(n) => break n,
+                    Ok(n) => {
+                        self.received += n;
+                        break n;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         // Handshake messages made by what came before go out now.
@@ -264,6 +270,12 @@ impl Session {
             }
             self.flush(sock)?;
         }
+    }
+
+    /// Bytes of TLS records read off the socket since the last call: what a peer sent, as
+    /// `[limits] min_bytes_per_second` counts it (a record's plaintext only comes out whole).
+    pub fn take_received(&mut self) -> usize {
+        std::mem::take(&mut self.received)
     }
 
     /// Encrypts what it can of `plain` and writes records until done or `WouldBlock`; returns

@@ -363,11 +363,12 @@ impl Pipeline {
         p.gate(key, have)
     }
 
-    /// Asks for `key`'s priors when `inputs` (an arrival's) is not the priors input.
-    fn note_for_priors(&self, key: &[u8], inputs: u64) {
+    /// Asks for `key`'s priors when an arrival of `study_uid` joined `inputs` other than the
+    /// priors input (after it is in the map, so the retrieval sees it as the batch's own).
+    fn note_for_priors(&self, key: &[u8], inputs: u64, study_uid: Option<&str>) {
         if let Some(p) = &self.priors {
             if inputs != p.bit {
-                p.note_patient(key);
+                p.note_patient(key, study_uid);
             }
         }
     }
@@ -577,6 +578,10 @@ pub fn start(
         ctx.send_job(j);
     }
     recover_patients(&ctx)?;
+    if let Some(pr) = &ctx.pipeline.priors {
+        let map = &ctx.pipeline.map;
+        pr.prune(|key| map.get(key, &map.pin()).is_some());
+    }
     // Locations in manifests are matched: the log may move records from now on.
     ctx.log.enable_compaction();
 
@@ -674,10 +679,11 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             tracing::warn!(path = %path.display(), "unreadable instance left in place");
             continue;
         };
-        ctx.pipeline
-            .note_for_priors(&arrival.key, arrival.record.inputs);
+        let (inputs, study) = (arrival.record.inputs, arrival.record.study_uid.clone());
         map.insert(&arrival.key, arrival.record, mtime, &map.pin())
             .request_evaluation();
+        ctx.pipeline
+            .note_for_priors(&arrival.key, inputs, study.as_deref());
         instances += 1;
     }
     // Small instances waiting in the segment log.
@@ -729,9 +735,10 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
         let (key, mut record) = ctx.pipeline.describe(&values, &from);
         record.path = path;
         record.bytes = crate::storage::part10::file_len(&inst.file_meta(), inst.data_set.len());
-        ctx.pipeline.note_for_priors(&key, record.inputs);
+        let (inputs, study) = (record.inputs, record.study_uid.clone());
         map.insert(&key, record, inst.meta.received_ms, &map.pin())
             .request_evaluation();
+        ctx.pipeline.note_for_priors(&key, inputs, study.as_deref());
         instances += 1;
     }
     if instances > 0 {
@@ -837,8 +844,9 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
                         };
                         opened(&found);
                         if new {
-                            p.note_for_priors(&key, record.inputs);
+                            let (inputs, study) = (record.inputs, record.study_uid.clone());
                             let took = p.map.insert(&key, record, now, &g);
+                            p.note_for_priors(&key, inputs, study.as_deref());
                             if !Arc::ptr_eq(&took, &found) {
                                 // `found` was retired meanwhile (it was empty, so nothing of
                                 // it can expire); the patient that took the record counts

@@ -58,9 +58,17 @@ pub enum Phase {
 /// One patient's retrieval, as kept in `DATA_DIR/priors/<patient folder>.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
-    /// The grouping key (Patient ID), as UTF-8 (lossy).
+    /// The grouping key (Patient ID) in hex: its exact bytes.
+    key_hex: String,
+    /// The same, as UTF-8 (lossy), for people and logs.
     patient_id: String,
+    /// Tells this batch's retrieval from an earlier one of the same patient (a retrieval
+    /// that ends after its batch was claimed must not write into the next one's entry).
+    generation: u64,
     began_ms: u64,
+    /// Study Instance UIDs of the batch's own (non-prior) instances, noted as they arrive.
+    #[serde(default)]
+    current: Vec<String>,
     phase: Phase,
     /// Study Instance UIDs being retrieved.
     studies: Vec<String>,
@@ -85,6 +93,21 @@ pub struct Priors {
     queue: Sender<Vec<u8>>,
     rx: Receiver<Vec<u8>>,
     dir: PathBuf,
+    next_generation: std::sync::atomic::AtomicU64,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 impl std::fmt::Debug for Priors {
@@ -144,6 +167,7 @@ impl Priors {
             queue: tx,
             rx,
             dir,
+            next_generation: std::sync::atomic::AtomicU64::new(now_ms()),
         };
         let mut routes = HashMap::new();
         for e in std::fs::read_dir(&p.dir)? {
@@ -161,7 +185,10 @@ impl Priors {
                     continue;
                 }
             };
-            let key = entry.patient_id.as_bytes().to_vec();
+            let Some(key) = unhex(&entry.key_hex) else {
+                tracing::warn!(path = %path.display(), "priors record without a valid key left in place");
+                continue;
+            };
             for s in &entry.studies {
                 routes.insert(s.clone(), (key.clone(), now_ms()));
             }
@@ -189,15 +216,25 @@ impl Priors {
             .map(|_| self.bit)
     }
 
-    /// A patient has an instance that is not a prior: the first time, its retrieval begins.
-    pub fn note_patient(&self, key: &[u8]) {
+    /// A patient has an instance (of `study_uid`) that is not a prior: the first time, its
+    /// retrieval begins; the study is noted as the batch's own either way, so that it is never
+    /// fetched as a prior.
+    pub fn note_patient(&self, key: &[u8], study_uid: Option<&str>) {
         let mut m = self.lock();
-        if m.contains_key(key) {
+        if let Some(e) = m.get_mut(key) {
+            if let Some(s) = study_uid {
+                if !e.current.iter().any(|c| c == s) && e.current.len() < 64 {
+                    e.current.push(s.to_string());
+                }
+            }
             return;
         }
         let entry = Entry {
+            key_hex: hex(key),
             patient_id: String::from_utf8_lossy(key).into_owned(),
+            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
             began_ms: now_ms(),
+            current: study_uid.map(str::to_string).into_iter().collect(),
             phase: Phase::Retrieving,
             studies: Vec::new(),
             expected: 0,
@@ -211,47 +248,93 @@ impl Priors {
         let _ = self.queue.send(key.to_vec());
     }
 
+    /// After recovery: retrieval records of patients with nothing pending (their batch was
+    /// claimed before a crash removed the record) go, so a next arrival asks again.
+    pub fn prune(&self, has_patient: impl Fn(&[u8]) -> bool) {
+        let mut m = self.lock();
+        let gone: Vec<Vec<u8>> = m.keys().filter(|k| !has_patient(k)).cloned().collect();
+        for k in gone {
+            m.remove(&k);
+            let _ = std::fs::remove_file(self.path(&k));
+        }
+    }
+
     /// Whether the priors let `key`'s batch go, given `have` instances of the priors input in
     /// it; `Err` says what it waits for.
     pub fn gate(&self, key: &[u8], have: u32) -> Result<(), String> {
-        let m = self.lock();
-        let Some(e) = m.get(key) else {
+        let mut m = self.lock();
+        let Some(e) = m.get_mut(key) else {
             drop(m);
-            self.note_patient(key); // recovered without a record: ask now
+            self.note_patient(key, None); // recovered without a record: ask now
             return Err("priors: not asked yet".into());
         };
-        match e.phase {
-            Phase::Retrieving => Err(match &e.last_error {
-                None => format!("priors: retrieving from {}", self.peer_address),
-                Some(err) => format!(
-                    "priors: retrieving from {} (attempt {} failed: {err})",
-                    self.peer_address, e.attempts
-                ),
-            }),
-            Phase::Done if have < e.expected => Err(format!(
-                "priors: {have} of {} retrieved instances in",
-                e.expected
-            )),
-            Phase::Done | Phase::None | Phase::TimedOut | Phase::Unqueryable => Ok(()),
+        let waiting = match e.phase {
+            Phase::Retrieving => true,
+            Phase::Done => have < e.expected,
+            Phase::None | Phase::TimedOut | Phase::Unqueryable => false,
+        };
+        if !waiting {
+            return Ok(());
         }
+        if now_ms()
+            >= e.began_ms
+                .saturating_add(self.config.timeout_seconds * 1000)
+        {
+            // The timeout holds whatever is missing: the retrieval, or instances a C-MOVE
+            // reported but that never reached this patient's batch.
+            tracing::warn!(
+                patient = %e.patient_id,
+                phase = ?e.phase,
+                have,
+                expected = e.expected,
+                last_error = e.last_error.as_deref().unwrap_or(""),
+                "priors: timed out ({} s): the patient goes on without the priors not yet in",
+                self.config.timeout_seconds
+            );
+            e.phase = Phase::TimedOut;
+            let e = e.clone();
+            self.persist(key, &e);
+            return Ok(());
+        }
+        Err(match (e.phase, &e.last_error) {
+            (Phase::Done, _) => format!("priors: {have} of {} retrieved instances in", e.expected),
+            (_, None) => format!("priors: retrieving from {}", self.peer_address),
+            (_, Some(err)) => format!(
+                "priors: retrieving from {} (attempt {} failed: {err})",
+                self.peer_address, e.attempts
+            ),
+        })
     }
 
     /// The batch of `key` was claimed, for processing or expiry: its retrieval record goes (a
     /// later batch of the patient asks again). Its routes stay a day, so instances of a C-MOVE still under way join the
     /// priors input rather than another.
     pub fn claimed(&self, key: &[u8]) {
-        if self.lock().remove(key).is_some() {
-            let _ = std::fs::remove_file(self.path(key));
-        }
+        let mut m = self.lock();
+        let finished = match m.remove(key) {
+            Some(e) => {
+                let _ = std::fs::remove_file(self.path(key));
+                e.phase != Phase::Retrieving && e.phase != Phase::TimedOut
+            }
+            None => false,
+        };
+        drop(m);
         let now = now_ms();
         let routes = self.routes.load();
-        if routes
-            .values()
-            .any(|(_, added)| now.saturating_sub(*added) > ROUTE_KEEP_MS)
+        // A finished retrieval's studies route nothing more (a later re-send of one of them is
+        // an ordinary arrival); a timed-out one's keep routing for a day, for its C-MOVEs
+        // still under way.
+        if finished && routes.values().any(|(k, _)| k.as_slice() == key)
+            || routes
+                .values()
+                .any(|(_, added)| now.saturating_sub(*added) > ROUTE_KEEP_MS)
         {
             self.routes.rcu(|r| {
                 let mut r = HashMap::clone(r);
-                r.retain(|_, (_, added)| now.saturating_sub(*added) <= ROUTE_KEEP_MS);
+                r.retain(|_, (k, added)| {
+                    !(finished && k.as_slice() == key)
+                        && now.saturating_sub(*added) <= ROUTE_KEEP_MS
+                });
                 r
             });
         }
@@ -262,31 +345,37 @@ impl Priors {
             .join(format!("{}.json", crate::storage::patient_dir_name(key)))
     }
 
-    /// Writes `e` durably (a temporary file, fsync, rename, fsync of the folder).
-    fn persist(&self, e: &Entry) -> io::Result<()> {
-        let path = self.path(e.patient_id.as_bytes());
+    /// Writes `e` durably (a temporary file, fsync, rename, fsync of the folder). Called with
+    /// the entries' lock held, so a claim that removes the record cannot be overtaken by a
+    /// write of it; a failure is logged (the retrieval goes on; a restart asks again).
+    fn persist(&self, key: &[u8], e: &Entry) {
+        let path = self.path(key);
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(e).map_err(io::Error::other)?;
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&self.dir)?.sync_all()
-    }
-
-    /// Updates `key`'s entry with `f` and writes it.
-    fn update(&self, key: &[u8], f: impl FnOnce(&mut Entry)) -> Option<Entry> {
-        let mut m = self.lock();
-        let e = m.get_mut(key)?;
-        f(e);
-        let e = e.clone();
-        drop(m);
-        if let Err(err) = self.persist(&e) {
+        let r = serde_json::to_vec_pretty(e)
+            .map_err(io::Error::other)
+            .and_then(|bytes| {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(&self.dir)?.sync_all()
+            });
+        if let Err(err) = r {
             tracing::warn!(patient = %e.patient_id, error = %err, "could not write the priors record");
         }
-        Some(e)
+    }
+
+    /// Updates `key`'s entry with `f` and writes it, if it is still the retrieval of
+    /// `generation` (not claimed meanwhile, not a later batch's).
+    fn update(&self, key: &[u8], generation: u64, f: impl FnOnce(&mut Entry)) -> bool {
+        let mut m = self.lock();
+        let Some(e) = m.get_mut(key).filter(|e| e.generation == generation) else {
+            return false;
+        };
+        f(e);
+        let e = e.clone();
+        self.persist(key, &e);
+        true
     }
 
     fn add_routes(&self, key: &[u8], studies: &[String]) {
@@ -328,32 +417,43 @@ pub fn run(
         let Some(e) = p.lock().get(&key).cloned() else {
             continue; // claimed meanwhile
         };
-        if e.phase != Phase::Retrieving {
-            continue;
-        }
         let deadline = e.began_ms + p.config.timeout_seconds * 1000;
-        if now >= deadline {
-            p.update(&key, |e| e.phase = Phase::TimedOut);
-            tracing::warn!(
-                patient = %e.patient_id,
-                attempts = e.attempts,
-                last_error = e.last_error.as_deref().unwrap_or(""),
-                "priors: timed out ({} s): the patient goes on without the priors not yet in",
-                p.config.timeout_seconds
-            );
+        if e.phase == Phase::Done && now >= deadline {
+            // Done but perhaps not all in: the checker's gate lets it go now (the timeout).
             evaluate(key);
             continue;
         }
-        match retrieve(p, &key, &e.patient_id, &current(&key), shutdown) {
+        if e.phase != Phase::Retrieving {
+            continue;
+        }
+        let g = e.generation;
+        if now >= deadline {
+            if p.update(&key, g, |e| e.phase = Phase::TimedOut) {
+                tracing::warn!(
+                    patient = %e.patient_id,
+                    attempts = e.attempts,
+                    last_error = e.last_error.as_deref().unwrap_or(""),
+                    "priors: timed out ({} s): the patient goes on without the priors not yet in",
+                    p.config.timeout_seconds
+                );
+                evaluate(key);
+            }
+            continue;
+        }
+        let mut own = current(&key);
+        own.extend(e.current.iter().cloned());
+        let outcome = retrieve(p, &key, &e, &own, deadline, shutdown);
+        let (changed, why) = match outcome {
             Ok(Outcome::Unqueryable(why)) => {
                 tracing::warn!(patient = %e.patient_id, "priors: {why}");
-                p.update(&key, |e| e.phase = Phase::Unqueryable);
-                evaluate(key);
+                (
+                    p.update(&key, g, |e| e.phase = Phase::Unqueryable),
+                    "unqueryable",
+                )
             }
             Ok(Outcome::Nothing) => {
                 tracing::info!(patient = %e.patient_id, peer = %p.peer_address, "priors: no earlier study");
-                p.update(&key, |e| e.phase = Phase::None);
-                evaluate(key);
+                (p.update(&key, g, |e| e.phase = Phase::None), "none")
             }
             Ok(Outcome::Moved { studies, completed }) => {
                 tracing::info!(
@@ -363,12 +463,16 @@ pub fn run(
                     instances = completed,
                     "priors: retrieved"
                 );
-                p.update(&key, |e| {
+                let done = p.update(&key, g, |e| {
                     e.phase = Phase::Done;
                     e.expected = completed;
                     e.studies = studies;
                 });
-                evaluate(key);
+                if done {
+                    // Looked at again at the timeout, in case not all of them arrive.
+                    later.push((deadline, key.clone()));
+                }
+                (done, "done")
             }
             Err(err) => {
                 let attempts = e.attempts + 1;
@@ -381,12 +485,19 @@ pub fn run(
                     error = %err,
                     "priors: retrieval failed; retrying"
                 );
-                p.update(&key, |e| {
+                if p.update(&key, g, |e| {
                     e.attempts = attempts;
                     e.last_error = Some(err);
-                });
-                later.push(((now_ms() + delay).min(deadline), key));
+                }) {
+                    later.push(((now_ms() + delay).min(deadline), key.clone()));
+                }
+                (false, "retry")
             }
+        };
+        if changed {
+            evaluate(key);
+        } else if why != "retry" {
+            tracing::debug!(patient = %e.patient_id, "priors: the batch was claimed during its retrieval; result dropped");
         }
     }
 }
@@ -419,14 +530,26 @@ fn since(max_age_days: u32, now_ms: u64) -> Option<String> {
     Some(format!("{y:04}{m:02}{d:02}"))
 }
 
-/// One attempt: C-FIND, choose, route, C-MOVE each chosen study.
+/// One attempt of retrieval `e`: C-FIND, choose, route, C-MOVE each chosen study, all before
+/// `deadline_ms` (each response is checked against it, and the socket timeout is what is left).
 fn retrieve(
     p: &Priors,
     key: &[u8],
-    patient_id: &str,
+    e: &Entry,
     current: &[String],
+    deadline_ms: u64,
     shutdown: &AtomicBool,
 ) -> Result<Outcome, String> {
+    let patient_id = e.patient_id.as_str();
+    // C-FIND without a Specific Character Set means the default repertoire (PS3.5 6.1.2.1):
+    // a key that is not printable ASCII cannot be asked for as it is.
+    if !key.iter().all(|b| (0x20..0x7F).contains(b)) {
+        return Ok(Outcome::Unqueryable(format!(
+            "Patient ID {patient_id:?} is not plain ASCII: not queried"
+        )));
+    }
+    let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+    let deadline = std::time::Instant::now() + left;
     let q = StudyQuery {
         patient_id: patient_id.to_string(),
         since: since(p.config.max_age_days, now_ms()),
@@ -450,14 +573,15 @@ fn retrieve(
     let opts = ScuOptions {
         calling_ae: p.calling_ae.clone(),
         called_ae: p.peer_ae.clone(),
-        timeout: Duration::from_secs(30),
+        // A C-MOVE may send no pending response for minutes: wait as long as the timeout lets.
+        timeout: left.max(Duration::from_secs(5)),
         ..Default::default()
     };
     let who = format!("{}@{}", p.peer_ae, p.peer_address);
     let mut c =
         Client::open(&p.peer_address, &opts, &proposals).map_err(|e| format!("{who}: {e}"))?;
     let found = c
-        .find_studies(&q, MAX_MATCHES)
+        .find_studies(&q, MAX_MATCHES, Some(deadline))
         .map_err(|e| format!("{who}: C-FIND: {e}"))?;
     if found.status != 0x0000 {
         let _ = c.release();
@@ -490,8 +614,11 @@ fn retrieve(
     let studies: Vec<String> = chosen.into_iter().map(|m| m.study_instance_uid).collect();
     // Routed (and written down) before the first C-MOVE: the instances may arrive before its
     // first response does.
+    if !p.update(key, e.generation, |e| e.studies = studies.clone()) {
+        let _ = c.release();
+        return Err("the batch was claimed meanwhile".into());
+    }
     p.add_routes(key, &studies);
-    p.update(key, |e| e.studies = studies.clone());
     let mut completed = 0u32;
     for s in &studies {
         if shutdown.load(Ordering::Acquire) {
@@ -499,7 +626,7 @@ fn retrieve(
             return Err("node stopping".into());
         }
         let m = c
-            .move_study(&p.move_destination, patient_id, s)
+            .move_study(&p.move_destination, patient_id, s, Some(deadline))
             .map_err(|e| format!("{who}: C-MOVE of {s}: {e}"))?;
         match m.status {
             // Success, or warning: some sub-operations failed or warned (PS3.4 C.4.2.1.5).

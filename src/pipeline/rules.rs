@@ -525,6 +525,20 @@ impl Rules {
                         c.name
                     ));
                 }
+                if let Some(d) = &pc.move_destination {
+                    let t = d.trim();
+                    if t.is_empty()
+                        || t.len() > 16
+                        || t.bytes()
+                            .any(|b| b == b'\\' || b.is_ascii_control() || !b.is_ascii())
+                    {
+                        return Err(format!(
+                            "input {:?}: move_destination = {d:?} is not an AE title (1 to 16 \
+                             characters, no backslash or control character: PS3.5 Table 6.2-1)",
+                            c.name
+                        ));
+                    }
+                }
                 if pc.max_studies == 0 {
                     return Err(format!(
                         "input {:?}: max_studies must be at least 1",
