@@ -565,9 +565,11 @@ pub(super) fn process(ctx: &Context, id: &str) {
             }
             let stats = &ctx.pipeline.stats;
             stats.processing_runs.fetch_add(1, Ordering::Relaxed);
+            let took = started.elapsed();
             stats
                 .processing_micros
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            stats.processing_seconds.0.observe(took.as_secs_f64());
             if result.is_err() {
                 stats.processing_failures.fetch_add(1, Ordering::Relaxed);
             }

@@ -135,9 +135,25 @@ pub struct Stats {
     pub processing_runs: AtomicU64,
     pub processing_failures: AtomicU64,
     pub processing_micros: AtomicU64,
+    /// The same runs' durations, one observation each (`/metrics`'
+    /// `dicomgate_processing_duration_seconds`).
+    pub processing_seconds: ProcessingSeconds,
     /// Failed export attempts, by destination (the `[[export]]` index; one default folder
     /// export when there is none).
     pub export_failures: Vec<AtomicU64>,
+}
+
+/// Histogram of processing run durations: 0.1 s to ~55 min, doubling (a CT reconstruction or
+/// an AI model takes seconds to minutes; a timeout is at most `[processing] timeout_seconds`).
+#[derive(Debug, Clone)]
+pub struct ProcessingSeconds(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for ProcessingSeconds {
+    fn default() -> Self {
+        ProcessingSeconds(prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.1, 2.0, 16),
+        ))
+    }
 }
 
 impl Stats {
