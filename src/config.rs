@@ -37,6 +37,32 @@ pub struct Config {
     /// `[[peer]]`: known peers, by name.
     #[serde(rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
+    /// `[log]`: what the log lines show and how they are written.
+    pub log: LogConfig,
+}
+
+/// `[log]`: the node's log (stderr).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Whether pipeline log lines show the Patient ID (the grouping key) beside the patient's
+    /// digest. Default false: logs are shipped, rotated and kept where protected health
+    /// information does not belong; the digest (the patient's folder under `patients/`, the
+    /// one the status page and `dicomgate ls` show beside the Patient ID) is enough to find
+    /// the patient. Association lines show AE titles and addresses, never patient data.
+    pub phi: bool,
+    /// `text` (human-readable, the default) or `json` (one JSON object per line, for log
+    /// shippers); `dicomgate serve --log-format` overrides it.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[tls]`: DICOM over TLS (PS3.15 B.12, the BCP 195 profile) on a listener of its own, beside
@@ -458,6 +484,12 @@ fn one_u32() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     pub kind: ExportKind,
+    /// What log lines, `/metrics` (`destination` label), failure reasons and the status page
+    /// call this destination: letters, digits, `-`, `_`, `.`, at most 64; unique. Default
+    /// `export-N`, N its position among the `[[export]]` sections from 0 (as in "export N:"
+    /// configuration errors); see [`Config::export_name`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// `dicom`: the `[[peer]]` name to send to, instead of `address` and `ae_title` (its
     /// address and AE title are filled in at start-up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -583,6 +615,44 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     };
     let secs = n * mult;
     (secs <= MAX_SECONDS).then(|| Duration::from_secs_f64(secs))
+}
+
+impl Config {
+    /// The name of `[[export]]` number `i` (from 0): its `name`, else `export-{i}`. With no
+    /// `[[export]]` at all, the default folder export (index 0) is `export-0` too.
+    pub fn export_name(&self, i: usize) -> String {
+        self.exports
+            .get(i)
+            .and_then(|e| e.name.clone())
+            .unwrap_or_else(|| format!("export-{i}"))
+    }
+
+    /// Each `[[export]]`'s name (given or default) is a short name of letters, digits, `-`,
+    /// `_` and `.`, and no two are the same.
+    fn validate_export_names(&self) -> Result<(), ConfigError> {
+        let mut seen: Vec<(String, usize)> = Vec::new();
+        for i in 0..self.exports.len() {
+            let name = self.export_name(i);
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return Err(ConfigError(format!(
+                    "export {i}: name {name:?}: give 1-64 letters, digits, '-', '_' or '.'"
+                )));
+            }
+            if let Some((_, j)) = seen.iter().find(|(n, _)| *n == name) {
+                return Err(ConfigError(format!(
+                    "export {i}: name {name:?} is export {j}'s too: give each [[export]] its own \
+                     name (unnamed exports are called export-N, N their position from 0)"
+                )));
+            }
+            seen.push((name, i));
+        }
+        Ok(())
+    }
 }
 
 /// A configuration that cannot be used.
@@ -725,6 +795,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
+        self.validate_export_names()?;
         if !valid_ae(&self.node.ae_title) {
             return err(format!(
                 "node.ae_title {:?} is not a valid AE title (1-16 chars)",

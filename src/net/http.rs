@@ -364,13 +364,13 @@ pub fn render(shared: &Shared) -> String {
     for (i, n) in s.export_failures.iter().enumerate() {
         export_failures
             .get_or_create(&DestinationLabel {
-                destination: i.to_string(),
+                destination: shared.config.export_name(i),
             })
             .inc_by(n.load(Ordering::Relaxed));
     }
     r.register(
         "export_failures",
-        "Failed export attempts, by destination ([[export]] index)",
+        "Failed export attempts, by destination (its [[export]] name)",
         export_failures,
     );
     r.register(
