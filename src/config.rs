@@ -1510,8 +1510,9 @@ ae_title = "PACS"
         assert!(Config::from_toml("[patients]\ngroup_by = \"Nope\"\n").is_err());
     }
 
-    /// README.md's configuration block parses, and its values are the defaults (the one
-    /// `[[input]]` example aside), so the README cannot drift from the code.
+    /// README.md's configuration block parses, and its values are the defaults and nothing
+    /// else (issue 12: it held a CT-only `[[input]]` example, which, copied, refused every
+    /// non-CT image), so the README cannot drift from the code.
     #[test]
     fn readme_config_block_is_the_defaults() {
         let readme = include_str!("../README.md");
@@ -1519,13 +1520,36 @@ ae_title = "PACS"
         let block = &readme[start..];
         let block = &block[block.find("```toml").unwrap() + 7..];
         let block = &block[..block.find("```").unwrap()];
-        let mut c = Config::from_toml(block).unwrap();
-        assert_eq!(c.inputs.len(), 1);
-        c.inputs.clear();
+        let c = Config::from_toml(block).unwrap();
+        assert!(c.inputs.is_empty(), "an [[input]] in the defaults block");
+        assert!(c.exports.is_empty() && c.peers.is_empty() && c.processing.is_none());
         assert_eq!(
             toml::to_string(&c).unwrap(),
             toml::to_string(&Config::default()).unwrap()
         );
+    }
+
+    /// README.md's second configuration block (the sections absent by default, commented out)
+    /// names only real fields: uncommented, it deserializes (unknown fields are refused).
+    #[test]
+    fn readme_reference_block_names_real_fields() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("## Configuration").unwrap();
+        let rest = &readme[start..];
+        let rest = &rest[rest.find("```toml").unwrap() + 7..];
+        let rest = &rest[rest.find("```").unwrap() + 3..];
+        let block = &rest[rest.find("```toml").unwrap() + 7..];
+        let block = &block[..block.find("```").unwrap()];
+        let uncommented: String = block
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: Config = toml::from_str(&uncommented).unwrap();
+        assert_eq!(c.inputs.len(), 1);
+        assert_eq!(c.exports.len(), 1);
+        assert_eq!(c.peers.len(), 1);
+        assert!(c.processing.is_some());
     }
 
     /// `[processing] empty_output` defaults to the safe `fail`; a bad value is refused at
