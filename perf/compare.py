@@ -94,6 +94,10 @@ def receiver_command(name, work, port):
                 f'[node]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{data}"\n'
                 + NODE_EXTRA.get("node", "")
                 + f'[limits]\nmax_pdu_length = {MAX_PDU}\n'
+                # Every sender is one loopback address and one AE title: the per-address and
+                # per-AE limits (32 and 64 by default) would refuse scaling runs' senders.
+                + 'max_associations = 4096\nmax_associations_per_address = 4096\n'
+                + 'max_associations_per_calling_ae = 4096\n'
                 + NODE_EXTRA.get("limits", "")
                 + f'[storage]\ndurability = "{durability}"\n{inline}'
                 + NODE_EXTRA.get("storage", "")

@@ -297,6 +297,16 @@ pub struct Limits {
     pub max_associations: usize,
     /// Concurrent associations from one calling AE title; rejected with 2/3/2 beyond.
     pub max_associations_per_calling_ae: usize,
+    /// Concurrent associations from one requestor IP address (an IPv4-mapped IPv6 address
+    /// counts as its IPv4 address); rejected with 2/3/2 beyond. AE titles are whatever a peer
+    /// claims; its address is what it cannot choose freely.
+    pub max_associations_per_address: usize,
+    /// Slowest a peer may send inside a message: while a PDU or a DIMSE message is partly
+    /// received, every window of [`crate::dimse::service::MIN_RATE_WINDOW`] (10 s) must bring
+    /// at least this many bytes per second on average, or the association is aborted (A-ABORT,
+    /// service provider). Windows in which the node itself paused reading (backpressure) are
+    /// not judged. 0 = no minimum.
+    pub min_bytes_per_second: u64,
     /// Open TCP connections (associated or not); beyond it new connections are closed at once.
     pub max_connections: usize,
     /// Outstanding C-STORE operations one association may have on us (asynchronous operations
@@ -321,6 +331,8 @@ impl Default for Limits {
             max_buffered_bytes: 32 << 20,
             max_associations: 256,
             max_associations_per_calling_ae: 64,
+            max_associations_per_address: 32,
+            min_bytes_per_second: 1024,
             max_connections: 2048,
             max_operations_performed: 16,
             artim_seconds: 30,
@@ -743,6 +755,19 @@ impl Config {
             e.address = Some(p.address.clone());
             e.ae_title = Some(p.ae_title.clone());
         }
+        // A priors input's Query/Retrieve SCP is a [[peer]] too.
+        for input in &self.inputs {
+            let Some(name) = &input.qr_peer else { continue };
+            if !self.peers.iter().any(|p| &p.name == name) {
+                let names: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+                return Err(ConfigError(format!(
+                    "input {:?}: qr_peer = {name:?} names no [[peer]] (peers: {}); add a \
+                     [[peer]] with the Query/Retrieve SCP's name, ae_title and address",
+                    input.name,
+                    names.join(", ")
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -914,11 +939,31 @@ impl Config {
         if l.max_presentation_contexts == 0 || l.max_presentation_contexts > 128 {
             return err("limits.max_presentation_contexts must be 1..=128".into());
         }
-        if l.max_associations == 0
-            || l.max_associations_per_calling_ae == 0
-            || l.max_connections == 0
-        {
-            return err("association and connection limits must be at least 1".into());
+        for (field, v) in [
+            ("limits.max_associations", l.max_associations),
+            (
+                "limits.max_associations_per_calling_ae",
+                l.max_associations_per_calling_ae,
+            ),
+            (
+                "limits.max_associations_per_address",
+                l.max_associations_per_address,
+            ),
+            ("limits.max_connections", l.max_connections),
+        ] {
+            if v == 0 {
+                return err(format!(
+                    "{field} = 0: must be at least 1 (it bounds concurrent associations or \
+                     connections; there is no \"unlimited\")"
+                ));
+            }
+        }
+        if l.min_bytes_per_second > 1 << 40 {
+            return err(format!(
+                "limits.min_bytes_per_second = {}: at most {} (1 TiB/s); 0 turns the minimum off",
+                l.min_bytes_per_second,
+                1u64 << 40
+            ));
         }
         for (field, v) in [
             ("limits.artim_seconds", l.artim_seconds),
@@ -1374,6 +1419,7 @@ impl Config {
             // Larger than what goes to the log (those are held whole and appended), and not
             // so small that every modest image pays for chunked writes.
             stream_above: self.storage.inline_max_bytes.max(STREAM_ABOVE_MIN),
+            min_bytes_per_second: self.limits.min_bytes_per_second,
         }
     }
 
@@ -1611,6 +1657,60 @@ ae_title = "PACS"
     }
 
     /// Issue 11: `min_instances = 0` was accepted and silently meant 1.
+    /// Issue 14 item 6: a `kind = "priors"` input needs a qr_peer naming a [[peer]], takes no
+    /// rules of its own, and there is one at most; its settings on another input are refused.
+    #[test]
+    fn priors_inputs_are_checked_at_start_up() {
+        let peer = "[[peer]]\nname = \"pacs\"\nae_title = \"QR\"\naddress = \"127.0.0.1:104\"\n";
+        let ok = format!("{peer}[[input]]\nname = \"p\"\nkind = \"priors\"\nqr_peer = \"pacs\"\n");
+        let c = Config::from_toml(&ok).unwrap();
+        assert_eq!(c.inputs[0].priors().max_studies, 5, "default");
+        assert!(c.rules().unwrap().priors == Some(1));
+        for (toml, says) in [
+            (
+                format!("{peer}[[input]]\nname = \"p\"\nkind = \"priors\"\n"),
+                "needs qr_peer",
+            ),
+            (
+                "[[input]]\nname = \"p\"\nkind = \"priors\"\nqr_peer = \"nas\"\n".into(),
+                "qr_peer = \"nas\" names no [[peer]]",
+            ),
+            (
+                format!("{peer}[[input]]\nname = \"c\"\nqr_peer = \"pacs\"\n"),
+                "belong to kind = \"priors\"",
+            ),
+            (
+                format!("{ok}match = {{ Modality = \"CT\" }}\n"),
+                "takes what its retrieval brings",
+            ),
+            (
+                format!("{ok}[[input]]\nname = \"q\"\nkind = \"priors\"\nqr_peer = \"pacs\"\n"),
+                "only one input",
+            ),
+            (format!("{ok}timeout_seconds = 0\n"), "timeout_seconds = 0"),
+        ] {
+            let e = refused(&toml);
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn association_limits_of_zero_are_refused_naming_the_field() {
+        for field in [
+            "max_associations",
+            "max_associations_per_calling_ae",
+            "max_associations_per_address",
+            "max_connections",
+        ] {
+            let e = refused(&format!("[limits]\n{field} = 0\n"));
+            assert!(e.contains(&format!("limits.{field} = 0")), "{e}");
+        }
+        let e = refused("[limits]\nmin_bytes_per_second = 2199023255553\n");
+        assert!(e.contains("limits.min_bytes_per_second"), "{e}");
+        let c = Config::from_toml("[limits]\nmin_bytes_per_second = 0\n").unwrap();
+        assert_eq!(c.service_config(vec![]).min_bytes_per_second, 0, "0: off");
+    }
+
     #[test]
     fn min_instances_zero_is_refused() {
         let e = refused("[[input]]\nname = \"ct\"\nmin_instances = 0\n");

@@ -564,6 +564,8 @@ pub fn dimse_service(data: &[u8]) {
     let mut sent_ids: Vec<u16> = Vec::new();
     let mut answered = 0usize;
     let mut granted = true;
+    // Inbox bytes the service was already told it received.
+    let mut told = 0usize;
     while !c.done() {
         match c.u8() % 8 {
             0..=3 => {
@@ -625,6 +627,9 @@ pub fn dimse_service(data: &[u8]) {
                 _ => inbox.extend_from_slice(c.bytes(16)),
             },
             6 => {
+                if c.u8() % 4 == 0 {
+                    svc.handle_read_paused(now);
+                }
                 now += Duration::from_secs(u64::from(c.u8()));
                 svc.handle_timeout(now);
             }
@@ -632,9 +637,11 @@ pub fn dimse_service(data: &[u8]) {
         }
         // The host's part: feed what the service takes, hand stores out, write.
         let pdvs_in_pdu = 8;
+        svc.handle_received(now, inbox.len().saturating_sub(told));
         let n = svc.handle_input(now, &inbox, &cfg, &granted);
         granted = !granted || c.u8() % 2 == 0;
         inbox.drain(..n);
+        told = inbox.len();
         let outstanding = svc.stores_waiting() + svc.stores_in_flight();
         assert!(
             outstanding <= usize::from(window) + pdvs_in_pdu,

@@ -297,6 +297,7 @@ impl Read for Link {
 
 impl Write for Link {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.node.svc.handle_received(self.node.now, buf.len());
         self.node.inbox.extend_from_slice(buf);
         Ok(buf.len())
     }
@@ -655,7 +656,10 @@ fn interleaved_messages_are_aborted() {
 /// completes and is accounted for, with nobody left to answer.
 #[test]
 fn timers_abort_a_silent_peer_and_stores_in_flight_still_complete() {
-    let node = SimNode::new(3, 4, 4);
+    let mut node = SimNode::new(3, 4, 4);
+    // This is the DIMSE timer's test: the minimum rate (which would abort first) is off.
+    node.cfg.min_bytes_per_second = 0;
+    node.svc = Service::new(node.now, &node.cfg);
     let mut c = connect(node, 4);
     let (c0, d0) = raw_store_pdvs(1, 1, 0);
     let (c1, _) = raw_store_pdvs(1, 2, 1);
@@ -842,4 +846,137 @@ fn abort_in_the_middle_of_a_streamed_data_set() {
         with_writes_in_flight > 0,
         "no seed had writes in flight at the abort: the test proves nothing"
     );
+}
+
+/// Feeds `bytes` to the node `step` bytes at a time, one every `every` of simulated time,
+/// firing the service's timers when they come due, until the bytes run out or the node closes
+/// or aborts (or `max` of simulated time has passed). Returns the simulated time it took.
+fn drip(node: &mut SimNode, bytes: &[u8], step: usize, every: Duration, max: Duration) -> Duration {
+    let start = node.now;
+    let mut pos = 0;
+    let ended = |n: &SimNode| n.svc.is_closed() || n.svc.state() == State::Sta13;
+    while pos < bytes.len() && !ended(node) && node.now - start < max {
+        let next = node.now + every;
+        while let Some(t) = node.svc.poll_timeout().filter(|&t| t <= next) {
+            node.now = node.now.max(t);
+            node.svc.handle_timeout(node.now);
+            node.collect_output();
+        }
+        if ended(node) {
+            break;
+        }
+        node.now = next;
+        let end = (pos + step).min(bytes.len());
+        node.svc.handle_received(node.now, end - pos);
+        node.inbox.extend_from_slice(&bytes[pos..end]);
+        pos = end;
+        node.settle();
+    }
+    node.now - start
+}
+
+/// Issue 13 item 5: a peer dripping one byte every 50 ms into a C-STORE's data set (each PDU
+/// of the data set a few bytes long, so the DIMSE timer, which counts PDUs, never fires) is
+/// aborted at the end of the first 10 s rate window: A-ABORT, service provider, reason not
+/// specified, and the outcome says why. Without `min_bytes_per_second` it kept its slot.
+#[test]
+fn a_peer_dripping_into_a_message_is_aborted_after_one_rate_window() {
+    let node = SimNode::new(11, 1, 4);
+    let mut c = connect(node, 1);
+    let (cmd, _) = raw_store_pdvs(1, 1, 0);
+    // The data set as PDUs of 1 byte of data each (P-DATA-TF header 6 + PDV header 6 + 1).
+    let data = data_set(0);
+    let mut pdus = Vec::new();
+    for (i, b) in data.iter().enumerate() {
+        let last = i + 1 == data.len();
+        dicomgate::ul::pdu::put_pdata_header(&mut pdus, 1, u8::from(last) << 1, 1);
+        pdus.push(*b);
+    }
+    let node = &mut c.stream().node;
+    assert_eq!(node.cfg.min_bytes_per_second, 1024, "the default");
+    node.outbox.clear();
+    node.inbox.extend_from_slice(&cmd);
+    node.svc.handle_received(node.now, cmd.len());
+    node.settle();
+    let took = drip(
+        node,
+        &pdus,
+        1,
+        Duration::from_millis(50),
+        Duration::from_secs(600),
+    );
+    assert_eq!(last_abort(node), Some((2, 0)), "A-ABORT, service provider");
+    assert!(
+        node.svc.outcome().is_some_and(|o| o.contains("too slow")),
+        "outcome: {:?}",
+        node.svc.outcome()
+    );
+    assert!(took <= Duration::from_secs(10), "simulated {took:?}");
+    assert!(node.stored.is_empty());
+}
+
+/// A peer that sends at twice the minimum inside one message (a 100 KB data set at 2 KiB/s,
+/// fifty seconds of simulated time, five rate windows) is stored and answered, never aborted.
+#[test]
+fn a_peer_above_the_minimum_rate_is_not_aborted() {
+    let node = SimNode::new(12, 1, 4);
+    let mut c = connect(node, 1);
+    let data = big_data_set(0, 100_000);
+    let rq = CommandSet {
+        command_field: command_field::C_STORE_RQ,
+        message_id: Some(1),
+        affected_sop_class_uid: Some(CT.as_bytes().to_vec()),
+        affected_sop_instance_uid: Some(sop(0).into_bytes()),
+        priority: Some(0),
+        command_data_set_type: 0,
+        ..Default::default()
+    };
+    let mut cmd = Vec::new();
+    command::encode(&rq, &mut cmd);
+    let mut bytes = Vec::new();
+    message::fragment(&mut bytes, 1, true, &cmd, 16384);
+    message::fragment(&mut bytes, 1, false, &data, 16384);
+    let node = &mut c.stream().node;
+    node.outbox.clear();
+    // 2,048 bytes per second: 205 bytes every 100 ms.
+    let took = drip(
+        node,
+        &bytes,
+        205,
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    );
+    assert!(took > Duration::from_secs(40), "several windows: {took:?}");
+    assert_eq!(
+        last_abort(node),
+        None,
+        "not aborted: {:?}",
+        node.svc.outcome()
+    );
+    assert_eq!(node.stored, vec![sop(0)]);
+    assert!(node.sent.iter().any(|&(t, _)| t == 0x04), "answered");
+}
+
+/// A window in which the node itself paused reading (the memory budget or a full pipeline
+/// queue: `handle_read_paused`) is not judged, however little arrived; the next window, with
+/// the node reading again, is.
+#[test]
+fn a_window_the_node_paused_is_not_judged() {
+    let node = SimNode::new(13, 1, 4);
+    let mut c = connect(node, 1);
+    let (cmd, _) = raw_store_pdvs(1, 1, 0);
+    let node = &mut c.stream().node;
+    node.outbox.clear();
+    node.inbox.extend_from_slice(&cmd);
+    node.svc.handle_received(node.now, cmd.len());
+    node.settle();
+    // Inside the message now (its data set is due); nothing arrives.
+    let start = node.now;
+    node.svc.handle_read_paused(node.now);
+    assert!(node.fire_next_timer());
+    assert_eq!(node.now - start, Duration::from_secs(10), "the rate window");
+    assert_eq!(last_abort(node), None, "a paused window is not judged");
+    assert!(node.fire_next_timer());
+    assert_eq!(node.now - start, Duration::from_secs(20), "the next window");
+    assert_eq!(last_abort(node), Some((2, 0)), "judged: too slow");
 }

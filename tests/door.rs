@@ -376,3 +376,159 @@ fn an_unresolvable_peer_host_is_fatal_only_when_addresses_are_checked() {
         "{err}"
     );
 }
+
+/// Issue 13 item 5: `[limits] max_associations_per_address`. With two associations held from
+/// 127.0.0.1 (the limit), a third from there is answered A-ASSOCIATE-RJ (2, 3, 2) (transient,
+/// service provider (presentation), local limit exceeded), one from 127.0.0.2 is accepted and
+/// stores, and once one of the two ends, 127.0.0.1 is accepted again.
+#[test]
+fn max_associations_per_address_rejects_with_local_limit_exceeded() {
+    use dicomgate::net::scu::Client;
+    let node = Node::start(
+        "[limits]\nmax_associations_per_address = 2\n[http]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let held: Vec<Client> = ["HOLD1", "HOLD2"]
+        .iter()
+        .map(|ae| {
+            Client::connect(node.addr, &scu_options(ae), &[ct_proposal_in(EXPLICIT_LE)]).unwrap()
+        })
+        .collect();
+    let local = identity(&node, "PYSCU", "127.0.0.1", 0, "", "", 0);
+    assert_eq!(local, "REJECTED 2 3 2\n", "over the limit from 127.0.0.1");
+    let (_, metrics) = http_get(&http_addr(&node), "/metrics");
+    assert!(
+        metrics.contains(
+            "dicomgate_associations_rejected_total{result=\"2\",source=\"3\",reason=\"2\"} 1\n"
+        ),
+        "{metrics}"
+    );
+    let other = identity(&node, "PYSCU", "127.0.0.2", 0, "", "", 0);
+    assert!(
+        other.starts_with("ACCEPTED") && other.contains("STATUS 0x0000"),
+        "127.0.0.2 has its own count: {other}"
+    );
+    let mut held = held;
+    held.pop().unwrap().release().unwrap();
+    // The slot frees once the node sees the transport close.
+    assert!(
+        wait_until(10, || identity(&node, "PYSCU", "127.0.0.1", 0, "", "", 0)
+            .contains("STATUS 0x0000")),
+        "127.0.0.1 accepted again once one of its associations ended\n{}",
+        node.log()
+    );
+}
+
+/// Issue 13 item 5: 300 established associations each dripping one byte every 50 ms into a
+/// C-STORE (its command sent whole, then its data set's P-DATA-TF one byte at a time) are all
+/// aborted with A-ABORT by `[limits] min_bytes_per_second` (default 1024, judged over 10 s
+/// windows), while DCMTK storescu keeps storing. The idle and DIMSE timers are set to an hour
+/// here, so nothing else can abort them within the test's bound.
+#[test]
+fn three_hundred_dripping_senders_are_aborted_while_storescu_stores() {
+    use dicomgate::dimse::command::{self, command_field, CommandSet};
+    use dicomgate::dimse::message;
+    use dicomgate::net::scu::Client;
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    const N: usize = 300;
+    let mut node = Node::start(
+        "[limits]\nmax_associations = 512\nmax_associations_per_address = 512\n\
+         max_associations_per_calling_ae = 512\nidle_seconds = 3600\ndimse_seconds = 3600\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let mut clients: Vec<Client> = (0..N)
+        .map(|_| {
+            Client::connect(
+                node.addr,
+                &scu_options("DRIP"),
+                &[ct_proposal_in(EXPLICIT_LE)],
+            )
+            .unwrap()
+        })
+        .collect();
+    // Each sends a C-STORE command, then the header of a data set PDU it never finishes.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let rq = CommandSet {
+            command_field: command_field::C_STORE_RQ,
+            message_id: Some(1),
+            affected_sop_class_uid: Some(CT_IMAGE_STORAGE.as_bytes().to_vec()),
+            affected_sop_instance_uid: Some(format!("1.2.826.0.1.3680043.10.9.{i}").into_bytes()),
+            priority: Some(0),
+            command_data_set_type: 0,
+            ..Default::default()
+        };
+        let mut cmd = Vec::new();
+        command::encode(&rq, &mut cmd);
+        let mut bytes = Vec::new();
+        message::fragment(&mut bytes, 1, true, &cmd, 16384);
+        dicomgate::ul::pdu::put_pdata_header(&mut bytes, 1, 0x00, 60_000);
+        let s = c.stream();
+        s.write_all(&bytes).unwrap();
+        s.set_nonblocking(true).unwrap();
+    }
+    // Drip on a thread; note how each one ended.
+    let dripper = std::thread::spawn(move || {
+        let mut ended: Vec<Option<&'static str>> = vec![None; N];
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut buf = [0u8; 64];
+        while ended.iter().any(Option::is_none) && Instant::now() < deadline {
+            for (c, end) in clients.iter_mut().zip(ended.iter_mut()) {
+                if end.is_some() {
+                    continue;
+                }
+                let s = c.stream();
+                match s.read(&mut buf) {
+                    Ok(0) => *end = Some("closed without A-ABORT"),
+                    Ok(_) if buf[0] == 0x07 => *end = Some("A-ABORT"),
+                    Ok(_) => *end = Some("unexpected PDU"),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if s.write(&[0]).is_err() {
+                            *end = Some("write failed");
+                        }
+                    }
+                    Err(_) => *end = Some("reset"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ended
+    });
+    // Meanwhile a normal sender is served (the drippers are still connected: the first rate
+    // window is 10 s long).
+    storescu_still_stores(&node);
+    storescu_still_stores(&node);
+    let ended = dripper.join().unwrap();
+    let aborted = ended.iter().filter(|e| **e == Some("A-ABORT")).count();
+    assert_eq!(
+        aborted,
+        N,
+        "every dripping sender aborted with A-ABORT: {:?}",
+        ended
+            .iter()
+            .filter(|e| **e != Some("A-ABORT"))
+            .collect::<Vec<_>>()
+    );
+    assert!(node.is_running());
+    // Each association is logged once its transport closes (the drippers' sockets closed
+    // when their thread ended).
+    let slow = |log: String| {
+        log.lines()
+            .filter(|l| l.contains("sender too slow inside a message"))
+            .count()
+    };
+    wait_until(30, || slow(node.log()) >= N);
+    assert_eq!(
+        slow(node.log()),
+        N,
+        "each abort logged once with its reason"
+    );
+    let (_, metrics) = http_get(&http_addr(&node), "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "dicomgate_associations_total{{outcome=\"aborted_too_slow\"}} {N}\n"
+        )),
+        "{metrics}"
+    );
+    storescu_still_stores(&node);
+    assert_eq!(node.stored().len(), 1, "only storescu's instance stored");
+}

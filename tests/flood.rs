@@ -38,7 +38,7 @@ fn closed_by_node(s: &mut TcpStream, deadline: Instant) -> bool {
 #[test]
 fn stalled_connections_and_idle_associations_are_closed_while_a_sender_is_served() {
     let mut node = Node::start(
-        "[limits]\nartim_seconds = 3\nidle_seconds = 4\nmax_associations = 2000\nmax_associations_per_calling_ae = 2000\nmax_connections = 4096\n",
+        "[limits]\nartim_seconds = 3\nidle_seconds = 4\nmax_associations = 2000\nmax_associations_per_calling_ae = 2000\nmax_associations_per_address = 2000\nmax_connections = 4096\n",
     );
     let rss_start = node.rss_kib();
     // Idle associations first (each negotiated, then silent).

@@ -238,3 +238,40 @@ fn processing_and_export_failures_are_counted() {
         "{got:#?}"
     );
 }
+
+/// Issue 12 item 3: connections per reactor. Five idle associations on a node with two
+/// reactors: the acceptor gives each new connection to the reactor with the fewest, so the
+/// gauges read 3 and 2 (summing to `connections_open`), and both return to 0 once they close.
+#[test]
+fn connections_per_reactor_are_gauged() {
+    // Test nodes run two reactors (tests/common).
+    let node = Node::start("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let addr = http_addr(&node);
+    let per_reactor = |m: &BTreeMap<String, f64>| -> Vec<f64> {
+        (0..2)
+            .map(|i| m[&format!("dicomgate_reactor_connections{{reactor={i}}}")])
+            .collect()
+    };
+    let idle: Vec<Client> = (0..5)
+        .map(|_| {
+            Client::connect(
+                node.addr,
+                &scu_options("IDLE"),
+                &[ct_proposal_in(EXPLICIT_LE)],
+            )
+            .unwrap()
+        })
+        .collect();
+    let m = scrape(&addr);
+    let mut counts = per_reactor(&m);
+    counts.sort_by(f64::total_cmp);
+    assert_eq!(counts, vec![2.0, 3.0], "{m:?}");
+    assert_eq!(m["dicomgate_connections_open{}"], 5.0);
+    for c in idle {
+        c.release().unwrap();
+    }
+    assert!(
+        wait_until(10, || per_reactor(&scrape(&addr)) == vec![0.0, 0.0]),
+        "closed connections leave the gauges"
+    );
+}

@@ -298,7 +298,8 @@ fn unwritable_data_directory_answers_a700_and_the_node_keeps_serving() {
 
 /// The segment log on a full file system (a 6 MiB tmpfs, 1 MiB segments): once no segment can
 /// be made, stores are answered 0xA700, never success; every instance answered success is
-/// stored; the association and the node go on.
+/// stored; the association and the node go on; the failures are counted and logged as
+/// `no_space`.
 #[test]
 fn full_file_system_answers_a700_and_acknowledges_only_what_is_stored() {
     let mnt = tempfile::tempdir().unwrap();
@@ -318,7 +319,8 @@ fn full_file_system_answers_a700_and_acknowledges_only_what_is_stored() {
     let data = mnt.path().join("data");
     let mut node = Node::start_with_data_dir(
         &data,
-        "[storage]\nsegment_bytes = 1048576\ninline_max_bytes = 262144\n",
+        "[storage]\nsegment_bytes = 1048576\ninline_max_bytes = 262144\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n",
     );
     let mut c = Client::connect(node.addr, &opts(), &[ct_proposal()]).unwrap();
     let (mut ok, mut full) = (Vec::new(), 0);
@@ -336,6 +338,15 @@ fn full_file_system_answers_a700_and_acknowledges_only_what_is_stored() {
     assert!(node.is_running());
     assert!(full > 0, "the file system never filled");
     assert!(ok.len() > 10, "{} stored before it filled", ok.len());
+    // Issue 11: counted as what they are (ENOSPC), not as just "failed".
+    let (_, metrics) = http_get(&http_addr(&node), "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "dicomgate_store_errors_total{{kind=\"no_space\"}} {full}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(node.log().contains("kind=\"no_space\""), "{}", node.log());
     for sop in &ok {
         assert!(
             stored_instance(&node, sop).is_some(),
@@ -647,4 +658,27 @@ fn one_data_set_larger_than_the_budget_streams_to_its_file() {
     eprintln!("node RSS {base} KiB before, peak {peak} KiB: +{grew_mib:.1} MiB");
     assert!(grew_mib < 24.0, "+{grew_mib:.1} MiB for a 64 MB data set");
     assert!(node.is_running());
+}
+
+/// Issue 11: a peer that resets its connection (RST: SO_LINGER 0, then close) in the middle of
+/// an association was logged like one that closed it ("transport connection closed"). The
+/// reset is logged as a transport error, with the kernel's reason.
+#[test]
+fn a_connection_reset_is_logged_as_a_transport_error_not_a_close() {
+    let node = Node::start("");
+    let mut c = Client::connect(node.addr, &scu_options("RESETTER"), &[ct_proposal()]).unwrap();
+    rustix::net::sockopt::set_socket_linger(&*c.stream(), Some(std::time::Duration::ZERO)).unwrap();
+    drop(c);
+    let line = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("calling_ae=\"RESETTER\"") || l.contains("calling_ae=RESETTER"))
+            .map(str::to_string)
+    };
+    assert!(
+        wait_until(10, || line(&node.log()).is_some()),
+        "{}",
+        node.log()
+    );
+    let l = line(&node.log()).unwrap();
+    assert!(l.contains("transport error") && l.contains("reset"), "{l}");
 }

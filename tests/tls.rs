@@ -871,7 +871,11 @@ fn sighup_reloads_the_certificate() {
 fn idle_tls_associations_cost_bounded_memory() {
     use dicomgate::net::scu::Client;
     let pki = Pki::new();
-    let node = Node::start(&pki.tls_toml(false));
+    // 200 from one address: above the per-address default (32).
+    let node = Node::start(&format!(
+        "{}[limits]\nmax_associations_per_address = 256\n",
+        pki.tls_toml(false)
+    ));
     let tls = node.tls_addr.unwrap().to_string();
     let proposal = dicomgate::net::scu::Proposal {
         abstract_syntax: dicomgate::assoc::negotiation::VERIFICATION_SOP_CLASS.into(),

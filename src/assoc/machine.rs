@@ -250,10 +250,11 @@ impl Association {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.artim.is_some_and(|t| now >= t) {
             if self.state == State::Sta5 {
-                // Our bound on awaiting A-ASSOCIATE-AC: treated like a local abort.
-                self.aa1(now, AbortSource::SERVICE_USER, AbortReason::NOT_SPECIFIED);
+                // Our bound on awaiting A-ASSOCIATE-AC: treated like a local abort, and the
+                // A-ABORT it sends is reported (issue 11: it was reported as none).
+                let sent = self.aa1(now, AbortSource::SERVICE_USER, AbortReason::NOT_SPECIFIED);
                 self.events.push_back(Event::ProviderAbort {
-                    sent: None,
+                    sent: Some(sent),
                     why: "no A-ASSOCIATE response before the ARTIM timeout",
                 });
             } else {
@@ -417,7 +418,9 @@ impl Association {
             | State::Sta9
             | State::Sta10
             | State::Sta11
-            | State::Sta12 => self.aa1(now, AbortSource::SERVICE_USER, AbortReason::NOT_SPECIFIED),
+            | State::Sta12 => {
+                self.aa1(now, AbortSource::SERVICE_USER, AbortReason::NOT_SPECIFIED);
+            }
             _ => return Err(self.not_allowed("A-ABORT request")),
         }
         Ok(())
@@ -467,13 +470,15 @@ impl Association {
                     now,
                     AbortSource::SERVICE_PROVIDER,
                     AbortReason::UNEXPECTED_PDU,
-                )
+                );
             }
-            (Sta2, Evt19InvalidPdu) => self.aa1(
-                now,
-                AbortSource::SERVICE_PROVIDER,
-                invalid_reason.unwrap_or(AbortReason::NOT_SPECIFIED),
-            ),
+            (Sta2, Evt19InvalidPdu) => {
+                self.aa1(
+                    now,
+                    AbortSource::SERVICE_PROVIDER,
+                    invalid_reason.unwrap_or(AbortReason::NOT_SPECIFIED),
+                );
+            }
             // AA-2: stop ARTIM, close transport.
             (Sta2 | Sta13, Evt16Abort | Evt18ArtimExpired) => self.aa2(),
             (Sta2, Evt17TransportClosed) | (Sta13, Evt17TransportClosed) => {
@@ -558,9 +563,11 @@ impl Association {
     }
 
     /// AA-1: send A-ABORT, (re)start ARTIM → Sta13.
-    fn aa1(&mut self, now: Instant, source: AbortSource, reason: AbortReason) {
-        self.send(&Pdu::Abort(Abort { source, reason }));
+    fn aa1(&mut self, now: Instant, source: AbortSource, reason: AbortReason) -> Abort {
+        let a = Abort { source, reason };
+        self.send(&Pdu::Abort(a));
         self.enter_sta13(now);
+        a
     }
 
     /// AA-2: stop ARTIM, close transport → Sta1.
@@ -854,6 +861,28 @@ mod tests {
         assert_eq!(r.state(), State::Sta11);
         r.handle_pdu(now, Pdu::ReleaseRp); // AR-3
         assert_eq!(r.state(), State::Sta1);
+    }
+
+    /// Issue 11: ARTIM expiring in Sta5 (no A-ASSOCIATE-AC/RJ) sends an A-ABORT, and the event
+    /// said none was sent.
+    #[test]
+    fn artim_in_sta5_reports_the_a_abort_it_sends() {
+        let now = t0();
+        let mut r = Association::requestor(now, Timeouts::default());
+        r.request(now, &Pdu::ReleaseRq).unwrap();
+        r.transmit().clear();
+        assert_eq!(r.state(), State::Sta5);
+        let t = r.poll_timeout().unwrap();
+        r.handle_timeout(t);
+        let ab = abort_of(&sent(&mut r));
+        assert_eq!(ab.source, AbortSource::SERVICE_USER);
+        assert_eq!(
+            r.poll_event(),
+            Some(Event::ProviderAbort {
+                sent: Some(ab),
+                why: "no A-ASSOCIATE response before the ARTIM timeout",
+            })
+        );
     }
 
     #[test]

@@ -201,22 +201,23 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(uid_bytes(b)).trim().to_string()
 }
 
-/// The host's association slots (`[limits] max_associations`, per calling AE title), which
-/// negotiation takes one of before it verifies a user identity.
+/// The host's association slots (`[limits] max_associations`, per calling AE title, per
+/// requestor address), which negotiation takes one of before it verifies a user identity.
 pub trait Slots {
-    /// Takes a slot for `calling_ae`, or says no.
-    fn try_acquire(&self, calling_ae: &str) -> bool;
-    /// Gives back a slot [`Slots::try_acquire`] took (the association was refused after all).
-    fn release(&self, calling_ae: &str);
+    /// Takes a slot for `calling_ae` from `peer` (the requestor's address, when known), or
+    /// says no.
+    fn try_acquire(&self, calling_ae: &str, peer: Option<IpAddr>) -> bool;
+    /// Gives back a slot [`Slots::try_acquire`] took for the same AE title and address.
+    fn release(&self, calling_ae: &str, peer: Option<IpAddr>);
 }
 
 /// `true`: every association gets a slot, with nothing to give back; `false`: none does (for
 /// tests and fuzzing).
 impl Slots for bool {
-    fn try_acquire(&self, _: &str) -> bool {
+    fn try_acquire(&self, _: &str, _: Option<IpAddr>) -> bool {
         *self
     }
-    fn release(&self, _: &str) {}
+    fn release(&self, _: &str, _: Option<IpAddr>) {}
 }
 
 /// Negotiates one A-ASSOCIATE-RQ that arrived from `peer` (the transport's remote address;
@@ -370,7 +371,7 @@ pub fn negotiate_from(
     // Everything cheap is decided: now a slot (`max_associations`), then the user identity,
     // whose verification is the one costly step (an association refused anyway never pays it).
     let calling = calling.unwrap_or_default();
-    if !slots.try_acquire(calling) {
+    if !slots.try_acquire(calling, peer) {
         return rj(
             R::TRANSIENT,
             S::SERVICE_PROVIDER_PRESENTATION,
@@ -404,14 +405,14 @@ pub fn negotiate_from(
             }
             Verdict::Anonymous => {}
             Verdict::Refused { why } => {
-                slots.release(calling);
+                slots.release(calling, peer);
                 return rj_why(
                     reject_reason::NO_REASON_GIVEN,
                     format!("user identity: {why}"),
                 );
             }
             Verdict::Busy { why } => {
-                slots.release(calling);
+                slots.release(calling, peer);
                 return Outcome::Reject(
                     AssociateRj {
                         result: R::TRANSIENT,
@@ -445,7 +446,7 @@ pub fn negotiate_from(
     });
     let mut bytes = Vec::new();
     if ac.encode(&mut bytes).is_err() {
-        slots.release(calling);
+        slots.release(calling, peer);
         return rj(
             R::PERMANENT,
             S::SERVICE_USER,
@@ -950,7 +951,7 @@ mod tests {
     }
 
     impl Slots for Counted {
-        fn try_acquire(&self, _: &str) -> bool {
+        fn try_acquire(&self, _: &str, _: Option<IpAddr>) -> bool {
             if self.free.get() == 0 {
                 return false;
             }
@@ -958,7 +959,7 @@ mod tests {
             self.taken.set(self.taken.get() + 1);
             true
         }
-        fn release(&self, _: &str) {
+        fn release(&self, _: &str, _: Option<IpAddr>) {
             self.free.set(self.free.get() + 1);
         }
     }

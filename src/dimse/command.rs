@@ -59,13 +59,32 @@ pub struct CommandSet {
     pub command_data_set_type: u16,
     pub status: Option<u16>,
     pub error_comment: Option<Vec<u8>>,
+    /// The elements only retrieval messages carry (boxed: most commands are C-STOREs).
+    pub retrieve: Option<Box<Retrieve>>,
+}
+
+/// Command elements of C-MOVE and C-GET and of the C-STOREs they cause (PS3.7 §9.3.3,
+/// §9.3.4, §9.3.1.1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retrieve {
+    /// Move Destination (0000,0600) of a C-MOVE-RQ.
+    pub move_destination: Option<Vec<u8>>,
+    /// Number of Remaining, Completed, Failed and Warning Sub-operations (0000,1020)-(0000,1023)
+    /// of a C-MOVE/C-GET response.
+    pub suboperations: [Option<u16>; 4],
+    /// Move Originator Application Entity Title (0000,1030) of a C-STORE sub-operation.
     pub move_originator_ae_title: Option<Vec<u8>>,
+    /// Move Originator Message ID (0000,1031).
     pub move_originator_message_id: Option<u16>,
 }
 
 impl CommandSet {
     pub fn has_data_set(&self) -> bool {
         self.command_data_set_type != NO_DATA_SET
+    }
+
+    fn retrieve_mut(&mut self) -> &mut Retrieve {
+        self.retrieve.get_or_insert_with(Box::default)
     }
 }
 
@@ -138,10 +157,14 @@ pub fn decode(bytes: &[u8]) -> Result<CommandSet, CommandError> {
                 have_type = true;
             }
             0x0900 => c.status = Some(us(v, elem)?),
+            0x0600 => c.retrieve_mut().move_destination = Some(trim_uid(v)),
             0x0902 => c.error_comment = Some(trim_uid(v)),
             0x1000 => c.affected_sop_instance_uid = Some(trim_uid(v)),
-            0x1030 => c.move_originator_ae_title = Some(trim_uid(v)),
-            0x1031 => c.move_originator_message_id = Some(us(v, elem)?),
+            0x1020..=0x1023 => {
+                c.retrieve_mut().suboperations[usize::from(elem - 0x1020)] = Some(us(v, elem)?)
+            }
+            0x1030 => c.retrieve_mut().move_originator_ae_title = Some(trim_uid(v)),
+            0x1031 => c.retrieve_mut().move_originator_message_id = Some(us(v, elem)?),
             _ => {} // group length and other elements: not needed
         }
     }
@@ -157,12 +180,17 @@ pub fn decode(bytes: &[u8]) -> Result<CommandSet, CommandError> {
 fn put(out: &mut Vec<u8>, elem: u16, value: &[u8]) {
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&elem.to_le_bytes());
-    // Values are padded to even length (PS3.5 §7.1.1): UIDs with NUL, text with space.
+    // Values are padded to even length (PS3.5 §7.1.1): UIDs with NUL, text (the Error
+    // Comment, and the AE titles Move Destination and Move Originator) with space.
     let pad = value.len() % 2;
     out.extend_from_slice(&((value.len() + pad) as u32).to_le_bytes());
     out.extend_from_slice(value);
     if pad == 1 {
-        out.push(if elem == 0x0902 { b' ' } else { 0 });
+        out.push(if matches!(elem, 0x0600 | 0x0902 | 0x1030) {
+            b' '
+        } else {
+            0
+        });
     }
 }
 
@@ -181,6 +209,10 @@ pub fn encode(c: &CommandSet, out: &mut Vec<u8>) {
     if let Some(v) = c.message_id_being_responded_to {
         put(out, 0x0120, &v.to_le_bytes());
     }
+    let r = c.retrieve.as_deref();
+    if let Some(v) = r.and_then(|r| r.move_destination.as_ref()) {
+        put(out, 0x0600, v);
+    }
     if let Some(v) = c.priority {
         put(out, 0x0700, &v.to_le_bytes());
     }
@@ -194,11 +226,18 @@ pub fn encode(c: &CommandSet, out: &mut Vec<u8>) {
     if let Some(u) = &c.affected_sop_instance_uid {
         put(out, 0x1000, u);
     }
-    if let Some(v) = &c.move_originator_ae_title {
-        put(out, 0x1030, v);
-    }
-    if let Some(v) = c.move_originator_message_id {
-        put(out, 0x1031, &v.to_le_bytes());
+    if let Some(r) = r {
+        for (i, n) in r.suboperations.iter().enumerate() {
+            if let Some(n) = n {
+                put(out, 0x1020 + i as u16, &n.to_le_bytes());
+            }
+        }
+        if let Some(v) = &r.move_originator_ae_title {
+            put(out, 0x1030, v);
+        }
+        if let Some(v) = r.move_originator_message_id {
+            put(out, 0x1031, &v.to_le_bytes());
+        }
     }
     let group_len = (out.len() - body) as u32;
     out[start + 8..start + 12].copy_from_slice(&group_len.to_le_bytes());
@@ -221,14 +260,40 @@ pub fn response_to(rq: &CommandSet, status: u16, comment: Option<&str>) -> Comma
         command_data_set_type: NO_DATA_SET,
         status: Some(status),
         error_comment: comment.map(|c| c.as_bytes()[..c.len().min(64)].to_vec()),
-        move_originator_ae_title: None,
-        move_originator_message_id: None,
+        retrieve: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// C-MOVE's elements (PS3.7 §9.3.4): Move Destination (an AE title, padded with a space,
+    /// not a NUL: PS3.5 §6.2) and the sub-operation counts of a response round-trip.
+    #[test]
+    fn c_move_elements_round_trip() {
+        let rq = CommandSet {
+            command_field: command_field::C_MOVE_RQ,
+            message_id: Some(3),
+            affected_sop_class_uid: Some(b"1.2.840.10008.5.1.4.1.2.1.2".to_vec()),
+            priority: Some(0),
+            command_data_set_type: 0x0000,
+            retrieve: Some(Box::new(Retrieve {
+                move_destination: Some(b"GATE1".to_vec()),
+                suboperations: [Some(0), Some(3), Some(1), None],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let mut b = Vec::new();
+        encode(&rq, &mut b);
+        let at = b
+            .windows(6)
+            .position(|w| w == b"GATE1 ")
+            .expect("padded with a space");
+        assert_eq!(&b[at - 8..at - 4], &[0, 0, 0x00, 0x06], "(0000,0600)");
+        assert_eq!(decode(&b).unwrap(), rq);
+    }
 
     #[test]
     fn encode_decode_round_trip_and_group_length() {

@@ -9,6 +9,7 @@
 
 pub mod command;
 pub mod message;
+pub mod query;
 pub mod scan;
 pub mod service;
 pub mod uid;

@@ -67,6 +67,25 @@ pub struct ServiceConfig {
     /// A C-STORE data set that grows past this many bytes is streamed to storage as it arrives
     /// ([`Work::Write`]) instead of being held whole; `usize::MAX`: never.
     pub stream_above: usize,
+    /// `[limits] min_bytes_per_second`: the slowest average, over each [`MIN_RATE_WINDOW`]
+    /// inside a PDU or message, a peer may send at; 0: no minimum.
+    pub min_bytes_per_second: u64,
+}
+
+/// The window over which `min_bytes_per_second` is averaged. Long enough that a peer on a
+/// congested link is judged on its rate, not on one TCP retransmission timeout (which starts
+/// at 1 s and doubles); short enough that a peer dripping bytes into a message holds its
+/// association slot for at most two windows.
+pub const MIN_RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The window in which the peer's rate is being measured: it began at `start`, when `base`
+/// bytes had been received.
+#[derive(Debug, Clone, Copy)]
+struct RateWindow {
+    start: Instant,
+    base: u64,
+    /// The node paused reading during the window (its own backpressure): not judged.
+    paused: bool,
 }
 
 /// Bytes of a streamed data set gathered into one [`Work::Write`].
@@ -244,6 +263,15 @@ pub struct Service {
     stats: ServiceStats,
     outcome: Option<String>,
     events: VecDeque<ServiceEvent>,
+    /// `ServiceConfig::min_bytes_per_second`.
+    min_bytes_per_second: u64,
+    /// Bytes received from the peer ([`Service::handle_received`]).
+    received: u64,
+    /// Bytes of an incomplete PDU wait in the host's buffer (seen by the last `handle_input`).
+    partial_pdu: bool,
+    // Invariant: Some exactly while the minimum rate is on, the association is established
+    // and a PDU or message is partly received.
+    rate: Option<RateWindow>,
 }
 
 impl Service {
@@ -266,6 +294,10 @@ impl Service {
             stats: ServiceStats::default(),
             outcome: None,
             events: VecDeque::new(),
+            min_bytes_per_second: cfg.min_bytes_per_second,
+            received: 0,
+            partial_pdu: false,
+            rate: None,
         }
     }
 
@@ -290,11 +322,15 @@ impl Service {
         slots: &dyn Slots,
     ) -> usize {
         let mut pos = 0;
+        self.partial_pdu = false;
         while self.takes_input() && pos < buf.len() {
             let max = self.max_receive_pdu(cfg);
             let n = match ul::deframe(&buf[pos..], max) {
                 Ok(ul::Status::Complete(n)) => n,
-                Ok(ul::Status::Partial { .. }) => break,
+                Ok(ul::Status::Partial { .. }) => {
+                    self.partial_pdu = true;
+                    break;
+                }
                 Err(e) => {
                     self.outcome = Some(format!("protocol error: {e}"));
                     self.assoc.handle_invalid_pdu(now, e);
@@ -314,7 +350,25 @@ impl Service {
             }
             self.drain_assoc_events(now);
         }
+        // Bytes left over while input is not taken are a PDU waiting, not one arriving.
+        self.partial_pdu &= self.takes_input();
+        self.update_rate_window(now);
         pos
+    }
+
+    /// `n` more bytes arrived from the peer (before they are offered to `handle_input`); they
+    /// count towards `[limits] min_bytes_per_second`.
+    pub fn handle_received(&mut self, now: Instant, n: usize) {
+        self.received = self.received.saturating_add(n as u64);
+        self.update_rate_window(now);
+    }
+
+    /// The host paused reading from this connection for reasons of its own (the node-wide
+    /// memory budget, a full pipeline queue): the current rate window is not judged.
+    pub fn handle_read_paused(&mut self, _now: Instant) {
+        if let Some(w) = self.rate.as_mut() {
+            w.paused = true;
+        }
     }
 
     fn handle_pdu(&mut self, now: Instant, pdu: Pdu<'_>, cfg: &ServiceConfig, slots: &dyn Slots) {
@@ -373,7 +427,8 @@ impl Service {
             Outcome::Accept { ac, negotiated } => {
                 self.holds_slot = true;
                 self.negotiated = Some(negotiated);
-                let _ = self.assoc.accept(now, &ac);
+                let r = self.assoc.accept(now, &ac);
+                self.must(now, r);
                 self.events.push_back(ServiceEvent::Established);
                 return;
             }
@@ -393,7 +448,18 @@ impl Service {
                 .to_string(),
             rj,
         });
-        let _ = self.assoc.reject(now, rj);
+        let r = self.assoc.reject(now, rj);
+        self.must(now, r);
+    }
+
+    /// A primitive the service only calls where PS3.8 Table 9-10 allows it. Were one refused
+    /// (a defect of ours), the association is not left half-way: it is aborted and its outcome
+    /// names the defect (issue 11: such results were discarded).
+    fn must(&mut self, now: Instant, r: Result<(), crate::assoc::NotAllowed>) {
+        if let Err(e) = r {
+            self.outcome = Some(format!("aborted: internal error: {e}"));
+            let _ = self.assoc.abort(now); // not allowed only where nothing is open
+        }
     }
 
     fn on_message(&mut self, now: Instant, msg: message::Message, cfg: &ServiceConfig) {
@@ -711,12 +777,29 @@ impl Service {
             self.assoc.handle_timeout(now);
             self.drain_assoc_events(now);
         }
+        self.judge_rate(now);
+        self.update_rate_window(now);
     }
 
     /// The transport connection closed or failed (PS3.8 Evt17).
     pub fn handle_transport_closed(&mut self, now: Instant) {
         self.assoc.handle_transport_closed(now);
         self.drain_assoc_events(now);
+    }
+
+    /// The transport failed (a reset, a write error): as [`Service::handle_transport_closed`],
+    /// and unless the association had already ended (released or aborted), its outcome says
+    /// so with `error`, not as a close.
+    pub fn handle_transport_error(&mut self, now: Instant, error: &str) {
+        let ended = self
+            .outcome
+            .as_deref()
+            .is_some_and(|o| o.starts_with("released"))
+            || matches!(self.assoc.state(), State::Sta1 | State::Sta13);
+        if !ended {
+            self.outcome = Some(format!("aborted: transport error: {error}"));
+        }
+        self.handle_transport_closed(now);
     }
 
     /// A local A-ABORT (the node is stopping).
@@ -759,7 +842,11 @@ impl Service {
 
     /// When [`Service::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.assoc.poll_timeout()
+        let rate = self.rate.map(|w| w.start + MIN_RATE_WINDOW);
+        match (self.assoc.poll_timeout(), rate) {
+            (Some(a), Some(r)) => Some(a.min(r)),
+            (a, r) => a.or(r),
+        }
     }
 
     /// Whether the host should read more bytes from the peer.
@@ -864,6 +951,71 @@ impl Service {
 
     // ---- internals --------------------------------------------------------------------
 
+    /// A PDU or a DIMSE message is partly received on an established association: the time
+    /// in which `[limits] min_bytes_per_second` applies.
+    fn receiving(&self) -> bool {
+        matches!(self.assoc.state(), State::Sta6 | State::Sta7 | State::Sta8)
+            && !self.assoc.wants_close()
+            && (self.partial_pdu || self.assembler.in_progress())
+    }
+
+    /// Starts a rate window when receiving begins, drops it when receiving ends, and marks it
+    /// paused while the service does not take input (its own backpressure).
+    fn update_rate_window(&mut self, now: Instant) {
+        if self.min_bytes_per_second == 0 || !self.receiving() {
+            self.rate = None;
+            return;
+        }
+        let paused = !self.takes_input();
+        match self.rate.as_mut() {
+            Some(w) => w.paused |= paused,
+            None => {
+                self.rate = Some(RateWindow {
+                    start: now,
+                    base: self.received,
+                    paused,
+                })
+            }
+        }
+    }
+
+    /// At the end of a rate window: a peer that sent less than `min_bytes_per_second` on
+    /// average over it, while the node was reading all along, is aborted (A-ABORT, service
+    /// provider, reason not specified: PS3.8 Table 9-26 has no reason for it); otherwise the
+    /// next window begins.
+    fn judge_rate(&mut self, now: Instant) {
+        let Some(w) = self.rate else {
+            return;
+        };
+        let elapsed = now.saturating_duration_since(w.start);
+        if elapsed < MIN_RATE_WINDOW {
+            return;
+        }
+        let got = self.received - w.base;
+        let wanted = (self.min_bytes_per_second as u128 * elapsed.as_millis() / 1000) as u64;
+        if !w.paused && got < wanted {
+            self.rate = None;
+            self.assoc.abort_protocol(
+                now,
+                AbortReason::NOT_SPECIFIED,
+                "sender too slow inside a message",
+            );
+            self.drain_assoc_events(now);
+            self.outcome = Some(format!(
+                "aborted: sender too slow inside a message ({got} bytes in {:.1} s; \
+                 [limits] min_bytes_per_second = {})",
+                elapsed.as_secs_f64(),
+                self.min_bytes_per_second
+            ));
+            return;
+        }
+        self.rate = Some(RateWindow {
+            start: now,
+            base: self.received,
+            paused: !self.takes_input(),
+        });
+    }
+
     fn takes_input(&self) -> bool {
         if self.assoc.wants_close() || self.assoc.state() == State::Sta1 || self.release_pending {
             return false;
@@ -914,7 +1066,8 @@ impl Service {
     fn maybe_release(&mut self, now: Instant) {
         if self.release_pending && self.outstanding() == 0 {
             self.release_pending = false;
-            let _ = self.assoc.release_response(now);
+            let r = self.assoc.release_response(now);
+            self.must(now, r);
         }
     }
 
@@ -924,7 +1077,8 @@ impl Service {
                 Event::ReleaseRequested => {
                     self.outcome.get_or_insert_with(|| "released".into());
                     if self.outstanding() == 0 {
-                        let _ = self.assoc.release_response(now);
+                        let r = self.assoc.release_response(now);
+                        self.must(now, r);
                     } else {
                         self.release_pending = true;
                     }

@@ -31,9 +31,13 @@ pub struct Counters {
     /// Instances no input accepts, answered success and stored nowhere
     /// (`[patients] unmatched = "discard"`).
     pub discarded: AtomicU64,
-    /// Associations ended, by outcome (released, aborted, aborted_by_peer, rejected,
-    /// protocol_error, closed).
+    /// Associations ended, by outcome (released, aborted, aborted_too_slow, aborted_by_peer,
+    /// rejected, protocol_error, closed).
     pub associations: Mutex<BTreeMap<&'static str, u64>>,
+    /// Stores that failed in storage (answered 0xA700), by kind (`StoreErrorKind::label`).
+    pub store_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// A-ASSOCIATE-RJs sent, by (result, source, reason) of PS3.8 Table 9-21.
+    pub rejections: Mutex<BTreeMap<(u8, u8, u8), u64>>,
     /// Requests answered with a failure status, by status.
     pub failures: Mutex<BTreeMap<u16, u64>>,
     /// Seconds from a store handed to storage to its outcome (durable, or failed).
@@ -68,6 +72,8 @@ impl Default for Counters {
             bytes: AtomicU64::new(0),
             discarded: AtomicU64::new(0),
             associations: Mutex::default(),
+            rejections: Mutex::default(),
+            store_errors: Mutex::default(),
             failures: Mutex::default(),
             // 50 µs to ~1.6 s.
             store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
@@ -144,6 +150,8 @@ impl Counters {
             "released"
         } else if outcome.starts_with("aborted by peer") {
             "aborted_by_peer"
+        } else if outcome.starts_with("aborted: sender too slow") {
+            "aborted_too_slow"
         } else if outcome.starts_with("aborted") {
             "aborted"
         } else if outcome.starts_with("rejected") {
@@ -158,6 +166,20 @@ impl Counters {
         }
     }
 
+    /// A store failed in storage with an error of `kind`.
+    pub fn store_error(&self, kind: &'static str) {
+        if let Ok(mut m) = self.store_errors.lock() {
+            *m.entry(kind).or_default() += 1;
+        }
+    }
+
+    /// An A-ASSOCIATE-RJ was sent.
+    pub fn rejected(&self, result: u8, source: u8, reason: u8) {
+        if let Ok(mut m) = self.rejections.lock() {
+            *m.entry((result, source, reason)).or_default() += 1;
+        }
+    }
+
     pub fn failure(&self, status: u16) {
         if let Ok(mut m) = self.failures.lock() {
             *m.entry(status).or_default() += 1;
@@ -168,6 +190,23 @@ impl Counters {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReactorLabel {
+    reactor: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabel {
+    result: String,
+    source: String,
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -278,6 +317,38 @@ pub fn render(shared: &Shared) -> String {
         }
     }
     r.register("associations", "Associations ended, by outcome", assoc);
+    let rejections = Family::<RejectLabel, Counter>::default();
+    if let Ok(m) = c.rejections.lock() {
+        for (&(result, source, reason), v) in m.iter() {
+            rejections
+                .get_or_create(&RejectLabel {
+                    result: result.to_string(),
+                    source: source.to_string(),
+                    reason: reason.to_string(),
+                })
+                .inc_by(*v);
+        }
+    }
+    let store_errors = Family::<KindLabel, Counter>::default();
+    if let Ok(m) = c.store_errors.lock() {
+        for (k, v) in m.iter() {
+            store_errors
+                .get_or_create(&KindLabel {
+                    kind: (*k).to_string(),
+                })
+                .inc_by(*v);
+        }
+    }
+    r.register(
+        "store_errors",
+        "Stores that failed in storage (answered 0xA700), by kind: no_space, quota, io, read_only, invalid, other",
+        store_errors,
+    );
+    r.register(
+        "associations_rejected",
+        "A-ASSOCIATE-RJ sent, by result, source and reason (PS3.8 Table 9-21)",
+        rejections,
+    );
     let failures = Family::<StatusLabel, Counter>::default();
     if let Ok(m) = c.failures.lock() {
         for (k, v) in m.iter() {
@@ -298,6 +369,19 @@ pub fn render(shared: &Shared) -> String {
         "connections_open",
         "TCP connections open (associated or not)",
         gauge(shared.connections.load(Ordering::Relaxed)),
+    );
+    let per_reactor = Family::<ReactorLabel, prometheus_client::metrics::gauge::Gauge>::default();
+    for (i, m) in shared.mailboxes.iter().enumerate() {
+        per_reactor
+            .get_or_create(&ReactorLabel {
+                reactor: i.to_string(),
+            })
+            .set(i64::try_from(m.live.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "reactor_connections",
+        "TCP connections each reactor serves",
+        per_reactor,
     );
     r.register(
         "buffered_bytes",

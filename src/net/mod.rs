@@ -26,7 +26,7 @@ pub mod tls;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -37,29 +37,44 @@ use crate::config::Config;
 use crate::pipeline::{self, Pipeline, Processor};
 use crate::storage::{Storage, StoreDone, Written};
 
-/// Counts associations against `max_associations` and `max_associations_per_calling_ae`. Taken
-/// once when an association is accepted and once when it ends, never per PDU; the per-AE map is
-/// the one lock in net/, held for a hash-map update.
+/// Counts associations against `max_associations`, `max_associations_per_calling_ae` and
+/// `max_associations_per_address`. Taken once when an association is accepted and once when it
+/// ends, never per PDU; the per-AE and per-address maps are the one lock in net/, held for two
+/// hash-map updates.
 #[derive(Debug)]
 pub struct AssociationLimits {
     total: AtomicUsize,
-    per_ae: Mutex<HashMap<String, usize>>,
+    per: Mutex<PerKey>,
     max_total: usize,
     max_per_ae: usize,
+    max_per_address: usize,
+}
+
+#[derive(Debug, Default)]
+struct PerKey {
+    ae: HashMap<String, usize>,
+    address: HashMap<IpAddr, usize>,
+}
+
+/// One requestor address, whichever way it reached us: an IPv4 peer on a dual-stack socket
+/// arrives IPv4-mapped (`::ffff:a.b.c.d`) and is counted as `a.b.c.d`.
+fn address_key(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
 }
 
 impl AssociationLimits {
-    pub fn new(max_total: usize, max_per_ae: usize) -> Self {
+    pub fn new(max_total: usize, max_per_ae: usize, max_per_address: usize) -> Self {
         AssociationLimits {
             total: AtomicUsize::new(0),
-            per_ae: Mutex::new(HashMap::new()),
+            per: Mutex::new(PerKey::default()),
             max_total,
             max_per_ae,
+            max_per_address,
         }
     }
 
-    /// Takes a slot for `calling_ae`, or says no.
-    pub fn try_acquire(&self, calling_ae: &str) -> bool {
+    /// Takes a slot for `calling_ae` from `peer`, or says no.
+    pub fn try_acquire(&self, calling_ae: &str, peer: Option<IpAddr>) -> bool {
         if self
             .total
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -69,23 +84,38 @@ impl AssociationLimits {
         {
             return false;
         }
-        let mut m = self.per_ae.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(calling_ae.to_string()).or_insert(0);
-        if *n >= self.max_per_ae {
+        let mut m = self.per.lock().unwrap_or_else(|p| p.into_inner());
+        let ae = m.ae.get(calling_ae).copied().unwrap_or(0);
+        let addr = peer.map_or(0, |ip| {
+            m.address.get(&address_key(ip)).copied().unwrap_or(0)
+        });
+        if ae >= self.max_per_ae || addr >= self.max_per_address {
             drop(m);
             self.total.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        *n += 1;
+        *m.ae.entry(calling_ae.to_string()).or_insert(0) += 1;
+        if let Some(ip) = peer {
+            *m.address.entry(address_key(ip)).or_insert(0) += 1;
+        }
         true
     }
 
-    pub fn release(&self, calling_ae: &str) {
-        let mut m = self.per_ae.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(calling_ae) {
+    /// Gives back a slot taken for the same AE title and address.
+    pub fn release(&self, calling_ae: &str, peer: Option<IpAddr>) {
+        let mut m = self.per.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.ae.get_mut(calling_ae) {
             *n -= 1;
             if *n == 0 {
-                m.remove(calling_ae);
+                m.ae.remove(calling_ae);
+            }
+        }
+        if let Some(ip) = peer.map(address_key) {
+            if let Some(n) = m.address.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.address.remove(&ip);
+                }
             }
         }
         drop(m);
@@ -98,11 +128,11 @@ impl AssociationLimits {
 }
 
 impl crate::assoc::Slots for AssociationLimits {
-    fn try_acquire(&self, calling_ae: &str) -> bool {
-        AssociationLimits::try_acquire(self, calling_ae)
+    fn try_acquire(&self, calling_ae: &str, peer: Option<IpAddr>) -> bool {
+        AssociationLimits::try_acquire(self, calling_ae, peer)
     }
-    fn release(&self, calling_ae: &str) {
-        AssociationLimits::release(self, calling_ae)
+    fn release(&self, calling_ae: &str, peer: Option<IpAddr>) {
+        AssociationLimits::release(self, calling_ae, peer)
     }
 }
 
@@ -139,6 +169,8 @@ pub struct Shared {
     /// The TLS listener's rustls configuration, when `[tls] listen` is set; replaced whole by
     /// [`NodeHandle::reload_tls`] (new connections get the new one).
     pub tls: Option<arc_swap::ArcSwap<rustls::ServerConfig>>,
+    /// Every reactor's mailbox, by reactor number (for `/metrics`' connections per reactor).
+    pub mailboxes: Arc<Vec<Mailbox>>,
 }
 
 /// A reactor's inbox: new sockets from the acceptor and finished stores from storage.
@@ -507,6 +539,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         associations: AssociationLimits::new(
             config.limits.max_associations,
             config.limits.max_associations_per_calling_ae,
+            config.limits.max_associations_per_address,
         ),
         connections: AtomicUsize::new(0),
         shutdown: AtomicBool::new(false),
@@ -518,6 +551,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         storage,
         config,
         tls: tls_config,
+        mailboxes: mailboxes.clone(),
     });
     let mut threads = Vec::new();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -662,5 +696,45 @@ fn accept_loop(listener: TcpListener, tls: bool, mailboxes: &[Mailbox], shared: 
         m.live.fetch_add(1, Ordering::Relaxed);
         m.new_connections.push((stream, peer, tls));
         m.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AssociationLimits;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> Option<IpAddr> {
+        Some(s.parse().unwrap_or_else(|e| panic!("{s}: {e}")))
+    }
+
+    /// `max_associations_per_address`: an address's count is its own, an IPv4-mapped IPv6
+    /// requestor counts as its IPv4 address, a refused slot takes nothing, and a released one
+    /// is free again.
+    #[test]
+    fn slots_are_counted_per_requestor_address() {
+        let l = AssociationLimits::new(10, 10, 2);
+        assert!(l.try_acquire("A", ip("10.0.0.1")));
+        assert!(l.try_acquire("B", ip("::ffff:10.0.0.1")));
+        assert!(
+            !l.try_acquire("C", ip("10.0.0.1")),
+            "third from one address"
+        );
+        assert!(
+            !l.try_acquire("C", ip("::ffff:10.0.0.1")),
+            "the same address"
+        );
+        assert!(l.try_acquire("C", ip("10.0.0.2")), "another address");
+        assert!(
+            l.try_acquire("D", None),
+            "an unknown address is not counted"
+        );
+        assert_eq!(l.active(), 4, "the refusals took no slot");
+        l.release("B", ip("::ffff:10.0.0.1"));
+        assert!(
+            l.try_acquire("E", ip("10.0.0.1")),
+            "released, then free again"
+        );
+        assert!(!l.try_acquire("F", ip("10.0.0.1")));
     }
 }

@@ -322,10 +322,12 @@ impl Reactor<'_> {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(peer = %c.peer, error = %e, "store failed: answering 0xA700");
+                    let kind = e.kind.label();
+                    self.shared.counters.store_error(kind);
+                    tracing::error!(peer = %c.peer, kind, error = %e, "store failed: answering 0xA700");
                     StoreOutcome::Failed {
                         status: status::OUT_OF_RESOURCES,
-                        comment: e,
+                        comment: e.message,
                     }
                 }
             };
@@ -510,8 +512,8 @@ impl Reactor<'_> {
             let Some(io) = c.io.as_mut() else {
                 break;
             };
-            if write_out(io, &mut c.svc).is_err() {
-                c.svc.handle_transport_closed(now);
+            if let Err(e) = write_out(io, &mut c.svc) {
+                c.svc.handle_transport_error(now, &e.to_string());
                 closed = true;
                 break;
             }
@@ -522,7 +524,11 @@ impl Reactor<'_> {
                     || c.svc.state() == crate::assoc::State::Sta1;
                 break;
             }
-            if !c.svc.wants_read() || !self.overflow.is_empty() {
+            if !c.svc.wants_read() {
+                break;
+            }
+            if !self.overflow.is_empty() {
+                c.svc.handle_read_paused(now);
                 break;
             }
             // The budget sees what this connection holds now, not at the end of the drive
@@ -539,16 +545,25 @@ impl Reactor<'_> {
                 && !shared.budget.starve(reactor, key, in_progress)
             {
                 starved = true; // woken when room is made
+                c.svc.handle_read_paused(now);
                 break;
             }
             match read_some(io, c.svc.max_receive_pdu(&shared.service)) {
-                Ok(true) => continue,
-                Ok(false) => break,
+                Ok(0) => break,
+                Ok(n) => {
+                    c.svc.handle_received(now, n);
+                    continue;
+                }
                 Err(e) => {
                     if let Some(t) = io.tls.as_ref() {
                         log_tls_end(c.peer, t, &e);
                     }
-                    c.svc.handle_transport_closed(now);
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        c.svc.handle_transport_closed(now); // the peer closed: EOF
+                    } else {
+                        // A reset or another failure is not an orderly close (issue 11).
+                        c.svc.handle_transport_error(now, &e.to_string());
+                    }
                     closed = true;
                     break;
                 }
@@ -624,7 +639,9 @@ impl Reactor<'_> {
         }
         if c.svc.holds_slot() {
             if let Some(n) = c.svc.negotiated() {
-                self.shared.associations.release(&n.calling_ae);
+                self.shared
+                    .associations
+                    .release(&n.calling_ae, Some(c.peer.ip()));
             }
         }
         if c.svc.work_in_flight() == 0 {
@@ -925,8 +942,11 @@ fn log_events(c: &mut Conn, shared: &Shared) {
             ServiceEvent::Rejected {
                 calling_ae,
                 called_ae,
-                ..
+                rj,
             } => {
+                shared
+                    .counters
+                    .rejected(rj.result.0, rj.source.0, rj.reason);
                 // Logged once, by the association's own line (its outcome says why), with
                 // the AE titles the request named.
                 c.rejected_aes = Some((calling_ae, called_ae));
@@ -1006,9 +1026,9 @@ fn log_tls_end(peer: SocketAddr, t: &super::tls::Session, e: &io::Error) {
     }
 }
 
-/// Reads once into the buffer, which may hold PDUs of up to `max_pdu` bytes. `Ok(true)`: got
-/// bytes; `Ok(false)`: would block, or the buffer is full of bytes the service has not taken.
-fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<bool> {
+/// Reads once into the buffer, which may hold PDUs of up to `max_pdu` bytes. `Ok(n)`: got `n`
+/// bytes; `Ok(0)`: would block, or the buffer is full of bytes the service has not taken.
+fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<usize> {
     let limit = max_pdu as usize + ul::PDU_HEADER_LEN;
     if io.start == io.end {
         io.start = 0;
@@ -1027,7 +1047,7 @@ fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<bool> {
             io.buf.resize(n, 0);
         } else {
             // A full buffer the service has not taken (it waits for backpressure to lift).
-            return Ok(false);
+            return Ok(0);
         }
     }
     if let Some(t) = io.tls.as_mut() {
@@ -1042,16 +1062,16 @@ fn read_some(io: &mut Io, max_pdu: u32) -> io::Result<bool> {
             );
         }
         io.end += n;
-        return Ok(n > 0);
+        return Ok(n);
     }
     loop {
         match io.stream.read(&mut io.buf[io.end..]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
                 io.end += n;
-                return Ok(true);
+                return Ok(n);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }

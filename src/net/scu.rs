@@ -32,6 +32,31 @@ pub enum ScuError {
     NoContext(String),
     /// The TLS handshake failed (a certificate refused either way, no common suite, ...).
     Tls(String),
+    /// We refused to go on: a request we will not send, or answers beyond our bounds.
+    Refused(String),
+}
+
+/// What a C-FIND returned ([`Client::find_studies`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FindOutcome {
+    /// The final response's status (0x0000: every match was sent).
+    pub status: u16,
+    pub matches: Vec<crate::dimse::query::StudyMatch>,
+    /// Why each response identifier left out was.
+    pub refused: Vec<String>,
+}
+
+/// The final response of a C-MOVE ([`Client::move_study`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveOutcome {
+    /// 0x0000 all sub-operations completed; 0xB000 some failed or warned; 0xA7xx, 0xA8xx,
+    /// 0xCxxx failed; 0xFE00 cancelled (PS3.4 C.4.2.1.5).
+    pub status: u16,
+    pub remaining: u16,
+    pub completed: u16,
+    pub failed: u16,
+    pub warning: u16,
+    pub comment: Option<String>,
 }
 
 impl std::fmt::Display for ScuError {
@@ -47,6 +72,7 @@ impl std::fmt::Display for ScuError {
             ScuError::Protocol(w) => write!(f, "protocol error: {w}"),
             ScuError::NoContext(w) => write!(f, "no accepted presentation context for {w}"),
             ScuError::Tls(w) => write!(f, "TLS: {w}"),
+            ScuError::Refused(w) => write!(f, "refused: {w}"),
         }
     }
 }
@@ -538,6 +564,167 @@ impl<S: Read + Write> Client<S> {
             .map_err(|e| ScuError::Protocol(e.to_string()))?;
         self.flush()?;
         Ok(())
+    }
+
+    /// The context accepted for `abstract_syntax` and the encoding of its data sets.
+    fn context_for(
+        &self,
+        abstract_syntax: &str,
+    ) -> Result<(u8, crate::assoc::DatasetEncoding), ScuError> {
+        self.contexts
+            .iter()
+            .find(|c| c.abstract_syntax == abstract_syntax)
+            .and_then(|c| {
+                let ts = crate::assoc::transfer_syntax::by_uid(c.transfer_syntax.as_bytes())?;
+                Some((c.id, ts.encoding))
+            })
+            .ok_or_else(|| ScuError::NoContext(abstract_syntax.into()))
+    }
+
+    /// The next message, which must answer `message_id`; anything else aborts the association
+    /// (PS3.7 §9.3: a response names its request).
+    fn response_to(&mut self, message_id: u16) -> Result<Message, ScuError> {
+        let m = self.receive_message()?;
+        if m.command.message_id_being_responded_to != Some(message_id) {
+            let _ = self.assoc.abort(Instant::now());
+            let _ = self.flush();
+            return Err(ScuError::Protocol(format!(
+                "a response to message {:?} while message {message_id} was outstanding",
+                m.command.message_id_being_responded_to
+            )));
+        }
+        Ok(m)
+    }
+
+    /// C-FIND in the Patient Root Query/Retrieve Information Model at STUDY level (PS3.4
+    /// C.4.1): the studies of `q`'s patient. At most `max_matches` pending responses are taken:
+    /// one more and the association is aborted and the query fails (a peer that answers
+    /// without end, or with everything it has, is cut off). A response identifier that cannot
+    /// be read, names another patient or lacks a valid Study Instance UID is left out, with its
+    /// reason in [`FindOutcome::refused`]. Each response is bounded in size by the requestor's
+    /// assembler (1 MiB) and in time by the socket timeout.
+    pub fn find_studies(
+        &mut self,
+        q: &crate::dimse::query::StudyQuery,
+        max_matches: usize,
+    ) -> Result<FindOutcome, ScuError> {
+        use crate::dimse::query;
+        let (pc, enc) = self.context_for(query::PATIENT_ROOT_FIND)?;
+        let identifier =
+            query::study_find_identifier(q, enc).map_err(|e| ScuError::Refused(e.to_string()))?;
+        let message_id = self.next_message_id();
+        let rq = CommandSet {
+            command_field: command_field::C_FIND_RQ,
+            message_id: Some(message_id),
+            affected_sop_class_uid: Some(query::PATIENT_ROOT_FIND.as_bytes().to_vec()),
+            priority: Some(0),
+            command_data_set_type: 0x0000,
+            ..Default::default()
+        };
+        self.send_command(pc, &rq, Some(&identifier))?;
+        let mut out = FindOutcome::default();
+        let mut pending = 0usize;
+        loop {
+            let m = self.response_to(message_id)?;
+            let status = m.command.status.unwrap_or(0xFFFF);
+            match status {
+                // Pending (PS3.4 C.4.1.1.4): one match each.
+                0xFF00 | 0xFF01 => {
+                    pending += 1;
+                    if pending > max_matches {
+                        let _ = self.assoc.abort(Instant::now());
+                        let _ = self.flush();
+                        return Err(ScuError::Refused(format!(
+                            "C-FIND: more than {max_matches} matches; association aborted"
+                        )));
+                    }
+                    match m.data_set.as_deref() {
+                        None => out
+                            .refused
+                            .push("a pending response without an identifier".into()),
+                        Some(ds) => match query::read_study_match(ds, enc, &q.patient_id) {
+                            Ok(s)
+                                if out
+                                    .matches
+                                    .iter()
+                                    .any(|x| x.study_instance_uid == s.study_instance_uid) =>
+                            {
+                                out.refused
+                                    .push(format!("study {} named twice", s.study_instance_uid));
+                            }
+                            Ok(s) => out.matches.push(s),
+                            Err(e) => out.refused.push(e.to_string()),
+                        },
+                    }
+                }
+                _ => {
+                    out.status = status;
+                    return Ok(out);
+                }
+            }
+        }
+    }
+
+    /// C-MOVE of one study to `destination` (an AE title the peer knows the address of: PS3.4
+    /// C.4.2), in the Patient Root model. Waits for the final response and returns its status
+    /// and sub-operation counts; at most 65,536 pending responses are taken (the counts are
+    /// 16-bit), more abort the association.
+    pub fn move_study(
+        &mut self,
+        destination: &str,
+        patient_id: &str,
+        study_instance_uid: &str,
+    ) -> Result<MoveOutcome, ScuError> {
+        use crate::dimse::query;
+        let (pc, enc) = self.context_for(query::PATIENT_ROOT_MOVE)?;
+        let identifier = query::study_move_identifier(patient_id, study_instance_uid, enc)
+            .map_err(|e| ScuError::Refused(e.to_string()))?;
+        let message_id = self.next_message_id();
+        let rq = CommandSet {
+            command_field: command_field::C_MOVE_RQ,
+            message_id: Some(message_id),
+            affected_sop_class_uid: Some(query::PATIENT_ROOT_MOVE.as_bytes().to_vec()),
+            priority: Some(0),
+            command_data_set_type: 0x0000,
+            retrieve: Some(Box::new(command::Retrieve {
+                move_destination: Some(destination.trim().as_bytes().to_vec()),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        self.send_command(pc, &rq, Some(&identifier))?;
+        let mut pending = 0usize;
+        loop {
+            let m = self.response_to(message_id)?;
+            let status = m.command.status.unwrap_or(0xFFFF);
+            let [remaining, completed, failed, warning] = m
+                .command
+                .retrieve
+                .as_ref()
+                .map_or([None; 4], |r| r.suboperations);
+            if status == 0xFF00 {
+                pending += 1;
+                if pending > 65_536 {
+                    let _ = self.assoc.abort(Instant::now());
+                    let _ = self.flush();
+                    return Err(ScuError::Refused(
+                        "C-MOVE: more than 65,536 pending responses; association aborted".into(),
+                    ));
+                }
+                continue;
+            }
+            return Ok(MoveOutcome {
+                status,
+                remaining: remaining.unwrap_or(0),
+                completed: completed.unwrap_or(0),
+                failed: failed.unwrap_or(0),
+                warning: warning.unwrap_or(0),
+                comment: m
+                    .command
+                    .error_comment
+                    .map(|c| String::from_utf8_lossy(&c).into_owned()),
+            });
+        }
     }
 
     /// A-RELEASE and wait for the reply.

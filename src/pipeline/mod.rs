@@ -24,6 +24,7 @@
 
 pub mod batch;
 pub mod export;
+pub mod priors;
 pub mod process;
 pub mod rules;
 
@@ -212,6 +213,8 @@ pub struct Pipeline {
     forced: std::sync::Mutex<HashMap<Vec<u8>, u64>>,
     /// `[log] phi`: whether log lines show a patient's grouping key (see [`Who`]).
     phi: bool,
+    /// The `kind = "priors"` input's retrievals, when the config has one.
+    pub priors: Option<Arc<priors::Priors>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -372,7 +375,39 @@ impl Pipeline {
         values: &Scanned,
         from: &rules::Sender<'_>,
     ) -> (Vec<u8>, InstanceRecord) {
-        describe(values, from, &self.rules, self.group_tag)
+        let (key, mut record) = describe(values, from, &self.rules, self.group_tag);
+        if let Some(bit) = self
+            .priors
+            .as_ref()
+            .and_then(|p| p.route(&key, record.study_uid.as_deref()))
+        {
+            record.inputs = bit; // a study retrieved as a prior: the priors input's alone
+        }
+        (key, record)
+    }
+
+    /// The patient's batch may go as far as its priors are concerned (always, without a priors
+    /// input).
+    fn priors_gate(&self, key: &[u8], s: &Snapshot) -> Result<(), String> {
+        let Some(p) = &self.priors else {
+            return Ok(());
+        };
+        let i = p.bit.trailing_zeros() as usize;
+        let have: u32 = s
+            .series
+            .iter()
+            .map(|x| x.per_input.get(i).copied().unwrap_or(0))
+            .sum();
+        p.gate(key, have)
+    }
+
+    /// Asks for `key`'s priors when `inputs` (an arrival's) is not the priors input.
+    fn note_for_priors(&self, key: &[u8], inputs: u64) {
+        if let Some(p) = &self.priors {
+            if inputs != p.bit {
+                p.note_patient(key);
+            }
+        }
     }
 }
 
@@ -514,6 +549,14 @@ pub fn start(
     }
     let rules = config.rules().map_err(invalid)?;
     let group_tag = config.group_by_tag().map_err(invalid)?;
+    let priors = priors::Priors::load(config, &rules)?.map(Arc::new);
+    if priors.is_some() && group_tag != tags::PATIENT_ID {
+        return Err(invalid(
+            "a kind = \"priors\" input queries by Patient ID: [patients] group_by must be \
+             PatientID"
+                .into(),
+        ));
+    }
     let mut wanted: Vec<u32> = tags::ROUTING.to_vec();
     wanted.extend_from_slice(&rules.tags);
     wanted.push(group_tag);
@@ -546,6 +589,7 @@ pub fn start(
         shutdown: shutdown.clone(),
         forced: Default::default(),
         phi: config.log.phi,
+        priors,
     });
     let processor: Option<Arc<dyn Processor>> = processor.or_else(|| {
         config
@@ -603,6 +647,43 @@ pub fn start(
                 .spawn(move || scheduler(&ctx, later_rx))?,
         );
     }
+    if let Some(pr) = ctx.pipeline.priors.clone() {
+        let ctx = ctx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("priors".into())
+                .spawn(move || {
+                    let map = ctx.pipeline.map.clone();
+                    let i = pr.bit.trailing_zeros() as usize;
+                    // The studies the patient's batch holds that are not priors.
+                    let current = move |key: &[u8]| -> Vec<String> {
+                        let g = map.pin();
+                        let Some(patient) = map.get(key, &g) else {
+                            return Vec::new();
+                        };
+                        let v = patient.view(&g);
+                        let mut out: Vec<String> = v
+                            .snapshot
+                            .series
+                            .iter()
+                            .filter(|x| {
+                                x.per_input
+                                    .iter()
+                                    .enumerate()
+                                    .any(|(j, n)| j != i && *n > 0)
+                                    || x.per_input.iter().all(|n| *n == 0)
+                            })
+                            .filter_map(|x| x.study_uid.as_deref().map(str::to_string))
+                            .collect();
+                        out.sort();
+                        out.dedup();
+                        out
+                    };
+                    let evaluate = |key: Vec<u8>| ctx.send_job(Job::Evaluate { key });
+                    priors::run(&pr, &current, &evaluate, &ctx.shutdown)
+                })?,
+        );
+    }
     for i in 0..config.outbox.workers.max(1) {
         let ctx = ctx.clone();
         let rx = jobs_rx.clone();
@@ -632,6 +713,8 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             tracing::warn!(path = %path.display(), "unreadable instance left in place");
             continue;
         };
+        ctx.pipeline
+            .note_for_priors(&arrival.key, arrival.record.inputs);
         map.insert(&arrival.key, arrival.record, mtime, &map.pin())
             .request_evaluation();
         instances += 1;
@@ -685,6 +768,7 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
         let (key, mut record) = ctx.pipeline.describe(&values, &from);
         record.path = path;
         record.bytes = crate::storage::part10::file_len(&inst.file_meta(), inst.data_set.len());
+        ctx.pipeline.note_for_priors(&key, record.inputs);
         map.insert(&key, record, inst.meta.received_ms, &map.pin())
             .request_evaluation();
         instances += 1;
@@ -792,6 +876,7 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
                         };
                         opened(&found);
                         if new {
+                            p.note_for_priors(&key, record.inputs);
                             let took = p.map.insert(&key, record, now, &g);
                             if !Arc::ptr_eq(&took, &found) {
                                 // `found` was retired meanwhile (it was empty, so nothing of
@@ -926,11 +1011,17 @@ fn checker(
             if requested || quiet {
                 let verdict = match forced {
                     true => Ok(()),
-                    false => p.rules.sufficient(&v.snapshot),
+                    false => p
+                        .rules
+                        .sufficient(&v.snapshot)
+                        .and_then(|()| p.priors_gate(patient.key(), &v.snapshot)),
                 };
                 match verdict {
                     Ok(()) => {
                         if claim(ctx, patient, v.batch_seq, forced, g) {
+                            if let Some(pr) = &p.priors {
+                                pr.claimed(patient.key());
+                            }
                             let late = recent
                                 .insert(
                                     patient.key().to_vec(),
@@ -957,6 +1048,9 @@ fn checker(
                 );
                 if let Some(r) = recent.get_mut(patient.key()) {
                     r.counted = 0; // what comes next is counted afresh
+                }
+                if let Some(pr) = &p.priors {
+                    pr.claimed(patient.key());
                 }
                 ctx.send_job(Job::Expire {
                     key: patient.key().to_vec(),

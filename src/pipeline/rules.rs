@@ -89,6 +89,86 @@ pub struct InputConfig {
     /// The group of alternative inputs this one belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub one_of: Option<String>,
+    /// `received` (default): instances senders send, chosen by the rules above. `priors`: the
+    /// patient's earlier studies, fetched by Query/Retrieve (see [`PriorsConfig`]).
+    #[serde(default, skip_serializing_if = "InputKind::is_received")]
+    pub kind: InputKind,
+    /// With `kind = "priors"` (see [`PriorsConfig`], which [`InputConfig::priors`] resolves
+    /// these to): the `[[peer]]` that is the Query/Retrieve SCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qr_peer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub move_destination: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_studies: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_days: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modalities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+}
+
+/// What an input takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputKind {
+    #[default]
+    Received,
+    Priors,
+}
+
+impl InputKind {
+    fn is_received(&self) -> bool {
+        *self == InputKind::Received
+    }
+}
+
+/// A `priors` input's settings (issue 14 item 6): when a patient first arrives, its earlier
+/// studies are asked of `qr_peer` (C-FIND, Patient Root, STUDY level, by Patient ID) and
+/// retrieved (C-MOVE to `move_destination`); the patient is not sufficient until they are in,
+/// or `timeout_seconds` passed (then it goes on without them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriorsConfig {
+    /// The `[[peer]]` (name) that is the Query/Retrieve SCP.
+    pub qr_peer: String,
+    /// The AE title the Q/R SCP sends retrieved instances to (it must know our address under
+    /// it); `None`: `[node] ae_title`.
+    pub move_destination: Option<String>,
+    /// At most this many prior studies, the newest first (by Study Date).
+    pub max_studies: u32,
+    /// Only studies at most this many days old (by Study Date); 0 = any age.
+    pub max_age_days: u32,
+    /// Only studies whose Modalities in Study holds one of these; [] = any (a study whose
+    /// peer returns no Modalities in Study is kept).
+    pub modalities: Vec<String>,
+    /// How long, from the patient's first arrival, the node keeps trying (a Q/R peer that is
+    /// down is retried); then the patient goes on without the priors not yet in.
+    pub timeout_seconds: u64,
+}
+
+impl InputConfig {
+    /// The `priors` settings with their defaults (max_studies 5, max_age_days 0 = any,
+    /// modalities [] = any, timeout_seconds 600).
+    pub fn priors(&self) -> PriorsConfig {
+        PriorsConfig {
+            qr_peer: self.qr_peer.clone().unwrap_or_default(),
+            move_destination: self.move_destination.clone(),
+            max_studies: self.max_studies.unwrap_or(5),
+            max_age_days: self.max_age_days.unwrap_or(0),
+            modalities: self.modalities.clone().unwrap_or_default(),
+            timeout_seconds: self.timeout_seconds.unwrap_or(600),
+        }
+    }
+
+    fn sets_priors_fields(&self) -> bool {
+        self.qr_peer.is_some()
+            || self.move_destination.is_some()
+            || self.max_studies.is_some()
+            || self.max_age_days.is_some()
+            || self.modalities.is_some()
+            || self.timeout_seconds.is_some()
+    }
 }
 
 fn one() -> u32 {
@@ -112,6 +192,13 @@ impl InputConfig {
             called_ae: None,
             peer: Vec::new(),
             one_of: None,
+            kind: InputKind::Received,
+            qr_peer: None,
+            move_destination: None,
+            max_studies: None,
+            max_age_days: None,
+            modalities: None,
+            timeout_seconds: None,
         }
     }
 }
@@ -252,6 +339,9 @@ pub struct Rules {
     inputs: Vec<Input>,
     /// Every tag the rules read, for the reactor's scan.
     pub tags: Vec<u32>,
+    /// The bit of the `priors` input, if there is one: it takes only what its retrieval brings
+    /// (never by rules), and its sufficiency is the retrieval's ([`super::priors`]).
+    pub priors: Option<u64>,
 }
 
 /// At most 64 inputs: an instance's accepting inputs are a bit set in a u64.
@@ -394,6 +484,66 @@ impl Rules {
             if c.one_of.as_deref().is_some_and(|g| g.trim().is_empty()) {
                 return Err(format!("input {:?}: one_of must name a group", c.name));
             }
+            if c.kind == InputKind::Received && c.sets_priors_fields() {
+                return Err(format!(
+                    "input {:?}: qr_peer, move_destination, max_studies, max_age_days, \
+                     modalities and timeout_seconds belong to kind = \"priors\"",
+                    c.name
+                ));
+            }
+            if c.kind == InputKind::Priors {
+                if configs[..i].iter().any(|o| o.kind == InputKind::Priors) {
+                    return Err(format!(
+                        "input {:?}: only one input may be kind = \"priors\"",
+                        c.name
+                    ));
+                }
+                if !c.matches.is_empty()
+                    || !c.required_tags.is_empty()
+                    || c.calling_ae.is_some()
+                    || c.called_ae.is_some()
+                    || !c.peer.is_empty()
+                    || c.one_of.is_some()
+                    || c.completeness.is_some()
+                    || c.min_series > 0
+                    || c.max_series.is_some()
+                    || c.single_series
+                    || c.single_study_date
+                    || c.min_instances != 1
+                {
+                    return Err(format!(
+                        "input {:?}: a kind = \"priors\" input takes what its retrieval brings; \
+                         remove match, required_tags, sender rules, one_of and the count rules",
+                        c.name
+                    ));
+                }
+                let pc = c.priors();
+                if pc.qr_peer.trim().is_empty() {
+                    return Err(format!(
+                        "input {:?}: kind = \"priors\" needs qr_peer, the name of the [[peer]] \
+                         that is the Query/Retrieve SCP",
+                        c.name
+                    ));
+                }
+                if pc.max_studies == 0 {
+                    return Err(format!(
+                        "input {:?}: max_studies must be at least 1",
+                        c.name
+                    ));
+                }
+                if pc.timeout_seconds == 0 || pc.timeout_seconds > 30 * 86_400 {
+                    return Err(format!(
+                        "input {:?}: timeout_seconds = {}: use 1 to 2592000 (30 days)",
+                        c.name, pc.timeout_seconds
+                    ));
+                }
+                if pc.max_age_days > 100 * 366 {
+                    return Err(format!(
+                        "input {:?}: max_age_days = {}: at most 36600; 0 = any age",
+                        c.name, pc.max_age_days
+                    ));
+                }
+            }
             compiled.push(Input {
                 config: c.clone(),
                 matches,
@@ -405,9 +555,14 @@ impl Rules {
         }
         tags.sort_unstable();
         tags.dedup();
+        let priors = configs
+            .iter()
+            .position(|c| c.kind == InputKind::Priors)
+            .map(|i| 1u64 << i);
         Ok(Rules {
             inputs: compiled,
             tags,
+            priors,
         })
     }
 
@@ -427,6 +582,9 @@ impl Rules {
     pub fn accepting(&self, values: &Scanned, from: &Sender<'_>) -> u64 {
         let mut bits = 0u64;
         for (i, input) in self.inputs.iter().enumerate() {
+            if input.config.kind == InputKind::Priors {
+                continue; // only its retrieval routes instances to it
+            }
             let matched = input.matches.iter().all(|(tag, pats)| {
                 let v = values
                     .raw(*tag)
@@ -460,6 +618,9 @@ impl Rules {
         // (group, satisfied, why its members are not), in the order groups first appear.
         let mut groups: Vec<(&str, bool, Vec<String>)> = Vec::new();
         for (i, input) in self.inputs.iter().enumerate() {
+            if input.config.kind == InputKind::Priors {
+                continue; // the retrieval decides (super::priors)
+            }
             let r = self.input_sufficient(i, input, s);
             match input.config.one_of.as_deref() {
                 None => r?,
@@ -525,6 +686,18 @@ impl Rules {
                 sufficient: true,
                 rules: Vec::new(),
             };
+            if c.kind == InputKind::Priors {
+                // Its count only: whether the retrieval lets the batch go is the priors'
+                // (super::priors), told in the checker's "not sufficient" reason.
+                p.min_instances = 0;
+                p.instances = s
+                    .series
+                    .iter()
+                    .map(|x| x.per_input.get(i).copied().unwrap_or(0))
+                    .sum();
+                out.push(p);
+                continue;
+            }
             let (mut series_done, mut series_left, mut series_told) = (0u32, 0u32, 0usize);
             self.findings(i, s, |f| {
                 let holds = f.holds();

@@ -179,7 +179,78 @@ impl StreamFile {
 pub struct StoreDone {
     pub reply: ReplyTo,
     pub token: u64,
-    pub result: Result<StoredInstance, String>,
+    pub result: Result<StoredInstance, StoreError>,
+}
+
+/// Why an instance was not stored (answered 0xA700): what failed, and the kind of failure,
+/// counted and logged apart (a full disk is not a failing one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    pub kind: StoreErrorKind,
+    /// What failed and the system's words, e.g. "log write failed: No space left on device".
+    pub message: String,
+}
+
+/// The kinds of [`StoreError`], from the I/O error's errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StoreErrorKind {
+    /// ENOSPC: the file system is full.
+    NoSpace,
+    /// EDQUOT: a quota is exhausted.
+    Quota,
+    /// EIO: the device failed.
+    Io,
+    /// EROFS: the file system became read-only (ext4 does so after an error).
+    ReadOnly,
+    /// The instance cannot be given a path (an invalid UID).
+    Invalid,
+    /// Any other I/O error.
+    Other,
+}
+
+impl StoreErrorKind {
+    /// The `kind` label of `dicomgate_store_errors_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreErrorKind::NoSpace => "no_space",
+            StoreErrorKind::Quota => "quota",
+            StoreErrorKind::Io => "io",
+            StoreErrorKind::ReadOnly => "read_only",
+            StoreErrorKind::Invalid => "invalid",
+            StoreErrorKind::Other => "other",
+        }
+    }
+}
+
+impl StoreError {
+    /// `what` failed with `e`.
+    pub fn io(what: &str, e: &io::Error) -> StoreError {
+        use rustix::io::Errno;
+        let kind = match Errno::from_io_error(e) {
+            Some(Errno::NOSPC) => StoreErrorKind::NoSpace,
+            Some(Errno::DQUOT) => StoreErrorKind::Quota,
+            Some(Errno::IO) => StoreErrorKind::Io,
+            Some(Errno::ROFS) => StoreErrorKind::ReadOnly,
+            _ => StoreErrorKind::Other,
+        };
+        StoreError {
+            kind,
+            message: format!("{what}: {e}"),
+        }
+    }
+
+    pub fn invalid(what: &str) -> StoreError {
+        StoreError {
+            kind: StoreErrorKind::Invalid,
+            message: what.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// A durable instance.
@@ -535,7 +606,7 @@ struct Pending {
     dest: PathBuf,
     file: Option<File>,
     bytes: u64,
-    error: Option<String>,
+    error: Option<StoreError>,
     new: bool,
 }
 
@@ -720,7 +791,7 @@ impl Committer<'_> {
             }
             Durability::Syncfs => match syncfs(root) {
                 Ok(()) => (None, None),
-                Err(e) => (Some(e.to_string()), Some(e)),
+                Err(e) => (Some(StoreError::io("syncfs failed", &e)), Some(e)),
             },
             Durability::None => (None, None),
         };
@@ -728,7 +799,7 @@ impl Committer<'_> {
         for p in next.pending.iter_mut().filter(|p| p.error.is_none()) {
             let file = p.file.take();
             if let Some(e) = &data_err {
-                p.error = Some(format!("flush failed: {e}"));
+                p.error = Some(e.clone());
             } else {
                 let placed = match &file {
                     Some(f) if files.anonymous => place_anonymous(f, &p.tmp, &p.dest),
@@ -736,7 +807,7 @@ impl Committer<'_> {
                 };
                 drop(file);
                 match placed {
-                    Err(e) => p.error = Some(format!("rename failed: {e}")),
+                    Err(e) => p.error = Some(StoreError::io("rename failed", &e)),
                     Ok(new) => {
                         p.new = new;
                         if let Some(d) = p.dest.parent() {
@@ -802,7 +873,7 @@ fn flusher(jobs: crossbeam_channel::Receiver<FlushJob>) {
 fn sync_data_all(pending: &mut [Pending], pool: Option<&FlushPool>) {
     let flush = |p: &mut Pending| {
         if let Some(Err(e)) = p.file.as_ref().map(File::sync_data) {
-            p.error = Some(format!("flush failed: {e}"));
+            p.error = Some(StoreError::io("flush failed", &e));
         }
     };
     let todo: Vec<usize> = (0..pending.len())
@@ -842,7 +913,7 @@ fn sync_data_all(pending: &mut [Pending], pool: Option<&FlushPool>) {
         if let Some(p) = pending.get_mut(i) {
             p.file = Some(file);
             if let Err(e) = r {
-                p.error = Some(format!("flush failed: {e}"));
+                p.error = Some(StoreError::io("flush failed", &e));
             }
         }
     }
@@ -862,7 +933,7 @@ fn acknowledge(
             }
             // The file is in place but its directory entry may not be durable: not acknowledged.
             // It is left where it is; a retry of the same instance replaces it atomically.
-            (None, Some(e)) => Err(format!("directory flush failed: {e}")),
+            (None, Some(e)) => Err(StoreError::io("directory flush failed", e)),
             (None, None) => Ok(StoredInstance {
                 path: p.dest,
                 bytes: p.bytes,
@@ -1020,7 +1091,7 @@ fn write_temp(
         job,
     };
     let Some(dest) = instance_path(root, &p.job) else {
-        p.error = Some("invalid UID".into());
+        p.error = Some(StoreError::invalid("invalid UID"));
         return p;
     };
     let (Some(series_dir), Some(patient_dir)) = (
@@ -1030,7 +1101,7 @@ fn write_temp(
             .and_then(Path::parent)
             .map(Path::to_path_buf),
     ) else {
-        p.error = Some("bad path".into());
+        p.error = Some(StoreError::invalid("bad path"));
         return p;
     };
     let n = seq.fetch_add(1, Ordering::Relaxed);
@@ -1090,7 +1161,7 @@ fn write_temp(
             p.bytes = bytes;
         }
         Err(e) => {
-            p.error = Some(format!("write failed: {e}"));
+            p.error = Some(StoreError::io("write failed", &e));
             let _ = fs::remove_file(&p.tmp);
         }
     }

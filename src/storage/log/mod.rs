@@ -430,10 +430,12 @@ impl Log {
                 lock(&self.inner)
             };
             for (job, rel, dest, prefix, crc) in prepared {
-                let res = crc.map_err(|e| e.to_string()).and_then(|crc| {
-                    self.append_one(&mut inner, &job, &rel, &prefix, crc)
-                        .map_err(|e| format!("log write failed: {e}"))
-                });
+                let res = crc
+                    .map_err(|e| super::StoreError::invalid(&e.to_string()))
+                    .and_then(|crc| {
+                        self.append_one(&mut inner, &job, &rel, &prefix, crc)
+                            .map_err(|e| super::StoreError::io("log write failed", &e))
+                    });
                 match res {
                     Ok((file, new)) => {
                         let bytes = super::part10::file_len(&job.meta, job.data_set.len());
@@ -712,15 +714,21 @@ impl Log {
         let started = std::time::Instant::now();
         let records: usize = items.iter().map(|i| i.acks.len()).sum();
         {
-            let mut synced: Vec<(Arc<File>, Option<String>)> = Vec::new();
+            let mut synced: Vec<(Arc<File>, Option<super::StoreError>)> = Vec::new();
             for it in &items {
                 if !synced.iter().any(|(f, _)| Arc::ptr_eq(f, &it.file)) {
-                    let err = it.file.sync_data().err().map(|e| e.to_string());
+                    let err = it
+                        .file
+                        .sync_data()
+                        .err()
+                        .map(|e| super::StoreError::io("log flush failed", &e));
                     synced.push((it.file.clone(), err));
                 }
             }
             let dir_err = if self.dir_dirty.swap(false, Ordering::SeqCst) {
-                let e = sync_dir(&self.dir).err().map(|e| e.to_string());
+                let e = sync_dir(&self.dir)
+                    .err()
+                    .map(|e| super::StoreError::io("log directory flush failed", &e));
                 if e.is_some() {
                     // Nothing in the new segment is acknowledged until this succeeds.
                     self.dir_dirty.store(true, Ordering::SeqCst);
@@ -739,7 +747,7 @@ impl Log {
                     if let Some(e) = &err {
                         // Not known durable: not acknowledged. The record may survive; a
                         // re-send of the instance replaces it.
-                        a.result = Err(format!("log flush failed: {e}"));
+                        a.result = Err(e.clone());
                     }
                     (self.done)(a);
                 }
