@@ -1,6 +1,6 @@
 //! Issue 12 item 3, the HTTP endpoint's health and its concurrency: `/healthz` answers 503 once
 //! a pipeline thread has really died (a library user's `Processor` that panics takes its
-//! pipeline worker thread with it), and a client that connects and stalls no longer keeps a
+//! pipeline worker thread with it) or a reactor has (ended by a debug-build-only switch), and a client that connects and stalls no longer keeps a
 //! `/healthz` probe waiting (connections are served concurrently, a few threads).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -70,6 +70,48 @@ fn healthz_is_503_once_a_pipeline_thread_has_died() {
         "{last:?}"
     );
     node.shutdown();
+}
+
+/// A reactor that has died: `/healthz` is 503 and says how many reactors run. The reactor is
+/// ended by the debug-build-only switch `DICOMGATE_TEST_END_REACTOR` (src/net/mod.rs): no
+/// peer's bytes can end a reactor, so the test needs a switch, and release builds have none.
+#[test]
+fn healthz_is_503_once_a_reactor_has_died() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let cfg = dir.path().join("dicomgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 2\n[http]\nlisten = {http:?}\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("DICOMGATE_TEST_END_REACTOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("listening on "), "{line:?}");
+    let mut last = (0, String::new());
+    let dead = wait_until(30, || {
+        last = http_get(&http, "/healthz");
+        last.0 == 503
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(dead, "/healthz still {last:?} with a reactor gone");
+    assert_eq!(last.1, "unhealthy: 1 of 2 reactor threads running\n");
 }
 
 /// Found in review (issue 12): the endpoint served one connection at a time, so a client that

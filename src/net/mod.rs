@@ -575,6 +575,19 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
                         }
                     }
                     let _running = Running(&shared.reactors_running);
+                    // Test-only fault injection, compiled into debug builds only (the ones the
+                    // tests run; a release build has no such switch): with
+                    // DICOMGATE_TEST_END_REACTOR=N, reactor N ends as soon as it starts, so
+                    // tests/health.rs can see `/healthz` report a reactor that has died.
+                    #[cfg(debug_assertions)]
+                    if std::env::var("DICOMGATE_TEST_END_REACTOR")
+                        .ok()
+                        .and_then(|v| v.parse::<usize>().ok())
+                        == Some(i)
+                    {
+                        tracing::warn!(reactor = i, "DICOMGATE_TEST_END_REACTOR: this reactor ends now (test-only fault injection)");
+                        return;
+                    }
                     reactor::run(i, poll, &mailboxes, &shared);
                 })?,
         );
