@@ -446,8 +446,9 @@ fn ls(data_dir: &Path, instances: bool) -> Result<ExitCode, Box<dyn std::error::
     );
     for (id, (files, logged, bytes)) in &patients {
         println!(
-            "  patient {:?}: {} instances ({} in files, {} in the log), {} bytes",
+            "  patient {:?} (digest {}): {} instances ({} in files, {} in the log), {} bytes",
             String::from_utf8_lossy(id),
+            dicomgate::storage::patient_dir_name(id),
             files + logged,
             files,
             logged,
