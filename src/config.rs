@@ -37,6 +37,32 @@ pub struct Config {
     /// `[[peer]]`: known peers, by name.
     #[serde(rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
+    /// `[log]`: what the log lines show and how they are written.
+    pub log: LogConfig,
+}
+
+/// `[log]`: the node's log (stderr).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Whether pipeline log lines show the Patient ID (the grouping key) beside the patient's
+    /// digest. Default false: logs are shipped, rotated and kept where protected health
+    /// information does not belong; the digest (the patient's folder under `patients/`, the
+    /// one the status page and `dicomgate ls` show beside the Patient ID) is enough to find
+    /// the patient. Association lines show AE titles and addresses, never patient data.
+    pub phi: bool,
+    /// `text` (human-readable, the default) or `json` (one JSON object per line, for log
+    /// shippers); `dicomgate serve --log-format` overrides it.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[tls]`: DICOM over TLS (PS3.15 B.12, the BCP 195 profile) on a listener of its own, beside
@@ -472,6 +498,12 @@ fn one_u32() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     pub kind: ExportKind,
+    /// What log lines, `/metrics` (`destination` label), failure reasons and the status page
+    /// call this destination: letters, digits, `-`, `_`, `.`, at most 64; unique. Default
+    /// `export-N`, N its position among the `[[export]]` sections from 0 (as in "export N:"
+    /// configuration errors); see [`Config::export_name`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// `dicom`: the `[[peer]]` name to send to, instead of `address` and `ae_title` (its
     /// address and AE title are filled in at start-up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -597,6 +629,44 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     };
     let secs = n * mult;
     (secs <= MAX_SECONDS).then(|| Duration::from_secs_f64(secs))
+}
+
+impl Config {
+    /// The name of `[[export]]` number `i` (from 0): its `name`, else `export-{i}`. With no
+    /// `[[export]]` at all, the default folder export (index 0) is `export-0` too.
+    pub fn export_name(&self, i: usize) -> String {
+        self.exports
+            .get(i)
+            .and_then(|e| e.name.clone())
+            .unwrap_or_else(|| format!("export-{i}"))
+    }
+
+    /// Each `[[export]]`'s name (given or default) is a short name of letters, digits, `-`,
+    /// `_` and `.`, and no two are the same.
+    fn validate_export_names(&self) -> Result<(), ConfigError> {
+        let mut seen: Vec<(String, usize)> = Vec::new();
+        for i in 0..self.exports.len() {
+            let name = self.export_name(i);
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return Err(ConfigError(format!(
+                    "export {i}: name {name:?}: give 1-64 letters, digits, '-', '_' or '.'"
+                )));
+            }
+            if let Some((_, j)) = seen.iter().find(|(n, _)| *n == name) {
+                return Err(ConfigError(format!(
+                    "export {i}: name {name:?} is export {j}'s too: give each [[export]] its own \
+                     name (unnamed exports are called export-N, N their position from 0)"
+                )));
+            }
+            seen.push((name, i));
+        }
+        Ok(())
+    }
 }
 
 /// A configuration that cannot be used.
@@ -752,6 +822,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
+        self.validate_export_names()?;
         if !valid_ae(&self.node.ae_title) {
             return err(format!(
                 "node.ae_title {:?} is not a valid AE title (1-16 chars)",
@@ -1487,8 +1558,9 @@ ae_title = "PACS"
         assert!(Config::from_toml("[patients]\ngroup_by = \"Nope\"\n").is_err());
     }
 
-    /// README.md's configuration block parses, and its values are the defaults (the one
-    /// `[[input]]` example aside), so the README cannot drift from the code.
+    /// README.md's configuration block parses, and its values are the defaults and nothing
+    /// else (issue 12: it held a CT-only `[[input]]` example, which, copied, refused every
+    /// non-CT image), so the README cannot drift from the code.
     #[test]
     fn readme_config_block_is_the_defaults() {
         let readme = include_str!("../README.md");
@@ -1496,13 +1568,36 @@ ae_title = "PACS"
         let block = &readme[start..];
         let block = &block[block.find("```toml").unwrap() + 7..];
         let block = &block[..block.find("```").unwrap()];
-        let mut c = Config::from_toml(block).unwrap();
-        assert_eq!(c.inputs.len(), 1);
-        c.inputs.clear();
+        let c = Config::from_toml(block).unwrap();
+        assert!(c.inputs.is_empty(), "an [[input]] in the defaults block");
+        assert!(c.exports.is_empty() && c.peers.is_empty() && c.processing.is_none());
         assert_eq!(
             toml::to_string(&c).unwrap(),
             toml::to_string(&Config::default()).unwrap()
         );
+    }
+
+    /// README.md's second configuration block (the sections absent by default, commented out)
+    /// names only real fields: uncommented, it deserializes (unknown fields are refused).
+    #[test]
+    fn readme_reference_block_names_real_fields() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("## Configuration").unwrap();
+        let rest = &readme[start..];
+        let rest = &rest[rest.find("```toml").unwrap() + 7..];
+        let rest = &rest[rest.find("```").unwrap() + 3..];
+        let block = &rest[rest.find("```toml").unwrap() + 7..];
+        let block = &block[..block.find("```").unwrap()];
+        let uncommented: String = block
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: Config = toml::from_str(&uncommented).unwrap();
+        assert_eq!(c.inputs.len(), 1);
+        assert_eq!(c.exports.len(), 1);
+        assert_eq!(c.peers.len(), 1);
+        assert!(c.processing.is_some());
     }
 
     /// `[processing] empty_output` defaults to the safe `fail`; a bad value is refused at

@@ -80,6 +80,13 @@ impl ApiArgs {
     }
 }
 
+/// `serve --log-format`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the node (embedded defaults when no config file is given).
@@ -99,6 +106,10 @@ enum Command {
         /// HOST:PORT of the HTTP endpoint (/, /api/status, /metrics, /healthz, /readyz); "" for none.
         #[arg(long)]
         http: Option<String>,
+        /// How log lines are written to stderr: text (human-readable) or json (one JSON object
+        /// per line, for log shippers) ([log] format; default text).
+        #[arg(long, value_enum, value_name = "FORMAT")]
+        log_format: Option<LogFormatArg>,
         /// Print the effective configuration as TOML and exit.
         #[arg(long)]
         print_config: bool,
@@ -171,6 +182,8 @@ enum Command {
         /// The node's config file (its `[node] data_dir`); or give --data-dir.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The data directory to read (default: the config's [node] data_dir, or
+        /// ./dicomgate-data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// One line per instance, not only per patient.
@@ -187,8 +200,11 @@ enum Command {
     /// Copy pending instances (of one patient, or all) or a batch's instances out of a data
     /// directory as Part-10 files, keeping `<patient digest>/<study>/<series>/<SOP>.dcm`.
     Extract {
+        /// The node's config file (its `[node] data_dir`); or give --data-dir.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The data directory to read (default: the config's [node] data_dir, or
+        /// ./dicomgate-data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Only this Patient ID's pending instances.
@@ -430,8 +446,9 @@ fn ls(data_dir: &Path, instances: bool) -> Result<ExitCode, Box<dyn std::error::
     );
     for (id, (files, logged, bytes)) in &patients {
         println!(
-            "  patient {:?}: {} instances ({} in files, {} in the log), {} bytes",
+            "  patient {:?} (digest {}): {} instances ({} in files, {} in the log), {} bytes",
             String::from_utf8_lossy(id),
+            dicomgate::storage::patient_dir_name(id),
             files + logged,
             files,
             logged,
@@ -572,16 +589,36 @@ fn passwd(username: &str) -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Logs to stderr at `RUST_LOG`'s level (default info), as text or as one JSON object per line
+/// (tracing-subscriber's JSON formatter: `timestamp`, `level`, `target`, the event's fields
+/// and `message` at the top level).
+fn init_logging(format: dicomgate::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match format {
+        dicomgate::config::LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        dicomgate::config::LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // `serve` starts its logging once it has read its config ([log] format).
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_logging(dicomgate::config::LogFormat::Text);
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("dicomgate: {e}");
@@ -598,6 +635,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             data_dir,
             ae_title,
             http,
+            log_format,
             print_config,
         } => {
             let mut cfg = match config {
@@ -620,11 +658,17 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             if let Some(h) = http {
                 cfg.http.listen = h;
             }
+            match log_format {
+                Some(LogFormatArg::Text) => cfg.log.format = dicomgate::config::LogFormat::Text,
+                Some(LogFormatArg::Json) => cfg.log.format = dicomgate::config::LogFormat::Json,
+                None => {}
+            }
             cfg.validate()?;
             if print_config {
                 print!("{}", toml::to_string(&cfg)?);
                 return Ok(ExitCode::SUCCESS);
             }
+            init_logging(cfg.log.format);
             let drain = std::time::Duration::from_secs_f64(cfg.node.drain_seconds);
             // Watched from before the node starts (recovery can take a while): the first
             // signal asks for a drain, the second stops at once, start-up included.

@@ -219,7 +219,9 @@ fn processing_and_export_failures_are_counted() {
     let want = [
         ("dicomgate_processing_runs_total{}", 1.0),
         ("dicomgate_processing_failures_total{}", 0.0),
-        ("dicomgate_export_failures_total{destination=0}", 2.0),
+        // One observation per run in the duration histogram.
+        ("dicomgate_processing_duration_seconds_count{}", 1.0),
+        ("dicomgate_export_failures_total{destination=export-0}", 2.0),
         ("dicomgate_batches_total{stage=failed}", 1.0),
         ("dicomgate_batches_total{stage=processed}", 1.0),
         ("dicomgate_batches_now{place=failed}", 1.0),

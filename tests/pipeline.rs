@@ -918,7 +918,10 @@ fn late_arrivals_are_logged_at_info_and_counted() {
     assert!(wait_until(30, || late_line().is_some()), "{}", node.log());
     let line = late_line().unwrap();
     assert!(line.contains("late_arrivals_total=1"), "{line}");
-    assert!(line.contains("patient=LATE"), "{line}");
+    // The patient's digest (`[log] phi = false`, the default), never its Patient ID.
+    let digest = dicomgate::storage::patient_dir_name(b"LATE");
+    assert!(line.contains(&format!("patient={digest}")), "{line}");
+    assert!(!line.contains("LATE"), "{line}");
     // It waits for the rules (one instance of three): nothing more is exported.
     assert_eq!(exported_sops(&node).len(), 3);
     assert_eq!(pending_instances(&node), 1);

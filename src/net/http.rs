@@ -439,17 +439,22 @@ pub fn render(shared: &Shared) -> String {
         "Seconds the processing runs took in all",
         ConstCounter::new(s.processing_micros.load(Ordering::Relaxed) as f64 / 1e6),
     );
+    r.register(
+        "processing_duration_seconds",
+        "Seconds each processing run took (runs cut by a stop are not counted)",
+        s.processing_seconds.0.clone(),
+    );
     let export_failures = Family::<DestinationLabel, Counter>::default();
     for (i, n) in s.export_failures.iter().enumerate() {
         export_failures
             .get_or_create(&DestinationLabel {
-                destination: i.to_string(),
+                destination: shared.config.export_name(i),
             })
             .inc_by(n.load(Ordering::Relaxed));
     }
     r.register(
         "export_failures",
-        "Failed export attempts, by destination ([[export]] index)",
+        "Failed export attempts, by destination (its [[export]] name)",
         export_failures,
     );
     r.register(
@@ -483,17 +488,60 @@ const DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// wait for the next request, and the answer says how many.
 const RETRY_AT_ONCE: usize = 100;
 
-/// Serves one connection at a time until `shared.shutdown` is set (the stopper connects once
-/// to wake the accept). Deliberately small: a few GET paths, `Connection: close`, bounded
-/// request size and time, no thread per client, so no client can take the node's descriptors
-/// or hold this thread for long.
+/// Connections the endpoint serves at once, one thread each (the first is the `http`
+/// thread itself). Each connection is served for at most [`DEADLINE`], so a client that
+/// connects and stalls holds one of them for that long; the others go on answering (a
+/// `/healthz` probe behind a stalled client is not kept waiting). More clients than this wait
+/// in the listen backlog.
+pub const HTTP_THREADS: usize = 4;
+
+/// Serves up to [`HTTP_THREADS`] connections at once until `shared.shutdown` is set (the
+/// stopper connects once to wake an accept; each thread that sees the flag wakes the next).
+/// Deliberately small: a few GET paths, `Connection: close`, bounded request size and time, a
+/// fixed number of threads (never one per client), so no client can take the node's
+/// descriptors or hold the endpoint for long.
 pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usize) {
+    std::thread::scope(|scope| {
+        for i in 1..HTTP_THREADS {
+            let clone = match listener.try_clone() {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http: serving fewer connections at once");
+                    break;
+                }
+            };
+            let shared = &shared;
+            let started = std::thread::Builder::new()
+                .name(format!("http-{i}"))
+                .spawn_scoped(scope, move || serve_on(&clone, shared, reactors));
+            if let Err(e) = started {
+                tracing::warn!(error = %e, "http: serving fewer connections at once");
+                break;
+            }
+        }
+        serve_on(&listener, &shared, reactors);
+    });
+}
+
+/// Wakes another thread blocked in `accept` on `listener` (it then sees the shutdown flag).
+fn wake_a_sibling(listener: &std::net::TcpListener) {
+    if let Ok(mut a) = listener.local_addr() {
+        if a.ip().is_unspecified() {
+            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let _ = std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1));
+    }
+}
+
+/// One of [`serve`]'s threads: accepts and answers one connection at a time.
+fn serve_on(listener: &std::net::TcpListener, shared: &Shared, reactors: usize) {
     use std::io::{Read, Write};
     loop {
         let (mut stream, peer) = match listener.accept() {
             Ok(x) => x,
             Err(e) => {
                 if shared.shutdown.load(Ordering::Acquire) {
+                    wake_a_sibling(listener);
                     return;
                 }
                 tracing::warn!(error = %e, "http accept failed");
@@ -502,6 +550,8 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
             }
         };
         if shared.shutdown.load(Ordering::Acquire) {
+            drop(stream);
+            wake_a_sibling(listener);
             return;
         }
         let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
@@ -546,7 +596,7 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
                 )
             } else if method == "POST" {
                 match may_mutate(&head, peer, &shared.config.http) {
-                    Ok(()) => mutate(path, &shared),
+                    Ok(()) => mutate(path, shared),
                     Err(why) => (403, format!("{why}\n"), "text/plain"),
                 }
             } else if method != "GET" && method != "HEAD" {
@@ -556,7 +606,7 @@ pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usi
                     "text/plain",
                 )
             } else {
-                respond(path, &shared, reactors)
+                respond(path, shared, reactors)
             }
         };
         let reason = match code {
@@ -611,15 +661,10 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
             Ok(json) => (200, json, "application/json"),
             Err(e) => (500, format!("{e}\n"), "text/plain"),
         },
-        "/healthz" => {
-            let ok = shared.reactors_running.load(Ordering::Acquire) == reactors
-                && !shared.shutdown.load(Ordering::Acquire);
-            if ok {
-                (200, "ok\n".into(), "text/plain")
-            } else {
-                (503, "unhealthy\n".into(), "text/plain")
-            }
-        }
+        "/healthz" => match health(shared, reactors) {
+            Ok(()) => (200, "ok\n".into(), "text/plain"),
+            Err(why) => (503, format!("unhealthy: {why}\n"), "text/plain"),
+        },
         "/readyz" => {
             let why = if shared.draining.load(Ordering::Acquire) {
                 Some("draining".to_string())
@@ -632,6 +677,35 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
             }
         }
         _ => (404, "not found\n".into(), "text/plain"),
+    }
+}
+
+/// Why the node is not healthy, if it is not: it is stopping, a reactor has ended, or one of
+/// the storage or pipeline threads ([`Shared::watched`]) has ended (a panic, say: its work is
+/// no longer done; restart the node).
+fn health(shared: &Shared, reactors: usize) -> Result<(), String> {
+    if shared.shutdown.load(Ordering::Acquire) {
+        return Err("stopping".into());
+    }
+    let running = shared.reactors_running.load(Ordering::Acquire);
+    if running != reactors {
+        return Err(format!("{running} of {reactors} reactor threads running"));
+    }
+    let ended: Vec<String> = match shared.watched.lock() {
+        Ok(w) => w
+            .iter()
+            .filter(|t| t.is_finished())
+            .map(|t| t.thread().name().unwrap_or("unnamed").to_string())
+            .collect(),
+        Err(_) => vec!["(a thread panicked holding the list)".into()],
+    };
+    if ended.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "storage or pipeline thread(s) ended: {}",
+            ended.join(", ")
+        ))
     }
 }
 

@@ -158,6 +158,10 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Reactor threads still running.
     pub reactors_running: AtomicUsize,
+    /// The storage and pipeline threads (segment log, storage workers, flush threads, ingest,
+    /// checker, outbox, pipeline workers): `/healthz` answers 503 once one of them has ended
+    /// while the node runs. Joined by [`NodeHandle`]'s stop.
+    pub watched: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// What `/metrics` reports.
     pub counters: http::Counters,
     pub pipeline: Arc<Pipeline>,
@@ -327,7 +331,8 @@ impl NodeHandle {
         // waiting up to its I/O timeout on a silent downstream): past a grace period we stop
         // waiting. Nothing is lost: what was acknowledged is durable, and an export cut short
         // is retried at the next start (its marker was not written).
-        let threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
+        let mut threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
+        threads.extend(self.take_watched());
         let (tx, rx) = std::sync::mpsc::channel();
         let joiner = std::thread::spawn(move || {
             for t in threads {
@@ -348,15 +353,28 @@ impl NodeHandle {
 
     /// Blocks until the node stops (it stops only on shutdown).
     pub fn wait(mut self) {
-        for t in self.threads.drain(..) {
+        let watched = self.take_watched();
+        for t in self.threads.drain(..).chain(watched) {
             let _ = t.join();
+        }
+    }
+
+    /// The storage and pipeline threads, taken out of [`Shared::watched`] to be joined.
+    fn take_watched(&self) -> Vec<JoinHandle<()>> {
+        match self.shared.watched.lock() {
+            Ok(mut w) => w.drain(..).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
         }
     }
 }
 
 impl Drop for NodeHandle {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        let watched = match self.shared.watched.lock() {
+            Ok(w) => !w.is_empty(),
+            Err(_) => true,
+        };
+        if !self.threads.is_empty() || watched {
             self.stop();
         }
     }
@@ -476,7 +494,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         }
     });
     let pipeline_shutdown = Arc::new(AtomicBool::new(false));
-    let (storage, mut threads) = Storage::start(
+    let (storage, mut watched) = Storage::start(
         config.node.data_dir.clone(),
         &config.storage,
         done,
@@ -498,7 +516,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         room,
         pipeline_shutdown.clone(),
     )?;
-    threads.extend(pipeline_threads);
+    watched.extend(pipeline_threads);
     let mut service = config.service_config(pipeline.wanted_tags.clone());
     // What the door checks, from outside the config: the users file and the peers' hosts,
     // both read once, here.
@@ -527,6 +545,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         shutdown: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         reactors_running: AtomicUsize::new(n),
+        watched: std::sync::Mutex::new(watched),
         counters: http::Counters::default(),
         budget: budget::Budget::new(config.limits.max_buffered_bytes),
         storage,
@@ -534,6 +553,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         tls: tls_config,
         mailboxes: mailboxes.clone(),
     });
+    let mut threads = Vec::new();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     for (i, poll) in polls.into_iter().enumerate() {
         let shared = shared.clone();
@@ -555,6 +575,19 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
                         }
                     }
                     let _running = Running(&shared.reactors_running);
+                    // Test-only fault injection, compiled into debug builds only (the ones the
+                    // tests run; a release build has no such switch): with
+                    // DICOMGATE_TEST_END_REACTOR=N, reactor N ends as soon as it starts, so
+                    // tests/health.rs can see `/healthz` report a reactor that has died.
+                    #[cfg(debug_assertions)]
+                    if std::env::var("DICOMGATE_TEST_END_REACTOR")
+                        .ok()
+                        .and_then(|v| v.parse::<usize>().ok())
+                        == Some(i)
+                    {
+                        tracing::warn!(reactor = i, "DICOMGATE_TEST_END_REACTOR: this reactor ends now (test-only fault injection)");
+                        return;
+                    }
                     reactor::run(i, poll, &mailboxes, &shared);
                 })?,
         );

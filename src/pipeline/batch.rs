@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use super::{export, now_ms, BatchInfo, Context, Job, UNMATCHED_INPUT};
+use super::{export, now_ms, BatchInfo, Context, Job, Who, UNMATCHED_INPUT};
 use crate::config::{EmptyOutput, ExpireAction, ExportConfig, ExportKind};
 use crate::patients::InstanceRecord;
 use crate::storage::inventory::walk_files;
@@ -104,6 +104,79 @@ fn read_state(dir: &Path) -> io::Result<State> {
 fn read_manifest(dir: &Path) -> io::Result<Manifest> {
     let text = fs::read_to_string(dir.join("batch.toml"))?;
     toml::from_str(&text).map_err(io::Error::other)
+}
+
+/// The grouping key of a manifest (`key_hex`; its lossy text if that is not hex).
+fn manifest_key(m: &Manifest) -> Vec<u8> {
+    let h = m.key_hex.as_bytes();
+    let nibble = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let key: Option<Vec<u8>> = (h.len() % 2 == 0)
+        .then(|| {
+            h.chunks(2)
+                .map(|c| Some(nibble(c[0])? << 4 | nibble(c[1])?))
+                .collect()
+        })
+        .flatten();
+    key.unwrap_or_else(|| m.patient_id.as_bytes().to_vec())
+}
+
+/// Who and what a batch is, for its log lines: the patient ([`Who`]) and its instances per
+/// input ("ct:40,mr:2", no spaces so that a text log line stays one `key=value` per field;
+/// `_unmatched` for kept ones no input accepted).
+struct BatchLog {
+    who: Who,
+    inputs: String,
+}
+
+impl BatchLog {
+    fn of(ctx: &Context, m: &Manifest) -> BatchLog {
+        let today: Vec<String>;
+        let names: &[String] = if m.input_names.is_empty() {
+            today = ctx.pipeline.rules.input_names().map(String::from).collect();
+            &today
+        } else {
+            &m.input_names
+        };
+        fn count<'a>(counts: &mut Vec<(&'a str, usize)>, name: &'a str) {
+            match counts.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((name, 1)),
+            }
+        }
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        for f in &m.files {
+            if f.inputs == 0 {
+                count(&mut counts, UNMATCHED_INPUT);
+            }
+            for (i, n) in names.iter().enumerate().take(64) {
+                if f.inputs & (1 << i) != 0 {
+                    count(&mut counts, n);
+                }
+            }
+        }
+        BatchLog {
+            who: Who::new(&manifest_key(m), ctx.config.log.phi),
+            inputs: counts
+                .iter()
+                .map(|(n, c)| format!("{n}:{c}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
+    /// From the manifest in `dir` (a batch that cannot be read: "unknown").
+    fn read(ctx: &Context, dir: &Path) -> BatchLog {
+        match read_manifest(dir) {
+            Ok(m) => BatchLog::of(ctx, &m),
+            Err(_) => BatchLog {
+                who: Who {
+                    digest: "unknown (unreadable batch.toml)".into(),
+                    id: None,
+                },
+                inputs: String::new(),
+            },
+        }
+    }
 }
 
 fn sync_data_dir(ctx: &Context) {
@@ -275,9 +348,12 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
     if let Err(e) = sync_data_dir_checked(ctx).and_then(|()| ctx.log.release(&released)) {
         tracing::warn!(batch = %id, error = %e, "could not release log records yet: they go when the batch does");
     }
+    let bl = BatchLog::of(ctx, &manifest);
     tracing::info!(
         batch = %id,
-        patient = %manifest.patient_id,
+        patient = %bl.who.digest,
+        patient_id = bl.who.id,
+        inputs = %bl.inputs,
         instances = manifest.files.len(),
         read_from_log = kept.len(),
         "batch claimed"
@@ -538,7 +614,8 @@ pub(super) fn process(ctx: &Context, id: &str) {
                 output_dir: dir.join("output"),
                 inputs,
             };
-            tracing::info!(batch = %id, patient = %manifest.patient_id, "processing");
+            let bl = BatchLog::of(ctx, &manifest);
+            tracing::info!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, "processing");
             let started = std::time::Instant::now();
             let result = processor.process(&info).and_then(|()| {
                 // A run that wrote nothing to send keeps the batch unless the config says
@@ -558,16 +635,21 @@ pub(super) fn process(ctx: &Context, id: &str) {
             {
                 tracing::warn!(
                     batch = %id,
-                    patient = %manifest.patient_id,
+                    patient = %bl.who.digest,
+                    patient_id = bl.who.id,
+                    inputs = %bl.inputs,
+                    reason = "the node is stopping",
                     "processing interrupted by the stop: the batch resumes at the next start"
                 );
                 return;
             }
             let stats = &ctx.pipeline.stats;
             stats.processing_runs.fetch_add(1, Ordering::Relaxed);
+            let took = started.elapsed();
             stats
                 .processing_micros
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            stats.processing_seconds.0.observe(took.as_secs_f64());
             if result.is_err() {
                 stats.processing_failures.fetch_add(1, Ordering::Relaxed);
             }
@@ -579,7 +661,7 @@ pub(super) fn process(ctx: &Context, id: &str) {
                     let _ = write_state(&dir, &state);
                     fail(ctx, id, &format!("processing failed: {why}"));
                 } else {
-                    tracing::warn!(batch = %id, error = %why, attempt = state.processing_attempts, "processing failed; will retry");
+                    tracing::warn!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, reason = %why, attempt = state.processing_attempts, "processing failed; will retry");
                     let _ = write_state(&dir, &state);
                     ctx.retry_later(
                         ctx.backoff(state.processing_attempts),
@@ -631,6 +713,7 @@ fn destinations(ctx: &Context) -> Vec<ExportConfig> {
     if ctx.config.exports.is_empty() {
         vec![ExportConfig {
             kind: ExportKind::Folder,
+            name: None,
             peer: None,
             reply_to_sender: false,
             address: None,
@@ -658,6 +741,7 @@ pub(super) fn export(ctx: &Context, id: &str) {
             return;
         }
     };
+    let bl = BatchLog::read(ctx, &dir);
     // Each instance with the inputs it joined (router mode; processing output joined none).
     let files: Vec<(u64, export::Source)> = if ctx.processor.is_some() {
         match dicom_files(&dir.join("output")) {
@@ -749,7 +833,7 @@ pub(super) fn export(ctx: &Context, id: &str) {
         let mine = for_destination(ctx, dest, &files);
         if mine.is_empty() {
             // Nothing of this batch is for it: done, as a destination that got everything.
-            tracing::debug!(batch = %id, destination = i, "no instance of the batch is for this destination");
+            tracing::debug!(batch = %id, destination = %ctx.config.export_name(i), "no instance of the batch is for this destination");
             continue;
         }
         match export::run(
@@ -764,7 +848,7 @@ pub(super) fn export(ctx: &Context, id: &str) {
             Ok(()) => {
                 let _ = fs::create_dir_all(dir.join("exports"))
                     .and_then(|()| write_atomic(&marker, b""));
-                tracing::info!(batch = %id, destination = i, files = mine.len(), "exported");
+                tracing::info!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, destination = %ctx.config.export_name(i), files = mine.len(), "exported");
             }
             Err(e) => {
                 if !ctx.shutdown.load(Ordering::Acquire) {
@@ -772,7 +856,7 @@ pub(super) fn export(ctx: &Context, id: &str) {
                         n.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                errors.push(format!("export {i}: {e}"))
+                errors.push(format!("{}: {e}", ctx.config.export_name(i)))
             }
         }
     }
@@ -811,13 +895,13 @@ pub(super) fn export(ctx: &Context, id: &str) {
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::error!(batch = %id, error = %e, "exported, but could not remove the batch");
         } else {
-            tracing::info!(batch = %id, "batch done");
+            tracing::info!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, "batch done: exported to every destination");
         }
         return;
     }
     if ctx.shutdown.load(Ordering::Acquire) {
         // Cut by the stop, not a failure of the destination: not an attempt.
-        tracing::warn!(batch = %id, "export interrupted by the stop: it resumes at the next start");
+        tracing::warn!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, reason = "the node is stopping", "export interrupted by the stop: it resumes at the next start");
         return;
     }
     state.export_attempts += 1;
@@ -836,7 +920,7 @@ pub(super) fn export(ctx: &Context, id: &str) {
         return;
     }
     let delay = ctx.backoff(state.export_attempts);
-    tracing::warn!(batch = %id, attempt = state.export_attempts, retry_in_s = delay.as_secs_f64(), error = %reason, "export failed; will retry");
+    tracing::warn!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, attempt = state.export_attempts, retry_in_s = delay.as_secs_f64(), reason = %reason, "export failed; will retry");
     ctx.pipeline
         .stats
         .export_retries
@@ -1064,6 +1148,7 @@ fn copy_records_out(ctx: &Context, dir: &Path) -> io::Result<(Vec<Loc>, Vec<Stri
 
 /// Moves a batch to `failed/<id>/` with `reason.txt`.
 fn fail(ctx: &Context, id: &str, reason: &str) {
+    let bl = BatchLog::read(ctx, &batches(ctx).join(id));
     let failed = ctx.data_dir.join("failed");
     let dest = failed.join(id);
     // Its instances that are log records become files first. Whatever happens there, the
@@ -1097,9 +1182,11 @@ fn fail(ctx: &Context, id: &str, reason: &str) {
         }
     }
     match r {
-        Ok(()) => tracing::error!(batch = %id, %reason, "batch moved to failed/"),
+        Ok(()) => {
+            tracing::error!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, %reason, "batch moved to failed/")
+        }
         Err(e) => {
-            tracing::error!(batch = %id, %reason, error = %e, "batch failed and could not be moved to failed/; left in batches/")
+            tracing::error!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, %reason, error = %e, "batch failed and could not be moved to failed/; left in batches/")
         }
     }
     sync_data_dir(ctx);
@@ -1159,8 +1246,10 @@ pub(super) fn expire(ctx: &Context, key: &[u8], records: Vec<InstanceRecord>) {
         }
     }
     ctx.pipeline.stats.expired.fetch_add(1, Ordering::Relaxed);
+    let who = Who::new(key, ctx.config.log.phi);
     tracing::warn!(
-        patient = %String::from_utf8_lossy(key),
+        patient = %who.digest,
+        patient_id = who.id,
         instances = done,
         action = ?ctx.config.patients.expire_action,
         "patient expired"

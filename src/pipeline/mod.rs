@@ -116,6 +116,25 @@ pub enum Event {
     Closed { association: u64 },
 }
 
+/// How a pipeline log line names a patient: `patient` is always the digest of its grouping key
+/// (its folder under `patients/`, the middle of its batch ids, what the status page and
+/// `dicomgate ls` show beside the Patient ID), `patient_id` the key itself (the Patient ID by
+/// default) only with `[log] phi = true`.
+#[derive(Debug)]
+pub(crate) struct Who {
+    pub digest: String,
+    pub id: Option<String>,
+}
+
+impl Who {
+    pub(crate) fn new(key: &[u8], phi: bool) -> Who {
+        Who {
+            digest: crate::storage::patient_dir_name(key),
+            id: phi.then(|| String::from_utf8_lossy(key).into_owned()),
+        }
+    }
+}
+
 /// Counters, logged at shutdown and readable by tests and library users.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -136,9 +155,25 @@ pub struct Stats {
     pub processing_runs: AtomicU64,
     pub processing_failures: AtomicU64,
     pub processing_micros: AtomicU64,
+    /// The same runs' durations, one observation each (`/metrics`'
+    /// `dicomgate_processing_duration_seconds`).
+    pub processing_seconds: ProcessingSeconds,
     /// Failed export attempts, by destination (the `[[export]]` index; one default folder
     /// export when there is none).
     pub export_failures: Vec<AtomicU64>,
+}
+
+/// Histogram of processing run durations: 0.1 s to ~55 min, doubling (a CT reconstruction or
+/// an AI model takes seconds to minutes; a timeout is at most `[processing] timeout_seconds`).
+#[derive(Debug, Clone)]
+pub struct ProcessingSeconds(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for ProcessingSeconds {
+    fn default() -> Self {
+        ProcessingSeconds(prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.1, 2.0, 16),
+        ))
+    }
 }
 
 impl Stats {
@@ -176,6 +211,8 @@ pub struct Pipeline {
     /// the checker claims that batch at its next look, sufficient or not. A force holds for
     /// that batch only: whatever claims or expires it, or a later batch, drops it.
     forced: std::sync::Mutex<HashMap<Vec<u8>, u64>>,
+    /// `[log] phi`: whether log lines show a patient's grouping key (see [`Who`]).
+    phi: bool,
     /// The `kind = "priors"` input's retrievals, when the config has one.
     pub priors: Option<Arc<priors::Priors>>,
 }
@@ -261,7 +298,8 @@ impl Pipeline {
         p.request_evaluation();
         let _ = self.checker_bell.try_send(());
         let key = String::from_utf8_lossy(&key).into_owned();
-        tracing::info!(patient = %key, "forced by an operator: its batch is claimed now, sufficient or not");
+        let who = Who::new(key.as_bytes(), self.phi);
+        tracing::info!(patient = %who.digest, patient_id = who.id, "forced by an operator: its batch is claimed now, sufficient or not");
         Ok(key)
     }
 
@@ -551,6 +589,7 @@ pub fn start(
         data_dir: config.node.data_dir.clone(),
         shutdown: shutdown.clone(),
         forced: Default::default(),
+        phi: config.log.phi,
         priors,
     });
     let processor: Option<Arc<dyn Processor>> = processor.or_else(|| {
@@ -947,13 +986,13 @@ fn checker(
                         .fetch_add(u64::from(new), Ordering::Relaxed)
                         + u64::from(new);
                     let since_claim_s = now.saturating_sub(r.claimed_ms) as f64 / 1000.0;
-                    let patient = String::from_utf8_lossy(patient.key());
+                    let who = Who::new(patient.key(), p.phi);
                     let msg = "late arrival: instances for a patient whose batch was already \
                                claimed; they start a new batch that waits for the rules again";
                     if r.counted == 0 {
-                        tracing::info!(%patient, instances = new, since_claim_s, late_arrivals_total = total, "{msg}");
+                        tracing::info!(patient = %who.digest, patient_id = who.id, instances = new, since_claim_s, late_arrivals_total = total, "{msg}");
                     } else {
-                        tracing::debug!(%patient, instances = new, since_claim_s, late_arrivals_total = total, "{msg}");
+                        tracing::debug!(patient = %who.digest, patient_id = who.id, instances = new, since_claim_s, late_arrivals_total = total, "{msg}");
                     }
                     r.counted = v.snapshot.instances;
                 }
@@ -975,7 +1014,7 @@ fn checker(
                     .quiet_evaluated_ms
                     .store(v.last_arrival_ms, Ordering::Release);
             }
-            let key = String::from_utf8_lossy(patient.key()).into_owned();
+            let who = Who::new(patient.key(), p.phi);
             let forced = requested && p.take_forced(patient.key(), v.batch_seq);
             if requested || quiet {
                 let verdict = match forced {
@@ -1001,16 +1040,18 @@ fn checker(
                                 )
                                 .map_or(0, |r| r.counted);
                             if late > 0 {
-                                tracing::info!(patient = %key, late_instances = late, "a batch of late arrivals was claimed (a follow-up batch)");
+                                tracing::info!(patient = %who.digest, patient_id = who.id, late_instances = late, "a batch of late arrivals was claimed (a follow-up batch)");
                             }
                         }
                     }
-                    Err(why) => tracing::debug!(patient = %key, %why, "not sufficient yet"),
+                    Err(why) => tracing::debug!(patient = %who.digest, patient_id = who.id, reason = %why, "not sufficient yet"),
                 }
             } else if let Some(c) = claim_expired(&p.map, patient, &v, now, expire_ms, g) {
                 tracing::warn!(
-                    patient = %key,
+                    patient = %who.digest,
+                    patient_id = who.id,
                     instances = c.records.len(),
+                    reason = "never sufficient, nothing new for [patients] expire_after, no open association",
                     "expiring a patient that never became sufficient"
                 );
                 if let Some(r) = recent.get_mut(patient.key()) {
@@ -1063,8 +1104,11 @@ fn claim_expired(
     {
         return Some(c);
     }
+    // Digest only: this helper has no config (and its unit tests none to give).
+    let who = Who::new(patient.key(), false);
     tracing::info!(
-        patient = %String::from_utf8_lossy(patient.key()),
+        patient = %who.digest,
+        patient_id = who.id,
         instances = c.records.len(),
         "an instance or association arrived while the patient was being expired; collecting again"
     );
@@ -1089,9 +1133,11 @@ fn claim(ctx: &Context, patient: &Arc<Patient>, seq: u64, forced: bool, g: &MapG
         false => p.rules.sufficient(&Snapshot::of(&c.records)),
     };
     if let Err(why) = verdict {
+        let who = Who::new(patient.key(), p.phi);
         tracing::info!(
-            patient = %String::from_utf8_lossy(patient.key()),
-            %why,
+            patient = %who.digest,
+            patient_id = who.id,
+            reason = %why,
             "batch changed while being claimed; collecting again"
         );
         for r in c.records {
@@ -1185,8 +1231,10 @@ fn run_job(ctx: &Context, job: Job) {
                 Ok(id) => batch::process(ctx, &id),
                 Err(e) => {
                     let retry = ctx.backoff(1);
+                    let who = Who::new(&key, ctx.config.log.phi);
                     tracing::error!(
-                        patient = %String::from_utf8_lossy(&key),
+                        patient = %who.digest,
+                        patient_id = who.id,
                         instances = records.len(),
                         error = %e,
                         retry_in_s = retry.as_secs_f64(),

@@ -94,6 +94,8 @@ pub struct Priors {
     rx: Receiver<Vec<u8>>,
     dir: PathBuf,
     next_generation: std::sync::atomic::AtomicU64,
+    /// `[log] phi`: whether log lines show the Patient ID (see [`super::Who`]).
+    phi: bool,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -153,6 +155,7 @@ impl Priors {
         let dir = config.node.data_dir.join("priors");
         std::fs::create_dir_all(&dir)?;
         let p = Priors {
+            phi: config.log.phi,
             move_destination: pc
                 .move_destination
                 .clone()
@@ -199,6 +202,11 @@ impl Priors {
         }
         p.routes.store(Arc::new(routes));
         Ok(Some(p))
+    }
+
+    /// How log lines name the patient `patient_id` ([`super::Who`]).
+    fn who(&self, patient_id: &str) -> super::Who {
+        super::Who::new(patient_id.as_bytes(), self.phi)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Entry>> {
@@ -282,8 +290,9 @@ impl Priors {
         {
             // The timeout holds whatever is missing: the retrieval, or instances a C-MOVE
             // reported but that never reached this patient's batch.
+            let who = self.who(&e.patient_id);
             tracing::warn!(
-                patient = %e.patient_id,
+                patient = %who.digest, patient_id = who.id,
                 phase = ?e.phase,
                 have,
                 expected = e.expected,
@@ -361,7 +370,8 @@ impl Priors {
                 std::fs::File::open(&self.dir)?.sync_all()
             });
         if let Err(err) = r {
-            tracing::warn!(patient = %e.patient_id, error = %err, "could not write the priors record");
+            let who = self.who(&e.patient_id);
+            tracing::warn!(patient = %who.digest, patient_id = who.id, error = %err, "could not write the priors record");
         }
     }
 
@@ -429,8 +439,9 @@ pub fn run(
         let g = e.generation;
         if now >= deadline {
             if p.update(&key, g, |e| e.phase = Phase::TimedOut) {
+                let who = p.who(&e.patient_id);
                 tracing::warn!(
-                    patient = %e.patient_id,
+                    patient = %who.digest, patient_id = who.id,
                     attempts = e.attempts,
                     last_error = e.last_error.as_deref().unwrap_or(""),
                     "priors: timed out ({} s): the patient goes on without the priors not yet in",
@@ -445,19 +456,22 @@ pub fn run(
         let outcome = retrieve(p, &key, &e, &own, deadline, shutdown);
         let (changed, why) = match outcome {
             Ok(Outcome::Unqueryable(why)) => {
-                tracing::warn!(patient = %e.patient_id, "priors: {why}");
+                let who = p.who(&e.patient_id);
+                tracing::warn!(patient = %who.digest, patient_id = who.id, "priors: {why}");
                 (
                     p.update(&key, g, |e| e.phase = Phase::Unqueryable),
                     "unqueryable",
                 )
             }
             Ok(Outcome::Nothing) => {
-                tracing::info!(patient = %e.patient_id, peer = %p.peer_address, "priors: no earlier study");
+                let who = p.who(&e.patient_id);
+                tracing::info!(patient = %who.digest, patient_id = who.id, peer = %p.peer_address, "priors: no earlier study");
                 (p.update(&key, g, |e| e.phase = Phase::None), "none")
             }
             Ok(Outcome::Moved { studies, completed }) => {
+                let who = p.who(&e.patient_id);
                 tracing::info!(
-                    patient = %e.patient_id,
+                    patient = %who.digest, patient_id = who.id,
                     peer = %p.peer_address,
                     studies = studies.len(),
                     instances = completed,
@@ -477,8 +491,9 @@ pub fn run(
             Err(err) => {
                 let attempts = e.attempts + 1;
                 let delay = (5_000u64 << (attempts - 1).min(4)).min(60_000);
+                let who = p.who(&e.patient_id);
                 tracing::warn!(
-                    patient = %e.patient_id,
+                    patient = %who.digest, patient_id = who.id,
                     peer = %p.peer_address,
                     attempt = attempts,
                     retry_in_s = delay / 1000,
@@ -497,7 +512,7 @@ pub fn run(
         if changed {
             evaluate(key);
         } else if why != "retry" {
-            tracing::debug!(patient = %e.patient_id, "priors: the batch was claimed during its retrieval; result dropped");
+            tracing::debug!(patient = %p.who(&e.patient_id).digest, "priors: the batch was claimed during its retrieval; result dropped");
         }
     }
 }
@@ -591,7 +606,8 @@ fn retrieve(
         ));
     }
     for why in &found.refused {
-        tracing::warn!(patient = %patient_id, peer = %who, "priors: a C-FIND match left out: {why}");
+        let pat = p.who(patient_id);
+        tracing::warn!(patient = %pat.digest, patient_id = pat.id, peer = %who, "priors: a C-FIND match left out: {why}");
     }
     let wanted = &p.config.modalities;
     let mut chosen: Vec<_> = found
@@ -632,7 +648,8 @@ fn retrieve(
             // Success, or warning: some sub-operations failed or warned (PS3.4 C.4.2.1.5).
             0x0000 | 0xB000 => {
                 if m.failed > 0 {
-                    tracing::warn!(patient = %patient_id, study = %s, failed = m.failed, "priors: some instances of a study were not retrieved");
+                    let pat = p.who(patient_id);
+                    tracing::warn!(patient = %pat.digest, patient_id = pat.id, study = %s, failed = m.failed, "priors: some instances of a study were not retrieved");
                 }
                 completed += u32::from(m.completed) + u32::from(m.warning);
             }
