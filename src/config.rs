@@ -631,6 +631,100 @@ fn find_executable(program: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| "is not found in PATH: give its full path".to_string())
 }
 
+/// Whether `keyword` names a data element in the standard dictionary (dicom-dictionary-std's,
+/// the one `[[input]]` rules compile with).
+fn is_tag_keyword(keyword: &str) -> bool {
+    use dicom_core::dictionary::DataDictionary;
+    dicom_dictionary_std::StandardDataDictionary
+        .by_name(keyword)
+        .is_some()
+}
+
+/// ": did you mean PatientID?" for a keyword the dictionary does not know, naming the nearest
+/// keyword it does; "" when nothing is near.
+///
+/// dicom-dictionary-std can look a keyword up but cannot list its keywords, so the candidates
+/// are what a typo most often is: the keyword with the case of up to three letters changed
+/// (`PatientId`, `patientid`, `StudyInstanceUid`), or one edit away (a letter or digit inserted,
+/// deleted, replaced, or two neighbours swapped: `SeriesDescripton`, `Modaltiy`). Of those the
+/// dictionary knows, the nearest by Damerau-Levenshtein distance (strsim) wins, case ignored
+/// first, then exact; ties go to the first in that order.
+fn did_you_mean(keyword: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    let chars: Vec<char> = keyword.chars().collect();
+    if chars.is_empty() || chars.len() > MAX_CHARS || !keyword.is_ascii() {
+        return String::new();
+    }
+    let mut found: Vec<String> = Vec::new();
+    let mut consider = |c: Vec<char>| {
+        let c: String = c.into_iter().collect();
+        if is_tag_keyword(&c) && !found.contains(&c) {
+            found.push(c);
+        }
+    };
+    // Case changes of up to three letters.
+    let letters: Vec<usize> = (0..chars.len())
+        .filter(|&i| chars[i].is_ascii_alphabetic())
+        .collect();
+    let flip = |c: &mut Vec<char>, i: usize| {
+        c[i] = if c[i].is_ascii_uppercase() {
+            c[i].to_ascii_lowercase()
+        } else {
+            c[i].to_ascii_uppercase()
+        }
+    };
+    for (x, &a) in letters.iter().enumerate() {
+        let mut c = chars.clone();
+        flip(&mut c, a);
+        consider(c.clone());
+        for (y, &b) in letters.iter().enumerate().skip(x + 1) {
+            let mut d = c.clone();
+            flip(&mut d, b);
+            consider(d.clone());
+            for &z in &letters[y + 1..] {
+                let mut e = d.clone();
+                flip(&mut e, z);
+                consider(e);
+            }
+        }
+    }
+    // One edit away.
+    let alphabet = ('A'..='Z').chain('a'..='z').chain('0'..='9');
+    for i in 0..=chars.len() {
+        if i < chars.len() {
+            let mut c = chars.clone();
+            c.remove(i);
+            consider(c);
+        }
+        if i + 1 < chars.len() {
+            let mut c = chars.clone();
+            c.swap(i, i + 1);
+            consider(c);
+        }
+        for a in alphabet.clone() {
+            let mut c = chars.clone();
+            c.insert(i, a);
+            consider(c);
+            if i < chars.len() {
+                let mut c = chars.clone();
+                c[i] = a;
+                consider(c);
+            }
+        }
+    }
+    let lower = keyword.to_ascii_lowercase();
+    found
+        .into_iter()
+        .min_by_key(|c| {
+            (
+                strsim::damerau_levenshtein(&lower, &c.to_ascii_lowercase()),
+                strsim::damerau_levenshtein(keyword, c),
+            )
+        })
+        .map(|c| format!(": did you mean {c}?"))
+        .unwrap_or_default()
+}
+
 fn valid_ae(ae: &str) -> bool {
     let t = ae.trim();
     !t.is_empty() && t.len() <= 16 && t.bytes().all(|b| (0x20..0x7F).contains(&b) && b != b'\\')
@@ -920,6 +1014,19 @@ impl Config {
                 st.segment_bytes,
                 2 * st.inline_max_bytes as u64 + (64 << 10)
             ));
+        }
+        for i in &self.inputs {
+            let keywords = i.matches.keys().map(|k| ("match", k));
+            for (field, kw) in keywords.chain(i.required_tags.iter().map(|k| ("required_tags", k)))
+            {
+                if !is_tag_keyword(kw) {
+                    return err(format!(
+                        "input {:?}: {field}: {kw} is not a tag keyword{}",
+                        i.name,
+                        did_you_mean(kw)
+                    ));
+                }
+            }
         }
         self.rules().map_err(ConfigError)?;
         self.group_by_tag().map_err(ConfigError)?;
@@ -1319,8 +1426,9 @@ impl Config {
         {
             Some(TagRange::Single(t)) => Ok((t.0 as u32) << 16 | t.1 as u32),
             _ => Err(format!(
-                "patients.group_by: {:?} is not a tag keyword",
-                self.patients.group_by
+                "patients.group_by: {:?} is not a tag keyword{}",
+                self.patients.group_by,
+                did_you_mean(&self.patients.group_by)
             )),
         }
     }
@@ -1558,6 +1666,39 @@ ae_title = "PACS"
         assert!(e.contains("limits.idle_seconds"), "{e}");
         assert!(
             Config::from_toml("[processing]\ncommand = [\"sh\"]\ntimeout_seconds = 3600\n").is_ok()
+        );
+    }
+
+    /// Issue 11: an unknown keyword in `match` or `required_tags` was refused without a hint;
+    /// the error now names the nearest dictionary keyword.
+    #[test]
+    fn an_unknown_keyword_suggests_the_nearest_dictionary_keyword() {
+        let e = refused("[[input]]\nname = \"ct\"\nmatch = { PatientId = \"1*\" }\n");
+        assert!(
+            e.contains(
+                "input \"ct\": match: PatientId is not a tag keyword: did you mean PatientID?"
+            ),
+            "{e}"
+        );
+        let e = refused("[[input]]\nname = \"ct\"\nrequired_tags = [\"SeriesDescripton\"]\n");
+        assert!(
+            e.contains("required_tags: SeriesDescripton is not a tag keyword: did you mean SeriesDescription?"),
+            "{e}"
+        );
+        let e = refused(
+            "[[input]]\nname = \"ct\"\nrequired_tags = [\"patientid\", \"StudyInstanceUid\"]\n",
+        );
+        assert!(
+            e.contains("patientid is not a tag keyword: did you mean PatientID?"),
+            "{e}"
+        );
+        let e = refused("[patients]\ngroup_by = \"Modaltiy\"\n");
+        assert!(e.contains("did you mean Modality?"), "{e}");
+        // Nothing near: no suggestion, still refused.
+        let e = refused("[[input]]\nname = \"ct\"\nrequired_tags = [\"Xyzzy\"]\n");
+        assert!(
+            e.contains("Xyzzy is not a tag keyword") && !e.contains("did you mean"),
+            "{e}"
         );
     }
 
