@@ -597,6 +597,106 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (secs <= MAX_SECONDS).then(|| Duration::from_secs_f64(secs))
 }
 
+/// Where each value of a config text is: the tree of its tables and arrays, each value with
+/// its byte span (the toml crate's [`toml::Spanned`]). Only for error messages.
+#[derive(Debug)]
+enum SpanNode {
+    Table(Vec<(String, toml::Spanned<SpanNode>)>),
+    Array(Vec<toml::Spanned<SpanNode>>),
+    /// A string value (to find an `[[input]]` by its name, a keyword in `required_tags`).
+    Str(String),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for SpanNode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SpanNode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a TOML value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<SpanNode, E> {
+                Ok(SpanNode::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<SpanNode, E> {
+                Ok(SpanNode::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<SpanNode, E> {
+                Ok(SpanNode::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<SpanNode, E> {
+                Ok(SpanNode::Other)
+            }
+            fn visit_str<E>(self, s: &str) -> Result<SpanNode, E> {
+                Ok(SpanNode::Str(s.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<SpanNode, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = a.next_element()? {
+                    v.push(x);
+                }
+                Ok(SpanNode::Array(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<SpanNode, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, x)) = a.next_entry()? {
+                    v.push((k, x));
+                }
+                Ok(SpanNode::Table(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The line (from 1) in `text` of the field a validation error names, when `text` has it.
+///
+/// Validation errors start with the field, in one of the forms `section.key ...`,
+/// `input "name": key ...` (or `input name: ...`), `export N: key ...`, `peer "name": ...`;
+/// the words of the message, in order, are followed down the config's tree: a word that is a
+/// key of the current table enters it, in an array a number picks that element and a word picks
+/// the table whose `name` it is (or the string it equals); words that are neither are passed
+/// over, and the walk ends at the first value that is no table or array. The line is that of
+/// the deepest value reached: `input "ct": match: PatientId ...` is the line of `PatientId`,
+/// and a field left at its default is the line of its section.
+pub fn error_line(text: &str, message: &str) -> Option<usize> {
+    let root: SpanNode = toml::from_str(text).ok()?;
+    let words = message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty());
+    let mut node = &root;
+    let mut at: Option<std::ops::Range<usize>> = None;
+    for w in words {
+        let next = match node {
+            SpanNode::Table(t) => t.iter().find(|(k, _)| k == w).map(|(_, v)| v),
+            SpanNode::Array(a) => match w.parse::<usize>() {
+                Ok(i) => a.get(i),
+                Err(_) => a.iter().find(|x| match x.get_ref() {
+                    SpanNode::Str(s) => s == w,
+                    SpanNode::Table(t) => t.iter().any(|(k, v)| {
+                        k == "name" && matches!(v.get_ref(), SpanNode::Str(s) if s == w)
+                    }),
+                    _ => false,
+                }),
+            },
+            _ => break,
+        };
+        if let Some(n) = next {
+            at = Some(n.span());
+            node = n.get_ref();
+        }
+    }
+    let start = at?.start;
+    Some(text.get(..start)?.matches('\n').count() + 1)
+}
+
 /// A configuration that cannot be used.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -752,10 +852,18 @@ pub fn random_key() -> [u8; 32] {
 pub const STREAM_ABOVE_MIN: usize = 256 << 10;
 
 impl Config {
+    /// Parses and validates a config text. A value the parser refuses is reported with its
+    /// line and column (the toml crate's message); a value [`Config::validate`] refuses is
+    /// reported as "line N: field ...", N being the line of the field it names (see
+    /// [`error_line`]), when the text has it.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let mut c: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
-        c.resolve_export_peers()?;
-        c.validate()?;
+        c.resolve_export_peers()
+            .and_then(|()| c.validate())
+            .map_err(|e| match error_line(text, &e.0) {
+                Some(line) => ConfigError(format!("line {line}: {}", e.0)),
+                None => e,
+            })?;
         Ok(c)
     }
 
@@ -1700,6 +1808,89 @@ ae_title = "PACS"
             e.contains("Xyzzy is not a tag keyword") && !e.contains("did you mean"),
             "{e}"
         );
+    }
+
+    /// Issue 11: a value that parsed but that validation refused was reported by its field
+    /// name only; the error now gives the line of the field in the text (the file is named by
+    /// the caller, main.rs: "dicomgate.toml: line 12: ...").
+    #[test]
+    fn validation_errors_name_the_line_of_the_field() {
+        let text = "\
+[node]
+ae_title = \"GATE\"
+
+[patients]
+expire_after = \"14 days\"
+";
+        assert!(
+            refused(text).starts_with("line 5: patients.expire_after"),
+            "{}",
+            refused(text)
+        );
+        let text = "\
+[[peer]]
+name = \"pacs\"
+ae_title = \"PACS\"
+address = \"pacs.example\"
+";
+        let e = refused(text);
+        assert!(e.starts_with("line 4: peer \"pacs\": address"), "{e}");
+        let text = "\
+[[input]]
+name = \"mr\"
+
+[[input]]
+name = \"ct\"
+min_instances = 0
+";
+        let e = refused(text);
+        assert!(
+            e.starts_with("line 6: input \"ct\": min_instances = 0"),
+            "{e}"
+        );
+        let text = "\
+[[input]]
+name = \"ct\"
+required_tags = [
+  \"SeriesNumber\",
+  \"PatientId\",
+]
+";
+        let e = refused(text);
+        assert!(
+            e.starts_with("line 5: input \"ct\": required_tags: PatientId"),
+            "{e}"
+        );
+        let text = "\
+[[input]]
+name = \"ct\"
+match = { Modality = \"CT\" }
+calling_ae = \"\"
+";
+        let e = refused(text);
+        assert!(
+            e.starts_with("line 4: input \"ct\": calling_ae pattern"),
+            "{e}"
+        );
+        let text = "\
+[trigger]
+quiet_seconds = 1e300
+";
+        assert!(refused(text).starts_with("line 2: trigger.quiet_seconds"));
+        // A field left at its default: the line of its section.
+        let text = "\
+[node]
+ae_title = \"GATE\"
+listen = \"\"
+[tls]
+";
+        assert!(
+            refused(text).starts_with("line 3: node.listen"),
+            "{}",
+            refused(text)
+        );
+        // The parser's own errors keep its line and column.
+        assert!(refused("[limits]\nmax_pdu_lenght = 1\n").contains("line 2, column 1"));
     }
 
     /// Issue 11: `min_instances = 0` was accepted and silently meant 1.
