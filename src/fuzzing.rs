@@ -9,8 +9,10 @@ use crate::ul::{self, Status};
 const MAX_PDU: u32 = 65_536;
 
 /// Deframes a byte stream into PDUs and decodes each. Decoding must never panic; whatever decodes
-/// must re-encode to bytes that decode to the same PDU and re-encode identically (for canonical
-/// input the re-encoding equals the input; see `tests/pdu_vectors.rs`).
+/// must re-encode to exactly the bytes it was decoded from, but for the reserved fields PS3.8
+/// §9.3 says are sent as 00H and not tested (written as 00H; [`reserved_zeroed`] finds them,
+/// walking the bytes itself, not through the decoder), and that re-encoding must decode to the
+/// same PDU.
 pub fn pdu_decode(data: &[u8]) {
     let mut rest = data;
     while let Ok(Status::Complete(n)) = ul::deframe(rest, MAX_PDU) {
@@ -20,12 +22,16 @@ pub fn pdu_decode(data: &[u8]) {
                 let _ = negotiate_at_the_door(rq);
             }
             let mut out = Vec::new();
-            if pdu.encode(&mut out).is_ok() {
+            // Whatever decodes fits its length fields again, so it encodes.
+            pdu.encode(&mut out).expect("a decoded PDU encodes");
+            {
+                assert_eq!(
+                    out,
+                    reserved_zeroed(one),
+                    "encode(decode(bytes)) != bytes (reserved fields zeroed)"
+                );
                 let again = ul::decode(&out).expect("a re-encoded PDU decodes");
                 assert_eq!(pdu, again, "decode(encode(pdu)) != pdu");
-                let mut out2 = Vec::new();
-                again.encode(&mut out2).expect("encodes twice");
-                assert_eq!(out, out2, "encoding is not stable");
                 if let ul::Pdu::PDataTf(p) = &pdu {
                     let total: usize = p.pdvs().map(|v| v.data.len() + 6).sum();
                     assert_eq!(total, p.body().len(), "PDV iteration lost bytes");
@@ -34,6 +40,68 @@ pub fn pdu_decode(data: &[u8]) {
         }
         rest = tail;
     }
+}
+
+/// `pdu` (one whole PDU that decoded) with its reserved fields set to 00H, as the encoder writes
+/// them: the PDU header's second byte; in A-ASSOCIATE-RQ/AC bytes 9-10 and 43-74 (PS3.8 Tables
+/// 9-11, 9-17) and the second byte of every item, and of every sub-item of a presentation
+/// context (0x20 in an RQ, 0x21 in an AC) or user information item (0x50), and an AC's
+/// presentation context bytes 6 and 8 (Table 9-18); in A-ASSOCIATE-RJ byte 7, A-RELEASE bytes
+/// 7-10, A-ABORT bytes 7-8. An RQ presentation context's bytes 6-8 are kept by the decoder, as
+/// are the sub-items of an AC presentation context that is not accepted (not significant).
+pub fn reserved_zeroed(pdu: &[u8]) -> Vec<u8> {
+    let mut b = pdu.to_vec();
+    let zero = |b: &mut Vec<u8>, r: std::ops::Range<usize>| {
+        if let Some(s) = b.get_mut(r) {
+            s.fill(0);
+        }
+    };
+    let be16 = |b: &[u8], i: usize| {
+        b.get(i..i + 2)
+            .map_or(0, |s| usize::from(u16::from_be_bytes([s[0], s[1]])))
+    };
+    // Sub-items from `at` to `end`: each one's second byte.
+    let sub_items = |b: &mut Vec<u8>, mut at: usize, end: usize| {
+        while at + 4 <= end {
+            zero(b, at + 1..at + 2);
+            at += 4 + be16(b, at + 2);
+        }
+    };
+    zero(&mut b, 1..2);
+    match b.first().copied() {
+        Some(t @ (0x01 | 0x02)) => {
+            zero(&mut b, 8..10);
+            zero(&mut b, 42..74);
+            let mut at = 74;
+            while at + 4 <= b.len() {
+                let (it, len) = (b[at], be16(&b, at + 2));
+                zero(&mut b, at + 1..at + 2);
+                let end = at + 4 + len;
+                match it {
+                    0x20 if t == 0x01 => sub_items(&mut b, at + 8, end),
+                    0x21 if t == 0x02 => {
+                        zero(&mut b, at + 5..at + 6);
+                        zero(&mut b, at + 7..at + 8);
+                        // Accepted, or one transfer syntax sub-item: the decoder parsed it.
+                        let one = end >= at + 12
+                            && b[at + 8] == 0x40
+                            && at + 12 + be16(&b, at + 10) == end;
+                        if b.get(at + 6) == Some(&0) || one {
+                            sub_items(&mut b, at + 8, end);
+                        }
+                    }
+                    0x50 => sub_items(&mut b, at + 4, end),
+                    _ => {}
+                }
+                at = end;
+            }
+        }
+        Some(0x03) => zero(&mut b, 6..7),
+        Some(0x05 | 0x06) => zero(&mut b, 6..10),
+        Some(0x07) => zero(&mut b, 6..8),
+        _ => {}
+    }
+    b
 }
 
 /// Negotiates a decoded A-ASSOCIATE-RQ under a policy with every door check on (a users file
@@ -117,6 +185,7 @@ pub fn pdu_roundtrip(data: &[u8]) {
                         id: c.u8(),
                         result: PcResult(c.u8() % 5),
                         transfer_syntax: Some(c.bytes(64)),
+                        not_significant: &[],
                     }),
                     1 => {
                         let mut subs = Vec::new();
@@ -149,6 +218,7 @@ pub fn pdu_roundtrip(data: &[u8]) {
                                     related_general_sop_classes: (0..c.u8() % 3)
                                         .map(|_| c.bytes(64))
                                         .collect(),
+                                    reserved: c.bytes(8),
                                 },
                                 7 => SubItem::UserIdentityRq {
                                     identity_type: c.u8(),
@@ -837,7 +907,7 @@ const fn put<const L: usize>(b: &mut [u8; L], p: usize, src: &[u8]) {
 
 /// A minimal A-ASSOCIATE-RQ (type 1) or -AC (type 2): application context, one Verification
 /// context (RQ: abstract + transfer syntax; AC: accepted with a transfer syntax sub-item, padded
-/// to the same size), no user information.
+/// to the same size by an unknown item), no user information.
 const fn sample_associate(t: u8) -> [u8; 74 + 25 + 4 + 4 + 21 + 4 + 17] {
     const APP: &[u8; 21] = b"1.2.840.10008.3.1.1.1";
     const VER: &[u8; 17] = b"1.2.840.10008.1.1";
@@ -858,16 +928,32 @@ const fn sample_associate(t: u8) -> [u8; 74 + 25 + 4 + 4 + 21 + 4 + 17] {
     p += 4;
     put(&mut b, p, APP);
     p += 21;
-    b[p] = if t == 1 { 0x20 } else { 0x21 };
-    b[p + 3] = (4 + 4 + 17 + 4 + 17) as u8;
-    b[p + 4] = 1;
-    p += 8;
-    // RQ: abstract syntax (0x30); AC: an unknown sub-item of the same size, then the TS.
-    b[p] = if t == 1 { 0x30 } else { 0x31 };
-    b[p + 3] = 17;
-    p += 4;
-    put(&mut b, p, VER);
-    p += 17;
+    if t == 1 {
+        b[p] = 0x20;
+        b[p + 3] = (4 + 4 + 17 + 4 + 17) as u8;
+        b[p + 4] = 1;
+        p += 8;
+        b[p] = 0x30; // abstract syntax
+        b[p + 3] = 17;
+        p += 4;
+        put(&mut b, p, VER);
+        p += 17;
+    } else {
+        // AC: the accepted context (its transfer syntax only: PS3.8 §9.3.3.2), then an unknown
+        // item of the abstract syntax sub-item's size (ignored, PS3.8 §9.3.1).
+        b[p] = 0x21;
+        b[p + 3] = (4 + 4 + 17) as u8;
+        b[p + 4] = 1;
+        p += 8;
+        b[p] = 0x40;
+        b[p + 3] = 17;
+        put(&mut b, p + 4, TS);
+        p += 4 + 17;
+        b[p] = 0x31;
+        b[p + 3] = 17;
+        put(&mut b, p + 4, VER);
+        return b;
+    }
     b[p] = 0x40;
     b[p + 3] = 17;
     p += 4;
