@@ -372,7 +372,19 @@ pub fn tag_scan(data: &[u8]) {
         if let Ok(s) = &whole {
             for t in tags::ROUTING {
                 if let Some(v) = s.raw(*t) {
-                    assert!(v.len() <= scan::MAX_VALUE_LEN);
+                    // What the scan returns lies within the input: for each value, somewhere in
+                    // the input is an element header of that tag, in the encoding's byte order,
+                    // whose length field is the value's length, followed by the value. Checked
+                    // by a search of the bytes, not by the scanner's own walk (the old check,
+                    // `v.len() <= MAX_VALUE_LEN`, held by construction: the scanner copies
+                    // nothing longer). A deflated input's values lie in the inflated bytes.
+                    if enc != DeflatedExplicitVrLittleEndian {
+                        let be = enc == ExplicitVrBigEndian;
+                        assert!(
+                            occurs_as_element(data, *t, v, be),
+                            "{enc:?}: value {v:?} of tag {t:08X} is not an element of the input"
+                        );
+                    }
                 }
             }
         }
@@ -388,6 +400,25 @@ pub fn tag_scan(data: &[u8]) {
             assert_eq!(s.finish(), whole, "pieces of {step} bytes");
         }
     }
+}
+
+/// Whether `data` holds an element of `tag` whose value is `value`: the tag (group, element;
+/// big endian when `be`), then an implicit-VR 4-byte length, or an explicit VR with a 2-byte
+/// length, or an explicit VR, two reserved bytes and a 4-byte length (PS3.5 §7.1), equal to
+/// `value.len()`, then `value`.
+fn occurs_as_element(data: &[u8], tag: u32, value: &[u8], be: bool) -> bool {
+    let (g, e) = ((tag >> 16) as u16, tag as u16);
+    let u16b = |x: u16| if be { x.to_be_bytes() } else { x.to_le_bytes() };
+    let u32b = |x: u32| if be { x.to_be_bytes() } else { x.to_le_bytes() };
+    let tb = [u16b(g), u16b(e)].concat();
+    let n = value.len();
+    (0..data.len()).any(|i| {
+        let at = |off: usize, want: &[u8]| data.get(i + off..i + off + want.len()) == Some(want);
+        at(0, &tb)
+            && ((at(4, &u32b(n as u32)) && at(8, value))
+                || (u16::try_from(n).is_ok_and(|n| at(6, &u16b(n))) && at(8, value))
+                || (at(6, &[0, 0]) && at(8, &u32b(n as u32)) && at(12, value)))
+    })
 }
 
 /// Standard VRs and whether their explicit-VR length field is 4 bytes (PS3.5 §7.1.2).
@@ -1168,6 +1199,34 @@ mod tests {
             log_record(d);
             assoc_events(d);
         }
+    }
+
+    /// Issue 11: the `tag_scan` oracle (`value.len() <= MAX_VALUE_LEN`) held by construction.
+    /// It now finds each returned value as an element of the input, which a scan returning
+    /// other bytes (a value cut short, read at the wrong offset) fails.
+    #[test]
+    fn the_tag_scan_oracle_checks_values_against_the_input() {
+        let ct = crate::synth::CtInstance {
+            patient_id: "PAT-1",
+            study_uid: "1.2.3",
+            series_uid: "1.2.3.4",
+            sop_instance_uid: "1.2.3.4.5",
+            instance_number: 7,
+            frames: 1,
+        };
+        let d = crate::synth::ct_data_set(&ct, &[0; 16]);
+        tag_scan(&d);
+        let s = crate::dimse::scan::scan(
+            &d,
+            crate::assoc::DatasetEncoding::ExplicitVrLittleEndian,
+            crate::dimse::tags::ROUTING,
+        )
+        .unwrap();
+        let patient_id = 0x0010_0020;
+        assert_eq!(s.raw(patient_id), Some(&b"PAT-1 "[..]));
+        assert!(occurs_as_element(&d, patient_id, b"PAT-1 ", false));
+        assert!(!occurs_as_element(&d, patient_id, b"PAT-1", false));
+        assert!(!occurs_as_element(&d, patient_id, b"PAT-1 ", true));
     }
 
     /// Writes fuzz/seeds/log_record (real records of the format, one with a torn tail). Run
