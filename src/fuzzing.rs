@@ -421,6 +421,108 @@ fn occurs_as_element(data: &[u8], tag: u32, value: &[u8], be: bool) -> bool {
     })
 }
 
+/// Differential test of the patient map against a `HashMap` model (papaya's habit): a sequence
+/// of operations read from the input (insert, get-or-insert, view, claim with the current or a
+/// stale batch number, remove-if-empty, list) on a map of few buckets and four keys, each
+/// checked against what the model says: the view's snapshot is `Snapshot::of` the model's open
+/// batch and its batch number the model's; a claim hands over exactly the model's batch, oldest
+/// first, and a stale one nothing; a patient is removed exactly when its batch is empty, and the
+/// map lists exactly the model's keys. One thread (the interleavings are the loom models' and
+/// the stress test's); what this finds is a wrong answer, not a race.
+pub fn patient_map_differential(data: &[u8]) {
+    use crate::patients::{InstanceRecord, PatientMap, Snapshot};
+    use std::collections::HashMap;
+    let map = PatientMap::new(2);
+    // key → (open batch, oldest first; its batch number)
+    let mut model: HashMap<Vec<u8>, (Vec<InstanceRecord>, u64)> = HashMap::new();
+    let mut c = Choices::new(data);
+    let mut n = 0u32;
+    while !c.done() {
+        let op = c.u8() % 8;
+        let key = vec![b'P', b'0' + c.u8() % 4];
+        let g = map.pin();
+        match op {
+            0..=2 => {
+                n += 1;
+                let r = InstanceRecord {
+                    sop_instance_uid: format!("1.2.{n}").into(),
+                    study_uid: Some(format!("1.{}", c.u8() % 2).into()),
+                    series_uid: Some(format!("1.{}", c.u8() % 3).into()),
+                    study_date: (c.u8() % 2 == 0).then(|| "20261201".into()),
+                    bytes: u64::from(c.u8()),
+                    inputs: u64::from(c.u8() % 8),
+                    instance_number: u32::from(c.u8()),
+                    ..Default::default()
+                };
+                map.insert(&key, r.clone(), u64::from(n), &g);
+                model.entry(key).or_insert((Vec::new(), 0)).0.push(r);
+            }
+            3 => {
+                map.get_or_insert(&key, 0, &g);
+                model.entry(key).or_insert((Vec::new(), 0));
+            }
+            4 => match (map.get(&key, &g), model.get(&key)) {
+                (Some(p), Some((batch, seq))) => {
+                    let v = p.view(&g);
+                    assert_eq!(v.batch_seq, *seq, "batch number of {key:?}");
+                    assert_eq!(*v.snapshot, Snapshot::of(batch), "snapshot of {key:?}");
+                }
+                (None, None) => {}
+                (p, m) => panic!(
+                    "{key:?}: map has {:?}, model {:?}",
+                    p.is_some(),
+                    m.is_some()
+                ),
+            },
+            5 => {
+                let stale = c.u8() % 4 == 0;
+                match (map.get(&key, &g), model.get_mut(&key)) {
+                    (Some(p), Some((batch, seq))) => {
+                        let v = p.view(&g);
+                        if stale {
+                            let old = v.batch_seq.wrapping_sub(1);
+                            assert!(p.claim(old, &g).is_none(), "stale claim of {key:?} won");
+                        } else {
+                            let claimed = p.claim(v.batch_seq, &g).expect("the only claimer wins");
+                            assert_eq!(claimed.seq, *seq);
+                            assert_eq!(claimed.records, *batch, "claim of {key:?}");
+                            batch.clear();
+                            *seq += 1;
+                        }
+                    }
+                    (None, None) => {}
+                    (p, m) => {
+                        panic!(
+                            "{key:?}: map has {:?}, model {:?}",
+                            p.is_some(),
+                            m.is_some()
+                        )
+                    }
+                }
+            }
+            6 => {
+                if let Some(p) = map.get(&key, &g) {
+                    let empty = model.get(&key).is_some_and(|(b, _)| b.is_empty());
+                    assert_eq!(map.remove_if_empty(&p, &g), empty, "remove {key:?}");
+                    if empty {
+                        model.remove(&key);
+                        assert!(map.get(&key, &g).is_none(), "{key:?} removed but found");
+                    }
+                }
+            }
+            _ => {
+                let mut keys: Vec<Vec<u8>> =
+                    map.patients(&g).iter().map(|p| p.key().to_vec()).collect();
+                keys.sort();
+                let mut want: Vec<Vec<u8>> = model.keys().cloned().collect();
+                want.sort();
+                assert_eq!(keys, want, "the map's patients");
+                assert_eq!(map.len(), model.len());
+            }
+        }
+    }
+}
+
 /// Standard VRs and whether their explicit-VR length field is 4 bytes (PS3.5 §7.1.2).
 fn explicit_vr_long(vr: [u8; 2]) -> Option<bool> {
     match &vr {
@@ -1198,6 +1300,27 @@ mod tests {
             dimse_service(d);
             log_record(d);
             assoc_events(d);
+            patient_map_differential(d);
+        }
+    }
+
+    /// The patient map against a `HashMap`, on 2,000 seeded pseudo-random operation sequences
+    /// (the fuzz target `patient_map` explores further), so that `cargo test` runs the
+    /// differential too.
+    #[test]
+    fn patient_map_differential_seeded() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..2_000 {
+            let len = (x % 400) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            patient_map_differential(&input);
         }
     }
 
