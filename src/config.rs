@@ -661,9 +661,10 @@ impl<'de> Deserialize<'de> for SpanNode {
 /// Validation errors start with the field, in one of the forms `section.key ...`,
 /// `input "name": key ...` (or `input name: ...`), `export N: key ...`, `peer "name": ...`;
 /// the words of the message, in order, are followed down the config's tree: a word that is a
-/// key of the current table enters it, in an array a number picks that element and a word picks
-/// the table whose `name` it is (or the string it equals); words that are neither are passed
-/// over, and the walk ends at the first value that is no table or array. The line is that of
+/// key of the current table enters it, in an array of tables a number picks that element and a
+/// word the table whose `name` it is; words that are neither are passed over. The walk ends at
+/// the first value that is no table or array, or at an array of values, where it picks the
+/// first string the message quotes (`PatientId`, a UID). The line is that of
 /// the deepest value reached: `input "ct": match: PatientId ...` is the line of `PatientId`,
 /// and a field left at its default is the line of its section.
 pub fn error_line(text: &str, message: &str) -> Option<usize> {
@@ -676,16 +677,29 @@ pub fn error_line(text: &str, message: &str) -> Option<usize> {
     for w in words {
         let next = match node {
             SpanNode::Table(t) => t.iter().find(|(k, _)| k == w).map(|(_, v)| v),
-            SpanNode::Array(a) => match w.parse::<usize>() {
-                Ok(i) => a.get(i),
-                Err(_) => a.iter().find(|x| match x.get_ref() {
-                    SpanNode::Str(s) => s == w,
-                    SpanNode::Table(t) => t.iter().any(|(k, v)| {
-                        k == "name" && matches!(v.get_ref(), SpanNode::Str(s) if s == w)
+            // An array of tables ([[input]], [[export]], [[peer]]): by index or by name.
+            SpanNode::Array(a) if a.iter().any(|x| matches!(x.get_ref(), SpanNode::Table(_))) => {
+                match w.parse::<usize>() {
+                    Ok(i) => a.get(i),
+                    Err(_) => a.iter().find(|x| match x.get_ref() {
+                        SpanNode::Table(t) => t.iter().any(|(k, v)| {
+                            k == "name" && matches!(v.get_ref(), SpanNode::Str(s) if s == w)
+                        }),
+                        _ => false,
                     }),
+                }
+            }
+            // An array of values: the first string the message quotes (a UID is several words).
+            SpanNode::Array(a) => {
+                let quoted = |x: &&toml::Spanned<SpanNode>| match x.get_ref() {
+                    SpanNode::Str(s) => !s.is_empty() && message.contains(s.as_str()),
                     _ => false,
-                }),
-            },
+                };
+                if let Some(x) = a.iter().find(quoted) {
+                    at = Some(x.span());
+                }
+                break;
+            }
             _ => break,
         };
         if let Some(n) = next {
@@ -1877,6 +1891,19 @@ calling_ae = \"\"
 quiet_seconds = 1e300
 ";
         assert!(refused(text).starts_with("line 2: trigger.quiet_seconds"));
+        // A value in a list, by what the message quotes (a UID's digits are no index).
+        let text = "\
+[node]
+transfer_syntax_preference = [
+  \"1.2.3\",
+  \"1.2.840.10008.1.2.1\",
+]
+";
+        let e = refused(text);
+        assert!(
+            e.starts_with("line 3: node.transfer_syntax_preference"),
+            "{e}"
+        );
         // A field left at its default: the line of its section.
         let text = "\
 [node]
