@@ -669,6 +669,120 @@ impl Config {
     }
 }
 
+/// Where each value of a config text is: the tree of its tables and arrays, each value with
+/// its byte span (the toml crate's [`toml::Spanned`]). Only for error messages.
+#[derive(Debug)]
+enum SpanNode {
+    Table(Vec<(String, toml::Spanned<SpanNode>)>),
+    Array(Vec<toml::Spanned<SpanNode>>),
+    /// A string value (to find an `[[input]]` by its name, a keyword in `required_tags`).
+    Str(String),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for SpanNode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = SpanNode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a TOML value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<SpanNode, E> {
+                Ok(SpanNode::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<SpanNode, E> {
+                Ok(SpanNode::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<SpanNode, E> {
+                Ok(SpanNode::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<SpanNode, E> {
+                Ok(SpanNode::Other)
+            }
+            fn visit_str<E>(self, s: &str) -> Result<SpanNode, E> {
+                Ok(SpanNode::Str(s.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<SpanNode, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = a.next_element()? {
+                    v.push(x);
+                }
+                Ok(SpanNode::Array(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<SpanNode, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, x)) = a.next_entry()? {
+                    v.push((k, x));
+                }
+                Ok(SpanNode::Table(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The line (from 1) in `text` of the field a validation error names, when `text` has it.
+///
+/// Validation errors start with the field, in one of the forms `section.key ...`,
+/// `input "name": key ...` (or `input name: ...`), `export N: key ...`, `peer "name": ...`;
+/// the words of the message, in order, are followed down the config's tree: a word that is a
+/// key of the current table enters it, in an array of tables a number picks that element and a
+/// word the table whose `name` it is; words that are neither are passed over. The walk ends at
+/// the first value that is no table or array, or at an array of values, where it picks the
+/// first string the message quotes (`PatientId`, a UID). The line is that of
+/// the deepest value reached: `input "ct": match: PatientId ...` is the line of `PatientId`,
+/// and a field left at its default is the line of its section.
+pub fn error_line(text: &str, message: &str) -> Option<usize> {
+    let root: SpanNode = toml::from_str(text).ok()?;
+    let words = message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty());
+    let mut node = &root;
+    let mut at: Option<std::ops::Range<usize>> = None;
+    for w in words {
+        let next = match node {
+            SpanNode::Table(t) => t.iter().find(|(k, _)| k == w).map(|(_, v)| v),
+            // An array of tables ([[input]], [[export]], [[peer]]): by index or by name.
+            SpanNode::Array(a) if a.iter().any(|x| matches!(x.get_ref(), SpanNode::Table(_))) => {
+                match w.parse::<usize>() {
+                    Ok(i) => a.get(i),
+                    Err(_) => a.iter().find(|x| match x.get_ref() {
+                        SpanNode::Table(t) => t.iter().any(|(k, v)| {
+                            k == "name" && matches!(v.get_ref(), SpanNode::Str(s) if s == w)
+                        }),
+                        _ => false,
+                    }),
+                }
+            }
+            // An array of values: the first string the message quotes (a UID is several words).
+            SpanNode::Array(a) => {
+                let quoted = |x: &&toml::Spanned<SpanNode>| match x.get_ref() {
+                    SpanNode::Str(s) => !s.is_empty() && message.contains(s.as_str()),
+                    _ => false,
+                };
+                if let Some(x) = a.iter().find(quoted) {
+                    at = Some(x.span());
+                }
+                break;
+            }
+            _ => break,
+        };
+        if let Some(n) = next {
+            at = Some(n.span());
+            node = n.get_ref();
+        }
+    }
+    let start = at?.start;
+    Some(text.get(..start)?.matches('\n').count() + 1)
+}
+
 /// A configuration that cannot be used.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -703,6 +817,100 @@ fn find_executable(program: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| "is not found in PATH: give its full path".to_string())
 }
 
+/// Whether `keyword` names a data element in the standard dictionary (dicom-dictionary-std's,
+/// the one `[[input]]` rules compile with).
+fn is_tag_keyword(keyword: &str) -> bool {
+    use dicom_core::dictionary::DataDictionary;
+    dicom_dictionary_std::StandardDataDictionary
+        .by_name(keyword)
+        .is_some()
+}
+
+/// ": did you mean PatientID?" for a keyword the dictionary does not know, naming the nearest
+/// keyword it does; "" when nothing is near.
+///
+/// dicom-dictionary-std can look a keyword up but cannot list its keywords, so the candidates
+/// are what a typo most often is: the keyword with the case of up to three letters changed
+/// (`PatientId`, `patientid`, `StudyInstanceUid`), or one edit away (a letter or digit inserted,
+/// deleted, replaced, or two neighbours swapped: `SeriesDescripton`, `Modaltiy`). Of those the
+/// dictionary knows, the nearest by Damerau-Levenshtein distance (strsim) wins, case ignored
+/// first, then exact; ties go to the first in that order.
+fn did_you_mean(keyword: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    let chars: Vec<char> = keyword.chars().collect();
+    if chars.is_empty() || chars.len() > MAX_CHARS || !keyword.is_ascii() {
+        return String::new();
+    }
+    let mut found: Vec<String> = Vec::new();
+    let mut consider = |c: Vec<char>| {
+        let c: String = c.into_iter().collect();
+        if is_tag_keyword(&c) && !found.contains(&c) {
+            found.push(c);
+        }
+    };
+    // Case changes of up to three letters.
+    let letters: Vec<usize> = (0..chars.len())
+        .filter(|&i| chars[i].is_ascii_alphabetic())
+        .collect();
+    let flip = |c: &mut Vec<char>, i: usize| {
+        c[i] = if c[i].is_ascii_uppercase() {
+            c[i].to_ascii_lowercase()
+        } else {
+            c[i].to_ascii_uppercase()
+        }
+    };
+    for (x, &a) in letters.iter().enumerate() {
+        let mut c = chars.clone();
+        flip(&mut c, a);
+        consider(c.clone());
+        for (y, &b) in letters.iter().enumerate().skip(x + 1) {
+            let mut d = c.clone();
+            flip(&mut d, b);
+            consider(d.clone());
+            for &z in &letters[y + 1..] {
+                let mut e = d.clone();
+                flip(&mut e, z);
+                consider(e);
+            }
+        }
+    }
+    // One edit away.
+    let alphabet = ('A'..='Z').chain('a'..='z').chain('0'..='9');
+    for i in 0..=chars.len() {
+        if i < chars.len() {
+            let mut c = chars.clone();
+            c.remove(i);
+            consider(c);
+        }
+        if i + 1 < chars.len() {
+            let mut c = chars.clone();
+            c.swap(i, i + 1);
+            consider(c);
+        }
+        for a in alphabet.clone() {
+            let mut c = chars.clone();
+            c.insert(i, a);
+            consider(c);
+            if i < chars.len() {
+                let mut c = chars.clone();
+                c[i] = a;
+                consider(c);
+            }
+        }
+    }
+    let lower = keyword.to_ascii_lowercase();
+    found
+        .into_iter()
+        .min_by_key(|c| {
+            (
+                strsim::damerau_levenshtein(&lower, &c.to_ascii_lowercase()),
+                strsim::damerau_levenshtein(keyword, c),
+            )
+        })
+        .map(|c| format!(": did you mean {c}?"))
+        .unwrap_or_default()
+}
+
 fn valid_ae(ae: &str) -> bool {
     let t = ae.trim();
     !t.is_empty() && t.len() <= 16 && t.bytes().all(|b| (0x20..0x7F).contains(&b) && b != b'\\')
@@ -730,10 +938,18 @@ pub fn random_key() -> [u8; 32] {
 pub const STREAM_ABOVE_MIN: usize = 256 << 10;
 
 impl Config {
+    /// Parses and validates a config text. A value the parser refuses is reported with its
+    /// line and column (the toml crate's message); a value [`Config::validate`] refuses is
+    /// reported as "line N: field ...", N being the line of the field it names (see
+    /// [`error_line`]), when the text has it.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let mut c: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
-        c.resolve_export_peers()?;
-        c.validate()?;
+        c.resolve_export_peers()
+            .and_then(|()| c.validate())
+            .map_err(|e| match error_line(text, &e.0) {
+                Some(line) => ConfigError(format!("line {line}: {}", e.0)),
+                None => e,
+            })?;
         Ok(c)
     }
 
@@ -993,6 +1209,19 @@ impl Config {
                 st.segment_bytes,
                 2 * st.inline_max_bytes as u64 + (64 << 10)
             ));
+        }
+        for i in &self.inputs {
+            let keywords = i.matches.keys().map(|k| ("match", k));
+            for (field, kw) in keywords.chain(i.required_tags.iter().map(|k| ("required_tags", k)))
+            {
+                if !is_tag_keyword(kw) {
+                    return err(format!(
+                        "input {:?}: {field}: {kw} is not a tag keyword{}",
+                        i.name,
+                        did_you_mean(kw)
+                    ));
+                }
+            }
         }
         self.rules().map_err(ConfigError)?;
         self.group_by_tag().map_err(ConfigError)?;
@@ -1392,8 +1621,9 @@ impl Config {
         {
             Some(TagRange::Single(t)) => Ok((t.0 as u32) << 16 | t.1 as u32),
             _ => Err(format!(
-                "patients.group_by: {:?} is not a tag keyword",
-                self.patients.group_by
+                "patients.group_by: {:?} is not a tag keyword{}",
+                self.patients.group_by,
+                did_you_mean(&self.patients.group_by)
             )),
         }
     }
@@ -1656,6 +1886,135 @@ ae_title = "PACS"
         assert!(
             Config::from_toml("[processing]\ncommand = [\"sh\"]\ntimeout_seconds = 3600\n").is_ok()
         );
+    }
+
+    /// Issue 11: an unknown keyword in `match` or `required_tags` was refused without a hint;
+    /// the error now names the nearest dictionary keyword.
+    #[test]
+    fn an_unknown_keyword_suggests_the_nearest_dictionary_keyword() {
+        let e = refused("[[input]]\nname = \"ct\"\nmatch = { PatientId = \"1*\" }\n");
+        assert!(
+            e.contains(
+                "input \"ct\": match: PatientId is not a tag keyword: did you mean PatientID?"
+            ),
+            "{e}"
+        );
+        let e = refused("[[input]]\nname = \"ct\"\nrequired_tags = [\"SeriesDescripton\"]\n");
+        assert!(
+            e.contains("required_tags: SeriesDescripton is not a tag keyword: did you mean SeriesDescription?"),
+            "{e}"
+        );
+        let e = refused(
+            "[[input]]\nname = \"ct\"\nrequired_tags = [\"patientid\", \"StudyInstanceUid\"]\n",
+        );
+        assert!(
+            e.contains("patientid is not a tag keyword: did you mean PatientID?"),
+            "{e}"
+        );
+        let e = refused("[patients]\ngroup_by = \"Modaltiy\"\n");
+        assert!(e.contains("did you mean Modality?"), "{e}");
+        // Nothing near: no suggestion, still refused.
+        let e = refused("[[input]]\nname = \"ct\"\nrequired_tags = [\"Xyzzy\"]\n");
+        assert!(
+            e.contains("Xyzzy is not a tag keyword") && !e.contains("did you mean"),
+            "{e}"
+        );
+    }
+
+    /// Issue 11: a value that parsed but that validation refused was reported by its field
+    /// name only; the error now gives the line of the field in the text (the file is named by
+    /// the caller, main.rs: "dicomgate.toml: line 12: ...").
+    #[test]
+    fn validation_errors_name_the_line_of_the_field() {
+        let text = "\
+[node]
+ae_title = \"GATE\"
+
+[patients]
+expire_after = \"14 days\"
+";
+        assert!(
+            refused(text).starts_with("line 5: patients.expire_after"),
+            "{}",
+            refused(text)
+        );
+        let text = "\
+[[peer]]
+name = \"pacs\"
+ae_title = \"PACS\"
+address = \"pacs.example\"
+";
+        let e = refused(text);
+        assert!(e.starts_with("line 4: peer \"pacs\": address"), "{e}");
+        let text = "\
+[[input]]
+name = \"mr\"
+
+[[input]]
+name = \"ct\"
+min_instances = 0
+";
+        let e = refused(text);
+        assert!(
+            e.starts_with("line 6: input \"ct\": min_instances = 0"),
+            "{e}"
+        );
+        let text = "\
+[[input]]
+name = \"ct\"
+required_tags = [
+  \"SeriesNumber\",
+  \"PatientId\",
+]
+";
+        let e = refused(text);
+        assert!(
+            e.starts_with("line 5: input \"ct\": required_tags: PatientId"),
+            "{e}"
+        );
+        let text = "\
+[[input]]
+name = \"ct\"
+match = { Modality = \"CT\" }
+calling_ae = \"\"
+";
+        let e = refused(text);
+        assert!(
+            e.starts_with("line 4: input \"ct\": calling_ae pattern"),
+            "{e}"
+        );
+        let text = "\
+[trigger]
+quiet_seconds = 1e300
+";
+        assert!(refused(text).starts_with("line 2: trigger.quiet_seconds"));
+        // A value in a list, by what the message quotes (a UID's digits are no index).
+        let text = "\
+[node]
+transfer_syntax_preference = [
+  \"1.2.3\",
+  \"1.2.840.10008.1.2.1\",
+]
+";
+        let e = refused(text);
+        assert!(
+            e.starts_with("line 3: node.transfer_syntax_preference"),
+            "{e}"
+        );
+        // A field left at its default: the line of its section.
+        let text = "\
+[node]
+ae_title = \"GATE\"
+listen = \"\"
+[tls]
+";
+        assert!(
+            refused(text).starts_with("line 3: node.listen"),
+            "{}",
+            refused(text)
+        );
+        // The parser's own errors keep its line and column.
+        assert!(refused("[limits]\nmax_pdu_lenght = 1\n").contains("line 2, column 1"));
     }
 
     /// Issue 11: `min_instances = 0` was accepted and silently meant 1.

@@ -9,8 +9,10 @@ use crate::ul::{self, Status};
 const MAX_PDU: u32 = 65_536;
 
 /// Deframes a byte stream into PDUs and decodes each. Decoding must never panic; whatever decodes
-/// must re-encode to bytes that decode to the same PDU and re-encode identically (for canonical
-/// input the re-encoding equals the input; see `tests/pdu_vectors.rs`).
+/// must re-encode to exactly the bytes it was decoded from, but for the reserved fields PS3.8
+/// §9.3 says are sent as 00H and not tested (written as 00H; [`reserved_zeroed`] finds them,
+/// walking the bytes itself, not through the decoder), and that re-encoding must decode to the
+/// same PDU.
 pub fn pdu_decode(data: &[u8]) {
     let mut rest = data;
     while let Ok(Status::Complete(n)) = ul::deframe(rest, MAX_PDU) {
@@ -20,12 +22,16 @@ pub fn pdu_decode(data: &[u8]) {
                 let _ = negotiate_at_the_door(rq);
             }
             let mut out = Vec::new();
-            if pdu.encode(&mut out).is_ok() {
+            // Whatever decodes fits its length fields again, so it encodes.
+            pdu.encode(&mut out).expect("a decoded PDU encodes");
+            {
+                assert_eq!(
+                    out,
+                    reserved_zeroed(one),
+                    "encode(decode(bytes)) != bytes (reserved fields zeroed)"
+                );
                 let again = ul::decode(&out).expect("a re-encoded PDU decodes");
                 assert_eq!(pdu, again, "decode(encode(pdu)) != pdu");
-                let mut out2 = Vec::new();
-                again.encode(&mut out2).expect("encodes twice");
-                assert_eq!(out, out2, "encoding is not stable");
                 if let ul::Pdu::PDataTf(p) = &pdu {
                     let total: usize = p.pdvs().map(|v| v.data.len() + 6).sum();
                     assert_eq!(total, p.body().len(), "PDV iteration lost bytes");
@@ -34,6 +40,68 @@ pub fn pdu_decode(data: &[u8]) {
         }
         rest = tail;
     }
+}
+
+/// `pdu` (one whole PDU that decoded) with its reserved fields set to 00H, as the encoder writes
+/// them: the PDU header's second byte; in A-ASSOCIATE-RQ/AC bytes 9-10 and 43-74 (PS3.8 Tables
+/// 9-11, 9-17) and the second byte of every item, and of every sub-item of a presentation
+/// context (0x20 in an RQ, 0x21 in an AC) or user information item (0x50), and an AC's
+/// presentation context bytes 6 and 8 (Table 9-18); in A-ASSOCIATE-RJ byte 7, A-RELEASE bytes
+/// 7-10, A-ABORT bytes 7-8. An RQ presentation context's bytes 6-8 are kept by the decoder, as
+/// are the sub-items of an AC presentation context that is not accepted (not significant).
+pub fn reserved_zeroed(pdu: &[u8]) -> Vec<u8> {
+    let mut b = pdu.to_vec();
+    let zero = |b: &mut Vec<u8>, r: std::ops::Range<usize>| {
+        if let Some(s) = b.get_mut(r) {
+            s.fill(0);
+        }
+    };
+    let be16 = |b: &[u8], i: usize| {
+        b.get(i..i + 2)
+            .map_or(0, |s| usize::from(u16::from_be_bytes([s[0], s[1]])))
+    };
+    // Sub-items from `at` to `end`: each one's second byte.
+    let sub_items = |b: &mut Vec<u8>, mut at: usize, end: usize| {
+        while at + 4 <= end {
+            zero(b, at + 1..at + 2);
+            at += 4 + be16(b, at + 2);
+        }
+    };
+    zero(&mut b, 1..2);
+    match b.first().copied() {
+        Some(t @ (0x01 | 0x02)) => {
+            zero(&mut b, 8..10);
+            zero(&mut b, 42..74);
+            let mut at = 74;
+            while at + 4 <= b.len() {
+                let (it, len) = (b[at], be16(&b, at + 2));
+                zero(&mut b, at + 1..at + 2);
+                let end = at + 4 + len;
+                match it {
+                    0x20 if t == 0x01 => sub_items(&mut b, at + 8, end),
+                    0x21 if t == 0x02 => {
+                        zero(&mut b, at + 5..at + 6);
+                        zero(&mut b, at + 7..at + 8);
+                        // Accepted, or one transfer syntax sub-item: the decoder parsed it.
+                        let one = end >= at + 12
+                            && b[at + 8] == 0x40
+                            && at + 12 + be16(&b, at + 10) == end;
+                        if b.get(at + 6) == Some(&0) || one {
+                            sub_items(&mut b, at + 8, end);
+                        }
+                    }
+                    0x50 => sub_items(&mut b, at + 4, end),
+                    _ => {}
+                }
+                at = end;
+            }
+        }
+        Some(0x03) => zero(&mut b, 6..7),
+        Some(0x05 | 0x06) => zero(&mut b, 6..10),
+        Some(0x07) => zero(&mut b, 6..8),
+        _ => {}
+    }
+    b
 }
 
 /// Negotiates a decoded A-ASSOCIATE-RQ under a policy with every door check on (a users file
@@ -117,6 +185,7 @@ pub fn pdu_roundtrip(data: &[u8]) {
                         id: c.u8(),
                         result: PcResult(c.u8() % 5),
                         transfer_syntax: Some(c.bytes(64)),
+                        not_significant: &[],
                     }),
                     1 => {
                         let mut subs = Vec::new();
@@ -149,6 +218,7 @@ pub fn pdu_roundtrip(data: &[u8]) {
                                     related_general_sop_classes: (0..c.u8() % 3)
                                         .map(|_| c.bytes(64))
                                         .collect(),
+                                    reserved: c.bytes(8),
                                 },
                                 7 => SubItem::UserIdentityRq {
                                     identity_type: c.u8(),
@@ -302,7 +372,19 @@ pub fn tag_scan(data: &[u8]) {
         if let Ok(s) = &whole {
             for t in tags::ROUTING {
                 if let Some(v) = s.raw(*t) {
-                    assert!(v.len() <= scan::MAX_VALUE_LEN);
+                    // What the scan returns lies within the input: for each value, somewhere in
+                    // the input is an element header of that tag, in the encoding's byte order,
+                    // whose length field is the value's length, followed by the value. Checked
+                    // by a search of the bytes, not by the scanner's own walk (the old check,
+                    // `v.len() <= MAX_VALUE_LEN`, held by construction: the scanner copies
+                    // nothing longer). A deflated input's values lie in the inflated bytes.
+                    if enc != DeflatedExplicitVrLittleEndian {
+                        let be = enc == ExplicitVrBigEndian;
+                        assert!(
+                            occurs_as_element(data, *t, v, be),
+                            "{enc:?}: value {v:?} of tag {t:08X} is not an element of the input"
+                        );
+                    }
                 }
             }
         }
@@ -316,6 +398,127 @@ pub fn tag_scan(data: &[u8]) {
                 }
             }
             assert_eq!(s.finish(), whole, "pieces of {step} bytes");
+        }
+    }
+}
+
+/// Whether `data` holds an element of `tag` whose value is `value`: the tag (group, element;
+/// big endian when `be`), then an implicit-VR 4-byte length, or an explicit VR with a 2-byte
+/// length, or an explicit VR, two reserved bytes and a 4-byte length (PS3.5 §7.1), equal to
+/// `value.len()`, then `value`.
+fn occurs_as_element(data: &[u8], tag: u32, value: &[u8], be: bool) -> bool {
+    let (g, e) = ((tag >> 16) as u16, tag as u16);
+    let u16b = |x: u16| if be { x.to_be_bytes() } else { x.to_le_bytes() };
+    let u32b = |x: u32| if be { x.to_be_bytes() } else { x.to_le_bytes() };
+    let tb = [u16b(g), u16b(e)].concat();
+    let n = value.len();
+    (0..data.len()).any(|i| {
+        let at = |off: usize, want: &[u8]| data.get(i + off..i + off + want.len()) == Some(want);
+        at(0, &tb)
+            && ((at(4, &u32b(n as u32)) && at(8, value))
+                || (u16::try_from(n).is_ok_and(|n| at(6, &u16b(n))) && at(8, value))
+                || (at(6, &[0, 0]) && at(8, &u32b(n as u32)) && at(12, value)))
+    })
+}
+
+/// Differential test of the patient map against a `HashMap` model (papaya's habit): a sequence
+/// of operations read from the input (insert, get-or-insert, view, claim with the current or a
+/// stale batch number, remove-if-empty, list) on a map of few buckets and four keys, each
+/// checked against what the model says: the view's snapshot is `Snapshot::of` the model's open
+/// batch and its batch number the model's; a claim hands over exactly the model's batch, oldest
+/// first, and a stale one nothing; a patient is removed exactly when its batch is empty, and the
+/// map lists exactly the model's keys. One thread (the interleavings are the loom models' and
+/// the stress test's); what this finds is a wrong answer, not a race.
+pub fn patient_map_differential(data: &[u8]) {
+    use crate::patients::{InstanceRecord, PatientMap, Snapshot};
+    use std::collections::HashMap;
+    let map = PatientMap::new(2);
+    // key → (open batch, oldest first; its batch number)
+    let mut model: HashMap<Vec<u8>, (Vec<InstanceRecord>, u64)> = HashMap::new();
+    let mut c = Choices::new(data);
+    let mut n = 0u32;
+    while !c.done() {
+        let op = c.u8() % 8;
+        let key = vec![b'P', b'0' + c.u8() % 4];
+        let g = map.pin();
+        match op {
+            0..=2 => {
+                n += 1;
+                let r = InstanceRecord {
+                    sop_instance_uid: format!("1.2.{n}").into(),
+                    study_uid: Some(format!("1.{}", c.u8() % 2).into()),
+                    series_uid: Some(format!("1.{}", c.u8() % 3).into()),
+                    study_date: (c.u8() % 2 == 0).then(|| "20261201".into()),
+                    bytes: u64::from(c.u8()),
+                    inputs: u64::from(c.u8() % 8),
+                    instance_number: u32::from(c.u8()),
+                    ..Default::default()
+                };
+                map.insert(&key, r.clone(), u64::from(n), &g);
+                model.entry(key).or_insert((Vec::new(), 0)).0.push(r);
+            }
+            3 => {
+                map.get_or_insert(&key, 0, &g);
+                model.entry(key).or_insert((Vec::new(), 0));
+            }
+            4 => match (map.get(&key, &g), model.get(&key)) {
+                (Some(p), Some((batch, seq))) => {
+                    let v = p.view(&g);
+                    assert_eq!(v.batch_seq, *seq, "batch number of {key:?}");
+                    assert_eq!(*v.snapshot, Snapshot::of(batch), "snapshot of {key:?}");
+                }
+                (None, None) => {}
+                (p, m) => panic!(
+                    "{key:?}: map has {:?}, model {:?}",
+                    p.is_some(),
+                    m.is_some()
+                ),
+            },
+            5 => {
+                let stale = c.u8() % 4 == 0;
+                match (map.get(&key, &g), model.get_mut(&key)) {
+                    (Some(p), Some((batch, seq))) => {
+                        let v = p.view(&g);
+                        if stale {
+                            let old = v.batch_seq.wrapping_sub(1);
+                            assert!(p.claim(old, &g).is_none(), "stale claim of {key:?} won");
+                        } else {
+                            let claimed = p.claim(v.batch_seq, &g).expect("the only claimer wins");
+                            assert_eq!(claimed.seq, *seq);
+                            assert_eq!(claimed.records, *batch, "claim of {key:?}");
+                            batch.clear();
+                            *seq += 1;
+                        }
+                    }
+                    (None, None) => {}
+                    (p, m) => {
+                        panic!(
+                            "{key:?}: map has {:?}, model {:?}",
+                            p.is_some(),
+                            m.is_some()
+                        )
+                    }
+                }
+            }
+            6 => {
+                if let Some(p) = map.get(&key, &g) {
+                    let empty = model.get(&key).is_some_and(|(b, _)| b.is_empty());
+                    assert_eq!(map.remove_if_empty(&p, &g), empty, "remove {key:?}");
+                    if empty {
+                        model.remove(&key);
+                        assert!(map.get(&key, &g).is_none(), "{key:?} removed but found");
+                    }
+                }
+            }
+            _ => {
+                let mut keys: Vec<Vec<u8>> =
+                    map.patients(&g).iter().map(|p| p.key().to_vec()).collect();
+                keys.sort();
+                let mut want: Vec<Vec<u8>> = model.keys().cloned().collect();
+                want.sort();
+                assert_eq!(keys, want, "the map's patients");
+                assert_eq!(map.len(), model.len());
+            }
         }
     }
 }
@@ -837,7 +1040,7 @@ const fn put<const L: usize>(b: &mut [u8; L], p: usize, src: &[u8]) {
 
 /// A minimal A-ASSOCIATE-RQ (type 1) or -AC (type 2): application context, one Verification
 /// context (RQ: abstract + transfer syntax; AC: accepted with a transfer syntax sub-item, padded
-/// to the same size), no user information.
+/// to the same size by an unknown item), no user information.
 const fn sample_associate(t: u8) -> [u8; 74 + 25 + 4 + 4 + 21 + 4 + 17] {
     const APP: &[u8; 21] = b"1.2.840.10008.3.1.1.1";
     const VER: &[u8; 17] = b"1.2.840.10008.1.1";
@@ -858,16 +1061,32 @@ const fn sample_associate(t: u8) -> [u8; 74 + 25 + 4 + 4 + 21 + 4 + 17] {
     p += 4;
     put(&mut b, p, APP);
     p += 21;
-    b[p] = if t == 1 { 0x20 } else { 0x21 };
-    b[p + 3] = (4 + 4 + 17 + 4 + 17) as u8;
-    b[p + 4] = 1;
-    p += 8;
-    // RQ: abstract syntax (0x30); AC: an unknown sub-item of the same size, then the TS.
-    b[p] = if t == 1 { 0x30 } else { 0x31 };
-    b[p + 3] = 17;
-    p += 4;
-    put(&mut b, p, VER);
-    p += 17;
+    if t == 1 {
+        b[p] = 0x20;
+        b[p + 3] = (4 + 4 + 17 + 4 + 17) as u8;
+        b[p + 4] = 1;
+        p += 8;
+        b[p] = 0x30; // abstract syntax
+        b[p + 3] = 17;
+        p += 4;
+        put(&mut b, p, VER);
+        p += 17;
+    } else {
+        // AC: the accepted context (its transfer syntax only: PS3.8 §9.3.3.2), then an unknown
+        // item of the abstract syntax sub-item's size (ignored, PS3.8 §9.3.1).
+        b[p] = 0x21;
+        b[p + 3] = (4 + 4 + 17) as u8;
+        b[p + 4] = 1;
+        p += 8;
+        b[p] = 0x40;
+        b[p + 3] = 17;
+        put(&mut b, p + 4, TS);
+        p += 4 + 17;
+        b[p] = 0x31;
+        b[p + 3] = 17;
+        put(&mut b, p + 4, VER);
+        return b;
+    }
     b[p] = 0x40;
     b[p + 3] = 17;
     p += 4;
@@ -1081,7 +1300,56 @@ mod tests {
             dimse_service(d);
             log_record(d);
             assoc_events(d);
+            patient_map_differential(d);
         }
+    }
+
+    /// The patient map against a `HashMap`, on 2,000 seeded pseudo-random operation sequences
+    /// (the fuzz target `patient_map` explores further), so that `cargo test` runs the
+    /// differential too.
+    #[test]
+    fn patient_map_differential_seeded() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..2_000 {
+            let len = (x % 400) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            patient_map_differential(&input);
+        }
+    }
+
+    /// Issue 11: the `tag_scan` oracle (`value.len() <= MAX_VALUE_LEN`) held by construction.
+    /// It now finds each returned value as an element of the input, which a scan returning
+    /// other bytes (a value cut short, read at the wrong offset) fails.
+    #[test]
+    fn the_tag_scan_oracle_checks_values_against_the_input() {
+        let ct = crate::synth::CtInstance {
+            patient_id: "PAT-1",
+            study_uid: "1.2.3",
+            series_uid: "1.2.3.4",
+            sop_instance_uid: "1.2.3.4.5",
+            instance_number: 7,
+            frames: 1,
+        };
+        let d = crate::synth::ct_data_set(&ct, &[0; 16]);
+        tag_scan(&d);
+        let s = crate::dimse::scan::scan(
+            &d,
+            crate::assoc::DatasetEncoding::ExplicitVrLittleEndian,
+            crate::dimse::tags::ROUTING,
+        )
+        .unwrap();
+        let patient_id = 0x0010_0020;
+        assert_eq!(s.raw(patient_id), Some(&b"PAT-1 "[..]));
+        assert!(occurs_as_element(&d, patient_id, b"PAT-1 ", false));
+        assert!(!occurs_as_element(&d, patient_id, b"PAT-1", false));
+        assert!(!occurs_as_element(&d, patient_id, b"PAT-1 ", true));
     }
 
     /// Writes fuzz/seeds/log_record (real records of the format, one with a torn tail). Run

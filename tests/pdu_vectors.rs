@@ -204,11 +204,13 @@ fn hand_built_items_round_trip() {
                 id: 1,
                 result: PcResult::ACCEPTANCE,
                 transfer_syntax: Some(b"1.2.840.10008.1.2"),
+                not_significant: &[],
             }),
             Item::PresentationContextAc(PresentationContextAc {
                 id: 3,
                 result: PcResult::ABSTRACT_SYNTAX_NOT_SUPPORTED,
                 transfer_syntax: None,
+                not_significant: &[],
             }),
             Item::Unknown {
                 item_type: 0x99,
@@ -265,6 +267,165 @@ fn hand_built_items_round_trip() {
         assert_eq!(b[0], t.0);
         assert_eq!(round_trip(&b), pdu);
     }
+}
+
+/// A-ASSOCIATE-RQ from the pynetdicom capture with its first presentation context's body
+/// (ID, reserved bytes, sub-items) replaced by `body` (the lengths patched).
+fn rq_with_first_context_field(body: &[u8]) -> Vec<u8> {
+    let mut b = vector("pynetdicom_associate_rq");
+    let mut at = 74;
+    while b[at] != 0x20 {
+        at += 4 + u16::from_be_bytes([b[at + 2], b[at + 3]]) as usize;
+    }
+    let len = u16::from_be_bytes([b[at + 2], b[at + 3]]) as usize;
+    b.splice(at + 4..at + 4 + len, body.iter().copied());
+    b[at + 2..at + 4].copy_from_slice(&(body.len() as u16).to_be_bytes());
+    let pdu_len = (b.len() - 6) as u32;
+    b[2..6].copy_from_slice(&pdu_len.to_be_bytes());
+    b
+}
+
+fn sub(t: u8, data: &[u8]) -> Vec<u8> {
+    let mut v = vec![t, 0];
+    v.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// Issue 11: a presentation context item of an A-ASSOCIATE-RQ holding a sub-item that is
+/// neither an abstract nor a transfer syntax was accepted and the sub-item dropped, so decode →
+/// encode lost bytes. PS3.8 §9.3.2.2 says the field consists of one abstract syntax sub-item
+/// followed by transfer syntax sub-items: anything else is refused now (A-ABORT reason 5).
+#[test]
+fn a_presentation_context_with_an_unknown_sub_item_is_refused_not_dropped() {
+    let abs = sub(0x30, b"1.2.840.10008.1.1");
+    let ts = sub(0x40, b"1.2.840.10008.1.2");
+    let canonical = rq_with_first_context_field(&[&[1, 0, 0, 0][..], &abs, &ts].concat());
+    round_trip(&canonical);
+    let unknown =
+        rq_with_first_context_field(&[&[1, 0, 0, 0][..], &abs, &sub(0x77, b"x"), &ts].concat());
+    // The fuzz oracle: had it decoded (the sub-item dropped), the re-encoding would differ.
+    dicomgate::fuzzing::pdu_decode(&unknown);
+    assert!(
+        matches!(decode(&unknown), Err(ul::PduError::UnexpectedParameter(_))),
+        "{:?}",
+        decode(&unknown)
+    );
+    // The abstract syntax after a transfer syntax: re-encoding would move it.
+    let late = rq_with_first_context_field(&[&[1, 0, 0, 0][..], &ts, &abs].concat());
+    assert!(matches!(
+        decode(&late),
+        Err(ul::PduError::UnexpectedParameter(_))
+    ));
+    // No sub-item at all: still reason 5, as before.
+    let none = rq_with_first_context_field(&[1, 0, 0, 0]);
+    assert!(matches!(
+        decode(&none),
+        Err(ul::PduError::UnexpectedParameter(_))
+    ));
+}
+
+/// Issue 11: what decode dropped without a word and encode could not give back: the field of a
+/// presentation context that was not accepted (not significant, PS3.8 §9.3.3.2: two transfer
+/// syntaxes, or an unknown sub-item), and the reserved bytes after the related SOP class list
+/// of a SOP class common extended negotiation sub-item (PS3.7 D.3.3.6). Both are kept now, and
+/// re-encode as received.
+#[test]
+fn what_is_not_tested_is_kept_byte_exact() {
+    let ts = sub(0x40, b"1.2.840.10008.1.2");
+    let mut pc = vec![0x21, 0, 0, 0, 3, 0, 3, 0];
+    let field = [&ts[..], &ts, &sub(0x77, b"?")].concat();
+    pc[2..4].copy_from_slice(&((4 + field.len()) as u16).to_be_bytes());
+    pc.extend_from_slice(&field);
+    let mut common = Vec::new();
+    for uid in [&b"1.2.3"[..], b"1.2.4"] {
+        common.extend_from_slice(&(uid.len() as u16).to_be_bytes());
+        common.extend_from_slice(uid);
+    }
+    let rel = [&[0u8, 7][..], &[0, 5], b"1.2.5"].concat();
+    common.extend_from_slice(&rel);
+    common.extend_from_slice(&[0, 0]); // reserved
+    let user = sub(0x50, &sub(0x57, &common));
+    let app = sub(0x10, ul::DICOM_APPLICATION_CONTEXT);
+    let mut b = vec![0x02, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+    b.extend_from_slice(&ul::ae_title_field("GATE"));
+    b.extend_from_slice(&ul::ae_title_field("SCU"));
+    b.extend_from_slice(&[0; 32]);
+    b.extend_from_slice(&[&app[..], &pc, &user].concat());
+    let n = (b.len() - 6) as u32;
+    b[2..6].copy_from_slice(&n.to_be_bytes());
+    let pdu = round_trip(&b);
+    let Pdu::AssociateAc(ac) = pdu else {
+        panic!("{pdu:?}")
+    };
+    let pc = ac.presentation_contexts_ac().next().unwrap();
+    assert_eq!((pc.transfer_syntax, pc.not_significant), (None, &field[..]));
+    assert!(matches!(
+        ac.user_information(),
+        [SubItem::SopClassCommonExtended {
+            reserved: [0, 0],
+            ..
+        }]
+    ));
+    // Accepted, the same field is refused: it must be one transfer syntax sub-item.
+    let mut accepted = b.clone();
+    let at = 74 + app.len();
+    accepted[at + 6] = 0;
+    assert!(matches!(
+        decode(&accepted),
+        Err(ul::PduError::UnexpectedParameter(_))
+    ));
+}
+
+/// Issue 11: the fuzz oracle `pdu_decode` compares encode(decode(bytes)) with the bytes, the
+/// reserved fields zeroed; every captured vector and the PDUs above pass it, and so does one
+/// whose reserved fields are all 0xFF.
+#[test]
+fn the_decode_oracle_holds_on_the_vectors_and_on_reserved_bytes() {
+    for name in [
+        "dcmtk_associate_rq",
+        "dcmtk_associate_ac",
+        "pynetdicom_associate_rq",
+        "pynetdicom_associate_ac",
+        "dcmtk_refused_associate_rj",
+        "dcmtk_release_rq",
+        "dcmtk_echo_abort",
+        "pynetdicom_p_data_tf_1",
+    ] {
+        dicomgate::fuzzing::pdu_decode(&vector(name));
+    }
+    // Every reserved byte of a captured RQ (all 00H as captured) set to FFH: decode → encode
+    // gives the capture back, and the oracle's walker finds each of them.
+    let captured = vector("pynetdicom_associate_rq");
+    let mut b = captured.clone();
+    let mut reserved: Vec<usize> = [1, 8, 9].into_iter().chain(42..74).collect();
+    let be16 = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]) as usize;
+    let mut at = 74;
+    while at < b.len() {
+        let end = at + 4 + be16(&b, at + 2);
+        reserved.push(at + 1);
+        let subs = match b[at] {
+            0x20 => Some(at + 8),
+            0x50 => Some(at + 4),
+            _ => None,
+        };
+        if let Some(mut s) = subs {
+            while s < end {
+                reserved.push(s + 1);
+                s += 4 + be16(&b, s + 2);
+            }
+        }
+        at = end;
+    }
+    for &i in &reserved {
+        assert_eq!(b[i], 0, "byte {i} of the capture");
+        b[i] = 0xFF;
+    }
+    let mut out = Vec::new();
+    decode(&b).unwrap().encode(&mut out).unwrap();
+    assert_eq!(out, captured);
+    assert_eq!(dicomgate::fuzzing::reserved_zeroed(&b), captured);
+    dicomgate::fuzzing::pdu_decode(&b);
 }
 
 /// Lengths that run past their parent are refused, never read past.

@@ -318,6 +318,7 @@ pub fn negotiate_from(
                 ts.map(|t| t.uid.as_bytes())
                     .unwrap_or(transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN.as_bytes()),
             ),
+            not_significant: &[],
         }));
     }
 

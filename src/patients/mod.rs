@@ -70,10 +70,9 @@ use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use crossbeam_epoch::{Atomic, Guard, Owned, Shared};
 
-use sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use sync::{ArcSwap, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 /// One durable instance as the map knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -6,6 +6,14 @@
 //! length and never by a declared count. A P-DATA-TF is validated in place and its PDVs are
 //! iterated without allocation. Encoding writes reserved fields as zero; decoding does not test
 //! them (PS3.8 §9.3.1).
+//!
+//! Decode → encode is byte-exact for every PDU [`decode`] accepts, but for those reserved
+//! fields (sent as 00H, PS3.8 §9.3): everything else a PDU holds is either kept (unknown items,
+//! unknown user-information sub-items, PS3.7 D.3.3; the presentation context's reserved bytes;
+//! the bytes a rejected presentation context carries, which are not significant; the reserved
+//! tail of a SOP class common extended negotiation sub-item) or refused (a presentation context
+//! item whose variable field is not what PS3.8 §9.3.2.2 and §9.3.3.2 say it consists of).
+//! `fuzzing::pdu_decode` checks this on every input it decodes.
 
 use super::codec::{EncodeError, LengthPrefix, Reader};
 use super::codes::{
@@ -125,6 +133,11 @@ pub struct PresentationContextAc<'a> {
     pub id: u8,
     pub result: PcResult,
     pub transfer_syntax: Option<&'a [u8]>,
+    /// The variable field as received when the result is not acceptance and the field is
+    /// neither empty nor one transfer syntax sub-item: it is then "not significant" and "not
+    /// tested" (PS3.8 §9.3.3.2), so it is kept, re-encoded as received and otherwise ignored.
+    /// Empty otherwise (and when we build one).
+    pub not_significant: &'a [u8],
 }
 
 /// User information sub-items, PS3.8 Annex D.1 and PS3.7 Annex D.3.3.
@@ -155,6 +168,9 @@ pub enum SubItem<'a> {
         sop_class_uid: &'a [u8],
         service_class_uid: &'a [u8],
         related_general_sop_classes: Vec<&'a [u8]>,
+        /// Bytes after the related general SOP class list (reserved, PS3.7 D.3.3.6: not
+        /// tested), kept so that re-encoding is byte-exact. Empty when we build one.
+        reserved: &'a [u8],
     },
     /// PS3.7 D.3.3.7.1.
     UserIdentityRq {
@@ -393,23 +409,35 @@ fn parse_pc_rq<'a>(r: &mut Reader<'a>) -> Result<PresentationContextRq<'a>, PduE
     let reserved = *r
         .array::<3>()
         .ok_or(PduError::Truncated("presentation context item"))?;
-    let mut abstract_syntax = None;
+    // PS3.8 §9.3.2.2: "The variable field shall consist of one Abstract Syntax Sub-Item followed
+    // by one or more Transfer Syntax Sub-Items." Anything else is refused: unlike the items of
+    // the PDU and the user-information sub-items (PS3.7 D.3.3), this field has no room for
+    // unknown sub-items (they were once dropped, so a decode-encode round trip lost them).
+    if r.is_empty() {
+        return Err(PduError::UnexpectedParameter("abstract syntax sub-item"));
+    }
+    let (t, body) = sub_item(r)?;
+    if t != item_type::ABSTRACT_SYNTAX {
+        return Err(PduError::UnexpectedParameter(
+            "abstract syntax sub-item (not first in the presentation context)",
+        ));
+    }
+    let abstract_syntax = body.rest();
     let mut transfer_syntaxes = Vec::new();
     while !r.is_empty() {
         let (t, body) = sub_item(r)?;
         match t {
-            item_type::ABSTRACT_SYNTAX if abstract_syntax.is_none() => {
-                abstract_syntax = Some(body.rest())
-            }
+            item_type::TRANSFER_SYNTAX => transfer_syntaxes.push(body.rest()),
             item_type::ABSTRACT_SYNTAX => {
                 return Err(PduError::UnexpectedParameter("abstract syntax (repeated)"))
             }
-            item_type::TRANSFER_SYNTAX => transfer_syntaxes.push(body.rest()),
-            _ => {} // PS3.8 §9.3.1: unknown sub-items are ignored
+            _ => {
+                return Err(PduError::UnexpectedParameter(
+                    "sub-item (neither abstract nor transfer syntax) in a presentation context",
+                ))
+            }
         }
     }
-    let abstract_syntax =
-        abstract_syntax.ok_or(PduError::UnexpectedParameter("abstract syntax sub-item"))?;
     if transfer_syntaxes.is_empty() {
         return Err(PduError::UnexpectedParameter("transfer syntax sub-item"));
     }
@@ -433,23 +461,28 @@ fn parse_pc_ac<'a>(r: &mut Reader<'a>) -> Result<PresentationContextAc<'a>, PduE
     );
     r.u8()
         .ok_or(PduError::Truncated("presentation context item"))?;
-    let mut transfer_syntax = None;
-    while !r.is_empty() {
-        let (t, body) = sub_item(r)?;
-        if t == item_type::TRANSFER_SYNTAX {
-            if transfer_syntax.is_some() {
-                return Err(PduError::UnexpectedParameter("transfer syntax (repeated)"));
-            }
-            transfer_syntax = Some(body.rest());
+    // PS3.8 §9.3.3.2: "The variable field shall consist of one Transfer Syntax Sub-Item";
+    // when the result is not acceptance it "shall not be significant and its value shall not
+    // be tested": then whatever it holds other than one such sub-item (or nothing) is kept.
+    let field = r.rest();
+    let one_ts = (|| {
+        let (t, body) = sub_item(r).ok()?;
+        (t == item_type::TRANSFER_SYNTAX && r.is_empty()).then(|| body.rest())
+    })();
+    let (transfer_syntax, not_significant) = match one_ts {
+        Some(ts) => (Some(ts), &[][..]),
+        None if result == PcResult::ACCEPTANCE => {
+            return Err(PduError::UnexpectedParameter(
+                "transfer syntax sub-item (an accepted presentation context holds exactly one)",
+            ))
         }
-    }
-    if result == PcResult::ACCEPTANCE && transfer_syntax.is_none() {
-        return Err(PduError::UnexpectedParameter("transfer syntax sub-item"));
-    }
+        None => (None, field),
+    };
     Ok(PresentationContextAc {
         id,
         result,
         transfer_syntax,
+        not_significant,
     })
 }
 
@@ -518,6 +551,7 @@ fn parse_user_info<'a>(r: &mut Reader<'a>) -> Result<Vec<SubItem<'a>>, PduError>
                     sop_class_uid,
                     service_class_uid,
                     related_general_sop_classes,
+                    reserved: b.rest(),
                 }
             }
             item_type::USER_IDENTITY_RQ => {
@@ -674,6 +708,7 @@ fn encode_associate(a: &Associate<'_>, out: &mut Vec<u8>) -> Result<(), EncodeEr
                 if let Some(ts) = pc.transfer_syntax {
                     put_sub(out, item_type::TRANSFER_SYNTAX, ts)?;
                 }
+                out.extend_from_slice(pc.not_significant);
                 lp.finish(out)?;
             }
             Item::UserInformation(subs) => {
@@ -732,6 +767,7 @@ fn encode_sub_item(s: &SubItem<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError
             sop_class_uid,
             service_class_uid,
             related_general_sop_classes,
+            reserved,
         } => {
             let lp = begin(out, t::SOP_CLASS_COMMON_EXTENDED_NEGOTIATION);
             put_u16_prefixed(out, sop_class_uid)?;
@@ -741,6 +777,7 @@ fn encode_sub_item(s: &SubItem<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError
                 put_u16_prefixed(out, uid)?;
             }
             rel.finish(out)?;
+            out.extend_from_slice(reserved);
             lp.finish(out)
         }
         SubItem::UserIdentityRq {
