@@ -801,3 +801,58 @@ fn reply_to_sender_sends_processing_results_to_the_batchs_sender() {
         );
     }
 }
+
+/// Review of issue 14 (the same flaw as D3, in the export markers): a batch remembered which
+/// destinations had it by their position in `[[export]]` order. Exported to the first of two
+/// destinations, the second one down, then resumed after a restart with the two reordered, it
+/// took the first one's marker for the second's: the second never got the batch. Markers are
+/// named by the export's `name` now: the destination that had the batch is not sent it again
+/// and the other one gets it.
+#[test]
+fn export_markers_follow_export_names_across_a_reorder() {
+    let src = tempfile::tempdir().unwrap();
+    let ct = series(
+        src.path(),
+        "CT",
+        "AX",
+        "MARKERS",
+        "1.2.826.0.1.3680043.10.14.20",
+        2,
+    );
+    let out = tempfile::tempdir().unwrap();
+    let (first_dir, second_dir) = (out.path().join("first"), out.path().join("second"));
+    let first = format!(
+        "[[export]]\nname = \"first\"\nkind = \"folder\"\npath = {:?}\n",
+        first_dir.display().to_string()
+    );
+    let before = format!(
+        "{first}[[export]]\nname = \"second\"\nkind = \"dicom\"\naddress = \"127.0.0.1:{}\"\nae_title = \"PACS\"\n\
+         [trigger]\nquiet_seconds = 0\non_association_close = true\n\
+         [outbox]\nfirst_delay_seconds = 3600\n",
+        free_port()
+    );
+    let second_now = format!(
+        "[[export]]\nname = \"second\"\nkind = \"folder\"\npath = {:?}\n",
+        second_dir.display().to_string()
+    );
+    let trigger = "[trigger]\nquiet_seconds = 0\non_association_close = true\n";
+    let after = format!("{second_now}{first}{trigger}");
+    let node = claimed_then_restarted_on(&before, &after, &ct);
+    assert!(
+        wait_until(30, || node.log().contains("batch done")),
+        "{}",
+        node.log()
+    );
+    assert_eq!(sops(&dcm_files(&second_dir)), sops(&ct), "{}", node.log());
+    let exported_to_first = node
+        .log()
+        .lines()
+        .filter(|l| l.contains("exported") && l.contains("destination=first"))
+        .count();
+    assert_eq!(
+        exported_to_first,
+        1,
+        "sent to first once, before the restart\n{}",
+        node.log()
+    );
+}

@@ -1,6 +1,6 @@
 //! A claimed batch on disk: `batches/<id>/` with `batch.toml` (manifest), `state` (stage and
 //! attempts), `files/` (the instances, moved from `patients/` keeping their relative paths),
-//! `input/<input name>/` (hard links for processing), `output/`, and `exports/<n>.done`
+//! `input/<input name>/` (hard links for processing), `output/`, and `exports/<export name>.exported`
 //! markers. This directory is the persistent outbox: a restart resumes each batch at its stage.
 //!
 //! Owns: moving a batch aside, running its stages, retry bookkeeping, `failed/` and `expired/`.
@@ -826,8 +826,15 @@ pub(super) fn export(ctx: &Context, id: &str) {
     };
     let mut errors = Vec::new();
     for (i, dest) in destinations(ctx).iter().enumerate() {
-        let marker = dir.join("exports").join(format!("{i}.done"));
-        if marker.exists() || files.is_empty() {
+        // Named by the destination's name (issue 14: by its position, a config whose exports
+        // were reordered across a restart took one destination's marker for another's: that one
+        // never got the batch). A batch of an older build has positional `<n>.done` markers
+        // (another suffix, so no name can be taken for one): taken as they were meant.
+        let marker = dir
+            .join("exports")
+            .join(format!("{}.exported", ctx.config.export_name(i)));
+        let legacy = dir.join("exports").join(format!("{i}.done"));
+        if marker.exists() || legacy.exists() || files.is_empty() {
             continue;
         }
         let mine = for_destination(ctx, dest, &files);
