@@ -657,7 +657,9 @@ impl Config {
                     "export {i}: name {name:?}: give 1-64 letters, digits, '-', '_' or '.'"
                 )));
             }
-            if let Some((_, j)) = seen.iter().find(|(n, _)| *n == name) {
+            // Case-insensitively: a name is a marker file's name too, and a case-folding
+            // volume would give two exports one marker.
+            if let Some((_, j)) = seen.iter().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
                 return Err(ConfigError(format!(
                     "export {i}: name {name:?} is export {j}'s too: give each [[export]] its own \
                      name (unnamed exports are called export-N, N their position from 0)"

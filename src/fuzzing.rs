@@ -48,7 +48,8 @@ pub fn pdu_decode(data: &[u8]) {
 /// context (0x20 in an RQ, 0x21 in an AC) or user information item (0x50), and an AC's
 /// presentation context bytes 6 and 8 (Table 9-18); in A-ASSOCIATE-RJ byte 7, A-RELEASE bytes
 /// 7-10, A-ABORT bytes 7-8. An RQ presentation context's bytes 6-8 are kept by the decoder, as
-/// are the sub-items of an AC presentation context that is not accepted (not significant).
+/// is a presentation context field not in its standard form (an RQ's with a sub-item of another
+/// type or its abstract syntax not first; an AC's that is not exactly one transfer syntax).
 pub fn reserved_zeroed(pdu: &[u8]) -> Vec<u8> {
     let mut b = pdu.to_vec();
     let zero = |b: &mut Vec<u8>, r: std::ops::Range<usize>| {
@@ -78,15 +79,30 @@ pub fn reserved_zeroed(pdu: &[u8]) -> Vec<u8> {
                 zero(&mut b, at + 1..at + 2);
                 let end = at + 4 + len;
                 match it {
-                    0x20 if t == 0x01 => sub_items(&mut b, at + 8, end),
+                    0x20 if t == 0x01 => {
+                        // Re-encoded (so its sub-items' reserved bytes become 00H) only in the
+                        // form PS3.8 §9.3.2.2 gives: abstract syntax first, then transfer
+                        // syntaxes; any other field is kept as received.
+                        let mut i = at + 8;
+                        let mut canonical = b.get(i) == Some(&0x30);
+                        let mut first = true;
+                        while i + 4 <= end {
+                            canonical &= first || b[i] == 0x40;
+                            first = false;
+                            i += 4 + be16(&b, i + 2);
+                        }
+                        if canonical {
+                            sub_items(&mut b, at + 8, end);
+                        }
+                    }
                     0x21 if t == 0x02 => {
                         zero(&mut b, at + 5..at + 6);
                         zero(&mut b, at + 7..at + 8);
-                        // Accepted, or one transfer syntax sub-item: the decoder parsed it.
+                        // Exactly one transfer syntax sub-item: re-encoded; otherwise kept.
                         let one = end >= at + 12
                             && b[at + 8] == 0x40
                             && at + 12 + be16(&b, at + 10) == end;
-                        if b.get(at + 6) == Some(&0) || one {
+                        if one {
                             sub_items(&mut b, at + 8, end);
                         }
                     }
@@ -176,6 +192,7 @@ pub fn pdu_roundtrip(data: &[u8]) {
             while !c.done() && items.len() < 40 {
                 let item = match c.u8() % 4 {
                     0 if is_rq => Item::PresentationContextRq(PresentationContextRq {
+                        field: &[],
                         id: c.u8(),
                         reserved: [c.u8(), c.u8(), c.u8()],
                         abstract_syntax: c.bytes(64),
@@ -661,6 +678,7 @@ fn service_associate_rq(window: u16) -> Vec<u8> {
     use crate::ul::*;
     let pc = |id: u8, abs: &'static str, ts: &'static str| {
         Item::PresentationContextRq(PresentationContextRq {
+            field: &[],
             id,
             reserved: [0; 3],
             abstract_syntax: abs.as_bytes(),
@@ -1227,6 +1245,7 @@ mod tests {
             items: vec![
                 Item::ApplicationContext(ul::DICOM_APPLICATION_CONTEXT),
                 Item::PresentationContextRq(PresentationContextRq {
+                    field: &[],
                     id: 1,
                     reserved: [0; 3],
                     abstract_syntax: b"1.3.12.2.1107.5.9.1",

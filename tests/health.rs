@@ -26,8 +26,7 @@ impl Processor for Panics {
 /// `/healthz` is 200 while every thread lives; once a pipeline worker has died it is 503 and
 /// names the thread. No fault switch in the node: the panic is the user's code's, on the
 /// real worker thread, and the instance that triggers it comes from DCMTK's storescu.
-#[test]
-fn healthz_is_503_once_a_pipeline_thread_has_died() {
+fn pipeline_thread_death_is_503(library_waits: bool) {
     let dir = tempfile::tempdir().unwrap();
     let config = dicomgate::config::Config::from_toml(&format!(
         "[node]\nae_title = \"DICOMGATE\"\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nreactors = 2\n\
@@ -40,6 +39,14 @@ fn healthz_is_503_once_a_pipeline_thread_has_died() {
     let node = dicomgate::net::start_with(config, Some(Arc::new(Panics))).unwrap();
     let http = node.http_addr.unwrap().to_string();
     let port = node.local_addr.unwrap().port().to_string();
+    // As examples/rust_processor.rs does: the library user's thread waits on the node (it
+    // ends with the test process).
+    let node = if library_waits {
+        std::thread::spawn(move || node.wait());
+        None
+    } else {
+        Some(node)
+    };
     assert_eq!(http_get(&http, "/healthz"), (200, "ok\n".into()));
 
     let src = tempfile::tempdir().unwrap();
@@ -69,12 +76,28 @@ fn healthz_is_503_once_a_pipeline_thread_has_died() {
             .starts_with("unhealthy: storage or pipeline thread(s) ended: worker-"),
         "{last:?}"
     );
-    node.shutdown();
+    if let Some(node) = node {
+        node.shutdown();
+    }
+}
+
+#[test]
+fn healthz_is_503_once_a_pipeline_thread_has_died() {
+    pipeline_thread_death_is_503(false);
+}
+
+/// Review of issue 12: `NodeHandle::wait` took the watched threads out of `/healthz`'s sight
+/// before it blocked, so a library user waiting on the node (as examples/rust_processor.rs
+/// does) got 200 for a dead pipeline worker for the rest of the run.
+#[test]
+fn healthz_is_503_for_a_dead_pipeline_thread_while_the_library_waits() {
+    pipeline_thread_death_is_503(true);
 }
 
 /// A reactor that has died: `/healthz` is 503 and says how many reactors run. The reactor is
 /// ended by the debug-build-only switch `DICOMGATE_TEST_END_REACTOR` (src/net/mod.rs): no
 /// peer's bytes can end a reactor, so the test needs a switch, and release builds have none.
+#[cfg(debug_assertions)]
 #[test]
 fn healthz_is_503_once_a_reactor_has_died() {
     let dir = tempfile::tempdir().unwrap();

@@ -63,6 +63,7 @@ fn associate_rq(contexts: Vec<PresentationContextRq<'static>>) -> Vec<u8> {
 
 fn ct_context(id: u8) -> PresentationContextRq<'static> {
     PresentationContextRq {
+        field: &[],
         id,
         reserved: [0; 3],
         abstract_syntax: CT_IMAGE_STORAGE.as_bytes(),
@@ -190,6 +191,7 @@ fn many_presentation_contexts_with_many_transfer_syntaxes() {
         .collect();
     let contexts = (0..128)
         .map(|i| PresentationContextRq {
+            field: &[],
             id: (2 * i + 1) as u8,
             reserved: [0; 3],
             abstract_syntax: CT_IMAGE_STORAGE.as_bytes(),

@@ -242,6 +242,7 @@ fn hand_built_items_round_trip() {
         items: vec![
             Item::ApplicationContext(ul::DICOM_APPLICATION_CONTEXT),
             Item::PresentationContextRq(PresentationContextRq {
+                field: &[],
                 id: 255,
                 reserved: [0; 3],
                 abstract_syntax: b"1.2.840.10008.1.1",
@@ -292,37 +293,72 @@ fn sub(t: u8, data: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Issue 11: a presentation context item of an A-ASSOCIATE-RQ holding a sub-item that is
-/// neither an abstract nor a transfer syntax was accepted and the sub-item dropped, so decode →
-/// encode lost bytes. PS3.8 §9.3.2.2 says the field consists of one abstract syntax sub-item
-/// followed by transfer syntax sub-items: anything else is refused now (A-ABORT reason 5).
+/// Issue 11: a presentation context holding a sub-item of another type (or its abstract
+/// syntax after a transfer syntax) was decoded with that sub-item dropped, so re-encoding lost
+/// it. A first fix refused such a context's whole association (A-ABORT), which the review
+/// found an interop regression: PS3.8 §9.3.1 has unknown items ignored, and DCMTK and dcm4che
+/// skip them. Now the sub-item is ignored in negotiation and the field kept: re-encoding is
+/// byte-exact, and the context negotiates on its abstract and transfer syntaxes.
 #[test]
-fn a_presentation_context_with_an_unknown_sub_item_is_refused_not_dropped() {
+fn a_presentation_context_with_an_unknown_sub_item_is_kept_and_ignored() {
     let abs = sub(0x30, b"1.2.840.10008.1.1");
     let ts = sub(0x40, b"1.2.840.10008.1.2");
     let canonical = rq_with_first_context_field(&[&[1, 0, 0, 0][..], &abs, &ts].concat());
     round_trip(&canonical);
-    let unknown =
-        rq_with_first_context_field(&[&[1, 0, 0, 0][..], &abs, &sub(0x77, b"x"), &ts].concat());
-    // The fuzz oracle: had it decoded (the sub-item dropped), the re-encoding would differ.
-    dicomgate::fuzzing::pdu_decode(&unknown);
-    assert!(
-        matches!(decode(&unknown), Err(ul::PduError::UnexpectedParameter(_))),
-        "{:?}",
-        decode(&unknown)
-    );
-    // The abstract syntax after a transfer syntax: re-encoding would move it.
-    let late = rq_with_first_context_field(&[&[1, 0, 0, 0][..], &ts, &abs].concat());
-    assert!(matches!(
-        decode(&late),
-        Err(ul::PduError::UnexpectedParameter(_))
-    ));
-    // No sub-item at all: still reason 5, as before.
-    let none = rq_with_first_context_field(&[1, 0, 0, 0]);
-    assert!(matches!(
-        decode(&none),
-        Err(ul::PduError::UnexpectedParameter(_))
-    ));
+    for field in [
+        [&[1, 0, 0, 0][..], &abs, &sub(0x77, b"x"), &ts].concat(),
+        [&[1, 0, 0, 0][..], &ts, &abs].concat(),
+    ] {
+        let pdu = rq_with_first_context_field(&field);
+        dicomgate::fuzzing::pdu_decode(&pdu); // the oracle: encode(decode) is the input
+        round_trip(&pdu);
+        let Ok(ul::Pdu::AssociateRq(a)) = decode(&pdu) else {
+            panic!("refused: {:?}", decode(&pdu))
+        };
+        let pc = a
+            .items
+            .iter()
+            .find_map(|i| match i {
+                ul::Item::PresentationContextRq(pc) => Some(pc),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(pc.abstract_syntax, b"1.2.840.10008.1.1");
+        assert_eq!(pc.transfer_syntaxes, vec![&b"1.2.840.10008.1.2"[..]]);
+    }
+    // No abstract syntax, or no transfer syntax: still refused (reason 5), as before.
+    for field in [vec![1, 0, 0, 0], [&[1, 0, 0, 0][..], &abs].concat()] {
+        assert!(matches!(
+            decode(&rq_with_first_context_field(&field)),
+            Err(ul::PduError::UnexpectedParameter(_))
+        ));
+    }
+}
+
+/// Review of issue 11: an accepted presentation context of an A-ASSOCIATE-AC with its one
+/// transfer syntax beside a sub-item of another type was refused (our exports to such an SCP
+/// failed); the other sub-item is ignored (PS3.8 §9.3.1) and kept, the context accepted.
+#[test]
+fn an_accepted_context_with_an_unknown_sub_item_keeps_its_transfer_syntax() {
+    let ts = sub(0x40, b"1.2.840.10008.1.2");
+    let field = [&ts[..], &sub(0x77, b"?")].concat();
+    let mut pc = vec![0x21, 0, 0, 0, 1, 0, 0, 0];
+    pc[2..4].copy_from_slice(&((4 + field.len()) as u16).to_be_bytes());
+    pc.extend_from_slice(&field);
+    let app = sub(0x10, ul::DICOM_APPLICATION_CONTEXT);
+    let mut b = vec![0x02, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+    b.extend_from_slice(&ul::ae_title_field("GATE"));
+    b.extend_from_slice(&ul::ae_title_field("SCU"));
+    b.extend_from_slice(&[0; 32]);
+    b.extend_from_slice(&[&app[..], &pc].concat());
+    let n = (b.len() - 6) as u32;
+    b[2..6].copy_from_slice(&n.to_be_bytes());
+    dicomgate::fuzzing::pdu_decode(&b);
+    let Pdu::AssociateAc(ac) = round_trip(&b) else {
+        panic!()
+    };
+    let pc = ac.presentation_contexts_ac().next().unwrap();
+    assert_eq!(pc.transfer_syntax, Some(&b"1.2.840.10008.1.2"[..]));
 }
 
 /// Issue 11: what decode dropped without a word and encode could not give back: the field of a

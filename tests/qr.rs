@@ -432,3 +432,31 @@ fn priors_reported_but_never_received_do_not_hold_the_batch_past_the_timeout() {
     );
     assert!(log.contains("priors: timed out"), "{log}");
 }
+
+/// Review of issue 12 item 5: with `[log] phi = false` (the default) the priors' messages put
+/// the Patient ID in the log (an ID C-FIND would take for a pattern was quoted in the
+/// warning). Such an ID is not queried, and the warning names the patient by digest only.
+#[test]
+fn an_unqueryable_patient_id_is_not_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let listing = dir.path().join("inputs.txt");
+    let node = priors_node(free_port(), 60, &listing, &dir.path().join("list.sh"));
+    let id = "SECRET*42";
+    let current = write_study(&dir.path().join("c"), id, 8, 3);
+    assert!(storescu_status(&node, &current).success(), "{}", node.log());
+    assert!(
+        wait_until(60, || std::fs::read_to_string(&listing)
+            .is_ok_and(|t| !t.is_empty())),
+        "not processed\n{}",
+        node.log()
+    );
+    let log = node.log();
+    assert!(
+        log.contains("priors: the Patient ID is empty or holds"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("SECRET"),
+        "the Patient ID is in the log:\n{log}"
+    );
+}

@@ -579,6 +579,7 @@ mod tests {
 
     fn pc<'a>(id: u8, abs: &'a str, ts: &[&'a str]) -> PresentationContextRq<'a> {
         PresentationContextRq {
+            field: &[],
             id,
             reserved: [0; 3],
             abstract_syntax: abs.as_bytes(),

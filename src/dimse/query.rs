@@ -54,10 +54,10 @@ pub enum QueryError {
 impl std::fmt::Display for QueryError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            QueryError::UnsafePatientId(id) => write!(
-                f,
-                "Patient ID {id:?} is empty or holds *, ? or \\, which C-FIND would match as a \
-                 pattern: not queried"
+            // The ID itself is not written: messages end up in logs ([log] phi).
+            QueryError::UnsafePatientId(_) => f.write_str(
+                "the Patient ID is empty or holds *, ? or \\, which C-FIND would match as a \
+                 pattern: not queried",
             ),
         }
     }
@@ -89,7 +89,8 @@ impl std::fmt::Display for MatchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MatchError::Unreadable(e) => write!(f, "unreadable identifier: {e}"),
-            MatchError::OtherPatient(id) => write!(f, "a match for another patient ({id:?})"),
+            // The other patient's ID is not written: messages end up in logs ([log] phi).
+            MatchError::OtherPatient(_) => f.write_str("a match for another patient"),
             MatchError::BadStudyUid => f.write_str("no valid Study Instance UID"),
         }
     }

@@ -353,8 +353,13 @@ impl NodeHandle {
 
     /// Blocks until the node stops (it stops only on shutdown).
     pub fn wait(mut self) {
-        let watched = self.take_watched();
-        for t in self.threads.drain(..).chain(watched) {
+        // Reactors, acceptors and HTTP first: they end only when the node stops. The watched
+        // threads stay where `/healthz` sees them until then (taken first, a dead pipeline
+        // worker was reported healthy for the rest of the run).
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        for t in self.take_watched() {
             let _ = t.join();
         }
     }

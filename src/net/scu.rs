@@ -284,6 +284,7 @@ impl<S: Read + Write> Client<S> {
         };
         let items = proposals.iter().take(128).enumerate().map(|(i, p)| {
             Item::PresentationContextRq(PresentationContextRq {
+                field: &[],
                 id: (2 * i + 1) as u8,
                 reserved: [0; 3],
                 abstract_syntax: p.abstract_syntax.as_bytes(),

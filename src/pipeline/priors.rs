@@ -205,8 +205,9 @@ impl Priors {
     }
 
     /// How log lines name the patient `patient_id` ([`super::Who`]).
-    fn who(&self, patient_id: &str) -> super::Who {
-        super::Who::new(patient_id.as_bytes(), self.phi)
+    /// How log lines name the patient of `key` (its digest, the ID only with `[log] phi`).
+    fn who(&self, key: &[u8]) -> super::Who {
+        super::Who::new(key, self.phi)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Entry>> {
@@ -290,7 +291,7 @@ impl Priors {
         {
             // The timeout holds whatever is missing: the retrieval, or instances a C-MOVE
             // reported but that never reached this patient's batch.
-            let who = self.who(&e.patient_id);
+            let who = self.who(key);
             tracing::warn!(
                 patient = %who.digest, patient_id = who.id,
                 phase = ?e.phase,
@@ -370,7 +371,7 @@ impl Priors {
                 std::fs::File::open(&self.dir)?.sync_all()
             });
         if let Err(err) = r {
-            let who = self.who(&e.patient_id);
+            let who = self.who(key);
             tracing::warn!(patient = %who.digest, patient_id = who.id, error = %err, "could not write the priors record");
         }
     }
@@ -439,7 +440,7 @@ pub fn run(
         let g = e.generation;
         if now >= deadline {
             if p.update(&key, g, |e| e.phase = Phase::TimedOut) {
-                let who = p.who(&e.patient_id);
+                let who = p.who(&key);
                 tracing::warn!(
                     patient = %who.digest, patient_id = who.id,
                     attempts = e.attempts,
@@ -456,7 +457,7 @@ pub fn run(
         let outcome = retrieve(p, &key, &e, &own, deadline, shutdown);
         let (changed, why) = match outcome {
             Ok(Outcome::Unqueryable(why)) => {
-                let who = p.who(&e.patient_id);
+                let who = p.who(&key);
                 tracing::warn!(patient = %who.digest, patient_id = who.id, "priors: {why}");
                 (
                     p.update(&key, g, |e| e.phase = Phase::Unqueryable),
@@ -464,12 +465,12 @@ pub fn run(
                 )
             }
             Ok(Outcome::Nothing) => {
-                let who = p.who(&e.patient_id);
+                let who = p.who(&key);
                 tracing::info!(patient = %who.digest, patient_id = who.id, peer = %p.peer_address, "priors: no earlier study");
                 (p.update(&key, g, |e| e.phase = Phase::None), "none")
             }
             Ok(Outcome::Moved { studies, completed }) => {
-                let who = p.who(&e.patient_id);
+                let who = p.who(&key);
                 tracing::info!(
                     patient = %who.digest, patient_id = who.id,
                     peer = %p.peer_address,
@@ -491,7 +492,7 @@ pub fn run(
             Err(err) => {
                 let attempts = e.attempts + 1;
                 let delay = (5_000u64 << (attempts - 1).min(4)).min(60_000);
-                let who = p.who(&e.patient_id);
+                let who = p.who(&key);
                 tracing::warn!(
                     patient = %who.digest, patient_id = who.id,
                     peer = %p.peer_address,
@@ -512,7 +513,7 @@ pub fn run(
         if changed {
             evaluate(key);
         } else if why != "retry" {
-            tracing::debug!(patient = %p.who(&e.patient_id).digest, "priors: the batch was claimed during its retrieval; result dropped");
+            tracing::debug!(patient = %p.who(&key).digest, "priors: the batch was claimed during its retrieval; result dropped");
         }
     }
 }
@@ -559,9 +560,9 @@ fn retrieve(
     // C-FIND without a Specific Character Set means the default repertoire (PS3.5 6.1.2.1):
     // a key that is not printable ASCII cannot be asked for as it is.
     if !key.iter().all(|b| (0x20..0x7F).contains(b)) {
-        return Ok(Outcome::Unqueryable(format!(
-            "Patient ID {patient_id:?} is not plain ASCII: not queried"
-        )));
+        return Ok(Outcome::Unqueryable(
+            "the Patient ID is not plain ASCII: not queried".into(),
+        ));
     }
     let left = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
     let deadline = std::time::Instant::now() + left;
@@ -606,7 +607,7 @@ fn retrieve(
         ));
     }
     for why in &found.refused {
-        let pat = p.who(patient_id);
+        let pat = p.who(key);
         tracing::warn!(patient = %pat.digest, patient_id = pat.id, peer = %who, "priors: a C-FIND match left out: {why}");
     }
     let wanted = &p.config.modalities;
@@ -648,7 +649,7 @@ fn retrieve(
             // Success, or warning: some sub-operations failed or warned (PS3.4 C.4.2.1.5).
             0x0000 | 0xB000 => {
                 if m.failed > 0 {
-                    let pat = p.who(patient_id);
+                    let pat = p.who(key);
                     tracing::warn!(patient = %pat.digest, patient_id = pat.id, study = %s, failed = m.failed, "priors: some instances of a study were not retrieved");
                 }
                 completed += u32::from(m.completed) + u32::from(m.warning);

@@ -124,6 +124,11 @@ pub struct PresentationContextRq<'a> {
     pub reserved: [u8; 3],
     pub abstract_syntax: &'a [u8],
     pub transfer_syntaxes: Vec<&'a [u8]>,
+    /// The variable field as received when it is not the form PS3.8 §9.3.2.2 gives (one
+    /// abstract syntax sub-item, then transfer syntax sub-items only): a sub-item of another
+    /// type (ignored, as unknown items are: §9.3.1), or the abstract syntax not first. Kept so
+    /// that re-encoding is byte-exact. Empty otherwise (and when we build one).
+    pub field: &'a [u8],
 }
 
 /// Presentation context item of an A-ASSOCIATE-AC, PS3.8 §9.3.3.2. The transfer syntax sub-item
@@ -133,10 +138,10 @@ pub struct PresentationContextAc<'a> {
     pub id: u8,
     pub result: PcResult,
     pub transfer_syntax: Option<&'a [u8]>,
-    /// The variable field as received when the result is not acceptance and the field is
-    /// neither empty nor one transfer syntax sub-item: it is then "not significant" and "not
-    /// tested" (PS3.8 §9.3.3.2), so it is kept, re-encoded as received and otherwise ignored.
-    /// Empty otherwise (and when we build one).
+    /// The variable field as received when it is neither empty nor exactly one transfer
+    /// syntax sub-item: not significant when the result is not acceptance (PS3.8 §9.3.3.2), or
+    /// an accepted context's one transfer syntax beside sub-items of other types (ignored,
+    /// §9.3.1). Kept and re-encoded as received. Empty otherwise (and when we build one).
     pub not_significant: &'a [u8],
 }
 
@@ -410,42 +415,45 @@ fn parse_pc_rq<'a>(r: &mut Reader<'a>) -> Result<PresentationContextRq<'a>, PduE
         .array::<3>()
         .ok_or(PduError::Truncated("presentation context item"))?;
     // PS3.8 §9.3.2.2: "The variable field shall consist of one Abstract Syntax Sub-Item followed
-    // by one or more Transfer Syntax Sub-Items." Anything else is refused: unlike the items of
-    // the PDU and the user-information sub-items (PS3.7 D.3.3), this field has no room for
-    // unknown sub-items (they were once dropped, so a decode-encode round trip lost them).
-    if r.is_empty() {
-        return Err(PduError::UnexpectedParameter("abstract syntax sub-item"));
-    }
-    let (t, body) = sub_item(r)?;
-    if t != item_type::ABSTRACT_SYNTAX {
-        return Err(PduError::UnexpectedParameter(
-            "abstract syntax sub-item (not first in the presentation context)",
-        ));
-    }
-    let abstract_syntax = body.rest();
+    // by one or more Transfer Syntax Sub-Items." A sub-item of another type is ignored, as
+    // unknown items are (§9.3.1; DCMTK and dcm4che do the same): refusing it cost a real peer its
+    // whole association. Such a field is kept as received (`field`), so re-encoding is exact.
+    let whole = r.rest();
+    let mut abstract_syntax = None;
     let mut transfer_syntaxes = Vec::new();
+    let mut canonical = true;
+    let mut first = true;
     while !r.is_empty() {
         let (t, body) = sub_item(r)?;
         match t {
-            item_type::TRANSFER_SYNTAX => transfer_syntaxes.push(body.rest()),
-            item_type::ABSTRACT_SYNTAX => {
+            item_type::ABSTRACT_SYNTAX if abstract_syntax.is_some() => {
                 return Err(PduError::UnexpectedParameter("abstract syntax (repeated)"))
             }
-            _ => {
-                return Err(PduError::UnexpectedParameter(
-                    "sub-item (neither abstract nor transfer syntax) in a presentation context",
-                ))
+            item_type::ABSTRACT_SYNTAX => {
+                canonical &= first;
+                abstract_syntax = Some(body.rest());
             }
+            item_type::TRANSFER_SYNTAX => {
+                canonical &= !first;
+                transfer_syntaxes.push(body.rest());
+            }
+            _ => canonical = false,
         }
+        first = false;
     }
+    let Some(abstract_syntax) = abstract_syntax else {
+        return Err(PduError::UnexpectedParameter("abstract syntax sub-item"));
+    };
     if transfer_syntaxes.is_empty() {
         return Err(PduError::UnexpectedParameter("transfer syntax sub-item"));
     }
+    let field = if canonical { &[][..] } else { whole };
     Ok(PresentationContextRq {
         id,
         reserved,
         abstract_syntax,
         transfer_syntaxes,
+        field,
     })
 }
 
@@ -463,20 +471,33 @@ fn parse_pc_ac<'a>(r: &mut Reader<'a>) -> Result<PresentationContextAc<'a>, PduE
         .ok_or(PduError::Truncated("presentation context item"))?;
     // PS3.8 §9.3.3.2: "The variable field shall consist of one Transfer Syntax Sub-Item";
     // when the result is not acceptance it "shall not be significant and its value shall not
-    // be tested": then whatever it holds other than one such sub-item (or nothing) is kept.
+    // be tested". A field that is not exactly one transfer syntax sub-item is kept as received
+    // (`not_significant`); an accepted context takes its one transfer syntax sub-item from it,
+    // other sub-items ignored (§9.3.1), and is refused only without one, or with two.
     let field = r.rest();
-    let one_ts = (|| {
-        let (t, body) = sub_item(r).ok()?;
-        (t == item_type::TRANSFER_SYNTAX && r.is_empty()).then(|| body.rest())
-    })();
-    let (transfer_syntax, not_significant) = match one_ts {
-        Some(ts) => (Some(ts), &[][..]),
-        None if result == PcResult::ACCEPTANCE => {
+    let mut syntaxes = Vec::new();
+    let mut others = false;
+    while !r.is_empty() {
+        match sub_item(r) {
+            Ok((item_type::TRANSFER_SYNTAX, body)) => syntaxes.push(body.rest()),
+            Ok(_) => others = true,
+            Err(e) if result == PcResult::ACCEPTANCE => return Err(e),
+            Err(_) => {
+                others = true;
+                break;
+            }
+        }
+    }
+    let one = (syntaxes.len() == 1 && !others).then(|| syntaxes[0]);
+    let (transfer_syntax, not_significant) = match (one, result == PcResult::ACCEPTANCE) {
+        (Some(ts), _) => (Some(ts), &[][..]),
+        (None, true) if syntaxes.len() == 1 => (Some(syntaxes[0]), field),
+        (None, true) => {
             return Err(PduError::UnexpectedParameter(
                 "transfer syntax sub-item (an accepted presentation context holds exactly one)",
             ))
         }
-        None => (None, field),
+        (None, false) => (None, field),
     };
     Ok(PresentationContextAc {
         id,
@@ -695,9 +716,13 @@ fn encode_associate(a: &Associate<'_>, out: &mut Vec<u8>) -> Result<(), EncodeEr
                 let lp = LengthPrefix::u16(out);
                 out.extend_from_slice(&[pc.id]);
                 out.extend_from_slice(&pc.reserved);
-                put_sub(out, item_type::ABSTRACT_SYNTAX, pc.abstract_syntax)?;
-                for ts in &pc.transfer_syntaxes {
-                    put_sub(out, item_type::TRANSFER_SYNTAX, ts)?;
+                if pc.field.is_empty() {
+                    put_sub(out, item_type::ABSTRACT_SYNTAX, pc.abstract_syntax)?;
+                    for ts in &pc.transfer_syntaxes {
+                        put_sub(out, item_type::TRANSFER_SYNTAX, ts)?;
+                    }
+                } else {
+                    out.extend_from_slice(pc.field);
                 }
                 lp.finish(out)?;
             }
@@ -705,10 +730,11 @@ fn encode_associate(a: &Associate<'_>, out: &mut Vec<u8>) -> Result<(), EncodeEr
                 out.extend_from_slice(&[item_type::PRESENTATION_CONTEXT_AC, 0]);
                 let lp = LengthPrefix::u16(out);
                 out.extend_from_slice(&[pc.id, 0, pc.result.0, 0]);
-                if let Some(ts) = pc.transfer_syntax {
+                if !pc.not_significant.is_empty() {
+                    out.extend_from_slice(pc.not_significant);
+                } else if let Some(ts) = pc.transfer_syntax {
                     put_sub(out, item_type::TRANSFER_SYNTAX, ts)?;
                 }
-                out.extend_from_slice(pc.not_significant);
                 lp.finish(out)?;
             }
             Item::UserInformation(subs) => {
