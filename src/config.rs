@@ -746,30 +746,62 @@ pub fn error_line(text: &str, message: &str) -> Option<usize> {
     let words = message
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| !w.is_empty());
+    // The strings the message quotes ("ct-head", "main-pacs"): a name is matched whole, as
+    // names may hold '-' and '.', which split words.
+    let quoted: Vec<&str> = message.split('"').skip(1).step_by(2).collect();
     let mut node = &root;
     let mut at: Option<std::ops::Range<usize>> = None;
+    // The array of tables was entered by the word just before: only then is a number its
+    // index ("export 0: ..."); a later number is a value of the message ("min_instances = 0").
+    let mut just_entered = false;
     for w in words {
+        let entered = std::mem::take(&mut just_entered);
         let next = match node {
             SpanNode::Table(t) => t.iter().find(|(k, _)| k == w).map(|(_, v)| v),
             // An array of tables ([[input]], [[export]], [[peer]]): by index or by name.
             SpanNode::Array(a) if a.iter().any(|x| matches!(x.get_ref(), SpanNode::Table(_))) => {
-                match w.parse::<usize>() {
-                    Ok(i) => a.get(i),
-                    Err(_) => a.iter().find(|x| match x.get_ref() {
+                let named = |n: &str| {
+                    a.iter().find(|x| match x.get_ref() {
                         SpanNode::Table(t) => t.iter().any(|(k, v)| {
-                            k == "name" && matches!(v.get_ref(), SpanNode::Str(s) if s == w)
+                            k == "name" && matches!(v.get_ref(), SpanNode::Str(s) if s == n)
                         }),
                         _ => false,
-                    }),
+                    })
+                };
+                let found = quoted
+                    .iter()
+                    .find_map(|q| named(q))
+                    .or_else(|| named(w))
+                    .or_else(|| {
+                        entered
+                            .then(|| w.parse::<usize>().ok())
+                            .flatten()
+                            .and_then(|i| a.get(i))
+                    });
+                match found {
+                    Some(x) => Some(x),
+                    None if entered => continue, // the next word may name it
+                    None => return None,         // no line rather than a guessed one
                 }
             }
             // An array of values: the first string the message quotes (a UID is several words).
             SpanNode::Array(a) => {
-                let quoted = |x: &&toml::Spanned<SpanNode>| match x.get_ref() {
-                    SpanNode::Str(s) => !s.is_empty() && message.contains(s.as_str()),
+                // Quoted whole first ("1.2" is not "1.2.3"), else named anywhere in it.
+                let is = |x: &&toml::Spanned<SpanNode>, whole: bool| match x.get_ref() {
+                    SpanNode::Str(s) if !s.is_empty() => {
+                        if whole {
+                            quoted.contains(&s.as_str())
+                        } else {
+                            message.contains(s.as_str())
+                        }
+                    }
                     _ => false,
                 };
-                if let Some(x) = a.iter().find(quoted) {
+                if let Some(x) = a
+                    .iter()
+                    .find(|x| is(x, true))
+                    .or_else(|| a.iter().find(|x| is(x, false)))
+                {
                     at = Some(x.span());
                 }
                 break;
@@ -777,6 +809,7 @@ pub fn error_line(text: &str, message: &str) -> Option<usize> {
             _ => break,
         };
         if let Some(n) = next {
+            just_entered = matches!(n.get_ref(), SpanNode::Array(_));
             at = Some(n.span());
             node = n.get_ref();
         }
@@ -1959,6 +1992,21 @@ min_instances = 0
         let e = refused(text);
         assert!(
             e.starts_with("line 6: input \"ct\": min_instances = 0"),
+            "{e}"
+        );
+        // Review of issue 11: a name holding '-' was split into words, and the 0 of the message
+        // then taken for an index: the line of the first input was given.
+        let text = "\
+[[input]]
+name = \"mr\"
+
+[[input]]
+name = \"ct-head\"
+min_instances = 0
+";
+        let e = refused(text);
+        assert!(
+            e.starts_with("line 6: input \"ct-head\": min_instances = 0"),
             "{e}"
         );
         let text = "\
