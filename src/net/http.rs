@@ -619,6 +619,11 @@ fn serve_on(listener: &std::net::TcpListener, shared: &Shared, reactors: usize) 
             500 => "Internal Server Error",
             _ => "Service Unavailable",
         };
+        // The head too is written within the connection's deadline.
+        let left = DEADLINE.saturating_sub(started.elapsed());
+        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+            continue;
+        }
         if write!(
             stream,
             "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{SAFETY_HEADERS}Connection: close\r\n\r\n",

@@ -334,8 +334,15 @@ impl NodeHandle {
         let mut threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
         threads.extend(self.take_watched());
         let (tx, rx) = std::sync::mpsc::channel();
+        // The thread being joined, for the warning (the review found it always blamed a
+        // pipeline worker, when an HTTP connection could be the one).
+        let joining = Arc::new(Mutex::new(String::new()));
+        let now_joining = joining.clone();
         let joiner = std::thread::spawn(move || {
             for t in threads {
+                if let Ok(mut n) = now_joining.lock() {
+                    *n = t.thread().name().unwrap_or("unnamed").to_string();
+                }
                 let _ = t.join();
             }
             let _ = tx.send(());
@@ -344,10 +351,14 @@ impl NodeHandle {
             Ok(()) => {
                 let _ = joiner.join();
             }
-            Err(_) => tracing::warn!(
-                grace_seconds = STOP_GRACE.as_secs(),
-                "a pipeline worker is still waiting on a peer: stopping without it (its batch resumes at the next start)"
-            ),
+            Err(_) => {
+                let thread = joining.lock().map(|n| n.clone()).unwrap_or_default();
+                tracing::warn!(
+                    grace_seconds = STOP_GRACE.as_secs(),
+                    thread,
+                    "a thread is still waiting on a peer (an export or an HTTP client): stopping without it (a batch it was exporting resumes at the next start)"
+                );
+            }
         }
     }
 
