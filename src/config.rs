@@ -10,7 +10,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::assoc::transfer_syntax::{self, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN};
 use crate::assoc::{AcceptorPolicy, Timeouts};
-use crate::pipeline::rules::{InputConfig, Rules};
+use crate::dicom::dictionary::{did_you_mean, is_tag_keyword};
+
+mod inputs;
+pub use inputs::{
+    ae_patterns, check_inputs, parse_cidr, Completeness, InputConfig, InputKind, Patterns,
+    PriorsConfig, MAX_INPUTS, UNMATCHED_INPUT,
+};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -546,33 +552,6 @@ pub struct ExportConfig {
     pub tls_private_key: Option<PathBuf>,
 }
 
-impl ExportConfig {
-    /// The rustls configuration of a `tls = true` export, read from its files (`None`: plain).
-    /// `field` starts each error (`"export 0: "`).
-    pub fn tls_client_config(
-        &self,
-        field: &str,
-    ) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
-        if !self.tls {
-            return Ok(None);
-        }
-        let ca = self
-            .tls_ca
-            .as_deref()
-            .ok_or_else(|| format!("{field}tls = true needs tls_ca (the CA's PEM file)"))?;
-        let client = match (&self.tls_certificate, &self.tls_private_key) {
-            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
-            _ => None,
-        };
-        let fields = [
-            format!("{field}tls_ca"),
-            format!("{field}tls_certificate"),
-            format!("{field}tls_private_key"),
-        ];
-        crate::net::tls::client_config([&fields[0], &fields[1], &fields[2]], ca, client).map(Some)
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExportKind {
@@ -850,100 +829,6 @@ fn find_executable(program: &str) -> Result<PathBuf, String> {
         .map(|d| d.join(program))
         .find(|p| ok(p))
         .ok_or_else(|| "is not found in PATH: give its full path".to_string())
-}
-
-/// Whether `keyword` names a data element in the standard dictionary (dicom-dictionary-std's,
-/// the one `[[input]]` rules compile with).
-fn is_tag_keyword(keyword: &str) -> bool {
-    use dicom_core::dictionary::DataDictionary;
-    dicom_dictionary_std::StandardDataDictionary
-        .by_name(keyword)
-        .is_some()
-}
-
-/// ": did you mean PatientID?" for a keyword the dictionary does not know, naming the nearest
-/// keyword it does; "" when nothing is near.
-///
-/// dicom-dictionary-std can look a keyword up but cannot list its keywords, so the candidates
-/// are what a typo most often is: the keyword with the case of up to three letters changed
-/// (`PatientId`, `patientid`, `StudyInstanceUid`), or one edit away (a letter or digit inserted,
-/// deleted, replaced, or two neighbours swapped: `SeriesDescripton`, `Modaltiy`). Of those the
-/// dictionary knows, the nearest by Damerau-Levenshtein distance (strsim) wins, case ignored
-/// first, then exact; ties go to the first in that order.
-fn did_you_mean(keyword: &str) -> String {
-    const MAX_CHARS: usize = 64;
-    let chars: Vec<char> = keyword.chars().collect();
-    if chars.is_empty() || chars.len() > MAX_CHARS || !keyword.is_ascii() {
-        return String::new();
-    }
-    let mut found: Vec<String> = Vec::new();
-    let mut consider = |c: Vec<char>| {
-        let c: String = c.into_iter().collect();
-        if is_tag_keyword(&c) && !found.contains(&c) {
-            found.push(c);
-        }
-    };
-    // Case changes of up to three letters.
-    let letters: Vec<usize> = (0..chars.len())
-        .filter(|&i| chars[i].is_ascii_alphabetic())
-        .collect();
-    let flip = |c: &mut Vec<char>, i: usize| {
-        c[i] = if c[i].is_ascii_uppercase() {
-            c[i].to_ascii_lowercase()
-        } else {
-            c[i].to_ascii_uppercase()
-        }
-    };
-    for (x, &a) in letters.iter().enumerate() {
-        let mut c = chars.clone();
-        flip(&mut c, a);
-        consider(c.clone());
-        for (y, &b) in letters.iter().enumerate().skip(x + 1) {
-            let mut d = c.clone();
-            flip(&mut d, b);
-            consider(d.clone());
-            for &z in &letters[y + 1..] {
-                let mut e = d.clone();
-                flip(&mut e, z);
-                consider(e);
-            }
-        }
-    }
-    // One edit away.
-    let alphabet = ('A'..='Z').chain('a'..='z').chain('0'..='9');
-    for i in 0..=chars.len() {
-        if i < chars.len() {
-            let mut c = chars.clone();
-            c.remove(i);
-            consider(c);
-        }
-        if i + 1 < chars.len() {
-            let mut c = chars.clone();
-            c.swap(i, i + 1);
-            consider(c);
-        }
-        for a in alphabet.clone() {
-            let mut c = chars.clone();
-            c.insert(i, a);
-            consider(c);
-            if i < chars.len() {
-                let mut c = chars.clone();
-                c[i] = a;
-                consider(c);
-            }
-        }
-    }
-    let lower = keyword.to_ascii_lowercase();
-    found
-        .into_iter()
-        .min_by_key(|c| {
-            (
-                strsim::damerau_levenshtein(&lower, &c.to_ascii_lowercase()),
-                strsim::damerau_levenshtein(keyword, c),
-            )
-        })
-        .map(|c| format!(": did you mean {c}?"))
-        .unwrap_or_default()
 }
 
 fn valid_ae(ae: &str) -> bool {
@@ -1258,7 +1143,7 @@ impl Config {
                 }
             }
         }
-        self.rules().map_err(ConfigError)?;
+        self.check_rules().map_err(ConfigError)?;
         self.group_by_tag().map_err(ConfigError)?;
         if parse_duration(&self.patients.expire_after).is_none() {
             return err(format!(
@@ -1312,7 +1197,8 @@ impl Config {
                 return err("processing.attempts must be at least 1".into());
             }
         }
-        let rules = self.rules().map_err(ConfigError)?;
+        self.check_rules().map_err(ConfigError)?;
+        let names = self.input_names();
         for (i, e) in self.exports.iter().enumerate() {
             if !e.inputs.is_empty() && self.processing.is_some() {
                 return err(format!(
@@ -1320,10 +1206,11 @@ impl Config {
                      output belongs to no input"
                 ));
             }
-            if let Some(bad) = e.inputs.iter().find(|n| {
-                n.as_str() != crate::pipeline::UNMATCHED_INPUT && rules.input_bit(n).is_none()
-            }) {
-                let names: Vec<&str> = rules.input_names().collect();
+            if let Some(bad) = e
+                .inputs
+                .iter()
+                .find(|n| n.as_str() != UNMATCHED_INPUT && !names.contains(&n.as_str()))
+            {
                 return err(format!(
                     "export {i}: inputs names {bad:?}, which is no [[input]] (inputs: {})",
                     names.join(", ")
@@ -1418,9 +1305,7 @@ impl Config {
         if !self.exports.is_empty() && self.exports.iter().all(|e| !e.inputs.is_empty()) {
             let listed = |n: &str| self.exports.iter().any(|e| e.inputs.iter().any(|x| x == n));
             let keep = self.patients.unmatched == Unmatched::Keep;
-            let names = rules
-                .input_names()
-                .chain(keep.then_some(crate::pipeline::UNMATCHED_INPUT));
+            let names = names.iter().copied().chain(keep.then_some(UNMATCHED_INPUT));
             let missing: Vec<String> = names
                 .filter(|n| !listed(n))
                 .map(|n| format!("{n:?}"))
@@ -1448,9 +1333,8 @@ impl Config {
     /// directory is not a file. Each error names the field and what to do.
     pub fn check_environment(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
-        if self.tls.enabled() {
-            crate::net::tls::server_config(&self.tls).map_err(ConfigError)?;
-        }
+        // The TLS files ([tls], exports' tls_*) are read by net::tls::check_files, which
+        // net::start runs right after this (config knows no socket or TLS type).
         let token = self.http.token_file.trim();
         if !token.is_empty() {
             match std::fs::read(token) {
@@ -1488,10 +1372,7 @@ impl Config {
         }
         for (i, e) in self.exports.iter().enumerate() {
             match e.kind {
-                ExportKind::Dicom if e.reply_to_sender => {
-                    e.tls_client_config(&format!("export {i}: "))
-                        .map_err(ConfigError)?;
-                }
+                ExportKind::Dicom if e.reply_to_sender => {}
                 ExportKind::Dicom => {
                     let a = e.address.as_deref().unwrap_or_default();
                     let port_ok = a.rsplit_once(':').is_some_and(|(h, p)| {
@@ -1500,8 +1381,6 @@ impl Config {
                     if !port_ok {
                         return err(format!("export {i}: address {a:?}: give HOST:PORT"));
                     }
-                    e.tls_client_config(&format!("export {i}: "))
-                        .map_err(ConfigError)?;
                     // A name that does not resolve now (DNS down at boot) may later: exports
                     // retry, so this is a warning, not a reason to stop ingesting.
                     let resolves = std::net::ToSocketAddrs::to_socket_addrs(a)
@@ -1632,19 +1511,23 @@ impl Config {
         w
     }
 
-    /// The compiled `[[input]]` rules.
-    pub fn rules(&self) -> Result<Rules, String> {
-        if self
-            .inputs
-            .iter()
-            .any(|i| i.name == crate::pipeline::UNMATCHED_INPUT)
-        {
-            return Err(format!(
-                "input name {:?} is reserved",
-                crate::pipeline::UNMATCHED_INPUT
-            ));
+    /// The `[[input]]` sections pass the checks the rules compile after
+    /// (`pipeline::rules::Rules::compile`), and none takes the reserved name `_unmatched`.
+    pub fn check_rules(&self) -> Result<(), String> {
+        if self.inputs.iter().any(|i| i.name == UNMATCHED_INPUT) {
+            return Err(format!("input name {UNMATCHED_INPUT:?} is reserved"));
         }
-        Rules::compile(&self.inputs)
+        check_inputs(&self.inputs)
+    }
+
+    /// The names of the inputs: the `[[input]]` sections', or `all` (the one input that
+    /// accepts everything) when there is none.
+    pub fn input_names(&self) -> Vec<&str> {
+        if self.inputs.is_empty() {
+            vec!["all"]
+        } else {
+            self.inputs.iter().map(|i| i.name.as_str()).collect()
+        }
     }
 
     /// The grouping tag, from its keyword.
@@ -1814,7 +1697,7 @@ ae_title = "PACS"
         assert_eq!(c.trigger.quiet_seconds, 2.0);
         assert_eq!(c.processing.as_ref().unwrap().command.len(), 3);
         assert_eq!(c.exports[0].kind, ExportKind::Dicom);
-        assert_eq!(c.rules().unwrap().len(), 1);
+        assert_eq!(c.input_names().len(), 1);
         // The effective config prints and parses back.
         let printed = toml::to_string(&c).unwrap();
         assert!(Config::from_toml(&printed).is_ok(), "{printed}");
@@ -2076,7 +1959,7 @@ listen = \"\"
         let ok = format!("{peer}[[input]]\nname = \"p\"\nkind = \"priors\"\nqr_peer = \"pacs\"\n");
         let c = Config::from_toml(&ok).unwrap();
         assert_eq!(c.inputs[0].priors().max_studies, 5, "default");
-        assert!(c.rules().unwrap().priors == Some(1));
+        assert_eq!(c.inputs[0].kind, InputKind::Priors);
         for (toml, says) in [
             (
                 format!("{peer}[[input]]\nname = \"p\"\nkind = \"priors\"\n"),
@@ -2360,11 +2243,8 @@ listen = \"\"
         let printed = toml::to_string(&ok).unwrap();
         assert!(printed.contains("tls = true"), "{printed}");
         assert!(Config::from_toml(&printed).is_ok(), "{printed}");
-        let e = ok.check_environment().unwrap_err().0;
-        assert!(
-            e.contains("export 0: tls_ca /ca.pem: cannot be read"),
-            "{e}"
-        );
+        // Its files are read by net::tls::check_files (tested there).
+        assert!(ok.check_environment().is_ok());
     }
 
     /// Issue 11: a store-only configuration (no trigger can fire) gave no sign that nothing

@@ -40,6 +40,8 @@ pub mod bench;
 #[cfg(not(dicomgate_loom))]
 pub mod config;
 #[cfg(not(dicomgate_loom))]
+pub mod dicom;
+#[cfg(not(dicomgate_loom))]
 pub mod dimse;
 #[cfg(not(dicomgate_loom))]
 pub mod doorbell;

@@ -390,7 +390,12 @@ fn bad_tls_files_are_refused_at_start_up_naming_the_field() {
         }
         match dicomgate::config::Config::from_toml(&t) {
             Err(e) => e.0,
-            Ok(c) => c.check_environment().map_or_else(|e| e.0, |()| "ok".into()),
+            // What net::start checks: the environment, then the TLS files.
+            Ok(c) => c
+                .check_environment()
+                .map_err(|e| e.0)
+                .and_then(|()| dicomgate::net::tls::check_files(&c))
+                .map_or_else(|e| e, |()| "ok".into()),
         }
     };
     let (cert, key) = (pki.s("server.pem"), pki.s("server.key"));

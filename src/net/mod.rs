@@ -414,6 +414,7 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         .validate()
         .and_then(|()| config.check_environment())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.0))?;
+    tls::check_files(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     for w in config.warnings() {
         tracing::warn!("{w}");
     }

@@ -144,6 +144,46 @@ pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// The rustls configuration of a `tls = true` export, read from its files (`None`: plain).
+/// `field` starts each error (`"export 0: "`).
+pub fn export_client_config(
+    e: &crate::config::ExportConfig,
+    field: &str,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    if !e.tls {
+        return Ok(None);
+    }
+    let ca = e
+        .tls_ca
+        .as_deref()
+        .ok_or_else(|| format!("{field}tls = true needs tls_ca (the CA's PEM file)"))?;
+    let client = match (&e.tls_certificate, &e.tls_private_key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    let fields = [
+        format!("{field}tls_ca"),
+        format!("{field}tls_certificate"),
+        format!("{field}tls_private_key"),
+    ];
+    client_config([&fields[0], &fields[1], &fields[2]], ca, client).map(Some)
+}
+
+/// The TLS files a configuration names, read at start-up (after `Config::check_environment`):
+/// `[tls]`'s certificate, key and CA, and each `dicom` export's `tls_*`. Each error names the
+/// field.
+pub fn check_files(config: &crate::config::Config) -> Result<(), String> {
+    if config.tls.enabled() {
+        server_config(&config.tls)?;
+    }
+    for (i, e) in config.exports.iter().enumerate() {
+        if e.kind == crate::config::ExportKind::Dicom {
+            export_client_config(e, &format!("export {i}: "))?;
+        }
+    }
+    Ok(())
+}
+
 /// A requestor's TLS configuration (exports, `dicomgate echo/store --tls-ca`): the server's
 /// certificate must chain to a CA in `ca`; with `client` = (certificate, key) that client
 /// certificate is presented. `fields` name the three settings (CA, certificate, key) in errors
@@ -326,3 +366,24 @@ impl Session {
 /// A byte stream both ways (a socket).
 pub trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
+
+#[cfg(test)]
+mod tests {
+    /// The TLS files a configuration names are read at start-up (moved here from
+    /// `Config::check_environment`, which knows no TLS type): a `tls = true` export whose CA file
+    /// is missing is refused naming the field.
+    #[test]
+    fn tls_files_are_read_at_start_up_naming_the_field() {
+        let ok = crate::config::Config::from_toml(
+            "[[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:2762\"\nae_title = \"PACS\"\n\
+             tls = true\ntls_ca = \"/ca.pem\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let e = super::check_files(&ok).unwrap_err();
+        assert!(
+            e.contains("export 0: tls_ca /ca.pem: cannot be read"),
+            "{e}"
+        );
+        assert!(super::check_files(&crate::config::Config::default()).is_ok());
+    }
+}

@@ -110,7 +110,7 @@ pub fn run(
             }
             let calling = dest.calling_ae_title.as_deref().unwrap_or(node_ae);
             for (peer, group) in groups {
-                let tls = dest.tls_client_config("export ")?;
+                let tls = crate::net::tls::export_client_config(dest, "export ")?;
                 to_dicom(
                     &peer.address,
                     peer.ae_title.trim(),
@@ -138,7 +138,7 @@ pub fn run(
                 .ok_or("dicom export without ae_title")?;
             let calling = dest.calling_ae_title.as_deref().unwrap_or(node_ae);
             // Read at each export: renewed certificate files are used without a restart.
-            let tls = dest.tls_client_config("export ")?;
+            let tls = crate::net::tls::export_client_config(dest, "export ")?;
             to_dicom(address, called, calling, tls, files, log, stop)
         }
     }

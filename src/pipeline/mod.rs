@@ -53,7 +53,7 @@ pub use process::{
 use rules::Rules;
 
 /// The input folder of instances kept although no `[[input]]` accepts them.
-pub const UNMATCHED_INPUT: &str = "_unmatched";
+pub use crate::config::UNMATCHED_INPUT;
 
 /// What the node does with an instance at the door, once the rules have seen its values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -548,7 +548,8 @@ pub fn start(
             )));
         }
     }
-    let rules = config.rules().map_err(invalid)?;
+    config.check_rules().map_err(invalid)?;
+    let rules = Rules::compile(&config.inputs).map_err(invalid)?;
     let group_tag = config.group_by_tag().map_err(invalid)?;
     let priors = priors::Priors::load(config, &rules)?.map(Arc::new);
     if priors.is_some() && group_tag != tags::PATIENT_ID {
