@@ -245,6 +245,16 @@ impl SimNode {
         while self.step() {}
     }
 
+    /// The requestor sends the command of a C-STORE (message ID 1) and the node takes it: a
+    /// message is in progress, its data set due. Earlier output is cleared.
+    fn begin_message(&mut self) {
+        let (cmd, _) = raw_store_pdvs(1, 1, 0);
+        self.outbox.clear();
+        self.inbox.extend_from_slice(&cmd);
+        self.svc.handle_received(self.now, cmd.len());
+        self.settle();
+    }
+
     /// Advances the simulated clock to the service's next deadline and fires it.
     fn fire_next_timer(&mut self) -> bool {
         let Some(t) = self.svc.poll_timeout() else {
@@ -883,7 +893,6 @@ fn drip(node: &mut SimNode, bytes: &[u8], step: usize, every: Duration, max: Dur
 fn a_peer_dripping_into_a_message_is_aborted_after_one_rate_window() {
     let node = SimNode::new(11, 1, 4);
     let mut c = connect(node, 1);
-    let (cmd, _) = raw_store_pdvs(1, 1, 0);
     // The data set as PDUs of 1 byte of data each (P-DATA-TF header 6 + PDV header 6 + 1).
     let data = data_set(0);
     let mut pdus = Vec::new();
@@ -894,10 +903,7 @@ fn a_peer_dripping_into_a_message_is_aborted_after_one_rate_window() {
     }
     let node = &mut c.stream().node;
     assert_eq!(node.cfg.min_bytes_per_second, 1024, "the default");
-    node.outbox.clear();
-    node.inbox.extend_from_slice(&cmd);
-    node.svc.handle_received(node.now, cmd.len());
-    node.settle();
+    node.begin_message();
     let took = drip(
         node,
         &pdus,
@@ -964,12 +970,8 @@ fn a_peer_above_the_minimum_rate_is_not_aborted() {
 fn a_window_the_node_paused_is_not_judged() {
     let node = SimNode::new(13, 1, 4);
     let mut c = connect(node, 1);
-    let (cmd, _) = raw_store_pdvs(1, 1, 0);
     let node = &mut c.stream().node;
-    node.outbox.clear();
-    node.inbox.extend_from_slice(&cmd);
-    node.svc.handle_received(node.now, cmd.len());
-    node.settle();
+    node.begin_message();
     // Inside the message now (its data set is due); nothing arrives.
     let start = node.now;
     node.svc.handle_read_paused(node.now);
@@ -992,12 +994,8 @@ fn a_peer_the_node_keeps_paused_is_judged_after_a_minute() {
     node.cfg.timeouts.dimse = None;
     node.svc = Service::new(node.now, &node.cfg);
     let mut c = connect(node, 1);
-    let (cmd, _) = raw_store_pdvs(1, 1, 0);
     let node = &mut c.stream().node;
-    node.outbox.clear();
-    node.inbox.extend_from_slice(&cmd);
-    node.svc.handle_received(node.now, cmd.len());
-    node.settle();
+    node.begin_message();
     let start = node.now;
     while last_abort(node).is_none() && node.now - start < Duration::from_secs(600) {
         node.svc.handle_read_paused(node.now); // the budget is full at every look

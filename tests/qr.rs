@@ -108,12 +108,7 @@ fn find_and_move_prior_studies_from_dcmqrscp() {
             ));
         }
     }
-    let st = dcmtk("storescu")
-        .args(["-aec", "QRSCP", "localhost", &port.to_string()])
-        .args(&files)
-        .status()
-        .unwrap();
-    assert!(st.success(), "priors loaded into dcmqrscp");
+    load_into_dcmqrscp(port, &files);
     let mut c = Client::connect(("127.0.0.1", port), &qr_options(), &qr_proposals()).unwrap();
     let q = StudyQuery {
         patient_id: "PRIOR1".into(),
@@ -275,6 +270,30 @@ fn priors_node_moving_to(
     ))
 }
 
+/// DCMTK storescu stores `files` into the dcmqrscp on `port` (its index of prior studies).
+fn load_into_dcmqrscp(port: u16, files: &[std::path::PathBuf]) {
+    let st = dcmtk("storescu")
+        .args(["-aec", "QRSCP", "localhost", &port.to_string()])
+        .args(files)
+        .status()
+        .unwrap();
+    assert!(st.success(), "priors loaded into dcmqrscp");
+}
+
+/// DCMTK storescu sends `current` to `node`; waits for the processing command to write its
+/// `listing` of the batch's input folders (`why` says what it means if it never does) and
+/// returns it.
+fn processed(node: &Node, current: &[std::path::PathBuf], listing: &Path, why: &str) -> String {
+    assert!(storescu_status(node, current).success(), "{}", node.log());
+    assert!(
+        wait_until(60, || std::fs::read_to_string(listing)
+            .is_ok_and(|t| !t.is_empty())),
+        "{why}\n{}",
+        node.log()
+    );
+    std::fs::read_to_string(listing).unwrap()
+}
+
 /// What the processing listing holds under `./{input}/`, as SOP Instance UIDs.
 fn in_input(listing: &str, input: &str) -> Vec<String> {
     let mut v: Vec<String> = listing
@@ -334,20 +353,8 @@ fn priors_are_retrieved_from_dcmqrscp_before_processing() {
     // study, and it must not be taken for a prior.
     let current = write_study(&src.join("c"), "PRIOR1", 4, 3);
     priors.extend(current.iter().cloned());
-    let st = dcmtk("storescu")
-        .args(["-aec", "QRSCP", "localhost", &qr_port.to_string()])
-        .args(&priors)
-        .status()
-        .unwrap();
-    assert!(st.success(), "priors loaded into dcmqrscp");
-    assert!(storescu_status(&node, &current).success(), "{}", node.log());
-    assert!(
-        wait_until(60, || std::fs::read_to_string(&listing)
-            .is_ok_and(|t| !t.is_empty())),
-        "not processed\n{}",
-        node.log()
-    );
-    let text = std::fs::read_to_string(&listing).unwrap();
+    load_into_dcmqrscp(qr_port, &priors);
+    let text = processed(&node, &current, &listing, "not processed");
     assert_eq!(in_input(&text, "current"), sops(4, 3), "{text}");
     let mut want = sops(1, 3);
     want.extend(sops(2, 2));
@@ -366,14 +373,7 @@ fn a_qr_peer_that_is_down_is_retried_then_the_patient_goes_on() {
     let down = free_port(); // nobody listens there
     let node = priors_node(down, 8, &listing, &dir.path().join("list.sh"));
     let current = write_study(&dir.path().join("c"), "PRIOR2", 5, 3);
-    assert!(storescu_status(&node, &current).success(), "{}", node.log());
-    assert!(
-        wait_until(60, || std::fs::read_to_string(&listing)
-            .is_ok_and(|t| !t.is_empty())),
-        "not processed\n{}",
-        node.log()
-    );
-    let text = std::fs::read_to_string(&listing).unwrap();
+    let text = processed(&node, &current, &listing, "not processed");
     assert_eq!(in_input(&text, "current"), sops(5, 3), "{text}");
     assert!(in_input(&text, "priors").is_empty(), "{text}");
     let log = node.log();
@@ -408,21 +408,9 @@ fn priors_reported_but_never_received_do_not_hold_the_batch_past_the_timeout() {
         &[("DICOMGATE", node.addr.port()), ("ELSEWHERE", scp_port)],
     );
     let priors = write_study(&dir.path().join("p"), "PRIOR3", 6, 2);
-    let st = dcmtk("storescu")
-        .args(["-aec", "QRSCP", "localhost", &qr_port.to_string()])
-        .args(&priors)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    load_into_dcmqrscp(qr_port, &priors);
     let current = write_study(&dir.path().join("c"), "PRIOR3", 7, 3);
-    assert!(storescu_status(&node, &current).success(), "{}", node.log());
-    assert!(
-        wait_until(60, || std::fs::read_to_string(&listing)
-            .is_ok_and(|t| !t.is_empty())),
-        "held past the timeout\n{}",
-        node.log()
-    );
-    let text = std::fs::read_to_string(&listing).unwrap();
+    let text = processed(&node, &current, &listing, "held past the timeout");
     assert_eq!(in_input(&text, "current"), sops(7, 3), "{text}");
     assert!(in_input(&text, "priors").is_empty(), "{text}");
     let log = node.log();
@@ -443,13 +431,7 @@ fn an_unqueryable_patient_id_is_not_logged() {
     let node = priors_node(free_port(), 60, &listing, &dir.path().join("list.sh"));
     let id = "SECRET*42";
     let current = write_study(&dir.path().join("c"), id, 8, 3);
-    assert!(storescu_status(&node, &current).success(), "{}", node.log());
-    assert!(
-        wait_until(60, || std::fs::read_to_string(&listing)
-            .is_ok_and(|t| !t.is_empty())),
-        "not processed\n{}",
-        node.log()
-    );
+    processed(&node, &current, &listing, "not processed");
     let log = node.log();
     assert!(
         log.contains("priors: the Patient ID is empty or holds"),
