@@ -46,7 +46,7 @@ fn store(c: &mut Criterion) {
             // Ingest only: no trigger fires.
             config.trigger.on_association_close = false;
             config.trigger.quiet_seconds = 0.0;
-            let node = dicomgate::net::start(config).unwrap();
+            let node = dicomgate::node::start(config).unwrap();
             let opts = ScuOptions {
                 timeout: Duration::from_secs(30),
                 ..ScuOptions::default()

@@ -68,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.node.data_dir =
         Path::new(&args.next().unwrap_or_else(|| "./example-data".into())).to_path_buf();
     config.trigger.quiet_seconds = 5.0;
-    let node = dicomgate::net::start_with(config, Some(Arc::new(Anonymise)))?;
+    let node = dicomgate::node::start_with(config, Some(Arc::new(Anonymise)))?;
     if let Some(a) = node.local_addr {
         println!("listening on {a}");
     }

@@ -1334,7 +1334,7 @@ impl Config {
     pub fn check_environment(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
         // The TLS files ([tls], exports' tls_*) are read by net::tls::check_files, which
-        // net::start runs right after this (config knows no socket or TLS type).
+        // node::start runs right after this (config knows no socket or TLS type).
         let token = self.http.token_file.trim();
         if !token.is_empty() {
             match std::fs::read(token) {

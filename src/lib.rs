@@ -6,11 +6,14 @@
 //!
 //! The map, in the order one instance travels:
 //!
-//! - [`net`] — the only socket code: an acceptor hands connections to one mio reactor per pinned
-//!   core; each reactor reads into a reused buffer per connection and moves bytes and
-//!   completions between the socket, the association's DIMSE service and storage. Its HTTP
-//!   endpoint (`net::http`, one thread off the reactors) serves `/metrics`, health, the status
-//!   page and `/api/status` (`net::status`), and the operator's `POST /api/retry`.
+//! - [`net`] — the only socket code on the data path: an acceptor hands connections to one mio
+//!   reactor per pinned core; each reactor reads into a reused buffer per connection and moves
+//!   bytes and completions between the socket, the association's DIMSE service and storage;
+//!   and the blocking requestor (`net::scu`) that exports, prior-study retrievals and
+//!   `dicomgate echo` / `store` use.
+//! - [`handoff`] — what a reactor hands ingest (a durable instance, an ended association) on
+//!   its bounded lock-free queue, and the one question it asks the rules ([`handoff::Door`]).
+//!   `net` and `pipeline` meet only here.
 //! - [`ul`] — the Upper Layer wire format (PS3.8 §9): a deframer answers Complete / Partial /
 //!   Error from the 6-byte header, PDUs are parsed as views into the buffer. Pure.
 //! - [`assoc`] — the PS3.8 Table 9-10 state machine for both sides, ARTIM and idle timers (time
@@ -24,9 +27,14 @@
 //!   C-STORE success.
 //! - [`patients`] — the concurrent patient map (crossbeam-epoch, arc-swap snapshots): the only
 //!   shared mutable state and the only unsafe code.
-//! - [`pipeline`] — hand-off queues, triggers, sufficiency rules, the exactly-once claim,
-//!   processing (command or Rust trait), export (C-STORE or folder), the retry outbox, expiry
-//!   and restart recovery.
+//! - [`pipeline`] — ingest, triggers, sufficiency rules, the exactly-once claim, processing
+//!   (command or Rust trait), export (C-STORE or folder), the retry outbox, expiry and restart
+//!   recovery.
+//! - [`http`] — the HTTP endpoint, one pool of threads off the reactors: `/metrics`, health,
+//!   the status page and `/api/status` (`http::status`), and the operator's `POST /api/retry`
+//!   and `/api/force`.
+//! - [`node`] — start-up (wiring storage, the pipeline, the reactors and the endpoint) and the
+//!   handle that drains and stops a running node.
 //! - [`config`] — one typed TOML config; every limit is a named field with a default.
 //! - [`bench`] — the C-STORE load generator behind `dicomgate bench` and `dicomgate-loadgen`,
 //!   and its HTML report.
@@ -48,7 +56,13 @@ pub mod doorbell;
 #[cfg(not(dicomgate_loom))]
 pub mod fuzzing;
 #[cfg(not(dicomgate_loom))]
+pub mod handoff;
+#[cfg(not(dicomgate_loom))]
+pub mod http;
+#[cfg(not(dicomgate_loom))]
 pub mod net;
+#[cfg(not(dicomgate_loom))]
+pub mod node;
 pub mod patients;
 #[cfg(not(dicomgate_loom))]
 pub mod pipeline;

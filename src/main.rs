@@ -306,7 +306,7 @@ fn token_of(
 }
 
 fn force(patient: String, api: ApiArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    use dicomgate::net::status;
+    use dicomgate::http::status;
     let (addr, token) = api.reach()?;
     let key = status::force(&addr, &patient, token.as_deref())?;
     println!(
@@ -317,7 +317,7 @@ fn force(patient: String, api: ApiArgs) -> Result<ExitCode, Box<dyn std::error::
 }
 
 fn retry(batch: Option<String>, api: ApiArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    use dicomgate::net::status;
+    use dicomgate::http::status;
     let (addr, token) = api.reach()?;
     let answer = status::retry(&addr, batch.as_deref(), token.as_deref())?;
     for id in &answer.retried {
@@ -414,7 +414,7 @@ fn status(
     config: Option<PathBuf>,
     json: bool,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    use dicomgate::net::status;
+    use dicomgate::http::status;
     let addr = http_address(http, config)?;
     let s = status::fetch(&addr)?;
     if json {
@@ -700,7 +700,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     }
                 }
             });
-            let node = dicomgate::net::start(cfg)?;
+            let node = dicomgate::node::start(cfg)?;
             // Tests and scripts read the bound address from this line (and the TLS one from
             // the next, when [tls] listen is set; only that one when node.listen is "").
             if let Some(a) = node.local_addr {

@@ -36,7 +36,7 @@ fn pipeline_thread_death_is_503(library_waits: bool) {
         dir.path().join("data").display().to_string()
     ))
     .unwrap();
-    let node = dicomgate::net::start_with(config, Some(Arc::new(Panics))).unwrap();
+    let node = dicomgate::node::start_with(config, Some(Arc::new(Panics))).unwrap();
     let http = node.http_addr.unwrap().to_string();
     let port = node.local_addr.unwrap().port().to_string();
     // As examples/rust_processor.rs does: the library user's thread waits on the node (it

@@ -534,7 +534,7 @@ fn kill9_during_ingest_and_processing_loses_nothing_acknowledged() {
     assert!(!node.data_dir.join("failed").exists());
 }
 
-/// Library users' processing: a Rust `Processor` given to `net::start_with` sees the batch
+/// Library users' processing: a Rust `Processor` given to `node::start_with` sees the batch
 /// split by input (an instance two inputs accept is in both folders).
 #[test]
 fn rust_processor_gets_the_batch_by_input() {
@@ -566,7 +566,7 @@ fn rust_processor_gets_the_batch_by_input() {
     ))
     .unwrap();
     let seen: Seen = Default::default();
-    let node = dicomgate::net::start_with(config, Some(Arc::new(Record(seen.clone())))).unwrap();
+    let node = dicomgate::node::start_with(config, Some(Arc::new(Record(seen.clone())))).unwrap();
     let src = tempfile::tempdir().unwrap();
     let mut client = dicomgate::net::scu::Client::connect(
         node.local_addr.unwrap(),

@@ -650,7 +650,7 @@ fn export_inputs_beside_a_library_processor_are_refused() {
         folder_export(&dir.path().join("out"), "\"ct\"")
     ))
     .unwrap();
-    let e = match dicomgate::net::start_with(config, Some(std::sync::Arc::new(Nothing))) {
+    let e = match dicomgate::node::start_with(config, Some(std::sync::Arc::new(Nothing))) {
         Ok(_) => panic!("started with [[export]] inputs beside a Rust Processor"),
         Err(e) => e.to_string(),
     };

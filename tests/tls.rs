@@ -390,7 +390,7 @@ fn bad_tls_files_are_refused_at_start_up_naming_the_field() {
         }
         match dicomgate::config::Config::from_toml(&t) {
             Err(e) => e.0,
-            // What net::start checks: the environment, then the TLS files.
+            // What node::start checks: the environment, then the TLS files.
             Ok(c) => c
                 .check_environment()
                 .map_err(|e| e.0)

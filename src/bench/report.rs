@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use super::{LoadArgs, Summary};
-use crate::net::status::html_escape;
+use crate::http::status::html_escape;
 
 const W: f64 = 720.0;
 const H: f64 = 220.0;

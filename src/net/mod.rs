@@ -18,10 +18,9 @@
 //! (backpressure) ignores readiness and is read again when it resumes.
 
 pub mod budget;
-pub mod http;
+pub mod counters;
 pub mod reactor;
 pub mod scu;
-pub mod status;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -34,8 +33,8 @@ use std::thread::JoinHandle;
 use crossbeam_queue::SegQueue;
 
 use crate::config::Config;
-use crate::pipeline::{self, Pipeline, Processor};
-use crate::storage::{Storage, StoreDone, Written};
+use crate::handoff::{Door, Handoff};
+use crate::storage::{OnDone, OnSpace, OnWritten, Storage, StoreDone, Written};
 
 /// Counts associations against `max_associations`, `max_associations_per_calling_ae` and
 /// `max_associations_per_address`. Taken once when an association is accepted and once when it
@@ -153,21 +152,24 @@ pub struct Shared {
     pub associations: AssociationLimits,
     pub connections: AtomicUsize,
     pub shutdown: AtomicBool,
-    /// Set by [`NodeHandle::drain`]: the acceptor stops, and each reactor ends once its last
+    /// Set by [`crate::node::NodeHandle::drain`]: the acceptor stops, and each reactor ends once its last
     /// association is done.
     pub draining: AtomicBool,
     /// Reactor threads still running.
     pub reactors_running: AtomicUsize,
     /// The storage and pipeline threads (segment log, storage workers, flush threads, ingest,
     /// checker, outbox, pipeline workers): `/healthz` answers 503 once one of them has ended
-    /// while the node runs. Joined by [`NodeHandle`]'s stop.
+    /// while the node runs. Joined by [`crate::node::NodeHandle`]'s stop.
     pub watched: std::sync::Mutex<Vec<JoinHandle<()>>>,
-    /// What `/metrics` reports.
-    pub counters: http::Counters,
-    pub pipeline: Arc<Pipeline>,
+    /// What `/metrics` and the status page report.
+    pub counters: counters::Counters,
+    /// The queues to ingest.
+    pub handoff: Arc<Handoff>,
+    /// The rules, as the door asks them (the pipeline's).
+    pub door: Arc<dyn Door>,
     pub next_association: AtomicU64,
     /// The TLS listener's rustls configuration, when `[tls] listen` is set; replaced whole by
-    /// [`NodeHandle::reload_tls`] (new connections get the new one).
+    /// [`crate::node::NodeHandle::reload_tls`] (new connections get the new one).
     pub tls: Option<arc_swap::ArcSwap<rustls::ServerConfig>>,
     /// Every reactor's mailbox, by reactor number (for `/metrics`' connections per reactor).
     pub mailboxes: Arc<Vec<Mailbox>>,
@@ -202,275 +204,9 @@ impl Mailbox {
     }
 }
 
-/// A running node.
-#[derive(Debug)]
-pub struct NodeHandle {
-    /// Where the plain listener listens; `None` when `[node] listen` is "" (TLS only).
-    pub local_addr: Option<SocketAddr>,
-    /// Where the TLS listener listens, if `[tls] listen` names one.
-    pub tls_addr: Option<SocketAddr>,
-    shared: Arc<Shared>,
-    mailboxes: Arc<Vec<Mailbox>>,
-    threads: Vec<JoinHandle<()>>,
-    pipeline_shutdown: Arc<AtomicBool>,
-    /// Held until the node has stopped.
-    _lock: crate::storage::DataDirLock,
-    /// Where the HTTP endpoint listens, if `[http] listen` names one.
-    pub http_addr: Option<SocketAddr>,
-}
-
-/// How long a stop waits for its threads once told to end (see `NodeHandle::stop`).
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// What a graceful stop ([`NodeHandle::drain`]) did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Drained {
-    /// Connections open when the drain began.
-    pub open_at_start: usize,
-    /// Connections still open at the deadline, aborted.
-    pub cut: usize,
-    /// The pipeline was still busy at the deadline (processing or exports interrupted,
-    /// resumed at the next start).
-    pub pipeline_cut: bool,
-}
-
-impl NodeHandle {
-    /// Stops accepting, aborts open associations and waits for the reactors.
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    /// A graceful stop (SIGTERM): no new associations; open ones may finish, and the pipeline
-    /// (processing, export) may go on, until both are done or `within` has passed; then what is
-    /// left is cut as [`NodeHandle::shutdown`] does: associations get an A-ABORT (every store
-    /// acknowledged so far stays durable), running processing has its process group killed and
-    /// its batch resumes at the next start.
-    pub fn drain(mut self, within: std::time::Duration) -> Drained {
-        let deadline = std::time::Instant::now() + within;
-        let open_at_start = self.shared.connections.load(Ordering::Acquire);
-        self.shared.draining.store(true, Ordering::Release);
-        self.unblock_accept();
-        for m in self.mailboxes.iter() {
-            m.wake();
-        }
-        tracing::info!(
-            open_associations = open_at_start,
-            drain_seconds = within.as_secs_f64(),
-            "draining: no new associations; open ones and running processing may finish"
-        );
-        // Idle for a few checks in a row: an association's close may still trigger a claim.
-        let mut idle_checks = 0;
-        let pipeline_cut = loop {
-            let idle = self.shared.reactors_running.load(Ordering::Acquire) == 0
-                && self.shared.pipeline.is_idle();
-            idle_checks = if idle { idle_checks + 1 } else { 0 };
-            if idle_checks >= 4 {
-                break false;
-            }
-            if std::time::Instant::now() >= deadline {
-                break !self.shared.pipeline.is_idle();
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
-        let cut = self.shared.connections.load(Ordering::Acquire);
-        if cut > 0 || pipeline_cut {
-            tracing::warn!(
-                associations_aborted = cut,
-                pipeline_interrupted = pipeline_cut,
-                "drain deadline reached: cutting what is left (interrupted batches resume at the next start)"
-            );
-        }
-        self.stop();
-        tracing::info!(
-            associations_finished = open_at_start.saturating_sub(cut),
-            associations_aborted = cut,
-            "stopped"
-        );
-        Drained {
-            open_at_start,
-            cut,
-            pipeline_cut,
-        }
-    }
-
-    fn unblock_accept(&self) {
-        for mut a in self.local_addr.into_iter().chain(self.tls_addr) {
-            if a.ip().is_unspecified() {
-                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            let _ = TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1));
-        }
-    }
-
-    /// Reads `[tls]`'s certificate, key and CA files again (SIGHUP): new TLS connections use
-    /// them, open ones keep what they were made with. On an error the old ones stay.
-    pub fn reload_tls(&self) -> Result<(), String> {
-        let Some(current) = &self.shared.tls else {
-            return Err("no [tls] listen: nothing to reload".into());
-        };
-        let cfg = tls::server_config(&self.shared.config.tls)?;
-        current.store(cfg);
-        Ok(())
-    }
-
-    fn stop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::Release);
-        self.pipeline_shutdown.store(true, Ordering::Release);
-        for m in self.mailboxes.iter() {
-            m.wake();
-        }
-        self.unblock_accept();
-        if let Some(mut a) = self.http_addr {
-            // Wakes the HTTP thread's accept, which then sees the flag.
-            if a.ip().is_unspecified() {
-                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            let _ = TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1));
-        }
-        // Threads end within moments of the flags, except one blocked on a peer (an export
-        // waiting up to its I/O timeout on a silent downstream): past a grace period we stop
-        // waiting. Nothing is lost: what was acknowledged is durable, and an export cut short
-        // is retried at the next start (its marker was not written).
-        let mut threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
-        threads.extend(self.take_watched());
-        let (tx, rx) = std::sync::mpsc::channel();
-        // The thread being joined, for the warning (the review found it always blamed a
-        // pipeline worker, when an HTTP connection could be the one).
-        let joining = Arc::new(Mutex::new(String::new()));
-        let now_joining = joining.clone();
-        let joiner = std::thread::spawn(move || {
-            for t in threads {
-                if let Ok(mut n) = now_joining.lock() {
-                    *n = t.thread().name().unwrap_or("unnamed").to_string();
-                }
-                let _ = t.join();
-            }
-            let _ = tx.send(());
-        });
-        match rx.recv_timeout(STOP_GRACE) {
-            Ok(()) => {
-                let _ = joiner.join();
-            }
-            Err(_) => {
-                let thread = joining.lock().map(|n| n.clone()).unwrap_or_default();
-                tracing::warn!(
-                    grace_seconds = STOP_GRACE.as_secs(),
-                    thread,
-                    "a thread is still waiting on a peer (an export or an HTTP client): stopping without it (a batch it was exporting resumes at the next start)"
-                );
-            }
-        }
-    }
-
-    /// Blocks until the node stops (it stops only on shutdown).
-    pub fn wait(mut self) {
-        // Reactors, acceptors and HTTP first: they end only when the node stops. The watched
-        // threads stay where `/healthz` sees them until then (taken first, a dead pipeline
-        // worker was reported healthy for the rest of the run).
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-        for t in self.take_watched() {
-            let _ = t.join();
-        }
-    }
-
-    /// The storage and pipeline threads, taken out of [`Shared::watched`] to be joined.
-    fn take_watched(&self) -> Vec<JoinHandle<()>> {
-        match self.shared.watched.lock() {
-            Ok(mut w) => w.drain(..).collect(),
-            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
-        }
-    }
-}
-
-impl Drop for NodeHandle {
-    fn drop(&mut self) {
-        let watched = match self.shared.watched.lock() {
-            Ok(w) => !w.is_empty(),
-            Err(_) => true,
-        };
-        if !self.threads.is_empty() || watched {
-            self.stop();
-        }
-    }
-}
-
-impl NodeHandle {
-    /// The pipeline's counters (claimed, processed, exported, failed, expired batches).
-    pub fn stats(&self) -> &pipeline::Stats {
-        &self.shared.pipeline.stats
-    }
-}
-
-/// Binds the listener, starts storage, the pipeline, the reactors and the acceptor.
-pub fn start(config: Config) -> io::Result<NodeHandle> {
-    start_with(config, None)
-}
-
-/// [`start`] with a Rust [`Processor`] instead of `[processing] command`.
-pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::Result<NodeHandle> {
-    config
-        .validate()
-        .and_then(|()| config.check_environment())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.0))?;
-    tls::check_files(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    for w in config.warnings() {
-        tracing::warn!("{w}");
-    }
-    // Before anything reads or recovers the data directory: one node per directory.
-    let lock = crate::storage::lock_data_dir(&config.node.data_dir)?;
-    let listener = match config.node.listen {
-        None => None, // TLS only (validate() made sure [tls] listen is set)
-        Some(a) => Some(TcpListener::bind(a).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot listen on {a} ([node] listen): {e}"),
-            )
-        })?),
-    };
-    let http = if config.http.listen.trim().is_empty() {
-        None
-    } else {
-        let l = TcpListener::bind(config.http.listen.trim()).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot listen on {} ([http] listen): {e}: another dicomgate on this host? \
-                     set [http] listen (or --http) to another address, or \"\" for none",
-                    config.http.listen
-                ),
-            )
-        })?;
-        Some(l)
-    };
-    let tls_listener = if config.tls.enabled() {
-        let l = TcpListener::bind(config.tls.listen.trim()).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot listen on {} ([tls] listen): {e}", config.tls.listen),
-            )
-        })?;
-        Some(l)
-    } else {
-        None
-    };
-    let tls_config = match &tls_listener {
-        Some(_) => Some(arc_swap::ArcSwap::new(
-            tls::server_config(&config.tls)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
-        )),
-        None => None,
-    };
-    let tls_addr = match &tls_listener {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
-    };
-    let local_addr = match &listener {
-        Some(l) => Some(l.local_addr()?),
-        None => None,
-    };
-    let n = config.reactor_count();
+/// One mio `Poll` per reactor, each with the [`Mailbox`] through which the acceptor, storage
+/// and the pipeline reach it.
+pub fn reactors(n: usize) -> io::Result<(Vec<mio::Poll>, Arc<Vec<Mailbox>>)> {
     let mut polls = Vec::with_capacity(n);
     let mut boxes = Vec::with_capacity(n);
     for _ in 0..n {
@@ -486,7 +222,13 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         });
         polls.push(poll);
     }
-    let mailboxes = Arc::new(boxes);
+    Ok((polls, Arc::new(boxes)))
+}
+
+/// How storage reaches the reactors: a store's outcome and a streamed write's completion go
+/// to the mailbox of the reactor that asked (and wake it); room in storage's queue wakes every
+/// reactor whose bit (`id % 64`) asked for it.
+pub fn storage_callbacks(mailboxes: &Arc<Vec<Mailbox>>) -> (OnDone, OnWritten, OnSpace) {
     let mb = mailboxes.clone();
     let done = Arc::new(move |d: StoreDone| {
         if let Some(m) = mb.get(d.reply.reactor) {
@@ -501,7 +243,6 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
             m.wake();
         }
     });
-    // Room in storage's queue: wake every reactor whose bit (id % 64) asked.
     let mb = mailboxes.clone();
     let space = Arc::new(move |bits: u64| {
         for (i, m) in mb.iter().enumerate() {
@@ -510,71 +251,32 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
             }
         }
     });
-    let pipeline_shutdown = Arc::new(AtomicBool::new(false));
-    let (storage, mut watched) = Storage::start(
-        config.node.data_dir.clone(),
-        &config.storage,
-        done,
-        written,
-        space,
-        pipeline_shutdown.clone(),
-    )?;
+    (done, written, space)
+}
+
+/// Wakes reactor `r` (the hand-off's "your queue has room" callback).
+pub fn waker_of(mailboxes: &Arc<Vec<Mailbox>>) -> Arc<dyn Fn(usize) + Send + Sync> {
     let mb = mailboxes.clone();
-    let room = Arc::new(move |r: usize| {
+    Arc::new(move |r: usize| {
         if let Some(m) = mb.get(r) {
             m.wake();
         }
-    });
-    let (pipeline, pipeline_threads) = pipeline::start(
-        &config,
-        n,
-        processor,
-        storage.log().clone(),
-        room,
-        pipeline_shutdown.clone(),
-    )?;
-    watched.extend(pipeline_threads);
-    let mut service = config.service_config(pipeline.wanted_tags.clone());
-    // What the door checks, from outside the config: the users file and the peers' hosts,
-    // both read once, here.
-    let invalid = |e: crate::config::ConfigError| io::Error::new(io::ErrorKind::InvalidInput, e.0);
-    service.policy.identity = config.user_directory().map_err(invalid)?;
-    if config.node.check_peer_address {
-        // Only then are the hosts needed (a peer that is only an export target may not resolve
-        // yet: exports retry).
-        service.policy.peers = Arc::new(config.resolve_peers().map_err(invalid)?);
-    }
-    if !storage.streams() {
-        service.stream_above = usize::MAX;
-    }
-    let shared = Arc::new(Shared {
-        local_addr,
-        tls_addr,
-        pipeline,
-        next_association: AtomicU64::new(0),
-        service,
-        associations: AssociationLimits::new(
-            config.limits.max_associations,
-            config.limits.max_associations_per_calling_ae,
-            config.limits.max_associations_per_address,
-        ),
-        connections: AtomicUsize::new(0),
-        shutdown: AtomicBool::new(false),
-        draining: AtomicBool::new(false),
-        reactors_running: AtomicUsize::new(n),
-        watched: std::sync::Mutex::new(watched),
-        counters: http::Counters::default(),
-        budget: budget::Budget::new(config.limits.max_buffered_bytes),
-        storage,
-        config,
-        tls: tls_config,
-        mailboxes: mailboxes.clone(),
-    });
+    })
+}
+
+/// Starts a reactor thread per `polls` entry (pinned to a core each, round robin) and an
+/// acceptor thread per listener given (`tls`: the TLS one). The threads end when
+/// [`Shared::shutdown`] is set (or, draining, once their associations are done).
+pub fn spawn(
+    shared: &Arc<Shared>,
+    polls: Vec<mio::Poll>,
+    listener: Option<TcpListener>,
+    tls_listener: Option<TcpListener>,
+) -> io::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     for (i, poll) in polls.into_iter().enumerate() {
         let shared = shared.clone();
-        let mailboxes = mailboxes.clone();
         let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
         threads.push(
             std::thread::Builder::new()
@@ -605,21 +307,21 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
                         tracing::warn!(reactor = i, "DICOMGATE_TEST_END_REACTOR: this reactor ends now (test-only fault injection)");
                         return;
                     }
+                    let mailboxes = shared.mailboxes.clone();
                     reactor::run(i, poll, &mailboxes, &shared);
                 })?,
         );
     }
     if let Some(listener) = listener {
         let shared = shared.clone();
-        let mailboxes = mailboxes.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("acceptor".into())
-                .spawn(move || accept_loop(listener, false, &mailboxes, &shared))?,
+                .spawn(move || accept_loop(listener, false, &shared.mailboxes, &shared))?,
         );
     }
     if let Some(listener) = tls_listener {
-        if let Some(a) = tls_addr {
+        if let Some(a) = shared.tls_addr {
             tracing::info!(
                 listen = %a,
                 client_certificate = if shared.config.tls.client_ca.as_os_str().is_empty() {
@@ -631,43 +333,13 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
             );
         }
         let shared = shared.clone();
-        let mailboxes = mailboxes.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("acceptor-tls".into())
-                .spawn(move || accept_loop(listener, true, &mailboxes, &shared))?,
+                .spawn(move || accept_loop(listener, true, &shared.mailboxes, &shared))?,
         );
     }
-    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
-    if let Some(listener) = http {
-        let shared = shared.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("http".into())
-                .spawn(move || http::serve(listener, shared, n))?,
-        );
-        if let Some(a) = http_addr {
-            tracing::info!(listen = %a, "http serving /metrics /healthz /readyz");
-        }
-    }
-    tracing::info!(
-        listen = local_addr.map_or_else(|| "none (TLS only)".to_string(), |a| a.to_string()),
-        ae_title = %shared.config.node.ae_title,
-        reactors = n,
-        data_dir = %shared.config.node.data_dir.display(),
-        durability = ?shared.config.storage.durability,
-        "dicomgate serving"
-    );
-    Ok(NodeHandle {
-        local_addr,
-        tls_addr,
-        shared,
-        mailboxes,
-        threads,
-        pipeline_shutdown,
-        _lock: lock,
-        http_addr,
-    })
+    Ok(threads)
 }
 
 /// Accepts connections from `listener` (the TLS one when `tls`) and hands them to reactors.

@@ -52,7 +52,7 @@ use crate::config::Unmatched;
 use crate::dimse::command::status;
 use crate::dimse::service::{Chunk, Service, ServiceEvent, StoreOutcome, StoreSubmission, Work};
 use crate::dimse::tags;
-use crate::pipeline::{Arrival, AtTheDoor, Event as PipelineEvent};
+use crate::handoff::{Arrival, AtTheDoor, Event as PipelineEvent};
 use crate::storage::{FileMeta, Job, ReplyTo, StoreJob, StreamFile, WriteJob};
 use crate::ul;
 use std::sync::Arc;
@@ -187,7 +187,7 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
         }
         r.fire_timers();
         if std::mem::take(&mut r.rung) {
-            shared.pipeline.ring(id);
+            shared.handoff.ring(id);
         }
     }
 }
@@ -351,16 +351,16 @@ impl Reactor<'_> {
 
     fn push_event(&mut self, ev: PipelineEvent) {
         // A close rings at once (it may trigger processing); instances ring once a backlog
-        // builds, else the ingest thread's sweep takes them (pipeline::RING_AT).
+        // builds, else the ingest thread's sweep takes them (handoff::RING_AT).
         if matches!(ev, PipelineEvent::Closed { .. })
-            || self.shared.pipeline.backlog(self.id) >= crate::pipeline::RING_AT
+            || self.shared.handoff.backlog(self.id) >= crate::handoff::RING_AT
         {
             self.rung = true;
         }
         if !self.overflow.is_empty() {
             self.overflow.push_back(ev);
-        } else if let Err(ev) = self.shared.pipeline.push(self.id, ev) {
-            match self.shared.pipeline.push_or_notify(self.id, ev) {
+        } else if let Err(ev) = self.shared.handoff.push(self.id, ev) {
+            match self.shared.handoff.push_or_notify(self.id, ev) {
                 Ok(()) => {}
                 Err(ev) => {
                     tracing::debug!(reactor = self.id, "pipeline queue full: pausing reads");
@@ -377,7 +377,7 @@ impl Reactor<'_> {
             return;
         }
         while let Some(ev) = self.overflow.pop_front() {
-            if let Err(ev) = self.shared.pipeline.push_or_notify(self.id, ev) {
+            if let Err(ev) = self.shared.handoff.push_or_notify(self.id, ev) {
                 self.overflow.push_front(ev);
                 self.rung = true;
                 return;
@@ -851,16 +851,16 @@ fn store_job(
     }
     let from = {
         let n = c.svc.negotiated();
-        crate::pipeline::rules::Sender {
+        crate::handoff::Sender {
             calling_ae_title: n.map(|n| n.calling_ae.as_str()),
             called_ae_title: n.map(|n| n.called_ae.as_str()),
             address: Some(c.peer.ip()),
         }
     };
-    let (key, record) = shared.pipeline.describe(&req.routing, &from);
+    let (key, record) = shared.door.describe(&req.routing, &from);
     let unmatched = shared.config.patients.unmatched;
     let incomplete = req.routing.is_incomplete();
-    let door = crate::pipeline::at_the_door(record.inputs, unmatched, incomplete);
+    let door = crate::handoff::at_the_door(record.inputs, unmatched, incomplete);
     if door == AtTheDoor::Store && record.inputs == 0 && unmatched == Unmatched::Discard {
         tracing::info!(
             association = c.association,
@@ -982,17 +982,19 @@ fn log_association(c: &Conn, shared: &Shared) {
         (None, None) => ("", ""),
     };
     let stats = c.svc.stats();
-    shared.counters.remember(super::status::RecentAssociation {
-        ended_ms: crate::pipeline::now_ms(),
-        peer: c.peer.to_string(),
-        calling_ae: calling.to_string(),
-        called_ae: called.to_string(),
-        instances: stats.instances,
-        failures: stats.failures,
-        bytes: stats.bytes,
-        duration_ms: c.started.elapsed().as_millis() as u64,
-        outcome: outcome.to_string(),
-    });
+    shared
+        .counters
+        .remember(super::counters::RecentAssociation {
+            ended_ms: crate::handoff::now_ms(),
+            peer: c.peer.to_string(),
+            calling_ae: calling.to_string(),
+            called_ae: called.to_string(),
+            instances: stats.instances,
+            failures: stats.failures,
+            bytes: stats.bytes,
+            duration_ms: c.started.elapsed().as_millis() as u64,
+            outcome: outcome.to_string(),
+        });
     tracing::info!(
         peer = %c.peer,
         calling_ae = calling,

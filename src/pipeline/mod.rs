@@ -34,10 +34,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender};
-use crossbeam_queue::ArrayQueue;
 
 use crate::config::Config;
 use crate::dimse::scan::Scanned;
@@ -55,66 +54,9 @@ use rules::Rules;
 /// The input folder of instances kept although no `[[input]]` accepts them.
 pub use crate::config::UNMATCHED_INPUT;
 
-/// What the node does with an instance at the door, once the rules have seen its values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AtTheDoor {
-    /// Stored (an input accepts it, or `unmatched = "keep"`: it goes to `_unmatched`).
-    Store,
-    /// Answered 0x0124, stored nowhere (`unmatched = "refuse"`).
-    Refuse,
-    /// Answered success, stored nowhere (`unmatched = "discard"`).
-    Discard,
-}
-
-/// The door's decision for an instance that joined `inputs` under `[patients] unmatched`.
-/// `incomplete`: its values come from a partial scan ([`Scanned::is_incomplete`]: a streamed
-/// deflated data set, scanned on what its first bytes inflate to), so a tag that could have
-/// routed it may lie beyond what was scanned. Such an instance is never discarded: it is kept
-/// as `keep` would (in `_unmatched`, and matched again from the whole file after a restart),
-/// since keeping never loses data. `refuse` still refuses it: the sender keeps its copy.
-pub fn at_the_door(
-    inputs: u64,
-    unmatched: crate::config::Unmatched,
-    incomplete: bool,
-) -> AtTheDoor {
-    use crate::config::Unmatched;
-    match (inputs, unmatched) {
-        (1.., _) | (0, Unmatched::Keep) => AtTheDoor::Store,
-        (0, Unmatched::Refuse) => AtTheDoor::Refuse,
-        (0, Unmatched::Discard) if incomplete => AtTheDoor::Store,
-        (0, Unmatched::Discard) => AtTheDoor::Discard,
-    }
-}
-
-/// Events per reactor queue. A full queue pauses the reactor's reading (never a drop).
-pub const QUEUE_DEPTH: usize = 4096;
-
-/// A reactor rings its ingest thread for a `Stored` event only once this many events wait;
-/// below that the ingest thread takes them at its next sweep (every [`INGEST_SWEEP`]). A close
-/// always rings. Patient bookkeeping needs no microsecond latency, and a wake-up per instance
-/// cost ~15 % of the node's CPU per instance at low load (perf/RESULTS.md).
-pub const RING_AT: usize = QUEUE_DEPTH / 8;
-/// The ingest thread's sweep period when nobody rings.
-pub const INGEST_SWEEP: Duration = Duration::from_millis(20);
-
-/// A stored instance on its way to the patient map.
-#[derive(Debug, Clone)]
-pub struct Arrival {
-    /// The association that sent it (0 = recovered from disk).
-    pub association: u64,
-    /// The grouping key (Patient ID by default).
-    pub key: Vec<u8>,
-    pub record: InstanceRecord,
-}
-
-/// What reactors tell the pipeline.
-#[derive(Debug)]
-pub enum Event {
-    /// A durable instance; `new` is false when it replaced the same SOP Instance UID.
-    Stored { arrival: Box<Arrival>, new: bool },
-    /// An association that stored something has ended (release or abort).
-    Closed { association: u64 },
-}
+pub use crate::handoff::{
+    at_the_door, now_ms, Arrival, AtTheDoor, Event, Handoff, INGEST_SWEEP, QUEUE_DEPTH, RING_AT,
+};
 
 /// How a pipeline log line names a patient: `patient` is always the digest of its grouping key
 /// (its folder under `patients/`, the middle of its batch ids, what the status page and
@@ -187,12 +129,8 @@ impl Stats {
 
 /// What reactors share with the pipeline.
 pub struct Pipeline {
-    queues: Vec<ArrayQueue<Event>>,
-    /// Per reactor queue: set when the reactor found it full and waits to hear of room.
-    room_wanted: Vec<AtomicBool>,
-    /// Tells reactor `r` that its queue has room (wakes it).
-    room: Arc<dyn Fn(usize) + Send + Sync>,
-    doorbells: Vec<Arc<Doorbell>>,
+    /// The reactors' queues to ingest.
+    pub handoff: Arc<Handoff>,
     checker_bell: Sender<()>,
     pub map: Arc<PatientMap>,
     pub rules: Rules,
@@ -220,7 +158,7 @@ pub struct Pipeline {
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
-            .field("queues", &self.queues.len())
+            .field("handoff", &self.handoff)
             .field("rules", &self.rules)
             .field("wanted_tags", &self.wanted_tags)
             .field("group_tag", &self.group_tag)
@@ -321,51 +259,7 @@ impl Pipeline {
     /// Nothing to ingest from the reactors and no job running or waiting for a worker (retries
     /// scheduled for later do not count): what a draining node waits for.
     pub fn is_idle(&self) -> bool {
-        self.active.load(Ordering::Acquire) == 0 && self.queues.iter().all(ArrayQueue::is_empty)
-    }
-
-    /// After [`Pipeline::push`] gave an event back: asks to be told (the `room` callback given
-    /// to [`start`]) when ingest next takes events off this reactor's queue, then tries once
-    /// more, so the reactor can sleep without polling. Store-fence-load against
-    /// `Pipeline::room_made`, as in the doorbell.
-    #[allow(clippy::result_large_err)] // as push
-    pub fn push_or_notify(&self, reactor: usize, ev: Event) -> Result<(), Event> {
-        if let Some(w) = self.room_wanted.get(reactor) {
-            w.store(true, Ordering::SeqCst);
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.push(reactor, ev)
-    }
-
-    /// Ingest took events off reactor `reactor`'s queue.
-    fn room_made(&self, reactor: usize) {
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if let Some(w) = self.room_wanted.get(reactor) {
-            if w.load(Ordering::SeqCst) && w.swap(false, Ordering::SeqCst) {
-                (self.room)(reactor);
-            }
-        }
-    }
-
-    /// Pushes an event from reactor `reactor`; gives it back when the queue is full.
-    #[allow(clippy::result_large_err)] // the event comes back to be retried, not as an error
-    pub fn push(&self, reactor: usize, ev: Event) -> Result<(), Event> {
-        match self.queues.get(reactor) {
-            Some(q) => q.push(ev),
-            None => Err(ev),
-        }
-    }
-
-    /// Events waiting in reactor `reactor`'s queue.
-    pub fn backlog(&self, reactor: usize) -> usize {
-        self.queues.get(reactor).map_or(0, ArrayQueue::len)
-    }
-
-    /// Wakes the ingest thread that owns reactor `reactor`'s queue (coalesced).
-    pub fn ring(&self, reactor: usize) {
-        if let Some(d) = self.doorbells.get(reactor % self.doorbells.len().max(1)) {
-            d.ring();
-        }
+        self.active.load(Ordering::Acquire) == 0 && self.handoff.is_empty()
     }
 
     /// The grouping key and record draft (no path yet) for an instance with these values,
@@ -384,6 +278,11 @@ impl Pipeline {
             record.inputs = bit; // a study retrieved as a prior: the priors input's alone
         }
         (key, record)
+    }
+
+    /// Wakes the ingest thread that owns reactor `reactor`'s queue (coalesced).
+    pub fn ring(&self, reactor: usize) {
+        self.handoff.ring(reactor);
     }
 
     /// The patient's batch may go as far as its priors are concerned (always, without a priors
@@ -409,6 +308,12 @@ impl Pipeline {
                 p.note_patient(key, study_uid);
             }
         }
+    }
+}
+
+impl crate::handoff::Door for Pipeline {
+    fn describe(&self, values: &Scanned, from: &rules::Sender<'_>) -> (Vec<u8>, InstanceRecord) {
+        Pipeline::describe(self, values, from)
     }
 }
 
@@ -450,12 +355,6 @@ fn describe(
         number_of_slices: number(values, tags::NUMBER_OF_SLICES),
     };
     (key, record)
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A unit of work for the workers.
@@ -523,16 +422,15 @@ pub(crate) struct Context {
     pub shutdown: Arc<AtomicBool>,
 }
 
-/// Starts the pipeline for `reactors` reactor queues: recovers the data directory, then starts
-/// ingest, checker, scheduler and worker threads. `processor` overrides `[processing]` (library
-/// users' Rust processing); `log` is storage's segment log; `room(r)` wakes reactor `r` when
-/// its full queue has room again.
+/// Starts the pipeline behind the reactors' `handoff` queues: recovers the data directory,
+/// then starts ingest (one thread per [`Handoff::ingest_share`]), checker, scheduler and worker
+/// threads. `processor` overrides `[processing]` (library users' Rust processing); `log` is
+/// storage's segment log.
 pub fn start(
     config: &Config,
-    reactors: usize,
+    handoff: Arc<Handoff>,
     processor: Option<Arc<dyn Processor>>,
     log: Arc<crate::storage::log::Log>,
-    room: Arc<dyn Fn(usize) + Send + Sync>,
     shutdown: Arc<AtomicBool>,
 ) -> io::Result<(Arc<Pipeline>, Vec<JoinHandle<()>>)> {
     let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
@@ -564,21 +462,10 @@ pub fn start(
     wanted.push(group_tag);
     wanted.sort_unstable();
     wanted.dedup();
-    let ingest_threads = reactors.div_ceil(4).max(1);
-    let doorbells: Vec<Arc<Doorbell>> = (0..ingest_threads)
-        .map(|_| Arc::new(Doorbell::new()))
-        .collect();
     let (checker_bell, checker_rx) = crossbeam_channel::bounded(1);
     let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
     let pipeline = Arc::new(Pipeline {
-        queues: (0..reactors.max(1))
-            .map(|_| ArrayQueue::new(QUEUE_DEPTH))
-            .collect(),
-        room_wanted: (0..reactors.max(1))
-            .map(|_| AtomicBool::new(false))
-            .collect(),
-        room,
-        doorbells: doorbells.clone(),
+        handoff: handoff.clone(),
         checker_bell,
         map: Arc::new(PatientMap::new(config.patients.map_buckets)),
         rules,
@@ -626,11 +513,11 @@ pub fn start(
     ctx.log.enable_compaction();
 
     let mut threads = Vec::new();
-    for (i, rx) in doorbells.into_iter().enumerate() {
+    for i in 0..handoff.ingest_threads() {
+        let Some((rx, owned)) = handoff.ingest_share(i) else {
+            continue;
+        };
         let ctx = ctx.clone();
-        let owned: Vec<usize> = (0..reactors.max(1))
-            .filter(|r| r % ingest_threads == i)
-            .collect();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("ingest-{i}"))
@@ -853,11 +740,10 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
         let mut any = false;
         let g = p.map.pin();
         for &r in owned {
-            let Some(q) = p.queues.get(r) else { continue };
             // Bounded drain per queue per round, so one busy reactor cannot starve another.
             let mut popped = false;
             for _ in 0..1024 {
-                let Some(ev) = q.pop() else { break };
+                let Some(ev) = p.handoff.pop(r) else { break };
                 popped = true;
                 any = true;
                 match ev {
@@ -912,23 +798,17 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
             if popped {
                 // After the whole drain, so a reactor that found the queue full during it is
                 // told too (store-fence-load with `push_or_notify`).
-                p.room_made(r);
+                p.handoff.room_made(r);
             }
         }
         drop(g);
         if !any {
             if ctx.shutdown.load(Ordering::Acquire)
-                && owned
-                    .iter()
-                    .all(|&r| p.queues.get(r).is_none_or(|q| q.is_empty()))
+                && owned.iter().all(|&r| p.handoff.backlog(r) == 0)
             {
                 return;
             }
-            let pending = || {
-                owned
-                    .iter()
-                    .any(|&r| p.queues.get(r).is_some_and(|q| !q.is_empty()))
-            };
+            let pending = || owned.iter().any(|&r| p.handoff.backlog(r) > 0);
             bell.wait(INGEST_SWEEP, pending);
         }
     }

@@ -36,14 +36,8 @@ use crate::dicom::dictionary::keyword_tag;
 use crate::dimse::scan::Scanned;
 use crate::patients::Snapshot;
 
-/// Who sent an instance: the association requestor's Calling AE Title, the Called AE Title it
-/// asked for, and its network address. `None`: not known (see the module doc).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Sender<'a> {
-    pub calling_ae_title: Option<&'a str>,
-    pub called_ae_title: Option<&'a str>,
-    pub address: Option<IpAddr>,
-}
+/// Who sent an instance (defined with the hand-off, where reactors fill it in).
+pub use crate::handoff::Sender;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Pattern {

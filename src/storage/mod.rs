@@ -351,9 +351,9 @@ impl Storage {
     pub fn start(
         data_dir: PathBuf,
         config: &crate::config::StorageConfig,
-        done: Arc<dyn Fn(StoreDone) + Send + Sync>,
-        written: Arc<dyn Fn(Written) + Send + Sync>,
-        space: Arc<dyn Fn(u64) + Send + Sync>,
+        done: OnDone,
+        written: OnWritten,
+        space: OnSpace,
         stop: Arc<AtomicBool>,
     ) -> io::Result<(Storage, Vec<std::thread::JoinHandle<()>>)> {
         let (workers, queue_depth, durability) =
@@ -834,6 +834,14 @@ impl Committer<'_> {
 const FLUSH_THREADS: usize = 8;
 
 type FlushResult = (usize, File, io::Result<()>);
+
+/// Where storage sends a store's outcome (to the reactor that asked).
+pub type OnDone = Arc<dyn Fn(StoreDone) + Send + Sync>;
+/// Where storage sends a streamed write's completion.
+pub type OnWritten = Arc<dyn Fn(Written) + Send + Sync>;
+/// Called with the bits (`reactor % 64`) of the reactors that asked to hear of room in
+/// storage's queue.
+pub type OnSpace = Arc<dyn Fn(u64) + Send + Sync>;
 
 struct FlushJob {
     file: File,

@@ -1,7 +1,7 @@
 //! The node's status for operators (issue 12 items 3 and 4): one [`Status`] snapshot, served by
 //! the HTTP thread as JSON (`GET /api/status`) and as a self-contained HTML page (`GET /`), and
 //! fetched and printed by `dicomgate status` ([`fetch`], [`render_text`]); and the client side
-//! of `dicomgate retry` ([`retry`]; the endpoint is in [`super::http`]).
+//! of `dicomgate retry` ([`retry`]; the endpoint is in [`crate::http`]).
 //!
 //! Owns: gathering the snapshot (node, associations, pending patients with each input's
 //! progress from [`Rules::explain`](crate::pipeline::rules::Rules::explain), batches on disk,
@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 
 use super::Shared;
+pub use crate::net::counters::RecentAssociation;
 use crate::pipeline::rules::InputProgress;
 use crate::pipeline::BatchOnDisk;
 
@@ -60,22 +61,8 @@ pub struct Associations {
     /// TCP connections open (associated or not).
     pub connections: usize,
     /// The last associations that ended, newest first (at most
-    /// [`RECENT_ASSOCIATIONS`](super::http::RECENT_ASSOCIATIONS)).
+    /// [`RECENT_ASSOCIATIONS`](crate::net::counters::RECENT_ASSOCIATIONS)).
     pub recent: Vec<RecentAssociation>,
-}
-
-/// An association that ended, as its log line tells it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecentAssociation {
-    pub ended_ms: u64,
-    pub peer: String,
-    pub calling_ae: String,
-    pub called_ae: String,
-    pub instances: u64,
-    pub failures: u64,
-    pub bytes: u64,
-    pub duration_ms: u64,
-    pub outcome: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,7 +123,7 @@ pub struct Throughput {
     pub instances_total: u64,
     pub bytes_total: u64,
     /// Instances and bytes stored in each of the last seconds, oldest first (at most
-    /// [`THROUGHPUT_SECONDS`](super::http::THROUGHPUT_SECONDS)).
+    /// [`THROUGHPUT_SECONDS`](crate::net::counters::THROUGHPUT_SECONDS)).
     pub instances_per_second: Vec<u64>,
     pub bytes_per_second: Vec<u64>,
 }
@@ -145,7 +132,7 @@ pub struct Throughput {
 /// explained for the listed patients, and a directory listing of `batches/` and `failed/`.
 pub fn collect(shared: &Shared) -> Status {
     let now = crate::pipeline::now_ms();
-    let c = &shared.counters;
+    let c = &shared.net.counters;
     let p = &shared.pipeline;
     let mut recent: Vec<RecentAssociation> = c
         .recent
@@ -164,7 +151,7 @@ pub fn collect(shared: &Shared) -> Status {
     let pending = views.len();
     views.sort_by_key(|v| std::cmp::Reverse(v.1.last_arrival_ms));
     views.truncate(MAX_PATIENTS_LISTED);
-    let by_patient_id = shared.config.patients.group_by == "PatientID";
+    let by_patient_id = shared.net.config.patients.group_by == "PatientID";
     let listed: Vec<PendingPatient> = views
         .iter()
         .map(|(key, v)| {
@@ -191,7 +178,7 @@ pub fn collect(shared: &Shared) -> Status {
         .collect();
 
     let (in_flight_listed, in_flight, failed_listed, failed) =
-        crate::pipeline::batches_on_disk(&shared.config.node.data_dir, MAX_BATCHES_LISTED);
+        crate::pipeline::batches_on_disk(&shared.net.config.node.data_dir, MAX_BATCHES_LISTED);
     let mut by_stage = BTreeMap::new();
     for b in &in_flight_listed {
         *by_stage.entry(b.stage.clone()).or_insert(0) += 1;
@@ -200,23 +187,27 @@ pub fn collect(shared: &Shared) -> Status {
     Status {
         node: NodeStatus {
             version: env!("CARGO_PKG_VERSION").into(),
-            ae_title: shared.config.node.ae_title.clone(),
+            ae_title: shared.net.config.node.ae_title.clone(),
             listen: shared
+                .net
                 .local_addr
                 .map_or_else(String::new, |a| a.to_string()),
-            tls_listen: shared.tls_addr.map_or_else(String::new, |a| a.to_string()),
+            tls_listen: shared
+                .net
+                .tls_addr
+                .map_or_else(String::new, |a| a.to_string()),
             uptime_seconds: c.started.elapsed().as_secs(),
-            draining: shared.draining.load(Ordering::Acquire),
+            draining: shared.net.draining.load(Ordering::Acquire),
             now_ms: now,
         },
         associations: Associations {
-            open: shared.associations.active(),
-            connections: shared.connections.load(Ordering::Relaxed),
+            open: shared.net.associations.active(),
+            connections: shared.net.connections.load(Ordering::Relaxed),
             recent,
         },
         patients: Patients {
             pending,
-            group_by: shared.config.patients.group_by.clone(),
+            group_by: shared.net.config.patients.group_by.clone(),
             more: pending - listed.len(),
             listed,
         },

@@ -1,190 +1,35 @@
-//! The node's HTTP endpoint (`[http] listen`), on its own thread, off the reactors:
+//! The node's HTTP endpoint (`[http] listen`), on its own pool of threads, off the reactors:
 //! `/metrics` in the OpenMetrics text format (encoded by prometheus-client), `/healthz` (200
 //! while every reactor runs and the node is not stopping, else 503), `/readyz` (200 while
-//! not draining and the data directory is writable, else 503), and the status page `/` and
-//! its JSON `/api/status` (built by [`super::status`]).
+//! not draining and the data directory is writable, else 503), the status page `/` and
+//! its JSON `/api/status` (built by [`status`]), and the operator's `POST /api/retry` and
+//! `/api/force`.
 //!
-//! Owns: serving those paths, the counters the reactors keep for them (with the bounded rings
-//! of recent associations and per-second throughput), and building each scrape from them
-//! (read, never reset). Must never block a reactor or touch the data path beyond reading counters;
-//! a slow scraper holds only this thread.
+//! Owns: serving those paths and building each scrape from what the reactors count
+//! ([`crate::net::counters`], read, never reset) and what the pipeline knows. Must never block
+//! a reactor or touch the data path beyond reading counters; a slow scraper holds only one of
+//! its threads. Its sockets are the only ones outside `net/`: an operator's plain blocking
+//! HTTP/1.1, with nothing of the DICOM data path (architecture.md lists it as its own module).
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use super::Shared;
+use crate::pipeline::Pipeline;
 
-/// Counters the reactors keep for the endpoint (all monotonic).
+pub mod status;
+
+/// What the endpoint reads: the network side's shared state (its counters included) and the
+/// pipeline (patients, batches, operator actions).
 #[derive(Debug)]
-pub struct Counters {
-    /// Instances stored (C-STORE success answered or answerable) and their bytes.
-    pub instances: AtomicU64,
-    pub bytes: AtomicU64,
-    /// Instances no input accepts, answered success and stored nowhere
-    /// (`[patients] unmatched = "discard"`).
-    pub discarded: AtomicU64,
-    /// Associations ended, by outcome (released, aborted, aborted_too_slow, aborted_by_peer,
-    /// rejected, protocol_error, closed).
-    pub associations: Mutex<BTreeMap<&'static str, u64>>,
-    /// Stores that failed in storage (answered 0xA700), by kind (`StoreErrorKind::label`).
-    pub store_errors: Mutex<BTreeMap<&'static str, u64>>,
-    /// A-ASSOCIATE-RJs sent, by (result, source, reason) of PS3.8 Table 9-21.
-    pub rejections: Mutex<BTreeMap<(u8, u8, u8), u64>>,
-    /// Requests answered with a failure status, by status.
-    pub failures: Mutex<BTreeMap<u16, u64>>,
-    /// Seconds from a store handed to storage to its outcome (durable, or failed).
-    pub store_seconds: Histogram,
-    /// When the node started (the status page's uptime and throughput clock).
-    pub started: std::time::Instant,
-    /// The last [`RECENT_ASSOCIATIONS`] associations that ended, oldest first.
-    pub recent: Mutex<std::collections::VecDeque<super::status::RecentAssociation>>,
-    /// Instances and bytes stored per second over the last [`THROUGHPUT_SECONDS`] seconds,
-    /// a ring indexed by the second since `started`.
-    per_second: Box<[SecondSlot]>,
-}
-
-/// Associations kept for the status page's "recent associations".
-pub const RECENT_ASSOCIATIONS: usize = 50;
-/// Seconds of per-second throughput kept for the status page's plot.
-pub const THROUGHPUT_SECONDS: usize = 300;
-
-/// One second of the throughput ring.
-#[derive(Debug, Default)]
-struct SecondSlot {
-    /// 1 + the second since `started` this slot counts; 0 = never used.
-    second: AtomicU64,
-    instances: AtomicU64,
-    bytes: AtomicU64,
-}
-
-impl Default for Counters {
-    fn default() -> Self {
-        Counters {
-            instances: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            discarded: AtomicU64::new(0),
-            associations: Mutex::default(),
-            rejections: Mutex::default(),
-            store_errors: Mutex::default(),
-            failures: Mutex::default(),
-            // 50 µs to ~1.6 s.
-            store_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            started: std::time::Instant::now(),
-            recent: Mutex::default(),
-            per_second: (0..THROUGHPUT_SECONDS)
-                .map(|_| SecondSlot::default())
-                .collect(),
-        }
-    }
-}
-
-impl Counters {
-    /// An instance of `bytes` became durable at `now` (a reactor's clock).
-    ///
-    /// The throughput ring is approximate by design: the reactor that first stores in a new
-    /// second resets that slot, and an instance counted by another reactor in the same
-    /// nanoseconds may be lost to the reset. Three relaxed atomics, no lock, no clock read.
-    pub fn stored(&self, now: std::time::Instant, bytes: u64) {
-        self.instances.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        let sec = now.saturating_duration_since(self.started).as_secs();
-        let Some(slot) = self
-            .per_second
-            .get((sec % THROUGHPUT_SECONDS as u64) as usize)
-        else {
-            return;
-        };
-        let mark = sec + 1;
-        if slot.second.load(Ordering::Relaxed) != mark
-            && slot.second.swap(mark, Ordering::Relaxed) != mark
-        {
-            slot.instances.store(0, Ordering::Relaxed);
-            slot.bytes.store(0, Ordering::Relaxed);
-        }
-        slot.instances.fetch_add(1, Ordering::Relaxed);
-        slot.bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    /// (instances, bytes) stored in each of the last `THROUGHPUT_SECONDS` seconds, oldest
-    /// first, the current (partial) second last; seconds before the node started are left
-    /// out.
-    pub fn throughput(&self) -> Vec<(u64, u64)> {
-        let now = self.started.elapsed().as_secs();
-        let first = (now + 1).saturating_sub(THROUGHPUT_SECONDS as u64);
-        (first..=now)
-            .map(|sec| {
-                self.per_second
-                    .get((sec % THROUGHPUT_SECONDS as u64) as usize)
-                    .filter(|s| s.second.load(Ordering::Relaxed) == sec + 1)
-                    .map_or((0, 0), |s| {
-                        (
-                            s.instances.load(Ordering::Relaxed),
-                            s.bytes.load(Ordering::Relaxed),
-                        )
-                    })
-            })
-            .collect()
-    }
-
-    /// Keeps an ended association for the status page (the last [`RECENT_ASSOCIATIONS`]).
-    pub fn remember(&self, a: super::status::RecentAssociation) {
-        if let Ok(mut r) = self.recent.lock() {
-            if r.len() >= RECENT_ASSOCIATIONS {
-                r.pop_front();
-            }
-            r.push_back(a);
-        }
-    }
-
-    /// An association ended with this outcome text (the service's).
-    pub fn association_ended(&self, outcome: &str) {
-        let kind = if outcome.starts_with("released") {
-            "released"
-        } else if outcome.starts_with("aborted by peer") {
-            "aborted_by_peer"
-        } else if outcome.starts_with("aborted: sender too slow") {
-            "aborted_too_slow"
-        } else if outcome.starts_with("aborted") {
-            "aborted"
-        } else if outcome.starts_with("rejected") {
-            "rejected"
-        } else if outcome.starts_with("protocol error") {
-            "protocol_error"
-        } else {
-            "closed"
-        };
-        if let Ok(mut m) = self.associations.lock() {
-            *m.entry(kind).or_default() += 1;
-        }
-    }
-
-    /// A store failed in storage with an error of `kind`.
-    pub fn store_error(&self, kind: &'static str) {
-        if let Ok(mut m) = self.store_errors.lock() {
-            *m.entry(kind).or_default() += 1;
-        }
-    }
-
-    /// An A-ASSOCIATE-RJ was sent.
-    pub fn rejected(&self, result: u8, source: u8, reason: u8) {
-        if let Ok(mut m) = self.rejections.lock() {
-            *m.entry((result, source, reason)).or_default() += 1;
-        }
-    }
-
-    pub fn failure(&self, status: u16) {
-        if let Ok(mut m) = self.failures.lock() {
-            *m.entry(status).or_default() += 1;
-        }
-    }
+pub struct Shared {
+    pub net: Arc<crate::net::Shared>,
+    pub pipeline: Arc<Pipeline>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -232,7 +77,7 @@ struct StageLabel {
 /// One scrape: the node's counters as OpenMetrics text.
 pub fn render(shared: &Shared) -> String {
     let mut r = Registry::with_prefix("dicomgate");
-    let c = &shared.counters;
+    let c = &shared.net.counters;
     r.register(
         "instances_stored",
         "C-STORE successes (an instance sent again counts again)",
@@ -253,7 +98,7 @@ pub fn render(shared: &Shared) -> String {
         "Seconds from a C-STORE handed to storage until it was durable (or failed)",
         c.store_seconds.clone(),
     );
-    let (rounds, records, nanos) = shared.storage.log().flush_stats();
+    let (rounds, records, nanos) = shared.net.storage.log().flush_stats();
     r.register(
         "log_flush_rounds",
         "Group-commit flush rounds of the segment log",
@@ -269,7 +114,7 @@ pub fn render(shared: &Shared) -> String {
         "Seconds spent in those rounds (fdatasync and acknowledgements)",
         ConstCounter::new(nanos as f64 / 1e9),
     );
-    let (round_seconds, round_records) = shared.storage.log().round_histograms();
+    let (round_seconds, round_records) = shared.net.storage.log().round_histograms();
     r.register(
         "log_flush_round_seconds",
         "Seconds each flush round took (fdatasync and acknowledgements)",
@@ -293,7 +138,7 @@ pub fn render(shared: &Shared) -> String {
     );
     let places = Family::<PlaceLabel, prometheus_client::metrics::gauge::Gauge>::default();
     for place in ["batches", "failed"] {
-        let n = std::fs::read_dir(shared.config.node.data_dir.join(place))
+        let n = std::fs::read_dir(shared.net.config.node.data_dir.join(place))
             .map_or(0, |rd| rd.flatten().filter(|e| e.path().is_dir()).count());
         places
             .get_or_create(&PlaceLabel {
@@ -368,10 +213,10 @@ pub fn render(shared: &Shared) -> String {
     r.register(
         "connections_open",
         "TCP connections open (associated or not)",
-        gauge(shared.connections.load(Ordering::Relaxed)),
+        gauge(shared.net.connections.load(Ordering::Relaxed)),
     );
     let per_reactor = Family::<ReactorLabel, prometheus_client::metrics::gauge::Gauge>::default();
-    for (i, m) in shared.mailboxes.iter().enumerate() {
+    for (i, m) in shared.net.mailboxes.iter().enumerate() {
         per_reactor
             .get_or_create(&ReactorLabel {
                 reactor: i.to_string(),
@@ -386,12 +231,12 @@ pub fn render(shared: &Shared) -> String {
     r.register(
         "buffered_bytes",
         "Data set bytes held in memory node-wide ([limits] max_buffered_bytes bounds it)",
-        gauge(shared.budget.used()),
+        gauge(shared.net.budget.used()),
     );
     r.register(
         "buffered_bytes_limit",
         "[limits] max_buffered_bytes",
-        gauge(shared.config.limits.max_buffered_bytes),
+        gauge(shared.net.config.limits.max_buffered_bytes),
     );
     r.register(
         "pending_patients",
@@ -401,7 +246,7 @@ pub fn render(shared: &Shared) -> String {
     r.register(
         "reactors_running",
         "Reactor threads running",
-        gauge(shared.reactors_running.load(Ordering::Relaxed)),
+        gauge(shared.net.reactors_running.load(Ordering::Relaxed)),
     );
     let s = &shared.pipeline.stats;
     let batches = Family::<StageLabel, Counter>::default();
@@ -448,7 +293,7 @@ pub fn render(shared: &Shared) -> String {
     for (i, n) in s.export_failures.iter().enumerate() {
         export_failures
             .get_or_create(&DestinationLabel {
-                destination: shared.config.export_name(i),
+                destination: shared.net.config.export_name(i),
             })
             .inc_by(n.load(Ordering::Relaxed));
     }
@@ -495,7 +340,7 @@ const RETRY_AT_ONCE: usize = 100;
 /// in the listen backlog.
 pub const HTTP_THREADS: usize = 4;
 
-/// Serves up to [`HTTP_THREADS`] connections at once until `shared.shutdown` is set (the
+/// Serves up to [`HTTP_THREADS`] connections at once until `shared.net.shutdown` is set (the
 /// stopper connects once to wake an accept; each thread that sees the flag wakes the next).
 /// Deliberately small: a few GET paths, `Connection: close`, bounded request size and time, a
 /// fixed number of threads (never one per client), so no client can take the node's
@@ -540,7 +385,7 @@ fn serve_on(listener: &std::net::TcpListener, shared: &Shared, reactors: usize) 
         let (mut stream, peer) = match listener.accept() {
             Ok(x) => x,
             Err(e) => {
-                if shared.shutdown.load(Ordering::Acquire) {
+                if shared.net.shutdown.load(Ordering::Acquire) {
                     wake_a_sibling(listener);
                     return;
                 }
@@ -549,7 +394,7 @@ fn serve_on(listener: &std::net::TcpListener, shared: &Shared, reactors: usize) 
                 continue;
             }
         };
-        if shared.shutdown.load(Ordering::Acquire) {
+        if shared.net.shutdown.load(Ordering::Acquire) {
             drop(stream);
             wake_a_sibling(listener);
             return;
@@ -586,7 +431,7 @@ fn serve_on(listener: &std::net::TcpListener, shared: &Shared, reactors: usize) 
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let path = target.split('?').next().unwrap_or("");
             let shows_patients = path == "/" || path == "/index.html" || path.starts_with("/api/");
-            if shows_patients && !host_allowed(&head, &shared.config.http) {
+            if shows_patients && !host_allowed(&head, &shared.net.config.http) {
                 (
                     403,
                     "refused: the Host header names no address of this node; add the name to \
@@ -595,7 +440,7 @@ fn serve_on(listener: &std::net::TcpListener, shared: &Shared, reactors: usize) 
                     "text/plain",
                 )
             } else if method == "POST" {
-                match may_mutate(&head, peer, &shared.config.http) {
+                match may_mutate(&head, peer, &shared.net.config.http) {
                     Ok(()) => mutate(path, shared),
                     Err(why) => (403, format!("{why}\n"), "text/plain"),
                 }
@@ -659,10 +504,10 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
         ),
         "/" | "/index.html" => (
             200,
-            super::status::render_html(&super::status::collect(shared)),
+            status::render_html(&status::collect(shared)),
             "text/html; charset=utf-8",
         ),
-        "/api/status" => match super::status::render_json(&super::status::collect(shared)) {
+        "/api/status" => match status::render_json(&status::collect(shared)) {
             Ok(json) => (200, json, "application/json"),
             Err(e) => (500, format!("{e}\n"), "text/plain"),
         },
@@ -671,10 +516,10 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
             Err(why) => (503, format!("unhealthy: {why}\n"), "text/plain"),
         },
         "/readyz" => {
-            let why = if shared.draining.load(Ordering::Acquire) {
+            let why = if shared.net.draining.load(Ordering::Acquire) {
                 Some("draining".to_string())
             } else {
-                data_dir_problem(&shared.config)
+                data_dir_problem(&shared.net.config)
             };
             match why {
                 None => (200, "ready\n".into(), "text/plain"),
@@ -689,14 +534,14 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
 /// the storage or pipeline threads ([`Shared::watched`]) has ended (a panic, say: its work is
 /// no longer done; restart the node).
 fn health(shared: &Shared, reactors: usize) -> Result<(), String> {
-    if shared.shutdown.load(Ordering::Acquire) {
+    if shared.net.shutdown.load(Ordering::Acquire) {
         return Err("stopping".into());
     }
-    let running = shared.reactors_running.load(Ordering::Acquire);
+    let running = shared.net.reactors_running.load(Ordering::Acquire);
     if running != reactors {
         return Err(format!("{running} of {reactors} reactor threads running"));
     }
-    let ended: Vec<String> = match shared.watched.lock() {
+    let ended: Vec<String> = match shared.net.watched.lock() {
         Ok(w) => w
             .iter()
             .filter(|t| t.is_finished())
@@ -910,6 +755,7 @@ fn mutate(path: &str, shared: &Shared) -> (u16, String, &'static str) {
             continue;
         }
         if !shared
+            .net
             .config
             .node
             .data_dir

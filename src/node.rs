@@ -1,0 +1,386 @@
+//! A running node: the start-up that wires storage, the pipeline, the reactors and the HTTP
+//! endpoint together, and the handle that drains and stops it.
+//!
+//! Owns: the order of start-up (configuration and environment checks, the data directory's
+//! lock, the listeners, storage and its recovery, the pipeline and its recovery, the reactors
+//! and acceptors, the HTTP endpoint) and of stopping (drain, then cut, then join with a grace
+//! period). Must never hold protocol, storage or pipeline logic of its own: each layer starts
+//! itself; this module only connects them (the layers do not import each other's start-up, so
+//! `net/` and `pipeline/` meet only through `handoff`).
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::config::Config;
+use crate::handoff::Handoff;
+use crate::http;
+use crate::net::{self, AssociationLimits, Mailbox, Shared};
+use crate::pipeline::{self, Pipeline, Processor};
+use crate::storage::Storage;
+
+/// A running node.
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// Where the plain listener listens; `None` when `[node] listen` is "" (TLS only).
+    pub local_addr: Option<SocketAddr>,
+    /// Where the TLS listener listens, if `[tls] listen` names one.
+    pub tls_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    pipeline: Arc<Pipeline>,
+    mailboxes: Arc<Vec<Mailbox>>,
+    threads: Vec<JoinHandle<()>>,
+    pipeline_shutdown: Arc<AtomicBool>,
+    /// Held until the node has stopped.
+    _lock: crate::storage::DataDirLock,
+    /// Where the HTTP endpoint listens, if `[http] listen` names one.
+    pub http_addr: Option<SocketAddr>,
+}
+
+/// How long a stop waits for its threads once told to end (see `NodeHandle::stop`).
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What a graceful stop ([`NodeHandle::drain`]) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections open when the drain began.
+    pub open_at_start: usize,
+    /// Connections still open at the deadline, aborted.
+    pub cut: usize,
+    /// The pipeline was still busy at the deadline (processing or exports interrupted,
+    /// resumed at the next start).
+    pub pipeline_cut: bool,
+}
+
+impl NodeHandle {
+    /// Stops accepting, aborts open associations and waits for the reactors.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    /// A graceful stop (SIGTERM): no new associations; open ones may finish, and the pipeline
+    /// (processing, export) may go on, until both are done or `within` has passed; then what is
+    /// left is cut as [`NodeHandle::shutdown`] does: associations get an A-ABORT (every store
+    /// acknowledged so far stays durable), running processing has its process group killed and
+    /// its batch resumes at the next start.
+    pub fn drain(mut self, within: std::time::Duration) -> Drained {
+        let deadline = std::time::Instant::now() + within;
+        let open_at_start = self.shared.connections.load(Ordering::Acquire);
+        self.shared.draining.store(true, Ordering::Release);
+        self.unblock_accept();
+        for m in self.mailboxes.iter() {
+            m.wake();
+        }
+        tracing::info!(
+            open_associations = open_at_start,
+            drain_seconds = within.as_secs_f64(),
+            "draining: no new associations; open ones and running processing may finish"
+        );
+        // Idle for a few checks in a row: an association's close may still trigger a claim.
+        let mut idle_checks = 0;
+        let pipeline_cut = loop {
+            let idle = self.shared.reactors_running.load(Ordering::Acquire) == 0
+                && self.pipeline.is_idle();
+            idle_checks = if idle { idle_checks + 1 } else { 0 };
+            if idle_checks >= 4 {
+                break false;
+            }
+            if std::time::Instant::now() >= deadline {
+                break !self.pipeline.is_idle();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let cut = self.shared.connections.load(Ordering::Acquire);
+        if cut > 0 || pipeline_cut {
+            tracing::warn!(
+                associations_aborted = cut,
+                pipeline_interrupted = pipeline_cut,
+                "drain deadline reached: cutting what is left (interrupted batches resume at the next start)"
+            );
+        }
+        self.stop();
+        tracing::info!(
+            associations_finished = open_at_start.saturating_sub(cut),
+            associations_aborted = cut,
+            "stopped"
+        );
+        Drained {
+            open_at_start,
+            cut,
+            pipeline_cut,
+        }
+    }
+
+    fn unblock_accept(&self) {
+        for mut a in self.local_addr.into_iter().chain(self.tls_addr) {
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let _ = TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1));
+        }
+    }
+
+    /// Reads `[tls]`'s certificate, key and CA files again (SIGHUP): new TLS connections use
+    /// them, open ones keep what they were made with. On an error the old ones stay.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        let Some(current) = &self.shared.tls else {
+            return Err("no [tls] listen: nothing to reload".into());
+        };
+        let cfg = net::tls::server_config(&self.shared.config.tls)?;
+        current.store(cfg);
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.pipeline_shutdown.store(true, Ordering::Release);
+        for m in self.mailboxes.iter() {
+            m.wake();
+        }
+        self.unblock_accept();
+        if let Some(mut a) = self.http_addr {
+            // Wakes the HTTP thread's accept, which then sees the flag.
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let _ = TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1));
+        }
+        // Threads end within moments of the flags, except one blocked on a peer (an export
+        // waiting up to its I/O timeout on a silent downstream): past a grace period we stop
+        // waiting. Nothing is lost: what was acknowledged is durable, and an export cut short
+        // is retried at the next start (its marker was not written).
+        let mut threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
+        threads.extend(self.take_watched());
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The thread being joined, for the warning (the review found it always blamed a
+        // pipeline worker, when an HTTP connection could be the one).
+        let joining = Arc::new(Mutex::new(String::new()));
+        let now_joining = joining.clone();
+        let joiner = std::thread::spawn(move || {
+            for t in threads {
+                if let Ok(mut n) = now_joining.lock() {
+                    *n = t.thread().name().unwrap_or("unnamed").to_string();
+                }
+                let _ = t.join();
+            }
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(STOP_GRACE) {
+            Ok(()) => {
+                let _ = joiner.join();
+            }
+            Err(_) => {
+                let thread = joining.lock().map(|n| n.clone()).unwrap_or_default();
+                tracing::warn!(
+                    grace_seconds = STOP_GRACE.as_secs(),
+                    thread,
+                    "a thread is still waiting on a peer (an export or an HTTP client): stopping without it (a batch it was exporting resumes at the next start)"
+                );
+            }
+        }
+    }
+
+    /// Blocks until the node stops (it stops only on shutdown).
+    pub fn wait(mut self) {
+        // Reactors, acceptors and HTTP first: they end only when the node stops. The watched
+        // threads stay where `/healthz` sees them until then (taken first, a dead pipeline
+        // worker was reported healthy for the rest of the run).
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        for t in self.take_watched() {
+            let _ = t.join();
+        }
+    }
+
+    /// The storage and pipeline threads, taken out of [`Shared::watched`] to be joined.
+    fn take_watched(&self) -> Vec<JoinHandle<()>> {
+        match self.shared.watched.lock() {
+            Ok(mut w) => w.drain(..).collect(),
+            Err(poisoned) => poisoned.into_inner().drain(..).collect(),
+        }
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        let watched = match self.shared.watched.lock() {
+            Ok(w) => !w.is_empty(),
+            Err(_) => true,
+        };
+        if !self.threads.is_empty() || watched {
+            self.stop();
+        }
+    }
+}
+
+impl NodeHandle {
+    /// The pipeline's counters (claimed, processed, exported, failed, expired batches).
+    pub fn stats(&self) -> &pipeline::Stats {
+        &self.pipeline.stats
+    }
+}
+
+/// Binds the listener, starts storage, the pipeline, the reactors and the acceptor.
+pub fn start(config: Config) -> io::Result<NodeHandle> {
+    start_with(config, None)
+}
+
+/// [`start`] with a Rust [`Processor`] instead of `[processing] command`.
+pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::Result<NodeHandle> {
+    config
+        .validate()
+        .and_then(|()| config.check_environment())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.0))?;
+    net::tls::check_files(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
+    // Before anything reads or recovers the data directory: one node per directory.
+    let lock = crate::storage::lock_data_dir(&config.node.data_dir)?;
+    let listener = match config.node.listen {
+        None => None, // TLS only (validate() made sure [tls] listen is set)
+        Some(a) => Some(TcpListener::bind(a).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {a} ([node] listen): {e}"),
+            )
+        })?),
+    };
+    let http = if config.http.listen.trim().is_empty() {
+        None
+    } else {
+        let l = TcpListener::bind(config.http.listen.trim()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot listen on {} ([http] listen): {e}: another dicomgate on this host? \
+                     set [http] listen (or --http) to another address, or \"\" for none",
+                    config.http.listen
+                ),
+            )
+        })?;
+        Some(l)
+    };
+    let tls_listener = if config.tls.enabled() {
+        let l = TcpListener::bind(config.tls.listen.trim()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {} ([tls] listen): {e}", config.tls.listen),
+            )
+        })?;
+        Some(l)
+    } else {
+        None
+    };
+    let tls_config = match &tls_listener {
+        Some(_) => Some(arc_swap::ArcSwap::new(
+            net::tls::server_config(&config.tls)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        )),
+        None => None,
+    };
+    let tls_addr = match &tls_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let local_addr = match &listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+    let n = config.reactor_count();
+    let (polls, mailboxes) = net::reactors(n)?;
+    let (done, written, space) = net::storage_callbacks(&mailboxes);
+    let pipeline_shutdown = Arc::new(AtomicBool::new(false));
+    let (storage, mut watched) = Storage::start(
+        config.node.data_dir.clone(),
+        &config.storage,
+        done,
+        written,
+        space,
+        pipeline_shutdown.clone(),
+    )?;
+    let handoff = Arc::new(Handoff::new(n, net::waker_of(&mailboxes)));
+    let (pipeline, pipeline_threads) = pipeline::start(
+        &config,
+        handoff.clone(),
+        processor,
+        storage.log().clone(),
+        pipeline_shutdown.clone(),
+    )?;
+    watched.extend(pipeline_threads);
+    let mut service = config.service_config(pipeline.wanted_tags.clone());
+    // What the door checks, from outside the config: the users file and the peers' hosts,
+    // both read once, here.
+    let invalid = |e: crate::config::ConfigError| io::Error::new(io::ErrorKind::InvalidInput, e.0);
+    service.policy.identity = config.user_directory().map_err(invalid)?;
+    if config.node.check_peer_address {
+        // Only then are the hosts needed (a peer that is only an export target may not resolve
+        // yet: exports retry).
+        service.policy.peers = Arc::new(config.resolve_peers().map_err(invalid)?);
+    }
+    if !storage.streams() {
+        service.stream_above = usize::MAX;
+    }
+    let shared = Arc::new(Shared {
+        local_addr,
+        tls_addr,
+        handoff,
+        door: pipeline.clone(),
+        next_association: AtomicU64::new(0),
+        service,
+        associations: AssociationLimits::new(
+            config.limits.max_associations,
+            config.limits.max_associations_per_calling_ae,
+            config.limits.max_associations_per_address,
+        ),
+        connections: AtomicUsize::new(0),
+        shutdown: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        reactors_running: AtomicUsize::new(n),
+        watched: std::sync::Mutex::new(watched),
+        counters: net::counters::Counters::default(),
+        budget: net::budget::Budget::new(config.limits.max_buffered_bytes),
+        storage,
+        config,
+        tls: tls_config,
+        mailboxes: mailboxes.clone(),
+    });
+    let mut threads = net::spawn(&shared, polls, listener, tls_listener)?;
+    let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = http {
+        let shared = Arc::new(http::Shared {
+            net: shared.clone(),
+            pipeline: pipeline.clone(),
+        });
+        threads.push(
+            std::thread::Builder::new()
+                .name("http".into())
+                .spawn(move || http::serve(listener, shared, n))?,
+        );
+        if let Some(a) = http_addr {
+            tracing::info!(listen = %a, "http serving /metrics /healthz /readyz");
+        }
+    }
+    tracing::info!(
+        listen = local_addr.map_or_else(|| "none (TLS only)".to_string(), |a| a.to_string()),
+        ae_title = %shared.config.node.ae_title,
+        reactors = n,
+        data_dir = %shared.config.node.data_dir.display(),
+        durability = ?shared.config.storage.durability,
+        "dicomgate serving"
+    );
+    Ok(NodeHandle {
+        local_addr,
+        tls_addr,
+        shared,
+        pipeline,
+        mailboxes,
+        threads,
+        pipeline_shutdown,
+        _lock: lock,
+        http_addr,
+    })
+}
