@@ -271,15 +271,18 @@ mod tests {
         assert_eq!(Handoff::new(2, Arc::new(|_| {})).ingest_threads(), 1);
     }
 
+    /// Review of issue 14, defect D5: an instance whose values came from a partial scan (a
+    /// streamed deflated data set) and that matched no input was discarded under
+    /// `unmatched = "discard"`, though a tag beyond the scanned prefix might have matched. It
+    /// is kept (to `_unmatched`) instead; complete scans are decided as before.
     #[test]
-    fn the_door_keeps_a_partially_scanned_instance_it_would_discard() {
-        assert_eq!(at_the_door(1, Unmatched::Refuse, false), AtTheDoor::Store);
-        assert_eq!(at_the_door(0, Unmatched::Keep, false), AtTheDoor::Store);
-        assert_eq!(at_the_door(0, Unmatched::Refuse, true), AtTheDoor::Refuse);
-        assert_eq!(
-            at_the_door(0, Unmatched::Discard, false),
-            AtTheDoor::Discard
-        );
-        assert_eq!(at_the_door(0, Unmatched::Discard, true), AtTheDoor::Store);
+    fn partial_scan_is_never_discarded() {
+        use crate::config::Unmatched::*;
+        assert_eq!(at_the_door(0, Discard, true), AtTheDoor::Store);
+        assert_eq!(at_the_door(0, Discard, false), AtTheDoor::Discard);
+        assert_eq!(at_the_door(0, Refuse, true), AtTheDoor::Refuse);
+        assert_eq!(at_the_door(0, Keep, false), AtTheDoor::Store);
+        assert_eq!(at_the_door(0b10, Discard, false), AtTheDoor::Store);
+        assert_eq!(at_the_door(1, Refuse, false), AtTheDoor::Store);
     }
 }

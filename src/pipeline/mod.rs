@@ -1182,21 +1182,6 @@ mod tests {
 
     const EXPIRE_MS: u64 = 1_000;
 
-    /// Review of issue 14, defect D5: an instance whose values came from a partial scan (a
-    /// streamed deflated data set) and that matched no input was discarded under
-    /// `unmatched = "discard"`, though a tag beyond the scanned prefix might have matched. It
-    /// is kept (to `_unmatched`) instead; complete scans are decided as before.
-    #[test]
-    fn partial_scan_is_never_discarded() {
-        use crate::config::Unmatched::*;
-        assert_eq!(at_the_door(0, Discard, true), AtTheDoor::Store);
-        assert_eq!(at_the_door(0, Discard, false), AtTheDoor::Discard);
-        assert_eq!(at_the_door(0, Refuse, true), AtTheDoor::Refuse);
-        assert_eq!(at_the_door(0, Keep, false), AtTheDoor::Store);
-        assert_eq!(at_the_door(0b10, Discard, false), AtTheDoor::Store);
-        assert_eq!(at_the_door(1, Refuse, false), AtTheDoor::Store);
-    }
-
     /// Issue 11 (6): a sender paused longer than `expire_after` inside its association had the
     /// patient's batch expired under it. An open association keeps the patient, however old its
     /// last arrival.
