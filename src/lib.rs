@@ -35,6 +35,8 @@
 //!   and `/api/force`.
 //! - [`node`] — start-up (wiring storage, the pipeline, the reactors and the endpoint) and the
 //!   handle that drains and stops a running node.
+//! - [`cluster`] — scale-out coordination on PostgreSQL (issue 15, part 1: leases, partitions
+//!   under fencing tokens, publication, claims as transactions); not yet used by the node.
 //! - [`config`] — one typed TOML config; every limit is a named field with a default.
 //! - [`bench`] — the C-STORE load generator behind `dicomgate bench` and `dicomgate-loadgen`,
 //!   and its HTML report.
@@ -45,6 +47,8 @@
 pub mod assoc;
 #[cfg(not(dicomgate_loom))]
 pub mod bench;
+#[cfg(not(dicomgate_loom))]
+pub mod cluster;
 #[cfg(not(dicomgate_loom))]
 pub mod config;
 #[cfg(not(dicomgate_loom))]

@@ -1,0 +1,679 @@
+//! Scale-out coordination on PostgreSQL (issue 15, part 1): the schema and its migrations,
+//! node leases, patient partitions owned under fencing tokens, instance records published
+//! idempotently, and batch claims as transactions that check the claimer's token.
+//!
+//! Owns: every statement dicomgate sends to the cluster database, and the rules that make
+//! them safe when nodes pause, die or race (below). Must never touch instance bytes (they stay
+//! in each node's segment log and files on the shared folder), hold a transaction open across
+//! anything but its own statements, or trust a node's clock: every lease is in database time
+//! (`now()`), so nodes with skewed clocks still agree on who is live.
+//!
+//! **Not yet wired into the node.** This is the coordination core, tested against a real
+//! PostgreSQL (`tests/cluster.rs`); the node does not start it yet (there is no `[cluster]`
+//! section), so nothing a single node does depends on it. What remains of issue 15 is in
+//! `docs/cluster.md`.
+//!
+//! # The rules
+//!
+//! - **Leases.** A node is live while its `dicomgate_nodes.lease_until` is in the future; it
+//!   renews it ([`Coordinator::heartbeat`]) well within its lease. A node whose lease ran out
+//!   (paused with SIGSTOP, cut off from the database) can neither rebalance nor claim until it
+//!   renewed, and by then its partitions may have moved.
+//! - **Partitions.** A grouping key belongs to partition `digest(key) mod partitions`
+//!   ([`partition_of`]); `partitions` is fixed when the cluster is made (kept in
+//!   `dicomgate_settings`; a node configured otherwise is refused). Each partition has at most
+//!   one owner, and a fencing token that grows by one at every change of owner.
+//! - **Rebalance** ([`Coordinator::rebalance`]) runs in one transaction holding every partition
+//!   row `FOR UPDATE`, so rebalances and claims are serialized on the rows they read. The live
+//!   nodes, sorted by id, get quotas that differ by at most one (the first `partitions mod n`
+//!   get one more). A node above its quota releases its highest partitions; a node below takes
+//!   the lowest partitions that are free or whose owner is not live, raising their tokens. Each
+//!   node acts only on its own share, and after every live node has run once after a change
+//!   (twice when one must first release), every partition has one live owner and the shares
+//!   are even. A node keeps what it owns across rebalances (no partition moves without need).
+//! - **Claims** ([`Coordinator::claim`]) are one transaction: the partition row is read
+//!   `FOR SHARE` (so a concurrent takeover, which updates that row, waits for the claim or the
+//!   claim for it) and must name this node with the token the claimer holds; the claimer's
+//!   lease must still run; then every pending record of the key is marked with the batch id
+//!   (`UPDATE ... WHERE batch_id IS NULL`, so two claims of one key never both take a record:
+//!   under READ COMMITTED the second re-checks each row after the first commits). A deposed
+//!   owner that has not noticed yet holds an older token and is refused
+//!   ([`ClusterError::Fenced`]); no batch is ever claimed by two nodes.
+//! - **Publication** ([`Coordinator::publish`]) is idempotent by (node, SOP Instance UID): a
+//!   record published twice is one row, and a re-send of an instance replaces its row and makes
+//!   it pending again (as a late arrival starts a new batch on one node).
+//! - **Batches of a dead owner** are adopted by the partition's new owner
+//!   ([`Coordinator::adopt`]): every batch of the partition not done and claimed under an older
+//!   token is re-tokened to the adopter; stage changes ([`Coordinator::set_stage`]) are fenced
+//!   the same way, so the old owner, if it wakes, can no longer move them.
+
+use std::fmt;
+use std::time::Duration;
+
+use postgres::{Client, GenericClient, NoTls};
+use sha2::{Digest, Sha256};
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Versioned migrations, applied in order; each is applied once, in the transaction that
+/// records it. Never edit one that shipped: add the next.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "coordination",
+    include_str!("migrations/0001_coordination.sql"),
+)];
+
+/// Largest partition count (a partition is a row; more gain nothing at any realistic node
+/// count and make each rebalance read more rows).
+pub const MAX_PARTITIONS: u32 = 65_536;
+
+/// What can go wrong talking to the cluster database.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// The database could not be reached, or a statement failed.
+    Database(postgres::Error),
+    /// The database holds a schema newer than this build knows.
+    SchemaTooNew { database: i32, build: i32 },
+    /// The cluster was made with another partition count than this node's.
+    PartitionsDiffer { cluster: u32, configured: u32 },
+    /// This node's lease has run out: it must renew it ([`Coordinator::heartbeat`]) first.
+    LeaseExpired,
+    /// The partition is not this node's under this token any more (or never was).
+    Fenced {
+        partition: u32,
+        owner: Option<String>,
+        fencing: i64,
+    },
+    /// A value given to the coordinator is not acceptable (named in the text).
+    Invalid(String),
+}
+
+impl fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClusterError::Database(e) => write!(f, "cluster database: {e}"),
+            ClusterError::SchemaTooNew { database, build } => write!(
+                f,
+                "the cluster database's schema is version {database}, newer than this build's \
+                 {build}: upgrade this node"
+            ),
+            ClusterError::PartitionsDiffer {
+                cluster,
+                configured,
+            } => write!(
+                f,
+                "the cluster was made with {cluster} partitions, this node is configured with \
+                 {configured}: every node must use the same partitions"
+            ),
+            ClusterError::LeaseExpired => {
+                write!(f, "this node's cluster lease has run out: renew it first")
+            }
+            ClusterError::Fenced {
+                partition,
+                owner,
+                fencing,
+            } => write!(
+                f,
+                "partition {partition} is not this node's under this token (owner {}, token \
+                 {fencing})",
+                owner.as_deref().unwrap_or("none")
+            ),
+            ClusterError::Invalid(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+impl std::error::Error for ClusterError {}
+
+impl From<postgres::Error> for ClusterError {
+    fn from(e: postgres::Error) -> Self {
+        ClusterError::Database(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+/// The partition a grouping key belongs to: the first 8 bytes of its SHA-256, big-endian, mod
+/// `partitions` (the same digest names the patient's folder). `partitions` 0 is taken as 1.
+pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
+    let d = Sha256::digest(key);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    (u64::from_be_bytes(first) % u64::from(partitions.max(1))) as u32
+}
+
+/// A partition this node owns, with the fencing token it owns it under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Owned {
+    pub partition: u32,
+    pub fencing: i64,
+}
+
+/// One instance record as a node publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The node that acknowledged it (whose segment log or files hold it).
+    pub node_id: String,
+    pub sop_instance_uid: String,
+    pub grouping_key: Vec<u8>,
+    pub study_uid: Option<String>,
+    pub series_uid: Option<String>,
+    /// Where its bytes are, relative to that node's folder under the shared folder.
+    pub location: String,
+    pub bytes: u64,
+    /// Bit i: `[[input]]` i accepts it.
+    pub inputs: u64,
+    pub received_ms: u64,
+}
+
+/// A node id: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.` (it names the node's
+/// folder, `shared_dir/nodes/<node_id>/`).
+pub fn check_node_id(id: &str) -> std::result::Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node id {id:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with .); it names \
+             the node's folder"
+        ))
+    }
+}
+
+/// One node's connection to the cluster database.
+pub struct Coordinator {
+    client: Client,
+    node_id: String,
+    partitions: u32,
+    lease: Duration,
+}
+
+impl fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("node_id", &self.node_id)
+            .field("partitions", &self.partitions)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Applies every migration the database lacks, in one transaction under an advisory lock (so
+/// nodes starting at once apply each once). Returns the schema version now in place.
+pub fn migrate(client: &mut Client) -> Result<i32> {
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('dicomgate_schema'))",
+        &[],
+    )?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS dicomgate_schema (
+             version    integer PRIMARY KEY,
+             name       text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )?;
+    let have: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM dicomgate_schema",
+            &[],
+        )?
+        .get(0);
+    if have > SCHEMA_VERSION {
+        return Err(ClusterError::SchemaTooNew {
+            database: have,
+            build: SCHEMA_VERSION,
+        });
+    }
+    for (version, name, sql) in MIGRATIONS {
+        if *version > have {
+            tx.batch_execute(sql)?;
+            tx.execute(
+                "INSERT INTO dicomgate_schema (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )?;
+        }
+    }
+    tx.commit()?;
+    Ok(SCHEMA_VERSION.max(have))
+}
+
+impl Coordinator {
+    /// Connects (`conninfo`: a libpq connection string, e.g. `host=/run/postgresql
+    /// dbname=dicomgate user=dicomgate`), migrates, and makes or checks the partition table.
+    /// Does not join: call [`Coordinator::heartbeat`].
+    pub fn connect(
+        conninfo: &str,
+        node_id: &str,
+        partitions: u32,
+        lease: Duration,
+    ) -> Result<Coordinator> {
+        check_node_id(node_id).map_err(ClusterError::Invalid)?;
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(ClusterError::Invalid(format!(
+                "partitions {partitions}: use 1 to {MAX_PARTITIONS}"
+            )));
+        }
+        if lease < Duration::from_secs(1) || lease > Duration::from_secs(3600) {
+            return Err(ClusterError::Invalid(format!(
+                "lease of {lease:?}: use 1 s to 1 h"
+            )));
+        }
+        let mut client = Client::connect(conninfo, NoTls)?;
+        migrate(&mut client)?;
+        let mut c = Coordinator {
+            client,
+            node_id: node_id.to_string(),
+            partitions,
+            lease,
+        };
+        c.ensure_partitions()?;
+        Ok(c)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The first node fixes the partition count and makes the rows; later ones must agree.
+    fn ensure_partitions(&mut self) -> Result<()> {
+        let mut tx = self.client.transaction()?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('dicomgate_partitions'))",
+            &[],
+        )?;
+        let n = self.partitions.to_string();
+        tx.execute(
+            "INSERT INTO dicomgate_settings (name, value) VALUES ('partitions', $1)
+             ON CONFLICT (name) DO NOTHING",
+            &[&n],
+        )?;
+        let cluster: String = tx
+            .query_one(
+                "SELECT value FROM dicomgate_settings WHERE name = 'partitions'",
+                &[],
+            )?
+            .get(0);
+        if cluster != n {
+            return Err(ClusterError::PartitionsDiffer {
+                cluster: cluster.parse().unwrap_or(0),
+                configured: self.partitions,
+            });
+        }
+        tx.execute(
+            "INSERT INTO dicomgate_partitions (partition)
+             SELECT generate_series(0, $1 - 1) ON CONFLICT (partition) DO NOTHING",
+            &[&(self.partitions as i32)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Joins, or renews this node's lease: live until `now() + lease` in database time.
+    pub fn heartbeat(&mut self) -> Result<()> {
+        self.client.execute(
+            "INSERT INTO dicomgate_nodes (node_id, lease_until)
+             VALUES ($1, now() + make_interval(secs => $2))
+             ON CONFLICT (node_id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
+            &[&self.node_id, &self.lease.as_secs_f64()],
+        )?;
+        Ok(())
+    }
+
+    /// Ends this node's lease at once and gives up its partitions (a clean stop): the others
+    /// take them at their next rebalance without waiting for the lease to run out.
+    pub fn leave(&mut self) -> Result<()> {
+        let mut tx = self.client.transaction()?;
+        tx.execute(
+            "UPDATE dicomgate_partitions SET owner = NULL, since = now() WHERE owner = $1",
+            &[&self.node_id],
+        )?;
+        tx.execute(
+            "UPDATE dicomgate_nodes SET lease_until = now() WHERE node_id = $1",
+            &[&self.node_id],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The live nodes, sorted by id.
+    pub fn live_nodes(&mut self) -> Result<Vec<String>> {
+        Ok(self
+            .client
+            .query(
+                "SELECT node_id FROM dicomgate_nodes WHERE lease_until > now() ORDER BY node_id",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// The partitions this node owns now, with their tokens.
+    pub fn owned(&mut self) -> Result<Vec<Owned>> {
+        owned_by(&mut self.client, &self.node_id)
+    }
+
+    /// Moves this node's share of the partitions toward its quota (see the module doc) and
+    /// returns what it owns afterwards. Refused with [`ClusterError::LeaseExpired`] while this
+    /// node is not live.
+    pub fn rebalance(&mut self) -> Result<Vec<Owned>> {
+        let me = self.node_id.clone();
+        let mut tx = self.client.transaction()?;
+        let rows = tx.query(
+            "SELECT partition, owner FROM dicomgate_partitions ORDER BY partition FOR UPDATE",
+            &[],
+        )?;
+        let live: Vec<String> = tx
+            .query(
+                "SELECT node_id FROM dicomgate_nodes WHERE lease_until > now() ORDER BY node_id",
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let Some(index) = live.iter().position(|n| *n == me) else {
+            return Err(ClusterError::LeaseExpired);
+        };
+        let (p, n) = (rows.len(), live.len());
+        let quota = p / n + usize::from(index < p % n);
+        let mut mine = Vec::new();
+        let mut free = Vec::new();
+        for r in &rows {
+            let partition: i32 = r.get(0);
+            match r.get::<_, Option<String>>(1) {
+                Some(o) if o == me => mine.push(partition),
+                Some(o) if live.contains(&o) => {}
+                _ => free.push(partition),
+            }
+        }
+        if mine.len() > quota {
+            let give: Vec<i32> = mine[quota..].to_vec();
+            tx.execute(
+                "UPDATE dicomgate_partitions SET owner = NULL, since = now()
+                 WHERE partition = ANY($1) AND owner = $2",
+                &[&give, &me],
+            )?;
+        } else if mine.len() < quota {
+            let take: Vec<i32> = free.into_iter().take(quota - mine.len()).collect();
+            tx.execute(
+                "UPDATE dicomgate_partitions SET owner = $2, fencing = fencing + 1, since = now()
+                 WHERE partition = ANY($1)",
+                &[&take, &me],
+            )?;
+        }
+        let owned = owned_by(&mut tx, &me)?;
+        tx.commit()?;
+        Ok(owned)
+    }
+
+    /// Publishes records in one transaction; returns how many rows were written (new or
+    /// replaced). Idempotent by (node, SOP Instance UID).
+    pub fn publish(&mut self, records: &[Published]) -> Result<u64> {
+        let mut tx = self.client.transaction()?;
+        let stmt = tx.prepare(
+            "INSERT INTO dicomgate_instances (node_id, sop_instance_uid, partition, grouping_key,
+                 study_uid, series_uid, location, bytes, inputs, received_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (node_id, sop_instance_uid) DO UPDATE SET
+                 partition = EXCLUDED.partition, grouping_key = EXCLUDED.grouping_key,
+                 study_uid = EXCLUDED.study_uid, series_uid = EXCLUDED.series_uid,
+                 location = EXCLUDED.location, bytes = EXCLUDED.bytes,
+                 inputs = EXCLUDED.inputs, received_ms = EXCLUDED.received_ms,
+                 batch_id = NULL
+             WHERE (dicomgate_instances.location, dicomgate_instances.received_ms)
+                 IS DISTINCT FROM (EXCLUDED.location, EXCLUDED.received_ms)",
+        )?;
+        let mut written = 0;
+        for r in records {
+            let partition = partition_of(&r.grouping_key, self.partitions) as i32;
+            written += tx.execute(
+                &stmt,
+                &[
+                    &r.node_id,
+                    &r.sop_instance_uid,
+                    &partition,
+                    &r.grouping_key,
+                    &r.study_uid,
+                    &r.series_uid,
+                    &r.location,
+                    &to_i64(r.bytes, "bytes")?,
+                    &(r.inputs as i64),
+                    &to_i64(r.received_ms, "received_ms")?,
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(written)
+    }
+
+    /// Claims every pending record of `key` as batch `batch_id`, if this node owns the key's
+    /// partition under `owned.fencing` and its lease runs. `Ok(None)`: nothing pending. The
+    /// records come back one per SOP Instance UID (the newest, when two nodes acknowledged the
+    /// same instance; the older copies are marked with the batch too, and so are done with it).
+    pub fn claim(
+        &mut self,
+        owned: Owned,
+        key: &[u8],
+        batch_id: &str,
+    ) -> Result<Option<Vec<Published>>> {
+        if partition_of(key, self.partitions) != owned.partition {
+            return Err(ClusterError::Invalid(format!(
+                "the key belongs to partition {}, not {}",
+                partition_of(key, self.partitions),
+                owned.partition
+            )));
+        }
+        let me = self.node_id.clone();
+        let mut tx = self.client.transaction()?;
+        check_owner(&mut tx, &me, owned)?;
+        let rows = tx.query(
+            "UPDATE dicomgate_instances SET batch_id = $3
+             WHERE partition = $1 AND grouping_key = $2 AND batch_id IS NULL
+             RETURNING node_id, sop_instance_uid, grouping_key, study_uid, series_uid,
+                 location, bytes, inputs, received_ms",
+            &[&(owned.partition as i32), &key, &batch_id],
+        )?;
+        if rows.is_empty() {
+            tx.rollback()?;
+            return Ok(None);
+        }
+        tx.execute(
+            "INSERT INTO dicomgate_batches (batch_id, partition, grouping_key, owner, fencing,
+                 stage)
+             VALUES ($1, $2, $3, $4, $5, 'claimed')",
+            &[
+                &batch_id,
+                &(owned.partition as i32),
+                &key,
+                &me,
+                &owned.fencing,
+            ],
+        )?;
+        tx.commit()?;
+        let mut records: Vec<Published> = rows
+            .iter()
+            .map(|r| Published {
+                node_id: r.get(0),
+                sop_instance_uid: r.get(1),
+                grouping_key: r.get(2),
+                study_uid: r.get(3),
+                series_uid: r.get(4),
+                location: r.get(5),
+                bytes: r.get::<_, i64>(6).max(0) as u64,
+                inputs: r.get::<_, i64>(7) as u64,
+                received_ms: r.get::<_, i64>(8).max(0) as u64,
+            })
+            .collect();
+        // Newest copy of each instance first, then one per UID.
+        records.sort_by(|a, b| {
+            (
+                a.sop_instance_uid.as_str(),
+                std::cmp::Reverse(a.received_ms),
+            )
+                .cmp(&(
+                    b.sop_instance_uid.as_str(),
+                    std::cmp::Reverse(b.received_ms),
+                ))
+        });
+        records.dedup_by(|later, first| later.sop_instance_uid == first.sop_instance_uid);
+        Ok(Some(records))
+    }
+
+    /// Takes over the batches of `owned.partition` that are not done and were claimed (or last
+    /// adopted) under an older token: their previous owner lost the partition. Returns their
+    /// ids, oldest claim first.
+    pub fn adopt(&mut self, owned: Owned) -> Result<Vec<String>> {
+        let me = self.node_id.clone();
+        let mut tx = self.client.transaction()?;
+        check_owner(&mut tx, &me, owned)?;
+        let mut ids: Vec<(String, i64)> = tx
+            .query(
+                "UPDATE dicomgate_batches SET owner = $2, fencing = $3
+                 WHERE partition = $1 AND stage <> 'done' AND fencing < $3
+                 RETURNING batch_id, extract(epoch from claimed_at)::float8::bigint",
+                &[&(owned.partition as i32), &me, &owned.fencing],
+            )?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        tx.commit()?;
+        ids.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        Ok(ids.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Moves batch `batch_id` of `owned.partition` to `stage` (`"done"` ends it), if this node
+    /// still holds the batch under `owned.fencing`.
+    pub fn set_stage(&mut self, owned: Owned, batch_id: &str, stage: &str) -> Result<()> {
+        let me = self.node_id.clone();
+        let mut tx = self.client.transaction()?;
+        check_owner(&mut tx, &me, owned)?;
+        let n = tx.execute(
+            "UPDATE dicomgate_batches SET stage = $4
+             WHERE batch_id = $1 AND partition = $2 AND owner = $3 AND fencing = $5",
+            &[
+                &batch_id,
+                &(owned.partition as i32),
+                &me,
+                &stage,
+                &owned.fencing,
+            ],
+        )?;
+        if n == 0 {
+            return Err(ClusterError::Invalid(format!(
+                "batch {batch_id} is not this node's under token {} in partition {}",
+                owned.fencing, owned.partition
+            )));
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The stage of batch `batch_id` and the node that holds it, if it exists.
+    pub fn batch(&mut self, batch_id: &str) -> Result<Option<(String, String)>> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT stage, owner FROM dicomgate_batches WHERE batch_id = $1",
+                &[&batch_id],
+            )?
+            .map(|r| (r.get(0), r.get(1))))
+    }
+}
+
+/// The partitions `node` owns, with their tokens, in partition order.
+fn owned_by(c: &mut impl GenericClient, node: &str) -> Result<Vec<Owned>> {
+    Ok(c.query(
+        "SELECT partition, fencing FROM dicomgate_partitions WHERE owner = $1
+             ORDER BY partition",
+        &[&node],
+    )?
+    .iter()
+    .map(|r| Owned {
+        partition: r.get::<_, i32>(0) as u32,
+        fencing: r.get(1),
+    })
+    .collect())
+}
+
+/// Inside a claim or a stage change: the partition row, read `FOR SHARE` (a takeover waits
+/// for this transaction, or this one for it), must name `me` with `owned.fencing`, and `me`'s
+/// lease must still run.
+fn check_owner(tx: &mut postgres::Transaction<'_>, me: &str, owned: Owned) -> Result<()> {
+    let row = tx.query_opt(
+        "SELECT owner, fencing FROM dicomgate_partitions WHERE partition = $1 FOR SHARE",
+        &[&(owned.partition as i32)],
+    )?;
+    let Some(row) = row else {
+        return Err(ClusterError::Invalid(format!(
+            "partition {} does not exist",
+            owned.partition
+        )));
+    };
+    let (owner, fencing): (Option<String>, i64) = (row.get(0), row.get(1));
+    if owner.as_deref() != Some(me) || fencing != owned.fencing {
+        return Err(ClusterError::Fenced {
+            partition: owned.partition,
+            owner,
+            fencing,
+        });
+    }
+    let live: bool = tx
+        .query_one(
+            "SELECT coalesce((SELECT lease_until > now() FROM dicomgate_nodes
+                              WHERE node_id = $1), false)",
+            &[&me],
+        )?
+        .get(0);
+    if !live {
+        return Err(ClusterError::LeaseExpired);
+    }
+    Ok(())
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| ClusterError::Invalid(format!("{what} {v} is too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_of_is_the_digest_mod_the_partition_count() {
+        // SHA-256("") begins e3b0c44298fc1c14.
+        assert_eq!(
+            partition_of(b"", 1 << 16),
+            (0xe3b0_c442_98fc_1c14u64 % 65_536) as u32
+        );
+        assert_eq!(partition_of(b"anything", 1), 0);
+        assert_eq!(partition_of(b"anything", 0), 0);
+        // Spread: 256 partitions, 25,600 keys, none more than twice its share.
+        let mut counts = vec![0u32; 256];
+        for i in 0..25_600u32 {
+            counts[partition_of(format!("PAT{i}").as_bytes(), 256) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 50 && c < 200), "{counts:?}");
+    }
+
+    #[test]
+    fn node_ids_that_name_a_folder_safely_are_accepted() {
+        for ok in ["a", "node-1", "gw_2.site", &"x".repeat(64)] {
+            assert!(check_node_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(check_node_id(bad).is_err(), "{bad}");
+        }
+    }
+}

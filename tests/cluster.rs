@@ -1,0 +1,485 @@
+//! The cluster coordination core (src/cluster/, issue 15 part 1) against a real PostgreSQL:
+//! each test starts its own server (Debian's `postgresql`: `initdb` and `pg_ctl` into a
+//! temporary folder, listening on a Unix socket there only), and several coordinators play
+//! the nodes. Leases run in database time; where a test lets one run out it sleeps past it
+//! (nothing here asserts how long anything took).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure is a panic with its message
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use dicomgate::cluster::{partition_of, ClusterError, Coordinator, Owned, Published};
+
+/// A PostgreSQL server of its own, stopped (immediate) when dropped.
+struct Postgres {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    bin: PathBuf,
+    socket_dir: PathBuf,
+    as_postgres: bool,
+}
+
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.retain(|b| b.join("initdb").is_file());
+    versions.sort();
+    versions.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): \
+             `bash .ci/run` installs Debian's postgresql"
+        )
+    })
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let bin = pg_bin();
+        let dir = tempfile::tempdir().unwrap();
+        // initdb refuses to run as root: then the server runs as Debian's postgres user, who
+        // must own the folder.
+        let as_postgres = rustix::process::geteuid().is_root();
+        if as_postgres {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown to postgres failed");
+        }
+        let data = dir.path().join("data");
+        let pg = Postgres {
+            socket_dir: dir.path().to_path_buf(),
+            data,
+            bin,
+            _dir: dir,
+            as_postgres,
+        };
+        let out = pg
+            .command("initdb")
+            .arg("-D")
+            .arg(&pg.data)
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let opts = format!(
+            "-k {} -p 5432 -c listen_addresses='' -c fsync=off -c max_connections=50",
+            pg.socket_dir.display()
+        );
+        let out = pg
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&pg.data)
+            .args(["-w", "-o", &opts, "-l"])
+            .arg(pg.socket_dir.join("log"))
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(pg.socket_dir.join("log")).unwrap_or_default()
+        );
+        pg
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let exe = self.bin.join(tool);
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        }
+    }
+
+    fn conninfo(&self) -> String {
+        format!(
+            "host={} port=5432 user=postgres dbname=postgres",
+            self.socket_dir.display()
+        )
+    }
+
+    fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.conninfo(), postgres::NoTls).unwrap()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+fn node(pg: &Postgres, id: &str, partitions: u32, lease: Duration) -> Coordinator {
+    let mut c = Coordinator::connect(&pg.conninfo(), id, partitions, lease)
+        .unwrap_or_else(|e| panic!("{id}: {e}"));
+    c.heartbeat().unwrap();
+    c
+}
+
+fn record(node: &str, uid: &str, key: &[u8], received_ms: u64) -> Published {
+    Published {
+        node_id: node.into(),
+        sop_instance_uid: uid.into(),
+        grouping_key: key.to_vec(),
+        study_uid: Some("1.2.3".into()),
+        series_uid: Some("1.2.3.4".into()),
+        location: format!("segments/0001.log@{received_ms}"),
+        bytes: 1000,
+        inputs: 1,
+        received_ms,
+    }
+}
+
+/// Every partition's owner, from the table.
+fn owners(pg: &Postgres) -> Vec<Option<String>> {
+    pg.client()
+        .query(
+            "SELECT owner FROM dicomgate_partitions ORDER BY partition",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn counts(owners: &[Option<String>], ids: &[&str]) -> Vec<usize> {
+    ids.iter()
+        .map(|id| owners.iter().filter(|o| o.as_deref() == Some(*id)).count())
+        .collect()
+}
+
+/// Every node renews its lease and rebalances, twice round (enough for one to release what
+/// another then takes).
+fn settle(nodes: &mut [Coordinator]) {
+    for _ in 0..2 {
+        for n in nodes.iter_mut() {
+            n.heartbeat().unwrap();
+            n.rebalance().unwrap();
+        }
+    }
+}
+
+fn wait_past(lease: Duration) {
+    std::thread::sleep(lease + Duration::from_millis(300));
+}
+
+#[test]
+fn migrations_apply_once_when_nodes_start_together_and_a_newer_schema_is_refused() {
+    let pg = Postgres::start();
+    let conninfo = pg.conninfo();
+    let joins: Vec<_> = (0..4)
+        .map(|i| {
+            let c = conninfo.clone();
+            std::thread::spawn(move || {
+                Coordinator::connect(&c, &format!("n{i}"), 64, Duration::from_secs(5))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for j in joins {
+        j.join().unwrap().unwrap();
+    }
+    let mut c = pg.client();
+    let versions: Vec<i32> = c
+        .query("SELECT version FROM dicomgate_schema", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![dicomgate::cluster::SCHEMA_VERSION]);
+    let partitions: i64 = c
+        .query_one("SELECT count(*) FROM dicomgate_partitions", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(partitions, 64);
+    c.execute(
+        "INSERT INTO dicomgate_schema (version, name) VALUES (99, 'from the future')",
+        &[],
+    )
+    .unwrap();
+    match Coordinator::connect(&conninfo, "late", 64, Duration::from_secs(5)) {
+        Err(ClusterError::SchemaTooNew { database: 99, .. }) => {}
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_node_configured_with_other_partitions_is_refused() {
+    let pg = Postgres::start();
+    node(&pg, "a", 256, Duration::from_secs(5));
+    match Coordinator::connect(&pg.conninfo(), "b", 128, Duration::from_secs(5)) {
+        Err(e @ ClusterError::PartitionsDiffer { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("256") && text.contains("128"), "{text}");
+        }
+        other => panic!("expected PartitionsDiffer, got {other:?}"),
+    }
+}
+
+/// Three nodes share 16 partitions 6/5/5; a fourth joins and they move to 4 each, only the
+/// moved partitions getting a new token; one stops renewing its lease and the others take its
+/// partitions, while it is refused until it renews.
+#[test]
+fn partitions_are_shared_evenly_and_move_when_a_node_joins_or_dies() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(2);
+    let ids = ["a", "b", "c", "d"];
+    let mut nodes: Vec<Coordinator> = ids[..3].iter().map(|id| node(&pg, id, 16, lease)).collect();
+    settle(&mut nodes);
+    let o = owners(&pg);
+    assert!(o.iter().all(Option::is_some), "{o:?}");
+    assert_eq!(counts(&o, &ids[..3]), vec![6, 5, 5]);
+    let before: Vec<Owned> = nodes.iter_mut().flat_map(|n| n.owned().unwrap()).collect();
+
+    nodes.push(node(&pg, "d", 16, lease));
+    settle(&mut nodes);
+    let o = owners(&pg);
+    assert!(o.iter().all(Option::is_some), "{o:?}");
+    assert_eq!(counts(&o, &ids), vec![4, 4, 4, 4]);
+    let after: Vec<Owned> = nodes.iter_mut().flat_map(|n| n.owned().unwrap()).collect();
+    let mut kept = 0;
+    for a in &after {
+        let was = before.iter().find(|b| b.partition == a.partition);
+        match was {
+            // Stayed with its owner: same token. Moved: a higher one.
+            Some(b) if b.fencing == a.fencing => kept += 1,
+            Some(b) => assert!(a.fencing > b.fencing, "{a:?} {b:?}"),
+            None => unreachable!("every partition was owned before"),
+        }
+    }
+    assert_eq!(kept, 12, "only the 4 partitions d took moved");
+
+    // b stops renewing; the others go on.
+    wait_past(lease);
+    let mut b = nodes.remove(1);
+    settle(&mut nodes);
+    let o = owners(&pg);
+    assert!(o.iter().all(Option::is_some), "{o:?}");
+    assert_eq!(counts(&o, &["a", "b", "c", "d"]), vec![6, 0, 5, 5]);
+    assert!(matches!(b.rebalance(), Err(ClusterError::LeaseExpired)));
+    assert!(b.owned().unwrap().is_empty());
+    // Back, it gets a share again once the others give some up.
+    b.heartbeat().unwrap();
+    nodes.insert(1, b);
+    settle(&mut nodes);
+    assert_eq!(counts(&owners(&pg), &ids), vec![4, 4, 4, 4]);
+    // A clean stop hands its partitions over without waiting for its lease.
+    nodes[3].leave().unwrap();
+    settle(&mut nodes[..3]);
+    assert_eq!(counts(&owners(&pg), &ids), vec![6, 5, 5, 0]);
+}
+
+/// Issue 15: "a deposed owner's late claim is refused by the fencing token". Node a owns the
+/// only partition, then stops renewing (as if paused by SIGSTOP) past its lease; b takes the
+/// partition. When a wakes, renews and claims with the token it still holds, the claim is
+/// refused, and b's claim takes every record once.
+#[test]
+fn a_deposed_owners_late_claim_is_refused_by_the_fencing_token() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(1);
+    let mut a = node(&pg, "a", 1, lease);
+    let mut b = node(&pg, "b", 1, lease);
+    let held = a.rebalance().unwrap();
+    assert_eq!(held.len(), 1, "a, first in order, gets the one partition");
+    assert!(b.rebalance().unwrap().is_empty());
+    let key = b"PAT-1".to_vec();
+    let recs: Vec<Published> = (0..10)
+        .map(|i| {
+            record(
+                if i % 2 == 0 { "a" } else { "b" },
+                &format!("1.2.{i}"),
+                &key,
+                100 + i,
+            )
+        })
+        .collect();
+    a.publish(&recs[..5]).unwrap();
+    b.publish(&recs[5..]).unwrap();
+
+    wait_past(lease); // a is paused
+    b.heartbeat().unwrap();
+    let taken = b.rebalance().unwrap();
+    assert_eq!(taken.len(), 1);
+    assert!(taken[0].fencing > held[0].fencing, "{taken:?} {held:?}");
+
+    a.heartbeat().unwrap(); // a wakes and renews: live, but no longer the owner
+    match a.claim(held[0], &key, "batch-a") {
+        Err(ClusterError::Fenced { owner, fencing, .. }) => {
+            assert_eq!(owner.as_deref(), Some("b"));
+            assert_eq!(fencing, taken[0].fencing);
+        }
+        other => panic!("the deposed owner's claim went through: {other:?}"),
+    }
+    let got = b.claim(taken[0], &key, "batch-b").unwrap().unwrap();
+    let mut uids: Vec<String> = got.iter().map(|r| r.sop_instance_uid.clone()).collect();
+    uids.sort();
+    let mut want: Vec<String> = recs.iter().map(|r| r.sop_instance_uid.clone()).collect();
+    want.sort();
+    assert_eq!(uids, want);
+    assert!(b.claim(taken[0], &key, "batch-b2").unwrap().is_none());
+    assert!(matches!(
+        a.claim(held[0], &key, "batch-a2"),
+        Err(ClusterError::Fenced { .. })
+    ));
+    let batches: i64 = pg
+        .client()
+        .query_one("SELECT count(*) FROM dicomgate_batches", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(batches, 1);
+    // An owner whose lease ran out is refused even before anyone took its partition.
+    wait_past(lease);
+    assert!(matches!(
+        b.claim(taken[0], &key, "batch-b3"),
+        Err(ClusterError::LeaseExpired)
+    ));
+}
+
+/// Claims of one key racing on two connections of its owner while a third publishes: every
+/// record is claimed exactly once.
+#[test]
+fn racing_claims_of_one_key_take_each_record_exactly_once() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let mut owner = node(&pg, "a", 4, lease);
+    let owned = owner.rebalance().unwrap();
+    let key = b"PAT-RACE".to_vec();
+    let p = partition_of(&key, 4);
+    let tok = *owned.iter().find(|o| o.partition == p).unwrap();
+    let publisher = {
+        let conninfo = pg.conninfo();
+        let key = key.clone();
+        std::thread::spawn(move || {
+            let mut c = Coordinator::connect(&conninfo, "b", 4, lease).unwrap();
+            for chunk in 0..20u64 {
+                let recs: Vec<Published> = (0..20)
+                    .map(|i| record("b", &format!("2.{chunk}.{i}"), &key, chunk * 100 + i))
+                    .collect();
+                c.publish(&recs).unwrap();
+            }
+        })
+    };
+    let claimers: Vec<_> = (0..2)
+        .map(|t| {
+            let conninfo = pg.conninfo();
+            let key = key.clone();
+            std::thread::spawn(move || {
+                let mut c = Coordinator::connect(&conninfo, "a", 4, lease).unwrap();
+                let mut mine = Vec::new();
+                for round in 0..60 {
+                    if let Some(r) = c.claim(tok, &key, &format!("batch-{t}-{round}")).unwrap() {
+                        mine.extend(r.into_iter().map(|r| r.sop_instance_uid));
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    publisher.join().unwrap();
+    let mut all: Vec<String> = claimers
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    // What was published after the claimers stopped.
+    for end in 0..10 {
+        match owner.claim(tok, &key, &format!("batch-end-{end}")).unwrap() {
+            Some(r) => all.extend(r.into_iter().map(|r| r.sop_instance_uid)),
+            None => break,
+        }
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(n, all.len(), "a record was claimed twice");
+    assert_eq!(n, 400, "every record claimed");
+}
+
+#[test]
+fn publication_is_idempotent_and_a_resent_instance_is_pending_again() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let mut a = node(&pg, "a", 1, lease);
+    let mut b = node(&pg, "b", 1, lease);
+    let tok = a.rebalance().unwrap()[0];
+    let key = b"PAT-2".to_vec();
+    let r = record("a", "1.9", &key, 500);
+    assert_eq!(a.publish(std::slice::from_ref(&r)).unwrap(), 1);
+    // Published again after a restart (the outbox does not know it got through): no change.
+    assert_eq!(a.publish(std::slice::from_ref(&r)).unwrap(), 0);
+    // The same instance acknowledged by b too, later.
+    b.publish(&[record("b", "1.9", &key, 600)]).unwrap();
+    let got = a.claim(tok, &key, "first").unwrap().unwrap();
+    assert_eq!(got.len(), 1, "one per SOP Instance UID: {got:?}");
+    assert_eq!((got[0].node_id.as_str(), got[0].received_ms), ("b", 600));
+    assert_eq!(a.publish(std::slice::from_ref(&r)).unwrap(), 0);
+    assert!(a.claim(tok, &key, "second").unwrap().is_none());
+    // Re-sent to a later: a new row version, pending again.
+    assert_eq!(a.publish(&[record("a", "1.9", &key, 900)]).unwrap(), 1);
+    let again = a.claim(tok, &key, "third").unwrap().unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].received_ms, 900);
+    // A key of another partition is refused by the claim.
+    let mut c = node(&pg, "c", 1, lease);
+    assert!(matches!(
+        c.claim(
+            Owned {
+                partition: 7,
+                fencing: 0
+            },
+            &key,
+            "x"
+        ),
+        Err(ClusterError::Invalid(_))
+    ));
+}
+
+#[test]
+fn a_dead_owners_batches_are_adopted_and_its_late_stage_change_refused() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(1);
+    let mut a = node(&pg, "a", 1, lease);
+    let mut b = node(&pg, "b", 1, lease);
+    let held = a.rebalance().unwrap()[0];
+    let key = b"PAT-3".to_vec();
+    a.publish(&[record("a", "3.1", &key, 1)]).unwrap();
+    a.claim(held, &key, "batch-1").unwrap().unwrap();
+    a.set_stage(held, "batch-1", "processing").unwrap();
+    wait_past(lease); // a dies
+    b.heartbeat().unwrap();
+    let taken = b.rebalance().unwrap()[0];
+    assert_eq!(b.adopt(taken).unwrap(), vec!["batch-1".to_string()]);
+    assert!(b.adopt(taken).unwrap().is_empty(), "adopted once");
+    a.heartbeat().unwrap();
+    assert!(matches!(
+        a.set_stage(held, "batch-1", "done"),
+        Err(ClusterError::Fenced { .. })
+    ));
+    b.set_stage(taken, "batch-1", "done").unwrap();
+    assert_eq!(
+        b.batch("batch-1").unwrap(),
+        Some(("done".to_string(), "b".to_string()))
+    );
+}
