@@ -184,8 +184,8 @@ impl NodeHandle {
 
     /// Blocks until the node stops (it stops only on shutdown).
     pub fn wait(mut self) {
-        // Reactors, acceptors and HTTP first: they end only when the node stops. The watched
-        // threads stay where `/healthz` sees them until then (taken first, a dead pipeline
+        // Reactors and HTTP first: they end only when the node stops. The watched threads
+        // (acceptors among them) stay where `/healthz` sees them until then (taken first, a dead pipeline
         // worker was reported healthy for the rest of the run).
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -195,7 +195,8 @@ impl NodeHandle {
         }
     }
 
-    /// The storage and pipeline threads, taken out of [`Shared::watched`] to be joined.
+    /// The storage and pipeline threads and the acceptors, taken out of [`Shared::watched`] to
+    /// be joined.
     fn take_watched(&self) -> Vec<JoinHandle<()>> {
         match self.shared.watched.lock() {
             Ok(mut w) => w.drain(..).collect(),
@@ -348,7 +349,11 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         tls: tls_config,
         mailboxes: mailboxes.clone(),
     });
-    let mut threads = net::spawn(&shared, polls, listener, tls_listener)?;
+    let (mut threads, acceptors) = net::spawn(&shared, polls, listener, tls_listener)?;
+    match shared.watched.lock() {
+        Ok(mut w) => w.extend(acceptors),
+        Err(poisoned) => poisoned.into_inner().extend(acceptors),
+    }
     let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(listener) = http {
         let shared = Arc::new(http::Shared {

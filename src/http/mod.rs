@@ -531,7 +531,8 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
 }
 
 /// Why the node is not healthy, if it is not: it is stopping, a reactor has ended, or one of
-/// the storage or pipeline threads ([`Shared::watched`]) has ended (a panic, say: its work is
+/// the storage or pipeline threads or (while not draining) an acceptor
+/// ([`crate::net::Shared::watched`]) has ended (a panic, say: its work is
 /// no longer done; restart the node).
 fn health(shared: &Shared, reactors: usize) -> Result<(), String> {
     if shared.net.shutdown.load(Ordering::Acquire) {
@@ -549,13 +550,22 @@ fn health(shared: &Shared, reactors: usize) -> Result<(), String> {
             .collect(),
         Err(_) => vec!["(a thread panicked holding the list)".into()],
     };
-    if ended.is_empty() {
-        Ok(())
-    } else {
+    // A draining node's acceptors end by design (no new associations).
+    let draining = shared.net.draining.load(Ordering::Acquire);
+    let (acceptors, others): (Vec<String>, Vec<String>) =
+        ended.into_iter().partition(|n| n.starts_with("acceptor"));
+    if !others.is_empty() {
         Err(format!(
             "storage or pipeline thread(s) ended: {}",
-            ended.join(", ")
+            others.join(", ")
         ))
+    } else if !acceptors.is_empty() && !draining {
+        Err(format!(
+            "acceptor thread(s) ended (no new associations are accepted): {}",
+            acceptors.join(", ")
+        ))
+    } else {
+        Ok(())
     }
 }
 

@@ -158,8 +158,9 @@ pub struct Shared {
     /// Reactor threads still running.
     pub reactors_running: AtomicUsize,
     /// The storage and pipeline threads (segment log, storage workers, flush threads, ingest,
-    /// checker, outbox, pipeline workers): `/healthz` answers 503 once one of them has ended
-    /// while the node runs. Joined by [`crate::node::NodeHandle`]'s stop.
+    /// checker, outbox, pipeline workers) and the acceptors: `/healthz` answers 503 once one of
+    /// them has ended while the node runs (an acceptor, while it is not draining). Joined by
+    /// [`crate::node::NodeHandle`]'s stop.
     pub watched: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// What `/metrics` and the status page report.
     pub counters: counters::Counters,
@@ -264,16 +265,21 @@ pub fn waker_of(mailboxes: &Arc<Vec<Mailbox>>) -> Arc<dyn Fn(usize) + Send + Syn
     })
 }
 
+/// Threads started together.
+pub type Threads = Vec<JoinHandle<()>>;
+
 /// Starts a reactor thread per `polls` entry (pinned to a core each, round robin) and an
-/// acceptor thread per listener given (`tls`: the TLS one). The threads end when
-/// [`Shared::shutdown`] is set (or, draining, once their associations are done).
+/// acceptor thread per listener given (`tls`: the TLS one), and returns (reactors,
+/// acceptors). The threads end when [`Shared::shutdown`] is set (or, draining, once their
+/// associations are done; acceptors at once).
 pub fn spawn(
     shared: &Arc<Shared>,
     polls: Vec<mio::Poll>,
     listener: Option<TcpListener>,
     tls_listener: Option<TcpListener>,
-) -> io::Result<Vec<JoinHandle<()>>> {
+) -> io::Result<(Threads, Threads)> {
     let mut threads = Vec::new();
+    let mut acceptors = Vec::new();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     for (i, poll) in polls.into_iter().enumerate() {
         let shared = shared.clone();
@@ -314,7 +320,7 @@ pub fn spawn(
     }
     if let Some(listener) = listener {
         let shared = shared.clone();
-        threads.push(
+        acceptors.push(
             std::thread::Builder::new()
                 .name("acceptor".into())
                 .spawn(move || accept_loop(listener, false, &shared.mailboxes, &shared))?,
@@ -333,17 +339,27 @@ pub fn spawn(
             );
         }
         let shared = shared.clone();
-        threads.push(
+        acceptors.push(
             std::thread::Builder::new()
                 .name("acceptor-tls".into())
                 .spawn(move || accept_loop(listener, true, &shared.mailboxes, &shared))?,
         );
     }
-    Ok(threads)
+    Ok((threads, acceptors))
 }
 
 /// Accepts connections from `listener` (the TLS one when `tls`) and hands them to reactors.
 fn accept_loop(listener: TcpListener, tls: bool, mailboxes: &[Mailbox], shared: &Shared) {
+    // Test-only fault injection, in debug builds only (as DICOMGATE_TEST_END_REACTOR): with
+    // DICOMGATE_TEST_END_ACCEPTOR set, the plain acceptor ends at once, so tests/health.rs can
+    // see `/healthz` report it.
+    #[cfg(debug_assertions)]
+    if !tls && std::env::var_os("DICOMGATE_TEST_END_ACCEPTOR").is_some() {
+        tracing::warn!(
+            "DICOMGATE_TEST_END_ACCEPTOR: the acceptor ends now (test-only fault injection)"
+        );
+        return;
+    }
     let mut refused_logged = false;
     loop {
         let (stream, peer) = match listener.accept() {
