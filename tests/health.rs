@@ -190,3 +190,54 @@ fn a_stalled_http_connection_does_not_delay_healthz() {
         ),
     }
 }
+
+/// The low finding left open by the issue 12 review: four silent clients held every HTTP
+/// thread for their 5 s (each thread read one connection's head, blocking), so a liveness
+/// probe behind them waited, and a port scanner or a load balancer's TCP check could keep the
+/// endpoint from answering. Heads are now read without blocking by one thread for any number of
+/// connections: the probe is answered while 40 silent connections are all still open (before,
+/// 39 of them had been answered 431 and closed first).
+#[test]
+fn forty_silent_connections_do_not_delay_healthz() {
+    let node = Node::start("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let addr = http_addr(&node);
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
+    let silent: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
+    let answered = silent.iter().filter(|s| !still_open(s)).count();
+    assert_eq!(
+        answered, 0,
+        "silent connections answered or closed before the probe"
+    );
+}
+
+/// More silent connections than the endpoint keeps (`MAX_PENDING_HEADS`, 256): the oldest are
+/// closed to make room, the newest stay, and a probe is still answered.
+#[test]
+fn a_flood_of_silent_connections_evicts_the_oldest_and_healthz_is_answered() {
+    let node = Node::start("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let addr = http_addr(&node);
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
+    let silent: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
+    // The probe's own connection took a place too: at least the 45 oldest were closed.
+    let closed = wait_until(10, || silent[..45].iter().all(|s| !still_open(s)));
+    assert!(closed, "the oldest silent connections are still open");
+    assert!(
+        silent[300 - 200..].iter().all(still_open),
+        "a recent silent connection was closed"
+    );
+}
+
+/// The connection has neither bytes nor EOF to read (the server has not answered or closed it).
+fn still_open(s: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    let mut r = s;
+    matches!(r.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}

@@ -323,173 +323,314 @@ const SAFETY_HEADERS: &str =
 
 /// Longest request head we read; a longer one gets 431 and the connection closed.
 const MAX_REQUEST: usize = 8 << 10;
-/// Read and write timeout per call.
-const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-/// The most one connection may take, reading its request and writing the answer: a client that
-/// sends or reads one byte at a time cannot hold the endpoint longer than this (and one more
-/// [`IO_TIMEOUT`]).
+/// The most one connection may take from its accept, reading its request and writing the
+/// answer: a client that sends or reads one byte at a time is cut at this point.
 const DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Failed batches one `POST /api/retry` moves back at most (each is flushed to disk): the rest
 /// wait for the next request, and the answer says how many.
 const RETRY_AT_ONCE: usize = 100;
 
-/// Connections the endpoint serves at once, one thread each (the first is the `http`
-/// thread itself). Each connection is served for at most [`DEADLINE`], so a client that
-/// connects and stalls holds one of them for that long; the others go on answering (a
-/// `/healthz` probe behind a stalled client is not kept waiting). More clients than this wait
-/// in the listen backlog.
+/// Threads that answer requests whose head has arrived (besides the `http` thread, which
+/// accepts and reads heads).
 pub const HTTP_THREADS: usize = 4;
+/// Connections whose request head is still awaited, at most. One more evicts the oldest of
+/// them (the one nearest its deadline), so a flood of silent connections costs a bounded
+/// number of descriptors and never keeps a prompt client, such as a liveness probe, out.
+pub const MAX_PENDING_HEADS: usize = 256;
+/// Heads read, waiting for a free answering thread.
+const ANSWER_QUEUE: usize = 64;
 
-/// Serves up to [`HTTP_THREADS`] connections at once until `shared.net.shutdown` is set (the
-/// stopper connects once to wake an accept; each thread that sees the flag wakes the next).
+/// A connection whose request head is being read (by the `http` thread, non-blocking).
+struct Reading {
+    stream: mio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    head: Vec<u8>,
+    accepted: std::time::Instant,
+}
+
+/// A request head read whole (or the connection's reason to get 431), for an answering thread.
+struct Request {
+    stream: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+    head: Vec<u8>,
+    complete: bool,
+    accepted: std::time::Instant,
+}
+
+/// Serves the endpoint until `shared.net.shutdown` is set (the stopper connects once to wake
+/// the accept). One thread (this one) accepts and reads request heads without blocking, for
+/// any number of connections up to [`MAX_PENDING_HEADS`], each within [`DEADLINE`] of its
+/// accept; [`HTTP_THREADS`] threads answer the requests whose head has arrived. So a client
+/// that connects and sends nothing (a port scanner, a load balancer's TCP check) holds no
+/// answering thread, and a `/healthz` probe behind any number of them is answered at once.
 /// Deliberately small: a few GET paths, `Connection: close`, bounded request size and time, a
-/// fixed number of threads (never one per client), so no client can take the node's
-/// descriptors or hold the endpoint for long.
+/// fixed number of threads (never one per client).
 pub fn serve(listener: std::net::TcpListener, shared: Arc<Shared>, reactors: usize) {
+    let (tx, rx) = crossbeam_channel::bounded::<Request>(ANSWER_QUEUE);
     std::thread::scope(|scope| {
-        for i in 1..HTTP_THREADS {
-            let clone = match listener.try_clone() {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http: serving fewer connections at once");
-                    break;
-                }
-            };
+        for i in 0..HTTP_THREADS {
+            let rx = rx.clone();
             let shared = &shared;
             let started = std::thread::Builder::new()
                 .name(format!("http-{i}"))
-                .spawn_scoped(scope, move || serve_on(&clone, shared, reactors));
+                .spawn_scoped(scope, move || {
+                    while let Ok(r) = rx.recv() {
+                        answer(r, shared, reactors);
+                    }
+                });
             if let Err(e) = started {
-                tracing::warn!(error = %e, "http: serving fewer connections at once");
-                break;
+                tracing::warn!(error = %e, "http: fewer answering threads");
             }
         }
-        serve_on(&listener, &shared, reactors);
+        drop(rx);
+        if let Err(e) = read_heads(listener, &shared, &tx) {
+            tracing::error!(error = %e, "http endpoint stopped");
+        }
+        drop(tx); // the answering threads end once the queue is empty
     });
 }
 
-/// Wakes another thread blocked in `accept` on `listener` (it then sees the shutdown flag).
-fn wake_a_sibling(listener: &std::net::TcpListener) {
-    if let Ok(mut a) = listener.local_addr() {
-        if a.ip().is_unspecified() {
-            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+/// The `http` thread: accepts, reads each request head without blocking, and hands complete
+/// heads (and overdue or oversized ones, to be answered 431) to the answering threads.
+fn read_heads(
+    listener: std::net::TcpListener,
+    shared: &Shared,
+    tx: &crossbeam_channel::Sender<Request>,
+) -> std::io::Result<()> {
+    use mio::{Events, Interest, Poll, Token};
+    use std::io::Read;
+    const LISTENER: Token = Token(usize::MAX);
+    listener.set_nonblocking(true)?;
+    let mut listener = mio::net::TcpListener::from_std(listener);
+    let mut poll = Poll::new()?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut events = Events::with_capacity(256);
+    let mut conns: Vec<Option<Reading>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    // Slots in accept order, so deadline order: the front is the oldest (stale entries, whose
+    // slot was emptied or reused, are skipped by their accept time).
+    let mut order: std::collections::VecDeque<(std::time::Instant, usize)> =
+        std::collections::VecDeque::new();
+    let mut pending = 0usize;
+    loop {
+        let timeout = order
+            .front()
+            .map(|(t, _)| DEADLINE.saturating_sub(t.elapsed()));
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
         }
-        let _ = std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1));
+        if shared.net.shutdown.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut ready: Vec<usize> = Vec::new();
+        for ev in events.iter() {
+            if ev.token() != LISTENER {
+                ready.push(ev.token().0);
+                continue;
+            }
+            loop {
+                let (mut stream, peer) = match listener.accept() {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // EMFILE and friends: the next readiness event retries.
+                        tracing::warn!(error = %e, "http accept failed");
+                        break;
+                    }
+                };
+                if pending >= MAX_PENDING_HEADS {
+                    // Evict the oldest pending connection (closed unanswered).
+                    while let Some((t, idx)) = order.pop_front() {
+                        if conns.get(idx).and_then(Option::as_ref).map(|c| c.accepted) == Some(t) {
+                            if let Some(mut c) = conns[idx].take() {
+                                let _ = poll.registry().deregister(&mut c.stream);
+                            }
+                            free.push(idx);
+                            pending -= 1;
+                            break;
+                        }
+                    }
+                }
+                let idx = free.pop().unwrap_or_else(|| {
+                    conns.push(None);
+                    conns.len() - 1
+                });
+                if poll
+                    .registry()
+                    .register(&mut stream, Token(idx), Interest::READABLE)
+                    .is_err()
+                {
+                    free.push(idx);
+                    continue;
+                }
+                let accepted = std::time::Instant::now();
+                conns[idx] = Some(Reading {
+                    stream,
+                    peer,
+                    head: Vec::with_capacity(512),
+                    accepted,
+                });
+                order.push_back((accepted, idx));
+                pending += 1;
+                ready.push(idx); // its head may already be there
+            }
+        }
+        // Read what arrived; a head that is complete, too long, or whose peer closed goes on.
+        for idx in ready {
+            let Some(c) = conns.get_mut(idx).and_then(Option::as_mut) else {
+                continue;
+            };
+            let mut buf = [0u8; 2048];
+            let done = loop {
+                if c.head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break Some(true);
+                }
+                if c.head.len() > MAX_REQUEST {
+                    break Some(false);
+                }
+                match c.stream.read(&mut buf) {
+                    Ok(0) => break Some(false),
+                    Ok(n) => c.head.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break None,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break Some(false),
+                }
+            };
+            if let Some(complete) = done {
+                if let Some(c) = conns[idx].take() {
+                    free.push(idx);
+                    pending -= 1;
+                    hand_over(&poll, c, complete, tx);
+                }
+            }
+        }
+        // Past their deadline: answered 431 ("incomplete").
+        while let Some(&(t, idx)) = order.front() {
+            let live = conns.get(idx).and_then(Option::as_ref).map(|c| c.accepted) == Some(t);
+            if live && t.elapsed() < DEADLINE {
+                break;
+            }
+            order.pop_front();
+            if live {
+                if let Some(c) = conns[idx].take() {
+                    free.push(idx);
+                    pending -= 1;
+                    hand_over(&poll, c, false, tx);
+                }
+            }
+        }
     }
 }
 
-/// One of [`serve`]'s threads: accepts and answers one connection at a time.
-fn serve_on(listener: &std::net::TcpListener, shared: &Shared, reactors: usize) {
-    use std::io::{Read, Write};
-    loop {
-        let (mut stream, peer) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) => {
-                if shared.net.shutdown.load(Ordering::Acquire) {
-                    wake_a_sibling(listener);
-                    return;
-                }
-                tracing::warn!(error = %e, "http accept failed");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
-        };
-        if shared.net.shutdown.load(Ordering::Acquire) {
-            drop(stream);
-            wake_a_sibling(listener);
-            return;
-        }
-        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-        let started = std::time::Instant::now();
-        let mut head = Vec::with_capacity(512);
-        let mut buf = [0u8; 1024];
-        let complete = loop {
-            if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                break true;
-            }
-            let left = DEADLINE.saturating_sub(started.elapsed());
-            if head.len() > MAX_REQUEST || left.is_zero() {
-                break false;
-            }
-            let _ = stream.set_read_timeout(Some(left.min(IO_TIMEOUT)));
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break false,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        };
-        let (code, body, ctype) = if !complete {
+/// Hands a connection whose head reading ended to an answering thread (blocking again, with
+/// timeouts); with every thread busy and the queue full, the connection is closed.
+fn hand_over(
+    poll: &mio::Poll,
+    mut c: Reading,
+    complete: bool,
+    tx: &crossbeam_channel::Sender<Request>,
+) {
+    let _ = poll.registry().deregister(&mut c.stream);
+    // mio's stream is a std stream underneath (Unix): back to blocking for the answer.
+    let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(c.stream));
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let _ = tx.try_send(Request {
+        stream,
+        peer: c.peer,
+        head: c.head,
+        complete,
+        accepted: c.accepted,
+    });
+}
+
+/// Answers one request on an answering thread, within the connection's [`DEADLINE`] (counted
+/// from its accept).
+fn answer(r: Request, shared: &Shared, reactors: usize) {
+    use std::io::Write;
+    let Request {
+        mut stream,
+        peer,
+        head,
+        complete,
+        accepted: started,
+    } = r;
+    let (code, body, ctype) = if !complete {
+        (
+            431,
+            "request head too large or incomplete\n".to_string(),
+            "text/plain",
+        )
+    } else {
+        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut parts = line.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let path = target.split('?').next().unwrap_or("");
+        let shows_patients = path == "/" || path == "/index.html" || path.starts_with("/api/");
+        if shows_patients && !host_allowed(&head, &shared.net.config.http) {
             (
-                431,
-                "request head too large or incomplete\n".to_string(),
+                403,
+                "refused: the Host header names no address of this node; add the name to \
+                     [http] allowed_hosts\n"
+                    .into(),
+                "text/plain",
+            )
+        } else if method == "POST" {
+            match may_mutate(&head, peer, &shared.net.config.http) {
+                Ok(()) => mutate(path, shared),
+                Err(why) => (403, format!("{why}\n"), "text/plain"),
+            }
+        } else if method != "GET" && method != "HEAD" {
+            (
+                405,
+                "only GET, and POST to /api/retry and /api/force\n".into(),
                 "text/plain",
             )
         } else {
-            let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-            let line = String::from_utf8_lossy(line);
-            let mut parts = line.split_whitespace();
-            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = target.split('?').next().unwrap_or("");
-            let shows_patients = path == "/" || path == "/index.html" || path.starts_with("/api/");
-            if shows_patients && !host_allowed(&head, &shared.net.config.http) {
-                (
-                    403,
-                    "refused: the Host header names no address of this node; add the name to \
-                     [http] allowed_hosts\n"
-                        .into(),
-                    "text/plain",
-                )
-            } else if method == "POST" {
-                match may_mutate(&head, peer, &shared.net.config.http) {
-                    Ok(()) => mutate(path, shared),
-                    Err(why) => (403, format!("{why}\n"), "text/plain"),
-                }
-            } else if method != "GET" && method != "HEAD" {
-                (
-                    405,
-                    "only GET, and POST to /api/retry and /api/force\n".into(),
-                    "text/plain",
-                )
-            } else {
-                respond(path, shared, reactors)
-            }
-        };
-        let reason = match code {
-            200 => "OK",
-            403 => "Forbidden",
-            404 => "Not Found",
-            409 => "Conflict",
-            405 => "Method Not Allowed",
-            431 => "Request Header Fields Too Large",
-            500 => "Internal Server Error",
-            _ => "Service Unavailable",
-        };
-        // The head too is written within the connection's deadline.
-        let left = DEADLINE.saturating_sub(started.elapsed());
-        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
-            continue;
+            respond(path, shared, reactors)
         }
-        if write!(
+    };
+    let reason = match code {
+        200 => "OK",
+        403 => "Forbidden",
+        404 => "Not Found",
+        409 => "Conflict",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        _ => "Service Unavailable",
+    };
+    // The head too is written within the connection's deadline.
+    let left = DEADLINE.saturating_sub(started.elapsed());
+    if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+        return;
+    }
+    if write!(
             stream,
             "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{SAFETY_HEADERS}Connection: close\r\n\r\n",
             body.len()
         )
         .is_err()
         {
-            continue;
+            return;
         }
-        // Write by write, each given the time left, so that a client reading slowly is cut at
-        // the deadline.
-        let mut rest = body.as_bytes();
-        while !rest.is_empty() {
-            let left = DEADLINE.saturating_sub(started.elapsed());
-            if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
-                break;
-            }
-            match stream.write(rest) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => rest = &rest[n..],
-            }
+    // Write by write, each given the time left, so that a client reading slowly is cut at
+    // the deadline.
+    let mut rest = body.as_bytes();
+    while !rest.is_empty() {
+        let left = DEADLINE.saturating_sub(started.elapsed());
+        if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.write(rest) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => rest = &rest[n..],
         }
     }
 }
