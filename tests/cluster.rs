@@ -130,10 +130,11 @@ impl Drop for Postgres {
     }
 }
 
+/// A node that has joined (its first rebalance).
 fn node(pg: &Postgres, id: &str, partitions: u32, lease: Duration) -> Coordinator {
     let mut c = Coordinator::connect(&pg.conninfo(), id, partitions, lease)
         .unwrap_or_else(|e| panic!("{id}: {e}"));
-    c.heartbeat().unwrap();
+    c.rebalance().unwrap();
     c
 }
 
@@ -170,15 +171,19 @@ fn counts(owners: &[Option<String>], ids: &[&str]) -> Vec<usize> {
         .collect()
 }
 
-/// Every node renews its lease and rebalances, twice round (enough for one to release what
+/// Every node rebalances (renewing its lease), twice round (enough for one to release what
 /// another then takes).
 fn settle(nodes: &mut [Coordinator]) {
     for _ in 0..2 {
         for n in nodes.iter_mut() {
-            n.heartbeat().unwrap();
             n.rebalance().unwrap();
         }
     }
+}
+
+fn sorted(mut v: Vec<usize>) -> Vec<usize> {
+    v.sort_unstable();
+    v
 }
 
 fn wait_past(lease: Duration) {
@@ -240,8 +245,9 @@ fn a_node_configured_with_other_partitions_is_refused() {
 }
 
 /// Three nodes share 16 partitions 6/5/5; a fourth joins and they move to 4 each, only the
-/// moved partitions getting a new token; one stops renewing its lease and the others take its
-/// partitions, while it is refused until it renews.
+/// moved partitions getting a new token; one stops rebalancing (its lease runs out) and the
+/// others take its partitions once it has been gone two leases, while it is refused until it
+/// renews; a clean leave hands partitions over at once.
 #[test]
 fn partitions_are_shared_evenly_and_move_when_a_node_joins_or_dies() {
     let pg = Postgres::start();
@@ -251,7 +257,7 @@ fn partitions_are_shared_evenly_and_move_when_a_node_joins_or_dies() {
     settle(&mut nodes);
     let o = owners(&pg);
     assert!(o.iter().all(Option::is_some), "{o:?}");
-    assert_eq!(counts(&o, &ids[..3]), vec![6, 5, 5]);
+    assert_eq!(sorted(counts(&o, &ids[..3])), vec![5, 5, 6]);
     let before: Vec<Owned> = nodes.iter_mut().flat_map(|n| n.owned().unwrap()).collect();
 
     nodes.push(node(&pg, "d", 16, lease));
@@ -272,24 +278,69 @@ fn partitions_are_shared_evenly_and_move_when_a_node_joins_or_dies() {
     }
     assert_eq!(kept, 12, "only the 4 partitions d took moved");
 
-    // b stops renewing; the others go on.
-    wait_past(lease);
+    // b stops rebalancing; the others go on. After one lease it still counts in the quotas
+    // (it may have been a pause they all shared); after two, its partitions move.
     let mut b = nodes.remove(1);
+    wait_past(lease);
+    settle(&mut nodes);
+    assert_eq!(
+        counts(&owners(&pg), &ids),
+        vec![4, 4, 4, 4],
+        "moved after one lease"
+    );
+    wait_past(lease);
     settle(&mut nodes);
     let o = owners(&pg);
     assert!(o.iter().all(Option::is_some), "{o:?}");
-    assert_eq!(counts(&o, &["a", "b", "c", "d"]), vec![6, 0, 5, 5]);
-    assert!(matches!(b.rebalance(), Err(ClusterError::LeaseExpired)));
+    let c = counts(&o, &ids);
+    assert_eq!(c[1], 0, "{c:?}");
+    assert_eq!(sorted(vec![c[0], c[2], c[3]]), vec![5, 5, 6]);
+    assert!(matches!(
+        b.claim(
+            Owned {
+                partition: 0,
+                fencing: 1
+            },
+            &[],
+            "x"
+        ),
+        Err(ClusterError::Fenced { .. } | ClusterError::Invalid(_) | ClusterError::LeaseExpired)
+    ));
     assert!(b.owned().unwrap().is_empty());
     // Back, it gets a share again once the others give some up.
-    b.heartbeat().unwrap();
     nodes.insert(1, b);
     settle(&mut nodes);
     assert_eq!(counts(&owners(&pg), &ids), vec![4, 4, 4, 4]);
     // A clean stop hands its partitions over without waiting for its lease.
     nodes[3].leave().unwrap();
     settle(&mut nodes[..3]);
-    assert_eq!(counts(&owners(&pg), &ids), vec![6, 5, 5, 0]);
+    let c = counts(&owners(&pg), &ids);
+    assert_eq!((sorted(c[..3].to_vec()), c[3]), (vec![5, 5, 6], 0));
+}
+
+/// Found in review: with every lease lapsed at once (a database failover longer than a
+/// lease), the first node back took every partition, and the others' batches were adopted
+/// and handed back. Recently expired nodes count in the quotas now: the first one back keeps
+/// its share, and no partition changes owner or token.
+#[test]
+fn when_every_lease_lapsed_the_first_node_back_takes_only_its_share() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(1);
+    let mut nodes: Vec<Coordinator> = ["a", "b", "c"]
+        .iter()
+        .map(|id| node(&pg, id, 16, lease))
+        .collect();
+    settle(&mut nodes);
+    let before: Vec<Vec<Owned>> = nodes.iter_mut().map(|n| n.owned().unwrap()).collect();
+    wait_past(lease);
+    let first = nodes[0].rebalance().unwrap();
+    assert_eq!(
+        first, before[0],
+        "the first node back took more than its share"
+    );
+    settle(&mut nodes);
+    let after: Vec<Vec<Owned>> = nodes.iter_mut().map(|n| n.owned().unwrap()).collect();
+    assert_eq!(after, before);
 }
 
 /// Issue 15: "a deposed owner's late claim is refused by the fencing token". Node a owns the
@@ -319,13 +370,13 @@ fn a_deposed_owners_late_claim_is_refused_by_the_fencing_token() {
     a.publish(&recs[..5]).unwrap();
     b.publish(&recs[5..]).unwrap();
 
-    wait_past(lease); // a is paused
-    b.heartbeat().unwrap();
+    wait_past(2 * lease); // a is paused, past its lease and the grace after it
     let taken = b.rebalance().unwrap();
     assert_eq!(taken.len(), 1);
     assert!(taken[0].fencing > held[0].fencing, "{taken:?} {held:?}");
 
-    a.heartbeat().unwrap(); // a wakes and renews: live, but no longer the owner
+    // a wakes and renews (its rebalance gets it nothing: b has the one partition).
+    assert!(a.rebalance().unwrap().is_empty());
     match a.claim(held[0], &key, "batch-a") {
         Err(ClusterError::Fenced { owner, fencing, .. }) => {
             assert_eq!(owner.as_deref(), Some("b"));
@@ -467,12 +518,11 @@ fn a_dead_owners_batches_are_adopted_and_its_late_stage_change_refused() {
     a.publish(&[record("a", "3.1", &key, 1)]).unwrap();
     a.claim(held, &key, "batch-1").unwrap().unwrap();
     a.set_stage(held, "batch-1", "processing").unwrap();
-    wait_past(lease); // a dies
-    b.heartbeat().unwrap();
+    wait_past(2 * lease); // a dies
     let taken = b.rebalance().unwrap()[0];
     assert_eq!(b.adopt(taken).unwrap(), vec!["batch-1".to_string()]);
     assert!(b.adopt(taken).unwrap().is_empty(), "adopted once");
-    a.heartbeat().unwrap();
+    a.rebalance().unwrap();
     assert!(matches!(
         a.set_stage(held, "batch-1", "done"),
         Err(ClusterError::Fenced { .. })
@@ -482,4 +532,104 @@ fn a_dead_owners_batches_are_adopted_and_its_late_stage_change_refused() {
         b.batch("batch-1").unwrap(),
         Some(("done".to_string(), "b".to_string()))
     );
+}
+
+/// Found in review: the token belonged to the node id, not the process. A node restarted under
+/// its id (or paused and replaced by its supervisor) kept its partitions under the same token,
+/// so the old process could still claim and move batches, and the new one could not adopt the
+/// old one's unfinished batch. Joining now raises the tokens: the old process is refused
+/// although the owner's name is its own, and the new one adopts its batch.
+#[test]
+fn a_restarted_node_fences_its_previous_process_and_adopts_its_batches() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let mut old = node(&pg, "a", 1, lease);
+    let held = old.owned().unwrap()[0];
+    let key = b"PAT-4".to_vec();
+    old.publish(&[record("a", "4.1", &key, 1), record("a", "4.2", &key, 2)])
+        .unwrap();
+    old.claim(held, &key, "batch-old").unwrap().unwrap();
+    old.publish(&[record("a", "4.3", &key, 3)]).unwrap();
+
+    let mut new = node(&pg, "a", 1, lease); // the same id, a new process
+    let now = new.owned().unwrap()[0];
+    assert_eq!(now.partition, held.partition);
+    assert!(now.fencing > held.fencing, "{now:?} {held:?}");
+    assert_eq!(new.adopt(now).unwrap(), vec!["batch-old".to_string()]);
+    match old.claim(held, &key, "batch-late") {
+        Err(ClusterError::Fenced { owner, .. }) => assert_eq!(owner.as_deref(), Some("a")),
+        other => panic!("the old process claimed: {other:?}"),
+    }
+    assert!(matches!(
+        old.set_stage(held, "batch-old", "done"),
+        Err(ClusterError::Fenced { .. })
+    ));
+    let rest = new.claim(now, &key, "batch-new").unwrap().unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].sop_instance_uid, "4.3");
+}
+
+/// Found in review: a node above its quota released partitions whose batches it was still
+/// processing, and the new owner adopted them while the old one went on. Only partitions with
+/// no unfinished batch are handed over; a busy one goes once its batches are done.
+#[test]
+fn a_partition_with_an_unfinished_batch_is_not_handed_over() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let mut a = node(&pg, "a", 2, lease);
+    let owned = a.owned().unwrap();
+    assert_eq!(owned.len(), 2);
+    // A key of each partition, each with a batch in flight.
+    let keys: Vec<Vec<u8>> = (0..2u32)
+        .map(|p| {
+            (0..)
+                .map(|i| format!("K{i}").into_bytes())
+                .find(|k| partition_of(k, 2) == p)
+                .unwrap()
+        })
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        a.publish(&[record("a", &format!("5.{i}"), k, 1)]).unwrap();
+        a.claim(owned[i], k, &format!("batch-{i}"))
+            .unwrap()
+            .unwrap();
+    }
+    let b = node(&pg, "b", 2, lease);
+    let mut pair = vec![a, b];
+    settle(&mut pair);
+    let o = owners(&pg);
+    assert_eq!(
+        counts(&o, &["a", "b"]),
+        vec![2, 0],
+        "a busy partition moved: {o:?}"
+    );
+    // Partition 1's batch is done: now it can go.
+    pair[0].set_stage(owned[1], "batch-1", "done").unwrap();
+    settle(&mut pair);
+    let o = owners(&pg);
+    assert_eq!(o, vec![Some("a".to_string()), Some("b".to_string())]);
+    let got = pair[1].owned().unwrap()[0];
+    assert!(pair[1].adopt(got).unwrap().is_empty(), "nothing to adopt");
+}
+
+/// Found in review: the extra partitions of an uneven split went to the first nodes by id, so
+/// a node "a" joining b (3 of 5) and c (2) took 2 where 1 is enough. They go to the nodes that
+/// own the most now: one partition moves.
+#[test]
+fn a_join_moves_no_more_partitions_than_even_shares_need() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let mut nodes: Vec<Coordinator> = ["b", "c"]
+        .iter()
+        .map(|id| node(&pg, id, 5, lease))
+        .collect();
+    settle(&mut nodes);
+    let before = owners(&pg);
+    assert_eq!(counts(&before, &["b", "c"]), vec![3, 2]);
+    nodes.insert(0, node(&pg, "a", 5, lease));
+    settle(&mut nodes);
+    let after = owners(&pg);
+    assert_eq!(counts(&after, &["a", "b", "c"]), vec![1, 2, 2]);
+    let moved = before.iter().zip(&after).filter(|(x, y)| x != y).count();
+    assert_eq!(moved, 1, "{before:?} -> {after:?}");
 }

@@ -6,7 +6,7 @@
 //! them safe when nodes pause, die or race (below). Must never touch instance bytes (they stay
 //! in each node's segment log and files on the shared folder), hold a transaction open across
 //! anything but its own statements, or trust a node's clock: every lease is in database time
-//! (`now()`), so nodes with skewed clocks still agree on who is live.
+//! (`statement_timestamp()`), so nodes with skewed clocks still agree on who is live.
 //!
 //! **Not yet wired into the node.** This is the coordination core, tested against a real
 //! PostgreSQL (`tests/cluster.rs`); the node does not start it yet (there is no `[cluster]`
@@ -15,37 +15,53 @@
 //!
 //! # The rules
 //!
-//! - **Leases.** A node is live while its `dicomgate_nodes.lease_until` is in the future; it
-//!   renews it ([`Coordinator::heartbeat`]) well within its lease. A node whose lease ran out
-//!   (paused with SIGSTOP, cut off from the database) can neither rebalance nor claim until it
-//!   renewed, and by then its partitions may have moved.
+//! - **Leases.** A node is live while its `dicomgate_nodes.lease_until` is in the future
+//!   (`statement_timestamp()`, the database's clock). [`Coordinator::rebalance`] is the
+//!   heartbeat: it renews the lease and rebalances in one transaction, so a node that is live
+//!   is one that rebalances (a node that only renewed could hold a quota it never takes). A
+//!   node whose lease ran out (paused with SIGSTOP, cut off from the database) cannot claim,
+//!   and by the time it renewed its partitions may have moved.
+//! - **Incarnations.** The first rebalance of a [`Coordinator`] raises the token of every
+//!   partition its node id still owns: a previous process under the same id (restarted, or
+//!   paused and replaced by systemd) holds older tokens and is fenced off, and its unfinished
+//!   batches are adopted ([`Coordinator::adopt`]) by the new one.
 //! - **Partitions.** A grouping key belongs to partition `digest(key) mod partitions`
 //!   ([`partition_of`]); `partitions` is fixed when the cluster is made (kept in
 //!   `dicomgate_settings`; a node configured otherwise is refused). Each partition has at most
 //!   one owner, and a fencing token that grows by one at every change of owner.
-//! - **Rebalance** ([`Coordinator::rebalance`]) runs in one transaction holding every partition
-//!   row `FOR UPDATE`, so rebalances and claims are serialized on the rows they read. The live
-//!   nodes, sorted by id, get quotas that differ by at most one (the first `partitions mod n`
-//!   get one more). A node above its quota releases its highest partitions; a node below takes
-//!   the lowest partitions that are free or whose owner is not live, raising their tokens. Each
-//!   node acts only on its own share, and after every live node has run once after a change
-//!   (twice when one must first release), every partition has one live owner and the shares
-//!   are even. A node keeps what it owns across rebalances (no partition moves without need).
+//! - **Rebalance** runs in one transaction holding every partition row `FOR UPDATE`, so
+//!   rebalances and claims are serialized on the rows they read. Quotas are even shares among
+//!   the *members*: live nodes and nodes whose lease ran out less than a lease ago (so when every
+//!   lease lapsed at once, a database failover say, the first node back takes its own share and
+//!   not everything). The `partitions mod members` extra partitions go to the members that own
+//!   the most already, so a join or a death moves no more partitions than even shares need. A
+//!   node above its quota releases its highest partitions that have no unfinished batch (a
+//!   busy one waits until its batches are done, so a batch is never adopted from a live owner
+//!   still processing it); a node below takes the lowest partitions that are free or whose
+//!   owner is not live, raising their tokens. A dead node's partitions are taken once it has
+//!   dropped out of the members, within two leases of its last renewal. With a stable set of
+//!   nodes, every partition has one live owner and the shares are even after every node has
+//!   rebalanced twice.
 //! - **Claims** ([`Coordinator::claim`]) are one transaction: the partition row is read
-//!   `FOR SHARE` (so a concurrent takeover, which updates that row, waits for the claim or the
-//!   claim for it) and must name this node with the token the claimer holds; the claimer's
-//!   lease must still run; then every pending record of the key is marked with the batch id
+//!   `FOR SHARE` (so a takeover, which updates that row, waits for the claim or the claim for
+//!   it) and must name this node with the token the claimer holds; the claimer's lease must
+//!   still run; then every pending record of the key is marked with the batch id
 //!   (`UPDATE ... WHERE batch_id IS NULL`, so two claims of one key never both take a record:
 //!   under READ COMMITTED the second re-checks each row after the first commits). A deposed
 //!   owner that has not noticed yet holds an older token and is refused
-//!   ([`ClusterError::Fenced`]); no batch is ever claimed by two nodes.
+//!   ([`ClusterError::Fenced`]), so two nodes never both claim one record.
 //! - **Publication** ([`Coordinator::publish`]) is idempotent by (node, SOP Instance UID): a
-//!   record published twice is one row, and a re-send of an instance replaces its row and makes
-//!   it pending again (as a late arrival starts a new batch on one node).
-//! - **Batches of a dead owner** are adopted by the partition's new owner
+//!   record published again unchanged is one row, and a re-send of an instance replaces its row
+//!   and makes it pending again (as a late arrival starts a new batch on one node).
+//! - **Batches of a dead or replaced owner** are adopted by the partition's new owner
 //!   ([`Coordinator::adopt`]): every batch of the partition not done and claimed under an older
 //!   token is re-tokened to the adopter; stage changes ([`Coordinator::set_stage`]) are fenced
-//!   the same way, so the old owner, if it wakes, can no longer move them.
+//!   the same way, so the old owner, if it wakes, can no longer move them. Processing is
+//!   therefore at least once across the death of its node (the old process may have run it
+//!   before it was cut off), exactly once otherwise.
+//! - **Stuck peers.** Each connection ends a transaction left idle, and a wait on a lock, after
+//!   half a lease, and a statement after a lease; a connection whose peer vanished is given up
+//!   by TCP keepalives within about a lease. Such failures are [`ClusterError::is_retryable`].
 
 use std::fmt;
 use std::time::Duration;
@@ -127,6 +143,30 @@ impl fmt::Display for ClusterError {
 
 impl std::error::Error for ClusterError {}
 
+impl ClusterError {
+    /// Worth trying again as it was (after reconnecting, for a lost connection): a deadlock or
+    /// serialization failure, a lock or statement timeout, a connection closed.
+    pub fn is_retryable(&self) -> bool {
+        use postgres::error::SqlState;
+        match self {
+            ClusterError::Database(e) => {
+                e.is_closed()
+                    || e.code().is_some_and(|c| {
+                        [
+                            SqlState::T_R_DEADLOCK_DETECTED,
+                            SqlState::T_R_SERIALIZATION_FAILURE,
+                            SqlState::LOCK_NOT_AVAILABLE,
+                            SqlState::QUERY_CANCELED,
+                            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                        ]
+                        .contains(c)
+                    })
+            }
+            _ => false,
+        }
+    }
+}
+
 impl From<postgres::Error> for ClusterError {
     fn from(e: postgres::Error) -> Self {
         ClusterError::Database(e)
@@ -193,6 +233,9 @@ pub struct Coordinator {
     node_id: String,
     partitions: u32,
     lease: Duration,
+    /// This process has joined (its first rebalance raised the tokens of what its node id
+    /// owned: see [`Coordinator::rebalance`]).
+    joined: bool,
 }
 
 impl fmt::Debug for Coordinator {
@@ -248,7 +291,7 @@ pub fn migrate(client: &mut Client) -> Result<i32> {
 impl Coordinator {
     /// Connects (`conninfo`: a libpq connection string, e.g. `host=/run/postgresql
     /// dbname=dicomgate user=dicomgate`), migrates, and makes or checks the partition table.
-    /// Does not join: call [`Coordinator::heartbeat`].
+    /// Does not join: the first [`Coordinator::rebalance`] does.
     pub fn connect(
         conninfo: &str,
         node_id: &str,
@@ -266,13 +309,33 @@ impl Coordinator {
                 "lease of {lease:?}: use 1 s to 1 h"
             )));
         }
-        let mut client = Client::connect(conninfo, NoTls)?;
+        let mut config: postgres::Config = conninfo.parse()?;
+        // A node that stops answering (paused, cut off) must not hold others' locks for the
+        // hours TCP takes to notice: its connection is given up within a lease, a transaction
+        // it leaves open is ended by the server, and nobody waits on a lock for longer than
+        // half a lease (the caller retries: `ClusterError::is_retryable`).
+        config
+            .connect_timeout(lease)
+            .tcp_user_timeout(lease)
+            .keepalives(true)
+            .keepalives_idle((lease / 2).max(Duration::from_secs(1)))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3);
+        let mut client = config.connect(NoTls)?;
+        let half = (lease / 2).as_millis().max(1);
+        client.batch_execute(&format!(
+            "SET idle_in_transaction_session_timeout = {half};
+             SET lock_timeout = {half};
+             SET statement_timeout = {}",
+            lease.as_millis().max(1)
+        ))?;
         migrate(&mut client)?;
         let mut c = Coordinator {
             client,
             node_id: node_id.to_string(),
             partitions,
             lease,
+            joined: false,
         };
         c.ensure_partitions()?;
         Ok(c)
@@ -320,28 +383,20 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Joins, or renews this node's lease: live until `now() + lease` in database time.
-    pub fn heartbeat(&mut self) -> Result<()> {
-        self.client.execute(
-            "INSERT INTO dicomgate_nodes (node_id, lease_until)
-             VALUES ($1, now() + make_interval(secs => $2))
-             ON CONFLICT (node_id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
-            &[&self.node_id, &self.lease.as_secs_f64()],
-        )?;
-        Ok(())
-    }
-
     /// Ends this node's lease at once and gives up its partitions (a clean stop): the others
-    /// take them at their next rebalance without waiting for the lease to run out.
+    /// take them at their next rebalance without waiting for the lease to run out. Their
+    /// unfinished batches are adopted by the new owners (so stop processing first).
     pub fn leave(&mut self) -> Result<()> {
         let mut tx = self.client.transaction()?;
         tx.execute(
-            "UPDATE dicomgate_partitions SET owner = NULL, since = now() WHERE owner = $1",
+            "UPDATE dicomgate_partitions SET owner = NULL, since = statement_timestamp()
+             WHERE owner = $1",
             &[&self.node_id],
         )?;
         tx.execute(
-            "UPDATE dicomgate_nodes SET lease_until = now() WHERE node_id = $1",
-            &[&self.node_id],
+            "UPDATE dicomgate_nodes SET lease_until = statement_timestamp() - make_interval(secs => $2)
+             WHERE node_id = $1",
+            &[&self.node_id, &self.lease.as_secs_f64()],
         )?;
         tx.commit()?;
         Ok(())
@@ -352,7 +407,8 @@ impl Coordinator {
         Ok(self
             .client
             .query(
-                "SELECT node_id FROM dicomgate_nodes WHERE lease_until > now() ORDER BY node_id",
+                "SELECT node_id FROM dicomgate_nodes WHERE lease_until > statement_timestamp()
+                 ORDER BY node_id",
                 &[],
             )?
             .iter()
@@ -365,56 +421,97 @@ impl Coordinator {
         owned_by(&mut self.client, &self.node_id)
     }
 
-    /// Moves this node's share of the partitions toward its quota (see the module doc) and
-    /// returns what it owns afterwards. Refused with [`ClusterError::LeaseExpired`] while this
-    /// node is not live.
+    /// Renews this node's lease (live until `statement_timestamp() + lease`, database time),
+    /// moves its share of the partitions toward its quota (see the module doc), and returns what
+    /// it owns afterwards, all in one transaction. Call it every third of a lease or so: it is
+    /// the heartbeat too, so a node that does not rebalance is not live.
+    ///
+    /// The first call of a [`Coordinator`] joins: it raises the token of every partition this
+    /// node id still owns, so that a previous process under the same id (restarted, or paused
+    /// and replaced) is fenced off, and its unfinished batches can be adopted.
     pub fn rebalance(&mut self) -> Result<Vec<Owned>> {
         let me = self.node_id.clone();
+        let lease = self.lease.as_secs_f64();
         let mut tx = self.client.transaction()?;
         let rows = tx.query(
             "SELECT partition, owner FROM dicomgate_partitions ORDER BY partition FOR UPDATE",
             &[],
         )?;
-        let live: Vec<String> = tx
+        tx.execute(
+            "INSERT INTO dicomgate_nodes (node_id, lease_until)
+             VALUES ($1, statement_timestamp() + make_interval(secs => $2))
+             ON CONFLICT (node_id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
+            &[&me, &lease],
+        )?;
+        if !self.joined {
+            tx.execute(
+                "UPDATE dicomgate_partitions SET fencing = fencing + 1 WHERE owner = $1",
+                &[&me],
+            )?;
+        }
+        // Members: nodes live, or whose lease ran out less than a lease ago. Quotas count them
+        // all, so that when every lease lapsed at once (a database failover, a pause of the
+        // whole site) the first node back takes its own share, not everything; only live
+        // nodes may own.
+        let members: Vec<(String, bool)> = tx
             .query(
-                "SELECT node_id FROM dicomgate_nodes WHERE lease_until > now() ORDER BY node_id",
-                &[],
+                "SELECT node_id, lease_until > statement_timestamp() FROM dicomgate_nodes
+                 WHERE lease_until > statement_timestamp() - make_interval(secs => $1)
+                 ORDER BY node_id",
+                &[&lease],
             )?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let Some(index) = live.iter().position(|n| *n == me) else {
-            return Err(ClusterError::LeaseExpired);
-        };
-        let (p, n) = (rows.len(), live.len());
-        let quota = p / n + usize::from(index < p % n);
+        let live = |n: &str| members.iter().any(|(m, l)| m == n && *l);
+        let owners: Vec<Option<String>> = rows.iter().map(|r| r.get(1)).collect();
+        let quota = quota_of(&me, &members, &owners);
         let mut mine = Vec::new();
         let mut free = Vec::new();
-        for r in &rows {
+        for (r, owner) in rows.iter().zip(&owners) {
             let partition: i32 = r.get(0);
-            match r.get::<_, Option<String>>(1) {
-                Some(o) if o == me => mine.push(partition),
-                Some(o) if live.contains(&o) => {}
+            match owner {
+                Some(o) if *o == me => mine.push(partition),
+                Some(o) if live(o) => {}
                 _ => free.push(partition),
             }
         }
         if mine.len() > quota {
-            let give: Vec<i32> = mine[quota..].to_vec();
+            // Hand over only partitions with no unfinished batch: the new owner would adopt
+            // one while this node still processes it. Busy ones go once their batches are done.
+            let busy: Vec<i32> = tx
+                .query(
+                    "SELECT DISTINCT partition FROM dicomgate_batches
+                     WHERE partition = ANY($1) AND stage <> 'done'",
+                    &[&mine],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let give: Vec<i32> = mine
+                .iter()
+                .rev()
+                .filter(|p| !busy.contains(p))
+                .take(mine.len() - quota)
+                .copied()
+                .collect();
             tx.execute(
-                "UPDATE dicomgate_partitions SET owner = NULL, since = now()
+                "UPDATE dicomgate_partitions SET owner = NULL, since = statement_timestamp()
                  WHERE partition = ANY($1) AND owner = $2",
                 &[&give, &me],
             )?;
         } else if mine.len() < quota {
             let take: Vec<i32> = free.into_iter().take(quota - mine.len()).collect();
             tx.execute(
-                "UPDATE dicomgate_partitions SET owner = $2, fencing = fencing + 1, since = now()
+                "UPDATE dicomgate_partitions
+                 SET owner = $2, fencing = fencing + 1, since = statement_timestamp()
                  WHERE partition = ANY($1)",
                 &[&take, &me],
             )?;
         }
         let owned = owned_by(&mut tx, &me)?;
         tx.commit()?;
+        self.joined = true;
         Ok(owned)
     }
 
@@ -432,8 +529,13 @@ impl Coordinator {
                  location = EXCLUDED.location, bytes = EXCLUDED.bytes,
                  inputs = EXCLUDED.inputs, received_ms = EXCLUDED.received_ms,
                  batch_id = NULL
-             WHERE (dicomgate_instances.location, dicomgate_instances.received_ms)
-                 IS DISTINCT FROM (EXCLUDED.location, EXCLUDED.received_ms)",
+             WHERE (dicomgate_instances.partition, dicomgate_instances.grouping_key,
+                    dicomgate_instances.study_uid, dicomgate_instances.series_uid,
+                    dicomgate_instances.location, dicomgate_instances.bytes,
+                    dicomgate_instances.inputs, dicomgate_instances.received_ms)
+                 IS DISTINCT FROM (EXCLUDED.partition, EXCLUDED.grouping_key,
+                    EXCLUDED.study_uid, EXCLUDED.series_uid, EXCLUDED.location,
+                    EXCLUDED.bytes, EXCLUDED.inputs, EXCLUDED.received_ms)",
         )?;
         let mut written = 0;
         for r in records {
@@ -500,7 +602,14 @@ impl Coordinator {
                 &me,
                 &owned.fencing,
             ],
-        )?;
+        )
+        .map_err(|e| {
+            if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
+                ClusterError::Invalid(format!("batch id {batch_id} is already used"))
+            } else {
+                ClusterError::Database(e)
+            }
+        })?;
         tx.commit()?;
         let mut records: Vec<Published> = rows
             .iter()
@@ -592,6 +701,21 @@ impl Coordinator {
     }
 }
 
+/// `me`'s quota among `members` (sorted by id) of `owners.len()` partitions: an even share,
+/// the `partitions mod members` extra ones going to the members that own the most now (ties by
+/// id), so that no more partitions move than the even shares require.
+fn quota_of(me: &str, members: &[(String, bool)], owners: &[Option<String>]) -> usize {
+    let (p, n) = (owners.len(), members.len().max(1));
+    let owned = |m: &str| owners.iter().filter(|o| o.as_deref() == Some(m)).count();
+    let mut order: Vec<(usize, &str)> = members
+        .iter()
+        .map(|(m, _)| (owned(m), m.as_str()))
+        .collect();
+    order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    let extra = order.iter().take(p % n).any(|(_, m)| *m == me);
+    p / n + usize::from(extra)
+}
+
 /// The partitions `node` owns, with their tokens, in partition order.
 fn owned_by(c: &mut impl GenericClient, node: &str) -> Result<Vec<Owned>> {
     Ok(c.query(
@@ -631,7 +755,7 @@ fn check_owner(tx: &mut postgres::Transaction<'_>, me: &str, owned: Owned) -> Re
     }
     let live: bool = tx
         .query_one(
-            "SELECT coalesce((SELECT lease_until > now() FROM dicomgate_nodes
+            "SELECT coalesce((SELECT lease_until > statement_timestamp() FROM dicomgate_nodes
                               WHERE node_id = $1), false)",
             &[&me],
         )?
