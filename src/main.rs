@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use dicomgate::assoc::negotiation::VERIFICATION_SOP_CLASS;
 use dicomgate::assoc::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN;
-use dicomgate::config::Config;
+use dicomgate::config::{Config, ConfigError, ConfigFile};
 use dicomgate::net::scu::{self, Client, Proposal, ScuOptions, StoreFilesError, StoreOutcome};
 use dicomgate::storage::part10::InstanceFile;
 
@@ -228,8 +228,7 @@ fn data_dir_of(
         return Ok(d);
     }
     let cfg = match config {
-        Some(p) => Config::from_toml(&std::fs::read_to_string(&p)?)
-            .map_err(|e| format!("{}: {e}", p.display()))?,
+        Some(p) => ConfigFile::read(&p)?.parse()?,
         None => Config::default(),
     };
     Ok(cfg.node.data_dir)
@@ -245,11 +244,7 @@ fn http_address(
         return Ok(h);
     }
     let cfg = match config {
-        Some(p) => Config::from_toml(
-            &std::fs::read_to_string(&p)
-                .map_err(|e| format!("config file {}: {e}", p.display()))?,
-        )
-        .map_err(|e| format!("{}: {e}", p.display()))?,
+        Some(p) => ConfigFile::read(&p)?.parse()?,
         None => Config::default(),
     };
     let listen = cfg.http.listen.trim();
@@ -279,13 +274,7 @@ fn token_of(
     token_file: Option<PathBuf>,
 ) -> Result<Option<String>, Box<dyn std::error::Error>> {
     let cfg = match config {
-        Some(p) => Some(
-            Config::from_toml(
-                &std::fs::read_to_string(p)
-                    .map_err(|e| format!("config file {}: {e}", p.display()))?,
-            )
-            .map_err(|e| format!("{}: {e}", p.display()))?,
-        ),
+        Some(p) => Some(ConfigFile::read(p)?.parse()?),
         None => None,
     };
     let token_file = token_file.or_else(|| {
@@ -638,14 +627,21 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             log_format,
             print_config,
         } => {
-            let mut cfg = match config {
-                Some(p) => Config::from_toml(
-                    &std::fs::read_to_string(&p)
-                        .map_err(|e| format!("config file {}: {e}", p.display()))?,
-                )
-                .map_err(|e| format!("{}: {e}", p.display()))?,
+            let file = config.as_deref().map(ConfigFile::read).transpose()?;
+            let mut cfg = match &file {
+                Some(f) => f.parse()?,
                 None => Config::default(),
             };
+            // The fields flags set: an error about one of them is not the file's.
+            let flagged: Vec<&str> = [
+                (listen.is_some(), "node.listen"),
+                (data_dir.is_some(), "node.data_dir"),
+                (ae_title.is_some(), "node.ae_title"),
+                (http.is_some(), "http.listen"),
+            ]
+            .into_iter()
+            .filter_map(|(set, field)| set.then_some(field))
+            .collect();
             if let Some(l) = listen {
                 cfg.node.listen = Some(l);
             }
@@ -700,7 +696,15 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     }
                 }
             });
-            let node = dicomgate::net::start(cfg)?;
+            let node = dicomgate::net::start(cfg).map_err(|e| {
+                let config_error = e.get_ref().and_then(|i| i.downcast_ref::<ConfigError>());
+                match (config_error, &file) {
+                    (Some(c), Some(f)) if !flagged.iter().any(|field| c.0.starts_with(field)) => {
+                        Box::new(f.locate(c)) as Box<dyn std::error::Error>
+                    }
+                    _ => e.into(),
+                }
+            })?;
             // Tests and scripts read the bound address from this line (and the TLS one from
             // the next, when [tls] listen is set; only that one when node.listen is "").
             if let Some(a) = node.local_addr {
