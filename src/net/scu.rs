@@ -417,6 +417,7 @@ impl<S: Read + Write> Client<S> {
             called_ae: ae_title_field(&opts.called_ae),
             calling_ae: ae_title_field(&opts.calling_ae),
             items: all,
+            reserved: Default::default(),
         });
         c.assoc
             .request(now, &rq)
