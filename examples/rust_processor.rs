@@ -11,12 +11,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dicomgate::config::Config;
-use dicomgate::pipeline::{BatchInfo, Processor};
+use dicomgate::pipeline::{BatchInfo, ProcessingError, Processor};
 
 struct Anonymise;
 
 impl Processor for Anonymise {
-    fn process(&self, batch: &BatchInfo) -> Result<(), String> {
+    /// Each `?` turns the error's words into [`ProcessingError::Failed`], the kind a library
+    /// processor's failures are counted under (`dicomgate_processing_failures_total{kind="failed"}`).
+    fn process(&self, batch: &BatchInfo) -> Result<(), ProcessingError> {
         for (input, files) in &batch.inputs {
             let out_dir = batch.output_dir.join(input);
             std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;

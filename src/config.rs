@@ -809,6 +809,53 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// This error with "line N: " before it, N the line in `text` of the field it names
+    /// ([`error_line`]); as it is when `text` does not have the field.
+    pub fn at_line_in(&self, text: &str) -> ConfigError {
+        match error_line(text, &self.0) {
+            Some(line) => ConfigError(format!("line {line}: {}", self.0)),
+            None => ConfigError(self.0.clone()),
+        }
+    }
+}
+
+/// A config file as read: its path and text, so that an error found in it, when it is parsed
+/// or later (the start-up checks of [`Config::check_environment`], the TLS files), names the
+/// file and the line of the field: "FILE: line N: field ...".
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl ConfigFile {
+    pub fn read(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+        Ok(ConfigFile {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+
+    /// [`Config::from_toml`] of the text; an error is prefixed with the file.
+    pub fn parse(&self) -> Result<Config, ConfigError> {
+        Config::from_toml(&self.text)
+            .map_err(|e| ConfigError(format!("{}: {e}", self.path.display())))
+    }
+
+    /// `e`, an error about the config parsed from this file, with the file and the line of the
+    /// field it names ("FILE: line N: ..."; "FILE: ..." when the file does not have the field).
+    pub fn locate(&self, e: &ConfigError) -> ConfigError {
+        ConfigError(format!(
+            "{}: {}",
+            self.path.display(),
+            e.at_line_in(&self.text)
+        ))
+    }
+}
+
 /// Where `program` is, as `Command` would find it: a path (containing `/`) as given, else the
 /// first match in `PATH`; it must be an executable regular file.
 fn find_executable(program: &str) -> Result<PathBuf, String> {
@@ -866,10 +913,7 @@ impl Config {
         let mut c: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
         c.resolve_export_peers()
             .and_then(|()| c.validate())
-            .map_err(|e| match error_line(text, &e.0) {
-                Some(line) => ConfigError(format!("line {line}: {}", e.0)),
-                None => e,
-            })?;
+            .map_err(|e| e.at_line_in(text))?;
         Ok(c)
     }
 
@@ -1330,7 +1374,8 @@ impl Config {
     /// What the configuration works on outside itself, checked at start-up: the processing
     /// command is an executable program, each `dicom` export's address resolves (HOST:PORT),
     /// each folder export's path is a writable directory (created if missing), the data
-    /// directory is not a file. Each error names the field and what to do.
+    /// directory is not a file. Each error names the field and what to do; a config read from
+    /// a file gives its errors the file and the field's line with [`ConfigFile::locate`].
     pub fn check_environment(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
         // The TLS files ([tls], exports' tls_*) are read by net::tls::check_files, which
@@ -2091,6 +2136,92 @@ listen = \"\"
         assert!(
             e.contains("node.data_dir") && e.contains("not a directory"),
             "{e}"
+        );
+    }
+
+    /// Issue 11: the start-up checks of what the config names outside itself gave the field but
+    /// not the line; through [`ConfigFile::locate`] each names the file, the line of the field
+    /// (of the value, in a list) and the field.
+    #[test]
+    fn environment_errors_name_the_file_and_line_of_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let file_at = dir.path().join("a-file");
+        std::fs::write(&file_at, b"").unwrap();
+        let script = dir.path().join("not-executable.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let data = format!(
+            "[node]\ndata_dir = {:?}\n",
+            dir.path().join("data").display().to_string()
+        );
+        let located = |text: String| {
+            let path = dir.path().join("node.toml");
+            std::fs::write(&path, &text).unwrap();
+            let f = ConfigFile::read(&path).unwrap();
+            let e = f.parse().unwrap().check_environment().unwrap_err();
+            let prefix = format!("{}: ", path.display());
+            f.locate(&e)
+                .0
+                .strip_prefix(&prefix)
+                .unwrap_or_else(|| panic!("the file is not named: {}", f.locate(&e)))
+                .to_string()
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (
+                format!("{data}\n[processing]\ncommand = [\n  \"no-such-tool-anywhere\",\n  \"-v\",\n]\n"),
+                "line 6: processing.command: \"no-such-tool-anywhere\" is not found in PATH",
+            ),
+            (
+                format!(
+                    "{data}[processing]\ntimeout_seconds = 5\ncommand = [{:?}]\n",
+                    script.display().to_string()
+                ),
+                "line 5: processing.command: ",
+            ),
+            (
+                format!(
+                    "{data}[[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:104\"\nae_title = \"A\"\n\n\
+                     [[export]]\nkind = \"dicom\"\nae_title = \"B\"\naddress = \"127.0.0.1\"\n"
+                ),
+                "line 11: export 1: address \"127.0.0.1\": give HOST:PORT",
+            ),
+            (
+                format!(
+                    "{data}[[export]]\nkind = \"folder\"\n\npath = {:?}\n",
+                    file_at.join("sub").display().to_string()
+                ),
+                "line 6: export 0: path ",
+            ),
+            (
+                format!(
+                    "[http]\nlisten = \"\"\n[node]\nae_title = \"GATE\"\ndata_dir = {:?}\n",
+                    file_at.display().to_string()
+                ),
+                "line 5: node.data_dir ",
+            ),
+            (
+                format!(
+                    "{data}[http]\ntoken_file = {:?}\n",
+                    file_at.display().to_string()
+                ),
+                "line 4: http.token_file ",
+            ),
+            (
+                format!(
+                    "{data}[auth]\n\nusers_file = {:?}\n",
+                    dir.path().join("no-users").display().to_string()
+                ),
+                "line 5: auth.users_file ",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = located(text.clone());
+            assert!(got.starts_with(want), "{got}\nwanted {want}\n{text}");
+        }
+        // What the file does not have gets no line (the default data directory is a file).
+        let e = ConfigError("node.data_dir x: is not a directory".into());
+        assert_eq!(
+            e.at_line_in("[http]\nlisten = \"\"\n").0,
+            "node.data_dir x: is not a directory"
         );
     }
 

@@ -9,10 +9,9 @@ use crate::ul::{self, Status};
 const MAX_PDU: u32 = 65_536;
 
 /// Deframes a byte stream into PDUs and decodes each. Decoding must never panic; whatever decodes
-/// must re-encode to exactly the bytes it was decoded from, but for the reserved fields PS3.8
-/// §9.3 says are sent as 00H and not tested (written as 00H; [`reserved_zeroed`] finds them,
-/// walking the bytes itself, not through the decoder), and that re-encoding must decode to the
-/// same PDU.
+/// must re-encode to exactly the bytes it was decoded from, reserved fields included (PS3.8
+/// §9.3: sent as 00H, not tested when received: the decoder keeps them as they came), and that
+/// re-encoding must decode to the same PDU.
 pub fn pdu_decode(data: &[u8]) {
     let mut rest = data;
     while let Ok(Status::Complete(n)) = ul::deframe(rest, MAX_PDU) {
@@ -25,11 +24,7 @@ pub fn pdu_decode(data: &[u8]) {
             // Whatever decodes fits its length fields again, so it encodes.
             pdu.encode(&mut out).expect("a decoded PDU encodes");
             {
-                assert_eq!(
-                    out,
-                    reserved_zeroed(one),
-                    "encode(decode(bytes)) != bytes (reserved fields zeroed)"
-                );
+                assert_eq!(out, one, "encode(decode(bytes)) != bytes");
                 let again = ul::decode(&out).expect("a re-encoded PDU decodes");
                 assert_eq!(pdu, again, "decode(encode(pdu)) != pdu");
                 if let ul::Pdu::PDataTf(p) = &pdu {
@@ -40,84 +35,6 @@ pub fn pdu_decode(data: &[u8]) {
         }
         rest = tail;
     }
-}
-
-/// `pdu` (one whole PDU that decoded) with its reserved fields set to 00H, as the encoder writes
-/// them: the PDU header's second byte; in A-ASSOCIATE-RQ/AC bytes 9-10 and 43-74 (PS3.8 Tables
-/// 9-11, 9-17) and the second byte of every item, and of every sub-item of a presentation
-/// context (0x20 in an RQ, 0x21 in an AC) or user information item (0x50), and an AC's
-/// presentation context bytes 6 and 8 (Table 9-18); in A-ASSOCIATE-RJ byte 7, A-RELEASE bytes
-/// 7-10, A-ABORT bytes 7-8. An RQ presentation context's bytes 6-8 are kept by the decoder, as
-/// is a presentation context field not in its standard form (an RQ's with a sub-item of another
-/// type or its abstract syntax not first; an AC's that is not exactly one transfer syntax).
-pub fn reserved_zeroed(pdu: &[u8]) -> Vec<u8> {
-    let mut b = pdu.to_vec();
-    let zero = |b: &mut Vec<u8>, r: std::ops::Range<usize>| {
-        if let Some(s) = b.get_mut(r) {
-            s.fill(0);
-        }
-    };
-    let be16 = |b: &[u8], i: usize| {
-        b.get(i..i + 2)
-            .map_or(0, |s| usize::from(u16::from_be_bytes([s[0], s[1]])))
-    };
-    // Sub-items from `at` to `end`: each one's second byte.
-    let sub_items = |b: &mut Vec<u8>, mut at: usize, end: usize| {
-        while at + 4 <= end {
-            zero(b, at + 1..at + 2);
-            at += 4 + be16(b, at + 2);
-        }
-    };
-    zero(&mut b, 1..2);
-    match b.first().copied() {
-        Some(t @ (0x01 | 0x02)) => {
-            zero(&mut b, 8..10);
-            zero(&mut b, 42..74);
-            let mut at = 74;
-            while at + 4 <= b.len() {
-                let (it, len) = (b[at], be16(&b, at + 2));
-                zero(&mut b, at + 1..at + 2);
-                let end = at + 4 + len;
-                match it {
-                    0x20 if t == 0x01 => {
-                        // Re-encoded (so its sub-items' reserved bytes become 00H) only in the
-                        // form PS3.8 §9.3.2.2 gives: abstract syntax first, then transfer
-                        // syntaxes; any other field is kept as received.
-                        let mut i = at + 8;
-                        let mut canonical = b.get(i) == Some(&0x30);
-                        let mut first = true;
-                        while i + 4 <= end {
-                            canonical &= first || b[i] == 0x40;
-                            first = false;
-                            i += 4 + be16(&b, i + 2);
-                        }
-                        if canonical {
-                            sub_items(&mut b, at + 8, end);
-                        }
-                    }
-                    0x21 if t == 0x02 => {
-                        zero(&mut b, at + 5..at + 6);
-                        zero(&mut b, at + 7..at + 8);
-                        // Exactly one transfer syntax sub-item: re-encoded; otherwise kept.
-                        let one = end >= at + 12
-                            && b[at + 8] == 0x40
-                            && at + 12 + be16(&b, at + 10) == end;
-                        if one {
-                            sub_items(&mut b, at + 8, end);
-                        }
-                    }
-                    0x50 => sub_items(&mut b, at + 4, end),
-                    _ => {}
-                }
-                at = end;
-            }
-        }
-        Some(0x03) => zero(&mut b, 6..7),
-        Some(0x05 | 0x06) => zero(&mut b, 6..10),
-        Some(0x07) => zero(&mut b, 6..8),
-        _ => {}
-    }
-    b
 }
 
 /// Negotiates a decoded A-ASSOCIATE-RQ under a policy with every door check on (a users file
@@ -200,6 +117,7 @@ pub fn pdu_roundtrip(data: &[u8]) {
                     }),
                     0 => Item::PresentationContextAc(PresentationContextAc {
                         id: c.u8(),
+                        reserved: [0; 2],
                         result: PcResult(c.u8() % 5),
                         transfer_syntax: Some(c.bytes(64)),
                         not_significant: &[],
@@ -272,6 +190,7 @@ pub fn pdu_roundtrip(data: &[u8]) {
                 called_ae: [c.u8(); 16],
                 calling_ae: [c.u8(); 16],
                 items,
+                reserved: Default::default(),
             };
             if is_rq {
                 Pdu::AssociateRq(a)
@@ -283,12 +202,14 @@ pub fn pdu_roundtrip(data: &[u8]) {
             result: RejectResult(c.u8()),
             source: RejectSource(c.u8()),
             reason: c.u8(),
+            reserved: [0; 2],
         }),
-        3 => Pdu::ReleaseRq,
-        4 => Pdu::ReleaseRp,
+        3 => Pdu::RELEASE_RQ,
+        4 => Pdu::RELEASE_RP,
         5 => Pdu::Abort(Abort {
             source: AbortSource(c.u8()),
             reason: AbortReason(c.u8()),
+            reserved: [0; 3],
         }),
         _ => {
             let mut body = Vec::new();
@@ -703,6 +624,7 @@ fn service_associate_rq(window: u16) -> Vec<u8> {
                 },
             ]),
         ],
+        reserved: Default::default(),
     });
     let mut out = Vec::new();
     rq.encode(&mut out).expect("encodable");
@@ -992,13 +914,14 @@ pub fn assoc_events(data: &[u8]) {
             match op {
                 0 => drop(a.handle_pdu(now, rq.clone())),
                 1 => drop(a.handle_pdu(now, ac.clone())),
-                2 => drop(a.handle_pdu(now, ul::Pdu::ReleaseRq)),
-                3 => drop(a.handle_pdu(now, ul::Pdu::ReleaseRp)),
+                2 => drop(a.handle_pdu(now, ul::Pdu::RELEASE_RQ)),
+                3 => drop(a.handle_pdu(now, ul::Pdu::RELEASE_RP)),
                 4 => drop(a.handle_pdu(
                     now,
                     ul::Pdu::Abort(ul::Abort {
                         source: ul::AbortSource(c.u8()),
                         reason: ul::AbortReason(c.u8()),
+                        reserved: [0; 3],
                     }),
                 )),
                 5 => drop(a.handle_pdu(
@@ -1007,6 +930,7 @@ pub fn assoc_events(data: &[u8]) {
                         result: ul::RejectResult(1),
                         source: ul::RejectSource(1),
                         reason: 1,
+                        reserved: [0; 2],
                     }),
                 )),
                 6 => a.handle_invalid_pdu(now, ul::PduError::UnrecognizedPdu(c.u8())),
@@ -1018,6 +942,7 @@ pub fn assoc_events(data: &[u8]) {
                         result: ul::RejectResult(1),
                         source: ul::RejectSource(1),
                         reason: 7,
+                        reserved: [0; 2],
                     },
                 )),
                 10 => drop(a.release_request()),
@@ -1258,6 +1183,7 @@ mod tests {
                     secondary: b"",
                 }]),
             ],
+            reserved: Default::default(),
         };
         assert!(negotiate_at_the_door(&rq));
         let mut bytes = Vec::new();

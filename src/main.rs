@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use dicomgate::assoc::negotiation::VERIFICATION_SOP_CLASS;
 use dicomgate::assoc::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN;
-use dicomgate::config::Config;
-use dicomgate::net::scu::{Client, Proposal, ScuOptions};
-use dicomgate::storage::part10;
+use dicomgate::config::{Config, ConfigError, ConfigFile};
+use dicomgate::net::scu::{self, Client, Proposal, ScuOptions, StoreFilesError, StoreOutcome};
+use dicomgate::storage::part10::InstanceFile;
 
 #[derive(Parser)]
 #[command(name = "dicomgate", version, about = "DICOM ingestion gateway node")]
@@ -228,8 +228,7 @@ fn data_dir_of(
         return Ok(d);
     }
     let cfg = match config {
-        Some(p) => Config::from_toml(&std::fs::read_to_string(&p)?)
-            .map_err(|e| format!("{}: {e}", p.display()))?,
+        Some(p) => ConfigFile::read(&p)?.parse()?,
         None => Config::default(),
     };
     Ok(cfg.node.data_dir)
@@ -245,11 +244,7 @@ fn http_address(
         return Ok(h);
     }
     let cfg = match config {
-        Some(p) => Config::from_toml(
-            &std::fs::read_to_string(&p)
-                .map_err(|e| format!("config file {}: {e}", p.display()))?,
-        )
-        .map_err(|e| format!("{}: {e}", p.display()))?,
+        Some(p) => ConfigFile::read(&p)?.parse()?,
         None => Config::default(),
     };
     let listen = cfg.http.listen.trim();
@@ -279,13 +274,7 @@ fn token_of(
     token_file: Option<PathBuf>,
 ) -> Result<Option<String>, Box<dyn std::error::Error>> {
     let cfg = match config {
-        Some(p) => Some(
-            Config::from_toml(
-                &std::fs::read_to_string(p)
-                    .map_err(|e| format!("config file {}: {e}", p.display()))?,
-            )
-            .map_err(|e| format!("{}: {e}", p.display()))?,
-        ),
+        Some(p) => Some(ConfigFile::read(p)?.parse()?),
         None => None,
     };
     let token_file = token_file.or_else(|| {
@@ -638,14 +627,21 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             log_format,
             print_config,
         } => {
-            let mut cfg = match config {
-                Some(p) => Config::from_toml(
-                    &std::fs::read_to_string(&p)
-                        .map_err(|e| format!("config file {}: {e}", p.display()))?,
-                )
-                .map_err(|e| format!("{}: {e}", p.display()))?,
+            let file = config.as_deref().map(ConfigFile::read).transpose()?;
+            let mut cfg = match &file {
+                Some(f) => f.parse()?,
                 None => Config::default(),
             };
+            // The fields flags set: an error about one of them is not the file's.
+            let flagged: Vec<&str> = [
+                (listen.is_some(), "node.listen"),
+                (data_dir.is_some(), "node.data_dir"),
+                (ae_title.is_some(), "node.ae_title"),
+                (http.is_some(), "http.listen"),
+            ]
+            .into_iter()
+            .filter_map(|(set, field)| set.then_some(field))
+            .collect();
             if let Some(l) = listen {
                 cfg.node.listen = Some(l);
             }
@@ -700,7 +696,15 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     }
                 }
             });
-            let node = dicomgate::node::start(cfg)?;
+            let node = dicomgate::node::start(cfg).map_err(|e| {
+                let config_error = e.get_ref().and_then(|i| i.downcast_ref::<ConfigError>());
+                match (config_error, &file) {
+                    (Some(c), Some(f)) if !flagged.iter().any(|field| c.0.starts_with(field)) => {
+                        Box::new(f.locate(c)) as Box<dyn std::error::Error>
+                    }
+                    _ => e.into(),
+                }
+            })?;
             // Tests and scripts read the bound address from this line (and the TLS one from
             // the next, when [tls] listen is set; only that one when node.listen is "").
             if let Some(a) = node.local_addr {
@@ -770,13 +774,6 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
 }
 
-/// A file to send: its meta only; the bytes are read again when it is sent, so a folder of any
-/// size is sent with one file in memory at a time.
-struct FileToSend {
-    path: PathBuf,
-    meta: part10::ParsedFile,
-}
-
 fn collect(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     if path.is_dir() {
         let mut entries: Vec<_> = std::fs::read_dir(path)?
@@ -824,76 +821,46 @@ fn store(
         }
         collect(p, &mut files).map_err(|e| format!("{}: {e}", p.display()))?;
     }
-    let mut to_send = Vec::new();
-    for path in files {
-        let bytes = std::fs::read(&path)?;
-        match part10::parse(&bytes) {
-            Some(mut meta) if !meta.transfer_syntax_uid.is_empty() => {
-                // Name the instance the data set carries (as DCMTK's storescu does); some files'
-                // meta disagrees with their data set.
-                let (class, instance) = meta.data_set_sop_uids(&bytes);
-                meta.sop_class_uid = class;
-                meta.sop_instance_uid = instance;
-                if meta.sop_class_uid.is_empty() || meta.sop_instance_uid.is_empty() {
+    // Each file is read when the associations are planned and again when it is sent, so a
+    // folder of any size is sent with one file in memory at a time.
+    let read = |path: &PathBuf| -> Result<Option<InstanceFile>, Box<dyn std::error::Error>> {
+        match InstanceFile::parse(std::fs::read(path)?) {
+            Some(f) if !f.transfer_syntax_uid.is_empty() => {
+                if f.sop_class_uid.is_empty() || f.sop_instance_uid.is_empty() {
                     eprintln!("skipping {}: no SOP Class/Instance UID", path.display());
-                    continue;
+                    return Ok(None);
                 }
-                to_send.push(FileToSend { path, meta })
+                Ok(Some(f))
             }
-            _ => eprintln!("skipping {}: not a Part-10 file", path.display()),
+            _ => {
+                eprintln!("skipping {}: not a Part-10 file", path.display());
+                Ok(None)
+            }
         }
-    }
-    // One presentation context per (SOP class, transfer syntax); 128 per association at most.
-    let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
-    for (i, f) in to_send.iter().enumerate() {
-        groups
-            .entry((
-                f.meta.sop_class_uid.clone(),
-                f.meta.transfer_syntax_uid.clone(),
-            ))
-            .or_default()
-            .push(i);
-    }
-    let keys: Vec<_> = groups.keys().cloned().collect();
+    };
     let (mut ok, mut failed) = (0usize, 0usize);
-    for chunk in keys.chunks(128) {
-        let proposals: Vec<Proposal> = chunk
-            .iter()
-            .map(|(sop, ts)| Proposal {
-                abstract_syntax: sop.clone(),
-                transfer_syntaxes: vec![ts.clone()],
-            })
-            .collect();
-        let mut c = Client::open(address, &opts, &proposals)?;
-        for key in chunk {
-            for &i in &groups[key] {
-                let f = &to_send[i];
-                let bytes = std::fs::read(&f.path)?;
-                let ds = bytes.get(f.meta.data_set_offset..).unwrap_or_default();
-                match c.store(
-                    &f.meta.sop_class_uid,
-                    &f.meta.sop_instance_uid,
-                    &f.meta.transfer_syntax_uid,
-                    ds,
-                ) {
-                    Ok((0, _)) => ok += 1,
-                    Ok((st, comment)) => {
-                        failed += 1;
-                        eprintln!(
-                            "{}: status 0x{st:04X} {}",
-                            f.path.display(),
-                            comment.unwrap_or_default()
-                        );
-                    }
-                    Err(dicomgate::net::scu::ScuError::NoContext(w)) => {
-                        failed += 1;
-                        eprintln!("{}: {w} not accepted", f.path.display());
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+    let sent = scu::store_files(address, &opts, &files, read, |path, _, outcome| {
+        match outcome {
+            StoreOutcome::Answered { status: 0, .. } => ok += 1,
+            StoreOutcome::Answered { status, comment } => {
+                failed += 1;
+                eprintln!(
+                    "{}: status 0x{status:04X} {}",
+                    path.display(),
+                    comment.unwrap_or_default()
+                );
+            }
+            StoreOutcome::NotAccepted(w) => {
+                failed += 1;
+                eprintln!("{}: {w} not accepted", path.display());
             }
         }
-        c.release()?;
+        Ok(())
+    });
+    match sent {
+        Ok(()) => {}
+        Err(StoreFilesError::Scu(e) | StoreFilesError::Release(e)) => return Err(e.into()),
+        Err(StoreFilesError::Caller(e)) => return Err(e),
     }
     println!("stored {ok}, failed {failed}");
     Ok(if failed == 0 {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::handoff::Handoff;
 use crate::http;
 use crate::net::{self, AssociationLimits, Mailbox, Shared};
@@ -224,7 +224,10 @@ impl NodeHandle {
     }
 }
 
-/// Binds the listener, starts storage, the pipeline, the reactors and the acceptor.
+/// Binds the listener, starts storage, the pipeline, the reactors and the acceptor. A
+/// configuration that cannot be used ([`Config::validate`], [`Config::check_environment`], the
+/// TLS files) is an `InvalidInput` error holding the [`ConfigError`] (`dicomgate serve` gives it
+/// the config file's name and line: [`crate::config::ConfigFile::locate`]).
 pub fn start(config: Config) -> io::Result<NodeHandle> {
     start_with(config, None)
 }
@@ -234,8 +237,9 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
     config
         .validate()
         .and_then(|()| config.check_environment())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.0))?;
-    net::tls::check_files(&config).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    net::tls::check_files(&config)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, ConfigError(e)))?;
     for w in config.warnings() {
         tracing::warn!("{w}");
     }

@@ -500,7 +500,7 @@ fn release_waits_for_stores_in_flight() {
         // Release at once, without reading a response (the requestor's A-RELEASE-RQ follows
         // its requests on the wire).
         let mut rq = Vec::new();
-        Pdu::ReleaseRq.encode(&mut rq).unwrap();
+        Pdu::RELEASE_RQ.encode(&mut rq).unwrap();
         c.stream().write_all(&rq).unwrap();
         let mut node = std::mem::replace(&mut c.stream().node, SimNode::new(0, 1, 1));
         node.settle();
@@ -541,6 +541,7 @@ fn abort_with_stores_in_flight() {
         Pdu::Abort(ul::Abort {
             source: ul::AbortSource(0),
             reason: ul::AbortReason(0),
+            reserved: [0; 3],
         })
         .encode(&mut ab)
         .unwrap();

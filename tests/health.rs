@@ -11,14 +11,14 @@ use std::io::Read;
 use std::sync::Arc;
 
 use common::*;
-use dicomgate::pipeline::{BatchInfo, Processor};
+use dicomgate::pipeline::{BatchInfo, ProcessingError, Processor};
 
 /// A library user's processing that panics: the pipeline worker thread that runs it dies
 /// (nothing catches the unwind), which is the real way a pipeline thread ends early today.
 struct Panics;
 
 impl Processor for Panics {
-    fn process(&self, _batch: &BatchInfo) -> Result<(), String> {
+    fn process(&self, _batch: &BatchInfo) -> Result<(), ProcessingError> {
         panic!("test processor panics (tests/health.rs): its pipeline worker thread dies");
     }
 }

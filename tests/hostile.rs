@@ -55,6 +55,7 @@ fn associate_rq(contexts: Vec<PresentationContextRq<'static>>) -> Vec<u8> {
         called_ae: ul::ae_title_field("DICOMGATE"),
         calling_ae: ul::ae_title_field("HOSTILE"),
         items,
+        reserved: Default::default(),
     })
     .encode(&mut b)
     .unwrap();

@@ -218,7 +218,9 @@ fn processing_and_export_failures_are_counted() {
     );
     let want = [
         ("dicomgate_processing_runs_total{}", 1.0),
-        ("dicomgate_processing_failures_total{}", 0.0),
+        ("dicomgate_processing_failures_total{kind=exit_status}", 0.0),
+        ("dicomgate_processing_failures_total{kind=timeout}", 0.0),
+        ("dicomgate_processing_failures_total{kind=no_output}", 0.0),
         // One observation per run in the duration histogram.
         ("dicomgate_processing_duration_seconds_count{}", 1.0),
         ("dicomgate_export_failures_total{destination=export-0}", 2.0),
@@ -236,6 +238,77 @@ fn processing_and_export_failures_are_counted() {
     assert!(
         got["dicomgate_processing_seconds_total{}"] > 0.0,
         "{got:#?}"
+    );
+}
+
+/// Issue 11: processing failures are counted by kind. A command that exits 7 on its first
+/// attempt and outlives `timeout_seconds` on its second: `kind="exit_status"` and
+/// `kind="timeout"` count one each, every other kind is shown at 0, and the retry's log line
+/// names the kind.
+#[test]
+fn processing_failures_are_counted_by_kind() {
+    let marks = tempfile::tempdir().unwrap();
+    let first = marks.path().join("first-attempt-done");
+    let script = format!(
+        "if [ -e {f} ]; then sleep 30; else touch {f}; exit 7; fi",
+        f = first.display()
+    );
+    let node = Node::start(&format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n\
+         [trigger]\non_association_close = true\nquiet_seconds = 0\n\
+         [processing]\ncommand = [\"sh\", \"-c\", {script:?}]\nattempts = 2\ntimeout_seconds = 1\n\
+         [outbox]\nfirst_delay_seconds = 0.1\n"
+    ));
+    let addr = http_addr(&node);
+    let src = tempfile::tempdir().unwrap();
+    let file = write_instance(
+        src.path(),
+        "PROCKINDS",
+        "1.2.826.0.1.3680043.10.32",
+        "1.2.826.0.1.3680043.10.32.1",
+        "1.2.826.0.1.3680043.10.32.1.1",
+        1,
+    );
+    assert!(storescu_status(&node, &[file]).success());
+    assert!(
+        wait_until(30, || node.log().contains("batch moved to failed/")),
+        "{}",
+        node.log()
+    );
+    let got = scrape(&addr);
+    let kinds: BTreeMap<&str, f64> = got
+        .iter()
+        .filter_map(|(k, v)| {
+            let kind = k
+                .strip_prefix("dicomgate_processing_failures_total{kind=")?
+                .strip_suffix('}')?;
+            Some((kind, *v))
+        })
+        .collect();
+    let want: BTreeMap<&str, f64> = dicomgate::pipeline::process::FAILURE_KINDS
+        .iter()
+        .map(|k| {
+            (
+                *k,
+                if matches!(*k, "exit_status" | "timeout") {
+                    1.0
+                } else {
+                    0.0
+                },
+            )
+        })
+        .collect();
+    assert_eq!(kinds, want, "{got:#?}");
+    assert_eq!(got["dicomgate_processing_runs_total{}"], 2.0, "{got:#?}");
+    let log = node.log();
+    let retry = log
+        .lines()
+        .find(|l| l.contains("processing failed; will retry"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(retry.contains("kind=\"exit_status\""), "{retry}");
+    assert!(
+        log.contains("processing command killed after 1.0 s (timeout_seconds)"),
+        "{log}"
     );
 }
 

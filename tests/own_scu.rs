@@ -90,6 +90,49 @@ fn dicomgate_store_and_echo_are_byte_exact_and_readable_by_dicom_object() {
     );
 }
 
+/// `dicomgate store` and the `dicom` export share one sending routine (issue 11): the CLI still
+/// counts each file's answer, says why a file failed or was skipped, and goes on after a
+/// refused one.
+#[test]
+fn dicomgate_store_counts_a_refused_file_and_goes_on() {
+    let node = Node::start("[[input]]\nname = \"mr\"\nmatch = { Modality = \"MR\" }\n");
+    let t = pydicom_test_files();
+    let dir = tempfile::tempdir().unwrap();
+    let not_dicom = dir.path().join("notes.txt");
+    std::fs::write(&not_dicom, b"not a Part-10 file").unwrap();
+    let (ct, mr) = (t.join("CT_small.dcm"), t.join("MR_small_bigendian.dcm"));
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["store", &node.addr.to_string()])
+        .args([&ct, &not_dicom, &mr])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "stored 1, failed 1",
+        "{stderr}"
+    );
+    // No input accepts a CT: the node answers 0x0124 (refused: not authorized).
+    assert!(
+        stderr.contains(&format!("{}: status 0x0124", ct.display())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "skipping {}: not a Part-10 file",
+            not_dicom.display()
+        )),
+        "{stderr}"
+    );
+    let mr_bytes = std::fs::read(&mr).unwrap();
+    let (_, mr_uid) = part10::parse(&mr_bytes)
+        .unwrap()
+        .data_set_sop_uids(&mr_bytes);
+    assert!(stored_instance(&node, &mr_uid).is_some(), "{}", node.log());
+    assert_eq!(node.stored().len(), 1);
+}
+
 /// Issue 12: `dicomgate echo` defaulted to called AE `ANY-SCP`, which the node's own default
 /// rejects; rejections printed as bare codes; a rejected association was logged twice, the
 /// second time with empty AE titles. Now: echo works with its defaults, a rejection reads as

@@ -538,12 +538,12 @@ fn kill9_during_ingest_and_processing_loses_nothing_acknowledged() {
 /// split by input (an instance two inputs accept is in both folders).
 #[test]
 fn rust_processor_gets_the_batch_by_input() {
-    use dicomgate::pipeline::{BatchInfo, Processor};
+    use dicomgate::pipeline::{BatchInfo, ProcessingError, Processor};
     use std::sync::{Arc, Mutex};
     type Seen = Arc<Mutex<Vec<(String, Vec<(String, usize)>)>>>;
     struct Record(Seen);
     impl Processor for Record {
-        fn process(&self, b: &BatchInfo) -> Result<(), String> {
+        fn process(&self, b: &BatchInfo) -> Result<(), ProcessingError> {
             self.0.lock().unwrap().push((
                 b.patient_id.clone(),
                 b.inputs.iter().map(|(n, f)| (n.clone(), f.len())).collect(),

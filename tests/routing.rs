@@ -635,10 +635,10 @@ fn instance_for_no_destination_is_kept_in_failed_not_deleted() {
 /// and `inputs` then ignored (every destination got all of the output). Refused at start.
 #[test]
 fn export_inputs_beside_a_library_processor_are_refused() {
-    use dicomgate::pipeline::{BatchInfo, Processor};
+    use dicomgate::pipeline::{BatchInfo, ProcessingError, Processor};
     struct Nothing;
     impl Processor for Nothing {
-        fn process(&self, _: &BatchInfo) -> Result<(), String> {
+        fn process(&self, _: &BatchInfo) -> Result<(), ProcessingError> {
             Ok(())
         }
     }

@@ -285,8 +285,8 @@ impl Association {
             Pdu::AssociateAc(_) => Evt::Evt3AssociateAc,
             Pdu::AssociateRj(_) => Evt::Evt4AssociateRj,
             Pdu::PDataTf(_) => Evt::Evt10PData,
-            Pdu::ReleaseRq => Evt::Evt12ReleaseRq,
-            Pdu::ReleaseRp => Evt::Evt13ReleaseRp,
+            Pdu::ReleaseRq(_) => Evt::Evt12ReleaseRq,
+            Pdu::ReleaseRp(_) => Evt::Evt13ReleaseRp,
             Pdu::Abort(_) => Evt::Evt16Abort,
         };
         let before = self.state;
@@ -385,7 +385,7 @@ impl Association {
         if self.state != State::Sta6 {
             return Err(self.not_allowed("A-RELEASE request"));
         }
-        self.send(&Pdu::ReleaseRq);
+        self.send(&Pdu::RELEASE_RQ);
         self.state = State::Sta7;
         Ok(())
     }
@@ -394,11 +394,11 @@ impl Association {
     pub fn release_response(&mut self, now: Instant) -> Result<(), NotAllowed> {
         match self.state {
             State::Sta8 | State::Sta12 => {
-                self.send(&Pdu::ReleaseRp);
+                self.send(&Pdu::RELEASE_RP);
                 self.enter_sta13(now);
             }
             State::Sta9 => {
-                self.send(&Pdu::ReleaseRp);
+                self.send(&Pdu::RELEASE_RP);
                 self.state = State::Sta11;
             }
             _ => return Err(self.not_allowed("A-RELEASE response")),
@@ -521,6 +521,7 @@ impl Association {
                 self.send(&Pdu::Abort(Abort {
                     source: AbortSource::SERVICE_PROVIDER,
                     reason,
+                    reserved: [0; 3],
                 }));
             }
             (Sta3 | Sta5 | Sta6 | Sta7 | Sta8 | Sta9 | Sta10 | Sta11 | Sta12, Evt16Abort) => {
@@ -564,7 +565,11 @@ impl Association {
 
     /// AA-1: send A-ABORT, (re)start ARTIM → Sta13.
     fn aa1(&mut self, now: Instant, source: AbortSource, reason: AbortReason) -> Abort {
-        let a = Abort { source, reason };
+        let a = Abort {
+            source,
+            reason,
+            reserved: [0; 3],
+        };
         self.send(&Pdu::Abort(a));
         self.enter_sta13(now);
         a
@@ -581,6 +586,7 @@ impl Association {
         let a = Abort {
             source: AbortSource::SERVICE_PROVIDER,
             reason,
+            reserved: [0; 3],
         };
         self.send(&Pdu::Abort(a));
         self.enter_sta13(now);
@@ -685,7 +691,7 @@ mod tests {
         let now = t0();
         let mut a = established(now);
         assert!(matches!(
-            a.handle_pdu(now, Pdu::ReleaseRq),
+            a.handle_pdu(now, Pdu::RELEASE_RQ),
             Received::Nothing
         ));
         assert_eq!(a.state(), State::Sta8); // AR-2
@@ -694,7 +700,7 @@ mod tests {
         a.send_pdata(|o| o.push(0)).unwrap();
         a.transmit().clear();
         a.release_response(now).unwrap(); // AR-4
-        assert_eq!(sent(&mut a), vec![Pdu::ReleaseRp]);
+        assert_eq!(sent(&mut a), vec![Pdu::RELEASE_RP]);
         assert_eq!(a.state(), State::Sta13);
         a.handle_transport_closed(now); // AR-5
         assert_eq!(a.state(), State::Sta1);
@@ -703,7 +709,7 @@ mod tests {
     #[test]
     fn unexpected_pdus_in_sta2_get_a_abort_source_2_reason_2() {
         let now = t0();
-        for pdu in [Pdu::ReleaseRq, Pdu::ReleaseRp] {
+        for pdu in [Pdu::RELEASE_RQ, Pdu::RELEASE_RP] {
             let mut a = Association::acceptor(now, Timeouts::default());
             a.handle_pdu(now, pdu);
             let ab = abort_of(&sent(&mut a));
@@ -719,11 +725,12 @@ mod tests {
         let rq = rq_bytes();
         for pdu in [
             decode(&rq).unwrap(),
-            Pdu::ReleaseRp,
+            Pdu::RELEASE_RP,
             Pdu::AssociateRj(AssociateRj {
                 result: RejectResult::PERMANENT,
                 source: RejectSource::SERVICE_USER,
                 reason: 1,
+                reserved: [0; 2],
             }),
         ] {
             let mut a = established(now);
@@ -784,6 +791,7 @@ mod tests {
                 result: RejectResult::PERMANENT,
                 source: RejectSource::SERVICE_USER,
                 reason: 7,
+                reserved: [0; 2],
             },
         )
         .unwrap();
@@ -813,6 +821,7 @@ mod tests {
         let ab = Abort {
             source: AbortSource::SERVICE_USER,
             reason: AbortReason::NOT_SPECIFIED,
+            reserved: [0; 3],
         };
         let mut a = established(now);
         a.handle_pdu(now, Pdu::Abort(ab)); // AA-3
@@ -831,15 +840,15 @@ mod tests {
         let mut a = established(now);
         a.release_request().unwrap();
         a.transmit().clear();
-        a.handle_pdu(now, Pdu::ReleaseRq);
+        a.handle_pdu(now, Pdu::RELEASE_RQ);
         assert_eq!(a.state(), State::Sta10); // AR-8, acceptor
-        a.handle_pdu(now, Pdu::ReleaseRp);
+        a.handle_pdu(now, Pdu::RELEASE_RP);
         assert_eq!(a.state(), State::Sta12); // AR-10
         a.release_response(now).unwrap(); // AR-4
         assert_eq!(a.state(), State::Sta13);
         // Requestor: Sta9 → Sta11 → Sta1.
         let mut r = Association::requestor(now, Timeouts::default());
-        r.request(now, &Pdu::ReleaseRq).unwrap();
+        r.request(now, &Pdu::RELEASE_RQ).unwrap();
         r.transmit().clear();
         assert_eq!(r.state(), State::Sta5);
         r.handle_pdu(
@@ -855,11 +864,11 @@ mod tests {
         );
         assert_eq!(r.state(), State::Sta6);
         r.release_request().unwrap();
-        r.handle_pdu(now, Pdu::ReleaseRq);
+        r.handle_pdu(now, Pdu::RELEASE_RQ);
         assert_eq!(r.state(), State::Sta9);
         r.release_response(now).unwrap(); // AR-9
         assert_eq!(r.state(), State::Sta11);
-        r.handle_pdu(now, Pdu::ReleaseRp); // AR-3
+        r.handle_pdu(now, Pdu::RELEASE_RP); // AR-3
         assert_eq!(r.state(), State::Sta1);
     }
 
@@ -869,7 +878,7 @@ mod tests {
     fn artim_in_sta5_reports_the_a_abort_it_sends() {
         let now = t0();
         let mut r = Association::requestor(now, Timeouts::default());
-        r.request(now, &Pdu::ReleaseRq).unwrap();
+        r.request(now, &Pdu::RELEASE_RQ).unwrap();
         r.transmit().clear();
         assert_eq!(r.state(), State::Sta5);
         let t = r.poll_timeout().unwrap();
@@ -891,11 +900,12 @@ mod tests {
         let mut r = Association::requestor(now, Timeouts::default());
         assert!(r.accept(now, &[]).is_err());
         assert!(r.release_request().is_err());
-        r.request(now, &Pdu::ReleaseRq).unwrap();
+        r.request(now, &Pdu::RELEASE_RQ).unwrap();
         let rj = AssociateRj {
             result: RejectResult::PERMANENT,
             source: RejectSource::SERVICE_USER,
             reason: 7,
+            reserved: [0; 2],
         };
         r.handle_pdu(now, Pdu::AssociateRj(rj)); // AE-4
         assert_eq!(r.state(), State::Sta1);
@@ -909,7 +919,7 @@ mod tests {
         let mut a = established(now);
         a.abort(now).unwrap(); // AA-1
         assert_eq!(abort_of(&sent(&mut a)).source, AbortSource::SERVICE_USER);
-        a.handle_pdu(now, Pdu::ReleaseRq); // AA-6
+        a.handle_pdu(now, Pdu::RELEASE_RQ); // AA-6
         assert!(a.transmit().is_empty());
         a.handle_pdu(now, decode(&rq_bytes()).unwrap()); // AA-7
         abort_of(&sent(&mut a));
@@ -938,12 +948,12 @@ mod tests {
             }
             match s {
                 Sta7 => a.release_request().unwrap(),
-                Sta8 => drop(a.handle_pdu(now, Pdu::ReleaseRq)),
+                Sta8 => drop(a.handle_pdu(now, Pdu::RELEASE_RQ)),
                 Sta10 | Sta12 => {
                     a.release_request().unwrap();
-                    a.handle_pdu(now, Pdu::ReleaseRq);
+                    a.handle_pdu(now, Pdu::RELEASE_RQ);
                     if s == Sta12 {
-                        a.handle_pdu(now, Pdu::ReleaseRp);
+                        a.handle_pdu(now, Pdu::RELEASE_RP);
                     }
                 }
                 Sta13 => a.abort(now).unwrap(),
@@ -1009,6 +1019,7 @@ mod tests {
             result: RejectResult::PERMANENT,
             source: RejectSource::SERVICE_USER,
             reason: 1,
+            reserved: [0; 2],
         };
         let mut checked = 0;
         for evt in [
@@ -1022,13 +1033,14 @@ mod tests {
                     "rj" => drop(a.handle_pdu(now, Pdu::AssociateRj(rj))),
                     "rq" => drop(a.handle_pdu(now, decode(&rq).unwrap())),
                     "pdata" => drop(a.handle_pdu(now, decode(&pdata).unwrap())),
-                    "relrq" => drop(a.handle_pdu(now, Pdu::ReleaseRq)),
-                    "relrp" => drop(a.handle_pdu(now, Pdu::ReleaseRp)),
+                    "relrq" => drop(a.handle_pdu(now, Pdu::RELEASE_RQ)),
+                    "relrp" => drop(a.handle_pdu(now, Pdu::RELEASE_RP)),
                     "abort" => drop(a.handle_pdu(
                         now,
                         Pdu::Abort(Abort {
                             source: AbortSource::SERVICE_USER,
                             reason: AbortReason::NOT_SPECIFIED,
+                            reserved: [0; 3],
                         }),
                     )),
                     "closed" => a.handle_transport_closed(now),

@@ -181,6 +181,7 @@ fn rj(result: RejectResult, source: RejectSource, reason: u8) -> Outcome {
             result,
             source,
             reason,
+            reserved: [0; 2],
         },
         None,
     )
@@ -192,6 +193,7 @@ fn rj_why(reason: u8, why: String) -> Outcome {
             result: RejectResult::PERMANENT,
             source: RejectSource::SERVICE_USER,
             reason,
+            reserved: [0; 2],
         },
         Some(why),
     )
@@ -312,6 +314,7 @@ pub fn negotiate_from(
         }
         ac_items.push(Item::PresentationContextAc(PresentationContextAc {
             id: pc.id,
+            reserved: [0; 2],
             result,
             // Not significant when rejected (PS3.8 §9.3.3.2), but DCMTK expects the sub-item.
             transfer_syntax: Some(
@@ -419,6 +422,7 @@ pub fn negotiate_from(
                         result: R::TRANSIENT,
                         source: S::SERVICE_PROVIDER_PRESENTATION,
                         reason: reject_reason::TEMPORARY_CONGESTION,
+                        reserved: [0; 2],
                     },
                     Some(format!("user identity: {why}")),
                 );
@@ -444,6 +448,7 @@ pub fn negotiate_from(
         called_ae: rq.called_ae,
         calling_ae: rq.calling_ae,
         items: ac_items,
+        reserved: Default::default(),
     });
     let mut bytes = Vec::new();
     if ac.encode(&mut bytes).is_err() {
@@ -574,6 +579,7 @@ mod tests {
             called_ae: ae_title_field(called),
             calling_ae: ae_title_field(calling),
             items,
+            reserved: Default::default(),
         }
     }
 

@@ -274,10 +274,19 @@ pub fn render(shared: &Shared) -> String {
         "Processing runs that ended (not those cut by a stop)",
         ConstCounter::new(s.processing_runs.load(Ordering::Relaxed)),
     );
+    let processing_failures = Family::<KindLabel, Counter>::default();
+    for (kind, n) in s.processing_failures.by_kind() {
+        processing_failures
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc_by(n);
+    }
     r.register(
         "processing_failures",
-        "Processing runs that failed (an error, a timeout, no output when that is a failure)",
-        ConstCounter::new(s.processing_failures.load(Ordering::Relaxed)),
+        "Processing runs that failed, by kind: timeout, exit_status, signal, not_started, \
+         wait_failed, output_unreadable, no_output, failed (a library processor's error)",
+        processing_failures,
     );
     r.register(
         "processing_seconds",

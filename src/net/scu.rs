@@ -1,9 +1,12 @@
 //! The requestor side (SCU) over a blocking socket, for `dicomgate echo` and `dicomgate store`
 //! and the pipeline's `dicom` exports: the same PDU layer, state machine and DIMSE assembly as
-//! the node, driven synchronously. Over TLS (PS3.15 B.12, the profile of [`super::tls`]) the
+//! the node, driven synchronously. Both senders of Part-10 files (`dicomgate store` and the
+//! `dicom` export) go through [`store_files`]: what is proposed, how each file is sent and what
+//! its answer was is decided once, here; what a failure means is the caller's. Over TLS (PS3.15 B.12, the profile of [`super::tls`]) the
 //! socket is wrapped in a `rustls::StreamOwned` ([`Transport`]) and the handshake completed
 //! before the A-ASSOCIATE-RQ, so a refused certificate is reported as such.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -12,6 +15,7 @@ use crate::assoc::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 use crate::assoc::{Association, Event, Received, Timeouts};
 use crate::dimse::command::{self, command_field, CommandSet};
 use crate::dimse::{message, Assembler, Message};
+use crate::storage::part10::InstanceFile;
 use crate::ul::{
     self, ae_title_field, Associate, Item, PcResult, Pdu, PresentationContextRq, SubItem,
     DICOM_APPLICATION_CONTEXT,
@@ -83,6 +87,102 @@ impl From<io::Error> for ScuError {
     fn from(e: io::Error) -> Self {
         ScuError::Io(e)
     }
+}
+
+/// Presentation contexts proposed in one A-ASSOCIATE-RQ at most: IDs are the odd numbers 1..255
+/// (PS3.8 §9.3.2.2).
+pub const MAX_PROPOSALS: usize = 128;
+
+/// The peer's answer to one file of [`store_files`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// Sent; the C-STORE-RSP's Status and Error Comment (PS3.4 B.2.3).
+    Answered {
+        status: u16,
+        comment: Option<String>,
+    },
+    /// Not sent: the peer accepted no presentation context for its SOP class in its transfer
+    /// syntax (the text names both).
+    NotAccepted(String),
+}
+
+/// Why [`store_files`] stopped before every file was answered and every association released.
+#[derive(Debug)]
+pub enum StoreFilesError<E> {
+    /// Associating, a C-STORE or the wait for its response failed.
+    Scu(ScuError),
+    /// Every file of an association was answered, but its A-RELEASE failed.
+    Release(ScuError),
+    /// The caller's `read` or `outcome` failed; the association (if any) was aborted.
+    Caller(E),
+}
+
+/// Sends Part-10 files to the peer at `address` (HOST:PORT; over TLS when `opts.tls` is set),
+/// each in its own transfer syntax: one presentation context per (SOP class, transfer syntax)
+/// the files need, each proposing that one transfer syntax, [`MAX_PROPOSALS`] per association
+/// (more need further associations, one after another, each released when its files are
+/// answered).
+///
+/// `read` is called twice per file: once to plan the proposals, and again when the file's turn
+/// comes, so one file is in memory at a time; `Ok(None)` leaves a file out (the caller says
+/// why). `outcome` hears each file's answer, in the order sent; an `Err` from either ends the
+/// send: the association is aborted and the error returned as [`StoreFilesError::Caller`].
+/// Which statuses count as stored is the caller's to say (PS3.4 B.2.3: 0x0000 success,
+/// 0xB000, 0xB006, 0xB007 warnings).
+pub fn store_files<T, E>(
+    address: &str,
+    opts: &ScuOptions,
+    files: &[T],
+    mut read: impl FnMut(&T) -> Result<Option<InstanceFile>, E>,
+    mut outcome: impl FnMut(&T, &InstanceFile, StoreOutcome) -> Result<(), E>,
+) -> Result<(), StoreFilesError<E>> {
+    let mut by_context: BTreeMap<(String, String), Vec<&T>> = BTreeMap::new();
+    for f in files {
+        if let Some(p) = read(f).map_err(StoreFilesError::Caller)? {
+            by_context
+                .entry((p.sop_class_uid, p.transfer_syntax_uid))
+                .or_default()
+                .push(f);
+        }
+    }
+    let by_context: Vec<_> = by_context.into_iter().collect();
+    for chunk in by_context.chunks(MAX_PROPOSALS) {
+        let proposals: Vec<Proposal> = chunk
+            .iter()
+            .map(|((sop_class, ts), _)| Proposal {
+                abstract_syntax: sop_class.clone(),
+                transfer_syntaxes: vec![ts.clone()],
+            })
+            .collect();
+        let mut client = Client::open(address, opts, &proposals).map_err(StoreFilesError::Scu)?;
+        for &f in chunk.iter().flat_map(|(_, files)| files) {
+            let sent = match read(f) {
+                Err(e) => Err(StoreFilesError::Caller(e)),
+                // Gone or changed since it was planned: left out, as at planning.
+                Ok(None) => continue,
+                Ok(Some(p)) => match client.store(
+                    &p.sop_class_uid,
+                    &p.sop_instance_uid,
+                    &p.transfer_syntax_uid,
+                    p.data_set(),
+                ) {
+                    Ok((status, comment)) => {
+                        outcome(f, &p, StoreOutcome::Answered { status, comment })
+                            .map_err(StoreFilesError::Caller)
+                    }
+                    Err(ScuError::NoContext(w)) => outcome(f, &p, StoreOutcome::NotAccepted(w))
+                        .map_err(StoreFilesError::Caller),
+                    Err(e) => Err(StoreFilesError::Scu(e)),
+                },
+            };
+            if let Err(e) = sent {
+                let _ = client.abort();
+                return Err(e);
+            }
+        }
+        client.release().map_err(StoreFilesError::Release)?;
+    }
+    Ok(())
 }
 
 /// A proposed presentation context: abstract syntax and transfer syntaxes.
@@ -282,15 +382,19 @@ impl<S: Read + Write> Client<S> {
             message_id: 0,
             operations_window: 1,
         };
-        let items = proposals.iter().take(128).enumerate().map(|(i, p)| {
-            Item::PresentationContextRq(PresentationContextRq {
-                field: &[],
-                id: (2 * i + 1) as u8,
-                reserved: [0; 3],
-                abstract_syntax: p.abstract_syntax.as_bytes(),
-                transfer_syntaxes: p.transfer_syntaxes.iter().map(|t| t.as_bytes()).collect(),
-            })
-        });
+        let items = proposals
+            .iter()
+            .take(MAX_PROPOSALS)
+            .enumerate()
+            .map(|(i, p)| {
+                Item::PresentationContextRq(PresentationContextRq {
+                    field: &[],
+                    id: (2 * i + 1) as u8,
+                    reserved: [0; 3],
+                    abstract_syntax: p.abstract_syntax.as_bytes(),
+                    transfer_syntaxes: p.transfer_syntaxes.iter().map(|t| t.as_bytes()).collect(),
+                })
+            });
         let mut all = vec![Item::ApplicationContext(DICOM_APPLICATION_CONTEXT)];
         all.extend(items);
         let mut user = vec![
@@ -313,6 +417,7 @@ impl<S: Read + Write> Client<S> {
             called_ae: ae_title_field(&opts.called_ae),
             calling_ae: ae_title_field(&opts.calling_ae),
             items: all,
+            reserved: Default::default(),
         });
         c.assoc
             .request(now, &rq)

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use super::{export, now_ms, BatchInfo, Context, Job, Who, UNMATCHED_INPUT};
+use super::{export, now_ms, BatchInfo, Context, Job, ProcessingError, Who, UNMATCHED_INPUT};
 use crate::config::{EmptyOutput, ExpireAction, ExportConfig, ExportKind};
 use crate::patients::InstanceRecord;
 use crate::storage::inventory::walk_files;
@@ -621,13 +621,14 @@ pub(super) fn process(ctx: &Context, id: &str) {
                 // A run that wrote nothing to send keeps the batch unless the config says
                 // that is a success (issue 11: it was deleted and counted as exported).
                 match dicom_files(&info.output_dir) {
-                    Ok(f) if f.is_empty() && empty_output(ctx) == EmptyOutput::Fail => Err(
-                        "the run exited successfully but left no DICOM output in output/ \
-                         ([processing] empty_output = \"fail\")"
-                            .to_string(),
-                    ),
+                    Ok(f) if f.is_empty() && empty_output(ctx) == EmptyOutput::Fail => {
+                        Err(ProcessingError::NoOutput)
+                    }
                     Ok(_) => Ok(()),
-                    Err(e) => Err(format!("cannot list output/: {e}")),
+                    Err(e) => Err(ProcessingError::OutputUnreadable {
+                        kind: e.kind(),
+                        detail: e.to_string(),
+                    }),
                 }
             });
             if (ctx.shutdown.load(Ordering::Acquire) || super::process::stopping())
@@ -650,10 +651,8 @@ pub(super) fn process(ctx: &Context, id: &str) {
                 .processing_micros
                 .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
             stats.processing_seconds.0.observe(took.as_secs_f64());
-            if result.is_err() {
-                stats.processing_failures.fetch_add(1, Ordering::Relaxed);
-            }
             if let Err(why) = result {
+                stats.processing_failures.count(&why);
                 state.processing_attempts += 1;
                 let allowed = ctx.config.processing.as_ref().map_or(1, |p| p.attempts);
                 if state.processing_attempts >= allowed {
@@ -661,7 +660,7 @@ pub(super) fn process(ctx: &Context, id: &str) {
                     let _ = write_state(&dir, &state);
                     fail(ctx, id, &format!("processing failed: {why}"));
                 } else {
-                    tracing::warn!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, reason = %why, attempt = state.processing_attempts, "processing failed; will retry");
+                    tracing::warn!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, reason = %why, kind = why.kind(), attempt = state.processing_attempts, "processing failed; will retry");
                     let _ = write_state(&dir, &state);
                     ctx.retry_later(
                         ctx.backoff(state.processing_attempts),

@@ -7,7 +7,6 @@
 //! receiving an instance twice replaces it, as C-STORE allows). Must never build a path from
 //! file contents without validating it (UIDs checked per PS3.5 §9.1).
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,9 +14,9 @@ use std::time::Duration;
 
 use crate::config::{ExportConfig, ExportKind, PeerConfig};
 use crate::dimse::{scan, tags, uid::is_valid_uid};
-use crate::net::scu::{Client, Proposal, ScuOptions};
+use crate::net::scu::{store_files, ScuError, ScuOptions, StoreFilesError, StoreOutcome};
 use crate::storage::log::{Loc, Log};
-use crate::storage::part10;
+use crate::storage::part10::{self, InstanceFile};
 
 /// The error of an export cut short because the node is stopping.
 pub const STOPPING: &str = "node stopping";
@@ -40,30 +39,13 @@ impl Source {
     }
 }
 
-/// A Part-10 file read for export.
-struct Part10 {
-    bytes: Vec<u8>,
-    data_set_offset: usize,
-    sop_class_uid: String,
-    sop_instance_uid: String,
-    transfer_syntax_uid: String,
-}
-
-fn read(src: &Source, log: &Log) -> Result<Part10, String> {
+fn read(src: &Source, log: &Log) -> Result<InstanceFile, String> {
     let bytes = match src {
         Source::File(path) => fs::read(path),
         Source::Log(loc) => log.read(*loc).map(|i| i.part10()),
     }
     .map_err(|e| format!("{}: {e}", src.name()))?;
-    let p = part10::parse(&bytes).ok_or_else(|| format!("{}: not a Part-10 file", src.name()))?;
-    let (sop_class_uid, sop_instance_uid) = p.data_set_sop_uids(&bytes);
-    Ok(Part10 {
-        data_set_offset: p.data_set_offset,
-        sop_class_uid,
-        sop_instance_uid,
-        transfer_syntax_uid: p.transfer_syntax_uid,
-        bytes,
-    })
+    InstanceFile::parse(bytes).ok_or_else(|| format!("{}: not a Part-10 file", src.name()))
 }
 
 /// Delivers `files` to `dest`; `node_ae` is the default calling AE title; log records are read
@@ -184,7 +166,7 @@ pub fn to_folder(
             .map(|t| t.encoding);
         let values = enc.and_then(|enc| {
             scan::scan(
-                p.bytes.get(p.data_set_offset..)?,
+                p.data_set(),
                 enc,
                 &[tags::STUDY_INSTANCE_UID, tags::SERIES_INSTANCE_UID],
             )
@@ -231,8 +213,8 @@ pub fn to_folder(
 }
 
 /// One association per batch (more only if it needs over 128 presentation contexts), each file
-/// sent in its own transfer syntax. Success, or a warning status (0xB000, 0xB006, 0xB007), counts
-/// as delivered; anything else fails the export.
+/// sent in its own transfer syntax ([`store_files`]). Success, or a warning status (0xB000,
+/// 0xB006, 0xB007), counts as delivered; anything else fails the export.
 pub fn to_dicom(
     address: &str,
     called: &str,
@@ -242,16 +224,6 @@ pub fn to_dicom(
     log: &Log,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
-    // Group by (SOP class, transfer syntax) to build the proposals.
-    let mut by_pair: BTreeMap<(String, String), Vec<&Source>> = BTreeMap::new();
-    for f in files {
-        let p = read(f, log)?;
-        by_pair
-            .entry((p.sop_class_uid, p.transfer_syntax_uid))
-            .or_default()
-            .push(f);
-    }
-    let pairs: Vec<_> = by_pair.into_iter().collect();
     let opts = ScuOptions {
         calling_ae: calling.to_string(),
         called_ae: called.to_string(),
@@ -259,45 +231,29 @@ pub fn to_dicom(
         timeout: Duration::from_secs(60),
         tls,
     };
-    for chunk in pairs.chunks(128) {
-        let proposals: Vec<Proposal> = chunk
-            .iter()
-            .map(|((sop, ts), _)| Proposal {
-                abstract_syntax: sop.clone(),
-                transfer_syntaxes: vec![ts.clone()],
-            })
-            .collect();
-        let mut client = Client::open(address, &opts, &proposals)
-            .map_err(|e| format!("{called}@{address}: {e}"))?;
-        for (_, paths) in chunk {
-            for f in paths {
-                if stop.load(std::sync::atomic::Ordering::Acquire) {
-                    let _ = client.abort();
-                    return Err(STOPPING.into());
-                }
-                let p = read(f, log)?;
-                let ds = p.bytes.get(p.data_set_offset..).unwrap_or_default();
-                let (status, comment) = client
-                    .store(
-                        &p.sop_class_uid,
-                        &p.sop_instance_uid,
-                        &p.transfer_syntax_uid,
-                        ds,
-                    )
-                    .map_err(|e| format!("{called}@{address}: {e}"))?;
-                if !matches!(status, 0x0000 | 0xB000 | 0xB006 | 0xB007) {
-                    let _ = client.abort();
-                    return Err(format!(
-                        "{called}@{address} answered 0x{status:04X} for {} ({})",
-                        p.sop_instance_uid,
-                        comment.unwrap_or_default()
-                    ));
-                }
-            }
+    let read = |f: &Source| {
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(STOPPING.to_string());
         }
-        client
-            .release()
-            .map_err(|e| format!("{called}@{address}: release: {e}"))?;
-    }
-    Ok(())
+        read(f, log).map(Some)
+    };
+    store_files(address, &opts, files, read, |_, p, outcome| match outcome {
+        StoreOutcome::Answered {
+            status: 0x0000 | 0xB000 | 0xB006 | 0xB007,
+            ..
+        } => Ok(()),
+        StoreOutcome::Answered { status, comment } => Err(format!(
+            "{called}@{address} answered 0x{status:04X} for {} ({})",
+            p.sop_instance_uid,
+            comment.unwrap_or_default()
+        )),
+        StoreOutcome::NotAccepted(w) => {
+            Err(format!("{called}@{address}: {}", ScuError::NoContext(w)))
+        }
+    })
+    .map_err(|e| match e {
+        StoreFilesError::Scu(e) => format!("{called}@{address}: {e}"),
+        StoreFilesError::Release(e) => format!("{called}@{address}: release: {e}"),
+        StoreFilesError::Caller(e) => e,
+    })
 }

@@ -47,7 +47,8 @@ use crate::patients::{
 };
 pub use batch::{held_records, on_disk as batches_on_disk, records_of, BatchOnDisk};
 pub use process::{
-    kill_running as kill_running_processing, BatchInfo, CommandProcessor, Processor,
+    kill_running as kill_running_processing, BatchInfo, CommandProcessor, ProcessingError,
+    ProcessingFailures, Processor,
 };
 use rules::Rules;
 
@@ -92,10 +93,10 @@ pub struct Stats {
     /// its batches was claimed for processing (each starts or joins a new batch that waits for
     /// the rules again).
     pub late_arrivals: AtomicU64,
-    /// Processing runs that ended (not those cut by a stop), those that failed, and the
-    /// microseconds they took in all.
+    /// Processing runs that ended (not those cut by a stop), those that failed (by kind), and
+    /// the microseconds they took in all.
     pub processing_runs: AtomicU64,
-    pub processing_failures: AtomicU64,
+    pub processing_failures: ProcessingFailures,
     pub processing_micros: AtomicU64,
     /// The same runs' durations, one observation each (`/metrics`'
     /// `dicomgate_processing_duration_seconds`).

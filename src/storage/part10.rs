@@ -162,6 +162,39 @@ impl ParsedFile {
     }
 }
 
+/// A whole Part-10 file in memory, named as its data set names itself
+/// ([`ParsedFile::data_set_sop_uids`]): what the requestor sends (`dicomgate store`, the
+/// `dicom` export: [`crate::net::scu::store_files`]) and a folder export writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceFile {
+    pub bytes: Vec<u8>,
+    pub data_set_offset: usize,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    /// From the file meta (empty when the meta has none).
+    pub transfer_syntax_uid: String,
+}
+
+impl InstanceFile {
+    /// `None` unless `bytes` is a Part-10 file ([`parse`]).
+    pub fn parse(bytes: Vec<u8>) -> Option<InstanceFile> {
+        let meta = parse(&bytes)?;
+        let (sop_class_uid, sop_instance_uid) = meta.data_set_sop_uids(&bytes);
+        Some(InstanceFile {
+            data_set_offset: meta.data_set_offset,
+            sop_class_uid,
+            sop_instance_uid,
+            transfer_syntax_uid: meta.transfer_syntax_uid,
+            bytes,
+        })
+    }
+
+    /// The data set's bytes, as stored.
+    pub fn data_set(&self) -> &[u8] {
+        self.bytes.get(self.data_set_offset..).unwrap_or_default()
+    }
+}
+
 /// Reads the File Meta Information of a Part-10 file (bounded: the group length is checked
 /// against the file). Used by `dicomgate store` and the tests.
 pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {

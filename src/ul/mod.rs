@@ -13,8 +13,8 @@ pub mod pdu;
 pub use codes::*;
 pub use deframer::{deframe, Status};
 pub use pdu::{
-    decode, Abort, Associate, AssociateRj, Item, PDataTf, Pdu, PduError, Pdv,
-    PresentationContextAc, PresentationContextRq, SubItem, PDU_HEADER_LEN,
+    decode, Abort, Associate, AssociateReserved, AssociateRj, Item, PDataTf, Pdu, PduError, Pdv,
+    PresentationContextAc, PresentationContextRq, Release, SubItem, PDU_HEADER_LEN,
 };
 
 /// An AE title as it travels in an A-ASSOCIATE PDU: 16 bytes, padded with spaces (PS3.8 §9.3.2).

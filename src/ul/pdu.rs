@@ -4,16 +4,17 @@
 //! Decoding allocates only for the lists inside an A-ASSOCIATE PDU (presentation contexts, transfer
 //! syntaxes, sub-items), each entry at least 4 bytes of input, so allocation is bounded by the PDU's
 //! length and never by a declared count. A P-DATA-TF is validated in place and its PDVs are
-//! iterated without allocation. Encoding writes reserved fields as zero; decoding does not test
-//! them (PS3.8 §9.3.1).
+//! iterated without allocation. Reserved fields are "sent with a value 00H but not tested to
+//! this value when received" (PS3.8 §9.3.1): decoding does not test them and keeps them as
+//! received; a PDU we build has them zero (`Default`).
 //!
-//! Decode → encode is byte-exact for every PDU [`decode`] accepts, but for those reserved
-//! fields (sent as 00H, PS3.8 §9.3): everything else a PDU holds is either kept (unknown items,
-//! unknown user-information sub-items, PS3.7 D.3.3; the presentation context's reserved bytes;
-//! the bytes a rejected presentation context carries, which are not significant; the reserved
-//! tail of a SOP class common extended negotiation sub-item) or refused (a presentation context
-//! item whose variable field is not what PS3.8 §9.3.2.2 and §9.3.3.2 say it consists of).
-//! `fuzzing::pdu_decode` checks this on every input it decodes.
+//! Decode → encode is byte-exact for every PDU [`decode`] accepts: everything a PDU holds is
+//! either kept (the reserved fields of every PDU, item and sub-item; unknown items, unknown
+//! user-information sub-items, PS3.7 D.3.3; the bytes a rejected presentation context carries,
+//! which are not significant; the reserved tail of a SOP class common extended negotiation
+//! sub-item) or refused (a presentation context item whose variable field is not what PS3.8
+//! §9.3.2.2 and §9.3.3.2 say it consists of). `fuzzing::pdu_decode` checks this on every input
+//! it decodes.
 
 use super::codec::{EncodeError, LengthPrefix, Reader};
 use super::codes::{
@@ -74,9 +75,16 @@ pub enum Pdu<'a> {
     AssociateAc(Associate<'a>),
     AssociateRj(AssociateRj),
     PDataTf(PDataTf<'a>),
-    ReleaseRq,
-    ReleaseRp,
+    ReleaseRq(Release),
+    ReleaseRp(Release),
     Abort(Abort),
+}
+
+impl Pdu<'static> {
+    /// An A-RELEASE-RQ as we send it (reserved fields 00H).
+    pub const RELEASE_RQ: Pdu<'static> = Pdu::ReleaseRq(Release::ZERO);
+    /// An A-RELEASE-RP as we send it (reserved fields 00H).
+    pub const RELEASE_RP: Pdu<'static> = Pdu::ReleaseRp(Release::ZERO);
 }
 
 impl Pdu<'_> {
@@ -86,8 +94,8 @@ impl Pdu<'_> {
             Pdu::AssociateAc(_) => PduType::A_ASSOCIATE_AC,
             Pdu::AssociateRj(_) => PduType::A_ASSOCIATE_RJ,
             Pdu::PDataTf(_) => PduType::P_DATA_TF,
-            Pdu::ReleaseRq => PduType::A_RELEASE_RQ,
-            Pdu::ReleaseRp => PduType::A_RELEASE_RP,
+            Pdu::ReleaseRq(_) => PduType::A_RELEASE_RQ,
+            Pdu::ReleaseRp(_) => PduType::A_RELEASE_RP,
             Pdu::Abort(_) => PduType::A_ABORT,
         }
     }
@@ -103,6 +111,27 @@ pub struct Associate<'a> {
     /// Variable items in the order received; unknown item types are kept as [`Item::Unknown`] so
     /// that a decode-encode round trip is byte-exact, and ignored by negotiation (PS3.8 §9.3.1).
     pub items: Vec<Item<'a>>,
+    /// The reserved fields, as received (zero when we build one).
+    pub reserved: AssociateReserved<'a>,
+}
+
+/// The reserved fields of an A-ASSOCIATE-RQ or -AC (PS3.8 Tables 9-11 and 9-17: sent as 00H,
+/// not tested), as received, so that re-encoding is byte-exact; all 00H ([`Default`]) in one we
+/// build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AssociateReserved<'a> {
+    /// Byte 2, the PDU header's.
+    pub header: u8,
+    /// Bytes 9-10, after the protocol version.
+    pub after_version: [u8; 2],
+    /// Bytes 43-74.
+    pub tail: [u8; 32],
+    /// The variable items as received (bytes 75 on) when a reserved byte of an item header or of
+    /// a user information sub-item header in them is not 00H: re-encoded as received, as a
+    /// presentation context's `field` is (negotiation reads [`Associate::items`], never this).
+    /// Empty otherwise, and in one we build. Whoever changes the items of a decoded PDU empties
+    /// it.
+    pub items: &'a [u8],
 }
 
 /// A-ASSOCIATE variable item, PS3.8 §9.3.2.1 .. §9.3.3.3.
@@ -125,9 +154,10 @@ pub struct PresentationContextRq<'a> {
     pub abstract_syntax: &'a [u8],
     pub transfer_syntaxes: Vec<&'a [u8]>,
     /// The variable field as received when it is not the form PS3.8 §9.3.2.2 gives (one
-    /// abstract syntax sub-item, then transfer syntax sub-items only): a sub-item of another
-    /// type (ignored, as unknown items are: §9.3.1), or the abstract syntax not first. Kept so
-    /// that re-encoding is byte-exact. Empty otherwise (and when we build one).
+    /// abstract syntax sub-item, then transfer syntax sub-items only, each with a 00H reserved
+    /// byte): a sub-item of another type (ignored, as unknown items are: §9.3.1), the abstract
+    /// syntax not first, or a sub-item's reserved byte not 00H. Kept so that re-encoding is
+    /// byte-exact. Empty otherwise (and when we build one).
     pub field: &'a [u8],
 }
 
@@ -136,12 +166,16 @@ pub struct PresentationContextRq<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresentationContextAc<'a> {
     pub id: u8,
+    /// Bytes 6 and 8 of the item (reserved, PS3.8 Table 9-18: not tested), as received; zero
+    /// when we build one.
+    pub reserved: [u8; 2],
     pub result: PcResult,
     pub transfer_syntax: Option<&'a [u8]>,
     /// The variable field as received when it is neither empty nor exactly one transfer
-    /// syntax sub-item: not significant when the result is not acceptance (PS3.8 §9.3.3.2), or
-    /// an accepted context's one transfer syntax beside sub-items of other types (ignored,
-    /// §9.3.1). Kept and re-encoded as received. Empty otherwise (and when we build one).
+    /// syntax sub-item with a 00H reserved byte: not significant when the result is not
+    /// acceptance (PS3.8 §9.3.3.2), or an accepted context's one transfer syntax beside
+    /// sub-items of other types (ignored, §9.3.1) or with a reserved byte that is not 00H. Kept
+    /// and re-encoded as received. Empty otherwise (and when we build one).
     pub not_significant: &'a [u8],
 }
 
@@ -200,6 +234,9 @@ pub struct AssociateRj {
     pub result: RejectResult,
     pub source: RejectSource,
     pub reason: u8,
+    /// Bytes 2 (the PDU header's) and 7 (reserved, PS3.8 Table 9-21: not tested), as
+    /// received; zero when we build one.
+    pub reserved: [u8; 2],
 }
 
 /// A-ABORT, PS3.8 §9.3.8.
@@ -207,12 +244,29 @@ pub struct AssociateRj {
 pub struct Abort {
     pub source: AbortSource,
     pub reason: AbortReason,
+    /// Bytes 2 (the PDU header's), 7 and 8 (reserved, PS3.8 Table 9-26: not tested), as
+    /// received; zero when we build one.
+    pub reserved: [u8; 3],
+}
+
+/// A-RELEASE-RQ or -RP, PS3.8 §9.3.6 and §9.3.7: nothing but reserved fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Release {
+    /// Bytes 2 (the PDU header's) and 7-10 (PS3.8 Tables 9-24 and 9-25: not tested), as
+    /// received; zero when we build one ([`Release::ZERO`]).
+    pub reserved: [u8; 5],
+}
+
+impl Release {
+    pub const ZERO: Release = Release { reserved: [0; 5] };
 }
 
 /// P-DATA-TF, PS3.8 §9.3.5: a list of presentation data values, validated at decode time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PDataTf<'a> {
     body: &'a [u8],
+    /// Byte 2, the PDU header's (reserved, PS3.8 Table 9-22), as received.
+    header_reserved: u8,
 }
 
 /// One presentation data value item, PS3.8 §9.3.5.1 and Annex E.2.
@@ -234,7 +288,7 @@ impl Pdv<'_> {
 }
 
 impl<'a> PDataTf<'a> {
-    fn parse(body: &'a [u8]) -> Result<Self, PduError> {
+    fn parse(body: &'a [u8], header_reserved: u8) -> Result<Self, PduError> {
         let mut r = Reader::new(body);
         if r.is_empty() {
             // PS3.8 §9.3.5: "one or more" PDV items.
@@ -257,7 +311,10 @@ impl<'a> PDataTf<'a> {
                 return Err(PduError::InvalidValue("message control header"));
             }
         }
-        Ok(PDataTf { body })
+        Ok(PDataTf {
+            body,
+            header_reserved,
+        })
     }
 
     /// The PDVs in order. The structure was validated when the PDU was decoded.
@@ -270,6 +327,11 @@ impl<'a> PDataTf<'a> {
     /// The raw PDV list, for encoding.
     pub fn body(&self) -> &'a [u8] {
         self.body
+    }
+
+    /// The PDU header's reserved byte, as received.
+    pub fn header_reserved(&self) -> u8 {
+        self.header_reserved
     }
 }
 
@@ -298,34 +360,45 @@ impl<'a> Iterator for PdvIter<'a> {
 pub fn decode(bytes: &[u8]) -> Result<Pdu<'_>, PduError> {
     let mut r = Reader::new(bytes);
     let pdu_type = r.u8().ok_or(PduError::Truncated("PDU header"))?;
-    let _reserved = r.u8().ok_or(PduError::Truncated("PDU header"))?;
+    let header = r.u8().ok_or(PduError::Truncated("PDU header"))?;
     let len = r.u32().ok_or(PduError::Truncated("PDU header"))? as usize;
     let mut body = r.sub(len).ok_or(PduError::Truncated("PDU body"))?;
     if !r.is_empty() {
         return Err(PduError::InvalidValue("PDU length (bytes after the PDU)"));
     }
     match PduType(pdu_type) {
-        PduType::A_ASSOCIATE_RQ => Ok(Pdu::AssociateRq(parse_associate(&mut body, true)?)),
-        PduType::A_ASSOCIATE_AC => Ok(Pdu::AssociateAc(parse_associate(&mut body, false)?)),
+        PduType::A_ASSOCIATE_RQ => Ok(Pdu::AssociateRq(parse_associate(&mut body, true, header)?)),
+        PduType::A_ASSOCIATE_AC => Ok(Pdu::AssociateAc(parse_associate(&mut body, false, header)?)),
         PduType::A_ASSOCIATE_RJ => {
             let f = fixed4(&mut body)?;
             Ok(Pdu::AssociateRj(AssociateRj {
                 result: RejectResult(f[1]),
                 source: RejectSource(f[2]),
                 reason: f[3],
+                reserved: [header, f[0]],
             }))
         }
-        PduType::P_DATA_TF => Ok(Pdu::PDataTf(PDataTf::parse(body.rest())?)),
-        PduType::A_RELEASE_RQ => fixed4(&mut body).map(|_| Pdu::ReleaseRq),
-        PduType::A_RELEASE_RP => fixed4(&mut body).map(|_| Pdu::ReleaseRp),
+        PduType::P_DATA_TF => Ok(Pdu::PDataTf(PDataTf::parse(body.rest(), header)?)),
+        PduType::A_RELEASE_RQ => fixed4(&mut body).map(|f| Pdu::ReleaseRq(Release::of(header, f))),
+        PduType::A_RELEASE_RP => fixed4(&mut body).map(|f| Pdu::ReleaseRp(Release::of(header, f))),
         PduType::A_ABORT => {
             let f = fixed4(&mut body)?;
             Ok(Pdu::Abort(Abort {
                 source: AbortSource(f[2]),
                 reason: AbortReason(f[3]),
+                reserved: [header, f[0], f[1]],
             }))
         }
         _ => Err(PduError::UnrecognizedPdu(pdu_type)),
+    }
+}
+
+impl Release {
+    fn of(header: u8, body: &[u8; 4]) -> Release {
+        let [a, b, c, d] = *body;
+        Release {
+            reserved: [header, a, b, c, d],
+        }
     }
 }
 
@@ -336,24 +409,35 @@ fn fixed4<'a>(body: &mut Reader<'a>) -> Result<&'a [u8; 4], PduError> {
     body.array::<4>().ok_or(PduError::Truncated("PDU body"))
 }
 
-fn parse_associate<'a>(r: &mut Reader<'a>, is_rq: bool) -> Result<Associate<'a>, PduError> {
+fn parse_associate<'a>(
+    r: &mut Reader<'a>,
+    is_rq: bool,
+    header: u8,
+) -> Result<Associate<'a>, PduError> {
     let protocol_version = r.u16().ok_or(PduError::Truncated("protocol version"))?;
     // PS3.8 §9.3.2: only bit 0 (version 1) is tested, and by negotiation, which answers an
     // unsupported version with A-ASSOCIATE-RJ (ACSE, protocol-version-not-supported).
-    r.take(2).ok_or(PduError::Truncated("A-ASSOCIATE header"))?;
+    let after_version = *r
+        .array::<2>()
+        .ok_or(PduError::Truncated("A-ASSOCIATE header"))?;
     let called_ae = *r
         .array::<16>()
         .ok_or(PduError::Truncated("called AE title"))?;
     let calling_ae = *r
         .array::<16>()
         .ok_or(PduError::Truncated("calling AE title"))?;
-    r.take(32)
+    let tail = *r
+        .array::<32>()
         .ok_or(PduError::Truncated("A-ASSOCIATE header"))?;
+    let variable_field = r.rest();
+    // A reserved byte of an item or user information sub-item header that is not 00H: the
+    // variable field is re-encoded as received (`AssociateReserved::items`).
+    let mut reserved_set = false;
     let mut items = Vec::new();
     let (mut app_ctx, mut user_info) = (0, 0);
     while !r.is_empty() {
         let t = r.u8().ok_or(PduError::Truncated("item header"))?;
-        r.u8().ok_or(PduError::Truncated("item header"))?;
+        reserved_set |= r.u8().ok_or(PduError::Truncated("item header"))? != 0;
         let len = r.u16().ok_or(PduError::Truncated("item length"))? as usize;
         let mut body = r
             .sub(len)
@@ -371,7 +455,7 @@ fn parse_associate<'a>(r: &mut Reader<'a>, is_rq: bool) -> Result<Associate<'a>,
             }
             item_type::USER_INFORMATION => {
                 user_info += 1;
-                Item::UserInformation(parse_user_info(&mut body)?)
+                Item::UserInformation(parse_user_info(&mut body, &mut reserved_set)?)
             }
             _ => Item::Unknown {
                 item_type: t,
@@ -393,18 +477,37 @@ fn parse_associate<'a>(r: &mut Reader<'a>, is_rq: bool) -> Result<Associate<'a>,
         called_ae,
         calling_ae,
         items,
+        reserved: AssociateReserved {
+            header,
+            after_version,
+            tail,
+            items: if reserved_set { variable_field } else { &[] },
+        },
     })
 }
 
+/// A sub-item's header: its type and its reserved byte (PS3.8 §9.3.2.2.1: not tested).
+#[derive(Debug, Clone, Copy)]
+struct SubItemHeader {
+    item_type: u8,
+    reserved: u8,
+}
+
 /// Reads a sub-item header (type, reserved, 2-byte length) and its body.
-fn sub_item<'a>(r: &mut Reader<'a>) -> Result<(u8, Reader<'a>), PduError> {
-    let t = r.u8().ok_or(PduError::Truncated("sub-item header"))?;
-    r.u8().ok_or(PduError::Truncated("sub-item header"))?;
+fn sub_item<'a>(r: &mut Reader<'a>) -> Result<(SubItemHeader, Reader<'a>), PduError> {
+    let item_type = r.u8().ok_or(PduError::Truncated("sub-item header"))?;
+    let reserved = r.u8().ok_or(PduError::Truncated("sub-item header"))?;
     let len = r.u16().ok_or(PduError::Truncated("sub-item length"))? as usize;
     let body = r
         .sub(len)
         .ok_or(PduError::Truncated("sub-item (length runs past item)"))?;
-    Ok((t, body))
+    Ok((
+        SubItemHeader {
+            item_type,
+            reserved,
+        },
+        body,
+    ))
 }
 
 fn parse_pc_rq<'a>(r: &mut Reader<'a>) -> Result<PresentationContextRq<'a>, PduError> {
@@ -424,8 +527,9 @@ fn parse_pc_rq<'a>(r: &mut Reader<'a>) -> Result<PresentationContextRq<'a>, PduE
     let mut canonical = true;
     let mut first = true;
     while !r.is_empty() {
-        let (t, body) = sub_item(r)?;
-        match t {
+        let (h, body) = sub_item(r)?;
+        canonical &= h.reserved == 0;
+        match h.item_type {
             item_type::ABSTRACT_SYNTAX if abstract_syntax.is_some() => {
                 return Err(PduError::UnexpectedParameter("abstract syntax (repeated)"))
             }
@@ -461,13 +565,15 @@ fn parse_pc_ac<'a>(r: &mut Reader<'a>) -> Result<PresentationContextAc<'a>, PduE
     let id = r
         .u8()
         .ok_or(PduError::Truncated("presentation context ID"))?;
-    r.u8()
+    let reserved_6 = r
+        .u8()
         .ok_or(PduError::Truncated("presentation context item"))?;
     let result = PcResult(
         r.u8()
             .ok_or(PduError::Truncated("presentation context result"))?,
     );
-    r.u8()
+    let reserved_8 = r
+        .u8()
         .ok_or(PduError::Truncated("presentation context item"))?;
     // PS3.8 §9.3.3.2: "The variable field shall consist of one Transfer Syntax Sub-Item";
     // when the result is not acceptance it "shall not be significant and its value shall not
@@ -476,10 +582,14 @@ fn parse_pc_ac<'a>(r: &mut Reader<'a>) -> Result<PresentationContextAc<'a>, PduE
     // other sub-items ignored (§9.3.1), and is refused only without one, or with two.
     let field = r.rest();
     let mut syntaxes = Vec::new();
-    let mut others = false;
+    let (mut others, mut reserved_set) = (false, false);
     while !r.is_empty() {
         match sub_item(r) {
-            Ok((item_type::TRANSFER_SYNTAX, body)) => syntaxes.push(body.rest()),
+            Ok((h, body)) if h.item_type == item_type::TRANSFER_SYNTAX => {
+                // A reserved byte that is not 00H: the field is kept as received.
+                reserved_set |= h.reserved != 0;
+                syntaxes.push(body.rest());
+            }
             Ok(_) => others = true,
             Err(e) if result == PcResult::ACCEPTANCE => return Err(e),
             Err(_) => {
@@ -490,7 +600,8 @@ fn parse_pc_ac<'a>(r: &mut Reader<'a>) -> Result<PresentationContextAc<'a>, PduE
     }
     let one = (syntaxes.len() == 1 && !others).then(|| syntaxes[0]);
     let (transfer_syntax, not_significant) = match (one, result == PcResult::ACCEPTANCE) {
-        (Some(ts), _) => (Some(ts), &[][..]),
+        (Some(ts), _) if !reserved_set => (Some(ts), &[][..]),
+        (Some(ts), _) => (Some(ts), field),
         (None, true) if syntaxes.len() == 1 => (Some(syntaxes[0]), field),
         (None, true) => {
             return Err(PduError::UnexpectedParameter(
@@ -501,6 +612,7 @@ fn parse_pc_ac<'a>(r: &mut Reader<'a>) -> Result<PresentationContextAc<'a>, PduE
     };
     Ok(PresentationContextAc {
         id,
+        reserved: [reserved_6, reserved_8],
         result,
         transfer_syntax,
         not_significant,
@@ -512,10 +624,17 @@ fn uid_with_u16_len<'a>(r: &mut Reader<'a>, what: &'static str) -> Result<&'a [u
     r.take(n).ok_or(PduError::Truncated(what))
 }
 
-fn parse_user_info<'a>(r: &mut Reader<'a>) -> Result<Vec<SubItem<'a>>, PduError> {
+/// The sub-items of a user information item; `reserved_set` is set when a sub-item's reserved
+/// byte is not 00H.
+fn parse_user_info<'a>(
+    r: &mut Reader<'a>,
+    reserved_set: &mut bool,
+) -> Result<Vec<SubItem<'a>>, PduError> {
     let mut out = Vec::new();
     while !r.is_empty() {
-        let (t, mut b) = sub_item(r)?;
+        let (h, mut b) = sub_item(r)?;
+        *reserved_set |= h.reserved != 0;
+        let t = h.item_type;
         let sub = match t {
             item_type::MAXIMUM_LENGTH => {
                 if b.left() != 4 {
@@ -654,9 +773,9 @@ impl Associate<'_> {
 
 // ---- encoding ----------------------------------------------------------------------------
 
-fn header(out: &mut Vec<u8>, t: PduType) -> LengthPrefix {
+fn header(out: &mut Vec<u8>, t: PduType, reserved: u8) -> LengthPrefix {
     out.push(t.0);
-    out.push(0);
+    out.push(reserved);
     LengthPrefix::u32(out)
 }
 
@@ -687,16 +806,29 @@ impl Pdu<'_> {
         r
     }
 
+    /// The PDU header's reserved byte (byte 2).
+    fn header_reserved(&self) -> u8 {
+        match self {
+            Pdu::AssociateRq(a) | Pdu::AssociateAc(a) => a.reserved.header,
+            Pdu::AssociateRj(rj) => rj.reserved[0],
+            Pdu::PDataTf(p) => p.header_reserved,
+            Pdu::ReleaseRq(r) | Pdu::ReleaseRp(r) => r.reserved[0],
+            Pdu::Abort(a) => a.reserved[0],
+        }
+    }
+
     fn encode_inner(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        let lp = header(out, self.pdu_type());
+        let lp = header(out, self.pdu_type(), self.header_reserved());
         match self {
             Pdu::AssociateRq(a) | Pdu::AssociateAc(a) => encode_associate(a, out)?,
             Pdu::AssociateRj(rj) => {
-                out.extend_from_slice(&[0, rj.result.0, rj.source.0, rj.reason])
+                out.extend_from_slice(&[rj.reserved[1], rj.result.0, rj.source.0, rj.reason])
             }
             Pdu::PDataTf(p) => out.extend_from_slice(p.body),
-            Pdu::ReleaseRq | Pdu::ReleaseRp => out.extend_from_slice(&[0; 4]),
-            Pdu::Abort(a) => out.extend_from_slice(&[0, 0, a.source.0, a.reason.0]),
+            Pdu::ReleaseRq(r) | Pdu::ReleaseRp(r) => out.extend_from_slice(&r.reserved[1..]),
+            Pdu::Abort(a) => {
+                out.extend_from_slice(&[a.reserved[1], a.reserved[2], a.source.0, a.reason.0])
+            }
         }
         lp.finish(out)
     }
@@ -704,10 +836,14 @@ impl Pdu<'_> {
 
 fn encode_associate(a: &Associate<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     out.extend_from_slice(&a.protocol_version.to_be_bytes());
-    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&a.reserved.after_version);
     out.extend_from_slice(&a.called_ae);
     out.extend_from_slice(&a.calling_ae);
-    out.extend_from_slice(&[0; 32]);
+    out.extend_from_slice(&a.reserved.tail);
+    if !a.reserved.items.is_empty() {
+        out.extend_from_slice(a.reserved.items);
+        return Ok(());
+    }
     for item in &a.items {
         match item {
             Item::ApplicationContext(uid) => put_sub(out, item_type::APPLICATION_CONTEXT, uid)?,
@@ -729,7 +865,7 @@ fn encode_associate(a: &Associate<'_>, out: &mut Vec<u8>) -> Result<(), EncodeEr
             Item::PresentationContextAc(pc) => {
                 out.extend_from_slice(&[item_type::PRESENTATION_CONTEXT_AC, 0]);
                 let lp = LengthPrefix::u16(out);
-                out.extend_from_slice(&[pc.id, 0, pc.result.0, 0]);
+                out.extend_from_slice(&[pc.id, pc.reserved[0], pc.result.0, pc.reserved[1]]);
                 if !pc.not_significant.is_empty() {
                     out.extend_from_slice(pc.not_significant);
                 } else if let Some(ts) = pc.transfer_syntax {

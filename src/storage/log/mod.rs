@@ -7,9 +7,12 @@
 //! (`spare.seg`) — and, in memory, the index from an instance's place under `patients/` (its
 //! would-be path, the identity a re-sent SOP Instance UID replaces) to its newest record and
 //! the records it superseded. Must never acknowledge a record before the flush that covers it,
-//! never delete a segment holding a record that is not released, and never append to a segment
-//! written by an earlier run (recovery seals them all and starts a new one, so a torn tail can
-//! never be mistaken for a record later).
+//! nor one written before a flush of its segment that failed (after a failed `fdatasync` the
+//! kernel may have dropped those pages and a later one succeeds without them: the segment is
+//! sealed and its waiting records fail, [`Log::poison`]), never delete a segment holding a
+//! record that is not released, and never append to a segment written by an earlier run
+//! (recovery seals them all and starts a new one, so a torn tail can never be mistaken for a
+//! record later).
 //!
 //! Lifecycle of a record: appended (under the log's lock, at the active segment's tail) → made
 //! durable by the flusher thread's `fdatasync`, shared by every record appended meanwhile from
@@ -129,6 +132,9 @@ struct Segment {
     done: Option<Arc<File>>,
     /// Its directory entry is known durable.
     done_durable: bool,
+    /// An `fdatasync` of it failed ([`Log::poison`]): sealed, and deleted rather than recycled
+    /// once its records are released.
+    poisoned: bool,
 }
 
 #[derive(Debug)]
@@ -158,7 +164,15 @@ struct Inner {
 
 struct FlushItem {
     file: Arc<File>,
-    acks: Vec<StoreDone>,
+    acks: Vec<Pending>,
+}
+
+/// A record appended and waiting for the flush that makes it durable: its acknowledgement, and
+/// where it is indexed (a record whose flush fails is taken out of the index again).
+struct Pending {
+    done: StoreDone,
+    rel: PathBuf,
+    loc: Loc,
 }
 
 /// The longest the flusher waits for the records it expects before a round ([`Log::gather`]).
@@ -437,9 +451,13 @@ impl Log {
                             .map_err(|e| super::StoreError::io("log write failed", &e))
                     });
                 match res {
-                    Ok((file, new)) => {
+                    Ok((file, loc, new)) => {
                         let bytes = super::part10::file_len(&job.meta, job.data_set.len());
-                        let ack = done_for(job, dest, bytes, new);
+                        let ack = Pending {
+                            done: done_for(job, dest, bytes, new),
+                            rel,
+                            loc,
+                        };
                         match items.last_mut() {
                             Some(it) if Arc::ptr_eq(&it.file, &file) => it.acks.push(ack),
                             _ => items.push(FlushItem {
@@ -469,7 +487,7 @@ impl Log {
         if self.durability == Durability::None {
             for it in items {
                 for a in it.acks {
-                    (self.done)(a);
+                    (self.done)(a.done);
                 }
             }
             return Ok(false);
@@ -523,8 +541,8 @@ impl Log {
             loop {
                 for it in q.iter().skip(scanned) {
                     for a in &it.acks {
-                        if expected.contains(&a.reply) {
-                            present.insert(a.reply);
+                        if expected.contains(&a.done.reply) {
+                            present.insert(a.done.reply);
                         }
                     }
                 }
@@ -546,7 +564,7 @@ impl Log {
         let mut seen = HashSet::new();
         let now: Vec<ReplyTo> = items
             .iter()
-            .flat_map(|it| it.acks.iter().map(|a| a.reply))
+            .flat_map(|it| it.acks.iter().map(|a| a.done.reply))
             .filter(|r| seen.insert(*r))
             .collect();
         g.recent[1] = std::mem::replace(&mut g.recent[0], now);
@@ -554,7 +572,7 @@ impl Log {
     }
 
     /// Writes one record at the active segment's tail (rolling over when it does not fit) and
-    /// indexes it; returns its segment's file and whether the instance is new.
+    /// indexes it; returns its segment's file, where it is, and whether the instance is new.
     fn append_one(
         &self,
         inner: &mut Inner,
@@ -562,7 +580,7 @@ impl Log {
         rel: &Path,
         prefix: &[u8],
         crc: u32,
-    ) -> io::Result<(Arc<File>, bool)> {
+    ) -> io::Result<(Arc<File>, Loc, bool)> {
         let body = prefix.len() + job.data_set.len();
         let total = RECORD_HEADER_LEN + body;
         let stride = (total + format::padding(total)) as u64;
@@ -616,9 +634,70 @@ impl Log {
                 true
             }
         };
-        Ok((file, new))
+        Ok((file, loc, new))
     }
 
+    /// Takes a record whose flush failed out of the index again (the instance's previous
+    /// record, if any, is its newest again) and out of its segment's count: a failed store
+    /// leaves nothing a batch would take. The bytes stay in the segment, dead. A record a batch
+    /// has taken meanwhile (a re-sent instance's) is left to that batch, which releases it.
+    fn unindex(inner: &mut Inner, rel: &Path, loc: Loc) {
+        let Some(t) = inner.index.get_mut(rel) else {
+            return;
+        };
+        if t.latest == loc {
+            match t.superseded.pop() {
+                Some(previous) => t.latest = previous,
+                None => {
+                    inner.index.remove(rel);
+                }
+            }
+        } else if t.superseded.contains(&loc) {
+            t.superseded.retain(|l| *l != loc);
+        } else {
+            return;
+        }
+        let stride = inner.sizes.remove(&loc).map_or(0, u64::from);
+        if let Some(s) = inner.segments.get_mut(&loc.seq) {
+            s.live = s.live.saturating_sub(1);
+            s.live_bytes = s.live_bytes.saturating_sub(stride);
+        }
+    }
+
+    /// After an `fdatasync` of `file` failed (PostgreSQL's "fsyncgate": Linux reports a failed
+    /// writeback once and marks the pages clean, so a later `fdatasync` that succeeds says
+    /// nothing of what was written before it): nothing more is appended to that segment (the
+    /// active one is sealed; the next append opens a new one), and every record of it still
+    /// waiting for a round is taken from the queue, to be failed with `error` too. The segment
+    /// is deleted, never recycled, once its records are released.
+    fn poison(
+        &self,
+        inner: &mut Inner,
+        file: &Arc<File>,
+        error: &super::StoreError,
+    ) -> Vec<FlushItem> {
+        if inner
+            .active
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(&a.file, file))
+        {
+            if let Some(a) = inner.active.take() {
+                inner.last_fill = Some(a.opened.elapsed());
+                tracing::error!(segment = a.seq, error = %error, "a log segment's flush failed: it is sealed, and a new one takes the next records");
+            }
+        }
+        for s in inner.segments.values_mut() {
+            if Arc::ptr_eq(&s.file, file) {
+                s.poisoned = true;
+            }
+        }
+        // Appenders queue under `inner`'s lock, which is held here: nothing more joins.
+        let mut q = lock(&self.flush_queue);
+        let (failed, kept): (VecDeque<FlushItem>, VecDeque<FlushItem>) =
+            q.drain(..).partition(|it| Arc::ptr_eq(&it.file, file));
+        *q = kept;
+        failed.into()
+    }
     /// Seals the active segment and opens the next one (the prepared spare when there is one).
     fn roll_over(&self, inner: &mut Inner) -> io::Result<()> {
         if let Some(a) = inner.active.take() {
@@ -674,6 +753,7 @@ impl Log {
                 live_bytes: 0,
                 done: None,
                 done_durable: false,
+                poisoned: false,
             },
         );
         inner.active = Some(Active {
@@ -709,7 +789,10 @@ impl Log {
     }
 
     /// One round: one `fdatasync` per segment the items are in (and the log directory when a
-    /// segment was created), then the acknowledgements of everything the round covered.
+    /// segment was created), then the acknowledgements of everything the round covered. A
+    /// record whose flush failed is answered with the error and taken out of the index; a
+    /// segment whose flush failed is poisoned ([`Log::poison`]): its records still queued fail
+    /// with the same error, never acknowledged by a later round's flush.
     fn flush_round(&self, items: Vec<FlushItem>) {
         let started = std::time::Instant::now();
         let records: usize = items.iter().map(|i| i.acks.len()).sum();
@@ -737,19 +820,42 @@ impl Log {
             } else {
                 None
             };
-            for it in items {
-                let err = synced
-                    .iter()
-                    .find(|(f, _)| Arc::ptr_eq(f, &it.file))
-                    .and_then(|(_, e)| e.clone())
-                    .or_else(|| dir_err.clone());
-                for mut a in it.acks {
-                    if let Some(e) = &err {
-                        // Not known durable: not acknowledged. The record may survive; a
-                        // re-send of the instance replaces it.
-                        a.result = Err(e.clone());
+            let mut answered: Vec<(FlushItem, Option<super::StoreError>)> = items
+                .into_iter()
+                .map(|it| {
+                    let err = synced
+                        .iter()
+                        .find(|(f, _)| Arc::ptr_eq(f, &it.file))
+                        .and_then(|(_, e)| e.clone())
+                        .or_else(|| dir_err.clone());
+                    (it, err)
+                })
+                .collect();
+            if answered.iter().any(|(_, e)| e.is_some()) {
+                let mut inner = lock(&self.inner);
+                for (file, err) in &synced {
+                    if let Some(e) = err {
+                        let waiting = self.poison(&mut inner, file, e);
+                        answered.extend(waiting.into_iter().map(|it| (it, Some(e.clone()))));
                     }
-                    (self.done)(a);
+                }
+                for (it, err) in &answered {
+                    if err.is_some() {
+                        for a in &it.acks {
+                            Self::unindex(&mut inner, &a.rel, a.loc);
+                        }
+                    }
+                }
+            }
+            for (it, err) in answered {
+                for a in it.acks {
+                    let mut done = a.done;
+                    if let Some(e) = &err {
+                        // Not known durable: not acknowledged. The bytes may survive (a
+                        // restart's recovery may find the record); a re-send replaces them.
+                        done.result = Err(e.clone());
+                    }
+                    (self.done)(done);
                 }
             }
         }
@@ -1199,9 +1305,10 @@ impl Log {
         let Some(s) = inner.segments.remove(&seq) else {
             return;
         };
+        let poisoned = s.poisoned;
         drop(s);
         let path = self.dir.join(segment_name(seq));
-        let r = if inner.spare_ready {
+        let r = if inner.spare_ready || poisoned {
             fs::remove_file(&path)
         } else {
             let r = fs::rename(&path, self.dir.join("spare.seg"));
@@ -1364,6 +1471,7 @@ fn recover(dir: &Path) -> io::Result<(Inner, Recovered)> {
             live_bytes: 0,
             done: None,
             done_durable: false,
+            poisoned: false,
         };
         for (loc, r, released) in records {
             rec.records += 1;
