@@ -20,7 +20,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use dicomgate::patients::{InstanceRecord, PatientMap};
+use dicomgate::patients::{InstanceRecord, MapGuard, Patient, PatientMap};
 use dicomgate::pipeline::rules::Rules;
 
 fn record(n: usize, series: &str) -> InstanceRecord {
@@ -102,11 +102,7 @@ fn insert_vs_series_size(c: &mut Criterion) {
                         map.insert(b"P", record(i, "1.2.3"), 0, &guard);
                     }
                     let recs: Vec<_> = (0..n).map(|i| record(size + i, "1.2.3")).collect();
-                    let t0 = Instant::now();
-                    for r in recs {
-                        black_box(map.insert(b"P", r, 0, &guard));
-                    }
-                    total += t0.elapsed();
+                    total += timed_inserts(&map, recs, &guard);
                 }
                 total
             })
@@ -162,12 +158,7 @@ fn insert_vs_patient_size(c: &mut Criterion) {
                         .map(|i| record(n + i, &series_uid(i % series)))
                         .collect();
                     n += round;
-                    let guard = map.pin();
-                    let t0 = Instant::now();
-                    for r in recs {
-                        black_box(map.insert(b"P", r, 0, &guard));
-                    }
-                    total += t0.elapsed();
+                    total += timed_inserts(&map, recs, &map.pin());
                 }
                 total
             })
@@ -234,22 +225,22 @@ fn callgrind(what: &str) {
     }
 }
 
+/// How long inserting `recs` into patient "P" takes.
+fn timed_inserts(map: &PatientMap, recs: Vec<InstanceRecord>, guard: &MapGuard) -> Duration {
+    let t0 = Instant::now();
+    callgrind_measured_inserts(map, recs, guard);
+    t0.elapsed()
+}
+
 #[inline(never)]
-fn callgrind_measured_inserts(
-    map: &PatientMap,
-    recs: Vec<InstanceRecord>,
-    guard: &dicomgate::patients::MapGuard,
-) {
+fn callgrind_measured_inserts(map: &PatientMap, recs: Vec<InstanceRecord>, guard: &MapGuard) {
     for r in recs {
         black_box(map.insert(b"P", r, 0, guard));
     }
 }
 
 #[inline(never)]
-fn callgrind_measured_view(
-    p: &dicomgate::patients::Patient,
-    guard: &dicomgate::patients::MapGuard,
-) {
+fn callgrind_measured_view(p: &Patient, guard: &MapGuard) {
     black_box(p.view(guard));
 }
 

@@ -686,10 +686,11 @@ impl Patient {
         // after every thread now pinned unpins.
         while let Some(node) = unsafe { cur.as_ref() } {
             records.push(match take {
-                // SAFETY: no reader reads this record now or later: none registered before our
-                // fence, and one registering after it finds the head closed (module doc,
-                // "Memory orderings"); writers and the claimer read nothing of a record. Taken
-                // once: each node is visited once, and this claim is the batch's only one.
+                // SAFETY: no reader reads this record now or later: one whose fence came
+                // before ours has deregistered (we read 0 after its +1), and one whose fence
+                // comes after finds the head closed (module doc, "Memory orderings"); writers
+                // read nothing of a record. Taken once: each node is visited once, and this
+                // claim is the batch's only one.
                 true => node
                     .record
                     .with_mut(|r| unsafe { ManuallyDrop::take(&mut *r) }),
