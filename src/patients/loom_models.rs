@@ -63,9 +63,9 @@ fn insert_vs_claim() {
         let v = p.view(&g);
         let first = p.claim(v.batch_seq, &g).unwrap();
         // The snapshot read before the claim summarises exactly the first k records of the
-        // claim, k >= 1: "a" was inserted (and its snapshot update published) by this thread
-        // before the view, and the one racing writer pushes and publishes in one order. (It was
-        // `records.len() >= snapshot.instances`, which a snapshot that is never updated passes.)
+        // claim, k >= 1: "a" was pushed by this thread before the view, and a view folds a
+        // prefix of the pushes up to the head it reads. (It was `records.len() >=
+        // snapshot.instances`, which a snapshot that is never updated passes.)
         assert!(
             (1..=first.records.len()).any(|k| Snapshot::of(&first.records[..k]) == *v.snapshot),
             "snapshot {:?} is no prefix of the claim {:?}",
