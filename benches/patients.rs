@@ -1,9 +1,16 @@
 //! The patient map (issue 3): insert throughput from 1, 2 and 4 threads; insert cost against
-//! the size of the series it joins (5 vs 5,000 instances); one checker scan of 10,000 patients
-//! (view + sufficiency rules, a pin per patient as the checker takes) while a writer keeps
-//! inserting.
+//! the size of the series it joins (5 vs 5,000 instances); insert cost against the size of the
+//! patient it joins (1,000 series, 5,000 instances; issue 11 (3)) and the cost of the view that
+//! then reads it; one checker scan of 10,000 patients (view + sufficiency rules, a pin per
+//! patient as the checker takes) while a writer keeps inserting.
 //!
 //! `cargo bench --bench patients`
+//!
+//! Instruction counts (stable on a noisy machine): with `DICOMGATE_CALLGRIND` set to
+//! `insert:1000_series` (or `view:`, or `:5000_instances`) the binary runs a fixed piece of work
+//! instead of criterion (1,000 inserts into, or 1,000 views of, that patient), to run under
+//! `valgrind --tool=callgrind --toggle-collect='*callgrind_measured*'` (benches/README.md has the
+//! command).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -12,8 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dicomgate::patients::{InstanceRecord, PatientMap};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use dicomgate::patients::{InstanceRecord, MapGuard, Patient, PatientMap};
 use dicomgate::pipeline::rules::Rules;
 
 fn record(n: usize, series: &str) -> InstanceRecord {
@@ -95,17 +102,146 @@ fn insert_vs_series_size(c: &mut Criterion) {
                         map.insert(b"P", record(i, "1.2.3"), 0, &guard);
                     }
                     let recs: Vec<_> = (0..n).map(|i| record(size + i, "1.2.3")).collect();
-                    let t0 = Instant::now();
-                    for r in recs {
-                        black_box(map.insert(b"P", r, 0, &guard));
-                    }
-                    total += t0.elapsed();
+                    total += timed_inserts(&map, recs, &guard);
                 }
                 total
             })
         });
     }
     g.finish();
+}
+
+/// The two patients of issue 11 (3), as (name, instances, series): 1,000 series of one instance
+/// each, and 5,000 instances in 5 series. Every record a bench adds joins an existing series.
+const PATIENTS: [(&str, usize, usize); 2] =
+    [("1000_series", 1_000, 1_000), ("5000_instances", 5_000, 5)];
+
+fn series_uid(s: usize) -> String {
+    format!("1.2.826.0.1.3680043.10.99.1.{s}")
+}
+
+/// Fills a fresh patient "P" of `map` with `instances` records spread over `series` series
+/// (numbered from `first`), and views it once (so a reader's summary covers them).
+fn fill(map: &PatientMap, instances: usize, series: usize, first: usize) {
+    let g = map.pin();
+    for i in 0..instances {
+        map.insert(b"P", record(first + i, &series_uid(i % series)), 0, &g);
+    }
+    let p = map.get(b"P", &g).unwrap();
+    black_box(p.view(&g));
+}
+
+fn insert_vs_patient_size(c: &mut Criterion) {
+    let mut g = c.benchmark_group("insert_into_patient");
+    g.throughput(Throughput::Elements(1));
+    for (name, instances, series) in PATIENTS {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                // Rounds of at most `instances` timed inserts, each into a patient refilled to
+                // its size (claimed and filled again, untimed), each joining an existing series.
+                let mut total = Duration::ZERO;
+                let mut left = iters as usize;
+                let map = PatientMap::new(64);
+                let mut n = 0;
+                while left > 0 {
+                    let round = left.min(instances);
+                    left -= round;
+                    {
+                        let g = map.pin();
+                        if let Some(p) = map.get(b"P", &g) {
+                            black_box(p.claim(p.view(&g).batch_seq, &g));
+                        }
+                    }
+                    fill(&map, instances, series, n);
+                    n += instances;
+                    let recs: Vec<_> = (0..round)
+                        .map(|i| record(n + i, &series_uid(i % series)))
+                        .collect();
+                    n += round;
+                    total += timed_inserts(&map, recs, &map.pin());
+                }
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+/// What a reader (the checker, the status page) pays for one view of those patients: with no
+/// instance since its last view, and with one.
+fn view_vs_patient_size(c: &mut Criterion) {
+    let mut g = c.benchmark_group("view_of_patient");
+    g.throughput(Throughput::Elements(1));
+    for (name, instances, series) in PATIENTS {
+        for new in [0usize, 1] {
+            let id = format!("{name}/{new}_new");
+            g.bench_function(&id, |b| {
+                let map = PatientMap::new(64);
+                fill(&map, instances, series, 0);
+                let mut n = instances;
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    let guard = map.pin();
+                    let p = map.get(b"P", &guard).unwrap();
+                    for _ in 0..iters {
+                        for _ in 0..new {
+                            map.insert(b"P", record(n, &series_uid(n % series)), 0, &guard);
+                            n += 1;
+                        }
+                        let t0 = Instant::now();
+                        black_box(p.view(&guard));
+                        total += t0.elapsed();
+                    }
+                    total
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+/// The fixed work the callgrind runs measure (`DICOMGATE_CALLGRIND=WHAT:PATIENT`, WHAT `insert`
+/// or `view`, PATIENT a name in `PATIENTS`): 1,000 inserts into the patient, or 1,000 views of it,
+/// each after one insert (the insert not measured).
+fn callgrind(what: &str) {
+    let (what, patient) = what.split_once(':').unwrap_or((what, ""));
+    for (_, instances, series) in PATIENTS.into_iter().filter(|p| p.0 == patient) {
+        let map = PatientMap::new(64);
+        fill(&map, instances, series, 0);
+        let recs: Vec<_> = (0..1_000)
+            .map(|i| record(instances + i, &series_uid(i % series)))
+            .collect();
+        let guard = map.pin();
+        let p = map.get(b"P", &guard).unwrap();
+        match what {
+            "insert" => callgrind_measured_inserts(&map, recs, &guard),
+            _ => {
+                for r in recs {
+                    map.insert(b"P", r, 0, &guard);
+                    callgrind_measured_view(&p, &guard);
+                }
+            }
+        }
+    }
+}
+
+/// How long inserting `recs` into patient "P" takes.
+fn timed_inserts(map: &PatientMap, recs: Vec<InstanceRecord>, guard: &MapGuard) -> Duration {
+    let t0 = Instant::now();
+    callgrind_measured_inserts(map, recs, guard);
+    t0.elapsed()
+}
+
+#[inline(never)]
+fn callgrind_measured_inserts(map: &PatientMap, recs: Vec<InstanceRecord>, guard: &MapGuard) {
+    for r in recs {
+        black_box(map.insert(b"P", r, 0, guard));
+    }
+}
+
+#[inline(never)]
+fn callgrind_measured_view(p: &Patient, guard: &MapGuard) {
+    black_box(p.view(guard));
 }
 
 fn checker_scan(c: &mut Criterion) {
@@ -162,5 +298,20 @@ fn checker_scan(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, insert_threads, insert_vs_series_size, checker_scan);
-criterion_main!(benches);
+criterion_group!(
+    benches,
+    insert_threads,
+    insert_vs_series_size,
+    insert_vs_patient_size,
+    view_vs_patient_size,
+    checker_scan
+);
+
+fn main() {
+    if let Ok(what) = std::env::var("DICOMGATE_CALLGRIND") {
+        callgrind(&what);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,7 +1,8 @@
 //! loom models of the patient map's protocol (patients/ module doc): insert vs claim, insert vs
-//! retire, two writers vs a claim, and two writers publishing snapshots under a reader (through
-//! `sync::ArcSwap`, a loom-visible stand-in for arc-swap's), every interleaving up to
-//! `LOOM_MAX_PREEMPTIONS`.
+//! retire, two writers vs a claim, two readers advancing a batch's cached summary while a writer
+//! pushes (through `sync::ArcSwap`, a loom-visible stand-in for arc-swap's), and a reader folding
+//! records while the claimer moves them out (each record in loom's `UnsafeCell`, so a read not
+//! ordered with the take is reported), every interleaving up to `LOOM_MAX_PREEMPTIONS`.
 //!
 //! Run (not part of `cargo test`; `.ci/run` runs it with a small preemption bound):
 //! `LOOM_MAX_PREEMPTIONS=3 RUSTFLAGS="--cfg dicomgate_loom --cfg crossbeam_loom" \
@@ -62,9 +63,9 @@ fn insert_vs_claim() {
         let v = p.view(&g);
         let first = p.claim(v.batch_seq, &g).unwrap();
         // The snapshot read before the claim summarises exactly the first k records of the
-        // claim, k >= 1: "a" was inserted (and its snapshot update published) by this thread
-        // before the view, and the one racing writer pushes and publishes in one order. (It was
-        // `records.len() >= snapshot.instances`, which a snapshot that is never updated passes.)
+        // claim, k >= 1: "a" was pushed by this thread before the view, and a view folds a
+        // prefix of the pushes up to the head it reads. (It was `records.len() >=
+        // snapshot.instances`, which a snapshot that is never updated passes.)
         assert!(
             (1..=first.records.len()).any(|k| Snapshot::of(&first.records[..k]) == *v.snapshot),
             "snapshot {:?} is no prefix of the claim {:?}",
@@ -135,54 +136,93 @@ fn two_writers_vs_claim() {
     });
 }
 
-/// Snapshot publication (issue 11: the models explored the integer atomics only; the snapshot's
-/// `ArcSwap` was invisible to loom, see `sync::ArcSwap`). Two writers insert into one patient
-/// while a reader views it: the view summarises a subset of what was inserted (as the checker
-/// relies on), and once both writers are done the snapshot counts both (no publication lost
-/// to the other's).
+/// The summary of a patient's current batch that its cache holds now is `Snapshot::of` the first
+/// `depth` of `pushed` (the batch's pushes, oldest first).
+fn assert_cache_is_a_prefix(map: &PatientMap, pushed: &[InstanceRecord]) {
+    let g = map.pin();
+    let p = map.get(b"P", &g).unwrap();
+    let cached = p.batch(g.epoch()).summary.load_full();
+    let depth = cached.depth as usize;
+    assert!(depth <= pushed.len(), "cache of depth {depth}");
+    assert_eq!(*cached.snapshot, Snapshot::of(&pushed[..depth]), "cache");
+}
+
+/// Summary publication (issue 11 (3): readers advance the cached summary, writers only push).
+/// A writer pushes "b" over "a" while two readers view the patient, each folding what its
+/// cache lacks and offering the result back by compare-and-swap: each view summarises a prefix
+/// of the pushes that contains everything pushed before the view began ("a"), the cache stays a
+/// prefix summary whichever reader wins, and a view once both are done counts both.
 #[test]
 fn snapshot_publication() {
     loom::model(|| {
         let map = Arc::new(PatientMap::new(1));
         {
             let g = map.pin();
-            map.get_or_insert(b"P", 0, &g);
+            map.insert(b"P", rec("a"), 0, &g);
         }
-        let ws: Vec<_> = ["a", "b"]
-            .into_iter()
-            .map(|s| {
-                let m = map.clone();
-                thread::spawn(move || {
-                    let g = m.pin();
-                    m.insert(b"P", rec(s), 1, &g);
-                })
+        let pushed = [rec("a"), rec("b")];
+        let w = {
+            let m = map.clone();
+            thread::spawn(move || {
+                let g = m.pin();
+                m.insert(b"P", rec("b"), 1, &g);
             })
-            .collect();
-        let (a, b) = (rec("a"), rec("b"));
-        let subsets: [Vec<&InstanceRecord>; 5] =
-            [vec![], vec![&a], vec![&b], vec![&a, &b], vec![&b, &a]];
-        let seen = {
-            let g = map.pin();
-            map.get(b"P", &g).unwrap().view(&g).snapshot
         };
-        assert!(
-            subsets
-                .iter()
-                .any(|s| Snapshot::of(s.iter().copied()) == *seen),
-            "a snapshot of no subset of the inserts: {seen:?}"
-        );
-        for w in ws {
-            w.join().unwrap();
+        let view = |m: &PatientMap| {
+            let g = m.pin();
+            m.get(b"P", &g).unwrap().view(&g).snapshot
+        };
+        let r = {
+            let m = map.clone();
+            thread::spawn(move || view(&m))
+        };
+        let prefixes = [Snapshot::of(&pushed[..1]), Snapshot::of(&pushed)];
+        let mine = view(&map);
+        assert!(prefixes.contains(&*mine), "no prefix: {mine:?}");
+        let theirs = r.join().unwrap();
+        assert!(prefixes.contains(&*theirs), "no prefix: {theirs:?}");
+        w.join().unwrap();
+        assert_cache_is_a_prefix(&map, &pushed);
+        assert_eq!(*view(&map), prefixes[1], "a view after both pushes");
+        assert_cache_is_a_prefix(&map, &pushed);
+    });
+}
+
+/// A reader folds the batch's records while the claimer takes them (issue 11 (3): the claim
+/// moves records out instead of copying them). The reader either registered before the
+/// claimer looked (and the claimer copies) or finds the head closed (and reads none): loom's
+/// `UnsafeCell` around each record reports a fold not ordered with the take. The view
+/// summarises a prefix, and the claim hands over both records, oldest first.
+#[test]
+fn view_vs_claim() {
+    loom::model(|| {
+        let map = Arc::new(PatientMap::new(1));
+        let pushed = [rec("a"), rec("b")];
+        {
+            let g = map.pin();
+            for s in ["a", "b"] {
+                map.insert(b"P", rec(s), 0, &g); // strings of its own, freed with the claim
+            }
         }
-        let last = {
-            let g = map.pin();
-            map.get(b"P", &g).unwrap().view(&g).snapshot
+        let r = {
+            let m = map.clone();
+            thread::spawn(move || {
+                let g = m.pin();
+                m.get(b"P", &g).unwrap().view(&g).snapshot
+            })
         };
+        let claimed = {
+            let g = map.pin();
+            let p = map.get(b"P", &g).unwrap();
+            let seq = p.batch(g.epoch()).seq;
+            p.claim(seq, &g).unwrap().records
+        };
+        assert_eq!(claimed, pushed, "the claim");
+        drop(claimed); // what a reader still read after the take would be freed now
+        let seen = r.join().unwrap();
         assert!(
-            subsets[3..]
-                .iter()
-                .any(|s| Snapshot::of(s.iter().copied()) == *last),
-            "a publication was lost: {last:?}"
+            (0..=2).any(|k| *seen == Snapshot::of(&pushed[..k])),
+            "no prefix: {seen:?}"
         );
     });
 }

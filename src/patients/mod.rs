@@ -14,10 +14,23 @@
 //!   Keys are hashed with SipHash under a per-map random key, so peers cannot flood one bucket.
 //! - [`Patient`]: its current batch (an epoch-managed pointer), the number of open associations
 //!   that sent it something, and the time of its last arrival.
-//! - A batch: a lock-free stack of instance records (Treiber push, O(1) whatever the batch size)
-//!   and an arc-swap [`Snapshot`] (counts per series and input, study dates, completeness hints)
-//!   that readers load without locking while writers keep inserting. A snapshot update clones
-//!   the summary, which grows with the number of series, never with the number of instances.
+//! - A batch: a lock-free stack of instance records (Treiber push) and a cached summary, its
+//!   [`Snapshot`] (counts per series and input, study dates, completeness hints). Each node
+//!   holds its depth: 1 + the depth of the node below it, so the number of pushes up to and
+//!   including it. A node's depth and `next` are written before its push publishes it and never
+//!   after, so a head names exactly one prefix of the batch's pushes (the first `depth`), and
+//!   every head the batch ever had lies on one chain.
+//! - The summary is a cache the readers (checker, status page, priors) advance, not something
+//!   writers maintain: an arc-swap holding a depth `d` and `Snapshot::of` the first `d` pushes.
+//!   An insert is the push alone (one CAS; it reads nothing but the depth of the node it pushes
+//!   over), whatever the patient holds: the copy of every series per insert is gone (issue 11
+//!   (3)).
+//!
+//! Why a depth-stamped stack rather than per-series atomic counters: counters need a concurrent
+//! series → counter map inside each patient (grown by writers, with its own reclamation), the
+//! per-input counts and study dates are sets as much as counts, and a reader adding up several
+//! counters sees no prefix of the pushes without a version scheme of its own. Here the summary
+//! of a prefix is the only thing there is, so a reader cannot see anything else.
 //!
 //! # The protocol (what the loom models in `loom_models.rs` check)
 //!
@@ -26,10 +39,25 @@
 //!   writer that meets `CLOSED` installs (or sees installed) the patient's next batch and pushes
 //!   there; one that meets `RETIRED` goes back to the map, which unlinks the patient, and inserts
 //!   into a fresh one. A successful push is the instant the instance belongs to a batch.
+//! - View: load the cached summary (depth `d`), then the head. A head of depth `d` (or a closed
+//!   one) is covered: the cached `Arc` is handed out, no copy. Otherwise the reader registers in
+//!   the batch's `readers` count, loads the head again, walks down from it collecting the nodes
+//!   of depth above `d` (the cache holds a depth, never a pointer: nothing cached is ever
+//!   dereferenced, so no ABA), folds them oldest first into a copy of the cached summary,
+//!   deregisters, and offers the result back by one compare-and-swap against the summary it
+//!   started from. A loser (another reader advanced it first) hands out its own result, which
+//!   is as much a prefix summary as the winner's; the CAS only ever replaces a summary by one of
+//!   a longer prefix. Cost per view: O(1) when nothing arrived, else O(new instances + the
+//!   summary's size) (one copy of the summary per view that finds news, not one per insert).
 //! - Claim: one CAS of the batch state `COLLECTING → CLAIMED` picks the single winner; the winner
 //!   swaps the head to `CLOSED`, which hands it the whole stack (every instance pushed before the
 //!   swap, and none after), then installs the next batch. Later arrivals start the next batch,
-//!   never join the claimed one.
+//!   never join the claimed one. The records are moved out of the stack in one walk (not
+//!   copied) unless a reader is registered, and the chain of nodes goes to the collector in one
+//!   deferred destruction (not one per node): pinned threads may still hold pointers into it (a
+//!   writer reading the depth it pushes over, a reader the depth or `next`). A reader that is
+//!   registered may be reading records, so then the claimer copies them instead and the
+//!   originals are dropped with the nodes.
 //! - Retire: a patient with an empty open batch is retired by one CAS of its head from
 //!   `null` to `null|RETIRED`, then unlinked from its bucket; a writer racing with it either
 //!   pushed first (the CAS fails, nothing is removed) or sees `RETIRED` and retries on the map.
@@ -55,24 +83,49 @@
 //! of holding one is the caller's to bound: keep a pin short (the checker pins per patient),
 //! as no memory any thread retires meanwhile is freed until it goes.
 //!
-//! Memory orderings: pushes publish with `Release` and heads are read with `Acquire`, so the
-//! claimer sees every record it takes; bucket and batch pointers likewise. Counters that only
-//! feed triggers (`last_arrival_ms`, `open_associations`) use `AcqRel`/`Acquire` too: they are off
-//! the hot path's critical section and the stronger order keeps the reasoning simple.
+//! # Memory orderings
+//!
+//! - Pushes publish with `Release` and heads are read with `Acquire`, so whoever acquires a head
+//!   (a reader, the claimer, the next writer) sees every node below it whole; bucket and batch
+//!   pointers likewise.
+//! - The cached summary: arc-swap's load and compare-and-swap (acquire and release). A reader
+//!   that loads a summary of depth `d` and then the head gets a head of depth `d` or more: the
+//!   summary's publisher read a head of depth `d` before publishing, and the head only grows
+//!   while the batch is open (a closed head is covered anyway).
+//! - Readers against the claimer's move (Dekker's pattern, the one place `SeqCst` is needed): a
+//!   reader does `readers += 1` (`Relaxed`), `fence(SeqCst)`, loads the head (`Acquire`), reads
+//!   records, `readers -= 1` (`Release`); the claimer swaps the head to `CLOSED` (`AcqRel`),
+//!   `fence(SeqCst)`, loads `readers` (`Acquire`), and moves the records out only if it reads 0.
+//!   The two fences are ordered in the single total order of `SeqCst` operations. Claimer's
+//!   first: the reader's head load sees `CLOSED` (nothing writes a closed head again) and it
+//!   reads no record. Reader's first: the claimer's load sees the reader's `+1` or a later value;
+//!   while that reader is registered the count is at least 1, so a 0 is its `-1` or a later
+//!   change, and every change is a read-modify-write, in the release sequence of its `-1`: the
+//!   reader's reads happen before the claimer's move. (loom models this, `view_vs_claim`: under
+//!   loom each record sits in loom's `UnsafeCell`, which reports a read not ordered with the
+//!   take.)
+//! - Counters that only feed triggers (`last_arrival_ms`, `open_associations`) use
+//!   `AcqRel`/`Acquire` too: they are off the hot path's critical section and the stronger order
+//!   keeps the reasoning simple.
 #![allow(unsafe_code)] // the crate's only unsafe code; every block says why it is sound
 
 #[cfg(all(test, dicomgate_loom))]
 mod loom_models;
 mod sync;
 
+use std::cell::Cell;
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crossbeam_epoch::{Atomic, Guard, Owned, Shared};
 
-use sync::{ArcSwap, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use sync::{
+    fence, ArcSwap, AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering, UnsafeCell,
+};
 
 /// One durable instance as the map knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -117,33 +170,106 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Counts one more record, finding its series and study dates by a linear search: the
+    /// reference [`Snapshot::extend`] agrees with (`extend_counts_as_add_one_by_one`).
     fn add(&mut self, r: &InstanceRecord) {
+        let i = match self.series.iter().position(|s| same_series(s, r)) {
+            Some(i) => i,
+            None => self.new_series(r),
+        };
+        self.count(i, r, |_, d, listed| listed.contains(d));
+    }
+
+    /// Adds `records` in order, as [`Snapshot::add`] on each would, in O(records + series +
+    /// study dates) (hashing) rather than O(records × (series + dates)): a view folds thousands
+    /// of new instances into a summary of a thousand series, and a claim is recounted whole.
+    fn extend(&mut self, records: &[&InstanceRecord]) {
+        const LINEAR: usize = 16; // below this, building the indexes costs more than it saves
+        if records.len() <= LINEAR {
+            for r in records {
+                self.add(r);
+            }
+            return;
+        }
+        type SeriesKey<'k> = (Option<&'k str>, Option<&'k str>);
+        fn key<'k>(study: &'k Option<Arc<str>>, series: &'k Option<Arc<str>>) -> SeriesKey<'k> {
+            (study.as_deref(), series.as_deref())
+        }
+        const NEW: usize = usize::MAX; // a series not in the summary yet
+                                       // The records' series → its index in `self.series`, and (input, study date) → listed.
+        let mut series: HashMap<SeriesKey<'_>, Cell<usize>> = HashMap::new();
+        let mut dates: HashMap<(usize, &str), Cell<bool>> = HashMap::new();
+        for r in records {
+            series
+                .entry(key(&r.study_uid, &r.series_uid))
+                .or_insert(Cell::new(NEW));
+            if let Some(d) = &r.study_date {
+                for i in input_numbers(r.inputs) {
+                    dates.entry((i, d)).or_insert(Cell::new(false));
+                }
+            }
+        }
+        for (i, s) in self.series.iter().enumerate() {
+            if let Some(c) = series.get(&key(&s.study_uid, &s.series_uid)) {
+                if c.get() == NEW {
+                    c.set(i);
+                }
+            }
+        }
+        for (i, listed) in self.study_dates.iter().enumerate() {
+            for d in listed {
+                if let Some(c) = dates.get(&(i, &**d)) {
+                    c.set(true);
+                }
+            }
+        }
+        for r in records {
+            let Some(c) = series.get(&key(&r.study_uid, &r.series_uid)) else {
+                self.add(r); // every record's series was entered above: never taken
+                continue;
+            };
+            let i = match c.get() {
+                NEW => {
+                    let i = self.new_series(r);
+                    c.set(i);
+                    i
+                }
+                i => i,
+            };
+            self.count(i, r, |i, d, listed| match dates.get(&(i, &**d)) {
+                Some(c) => c.replace(true),
+                None => listed.contains(d), // entered above: never taken
+            });
+        }
+    }
+
+    fn new_series(&mut self, r: &InstanceRecord) -> usize {
+        self.series.push(SeriesSummary {
+            study_uid: r.study_uid.clone(),
+            series_uid: r.series_uid.clone(),
+            ..Default::default()
+        });
+        self.series.len() - 1
+    }
+
+    /// Counts `r` in series `i`; `listed(input, date, dates listed for that input)` says
+    /// whether the date is listed already.
+    fn count(
+        &mut self,
+        i: usize,
+        r: &InstanceRecord,
+        mut listed: impl FnMut(usize, &Arc<str>, &[Arc<str>]) -> bool,
+    ) {
         self.instances += 1;
         self.bytes += r.bytes;
-        let pos = self
-            .series
-            .iter()
-            .position(|s| s.series_uid == r.series_uid && s.study_uid == r.study_uid);
-        let s = match pos {
-            Some(p) => &mut self.series[p],
-            None => {
-                self.series.push(SeriesSummary {
-                    study_uid: r.study_uid.clone(),
-                    series_uid: r.series_uid.clone(),
-                    ..Default::default()
-                });
-                let last = self.series.len() - 1;
-                &mut self.series[last]
-            }
+        let Some(s) = self.series.get_mut(i) else {
+            return; // `i` is always one of ours
         };
         s.instances += 1;
         s.max_instance_number = s.max_instance_number.max(r.instance_number);
         s.images_in_acquisition = s.images_in_acquisition.max(r.images_in_acquisition);
         s.number_of_slices = s.number_of_slices.max(r.number_of_slices);
-        let mut bits = r.inputs;
-        while bits != 0 {
-            let i = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
+        for i in input_numbers(r.inputs) {
             if s.per_input.len() <= i {
                 s.per_input.resize(i + 1, 0);
             }
@@ -152,21 +278,33 @@ impl Snapshot {
                 self.study_dates.resize(i + 1, Vec::new());
             }
             if let Some(d) = &r.study_date {
-                if !self.study_dates[i].contains(d) {
+                if !listed(i, d, &self.study_dates[i]) {
                     self.study_dates[i].push(d.clone());
                 }
             }
         }
     }
 
-    /// The summary of a set of records (a claimed batch, or a recount in tests).
+    /// The summary of a set of records (a claimed batch, or a recount in tests), in order.
     pub fn of<'a>(records: impl IntoIterator<Item = &'a InstanceRecord>) -> Snapshot {
+        let records: Vec<&InstanceRecord> = records.into_iter().collect();
         let mut s = Snapshot::default();
-        for r in records {
-            s.add(r);
-        }
+        s.extend(&records);
         s
     }
+}
+
+fn same_series(s: &SeriesSummary, r: &InstanceRecord) -> bool {
+    s.series_uid == r.series_uid && s.study_uid == r.study_uid
+}
+
+/// The input numbers whose bits are set in `inputs`, lowest first.
+fn input_numbers(mut inputs: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let i = inputs.trailing_zeros() as usize;
+        inputs &= inputs.checked_sub(1)?;
+        Some(i)
+    })
 }
 
 /// Batch states kept in the map. Later states (processing, exporting, done, failed) belong to
@@ -180,16 +318,91 @@ const CLOSED: usize = 1;
 const RETIRED: usize = 2;
 
 struct Node {
-    record: InstanceRecord,
+    // Invariant: written only before the push publishes the node. After that it is read
+    // (`with`) only by a thread registered in its batch's `readers` count (`Batch::summary`), or
+    // by the claimer that closed the batch; it is taken (`with_mut`) at most once, by that
+    // claimer, and only if it found no reader registered after closing (`Patient::claim`).
+    // `ManuallyDrop`: whoever frees the node says whether the record is still in it.
+    record: UnsafeCell<ManuallyDrop<InstanceRecord>>,
+    // Invariant: 1 + the depth of `next` (1 at the bottom of a stack): the number of pushes up
+    // to and including this one. Like `next`, written only before the push publishes the node.
+    depth: u64,
     // Invariant: written only before the node is published by the CAS on the head.
     next: Atomic<Node>,
 }
 
+// SAFETY: nodes are shared between threads through their batch's stack. `depth` and `next` are
+// never written once the node is published; the record is read through shared accesses only,
+// and taken only when no other thread reads it (the `record` invariant; the module doc,
+// "Memory orderings", says why that holds). `InstanceRecord` is `Send` and `Sync`.
+unsafe impl Sync for Node {}
+
+impl Node {
+    fn new(record: InstanceRecord) -> Owned<Node> {
+        Owned::new(Node {
+            record: UnsafeCell::new(ManuallyDrop::new(record)),
+            depth: 1,
+            next: Atomic::null(),
+        })
+    }
+
+    /// The record of a node nobody else can reach.
+    fn into_record(self) -> InstanceRecord {
+        ManuallyDrop::into_inner(self.record.into_inner())
+    }
+}
+
+/// The depth of an open stack's head (0 when empty); `None` for a closed or retired one.
+fn open_depth(head: Shared<'_, Node>) -> Option<u64> {
+    if head.tag() != OPEN {
+        return None;
+    }
+    // SAFETY: `head` was loaded from a batch's head under a pin; a node is freed only through
+    // the collector, after the claim that made it unreachable and after every thread pinned
+    // then unpins (`Patient::claim`), or by its batch's drop, when no thread can reach the
+    // batch.
+    Some(unsafe { head.as_ref() }.map_or(0, |n| n.depth))
+}
+
+/// Frees the chain of nodes from `top` down, dropping the records still in them if `records`
+/// (else they were taken out, and are not dropped twice).
+///
+/// # Safety
+///
+/// No other thread can reach any node of the chain any more, and each was made by `Node::new`
+/// and is freed by no one else; if `!records`, every record of the chain was taken out.
+unsafe fn free_chain(top: *const Node, records: bool) {
+    // SAFETY: the chain is ours alone (the caller's promise), so no pin is needed to walk it.
+    let g = unsafe { crossbeam_epoch::unprotected() };
+    let mut cur = Shared::from(top);
+    while !cur.is_null() {
+        // SAFETY: ours alone, made by `Owned::new`; each node is visited once, so freed once.
+        let node = unsafe { cur.into_owned() }.into_box();
+        cur = node.next.load(Ordering::Relaxed, g);
+        if records {
+            drop((*node).into_record());
+        } // else the record's bytes were moved out; the `ManuallyDrop` leaves them be
+    }
+}
+
+/// The cached summary of a batch.
+struct Summary {
+    // Invariant: `snapshot` is `Snapshot::of` the first `depth` pushes of its batch, oldest
+    // first (the nodes of depth 1 to `depth` of its one chain).
+    depth: u64,
+    snapshot: Arc<Snapshot>,
+}
+
 struct Batch {
     // Invariant: untagged, this is the newest node of a stack only this batch owns; tagged
-    // CLOSED or RETIRED, it is null and the stack (if any) was handed to the claimer.
+    // CLOSED or RETIRED, it is null, never written again, and the stack (if any) was handed to
+    // the claimer.
     head: Atomic<Node>,
-    snapshot: ArcSwap<Snapshot>,
+    // Invariant: only ever replaced by a summary of a longer prefix (compare-and-swap against
+    // the one it was folded from).
+    summary: ArcSwap<Summary>,
+    /// Readers that may be reading records of the stack (module doc, "Memory orderings").
+    readers: AtomicUsize,
     state: AtomicU8,
     seq: u64,
 }
@@ -198,26 +411,86 @@ impl Batch {
     fn new(seq: u64) -> Batch {
         Batch {
             head: Atomic::null(),
-            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            summary: ArcSwap::from_pointee(Summary {
+                depth: 0,
+                snapshot: Arc::new(Snapshot::default()),
+            }),
+            readers: AtomicUsize::new(0),
             state: AtomicU8::new(COLLECTING),
             seq,
         }
+    }
+
+    /// The summary of every push up to the head now (or, once the batch is closed, of the
+    /// prefix the cache reached): the cached one if it covers the head, else the cache advanced
+    /// to it (module doc, "View").
+    fn summary(&self, guard: &Guard) -> Arc<Snapshot> {
+        let cached = self.summary.load_full();
+        let covered = |head: Shared<'_, Node>| open_depth(head).is_none_or(|d| d <= cached.depth);
+        if covered(self.head.load(Ordering::Acquire, guard)) {
+            return cached.snapshot.clone();
+        }
+        // Registered before the head is read again, so the claimer leaves the records in place
+        // while we read them (module doc, "Memory orderings").
+        self.readers.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let head = self.head.load(Ordering::Acquire, guard);
+        let folded = match covered(head) {
+            true => None,
+            false => Some(self.fold(&cached, head, guard)),
+        };
+        self.readers.fetch_sub(1, Ordering::Release);
+        let Some((depth, snapshot)) = folded else {
+            return cached.snapshot.clone(); // closed meanwhile
+        };
+        let snapshot = Arc::new(snapshot);
+        // A loser keeps its own result, as much a prefix summary as the winner's.
+        let _ = self.summary.compare_and_swap(
+            &cached,
+            Arc::new(Summary {
+                depth,
+                snapshot: snapshot.clone(),
+            }),
+        );
+        snapshot
+    }
+
+    /// `cached` with the pushes above its depth up to `head` (open, non-null) added, and the
+    /// depth it reaches. The caller is registered in `readers`.
+    fn fold(&self, cached: &Summary, head: Shared<'_, Node>, guard: &Guard) -> (u64, Snapshot) {
+        let top = open_depth(head).unwrap_or(0);
+        let mut new: Vec<&InstanceRecord> =
+            Vec::with_capacity(usize::try_from(top.saturating_sub(cached.depth)).unwrap_or(0));
+        let mut cur = head;
+        // SAFETY: as in `open_depth`: every node of the chain lives until we unpin.
+        while let Some(node) = unsafe { cur.as_ref() } {
+            if node.depth <= cached.depth {
+                break; // the rest is what the cache covers
+            }
+            // SAFETY: the record is in the node: the claimer takes records only after it closed
+            // the head and then found no reader registered, and we registered and then found
+            // the head open (module doc, "Memory orderings"); the reference is used before we
+            // deregister (the caller does, after this returns).
+            new.push(node.record.with(|r| unsafe { &**r }));
+            cur = node.next.load(Ordering::Relaxed, guard);
+        }
+        new.reverse();
+        let mut snapshot = Snapshot::clone(&cached.snapshot);
+        snapshot.extend(&new);
+        (top, snapshot)
     }
 }
 
 impl Drop for Batch {
     fn drop(&mut self) {
         // SAFETY: we are the batch's last user (&mut self, reached only through an epoch-retired
-        // or exclusively owned pointer), so nobody else can reach its stack; each node was made
-        // by Owned::new and is freed exactly once as we walk.
+        // or exclusively owned pointer), so nobody else can reach its stack (an open one: a
+        // claimed stack left the batch); its nodes were made by `Node::new`, their records are
+        // still in them (only a claim takes records), and nothing else frees them.
         unsafe {
             let g = crossbeam_epoch::unprotected();
-            let mut cur = self.head.load(Ordering::Relaxed, g);
-            while !cur.with_tag(0).is_null() {
-                let next = cur.deref().next.load(Ordering::Relaxed, g);
-                drop(cur.into_owned());
-                cur = next;
-            }
+            let head = self.head.load(Ordering::Relaxed, g);
+            free_chain(head.with_tag(0).as_raw(), true);
         }
     }
 }
@@ -295,8 +568,8 @@ impl Patient {
         unsafe { b.deref() }
     }
 
-    /// Adds a durable instance to the current batch. O(1) in the batch size, plus one snapshot
-    /// copy (O(series)).
+    /// Adds a durable instance to the current batch: one push, O(1) whatever the batch holds
+    /// (the summary is the readers' to advance).
     pub fn insert(
         &self,
         record: InstanceRecord,
@@ -304,10 +577,7 @@ impl Patient {
         guard: &MapGuard,
     ) -> Result<(), Retired> {
         let guard = guard.epoch();
-        let mut node = Owned::new(Node {
-            record,
-            next: Atomic::null(),
-        });
+        let mut node = Node::new(record);
         loop {
             let shared_batch = self.current.load(Ordering::Acquire, guard);
             // SAFETY: as in `batch()`.
@@ -315,6 +585,9 @@ impl Patient {
             let head = b.head.load(Ordering::Acquire, guard);
             match head.tag() {
                 OPEN => {
+                    // The node we push over lives until we unpin (`open_depth`), and its depth
+                    // is immutable; we never read a node after pushing it.
+                    node.depth = open_depth(head).unwrap_or(0) + 1;
                     node.next.store(head, Ordering::Relaxed);
                     match b.head.compare_exchange(
                         head,
@@ -323,19 +596,7 @@ impl Patient {
                         Ordering::Relaxed,
                         guard,
                     ) {
-                        Ok(pushed) => {
-                            // SAFETY: just published by us; a node is freed only through the
-                            // collector after a claim (after `guard` unpins; freeing at the
-                            // claim was a use-after-free that `tests/patients_stress.rs` caught
-                            // as a SIGSEGV) or by its batch's drop, which runs after the batch
-                            // was retired through the collector or in `Patient::drop`, which
-                            // cannot run while `&self` is borrowed.
-                            let r = &unsafe { pushed.deref() }.record;
-                            b.snapshot.rcu(|s| {
-                                let mut n = Snapshot::clone(s);
-                                n.add(r);
-                                n
-                            });
+                        Ok(_) => {
                             self.last_arrival_ms.fetch_max(now_ms, Ordering::AcqRel);
                             return Ok(());
                         }
@@ -343,7 +604,7 @@ impl Patient {
                     }
                 }
                 CLOSED => self.install_next(shared_batch, guard),
-                _ => return Err(Retired(node.into_box().record)),
+                _ => return Err(Retired((*node.into_box()).into_record())),
             }
         }
     }
@@ -373,14 +634,15 @@ impl Patient {
         PatientView {
             batch_seq: b.seq,
             state: b.state.load(Ordering::Acquire),
-            snapshot: b.snapshot.load_full(),
+            snapshot: b.summary(guard.epoch()),
             open_associations: self.open_associations.load(Ordering::Acquire),
             last_arrival_ms: self.last_arrival_ms.load(Ordering::Acquire),
         }
     }
 
     /// Claims batch `seq` if it is still the current, collecting batch: exactly one caller
-    /// wins. The winner gets every record pushed before its claim.
+    /// wins. The winner gets every record pushed before its claim, moved out of the stack
+    /// (copied only if a reader is folding them at that moment).
     pub fn claim(&self, seq: u64, guard: &MapGuard) -> Option<Claimed> {
         let guard = guard.epoch();
         let shared_batch = self.current.load(Ordering::Acquire, guard);
@@ -413,19 +675,39 @@ impl Patient {
                 Err(e) => head = e.current,
             }
         }
-        let mut records = Vec::new();
+        // Whether a reader may be reading the records (module doc, "Memory orderings").
+        fence(Ordering::SeqCst);
+        let take = b.readers.load(Ordering::Acquire) == 0;
+        let depth = open_depth(head).unwrap_or(0);
+        let mut records = Vec::with_capacity(usize::try_from(depth).unwrap_or(0));
         let mut cur = head;
-        while !cur.is_null() {
-            // SAFETY: the swap above made the stack unreachable from the batch, so no new
-            // reference to these nodes can be taken. The writer that pushed a node may still
-            // read it (its snapshot update) until it unpins, so nodes are copied out and retired
-            // through the collector, never freed here.
-            let node = unsafe { cur.deref() };
-            records.push(node.record.clone());
-            let next = node.next.load(Ordering::Relaxed, guard);
-            // SAFETY: unreachable (above); retired once, as we walk each node once.
-            unsafe { guard.defer_destroy(cur) };
-            cur = next;
+        // SAFETY: the swap above made the stack unreachable from the batch, so no new reference
+        // to its nodes can be taken, and nothing frees them but the deferred destruction below,
+        // after every thread now pinned unpins.
+        while let Some(node) = unsafe { cur.as_ref() } {
+            records.push(match take {
+                // SAFETY: no reader reads this record now or later: one whose fence came
+                // before ours has deregistered (we read 0 after its +1), and one whose fence
+                // comes after finds the head closed (module doc, "Memory orderings"); writers
+                // read nothing of a record. Taken once: each node is visited once, and this
+                // claim is the batch's only one.
+                true => node
+                    .record
+                    .with_mut(|r| unsafe { ManuallyDrop::take(&mut *r) }),
+                // SAFETY: a shared read, like the registered readers'; the record stays.
+                false => node.record.with(|r| InstanceRecord::clone(unsafe { &*r })),
+            });
+            cur = node.next.load(Ordering::Relaxed, guard);
+        }
+        if !head.is_null() {
+            let top = head.as_raw();
+            // SAFETY: the chain is unreachable (above) and ours: this claim is the batch's only
+            // one, and the batch's drop frees only an open stack. Threads pinned now may still
+            // hold pointers into it (a writer reads the depth of the node it pushes over, a
+            // reader depths, `next` and, if `!take`, records), so it is freed through the
+            // collector, after they unpin: one deferred destruction for the whole chain, which
+            // drops the records only if they were not taken.
+            unsafe { guard.defer_unchecked(move || free_chain(top, !take)) };
         }
         records.reverse();
         self.install_next(shared_batch, guard);
@@ -1105,6 +1387,189 @@ mod tests {
                 return;
             }
         }
+    }
+
+    /// Issue 11 (3): every insert cloned the patient's whole summary (every series, its
+    /// per-input counts, the study dates) and published the copy, so an insert into a patient
+    /// with 1,000 series copied 1,000 series. An insert is the push alone now: the summary a
+    /// view handed out is still the one the batch holds (the batch's reference and the view's),
+    /// where the copying insert had replaced it (the view's reference alone).
+    #[test]
+    fn insert_does_not_copy_the_patients_summary() {
+        let m = PatientMap::new(4);
+        let g = m.pin();
+        let p = m.get_or_insert(b"P", 0, &g);
+        for s in 0..1_000 {
+            p.insert(rec(&format!("1.{s}"), &format!("9.{s}"), 1), 0, &g)
+                .unwrap();
+        }
+        let v = p.view(&g);
+        assert_eq!(v.snapshot.series.len(), 1_000);
+        assert_eq!(
+            Arc::strong_count(&v.snapshot),
+            2,
+            "the batch's and the view's"
+        );
+        p.insert(rec("2.0", "9.7", 1), 0, &g).unwrap();
+        assert_eq!(
+            Arc::strong_count(&v.snapshot),
+            2,
+            "the insert replaced the summary (it copied it)"
+        );
+        // The next view still counts it.
+        let after = p.view(&g);
+        assert_eq!(after.snapshot.instances, 1_001);
+        assert_eq!(after.snapshot.series[7].instances, 2);
+    }
+
+    /// Issue 11 (3): a claim cloned every record of the batch and left the originals in the
+    /// stack's nodes until the collector freed them, one deferred destruction per node. The
+    /// records move out now: while this thread is still pinned (so nothing deferred can be
+    /// freed), a claimed record's strings are held by the claim (and the test) alone.
+    #[test]
+    fn claim_moves_records_out_without_a_copy() {
+        let m = PatientMap::new(4);
+        let g = m.pin();
+        let uids: Vec<Arc<str>> = (0..100).map(|i| Arc::from(format!("1.{i}"))).collect();
+        let p = m.get_or_insert(b"P", 0, &g);
+        for u in &uids {
+            let mut r = rec("", "9", 1);
+            r.sop_instance_uid = u.clone();
+            p.insert(r, 0, &g).unwrap();
+        }
+        let c = p.claim(p.view(&g).batch_seq, &g).unwrap();
+        assert_eq!(c.records.len(), 100);
+        for (u, r) in uids.iter().zip(&c.records) {
+            assert!(Arc::ptr_eq(u, &r.sop_instance_uid), "oldest first");
+            assert_eq!(
+                Arc::strong_count(u),
+                2,
+                "a copy of {u} stays behind in the claimed stack"
+            );
+        }
+    }
+
+    /// Pseudo-random records over few studies, series, dates and inputs (so that series and
+    /// dates repeat), from a linear congruential generator seeded with `seed`.
+    fn random_records(seed: u64, n: usize) -> Vec<InstanceRecord> {
+        let mut x = seed;
+        let mut next = move |m: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % m
+        };
+        (0..n)
+            .map(|i| InstanceRecord {
+                sop_instance_uid: format!("1.{i}").into(),
+                study_uid: (next(5) != 0).then(|| format!("2.{}", next(3)).into()),
+                series_uid: (next(7) != 0).then(|| format!("3.{}", next(40)).into()),
+                study_date: (next(3) != 0).then(|| format!("2026010{}", next(9)).into()),
+                bytes: next(1000),
+                inputs: next(1 << 6) | (next(2) << 63),
+                instance_number: next(300) as u32,
+                images_in_acquisition: next(4) as u32,
+                number_of_slices: next(4) as u32,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// The indexed fold (`Snapshot::extend`, which views and `Snapshot::of` use) gives exactly
+    /// what counting the records one by one with the linear `Snapshot::add` gives: same series
+    /// in the same order, same counts, same dates in the same order, whatever the chunks.
+    #[test]
+    fn extend_counts_as_add_one_by_one() {
+        for seed in 0..40 {
+            let records = random_records(seed, 400);
+            let mut one_by_one = Snapshot::default();
+            for r in &records {
+                one_by_one.add(r);
+            }
+            assert_eq!(Snapshot::of(&records), one_by_one, "seed {seed}");
+            let mut chunked = Snapshot::default();
+            let mut rest: &[InstanceRecord] = &records;
+            let mut len = seed as usize % 7;
+            while !rest.is_empty() {
+                len = (len * 5 + 3) % 90;
+                let (chunk, tail) = rest.split_at(len.min(rest.len()));
+                chunked.extend(&chunk.iter().collect::<Vec<_>>());
+                rest = tail;
+            }
+            assert_eq!(chunked, one_by_one, "seed {seed}, chunked");
+        }
+    }
+
+    /// Views between inserts summarise exactly the pushes so far (the cache advanced by a few
+    /// and by many at a time), and a view with nothing new hands out the summary it has.
+    #[test]
+    fn each_view_summarises_the_pushes_so_far() {
+        let m = PatientMap::new(4);
+        let g = m.pin();
+        let records = random_records(7, 600);
+        let p = m.get_or_insert(b"P", 0, &g);
+        let mut done = 0;
+        for step in [1usize, 2, 17, 3, 100, 1, 250, 40, 186] {
+            for r in &records[done..done + step] {
+                p.insert(r.clone(), 0, &g).unwrap();
+            }
+            done += step;
+            let v = p.view(&g);
+            assert_eq!(*v.snapshot, Snapshot::of(&records[..done]), "after {done}");
+            assert!(
+                Arc::ptr_eq(&v.snapshot, &p.view(&g).snapshot),
+                "a view with nothing new copied the summary"
+            );
+        }
+        assert_eq!(done, records.len());
+        let c = p.claim(p.view(&g).batch_seq, &g).unwrap();
+        assert_eq!(c.records, records);
+    }
+
+    /// A claim that finds a reader registered (one may be folding the records) copies them and
+    /// leaves the originals to the one deferred destruction of the chain, which frees them once
+    /// every pin of the moment is gone.
+    #[test]
+    fn claim_copies_the_records_a_reader_may_be_reading() {
+        let m = PatientMap::new(4);
+        let records = random_records(3, 50);
+        let alive: Vec<_> = records
+            .iter()
+            .map(|r| Arc::downgrade(&r.sop_instance_uid))
+            .collect();
+        let c = {
+            let g = m.pin();
+            let p = m.get_or_insert(b"P", 0, &g);
+            for r in records.clone() {
+                p.insert(r, 0, &g).unwrap();
+            }
+            let b = p.batch(g.epoch());
+            b.readers.fetch_add(1, Ordering::Relaxed); // as a reader does before it reads
+            let c = p.claim(p.view(&g).batch_seq, &g).unwrap();
+            b.readers.fetch_sub(1, Ordering::Release);
+            assert_eq!(c.records, records);
+            for (r, w) in c.records.iter().zip(&alive) {
+                // The test's, the claim's and the node's.
+                assert_eq!(w.strong_count(), 3, "{} not copied", r.sop_instance_uid);
+            }
+            c
+        };
+        drop(records);
+        // Other tests' threads pin too, and hold the epoch back meanwhile: collect until freed,
+        // with a bound so that a chain never freed fails rather than hangs.
+        for _ in 0..100_000 {
+            if alive.iter().all(|w| w.strong_count() == 1) {
+                break;
+            }
+            m.pin().epoch().flush();
+            std::thread::yield_now();
+        }
+        assert!(
+            alive.iter().all(|w| w.strong_count() == 1),
+            "the chain's originals were never freed"
+        );
+        drop(c);
+        assert!(alive.iter().all(|w| w.upgrade().is_none()));
     }
 
     /// `len` is a counter beside the buckets, so a reader may see it off by the inserts and
