@@ -136,7 +136,7 @@ fn identity(
     pw: &str,
     pos: u8,
 ) -> String {
-    run_py(
+    let out = run_py(
         "identity.py",
         &[
             &node.port(),
@@ -149,7 +149,12 @@ fn identity(
             &pos.to_string(),
             ct_small().to_str().unwrap(),
         ],
-    )
+    );
+    if out == "ABORTED\n" {
+        // Seen rarely under heavy load where a rejection was expected: the node's side of it.
+        eprintln!("pynetdicom saw ABORTED; the node's log:\n{}", node.log());
+    }
+    out
 }
 
 /// pynetdicom's User Identity negotiation: the positive response (an empty server response,
