@@ -1,10 +1,12 @@
-//! User identity negotiation, acceptor side (PS3.7 D.3.3.7): the users file, the verification
-//! of a requestor's User Identity sub-item (0x58) and the verdict negotiation acts on.
+//! User identity negotiation, acceptor side (PS3.7 D.3.3.7): the verification of a requestor's
+//! User Identity sub-item (0x58) against the users of `[auth] users_file` and the verdict
+//! negotiation acts on.
 //!
-//! Owns: the users (name and argon2 PHC hash, or `-` for "no passcode") and a cache of
-//! successful verifications. Pure: no sockets, no clocks, no files (the host reads the file and
-//! hands its text and a per-process key to [`UserDirectory::parse`]). Must never keep or log a
-//! passcode: the cache holds SHA-256 digests keyed by a per-process random key.
+//! Owns: the users (name and argon2 PHC hash, or `-` for "no passcode"; the file's format is
+//! `config::users`'s) and a cache of successful verifications. Pure: no sockets, no clocks, no
+//! files (the configuration reads and parses the file, [`Config::user_directory`] makes the
+//! directory of it with a per-process key). Must never keep or log a passcode: the cache holds
+//! SHA-256 digests keyed by a per-process random key.
 //!
 //! Cost: an argon2id verification with the parameters `dicomgate passwd` uses (argon2's
 //! defaults: 19 MiB, 2 passes) takes tens of milliseconds of one core, and it runs on the
@@ -26,24 +28,13 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use sha2::{Digest, Sha256};
 
-/// Longest username we look up (bytes of the primary field); longer ones are refused before
-/// any work. The sub-item's own bound is its u16 length, and the whole A-ASSOCIATE-RQ's is
-/// `[limits] max_associate_length`.
-pub const MAX_USERNAME: usize = 256;
+use crate::config::users::{parse_users_file, Credential, UsersFile, MAX_USERNAME};
+use crate::config::{Config, ConfigError, DEFAULT_MAX_VERIFICATIONS_PER_SECOND};
+
 /// Longest passcode we verify (bytes of the secondary field).
 pub const MAX_PASSCODE: usize = 1024;
 /// Successful verifications kept; when full the cache is emptied and refills.
 pub const CACHE_ENTRIES: usize = 4096;
-/// Bounds on the argon2 parameters a users file may name (a hash asking for more memory or
-/// passes than this is refused at start-up: every verification would pay it).
-pub const MAX_M_COST_KIB: u32 = 64 * 1024;
-pub const MAX_T_COST: u32 = 4;
-pub const MAX_P_COST: u32 = 4;
-/// OWASP's minimum for argon2id (19 MiB, 2 passes): a hash below it is warned about.
-pub const MIN_M_COST_KIB: u32 = 19 * 1024;
-pub const MIN_T_COST: u32 = 2;
-/// `[auth] max_verifications_per_second`'s default.
-pub const DEFAULT_MAX_VERIFICATIONS_PER_SECOND: u32 = 20;
 /// What an unknown user's passcode is verified against (argon2's default parameters, as
 /// `dicomgate passwd` makes; the password is random and forgotten, and the result is ignored).
 const DUMMY_HASH: &str =
@@ -56,15 +47,6 @@ pub mod identity_type {
     pub const KERBEROS: u8 = 3;
     pub const SAML: u8 = 4;
     pub const JWT: u8 = 5;
-}
-
-#[derive(Clone)]
-enum Credential {
-    /// Listed with `-`: the username alone identifies (type 1, or type 2 whose passcode is not
-    /// looked at).
-    NoPasscode,
-    /// An argon2 PHC string, checked to parse at load time.
-    Hash(String),
 }
 
 const NANOS: u64 = 1_000_000_000;
@@ -173,65 +155,20 @@ pub fn verify_password(password: &[u8], phc: &str) -> bool {
 }
 
 impl UserDirectory {
-    /// Parses a users file: one `username:hash` per line, `hash` an argon2 PHC string made by
-    /// `dicomgate passwd` or `-` (no passcode); blank lines and lines starting with `#` are
-    /// skipped. `key`: random bytes of this process (cache digests). Errors name the line.
+    /// Parses a users file ([`parse_users_file`]) and makes the directory of its users.
+    /// `key`: random bytes of this process (cache digests). Errors name the line.
     pub fn parse(text: &str, required: bool, key: [u8; 32]) -> Result<UserDirectory, String> {
-        let mut users = HashMap::new();
-        let mut notes = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let n = i + 1;
-            let line = line.trim_end_matches('\r');
-            if line.trim().is_empty() || line.trim_start().starts_with('#') {
-                continue;
-            }
-            let Some((user, hash)) = line.split_once(':') else {
-                return Err(format!("line {n}: not username:hash"));
-            };
-            if user.is_empty() || user.len() > MAX_USERNAME || user.chars().any(char::is_control) {
-                return Err(format!(
-                    "line {n}: the username must be 1 to {MAX_USERNAME} bytes, no control characters"
-                ));
-            }
-            let cred = if hash == "-" {
-                Credential::NoPasscode
-            } else {
-                let h = PasswordHash::new(hash).map_err(|e| {
-                    format!("line {n} (user {user:?}): not an argon2 PHC string ({e}): make it with `dicomgate passwd`")
-                })?;
-                if !h.algorithm.as_str().starts_with("argon2") {
-                    return Err(format!("line {n} (user {user:?}): not an argon2 hash"));
-                }
-                let p = argon2::Params::try_from(&h)
-                    .map_err(|e| format!("line {n} (user {user:?}): argon2 parameters: {e}"))?;
-                if p.m_cost() > MAX_M_COST_KIB || p.t_cost() > MAX_T_COST || p.p_cost() > MAX_P_COST
-                {
-                    return Err(format!(
-                        "line {n} (user {user:?}): argon2 parameters m={}, t={}, p={} above m={MAX_M_COST_KIB}, t={MAX_T_COST}, p={MAX_P_COST}",
-                        p.m_cost(), p.t_cost(), p.p_cost()
-                    ));
-                }
-                if p.m_cost() < MIN_M_COST_KIB || p.t_cost() < MIN_T_COST {
-                    notes.push(format!(
-                        "line {n} (user {user:?}): argon2 parameters m={}, t={} below OWASP's minimum \
-                         (m={MIN_M_COST_KIB}, t={MIN_T_COST}): make it again with `dicomgate passwd`",
-                        p.m_cost(),
-                        p.t_cost()
-                    ));
-                }
-                Credential::Hash(hash.to_string())
-            };
-            if required && matches!(cred, Credential::NoPasscode) {
-                notes.push(format!(
-                    "line {n} (user {user:?}): listed with `-` (username only) while required = \
-                     true: the username is no secret (it travels in clear and is logged), anyone \
-                     who sends it is accepted"
-                ));
-            }
-            if users.insert(user.to_string(), cred).is_some() {
-                return Err(format!("line {n}: user {user:?} is listed twice"));
-            }
-        }
+        Ok(UserDirectory::new(
+            parse_users_file(text, required)?,
+            required,
+            key,
+        ))
+    }
+
+    /// The directory of a parsed users file's users. `key`: random bytes of this process
+    /// (cache digests).
+    pub fn new(file: UsersFile, required: bool, key: [u8; 32]) -> UserDirectory {
+        let UsersFile { users, notes } = file;
         let dummy = users
             .values()
             .filter_map(|c| match c {
@@ -242,7 +179,7 @@ impl UserDirectory {
             .filter(|h| cost(h) > cost(DUMMY_HASH))
             .cloned()
             .unwrap_or_else(|| DUMMY_HASH.to_string());
-        Ok(UserDirectory {
+        UserDirectory {
             users,
             required,
             loaded: true,
@@ -257,13 +194,13 @@ impl UserDirectory {
             cache: Mutex::new(HashSet::new()),
             failed: Mutex::new(HashSet::new()),
             verifications: std::sync::atomic::AtomicU64::new(0),
-        })
+        }
     }
 
     /// A stand-in for `[auth] required = true` whose users file is not read yet: refuses every
     /// association ("fail closed"), verifying nothing.
     pub fn not_loaded() -> UserDirectory {
-        let mut d = UserDirectory::parse("", true, [0; 32]).unwrap_or_else(|_| unreachable!());
+        let mut d = UserDirectory::new(UsersFile::default(), true, [0; 32]);
         d.loaded = false;
         d
     }
@@ -427,6 +364,21 @@ impl UserDirectory {
         } else {
             refuse(format!("wrong passcode for user {user:?}"))
         }
+    }
+}
+
+impl Config {
+    /// The `[auth] users_file`'s users as the acceptor checks them (read and parsed by
+    /// [`Config::users_file`], with a fresh per-process key); `None` without one. Errors name
+    /// the field.
+    pub fn user_directory(&self) -> Result<Option<std::sync::Arc<UserDirectory>>, ConfigError> {
+        let Some(file) = self.users_file()? else {
+            return Ok(None);
+        };
+        let key = crate::config::random_key();
+        let dir = UserDirectory::new(file, self.auth.required, key)
+            .with_max_verifications_per_second(self.auth.max_verifications_per_second);
+        Ok(Some(std::sync::Arc::new(dir)))
     }
 }
 

@@ -7,8 +7,16 @@
 //! of undefined length are walked item by item; explicit-VR UN of undefined length switches to
 //! implicit VR little endian inside, as PS3.5 §6.2.2 says. dicom-rs's full parser allocates by
 //! declared length and overflows its stack on deep nesting, so it is kept off this path.
+//! Explicit-VR length fields follow the one VR table ([`Vr::has_4_byte_length`]).
+#![forbid(unsafe_code)]
 
-use crate::assoc::DatasetEncoding;
+use super::element::UNDEFINED_LENGTH as UNDEFINED;
+use super::tags::{
+    ITEM, ITEM_DELIMITATION_ITEM as ITEM_DELIMITATION,
+    SEQUENCE_DELIMITATION_ITEM as SEQUENCE_DELIMITATION,
+};
+use super::transfer_syntax::DatasetEncoding;
+use super::vr::{trim_padding, Vr};
 
 /// Deepest nesting of undefined-length sequences and items we walk. Real objects nest a few
 /// levels (SR trees reach ~10-20); 10,000 nested sequences from a hostile peer get a failure status.
@@ -19,11 +27,6 @@ pub const MAX_VALUE_LEN: usize = 1024;
 /// How much of a deflated data set we inflate to scan it: the routing tags sit in the first few
 /// kilobytes; 4 MiB bounds a deflate bomb.
 pub const MAX_INFLATE: usize = 4 << 20;
-
-const UNDEFINED: u32 = 0xFFFF_FFFF;
-const ITEM: u32 = 0xFFFE_E000;
-const ITEM_DELIMITATION: u32 = 0xFFFE_E00D;
-const SEQUENCE_DELIMITATION: u32 = 0xFFFE_E0DD;
 
 /// Why a data set cannot be understood. Answered with a C-STORE status 0xC000 (PS3.4 B.2.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,14 +112,14 @@ impl Scanned {
     /// A text value with its padding (trailing spaces and NULs, leading spaces) removed.
     pub fn text(&self, tag: u32) -> Option<&str> {
         let v = self.raw(tag)?;
-        std::str::from_utf8(super::trim_padding(v))
+        std::str::from_utf8(trim_padding(v))
             .ok()
             .map(|s| s.trim_start())
     }
 
     /// A UID value: the bytes without the trailing NUL pad.
     pub fn uid(&self, tag: u32) -> Option<&[u8]> {
-        self.raw(tag).map(super::trim_padding)
+        self.raw(tag).map(trim_padding)
     }
 
     /// A US value in the data set's byte order.
@@ -155,25 +158,6 @@ fn read_u32(buf: &[u8], p: usize, le: bool) -> Option<u32> {
     } else {
         u32::from_be_bytes(b)
     })
-}
-
-fn vr_has_4_byte_length(vr: [u8; 2]) -> bool {
-    matches!(
-        &vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
 }
 
 /// Scans `data` in the given encoding; `wanted` lists tags as `group << 16 | element`.
@@ -562,7 +546,7 @@ impl<W: AsRef<[u32]>> Scanner<W> {
             if !vr.iter().all(u8::is_ascii_uppercase) {
                 return Err(ScanError::BadVr { tag, offset: start });
             }
-            if vr_has_4_byte_length(vr) {
+            if Vr(vr).has_4_byte_length() {
                 let Some(len) = u32_at(8) else {
                     return short();
                 };
@@ -620,21 +604,12 @@ mod tests {
     use super::*;
     use DatasetEncoding::*;
 
-    fn el_explicit(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
-        out.extend_from_slice(&g.to_le_bytes());
-        out.extend_from_slice(&e.to_le_bytes());
-        out.extend_from_slice(vr);
-        if vr_has_4_byte_length(*vr) {
-            out.extend_from_slice(&[0, 0]);
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(v.len() as u16).to_le_bytes());
-        }
-        out.extend_from_slice(v);
-    }
+    use crate::dicom::tags::{PATIENT_ID, SOP_INSTANCE_UID as SOP_INSTANCE};
 
-    const PATIENT_ID: u32 = 0x0010_0020;
-    const SOP_INSTANCE: u32 = 0x0008_0018;
+    fn el_explicit(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
+        let tag = u32::from(g) << 16 | u32::from(e);
+        super::super::element::put(out, ExplicitVrLittleEndian, tag, Vr(*vr), v);
+    }
 
     #[test]
     fn finds_top_level_values_and_skips_nested_ones() {
