@@ -1606,6 +1606,30 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Issue 11: config is plain data at the bottom of the crate: outside its tests it names no
+    /// other module but `dicom` (what the standard defines). It imported `assoc` (policy,
+    /// timers, users file, peers) and `dimse` (the service's configuration).
+    #[test]
+    fn config_imports_no_protocol_layer() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut paths = vec![root.join("src/config.rs")];
+        for e in std::fs::read_dir(root.join("src/config")).unwrap() {
+            paths.push(e.unwrap().path());
+        }
+        let named = crate::dicom::crate_paths_outside_tests(&paths);
+        assert!(
+            named.iter().any(|(_, m)| m == "dicom"),
+            "the scan sees paths"
+        );
+        for (at, module) in named {
+            assert!(
+                module == "dicom" || module == "config",
+                "{at}: crate::{module}"
+            );
+        }
+        assert!(paths.len() >= 3);
+    }
+
     #[test]
     fn defaults_are_valid_and_embedded() {
         let c = Config::from_toml("").unwrap();

@@ -203,11 +203,6 @@ impl Association {
         self.state
     }
 
-    /// True in Sta6, the only state where a new DIMSE message may start in both directions.
-    pub fn is_established(&self) -> bool {
-        self.state == State::Sta6
-    }
-
     /// Bytes to send, in order. The caller removes what it wrote (`drain(..n)`).
     pub fn transmit(&mut self) -> &mut Vec<u8> {
         &mut self.transmit

@@ -186,8 +186,6 @@ pub struct Negotiated {
     pub peer_max_pdu: u32,
     /// How many operations the peer may have outstanding on us.
     pub max_operations_performed: u16,
-    pub peer_implementation_class_uid: String,
-    pub peer_implementation_version_name: String,
     /// The user whose identity was verified (`[auth]`), if any.
     pub user: Option<String>,
 }
@@ -361,8 +359,6 @@ pub fn negotiate_from(
 
     let mut peer_max_pdu = 0;
     let mut ops = 1u16;
-    let mut peer_impl_uid = String::new();
-    let mut peer_version = String::new();
     let mut user = vec![
         SubItem::MaximumLength(policy.max_pdu_length),
         SubItem::ImplementationClassUid(IMPLEMENTATION_CLASS_UID.as_bytes()),
@@ -371,8 +367,6 @@ pub fn negotiate_from(
     for sub in rq.user_information() {
         match sub {
             SubItem::MaximumLength(n) => peer_max_pdu = *n,
-            SubItem::ImplementationClassUid(u) => peer_impl_uid = text(u),
-            SubItem::ImplementationVersionName(v) => peer_version = text(v),
             SubItem::AsynchronousOperationsWindow { max_invoked, .. } => {
                 // PS3.7 D.3.3.3: the peer's invoked operations are the ones we perform; 0 means
                 // unlimited, which we bound by our own maximum. We invoke none on it.
@@ -501,8 +495,6 @@ pub fn negotiate_from(
             contexts,
             peer_max_pdu,
             max_operations_performed: ops,
-            peer_implementation_class_uid: peer_impl_uid,
-            peer_implementation_version_name: peer_version,
             user: verified_user,
         },
     }

@@ -121,3 +121,66 @@ pub fn parse_users_file(text: &str, required: bool) -> Result<UsersFile, String>
     }
     Ok(UsersFile { users, notes })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review of issue 13: the caps on a users file's argon2 cost were m 256 MiB, t 16, p 8;
+    /// now m 64 MiB, t 4, p 4, refused naming the line; hashes below OWASP's minimum
+    /// (m 19 MiB, t 2) and username-only users when required are warned about.
+    #[test]
+    fn argon2_costs_above_64_mib_or_4_passes_are_refused() {
+        let line = |m: u32, t: u32, p: u32| {
+            format!("a:$argon2id$v=19$m={m},t={t},p={p}$c2FsdHNhbHRzYWx0$ZmFrZWhhc2hmYWtlaGFzaGZha2VoYXNo\n")
+        };
+        for (m, t, p) in [(65537, 2, 1), (19456, 5, 1), (19456, 2, 5), (131072, 2, 1)] {
+            let e = parse_users_file(&format!("#\n{}", line(m, t, p)), false).unwrap_err();
+            assert!(
+                e.contains("line 2 (user \"a\")") && e.contains("above m=65536, t=4, p=4"),
+                "{e}"
+            );
+        }
+        let ok = parse_users_file(&line(65536, 4, 4), false).unwrap();
+        assert!(ok.notes.is_empty(), "{:?}", ok.notes);
+        let weak = parse_users_file(&line(4096, 1, 1), false).unwrap();
+        assert!(
+            weak.notes.len() == 1 && weak.notes[0].contains("below OWASP"),
+            "{:?}",
+            weak.notes
+        );
+        let open = parse_users_file("scanner:-\n", false).unwrap();
+        assert!(open.notes.is_empty());
+        let required = parse_users_file("scanner:-\n", true).unwrap();
+        assert!(
+            required.notes.len() == 1
+                && required.notes[0].contains("line 1 (user \"scanner\")")
+                && required.notes[0].contains("no secret"),
+            "{:?}",
+            required.notes
+        );
+    }
+
+    #[test]
+    fn bad_users_files_name_the_line() {
+        for (text, want) in [
+            ("alice\n", "line 1: not username:hash"),
+            (
+                "#x\nalice:plain\n",
+                "line 2 (user \"alice\"): not an argon2 PHC",
+            ),
+            ("a:-\na:-\n", "line 2: user \"a\" is listed twice"),
+            (":-\n", "line 1: the username"),
+        ] {
+            let e = parse_users_file(text, false).unwrap_err();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        // A hash demanding 1 GiB per verification is refused.
+        let e = parse_users_file(
+            "a:$argon2id$v=19$m=1048576,t=2,p=1$c2FsdHNhbHRzYWx0$ZmFrZWhhc2hmYWtlaGFzaGZha2VoYXNo\n",
+            false,
+        )
+        .unwrap_err();
+        assert!(e.contains("parameters"), "{e}");
+    }
+}

@@ -77,26 +77,47 @@ mod tests {
 
     #[test]
     fn elements_are_padded_to_even_length() {
-        assert_eq!(
-            one(ExplicitVrLittleEndian, 0x0008_0018, Vr::UI, b"1.2.3"),
-            b"\x08\x00\x18\x00UI\x06\x001.2.3\0"
-        );
-        assert_eq!(
-            one(ExplicitVrLittleEndian, 0x0010_0020, Vr::LO, b"P"),
-            b"\x10\x00\x20\x00LO\x02\x00P "
-        );
-        assert_eq!(
-            one(ExplicitVrLittleEndian, 0x7FE0_0010, Vr::OW, &[1, 2]),
-            b"\xE0\x7F\x10\x00OW\0\0\x02\0\0\0\x01\x02"
-        );
-        assert_eq!(
-            one(ImplicitVrLittleEndian, 0x0000_0002, Vr::UI, b"1.2"),
-            b"\x00\x00\x02\x00\x04\0\0\x001.2\0"
-        );
-        assert_eq!(
-            one(ExplicitVrBigEndian, 0x0054_0081, Vr::US, &[0x01, 0x02]),
-            b"\x00\x54\x00\x81US\x00\x02\x01\x02"
-        );
+        type Case = (DatasetEncoding, u32, Vr, &'static [u8], &'static [u8]);
+        let cases: [Case; 5] = [
+            (
+                ExplicitVrLittleEndian,
+                0x0008_0018,
+                Vr::UI,
+                b"1.2.3",
+                b"\x08\x00\x18\x00UI\x06\x001.2.3\0",
+            ),
+            (
+                ExplicitVrLittleEndian,
+                0x0010_0020,
+                Vr::LO,
+                b"P",
+                b"\x10\x00\x20\x00LO\x02\x00P ",
+            ),
+            (
+                ExplicitVrLittleEndian,
+                0x7FE0_0010,
+                Vr::OW,
+                &[1, 2],
+                b"\xE0\x7F\x10\x00OW\0\0\x02\0\0\0\x01\x02",
+            ),
+            (
+                ImplicitVrLittleEndian,
+                0x0000_0002,
+                Vr::UI,
+                b"1.2",
+                b"\x00\x00\x02\x00\x04\0\0\x001.2\0",
+            ),
+            (
+                ExplicitVrBigEndian,
+                0x0054_0081,
+                Vr::US,
+                &[0x01, 0x02],
+                b"\x00\x54\x00\x81US\x00\x02\x01\x02",
+            ),
+        ];
+        for (enc, tag, vr, value, want) in cases {
+            assert_eq!(one(enc, tag, vr, value), want, "{enc:?} {vr:?}");
+        }
     }
 
     /// Issue 11: OD, OF, OL, OV, SV, UC, UR and UV have two reserved bytes and a 32-bit length

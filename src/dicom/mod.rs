@@ -31,3 +31,45 @@ pub mod tags;
 pub mod transfer_syntax;
 pub mod uid;
 pub mod vr;
+
+/// The modules of the crate each file names by a `crate::` path outside its test module
+/// (`file:line: module`), for the tests that hold modules to their place in the layering.
+#[cfg(test)]
+pub(crate) fn crate_paths_outside_tests(files: &[std::path::PathBuf]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+        for (i, line) in code.lines().enumerate() {
+            let line = line.split("//").next().unwrap_or("");
+            // Not the literal itself, or this very line would be found.
+            for (at, m) in line.match_indices(concat!("crate", "::")) {
+                let module = line[at + m.len()..]
+                    .split(|c: char| !c.is_ascii_lowercase() && c != '_')
+                    .next()
+                    .unwrap_or("");
+                out.push((format!("{}:{}", path.display(), i + 1), module.to_string()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    /// The module's promise: every layer may import it, it imports none of them (so it can
+    /// never be part of an import circle). Its sources outside their test modules name no
+    /// other module of the crate.
+    #[test]
+    fn dicom_imports_no_other_module_of_the_crate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/dicom");
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(files.len() >= 11, "{files:?}");
+        for (at, module) in super::crate_paths_outside_tests(&files) {
+            assert_eq!(module, "dicom", "{at}");
+        }
+    }
+}

@@ -258,6 +258,16 @@ enum Step {
     Consumed(usize, u64),
 }
 
+/// What a step does when `buf` ends before what it needs (at `start`): more input, or the
+/// error of a data set that ends there (`eof`).
+fn need_more(eof: bool, start: usize) -> Result<Step, ScanError> {
+    if eof {
+        Err(ScanError::Truncated { offset: start })
+    } else {
+        Ok(Step::NeedMore)
+    }
+}
+
 impl<W: AsRef<[u32]>> Scanner<W> {
     /// A scan of a data set in the given encoding (a deflated one is scanned as the explicit VR
     /// little endian it inflates to: the caller inflates).
@@ -417,17 +427,38 @@ impl<W: AsRef<[u32]>> Scanner<W> {
         out
     }
 
+    /// A value of `len` bytes after a header of `header` bytes of the element (`tag`, at
+    /// `start`) that begins a step's `buf` of `buf_len` bytes, not kept: consumed as far as
+    /// `buf` holds it, the rest skipped. `too_long`: a wanted value longer than
+    /// [`MAX_VALUE_LEN`], an error once it is known to be whole.
+    fn value(
+        &mut self,
+        buf_len: usize,
+        eof: bool,
+        (tag, start): (u32, usize),
+        header: usize,
+        len: u32,
+        too_long: bool,
+    ) -> Result<Step, ScanError> {
+        let end = header as u64 + len as u64;
+        if end <= buf_len as u64 {
+            if too_long {
+                return Err(ScanError::ValueTooLong { tag });
+            }
+            Ok(Step::Consumed(end as usize, 0))
+        } else if eof {
+            Err(ScanError::ElementPastEnd { tag, offset: start })
+        } else {
+            self.skipping = (tag, start as u64, too_long);
+            Ok(Step::Consumed(buf_len, end - buf_len as u64))
+        }
+    }
+
     /// One header (with its value when it is wanted or fits) at the start of `buf`, which
     /// begins at `self.pos`. `eof`: nothing follows `buf`, so what is missing is an error.
     fn step(&mut self, buf: &[u8], eof: bool) -> Result<Step, ScanError> {
         let start = self.pos as usize;
-        let short = || -> Result<Step, ScanError> {
-            if eof {
-                Err(ScanError::Truncated { offset: start })
-            } else {
-                Ok(Step::NeedMore)
-            }
-        };
+        let short = || need_more(eof, start);
         let (implicit_here, le) = match self.stack.last() {
             Some(Ctx::Seq { implicit_le: true }) | Some(Ctx::Item { implicit_le: true }) => {
                 (true, true)
@@ -440,21 +471,8 @@ impl<W: AsRef<[u32]>> Scanner<W> {
             return short();
         };
         let tag = (group as u32) << 16 | elem as u32;
-        // A value of `len` after a header of `header` bytes, not kept: consumed as far as `buf`
-        // holds it, the rest skipped.
         let value = |this: &mut Scanner<W>, header: usize, len: u32, too_long: bool| {
-            let end = header as u64 + len as u64;
-            if end <= buf.len() as u64 {
-                if too_long {
-                    return Err(ScanError::ValueTooLong { tag });
-                }
-                Ok(Step::Consumed(end as usize, 0))
-            } else if eof {
-                Err(ScanError::ElementPastEnd { tag, offset: start })
-            } else {
-                this.skipping = (tag, start as u64, too_long);
-                Ok(Step::Consumed(buf.len(), end - buf.len() as u64))
-            }
+            this.value(buf.len(), eof, (tag, start), header, len, too_long)
         };
         match self.stack.last().copied() {
             Some(Ctx::Seq { implicit_le }) => {
@@ -509,28 +527,11 @@ impl<W: AsRef<[u32]>> Scanner<W> {
         implicit_here: bool,
         le: bool,
     ) -> Result<Step, ScanError> {
-        let short = || -> Result<Step, ScanError> {
-            if eof {
-                Err(ScanError::Truncated { offset: start })
-            } else {
-                Ok(Step::NeedMore)
-            }
-        };
+        let short = || need_more(eof, start);
         let u16_at = |p: usize| read_u16(buf, p, le);
         let u32_at = |p: usize| read_u32(buf, p, le);
         let value = |this: &mut Scanner<W>, header: usize, len: u32, too_long: bool| {
-            let end = header as u64 + len as u64;
-            if end <= buf.len() as u64 {
-                if too_long {
-                    return Err(ScanError::ValueTooLong { tag });
-                }
-                Ok(Step::Consumed(end as usize, 0))
-            } else if eof {
-                Err(ScanError::ElementPastEnd { tag, offset: start })
-            } else {
-                this.skipping = (tag, start as u64, too_long);
-                Ok(Step::Consumed(buf.len(), end - buf.len() as u64))
-            }
+            this.value(buf.len(), eof, (tag, start), header, len, too_long)
         };
         // An element header (PS3.5 §7.1.2 explicit, §7.1.3 implicit).
         let (len, vr, header) = if implicit_here {
@@ -611,19 +612,23 @@ mod tests {
         super::super::element::put(out, ExplicitVrLittleEndian, tag, Vr(*vr), v);
     }
 
-    #[test]
-    fn finds_top_level_values_and_skips_nested_ones() {
-        let mut d = Vec::new();
-        el_explicit(&mut d, 0x0008, 0x0018, b"UI", b"1.2.3\0");
-        // An undefined-length sequence with one undefined-length item holding a PatientID that
-        // must not be taken for the top-level one.
+    /// An undefined-length sequence (0008,1115) with one undefined-length item holding a
+    /// Patient ID that must not be taken for the top-level one.
+    fn nested_patient_id(d: &mut Vec<u8>) {
         d.extend_from_slice(&[
             0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
         ]);
         d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-        el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"INNER ");
+        el_explicit(d, 0x0010, 0x0020, b"LO", b"INNER ");
         d.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
         d.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn finds_top_level_values_and_skips_nested_ones() {
+        let mut d = Vec::new();
+        el_explicit(&mut d, 0x0008, 0x0018, b"UI", b"1.2.3\0");
+        nested_patient_id(&mut d);
         el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"PAT1");
         el_explicit(&mut d, 0x7FE0, 0x0010, b"OW", &[0; 16]);
         let s = scan(&d, ExplicitVrLittleEndian, &[PATIENT_ID, SOP_INSTANCE]).unwrap();
@@ -737,13 +742,7 @@ mod tests {
         let mut cases: Vec<(Vec<u8>, DatasetEncoding)> = Vec::new();
         let mut d = Vec::new();
         el_explicit(&mut d, 0x0008, 0x0018, b"UI", b"1.2.3\0");
-        d.extend_from_slice(&[
-            0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
-        ]);
-        d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-        el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"INNER ");
-        d.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
-        d.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        nested_patient_id(&mut d);
         el_explicit(&mut d, 0x0010, 0x0010, b"PN", &[b'N'; 200]);
         el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"PAT1");
         el_explicit(&mut d, 0x0020, 0x000D, b"UI", &[b'1'; 1100]); // wanted, too long

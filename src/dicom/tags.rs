@@ -40,7 +40,6 @@ pub mod file_meta {
     pub const IMPLEMENTATION_VERSION_NAME: u32 = 0x0002_0013;
     pub const SOURCE_APPLICATION_ENTITY_TITLE: u32 = 0x0002_0016;
     pub const RECEIVING_APPLICATION_ENTITY_TITLE: u32 = 0x0002_0018;
-    pub const SOURCE_PRESENTATION_ADDRESS: u32 = 0x0002_0026;
     pub const PRIVATE_INFORMATION_CREATOR_UID: u32 = 0x0002_0100;
     pub const PRIVATE_INFORMATION: u32 = 0x0002_0102;
 }
@@ -119,10 +118,6 @@ mod tests {
             (
                 file_meta::RECEIVING_APPLICATION_ENTITY_TITLE,
                 "ReceivingApplicationEntityTitle",
-            ),
-            (
-                file_meta::SOURCE_PRESENTATION_ADDRESS,
-                "SourcePresentationAddress",
             ),
             (
                 file_meta::PRIVATE_INFORMATION_CREATOR_UID,

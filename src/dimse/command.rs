@@ -19,7 +19,6 @@ pub mod command_field {
     pub const C_FIND_RQ: u16 = 0x0020;
     pub const C_MOVE_RQ: u16 = 0x0021;
     pub const C_ECHO_RQ: u16 = 0x0030;
-    pub const C_ECHO_RSP: u16 = 0x8030;
     pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
     pub const N_GET_RQ: u16 = 0x0110;
     pub const N_SET_RQ: u16 = 0x0120;
