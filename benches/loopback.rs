@@ -12,12 +12,12 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dicomgate::bench::synthetic::{ct_data_set, ct_header, CtInstance};
 use dicomgate::config::Config;
+use dicomgate::dicom::sop_class::CT_IMAGE_STORAGE;
+use dicomgate::dicom::transfer_syntax::EXPLICIT_VR_LITTLE_ENDIAN;
 use dicomgate::net::scu::{Client, Proposal, ScuOptions};
 use dicomgate::storage::Durability;
-use dicomgate::synth::{
-    ct_data_set, ct_header, CtInstance, CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN,
-};
 
 fn instance(sop: &str) -> CtInstance<'_> {
     CtInstance {

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use dicomgate::assoc::DatasetEncoding;
-use dicomgate::dimse::{scan::scan, tags};
+use dicomgate::dicom::transfer_syntax::DatasetEncoding;
+use dicomgate::dicom::{scan::scan, tags};
 use dicomgate::ul::{self, Pdu};
 
 fn captured_ct() -> (Vec<u8>, DatasetEncoding) {

@@ -1,6 +1,12 @@
 //! The node's one typed configuration (TOML). Every limit is a named field with its default and
 //! the reason for it; README.md's "Configuration" and "Security and limits" sections list them.
 //! Unknown fields are refused, so a typo is an error at start-up, not a silently ignored setting.
+//!
+//! Plain data that others read: config imports no protocol layer (only [`crate::dicom`], for
+//! the standard's tables its checks name). What a layer makes of the configuration is that
+//! layer's code, as `impl Config` blocks beside the type it builds: `acceptor_policy` and
+//! `resolve_peers` in `assoc::negotiation`, `timeouts` in `assoc::machine`, `user_directory` in
+//! `assoc::identity`, `service_config` in `dimse::service`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,11 +14,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::assoc::transfer_syntax::{self, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN};
-use crate::assoc::{AcceptorPolicy, Timeouts};
 use crate::dicom::dictionary::{did_you_mean, is_tag_keyword};
+use crate::dicom::transfer_syntax::{self, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN};
 
 mod inputs;
+pub mod users;
 pub use inputs::{
     ae_patterns, check_inputs, parse_cidr, Completeness, InputConfig, InputKind, Patterns,
     PriorsConfig, MAX_INPUTS, UNMATCHED_INPUT,
@@ -116,11 +122,13 @@ impl Default for AuthConfig {
         AuthConfig {
             users_file: String::new(),
             required: false,
-            max_verifications_per_second:
-                crate::assoc::identity::DEFAULT_MAX_VERIFICATIONS_PER_SECOND,
+            max_verifications_per_second: DEFAULT_MAX_VERIFICATIONS_PER_SECOND,
         }
     }
 }
+
+/// `[auth] max_verifications_per_second`'s default.
+pub const DEFAULT_MAX_VERIFICATIONS_PER_SECOND: u32 = 20;
 
 /// One `[[peer]]`: a DICOM node we know by name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -310,7 +318,7 @@ pub struct Limits {
     /// modality of an IPv6 LAN segment under one count).
     pub max_associations_per_address: usize,
     /// Slowest a peer may send inside a message: while a PDU or a DIMSE message is partly
-    /// received, every window of [`crate::dimse::service::MIN_RATE_WINDOW`] (10 s) must bring
+    /// received, every window of `dimse::service::MIN_RATE_WINDOW` (10 s) must bring
     /// at least this many bytes per second on average, or the association is aborted (A-ABORT,
     /// service provider). Windows in which the node itself paused reading (backpressure) are
     /// not judged. 0 = no minimum.
@@ -953,9 +961,9 @@ impl Config {
         Ok(())
     }
 
-    /// The `[[peer]]`s with the addresses their hosts resolve to now; a peer whose host does
-    /// not resolve is an error naming it.
-    pub fn resolve_peers(&self) -> Result<crate::assoc::KnownPeers, ConfigError> {
+    /// The `[[peer]]`s' AE titles with the addresses their hosts resolve to now; a peer whose
+    /// host does not resolve is an error naming it.
+    pub fn peer_addresses(&self) -> Result<Vec<(String, Vec<std::net::IpAddr>)>, ConfigError> {
         let mut peers = Vec::new();
         for p in &self.peers {
             let addrs: Vec<std::net::IpAddr> =
@@ -976,28 +984,20 @@ impl Config {
             }
             peers.push((p.ae_title.trim().to_string(), addrs));
         }
-        Ok(crate::assoc::KnownPeers {
-            peers,
-            check_address: self.node.check_peer_address,
-            known_only: self.node.known_peers_only,
-        })
+        Ok(peers)
     }
 
     /// The `[auth] users_file`, read and parsed; `None` without one. Errors name the field.
-    pub fn user_directory(
-        &self,
-    ) -> Result<Option<std::sync::Arc<crate::assoc::identity::UserDirectory>>, ConfigError> {
+    pub fn users_file(&self) -> Result<Option<users::UsersFile>, ConfigError> {
         let path = self.auth.users_file.trim();
         if path.is_empty() {
             return Ok(None);
         }
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("auth.users_file {path}: cannot be read ({e})")))?;
-        let dir =
-            crate::assoc::identity::UserDirectory::parse(&text, self.auth.required, random_key())
-                .map_err(|e| ConfigError(format!("auth.users_file {path}: {e}")))?
-                .with_max_verifications_per_second(self.auth.max_verifications_per_second);
-        Ok(Some(std::sync::Arc::new(dir)))
+        users::parse_users_file(&text, self.auth.required)
+            .map(Some)
+            .map_err(|e| ConfigError(format!("auth.users_file {path}: {e}")))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -1054,7 +1054,7 @@ impl Config {
             }
         }
         for uid in &self.node.extra_sop_classes {
-            if !crate::dimse::uid::is_valid_uid(uid.as_bytes()) {
+            if !crate::dicom::uid::is_valid_uid(uid.as_bytes()) {
                 return err(format!(
                     "node.extra_sop_classes: {uid:?} is not a valid UID (digits and dots, at most 64 characters, no leading zeros)"
                 ));
@@ -1062,7 +1062,7 @@ impl Config {
             // Storage SOP classes are defined under 1.2.840.10008.5.1.4.1.1.: one the standard
             // published after our table (dicom-dictionary-std's) can be added here (found in
             // review: it could not be, by this list or by accept_unknown_sop_classes).
-            if crate::assoc::negotiation::is_standard_non_storage_uid(uid.as_bytes())
+            if crate::dicom::sop_class::is_standard_non_storage_uid(uid.as_bytes())
                 && !uid.starts_with("1.2.840.10008.5.1.4.1.1.")
             {
                 return err(format!(
@@ -1398,9 +1398,9 @@ impl Config {
                 }
             }
         }
-        self.user_directory()?;
+        self.users_file()?;
         if self.node.check_peer_address {
-            self.resolve_peers()?;
+            self.peer_addresses()?;
         }
         if self.node.data_dir.exists() && !self.node.data_dir.is_dir() {
             return err(format!(
@@ -1523,11 +1523,9 @@ impl Config {
                     "auth.users_file {users} lists no user: every username (+ passcode) identity sent is refused"
                 ));
             }
-            if let Some(dir) = std::fs::read_to_string(users).ok().and_then(|t| {
-                crate::assoc::identity::UserDirectory::parse(&t, self.auth.required, [0; 32]).ok()
-            }) {
+            if let Ok(Some(file)) = self.users_file() {
                 w.extend(
-                    dir.warnings()
+                    file.notes
                         .iter()
                         .map(|n| format!("auth.users_file {users}: {n}")),
                 );
@@ -1595,87 +1593,6 @@ impl Config {
         parse_duration(&self.patients.expire_after).unwrap_or(Duration::from_secs(14 * 86400))
     }
 
-    /// What every association's DIMSE service is configured with; `wanted_tags` are the tags
-    /// to scan from each data set (sorted here).
-    /// Data sets larger than `max(inline_max_bytes, STREAM_ABOVE_MIN)` are streamed to storage.
-    pub fn service_config(
-        &self,
-        mut wanted_tags: Vec<u32>,
-    ) -> crate::dimse::service::ServiceConfig {
-        wanted_tags.sort_unstable();
-        wanted_tags.dedup();
-        crate::dimse::service::ServiceConfig {
-            policy: self.acceptor_policy(),
-            timeouts: self.timeouts(),
-            wanted_tags,
-            max_message_bytes: self.limits.max_message_bytes,
-            max_pdu_length: self.limits.max_pdu_length,
-            max_associate_length: self.limits.max_associate_length,
-            // Larger than what goes to the log (those are held whole and appended), and not
-            // so small that every modest image pays for chunked writes.
-            stream_above: self.storage.inline_max_bytes.max(STREAM_ABOVE_MIN),
-            min_bytes_per_second: self.limits.min_bytes_per_second,
-        }
-    }
-
-    pub fn timeouts(&self) -> Timeouts {
-        let opt = |s: u64| (s > 0).then(|| Duration::from_secs(s));
-        Timeouts {
-            artim: Duration::from_secs(self.limits.artim_seconds),
-            idle: opt(self.limits.idle_seconds),
-            dimse: opt(self.limits.dimse_seconds),
-        }
-    }
-
-    pub fn acceptor_policy(&self) -> AcceptorPolicy {
-        AcceptorPolicy {
-            ae_title: self.node.ae_title.trim().to_string(),
-            accept_any_called_ae: self.node.accept_any_called_ae,
-            calling_ae_allow: (!self.node.calling_ae_titles.is_empty()).then(|| {
-                self.node
-                    .calling_ae_titles
-                    .iter()
-                    .map(|a| a.trim().to_string())
-                    .collect()
-            }),
-            max_pdu_length: self.limits.max_pdu_length,
-            max_operations_performed: self.limits.max_operations_performed.max(1),
-            transfer_syntax_preference: self
-                .node
-                .transfer_syntax_preference
-                .iter()
-                .filter_map(|u| transfer_syntax::by_uid(u.as_bytes()))
-                .collect(),
-            keep_sender_encoding: self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender,
-            max_presentation_contexts: self.limits.max_presentation_contexts,
-            // Set by the node at start-up from the users file ([`Config::user_directory`]).
-            // Until then a required identity fails closed: every association is refused.
-            identity: self
-                .auth
-                .required
-                .then(|| std::sync::Arc::new(crate::assoc::identity::UserDirectory::not_loaded())),
-            // AE titles only; addresses are resolved at start-up ([`Config::resolve_peers`]).
-            // With check_peer_address and no addresses, a known peer's AE title is refused:
-            // never open by omission.
-            peers: std::sync::Arc::new(crate::assoc::KnownPeers {
-                peers: self
-                    .peers
-                    .iter()
-                    .map(|p| (p.ae_title.trim().to_string(), Vec::new()))
-                    .collect(),
-                check_address: self.node.check_peer_address,
-                known_only: self.node.known_peers_only,
-            }),
-            extra_sop_classes: {
-                let mut v = self.node.extra_sop_classes.clone();
-                v.sort();
-                v.dedup();
-                v
-            },
-            accept_unknown_sop_classes: self.node.accept_unknown_sop_classes,
-        }
-    }
-
     pub fn reactor_count(&self) -> usize {
         if self.node.reactors > 0 {
             self.node.reactors
@@ -1688,6 +1605,30 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 11: config is plain data at the bottom of the crate: outside its tests it names no
+    /// other module but `dicom` (what the standard defines). It imported `assoc` (policy,
+    /// timers, users file, peers) and `dimse` (the service's configuration).
+    #[test]
+    fn config_imports_no_protocol_layer() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut paths = vec![root.join("src/config.rs")];
+        for e in std::fs::read_dir(root.join("src/config")).unwrap() {
+            paths.push(e.unwrap().path());
+        }
+        let named = crate::dicom::crate_paths_outside_tests(&paths);
+        assert!(
+            named.iter().any(|(_, m)| m == "dicom"),
+            "the scan sees paths"
+        );
+        for (at, module) in named {
+            assert!(
+                module == "dicom" || module == "config",
+                "{at}: crate::{module}"
+            );
+        }
+        assert!(paths.len() >= 3);
+    }
 
     #[test]
     fn defaults_are_valid_and_embedded() {

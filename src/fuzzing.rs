@@ -298,8 +298,8 @@ fn frames(stream: &[u8], max: u32) -> (Vec<Vec<u8>>, Option<ul::PduError>) {
 /// The top-level scan never panics, in every encoding, what it returns lies within the input, and
 /// a scan fed in pieces finds what the scan of the whole finds.
 pub fn tag_scan(data: &[u8]) {
-    use crate::assoc::DatasetEncoding::*;
-    use crate::dimse::{scan, tags};
+    use crate::dicom::transfer_syntax::DatasetEncoding::*;
+    use crate::dicom::{scan, tags};
     for enc in [
         ImplicitVrLittleEndian,
         ExplicitVrLittleEndian,
@@ -461,19 +461,6 @@ pub fn patient_map_differential(data: &[u8]) {
     }
 }
 
-/// Standard VRs and whether their explicit-VR length field is 4 bytes (PS3.5 §7.1.2).
-fn explicit_vr_long(vr: [u8; 2]) -> Option<bool> {
-    match &vr {
-        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR"
-        | b"UT" | b"UV" => Some(true),
-        b"AE" | b"AS" | b"AT" | b"CS" | b"DA" | b"DS" | b"DT" | b"FD" | b"FL" | b"IS" | b"LO"
-        | b"LT" | b"PN" | b"SH" | b"SL" | b"SS" | b"ST" | b"TM" | b"UI" | b"UL" | b"US" => {
-            Some(false)
-        }
-        _ => None,
-    }
-}
-
 /// Differential test of the routing scan against a reference reader (dicom-rs in the fuzz
 /// target and its test; the library does not depend on it). `reference(data, tags)` returns its
 /// text value of each tag. Returns how many values were compared.
@@ -489,33 +476,36 @@ pub fn tag_scan_differential(
     data: &[u8],
     reference: impl FnOnce(&[u8], &[u32]) -> Option<Vec<Option<String>>>,
 ) -> usize {
-    use crate::assoc::DatasetEncoding;
-    use crate::dimse::{scan, tags, trim_padding};
+    use crate::dicom::transfer_syntax::DatasetEncoding;
+    use crate::dicom::vr::{trim_padding, Vr};
+    use crate::dicom::{scan, tags};
     if data.len() > 64 * 1024 {
         return 0;
     }
     // Our own flat walk: every header, VR known, every length within the input.
     let mut pos = 0;
-    let mut seen: Vec<(u32, [u8; 2], &[u8])> = Vec::new();
+    let mut seen: Vec<(u32, Vr, &[u8])> = Vec::new();
     while pos < data.len() {
         let Some(h) = data.get(pos..pos + 8) else {
             return 0;
         };
         let tag = (u16::from_le_bytes([h[0], h[1]]) as u32) << 16
             | u16::from_le_bytes([h[2], h[3]]) as u32;
-        let vr = [h[4], h[5]];
-        if tag >> 16 == 0xFFFE || &vr == b"SQ" || &vr == b"UN" {
+        let vr = Vr([h[4], h[5]]);
+        if tag >> 16 == 0xFFFE || vr == Vr::SQ || vr == Vr::UN {
             return 0;
         }
-        let (len, hdr) = match explicit_vr_long(vr) {
-            None => return 0,
-            Some(true) => {
-                let Some(l) = data.get(pos + 8..pos + 12) else {
-                    return 0;
-                };
-                (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
-            }
-            Some(false) => (u16::from_le_bytes([h[6], h[7]]) as usize, 8),
+        // Standard VRs only (the one VR table, PS3.5 Table 6.2-1 and §7.1.2).
+        let Some(info) = vr.info() else {
+            return 0;
+        };
+        let (len, hdr) = if info.long_length {
+            let Some(l) = data.get(pos + 8..pos + 12) else {
+                return 0;
+            };
+            (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
+        } else {
+            (u16::from_le_bytes([h[6], h[7]]) as usize, 8)
         };
         let Some(v) = data.get(pos + hdr..pos + hdr + len) else {
             return 0;
@@ -524,12 +514,7 @@ pub fn tag_scan_differential(
         // 0.10.1 (it reads the whole values and goes on 1-7 bytes early), after which it reads a
         // length from value bytes and allocates it: 775 MB for a 294-byte input (the fuzzer's
         // first finding; regression test `odd_binary_length_never_reaches_the_reference`).
-        let unit = match &vr {
-            b"OW" | b"US" | b"SS" => 2,
-            b"AT" | b"FL" | b"OF" | b"OL" | b"SL" | b"UL" => 4,
-            b"FD" | b"OD" | b"OV" | b"SV" | b"UV" => 8,
-            _ => 1,
-        };
+        let unit = usize::from(info.unit);
         if len % unit != 0 {
             return 0;
         }
@@ -539,8 +524,8 @@ pub fn tag_scan_differential(
     let Ok(ours) = scan::scan(data, DatasetEncoding::ExplicitVrLittleEndian, tags::ROUTING) else {
         return 0;
     };
-    let text_vr =
-        |vr: &[u8; 2]| matches!(vr, b"AE" | b"CS" | b"LO" | b"PN" | b"SH" | b"UI" | b"DA");
+    // The text VRs the routing tags have (not every text VR: the comparison is of these).
+    let text_vr = |vr: &Vr| [Vr::AE, Vr::CS, Vr::LO, Vr::PN, Vr::SH, Vr::UI, Vr::DA].contains(vr);
     let comparable: Vec<(u32, &[u8])> = tags::ROUTING
         .iter()
         .filter_map(|&t| {
@@ -594,8 +579,8 @@ pub fn dimse_message(data: &[u8]) {
 /// An A-ASSOCIATE-RQ proposing CT Image Storage (explicit and implicit LE, contexts 1 and 3)
 /// and Verification (context 5), with an asynchronous operations window of `window`.
 fn service_associate_rq(window: u16) -> Vec<u8> {
-    use crate::assoc::negotiation::VERIFICATION_SOP_CLASS;
-    use crate::synth::{CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN};
+    use crate::dicom::sop_class::{CT_IMAGE_STORAGE, VERIFICATION};
+    use crate::dicom::transfer_syntax::EXPLICIT_VR_LITTLE_ENDIAN;
     use crate::ul::*;
     let pc = |id: u8, abs: &'static str, ts: &'static str| {
         Item::PresentationContextRq(PresentationContextRq {
@@ -614,7 +599,7 @@ fn service_associate_rq(window: u16) -> Vec<u8> {
             Item::ApplicationContext(DICOM_APPLICATION_CONTEXT),
             pc(1, CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN),
             pc(3, CT_IMAGE_STORAGE, "1.2.840.10008.1.2"),
-            pc(5, VERIFICATION_SOP_CLASS, "1.2.840.10008.1.2"),
+            pc(5, VERIFICATION, "1.2.840.10008.1.2"),
             Item::UserInformation(vec![
                 SubItem::MaximumLength(16384),
                 SubItem::ImplementationClassUid(b"1.2.3.4"),
@@ -646,7 +631,11 @@ fn service_command(echo: bool, id: u16, i: u8) -> Vec<u8> {
         CommandSet {
             command_field: command_field::C_STORE_RQ,
             message_id: Some(id),
-            affected_sop_class_uid: Some(crate::synth::CT_IMAGE_STORAGE.as_bytes().to_vec()),
+            affected_sop_class_uid: Some(
+                crate::dicom::sop_class::CT_IMAGE_STORAGE
+                    .as_bytes()
+                    .to_vec(),
+            ),
             affected_sop_instance_uid: Some(format!("1.2.3.{i}").into_bytes()),
             priority: Some(0),
             command_data_set_type: 0,
@@ -660,22 +649,20 @@ fn service_command(echo: bool, id: u16, i: u8) -> Vec<u8> {
 
 /// A small data set for instance `i` (its SOP UIDs match [`service_command`]'s).
 fn service_data_set(i: u8) -> Vec<u8> {
+    use crate::dicom::element::put;
+    use crate::dicom::transfer_syntax::DatasetEncoding::ExplicitVrLittleEndian as E;
+    use crate::dicom::{sop_class::CT_IMAGE_STORAGE, tags, vr::Vr};
     let mut d = Vec::new();
-    crate::synth::element(
+    put(
         &mut d,
-        0x0008,
-        0x0016,
-        b"UI",
-        crate::synth::CT_IMAGE_STORAGE.as_bytes(),
+        E,
+        tags::SOP_CLASS_UID,
+        Vr::UI,
+        CT_IMAGE_STORAGE.as_bytes(),
     );
-    crate::synth::element(
-        &mut d,
-        0x0008,
-        0x0018,
-        b"UI",
-        format!("1.2.3.{i}").as_bytes(),
-    );
-    crate::synth::element(&mut d, 0x0010, 0x0020, b"LO", b"FUZZ");
+    let sop = format!("1.2.3.{i}");
+    put(&mut d, E, tags::SOP_INSTANCE_UID, Vr::UI, sop.as_bytes());
+    put(&mut d, E, tags::PATIENT_ID, Vr::LO, b"FUZZ");
     d
 }
 
@@ -692,7 +679,7 @@ pub fn dimse_service(data: &[u8]) {
     // Data sets above this are streamed in chunks (most fuzz data sets are a few dozen bytes).
     let stream_above = usize::from(c.u8() % 64);
     let mut cfg =
-        crate::config::Config::default().service_config(crate::dimse::tags::ROUTING.to_vec());
+        crate::config::Config::default().service_config(crate::dicom::tags::ROUTING.to_vec());
     cfg.policy.max_operations_performed = window;
     cfg.max_message_bytes = 4096;
     cfg.max_pdu_length = 16384;
@@ -1274,7 +1261,7 @@ mod tests {
     /// other bytes (a value cut short, read at the wrong offset) fails.
     #[test]
     fn the_tag_scan_oracle_checks_values_against_the_input() {
-        let ct = crate::synth::CtInstance {
+        let ct = crate::bench::synthetic::CtInstance {
             patient_id: "PAT-1",
             study_uid: "1.2.3",
             series_uid: "1.2.3.4",
@@ -1282,12 +1269,12 @@ mod tests {
             instance_number: 7,
             frames: 1,
         };
-        let d = crate::synth::ct_data_set(&ct, &[0; 16]);
+        let d = crate::bench::synthetic::ct_data_set(&ct, &[0; 16]);
         tag_scan(&d);
-        let s = crate::dimse::scan::scan(
+        let s = crate::dicom::scan::scan(
             &d,
-            crate::assoc::DatasetEncoding::ExplicitVrLittleEndian,
-            crate::dimse::tags::ROUTING,
+            crate::dicom::transfer_syntax::DatasetEncoding::ExplicitVrLittleEndian,
+            crate::dicom::tags::ROUTING,
         )
         .unwrap();
         let patient_id = 0x0010_0020;

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crossbeam_queue::ArrayQueue;
 
 use crate::config::Unmatched;
-use crate::dimse::scan::Scanned;
+use crate::dicom::scan::Scanned;
 use crate::doorbell::Doorbell;
 use crate::patients::InstanceRecord;
 

@@ -14,13 +14,17 @@
 //! - [`handoff`] — what a reactor hands ingest (a durable instance, an ended association) on
 //!   its bounded lock-free queue, and the one question it asks the rules ([`handoff::Door`]).
 //!   `net` and `pipeline` meet only here.
+//! - [`dicom`] — what the standard defines and several layers share, one definition of each:
+//!   transfer syntaxes, SOP classes, tags and the dictionary by keyword, the UID rule, the VR
+//!   table, the element writer, the bounded routing scan of a data set's top level, the Part-10
+//!   meta group, our implementation identity. Pure; it imports no other module.
 //! - [`ul`] — the Upper Layer wire format (PS3.8 §9): a deframer answers Complete / Partial /
 //!   Error from the 6-byte header, PDUs are parsed as views into the buffer. Pure.
 //! - [`assoc`] — the PS3.8 Table 9-10 state machine for both sides, ARTIM and idle timers (time
 //!   passed in), and acceptor negotiation. Pure.
-//! - [`dimse`] — command sets, message assembly from PDV fragments, C-ECHO and C-STORE logic, the
-//!   bounded top-level tag scan that gives the routing values, and `dimse::service`: one
-//!   association's DIMSE state (window, stores waiting for storage, release gating), sans-IO.
+//! - [`dimse`] — command sets, message assembly from PDV fragments, C-ECHO and C-STORE logic
+//!   (routing values from `dicom::scan`), and `dimse::service`: one association's DIMSE state
+//!   (window, stores waiting for storage, release gating), sans-IO.
 //! - [`storage`] — the segment log for small instances (append, one shared fdatasync per
 //!   group-commit round, recovery; `docs/segment-log.md`) and Part-10 files for large ones
 //!   (temp-write, flush, link, directory flush). Only after that does the reactor send the
@@ -37,11 +41,18 @@
 //!   handle that drains and stops a running node.
 //! - [`cluster`] — scale-out coordination on PostgreSQL (issue 15, part 1: leases, partitions
 //!   under fencing tokens, publication, claims as transactions); not yet used by the node.
-//! - [`config`] — one typed TOML config; every limit is a named field with a default.
+//! - [`config`] — one typed TOML config, plain data; every limit is a named field with a
+//!   default.
 //! - [`bench`] — the C-STORE load generator behind `dicomgate bench` and `dicomgate-loadgen`,
-//!   and its HTML report.
+//!   its synthetic CT instances and its HTML report.
 //!
-//! Unsafe code is denied crate-wide except in `patients`; `ul`, `assoc` and `dimse` forbid it.
+//! Test scaffolding is not part of this API: the fuzz target bodies (`fuzzing`, which the unit
+//! tests, the integration tests and `fuzz/` call) are built only with the internal cargo
+//! feature `__fuzzing` (see Cargo.toml), as rustls and quinn keep theirs out of their public
+//! API.
+//!
+//! Unsafe code is denied crate-wide except in `patients`; `dicom`, `ul`, `assoc` and `dimse`
+//! forbid it.
 
 #[cfg(not(dicomgate_loom))]
 pub mod assoc;
@@ -57,7 +68,8 @@ pub mod dicom;
 pub mod dimse;
 #[cfg(not(dicomgate_loom))]
 pub mod doorbell;
-#[cfg(not(dicomgate_loom))]
+#[cfg(all(not(dicomgate_loom), any(test, feature = "__fuzzing")))]
+#[doc(hidden)]
 pub mod fuzzing;
 #[cfg(not(dicomgate_loom))]
 pub mod handoff;
@@ -72,8 +84,6 @@ pub mod patients;
 pub mod pipeline;
 #[cfg(not(dicomgate_loom))]
 pub mod storage;
-#[cfg(not(dicomgate_loom))]
-pub mod synth;
 #[cfg(not(dicomgate_loom))]
 pub mod ul;
 pub mod wakeflag;

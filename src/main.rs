@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use dicomgate::assoc::negotiation::VERIFICATION_SOP_CLASS;
-use dicomgate::assoc::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN;
 use dicomgate::config::{Config, ConfigError, ConfigFile};
+use dicomgate::dicom::part10::InstanceFile;
+use dicomgate::dicom::sop_class::VERIFICATION;
+use dicomgate::dicom::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN;
 use dicomgate::net::scu::{self, Client, Proposal, ScuOptions, StoreFilesError, StoreOutcome};
-use dicomgate::storage::part10::InstanceFile;
 
 #[derive(Parser)]
 #[command(name = "dicomgate", version, about = "DICOM ingestion gateway node")]
@@ -542,7 +542,7 @@ fn passwd(username: &str) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if username.is_empty()
         || username.contains(':')
         || username.chars().any(char::is_control)
-        || username.len() > dicomgate::assoc::identity::MAX_USERNAME
+        || username.len() > dicomgate::config::users::MAX_USERNAME
     {
         return Err(
             "the username must be 1 to 256 bytes, without ':' or control characters".into(),
@@ -732,7 +732,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Echo { address, peer } => {
             let opts = peer.options()?;
             let proposal = Proposal {
-                abstract_syntax: VERIFICATION_SOP_CLASS.into(),
+                abstract_syntax: VERIFICATION.into(),
                 transfer_syntaxes: vec![IMPLICIT_VR_LITTLE_ENDIAN.into()],
             };
             let mut c = Client::open(address.as_str(), &opts, &[proposal])?;

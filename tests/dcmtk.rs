@@ -14,7 +14,7 @@ fn write_part10(dir: &Path, name: &str, ds: &[u8], sop: &str) -> PathBuf {
         source_ae_title: "TEST".into(),
         ..Default::default()
     };
-    let mut bytes = dicomgate::storage::part10::header(&meta);
+    let mut bytes = dicomgate::dicom::part10::header(&meta);
     bytes.extend_from_slice(ds);
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
@@ -200,7 +200,7 @@ fn several_storescu_associations_at_once() {
 /// The data set of a Part-10 file and its transfer syntax.
 fn data_set_and_syntax(path: &Path) -> (Vec<u8>, String) {
     let b = std::fs::read(path).unwrap();
-    let p = dicomgate::storage::part10::parse(&b).unwrap();
+    let p = dicomgate::dicom::part10::parse(&b).unwrap();
     (
         b[p.data_set_offset..].to_vec(),
         p.transfer_syntax_uid.clone(),

@@ -81,7 +81,7 @@ struct SimNode {
 
 impl SimNode {
     fn new(seed: u64, window: u16, depth: usize) -> SimNode {
-        let mut cfg = Config::default().service_config(dicomgate::dimse::tags::ROUTING.to_vec());
+        let mut cfg = Config::default().service_config(dicomgate::dicom::tags::ROUTING.to_vec());
         cfg.policy.max_operations_performed = window;
         cfg.max_message_bytes = 1 << 20;
         let now = Instant::now();

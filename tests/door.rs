@@ -296,7 +296,7 @@ fn siemens_csa_non_image_is_refused_by_default_and_stored_when_allowed() {
     let stored = stored_instance(&node, "1.2.826.0.1.3680043.10.13.4.1").unwrap();
     assert_eq!(data_set_of(&stored), sent, "stored as received");
     let b = std::fs::read(&stored).unwrap();
-    let meta = dicomgate::storage::part10::parse(&b).unwrap();
+    let meta = dicomgate::dicom::part10::parse(&b).unwrap();
     assert_eq!(meta.sop_class_uid, CSA_NON_IMAGE);
 }
 
@@ -344,7 +344,7 @@ fn siemens_csa_non_image_is_exported_byte_exact_to_a_named_peer() {
     assert_eq!(data_set_of(&got[0]), sent, "exported as received");
     let b = std::fs::read(&got[0]).unwrap();
     assert_eq!(
-        dicomgate::storage::part10::parse(&b).unwrap().sop_class_uid,
+        dicomgate::dicom::part10::parse(&b).unwrap().sop_class_uid,
         CSA_NON_IMAGE
     );
 }

@@ -185,7 +185,7 @@ fn protocol_violations_inside_an_association() {
 #[test]
 fn many_presentation_contexts_with_many_transfer_syntaxes() {
     let node = Node::start("");
-    let ts: Vec<&'static [u8]> = dicomgate::assoc::transfer_syntax::TRANSFER_SYNTAXES
+    let ts: Vec<&'static [u8]> = dicomgate::dicom::transfer_syntax::TRANSFER_SYNTAXES
         .iter()
         .take(12)
         .map(|t| t.uid.as_bytes())

@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
+use dicomgate::dicom::part10;
 use dicomgate::net::scu::{Client, Proposal, ScuOptions};
-use dicomgate::storage::part10;
 use std::process::Command;
 
 fn opts() -> ScuOptions {

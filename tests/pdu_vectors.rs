@@ -99,15 +99,15 @@ fn dcmtk_p_data_command_and_data_set_fragments() {
         }
     }
     // The reassembled data set is CT_small's: its scan finds the command's SOP instance.
-    let s = dicomgate::dimse::scan::scan(
+    let s = dicomgate::dicom::scan::scan(
         &data_set,
-        dicomgate::assoc::DatasetEncoding::ImplicitVrLittleEndian,
+        dicomgate::dicom::transfer_syntax::DatasetEncoding::ImplicitVrLittleEndian,
         &[0x0008_0018],
     );
     let s = s.or_else(|_| {
-        dicomgate::dimse::scan::scan(
+        dicomgate::dicom::scan::scan(
             &data_set,
-            dicomgate::assoc::DatasetEncoding::ExplicitVrLittleEndian,
+            dicomgate::dicom::transfer_syntax::DatasetEncoding::ExplicitVrLittleEndian,
             &[0x0008_0018],
         )
     });

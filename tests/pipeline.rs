@@ -930,7 +930,7 @@ fn late_arrivals_are_logged_at_info_and_counted() {
 /// The data set of a Part-10 file (after its meta information).
 fn data_set_of(path: &Path) -> Vec<u8> {
     let b = std::fs::read(path).unwrap();
-    let p = dicomgate::storage::part10::parse(&b).unwrap();
+    let p = dicomgate::dicom::part10::parse(&b).unwrap();
     b[p.data_set_offset..].to_vec()
 }
 

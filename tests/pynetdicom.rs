@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use dicomgate::storage::part10;
+use dicomgate::dicom::part10;
 
 /// pydicom test files: JPEG baseline/extended, JPEG-LS, JPEG 2000, RLE, deflated, big endian,
 /// RT dose, SR.

@@ -11,7 +11,8 @@ use std::path::Path;
 use std::process::Stdio;
 
 use common::*;
-use dicomgate::dimse::query::{StudyQuery, PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE};
+use dicomgate::dicom::sop_class::{PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE};
+use dicomgate::dimse::query::StudyQuery;
 use dicomgate::net::scu::{Client, Proposal, ScuError, ScuOptions};
 
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";

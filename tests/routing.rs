@@ -15,10 +15,6 @@ use common::*;
 
 const MR_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.4";
 
-fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
-    dicomgate::synth::element(out, g, e, vr, v)
-}
-
 /// One instance as a Part-10 file in `dir`, named `<sop>.dcm`.
 struct Instance<'a> {
     modality: &'a str,
@@ -63,7 +59,7 @@ impl Instance<'_> {
             source_ae_title: String::new(),
             ..Default::default()
         };
-        let mut f = dicomgate::storage::part10::header(&meta);
+        let mut f = dicomgate::dicom::part10::header(&meta);
         f.extend_from_slice(&d);
         std::fs::create_dir_all(dir).unwrap();
         let path = dir.join(format!("{}.dcm", self.sop));

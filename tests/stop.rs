@@ -59,7 +59,7 @@ fn instances(dir: &Path, patient: &str, n: usize, pixels: usize) -> Vec<PathBuf>
                 source_ae_title: String::new(),
                 ..Default::default()
             };
-            let mut f = dicomgate::storage::part10::header(&meta);
+            let mut f = dicomgate::dicom::part10::header(&meta);
             f.extend_from_slice(&dataset(patient, &study, &series, &sop, pixels));
             let p = dir.join(format!("{patient}-{i}.dcm"));
             std::fs::write(&p, f).unwrap();

@@ -65,10 +65,10 @@ fn odd_binary_length_never_reaches_the_reference() {
         "/tests/vectors/diff_ul_value_26_bytes.bin"
     ))
     .unwrap();
-    assert!(dicomgate::dimse::scan::scan(
+    assert!(dicomgate::dicom::scan::scan(
         &d,
-        dicomgate::assoc::DatasetEncoding::ExplicitVrLittleEndian,
-        dicomgate::dimse::tags::ROUTING
+        dicomgate::dicom::transfer_syntax::DatasetEncoding::ExplicitVrLittleEndian,
+        dicomgate::dicom::tags::ROUTING
     )
     .is_ok());
     let n = dicomgate::fuzzing::tag_scan_differential(&d, |_, _| {

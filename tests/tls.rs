@@ -181,7 +181,7 @@ fn write_part10(dir: &Path, ds: &[u8], sop: &str) -> PathBuf {
         source_ae_title: "TEST".into(),
         ..Default::default()
     };
-    let mut bytes = dicomgate::storage::part10::header(&meta);
+    let mut bytes = dicomgate::dicom::part10::header(&meta);
     bytes.extend_from_slice(ds);
     let p = dir.join(format!("{sop}.dcm"));
     std::fs::write(&p, bytes).unwrap();
@@ -706,8 +706,8 @@ fn tls_connections_obey_the_connection_and_association_limits() {
         ..scu_options("TLSLIMIT")
     };
     let proposal = dicomgate::net::scu::Proposal {
-        abstract_syntax: dicomgate::assoc::negotiation::VERIFICATION_SOP_CLASS.into(),
-        transfer_syntaxes: vec![dicomgate::assoc::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN.into()],
+        abstract_syntax: dicomgate::dicom::sop_class::VERIFICATION.into(),
+        transfer_syntaxes: vec![dicomgate::dicom::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN.into()],
     };
     let mut first = Client::open(&tls.to_string(), &opts, std::slice::from_ref(&proposal)).unwrap();
     assert_eq!(first.echo().unwrap(), 0);
@@ -883,8 +883,8 @@ fn idle_tls_associations_cost_bounded_memory() {
     ));
     let tls = node.tls_addr.unwrap().to_string();
     let proposal = dicomgate::net::scu::Proposal {
-        abstract_syntax: dicomgate::assoc::negotiation::VERIFICATION_SOP_CLASS.into(),
-        transfer_syntaxes: vec![dicomgate::assoc::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN.into()],
+        abstract_syntax: dicomgate::dicom::sop_class::VERIFICATION.into(),
+        transfer_syntaxes: vec![dicomgate::dicom::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN.into()],
     };
     let config = client_tls(&pki, "ca.pem");
     // Warm up (first allocations of each reactor), then measure.

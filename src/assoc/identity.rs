@@ -1,10 +1,12 @@
-//! User identity negotiation, acceptor side (PS3.7 D.3.3.7): the users file, the verification
-//! of a requestor's User Identity sub-item (0x58) and the verdict negotiation acts on.
+//! User identity negotiation, acceptor side (PS3.7 D.3.3.7): the verification of a requestor's
+//! User Identity sub-item (0x58) against the users of `[auth] users_file` and the verdict
+//! negotiation acts on.
 //!
-//! Owns: the users (name and argon2 PHC hash, or `-` for "no passcode") and a cache of
-//! successful verifications. Pure: no sockets, no clocks, no files (the host reads the file and
-//! hands its text and a per-process key to [`UserDirectory::parse`]). Must never keep or log a
-//! passcode: the cache holds SHA-256 digests keyed by a per-process random key.
+//! Owns: the users (name and argon2 PHC hash, or `-` for "no passcode"; the file's format is
+//! `config::users`'s) and a cache of successful verifications. Pure: no sockets, no clocks, no
+//! files (the configuration reads and parses the file, [`Config::user_directory`] makes the
+//! directory of it with a per-process key). Must never keep or log a passcode: the cache holds
+//! SHA-256 digests keyed by a per-process random key.
 //!
 //! Cost: an argon2id verification with the parameters `dicomgate passwd` uses (argon2's
 //! defaults: 19 MiB, 2 passes) takes tens of milliseconds of one core, and it runs on the
@@ -26,45 +28,23 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use sha2::{Digest, Sha256};
 
-/// Longest username we look up (bytes of the primary field); longer ones are refused before
-/// any work. The sub-item's own bound is its u16 length, and the whole A-ASSOCIATE-RQ's is
-/// `[limits] max_associate_length`.
-pub const MAX_USERNAME: usize = 256;
+use crate::config::users::{parse_users_file, Credential, UsersFile, MAX_USERNAME};
+use crate::config::{Config, ConfigError, DEFAULT_MAX_VERIFICATIONS_PER_SECOND};
+
 /// Longest passcode we verify (bytes of the secondary field).
 pub const MAX_PASSCODE: usize = 1024;
 /// Successful verifications kept; when full the cache is emptied and refills.
 pub const CACHE_ENTRIES: usize = 4096;
-/// Bounds on the argon2 parameters a users file may name (a hash asking for more memory or
-/// passes than this is refused at start-up: every verification would pay it).
-pub const MAX_M_COST_KIB: u32 = 64 * 1024;
-pub const MAX_T_COST: u32 = 4;
-pub const MAX_P_COST: u32 = 4;
-/// OWASP's minimum for argon2id (19 MiB, 2 passes): a hash below it is warned about.
-pub const MIN_M_COST_KIB: u32 = 19 * 1024;
-pub const MIN_T_COST: u32 = 2;
-/// `[auth] max_verifications_per_second`'s default.
-pub const DEFAULT_MAX_VERIFICATIONS_PER_SECOND: u32 = 20;
 /// What an unknown user's passcode is verified against (argon2's default parameters, as
 /// `dicomgate passwd` makes; the password is random and forgotten, and the result is ignored).
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$m/zT/fZ7aCdgEg7OeXCWbg$2jD9eFhp9rJbKeTRzU1FFf+fbkYkvvUZeRROzlLnxOE";
 
-/// User-Identity-Type values, PS3.7 Table D.3-14.
+/// User-Identity-Type values, PS3.7 Table D.3-14, of the types we check (3 Kerberos, 4 SAML
+/// and 5 JWT are not).
 pub mod identity_type {
     pub const USERNAME: u8 = 1;
     pub const USERNAME_AND_PASSCODE: u8 = 2;
-    pub const KERBEROS: u8 = 3;
-    pub const SAML: u8 = 4;
-    pub const JWT: u8 = 5;
-}
-
-#[derive(Clone)]
-enum Credential {
-    /// Listed with `-`: the username alone identifies (type 1, or type 2 whose passcode is not
-    /// looked at).
-    NoPasscode,
-    /// An argon2 PHC string, checked to parse at load time.
-    Hash(String),
 }
 
 const NANOS: u64 = 1_000_000_000;
@@ -95,8 +75,6 @@ pub struct UserDirectory {
     /// Verifications per second (`[auth] max_verifications_per_second`), at least 1.
     rate: u32,
     bucket: Mutex<Bucket>,
-    /// Start-up warnings about the file (weak hashes, username-only users when required).
-    notes: Vec<String>,
     key: [u8; 32],
     // Invariant: holds only digests of (username, passcode) pairs that verified.
     cache: Mutex<HashSet<[u8; 32]>>,
@@ -173,65 +151,20 @@ pub fn verify_password(password: &[u8], phc: &str) -> bool {
 }
 
 impl UserDirectory {
-    /// Parses a users file: one `username:hash` per line, `hash` an argon2 PHC string made by
-    /// `dicomgate passwd` or `-` (no passcode); blank lines and lines starting with `#` are
-    /// skipped. `key`: random bytes of this process (cache digests). Errors name the line.
+    /// Parses a users file ([`parse_users_file`]) and makes the directory of its users.
+    /// `key`: random bytes of this process (cache digests). Errors name the line.
     pub fn parse(text: &str, required: bool, key: [u8; 32]) -> Result<UserDirectory, String> {
-        let mut users = HashMap::new();
-        let mut notes = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let n = i + 1;
-            let line = line.trim_end_matches('\r');
-            if line.trim().is_empty() || line.trim_start().starts_with('#') {
-                continue;
-            }
-            let Some((user, hash)) = line.split_once(':') else {
-                return Err(format!("line {n}: not username:hash"));
-            };
-            if user.is_empty() || user.len() > MAX_USERNAME || user.chars().any(char::is_control) {
-                return Err(format!(
-                    "line {n}: the username must be 1 to {MAX_USERNAME} bytes, no control characters"
-                ));
-            }
-            let cred = if hash == "-" {
-                Credential::NoPasscode
-            } else {
-                let h = PasswordHash::new(hash).map_err(|e| {
-                    format!("line {n} (user {user:?}): not an argon2 PHC string ({e}): make it with `dicomgate passwd`")
-                })?;
-                if !h.algorithm.as_str().starts_with("argon2") {
-                    return Err(format!("line {n} (user {user:?}): not an argon2 hash"));
-                }
-                let p = argon2::Params::try_from(&h)
-                    .map_err(|e| format!("line {n} (user {user:?}): argon2 parameters: {e}"))?;
-                if p.m_cost() > MAX_M_COST_KIB || p.t_cost() > MAX_T_COST || p.p_cost() > MAX_P_COST
-                {
-                    return Err(format!(
-                        "line {n} (user {user:?}): argon2 parameters m={}, t={}, p={} above m={MAX_M_COST_KIB}, t={MAX_T_COST}, p={MAX_P_COST}",
-                        p.m_cost(), p.t_cost(), p.p_cost()
-                    ));
-                }
-                if p.m_cost() < MIN_M_COST_KIB || p.t_cost() < MIN_T_COST {
-                    notes.push(format!(
-                        "line {n} (user {user:?}): argon2 parameters m={}, t={} below OWASP's minimum \
-                         (m={MIN_M_COST_KIB}, t={MIN_T_COST}): make it again with `dicomgate passwd`",
-                        p.m_cost(),
-                        p.t_cost()
-                    ));
-                }
-                Credential::Hash(hash.to_string())
-            };
-            if required && matches!(cred, Credential::NoPasscode) {
-                notes.push(format!(
-                    "line {n} (user {user:?}): listed with `-` (username only) while required = \
-                     true: the username is no secret (it travels in clear and is logged), anyone \
-                     who sends it is accepted"
-                ));
-            }
-            if users.insert(user.to_string(), cred).is_some() {
-                return Err(format!("line {n}: user {user:?} is listed twice"));
-            }
-        }
+        Ok(UserDirectory::new(
+            parse_users_file(text, required)?,
+            required,
+            key,
+        ))
+    }
+
+    /// The directory of a parsed users file's users. `key`: random bytes of this process
+    /// (cache digests).
+    pub fn new(file: UsersFile, required: bool, key: [u8; 32]) -> UserDirectory {
+        let users = file.users;
         let dummy = users
             .values()
             .filter_map(|c| match c {
@@ -242,7 +175,7 @@ impl UserDirectory {
             .filter(|h| cost(h) > cost(DUMMY_HASH))
             .cloned()
             .unwrap_or_else(|| DUMMY_HASH.to_string());
-        Ok(UserDirectory {
+        UserDirectory {
             users,
             required,
             loaded: true,
@@ -252,18 +185,17 @@ impl UserDirectory {
                 credit_ns: NANOS,
                 last: None,
             }),
-            notes,
             key,
             cache: Mutex::new(HashSet::new()),
             failed: Mutex::new(HashSet::new()),
             verifications: std::sync::atomic::AtomicU64::new(0),
-        })
+        }
     }
 
     /// A stand-in for `[auth] required = true` whose users file is not read yet: refuses every
     /// association ("fail closed"), verifying nothing.
     pub fn not_loaded() -> UserDirectory {
-        let mut d = UserDirectory::parse("", true, [0; 32]).unwrap_or_else(|_| unreachable!());
+        let mut d = UserDirectory::new(UsersFile::default(), true, [0; 32]);
         d.loaded = false;
         d
     }
@@ -272,23 +204,6 @@ impl UserDirectory {
     pub fn with_max_verifications_per_second(mut self, n: u32) -> UserDirectory {
         self.rate = n.max(1);
         self
-    }
-
-    /// Start-up warnings about the users file (each names its line).
-    pub fn warnings(&self) -> &[String] {
-        &self.notes
-    }
-
-    pub fn len(&self) -> usize {
-        self.users.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
-    }
-
-    pub fn required(&self) -> bool {
-        self.required
     }
 
     /// How many argon2 verifications ran (each cache miss).
@@ -430,6 +345,21 @@ impl UserDirectory {
     }
 }
 
+impl Config {
+    /// The `[auth] users_file`'s users as the acceptor checks them (read and parsed by
+    /// [`Config::users_file`], with a fresh per-process key); `None` without one. Errors name
+    /// the field.
+    pub fn user_directory(&self) -> Result<Option<std::sync::Arc<UserDirectory>>, ConfigError> {
+        let Some(file) = self.users_file()? else {
+            return Ok(None);
+        };
+        let key = crate::config::random_key();
+        let dir = UserDirectory::new(file, self.auth.required, key)
+            .with_max_verifications_per_second(self.auth.max_verifications_per_second);
+        Ok(Some(std::sync::Arc::new(dir)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,7 +387,7 @@ mod tests {
         assert!(hash.starts_with("$argon2id$"), "{hash}");
         let text = format!("# users\nalice:{hash}\n\nscanner:-\n");
         let dir = UserDirectory::parse(&text, true, [1; 32]).unwrap();
-        assert_eq!(dir.len(), 2);
+        assert_eq!(dir.users.len(), 2);
         let t = std::time::Instant::now();
         assert_eq!(
             dir.check(rq(2, 1, b"alice", b"s3cret"), now),
@@ -627,49 +557,13 @@ mod tests {
         assert_eq!(cost(&d.dummy), cost(DUMMY_HASH));
     }
 
-    /// Review of issue 13: the caps on a users file's argon2 cost were m 256 MiB, t 16, p 8;
-    /// now m 64 MiB, t 4, p 4, refused naming the line; hashes below OWASP's minimum
-    /// (m 19 MiB, t 2) and username-only users when required are warned about.
-    #[test]
-    fn argon2_costs_above_64_mib_or_4_passes_are_refused() {
-        let line = |m: u32, t: u32, p: u32| {
-            format!("a:$argon2id$v=19$m={m},t={t},p={p}$c2FsdHNhbHRzYWx0$ZmFrZWhhc2hmYWtlaGFzaGZha2VoYXNo\n")
-        };
-        for (m, t, p) in [(65537, 2, 1), (19456, 5, 1), (19456, 2, 5), (131072, 2, 1)] {
-            let e =
-                UserDirectory::parse(&format!("#\n{}", line(m, t, p)), false, [0; 32]).unwrap_err();
-            assert!(
-                e.contains("line 2 (user \"a\")") && e.contains("above m=65536, t=4, p=4"),
-                "{e}"
-            );
-        }
-        let ok = UserDirectory::parse(&line(65536, 4, 4), false, [0; 32]).unwrap();
-        assert!(ok.warnings().is_empty(), "{:?}", ok.warnings());
-        let weak = UserDirectory::parse(&line(4096, 1, 1), false, [0; 32]).unwrap();
-        assert!(
-            weak.warnings().len() == 1 && weak.warnings()[0].contains("below OWASP"),
-            "{:?}",
-            weak.warnings()
-        );
-        let open = UserDirectory::parse("scanner:-\n", false, [0; 32]).unwrap();
-        assert!(open.warnings().is_empty());
-        let required = UserDirectory::parse("scanner:-\n", true, [0; 32]).unwrap();
-        assert!(
-            required.warnings().len() == 1
-                && required.warnings()[0].contains("line 1 (user \"scanner\")")
-                && required.warnings()[0].contains("no secret"),
-            "{:?}",
-            required.warnings()
-        );
-    }
-
     /// Review of issue 13: a policy made with `required = true` before the users file is
     /// loaded refuses every association, verifying nothing.
     #[test]
     fn a_directory_not_loaded_refuses_everything() {
         let now = Instant::now();
         let d = UserDirectory::not_loaded();
-        assert!(d.required());
+        assert!(d.required);
         for v in [
             d.check(None, now),
             d.check(rq(1, 0, b"scanner", b""), now),
@@ -679,29 +573,5 @@ mod tests {
             assert!(refused(v).contains("not loaded"));
         }
         assert_eq!(d.verifications(), 0);
-    }
-
-    #[test]
-    fn bad_users_files_name_the_line() {
-        for (text, want) in [
-            ("alice\n", "line 1: not username:hash"),
-            (
-                "#x\nalice:plain\n",
-                "line 2 (user \"alice\"): not an argon2 PHC",
-            ),
-            ("a:-\na:-\n", "line 2: user \"a\" is listed twice"),
-            (":-\n", "line 1: the username"),
-        ] {
-            let e = UserDirectory::parse(text, false, [0; 32]).unwrap_err();
-            assert!(e.contains(want), "{text:?}: {e}");
-        }
-        // A hash demanding 1 GiB per verification is refused.
-        let e = UserDirectory::parse(
-            "a:$argon2id$v=19$m=1048576,t=2,p=1$c2FsdHNhbHRzYWx0$ZmFrZWhhc2hmYWtlaGFzaGZha2VoYXNo\n",
-            false,
-            [0; 32],
-        )
-        .unwrap_err();
-        assert!(e.contains("parameters"), "{e}");
     }
 }

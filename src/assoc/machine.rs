@@ -50,7 +50,7 @@ pub enum State {
 
 /// Which side of the association this machine plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+enum Role {
     Requestor,
     Acceptor,
 }
@@ -145,6 +145,18 @@ impl Default for Timeouts {
     }
 }
 
+impl crate::config::Config {
+    /// The association timers of `[limits]` (0 seconds: that timer off).
+    pub fn timeouts(&self) -> Timeouts {
+        let opt = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        Timeouts {
+            artim: Duration::from_secs(self.limits.artim_seconds),
+            idle: opt(self.limits.idle_seconds),
+            dimse: opt(self.limits.dimse_seconds),
+        }
+    }
+}
+
 /// One association, either side.
 #[derive(Debug)]
 pub struct Association {
@@ -189,15 +201,6 @@ impl Association {
 
     pub fn state(&self) -> State {
         self.state
-    }
-
-    pub fn role(&self) -> Role {
-        self.role
-    }
-
-    /// True in Sta6, the only state where a new DIMSE message may start in both directions.
-    pub fn is_established(&self) -> bool {
-        self.state == State::Sta6
     }
 
     /// Bytes to send, in order. The caller removes what it wrote (`drain(..n)`).

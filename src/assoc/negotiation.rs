@@ -7,49 +7,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::identity::{IdentityRq, UserDirectory, Verdict};
-use super::storage_sop_classes::STORAGE_SOP_CLASSES;
-use super::transfer_syntax::{self, TransferSyntax};
+use crate::config::{Config, ConfigError, TransferSyntaxChoice};
+use crate::dicom::implementation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
+use crate::dicom::sop_class::{self, is_storage_sop_class, is_unknown_sop_class};
+use crate::dicom::transfer_syntax::{self, TransferSyntax};
+use crate::dicom::uid::without_nul_pad;
 use crate::ul::{
-    ae_title_str, reject_reason, uid_bytes, Associate, AssociateRj, Item, PcResult, Pdu,
+    ae_title_str, reject_reason, Associate, AssociateRj, Item, PcResult, Pdu,
     PresentationContextAc, RejectResult, RejectSource, SubItem, DICOM_APPLICATION_CONTEXT,
 };
-
-/// Verification SOP Class, PS3.4 Annex A.
-pub const VERIFICATION_SOP_CLASS: &str = "1.2.840.10008.1.1";
-/// Our implementation class UID (PS3.7 D.3.3.2), under the UUID-derived root 2.25.
-pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.186117930467893426514372609848271207512";
-/// Our implementation version name (at most 16 characters).
-pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("DICOMGATE_", env!("CARGO_PKG_VERSION"));
-
-/// Is this a storage SOP class we accept? (the generated table is sorted by UID bytes)
-pub fn is_storage_sop_class(uid: &[u8]) -> bool {
-    let uid = uid_bytes(uid);
-    STORAGE_SOP_CLASSES
-        .binary_search_by(|(u, _)| u.as_bytes().cmp(uid))
-        .is_ok()
-}
-
-/// The root of the UIDs the DICOM standard defines (PS3.5 §9.1, Annex A).
-pub const DICOM_UID_ROOT: &[u8] = b"1.2.840.10008.";
-
-/// Is this a UID under the standard's root that is not a storage SOP class of our table: a
-/// query/retrieve model, a Meta SOP class (1.2.840.10008.5.1.1.9), a well-known SOP instance
-/// (1.2.840.10008.1.20.1.1), a service class, a transfer syntax, the application context,
-/// Verification, ... (or a storage class newer than our table, which we cannot tell apart).
-pub fn is_standard_non_storage_uid(uid: &[u8]) -> bool {
-    let uid = uid_bytes(uid);
-    uid.starts_with(DICOM_UID_ROOT) && !is_storage_sop_class(uid)
-}
-
-/// Is this abstract syntax one that `[node] accept_unknown_sop_classes` takes for storage: a
-/// syntactically valid UID (PS3.5 §9.1, the one UID rule of [`crate::dimse::uid`]) outside the
-/// standard's root `1.2.840.10008.` (every standard UID that is no storage SOP class of our
-/// table is something else: see [`is_standard_non_storage_uid`]). A vendor's private SOP class
-/// (Siemens CSA Non-Image Storage, 1.3.12.2.1107.5.9.1) is.
-pub fn is_unknown_sop_class(uid: &[u8]) -> bool {
-    let uid = uid_bytes(uid);
-    crate::dimse::uid::is_valid_uid(uid) && !is_standard_non_storage_uid(uid)
-}
 
 /// The known peers (`[[peer]]`) as negotiation checks them: each AE title with the addresses its
 /// host resolved to at start-up.
@@ -118,21 +84,87 @@ pub struct AcceptorPolicy {
     pub peers: Arc<KnownPeers>,
     /// `[node] extra_sop_classes`, sorted: accepted as storage SOP classes.
     pub extra_sop_classes: Vec<String>,
-    /// `[node] accept_unknown_sop_classes`: any [`is_unknown_sop_class`] is accepted for storage.
+    /// `[node] accept_unknown_sop_classes`: any [`sop_class::is_unknown_sop_class`] is accepted
+    /// for storage.
     pub accept_unknown_sop_classes: bool,
 }
 
 impl AcceptorPolicy {
     /// Whether a presentation context for `abstract_syntax` is accepted (transfer syntax aside).
     pub fn accepts_abstract_syntax(&self, abstract_syntax: &[u8]) -> bool {
-        let uid = uid_bytes(abstract_syntax);
-        uid == VERIFICATION_SOP_CLASS.as_bytes()
+        let uid = without_nul_pad(abstract_syntax);
+        uid == sop_class::VERIFICATION.as_bytes()
             || is_storage_sop_class(uid)
             || self
                 .extra_sop_classes
                 .binary_search_by(|u| u.as_bytes().cmp(uid))
                 .is_ok()
             || (self.accept_unknown_sop_classes && is_unknown_sop_class(uid))
+    }
+}
+
+impl Config {
+    /// What the acceptor accepts, from `[node]`, `[limits]`, `[auth]` and `[[peer]]` (the users
+    /// file and the peers' addresses are read at start-up: [`Config::user_directory`],
+    /// [`Config::resolve_peers`]).
+    pub fn acceptor_policy(&self) -> AcceptorPolicy {
+        AcceptorPolicy {
+            ae_title: self.node.ae_title.trim().to_string(),
+            accept_any_called_ae: self.node.accept_any_called_ae,
+            calling_ae_allow: (!self.node.calling_ae_titles.is_empty()).then(|| {
+                self.node
+                    .calling_ae_titles
+                    .iter()
+                    .map(|a| a.trim().to_string())
+                    .collect()
+            }),
+            max_pdu_length: self.limits.max_pdu_length,
+            max_operations_performed: self.limits.max_operations_performed.max(1),
+            transfer_syntax_preference: self
+                .node
+                .transfer_syntax_preference
+                .iter()
+                .filter_map(|u| transfer_syntax::by_uid(u.as_bytes()))
+                .collect(),
+            keep_sender_encoding: self.node.transfer_syntax_choice == TransferSyntaxChoice::Sender,
+            max_presentation_contexts: self.limits.max_presentation_contexts,
+            // Set by the node at start-up from the users file (`Config::user_directory`).
+            // Until then a required identity fails closed: every association is refused.
+            identity: self
+                .auth
+                .required
+                .then(|| std::sync::Arc::new(UserDirectory::not_loaded())),
+            // AE titles only; addresses are resolved at start-up (`Config::resolve_peers`).
+            // With check_peer_address and no addresses, a known peer's AE title is refused:
+            // never open by omission.
+            peers: std::sync::Arc::new(KnownPeers {
+                peers: self
+                    .peers
+                    .iter()
+                    .map(|p| (p.ae_title.trim().to_string(), Vec::new()))
+                    .collect(),
+                check_address: self.node.check_peer_address,
+                known_only: self.node.known_peers_only,
+            }),
+            extra_sop_classes: {
+                let mut v = self.node.extra_sop_classes.clone();
+                v.sort();
+                v.dedup();
+                v
+            },
+            accept_unknown_sop_classes: self.node.accept_unknown_sop_classes,
+        }
+    }
+
+    /// The `[[peer]]`s with the addresses their hosts resolve to now
+    /// ([`Config::peer_addresses`]), as negotiation checks them; a peer whose host does not
+    /// resolve is an error naming it.
+    pub fn resolve_peers(&self) -> Result<KnownPeers, ConfigError> {
+        Ok(KnownPeers {
+            peers: self.peer_addresses()?,
+            check_address: self.node.check_peer_address,
+            known_only: self.node.known_peers_only,
+        })
     }
 }
 
@@ -154,8 +186,6 @@ pub struct Negotiated {
     pub peer_max_pdu: u32,
     /// How many operations the peer may have outstanding on us.
     pub max_operations_performed: u16,
-    pub peer_implementation_class_uid: String,
-    pub peer_implementation_version_name: String,
     /// The user whose identity was verified (`[auth]`), if any.
     pub user: Option<String>,
 }
@@ -200,7 +230,9 @@ fn rj_why(reason: u8, why: String) -> Outcome {
 }
 
 fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(uid_bytes(b)).trim().to_string()
+    String::from_utf8_lossy(without_nul_pad(b))
+        .trim()
+        .to_string()
 }
 
 /// The host's association slots (`[limits] max_associations`, per calling AE title, per
@@ -246,7 +278,7 @@ pub fn negotiate_from(
             reject_reason::PROTOCOL_VERSION_NOT_SUPPORTED,
         );
     }
-    if rq.application_context().map(uid_bytes) != Some(DICOM_APPLICATION_CONTEXT) {
+    if rq.application_context().map(without_nul_pad) != Some(DICOM_APPLICATION_CONTEXT) {
         return rj(
             R::PERMANENT,
             S::SERVICE_USER,
@@ -327,8 +359,6 @@ pub fn negotiate_from(
 
     let mut peer_max_pdu = 0;
     let mut ops = 1u16;
-    let mut peer_impl_uid = String::new();
-    let mut peer_version = String::new();
     let mut user = vec![
         SubItem::MaximumLength(policy.max_pdu_length),
         SubItem::ImplementationClassUid(IMPLEMENTATION_CLASS_UID.as_bytes()),
@@ -337,8 +367,6 @@ pub fn negotiate_from(
     for sub in rq.user_information() {
         match sub {
             SubItem::MaximumLength(n) => peer_max_pdu = *n,
-            SubItem::ImplementationClassUid(u) => peer_impl_uid = text(u),
-            SubItem::ImplementationVersionName(v) => peer_version = text(v),
             SubItem::AsynchronousOperationsWindow { max_invoked, .. } => {
                 // PS3.7 D.3.3.3: the peer's invoked operations are the ones we perform; 0 means
                 // unlimited, which we bound by our own maximum. We invoke none on it.
@@ -467,8 +495,6 @@ pub fn negotiate_from(
             contexts,
             peer_max_pdu,
             max_operations_performed: ops,
-            peer_implementation_class_uid: peer_impl_uid,
-            peer_implementation_version_name: peer_version,
             user: verified_user,
         },
     }
@@ -529,7 +555,8 @@ fn choose_transfer_syntax(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::assoc::transfer_syntax::by_uid;
+    use crate::dicom::sop_class::{is_standard_non_storage_uid, VERIFICATION};
+    use crate::dicom::transfer_syntax::by_uid;
     use crate::ul::{ae_title_field, decode, PresentationContextRq};
 
     /// With a slot for everyone, now (the tests' clock: assoc/ itself reads none).
@@ -647,7 +674,7 @@ mod tests {
                 pc(5, "1.2.840.10008.5.1.4.1.2.1.1", &["1.2.840.10008.1.2"]), // a C-FIND model
                 pc(7, CT, &["1.2.3.4"]),
                 pc(7, CT, &["1.2.840.10008.1.2"]), // duplicate ID
-                pc(9, VERIFICATION_SOP_CLASS, &["1.2.840.10008.1.2"]),
+                pc(9, VERIFICATION, &["1.2.840.10008.1.2"]),
             ],
             vec![],
         );

@@ -16,6 +16,7 @@
 //! they are: scripts depend on them.
 
 pub mod report;
+pub mod synthetic;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -25,8 +26,10 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::dicom::sop_class::CT_IMAGE_STORAGE;
+use crate::dicom::transfer_syntax::EXPLICIT_VR_LITTLE_ENDIAN;
 use crate::net::scu::{Client, Proposal, ScuOptions};
-use crate::synth::{ct_header, CtInstance, CT_IMAGE_STORAGE, EXPLICIT_VR_LITTLE_ENDIAN};
+use synthetic::{ct_header, CtInstance};
 
 /// What to send, where and how (the command line of both tools).
 #[derive(clap::Args, Debug, Clone)]
@@ -217,7 +220,7 @@ fn load_folder(dir: &Path) -> Result<Vec<Instance>, String> {
             let Ok(bytes) = std::fs::read(&p) else {
                 continue;
             };
-            let Some(f) = crate::storage::part10::parse(&bytes) else {
+            let Some(f) = crate::dicom::part10::parse(&bytes) else {
                 continue;
             };
             let (sop_class, sop_instance) = f.data_set_sop_uids(&bytes);

@@ -7,7 +7,6 @@
 /// `match` pattern can be compared with).
 pub fn keyword_tag(keyword: &str) -> Result<(u32, bool), String> {
     use dicom_core::dictionary::DataDictionary;
-    use dicom_core::VR;
     let e = dicom_dictionary_std::StandardDataDictionary
         .by_name(keyword)
         .ok_or_else(|| format!("unknown tag keyword {keyword:?}"))?;
@@ -15,26 +14,9 @@ pub fn keyword_tag(keyword: &str) -> Result<(u32, bool), String> {
         dicom_core::dictionary::TagRange::Single(t) => t,
         _ => return Err(format!("{keyword} names a tag range, not one tag")),
     };
-    let text = matches!(
-        e.vr.relaxed(),
-        VR::AE
-            | VR::AS
-            | VR::CS
-            | VR::DA
-            | VR::DS
-            | VR::DT
-            | VR::IS
-            | VR::LO
-            | VR::LT
-            | VR::PN
-            | VR::SH
-            | VR::ST
-            | VR::TM
-            | VR::UC
-            | VR::UI
-            | VR::UR
-            | VR::UT
-    );
+    // Text by the one VR table; a relaxed VR dicom-core knows but the table does not cannot be
+    // text.
+    let text = super::vr::Vr::by_name(e.vr.relaxed().to_string()).is_some_and(|v| v.is_text());
     Ok(((tag.0 as u32) << 16 | tag.1 as u32, text))
 }
 

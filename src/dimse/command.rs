@@ -1,6 +1,11 @@
 //! DIMSE command sets (PS3.7 §6.3, §9.3, §10.3): group 0000 elements, always implicit VR little
 //! endian. Decoding is bounded by the command's byte length (itself bounded by
-//! [`MAX_COMMAND_LEN`]); unknown command elements are skipped.
+//! [`MAX_COMMAND_LEN`]); unknown command elements are skipped. Elements are written by the one
+//! element writer ([`crate::dicom::element`]).
+
+use crate::dicom::element;
+use crate::dicom::transfer_syntax::DatasetEncoding::ImplicitVrLittleEndian;
+use crate::dicom::vr::{trim_padding, Vr};
 
 /// Largest command set we assemble. A C-STORE-RQ is about 200 bytes; 64 KiB leaves room for
 /// long error comments and private extensions while bounding a hostile peer.
@@ -14,7 +19,6 @@ pub mod command_field {
     pub const C_FIND_RQ: u16 = 0x0020;
     pub const C_MOVE_RQ: u16 = 0x0021;
     pub const C_ECHO_RQ: u16 = 0x0030;
-    pub const C_ECHO_RSP: u16 = 0x8030;
     pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
     pub const N_GET_RQ: u16 = 0x0110;
     pub const N_SET_RQ: u16 = 0x0120;
@@ -113,7 +117,7 @@ impl std::fmt::Display for CommandError {
 impl std::error::Error for CommandError {}
 
 fn trim_uid(v: &[u8]) -> Vec<u8> {
-    super::trim_padding(v).to_vec()
+    trim_padding(v).to_vec()
 }
 
 fn us(v: &[u8], elem: u16) -> Result<u16, CommandError> {
@@ -177,66 +181,57 @@ pub fn decode(bytes: &[u8]) -> Result<CommandSet, CommandError> {
     Ok(c)
 }
 
-fn put(out: &mut Vec<u8>, elem: u16, value: &[u8]) {
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&elem.to_le_bytes());
-    // Values are padded to even length (PS3.5 §7.1.1): UIDs with NUL, text (the Error
-    // Comment, and the AE titles Move Destination and Move Originator) with space.
-    let pad = value.len() % 2;
-    out.extend_from_slice(&((value.len() + pad) as u32).to_le_bytes());
-    out.extend_from_slice(value);
-    if pad == 1 {
-        out.push(if matches!(elem, 0x0600 | 0x0902 | 0x1030) {
-            b' '
-        } else {
-            0
-        });
-    }
+/// One command element (0000,`elem`) of VR `vr` (PS3.7 Annex E; implicit VR, so the VR only
+/// decides the padding, PS3.5 §7.1.1: UIDs with NUL, the AE titles and the Error Comment with
+/// a space).
+fn put(out: &mut Vec<u8>, elem: u16, vr: Vr, value: &[u8]) {
+    element::put(out, ImplicitVrLittleEndian, u32::from(elem), vr, value);
 }
 
 /// Encodes a command set with its Command Group Length (0000,0000), elements in tag order.
 pub fn encode(c: &CommandSet, out: &mut Vec<u8>) {
     let start = out.len();
-    out.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]);
+    // Command Group Length (0000,0000), patched once the group is written.
+    put(out, 0x0000, Vr::UL, &[0; 4]);
     let body = out.len();
     if let Some(u) = &c.affected_sop_class_uid {
-        put(out, 0x0002, u);
+        put(out, 0x0002, Vr::UI, u);
     }
-    put(out, 0x0100, &c.command_field.to_le_bytes());
+    put(out, 0x0100, Vr::US, &c.command_field.to_le_bytes());
     if let Some(v) = c.message_id {
-        put(out, 0x0110, &v.to_le_bytes());
+        put(out, 0x0110, Vr::US, &v.to_le_bytes());
     }
     if let Some(v) = c.message_id_being_responded_to {
-        put(out, 0x0120, &v.to_le_bytes());
+        put(out, 0x0120, Vr::US, &v.to_le_bytes());
     }
     let r = c.retrieve.as_deref();
     if let Some(v) = r.and_then(|r| r.move_destination.as_ref()) {
-        put(out, 0x0600, v);
+        put(out, 0x0600, Vr::AE, v);
     }
     if let Some(v) = c.priority {
-        put(out, 0x0700, &v.to_le_bytes());
+        put(out, 0x0700, Vr::US, &v.to_le_bytes());
     }
-    put(out, 0x0800, &c.command_data_set_type.to_le_bytes());
+    put(out, 0x0800, Vr::US, &c.command_data_set_type.to_le_bytes());
     if let Some(v) = c.status {
-        put(out, 0x0900, &v.to_le_bytes());
+        put(out, 0x0900, Vr::US, &v.to_le_bytes());
     }
     if let Some(v) = &c.error_comment {
-        put(out, 0x0902, v);
+        put(out, 0x0902, Vr::LO, v);
     }
     if let Some(u) = &c.affected_sop_instance_uid {
-        put(out, 0x1000, u);
+        put(out, 0x1000, Vr::UI, u);
     }
     if let Some(r) = r {
         for (i, n) in r.suboperations.iter().enumerate() {
             if let Some(n) = n {
-                put(out, 0x1020 + i as u16, &n.to_le_bytes());
+                put(out, 0x1020 + i as u16, Vr::US, &n.to_le_bytes());
             }
         }
         if let Some(v) = &r.move_originator_ae_title {
-            put(out, 0x1030, v);
+            put(out, 0x1030, Vr::AE, v);
         }
         if let Some(v) = r.move_originator_message_id {
-            put(out, 0x1031, &v.to_le_bytes());
+            put(out, 0x1031, Vr::US, &v.to_le_bytes());
         }
     }
     let group_len = (out.len() - body) as u32;

@@ -133,14 +133,6 @@ impl Assembler {
         }
     }
 
-    /// The message whose data set is being received: its context and command.
-    pub fn data_set_command(&self) -> Option<(u8, &CommandSet)> {
-        match &self.phase {
-            Phase::DataSet { pc, command, .. } => Some((*pc, command)),
-            _ => None,
-        }
-    }
-
     /// From now on the data set in progress is not buffered: its later fragments come out of
     /// [`Assembler::push_pdv`] as [`Assembled::Streamed`]. Returns its context, command and the
     /// bytes received so far; `None` when no data set is in progress.

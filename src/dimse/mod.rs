@@ -4,66 +4,23 @@
 //! Owns: turning a complete message into either a response or a store request, and (in
 //! `service`) everything one association holds between PDUs. Pure: no sockets, no files, no
 //! clocks. Must never hand untrusted data set bytes to a full parser: routing values
-//! come from the bounded top-level [`scan`].
+//! come from the bounded top-level [`crate::dicom::scan`]. The standard's tables (tags,
+//! UIDs, transfer syntaxes, SOP classes) are [`crate::dicom`]'s; of the association layer only
+//! [`service`] knows anything (it drives the association machine).
 #![forbid(unsafe_code)]
 
 pub mod command;
 pub mod message;
 pub mod query;
-pub mod scan;
 pub mod service;
-pub mod uid;
 
-use crate::assoc::negotiation::VERIFICATION_SOP_CLASS;
-use crate::assoc::{AcceptedContext, TransferSyntax};
+use crate::dicom::scan::{self, Scanned};
+use crate::dicom::sop_class::VERIFICATION;
+use crate::dicom::tags;
+use crate::dicom::transfer_syntax::TransferSyntax;
+use crate::dicom::uid::is_valid_uid;
 use command::{command_field, response_to, status, CommandSet};
 pub use message::{Assembled, Assembler, AssemblyError, Message};
-
-/// A value without its padding: trailing spaces and NULs (PS3.5 §6.2: text is padded with a
-/// space, UIDs with a NUL).
-pub fn trim_padding(v: &[u8]) -> &[u8] {
-    let end = v
-        .iter()
-        .rposition(|&b| b != b' ' && b != 0)
-        .map_or(0, |p| p + 1);
-    &v[..end]
-}
-
-/// Tags the node reads from each data set (PS3.6 tags as group << 16 | element).
-pub mod tags {
-    pub const SOP_CLASS_UID: u32 = 0x0008_0016;
-    pub const SOP_INSTANCE_UID: u32 = 0x0008_0018;
-    pub const STUDY_DATE: u32 = 0x0008_0020;
-    pub const MODALITY: u32 = 0x0008_0060;
-    pub const SERIES_DESCRIPTION: u32 = 0x0008_103E;
-    pub const PATIENT_NAME: u32 = 0x0010_0010;
-    pub const PATIENT_ID: u32 = 0x0010_0020;
-    pub const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
-    pub const SERIES_INSTANCE_UID: u32 = 0x0020_000E;
-    pub const SERIES_NUMBER: u32 = 0x0020_0011;
-    pub const ACQUISITION_NUMBER: u32 = 0x0020_0012;
-    pub const INSTANCE_NUMBER: u32 = 0x0020_0013;
-    pub const IMAGES_IN_ACQUISITION: u32 = 0x0020_1002;
-    pub const NUMBER_OF_SLICES: u32 = 0x0054_0081;
-
-    /// The routing tags collected from every stored instance.
-    pub const ROUTING: &[u32] = &[
-        SOP_CLASS_UID,
-        SOP_INSTANCE_UID,
-        STUDY_DATE,
-        MODALITY,
-        SERIES_DESCRIPTION,
-        PATIENT_NAME,
-        PATIENT_ID,
-        STUDY_INSTANCE_UID,
-        SERIES_INSTANCE_UID,
-        SERIES_NUMBER,
-        ACQUISITION_NUMBER,
-        INSTANCE_NUMBER,
-        IMAGES_IN_ACQUISITION,
-        NUMBER_OF_SLICES,
-    ];
-}
 
 /// A validated C-STORE request ready for storage.
 #[derive(Debug)]
@@ -73,7 +30,7 @@ pub struct StoreRequest {
     pub transfer_syntax: &'static TransferSyntax,
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
-    pub routing: scan::Scanned,
+    pub routing: Scanned,
     pub data_set: Vec<u8>,
 }
 
@@ -95,9 +52,16 @@ fn fail(msg: &Message, st: u16, comment: &str) -> Action {
     }
 }
 
+/// The accepted presentation context a message arrived on (PS3.8 §9.3.3.2), as DIMSE needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub abstract_syntax: &'a str,
+    pub transfer_syntax: &'static TransferSyntax,
+}
+
 /// Decides what a complete message on the accepted context `ctx` needs; a C-STORE's data set is
 /// scanned for `wanted` (sorted tags, which must include [`tags::ROUTING`]).
-pub fn handle(msg: Message, ctx: &AcceptedContext, wanted: &[u32]) -> Action {
+pub fn handle(msg: Message, ctx: Context<'_>, wanted: &[u32]) -> Action {
     let c = &msg.command;
     match c.command_field {
         command_field::C_ECHO_RQ => Action::Respond {
@@ -125,7 +89,7 @@ pub fn handle(msg: Message, ctx: &AcceptedContext, wanted: &[u32]) -> Action {
     }
 }
 
-fn handle_store(mut msg: Message, ctx: &AcceptedContext, wanted: &[u32]) -> Action {
+fn handle_store(mut msg: Message, ctx: Context<'_>, wanted: &[u32]) -> Action {
     let pc = msg.presentation_context_id;
     let Some(data_set) = msg.data_set.take() else {
         return fail(
@@ -173,10 +137,10 @@ pub struct StoreHeader {
 pub fn store_header(
     pc: u8,
     command: CommandSet,
-    ctx: &AcceptedContext,
+    ctx: Context<'_>,
 ) -> Result<StoreHeader, CommandSet> {
     let refuse = |st: u16, why: &str| response_to(&command, st, Some(why));
-    if ctx.abstract_syntax == VERIFICATION_SOP_CLASS {
+    if ctx.abstract_syntax == VERIFICATION {
         return Err(refuse(
             status::SOP_CLASS_NOT_SUPPORTED,
             "C-STORE on Verification",
@@ -197,7 +161,7 @@ pub fn store_header(
             "SOP class differs from the presentation context's",
         ));
     }
-    if !uid::is_valid_uid(cmd_instance) || !uid::is_valid_uid(cmd_class) {
+    if !is_valid_uid(cmd_instance) || !is_valid_uid(cmd_class) {
         return Err(refuse(status::CANNOT_UNDERSTAND, "invalid UID in command"));
     }
     let sop_class_uid = String::from_utf8_lossy(cmd_class).into_owned();
@@ -215,7 +179,7 @@ pub fn store_header(
 /// response. `data_set` is empty for a data set streamed to storage.
 pub fn store_request(
     header: StoreHeader,
-    scanned: scan::Scanned,
+    scanned: Scanned,
     data_set: Vec<u8>,
 ) -> Result<Box<StoreRequest>, CommandSet> {
     let refuse = |st: u16, why: &str| response_to(&header.command, st, Some(why));
@@ -232,7 +196,7 @@ pub fn store_request(
     for t in [tags::STUDY_INSTANCE_UID, tags::SERIES_INSTANCE_UID] {
         if scanned
             .uid(t)
-            .is_some_and(|u| !u.is_empty() && !uid::is_valid_uid(u))
+            .is_some_and(|u| !u.is_empty() && !is_valid_uid(u))
         {
             return Err(refuse(
                 status::CANNOT_UNDERSTAND,

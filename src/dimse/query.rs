@@ -5,24 +5,19 @@
 //! Owns: which keys are asked for and how a match is judged (a match must name the patient
 //! asked about and carry a valid Study Instance UID). Pure: no sockets, no clocks; the
 //! exchange itself is `net::scu`'s. A response identifier is read with the bounded routing
-//! [`scan`](super::scan), never a full parser: the identifiers come from a peer.
+//! [`scan`], never a full parser: the identifiers come from a peer. The information models'
+//! SOP classes are [`crate::dicom::sop_class`]'s.
 #![forbid(unsafe_code)]
 
-use crate::assoc::DatasetEncoding;
-
-use super::scan;
-
-/// Patient Root Query/Retrieve Information Model - FIND (PS3.4 C.6.1.1.2).
-pub const PATIENT_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.1.1";
-/// Patient Root Query/Retrieve Information Model - MOVE (PS3.4 C.6.1.1.3).
-pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
-
-const STUDY_DATE: u32 = 0x0008_0020;
-const QUERY_RETRIEVE_LEVEL: u32 = 0x0008_0052;
-const MODALITIES_IN_STUDY: u32 = 0x0008_0061;
-const PATIENT_ID: u32 = 0x0010_0020;
-const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
-const NUMBER_OF_STUDY_RELATED_INSTANCES: u32 = 0x0020_1208;
+use crate::dicom::element;
+use crate::dicom::scan;
+use crate::dicom::tags::{
+    MODALITIES_IN_STUDY, NUMBER_OF_STUDY_RELATED_INSTANCES, PATIENT_ID, QUERY_RETRIEVE_LEVEL,
+    STUDY_DATE, STUDY_INSTANCE_UID,
+};
+use crate::dicom::transfer_syntax::DatasetEncoding;
+use crate::dicom::uid::is_valid_uid;
+use crate::dicom::vr::Vr;
 
 /// The tags read from a C-FIND response identifier, sorted.
 const RETURN_KEYS: &[u32] = &[
@@ -105,23 +100,9 @@ fn safe_patient_id(id: &str) -> Result<&str, QueryError> {
 }
 
 /// Appends one element in `enc` (implicit or explicit VR little endian: the syntaxes we
-/// propose for Query/Retrieve), padded to even length (PS3.5 §7.1: UI with NUL, text with a
-/// space). Values here are short (a few dozen bytes), within the 16-bit length of explicit VR.
-fn put(out: &mut Vec<u8>, enc: DatasetEncoding, tag: u32, vr: &[u8; 2], value: &str) {
-    let pad = value.len() % 2;
-    let len = value.len() + pad;
-    out.extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
-    out.extend_from_slice(&(tag as u16).to_le_bytes());
-    if enc == DatasetEncoding::ImplicitVrLittleEndian {
-        out.extend_from_slice(&(len as u32).to_le_bytes());
-    } else {
-        out.extend_from_slice(vr);
-        out.extend_from_slice(&(len as u16).to_le_bytes());
-    }
-    out.extend_from_slice(value.as_bytes());
-    if pad == 1 {
-        out.push(if vr == b"UI" { 0 } else { b' ' });
-    }
+/// propose for Query/Retrieve) with the one element writer.
+fn put(out: &mut Vec<u8>, enc: DatasetEncoding, tag: u32, vr: Vr, value: &str) {
+    element::put(out, enc, tag, vr, value.as_bytes());
 }
 
 /// The C-FIND identifier for `q` at STUDY level (PS3.4 C.6.1.2.2): Patient ID (the unique key
@@ -136,12 +117,12 @@ pub fn study_find_identifier(q: &StudyQuery, enc: DatasetEncoding) -> Result<Vec
         .as_ref()
         .map(|d| format!("{d}-"))
         .unwrap_or_default();
-    put(&mut out, enc, STUDY_DATE, b"DA", &date);
-    put(&mut out, enc, QUERY_RETRIEVE_LEVEL, b"CS", "STUDY");
-    put(&mut out, enc, MODALITIES_IN_STUDY, b"CS", "");
-    put(&mut out, enc, PATIENT_ID, b"LO", id);
-    put(&mut out, enc, STUDY_INSTANCE_UID, b"UI", "");
-    put(&mut out, enc, NUMBER_OF_STUDY_RELATED_INSTANCES, b"IS", "");
+    put(&mut out, enc, STUDY_DATE, Vr::DA, &date);
+    put(&mut out, enc, QUERY_RETRIEVE_LEVEL, Vr::CS, "STUDY");
+    put(&mut out, enc, MODALITIES_IN_STUDY, Vr::CS, "");
+    put(&mut out, enc, PATIENT_ID, Vr::LO, id);
+    put(&mut out, enc, STUDY_INSTANCE_UID, Vr::UI, "");
+    put(&mut out, enc, NUMBER_OF_STUDY_RELATED_INSTANCES, Vr::IS, "");
     Ok(out)
 }
 
@@ -154,9 +135,15 @@ pub fn study_move_identifier(
 ) -> Result<Vec<u8>, QueryError> {
     let id = safe_patient_id(patient_id)?;
     let mut out = Vec::with_capacity(96);
-    put(&mut out, enc, QUERY_RETRIEVE_LEVEL, b"CS", "STUDY");
-    put(&mut out, enc, PATIENT_ID, b"LO", id);
-    put(&mut out, enc, STUDY_INSTANCE_UID, b"UI", study_instance_uid);
+    put(&mut out, enc, QUERY_RETRIEVE_LEVEL, Vr::CS, "STUDY");
+    put(&mut out, enc, PATIENT_ID, Vr::LO, id);
+    put(
+        &mut out,
+        enc,
+        STUDY_INSTANCE_UID,
+        Vr::UI,
+        study_instance_uid,
+    );
     Ok(out)
 }
 
@@ -175,7 +162,7 @@ pub fn read_study_match(
         return Err(MatchError::OtherPatient(id));
     }
     let uid = text(STUDY_INSTANCE_UID);
-    if !super::uid::is_valid_uid(uid.as_bytes()) {
+    if !is_valid_uid(uid.as_bytes()) {
         return Err(MatchError::BadStudyUid);
     }
     let modalities = text(MODALITIES_IN_STUDY)
@@ -236,17 +223,17 @@ mod tests {
             assert_eq!(v.text(PATIENT_ID).map(str::trim), Some("PAT1"));
             // A response: the same keys filled in.
             let mut r = Vec::new();
-            put(&mut r, enc, STUDY_DATE, b"DA", "20210304");
-            put(&mut r, enc, MODALITIES_IN_STUDY, b"CS", "CT\\SR");
-            put(&mut r, enc, PATIENT_ID, b"LO", "PAT1");
+            put(&mut r, enc, STUDY_DATE, Vr::DA, "20210304");
+            put(&mut r, enc, MODALITIES_IN_STUDY, Vr::CS, "CT\\SR");
+            put(&mut r, enc, PATIENT_ID, Vr::LO, "PAT1");
             put(
                 &mut r,
                 enc,
                 STUDY_INSTANCE_UID,
-                b"UI",
+                Vr::UI,
                 "1.2.826.0.1.3680043.10.77",
             );
-            put(&mut r, enc, NUMBER_OF_STUDY_RELATED_INSTANCES, b"IS", "12");
+            put(&mut r, enc, NUMBER_OF_STUDY_RELATED_INSTANCES, Vr::IS, "12");
             let m = read_study_match(&r, enc, "PAT1").unwrap();
             assert_eq!(m.study_instance_uid, "1.2.826.0.1.3680043.10.77");
             assert_eq!(m.study_date, "20210304");
@@ -257,7 +244,7 @@ mod tests {
                 Err(MatchError::OtherPatient("PAT1".into()))
             );
             let mut bad = Vec::new();
-            put(&mut bad, enc, STUDY_INSTANCE_UID, b"UI", "1.2.x");
+            put(&mut bad, enc, STUDY_INSTANCE_UID, Vr::UI, "1.2.x");
             assert_eq!(
                 read_study_match(&bad, enc, "PAT1"),
                 Err(MatchError::BadStudyUid)

@@ -42,13 +42,15 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::command::{self, response_to, status, CommandSet};
-use super::scan::{self, ScanError, Scanned, Scanner};
-use super::{handle, message, Action, Assembled, Assembler, StoreHeader, StoreRequest};
+use super::{handle, message, Action, Assembled, Assembler, Context, StoreHeader, StoreRequest};
 use crate::assoc::{
-    negotiate_from, AcceptorPolicy, Association, Event, Negotiated, Outcome, Received, Slots,
-    State, Timeouts,
+    negotiate_from, AcceptedContext, AcceptorPolicy, Association, Event, Negotiated, Outcome,
+    Received, Slots, State, Timeouts,
 };
-use crate::assoc::{DatasetEncoding, TransferSyntax};
+use crate::config::{Config, STREAM_ABOVE_MIN};
+use crate::dicom::scan::{self, ScanError, Scanned, Scanner};
+use crate::dicom::transfer_syntax::{DatasetEncoding, TransferSyntax};
+use crate::dicom::vr::trim_padding;
 use crate::ul::{self, AbortReason, AssociateRj, Pdu};
 
 /// What the service needs from configuration; shared by every association of a node.
@@ -56,7 +58,7 @@ use crate::ul::{self, AbortReason, AssociateRj, Pdu};
 pub struct ServiceConfig {
     pub policy: AcceptorPolicy,
     pub timeouts: Timeouts,
-    /// Sorted tags to scan from every data set; must include [`super::tags::ROUTING`].
+    /// Sorted tags to scan from every data set; must include [`crate::dicom::tags::ROUTING`].
     pub wanted_tags: Vec<u32>,
     /// Largest data set accepted in one message.
     pub max_message_bytes: usize,
@@ -70,6 +72,36 @@ pub struct ServiceConfig {
     /// `[limits] min_bytes_per_second`: the slowest average, over each [`MIN_RATE_WINDOW`]
     /// inside a PDU or message, a peer may send at; 0: no minimum.
     pub min_bytes_per_second: u64,
+}
+
+impl Config {
+    /// What every association's DIMSE service is configured with; `wanted_tags` are the tags
+    /// to scan from each data set (sorted here).
+    /// Data sets larger than `max(inline_max_bytes, STREAM_ABOVE_MIN)` are streamed to storage.
+    pub fn service_config(&self, mut wanted_tags: Vec<u32>) -> ServiceConfig {
+        wanted_tags.sort_unstable();
+        wanted_tags.dedup();
+        ServiceConfig {
+            policy: self.acceptor_policy(),
+            timeouts: self.timeouts(),
+            wanted_tags,
+            max_message_bytes: self.limits.max_message_bytes,
+            max_pdu_length: self.limits.max_pdu_length,
+            max_associate_length: self.limits.max_associate_length,
+            // Larger than what goes to the log (those are held whole and appended), and not
+            // so small that every modest image pays for chunked writes.
+            stream_above: self.storage.inline_max_bytes.max(STREAM_ABOVE_MIN),
+            min_bytes_per_second: self.limits.min_bytes_per_second,
+        }
+    }
+}
+
+/// What DIMSE needs of a negotiated presentation context.
+fn dimse_context(ctx: &AcceptedContext) -> Context<'_> {
+    Context {
+        abstract_syntax: &ctx.abstract_syntax,
+        transfer_syntax: ctx.transfer_syntax,
+    }
 }
 
 /// The window over which `min_bytes_per_second` is averaged. Long enough that a peer on a
@@ -477,7 +509,7 @@ impl Service {
             .negotiated
             .as_ref()
             .and_then(|n| n.context(msg.presentation_context_id))
-            .map(|ctx| handle(msg, ctx, &cfg.wanted_tags))
+            .map(|ctx| handle(msg, dimse_context(ctx), &cfg.wanted_tags))
         else {
             return;
         };
@@ -522,7 +554,7 @@ impl Service {
         let ctx = self.negotiated.as_ref().and_then(|n| n.context(pc));
         let sink = match ctx {
             Some(ctx) if command.command_field == command::command_field::C_STORE_RQ => {
-                match super::store_header(pc, command, ctx) {
+                match super::store_header(pc, command, dimse_context(ctx)) {
                     Ok(header) => {
                         let enc = header.transfer_syntax.encoding;
                         let scan = if enc == DatasetEncoding::DeflatedExplicitVrLittleEndian {
@@ -1083,7 +1115,7 @@ impl Service {
             sop_instance_uid: response
                 .affected_sop_instance_uid
                 .as_deref()
-                .map(|u| String::from_utf8_lossy(super::trim_padding(u)).into_owned()),
+                .map(|u| String::from_utf8_lossy(trim_padding(u)).into_owned()),
         });
     }
 

@@ -49,9 +49,9 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::{Mailbox, Shared};
 use crate::config::Unmatched;
+use crate::dicom::tags;
 use crate::dimse::command::status;
 use crate::dimse::service::{Chunk, Service, ServiceEvent, StoreOutcome, StoreSubmission, Work};
-use crate::dimse::tags;
 use crate::handoff::{Arrival, AtTheDoor, Event as PipelineEvent};
 use crate::storage::{FileMeta, Job, ReplyTo, StoreJob, StreamFile, WriteJob};
 use crate::ul;

@@ -11,11 +11,14 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use crate::assoc::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 use crate::assoc::{Association, Event, Received, Timeouts};
+use crate::dicom::implementation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
+use crate::dicom::part10::InstanceFile;
+use crate::dicom::sop_class::{PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, VERIFICATION};
+use crate::dicom::transfer_syntax::{self, DatasetEncoding};
+use crate::dicom::uid::without_nul_pad;
 use crate::dimse::command::{self, command_field, CommandSet};
 use crate::dimse::{message, Assembler, Message};
-use crate::storage::part10::InstanceFile;
 use crate::ul::{
     self, ae_title_field, Associate, Item, PcResult, Pdu, PresentationContextRq, SubItem,
     DICOM_APPLICATION_CONTEXT,
@@ -449,7 +452,7 @@ impl<S: Read + Write> Client<S> {
                             c.contexts.push(Context {
                                 id: pc.id,
                                 abstract_syntax: p.abstract_syntax.clone(),
-                                transfer_syntax: String::from_utf8_lossy(ul::uid_bytes(ts))
+                                transfer_syntax: String::from_utf8_lossy(without_nul_pad(ts))
                                     .into_owned(),
                             });
                         }
@@ -565,17 +568,16 @@ impl<S: Read + Write> Client<S> {
 
     /// C-ECHO; returns the status.
     pub fn echo(&mut self) -> Result<u16, ScuError> {
-        use crate::assoc::negotiation::VERIFICATION_SOP_CLASS;
         let pc = self
             .contexts
             .iter()
-            .find(|c| c.abstract_syntax == VERIFICATION_SOP_CLASS)
+            .find(|c| c.abstract_syntax == VERIFICATION)
             .map(|c| c.id)
             .ok_or_else(|| ScuError::NoContext("Verification".into()))?;
         let rq = CommandSet {
             command_field: command_field::C_ECHO_RQ,
             message_id: Some(self.next_message_id()),
-            affected_sop_class_uid: Some(VERIFICATION_SOP_CLASS.as_bytes().to_vec()),
+            affected_sop_class_uid: Some(VERIFICATION.as_bytes().to_vec()),
             command_data_set_type: command::NO_DATA_SET,
             ..Default::default()
         };
@@ -685,15 +687,12 @@ impl<S: Read + Write> Client<S> {
     }
 
     /// The context accepted for `abstract_syntax` and the encoding of its data sets.
-    fn context_for(
-        &self,
-        abstract_syntax: &str,
-    ) -> Result<(u8, crate::assoc::DatasetEncoding), ScuError> {
+    fn context_for(&self, abstract_syntax: &str) -> Result<(u8, DatasetEncoding), ScuError> {
         self.contexts
             .iter()
             .find(|c| c.abstract_syntax == abstract_syntax)
             .and_then(|c| {
-                let ts = crate::assoc::transfer_syntax::by_uid(c.transfer_syntax.as_bytes())?;
+                let ts = transfer_syntax::by_uid(c.transfer_syntax.as_bytes())?;
                 Some((c.id, ts.encoding))
             })
             .ok_or_else(|| ScuError::NoContext(abstract_syntax.into()))
@@ -729,14 +728,14 @@ impl<S: Read + Write> Client<S> {
         deadline: Option<Instant>,
     ) -> Result<FindOutcome, ScuError> {
         use crate::dimse::query;
-        let (pc, enc) = self.context_for(query::PATIENT_ROOT_FIND)?;
+        let (pc, enc) = self.context_for(PATIENT_ROOT_FIND)?;
         let identifier =
             query::study_find_identifier(q, enc).map_err(|e| ScuError::Refused(e.to_string()))?;
         let message_id = self.next_message_id();
         let rq = CommandSet {
             command_field: command_field::C_FIND_RQ,
             message_id: Some(message_id),
-            affected_sop_class_uid: Some(query::PATIENT_ROOT_FIND.as_bytes().to_vec()),
+            affected_sop_class_uid: Some(PATIENT_ROOT_FIND.as_bytes().to_vec()),
             priority: Some(0),
             command_data_set_type: 0x0000,
             ..Default::default()
@@ -800,14 +799,14 @@ impl<S: Read + Write> Client<S> {
         deadline: Option<Instant>,
     ) -> Result<MoveOutcome, ScuError> {
         use crate::dimse::query;
-        let (pc, enc) = self.context_for(query::PATIENT_ROOT_MOVE)?;
+        let (pc, enc) = self.context_for(PATIENT_ROOT_MOVE)?;
         let identifier = query::study_move_identifier(patient_id, study_instance_uid, enc)
             .map_err(|e| ScuError::Refused(e.to_string()))?;
         let message_id = self.next_message_id();
         let rq = CommandSet {
             command_field: command_field::C_MOVE_RQ,
             message_id: Some(message_id),
-            affected_sop_class_uid: Some(query::PATIENT_ROOT_MOVE.as_bytes().to_vec()),
+            affected_sop_class_uid: Some(PATIENT_ROOT_MOVE.as_bytes().to_vec()),
             priority: Some(0),
             command_data_set_type: 0x0000,
             retrieve: Some(Box::new(command::Retrieve {

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::{ExportConfig, ExportKind, PeerConfig};
-use crate::dimse::{scan, tags, uid::is_valid_uid};
+use crate::dicom::part10::{self, InstanceFile};
+use crate::dicom::{scan, tags, uid::is_valid_uid};
 use crate::net::scu::{store_files, ScuError, ScuOptions, StoreFilesError, StoreOutcome};
 use crate::storage::log::{Loc, Log};
-use crate::storage::part10::{self, InstanceFile};
 
 /// The error of an export cut short because the node is stopping.
 pub const STOPPING: &str = "node stopping";
@@ -162,7 +162,7 @@ pub fn to_folder(
         if !is_valid_uid(p.sop_instance_uid.as_bytes()) {
             return Err(format!("{}: invalid SOP Instance UID", f.name()));
         }
-        let enc = crate::assoc::transfer_syntax::by_uid(p.transfer_syntax_uid.as_bytes())
+        let enc = crate::dicom::transfer_syntax::by_uid(p.transfer_syntax_uid.as_bytes())
             .map(|t| t.encoding);
         let values = enc.and_then(|enc| {
             scan::scan(

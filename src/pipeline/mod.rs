@@ -39,8 +39,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::Config;
-use crate::dimse::scan::Scanned;
-use crate::dimse::tags;
+use crate::dicom::scan::Scanned;
+use crate::dicom::tags;
 use crate::doorbell::Doorbell;
 use crate::patients::{
     Claimed, InstanceRecord, MapGuard, Patient, PatientMap, PatientView, Snapshot,
@@ -341,7 +341,11 @@ fn describe(
 ) -> (Vec<u8>, InstanceRecord) {
     let key = values
         .raw(group_tag)
-        .map(|v| crate::dimse::trim_padding(v).trim_ascii_start().to_vec())
+        .map(|v| {
+            crate::dicom::vr::trim_padding(v)
+                .trim_ascii_start()
+                .to_vec()
+        })
         .unwrap_or_default();
     let record = InstanceRecord {
         sop_instance_uid: text_arc(values, tags::SOP_INSTANCE_UID).unwrap_or_else(|| "".into()),
@@ -643,12 +647,12 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             }
         };
         let Some(ts) =
-            crate::assoc::transfer_syntax::by_uid(inst.meta.transfer_syntax_uid.as_bytes())
+            crate::dicom::transfer_syntax::by_uid(inst.meta.transfer_syntax_uid.as_bytes())
         else {
             continue;
         };
         let Ok(values) =
-            crate::dimse::scan::scan(&inst.data_set, ts.encoding, &ctx.pipeline.wanted_tags)
+            crate::dicom::scan::scan(&inst.data_set, ts.encoding, &ctx.pipeline.wanted_tags)
         else {
             tracing::warn!(path = %rel.display(), "log record that cannot be scanned left in place");
             continue;
@@ -662,7 +666,7 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
         );
         let (key, mut record) = ctx.pipeline.describe(&values, &from);
         record.path = path;
-        record.bytes = crate::storage::part10::file_len(&inst.file_meta(), inst.data_set.len());
+        record.bytes = crate::dicom::part10::file_len(&inst.file_meta(), inst.data_set.len());
         let (inputs, study) = (record.inputs, record.study_uid.clone());
         map.insert(&key, record, inst.meta.received_ms, &map.pin())
             .request_evaluation();
@@ -708,10 +712,10 @@ fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or_else(now_ms, |d| d.as_millis() as u64);
-    let parsed = crate::storage::part10::parse(&bytes)?;
-    let ts = crate::assoc::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
+    let parsed = crate::dicom::part10::parse(&bytes)?;
+    let ts = crate::dicom::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
     let ds = bytes.get(parsed.data_set_offset..)?;
-    let values = crate::dimse::scan::scan(ds, ts.encoding, &ctx.pipeline.wanted_tags).ok()?;
+    let values = crate::dicom::scan::scan(ds, ts.encoding, &ctx.pipeline.wanted_tags).ok()?;
     let from = recovered_sender(
         ctx,
         &parsed.source_ae_title,

@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use super::now_ms;
 use super::rules::PriorsConfig;
-use crate::dimse::query::{StudyQuery, PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE};
+use crate::dicom::sop_class::{PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE};
+use crate::dimse::query::StudyQuery;
 use crate::net::scu::{Client, Proposal, ScuOptions};
 
 /// Matches taken from one C-FIND at most (more: the peer is cut off and the query retried).
@@ -572,7 +573,7 @@ fn retrieve(
     };
     if let Err(e) = crate::dimse::query::study_find_identifier(
         &q,
-        crate::assoc::DatasetEncoding::ExplicitVrLittleEndian,
+        crate::dicom::transfer_syntax::DatasetEncoding::ExplicitVrLittleEndian,
     ) {
         return Ok(Outcome::Unqueryable(e.to_string()));
     }
@@ -581,8 +582,8 @@ fn retrieve(
         .map(|a| Proposal {
             abstract_syntax: (*a).into(),
             transfer_syntaxes: vec![
-                crate::assoc::transfer_syntax::EXPLICIT_VR_LITTLE_ENDIAN.into(),
-                crate::assoc::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN.into(),
+                crate::dicom::transfer_syntax::EXPLICIT_VR_LITTLE_ENDIAN.into(),
+                crate::dicom::transfer_syntax::IMPLICIT_VR_LITTLE_ENDIAN.into(),
             ],
         })
         .collect();

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::config::{Completeness, InputConfig, InputKind, Patterns, PriorsConfig, MAX_INPUTS};
 use crate::dicom::dictionary::keyword_tag;
-use crate::dimse::scan::Scanned;
+use crate::dicom::scan::Scanned;
 use crate::patients::Snapshot;
 
 /// Who sent an instance (defined with the hand-off, where reactors fill it in).
@@ -249,13 +249,13 @@ impl Rules {
             let matched = input.matches.iter().all(|(tag, pats)| {
                 let v = values
                     .raw(*tag)
-                    .map(|v| crate::dimse::trim_padding(v).trim_ascii_start());
+                    .map(|v| crate::dicom::vr::trim_padding(v).trim_ascii_start());
                 list_holds(pats, v)
             });
             let present = input.required.iter().all(|t| {
                 values
                     .raw(*t)
-                    .is_some_and(|v| !crate::dimse::trim_padding(v).is_empty())
+                    .is_some_and(|v| !crate::dicom::vr::trim_padding(v).is_empty())
             });
             if matched && present && input.sender_holds(from) {
                 bits |= 1 << i;
@@ -637,9 +637,9 @@ mod tests {
             ds.extend_from_slice(&v);
         }
         let tags: Vec<u32> = pairs.iter().map(|p| p.0).collect();
-        crate::dimse::scan::scan(
+        crate::dicom::scan::scan(
             &ds,
-            crate::assoc::transfer_syntax::DatasetEncoding::ExplicitVrLittleEndian,
+            crate::dicom::transfer_syntax::DatasetEncoding::ExplicitVrLittleEndian,
             &tags,
         )
         .unwrap()

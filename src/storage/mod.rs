@@ -1,7 +1,8 @@
 //! Durable storage of received instances (design rule 6, "acknowledged means durable").
 //!
 //! Owns: the data directory layout, the segment log ([`log`]: small instances, one append and
-//! one shared flush per group-commit round), the Part-10 writer, group commit and the start-up
+//! one shared flush per group-commit round), the Part-10 files (their bytes are
+//! [`crate::dicom::part10`]'s), group commit and the start-up
 //! recovery scan. Instances above `inline_max_bytes` are written to an anonymous file (O_TMPFILE; a temporary name where the file
 //! system has none) in its series directory — or, for a data set streamed as it arrived
 //! ([`StreamFile`], [`Job::Write`]), in `incoming/` — flushed, linked under its final name (the same SOP
@@ -20,7 +21,6 @@
 
 pub mod inventory;
 pub mod log;
-pub mod part10;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -34,7 +34,11 @@ use sha2::{Digest, Sha256};
 
 use crate::doorbell::Doorbell;
 
-pub use part10::FileMeta;
+use crate::dicom::part10;
+
+// Storage's jobs carry it (`StoreJob::meta`): re-exported so that the reactor and library
+// users name storage's job types from one place.
+pub use crate::dicom::part10::FileMeta;
 
 pub use crate::config::Durability;
 
@@ -276,7 +280,7 @@ pub(crate) const NO_SERIES: &str = "no-series";
 
 /// The final path of an instance. `None` if a UID is not valid (the caller answers 0xC000).
 pub fn instance_path(root: &Path, job: &StoreJob) -> Option<PathBuf> {
-    let valid = |u: &str| crate::dimse::uid::is_valid_uid(u.as_bytes());
+    let valid = |u: &str| crate::dicom::uid::is_valid_uid(u.as_bytes());
     if !valid(&job.meta.sop_instance_uid) {
         return None;
     }

@@ -23,10 +23,7 @@ pub use pdu::{
 /// byte AE does not allow (control characters, backslash, non-ASCII). Trailing NULs, which some
 /// peers send instead of spaces, are tolerated as padding.
 pub fn ae_title_str(raw: &[u8; 16]) -> Option<&str> {
-    let end = raw
-        .iter()
-        .rposition(|&b| b != b' ' && b != 0)
-        .map_or(0, |p| p + 1);
+    let end = crate::dicom::vr::trim_padding(raw).len();
     let start = raw.iter().position(|&b| b != b' ').unwrap_or(end).min(end);
     let s = &raw[start..end];
     if s.is_empty() || s.iter().any(|&b| !(0x20..0x7F).contains(&b) || b == b'\\') {
@@ -43,15 +40,6 @@ pub fn ae_title_field(title: &str) -> [u8; 16] {
         *d = s;
     }
     f
-}
-
-/// A UID from a PDU item, without the single trailing NUL padding some peers add (PS3.8 §9.3.2.2
-/// encodes UIDs per PS3.5 §9.1 but items are not padded; PS3.5 pads values with NUL).
-pub fn uid_bytes(raw: &[u8]) -> &[u8] {
-    match raw.split_last() {
-        Some((0, rest)) => rest,
-        _ => raw,
-    }
 }
 
 #[cfg(test)]

@@ -309,8 +309,17 @@ pub fn stored_instance(node: &Node, sop_instance_uid: &str) -> Option<PathBuf> {
         .find(|p| p.file_name().unwrap().to_string_lossy() == format!("{sop_instance_uid}.dcm"))
 }
 
-fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
-    dicomgate::synth::element(out, g, e, vr, v)
+/// One explicit VR little endian element, by the crate's one element writer.
+pub fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
+    use dicomgate::dicom::{element, transfer_syntax::DatasetEncoding, vr::Vr};
+    let tag = u32::from(g) << 16 | u32::from(e);
+    element::put(
+        out,
+        DatasetEncoding::ExplicitVrLittleEndian,
+        tag,
+        Vr(*vr),
+        v,
+    )
 }
 
 pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
@@ -404,7 +413,7 @@ pub fn write_instance(
         source_ae_title: String::new(),
         ..Default::default()
     };
-    let mut f = dicomgate::storage::part10::header(&meta);
+    let mut f = dicomgate::dicom::part10::header(&meta);
     f.extend_from_slice(&d);
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join(format!("{sop}.dcm"));
@@ -415,14 +424,14 @@ pub fn write_instance(
 /// The data set bytes of a Part-10 file.
 pub fn data_set_of(path: &Path) -> Vec<u8> {
     let b = std::fs::read(path).unwrap();
-    let p = dicomgate::storage::part10::parse(&b).unwrap();
+    let p = dicomgate::dicom::part10::parse(&b).unwrap();
     b[p.data_set_offset..].to_vec()
 }
 
 /// The SOP Instance UID in a Part-10 file's meta.
 pub fn sop_uid_of(path: &Path) -> String {
     let b = std::fs::read(path).unwrap();
-    dicomgate::storage::part10::parse(&b)
+    dicomgate::dicom::part10::parse(&b)
         .unwrap()
         .sop_instance_uid
 }

@@ -92,7 +92,7 @@ impl LogInstance {
 
     /// The Part-10 file's bytes: our meta group, then the data set exactly as received.
     pub fn part10(&self) -> Vec<u8> {
-        let mut b = super::part10::header(&self.file_meta());
+        let mut b = crate::dicom::part10::header(&self.file_meta());
         b.extend_from_slice(&self.data_set);
         b
     }
@@ -452,7 +452,7 @@ impl Log {
                     });
                 match res {
                     Ok((file, loc, new)) => {
-                        let bytes = super::part10::file_len(&job.meta, job.data_set.len());
+                        let bytes = crate::dicom::part10::file_len(&job.meta, job.data_set.len());
                         let ack = Pending {
                             done: done_for(job, dest, bytes, new),
                             rel,
@@ -1367,7 +1367,7 @@ fn write_all_at(f: &File, bufs: &[IoSlice<'_>], mut offset: u64) -> io::Result<(
 /// The identity of an instance under `patients/` (the relative path its file has, or would
 /// have): `None` when a UID is not valid.
 pub fn identity(meta: &InstanceMeta) -> Option<PathBuf> {
-    let valid = |u: &str| crate::dimse::uid::is_valid_uid(u.as_bytes());
+    let valid = |u: &str| crate::dicom::uid::is_valid_uid(u.as_bytes());
     if !valid(&meta.sop_instance_uid)
         || meta.study_uid.as_deref().is_some_and(|u| !valid(u))
         || meta.series_uid.as_deref().is_some_and(|u| !valid(u))
@@ -1552,7 +1552,7 @@ pub fn inspect(dir: &Path) -> io::Result<(Vec<SegmentInfo>, Vec<Inspected>)> {
                 continue;
             };
             live += 1;
-            let bytes = super::part10::file_len(&file_meta(&r.meta), r.data_set.len());
+            let bytes = crate::dicom::part10::file_len(&file_meta(&r.meta), r.data_set.len());
             newest.insert(
                 rel.clone(),
                 Inspected {

@@ -7,8 +7,16 @@
 //! of undefined length are walked item by item; explicit-VR UN of undefined length switches to
 //! implicit VR little endian inside, as PS3.5 §6.2.2 says. dicom-rs's full parser allocates by
 //! declared length and overflows its stack on deep nesting, so it is kept off this path.
+//! Explicit-VR length fields follow the one VR table ([`Vr::has_4_byte_length`]).
+#![forbid(unsafe_code)]
 
-use crate::assoc::DatasetEncoding;
+use super::element::UNDEFINED_LENGTH as UNDEFINED;
+use super::tags::{
+    ITEM, ITEM_DELIMITATION_ITEM as ITEM_DELIMITATION,
+    SEQUENCE_DELIMITATION_ITEM as SEQUENCE_DELIMITATION,
+};
+use super::transfer_syntax::DatasetEncoding;
+use super::vr::{trim_padding, Vr};
 
 /// Deepest nesting of undefined-length sequences and items we walk. Real objects nest a few
 /// levels (SR trees reach ~10-20); 10,000 nested sequences from a hostile peer get a failure status.
@@ -19,11 +27,6 @@ pub const MAX_VALUE_LEN: usize = 1024;
 /// How much of a deflated data set we inflate to scan it: the routing tags sit in the first few
 /// kilobytes; 4 MiB bounds a deflate bomb.
 pub const MAX_INFLATE: usize = 4 << 20;
-
-const UNDEFINED: u32 = 0xFFFF_FFFF;
-const ITEM: u32 = 0xFFFE_E000;
-const ITEM_DELIMITATION: u32 = 0xFFFE_E00D;
-const SEQUENCE_DELIMITATION: u32 = 0xFFFE_E0DD;
 
 /// Why a data set cannot be understood. Answered with a C-STORE status 0xC000 (PS3.4 B.2.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,14 +112,14 @@ impl Scanned {
     /// A text value with its padding (trailing spaces and NULs, leading spaces) removed.
     pub fn text(&self, tag: u32) -> Option<&str> {
         let v = self.raw(tag)?;
-        std::str::from_utf8(super::trim_padding(v))
+        std::str::from_utf8(trim_padding(v))
             .ok()
             .map(|s| s.trim_start())
     }
 
     /// A UID value: the bytes without the trailing NUL pad.
     pub fn uid(&self, tag: u32) -> Option<&[u8]> {
-        self.raw(tag).map(super::trim_padding)
+        self.raw(tag).map(trim_padding)
     }
 
     /// A US value in the data set's byte order.
@@ -155,25 +158,6 @@ fn read_u32(buf: &[u8], p: usize, le: bool) -> Option<u32> {
     } else {
         u32::from_be_bytes(b)
     })
-}
-
-fn vr_has_4_byte_length(vr: [u8; 2]) -> bool {
-    matches!(
-        &vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
 }
 
 /// Scans `data` in the given encoding; `wanted` lists tags as `group << 16 | element`.
@@ -272,6 +256,16 @@ enum Step {
     /// Consumed this many bytes; then skip this many more (a value that runs past the bytes at
     /// hand).
     Consumed(usize, u64),
+}
+
+/// What a step does when `buf` ends before what it needs (at `start`): more input, or the
+/// error of a data set that ends there (`eof`).
+fn need_more(eof: bool, start: usize) -> Result<Step, ScanError> {
+    if eof {
+        Err(ScanError::Truncated { offset: start })
+    } else {
+        Ok(Step::NeedMore)
+    }
 }
 
 impl<W: AsRef<[u32]>> Scanner<W> {
@@ -433,17 +427,38 @@ impl<W: AsRef<[u32]>> Scanner<W> {
         out
     }
 
+    /// A value of `len` bytes after a header of `header` bytes of the element (`tag`, at
+    /// `start`) that begins a step's `buf` of `buf_len` bytes, not kept: consumed as far as
+    /// `buf` holds it, the rest skipped. `too_long`: a wanted value longer than
+    /// [`MAX_VALUE_LEN`], an error once it is known to be whole.
+    fn value(
+        &mut self,
+        buf_len: usize,
+        eof: bool,
+        (tag, start): (u32, usize),
+        header: usize,
+        len: u32,
+        too_long: bool,
+    ) -> Result<Step, ScanError> {
+        let end = header as u64 + len as u64;
+        if end <= buf_len as u64 {
+            if too_long {
+                return Err(ScanError::ValueTooLong { tag });
+            }
+            Ok(Step::Consumed(end as usize, 0))
+        } else if eof {
+            Err(ScanError::ElementPastEnd { tag, offset: start })
+        } else {
+            self.skipping = (tag, start as u64, too_long);
+            Ok(Step::Consumed(buf_len, end - buf_len as u64))
+        }
+    }
+
     /// One header (with its value when it is wanted or fits) at the start of `buf`, which
     /// begins at `self.pos`. `eof`: nothing follows `buf`, so what is missing is an error.
     fn step(&mut self, buf: &[u8], eof: bool) -> Result<Step, ScanError> {
         let start = self.pos as usize;
-        let short = || -> Result<Step, ScanError> {
-            if eof {
-                Err(ScanError::Truncated { offset: start })
-            } else {
-                Ok(Step::NeedMore)
-            }
-        };
+        let short = || need_more(eof, start);
         let (implicit_here, le) = match self.stack.last() {
             Some(Ctx::Seq { implicit_le: true }) | Some(Ctx::Item { implicit_le: true }) => {
                 (true, true)
@@ -456,21 +471,8 @@ impl<W: AsRef<[u32]>> Scanner<W> {
             return short();
         };
         let tag = (group as u32) << 16 | elem as u32;
-        // A value of `len` after a header of `header` bytes, not kept: consumed as far as `buf`
-        // holds it, the rest skipped.
         let value = |this: &mut Scanner<W>, header: usize, len: u32, too_long: bool| {
-            let end = header as u64 + len as u64;
-            if end <= buf.len() as u64 {
-                if too_long {
-                    return Err(ScanError::ValueTooLong { tag });
-                }
-                Ok(Step::Consumed(end as usize, 0))
-            } else if eof {
-                Err(ScanError::ElementPastEnd { tag, offset: start })
-            } else {
-                this.skipping = (tag, start as u64, too_long);
-                Ok(Step::Consumed(buf.len(), end - buf.len() as u64))
-            }
+            this.value(buf.len(), eof, (tag, start), header, len, too_long)
         };
         match self.stack.last().copied() {
             Some(Ctx::Seq { implicit_le }) => {
@@ -525,28 +527,11 @@ impl<W: AsRef<[u32]>> Scanner<W> {
         implicit_here: bool,
         le: bool,
     ) -> Result<Step, ScanError> {
-        let short = || -> Result<Step, ScanError> {
-            if eof {
-                Err(ScanError::Truncated { offset: start })
-            } else {
-                Ok(Step::NeedMore)
-            }
-        };
+        let short = || need_more(eof, start);
         let u16_at = |p: usize| read_u16(buf, p, le);
         let u32_at = |p: usize| read_u32(buf, p, le);
         let value = |this: &mut Scanner<W>, header: usize, len: u32, too_long: bool| {
-            let end = header as u64 + len as u64;
-            if end <= buf.len() as u64 {
-                if too_long {
-                    return Err(ScanError::ValueTooLong { tag });
-                }
-                Ok(Step::Consumed(end as usize, 0))
-            } else if eof {
-                Err(ScanError::ElementPastEnd { tag, offset: start })
-            } else {
-                this.skipping = (tag, start as u64, too_long);
-                Ok(Step::Consumed(buf.len(), end - buf.len() as u64))
-            }
+            this.value(buf.len(), eof, (tag, start), header, len, too_long)
         };
         // An element header (PS3.5 §7.1.2 explicit, §7.1.3 implicit).
         let (len, vr, header) = if implicit_here {
@@ -562,7 +547,7 @@ impl<W: AsRef<[u32]>> Scanner<W> {
             if !vr.iter().all(u8::is_ascii_uppercase) {
                 return Err(ScanError::BadVr { tag, offset: start });
             }
-            if vr_has_4_byte_length(vr) {
+            if Vr(vr).has_4_byte_length() {
                 let Some(len) = u32_at(8) else {
                     return short();
                 };
@@ -620,35 +605,30 @@ mod tests {
     use super::*;
     use DatasetEncoding::*;
 
+    use crate::dicom::tags::{PATIENT_ID, SOP_INSTANCE_UID as SOP_INSTANCE};
+
     fn el_explicit(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
-        out.extend_from_slice(&g.to_le_bytes());
-        out.extend_from_slice(&e.to_le_bytes());
-        out.extend_from_slice(vr);
-        if vr_has_4_byte_length(*vr) {
-            out.extend_from_slice(&[0, 0]);
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(v.len() as u16).to_le_bytes());
-        }
-        out.extend_from_slice(v);
+        let tag = u32::from(g) << 16 | u32::from(e);
+        super::super::element::put(out, ExplicitVrLittleEndian, tag, Vr(*vr), v);
     }
 
-    const PATIENT_ID: u32 = 0x0010_0020;
-    const SOP_INSTANCE: u32 = 0x0008_0018;
+    /// An undefined-length sequence (0008,1115) with one undefined-length item holding a
+    /// Patient ID that must not be taken for the top-level one.
+    fn nested_patient_id(d: &mut Vec<u8>) {
+        d.extend_from_slice(&[
+            0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+        d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        el_explicit(d, 0x0010, 0x0020, b"LO", b"INNER ");
+        d.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        d.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+    }
 
     #[test]
     fn finds_top_level_values_and_skips_nested_ones() {
         let mut d = Vec::new();
         el_explicit(&mut d, 0x0008, 0x0018, b"UI", b"1.2.3\0");
-        // An undefined-length sequence with one undefined-length item holding a PatientID that
-        // must not be taken for the top-level one.
-        d.extend_from_slice(&[
-            0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
-        ]);
-        d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-        el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"INNER ");
-        d.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
-        d.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        nested_patient_id(&mut d);
         el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"PAT1");
         el_explicit(&mut d, 0x7FE0, 0x0010, b"OW", &[0; 16]);
         let s = scan(&d, ExplicitVrLittleEndian, &[PATIENT_ID, SOP_INSTANCE]).unwrap();
@@ -762,13 +742,7 @@ mod tests {
         let mut cases: Vec<(Vec<u8>, DatasetEncoding)> = Vec::new();
         let mut d = Vec::new();
         el_explicit(&mut d, 0x0008, 0x0018, b"UI", b"1.2.3\0");
-        d.extend_from_slice(&[
-            0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
-        ]);
-        d.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-        el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"INNER ");
-        d.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
-        d.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        nested_patient_id(&mut d);
         el_explicit(&mut d, 0x0010, 0x0010, b"PN", &[b'N'; 200]);
         el_explicit(&mut d, 0x0010, 0x0020, b"LO", b"PAT1");
         el_explicit(&mut d, 0x0020, 0x000D, b"UI", &[b'1'; 1100]); // wanted, too long

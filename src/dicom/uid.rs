@@ -1,10 +1,24 @@
-//! UID validation, PS3.5 §9.1: components of digits separated by single dots, no leading zero in
-//! a multi-digit component, at most 64 characters. A valid UID can be used as a file name: it
-//! cannot be empty, `.`, `..`, or hold `/`, `\` or NUL.
+//! The one UID rule, PS3.5 §9.1: components of digits separated by single dots, no leading zero
+//! in a multi-digit component, at most 64 characters. A valid UID can be used as a file name: it
+//! cannot be empty, `.`, `..`, or hold `/`, `\` or NUL. Owns nothing else; no I/O.
+#![forbid(unsafe_code)]
 
 /// Maximum length of a UID, PS3.5 §9.1.
 pub const MAX_UID_LEN: usize = 64;
 
+/// The root of the UIDs the DICOM standard defines (PS3.5 §9.1, Annex A).
+pub const DICOM_UID_ROOT: &[u8] = b"1.2.840.10008.";
+
+/// A UID without the single trailing NUL that pads it to even length (PS3.5 §9.1; in a PDU
+/// item, PS3.8 §9.3.2.2, UIDs are not padded but some peers pad them anyway).
+pub fn without_nul_pad(raw: &[u8]) -> &[u8] {
+    match raw.split_last() {
+        Some((0, rest)) => rest,
+        _ => raw,
+    }
+}
+
+/// Whether `uid` is a UID by PS3.5 §9.1 (no padding: see [`without_nul_pad`]).
 pub fn is_valid_uid(uid: &[u8]) -> bool {
     if uid.is_empty() || uid.len() > MAX_UID_LEN {
         return false;
@@ -41,5 +55,8 @@ mod tests {
         }
         assert!(!is_valid_uid(&[b'1'; 65]));
         assert!(is_valid_uid(&[b'1'; 64]));
+        assert_eq!(without_nul_pad(b"1.2\0"), b"1.2");
+        assert_eq!(without_nul_pad(b"1.2"), b"1.2");
+        assert_eq!(without_nul_pad(b""), b"");
     }
 }

@@ -3,6 +3,10 @@
 //! We keep dataset bytes exactly as received, so every encapsulated syntax is accepted: its
 //! dataset is explicit VR little endian and only the pixel data fragments are compressed. The
 //! table is checked against dicom-dictionary-std's UID constants by a unit test.
+//!
+//! Owns the table and how each syntax encodes its data set ([`DatasetEncoding`]); negotiation,
+//! the scan, the Part-10 files and the configuration ask it. No I/O.
+#![forbid(unsafe_code)]
 
 /// How the dataset (not the pixel data) of a transfer syntax is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,7 +343,7 @@ pub const TRANSFER_SYNTAXES: &[TransferSyntax] = &[
 
 /// Looks up a transfer syntax by UID (a trailing NUL pad is ignored).
 pub fn by_uid(uid: &[u8]) -> Option<&'static TransferSyntax> {
-    let uid = crate::ul::uid_bytes(uid);
+    let uid = super::uid::without_nul_pad(uid);
     TRANSFER_SYNTAXES.iter().find(|t| t.uid.as_bytes() == uid)
 }
 
@@ -351,7 +355,7 @@ mod tests {
     fn every_transfer_syntax_uid_is_well_formed_and_found() {
         for ts in TRANSFER_SYNTAXES {
             assert!(ts.uid.starts_with("1.2.840.10008.1."), "{}", ts.uid);
-            assert!(crate::dimse::uid::is_valid_uid(ts.uid.as_bytes()));
+            assert!(super::super::uid::is_valid_uid(ts.uid.as_bytes()));
             assert_eq!(by_uid(ts.uid.as_bytes()), Some(ts));
         }
         assert_eq!(

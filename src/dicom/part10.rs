@@ -1,7 +1,18 @@
 //! Part-10 files (PS3.10 §7.1): 128-byte preamble, `DICM`, the File Meta Information group we
-//! build (explicit VR little endian), then the data set bytes exactly as received.
+//! build (explicit VR little endian), then the data set bytes exactly as received; and the
+//! bounded reader of such a file's meta group.
+//!
+//! Owns the meta group's layout (what we write, and what we believe when we read one back: our
+//! Private Information only under our Implementation Class UID, nothing past the group length).
+//! Pure: works on bytes, never on files; never panics on any input.
+#![forbid(unsafe_code)]
 
-use crate::assoc::negotiation::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
+use super::element::put;
+use super::implementation::IMPLEMENTATION_CLASS_UID;
+use super::implementation::IMPLEMENTATION_VERSION_NAME;
+use super::tags::file_meta as t;
+use super::transfer_syntax::DatasetEncoding::ExplicitVrLittleEndian as META;
+use super::vr::{trim_padding, Vr};
 
 /// What the file meta group records.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -22,99 +33,49 @@ pub struct FileMeta {
 /// The prefix of the Private Information (0002,0102) we write.
 const PEER_INFO: &[u8] = b"peer=";
 
-fn element(out: &mut Vec<u8>, elem: u16, vr: &[u8; 2], value: &[u8], pad: u8) {
-    let padded = value.len() + value.len() % 2;
-    out.extend_from_slice(&0x0002u16.to_le_bytes());
-    out.extend_from_slice(&elem.to_le_bytes());
-    out.extend_from_slice(vr);
-    if vr == b"OB" {
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&(padded as u32).to_le_bytes());
-    } else {
-        out.extend_from_slice(&(padded as u16).to_le_bytes());
-    }
-    out.extend_from_slice(value);
-    if value.len() % 2 == 1 {
-        out.push(pad);
-    }
-}
-
 /// Bytes of the Part-10 file of a data set of `data_set_len` bytes: [`header`] and the data set.
 pub fn file_len(meta: &FileMeta, data_set_len: usize) -> u64 {
     (header(meta).len() + data_set_len) as u64
 }
 
-/// The preamble, `DICM` and the File Meta Information group.
+/// The preamble, `DICM` and the File Meta Information group (PS3.10 §7.1).
 pub fn header(meta: &FileMeta) -> Vec<u8> {
     let mut group = Vec::with_capacity(256);
-    element(&mut group, 0x0001, b"OB", &[0x00, 0x01], 0);
-    element(&mut group, 0x0002, b"UI", meta.sop_class_uid.as_bytes(), 0);
-    element(
-        &mut group,
-        0x0003,
-        b"UI",
-        meta.sop_instance_uid.as_bytes(),
-        0,
-    );
-    element(
-        &mut group,
-        0x0010,
-        b"UI",
-        meta.transfer_syntax_uid.as_bytes(),
-        0,
-    );
-    element(
-        &mut group,
-        0x0012,
-        b"UI",
-        IMPLEMENTATION_CLASS_UID.as_bytes(),
-        0,
-    );
-    element(
-        &mut group,
-        0x0013,
-        b"SH",
-        IMPLEMENTATION_VERSION_NAME.as_bytes(),
-        b' ',
-    );
+    let g = &mut group;
+    put(g, META, t::INFORMATION_VERSION, Vr::OB, &[0x00, 0x01]);
+    let class = meta.sop_class_uid.as_bytes();
+    put(g, META, t::MEDIA_STORAGE_SOP_CLASS_UID, Vr::UI, class);
+    let instance = meta.sop_instance_uid.as_bytes();
+    put(g, META, t::MEDIA_STORAGE_SOP_INSTANCE_UID, Vr::UI, instance);
+    let ts = meta.transfer_syntax_uid.as_bytes();
+    put(g, META, t::TRANSFER_SYNTAX_UID, Vr::UI, ts);
+    let ours = IMPLEMENTATION_CLASS_UID.as_bytes();
+    put(g, META, t::IMPLEMENTATION_CLASS_UID, Vr::UI, ours);
+    let version = IMPLEMENTATION_VERSION_NAME.as_bytes();
+    put(g, META, t::IMPLEMENTATION_VERSION_NAME, Vr::SH, version);
     if !meta.source_ae_title.is_empty() {
-        element(
-            &mut group,
-            0x0016,
-            b"AE",
-            meta.source_ae_title.as_bytes(),
-            b' ',
-        );
+        let ae = meta.source_ae_title.as_bytes();
+        put(g, META, t::SOURCE_APPLICATION_ENTITY_TITLE, Vr::AE, ae);
     }
     if !meta.receiving_ae_title.is_empty() {
-        element(
-            &mut group,
-            0x0018,
-            b"AE",
-            meta.receiving_ae_title.as_bytes(),
-            b' ',
-        );
+        let ae = meta.receiving_ae_title.as_bytes();
+        put(g, META, t::RECEIVING_APPLICATION_ENTITY_TITLE, Vr::AE, ae);
     }
     if !meta.requestor_address.is_empty() {
-        element(
-            &mut group,
-            0x0100,
-            b"UI",
-            IMPLEMENTATION_CLASS_UID.as_bytes(),
-            0,
-        );
+        put(g, META, t::PRIVATE_INFORMATION_CREATOR_UID, Vr::UI, ours);
         let info = [PEER_INFO, meta.requestor_address.as_bytes()].concat();
-        element(&mut group, 0x0102, b"OB", &info, 0);
+        put(g, META, t::PRIVATE_INFORMATION, Vr::OB, &info);
     }
     let mut out = Vec::with_capacity(128 + 4 + 12 + group.len());
     out.resize(128, 0);
     out.extend_from_slice(b"DICM");
-    element(
+    let group_len = u32::try_from(group.len()).unwrap_or(u32::MAX);
+    put(
         &mut out,
-        0x0000,
-        b"UL",
-        &(group.len() as u32).to_le_bytes(),
-        0,
+        META,
+        t::GROUP_LENGTH,
+        Vr::UL,
+        &group_len.to_le_bytes(),
     );
     out.extend_from_slice(&group);
     out
@@ -140,9 +101,9 @@ impl ParsedFile {
     /// falling back to the file meta's. A requestor must name the instance it sends, and some
     /// files' meta disagrees with their data set (pydicom's rtplan.dcm and rtdose.dcm).
     pub fn data_set_sop_uids(&self, file: &[u8]) -> (String, String) {
-        use crate::dimse::{scan, tags};
-        let enc = crate::assoc::transfer_syntax::by_uid(self.transfer_syntax_uid.as_bytes())
-            .map(|t| t.encoding);
+        use super::{scan, tags};
+        let enc =
+            super::transfer_syntax::by_uid(self.transfer_syntax_uid.as_bytes()).map(|t| t.encoding);
         let found = enc.and_then(|enc| {
             let ds = file.get(self.data_set_offset..)?;
             scan::scan(ds, enc, &[tags::SOP_CLASS_UID, tags::SOP_INSTANCE_UID]).ok()
@@ -164,7 +125,7 @@ impl ParsedFile {
 
 /// A whole Part-10 file in memory, named as its data set names itself
 /// ([`ParsedFile::data_set_sop_uids`]): what the requestor sends (`dicomgate store`, the
-/// `dicom` export: [`crate::net::scu::store_files`]) and a folder export writes.
+/// `dicom` export, through `net::scu::store_files`) and a folder export writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceFile {
     pub bytes: Vec<u8>,
@@ -218,7 +179,7 @@ pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {
     // (0002,0102) could forge the requestor address a `peer` rule is checked against after a
     // restart). Files without it (other writers') are read while the group lasts.
     let mut end: Option<usize> = None;
-    let text = |v: &[u8]| String::from_utf8_lossy(crate::dimse::trim_padding(v)).into_owned();
+    let text = |v: &[u8]| String::from_utf8_lossy(trim_padding(v)).into_owned();
     loop {
         if end.is_some_and(|e| pos >= e) {
             break;
@@ -228,28 +189,30 @@ pub fn parse(bytes: &[u8]) -> Option<ParsedFile> {
         if group != 0x0002 {
             break;
         }
-        let elem = u16::from_le_bytes([h[2], h[3]]);
+        let tag = 0x0002_0000 | u32::from(u16::from_le_bytes([h[2], h[3]]));
         let vr = [h[4], h[5]];
-        let (len, hdr) = if matches!(&vr, b"OB" | b"OW" | b"UN" | b"UT" | b"SQ") {
+        let (len, hdr) = if Vr(vr).has_4_byte_length() {
             let l = bytes.get(pos + 8..pos + 12)?;
             (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
         } else {
             (u16::from_le_bytes([h[6], h[7]]) as usize, 8)
         };
         let v = bytes.get(pos + hdr..(pos + hdr).checked_add(len)?)?;
-        match elem {
-            0x0000 if end.is_none() && pos == 132 && v.len() == 4 => {
+        match tag {
+            t::GROUP_LENGTH if end.is_none() && pos == 132 && v.len() == 4 => {
                 let n = u32::from_le_bytes([v[0], v[1], v[2], v[3]]) as usize;
                 end = Some((pos + hdr + len).saturating_add(n));
             }
-            0x0002 => out.sop_class_uid = text(v),
-            0x0003 => out.sop_instance_uid = text(v),
-            0x0010 => out.transfer_syntax_uid = text(v),
-            0x0016 => out.source_ae_title = text(v).trim().to_string(),
-            0x0018 => out.receiving_ae_title = text(v).trim().to_string(),
-            0x0100 => ours = text(v) == IMPLEMENTATION_CLASS_UID,
-            0x0102 if ours => {
-                if let Some(a) = crate::dimse::trim_padding(v).strip_prefix(PEER_INFO) {
+            t::MEDIA_STORAGE_SOP_CLASS_UID => out.sop_class_uid = text(v),
+            t::MEDIA_STORAGE_SOP_INSTANCE_UID => out.sop_instance_uid = text(v),
+            t::TRANSFER_SYNTAX_UID => out.transfer_syntax_uid = text(v),
+            t::SOURCE_APPLICATION_ENTITY_TITLE => out.source_ae_title = text(v).trim().to_string(),
+            t::RECEIVING_APPLICATION_ENTITY_TITLE => {
+                out.receiving_ae_title = text(v).trim().to_string()
+            }
+            t::PRIVATE_INFORMATION_CREATOR_UID => ours = text(v) == IMPLEMENTATION_CLASS_UID,
+            t::PRIVATE_INFORMATION if ours => {
+                if let Some(a) = trim_padding(v).strip_prefix(PEER_INFO) {
                     out.requestor_address = String::from_utf8_lossy(a).into_owned();
                 }
             }
@@ -305,17 +268,58 @@ mod tests {
         });
         let ds_at = forged.len();
         let mut fake = Vec::new();
-        element(
+        let ours = IMPLEMENTATION_CLASS_UID.as_bytes();
+        put(
             &mut fake,
-            0x0100,
-            b"UI",
-            IMPLEMENTATION_CLASS_UID.as_bytes(),
-            0,
+            META,
+            t::PRIVATE_INFORMATION_CREATOR_UID,
+            Vr::UI,
+            ours,
         );
-        element(&mut fake, 0x0102, b"OB", b"peer=10.0.0.5", 0);
+        put(
+            &mut fake,
+            META,
+            t::PRIVATE_INFORMATION,
+            Vr::OB,
+            b"peer=10.0.0.5",
+        );
         forged.extend_from_slice(&fake);
         let p = parse(&forged).unwrap();
         assert_eq!(p.requestor_address, "", "a forged address was read");
         assert_eq!(p.data_set_offset, ds_at);
+    }
+
+    /// Issue 11 (regression): `parse` read a 16-bit length for every VR but OB, OW, UN, UT and
+    /// SQ, so a file meta holding (0002,0026) Source Presentation Address (VR UR, a 32-bit
+    /// length per PS3.5 §7.1.2) was misread: the data set was taken to start inside it.
+    #[test]
+    fn a_ur_source_presentation_address_in_the_file_meta_is_read_with_its_4_byte_length() {
+        let el2 = |out: &mut Vec<u8>, e: u16, vr: &[u8; 2], v: &[u8]| {
+            out.extend_from_slice(&[0x02, 0x00]);
+            out.extend_from_slice(&e.to_le_bytes());
+            out.extend_from_slice(vr);
+            out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+            out.extend_from_slice(v);
+        };
+        let mut group = Vec::new();
+        el2(&mut group, 0x0002, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0");
+        el2(&mut group, 0x0003, b"UI", b"1.2.3\0");
+        el2(&mut group, 0x0010, b"UI", b"1.2.840.10008.1.2.1\0");
+        let url = b"dicom://modality.example:104";
+        group.extend_from_slice(&[0x02, 0x00, 0x26, 0x00, b'U', b'R', 0, 0]);
+        group.extend_from_slice(&(url.len() as u32).to_le_bytes());
+        group.extend_from_slice(url);
+        let mut f = vec![0u8; 128];
+        f.extend_from_slice(b"DICM");
+        el2(&mut f, 0x0000, b"UL", &(group.len() as u32).to_le_bytes());
+        f.extend_from_slice(&group);
+        let ds_at = f.len();
+        f.extend_from_slice(&[0x10, 0, 0x20, 0, b'L', b'O', 4, 0, b'P', b'A', b'T', b'1']);
+        let p = parse(&f).unwrap();
+        assert_eq!(p.transfer_syntax_uid, "1.2.840.10008.1.2.1");
+        assert_eq!(
+            p.data_set_offset, ds_at,
+            "the data set starts after the UR element"
+        );
     }
 }
