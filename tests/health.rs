@@ -241,3 +241,22 @@ fn still_open(s: &std::net::TcpStream) -> bool {
     let mut r = s;
     matches!(r.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
+
+/// Found in review: a connection whose request head never completed was closed unanswered at
+/// its deadline (the answer got no time left), though the endpoint promises it a 431. It gets
+/// its 431 now.
+#[test]
+fn an_incomplete_request_head_gets_431_at_its_deadline() {
+    use std::io::{Read, Write};
+    let node = Node::start("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let addr = http_addr(&node);
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".into()));
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap(); // no blank line
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+}

@@ -348,6 +348,11 @@ pub const HTTP_THREADS: usize = 4;
 pub const MAX_PENDING_HEADS: usize = 256;
 /// Heads read, waiting for a free answering thread.
 const ANSWER_QUEUE: usize = 64;
+/// After an accept failed for want of descriptors, how soon it is tried again.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// The time a connection whose head never completed gets for its 431 (its own deadline has
+/// passed by then).
+const LATE_ANSWER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A connection whose request head is being read (by the `http` thread, non-blocking).
 struct Reading {
@@ -422,10 +427,16 @@ fn read_heads(
     let mut order: std::collections::VecDeque<(std::time::Instant, usize)> =
         std::collections::VecDeque::new();
     let mut pending = 0usize;
+    let mut accept_again = false;
     loop {
-        let timeout = order
+        let mut timeout = order
             .front()
             .map(|(t, _)| DEADLINE.saturating_sub(t.elapsed()));
+        if accept_again {
+            // An accept failed for want of descriptors (EMFILE, ENFILE): the edge-triggered
+            // listener would not tell of the backlog again until a new connection came.
+            timeout = Some(timeout.map_or(ACCEPT_RETRY, |t| t.min(ACCEPT_RETRY)));
+        }
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(e);
@@ -436,18 +447,32 @@ fn read_heads(
             return Ok(());
         }
         let mut ready: Vec<usize> = Vec::new();
+        let listener_ready = std::mem::take(&mut accept_again);
+        let mut accepting = listener_ready;
         for ev in events.iter() {
             if ev.token() != LISTENER {
                 ready.push(ev.token().0);
-                continue;
+            } else {
+                accepting = true;
             }
+        }
+        if accepting {
             loop {
                 let (mut stream, peer) = match listener.accept() {
                     Ok(x) => x,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                        ) =>
+                    {
+                        continue;
+                    }
                     Err(e) => {
-                        // EMFILE and friends: the next readiness event retries.
+                        // EMFILE and friends: retried after ACCEPT_RETRY (above).
                         tracing::warn!(error = %e, "http accept failed");
+                        accept_again = true;
                         break;
                     }
                 };
@@ -569,6 +594,13 @@ fn answer(r: Request, shared: &Shared, reactors: usize) {
         complete,
         accepted: started,
     } = r;
+    // A head that never completed is past its deadline by now: its 431 gets a short time of
+    // its own (else it would be closed unanswered).
+    let budget = if complete {
+        DEADLINE
+    } else {
+        started.elapsed() + LATE_ANSWER
+    };
     let (code, body, ctype) = if !complete {
         (
             431,
@@ -616,7 +648,7 @@ fn answer(r: Request, shared: &Shared, reactors: usize) {
         _ => "Service Unavailable",
     };
     // The head too is written within the connection's deadline.
-    let left = DEADLINE.saturating_sub(started.elapsed());
+    let left = budget.saturating_sub(started.elapsed());
     if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
         return;
     }
@@ -633,7 +665,7 @@ fn answer(r: Request, shared: &Shared, reactors: usize) {
     // the deadline.
     let mut rest = body.as_bytes();
     while !rest.is_empty() {
-        let left = DEADLINE.saturating_sub(started.elapsed());
+        let left = budget.saturating_sub(started.elapsed());
         if left.is_zero() || stream.set_write_timeout(Some(left)).is_err() {
             break;
         }

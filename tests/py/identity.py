@@ -5,7 +5,10 @@ association from BIND_IP (source address) with a User Identity item (PS3.7 D.3.3
 "ACCEPTED RESPONSE=<hex of the server response, or NONE>" then "STATUS 0x...", or
 "REJECTED result source reason", or "ABORTED"."""
 import sys, logging
+import os
 import pydicom
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rj_witness  # noqa: E402
 from pynetdicom import AE
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
@@ -24,11 +27,14 @@ if int(ty):
     if int(ty) == 2:
         item.secondary_field = pw.encode()
     ext.append(item)
-assoc = ae.associate("127.0.0.1", int(port), ae_title=called, ext_neg=ext, bind_address=(bind_ip, 0))
+assoc = ae.associate("127.0.0.1", int(port), ae_title=called, ext_neg=ext, bind_address=(bind_ip, 0), evt_handlers=rj_witness.handlers())
 if assoc.is_rejected:
     r = assoc.acceptor.primitive
     print(f"REJECTED {r.result} {r.result_source} {r.diagnostic}")
     sys.exit(0)
+if rj_witness.rejected() is not None and not assoc.is_established:
+    print("rj_witness: pynetdicom missed the A-ASSOCIATE-RJ it received", file=sys.stderr)
+    print("REJECTED %d %d %d" % rj_witness.rejected()); sys.exit(0)
 if not assoc.is_established:
     print("ABORTED"); sys.exit(0)
 ui = assoc.acceptor.user_identity

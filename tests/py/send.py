@@ -3,7 +3,10 @@
 class and transfer syntax, and prints one line per file: STATUS FILE (or REJECTED / ABORTED).
 Files are passed as paths, so pynetdicom sends their data set bytes as read."""
 import sys, logging
+import os
 import pydicom
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rj_witness  # noqa: E402
 from pynetdicom import AE
 
 logging.getLogger("pynetdicom").setLevel(logging.ERROR)
@@ -18,11 +21,14 @@ for f in files:
         pairs.append(pair)
 for sop, ts in pairs:
     ae.add_requested_context(sop, [ts])
-assoc = ae.associate("127.0.0.1", port, ae_title=called)
+assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=rj_witness.handlers())
 if assoc.is_rejected:
     r = assoc.acceptor.primitive
     print(f"REJECTED {r.result} {r.result_source} {r.diagnostic}")
     sys.exit(0)
+if rj_witness.rejected() is not None and not assoc.is_established:
+    print("rj_witness: pynetdicom missed the A-ASSOCIATE-RJ it received", file=sys.stderr)
+    print("REJECTED %d %d %d" % rj_witness.rejected()); sys.exit(0)
 if not assoc.is_established:
     print("ABORTED"); sys.exit(0)
 for f in files:

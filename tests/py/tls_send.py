@@ -4,7 +4,10 @@ presenting the client certificate CERT/KEY, "-" for none; server name 127.0.0.1)
 C-STORE of each file. Prints "ECHO STATUS", one "STATUS FILE" per file, or ABORTED/REJECTED
 (a refused handshake is ABORTED: pynetdicom reports no association)."""
 import sys, ssl, logging
+import os
 import pydicom
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rj_witness  # noqa: E402
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -24,8 +27,11 @@ for f in files:
         pairs.append(pair)
 for sop, ts in pairs:
     ae.add_requested_context(sop, [ts])
-assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGATE", tls_args=(cx, "127.0.0.1"))
+assoc = ae.associate("127.0.0.1", port, ae_title="DICOMGATE", tls_args=(cx, "127.0.0.1"), evt_handlers=rj_witness.handlers())
 if assoc.is_rejected:
+    print("REJECTED"); sys.exit(0)
+if rj_witness.rejected() is not None and not assoc.is_established:
+    print("rj_witness: pynetdicom missed the A-ASSOCIATE-RJ it received", file=sys.stderr)
     print("REJECTED"); sys.exit(0)
 if not assoc.is_established:
     print("ABORTED"); sys.exit(0)
