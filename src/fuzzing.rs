@@ -8,6 +8,20 @@ use crate::ul::{self, Status};
 /// Largest PDU the body lets the deframer accept: the node's default limit.
 const MAX_PDU: u32 = 65_536;
 
+/// `len` deterministic pseudo-random bytes (xorshift64, the low byte of each step) from
+/// `state`, which advances: what the unit and integration tests feed the fuzz bodies and the
+/// node in place of the fuzzer.
+pub fn xorshift_bytes(state: &mut u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            *state as u8
+        })
+        .collect()
+}
+
 /// Deframes a byte stream into PDUs and decodes each. Decoding must never panic; whatever decodes
 /// must re-encode to exactly the bytes it was decoded from, reserved fields included (PS3.8
 /// §9.3: sent as 00H, not tested when received: the decoder keeps them as they came), and that
@@ -1134,14 +1148,7 @@ mod tests {
         assert!(n > 0, "no seeds in {dir}");
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         for len in [0, 1, 5, 6, 100, 5000] {
-            let d: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let d = xorshift_bytes(&mut x, len);
             tls_server(&d);
         }
     }
@@ -1211,16 +1218,7 @@ mod tests {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         for len in [0usize, 1, 7, 64, 300, 4000] {
             for _ in 0..40 {
-                inputs.push(
-                    (0..len)
-                        .map(|_| {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            x as u8
-                        })
-                        .collect(),
-                );
+                inputs.push(xorshift_bytes(&mut x, len));
             }
         }
         for d in &inputs {
@@ -1244,14 +1242,7 @@ mod tests {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         for _ in 0..2_000 {
             let len = (x % 400) as usize;
-            let input: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let input = xorshift_bytes(&mut x, len);
             patient_map_differential(&input);
         }
     }

@@ -110,14 +110,7 @@ fn malformed_pdus_before_association() {
     // Pseudo-random bytes.
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     for _ in 0..20 {
-        let junk: Vec<u8> = (0..500)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let junk = dicomgate::fuzzing::xorshift_bytes(&mut x, 500);
         let _ = exchange_for(&node, &junk, Duration::from_millis(100));
     }
     assert!(node.is_running());

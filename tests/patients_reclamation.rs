@@ -6,7 +6,6 @@
 //! alone). Here it is the only test in its process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use dicomgate::patients::{InstanceRecord, PatientMap};
@@ -14,15 +13,9 @@ use dicomgate::patients::{InstanceRecord, PatientMap};
 fn rec(sop: &str, series: &str, inputs: u64) -> InstanceRecord {
     InstanceRecord {
         sop_instance_uid: sop.into(),
-        study_uid: Some("1.2.3".into()),
         series_uid: Some(series.into()),
-        study_date: Some("20260101".into()),
-        path: PathBuf::from(format!("/x/{sop}.dcm")),
-        bytes: 10,
         inputs,
-        instance_number: 0,
-        images_in_acquisition: 0,
-        number_of_slices: 0,
+        ..InstanceRecord::default()
     }
 }
 
