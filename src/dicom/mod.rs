@@ -32,6 +32,21 @@ pub mod transfer_syntax;
 pub mod uid;
 pub mod vr;
 
+/// The civil (proleptic Gregorian) date of day `days` since 1970-01-01, as (year, month, day):
+/// what a DA value (PS3.5 Table 6.2-1, YYYYMMDD) of that day holds. Howard Hinnant's
+/// `civil_from_days`.
+pub fn civil_date(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
 /// The modules of the crate each file names by a `crate::` path outside its test module
 /// (`file:line: module`), for the tests that hold modules to their place in the layering.
 #[cfg(test)]

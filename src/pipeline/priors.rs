@@ -534,16 +534,7 @@ fn since(max_age_days: u32, now_ms: u64) -> Option<String> {
         return None;
     }
     let days = (now_ms / 86_400_000).saturating_sub(u64::from(max_age_days)) as i64;
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = crate::dicom::civil_date(days);
     Some(format!("{y:04}{m:02}{d:02}"))
 }
 
