@@ -265,6 +265,24 @@ pub struct StoredInstance {
     /// False when the same SOP Instance UID was already stored for the patient and this copy
     /// replaced it: the pipeline must not count it twice.
     pub new: bool,
+    /// When storage took it, in ms since the epoch, as a restart will read it back (its log
+    /// record's time, or its file's modification time): the version of this copy that
+    /// publication compares (`cluster::Published::received_ms`).
+    pub received_ms: u64,
+}
+
+/// A file's modification time in ms since the epoch (now, should it not be readable).
+pub fn modified_ms(path: &Path) -> u64 {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(now, |d| d.as_millis() as u64)
 }
 
 /// Hex SHA-256 prefix (128 bits) of a Patient ID: the patient's directory name.
@@ -947,6 +965,7 @@ fn acknowledge(
             // It is left where it is; a retry of the same instance replaces it atomically.
             (None, Some(e)) => Err(StoreError::io("directory flush failed", e)),
             (None, None) => Ok(StoredInstance {
+                received_ms: modified_ms(&p.dest),
                 path: p.dest,
                 bytes: p.bytes,
                 new: p.new,

@@ -274,6 +274,10 @@ pub struct Log {
     unnamed: Mutex<Vec<Arc<SegFile>>>,
     /// Held across each flush of `log/` and the marks after it.
     names_lock: Mutex<()>,
+    // Invariant: set when a flush of `log/` other than [`Log::sync_names`]'s failed (it may
+    // have taken the error a later flush needed to see); the next `sync_names` then counts as
+    // failed for the segments whose names were not yet durable.
+    dir_failed: AtomicBool,
     prepare_bell: Doorbell,
     done: Arc<dyn Fn(StoreDone) + Send + Sync>,
     stop: Arc<AtomicBool>,
@@ -345,7 +349,12 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// `seq-reserved`: segment numbers below the value are taken (8 bytes LE, then CRC32C).
 const RESERVED: &str = "seq-reserved";
 
-fn write_reserved(dir: &Path, upto: u64) -> io::Result<()> {
+/// Writes `seq-reserved`; `sync_dir` flushes the directory after the rename.
+fn write_reserved(
+    dir: &Path,
+    upto: u64,
+    sync_dir: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
     let mut b = upto.to_le_bytes().to_vec();
     b.extend_from_slice(&crc32c::crc32c(&upto.to_le_bytes()).to_le_bytes());
     let tmp = dir.join("seq-reserved.tmp");
@@ -353,7 +362,7 @@ fn write_reserved(dir: &Path, upto: u64) -> io::Result<()> {
     f.write_all_at(&b, 0)?;
     f.sync_all()?;
     fs::rename(&tmp, dir.join(RESERVED))?;
-    sync_dir(dir)
+    sync_dir()
 }
 
 fn read_reserved(dir: &Path) -> Option<u64> {
@@ -405,6 +414,7 @@ impl Log {
             flushing: AtomicBool::new(false),
             unnamed: Mutex::new(Vec::new()),
             names_lock: Mutex::new(()),
+            dir_failed: AtomicBool::new(false),
             prepare_bell: Doorbell::new(),
             done,
             stop,
@@ -511,7 +521,7 @@ impl Log {
                 prefix[n - 4..].copy_from_slice(&(job.data_set.len() as u32).to_le_bytes());
                 crc32c::crc32c_append(crc32c::crc32c(&prefix), &job.data_set)
             });
-            prepared.push((job, rel, dest, prefix, r));
+            prepared.push((job, rel, dest, prefix, r.map(|crc| (crc, meta.received_ms))));
         }
         let mut items: Vec<FlushItem> = Vec::new();
         let mut failed = Vec::new();
@@ -532,9 +542,10 @@ impl Log {
                 lock(&self.inner)
             };
             for (job, rel, dest, prefix, crc) in prepared {
+                let received_ms = crc.as_ref().map_or(0, |(_, ms)| *ms);
                 let res = crc
                     .map_err(|e| super::StoreError::invalid(&e.to_string()))
-                    .and_then(|crc| {
+                    .and_then(|(crc, _)| {
                         self.append_one(&mut inner, &job, &rel, &prefix, crc)
                             .map_err(|e| super::StoreError::io("log write failed", &e))
                     });
@@ -542,7 +553,7 @@ impl Log {
                     Ok((file, loc, end, new)) => {
                         let bytes = crate::dicom::part10::file_len(&job.meta, job.data_set.len());
                         let ack = Pending {
-                            done: done_for(job, dest, bytes, new),
+                            done: done_for(job, dest, bytes, new, received_ms),
                             rel,
                             loc,
                             end,
@@ -624,7 +635,9 @@ impl Log {
         let expected: HashSet<ReplyTo> = g.recent.iter().flatten().copied().collect();
         if wait && expected.len() > 1 && !q.is_empty() {
             let deadline = Instant::now() + g.last_flush.min(MAX_GATHER);
-            // Only this leader drains the queue, so it only grows here: scan what is new.
+            // Only this leader drains the queue while it gathers, but for a segment sealed on
+            // the compaction thread ([`Log::seal`]), which takes that segment's items out: the
+            // scan may then skip some, costing at most this bounded wait.
             let (mut scanned, mut present) = (0, HashSet::new());
             self.gathering.store(true, Ordering::SeqCst);
             loop {
@@ -732,28 +745,52 @@ impl Log {
     /// Takes a record whose flush failed out of the index again (the instance's previous
     /// record, if any, is its newest again) and out of its segment's count: a failed store
     /// leaves nothing a batch would take. The bytes stay in the segment, dead. A record a batch
-    /// has taken meanwhile (a re-sent instance's) is left to that batch, which releases it.
-    fn unindex(inner: &mut Inner, rel: &Path, loc: Loc) {
-        let Some(t) = inner.index.get_mut(rel) else {
-            return;
+    /// has taken meanwhile (a re-sent instance's) is left to that batch, which releases it. A
+    /// previous record that is a copy of compaction's not known durable, in a poisoned segment,
+    /// is passed over too (the record it copied is the newest); such copies are returned, for
+    /// the caller to release.
+    fn unindex(inner: &mut Inner, rel: &Path, loc: Loc) -> Vec<Loc> {
+        let mut dropped = Vec::new();
+        let Inner {
+            index,
+            segments,
+            sizes,
+            copies,
+            ..
+        } = inner;
+        let Some(t) = index.get_mut(rel) else {
+            return dropped;
         };
         if t.latest == loc {
-            match t.superseded.pop() {
-                Some(previous) => t.latest = previous,
-                None => {
-                    inner.index.remove(rel);
+            loop {
+                match t.superseded.pop() {
+                    Some(previous) => {
+                        t.latest = previous;
+                        let lost = segments
+                            .get(&previous.seq)
+                            .is_some_and(|s| s.file.is_poisoned());
+                        if lost && !t.superseded.is_empty() && copies.remove(&previous) {
+                            dropped.push(previous);
+                            continue;
+                        }
+                    }
+                    None => {
+                        index.remove(rel);
+                    }
                 }
+                break;
             }
         } else if t.superseded.contains(&loc) {
             t.superseded.retain(|l| *l != loc);
         } else {
-            return;
+            return dropped;
         }
-        let stride = inner.sizes.remove(&loc).map_or(0, u64::from);
-        if let Some(s) = inner.segments.get_mut(&loc.seq) {
+        let stride = sizes.remove(&loc).map_or(0, u64::from);
+        if let Some(s) = segments.get_mut(&loc.seq) {
             s.live = s.live.saturating_sub(1);
             s.live_bytes = s.live_bytes.saturating_sub(stride);
         }
+        dropped
     }
 
     /// Flushes a segment file: the only place one is flushed. A flush that fails poisons the
@@ -768,6 +805,11 @@ impl Log {
             return Err(e.clone());
         }
         let written = f.written.load(Ordering::Acquire);
+        if f.synced.load(Ordering::Acquire) >= written {
+            // Nothing written since a flush that succeeded (a sealed segment, or one another
+            // thread's flush just covered): nothing to flush, nothing a failure could hide.
+            return Ok(());
+        }
         #[cfg(test)]
         let r = if lock(&self.hooks.fail_sync).remove(&f.seq) {
             Err(io::Error::from_raw_os_error(
@@ -798,19 +840,17 @@ impl Log {
     fn sync_names(&self) -> Vec<Arc<SegFile>> {
         let _g = lock(&self.names_lock);
         let pending = std::mem::take(&mut *lock(&self.unnamed));
+        let failed_elsewhere = self.dir_failed.swap(false, Ordering::SeqCst);
         if pending.is_empty() {
             return Vec::new();
         }
-        #[cfg(test)]
-        let r = if self.hooks.fail_dir_sync.swap(false, Ordering::SeqCst) {
+        let r = if failed_elsewhere {
             Err(io::Error::from_raw_os_error(
                 rustix::io::Errno::IO.raw_os_error(),
             ))
         } else {
-            sync_dir(&self.dir)
+            self.fsync_dir()
         };
-        #[cfg(not(test))]
-        let r = sync_dir(&self.dir);
         match r {
             Ok(()) => {
                 for f in &pending {
@@ -829,6 +869,31 @@ impl Log {
                 failed
             }
         }
+    }
+
+    /// Flushes `log/` (the one place that does, for [`Log::sync_names`] and
+    /// [`Log::sync_log_dir`]).
+    fn fsync_dir(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.hooks.fail_dir_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::IO.raw_os_error(),
+            ));
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Flushes `log/` after a name changed (a spare made, a `.done` file or the reservation
+    /// written, a segment freed). A failure is remembered: Linux reports a failed writeback of
+    /// the directory once, maybe here, so the next [`Log::sync_names`] fails too and poisons
+    /// the segments whose names were not yet durable.
+    fn sync_log_dir(&self) -> io::Result<()> {
+        let _g = lock(&self.names_lock);
+        let r = self.fsync_dir();
+        if r.is_err() {
+            self.dir_failed.store(true, Ordering::SeqCst);
+        }
+        r
     }
 
     /// Seals a poisoned segment: nothing more is appended to it (the active one is sealed; the
@@ -851,7 +916,7 @@ impl Log {
         if !marker.exists() {
             // Best effort: on a failing device this may fail too (then a restart may recycle
             // the segment once its records are released, which is all the marker prevents).
-            let _ = File::create(&marker).and_then(|_| sync_dir(&self.dir));
+            let _ = File::create(&marker).and_then(|_| self.sync_log_dir());
         }
         // Appenders queue under `inner`'s lock, which is held here: nothing more joins.
         let mut q = lock(&self.flush_queue);
@@ -875,7 +940,7 @@ impl Log {
             // One flushed write per 64 segments: numbers are never handed out twice, even when
             // every segment was freed before a restart.
             let upto = seq + 64;
-            write_reserved(&self.dir, upto)?;
+            write_reserved(&self.dir, upto, || self.sync_log_dir())?;
             inner.reserved = upto;
         }
         inner.next_seq += 1;
@@ -1002,6 +1067,7 @@ impl Log {
             return;
         }
         let mut out = Vec::new();
+        let mut dropped = Vec::new();
         {
             // Decided under the log's lock, as compaction decides what it may release.
             let mut inner = lock(&self.inner);
@@ -1012,7 +1078,7 @@ impl Log {
                 for a in it.acks {
                     let mut done = a.done;
                     if !it.file.durable(a.end) {
-                        Self::unindex(&mut inner, &a.rel, a.loc);
+                        dropped.extend(Self::unindex(&mut inner, &a.rel, a.loc));
                         done.result = Err(it.file.error());
                     }
                     out.push(done);
@@ -1028,6 +1094,9 @@ impl Log {
             for seq in empty {
                 self.free_segment(&mut inner, seq);
             }
+        }
+        if let Err(e) = self.release(&dropped) {
+            tracing::warn!(error = %e, "could not release a log copy lost with its segment");
         }
         for d in out {
             (self.done)(d);
@@ -1142,7 +1211,14 @@ impl Log {
             if inner.index.values().all(|t| t.superseded.is_empty()) {
                 return Ok(());
             }
-            inner.segments.values().map(|s| s.file.clone()).collect()
+            // A poisoned segment takes no more writes: its records are judged by what a flush
+            // covered before ([`SegFile::durable`]), and flushing it again proves nothing.
+            inner
+                .segments
+                .values()
+                .filter(|s| !s.file.is_poisoned())
+                .map(|s| s.file.clone())
+                .collect()
         };
         #[cfg(test)]
         if let Some(hook) = lock(&self.hooks.before_superseded_sync).take() {
@@ -1155,6 +1231,11 @@ impl Log {
             }
         }
         poisoned.extend(self.sync_names());
+        if self.durability == Durability::None {
+            // No round names segments then (they are made `named`): a released record's newer
+            // copy must not be lost with its segment's name.
+            self.sync_log_dir()?;
+        }
         let failure = poisoned
             .first()
             .map(|f| io::Error::other(f.error().message));
@@ -1165,7 +1246,7 @@ impl Log {
         if let Some(hook) = lock(&self.hooks.after_superseded_sync).take() {
             hook();
         }
-        let released: Vec<(PathBuf, Vec<Loc>)> = {
+        let (released, dropped): (Vec<(PathBuf, Vec<Loc>)>, Vec<Loc>) = {
             let mut inner = lock(&self.inner);
             let Inner {
                 index,
@@ -1180,8 +1261,10 @@ impl Log {
                 let Some(file) = segments.get(&t.latest.seq).map(|s| &s.file) else {
                     continue;
                 };
-                let end = t.latest.offset + sizes.get(&t.latest).map_or(0, |n| u64::from(*n));
-                if file.durable(end) {
+                let Some(stride) = sizes.get(&t.latest) else {
+                    continue; // not a live record: nothing is known of it
+                };
+                if file.durable(t.latest.offset + u64::from(*stride)) {
                     copies.remove(&t.latest);
                     released.push((rel.clone(), std::mem::take(&mut t.superseded)));
                 } else if file.is_poisoned() && copies.remove(&t.latest) {
@@ -1190,18 +1273,14 @@ impl Log {
                     }
                 }
             }
-            for copy in dropped {
-                let stride = sizes.remove(&copy).map_or(0, u64::from);
-                if let Some(s) = segments.get_mut(&copy.seq) {
-                    s.live = s.live.saturating_sub(1);
-                    s.live_bytes = s.live_bytes.saturating_sub(stride);
-                }
-            }
-            released
+            (released, dropped)
         };
+        // A dropped copy is released like the superseded records (a `.done` entry): its bytes
+        // may well be intact, and recovery must not bring it back once its instance is done.
         let locs: Vec<Loc> = released
             .iter()
             .flat_map(|(_, l)| l.iter().copied())
+            .chain(dropped)
             .collect();
         if let Err(e) = self.release(&locs) {
             let mut inner = lock(&self.inner);
@@ -1312,7 +1391,7 @@ impl Log {
         }
         f.sync_all()?;
         fs::rename(&tmp, self.dir.join("spare.seg"))?;
-        sync_dir(&self.dir)
+        self.sync_log_dir()
     }
 
     /// Takes an instance out of the index (its batch is being claimed or it expires): the
@@ -1421,7 +1500,7 @@ impl Log {
             if !durable {
                 // The `.done` file's name too, by whoever gets here first after it was made
                 // (a second releaser must not return before that either).
-                sync_dir(&self.dir)?;
+                self.sync_log_dir()?;
                 if let Some(s) = lock(&self.inner).segments.get_mut(seq) {
                     s.done_durable = true;
                 }
@@ -1533,7 +1612,7 @@ impl Log {
             }
             r
         };
-        if let Err(e) = r.and_then(|()| sync_dir(&self.dir)) {
+        if let Err(e) = r.and_then(|()| self.sync_log_dir()) {
             tracing::warn!(segment = seq, error = %e, "could not free a log segment");
             return;
         }
@@ -1554,7 +1633,7 @@ impl Log {
     }
 }
 
-fn done_for(job: StoreJob, dest: PathBuf, bytes: u64, new: bool) -> StoreDone {
+fn done_for(job: StoreJob, dest: PathBuf, bytes: u64, new: bool, received_ms: u64) -> StoreDone {
     StoreDone {
         reply: job.reply,
         token: job.token,
@@ -1562,6 +1641,7 @@ fn done_for(job: StoreJob, dest: PathBuf, bytes: u64, new: bool) -> StoreDone {
             path: dest,
             bytes,
             new,
+            received_ms,
         }),
     }
 }
@@ -1883,6 +1963,17 @@ mod tests {
     }
 
     impl Opened {
+        /// Stops the flusher and preparer threads (the log stays usable: a caller of
+        /// `append` leads its own round), so that no spare is made behind the test's back.
+        fn stop_threads(&mut self) {
+            self.stop.store(true, Ordering::Release);
+            self.log.flush_bell.ring();
+            self.log.prepare_bell.ring();
+            for t in self.threads.drain(..) {
+                t.join().unwrap();
+            }
+        }
+
         fn close(self) {
             self.stop.store(true, Ordering::Release);
             self.log.flush_bell.ring();
@@ -2006,13 +2097,15 @@ mod tests {
             resend.token = 100;
             resend.data_set = vec![7; 333];
             queue_unflushed(&o.log, vec![(resend, r, d)]);
-            let log = o.log.clone();
+            let (log, a) = (o.log.clone(), answers.clone());
             // The re-send's round runs before compaction's flushes or between them and its
             // decision, and its own flush fails.
             let hook: Box<dyn FnOnce() + Send> = Box::new(move || {
                 let seq = active_seq(&log);
                 lock(&log.hooks.fail_sync).insert(seq);
                 run_round(&log);
+                // The flusher thread may have led that round: wait for its answer.
+                let _ = answer_of(&a, 100);
             });
             let stage = if before {
                 &o.log.hooks.before_superseded_sync
@@ -2097,9 +2190,13 @@ mod tests {
         assert!(answer_of(&answers, 2).is_err());
         assert!(dir.join(poisoned_name(seq)).exists());
         o.close();
-        let (o, _) = open_recording(&dir);
+        let (mut o, _) = open_recording(&dir);
         let poisoned = lock(&o.log.inner).segments[&seq].file.is_poisoned();
         assert!(poisoned, "the poison was forgotten at the restart");
+        // No spare: a freed segment that is not poisoned would become it.
+        o.stop_threads();
+        let _ = fs::remove_file(dir.join("spare.seg"));
+        lock(&o.log.inner).spare_ready = false;
         // The failed record's bytes survived here (the injected failure dropped nothing): a
         // record durable but never acknowledged is kept, as after a crash.
         for i in [1, 2] {
@@ -2109,6 +2206,69 @@ mod tests {
         }
         assert!(!dir.join(segment_name(seq)).exists());
         assert!(!dir.join(poisoned_name(seq)).exists());
+        assert!(
+            !dir.join("spare.seg").exists(),
+            "the poisoned segment was recycled as the spare"
+        );
+        o.close();
+    }
+
+    /// Found in review of the fix above: a copy of compaction's whose segment was poisoned
+    /// before it was known durable was dropped from memory only; recovery found it intact and
+    /// unreleased, and brought the instance back after its batch had released it. It is now
+    /// released (a `.done` entry) like the records it superseded.
+    #[test]
+    fn a_dropped_compaction_copy_never_comes_back_after_a_restart() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let (o, answers) = open_recording(&dir);
+        o.log.append(vec![job(1, b"P")]);
+        assert_eq!(answer_of(&answers, 1), Ok(()));
+        let (_, rel, _) = job(1, b"P");
+        let old = o.log.live()[0].1;
+        let inst = o.log.read(old).unwrap();
+        // Compaction's copy into a new segment, whose flush then fails.
+        {
+            let mut inner = lock(&o.log.inner);
+            o.log.roll_over(&mut inner).unwrap();
+        }
+        assert!(o.log.append_copy(&rel, old, &inst).unwrap());
+        lock(&o.log.hooks.fail_sync).insert(active_seq(&o.log));
+        assert!(o.log.release_superseded().is_err());
+        assert_eq!(
+            o.log.live(),
+            vec![(rel.clone(), old)],
+            "the original is the newest"
+        );
+        let t = o.log.take(&rel).unwrap();
+        o.log.release(&t.all().collect::<Vec<_>>()).unwrap();
+        o.close();
+        let (o, _) = open_recording(&dir);
+        assert!(o.log.live().is_empty(), "came back: {:?}", o.log.live());
+        o.close();
+    }
+
+    /// Found in review: Linux reports a failed writeback of a directory once, to whichever
+    /// flush of it comes first; a flush of `log/` made elsewhere (preparing the spare, a
+    /// release, freeing a segment) took that error, and the flusher's next flush of `log/`
+    /// succeeded and acknowledged records in a segment whose name may be lost. Such a failure
+    /// now makes the next flush of names fail too.
+    #[test]
+    fn a_directory_flush_error_seen_elsewhere_poisons_the_segments_not_yet_named() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let (o, answers) = open_recording(&dir);
+        queue_unflushed(&o.log, vec![job(1, b"P")]);
+        o.log.hooks.fail_dir_sync.store(true, Ordering::SeqCst);
+        assert!(o.log.sync_log_dir().is_err()); // as the preparer's flush would
+        run_round(&o.log);
+        let r = answer_of(&answers, 1);
+        assert!(
+            r.is_err(),
+            "acknowledged in a segment whose name may be lost: {r:?}"
+        );
+        o.log.append(vec![job(2, b"P")]);
+        assert_eq!(answer_of(&answers, 2), Ok(()));
         o.close();
     }
 
