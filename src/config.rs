@@ -51,6 +51,119 @@ pub struct Config {
     pub peers: Vec<PeerConfig>,
     /// `[log]`: what the log lines show and how they are written.
     pub log: LogConfig,
+    /// `[cluster]`: several nodes as one gateway, on PostgreSQL and a shared folder (issue 15);
+    /// absent = a single node, with no external service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]` (docs/cluster.md). With it, the node's data directory is
+/// `shared_dir/nodes/<node_id>/` (so any node can read any node's data), and each instance it
+/// acknowledges is then published to the cluster database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The cluster database: a libpq connection string (`host=db.example dbname=dicomgate
+    /// user=dicomgate`, or a `postgresql://` URL).
+    pub postgres: String,
+    /// This node's name: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.`; unique in the
+    /// cluster (it names the node's folder and its rows).
+    pub node_id: String,
+    /// The folder every node mounts (NFS, CephFS, a cloud file store); must exist.
+    pub shared_dir: PathBuf,
+    /// Patient partitions (`digest(grouping key) mod partitions`); fixed when the cluster is
+    /// made: every node must give the same number.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// A node that has not renewed its lease for this long is dead to the others.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u32,
+}
+
+fn default_partitions() -> u32 {
+    256
+}
+
+fn default_lease_seconds() -> u32 {
+    10
+}
+
+/// The largest `[cluster] partitions` (a partition is a row read by every rebalance).
+pub const MAX_PARTITIONS: u32 = 65_536;
+
+/// A cluster node id: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.` (it names the
+/// node's folder, `shared_dir/nodes/<node_id>/`).
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "node id {id:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with .); it names \
+             the node's folder"
+        ))
+    }
+}
+
+impl ClusterConfig {
+    /// The node's data directory: `shared_dir/nodes/<node_id>`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.shared_dir.join("nodes").join(&self.node_id)
+    }
+
+    fn validate(&self, data_dir: &std::path::Path) -> Result<(), ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        if self.postgres.trim().is_empty() {
+            return err(
+                "cluster.postgres is empty: give the cluster database's connection \
+                        string, e.g. \"host=db.example dbname=dicomgate user=dicomgate\""
+                    .into(),
+            );
+        }
+        if let Err(e) = self.postgres.parse::<postgres::Config>() {
+            return err(format!(
+                "cluster.postgres: not a libpq connection string ({e}): write key=value pairs \
+                 (host=... dbname=... user=...) or a postgresql:// URL"
+            ));
+        }
+        if let Err(e) = check_node_id(&self.node_id) {
+            return err(format!("cluster.node_id: {e}"));
+        }
+        if !self.shared_dir.is_absolute() {
+            return err(format!(
+                "cluster.shared_dir {}: give an absolute path (every node mounts the same folder)",
+                self.shared_dir.display()
+            ));
+        }
+        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
+            return err(format!(
+                "cluster.partitions {}: use 1 to {MAX_PARTITIONS} (256 suits up to dozens of \
+                 nodes); every node must give the same number",
+                self.partitions
+            ));
+        }
+        if !(2..=3600).contains(&self.lease_seconds) {
+            return err(format!(
+                "cluster.lease_seconds {}: use 2 to 3600 (a node renews its lease every third \
+                 of it; a dead node's patients move after about two leases)",
+                self.lease_seconds
+            ));
+        }
+        if data_dir != self.data_dir() {
+            return err(format!(
+                "node.data_dir {}: with [cluster] a node's data directory is \
+                 shared_dir/nodes/<node_id> ({}): remove node.data_dir (and --data-dir)",
+                data_dir.display(),
+                self.data_dir().display()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[log]`: the node's log (stderr).
@@ -920,9 +1033,29 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let mut c: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
         c.resolve_export_peers()
+            .and_then(|()| c.resolve_cluster_data_dir())
             .and_then(|()| c.validate())
             .map_err(|e| e.at_line_in(text))?;
         Ok(c)
+    }
+
+    /// With `[cluster]`: the node's data directory is `shared_dir/nodes/<node_id>`; a
+    /// `[node] data_dir` that names another is refused.
+    pub fn resolve_cluster_data_dir(&mut self) -> Result<(), ConfigError> {
+        let Some(c) = &self.cluster else {
+            return Ok(());
+        };
+        let derived = c.data_dir();
+        if self.node.data_dir != NodeConfig::default().data_dir && self.node.data_dir != derived {
+            return Err(ConfigError(format!(
+                "node.data_dir {}: with [cluster] a node's data directory is \
+                 shared_dir/nodes/<node_id> ({}): remove node.data_dir",
+                self.node.data_dir.display(),
+                derived.display()
+            )));
+        }
+        self.node.data_dir = derived;
+        Ok(())
     }
 
     /// Fills in the address and AE title of each `[[export]]` that names a `[[peer]]` (and
@@ -1003,6 +1136,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |s: String| Err(ConfigError(s));
         self.validate_export_names()?;
+        if let Some(c) = &self.cluster {
+            c.validate(&self.node.data_dir)?;
+        }
         if !valid_ae(&self.node.ae_title) {
             return err(format!(
                 "node.ae_title {:?} is not a valid AE title (1-16 chars)",
@@ -1399,6 +1535,15 @@ impl Config {
             }
         }
         self.users_file()?;
+        if let Some(c) = &self.cluster {
+            if !c.shared_dir.is_dir() {
+                return err(format!(
+                    "cluster.shared_dir {}: is not a directory: mount the shared folder there \
+                     (it is never created: an empty local folder would split the cluster)",
+                    c.shared_dir.display()
+                ));
+            }
+        }
         if self.node.check_peer_address {
             self.peer_addresses()?;
         }
@@ -1672,6 +1817,49 @@ fn resolve_host(address: &str) -> Resolution {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[cluster]` (issue 15): the node's folder is derived, and each bad field is refused
+    /// naming it.
+    #[test]
+    fn cluster_fields_are_checked_and_the_data_dir_is_the_nodes_folder() {
+        let base = "[cluster]\npostgres = \"host=/run/postgresql dbname=dicomgate\"\n\
+                    node_id = \"gw-1\"\nshared_dir = \"/srv/dicomgate\"\n";
+        let c = Config::from_toml(base).unwrap();
+        assert_eq!(c.node.data_dir, PathBuf::from("/srv/dicomgate/nodes/gw-1"));
+        let cl = c.cluster.as_ref().unwrap();
+        assert_eq!((cl.partitions, cl.lease_seconds), (256, 10));
+        let refused = |extra: &str, field: &str| {
+            let text = format!("{base}{extra}");
+            let e = Config::from_toml(&text).unwrap_err().0;
+            assert!(e.contains(field), "{extra:?}: {e}");
+        };
+        refused("partitions = 0\n", "cluster.partitions");
+        refused("partitions = 70000\n", "cluster.partitions");
+        refused("lease_seconds = 1\n", "cluster.lease_seconds");
+        let bad_id = base.replace("gw-1", "../x");
+        assert!(Config::from_toml(&bad_id)
+            .unwrap_err()
+            .0
+            .contains("cluster.node_id"));
+        let relative = base.replace("/srv/dicomgate", "srv");
+        assert!(Config::from_toml(&relative)
+            .unwrap_err()
+            .0
+            .contains("cluster.shared_dir"));
+        let bad_pg = base.replace("host=/run/postgresql dbname=dicomgate", "host='unclosed");
+        assert!(Config::from_toml(&bad_pg)
+            .unwrap_err()
+            .0
+            .contains("cluster.postgres"));
+        let other_dir = format!("[node]\ndata_dir = \"/var/lib/x\"\n{base}");
+        assert!(Config::from_toml(&other_dir)
+            .unwrap_err()
+            .0
+            .contains("node.data_dir"));
+        // The node's own folder, named explicitly, is fine.
+        let same = format!("[node]\ndata_dir = \"/srv/dicomgate/nodes/gw-1\"\n{base}");
+        assert!(Config::from_toml(&same).is_ok());
+    }
 
     /// Issue 11: config is plain data at the bottom of the crate: outside its tests it names no
     /// other module but `dicom` (what the standard defines). It imported `assoc` (policy,

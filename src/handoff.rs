@@ -62,6 +62,8 @@ pub struct Arrival {
     /// The grouping key (Patient ID by default).
     pub key: Vec<u8>,
     pub record: InstanceRecord,
+    /// When storage took it (`storage::StoredInstance::received_ms`; set once it is durable).
+    pub received_ms: u64,
 }
 
 /// What reactors tell the pipeline.

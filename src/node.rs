@@ -308,11 +308,18 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         pipeline_shutdown.clone(),
     )?;
     let handoff = Arc::new(Handoff::new(n, net::waker_of(&mailboxes)));
+    // `[cluster]`: what the node acknowledges is published by the `cluster` thread (started
+    // below, once recovery has queued what is pending on disk).
+    let outbox = config
+        .cluster
+        .as_ref()
+        .map(|_| crate::cluster::outbox::Outbox::new(crate::cluster::outbox::DEFAULT_MAX_QUEUED));
     let (pipeline, pipeline_threads) = pipeline::start(
         &config,
         handoff.clone(),
         processor,
         storage.log().clone(),
+        outbox.clone(),
         pipeline_shutdown.clone(),
     )?;
     watched.extend(pipeline_threads);
@@ -354,6 +361,21 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         mailboxes: mailboxes.clone(),
     });
     let (mut threads, acceptors) = net::spawn(&shared, polls, listener, tls_listener)?;
+    if let (Some(outbox), Some(c)) = (outbox, &shared.config.cluster) {
+        let settings = crate::cluster::outbox::Settings {
+            conninfo: c.postgres.clone(),
+            node_id: c.node_id.clone(),
+            partitions: c.partitions,
+            lease: std::time::Duration::from_secs(u64::from(c.lease_seconds)),
+        };
+        let stop = pipeline_shutdown.clone();
+        tracing::info!(node_id = %c.node_id, shared_dir = %c.shared_dir.display(), "cluster: publishing to the cluster database");
+        threads.push(
+            std::thread::Builder::new()
+                .name("cluster".into())
+                .spawn(move || outbox.run(&settings, &stop))?,
+        );
+    }
     match shared.watched.lock() {
         Ok(mut w) => w.extend(acceptors),
         Err(poisoned) => poisoned.into_inner().extend(acceptors),

@@ -5,6 +5,8 @@
 //! (nothing here asserts how long anything took).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failure is a panic with its message
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -74,16 +76,22 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        pg.start_again();
+        pg
+    }
+
+    /// Starts the server (again, after [`Postgres::stop`]).
+    fn start_again(&self) {
         let opts = format!(
             "-k {} -p 5432 -c listen_addresses='' -c fsync=off -c max_connections=50",
-            pg.socket_dir.display()
+            self.socket_dir.display()
         );
-        let out = pg
+        let out = self
             .command("pg_ctl")
             .arg("-D")
-            .arg(&pg.data)
+            .arg(&self.data)
             .args(["-w", "-o", &opts, "-l"])
-            .arg(pg.socket_dir.join("log"))
+            .arg(self.socket_dir.join("log"))
             .arg("start")
             .output()
             .unwrap();
@@ -91,9 +99,20 @@ impl Postgres {
             out.status.success(),
             "pg_ctl start: {} {}",
             String::from_utf8_lossy(&out.stdout),
-            std::fs::read_to_string(pg.socket_dir.join("log")).unwrap_or_default()
+            std::fs::read_to_string(self.socket_dir.join("log")).unwrap_or_default()
         );
-        pg
+    }
+
+    /// Stops the server (fast: connections are cut, as in a restart or failover).
+    fn stop(&self) {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-m", "fast", "stop"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl stop: {:?}", out);
     }
 
     fn command(&self, tool: &str) -> Command {
@@ -632,4 +651,145 @@ fn a_join_moves_no_more_partitions_than_even_shares_need() {
     assert_eq!(counts(&after, &["a", "b", "c"]), vec![1, 2, 2]);
     let moved = before.iter().zip(&after).filter(|(x, y)| x != y).count();
     assert_eq!(moved, 1, "{before:?} -> {after:?}");
+}
+
+/// The rows node `node` published: SOP Instance UID → (location, bytes, batch_id).
+fn published_rows(
+    pg: &Postgres,
+    node: &str,
+) -> std::collections::BTreeMap<String, (String, i64, Option<String>)> {
+    let Ok(mut c) = postgres::Client::connect(&pg.conninfo(), postgres::NoTls) else {
+        return Default::default();
+    };
+    let Ok(rows) = c.query(
+        "SELECT sop_instance_uid, location, bytes, batch_id FROM dicomgate_instances
+         WHERE node_id = $1",
+        &[&node],
+    ) else {
+        return Default::default(); // not migrated yet
+    };
+    rows.iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect()
+}
+
+/// Issue 15 item 2, on a real node: every instance the node acknowledges is published to the
+/// cluster database, with where its bytes are under the node's folder; while PostgreSQL is
+/// down (stopped mid-load) the node goes on acknowledging, and publishes what it missed once
+/// the database is back; after a kill -9 and a restart it publishes again what is pending
+/// (idempotently: a row a batch claimed keeps its claim), and a re-sent instance is pending
+/// again.
+#[test]
+fn a_node_publishes_what_it_acknowledges_and_catches_up_after_the_database_restarts() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let node_dir = shared.path().join("nodes").join("a");
+    let cluster = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[cluster]\npostgres = {:?}\nnode_id = \"a\"\nshared_dir = {:?}\npartitions = 8\nlease_seconds = 2\n",
+        pg.conninfo(),
+        shared.path().display().to_string()
+    );
+    let mut node = Node::start_with_data_dir(&node_dir, &cluster);
+    let files = tempfile::tempdir().unwrap();
+    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
+        (from..to)
+            .map(|i| {
+                write_instance(
+                    files.path(),
+                    &format!("P{}", i % 5),
+                    &format!("1.2.826.0.1.3680043.10.1.{}", i % 5),
+                    &format!("1.2.826.0.1.3680043.10.2.{}", i % 5),
+                    &format!("1.2.826.0.1.3680043.10.3.{i}"),
+                    i,
+                )
+            })
+            .collect()
+    };
+    assert!(
+        storescu_status(&node, &batch(0, 10)).success(),
+        "{}",
+        node.log()
+    );
+    assert!(
+        wait_until(20, || published_rows(&pg, "a").len() == 10),
+        "published: {:?}\n{}",
+        published_rows(&pg, "a"),
+        node.log()
+    );
+    for (uid, (location, bytes, _)) in published_rows(&pg, "a") {
+        assert!(location.starts_with("patients/") && location.ends_with(&format!("{uid}.dcm")));
+        assert!(bytes > 0);
+    }
+
+    // The database goes away mid-load: stores are still acknowledged (locally durable).
+    pg.stop();
+    assert!(
+        storescu_status(&node, &batch(10, 20)).success(),
+        "{}",
+        node.log()
+    );
+    assert_eq!(published_rows(&pg, "a").len(), 0, "the database is down");
+    pg.start_again();
+    assert!(
+        wait_until(30, || published_rows(&pg, "a").len() == 20),
+        "after the restart: {} rows\n{}",
+        published_rows(&pg, "a").len(),
+        node.log()
+    );
+
+    // A batch (of another node, say) claimed one record; a crash and restart of this node
+    // publishes everything pending again, which changes nothing and keeps the claim.
+    let claimed = "1.2.826.0.1.3680043.10.3.3";
+    pg.client()
+        .execute(
+            "UPDATE dicomgate_instances SET batch_id = 'b-1' WHERE sop_instance_uid = $1",
+            &[&claimed],
+        )
+        .unwrap();
+    node.kill9();
+    node.restart();
+    assert!(wait_until(20, || node
+        .log()
+        .contains("recovered pending instances")));
+    // The restarted node republishes the 20 pending instances (its status counts them); the
+    // rows are unchanged, and the claim stays.
+    let log = node.log();
+    let http = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split("http serving").nth(1)?.split("listen=").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let cluster_status = || -> serde_json::Value {
+        let (_, body) = http_get(&http, "/api/status");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["cluster"].clone()
+    };
+    assert!(
+        wait_until(20, || cluster_status()["published"] == 20
+            && cluster_status()["unpublished"] == 0),
+        "{}\n{}",
+        cluster_status(),
+        node.log()
+    );
+    assert_eq!(cluster_status()["connected"], true);
+    assert_eq!(cluster_status()["node_id"], "a");
+    let claim_of = || {
+        published_rows(&pg, "a")
+            .get(claimed)
+            .and_then(|r| r.2.clone())
+    };
+    assert_eq!(published_rows(&pg, "a").len(), 20);
+    assert_eq!(claim_of().as_deref(), Some("b-1"), "{}", node.log());
+
+    // A re-send replaces the instance: pending again.
+    let resend = batch(3, 4);
+    std::thread::sleep(Duration::from_millis(20)); // a newer modification time / record
+    assert!(storescu_status(&node, &resend).success());
+    assert!(
+        wait_until(20, || claim_of().is_none()),
+        "the re-sent instance kept its old claim\n{}",
+        node.log()
+    );
 }

@@ -8,10 +8,11 @@
 //! anything but its own statements, or trust a node's clock: every lease is in database time
 //! (`statement_timestamp()`), so nodes with skewed clocks still agree on who is live.
 //!
-//! **Not yet wired into the node.** This is the coordination core, tested against a real
-//! PostgreSQL (`tests/cluster.rs`); the node does not start it yet (there is no `[cluster]`
-//! section), so nothing a single node does depends on it. What remains of issue 15 is in
-//! `docs/cluster.md`.
+//! **Wired into the node so far:** `[cluster]` gives the node its folder under the shared
+//! folder, and [`outbox`] publishes every instance it acknowledges and renews its lease. The
+//! owner side (loading the owned partitions into the patient map, claims through
+//! [`Coordinator::claim`], reading other nodes' bytes) is not: each node still groups and
+//! processes what it received itself. What remains of issue 15 is in `docs/cluster.md`.
 //!
 //! # The rules
 //!
@@ -63,6 +64,8 @@
 //!   half a lease, and a statement after a lease; a connection whose peer vanished is given up
 //!   by TCP keepalives within about a lease. Such failures are [`ClusterError::is_retryable`].
 
+pub mod outbox;
+
 use std::fmt;
 use std::time::Duration;
 
@@ -82,7 +85,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[(
 
 /// Largest partition count (a partition is a row; more gain nothing at any realistic node
 /// count and make each rebalance read more rows).
-pub const MAX_PARTITIONS: u32 = 65_536;
+pub use crate::config::MAX_PARTITIONS;
 
 /// What can go wrong talking to the cluster database.
 #[derive(Debug)]
@@ -208,24 +211,7 @@ pub struct Published {
     pub received_ms: u64,
 }
 
-/// A node id: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.` (it names the node's
-/// folder, `shared_dir/nodes/<node_id>/`).
-pub fn check_node_id(id: &str) -> std::result::Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "node id {id:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with .); it names \
-             the node's folder"
-        ))
-    }
-}
+pub use crate::config::check_node_id;
 
 /// One node's connection to the cluster database.
 pub struct Coordinator {

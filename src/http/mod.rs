@@ -243,6 +243,55 @@ pub fn render(shared: &Shared) -> String {
         "Patients with instances waiting for their batch",
         gauge(shared.pipeline.map.len()),
     );
+    if let Some(o) = shared.pipeline.outbox() {
+        let s = &o.stats;
+        let count = |v: &std::sync::atomic::AtomicU64| {
+            let c = Counter::<u64>::default();
+            c.inc_by(v.load(Ordering::Relaxed));
+            c
+        };
+        let g64 = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        r.register(
+            "cluster_connected",
+            "1 while the node holds a working connection to the cluster database",
+            g64(u64::from(s.connected.load(Ordering::Relaxed))),
+        );
+        r.register(
+            "cluster_published",
+            "Instance records published to the cluster database",
+            count(&s.published),
+        );
+        r.register(
+            "cluster_unpublished",
+            "Acknowledged instance records not yet published",
+            gauge(o.pending()),
+        );
+        r.register(
+            "cluster_publication_lag_seconds",
+            "Age of the oldest acknowledged record not yet published (0 when none)",
+            ConstGauge::new(o.lag_ms() as f64 / 1000.0),
+        );
+        r.register(
+            "cluster_left_out",
+            "Records not queued for publication (queue full): published at the next start",
+            count(&s.left_out),
+        );
+        r.register(
+            "cluster_failures",
+            "Connection attempts and statements to the cluster database that failed",
+            count(&s.failures),
+        );
+        r.register(
+            "cluster_owned_partitions",
+            "Patient partitions this node owns (as of its last lease renewal)",
+            g64(s.owned_partitions.load(Ordering::Relaxed)),
+        );
+        r.register(
+            "cluster_live_nodes",
+            "Live nodes of the cluster (as of the last lease renewal)",
+            g64(s.live_nodes.load(Ordering::Relaxed)),
+        );
+    }
     r.register(
         "reactors_running",
         "Reactor threads running",

@@ -35,6 +35,31 @@ pub struct Status {
     pub patients: Patients,
     pub batches: Batches,
     pub throughput: Throughput,
+    /// With `[cluster]`: this node's side of the cluster database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// This node's side of the cluster (issue 15): its lease, its partitions, and how far
+/// publication lags behind acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: String,
+    /// Whether the node holds a working connection to the cluster database.
+    pub connected: bool,
+    /// Live nodes and the partitions this node owns, as of its last lease renewal.
+    pub live_nodes: u64,
+    pub owned_partitions: u64,
+    pub partitions: u32,
+    /// Records published, and acknowledged ones not yet published.
+    pub published: u64,
+    pub unpublished: usize,
+    /// Milliseconds since the oldest unpublished record was acknowledged.
+    pub lag_ms: u64,
+    /// Records not queued (the queue was full): published at the next start.
+    pub left_out: u64,
+    pub failures: u64,
+    pub last_error: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,7 +249,59 @@ pub fn collect(shared: &Shared) -> Status {
             instances_per_second,
             bytes_per_second,
         },
+        cluster: cluster_status(shared),
     }
+}
+
+fn cluster_status(shared: &Shared) -> Option<ClusterStatus> {
+    let (o, c) = (
+        shared.pipeline.outbox()?,
+        shared.net.config.cluster.as_ref()?,
+    );
+    let s = &o.stats;
+    Some(ClusterStatus {
+        node_id: c.node_id.clone(),
+        connected: s.connected.load(Ordering::Relaxed),
+        live_nodes: s.live_nodes.load(Ordering::Relaxed),
+        owned_partitions: s.owned_partitions.load(Ordering::Relaxed),
+        partitions: c.partitions,
+        published: s.published.load(Ordering::Relaxed),
+        unpublished: o.pending(),
+        lag_ms: o.lag_ms(),
+        left_out: s.left_out.load(Ordering::Relaxed),
+        failures: s.failures.load(Ordering::Relaxed),
+        last_error: s.last_error(),
+    })
+}
+
+/// The cluster line of `dicomgate status`.
+fn cluster_line(c: &ClusterStatus) -> String {
+    format!(
+        "cluster: node {} {}, {} live nodes, owns {} of {} partitions; published {}, {} waiting \
+         (lag {} ms){}{}",
+        printable(&c.node_id),
+        if c.connected {
+            "connected"
+        } else {
+            "NOT CONNECTED to the database"
+        },
+        c.live_nodes,
+        c.owned_partitions,
+        c.partitions,
+        c.published,
+        c.unpublished,
+        c.lag_ms,
+        if c.left_out > 0 {
+            format!(", {} left for the next start", c.left_out)
+        } else {
+            String::new()
+        },
+        if c.last_error.is_empty() {
+            String::new()
+        } else {
+            format!("; last error: {}", printable(&c.last_error))
+        }
+    )
 }
 
 /// `GET /api/status`'s body.
@@ -311,6 +388,14 @@ pub fn render_html(s: &Status) -> String {
         s.throughput.instances_total,
         s.throughput.bytes_total,
     );
+    if let Some(c) = &s.cluster {
+        let _ = writeln!(
+            h,
+            "<h2>Cluster</h2>\n<p id=\"cluster\" class=\"{}\">{}</p>",
+            if c.connected { "ok" } else { "no" },
+            e(&cluster_line(c))
+        );
+    }
 
     // Pending patients.
     let p = &s.patients;
@@ -524,6 +609,9 @@ pub fn render_text(s: &Status) -> String {
         s.throughput.instances_total,
         s.throughput.bytes_total
     );
+    if let Some(c) = &s.cluster {
+        let _ = writeln!(o, "{}", cluster_line(c));
+    }
     let p = &s.patients;
     let _ = writeln!(
         o,
@@ -910,6 +998,20 @@ mod tests {
                 instances_per_second: vec![0, 1, 0],
                 bytes_per_second: vec![0, 10, 0],
             },
+            cluster: Some(ClusterStatus {
+                node_id: "gw-1".into(),
+                connected: false,
+                live_nodes: 2,
+                owned_partitions: 128,
+                partitions: 256,
+                published: 5,
+                unpublished: 3,
+                lag_ms: 1500,
+                left_out: 0,
+                failures: 1,
+                // A database error can quote what a peer sent.
+                last_error: "<img src=x> \u{1b}[2J".into(),
+            }),
         }
     }
 

@@ -312,6 +312,7 @@ impl Reactor<'_> {
                         // What the pipeline is told: the instance is durable, and where.
                         a.record.bytes = stored.bytes;
                         a.record.path = stored.path;
+                        a.received_ms = stored.received_ms;
                         stored_event = Some(PipelineEvent::Stored {
                             arrival: a,
                             new: stored.new,
@@ -908,6 +909,7 @@ fn store_job(
             association: c.association,
             key,
             record,
+            received_ms: 0,
         }),
     ));
     Some(StoreJob {

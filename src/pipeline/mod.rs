@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -154,6 +154,9 @@ pub struct Pipeline {
     phi: bool,
     /// The `kind = "priors"` input's retrievals, when the config has one.
     pub priors: Option<Arc<priors::Priors>>,
+    /// With `[cluster]`: where every acknowledged instance goes to be published, and this
+    /// node's id.
+    outbox: Option<(Arc<crate::cluster::outbox::Outbox>, String)>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -301,6 +304,37 @@ impl Pipeline {
         p.gate(key, have)
     }
 
+    /// With `[cluster]`: the publication outbox.
+    pub fn outbox(&self) -> Option<&Arc<crate::cluster::outbox::Outbox>> {
+        self.outbox.as_ref().map(|(o, _)| o)
+    }
+
+    /// With `[cluster]`: queues an acknowledged (or recovered) instance for publication to
+    /// the cluster database (issue 15 item 2; `cluster::outbox`). Its location is its path
+    /// relative to the node's folder (its file, or the identity its log record has there).
+    fn publish(&self, key: &[u8], record: &InstanceRecord, received_ms: u64) {
+        let Some((outbox, node_id)) = &self.outbox else {
+            return;
+        };
+        let location = record
+            .path
+            .strip_prefix(&self.data_dir)
+            .unwrap_or(&record.path)
+            .to_string_lossy()
+            .into_owned();
+        outbox.push(crate::cluster::Published {
+            node_id: node_id.clone(),
+            sop_instance_uid: record.sop_instance_uid.to_string(),
+            grouping_key: key.to_vec(),
+            study_uid: record.study_uid.as_deref().map(str::to_string),
+            series_uid: record.series_uid.as_deref().map(str::to_string),
+            location,
+            bytes: record.bytes,
+            inputs: record.inputs,
+            received_ms,
+        });
+    }
+
     /// Asks for `key`'s priors when an arrival of `study_uid` joined `inputs` other than the
     /// priors input (after it is in the map, so the retrieval sees it as the batch's own).
     fn note_for_priors(&self, key: &[u8], inputs: u64, study_uid: Option<&str>) {
@@ -436,6 +470,7 @@ pub fn start(
     handoff: Arc<Handoff>,
     processor: Option<Arc<dyn Processor>>,
     log: Arc<crate::storage::log::Log>,
+    outbox: Option<Arc<crate::cluster::outbox::Outbox>>,
     shutdown: Arc<AtomicBool>,
 ) -> io::Result<(Arc<Pipeline>, Vec<JoinHandle<()>>)> {
     let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
@@ -484,6 +519,7 @@ pub fn start(
         forced: Default::default(),
         phi: config.log.phi,
         priors,
+        outbox: outbox.zip(config.cluster.as_ref().map(|c| c.node_id.clone())),
     });
     let processor: Option<Arc<dyn Processor>> = processor.or_else(|| {
         config
@@ -612,6 +648,8 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             continue;
         };
         let (inputs, study) = (arrival.record.inputs, arrival.record.study_uid.clone());
+        ctx.pipeline
+            .publish(&arrival.key, &arrival.record, arrival.received_ms);
         map.insert(&arrival.key, arrival.record, mtime, &map.pin())
             .request_evaluation();
         ctx.pipeline
@@ -668,6 +706,7 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
         record.path = path;
         record.bytes = crate::dicom::part10::file_len(&inst.file_meta(), inst.data_set.len());
         let (inputs, study) = (record.inputs, record.study_uid.clone());
+        ctx.pipeline.publish(&key, &record, inst.meta.received_ms);
         map.insert(&key, record, inst.meta.received_ms, &map.pin())
             .request_evaluation();
         ctx.pipeline.note_for_priors(&key, inputs, study.as_deref());
@@ -707,11 +746,7 @@ fn recovered_sender<'a>(
 /// The arrival for a stored Part-10 file and its modification time in ms.
 fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
     let bytes = std::fs::read(path).ok()?;
-    let mtime = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or_else(now_ms, |d| d.as_millis() as u64);
+    let mtime = crate::storage::modified_ms(path);
     let parsed = crate::dicom::part10::parse(&bytes)?;
     let ts = crate::dicom::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
     let ds = bytes.get(parsed.data_set_offset..)?;
@@ -730,6 +765,7 @@ fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
             association: 0,
             key,
             record,
+            received_ms: mtime,
         },
         mtime,
     ))
@@ -757,7 +793,9 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
                             association,
                             key,
                             record,
+                            received_ms,
                         } = *arrival;
+                        p.publish(&key, &record, received_ms);
                         // The arrival and the association are noted on the patient before the
                         // record is pushed, so a claim that takes the record sees both (expiry
                         // relies on it: `claim_expired`).
