@@ -136,6 +136,9 @@ impl NodeHandle {
     fn stop(&mut self) {
         self.shared.shutdown.store(true, Ordering::Release);
         self.pipeline_shutdown.store(true, Ordering::Release);
+        if let Some(o) = self.pipeline.outbox() {
+            o.wake();
+        }
         for m in self.mailboxes.iter() {
             m.wake();
         }
@@ -233,7 +236,14 @@ pub fn start(config: Config) -> io::Result<NodeHandle> {
 }
 
 /// [`start`] with a Rust [`Processor`] instead of `[processing] command`.
-pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::Result<NodeHandle> {
+pub fn start_with(
+    mut config: Config,
+    processor: Option<Arc<dyn Processor>>,
+) -> io::Result<NodeHandle> {
+    // A Config built in code: `[cluster]` gives the data directory, as `Config::from_toml` does.
+    config
+        .resolve_cluster_data_dir()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     config
         .validate()
         .and_then(|()| config.check_environment())
@@ -314,6 +324,23 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         .cluster
         .as_ref()
         .map(|_| crate::cluster::outbox::Outbox::new(crate::cluster::outbox::DEFAULT_MAX_QUEUED));
+    // Started before the pipeline's recovery queues every pending instance, so that it
+    // publishes while recovery goes on (the queue is bounded); watched by /healthz.
+    if let (Some(outbox), Some(c)) = (&outbox, &config.cluster) {
+        let settings = crate::cluster::outbox::Settings {
+            conninfo: c.postgres.clone(),
+            node_id: c.node_id.clone(),
+            partitions: c.partitions,
+            lease: std::time::Duration::from_secs(u64::from(c.lease_seconds)),
+        };
+        let (outbox, stop) = (outbox.clone(), pipeline_shutdown.clone());
+        tracing::info!(node_id = %c.node_id, shared_dir = %c.shared_dir.display(), "cluster: publishing to the cluster database");
+        watched.push(
+            std::thread::Builder::new()
+                .name("cluster".into())
+                .spawn(move || outbox.run(&settings, &stop))?,
+        );
+    }
     let (pipeline, pipeline_threads) = pipeline::start(
         &config,
         handoff.clone(),
@@ -361,21 +388,6 @@ pub fn start_with(config: Config, processor: Option<Arc<dyn Processor>>) -> io::
         mailboxes: mailboxes.clone(),
     });
     let (mut threads, acceptors) = net::spawn(&shared, polls, listener, tls_listener)?;
-    if let (Some(outbox), Some(c)) = (outbox, &shared.config.cluster) {
-        let settings = crate::cluster::outbox::Settings {
-            conninfo: c.postgres.clone(),
-            node_id: c.node_id.clone(),
-            partitions: c.partitions,
-            lease: std::time::Duration::from_secs(u64::from(c.lease_seconds)),
-        };
-        let stop = pipeline_shutdown.clone();
-        tracing::info!(node_id = %c.node_id, shared_dir = %c.shared_dir.display(), "cluster: publishing to the cluster database");
-        threads.push(
-            std::thread::Builder::new()
-                .name("cluster".into())
-                .spawn(move || outbox.run(&settings, &stop))?,
-        );
-    }
     match shared.watched.lock() {
         Ok(mut w) => w.extend(acceptors),
         Err(poisoned) => poisoned.into_inner().extend(acceptors),

@@ -511,6 +511,19 @@ fn publication_is_idempotent_and_a_resent_instance_is_pending_again() {
     let again = a.claim(tok, &key, "third").unwrap().unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].received_ms, 900);
+    // An older copy published late (another ingest thread, or recovery finding both copies of
+    // a re-sent instance) never replaces the newer one, nor its claim.
+    assert_eq!(a.publish(&[record("a", "1.9", &key, 800)]).unwrap(), 0);
+    assert!(a.claim(tok, &key, "fourth").unwrap().is_none());
+    // Within one round, the newest copy of an instance is the one published.
+    a.publish(&[
+        record("a", "2.1", &key, 5),
+        record("a", "2.1", &key, 7),
+        record("a", "2.1", &key, 6),
+    ])
+    .unwrap();
+    let one = a.claim(tok, &key, "fifth").unwrap().unwrap();
+    assert_eq!((one.len(), one[0].received_ms), (1, 7));
     // A key of another partition is refused by the claim.
     let mut c = node(&pg, "c", 1, lease);
     assert!(matches!(
@@ -673,39 +686,69 @@ fn published_rows(
         .collect()
 }
 
+/// The HTTP address the node's newest start logged.
+fn http_of(node: &common::Node) -> String {
+    let log = node.log();
+    log.lines()
+        .rev()
+        .find_map(|l| l.split("http serving").nth(1)?.split("listen=").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no http line\n{log}"))
+        .to_string()
+}
+
+/// The node's `/api/status` cluster section.
+fn cluster_status(node: &common::Node) -> serde_json::Value {
+    let (_, body) = common::http_get(&http_of(node), "/api/status");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["cluster"].clone()
+}
+
 /// Issue 15 item 2, on a real node: every instance the node acknowledges is published to the
-/// cluster database, with where its bytes are under the node's folder; while PostgreSQL is
-/// down (stopped mid-load) the node goes on acknowledging, and publishes what it missed once
-/// the database is back; after a kill -9 and a restart it publishes again what is pending
-/// (idempotently: a row a batch claimed keeps its claim), and a re-sent instance is pending
-/// again.
+/// cluster database, with where its bytes are under the node's folder (small instances in the
+/// segment log and large ones in their own files alike); while PostgreSQL is down (stopped
+/// mid-load) the node goes on acknowledging, and publishes what it missed once the database is
+/// back; instances acknowledged while the database was down and the node then killed (-9) are
+/// published after the restart; the restart's republication of everything pending changes no
+/// row (a row a batch claimed keeps its claim), and a re-sent instance is pending again.
 #[test]
 fn a_node_publishes_what_it_acknowledges_and_catches_up_after_the_database_restarts() {
     use common::*;
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
     let node_dir = shared.path().join("nodes").join("a");
+    // Odd-numbered instances are larger than inline_max_bytes: their own files.
     let cluster = format!(
-        "[http]\nlisten = \"127.0.0.1:0\"\n[cluster]\npostgres = {:?}\nnode_id = \"a\"\nshared_dir = {:?}\npartitions = 8\nlease_seconds = 2\n",
+        "[http]\nlisten = \"127.0.0.1:0\"\n[storage]\ninline_max_bytes = 4096\n\
+         [cluster]\npostgres = {:?}\nnode_id = \"a\"\nshared_dir = {:?}\npartitions = 8\n\
+         lease_seconds = 2\n",
         pg.conninfo(),
         shared.path().display().to_string()
     );
     let mut node = Node::start_with_data_dir(&node_dir, &cluster);
     let files = tempfile::tempdir().unwrap();
-    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
-        (from..to)
-            .map(|i| {
-                write_instance(
-                    files.path(),
-                    &format!("P{}", i % 5),
-                    &format!("1.2.826.0.1.3680043.10.1.{}", i % 5),
-                    &format!("1.2.826.0.1.3680043.10.2.{}", i % 5),
-                    &format!("1.2.826.0.1.3680043.10.3.{i}"),
-                    i,
-                )
-            })
-            .collect()
+    let instance = |i: u32| -> PathBuf {
+        let (patient, study, series, sop) = (
+            format!("P{}", i % 5),
+            format!("1.2.826.0.1.3680043.10.1.{}", i % 5),
+            format!("1.2.826.0.1.3680043.10.2.{}", i % 5),
+            format!("1.2.826.0.1.3680043.10.3.{i}"),
+        );
+        if i % 2 == 0 {
+            return write_instance(files.path(), &patient, &study, &series, &sop, i);
+        }
+        let meta = dicomgate::storage::FileMeta {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: sop.clone(),
+            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            ..Default::default()
+        };
+        let mut f = dicomgate::dicom::part10::header(&meta);
+        f.extend_from_slice(&dataset(&patient, &study, &series, &sop, 8192));
+        let path = files.path().join(format!("{sop}.dcm"));
+        std::fs::write(&path, f).unwrap();
+        path
     };
+    let batch = |from: u32, to: u32| -> Vec<PathBuf> { (from..to).map(instance).collect() };
     assert!(
         storescu_status(&node, &batch(0, 10)).success(),
         "{}",
@@ -721,75 +764,85 @@ fn a_node_publishes_what_it_acknowledges_and_catches_up_after_the_database_resta
         assert!(location.starts_with("patients/") && location.ends_with(&format!("{uid}.dcm")));
         assert!(bytes > 0);
     }
+    // The large ones are files there; the small ones are not (they are in the log).
+    let n: u32 = 1;
+    let large = published_rows(&pg, "a")
+        .into_iter()
+        .find(|(uid, _)| uid.ends_with(&format!(".{n}")))
+        .unwrap();
+    assert!(node_dir.join(&large.1 .0).is_file(), "{large:?}");
 
-    // The database goes away mid-load: stores are still acknowledged (locally durable).
+    // The database goes away mid-load: stores are still acknowledged (locally durable), and
+    // wait for publication.
     pg.stop();
     assert!(
         storescu_status(&node, &batch(10, 20)).success(),
         "{}",
         node.log()
     );
-    assert_eq!(published_rows(&pg, "a").len(), 0, "the database is down");
+    assert!(
+        wait_until(20, || cluster_status(&node)["unpublished"] == 10
+            && cluster_status(&node)["connected"] == false),
+        "{}",
+        cluster_status(&node)
+    );
     pg.start_again();
     assert!(
         wait_until(30, || published_rows(&pg, "a").len() == 20),
-        "after the restart: {} rows\n{}",
+        "after the database came back: {} rows\n{}",
         published_rows(&pg, "a").len(),
         node.log()
     );
 
-    // A batch (of another node, say) claimed one record; a crash and restart of this node
-    // publishes everything pending again, which changes nothing and keeps the claim.
-    let claimed = "1.2.826.0.1.3680043.10.3.3";
-    pg.client()
-        .execute(
-            "UPDATE dicomgate_instances SET batch_id = 'b-1' WHERE sop_instance_uid = $1",
-            &[&claimed],
-        )
-        .unwrap();
-    node.kill9();
-    node.restart();
-    assert!(wait_until(20, || node
-        .log()
-        .contains("recovered pending instances")));
-    // The restarted node republishes the 20 pending instances (its status counts them); the
-    // rows are unchanged, and the claim stays.
-    let log = node.log();
-    let http = log
-        .lines()
-        .rev()
-        .find_map(|l| l.split("http serving").nth(1)?.split("listen=").nth(1))
-        .and_then(|a| a.split_whitespace().next())
-        .unwrap()
-        .to_string();
-    let cluster_status = || -> serde_json::Value {
-        let (_, body) = http_get(&http, "/api/status");
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()["cluster"].clone()
-    };
+    // Acknowledged while the database is down, then the node is killed: published after the
+    // restart (the node's storage is the outbox).
+    pg.stop();
     assert!(
-        wait_until(20, || cluster_status()["published"] == 20
-            && cluster_status()["unpublished"] == 0),
-        "{}\n{}",
-        cluster_status(),
+        storescu_status(&node, &batch(20, 24)).success(),
+        "{}",
         node.log()
     );
-    assert_eq!(cluster_status()["connected"], true);
-    assert_eq!(cluster_status()["node_id"], "a");
-    let claim_of = || {
-        published_rows(&pg, "a")
-            .get(claimed)
-            .and_then(|r| r.2.clone())
-    };
-    assert_eq!(published_rows(&pg, "a").len(), 20);
-    assert_eq!(claim_of().as_deref(), Some("b-1"), "{}", node.log());
+    node.kill9();
+    pg.start_again();
+
+    // A batch (of another node, say) claimed one record of each kind; the restart's
+    // republication of everything pending changes nothing and keeps the claims.
+    let claimed = ["1.2.826.0.1.3680043.10.3.2", "1.2.826.0.1.3680043.10.3.3"];
+    for uid in claimed {
+        pg.client()
+            .execute(
+                "UPDATE dicomgate_instances SET batch_id = 'b-1' WHERE sop_instance_uid = $1",
+                &[&uid],
+            )
+            .unwrap();
+    }
+    node.restart();
+    assert!(
+        wait_until(20, || cluster_status(&node)["published"] == 24
+            && cluster_status(&node)["unpublished"] == 0),
+        "{}\n{}",
+        cluster_status(&node),
+        node.log()
+    );
+    assert_eq!(cluster_status(&node)["connected"], true);
+    assert_eq!(cluster_status(&node)["node_id"], "a");
+    assert_eq!(published_rows(&pg, "a").len(), 24);
+    let claim_of = |uid: &str| published_rows(&pg, "a").get(uid).and_then(|r| r.2.clone());
+    for uid in claimed {
+        assert_eq!(
+            claim_of(uid).as_deref(),
+            Some("b-1"),
+            "{uid}\n{}",
+            node.log()
+        );
+    }
 
     // A re-send replaces the instance: pending again.
-    let resend = batch(3, 4);
     std::thread::sleep(Duration::from_millis(20)); // a newer modification time / record
-    assert!(storescu_status(&node, &resend).success());
+    assert!(storescu_status(&node, &batch(2, 4)).success());
     assert!(
-        wait_until(20, || claim_of().is_none()),
-        "the re-sent instance kept its old claim\n{}",
+        wait_until(20, || claimed.iter().all(|u| claim_of(u).is_none())),
+        "a re-sent instance kept its old claim\n{}",
         node.log()
     );
 }

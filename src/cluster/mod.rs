@@ -301,7 +301,9 @@ impl Coordinator {
         // it leaves open is ended by the server, and nobody waits on a lock for longer than
         // half a lease (the caller retries: `ClusterError::is_retryable`).
         config
-            .connect_timeout(lease)
+            // A connection attempt ends within 3 s (at most a lease): a node stopping must not
+            // wait longer for a database that does not answer.
+            .connect_timeout(lease.min(Duration::from_secs(3)))
             .tcp_user_timeout(lease)
             .keepalives(true)
             .keepalives_idle((lease / 2).max(Duration::from_secs(1)))
@@ -501,48 +503,80 @@ impl Coordinator {
         Ok(owned)
     }
 
-    /// Publishes records in one transaction; returns how many rows were written (new or
-    /// replaced). Idempotent by (node, SOP Instance UID).
+    /// Publishes records in one statement (one round trip, however many records); returns how
+    /// many rows were written (new or replaced). Idempotent by (node, SOP Instance UID): a row
+    /// already there unchanged is not written (a batch's claim on it stays), and a row is only
+    /// replaced by a copy stored at the same time or later (`received_ms`), so an older copy
+    /// published after a newer one (two ingest threads, or recovery finding both copies of a
+    /// re-sent instance) never takes its place. Within `records`, the newest copy of each
+    /// instance is the one sent.
     pub fn publish(&mut self, records: &[Published]) -> Result<u64> {
-        let mut tx = self.client.transaction()?;
-        let stmt = tx.prepare(
+        let mut newest: std::collections::HashMap<(&str, &str), &Published> =
+            std::collections::HashMap::with_capacity(records.len());
+        for r in records {
+            let k = (r.node_id.as_str(), r.sop_instance_uid.as_str());
+            match newest.get(&k) {
+                Some(have) if have.received_ms > r.received_ms => {}
+                _ => {
+                    newest.insert(k, r);
+                }
+            }
+        }
+        let n = newest.len();
+        let (mut node, mut uid, mut part, mut key) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut study, mut series, mut loc) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut bytes, mut inputs, mut received) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for r in newest.into_values() {
+            node.push(r.node_id.as_str());
+            uid.push(r.sop_instance_uid.as_str());
+            part.push(partition_of(&r.grouping_key, self.partitions) as i32);
+            key.push(r.grouping_key.as_slice());
+            study.push(r.study_uid.as_deref());
+            series.push(r.series_uid.as_deref());
+            loc.push(r.location.as_str());
+            bytes.push(to_i64(r.bytes, "bytes")?);
+            inputs.push(r.inputs as i64);
+            received.push(to_i64(r.received_ms, "received_ms")?);
+        }
+        if node.is_empty() {
+            return Ok(0);
+        }
+        let written = self.client.execute(
             "INSERT INTO dicomgate_instances (node_id, sop_instance_uid, partition, grouping_key,
                  study_uid, series_uid, location, bytes, inputs, received_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bytea[],
+                 $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[])
              ON CONFLICT (node_id, sop_instance_uid) DO UPDATE SET
                  partition = EXCLUDED.partition, grouping_key = EXCLUDED.grouping_key,
                  study_uid = EXCLUDED.study_uid, series_uid = EXCLUDED.series_uid,
                  location = EXCLUDED.location, bytes = EXCLUDED.bytes,
                  inputs = EXCLUDED.inputs, received_ms = EXCLUDED.received_ms,
                  batch_id = NULL
-             WHERE (dicomgate_instances.partition, dicomgate_instances.grouping_key,
+             WHERE EXCLUDED.received_ms >= dicomgate_instances.received_ms
+               AND (dicomgate_instances.partition, dicomgate_instances.grouping_key,
                     dicomgate_instances.study_uid, dicomgate_instances.series_uid,
                     dicomgate_instances.location, dicomgate_instances.bytes,
                     dicomgate_instances.inputs, dicomgate_instances.received_ms)
                  IS DISTINCT FROM (EXCLUDED.partition, EXCLUDED.grouping_key,
                     EXCLUDED.study_uid, EXCLUDED.series_uid, EXCLUDED.location,
                     EXCLUDED.bytes, EXCLUDED.inputs, EXCLUDED.received_ms)",
+            &[
+                &node, &uid, &part, &key, &study, &series, &loc, &bytes, &inputs, &received,
+            ],
         )?;
-        let mut written = 0;
-        for r in records {
-            let partition = partition_of(&r.grouping_key, self.partitions) as i32;
-            written += tx.execute(
-                &stmt,
-                &[
-                    &r.node_id,
-                    &r.sop_instance_uid,
-                    &partition,
-                    &r.grouping_key,
-                    &r.study_uid,
-                    &r.series_uid,
-                    &r.location,
-                    &to_i64(r.bytes, "bytes")?,
-                    &(r.inputs as i64),
-                    &to_i64(r.received_ms, "received_ms")?,
-                ],
-            )?;
-        }
-        tx.commit()?;
         Ok(written)
     }
 

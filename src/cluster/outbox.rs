@@ -25,10 +25,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use super::{ClusterError, Coordinator, Published};
 use crate::doorbell::Doorbell;
 
-/// Records per publication transaction.
+/// Records per publication round (one statement: `Coordinator::publish`).
 pub const ROUND_RECORDS: usize = 1000;
 
-/// Unpublished records kept in memory by default (about 0.5 KiB each: 100 MiB at most).
+/// How long a stopping node goes on publishing what is queued (the node's stop waits 5 s for
+/// its threads); what is left is published at the next start.
+pub const STOP_PUBLISHING: Duration = Duration::from_secs(3);
+
+/// Unpublished records kept in memory by default (about 0.8 KiB each: some 160 MiB at most).
 pub const DEFAULT_MAX_QUEUED: usize = 200_000;
 
 /// The cluster database's side of the node, as `/metrics` and the status page show it.
@@ -156,7 +160,9 @@ impl Outbox {
     /// renews the node's lease every third of it ([`Coordinator::rebalance`], which also keeps
     /// the partition shares even), and publishes the queue in rounds. On `stop` it publishes
     /// what is queued while the database answers (at most a lease), then leaves the cluster
-    /// (its partitions move at once) and returns.
+    /// (its partitions move at once) and returns. A failed round waits a growing backoff too
+    /// (reset once a round commits), so a database that accepts connections but refuses the
+    /// statements is not hammered.
     pub fn run(&self, settings: &Settings, stop: &AtomicBool) {
         let mut coordinator: Option<Coordinator> = None;
         let mut next_beat = Instant::now();
@@ -165,7 +171,7 @@ impl Outbox {
         loop {
             if stop.load(Ordering::Acquire) {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
-                let out_of_time = since.elapsed() >= settings.lease;
+                let out_of_time = since.elapsed() >= STOP_PUBLISHING.min(settings.lease);
                 if self.pending() == 0 || coordinator.is_none() || out_of_time {
                     if let Some(mut c) = coordinator.take() {
                         if let Err(e) = c.leave() {
@@ -196,7 +202,6 @@ impl Outbox {
                         }
                         coordinator = Some(c);
                         self.stats.connected.store(true, Ordering::Release);
-                        backoff = Duration::from_millis(100);
                         next_beat = Instant::now();
                     }
                     Err(e) => {
@@ -207,12 +212,16 @@ impl Outbox {
                 }
                 continue;
             };
-            let result = self.round(c, settings, &mut next_beat);
-            if let Err(e) = result {
-                self.failed(&e);
-                coordinator = None;
-                self.stats.connected.store(false, Ordering::Release);
-                continue;
+            match self.round(c, settings, &mut next_beat) {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    self.failed(&e);
+                    coordinator = None;
+                    self.stats.connected.store(false, Ordering::Release);
+                    self.bell.wait(backoff, || stop.load(Ordering::Acquire));
+                    backoff = (backoff * 2).min((settings.lease / 3).max(backoff));
+                    continue;
+                }
             }
             if self.pending() == 0 {
                 let until_beat = next_beat.saturating_duration_since(Instant::now());

@@ -659,6 +659,9 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
     // Small instances waiting in the segment log.
     for (rel, loc) in ctx.log.live() {
         let path = root.join(&rel);
+        // The file of the same instance stands for it in the map, but this newer copy is what
+        // publication must name (as it did at ingest).
+        let mut publish_only = false;
         if path.is_file() {
             // A file of the same instance is there too (re-sent with a size on the other side
             // of inline_max_bytes): the newer copy stays, the older goes.
@@ -675,7 +678,10 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
             ctx.log.untake(rel.clone(), t);
             // The file was recovered above too: that map record stands for the instance, and
             // the claim takes the newer log copy (batch::create).
-            continue;
+            if ctx.pipeline.outbox.is_none() {
+                continue;
+            }
+            publish_only = true;
         }
         let inst = match ctx.log.read(loc) {
             Ok(i) => i,
@@ -707,6 +713,9 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
         record.bytes = crate::dicom::part10::file_len(&inst.file_meta(), inst.data_set.len());
         let (inputs, study) = (record.inputs, record.study_uid.clone());
         ctx.pipeline.publish(&key, &record, inst.meta.received_ms);
+        if publish_only {
+            continue;
+        }
         map.insert(&key, record, inst.meta.received_ms, &map.pin())
             .request_evaluation();
         ctx.pipeline.note_for_priors(&key, inputs, study.as_deref());
