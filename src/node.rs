@@ -332,6 +332,7 @@ pub fn start_with(
             node_id: c.node_id.clone(),
             partitions: c.partitions,
             lease: std::time::Duration::from_secs(u64::from(c.lease_seconds)),
+            shared_dir: c.shared_dir.clone(),
         };
         let (outbox, stop) = (outbox.clone(), pipeline_shutdown.clone());
         tracing::info!(node_id = %c.node_id, shared_dir = %c.shared_dir.display(), "cluster: publishing to the cluster database");
@@ -350,6 +351,13 @@ pub fn start_with(
         pipeline_shutdown.clone(),
     )?;
     watched.extend(pipeline_threads);
+    // Now the `cluster` thread can describe a dead node's instances: it may take one over.
+    if let Some(o) = &outbox {
+        o.set_foreign(Arc::new(pipeline::foreign::ForeignReader {
+            pipeline: pipeline.clone(),
+            node: config.node.clone(),
+        }));
+    }
     let mut service = config.service_config(pipeline.wanted_tags.clone());
     // What the door checks, from outside the config: the users file and the peers' hosts,
     // both read once, here.

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -228,12 +228,13 @@ fn migrations_apply_once_when_nodes_start_together_and_a_newer_schema_is_refused
     }
     let mut c = pg.client();
     let versions: Vec<i32> = c
-        .query("SELECT version FROM dicomgate_schema", &[])
+        .query("SELECT version FROM dicomgate_schema ORDER BY version", &[])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![dicomgate::cluster::SCHEMA_VERSION]);
+    let all: Vec<i32> = (1..=dicomgate::cluster::SCHEMA_VERSION).collect();
+    assert_eq!(versions, all);
     let partitions: i64 = c
         .query_one("SELECT count(*) FROM dicomgate_partitions", &[])
         .unwrap()
@@ -331,7 +332,7 @@ fn partitions_are_shared_evenly_and_move_when_a_node_joins_or_dies() {
     settle(&mut nodes);
     assert_eq!(counts(&owners(&pg), &ids), vec![4, 4, 4, 4]);
     // A clean stop hands its partitions over without waiting for its lease.
-    nodes[3].leave().unwrap();
+    nodes[3].leave(true).unwrap();
     settle(&mut nodes[..3]);
     let c = counts(&owners(&pg), &ids);
     assert_eq!((sorted(c[..3].to_vec()), c[3]), (vec![5, 5, 6], 0));
@@ -686,6 +687,43 @@ fn published_rows(
         .collect()
 }
 
+/// A node's configuration in a cluster of `pg` and `shared` (8 partitions, 2 s leases; an
+/// instance above 4096 bytes is its own file, a smaller one a segment-log record).
+fn cluster_toml(pg: &Postgres, shared: &Path, node_id: &str) -> String {
+    format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[storage]\ninline_max_bytes = 4096\n\
+         [cluster]\npostgres = {:?}\nnode_id = {node_id:?}\nshared_dir = {:?}\npartitions = 8\n\
+         lease_seconds = 2\n",
+        pg.conninfo(),
+        shared.display().to_string()
+    )
+}
+
+/// Instance `i` of 5 patients, written into `dir`: even ones small (segment-log records under
+/// [`cluster_toml`]), odd ones larger than `inline_max_bytes` (their own files).
+fn mixed_instance(dir: &Path, i: u32) -> PathBuf {
+    let (patient, study, series, sop) = (
+        format!("P{}", i % 5),
+        format!("1.2.826.0.1.3680043.10.1.{}", i % 5),
+        format!("1.2.826.0.1.3680043.10.2.{}", i % 5),
+        format!("1.2.826.0.1.3680043.10.3.{i}"),
+    );
+    if i % 2 == 0 {
+        return common::write_instance(dir, &patient, &study, &series, &sop, i);
+    }
+    let meta = dicomgate::storage::FileMeta {
+        sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+        sop_instance_uid: sop.clone(),
+        transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+        ..Default::default()
+    };
+    let mut f = dicomgate::dicom::part10::header(&meta);
+    f.extend_from_slice(&common::dataset(&patient, &study, &series, &sop, 8192));
+    let path = dir.join(format!("{sop}.dcm"));
+    std::fs::write(&path, f).unwrap();
+    path
+}
+
 /// The HTTP address the node's newest start logged.
 fn http_of(node: &common::Node) -> String {
     let log = node.log();
@@ -716,38 +754,9 @@ fn a_node_publishes_what_it_acknowledges_and_catches_up_after_the_database_resta
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
     let node_dir = shared.path().join("nodes").join("a");
-    // Odd-numbered instances are larger than inline_max_bytes: their own files.
-    let cluster = format!(
-        "[http]\nlisten = \"127.0.0.1:0\"\n[storage]\ninline_max_bytes = 4096\n\
-         [cluster]\npostgres = {:?}\nnode_id = \"a\"\nshared_dir = {:?}\npartitions = 8\n\
-         lease_seconds = 2\n",
-        pg.conninfo(),
-        shared.path().display().to_string()
-    );
-    let mut node = Node::start_with_data_dir(&node_dir, &cluster);
+    let mut node = Node::start_with_data_dir(&node_dir, &cluster_toml(&pg, shared.path(), "a"));
     let files = tempfile::tempdir().unwrap();
-    let instance = |i: u32| -> PathBuf {
-        let (patient, study, series, sop) = (
-            format!("P{}", i % 5),
-            format!("1.2.826.0.1.3680043.10.1.{}", i % 5),
-            format!("1.2.826.0.1.3680043.10.2.{}", i % 5),
-            format!("1.2.826.0.1.3680043.10.3.{i}"),
-        );
-        if i % 2 == 0 {
-            return write_instance(files.path(), &patient, &study, &series, &sop, i);
-        }
-        let meta = dicomgate::storage::FileMeta {
-            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
-            sop_instance_uid: sop.clone(),
-            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
-            ..Default::default()
-        };
-        let mut f = dicomgate::dicom::part10::header(&meta);
-        f.extend_from_slice(&dataset(&patient, &study, &series, &sop, 8192));
-        let path = files.path().join(format!("{sop}.dcm"));
-        std::fs::write(&path, f).unwrap();
-        path
-    };
+    let instance = |i: u32| mixed_instance(files.path(), i);
     let batch = |from: u32, to: u32| -> Vec<PathBuf> { (from..to).map(instance).collect() };
     assert!(
         storescu_status(&node, &batch(0, 10)).success(),
@@ -844,5 +853,139 @@ fn a_node_publishes_what_it_acknowledges_and_catches_up_after_the_database_resta
         wait_until(20, || claimed.iter().all(|u| claim_of(u).is_none())),
         "a re-sent instance kept its old claim\n{}",
         node.log()
+    );
+}
+
+/// The row of node `node` in `dicomgate_nodes`: whether its last takeover (or clean leave)
+/// covers its last lease, and who holds its takeover now.
+fn takeover_row(pg: &Postgres, node: &str) -> (bool, Option<String>) {
+    let r = pg
+        .client()
+        .query_one(
+            "SELECT taken_over IS NOT DISTINCT FROM lease_until, takeover_by
+             FROM dicomgate_nodes WHERE node_id = $1",
+            &[&node],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// Issue 15 item 2's takeover: a node that acknowledged instances while the database was away
+/// and then died (kill -9) has them published by another node, from its folder under the
+/// shared folder (its segment-log records and its files alike), under its own id, once its
+/// lease has run out for a lease; exactly the rows its own restart would publish (a claim on
+/// them survives that restart's republication); not taken over twice for one death; and not
+/// at all after a clean stop that had published everything.
+#[test]
+fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let a_dir = shared.path().join("nodes").join("a");
+    let mut a = Node::start_with_data_dir(&a_dir, &cluster_toml(&pg, shared.path(), "a"));
+    let files = tempfile::tempdir().unwrap();
+    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
+        (from..to)
+            .map(|i| mixed_instance(files.path(), i))
+            .collect()
+    };
+    assert!(storescu_status(&a, &batch(0, 4)).success(), "{}", a.log());
+    assert!(
+        wait_until(20, || published_rows(&pg, "a").len() == 4),
+        "{}",
+        a.log()
+    );
+    // Acknowledged while the database is away; then the node dies for good.
+    pg.stop();
+    assert!(storescu_status(&a, &batch(4, 10)).success(), "{}", a.log());
+    a.kill9();
+    let died_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    pg.start_again();
+    assert_eq!(published_rows(&pg, "a").len(), 4);
+
+    let b_dir = shared.path().join("nodes").join("b");
+    let b = Node::start_with_data_dir(&b_dir, &cluster_toml(&pg, shared.path(), "b"));
+    assert!(
+        wait_until(30, || published_rows(&pg, "a").len() == 10),
+        "a's rows: {:?}\n{}",
+        published_rows(&pg, "a"),
+        b.log()
+    );
+    assert!(
+        wait_until(10, || takeover_row(&pg, "a") == (true, None)),
+        "{:?}\n{}",
+        takeover_row(&pg, "a"),
+        b.log()
+    );
+    for (uid, (location, bytes, _)) in published_rows(&pg, "a") {
+        assert!(location.ends_with(&format!("{uid}.dcm")), "{location}");
+        assert!(bytes > 0);
+    }
+    // Stored before a died, as a's records and files say (not when b read them).
+    for r in pg
+        .client()
+        .query(
+            "SELECT sop_instance_uid, received_ms FROM dicomgate_instances WHERE node_id = 'a'",
+            &[],
+        )
+        .unwrap()
+    {
+        let (uid, at): (String, i64) = (r.get(0), r.get(1));
+        assert!(
+            at > 0 && at <= died_ms,
+            "{uid}: received {at}, a died at {died_ms}"
+        );
+    }
+    // The odd ones are files in a's folder, named where they are.
+    let file_row = published_rows(&pg, "a")
+        .into_iter()
+        .find(|(uid, _)| uid.ends_with(".5"))
+        .unwrap();
+    assert!(a_dir.join(&file_row.1 .0).is_file(), "{file_row:?}");
+    let taken = cluster_status(&b)["taken_over"].as_u64().unwrap();
+    assert!(taken >= 6, "{}", cluster_status(&b));
+    // Not again for the same death.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(cluster_status(&b)["taken_over"].as_u64(), Some(taken));
+    assert!(published_rows(&pg, "b").is_empty());
+
+    // Those are the rows a's own restart publishes: claims on one record of each kind stay.
+    let claimed = ["1.2.826.0.1.3680043.10.3.4", "1.2.826.0.1.3680043.10.3.5"];
+    for uid in claimed {
+        pg.client()
+            .execute(
+                "UPDATE dicomgate_instances SET batch_id = 'b-1'
+                 WHERE node_id = 'a' AND sop_instance_uid = $1",
+                &[&uid],
+            )
+            .unwrap();
+    }
+    a.restart();
+    assert!(
+        wait_until(20, || cluster_status(&a)["published"] == 10
+            && cluster_status(&a)["unpublished"] == 0),
+        "{}\n{}",
+        cluster_status(&a),
+        a.log()
+    );
+    let rows = published_rows(&pg, "a");
+    assert_eq!(rows.len(), 10);
+    for uid in claimed {
+        assert_eq!(rows[uid].2.as_deref(), Some("b-1"), "{uid}: {rows:?}");
+    }
+
+    // A clean stop with everything published: nobody takes a over.
+    a.signal(rustix::process::Signal::TERM);
+    assert!(a.wait_exit(20).is_some(), "{}", a.log());
+    assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
+    std::thread::sleep(Duration::from_secs(6)); // past two leases: b has looked
+    assert_eq!(
+        cluster_status(&b)["taken_over"].as_u64(),
+        Some(taken),
+        "{}",
+        b.log()
     );
 }

@@ -9,7 +9,8 @@
 //! (`statement_timestamp()`), so nodes with skewed clocks still agree on who is live.
 //!
 //! **Wired into the node so far:** `[cluster]` gives the node its folder under the shared
-//! folder, and [`outbox`] publishes every instance it acknowledges and renews its lease. The
+//! folder, and [`outbox`] publishes every instance it acknowledges, renews its lease, and
+//! takes over a dead node's unpublished records ([`Coordinator::next_takeover`]). The
 //! owner side (loading the owned partitions into the patient map, claims through
 //! [`Coordinator::claim`], reading other nodes' bytes) is not: each node still groups and
 //! processes what it received itself. What remains of issue 15 is in `docs/cluster.md`.
@@ -73,15 +74,18 @@ use postgres::{Client, GenericClient, NoTls};
 use sha2::{Digest, Sha256};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Versioned migrations, applied in order; each is applied once, in the transaction that
 /// records it. Never edit one that shipped: add the next.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "coordination",
-    include_str!("migrations/0001_coordination.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "coordination",
+        include_str!("migrations/0001_coordination.sql"),
+    ),
+    (2, "takeover", include_str!("migrations/0002_takeover.sql")),
+];
 
 /// Largest partition count (a partition is a row; more gain nothing at any realistic node
 /// count and make each rebalance read more rows).
@@ -374,7 +378,12 @@ impl Coordinator {
     /// Ends this node's lease at once and gives up its partitions (a clean stop): the others
     /// take them at their next rebalance without waiting for the lease to run out. Their
     /// unfinished batches are adopted by the new owners (so stop processing first).
-    pub fn leave(&mut self) -> Result<()> {
+    ///
+    /// `published_all`: this node published every record it holds (nothing is queued, nothing
+    /// was left out). Then nobody needs to take it over ([`Coordinator::next_takeover`]) until
+    /// it has come back and died; otherwise another node publishes its records from its
+    /// folder once its lease has run out for a lease.
+    pub fn leave(&mut self, published_all: bool) -> Result<()> {
         let mut tx = self.client.transaction()?;
         tx.execute(
             "UPDATE dicomgate_partitions SET owner = NULL, since = statement_timestamp()
@@ -382,9 +391,11 @@ impl Coordinator {
             &[&self.node_id],
         )?;
         tx.execute(
-            "UPDATE dicomgate_nodes SET lease_until = statement_timestamp() - make_interval(secs => $2)
+            "UPDATE dicomgate_nodes SET lease_until = statement_timestamp() - make_interval(secs => $2),
+                 taken_over = CASE WHEN $3 THEN statement_timestamp() - make_interval(secs => $2)
+                                   ELSE taken_over END
              WHERE node_id = $1",
-            &[&self.node_id, &self.lease.as_secs_f64()],
+            &[&self.node_id, &self.lease.as_secs_f64(), &published_all],
         )?;
         tx.commit()?;
         Ok(())
@@ -719,6 +730,75 @@ impl Coordinator {
             )?
             .map(|r| (r.get(0), r.get(1))))
     }
+
+    /// Takes on the publication of a dead node's records, if one needs it: a node (not this
+    /// one) whose lease ran out more than a lease ago (its partitions have moved), whose
+    /// records were not taken over since (its `taken_over` is not its `lease_until`), and
+    /// which no live taker is working on. This node then holds that work for
+    /// [`TAKEOVER_LEASES`] leases, renewed by [`Coordinator::renew_takeover`]; should it die,
+    /// another node takes the work once that ran out. The publication itself is idempotent, so
+    /// two takers (one paused past its hold) cost time, never a wrong row.
+    pub fn next_takeover(&mut self) -> Result<Option<Takeover>> {
+        let lease = self.lease.as_secs_f64();
+        let hold = lease * f64::from(TAKEOVER_LEASES);
+        let row = self.client.query_opt(
+            "UPDATE dicomgate_nodes
+             SET takeover_by = $1, takeover_until = statement_timestamp() + make_interval(secs => $3)
+             WHERE node_id = (
+                 SELECT node_id FROM dicomgate_nodes
+                 WHERE node_id <> $1
+                   AND lease_until < statement_timestamp() - make_interval(secs => $2)
+                   AND taken_over IS DISTINCT FROM lease_until
+                   AND (takeover_until IS NULL OR takeover_until < statement_timestamp())
+                 ORDER BY lease_until, node_id
+                 LIMIT 1
+                 FOR UPDATE SKIP LOCKED)
+             RETURNING node_id, lease_until",
+            &[&self.node_id, &lease, &hold],
+        )?;
+        Ok(row.map(|r| Takeover {
+            node_id: r.get(0),
+            lease_until: r.get(1),
+        }))
+    }
+
+    /// Extends this node's hold on `t` (call it between rounds); false when it is no longer
+    /// this node's (another took it after the hold ran out: stop, it does the work).
+    pub fn renew_takeover(&mut self, t: &Takeover) -> Result<bool> {
+        let hold = self.lease.as_secs_f64() * f64::from(TAKEOVER_LEASES);
+        let n = self.client.execute(
+            "UPDATE dicomgate_nodes
+             SET takeover_until = statement_timestamp() + make_interval(secs => $3)
+             WHERE node_id = $1 AND takeover_by = $2",
+            &[&t.node_id, &self.node_id, &hold],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Records that `t`'s records are all published: the node is not taken over again until
+    /// it has come back (renewed its lease) and died again.
+    pub fn finish_takeover(&mut self, t: &Takeover) -> Result<()> {
+        self.client.execute(
+            "UPDATE dicomgate_nodes
+             SET taken_over = $3, takeover_by = NULL, takeover_until = NULL
+             WHERE node_id = $1 AND takeover_by = $2",
+            &[&t.node_id, &self.node_id, &t.lease_until],
+        )?;
+        Ok(())
+    }
+}
+
+/// How many leases a taker holds a takeover before another node may do it instead (renewed
+/// between its rounds).
+pub const TAKEOVER_LEASES: u32 = 3;
+
+/// A dead node whose records this node publishes from that node's folder
+/// ([`Coordinator::next_takeover`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    pub node_id: String,
+    /// The dead node's `lease_until` when it was taken on: the death this takeover is for.
+    pub lease_until: std::time::SystemTime,
 }
 
 /// `me`'s quota among `members` (sorted by id) of `owners.len()` partitions: an even share,

@@ -16,14 +16,25 @@
 //! costs one statement and what it lacked is added. The same covers a queue that reached its
 //! bound during a long outage: the records left out are counted, logged, and published at the
 //! next start.
+//!
+//! **Takeover** (a node lost for good): between its own rounds, the `cluster` thread looks for
+//! a node whose lease ran out more than a lease ago and whose records nobody published since
+//! ([`Coordinator::next_takeover`]), reads that node's pending instances from its folder under
+//! the shared folder (read-only, through [`Foreign`], which the pipeline implements: it knows
+//! how a stored instance is described), and publishes them under that node's id, a round at a
+//! time, renewing its hold between rounds. Those rows are what the dead node's own restart
+//! would have published (same location, same `received_ms`), so the dead node coming back
+//! later, or two takers, change nothing.
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{ClusterError, Coordinator, Published};
+use super::{ClusterError, Coordinator, Published, Takeover};
 use crate::doorbell::Doorbell;
+use crate::storage::inventory::Entry;
 
 /// Records per publication round (one statement: `Coordinator::publish`).
 pub const ROUND_RECORDS: usize = 1000;
@@ -52,6 +63,9 @@ pub struct OutboxStats {
     pub owned_partitions: AtomicU64,
     /// Live nodes, as of the last lease renewal.
     pub live_nodes: AtomicU64,
+    /// Records of dead nodes this node published (takeover), and takeovers it finished.
+    pub taken_over: AtomicU64,
+    pub takeovers: AtomicU64,
     last_error: Mutex<String>,
 }
 
@@ -74,6 +88,41 @@ pub struct Settings {
     pub node_id: String,
     pub partitions: u32,
     pub lease: Duration,
+    /// `[cluster] shared_dir`: every node's folder is `shared_dir/nodes/<node_id>`.
+    pub shared_dir: PathBuf,
+}
+
+/// Reads another node's folder for a takeover (implemented by the pipeline, which knows how a
+/// stored instance is described). Must only read.
+pub trait Foreign: Send + Sync {
+    /// The instances pending in `node_dir` (those its node would publish at its own restart:
+    /// not those its batches hold).
+    fn pending(&self, node_dir: &Path) -> std::io::Result<Vec<Entry>>;
+    /// `entry`'s record as node `node_id` would publish it; None when it cannot be read.
+    fn describe(&self, node_id: &str, node_dir: &Path, entry: &Entry) -> Option<Published>;
+}
+
+/// A takeover under way.
+struct Job {
+    takeover: Takeover,
+    node_dir: PathBuf,
+    /// The listing of the dead node's folder, made by a thread of its own (it reads every
+    /// segment of that node's log: on a shared file system it may take longer than a lease,
+    /// and this thread must go on renewing this node's lease meanwhile).
+    listing: Option<std::thread::JoinHandle<std::io::Result<Vec<Entry>>>>,
+    renewed: Instant,
+    /// What is left to publish, once listed.
+    entries: Vec<Entry>,
+    next: usize,
+    published: u64,
+    unreadable: u64,
+}
+
+impl Job {
+    /// Whether a turn has something to publish now (not waiting for the listing).
+    fn ready(&self) -> bool {
+        self.listing.is_none()
+    }
 }
 
 /// The queue of acknowledged records not yet published.
@@ -81,6 +130,7 @@ pub struct Outbox {
     queue: Mutex<VecDeque<Queued>>,
     bell: Doorbell,
     max_queued: usize,
+    foreign: OnceLock<Arc<dyn Foreign>>,
     pub stats: OutboxStats,
 }
 
@@ -109,6 +159,7 @@ impl Outbox {
             queue: Mutex::new(VecDeque::new()),
             bell: Doorbell::new(),
             max_queued: max_queued.max(1),
+            foreign: OnceLock::new(),
             stats: OutboxStats::default(),
         })
     }
@@ -151,6 +202,18 @@ impl Outbox {
             .map_or(0, |q| now_ms().saturating_sub(q.acked_ms))
     }
 
+    /// Lets the `cluster` thread take over dead nodes (set once the pipeline exists; until
+    /// then it only publishes this node's records).
+    pub fn set_foreign(&self, foreign: Arc<dyn Foreign>) {
+        let _ = self.foreign.set(foreign);
+    }
+
+    /// Whether this node has published everything it holds: nothing queued, nothing left out
+    /// (then a clean stop needs no takeover).
+    pub fn published_all(&self) -> bool {
+        self.pending() == 0 && self.stats.left_out.load(Ordering::Relaxed) == 0
+    }
+
     /// Wakes the `cluster` thread (to see `stop`).
     pub fn wake(&self) {
         self.bell.ring();
@@ -168,13 +231,15 @@ impl Outbox {
         let mut next_beat = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut stopping_since: Option<Instant> = None;
+        let mut job: Option<Job> = None;
+        let mut next_look = Instant::now();
         loop {
             if stop.load(Ordering::Acquire) {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
                 let out_of_time = since.elapsed() >= STOP_PUBLISHING.min(settings.lease);
                 if self.pending() == 0 || coordinator.is_none() || out_of_time {
                     if let Some(mut c) = coordinator.take() {
-                        if let Err(e) = c.leave() {
+                        if let Err(e) = c.leave(self.published_all()) {
                             self.failed(&e);
                         }
                     }
@@ -212,7 +277,13 @@ impl Outbox {
                 }
                 continue;
             };
-            match self.round(c, settings, &mut next_beat) {
+            let turn = self.round(c, settings, &mut next_beat).and_then(|()| {
+                if stop.load(Ordering::Acquire) || self.pending() > 0 {
+                    return Ok(()); // this node's own records first
+                }
+                self.take_over(c, settings, &mut job, &mut next_look)
+            });
+            match turn {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     self.failed(&e);
@@ -223,7 +294,7 @@ impl Outbox {
                     continue;
                 }
             }
-            if self.pending() == 0 {
+            if self.pending() == 0 && !job.as_ref().is_some_and(Job::ready) {
                 let until_beat = next_beat.saturating_duration_since(Instant::now());
                 self.bell
                     .wait(until_beat.min(Duration::from_millis(200)), || {
@@ -267,6 +338,134 @@ impl Outbox {
             .published
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One step of a takeover: look for a dead node to take over (every third of a lease,
+    /// when none is under way) and start listing its folder, or, once listed, publish the next
+    /// round of it (at most [`ROUND_RECORDS`] records, and what a sixth of a lease lets this
+    /// thread read: its own lease renewal must not wait long), renew the hold, and finish once
+    /// all is published. A folder that cannot be read is left (with a hold that runs out) for
+    /// a later look, by this node or another.
+    fn take_over(
+        &self,
+        c: &mut Coordinator,
+        settings: &Settings,
+        job: &mut Option<Job>,
+        next_look: &mut Instant,
+    ) -> Result<(), ClusterError> {
+        let Some(foreign) = self.foreign.get() else {
+            return Ok(());
+        };
+        let Some(j) = job.as_mut() else {
+            if Instant::now() < *next_look {
+                return Ok(());
+            }
+            *next_look = Instant::now() + settings.lease / 3;
+            let Some(takeover) = c.next_takeover()? else {
+                return Ok(());
+            };
+            // The id comes from the database: it names a folder only if it is a node id.
+            if super::check_node_id(&takeover.node_id).is_err() {
+                tracing::error!(node_id = ?takeover.node_id, "the cluster database names a node that cannot be one: not taken over");
+                return Ok(());
+            }
+            let node_dir = settings.shared_dir.join("nodes").join(&takeover.node_id);
+            let (f, dir) = (foreign.clone(), node_dir.clone());
+            let listing = std::thread::Builder::new()
+                .name("cluster-takeover".into())
+                .spawn(move || f.pending(&dir))
+                .map_err(|e| ClusterError::Invalid(format!("no thread to list a folder: {e}")))?;
+            *job = Some(Job {
+                takeover,
+                node_dir,
+                listing: Some(listing),
+                renewed: Instant::now(),
+                entries: Vec::new(),
+                next: 0,
+                published: 0,
+                unreadable: 0,
+            });
+            return Ok(());
+        };
+        if let Some(listing) = j.listing.take_if(|l| l.is_finished()) {
+            let listed = listing
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the listing thread panicked")));
+            match listed {
+                Ok(entries) => {
+                    tracing::info!(
+                        node_id = %j.takeover.node_id,
+                        instances = entries.len(),
+                        "cluster: taking over a dead node: publishing its pending instances"
+                    );
+                    j.entries = entries;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        node_id = %j.takeover.node_id,
+                        folder = %j.node_dir.display(),
+                        error = %e,
+                        "cluster: cannot read a dead node's folder: its takeover is retried later"
+                    );
+                    *job = None;
+                    return Ok(());
+                }
+            }
+        }
+        if j.listing.is_some() {
+            if j.renewed.elapsed() >= settings.lease / 3 {
+                j.renewed = Instant::now();
+                if !c.renew_takeover(&j.takeover)? {
+                    // Another node took it on; the listing thread ends on its own.
+                    *job = None;
+                }
+            }
+            return Ok(());
+        }
+        let started = Instant::now();
+        let end = (j.next + ROUND_RECORDS).min(j.entries.len());
+        let (mut next, mut unreadable) = (j.next, 0);
+        let mut round = Vec::with_capacity(end - j.next);
+        while next < end && (next == j.next || started.elapsed() < settings.lease / 6) {
+            match foreign.describe(&j.takeover.node_id, &j.node_dir, &j.entries[next]) {
+                Some(r) => round.push(r),
+                None => unreadable += 1,
+            }
+            next += 1;
+        }
+        if !round.is_empty() {
+            c.publish(&round)?;
+        }
+        // Only a committed round moves on: a failed one is read and sent again.
+        (j.next, j.unreadable) = (next, j.unreadable + unreadable);
+        j.published += round.len() as u64;
+        self.stats
+            .taken_over
+            .fetch_add(round.len() as u64, Ordering::Relaxed);
+        if j.next < j.entries.len() {
+            j.renewed = Instant::now();
+            if !c.renew_takeover(&j.takeover)? {
+                tracing::warn!(node_id = %j.takeover.node_id, "cluster: another node took this takeover over");
+                *job = None;
+            }
+            return Ok(());
+        }
+        c.finish_takeover(&j.takeover)?;
+        self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+        if j.unreadable > 0 {
+            tracing::warn!(
+                node_id = %j.takeover.node_id,
+                unreadable = j.unreadable,
+                "cluster: instances of a dead node that could not be read were not published"
+            );
+        }
+        tracing::info!(
+            node_id = %j.takeover.node_id,
+            published = j.published,
+            "cluster: took over a dead node"
+        );
+        *job = None;
         Ok(())
     }
 
@@ -323,6 +522,7 @@ mod tests {
             node_id: "a".into(),
             partitions: 4,
             lease: Duration::from_secs(1),
+            shared_dir: PathBuf::from("/nonexistent"),
         };
         std::thread::scope(|s| {
             let t = s.spawn(|| o.run(&settings, &stop));

@@ -277,6 +277,11 @@ pub fn render(shared: &Shared) -> String {
             count(&s.left_out),
         );
         r.register(
+            "cluster_taken_over",
+            "Instance records of dead nodes this node published from their folders (takeover)",
+            count(&s.taken_over),
+        );
+        r.register(
             "cluster_failures",
             "Connection attempts and statements to the cluster database that failed",
             count(&s.failures),

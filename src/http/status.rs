@@ -58,6 +58,9 @@ pub struct ClusterStatus {
     pub lag_ms: u64,
     /// Records not queued (the queue was full): published at the next start.
     pub left_out: u64,
+    /// Records of dead nodes this node published from their folders (takeover).
+    #[serde(default)]
+    pub taken_over: u64,
     pub failures: u64,
     pub last_error: String,
 }
@@ -269,6 +272,7 @@ fn cluster_status(shared: &Shared) -> Option<ClusterStatus> {
         unpublished: o.pending(),
         lag_ms: o.lag_ms(),
         left_out: s.left_out.load(Ordering::Relaxed),
+        taken_over: s.taken_over.load(Ordering::Relaxed),
         failures: s.failures.load(Ordering::Relaxed),
         last_error: s.last_error(),
     })
@@ -278,7 +282,7 @@ fn cluster_status(shared: &Shared) -> Option<ClusterStatus> {
 fn cluster_line(c: &ClusterStatus) -> String {
     format!(
         "cluster: node {} {}, {} live nodes, owns {} of {} partitions; published {}, {} waiting \
-         (lag {} ms){}{}",
+         (lag {} ms){}{}{}",
         printable(&c.node_id),
         if c.connected {
             "connected"
@@ -293,6 +297,11 @@ fn cluster_line(c: &ClusterStatus) -> String {
         c.lag_ms,
         if c.left_out > 0 {
             format!(", {} left for the next start", c.left_out)
+        } else {
+            String::new()
+        },
+        if c.taken_over > 0 {
+            format!(", {} of dead nodes published", c.taken_over)
         } else {
             String::new()
         },
@@ -1008,6 +1017,7 @@ mod tests {
                 unpublished: 3,
                 lag_ms: 1500,
                 left_out: 0,
+                taken_over: 7,
                 failures: 1,
                 // A database error can quote what a peer sent.
                 last_error: "<img src=x> \u{1b}[2J".into(),

@@ -24,6 +24,7 @@
 
 pub mod batch;
 pub mod export;
+pub mod foreign;
 pub mod priors;
 pub mod process;
 pub mod rules;
@@ -690,27 +691,12 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
                 continue;
             }
         };
-        let Some(ts) =
-            crate::dicom::transfer_syntax::by_uid(inst.meta.transfer_syntax_uid.as_bytes())
-        else {
-            continue;
-        };
-        let Ok(values) =
-            crate::dicom::scan::scan(&inst.data_set, ts.encoding, &ctx.pipeline.wanted_tags)
+        let Some((key, mut record)) = describe_log_record(&ctx.pipeline, &ctx.config.node, &inst)
         else {
             tracing::warn!(path = %rel.display(), "log record that cannot be scanned left in place");
             continue;
         };
-        let m = &inst.meta;
-        let from = recovered_sender(
-            ctx,
-            &m.source_ae_title,
-            &m.receiving_ae_title,
-            &m.requestor_address,
-        );
-        let (key, mut record) = ctx.pipeline.describe(&values, &from);
         record.path = path;
-        record.bytes = crate::dicom::part10::file_len(&inst.file_meta(), inst.data_set.len());
         let (inputs, study) = (record.inputs, record.study_uid.clone());
         ctx.pipeline.publish(&key, &record, inst.meta.received_ms);
         if publish_only {
@@ -737,12 +723,11 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
 /// an older build kept only the Calling AE Title: its Called AE Title is then the node's own
 /// when the node accepts no other, and it has no address (a `peer` rule does not hold for it).
 fn recovered_sender<'a>(
-    ctx: &'a Context,
+    node: &'a crate::config::NodeConfig,
     source_ae_title: &'a str,
     receiving_ae_title: &'a str,
     requestor_address: &str,
 ) -> rules::Sender<'a> {
-    let node = &ctx.config.node;
     let kept = |s: &'a str| Some(s.trim()).filter(|s| !s.is_empty());
     rules::Sender {
         calling_ae_title: kept(source_ae_title),
@@ -752,23 +737,56 @@ fn recovered_sender<'a>(
     }
 }
 
-/// The arrival for a stored Part-10 file and its modification time in ms.
-fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
-    let bytes = std::fs::read(path).ok()?;
-    let mtime = crate::storage::modified_ms(path);
-    let parsed = crate::dicom::part10::parse(&bytes)?;
+/// The grouping key and record of a stored Part-10 file's bytes, as at its arrival (`bytes`
+/// set; `path` left to the caller).
+pub(crate) fn describe_part10(
+    pipeline: &Pipeline,
+    node: &crate::config::NodeConfig,
+    bytes: &[u8],
+) -> Option<(Vec<u8>, InstanceRecord)> {
+    let parsed = crate::dicom::part10::parse(bytes)?;
     let ts = crate::dicom::transfer_syntax::by_uid(parsed.transfer_syntax_uid.as_bytes())?;
     let ds = bytes.get(parsed.data_set_offset..)?;
-    let values = crate::dicom::scan::scan(ds, ts.encoding, &ctx.pipeline.wanted_tags).ok()?;
+    let values = crate::dicom::scan::scan(ds, ts.encoding, &pipeline.wanted_tags).ok()?;
     let from = recovered_sender(
-        ctx,
+        node,
         &parsed.source_ae_title,
         &parsed.receiving_ae_title,
         &parsed.requestor_address,
     );
-    let (key, mut record) = ctx.pipeline.describe(&values, &from);
-    record.path = path.to_path_buf();
+    let (key, mut record) = pipeline.describe(&values, &from);
     record.bytes = bytes.len() as u64;
+    Some((key, record))
+}
+
+/// The grouping key and record of a segment-log record, as at its arrival (`bytes` set to
+/// the size of the file it becomes; `path` left to the caller).
+pub(crate) fn describe_log_record(
+    pipeline: &Pipeline,
+    node: &crate::config::NodeConfig,
+    inst: &crate::storage::log::LogInstance,
+) -> Option<(Vec<u8>, InstanceRecord)> {
+    let ts = crate::dicom::transfer_syntax::by_uid(inst.meta.transfer_syntax_uid.as_bytes())?;
+    let values =
+        crate::dicom::scan::scan(&inst.data_set, ts.encoding, &pipeline.wanted_tags).ok()?;
+    let m = &inst.meta;
+    let from = recovered_sender(
+        node,
+        &m.source_ae_title,
+        &m.receiving_ae_title,
+        &m.requestor_address,
+    );
+    let (key, mut record) = pipeline.describe(&values, &from);
+    record.bytes = crate::dicom::part10::file_len(&inst.file_meta(), inst.data_set.len());
+    Some((key, record))
+}
+
+/// The arrival for a stored Part-10 file and its modification time in ms.
+fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
+    let bytes = std::fs::read(path).ok()?;
+    let mtime = crate::storage::modified_ms(path);
+    let (key, mut record) = describe_part10(&ctx.pipeline, &ctx.config.node, &bytes)?;
+    record.path = path.to_path_buf();
     Some((
         Arrival {
             association: 0,

@@ -1,0 +1,63 @@
+//! Another node's folder, read for a takeover (issue 15 item 2): what a dead node holds
+//! pending, described as that node's own restart would publish it.
+//!
+//! Owns: [`ForeignReader`], the pipeline's side of `cluster::outbox::Foreign`. Must never write
+//! to the folder it reads (its node may be alive after all, paused past its lease): it reads
+//! through `storage::inventory` and `storage::log::read_record`, which only read, and only whole,
+//! checksummed log records.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::cluster::outbox::Foreign;
+use crate::cluster::Published;
+use crate::config::NodeConfig;
+use crate::storage::inventory::{self, Entry, Source};
+
+use super::Pipeline;
+
+/// Describes another node's instances with this node's rules (every node of a cluster runs
+/// the same configuration).
+#[derive(Debug)]
+pub struct ForeignReader {
+    pub pipeline: Arc<Pipeline>,
+    pub node: NodeConfig,
+}
+
+impl Foreign for ForeignReader {
+    fn pending(&self, node_dir: &Path) -> std::io::Result<Vec<Entry>> {
+        let held = super::held_records(node_dir)?;
+        Ok(inventory::pending_except(node_dir, &held)?.0)
+    }
+
+    fn describe(&self, node_id: &str, node_dir: &Path, entry: &Entry) -> Option<Published> {
+        let (key, record, received_ms) = match &entry.source {
+            Source::File(f) => {
+                let bytes = std::fs::read(f).ok()?;
+                let (key, record) = super::describe_part10(&self.pipeline, &self.node, &bytes)?;
+                (key, record, crate::storage::modified_ms(f))
+            }
+            Source::Log(loc) => {
+                let inst = crate::storage::log::read_record(&node_dir.join("log"), *loc).ok()?;
+                let (key, record) = super::describe_log_record(&self.pipeline, &self.node, &inst)?;
+                (key, record, inst.meta.received_ms)
+            }
+        };
+        // As the node itself names it (`Pipeline::publish`): its path under the node's folder.
+        let location = Path::new("patients")
+            .join(&entry.rel)
+            .to_string_lossy()
+            .into_owned();
+        Some(Published {
+            node_id: node_id.to_string(),
+            sop_instance_uid: record.sop_instance_uid.to_string(),
+            grouping_key: key,
+            study_uid: record.study_uid.as_deref().map(str::to_string),
+            series_uid: record.series_uid.as_deref().map(str::to_string),
+            location,
+            bytes: record.bytes,
+            inputs: record.inputs,
+            received_ms,
+        })
+    }
+}
