@@ -30,6 +30,11 @@ so whoever creates files after a receiver's files were deleted pays for the dele
   python3 perf/compare.py                      # every workload, 1 and 8 senders, 5 runs
   python3 perf/compare.py --workloads tiny --senders 1 --receivers dicomgate,dcmtk --runs 3
   python3 perf/compare.py --json results.json  # also keep every run's figures
+
+A/B of two builds in one run: receiver `dicomgate-b` is the dicomgate binary named by
+$COMPARE_DICOMGATE_B (another commit's release build), configured as `dicomgate` (fsync):
+
+  COMPARE_DICOMGATE_B=/tmp/old/dicomgate python3 perf/compare.py --receivers dicomgate,dicomgate-b
 """
 import argparse
 import json
@@ -105,7 +110,11 @@ def receiver_command(name, work, port):
                 # Ingest only: no trigger fires, so receivers are compared, not pipelines.
                 "[trigger]\non_association_close = false\nquiet_seconds = 0\n"
             )
-        return [NODE, "serve", "--config", cfg], {}
+        exe = NODE
+        if name == "dicomgate-b":
+            exe = os.environ.get("COMPARE_DICOMGATE_B") or sys.exit(
+                "receiver dicomgate-b needs COMPARE_DICOMGATE_B (the other build's binary)")
+        return [exe, "serve", "--config", cfg], {}
     if name == "dcmtk":
         return (
             ["/usr/bin/storescp", "--fork", "-aet", "DICOMGATE", "--max-pdu", str(MAX_PDU),

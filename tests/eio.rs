@@ -27,6 +27,11 @@ struct EioFs {
 impl EioFs {
     /// `None` (the test is skipped, saying why) only where the kernel has no FUSE.
     fn mount() -> Option<EioFs> {
+        EioFs::mount_with(&[])
+    }
+
+    /// [`EioFs::mount`] with eio_fs.py's options after the switch (`no-fallocate`).
+    fn mount_with(options: &[&str]) -> Option<EioFs> {
         if !Path::new("/dev/fuse").exists() {
             eprintln!("SKIPPED: /dev/fuse is missing: this kernel has no FUSE, so no file system here can return EIO on demand");
             return None;
@@ -39,6 +44,7 @@ impl EioFs {
         let fs = python()
             .arg(py_script("eio_fs.py"))
             .args([&root, &mnt, &switch])
+            .args(options)
             .stderr(std::fs::File::create(dir.path().join("fs.log")).unwrap())
             .spawn()
             .unwrap();
@@ -281,4 +287,66 @@ fn a_failed_log_flush_fails_the_records_written_before_it() {
     s.send(2, 0);
     s.send(3, 0);
     s.restart_and_check();
+}
+
+/// Issue 10 ("the segment log requires fallocate"): on a file system whose fallocate answers
+/// EOPNOTSUPP (here the FUSE file system with `no-fallocate`; NFS before 4.2 and ext3's
+/// block-mapped files do the same), the node could not make a segment: it refused every store
+/// (0xA700, "log write failed: Operation not supported"). Now it says so once, fills several segments (sparse, or zero-filled ahead), and
+/// every instance it acknowledged is there after a kill -9 and a restart.
+#[test]
+fn a_file_system_without_fallocate_stores_into_the_segment_log_and_recovers() {
+    let Some(fs) = EioFs::mount_with(&["no-fallocate"]) else {
+        return;
+    };
+    let mut node = node_on(&fs);
+    let src = tempfile::tempdir().unwrap();
+    // 12 instances of ~200 KB, each a log record (inline_max_bytes 256 KiB): more than one
+    // 1 MiB segment holds.
+    let sops: Vec<String> = (0..12)
+        .map(|i| format!("1.2.826.0.1.3680043.10.40.2.{i}"))
+        .collect();
+    let files: Vec<PathBuf> = sops
+        .iter()
+        .map(|sop| {
+            let meta = dicomgate::storage::FileMeta {
+                sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+                sop_instance_uid: sop.clone(),
+                transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+                ..Default::default()
+            };
+            let mut f = dicomgate::dicom::part10::header(&meta);
+            f.extend_from_slice(&dataset(
+                "NOFALLOC",
+                "1.2.826.0.1.3680043.10.40",
+                "1.2.826.0.1.3680043.10.40.2",
+                sop,
+                200_000,
+            ));
+            let path = src.path().join(format!("{sop}.dcm"));
+            std::fs::write(&path, f).unwrap();
+            path
+        })
+        .collect();
+    assert!(storescu_status(&node, &files).success(), "{}", node.log());
+    let log = node.log();
+    assert!(log.contains("does not support fallocate"), "{log}");
+    let segments = std::fs::read_dir(fs.mnt.join("data").join("log"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.ends_with(".seg") && n != "spare.seg"
+        })
+        .count();
+    assert!(segments >= 2, "{segments} segments\n{log}");
+    node.kill9();
+    node.restart();
+    for sop in &sops {
+        assert!(
+            stored_instance(&node, sop).is_some(),
+            "{sop} acknowledged but not there after the restart\n{}",
+            node.log()
+        );
+    }
 }

@@ -1,4 +1,4 @@
-"""eio_fs.py ROOT MOUNTPOINT SWITCH: a FUSE file system (fusepy over libfuse2) that passes
+"""eio_fs.py ROOT MOUNTPOINT SWITCH [no-fallocate]: a FUSE file system (fusepy over libfuse2) that passes
 everything through to the directory ROOT, and answers EIO while the file SWITCH exists: a real
 file system returning a real EIO to the node's own system calls (device-mapper's error target
 is not available in this kernel).
@@ -15,6 +15,9 @@ A failing fsync also does what Linux does to the pages it could not write (Postg
 reaches the disk. Here every byte written to that file since its last successful fsync is set
 back to zero in ROOT (the node's segments are zero-filled or fallocated: zero is what the disk
 held), so a later fsync that succeeds does not make them durable either.
+
+With no-fallocate, fallocate answers EOPNOTSUPP, as on a file system without it (NFS before
+4.2, ext3's block-mapped files, FUSE file systems that do not implement it).
 
 fusepy has no fallocate, which the segment log uses: the operations table is extended with
 libfuse 2.9's fields after ioctl (poll, write_buf, read_buf, flock, fallocate).
@@ -65,9 +68,10 @@ class Fuse(fuse.FUSE):
 
 
 class Passthrough(fuse.Operations):
-    def __init__(self, root, switch):
+    def __init__(self, root, switch, fallocate=True):
         self.root = os.path.realpath(root)
         self.switch = switch
+        self.can_fallocate = fallocate
         self.guard = threading.Lock()
         # path -> [(offset, length)] written since its last successful fsync
         self.unsynced = {}
@@ -201,6 +205,8 @@ class Passthrough(fuse.Operations):
         os.truncate(self.full(path), length)
 
     def fallocate(self, path, mode, offset, length, fh):
+        if not self.can_fallocate:
+            raise fuse.FuseOSError(errno.EOPNOTSUPP)
         os.posix_fallocate(fh, offset, length)
 
     def flush(self, path, fh):
@@ -219,7 +225,8 @@ class Passthrough(fuse.Operations):
 
 def main():
     root, mountpoint, switch = sys.argv[1:4]
-    Fuse(Passthrough(root, switch), mountpoint, foreground=True, nothreads=False,
+    fallocate = "no-fallocate" not in sys.argv[4:]
+    Fuse(Passthrough(root, switch, fallocate), mountpoint, foreground=True, nothreads=False,
          big_writes=True, allow_other=True)
 
 

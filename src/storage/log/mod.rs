@@ -26,7 +26,12 @@
 //! Segments are prepared ahead by the `log-prepare` thread: zero-filled while the log fills
 //! slowly (a 4 KiB write and fdatasync into written blocks costs ~0.16 ms here, ~0.49 ms into
 //! fallocated ones, perf/RESULTS.md), only fallocated when a segment filled within a second
-//! (bulk data, where zeroing first would halve the bandwidth).
+//! (bulk data, where zeroing first would halve the bandwidth). On a file system without
+//! `fallocate` (NFS before 4.2, ext3's block-mapped files, FUSE file systems that lack it) the
+//! spare is always zero-filled, and a segment made on the spot is a sparse file of its full
+//! size ([`Log::preallocate`]): holes read as zeros, which is what ends a scan, so recovery
+//! reads it as it reads a preallocated one; only the flushes cost more (each one also writes
+//! the block allocation).
 
 pub mod format;
 
@@ -284,6 +289,9 @@ pub struct Log {
     /// Compaction moves records; it waits until start-up recovery has matched the records that
     /// batches consumed by their locations ([`Log::recover_batches`]).
     compaction: AtomicBool,
+    /// Set once `fallocate` answered that the file system does not support it: segments are
+    /// then zero-filled or sparse ([`Log::preallocate`]).
+    no_fallocate: AtomicBool,
     #[cfg(test)]
     hooks: TestHooks,
 }
@@ -301,6 +309,8 @@ struct TestHooks {
     /// decides what to release).
     before_superseded_sync: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     after_superseded_sync: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// `fallocate` answers EOPNOTSUPP, as on a file system without it.
+    no_fallocate: AtomicBool,
 }
 
 impl std::fmt::Debug for Log {
@@ -419,6 +429,7 @@ impl Log {
             done,
             stop,
             compaction: AtomicBool::new(false),
+            no_fallocate: AtomicBool::new(false),
             #[cfg(test)]
             hooks: TestHooks::default(),
         });
@@ -956,13 +967,10 @@ impl Log {
                 .write(true)
                 .create_new(true)
                 .open(&path)?;
-            rustix::fs::fallocate(
-                &f,
-                rustix::fs::FallocateFlags::empty(),
-                0,
-                self.segment_bytes,
-            )
-            .map_err(io::Error::from)?;
+            if !self.preallocate(&f)? {
+                // A sparse segment of its full size: reads as zeros past what is written.
+                f.set_len(self.segment_bytes)?;
+            }
             f
         };
         let header = SegmentHeader {
@@ -1369,7 +1377,7 @@ impl Log {
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        if zero {
+        if zero || !self.preallocate(&f)? {
             let z = vec![0u8; 1 << 20];
             let mut off = 0;
             while off < self.segment_bytes {
@@ -1380,18 +1388,51 @@ impl Log {
                 f.write_all_at(&z[..n], off)?;
                 off += n as u64;
             }
-        } else {
-            rustix::fs::fallocate(
-                &f,
-                rustix::fs::FallocateFlags::empty(),
-                0,
-                self.segment_bytes,
-            )
-            .map_err(io::Error::from)?;
         }
         f.sync_all()?;
         fs::rename(&tmp, self.dir.join("spare.seg"))?;
         self.sync_log_dir()
+    }
+
+    /// Allocates a segment's blocks with `fallocate`; false when the file system does not
+    /// support it (remembered, and said once in the log), for the caller to zero-fill or
+    /// leave the file sparse. Other errors (a full disk) are errors.
+    fn preallocate(&self, f: &File) -> io::Result<bool> {
+        if self.no_fallocate.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        #[cfg(test)]
+        let r = if self.hooks.no_fallocate.load(Ordering::Relaxed) {
+            Err(rustix::io::Errno::OPNOTSUPP)
+        } else {
+            rustix::fs::fallocate(
+                f,
+                rustix::fs::FallocateFlags::empty(),
+                0,
+                self.segment_bytes,
+            )
+        };
+        #[cfg(not(test))]
+        let r = rustix::fs::fallocate(
+            f,
+            rustix::fs::FallocateFlags::empty(),
+            0,
+            self.segment_bytes,
+        );
+        match r {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+                if !self.no_fallocate.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        dir = %self.dir.display(),
+                        "this file system does not support fallocate: log segments are \
+                         zero-filled ahead, or sparse (slower flushes, same durability)"
+                    );
+                }
+                Ok(false)
+            }
+            Err(e) => Err(io::Error::from(e)),
+        }
     }
 
     /// Takes an instance out of the index (its batch is being claimed or it expires): the
@@ -2269,6 +2310,49 @@ mod tests {
         );
         o.log.append(vec![job(2, b"P")]);
         assert_eq!(answer_of(&answers, 2), Ok(()));
+        o.close();
+    }
+
+    /// Issue 10 ("the segment log requires fallocate"): where the file system has none (NFS
+    /// before 4.2, ext3's block-mapped files, a FUSE file system without it), making a segment
+    /// failed, and with it every store that needed one (from the first). A segment made on the
+    /// spot is now sparse, the spare is zero-filled, and both are read back at a restart.
+    #[test]
+    fn a_file_system_without_fallocate_still_gets_segments_that_recover() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let (mut o, answers) = open_recording(&dir);
+        o.stop_threads(); // no spare made behind the test's back
+        o.log.hooks.no_fallocate.store(true, Ordering::SeqCst);
+        let _ = fs::remove_file(dir.join("spare.seg"));
+        lock(&o.log.inner).spare_ready = false;
+        {
+            let mut inner = lock(&o.log.inner);
+            o.log.roll_over(&mut inner).unwrap();
+        }
+        let seq = active_seq(&o.log);
+        let seg = dir.join(segment_name(seq));
+        assert_eq!(fs::metadata(&seg).unwrap().len(), o.log.segment_bytes);
+        for i in 1..=3 {
+            o.log.append(vec![job(i, b"P")]);
+            assert_eq!(answer_of(&answers, u64::from(i)), Ok(()));
+        }
+        o.stop.store(false, Ordering::Release); // the zero-fill gives up when stopping
+        o.log.prepare_spare(false).unwrap();
+        let spare = fs::read(dir.join("spare.seg")).unwrap();
+        assert_eq!(spare.len() as u64, o.log.segment_bytes);
+        assert!(
+            spare.iter().all(|&b| b == 0),
+            "the spare was not zero-filled"
+        );
+        assert!(o.log.no_fallocate.load(Ordering::SeqCst));
+        o.close();
+        let (o, _) = open_recording(&dir);
+        let mut live: Vec<PathBuf> = o.log.live().into_iter().map(|(rel, _)| rel).collect();
+        live.sort();
+        let mut want: Vec<PathBuf> = (1..=3).map(|i| job(i, b"P").1).collect();
+        want.sort();
+        assert_eq!(live, want);
         o.close();
     }
 
