@@ -78,6 +78,15 @@ pub struct ClusterConfig {
     /// A node that has not renewed its lease for this long is dead to the others.
     #[serde(default = "default_lease_seconds")]
     pub lease_seconds: u32,
+    /// Acknowledged records kept in memory while they wait for the cluster database (about
+    /// 0.8 KiB each); beyond it they are found again by a rescan of the node's folder once
+    /// the database has taken the queue.
+    #[serde(default = "default_max_unpublished")]
+    pub max_unpublished: u32,
+}
+
+fn default_max_unpublished() -> u32 {
+    200_000
 }
 
 fn default_partitions() -> u32 {
@@ -152,6 +161,13 @@ impl ClusterConfig {
                 "cluster.lease_seconds {}: use 2 to 3600 (a node renews its lease every third \
                  of it; a dead node's patients move after about two leases)",
                 self.lease_seconds
+            ));
+        }
+        if !(1..=10_000_000).contains(&self.max_unpublished) {
+            return err(format!(
+                "cluster.max_unpublished {}: use 1 to 10000000 (records queued in memory, about \
+                 0.8 KiB each; beyond it a rescan of the node's folder finds them)",
+                self.max_unpublished
             ));
         }
         if data_dir != self.data_dir() {
@@ -1828,6 +1844,7 @@ mod tests {
         assert_eq!(c.node.data_dir, PathBuf::from("/srv/dicomgate/nodes/gw-1"));
         let cl = c.cluster.as_ref().unwrap();
         assert_eq!((cl.partitions, cl.lease_seconds), (256, 10));
+        assert_eq!(cl.max_unpublished, 200_000);
         let refused = |extra: &str, field: &str| {
             let text = format!("{base}{extra}");
             let e = Config::from_toml(&text).unwrap_err().0;
@@ -1836,6 +1853,7 @@ mod tests {
         refused("partitions = 0\n", "cluster.partitions");
         refused("partitions = 70000\n", "cluster.partitions");
         refused("lease_seconds = 1\n", "cluster.lease_seconds");
+        refused("max_unpublished = 0\n", "cluster.max_unpublished");
         let bad_id = base.replace("gw-1", "../x");
         assert!(Config::from_toml(&bad_id)
             .unwrap_err()

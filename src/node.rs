@@ -33,6 +33,9 @@ pub struct NodeHandle {
     mailboxes: Arc<Vec<Mailbox>>,
     threads: Vec<JoinHandle<()>>,
     pipeline_shutdown: Arc<AtomicBool>,
+    /// The `cluster` thread's own stop, set once every other thread has ended: a record
+    /// queued by ingest at the last moment is still seen before it leaves the cluster.
+    cluster_stop: Arc<AtomicBool>,
     /// Held until the node has stopped.
     _lock: crate::storage::DataDirLock,
     /// Where the HTTP endpoint listens, if `[http] listen` names one.
@@ -136,9 +139,6 @@ impl NodeHandle {
     fn stop(&mut self) {
         self.shared.shutdown.store(true, Ordering::Release);
         self.pipeline_shutdown.store(true, Ordering::Release);
-        if let Some(o) = self.pipeline.outbox() {
-            o.wake();
-        }
         for m in self.mailboxes.iter() {
             m.wake();
         }
@@ -156,15 +156,31 @@ impl NodeHandle {
         // is retried at the next start (its marker was not written).
         let mut threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
         threads.extend(self.take_watched());
+        // The `cluster` thread last, told to stop only once ingest has ended: whether it
+        // published everything (its clean leave says so) is then final.
+        let (cluster, mut threads): (Vec<_>, Vec<_>) = threads
+            .into_iter()
+            .partition(|t| t.thread().name() == Some("cluster"));
+        let (cluster_stop, outbox) = (self.cluster_stop.clone(), self.pipeline.outbox().cloned());
         let (tx, rx) = std::sync::mpsc::channel();
         // The thread being joined, for the warning (the review found it always blamed a
         // pipeline worker, when an HTTP connection could be the one).
         let joining = Arc::new(Mutex::new(String::new()));
         let now_joining = joining.clone();
         let joiner = std::thread::spawn(move || {
-            for t in threads {
+            for t in threads.drain(..) {
                 if let Ok(mut n) = now_joining.lock() {
                     *n = t.thread().name().unwrap_or("unnamed").to_string();
+                }
+                let _ = t.join();
+            }
+            cluster_stop.store(true, Ordering::Release);
+            if let Some(o) = outbox {
+                o.wake();
+            }
+            for t in cluster {
+                if let Ok(mut n) = now_joining.lock() {
+                    *n = "cluster".into();
                 }
                 let _ = t.join();
             }
@@ -309,6 +325,7 @@ pub fn start_with(
     let (polls, mailboxes) = net::reactors(n)?;
     let (done, written, space) = net::storage_callbacks(&mailboxes);
     let pipeline_shutdown = Arc::new(AtomicBool::new(false));
+    let cluster_stop = Arc::new(AtomicBool::new(false));
     let (storage, mut watched) = Storage::start(
         config.node.data_dir.clone(),
         &config.storage,
@@ -323,7 +340,7 @@ pub fn start_with(
     let outbox = config
         .cluster
         .as_ref()
-        .map(|_| crate::cluster::outbox::Outbox::new(crate::cluster::outbox::DEFAULT_MAX_QUEUED));
+        .map(|c| crate::cluster::outbox::Outbox::new(c.max_unpublished as usize));
     // Started before the pipeline's recovery queues every pending instance, so that it
     // publishes while recovery goes on (the queue is bounded); watched by /healthz.
     if let (Some(outbox), Some(c)) = (&outbox, &config.cluster) {
@@ -334,7 +351,7 @@ pub fn start_with(
             lease: std::time::Duration::from_secs(u64::from(c.lease_seconds)),
             shared_dir: c.shared_dir.clone(),
         };
-        let (outbox, stop) = (outbox.clone(), pipeline_shutdown.clone());
+        let (outbox, stop) = (outbox.clone(), cluster_stop.clone());
         tracing::info!(node_id = %c.node_id, shared_dir = %c.shared_dir.display(), "cluster: publishing to the cluster database");
         watched.push(
             std::thread::Builder::new()
@@ -431,6 +448,7 @@ pub fn start_with(
         mailboxes,
         threads,
         pipeline_shutdown,
+        cluster_stop,
         _lock: lock,
         http_addr,
     })

@@ -667,6 +667,65 @@ fn a_join_moves_no_more_partitions_than_even_shares_need() {
     assert_eq!(moved, 1, "{before:?} -> {after:?}");
 }
 
+/// Takeover at the database (issue 15 item 2): a live node is never offered; a dead one is
+/// offered once its lease ran out more than a lease ago, to one taker at a time; a node that
+/// comes back during its takeover makes the taker's renewal and finish fail (so a later
+/// death of it is taken over afresh, and its own clean leave is not overwritten); a node that
+/// left having published everything is not offered at all.
+#[test]
+fn a_takeover_goes_to_one_taker_and_is_given_up_when_its_node_comes_back() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(1);
+    let mut x = node(&pg, "x", 8, lease);
+    let mut y = node(&pg, "y", 8, lease);
+    let mut z = node(&pg, "z", 8, lease);
+    assert_eq!(y.next_takeover().unwrap(), None, "x is live");
+    // x dies (its lease runs out, and a lease more).
+    for _ in 0..3 {
+        wait_past(lease / 2);
+        y.rebalance().unwrap();
+        z.rebalance().unwrap();
+    }
+    let t = y
+        .next_takeover()
+        .unwrap()
+        .expect("x is dead: its takeover is offered");
+    assert_eq!(t.node_id, "x");
+    assert_eq!(z.next_takeover().unwrap(), None, "y holds it");
+    assert!(y.renew_takeover(&t).unwrap());
+    // x comes back mid-way: the hold is given up, and nothing is recorded.
+    x.rebalance().unwrap();
+    assert!(!y.renew_takeover(&t).unwrap());
+    assert!(!y.finish_takeover(&t).unwrap());
+    // x leaves cleanly with everything published: not offered, and y's late finish does not
+    // change that.
+    x.leave(true).unwrap();
+    for _ in 0..3 {
+        wait_past(lease / 2);
+        y.rebalance().unwrap();
+        z.rebalance().unwrap();
+    }
+    assert!(!y.finish_takeover(&t).unwrap());
+    assert_eq!(y.next_takeover().unwrap(), None);
+    assert_eq!(z.next_takeover().unwrap(), None);
+    assert!(takeover_row(&pg, "x").0);
+    // x joins and dies without publishing everything: offered again, and finished once.
+    let mut x = node(&pg, "x", 8, lease);
+    x.leave(false).unwrap();
+    for _ in 0..3 {
+        wait_past(lease / 2);
+        y.rebalance().unwrap();
+        z.rebalance().unwrap();
+    }
+    let t = z
+        .next_takeover()
+        .unwrap()
+        .expect("offered after an unclean leave");
+    assert!(z.finish_takeover(&t).unwrap());
+    assert_eq!(y.next_takeover().unwrap(), None);
+    assert_eq!(takeover_row(&pg, "x"), (true, None));
+}
+
 /// The rows node `node` published: SOP Instance UID → (location, bytes, batch_id).
 fn published_rows(
     pg: &Postgres,
@@ -702,14 +761,24 @@ fn cluster_toml(pg: &Postgres, shared: &Path, node_id: &str) -> String {
 /// Instance `i` of 5 patients, written into `dir`: even ones small (segment-log records under
 /// [`cluster_toml`]), odd ones larger than `inline_max_bytes` (their own files).
 fn mixed_instance(dir: &Path, i: u32) -> PathBuf {
+    sized_instance(dir, i, i % 2 == 1)
+}
+
+/// Instance `i` of [`mixed_instance`]'s patients, small or `large` as asked (a re-send across
+/// `inline_max_bytes`).
+fn sized_instance(dir: &Path, i: u32, large: bool) -> PathBuf {
     let (patient, study, series, sop) = (
         format!("P{}", i % 5),
         format!("1.2.826.0.1.3680043.10.1.{}", i % 5),
         format!("1.2.826.0.1.3680043.10.2.{}", i % 5),
         format!("1.2.826.0.1.3680043.10.3.{i}"),
     );
-    if i % 2 == 0 {
-        return common::write_instance(dir, &patient, &study, &series, &sop, i);
+    if !large {
+        let f = common::write_instance(dir, &patient, &study, &series, &sop, i);
+        // Its own name per size: a re-send must not overwrite the other file.
+        let small = dir.join(format!("{sop}.small.dcm"));
+        std::fs::rename(&f, &small).unwrap();
+        return small;
     }
     let meta = dicomgate::storage::FileMeta {
         sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
@@ -719,9 +788,25 @@ fn mixed_instance(dir: &Path, i: u32) -> PathBuf {
     };
     let mut f = dicomgate::dicom::part10::header(&meta);
     f.extend_from_slice(&common::dataset(&patient, &study, &series, &sop, 8192));
-    let path = dir.join(format!("{sop}.dcm"));
+    let path = dir.join(format!("{sop}.large.dcm"));
     std::fs::write(&path, f).unwrap();
     path
+}
+
+/// Every column of node `node`'s rows, as text, by SOP Instance UID.
+fn full_rows(pg: &Postgres, node: &str) -> Vec<Vec<String>> {
+    pg.client()
+        .query(
+            "SELECT sop_instance_uid, partition::text, encode(grouping_key, 'hex'),
+                    coalesce(study_uid, ''), coalesce(series_uid, ''), location, bytes::text,
+                    inputs::text, received_ms::text, coalesce(batch_id, '')
+             FROM dicomgate_instances WHERE node_id = $1 ORDER BY sop_instance_uid",
+            &[&node],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (0..10).map(|i| r.get::<_, String>(i)).collect())
+        .collect()
 }
 
 /// The HTTP address the node's newest start logged.
@@ -898,6 +983,13 @@ fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
     // Acknowledged while the database is away; then the node dies for good.
     pg.stop();
     assert!(storescu_status(&a, &batch(4, 10)).success(), "{}", a.log());
+    // Re-sent across inline_max_bytes: .6 (a log record) as a file, .7 (a file) as a record.
+    std::thread::sleep(Duration::from_millis(20)); // a newer time than the first copies
+    let resent = [
+        sized_instance(files.path(), 6, true),
+        sized_instance(files.path(), 7, false),
+    ];
+    assert!(storescu_status(&a, &resent).success(), "{}", a.log());
     a.kill9();
     let died_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -906,8 +998,16 @@ fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
     pg.start_again();
     assert_eq!(published_rows(&pg, "a").len(), 4);
 
+    // a's folder is not there (the shared folder not mounted where b looks, say): b must not
+    // count a's takeover as done with nothing published.
+    let hidden = shared.path().join("a-elsewhere");
+    std::fs::rename(&a_dir, &hidden).unwrap();
     let b_dir = shared.path().join("nodes").join("b");
     let b = Node::start_with_data_dir(&b_dir, &cluster_toml(&pg, shared.path(), "b"));
+    std::thread::sleep(Duration::from_secs(7)); // a's lease has run out for a lease, b looked
+    assert!(!takeover_row(&pg, "a").0, "{}", b.log());
+    assert!(b.log().contains("is not a node's folder"), "{}", b.log());
+    std::fs::rename(&hidden, &a_dir).unwrap();
     assert!(
         wait_until(30, || published_rows(&pg, "a").len() == 10),
         "a's rows: {:?}\n{}",
@@ -963,14 +1063,19 @@ fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
             )
             .unwrap();
     }
+    let taken_rows = full_rows(&pg, "a");
     a.restart();
+    // 10 instances, and an 11th record: the older copy of the one re-sent as a log record,
+    // which recovery publishes before the newer.
     assert!(
-        wait_until(20, || cluster_status(&a)["published"] == 10
+        wait_until(20, || cluster_status(&a)["published"] == 11
             && cluster_status(&a)["unpublished"] == 0),
         "{}\n{}",
         cluster_status(&a),
         a.log()
     );
+    // a's own republication found every row as b wrote it: not one column differs.
+    assert_eq!(full_rows(&pg, "a"), taken_rows, "{}", a.log());
     let rows = published_rows(&pg, "a");
     assert_eq!(rows.len(), 10);
     for uid in claimed {
@@ -988,4 +1093,60 @@ fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
         "{}",
         b.log()
     );
+}
+
+/// Issue 15 item 2: records left out of the full in-memory queue (here `max_unpublished = 2`,
+/// while the database is down) were published only at the next start. Once the database has
+/// taken the queue, the node now rescans its own folder and publishes what it left out, and a
+/// clean stop then counts as having published everything (no takeover needed).
+#[test]
+fn records_left_out_of_a_full_queue_are_published_by_a_rescan() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let a_dir = shared.path().join("nodes").join("a");
+    let toml = format!(
+        "{}max_unpublished = 2\n",
+        cluster_toml(&pg, shared.path(), "a")
+    );
+    let mut a = Node::start_with_data_dir(&a_dir, &toml);
+    let files = tempfile::tempdir().unwrap();
+    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
+        (from..to)
+            .map(|i| mixed_instance(files.path(), i))
+            .collect()
+    };
+    assert!(storescu_status(&a, &batch(0, 2)).success(), "{}", a.log());
+    assert!(
+        wait_until(20, || published_rows(&pg, "a").len() == 2),
+        "{}",
+        a.log()
+    );
+    pg.stop();
+    assert!(storescu_status(&a, &batch(2, 12)).success(), "{}", a.log());
+    assert!(
+        wait_until(20, || cluster_status(&a)["left_out"] == 8
+            && cluster_status(&a)["unpublished"] == 2),
+        "{}",
+        cluster_status(&a)
+    );
+    pg.start_again();
+    assert!(
+        wait_until(30, || published_rows(&pg, "a").len() == 12),
+        "{} rows: {:?}\n{}",
+        published_rows(&pg, "a").len(),
+        cluster_status(&a),
+        a.log()
+    );
+    assert!(
+        wait_until(10, || cluster_status(&a)["rescanned"] == 8),
+        "{}",
+        cluster_status(&a)
+    );
+    for (uid, (location, _, _)) in published_rows(&pg, "a") {
+        assert!(a_dir.join(&location).exists() || location.contains(&uid));
+    }
+    a.signal(rustix::process::Signal::TERM);
+    assert!(a.wait_exit(20).is_some(), "{}", a.log());
+    assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
 }

@@ -762,29 +762,32 @@ impl Coordinator {
         }))
     }
 
-    /// Extends this node's hold on `t` (call it between rounds); false when it is no longer
-    /// this node's (another took it after the hold ran out: stop, it does the work).
+    /// Extends this node's hold on `t` (every third of a lease while it works); false when it
+    /// is no longer this node's to do: another node took it after the hold ran out, or the
+    /// dead node came back (renewed its lease, so it publishes its own). Stop then.
     pub fn renew_takeover(&mut self, t: &Takeover) -> Result<bool> {
         let hold = self.lease.as_secs_f64() * f64::from(TAKEOVER_LEASES);
         let n = self.client.execute(
             "UPDATE dicomgate_nodes
              SET takeover_until = statement_timestamp() + make_interval(secs => $3)
-             WHERE node_id = $1 AND takeover_by = $2",
-            &[&t.node_id, &self.node_id, &hold],
+             WHERE node_id = $1 AND takeover_by = $2 AND lease_until = $4",
+            &[&t.node_id, &self.node_id, &hold, &t.lease_until],
         )?;
         Ok(n == 1)
     }
 
     /// Records that `t`'s records are all published: the node is not taken over again until
-    /// it has come back (renewed its lease) and died again.
-    pub fn finish_takeover(&mut self, t: &Takeover) -> Result<()> {
-        self.client.execute(
+    /// it has come back (renewed its lease) and died again. False (nothing recorded) when the
+    /// hold is no longer this node's or the node came back meanwhile: a later death of it
+    /// must be taken over afresh.
+    pub fn finish_takeover(&mut self, t: &Takeover) -> Result<bool> {
+        let n = self.client.execute(
             "UPDATE dicomgate_nodes
              SET taken_over = $3, takeover_by = NULL, takeover_until = NULL
-             WHERE node_id = $1 AND takeover_by = $2",
+             WHERE node_id = $1 AND takeover_by = $2 AND lease_until = $3",
             &[&t.node_id, &self.node_id, &t.lease_until],
         )?;
-        Ok(())
+        Ok(n == 1)
     }
 }
 

@@ -13,9 +13,11 @@
 //! pending there is published again at the next start (the pipeline's recovery pushes each
 //! one), and publication is idempotent by (node, SOP Instance UID) (`Coordinator::publish`
 //! writes nothing for a row that is already there unchanged), so what the database already had
-//! costs one statement and what it lacked is added. The same covers a queue that reached its
-//! bound during a long outage: the records left out are counted, logged, and published at the
-//! next start.
+//! costs one statement and what it lacked is added. A queue that reached its bound during a
+//! long outage (or a start-up recovery that found more pending than it holds) is covered the
+//! same way while running: the records left out are counted and logged, and once the queue
+//! has been published the thread rescans the node's own folder and publishes all that is
+//! pending there (the acknowledged records left out among it).
 //!
 //! **Takeover** (a node lost for good): between its own rounds, the `cluster` thread looks for
 //! a node whose lease ran out more than a lease ago and whose records nobody published since
@@ -43,9 +45,6 @@ pub const ROUND_RECORDS: usize = 1000;
 /// its threads); what is left is published at the next start.
 pub const STOP_PUBLISHING: Duration = Duration::from_secs(3);
 
-/// Unpublished records kept in memory by default (about 0.8 KiB each: some 160 MiB at most).
-pub const DEFAULT_MAX_QUEUED: usize = 200_000;
-
 /// The cluster database's side of the node, as `/metrics` and the status page show it.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
@@ -53,8 +52,11 @@ pub struct OutboxStats {
     pub published: AtomicU64,
     /// Committed publication rounds.
     pub rounds: AtomicU64,
-    /// Records not queued because the queue was full (published at the next start).
+    /// Records not queued because the queue was full (found by a rescan of the folder).
     pub left_out: AtomicU64,
+    /// How many of `left_out` a finished rescan covered (it started after they were left
+    /// out, so it found them on disk).
+    pub rescanned: AtomicU64,
     /// Whether the `cluster` thread holds a working connection.
     pub connected: AtomicBool,
     /// Connection attempts or statements that failed.
@@ -96,33 +98,83 @@ pub struct Settings {
 /// stored instance is described). Must only read.
 pub trait Foreign: Send + Sync {
     /// The instances pending in `node_dir` (those its node would publish at its own restart:
-    /// not those its batches hold).
+    /// not those its batches hold); an error when `node_dir` is not a node's folder (a shared
+    /// folder not mounted must not look like a node with nothing pending).
     fn pending(&self, node_dir: &Path) -> std::io::Result<Vec<Entry>>;
-    /// `entry`'s record as node `node_id` would publish it; None when it cannot be read.
-    fn describe(&self, node_id: &str, node_dir: &Path, entry: &Entry) -> Option<Published>;
+    /// `entry`'s record as node `node_id` would publish it; None when its bytes cannot be
+    /// parsed (its node's recovery leaves it in place too); an error when they cannot be read.
+    fn describe(
+        &self,
+        node_id: &str,
+        node_dir: &Path,
+        entry: &Entry,
+    ) -> std::io::Result<Option<Published>>;
 }
 
-/// A takeover under way.
+/// A takeover under way, or a rescan of this node's own folder.
+///
+/// The folder is read by a thread of its own (`cluster-takeover`): the listing reads every
+/// segment of that node's log and each instance is read whole to be described, which on a
+/// shared file system may take longer than a lease, and the `cluster` thread must go on
+/// renewing this node's lease (and the hold) meanwhile. The reader sends rounds through a
+/// channel of two, so it stays at most two rounds ahead; it ends when the job is dropped.
 struct Job {
-    takeover: Takeover,
-    node_dir: PathBuf,
-    /// The listing of the dead node's folder, made by a thread of its own (it reads every
-    /// segment of that node's log: on a shared file system it may take longer than a lease,
-    /// and this thread must go on renewing this node's lease meanwhile).
-    listing: Option<std::thread::JoinHandle<std::io::Result<Vec<Entry>>>>,
+    /// None: this node's own folder, rescanned for records left out of the queue.
+    takeover: Option<Takeover>,
+    node_id: String,
+    /// The `left_out` count a rescan covers once finished.
+    covers: u64,
+    from_reader: std::sync::mpsc::Receiver<Read>,
+    /// A round read and not yet committed (sent again after a failure).
+    round: Option<Vec<Published>>,
     renewed: Instant,
-    /// What is left to publish, once listed.
-    entries: Vec<Entry>,
-    next: usize,
     published: u64,
     unreadable: u64,
 }
 
-impl Job {
-    /// Whether a turn has something to publish now (not waiting for the listing).
-    fn ready(&self) -> bool {
-        self.listing.is_none()
+/// What the reader of a folder sends.
+enum Read {
+    /// A round of records, and how many instances of it could not be parsed (skipped, as a
+    /// restart of their node leaves them in place).
+    Round(Vec<Published>, u64),
+    /// All is read.
+    Done,
+    /// The folder could not be read (not there, or an I/O error): the job is abandoned and
+    /// tried again later, never finished on a partial read.
+    Failed(std::io::Error),
+}
+
+/// The `cluster-takeover` thread: lists `node_dir` and sends its records in rounds.
+fn read_folder(
+    foreign: &dyn Foreign,
+    node_id: &str,
+    node_dir: &Path,
+    to: &std::sync::mpsc::SyncSender<Read>,
+) {
+    let entries = match foreign.pending(node_dir) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = to.send(Read::Failed(e));
+            return;
+        }
+    };
+    for chunk in entries.chunks(ROUND_RECORDS) {
+        let (mut round, mut unparsed) = (Vec::with_capacity(chunk.len()), 0);
+        for e in chunk {
+            match foreign.describe(node_id, node_dir, e) {
+                Ok(Some(r)) => round.push(r),
+                Ok(None) => unparsed += 1,
+                Err(e) => {
+                    let _ = to.send(Read::Failed(e));
+                    return;
+                }
+            }
+        }
+        if to.send(Read::Round(round, unparsed)).is_err() {
+            return; // the job was dropped
+        }
     }
+    let _ = to.send(Read::Done);
 }
 
 /// The queue of acknowledged records not yet published.
@@ -165,16 +217,17 @@ impl Outbox {
     }
 
     /// Queues an acknowledged record for publication (never blocks on the database). Beyond
-    /// the bound it is left out, counted, and published at the next start.
+    /// the bound it is left out and counted; a rescan of the folder publishes it later.
     pub fn push(&self, record: Published) {
         let mut q = lock(&self.queue);
         if q.len() >= self.max_queued {
             drop(q);
-            if self.stats.left_out.fetch_add(1, Ordering::Relaxed) == 0 {
+            let n = self.stats.left_out.fetch_add(1, Ordering::AcqRel);
+            if n == self.stats.rescanned.load(Ordering::Acquire) {
                 tracing::warn!(
                     queued = self.max_queued,
                     "the cluster database has not taken this node's records for a while: \
-                     further ones are published at the next start"
+                     further ones are found by a rescan of the node's folder once it has"
                 );
             }
             return;
@@ -209,9 +262,11 @@ impl Outbox {
     }
 
     /// Whether this node has published everything it holds: nothing queued, nothing left out
-    /// (then a clean stop needs no takeover).
+    /// that a rescan has not covered since (then a clean stop needs no takeover).
     pub fn published_all(&self) -> bool {
-        self.pending() == 0 && self.stats.left_out.load(Ordering::Relaxed) == 0
+        self.pending() == 0
+            && self.stats.left_out.load(Ordering::Acquire)
+                == self.stats.rescanned.load(Ordering::Acquire)
     }
 
     /// Wakes the `cluster` thread (to see `stop`).
@@ -278,10 +333,13 @@ impl Outbox {
                 continue;
             };
             let turn = self.round(c, settings, &mut next_beat).and_then(|()| {
-                if stop.load(Ordering::Acquire) || self.pending() > 0 {
-                    return Ok(()); // this node's own records first
+                // This node's own records first: the others' (and a rescan) only while the
+                // database keeps up with them (less than a round waits).
+                if stop.load(Ordering::Acquire) {
+                    return Ok(());
                 }
-                self.take_over(c, settings, &mut job, &mut next_look)
+                let busy = self.pending() >= ROUND_RECORDS;
+                self.take_over(c, settings, &mut job, &mut next_look, busy)
             });
             match turn {
                 Ok(()) => backoff = Duration::from_millis(100),
@@ -294,10 +352,12 @@ impl Outbox {
                     continue;
                 }
             }
-            if self.pending() == 0 && !job.as_ref().is_some_and(Job::ready) {
+            if self.pending() == 0 {
                 let until_beat = next_beat.saturating_duration_since(Instant::now());
+                // A takeover or rescan under way is stepped every 20 ms (a round per step).
+                let step = if job.is_some() { 20 } else { 200 };
                 self.bell
-                    .wait(until_beat.min(Duration::from_millis(200)), || {
+                    .wait(until_beat.min(Duration::from_millis(step)), || {
                         stop.load(Ordering::Acquire) || !lock(&self.queue).is_empty()
                     });
             }
@@ -341,129 +401,152 @@ impl Outbox {
         Ok(())
     }
 
-    /// One step of a takeover: look for a dead node to take over (every third of a lease,
-    /// when none is under way) and start listing its folder, or, once listed, publish the next
-    /// round of it (at most [`ROUND_RECORDS`] records, and what a sixth of a lease lets this
-    /// thread read: its own lease renewal must not wait long), renew the hold, and finish once
-    /// all is published. A folder that cannot be read is left (with a hold that runs out) for
-    /// a later look, by this node or another.
+    /// One step of a takeover or rescan. With none under way (and `busy` false): every third
+    /// of a lease, start a rescan of this node's folder if records were left out of the queue,
+    /// else look for a dead node to take over ([`Coordinator::next_takeover`]), and start its
+    /// reader. With one under way: renew the hold every third of a lease (even when `busy`),
+    /// and unless `busy` publish the next round the reader sent (one round per turn; a round is
+    /// moved past only once it committed), and finish when all is read. A folder that cannot
+    /// be read abandons the job (a takeover's hold then runs out) for a later look.
     fn take_over(
         &self,
         c: &mut Coordinator,
         settings: &Settings,
         job: &mut Option<Job>,
         next_look: &mut Instant,
+        busy: bool,
     ) -> Result<(), ClusterError> {
         let Some(foreign) = self.foreign.get() else {
             return Ok(());
         };
         let Some(j) = job.as_mut() else {
-            if Instant::now() < *next_look {
+            if busy || Instant::now() < *next_look {
                 return Ok(());
             }
             *next_look = Instant::now() + settings.lease / 3;
-            let Some(takeover) = c.next_takeover()? else {
-                return Ok(());
+            // Records left out of the queue were acknowledged, so on disk, before they were
+            // left out: a listing started now finds every one counted so far.
+            let left_out = self.stats.left_out.load(Ordering::Acquire);
+            let (takeover, node_id, covers) = if left_out
+                > self.stats.rescanned.load(Ordering::Acquire)
+            {
+                tracing::info!(
+                    left_out,
+                    "cluster: rescanning this node's folder for the records left out"
+                );
+                (None, settings.node_id.clone(), left_out)
+            } else {
+                let Some(takeover) = c.next_takeover()? else {
+                    return Ok(());
+                };
+                // The id comes from the database: it names a folder only if it is a node
+                // id.
+                if super::check_node_id(&takeover.node_id).is_err() {
+                    tracing::error!(node_id = ?takeover.node_id, "the cluster database names a node that cannot be one: not taken over");
+                    return Ok(());
+                }
+                let id = takeover.node_id.clone();
+                (Some(takeover), id, 0)
             };
-            // The id comes from the database: it names a folder only if it is a node id.
-            if super::check_node_id(&takeover.node_id).is_err() {
-                tracing::error!(node_id = ?takeover.node_id, "the cluster database names a node that cannot be one: not taken over");
-                return Ok(());
-            }
-            let node_dir = settings.shared_dir.join("nodes").join(&takeover.node_id);
-            let (f, dir) = (foreign.clone(), node_dir.clone());
-            let listing = std::thread::Builder::new()
+            let node_dir = settings.shared_dir.join("nodes").join(&node_id);
+            let (to, from_reader) = std::sync::mpsc::sync_channel(2);
+            let (f, id) = (foreign.clone(), node_id.clone());
+            std::thread::Builder::new()
                 .name("cluster-takeover".into())
-                .spawn(move || f.pending(&dir))
-                .map_err(|e| ClusterError::Invalid(format!("no thread to list a folder: {e}")))?;
+                .spawn(move || read_folder(f.as_ref(), &id, &node_dir, &to))
+                .map_err(|e| ClusterError::Invalid(format!("no thread to read a folder: {e}")))?;
             *job = Some(Job {
                 takeover,
-                node_dir,
-                listing: Some(listing),
+                node_id,
+                covers,
+                from_reader,
+                round: None,
                 renewed: Instant::now(),
-                entries: Vec::new(),
-                next: 0,
                 published: 0,
                 unreadable: 0,
             });
             return Ok(());
         };
-        if let Some(listing) = j.listing.take_if(|l| l.is_finished()) {
-            let listed = listing
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the listing thread panicked")));
-            match listed {
-                Ok(entries) => {
-                    tracing::info!(
-                        node_id = %j.takeover.node_id,
-                        instances = entries.len(),
-                        "cluster: taking over a dead node: publishing its pending instances"
-                    );
-                    j.entries = entries;
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        node_id = %j.takeover.node_id,
-                        folder = %j.node_dir.display(),
-                        error = %e,
-                        "cluster: cannot read a dead node's folder: its takeover is retried later"
-                    );
+        if j.renewed.elapsed() >= settings.lease / 3 {
+            j.renewed = Instant::now();
+            if let Some(t) = &j.takeover {
+                if !c.renew_takeover(t)? {
+                    // Another node took it on, or its node came back; the reader ends at its
+                    // next round.
+                    tracing::warn!(node_id = %j.node_id, "cluster: takeover given up: another node holds it, or the node is back");
                     *job = None;
                     return Ok(());
                 }
             }
         }
-        if j.listing.is_some() {
-            if j.renewed.elapsed() >= settings.lease / 3 {
-                j.renewed = Instant::now();
-                if !c.renew_takeover(&j.takeover)? {
-                    // Another node took it on; the listing thread ends on its own.
+        if busy {
+            return Ok(());
+        }
+        if j.round.is_none() {
+            match j.from_reader.try_recv() {
+                Ok(Read::Round(round, unparsed)) => {
+                    j.unreadable += unparsed;
+                    j.round = Some(round);
+                }
+                Ok(Read::Done) => return self.finish(c, job),
+                Ok(Read::Failed(e)) => {
+                    tracing::warn!(node_id = %j.node_id, error = %e, "cluster: cannot read a node's folder: retried later");
                     *job = None;
+                    return Ok(());
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(()),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    tracing::warn!(node_id = %j.node_id, "cluster: the reader of a node's folder ended early: retried later");
+                    *job = None;
+                    return Ok(());
                 }
             }
+        }
+        let Some(round) = &j.round else {
             return Ok(());
-        }
-        let started = Instant::now();
-        let end = (j.next + ROUND_RECORDS).min(j.entries.len());
-        let (mut next, mut unreadable) = (j.next, 0);
-        let mut round = Vec::with_capacity(end - j.next);
-        while next < end && (next == j.next || started.elapsed() < settings.lease / 6) {
-            match foreign.describe(&j.takeover.node_id, &j.node_dir, &j.entries[next]) {
-                Some(r) => round.push(r),
-                None => unreadable += 1,
-            }
-            next += 1;
-        }
+        };
         if !round.is_empty() {
-            c.publish(&round)?;
+            c.publish(round)?;
         }
-        // Only a committed round moves on: a failed one is read and sent again.
-        (j.next, j.unreadable) = (next, j.unreadable + unreadable);
-        j.published += round.len() as u64;
-        self.stats
-            .taken_over
-            .fetch_add(round.len() as u64, Ordering::Relaxed);
-        if j.next < j.entries.len() {
-            j.renewed = Instant::now();
-            if !c.renew_takeover(&j.takeover)? {
-                tracing::warn!(node_id = %j.takeover.node_id, "cluster: another node took this takeover over");
-                *job = None;
-            }
+        let n = round.len() as u64;
+        j.round = None;
+        j.published += n;
+        let counter = match j.takeover {
+            Some(_) => &self.stats.taken_over,
+            None => &self.stats.published,
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The job's reader has sent everything and all of it committed.
+    fn finish(&self, c: &mut Coordinator, job: &mut Option<Job>) -> Result<(), ClusterError> {
+        let Some(j) = job.as_ref() else {
             return Ok(());
+        };
+        match &j.takeover {
+            Some(t) => {
+                if !c.finish_takeover(t)? {
+                    tracing::warn!(node_id = %j.node_id, "cluster: takeover not recorded: its node came back meanwhile (it publishes its own)");
+                }
+                self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                self.stats.rescanned.fetch_max(j.covers, Ordering::AcqRel);
+            }
         }
-        c.finish_takeover(&j.takeover)?;
-        self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
         if j.unreadable > 0 {
             tracing::warn!(
-                node_id = %j.takeover.node_id,
+                node_id = %j.node_id,
                 unreadable = j.unreadable,
-                "cluster: instances of a dead node that could not be read were not published"
+                "cluster: pending instances that cannot be parsed were not published"
             );
         }
         tracing::info!(
-            node_id = %j.takeover.node_id,
+            node_id = %j.node_id,
             published = j.published,
-            "cluster: took over a dead node"
+            "cluster: published a folder's pending instances ({})",
+            if j.takeover.is_some() { "took over a dead node" } else { "rescan" }
         );
         *job = None;
         Ok(())
@@ -508,6 +591,8 @@ mod tests {
         }
         assert_eq!(o.pending(), 3);
         assert_eq!(o.stats.left_out.load(Ordering::Relaxed), 2);
+        // A clean stop now would need a takeover: two records are only on disk.
+        assert!(!o.published_all());
     }
 
     /// Without a database the thread retries, keeps everything queued, and on stop returns

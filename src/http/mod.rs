@@ -273,7 +273,7 @@ pub fn render(shared: &Shared) -> String {
         );
         r.register(
             "cluster_left_out",
-            "Records not queued for publication (queue full): published at the next start",
+            "Records not queued for publication (queue full): found by a rescan of the folder",
             count(&s.left_out),
         );
         r.register(

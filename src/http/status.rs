@@ -56,8 +56,11 @@ pub struct ClusterStatus {
     pub unpublished: usize,
     /// Milliseconds since the oldest unpublished record was acknowledged.
     pub lag_ms: u64,
-    /// Records not queued (the queue was full): published at the next start.
+    /// Records not queued (the queue was full), and how many of them a rescan of the node's
+    /// folder has published since.
     pub left_out: u64,
+    #[serde(default)]
+    pub rescanned: u64,
     /// Records of dead nodes this node published from their folders (takeover).
     #[serde(default)]
     pub taken_over: u64,
@@ -272,6 +275,7 @@ fn cluster_status(shared: &Shared) -> Option<ClusterStatus> {
         unpublished: o.pending(),
         lag_ms: o.lag_ms(),
         left_out: s.left_out.load(Ordering::Relaxed),
+        rescanned: s.rescanned.load(Ordering::Relaxed),
         taken_over: s.taken_over.load(Ordering::Relaxed),
         failures: s.failures.load(Ordering::Relaxed),
         last_error: s.last_error(),
@@ -295,8 +299,11 @@ fn cluster_line(c: &ClusterStatus) -> String {
         c.published,
         c.unpublished,
         c.lag_ms,
-        if c.left_out > 0 {
-            format!(", {} left for the next start", c.left_out)
+        if c.left_out > c.rescanned {
+            format!(
+                ", {} left out of the queue (a rescan publishes them)",
+                c.left_out - c.rescanned
+            )
         } else {
             String::new()
         },
@@ -1017,6 +1024,7 @@ mod tests {
                 unpublished: 3,
                 lag_ms: 1500,
                 left_out: 0,
+                rescanned: 0,
                 taken_over: 7,
                 failures: 1,
                 // A database error can quote what a peer sent.

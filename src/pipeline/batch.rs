@@ -1090,25 +1090,38 @@ pub fn records_of(dir: &Path) -> io::Result<Vec<(PathBuf, Loc)>> {
         .collect())
 }
 
-/// The log records that the batches under `data_dir/batches/` are made of: not pending, though
-/// in the log.
+/// The log records that are not pending though still in the log, as the start-up recovery
+/// counts them (read-only): those the batches under `data_dir/batches/` and `failed/` are
+/// made of (held until exported) or were made from (released, unless a crash cut that short).
+/// A batch interrupted while being claimed (`<id>.tmp`) holds none: recovery puts its
+/// instances back.
 pub fn held_records(data_dir: &Path) -> io::Result<std::collections::HashSet<Loc>> {
     let mut out = std::collections::HashSet::new();
-    let rd = match fs::read_dir(data_dir.join("batches")) {
-        Ok(rd) => rd,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-            ) =>
-        {
-            return Ok(out)
-        }
-        Err(e) => return Err(e),
-    };
-    for e in rd.flatten() {
-        if let Ok(r) = records_of(&e.path()) {
-            out.extend(r.into_iter().map(|(_, l)| l));
+    for root in [data_dir.join("batches"), data_dir.join("failed")] {
+        let rd = match fs::read_dir(&root) {
+            Ok(rd) => rd,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        for e in rd {
+            let e = e?;
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                continue;
+            }
+            // As recovery: a folder without a readable manifest holds nothing.
+            if let Ok(m) = read_manifest(&e.path()) {
+                for f in m.files {
+                    out.extend(f.log.iter().map(|&(seq, offset)| Loc { seq, offset }));
+                    out.extend(f.record());
+                }
+            }
         }
     }
     Ok(out)

@@ -26,29 +26,53 @@ pub struct ForeignReader {
 
 impl Foreign for ForeignReader {
     fn pending(&self, node_dir: &Path) -> std::io::Result<Vec<Entry>> {
+        // Every node's folder has its log (made at its first start): without it this is not a
+        // node's folder (the shared folder not mounted, the node's folder removed), which must
+        // not pass for a node with nothing pending.
+        let log = node_dir.join("log");
+        if !log.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not a node's folder (no log/)", node_dir.display()),
+            ));
+        }
         let held = super::held_records(node_dir)?;
         Ok(inventory::pending_except(node_dir, &held)?.0)
     }
 
-    fn describe(&self, node_id: &str, node_dir: &Path, entry: &Entry) -> Option<Published> {
-        let (key, record, received_ms) = match &entry.source {
+    fn describe(
+        &self,
+        node_id: &str,
+        node_dir: &Path,
+        entry: &Entry,
+    ) -> std::io::Result<Option<Published>> {
+        let described = match &entry.source {
             Source::File(f) => {
-                let bytes = std::fs::read(f).ok()?;
-                let (key, record) = super::describe_part10(&self.pipeline, &self.node, &bytes)?;
-                (key, record, crate::storage::modified_ms(f))
+                let bytes = match std::fs::read(f) {
+                    Ok(b) => b,
+                    // Processed and removed by its node since the listing (it is alive after
+                    // all): nothing pending there any more.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                super::describe_part10(&self.pipeline, &self.node, &bytes)
+                    .map(|(key, record)| (key, record, crate::storage::modified_ms(f)))
             }
             Source::Log(loc) => {
-                let inst = crate::storage::log::read_record(&node_dir.join("log"), *loc).ok()?;
-                let (key, record) = super::describe_log_record(&self.pipeline, &self.node, &inst)?;
-                (key, record, inst.meta.received_ms)
+                let inst = crate::storage::log::read_record(&node_dir.join("log"), *loc)?;
+                super::describe_log_record(&self.pipeline, &self.node, &inst)
+                    .map(|(key, record)| (key, record, inst.meta.received_ms))
             }
+        };
+        let Some((key, record, received_ms)) = described else {
+            return Ok(None);
         };
         // As the node itself names it (`Pipeline::publish`): its path under the node's folder.
         let location = Path::new("patients")
             .join(&entry.rel)
             .to_string_lossy()
             .into_owned();
-        Some(Published {
+        Ok(Some(Published {
             node_id: node_id.to_string(),
             sop_instance_uid: record.sop_instance_uid.to_string(),
             grouping_key: key,
@@ -58,6 +82,6 @@ impl Foreign for ForeignReader {
             bytes: record.bytes,
             inputs: record.inputs,
             received_ms,
-        })
+        }))
     }
 }

@@ -72,20 +72,47 @@ pub fn pending_except(
         });
     }
     let (segments, records) = log::inspect(&data_dir.join("log"))?;
+    let files_at: std::collections::HashMap<PathBuf, usize> = out
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.rel.clone(), i))
+        .collect();
     for r in records {
-        if held.contains(&r.loc) || out.iter().any(|e| e.rel == r.rel) {
-            continue; // the file is the newer copy
+        if held.contains(&r.loc) {
+            continue;
         }
-        out.push(Entry {
+        let entry = Entry {
             rel: r.rel,
             patient_id: r.meta.patient_id,
             sop_instance_uid: r.meta.sop_instance_uid,
             source: Source::Log(r.loc),
             bytes: r.bytes,
-        });
+        };
+        match files_at.get(&entry.rel) {
+            // Both copies of an instance re-sent across `inline_max_bytes`: the newer stays,
+            // as the start-up recovery decides (the record's time against the file's).
+            Some(&i) => {
+                if let Source::File(f) = &out[i].source {
+                    if r.meta.received_ms > file_mtime_ms(f) {
+                        out[i] = entry;
+                    }
+                }
+            }
+            None => out.push(entry),
+        }
     }
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok((out, segments))
+}
+
+/// A file's modification time in ms since the epoch, 0 when unreadable (as recovery compares
+/// it with a log record's time: `pipeline::batch::log_is_newer`).
+fn file_mtime_ms(f: &Path) -> u64 {
+    fs::metadata(f)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Writes `entry` as a Part-10 file at `out_dir/<entry.rel>` (and, as under `patients/`, the

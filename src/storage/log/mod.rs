@@ -1906,8 +1906,12 @@ pub fn inspect(dir: &Path) -> io::Result<(Vec<SegmentInfo>, Vec<Inspected>)> {
     let mut segments = Vec::new();
     for seq in segs {
         // Freed meanwhile (NotFound), or a header never made durable: nothing pending there.
-        let Ok(Some(file)) = SegmentFile::read(dir, seq) else {
-            continue;
+        // Any other error is the caller's: a listing must not leave out what it could not read.
+        let file = match SegmentFile::read(dir, seq) {
+            Ok(Some(file)) => file,
+            Ok(None) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
         };
         let mut live = 0;
         for (loc, r, released) in file.records(seq).0 {
