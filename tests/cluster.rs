@@ -1076,6 +1076,35 @@ fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
     );
     // a's own republication found every row as b wrote it: not one column differs.
     assert_eq!(full_rows(&pg, "a"), taken_rows, "{}", a.log());
+    // Every node's status shows the whole cluster (issue 15 item 5): both nodes live, all 8
+    // partitions between them, what each published; the page (in a real browser) too.
+    let both_live = || {
+        let nodes = cluster_status(&b)["nodes"].clone();
+        let rows = nodes.as_array().cloned().unwrap_or_default();
+        rows.len() == 2
+            && rows.iter().all(|n| n["live"] == true)
+            && rows
+                .iter()
+                .map(|n| n["partitions"].as_i64().unwrap_or(0))
+                .sum::<i64>()
+                == 8
+            && rows[0]["node_id"] == "a"
+            && rows[0]["published"].as_i64() >= Some(11)
+    };
+    assert!(wait_until(20, both_live), "{}", cluster_status(&b));
+    let dom = chromium_dom(&format!("http://{}/", http_of(&b)));
+    let table = dom
+        .split("<table id=\"cluster-nodes\">")
+        .nth(1)
+        .and_then(|t| t.split("</table>").next())
+        .unwrap_or_else(|| panic!("no cluster table\n{dom}"));
+    for id in ["a", "b"] {
+        assert!(
+            table.contains(&format!("<td class=\"node\">{id}</td>")),
+            "{table}"
+        );
+    }
+    assert!(table.contains("live (lease"), "{table}");
     let rows = published_rows(&pg, "a");
     assert_eq!(rows.len(), 10);
     for uid in claimed {

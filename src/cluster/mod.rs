@@ -84,7 +84,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "coordination",
         include_str!("migrations/0001_coordination.sql"),
     ),
-    (2, "takeover", include_str!("migrations/0002_takeover.sql")),
+    (
+        2,
+        "takeover and node status",
+        include_str!("migrations/0002_takeover.sql"),
+    ),
 ];
 
 /// Largest partition count (a partition is a row; more gain nothing at any realistic node
@@ -731,6 +735,48 @@ impl Coordinator {
             .map(|r| (r.get(0), r.get(1))))
     }
 
+    /// Writes this node's publication figures into its row, for every node's status page
+    /// ([`Coordinator::nodes`]).
+    pub fn report(&mut self, published: u64, unpublished: u64, lag_ms: u64) -> Result<()> {
+        self.client.execute(
+            "UPDATE dicomgate_nodes SET published = $2, unpublished = $3, lag_ms = $4
+             WHERE node_id = $1",
+            &[
+                &self.node_id,
+                &to_i64(published, "published")?,
+                &to_i64(unpublished, "unpublished")?,
+                &to_i64(lag_ms, "lag")?,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Every node of the cluster (live or not), with its partitions and what it last
+    /// reported, by id.
+    pub fn nodes(&mut self) -> Result<Vec<NodeRow>> {
+        Ok(self
+            .client
+            .query(
+                "SELECT n.node_id, n.lease_until > statement_timestamp(),
+                        (extract(epoch FROM n.lease_until - statement_timestamp()) * 1000)::bigint,
+                        (SELECT count(*) FROM dicomgate_partitions p WHERE p.owner = n.node_id),
+                        n.published, n.unpublished, n.lag_ms
+                 FROM dicomgate_nodes n ORDER BY n.node_id",
+                &[],
+            )?
+            .iter()
+            .map(|r| NodeRow {
+                node_id: r.get(0),
+                live: r.get(1),
+                lease_left_ms: r.get(2),
+                partitions: r.get(3),
+                published: r.get(4),
+                unpublished: r.get(5),
+                lag_ms: r.get(6),
+            })
+            .collect())
+    }
+
     /// Takes on the publication of a dead node's records, if one needs it: a node (not this
     /// one) whose lease ran out more than a lease ago (its partitions have moved), whose
     /// records were not taken over since (its `taken_over` is not its `lease_until`), and
@@ -789,6 +835,23 @@ impl Coordinator {
         )?;
         Ok(n == 1)
     }
+}
+
+/// One node of the cluster as the database knows it ([`Coordinator::nodes`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeRow {
+    pub node_id: String,
+    /// Its lease runs (database time).
+    pub live: bool,
+    /// Milliseconds until its lease runs out (negative: since it ran out).
+    pub lease_left_ms: i64,
+    /// Partitions it owns.
+    pub partitions: i64,
+    /// As it reported at its last renewal ([`Coordinator::report`]): records published,
+    /// records waiting, and the age of the oldest waiting (ms).
+    pub published: i64,
+    pub unpublished: i64,
+    pub lag_ms: i64,
 }
 
 /// How many leases a taker holds a takeover before another node may do it instead (renewed

@@ -68,6 +68,8 @@ pub struct OutboxStats {
     /// Records of dead nodes this node published (takeover), and takeovers it finished.
     pub taken_over: AtomicU64,
     pub takeovers: AtomicU64,
+    /// Every node of the cluster, as of this node's last lease renewal.
+    nodes: Mutex<Vec<super::NodeRow>>,
     last_error: Mutex<String>,
 }
 
@@ -75,6 +77,11 @@ impl OutboxStats {
     /// The last error talking to the database ("" when none yet).
     pub fn last_error(&self) -> String {
         lock(&self.last_error).clone()
+    }
+
+    /// Every node of the cluster, as of this node's last lease renewal (empty before it).
+    pub fn nodes(&self) -> Vec<super::NodeRow> {
+        lock(&self.nodes).clone()
     }
 }
 
@@ -376,10 +383,15 @@ impl Outbox {
             self.stats
                 .owned_partitions
                 .store(owned.len() as u64, Ordering::Relaxed);
-            let live = c.live_nodes()?;
-            self.stats
-                .live_nodes
-                .store(live.len() as u64, Ordering::Relaxed);
+            c.report(
+                self.stats.published.load(Ordering::Relaxed),
+                self.pending() as u64,
+                self.lag_ms(),
+            )?;
+            let nodes = c.nodes()?;
+            let live = nodes.iter().filter(|n| n.live).count();
+            self.stats.live_nodes.store(live as u64, Ordering::Relaxed);
+            *lock(&self.stats.nodes) = nodes;
             *next_beat = Instant::now() + settings.lease / 3;
         }
         // Only this thread takes from the front: the first `n` stay the same while the round

@@ -64,6 +64,9 @@ pub struct ClusterStatus {
     /// Records of dead nodes this node published from their folders (takeover).
     #[serde(default)]
     pub taken_over: u64,
+    /// Every node of the cluster, as of this node's last lease renewal.
+    #[serde(default)]
+    pub nodes: Vec<crate::cluster::NodeRow>,
     pub failures: u64,
     pub last_error: String,
 }
@@ -277,9 +280,23 @@ fn cluster_status(shared: &Shared) -> Option<ClusterStatus> {
         left_out: s.left_out.load(Ordering::Relaxed),
         rescanned: s.rescanned.load(Ordering::Relaxed),
         taken_over: s.taken_over.load(Ordering::Relaxed),
+        nodes: s.nodes(),
         failures: s.failures.load(Ordering::Relaxed),
         last_error: s.last_error(),
     })
+}
+
+/// A node's lease, in words: live for how long yet, or dead since when (as of the renewal
+/// that read it).
+fn lease_text(n: &crate::cluster::NodeRow) -> String {
+    if n.live {
+        format!("live (lease {:.1} s left)", n.lease_left_ms as f64 / 1000.0)
+    } else {
+        format!(
+            "dead (lease ran out {:.1} s ago)",
+            -n.lease_left_ms as f64 / 1000.0
+        )
+    }
 }
 
 /// The cluster line of `dicomgate status`.
@@ -411,6 +428,26 @@ pub fn render_html(s: &Status) -> String {
             if c.connected { "ok" } else { "no" },
             e(&cluster_line(c))
         );
+        if !c.nodes.is_empty() {
+            h.push_str(
+                "<table id=\"cluster-nodes\"><tr><th>Node</th><th>Lease</th><th>Partitions</th>\
+                 <th>Published</th><th>Waiting</th><th>Lag</th></tr>\n",
+            );
+            for n in &c.nodes {
+                let _ = writeln!(
+                    h,
+                    "<tr><td class=\"node\">{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ms</td></tr>",
+                    e(&n.node_id),
+                    if n.live { "ok" } else { "no" },
+                    e(&lease_text(n)),
+                    n.partitions,
+                    n.published,
+                    n.unpublished,
+                    n.lag_ms
+                );
+            }
+            h.push_str("</table>\n");
+        }
     }
 
     // Pending patients.
@@ -627,6 +664,18 @@ pub fn render_text(s: &Status) -> String {
     );
     if let Some(c) = &s.cluster {
         let _ = writeln!(o, "{}", cluster_line(c));
+        for n in &c.nodes {
+            let _ = writeln!(
+                o,
+                "  node {}: {}, {} partitions, published {}, {} waiting (lag {} ms)",
+                printable(&n.node_id),
+                lease_text(n),
+                n.partitions,
+                n.published,
+                n.unpublished,
+                n.lag_ms
+            );
+        }
     }
     let p = &s.patients;
     let _ = writeln!(
@@ -1026,6 +1075,28 @@ mod tests {
                 left_out: 0,
                 rescanned: 0,
                 taken_over: 7,
+                nodes: vec![
+                    crate::cluster::NodeRow {
+                        node_id: "gw-1".into(),
+                        live: true,
+                        lease_left_ms: 6500,
+                        partitions: 128,
+                        published: 5,
+                        unpublished: 3,
+                        lag_ms: 1500,
+                    },
+                    crate::cluster::NodeRow {
+                        // Node ids are checked where they are made, but the table is another
+                        // node's word.
+                        node_id: "<b>gw-2".into(),
+                        live: false,
+                        lease_left_ms: -12_000,
+                        partitions: 0,
+                        published: 40,
+                        unpublished: 0,
+                        lag_ms: 0,
+                    },
+                ],
                 failures: 1,
                 // A database error can quote what a peer sent.
                 last_error: "<img src=x> \u{1b}[2J".into(),
@@ -1061,5 +1132,15 @@ mod tests {
         let text = render_text(&s);
         assert!(text.contains("ct: 1 of 2 instances"), "{text}");
         assert!(text.contains("export failed"), "{text}");
+        // The cluster's nodes: a row each, on the page and in the terminal.
+        assert!(page.contains("<table id=\"cluster-nodes\">"), "{page}");
+        assert!(page.contains("&lt;b&gt;gw-2"), "{page}");
+        assert!(!page.contains("<b>gw-2"), "{page}");
+        assert!(page.contains("dead (lease ran out 12.0 s ago)"), "{page}");
+        assert!(
+            text.contains("node gw-1: live (lease 6.5 s left), 128 partitions, published 5, 3 waiting (lag 1500 ms)"),
+            "{text}"
+        );
+        assert!(!text.contains('\u{1b}'), "{text}");
     }
 }
