@@ -323,15 +323,23 @@ pub fn encode_release(seq: u64, offset: u64) -> [u8; RELEASE_LEN] {
     e
 }
 
-/// The offsets a `.done` file of segment `seq` releases; a torn or foreign entry ends it.
+/// The offsets a `.done` file of segment `seq` releases. Bytes that are not an entry of `seq`
+/// are passed over one at a time, not taken as the end: a flush of the file that failed may
+/// have lost entries in the middle (they read as zeros after a restart, and the releases were
+/// written again after them), and a write cut short (a full disk) leaves part of an entry that
+/// shifts every later one. An entry is only taken whole, with its magic and its checksum over
+/// `seq` and the offset.
 pub fn decode_releases(b: &[u8], seq: u64) -> Vec<u64> {
     let mut out = Vec::new();
-    for e in b.chunks_exact(RELEASE_LEN) {
+    let mut pos = 0;
+    while let Some(e) = b.get(pos..pos + RELEASE_LEN) {
         let offset = u64_at(e, 0);
-        if encode_release(seq, offset) != *e {
-            break;
+        if encode_release(seq, offset) == *e {
+            out.push(offset);
+            pos += RELEASE_LEN;
+        } else {
+            pos += 1;
         }
-        out.push(offset);
     }
     out
 }
@@ -545,6 +553,20 @@ mod tests {
             "another segment's entries"
         );
         assert_eq!(decode_releases(&b[..40], 9), [64, 200]);
+    }
+
+    /// Issue 10 ("a failed `.done` flush"): entries written again after a hole (lost with a
+    /// failed flush: zeros after a restart) or after part of an entry (a write cut short) were
+    /// never read, because the first bad entry ended the file.
+    #[test]
+    fn releases_after_a_hole_or_a_torn_entry_are_still_read() {
+        let mut b = encode_release(9, 64).to_vec();
+        b.extend_from_slice(&[0u8; 2 * RELEASE_LEN]); // lost with a failed flush
+        b.extend_from_slice(&encode_release(9, 200)); // written again
+        b.extend_from_slice(&encode_release(9, 4096)[..7]); // cut short
+        b.extend_from_slice(&encode_release(9, 4096)); // written again
+        b.extend_from_slice(&encode_release(8, 300)); // not this segment's
+        assert_eq!(decode_releases(&b, 9), [64, 200, 4096]);
     }
 
     #[test]

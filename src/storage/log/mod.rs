@@ -225,6 +225,10 @@ struct Inner {
     /// instance, the record it copied is kept, and becomes the newest again if the copy's
     /// segment is poisoned ([`Log::release_superseded`]).
     copies: HashSet<Loc>,
+    /// Records whose release failed to be made durable (a `.done` write or flush failed): the
+    /// preparer thread releases them again ([`Log::retry_releases`]), so that a restart does
+    /// not bring back, and process twice, what was exported.
+    release_retry: Vec<Loc>,
 }
 
 struct FlushItem {
@@ -311,6 +315,9 @@ struct TestHooks {
     after_superseded_sync: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// `fallocate` answers EOPNOTSUPP, as on a file system without it.
     no_fallocate: AtomicBool,
+    /// The next flush of a `.done` file fails with EIO, and what was just written to it is
+    /// lost (zeros, as after a restart when the kernel dropped the pages).
+    fail_done_sync: AtomicBool,
 }
 
 impl std::fmt::Debug for Log {
@@ -1141,6 +1148,15 @@ impl Log {
                     tracing::warn!(error = %e, "log compaction failed");
                 }
             }
+            match self.retry_releases() {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(records = n, "released log records whose release had failed")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "log records still not released (retried twice a second)")
+                }
+            }
             self.prepare_bell.wait(Duration::from_millis(500), || {
                 !lock(&self.inner).spare_ready
             });
@@ -1498,7 +1514,41 @@ impl Log {
 
     /// Marks records done, durably (an entry in each segment's `.done` file, flushed), then
     /// frees segments left with no live record.
+    ///
+    /// When the release cannot be made durable (a `.done` write or flush failed), the error is
+    /// returned and the records are kept for [`Log::retry_releases`] (the preparer thread's,
+    /// twice a second): a restart before that brings them back, after it does not.
     pub fn release(&self, locs: &[Loc]) -> io::Result<()> {
+        let r = self.release_now(locs);
+        if r.is_err() {
+            let mut inner = lock(&self.inner);
+            let retry: Vec<Loc> = locs
+                .iter()
+                .copied()
+                .filter(|l| inner.sizes.contains_key(l))
+                .collect();
+            inner.release_retry.extend(retry);
+        }
+        r
+    }
+
+    /// Releases again what [`Log::release`] could not make durable; returns how many records
+    /// that was. On another failure they stay for the next try.
+    pub fn retry_releases(&self) -> io::Result<usize> {
+        let retry = std::mem::take(&mut lock(&self.inner).release_retry);
+        if retry.is_empty() {
+            return Ok(0);
+        }
+        match self.release_now(&retry) {
+            Ok(()) => Ok(retry.len()),
+            Err(e) => {
+                lock(&self.inner).release_retry.extend(retry);
+                Err(e)
+            }
+        }
+    }
+
+    fn release_now(&self, locs: &[Loc]) -> io::Result<()> {
         // Idempotent: only records still live are released (a batch's records may be released
         // at its creation and again before it is deleted).
         let mut by_seq: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
@@ -1537,6 +1587,18 @@ impl Log {
                 b.extend_from_slice(&format::encode_release(*seq, *o));
             }
             io::Write::write_all(&mut &*file, &b)?;
+            #[cfg(test)]
+            if self.hooks.fail_done_sync.swap(false, Ordering::SeqCst) {
+                // Not through `file`: a positioned write to an O_APPEND file appends.
+                let end = file.metadata()?.len();
+                OpenOptions::new()
+                    .write(true)
+                    .open(self.dir.join(done_name(*seq)))?
+                    .write_all_at(&vec![0u8; b.len()], end - b.len() as u64)?;
+                return Err(io::Error::from_raw_os_error(
+                    rustix::io::Errno::IO.raw_os_error(),
+                ));
+            }
             file.sync_data()?;
             if !durable {
                 // The `.done` file's name too, by whoever gets here first after it was made
@@ -2357,6 +2419,38 @@ mod tests {
         let mut want: Vec<PathBuf> = (1..=3).map(|i| job(i, b"P").1).collect();
         want.sort();
         assert_eq!(live, want);
+        o.close();
+    }
+
+    /// Issue 10 (low, from the sixth session's review): a release whose `.done` flush failed
+    /// was not tried again: the records came back at the next restart and their batch was
+    /// processed and exported twice. The log now keeps them and releases them again (here
+    /// called directly; the preparer thread does it twice a second), and the entries written
+    /// again after the lost ones are read at the restart.
+    #[test]
+    fn a_release_whose_flush_failed_is_retried_and_survives_a_restart() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let (mut o, answers) = open_recording(&dir);
+        o.stop_threads(); // the test retries, not the preparer
+        for i in 1..=3 {
+            o.log.append(vec![job(i, b"P")]);
+            assert_eq!(answer_of(&answers, u64::from(i)), Ok(()));
+        }
+        let take = |i: u32| {
+            let (_, rel, _) = job(i, b"P");
+            let t = o.log.take(&rel).unwrap();
+            t.all().collect::<Vec<_>>()
+        };
+        o.log.release(&take(1)).unwrap();
+        o.log.hooks.fail_done_sync.store(true, Ordering::SeqCst);
+        assert!(o.log.release(&take(2)).is_err());
+        assert_eq!(o.log.retry_releases().unwrap(), 1);
+        assert_eq!(o.log.retry_releases().unwrap(), 0, "released once");
+        o.close();
+        let (o, _) = open_recording(&dir);
+        let live: Vec<PathBuf> = o.log.live().into_iter().map(|(rel, _)| rel).collect();
+        assert_eq!(live, vec![job(3, b"P").1], "a released record came back");
         o.close();
     }
 
