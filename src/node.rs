@@ -156,12 +156,20 @@ impl NodeHandle {
         // is retried at the next start (its marker was not written).
         let mut threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
         threads.extend(self.take_watched());
-        // The `cluster` thread last, told to stop only once ingest has ended: whether it
-        // published everything (its clean leave says so) is then final.
+        // The `cluster` thread last, told to stop once ingest has ended (whether it published
+        // everything, which its clean leave records, is then final), or when only the time it
+        // needs to publish what is queued and leave is left of the grace, whichever is first
+        // (a thread blocked on a peer must not keep it from leaving the cluster).
         let (cluster, mut threads): (Vec<_>, Vec<_>) = threads
             .into_iter()
             .partition(|t| t.thread().name() == Some("cluster"));
         let (cluster_stop, outbox) = (self.cluster_stop.clone(), self.pipeline.outbox().cloned());
+        let tell_cluster = move || {
+            cluster_stop.store(true, Ordering::Release);
+            if let Some(o) = &outbox {
+                o.wake();
+            }
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         // The thread being joined, for the warning (the review found it always blamed a
         // pipeline worker, when an HTTP connection could be the one).
@@ -174,30 +182,37 @@ impl NodeHandle {
                 }
                 let _ = t.join();
             }
-            cluster_stop.store(true, Ordering::Release);
-            if let Some(o) = outbox {
-                o.wake();
-            }
+            let _ = tx.send(false); // the others have ended
             for t in cluster {
                 if let Ok(mut n) = now_joining.lock() {
                     *n = "cluster".into();
                 }
                 let _ = t.join();
             }
-            let _ = tx.send(());
+            let _ = tx.send(true);
         });
-        match rx.recv_timeout(STOP_GRACE) {
-            Ok(()) => {
-                let _ = joiner.join();
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        let for_cluster =
+            crate::cluster::outbox::STOP_PUBLISHING + std::time::Duration::from_secs(1);
+        let _ = rx.recv_timeout(STOP_GRACE.saturating_sub(for_cluster));
+        tell_cluster();
+        let all = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(true) => break true,
+                Ok(false) => continue,
+                Err(_) => break false,
             }
-            Err(_) => {
-                let thread = joining.lock().map(|n| n.clone()).unwrap_or_default();
-                tracing::warn!(
-                    grace_seconds = STOP_GRACE.as_secs(),
-                    thread,
-                    "a thread is still waiting on a peer (an export or an HTTP client): stopping without it (a batch it was exporting resumes at the next start)"
-                );
-            }
+        };
+        if all {
+            let _ = joiner.join();
+        } else {
+            let thread = joining.lock().map(|n| n.clone()).unwrap_or_default();
+            tracing::warn!(
+                grace_seconds = STOP_GRACE.as_secs(),
+                thread,
+                "a thread is still waiting on a peer (an export or an HTTP client): stopping without it (a batch it was exporting resumes at the next start)"
+            );
         }
     }
 

@@ -74,7 +74,7 @@ use postgres::{Client, GenericClient, NoTls};
 use sha2::{Digest, Sha256};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Versioned migrations, applied in order; each is applied once, in the transaction that
 /// records it. Never edit one that shipped: add the next.
@@ -84,10 +84,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "coordination",
         include_str!("migrations/0001_coordination.sql"),
     ),
+    (2, "takeover", include_str!("migrations/0002_takeover.sql")),
     (
-        2,
-        "takeover and node status",
-        include_str!("migrations/0002_takeover.sql"),
+        3,
+        "node status",
+        include_str!("migrations/0003_node_status.sql"),
     ),
 ];
 
@@ -855,7 +856,7 @@ pub struct NodeRow {
 }
 
 /// How many leases a taker holds a takeover before another node may do it instead (renewed
-/// between its rounds).
+/// every third of a lease while it works).
 pub const TAKEOVER_LEASES: u32 = 3;
 
 /// A dead node whose records this node publishes from that node's folder

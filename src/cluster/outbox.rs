@@ -68,6 +68,9 @@ pub struct OutboxStats {
     /// Records of dead nodes this node published (takeover), and takeovers it finished.
     pub taken_over: AtomicU64,
     pub takeovers: AtomicU64,
+    /// Records a rescan of this node's folder sent (everything pending there, most of it
+    /// published before).
+    pub republished: AtomicU64,
     /// Every node of the cluster, as of this node's last lease renewal.
     nodes: Mutex<Vec<super::NodeRow>>,
     last_error: Mutex<String>,
@@ -108,14 +111,21 @@ pub trait Foreign: Send + Sync {
     /// not those its batches hold); an error when `node_dir` is not a node's folder (a shared
     /// folder not mounted must not look like a node with nothing pending).
     fn pending(&self, node_dir: &Path) -> std::io::Result<Vec<Entry>>;
-    /// `entry`'s record as node `node_id` would publish it; None when its bytes cannot be
-    /// parsed (its node's recovery leaves it in place too); an error when they cannot be read.
-    fn describe(
-        &self,
-        node_id: &str,
-        node_dir: &Path,
-        entry: &Entry,
-    ) -> std::io::Result<Option<Published>>;
+    /// `entry`'s record as node `node_id` would publish it; an error when its bytes cannot be
+    /// read (the listing is then given up, never finished on a partial read).
+    fn describe(&self, node_id: &str, node_dir: &Path, entry: &Entry)
+        -> std::io::Result<Described>;
+}
+
+/// What [`Foreign::describe`] made of a listed instance.
+#[derive(Debug)]
+pub enum Described {
+    Record(Published),
+    /// No longer there (its node, alive after all, processed it since the listing, or freed
+    /// its segment): nothing pending to publish.
+    Gone,
+    /// Its bytes cannot be parsed: skipped (its node's recovery leaves it in place too).
+    Unparsed,
 }
 
 /// A takeover under way, or a rescan of this node's own folder.
@@ -134,6 +144,8 @@ struct Job {
     from_reader: std::sync::mpsc::Receiver<Read>,
     /// A round read and not yet committed (sent again after a failure).
     round: Option<Vec<Published>>,
+    /// The reader sent everything: only the finish is left (tried again after a failure).
+    done: bool,
     renewed: Instant,
     published: u64,
     unreadable: u64,
@@ -169,8 +181,9 @@ fn read_folder(
         let (mut round, mut unparsed) = (Vec::with_capacity(chunk.len()), 0);
         for e in chunk {
             match foreign.describe(node_id, node_dir, e) {
-                Ok(Some(r)) => round.push(r),
-                Ok(None) => unparsed += 1,
+                Ok(Described::Record(r)) => round.push(r),
+                Ok(Described::Gone) => {}
+                Ok(Described::Unparsed) => unparsed += 1,
                 Err(e) => {
                     let _ = to.send(Read::Failed(e));
                     return;
@@ -345,7 +358,9 @@ impl Outbox {
                 if stop.load(Ordering::Acquire) {
                     return Ok(());
                 }
-                let busy = self.pending() >= ROUND_RECORDS;
+                // (A bound below a round makes "busy" half the bound, so that a rescan after
+                // an overflow waits until the queue has room again.)
+                let busy = self.pending() >= ROUND_RECORDS.min(self.max_queued / 2).max(1);
                 self.take_over(c, settings, &mut job, &mut next_look, busy)
             });
             match turn {
@@ -354,6 +369,8 @@ impl Outbox {
                     self.failed(&e);
                     coordinator = None;
                     self.stats.connected.store(false, Ordering::Release);
+                    // Not known any more: an old table would show leases running.
+                    lock(&self.stats.nodes).clear();
                     self.bell.wait(backoff, || stop.load(Ordering::Acquire));
                     backoff = (backoff * 2).min((settings.lease / 3).max(backoff));
                     continue;
@@ -383,15 +400,28 @@ impl Outbox {
             self.stats
                 .owned_partitions
                 .store(owned.len() as u64, Ordering::Relaxed);
-            c.report(
-                self.stats.published.load(Ordering::Relaxed),
-                self.pending() as u64,
-                self.lag_ms(),
-            )?;
-            let nodes = c.nodes()?;
-            let live = nodes.iter().filter(|n| n.live).count();
-            self.stats.live_nodes.store(live as u64, Ordering::Relaxed);
-            *lock(&self.stats.nodes) = nodes;
+            // For every node's status page; a failure here only costs the table (publication
+            // goes on).
+            let left = self.stats.left_out.load(Ordering::Acquire)
+                - self.stats.rescanned.load(Ordering::Acquire);
+            let status = c
+                .report(
+                    self.stats.published.load(Ordering::Relaxed),
+                    self.pending() as u64 + left,
+                    self.lag_ms(),
+                )
+                .and_then(|()| c.nodes());
+            match status {
+                Ok(nodes) => {
+                    let live = nodes.iter().filter(|n| n.live).count();
+                    self.stats.live_nodes.store(live as u64, Ordering::Relaxed);
+                    *lock(&self.stats.nodes) = nodes;
+                }
+                Err(e) => {
+                    self.failed(&e);
+                    lock(&self.stats.nodes).clear();
+                }
+            }
             *next_beat = Instant::now() + settings.lease / 3;
         }
         // Only this thread takes from the front: the first `n` stay the same while the round
@@ -473,6 +503,7 @@ impl Outbox {
                 covers,
                 from_reader,
                 round: None,
+                done: false,
                 renewed: Instant::now(),
                 published: 0,
                 unreadable: 0,
@@ -494,13 +525,19 @@ impl Outbox {
         if busy {
             return Ok(());
         }
+        if j.done {
+            return self.finish(c, job);
+        }
         if j.round.is_none() {
             match j.from_reader.try_recv() {
                 Ok(Read::Round(round, unparsed)) => {
                     j.unreadable += unparsed;
                     j.round = Some(round);
                 }
-                Ok(Read::Done) => return self.finish(c, job),
+                Ok(Read::Done) => {
+                    j.done = true;
+                    return self.finish(c, job);
+                }
                 Ok(Read::Failed(e)) => {
                     tracing::warn!(node_id = %j.node_id, error = %e, "cluster: cannot read a node's folder: retried later");
                     *job = None;
@@ -525,7 +562,7 @@ impl Outbox {
         j.published += n;
         let counter = match j.takeover {
             Some(_) => &self.stats.taken_over,
-            None => &self.stats.published,
+            None => &self.stats.republished,
         };
         counter.fetch_add(n, Ordering::Relaxed);
         Ok(())
@@ -538,10 +575,11 @@ impl Outbox {
         };
         match &j.takeover {
             Some(t) => {
-                if !c.finish_takeover(t)? {
+                if c.finish_takeover(t)? {
+                    self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+                } else {
                     tracing::warn!(node_id = %j.node_id, "cluster: takeover not recorded: its node came back meanwhile (it publishes its own)");
                 }
-                self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
             }
             None => {
                 self.stats.rescanned.fetch_max(j.covers, Ordering::AcqRel);

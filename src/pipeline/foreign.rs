@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::cluster::outbox::Foreign;
+use crate::cluster::outbox::{Described, Foreign};
 use crate::cluster::Published;
 use crate::config::NodeConfig;
 use crate::storage::inventory::{self, Entry, Source};
@@ -45,34 +45,45 @@ impl Foreign for ForeignReader {
         node_id: &str,
         node_dir: &Path,
         entry: &Entry,
-    ) -> std::io::Result<Option<Published>> {
+    ) -> std::io::Result<Described> {
         let described = match &entry.source {
             Source::File(f) => {
                 let bytes = match std::fs::read(f) {
                     Ok(b) => b,
                     // Processed and removed by its node since the listing (it is alive after
                     // all): nothing pending there any more.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(Described::Gone)
+                    }
                     Err(e) => return Err(e),
                 };
                 super::describe_part10(&self.pipeline, &self.node, &bytes)
                     .map(|(key, record)| (key, record, crate::storage::modified_ms(f)))
             }
             Source::Log(loc) => {
-                let inst = crate::storage::log::read_record(&node_dir.join("log"), *loc)?;
+                // Its segment freed (every record released, or recycled as the spare) since
+                // the listing: nothing pending there any more. (A recycled segment read at an
+                // old offset fails its checksum: an error, and the listing is given up.)
+                let inst = match crate::storage::log::read_record(&node_dir.join("log"), *loc) {
+                    Ok(i) => i,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(Described::Gone)
+                    }
+                    Err(e) => return Err(e),
+                };
                 super::describe_log_record(&self.pipeline, &self.node, &inst)
                     .map(|(key, record)| (key, record, inst.meta.received_ms))
             }
         };
         let Some((key, record, received_ms)) = described else {
-            return Ok(None);
+            return Ok(Described::Unparsed);
         };
         // As the node itself names it (`Pipeline::publish`): its path under the node's folder.
         let location = Path::new("patients")
             .join(&entry.rel)
             .to_string_lossy()
             .into_owned();
-        Ok(Some(Published {
+        Ok(Described::Record(Published {
             node_id: node_id.to_string(),
             sop_instance_uid: record.sop_instance_uid.to_string(),
             grouping_key: key,

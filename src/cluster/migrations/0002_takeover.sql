@@ -1,6 +1,5 @@
--- dicomgate cluster schema, version 2 (issue 15, part 2's takeover and the status of every
--- node): who is publishing a dead node's records from its folder, until when, and for which of
--- its deaths that was done; and what each node reported at its last lease renewal.
+-- dicomgate cluster schema, version 2 (issue 15, part 2's takeover): who is publishing a dead
+-- node's records from its folder, until when, and for which of its deaths that was done.
 --
 -- A node is to be taken over once its lease ran out more than a lease ago (its partitions
 -- have moved by then) and taken_over differs from its lease_until: taken_over is the
@@ -11,9 +10,4 @@
 ALTER TABLE dicomgate_nodes
     ADD COLUMN takeover_by    text,
     ADD COLUMN takeover_until timestamptz,
-    ADD COLUMN taken_over     timestamptz,
-    -- As of the node's last renewal: records published, records waiting for publication,
-    -- and the age of the oldest of them (ms).
-    ADD COLUMN published      bigint NOT NULL DEFAULT 0,
-    ADD COLUMN unpublished    bigint NOT NULL DEFAULT 0,
-    ADD COLUMN lag_ms         bigint NOT NULL DEFAULT 0;
+    ADD COLUMN taken_over     timestamptz;
