@@ -164,6 +164,7 @@ impl NodeHandle {
             .into_iter()
             .partition(|t| t.thread().name() == Some("cluster"));
         let (cluster_stop, outbox) = (self.cluster_stop.clone(), self.pipeline.outbox().cloned());
+        let producers = outbox.clone();
         let tell_cluster = move || {
             cluster_stop.store(true, Ordering::Release);
             if let Some(o) = &outbox {
@@ -182,7 +183,11 @@ impl NodeHandle {
                 }
                 let _ = t.join();
             }
-            let _ = tx.send(false); // the others have ended
+            // The others have ended: nothing is queued for publication any more.
+            if let Some(o) = &producers {
+                o.producers_ended();
+            }
+            let _ = tx.send(false);
             for t in cluster {
                 if let Ok(mut n) = now_joining.lock() {
                     *n = "cluster".into();

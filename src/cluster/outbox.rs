@@ -203,6 +203,9 @@ pub struct Outbox {
     bell: Doorbell,
     max_queued: usize,
     foreign: OnceLock<Arc<dyn Foreign>>,
+    /// Set by the node's stop once every thread that queues records (ingest, recovery) has
+    /// ended: only then can a clean leave say that everything was published.
+    producers_ended: AtomicBool,
     pub stats: OutboxStats,
 }
 
@@ -232,6 +235,7 @@ impl Outbox {
             bell: Doorbell::new(),
             max_queued: max_queued.max(1),
             foreign: OnceLock::new(),
+            producers_ended: AtomicBool::new(false),
             stats: OutboxStats::default(),
         })
     }
@@ -281,8 +285,14 @@ impl Outbox {
         let _ = self.foreign.set(foreign);
     }
 
+    /// Says that nothing will be queued any more (the node's stop, once ingest has ended).
+    pub fn producers_ended(&self) {
+        self.producers_ended.store(true, Ordering::Release);
+    }
+
     /// Whether this node has published everything it holds: nothing queued, nothing left out
-    /// that a rescan has not covered since (then a clean stop needs no takeover).
+    /// that a rescan has not covered since (then a clean stop needs no takeover, provided
+    /// nothing is queued after it: see [`Outbox::producers_ended`]).
     pub fn published_all(&self) -> bool {
         self.pending() == 0
             && self.stats.left_out.load(Ordering::Acquire)
@@ -314,7 +324,9 @@ impl Outbox {
                 let out_of_time = since.elapsed() >= STOP_PUBLISHING.min(settings.lease);
                 if self.pending() == 0 || coordinator.is_none() || out_of_time {
                     if let Some(mut c) = coordinator.take() {
-                        if let Err(e) = c.leave(self.published_all()) {
+                        let all =
+                            self.published_all() && self.producers_ended.load(Ordering::Acquire);
+                        if let Err(e) = c.leave(all) {
                             self.failed(&e);
                         }
                     }
@@ -522,11 +534,11 @@ impl Outbox {
                 }
             }
         }
+        if j.done {
+            return self.finish(c, job); // one statement, even while busy
+        }
         if busy {
             return Ok(());
-        }
-        if j.done {
-            return self.finish(c, job);
         }
         if j.round.is_none() {
             match j.from_reader.try_recv() {

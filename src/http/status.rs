@@ -64,6 +64,9 @@ pub struct ClusterStatus {
     /// Records of dead nodes this node published from their folders (takeover).
     #[serde(default)]
     pub taken_over: u64,
+    /// Records a rescan of this node's folder sent again (most were published before).
+    #[serde(default)]
+    pub republished: u64,
     /// Every node of the cluster, as of this node's last lease renewal.
     #[serde(default)]
     pub nodes: Vec<crate::cluster::NodeRow>,
@@ -280,6 +283,7 @@ fn cluster_status(shared: &Shared) -> Option<ClusterStatus> {
         left_out: s.left_out.load(Ordering::Relaxed),
         rescanned: s.rescanned.load(Ordering::Relaxed),
         taken_over: s.taken_over.load(Ordering::Relaxed),
+        republished: s.republished.load(Ordering::Relaxed),
         nodes: s.nodes(),
         failures: s.failures.load(Ordering::Relaxed),
         last_error: s.last_error(),
@@ -1075,6 +1079,7 @@ mod tests {
                 left_out: 0,
                 rescanned: 0,
                 taken_over: 7,
+                republished: 0,
                 nodes: vec![
                     crate::cluster::NodeRow {
                         node_id: "gw-1".into(),

@@ -1237,8 +1237,15 @@ pub(super) fn expire(ctx: &Context, key: &[u8], records: Vec<InstanceRecord>) {
                     }
                 };
                 let all: Vec<_> = t.all().collect();
-                match res.and_then(|()| ctx.log.release(&all)) {
-                    Ok(()) => done += 1,
+                match res {
+                    Ok(()) => {
+                        // Expired (deleted, or durably aside): a release that fails now is
+                        // retried by the log itself, so the records are not given back.
+                        if let Err(e) = ctx.log.release(&all) {
+                            tracing::warn!(path = %r.path.display(), error = %e, "an expired instance's release failed: the log retries it");
+                        }
+                        done += 1;
+                    }
                     Err(e) => {
                         ctx.log.untake(rel.to_path_buf(), t);
                         tracing::error!(path = %r.path.display(), error = %e, "could not expire an instance");

@@ -24,6 +24,22 @@ pub struct ForeignReader {
     pub node: NodeConfig,
 }
 
+/// An instance listed and no longer there: gone, if its node's folder still is (else the
+/// folder was unmounted or moved since the listing, which must not pass for "all gone").
+fn gone(node_dir: &Path) -> std::io::Result<Described> {
+    if node_dir.join("log").is_dir() {
+        Ok(Described::Gone)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "{} is no longer a node's folder (no log/)",
+                node_dir.display()
+            ),
+        ))
+    }
+}
+
 impl Foreign for ForeignReader {
     fn pending(&self, node_dir: &Path) -> std::io::Result<Vec<Entry>> {
         // Every node's folder has its log (made at its first start): without it this is not a
@@ -52,9 +68,7 @@ impl Foreign for ForeignReader {
                     Ok(b) => b,
                     // Processed and removed by its node since the listing (it is alive after
                     // all): nothing pending there any more.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Ok(Described::Gone)
-                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return gone(node_dir),
                     Err(e) => return Err(e),
                 };
                 super::describe_part10(&self.pipeline, &self.node, &bytes)
@@ -66,9 +80,7 @@ impl Foreign for ForeignReader {
                 // old offset fails its checksum: an error, and the listing is given up.)
                 let inst = match crate::storage::log::read_record(&node_dir.join("log"), *loc) {
                     Ok(i) => i,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Ok(Described::Gone)
-                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return gone(node_dir),
                     Err(e) => return Err(e),
                 };
                 super::describe_log_record(&self.pipeline, &self.node, &inst)

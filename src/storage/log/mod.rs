@@ -35,7 +35,7 @@
 
 pub mod format;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice};
 use std::os::unix::fs::FileExt;
@@ -228,7 +228,7 @@ struct Inner {
     /// Records whose release failed to be made durable (a `.done` write or flush failed): the
     /// preparer thread releases them again ([`Log::retry_releases`]), so that a restart does
     /// not bring back, and process twice, what was exported.
-    release_retry: Vec<Loc>,
+    release_retry: BTreeSet<Loc>,
 }
 
 struct FlushItem {
@@ -1124,6 +1124,16 @@ impl Log {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
+            // First: a 16-byte `.done` append may succeed where a whole spare cannot.
+            match self.retry_releases() {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(records = n, "released log records whose release had failed")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "log records still not released (retried twice a second)")
+                }
+            }
             let (ready, last_fill) = {
                 let i = lock(&self.inner);
                 (i.spare_ready, i.last_fill)
@@ -1146,15 +1156,6 @@ impl Log {
             if self.compaction.load(Ordering::Acquire) {
                 if let Err(e) = self.compact() {
                     tracing::warn!(error = %e, "log compaction failed");
-                }
-            }
-            match self.retry_releases() {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(records = n, "released log records whose release had failed")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "log records still not released (retried twice a second)")
                 }
             }
             self.prepare_bell.wait(Duration::from_millis(500), || {
@@ -1306,15 +1307,11 @@ impl Log {
             .flat_map(|(_, l)| l.iter().copied())
             .chain(dropped)
             .collect();
-        if let Err(e) = self.release(&locs) {
-            let mut inner = lock(&self.inner);
-            for (rel, ls) in released {
-                if let Some(t) = inner.index.get_mut(&rel) {
-                    t.superseded.extend(ls);
-                }
-            }
-            return Err(e);
-        }
+        // Their newer records are durable: on a failure the log releases them again itself
+        // ([`Log::retry_releases`]); they are not put back among the superseded, where a
+        // failed re-send could make one the newest while it is being released.
+        let _ = released;
+        self.release(&locs)?;
         failure.map_or(Ok(()), Err)
     }
 
@@ -1462,6 +1459,10 @@ impl Log {
     /// arrived meanwhile stays the newest.
     pub fn untake(&self, rel: PathBuf, taken: Taken) {
         let mut inner = lock(&self.inner);
+        // Given back: pending again, so not to be released by a retry of a failed release.
+        for l in taken.all() {
+            inner.release_retry.remove(&l);
+        }
         match inner.index.get_mut(&rel) {
             Some(t) => t.superseded.extend(taken.all()),
             None => {
@@ -1535,14 +1536,22 @@ impl Log {
     /// Releases again what [`Log::release`] could not make durable; returns how many records
     /// that was. On another failure they stay for the next try.
     pub fn retry_releases(&self) -> io::Result<usize> {
-        let retry = std::mem::take(&mut lock(&self.inner).release_retry);
+        let retry: Vec<Loc> = std::mem::take(&mut lock(&self.inner).release_retry)
+            .into_iter()
+            .collect();
         if retry.is_empty() {
             return Ok(0);
         }
         match self.release_now(&retry) {
             Ok(()) => Ok(retry.len()),
             Err(e) => {
-                lock(&self.inner).release_retry.extend(retry);
+                let mut inner = lock(&self.inner);
+                // Only what is still unreleased (a set: a lasting failure does not grow it).
+                let still: Vec<Loc> = retry
+                    .into_iter()
+                    .filter(|l| inner.sizes.contains_key(l))
+                    .collect();
+                inner.release_retry.extend(still);
                 Err(e)
             }
         }
@@ -2451,6 +2460,30 @@ mod tests {
         let (o, _) = open_recording(&dir);
         let live: Vec<PathBuf> = o.log.live().into_iter().map(|(rel, _)| rel).collect();
         assert_eq!(live, vec![job(3, b"P").1], "a released record came back");
+        o.close();
+    }
+
+    /// Found in review of the retry above: an instance given back (`untake`, as expiry did
+    /// when its release failed) stayed on the retry list, and the retry released it while the
+    /// index still named it: pending in memory, gone at the next restart.
+    #[test]
+    fn a_record_given_back_after_a_failed_release_is_not_released_by_the_retry() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let (mut o, answers) = open_recording(&dir);
+        o.stop_threads();
+        o.log.append(vec![job(1, b"P")]);
+        assert_eq!(answer_of(&answers, 1), Ok(()));
+        let (_, rel, _) = job(1, b"P");
+        let t = o.log.take(&rel).unwrap();
+        o.log.hooks.fail_done_sync.store(true, Ordering::SeqCst);
+        assert!(o.log.release(&t.all().collect::<Vec<_>>()).is_err());
+        o.log.untake(rel.clone(), t);
+        assert_eq!(o.log.retry_releases().unwrap(), 0);
+        o.close();
+        let (o, _) = open_recording(&dir);
+        let live: Vec<PathBuf> = o.log.live().into_iter().map(|(rel, _)| rel).collect();
+        assert_eq!(live, vec![rel], "a record given back was released");
         o.close();
     }
 
