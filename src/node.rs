@@ -165,6 +165,7 @@ impl NodeHandle {
             .partition(|t| t.thread().name() == Some("cluster"));
         let (cluster_stop, outbox) = (self.cluster_stop.clone(), self.pipeline.outbox().cloned());
         let producers = outbox.clone();
+        let log = self.shared.storage.log().clone();
         let tell_cluster = move || {
             cluster_stop.store(true, Ordering::Release);
             if let Some(o) = &outbox {
@@ -183,7 +184,9 @@ impl NodeHandle {
                 }
                 let _ = t.join();
             }
-            // The others have ended: nothing is queued for publication any more.
+            // The others have ended: nothing releases log records any more, and nothing is
+            // queued for publication.
+            log.retry_releases_at_stop();
             if let Some(o) = &producers {
                 o.producers_ended();
             }

@@ -1122,6 +1122,9 @@ impl Log {
     fn preparer(&self) {
         loop {
             if self.stop.load(Ordering::Acquire) {
+                // One last try: a release still failing when the node stops is lost with
+                // it (its records come back at the next start and are processed again).
+                self.retry_releases_at_stop();
                 return;
             }
             // First: a 16-byte `.done` append may succeed where a whole spare cannot.
@@ -1554,6 +1557,23 @@ impl Log {
                 inner.release_retry.extend(still);
                 Err(e)
             }
+        }
+    }
+
+    /// [`Log::retry_releases`] once more when the node stops, after the threads that release
+    /// have ended (the node calls it then; the preparer does on its way out), saying what is
+    /// still not released: those records come back at the next start, as pending (processed
+    /// and exported again: a duplicate downstream, never a loss).
+    pub fn retry_releases_at_stop(&self) {
+        match self.retry_releases() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "released log records whose release had failed"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                records = lock(&self.inner).release_retry.len(),
+                "stopping with log records whose release could not be made durable: they are \
+                 pending again at the next start (processed and exported once more)"
+            ),
         }
     }
 
@@ -2460,6 +2480,34 @@ mod tests {
         let (o, _) = open_recording(&dir);
         let live: Vec<PathBuf> = o.log.live().into_iter().map(|(rel, _)| rel).collect();
         assert_eq!(live, vec![job(3, b"P").1], "a released record came back");
+        o.close();
+    }
+
+    /// Issue 10's last leftover: a release whose flush failed and that the preparer had not
+    /// retried yet when the node stopped was lost (the records came back at the next start,
+    /// to be processed and exported again). Stopping now retries it once more.
+    #[test]
+    fn a_release_still_waiting_for_its_retry_is_made_when_the_log_stops() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("log");
+        let (o, answers) = open_recording(&dir);
+        for i in 1..=2 {
+            o.log.append(vec![job(i, b"P")]);
+            assert_eq!(answer_of(&answers, u64::from(i)), Ok(()));
+        }
+        let (_, rel, _) = job(1, b"P");
+        let t = o.log.take(&rel).unwrap();
+        o.log.hooks.fail_done_sync.store(true, Ordering::SeqCst);
+        assert!(o.log.release(&t.all().collect::<Vec<_>>()).is_err());
+        o.log.hooks.fail_done_sync.store(false, Ordering::SeqCst);
+        o.close(); // at once: the preparer's next periodic retry is 500 ms away
+        let (o, _) = open_recording(&dir);
+        let live: Vec<PathBuf> = o.log.live().into_iter().map(|(rel, _)| rel).collect();
+        assert_eq!(
+            live,
+            vec![job(2, b"P").1],
+            "the release was lost at the stop"
+        );
         o.close();
     }
 
