@@ -60,11 +60,13 @@ pub struct Config {
 /// `[cluster]` (docs/cluster.md). With it, the node's data directory is
 /// `shared_dir/nodes/<node_id>/` (so any node can read any node's data), and each instance it
 /// acknowledges is then published to the cluster database.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// The cluster database: a libpq connection string (`host=db.example dbname=dicomgate
-    /// user=dicomgate`, or a `postgresql://` URL).
+    /// user=dicomgate`, or a `postgresql://` URL). Printed (`--print-config`) with its password
+    /// replaced by `REDACTED`.
+    #[serde(serialize_with = "serialize_redacted")]
     pub postgres: String,
     /// This node's name: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.`; unique in the
     /// cluster (it names the node's folder and its rows).
@@ -83,6 +85,199 @@ pub struct ClusterConfig {
     /// the database has taken the queue.
     #[serde(default = "default_max_unpublished")]
     pub max_unpublished: u32,
+    /// TLS to the cluster database: the CA (PEM) that signed the database server's
+    /// certificate. With it the connection must be TLS (the node's profile: TLS 1.2 or 1.3,
+    /// ECDHE, AEAD), and the server's certificate must chain to this CA and name the
+    /// connection's host (libpq's `sslmode=verify-full`); without it the connection is plain
+    /// (a Unix socket or a private network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// With `tls_ca`: a client certificate (PEM chain) presented to the database (its
+    /// `clientcert=verify-full` or `cert` authentication); needs `tls_private_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificate: Option<PathBuf>,
+    /// The private key (PEM) of `tls_certificate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_private_key: Option<PathBuf>,
+    /// A file whose first line is the database password (kept out of the configuration, e.g.
+    /// a systemd credential or a mounted secret); read at start-up and at every connection,
+    /// so a rotated password is used from the next reconnection on. Then `postgres` must
+    /// not hold a password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+/// By hand: the connection string's password is shown as `REDACTED` (`Config`, and what
+/// holds it, derive `Debug`).
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ClusterConfig {
+            postgres,
+            node_id,
+            shared_dir,
+            partitions,
+            lease_seconds,
+            max_unpublished,
+            tls_ca,
+            tls_certificate,
+            tls_private_key,
+            password_file,
+        } = self;
+        f.debug_struct("ClusterConfig")
+            .field("postgres", &redact_password(postgres))
+            .field("node_id", node_id)
+            .field("shared_dir", shared_dir)
+            .field("partitions", partitions)
+            .field("lease_seconds", lease_seconds)
+            .field("max_unpublished", max_unpublished)
+            .field("tls_ca", tls_ca)
+            .field("tls_certificate", tls_certificate)
+            .field("tls_private_key", tls_private_key)
+            .field("password_file", password_file)
+            .finish()
+    }
+}
+
+/// The password in `[cluster] password_file`: its first line (a trailing newline is not part
+/// of it).
+pub fn read_password_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read(path).map_err(|e| {
+        format!(
+            "cluster.password_file {}: cannot be read ({e}): give a readable file holding the \
+             database password",
+            path.display()
+        )
+    })?;
+    let line = text.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        return Err(format!(
+            "cluster.password_file {}: is empty: write the database password on its first line",
+            path.display()
+        ));
+    }
+    Ok(line.to_vec())
+}
+
+/// The text put where a connection string's password was.
+pub const REDACTED: &str = "REDACTED";
+
+fn serialize_redacted<S: serde::Serializer>(conninfo: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_password(conninfo))
+}
+
+/// What is printed instead of a connection string whose password [`redact_password`] could
+/// not find (an unusual spelling the database client still reads as a password).
+pub const HIDDEN_CONNINFO: &str = "<hidden: the connection string holds a password>";
+
+/// `conninfo` with its password replaced by [`REDACTED`], in either form libpq reads: a
+/// `password=` pair of a key=value string (its value plain or single-quoted, with backslash
+/// escapes), or a URL's `user:password@` and its `password=` query parameter. The rest is kept
+/// as given. The result is parsed back as the database client reads it: if it still holds a
+/// password other than `REDACTED` (a spelling this did not foresee), or does not parse, the
+/// whole string is [`HIDDEN_CONNINFO`].
+pub fn redact_password(conninfo: &str) -> String {
+    let t = conninfo.trim_start();
+    let redacted = if t.starts_with("postgresql://") || t.starts_with("postgres://") {
+        redact_url(conninfo)
+    } else {
+        redact_pairs(conninfo)
+    };
+    match redacted.parse::<postgres::Config>() {
+        Ok(c) if c.get_password().is_none_or(|p| p == REDACTED.as_bytes()) => redacted,
+        // Another password, or unparsable (refused at start-up anyway, and it may hold one).
+        _ => HIDDEN_CONNINFO.to_string(),
+    }
+}
+
+/// The key=value form, split as tokio-postgres's parser splits it (`char::is_whitespace`).
+fn redact_pairs(conninfo: &str) -> String {
+    let mut out = String::with_capacity(conninfo.len());
+    let mut it = conninfo.char_indices().peekable();
+    let end = conninfo.len();
+    let pos = |it: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        it.peek().map_or(end, |&(i, _)| i)
+    };
+    loop {
+        let start = pos(&mut it);
+        while it.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
+        let key_start = pos(&mut it);
+        out.push_str(&conninfo[start..key_start]);
+        if key_start == end {
+            break;
+        }
+        while it
+            .next_if(|&(_, c)| c != '=' && !c.is_whitespace())
+            .is_some()
+        {}
+        let key = &conninfo[key_start..pos(&mut it)];
+        while it.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
+        let _ = it.next_if(|&(_, c)| c == '=');
+        while it.next_if(|&(_, c)| c.is_whitespace()).is_some() {}
+        let value_start = pos(&mut it);
+        out.push_str(&conninfo[key_start..value_start]);
+        if it.next_if(|&(_, c)| c == '\'').is_some() {
+            while let Some((_, c)) = it.next() {
+                match c {
+                    '\\' => {
+                        it.next();
+                    }
+                    '\'' => break,
+                    _ => {}
+                }
+            }
+        } else {
+            while let Some((_, c)) = it.next_if(|&(_, c)| !c.is_whitespace()) {
+                if c == '\\' {
+                    it.next();
+                }
+            }
+        }
+        let value_end = pos(&mut it);
+        if key == "password" {
+            out.push_str(REDACTED);
+        } else {
+            out.push_str(&conninfo[value_start..value_end]);
+        }
+        if value_end == key_start {
+            // Nothing consumed (not reached: a key takes at least one character); no loop.
+            break;
+        }
+    }
+    out
+}
+
+/// The URL form, split as tokio-postgres's parser splits it: the credentials end at the first
+/// `@` (even past a `/` or `?`), the password after their first `:`.
+fn redact_url(url: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |p| p + 3);
+    let rest = &url[scheme_end..];
+    let (credentials, tail) = match rest.find('@') {
+        Some(at) => {
+            let creds = &rest[..at];
+            let creds = match creds.find(':') {
+                Some(colon) => format!("{}:{REDACTED}", &creds[..colon]),
+                None => creds.to_string(),
+            };
+            (format!("{creds}@"), &rest[at + 1..])
+        }
+        None => (String::new(), rest),
+    };
+    let tail = match tail.find('?') {
+        Some(q) => {
+            let (path, query) = tail.split_at(q + 1);
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some(("password", _)) => format!("password={REDACTED}"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{path}{}", pairs.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{}{credentials}{tail}", &url[..scheme_end])
 }
 
 fn default_max_unpublished() -> u32 {
@@ -120,6 +315,64 @@ pub fn check_node_id(id: &str) -> Result<(), String> {
 }
 
 impl ClusterConfig {
+    /// `tls_*` against the connection string's `sslmode` and hosts.
+    fn validate_tls(&self, pg: &postgres::Config) -> Result<(), ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        if self.tls_certificate.is_some() != self.tls_private_key.is_some() {
+            return err(
+                "cluster.tls_certificate and cluster.tls_private_key go together: give both \
+                 (a client certificate for the database) or neither"
+                    .into(),
+            );
+        }
+        let Some(_) = &self.tls_ca else {
+            if self.tls_certificate.is_some() {
+                return err(
+                    "cluster.tls_certificate needs cluster.tls_ca (the PEM file of the CA that \
+                     signed the database server's certificate)"
+                        .into(),
+                );
+            }
+            if pg.get_ssl_mode() == postgres::config::SslMode::Require {
+                return err(
+                    "cluster.postgres asks for sslmode=require: give cluster.tls_ca (the PEM \
+                     file of the CA that signed the database server's certificate), or drop \
+                     sslmode on a Unix socket or private network"
+                        .into(),
+                );
+            }
+            return Ok(());
+        };
+        if pg.get_ssl_mode() == postgres::config::SslMode::Disable {
+            return err(
+                "cluster.tls_ca is given but cluster.postgres says sslmode=disable: remove one \
+                 of them (with tls_ca the connection is always TLS)"
+                    .into(),
+            );
+        }
+        if pg.get_hosts().is_empty() {
+            return err(
+                "cluster.tls_ca is given but cluster.postgres names no host (hostaddr alone \
+                 gives no name to check the server's certificate against): add host=<the \
+                 name in the database's certificate>"
+                    .into(),
+            );
+        }
+        #[cfg(unix)]
+        if pg
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, postgres::config::Host::Unix(_)))
+        {
+            return err(
+                "cluster.tls_ca is given but cluster.postgres names a Unix socket (PostgreSQL \
+                 runs TLS over TCP only): give the database's host name, or drop tls_ca"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// The node's data directory: `shared_dir/nodes/<node_id>`.
     pub fn data_dir(&self) -> PathBuf {
         self.shared_dir.join("nodes").join(&self.node_id)
@@ -134,11 +387,44 @@ impl ClusterConfig {
                     .into(),
             );
         }
-        if let Err(e) = self.postgres.parse::<postgres::Config>() {
-            return err(format!(
-                "cluster.postgres: not a libpq connection string ({e}): write key=value pairs \
-                 (host=... dbname=... user=...) or a postgresql:// URL"
-            ));
+        let pg = match self.postgres.parse::<postgres::Config>() {
+            Ok(pg) => pg,
+            Err(e) => {
+                let ssl = [
+                    "sslrootcert",
+                    "sslcert",
+                    "sslkey",
+                    "verify-full",
+                    "verify-ca",
+                ];
+                if ssl.iter().any(|k| self.postgres.contains(k)) {
+                    return err(
+                        "cluster.postgres: libpq's sslrootcert, sslcert, sslkey and \
+                         sslmode=verify-ca/verify-full are not read here: give cluster.tls_ca \
+                         (always verified as verify-full), cluster.tls_certificate and \
+                         cluster.tls_private_key instead"
+                            .into(),
+                    );
+                }
+                // The parser's message may quote part of a password.
+                let why = if self.postgres.contains("pass") || self.postgres.contains('@') {
+                    String::new()
+                } else {
+                    format!(" ({e})")
+                };
+                return err(format!(
+                    "cluster.postgres: not a libpq connection string{why}: write key=value \
+                     pairs (host=... dbname=... user=...) or a postgresql:// URL"
+                ));
+            }
+        };
+        self.validate_tls(&pg)?;
+        if self.password_file.is_some() && pg.get_password().is_some() {
+            return err(
+                "cluster.password_file is given but cluster.postgres holds a password too: \
+                 keep the password in one place (remove it from the connection string)"
+                    .into(),
+            );
         }
         if let Err(e) = check_node_id(&self.node_id) {
             return err(format!("cluster.node_id: {e}"));
@@ -1552,6 +1838,9 @@ impl Config {
         }
         self.users_file()?;
         if let Some(c) = &self.cluster {
+            if let Some(p) = &c.password_file {
+                read_password_file(p).map_err(ConfigError)?;
+            }
             if !c.shared_dir.is_dir() {
                 return err(format!(
                     "cluster.shared_dir {}: is not a directory: mount the shared folder there \
@@ -1834,6 +2123,74 @@ fn resolve_host(address: &str) -> Resolution {
 mod tests {
     use super::*;
 
+    /// Found in review (issue 15): `dicomgate serve --print-config` printed the cluster
+    /// database's password. It prints `REDACTED` in its place, in both connection-string
+    /// forms, and keeps everything else as given.
+    #[test]
+    fn print_config_does_not_show_the_database_password() {
+        let cases = [
+            (
+                "host=db.example password=s3cr3t user=gw",
+                "host=db.example password=REDACTED user=gw",
+            ),
+            (
+                "host=db password = 'two words \\' s3cr3t' dbname=x",
+                "host=db password = REDACTED dbname=x",
+            ),
+            ("password=s3cr3t", "password=REDACTED"),
+            (
+                "user=gw application_name=password",
+                "user=gw application_name=password",
+            ),
+            // Not a connection string the client reads (it is refused at start-up): hidden.
+            ("user=gw passwordless=1", HIDDEN_CONNINFO),
+            (
+                "postgresql://gw:s3cr3t@db.example:5432/dicomgate?sslmode=require",
+                "postgresql://gw:REDACTED@db.example:5432/dicomgate?sslmode=require",
+            ),
+            (
+                "postgres://gw@db/x?password=s3cr3t&application_name=a",
+                "postgres://gw@db/x?password=REDACTED&application_name=a",
+            ),
+            ("postgresql://db.example/x", "postgresql://db.example/x"),
+            // From review: the credentials end at the first `@`, even past a `/` or `?`.
+            (
+                "postgresql://gw:ab/cd?ef@db/x",
+                "postgresql://gw:REDACTED@db/x",
+            ),
+            // Any Unicode whitespace separates pairs, as the client reads them.
+            (
+                "host=db\u{a0}password=s3cr3t\u{2003}user=gw",
+                "host=db\u{a0}password=REDACTED\u{2003}user=gw",
+            ),
+            (
+                "host=db password=s3\\ cr3t user=gw",
+                "host=db password=REDACTED user=gw",
+            ),
+            // A spelling not foreseen (a percent-encoded key): the whole string is hidden.
+            ("postgresql://gw@db/x?pass%77ord=s3cr3t", HIDDEN_CONNINFO),
+            // Odd input never panics.
+            ("password='unterminated \\", "password=REDACTED"),
+            ("é=ü password", HIDDEN_CONNINFO),
+        ];
+        for (given, shown) in cases {
+            assert_eq!(redact_password(given), shown, "{given}");
+        }
+        let text = "[cluster]\npostgres = \"host=db.example user=gw password='s3 cr3t'\"\n\
+                    node_id = \"gw-1\"\nshared_dir = \"/srv/dicomgate\"\n";
+        let c = Config::from_toml(text).unwrap();
+        assert!(c.cluster.as_ref().unwrap().postgres.contains("s3 cr3t"));
+        let printed = toml::to_string(&c).unwrap();
+        assert!(!printed.contains("s3"), "{printed}");
+        assert!(printed.contains("password=REDACTED"), "{printed}");
+        // Nor does the configuration's Debug (log lines, panics).
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("s3") && debug.contains("password=REDACTED"),
+            "{debug}"
+        );
+    }
+
     /// `[cluster]` (issue 15): the node's folder is derived, and each bad field is refused
     /// naming it.
     #[test]
@@ -1877,6 +2234,48 @@ mod tests {
         // The node's own folder, named explicitly, is fine.
         let same = format!("[node]\ndata_dir = \"/srv/dicomgate/nodes/gw-1\"\n{base}");
         assert!(Config::from_toml(&same).is_ok());
+        // TLS to the database.
+        let tcp = base.replace("host=/run/postgresql", "host=db.example");
+        let tls = |conn: &str, extra: &str| {
+            Config::from_toml(&format!(
+                "{}{extra}",
+                tcp.replace("dbname=dicomgate", &format!("dbname=dicomgate {conn}"))
+            ))
+            .map(|_| ())
+            .map_err(|e| e.0)
+        };
+        let ca = "tls_ca = \"/ca.pem\"\n";
+        assert_eq!(tls("", ca), Ok(()));
+        assert_eq!(tls("sslmode=require", ca), Ok(()));
+        let refused_tls = |conn: &str, extra: &str, field: &str| {
+            let e = tls(conn, extra).unwrap_err();
+            assert!(e.contains(field), "{conn} {extra}: {e}");
+        };
+        refused_tls("sslmode=require", "", "cluster.tls_ca");
+        refused_tls("sslmode=disable", ca, "sslmode=disable");
+        refused_tls(
+            "",
+            &format!("{ca}tls_certificate = \"/c.pem\"\n"),
+            "cluster.tls_private_key",
+        );
+        refused_tls(
+            "",
+            "tls_certificate = \"/c.pem\"\ntls_private_key = \"/c.key\"\n",
+            "cluster.tls_ca",
+        );
+        let unix = Config::from_toml(&format!("{base}{ca}")).unwrap_err().0;
+        assert!(unix.contains("Unix socket"), "{unix}");
+        let no_host = base.replace("host=/run/postgresql", "hostaddr=10.0.0.1");
+        let e = Config::from_toml(&format!("{no_host}{ca}")).unwrap_err().0;
+        assert!(e.contains("add host="), "{e}");
+        refused_tls("sslmode=verify-full", ca, "cluster.tls_ca");
+        refused_tls("sslrootcert=/ca.pem", "", "cluster.tls_ca");
+        // A password file, and a password in the string too: refused.
+        let pw = "password_file = \"/run/credentials/db\"\n";
+        assert!(Config::from_toml(&format!("{base}{pw}")).is_ok());
+        let both = base.replace("dbname=dicomgate", "dbname=dicomgate password=x");
+        let e = Config::from_toml(&format!("{both}{pw}")).unwrap_err().0;
+        assert!(e.contains("cluster.password_file"), "{e}");
     }
 
     /// Issue 11: config is plain data at the bottom of the crate: outside its tests it names no

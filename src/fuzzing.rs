@@ -118,7 +118,7 @@ pub fn pdu_roundtrip(data: &[u8]) {
     let mut c = Choices::new(data);
     let pdu = match c.u8() % 7 {
         0 | 1 => {
-            let is_rq = c.u8() % 2 == 0;
+            let is_rq = c.u8().is_multiple_of(2);
             let mut items = vec![Item::ApplicationContext(c.bytes(64))];
             while !c.done() && items.len() < 40 {
                 let item = match c.u8() % 4 {
@@ -400,7 +400,7 @@ pub fn patient_map_differential(data: &[u8]) {
                     sop_instance_uid: format!("1.2.{n}").into(),
                     study_uid: Some(format!("1.{}", c.u8() % 2).into()),
                     series_uid: Some(format!("1.{}", c.u8() % 3).into()),
-                    study_date: (c.u8() % 2 == 0).then(|| "20261201".into()),
+                    study_date: c.u8().is_multiple_of(2).then(|| "20261201".into()),
                     bytes: u64::from(c.u8()),
                     inputs: u64::from(c.u8() % 8),
                     instance_number: u32::from(c.u8()),
@@ -427,7 +427,7 @@ pub fn patient_map_differential(data: &[u8]) {
                 ),
             },
             5 => {
-                let stale = c.u8() % 4 == 0;
+                let stale = c.u8().is_multiple_of(4);
                 match (map.get(&key, &g), model.get_mut(&key)) {
                     (Some(p), Some((batch, seq))) => {
                         let v = p.view(&g);
@@ -742,7 +742,7 @@ pub fn dimse_service(data: &[u8]) {
                 inbox.extend_from_slice(&(body.len() as u32).to_be_bytes());
                 inbox.extend_from_slice(&body);
             }
-            4 if c.u8() % 2 == 0 && !writes.is_empty() => {
+            4 if c.u8().is_multiple_of(2) && !writes.is_empty() => {
                 // Storage writes one handed-out chunk (any of them).
                 let i = usize::from(c.u8()) % writes.len();
                 let (token, n) = writes.swap_remove(i);
@@ -753,7 +753,7 @@ pub fn dimse_service(data: &[u8]) {
                 if !handed.is_empty() {
                     let i = usize::from(c.u8()) % handed.len();
                     let token = handed.swap_remove(i);
-                    let outcome = if c.u8() % 4 == 0 {
+                    let outcome = if c.u8().is_multiple_of(4) {
                         StoreOutcome::Failed {
                             status: 0xA700,
                             comment: "full".into(),
@@ -771,7 +771,7 @@ pub fn dimse_service(data: &[u8]) {
                 _ => inbox.extend_from_slice(c.bytes(16)),
             },
             6 => {
-                if c.u8() % 4 == 0 {
+                if c.u8().is_multiple_of(4) {
                     svc.handle_read_paused(now);
                 }
                 now += Duration::from_secs(u64::from(c.u8()));
@@ -783,7 +783,7 @@ pub fn dimse_service(data: &[u8]) {
         let pdvs_in_pdu = 8;
         svc.handle_received(now, inbox.len().saturating_sub(told));
         let n = svc.handle_input(now, &inbox, &cfg, &granted);
-        granted = !granted || c.u8() % 2 == 0;
+        granted = !granted || c.u8().is_multiple_of(2);
         inbox.drain(..n);
         told = inbox.len();
         let outstanding = svc.stores_waiting() + svc.stores_in_flight();
@@ -951,7 +951,7 @@ pub fn assoc_events(data: &[u8]) {
                 12 => drop(a.abort(now)),
                 13 => drop(a.send_pdata(|o| o.push(0))),
                 14 => drop(a.request(now, &rq)),
-                _ => a.set_message_in_progress(c.u8() % 2 == 0),
+                _ => a.set_message_in_progress(c.u8().is_multiple_of(2)),
             }
             while a.poll_event().is_some() {}
             a.transmit().clear();
@@ -959,7 +959,7 @@ pub fn assoc_events(data: &[u8]) {
                 // After an abort or reject, a transport close always ends in Sta1.
                 let mut b =
                     std::mem::replace(&mut a, Association::requestor(now, Timeouts::default()));
-                if c.u8() % 2 == 0 {
+                if c.u8().is_multiple_of(2) {
                     b.handle_transport_closed(now);
                     assert_eq!(b.state(), State::Sta1);
                 } else {

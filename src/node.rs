@@ -368,7 +368,13 @@ pub fn start_with(
     // publishes while recovery goes on (the queue is bounded); watched by /healthz.
     if let (Some(outbox), Some(c)) = (&outbox, &config.cluster) {
         let settings = crate::cluster::outbox::Settings {
-            conninfo: c.postgres.clone(),
+            database: crate::cluster::Database {
+                conninfo: c.postgres.clone(),
+                // Read and checked at start-up already (`net::tls::check_files`).
+                tls: net::tls::cluster_client_config(c)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                password_file: c.password_file.clone(),
+            },
             node_id: c.node_id.clone(),
             partitions: c.partitions,
             lease: std::time::Duration::from_secs(u64::from(c.lease_seconds)),

@@ -20,6 +20,9 @@ struct Postgres {
     bin: PathBuf,
     socket_dir: PathBuf,
     as_postgres: bool,
+    port: u16,
+    /// Server options for a TCP listener with TLS ([`Postgres::start_tls`]).
+    tls_opts: String,
 }
 
 fn pg_bin() -> PathBuf {
@@ -42,6 +45,61 @@ fn pg_bin() -> PathBuf {
 
 impl Postgres {
     fn start() -> Postgres {
+        let pg = Postgres::init(5432);
+        pg.start_again();
+        pg
+    }
+
+    /// A server that also listens on 127.0.0.1 and 127.0.0.2 (a free port), with TLS by
+    /// `pki`'s `server` certificate (it names 127.0.0.1 and localhost, not 127.0.0.2): TCP
+    /// clients must use TLS, present a client certificate signed by `pki`'s `ca` and give the
+    /// user's password (`hostssl ... scram-sha-256 clientcert=verify-ca`, `hostnossl ...
+    /// reject`; the test sets the password); the Unix socket stays open to the test.
+    fn start_tls(pki: &common::Pki) -> Postgres {
+        let mut pg = Postgres::init(common::free_port());
+        let dir = pg.socket_dir.clone();
+        for (from, to) in [
+            ("server.pem", "server.crt"),
+            ("server.key", "server.key"),
+            ("ca.pem", "root.crt"),
+        ] {
+            std::fs::copy(pki.path(from), dir.join(to)).unwrap();
+        }
+        // The server refuses a key file others can read; it must be its user's.
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        if pg.as_postgres {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres"])
+                .args(["server.crt", "server.key", "root.crt"].map(|f| dir.join(f)))
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        }
+        std::fs::write(
+            pg.data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.0/8 scram-sha-256 clientcert=verify-ca\n\
+             hostnossl all all 127.0.0.0/8 reject\n",
+        )
+        .unwrap();
+        pg.tls_opts = format!(
+            "-c listen_addresses='127.0.0.1,127.0.0.2' -c ssl=on -c ssl_cert_file={} \
+             -c ssl_key_file={} -c ssl_ca_file={}",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display(),
+            dir.join("root.crt").display()
+        );
+        pg.start_again();
+        pg
+    }
+
+    /// `initdb` into a new temporary folder; the server will use `port`.
+    fn init(port: u16) -> Postgres {
         let bin = pg_bin();
         let dir = tempfile::tempdir().unwrap();
         // initdb refuses to run as root: then the server runs as Debian's postgres user, who
@@ -63,6 +121,8 @@ impl Postgres {
             bin,
             _dir: dir,
             as_postgres,
+            port,
+            tls_opts: String::new(),
         };
         let out = pg
             .command("initdb")
@@ -76,15 +136,20 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        pg.start_again();
         pg
     }
 
     /// Starts the server (again, after [`Postgres::stop`]).
     fn start_again(&self) {
+        let opts = if self.tls_opts.is_empty() {
+            "-c listen_addresses=''"
+        } else {
+            self.tls_opts.as_str()
+        };
         let opts = format!(
-            "-k {} -p 5432 -c listen_addresses='' -c fsync=off -c max_connections=50",
-            self.socket_dir.display()
+            "-k {} -p {} {opts} -c fsync=off -c max_connections=50",
+            self.socket_dir.display(),
+            self.port
         );
         let out = self
             .command("pg_ctl")
@@ -128,8 +193,9 @@ impl Postgres {
 
     fn conninfo(&self) -> String {
         format!(
-            "host={} port=5432 user=postgres dbname=postgres",
-            self.socket_dir.display()
+            "host={} port={} user=postgres dbname=postgres",
+            self.socket_dir.display(),
+            self.port
         )
     }
 
@@ -1185,4 +1251,160 @@ fn records_left_out_of_a_full_queue_are_published_by_a_rescan() {
     a.signal(rustix::process::Signal::TERM);
     assert!(a.wait_exit(20).is_some(), "{}", a.log());
     assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
+}
+
+/// TLS to the cluster database (issue 15; it was `NoTls` only), and the password from a file:
+/// a server that takes TCP clients only over TLS with a client certificate of the test CA and
+/// the user's password. A coordinator gets in only with `tls_ca`, a client certificate and the
+/// right password file, and only when the server's certificate chains to that CA and names the
+/// host it dialled; the server then sees the connection as TLS. A node configured so publishes
+/// what it acknowledges, and says its link is TLS (status JSON, `/metrics`); a `tls_ca` that
+/// cannot be read is refused at start-up naming the field.
+#[test]
+fn the_cluster_database_is_reached_over_tls_verified_against_tls_ca() {
+    use common::*;
+    let pki = Pki::new();
+    let pg = Postgres::start_tls(&pki);
+    let tcp = |host: &str| format!("host={host} port={} user=postgres dbname=postgres", pg.port);
+    let tls = |ca: &str, client: bool| {
+        let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+        dicomgate::net::tls::client_config(
+            ["tls_ca", "tls_certificate", "tls_private_key"],
+            &pki.path(ca),
+            client.then_some((cert.as_path(), key.as_path())),
+        )
+        .unwrap()
+    };
+    // The password comes from a file (and a wrong one is refused).
+    let secrets = tempfile::tempdir().unwrap();
+    let (pw, wrong) = (secrets.path().join("pw"), secrets.path().join("wrong"));
+    std::fs::write(&pw, "it's s3cret\n").unwrap();
+    std::fs::write(&wrong, "not it\n").unwrap();
+    pg.client()
+        .batch_execute("ALTER USER postgres PASSWORD 'it''s s3cret'")
+        .unwrap();
+    let connect_with =
+        |conninfo: &str, tls: Option<&std::sync::Arc<rustls::ClientConfig>>, password: &Path| {
+            let db = dicomgate::cluster::Database {
+                conninfo: conninfo.to_string(),
+                tls: tls.cloned(),
+                password_file: Some(password.to_path_buf()),
+            };
+            Coordinator::connect_to(&db, "a", 8, Duration::from_secs(2))
+        };
+    let connect = |conninfo: &str, tls: Option<&std::sync::Arc<rustls::ClientConfig>>| {
+        connect_with(conninfo, tls, &pw)
+    };
+    let refused = |r: Result<Coordinator, ClusterError>| match r {
+        Ok(mut c) => panic!("connected (TLS: {:?})", c.tls_in_use()),
+        Err(e) => format!("{e:?}"),
+    };
+    // The server's own rules: no plain TCP, no TLS without a client certificate.
+    let plain = refused(connect(&tcp("127.0.0.1"), None));
+    assert!(plain.contains("no encryption"), "{plain}");
+    let anonymous = refused(connect(&tcp("127.0.0.1"), Some(&tls("ca.pem", false))));
+    assert!(anonymous.contains("certificate"), "{anonymous}");
+    // Ours: the server's certificate must chain to tls_ca and name the host.
+    let untrusted = refused(connect(&tcp("127.0.0.1"), Some(&tls("other-ca.pem", true))));
+    assert!(untrusted.contains("UnknownIssuer"), "{untrusted}");
+    let other_name = refused(connect(&tcp("127.0.0.2"), Some(&tls("ca.pem", true))));
+    assert!(other_name.contains("NotValidForName"), "{other_name}");
+    let bad_password = refused(connect_with(
+        &tcp("127.0.0.1"),
+        Some(&tls("ca.pem", true)),
+        &wrong,
+    ));
+    assert!(
+        bad_password.contains("password authentication failed"),
+        "{bad_password}"
+    );
+    // No downgrade: a server that answers the TLS request with "no" (as a man in the middle
+    // would) is refused, whatever sslmode says, rather than talked to in plain text.
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_port = fake.local_addr().unwrap().port();
+    let answered = std::thread::spawn(move || {
+        let mut n = 0;
+        for conn in fake.incoming().take(2) {
+            let mut conn = conn.unwrap();
+            let mut request = [0u8; 8];
+            std::io::Read::read_exact(&mut conn, &mut request).unwrap();
+            assert_eq!(request[4..], [0x04, 0xd2, 0x16, 0x2f], "an SSLRequest");
+            std::io::Write::write_all(&mut conn, b"N").unwrap();
+            n += 1;
+        }
+        n
+    });
+    for mode in ["", " sslmode=prefer"] {
+        let fake_db = format!("host=127.0.0.1 port={fake_port} user=postgres{mode}");
+        let e = refused(connect(&fake_db, Some(&tls("ca.pem", true))));
+        assert!(e.contains("server does not support TLS"), "{mode}: {e}");
+    }
+    assert_eq!(answered.join().unwrap(), 2);
+    for host in ["127.0.0.1", "localhost"] {
+        let mut c = connect(&tcp(host), Some(&tls("ca.pem", true)))
+            .unwrap_or_else(|e| panic!("{host}: {e}"));
+        assert!(
+            c.tls_in_use().unwrap(),
+            "{host}: the server sees a plain connection"
+        );
+        c.rebalance().unwrap();
+        c.leave(true).unwrap();
+    }
+
+    // A node, end to end.
+    let shared = tempfile::tempdir().unwrap();
+    let node_dir = shared.path().join("nodes").join("b");
+    let toml = |ca: &str| {
+        format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\n[cluster]\npostgres = {:?}\nnode_id = \"b\"\n\
+             shared_dir = {:?}\npartitions = 8\nlease_seconds = 2\ntls_ca = {:?}\n\
+             tls_certificate = {:?}\ntls_private_key = {:?}\npassword_file = {:?}\n",
+            tcp("localhost"),
+            shared.path().display().to_string(),
+            pki.s(ca),
+            pki.s("client.pem"),
+            pki.s("client.key"),
+            pw.display().to_string(),
+        )
+    };
+    let node = Node::start_with_data_dir(&node_dir, &toml("ca.pem"));
+    let files = tempfile::tempdir().unwrap();
+    let sent: Vec<PathBuf> = (0..3).map(|i| mixed_instance(files.path(), i)).collect();
+    assert!(storescu_status(&node, &sent).success(), "{}", node.log());
+    assert!(
+        wait_until(20, || published_rows(&pg, "b").len() == 3),
+        "published: {:?}\n{}",
+        published_rows(&pg, "b"),
+        node.log()
+    );
+    let status = cluster_status(&node);
+    assert_eq!(status["tls"], true, "{status}");
+    let (code, metrics) = http_get(&http_of(&node), "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.lines().any(|l| l == "dicomgate_cluster_tls 1"),
+        "{metrics}"
+    );
+    drop(node);
+
+    let cfg = shared.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nlisten = \"127.0.0.1:0\"\n{}",
+            toml("ca.pem").replace(&pki.s("ca.pem"), "/nonexistent/ca.pem")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cluster.tls_ca /nonexistent/ca.pem: cannot be read"),
+        "{err}"
+    );
 }

@@ -15,6 +15,10 @@
 //! [`Coordinator::claim`], reading other nodes' bytes) is not: each node still groups and
 //! processes what it received itself. What remains of issue 15 is in `docs/cluster.md`.
 //!
+//! The connection is plain, or TLS with `[cluster] tls_ca` ([`Coordinator::connect_to`]: the
+//! server's certificate verified against that CA and the connection's `host` name, rustls
+//! with the node's TLS profile).
+//!
 //! # The rules
 //!
 //! - **Leases.** A node is live while its `dicomgate_nodes.lease_until` is in the future
@@ -68,6 +72,7 @@
 pub mod outbox;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::{Client, GenericClient, NoTls};
@@ -283,12 +288,59 @@ pub fn migrate(client: &mut Client) -> Result<i32> {
     Ok(SCHEMA_VERSION.max(have))
 }
 
+/// How to reach the cluster database: the connection string, TLS (`[cluster] tls_ca`), and
+/// where the password is (`[cluster] password_file`). Its `Debug` shows no secret.
+#[derive(Clone)]
+pub struct Database {
+    pub conninfo: String,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+impl Database {
+    /// A plain connection with what `conninfo` says.
+    pub fn plain(conninfo: &str) -> Database {
+        Database {
+            conninfo: conninfo.to_string(),
+            tls: None,
+            password_file: None,
+        }
+    }
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("conninfo", &crate::config::redact_password(&self.conninfo))
+            .field("tls", &self.tls.is_some())
+            .field("password_file", &self.password_file)
+            .finish()
+    }
+}
+
 impl Coordinator {
     /// Connects (`conninfo`: a libpq connection string, e.g. `host=/run/postgresql
     /// dbname=dicomgate user=dicomgate`), migrates, and makes or checks the partition table.
     /// Does not join: the first [`Coordinator::rebalance`] does.
     pub fn connect(
         conninfo: &str,
+        node_id: &str,
+        partitions: u32,
+        lease: Duration,
+    ) -> Result<Coordinator> {
+        Coordinator::connect_to(&Database::plain(conninfo), node_id, partitions, lease)
+    }
+
+    /// [`Coordinator::connect`] to `db`: over TLS when it has a TLS configuration
+    /// (`[cluster] tls_ca`): then the connection must be TLS whatever `sslmode` says (a
+    /// server that answers the TLS request with "no" is refused, not talked to in plain
+    /// text; `sslmode=disable` with `tls_ca` is refused at start-up), and rustls verifies the
+    /// server's certificate chain against the CA and its subjectAltName against the
+    /// connection's `host` (libpq's `verify-full`, less its fallback to the CN).
+    /// With a password file, the password is read from it now (a rotated password is used
+    /// from the next connection on).
+    pub fn connect_to(
+        db: &Database,
         node_id: &str,
         partitions: u32,
         lease: Duration,
@@ -304,7 +356,11 @@ impl Coordinator {
                 "lease of {lease:?}: use 1 s to 1 h"
             )));
         }
-        let mut config: postgres::Config = conninfo.parse()?;
+        let mut config: postgres::Config = db.conninfo.parse()?;
+        if let Some(path) = &db.password_file {
+            config
+                .password(crate::config::read_password_file(path).map_err(ClusterError::Invalid)?);
+        }
         // A node that stops answering (paused, cut off) must not hold others' locks for the
         // hours TCP takes to notice: its connection is given up within a lease, a transaction
         // it leaves open is ended by the server, and nobody waits on a lock for longer than
@@ -318,7 +374,15 @@ impl Coordinator {
             .keepalives_idle((lease / 2).max(Duration::from_secs(1)))
             .keepalives_interval(Duration::from_secs(1))
             .keepalives_retries(3);
-        let mut client = config.connect(NoTls)?;
+        let mut client = match &db.tls {
+            None => config.connect(NoTls)?,
+            Some(tls) => {
+                config.ssl_mode(postgres::config::SslMode::Require);
+                config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+                    tls.as_ref().clone(),
+                ))?
+            }
+        };
         let half = (lease / 2).as_millis().max(1);
         client.batch_execute(&format!(
             "SET idle_in_transaction_session_timeout = {half};
@@ -336,6 +400,18 @@ impl Coordinator {
         };
         c.ensure_partitions()?;
         Ok(c)
+    }
+
+    /// Whether this connection to the database is TLS, as the server sees it
+    /// (`pg_stat_ssl`).
+    pub fn tls_in_use(&mut self) -> Result<bool> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )?
+            .get(0))
     }
 
     pub fn node_id(&self) -> &str {

@@ -57,8 +57,9 @@ pub struct OutboxStats {
     /// How many of `left_out` a finished rescan covered (it started after they were left
     /// out, so it found them on disk).
     pub rescanned: AtomicU64,
-    /// Whether the `cluster` thread holds a working connection.
+    /// Whether the `cluster` thread holds a working connection, and whether it is TLS.
     pub connected: AtomicBool,
+    pub tls: AtomicBool,
     /// Connection attempts or statements that failed.
     pub failures: AtomicU64,
     /// Partitions this node owns, as of its last lease renewal.
@@ -96,7 +97,7 @@ struct Queued {
 /// How the `cluster` thread reaches the database.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub conninfo: String,
+    pub database: super::Database,
     pub node_id: String,
     pub partitions: u32,
     pub lease: Duration,
@@ -342,15 +343,19 @@ impl Outbox {
                 }
             }
             let Some(c) = coordinator.as_mut() else {
-                match Coordinator::connect(
-                    &settings.conninfo,
+                match Coordinator::connect_to(
+                    &settings.database,
                     &settings.node_id,
                     settings.partitions,
                     settings.lease,
                 ) {
-                    Ok(c) => {
+                    Ok(mut c) => {
+                        let tls = c.tls_in_use().unwrap_or(false);
+                        self.stats.tls.store(tls, Ordering::Relaxed);
                         if self.stats.failures.load(Ordering::Relaxed) > 0 {
-                            tracing::info!("connected to the cluster database again");
+                            tracing::info!(tls, "connected to the cluster database again");
+                        } else {
+                            tracing::info!(tls, "connected to the cluster database");
                         }
                         coordinator = Some(c);
                         self.stats.connected.store(true, Ordering::Release);
@@ -665,7 +670,9 @@ mod tests {
         o.push(record(1));
         let stop = AtomicBool::new(false);
         let settings = Settings {
-            conninfo: "host=/nonexistent-dicomgate-socket-dir port=1 user=x dbname=x".into(),
+            database: crate::cluster::Database::plain(
+                "host=/nonexistent-dicomgate-socket-dir port=1 user=x dbname=x",
+            ),
             node_id: "a".into(),
             partitions: 4,
             lease: Duration::from_secs(1),

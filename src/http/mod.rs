@@ -257,6 +257,13 @@ pub fn render(shared: &Shared) -> String {
             g64(u64::from(s.connected.load(Ordering::Relaxed))),
         );
         r.register(
+            "cluster_tls",
+            "1 while that connection is TLS ([cluster] tls_ca), as the database reports it",
+            g64(u64::from(
+                s.connected.load(Ordering::Relaxed) && s.tls.load(Ordering::Relaxed),
+            )),
+        );
+        r.register(
             "cluster_published",
             "Instance records published to the cluster database",
             count(&s.published),

@@ -47,6 +47,10 @@ pub struct ClusterStatus {
     pub node_id: String,
     /// Whether the node holds a working connection to the cluster database.
     pub connected: bool,
+    /// Whether that connection is TLS (as the database reports it, `pg_stat_ssl`); false
+    /// while not connected.
+    #[serde(default)]
+    pub tls: bool,
     /// Live nodes and the partitions this node owns, as of its last lease renewal.
     pub live_nodes: u64,
     pub owned_partitions: u64,
@@ -274,6 +278,7 @@ fn cluster_status(shared: &Shared) -> Option<ClusterStatus> {
     Some(ClusterStatus {
         node_id: c.node_id.clone(),
         connected: s.connected.load(Ordering::Relaxed),
+        tls: s.connected.load(Ordering::Relaxed) && s.tls.load(Ordering::Relaxed),
         live_nodes: s.live_nodes.load(Ordering::Relaxed),
         owned_partitions: s.owned_partitions.load(Ordering::Relaxed),
         partitions: c.partitions,
@@ -309,7 +314,9 @@ fn cluster_line(c: &ClusterStatus) -> String {
         "cluster: node {} {}, {} live nodes, owns {} of {} partitions; published {}, {} waiting \
          (lag {} ms){}{}{}",
         printable(&c.node_id),
-        if c.connected {
+        if c.connected && c.tls {
+            "connected (TLS)"
+        } else if c.connected {
             "connected"
         } else {
             "NOT CONNECTED to the database"
@@ -1070,6 +1077,7 @@ mod tests {
             cluster: Some(ClusterStatus {
                 node_id: "gw-1".into(),
                 connected: false,
+                tls: false,
                 live_nodes: 2,
                 owned_partitions: 128,
                 partitions: 256,

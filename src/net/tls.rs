@@ -169,9 +169,37 @@ pub fn export_client_config(
     client_config([&fields[0], &fields[1], &fields[2]], ca, client).map(Some)
 }
 
+/// The rustls configuration of the connection to the cluster database, from `[cluster]`'s
+/// `tls_*` files (`None`: no `tls_ca`, a plain connection).
+pub fn cluster_client_config(
+    c: &crate::config::ClusterConfig,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    let Some(ca) = &c.tls_ca else {
+        return Ok(None);
+    };
+    let client = match (&c.tls_certificate, &c.tls_private_key) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        _ => None,
+    };
+    let config = client_config(
+        [
+            "cluster.tls_ca",
+            "cluster.tls_certificate",
+            "cluster.tls_private_key",
+        ],
+        ca,
+        client,
+    )?;
+    // PostgreSQL's ALPN name: PostgreSQL 17 requires it with `sslnegotiation=direct`; older
+    // servers ignore it.
+    let mut config = config.as_ref().clone();
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(Some(Arc::new(config)))
+}
+
 /// The TLS files a configuration names, read at start-up (after `Config::check_environment`):
-/// `[tls]`'s certificate, key and CA, and each `dicom` export's `tls_*`. Each error names the
-/// field.
+/// `[tls]`'s certificate, key and CA, each `dicom` export's `tls_*`, and `[cluster]`'s
+/// `tls_*`. Each error names the field.
 pub fn check_files(config: &crate::config::Config) -> Result<(), String> {
     if config.tls.enabled() {
         server_config(&config.tls)?;
@@ -180,6 +208,9 @@ pub fn check_files(config: &crate::config::Config) -> Result<(), String> {
         if e.kind == crate::config::ExportKind::Dicom {
             export_client_config(e, &format!("export {i}: "))?;
         }
+    }
+    if let Some(c) = &config.cluster {
+        cluster_client_config(c)?;
     }
     Ok(())
 }

@@ -110,7 +110,9 @@ fn read_manifest(dir: &Path) -> io::Result<Manifest> {
 fn manifest_key(m: &Manifest) -> Vec<u8> {
     let h = m.key_hex.as_bytes();
     let nibble = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let key: Option<Vec<u8>> = (h.len() % 2 == 0)
+    let key: Option<Vec<u8>> = h
+        .len()
+        .is_multiple_of(2)
         .then(|| {
             h.chunks(2)
                 .map(|c| Some(nibble(c[0])? << 4 | nibble(c[1])?))

@@ -612,3 +612,129 @@ pub fn chromium_dom(url: &str) -> String {
     );
     dom
 }
+
+/// A test PKI made by `openssl`: CAs `ca` and `other-ca`; certificates `server`, `client`
+/// (signed by `ca`; the server's names 127.0.0.1 and localhost), `other-client`,
+/// `other-server` (signed by `other-ca`) and `expired-server`; each `<name>.pem` with its
+/// `<name>.key`.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("/usr/bin/openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("/usr/bin/openssl missing: apt-get install openssl (bash .ci/run does)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\nbasicConstraints = CA:FALSE\n\
+             keyUsage = digitalSignature, keyEncipherment\nextendedKeyUsage = serverAuth\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("client.ext"),
+            "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature, keyEncipherment\n\
+             extendedKeyUsage = clientAuth\n",
+        )
+        .unwrap();
+        for ca in ["ca", "other-ca"] {
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.pem"),
+                    "-days",
+                    "2",
+                    "-subj",
+                    &format!("/CN=dicomgate test {ca}"),
+                ],
+            );
+        }
+        // (name, signing CA, extensions, validity in days: -1 = expired yesterday)
+        for (name, ca, ext, days) in [
+            ("server", "ca", "server.ext", "2"),
+            ("client", "ca", "client.ext", "2"),
+            ("other-client", "other-ca", "client.ext", "2"),
+            ("other-server", "other-ca", "server.ext", "2"),
+            ("expired-server", "ca", "server.ext", "-1"),
+        ] {
+            openssl(
+                d,
+                &[
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-keyout",
+                    &format!("{name}.key"),
+                    "-out",
+                    &format!("{name}.csr"),
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            );
+            openssl(
+                d,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    &format!("{ca}.pem"),
+                    "-CAkey",
+                    &format!("{ca}.key"),
+                    "-CAcreateserial",
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-days",
+                    days,
+                    "-extfile",
+                    ext,
+                ],
+            );
+        }
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn s(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    /// The `[tls]` section for the node, with `client_ca` when asked.
+    pub fn tls_toml(&self, client_ca: bool) -> String {
+        let mut t = format!(
+            "[tls]\nlisten = \"127.0.0.1:0\"\ncertificate = {:?}\nprivate_key = {:?}\n",
+            self.s("server.pem"),
+            self.s("server.key")
+        );
+        if client_ca {
+            t += &format!("client_ca = {:?}\n", self.s("ca.pem"));
+        }
+        t
+    }
+}

@@ -410,10 +410,10 @@ mod tests {
             source_ae_title: "SCANNER".into(),
             patient_id: b"PAT^1".to_vec(),
             study_uid: Some("1.2.3".into()),
-            series_uid: (i % 2 == 0).then(|| "1.2.3.4".into()),
+            series_uid: i.is_multiple_of(2).then(|| "1.2.3.4".into()),
             received_ms: 1_700_000_000_000 + u64::from(i),
             receiving_ae_title: "DICOMGATE".into(),
-            requestor_address: if i % 3 == 0 {
+            requestor_address: if i.is_multiple_of(3) {
                 "10.1.2.3".into()
             } else {
                 String::new()
