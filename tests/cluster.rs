@@ -1396,13 +1396,7 @@ fn the_cluster_database_is_reached_over_tls_verified_against_tls_ca() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_at_start_up(&cfg);
     assert!(
         err.contains("cluster.tls_ca /nonexistent/ca.pem: cannot be read"),
         "{err}"

@@ -320,13 +320,7 @@ fn bad_tls_files_are_refused_at_start_up_naming_the_field() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_at_start_up(&cfg);
     assert!(
         err.contains("tls.certificate /nonexistent/server.pem: cannot be read"),
         "{err}"

@@ -472,6 +472,17 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 }
 
 /// Polls `cond` every 100 ms until it holds or `secs` pass; returns whether it held.
+/// `dicomgate serve --config cfg`, which must refuse to start: its stderr.
+pub fn refused_at_start_up(cfg: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "it started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     while std::time::Instant::now() < end {
