@@ -13,6 +13,11 @@ every receiver). Receivers, each writing to a fresh folder on the same disk:
   dicom-rs         dicom-storescp -n (cargo install dicom-storescp)
   pynetdicom       python3 -m pynetdicom storescp
   orthanc          /usr/sbin/Orthanc (Debian), TCP_NODELAY=1, default SyncStorageArea
+  dicomgate-cluster  release build, fsync, with [cluster]: a PostgreSQL of its own (Debian's,
+                   initdb into the receiver's folder on the same disk, fsync on), the node
+                   publishing every record it acknowledges (issue 15; not in the default list).
+                   Also reported: the database's CPU per instance, and how long after the last
+                   acknowledgement every row was in the database
 
 Per run: instances/s and MB/s (loadgen), server CPU µs per instance (utime+stime of the
 receiver's whole process tree from /proc, reaped children included), C-STORE latency p50/p99.
@@ -30,6 +35,12 @@ so whoever creates files after a receiver's files were deleted pays for the dele
   python3 perf/compare.py                      # every workload, 1 and 8 senders, 5 runs
   python3 perf/compare.py --workloads tiny --senders 1 --receivers dicomgate,dcmtk --runs 3
   python3 perf/compare.py --json results.json  # also keep every run's figures
+
+Publication to a cluster database (issue 15): the node with and without [cluster], and the
+catch-up of a backlog after the database was down during the load (40,000 instances):
+
+  python3 perf/compare.py --workloads tiny-many --senders 8 --receivers dicomgate,dicomgate-cluster
+  python3 perf/compare.py --cluster-catch-up --workloads tiny-many --senders 8 --receivers dicomgate-cluster
 
 A/B of two builds in one run: receiver `dicomgate-b` is the dicomgate binary named by
 $COMPARE_DICOMGATE_B (another commit's release build), configured as `dicomgate` (fsync):
@@ -60,6 +71,8 @@ WORKLOADS = {
     "tiny": (16 * 16 * 2, 1, {1: 1000, 8: 250}),
     "ct": (512 * 512 * 2, 1, {1: 200, 8: 50}),
     "large": (512 * 512 * 2 * 100, 100, {1: 6, 8: 2}),
+    # 40,000 tiny instances over 8 senders: a backlog for --cluster-catch-up to time.
+    "tiny-many": (16 * 16 * 2, 1, {1: 20000, 8: 5000}),
 }
 # Extra lines for dicomgate's [node] and [storage] sections (perf/scaling.py sets reactors).
 NODE_EXTRA = {}
@@ -85,6 +98,71 @@ def wait_port(port, proc, seconds=30):
     raise RuntimeError(f"port {port} never opened")
 
 
+class ClusterDb:
+    """A PostgreSQL server for receiver dicomgate-cluster, in `work`/pg, on a Unix socket
+    there; run as Debian's postgres user when we are root (initdb refuses root)."""
+
+    def __init__(self, work):
+        bins = sorted(d for d in (os.path.join("/usr/lib/postgresql", v, "bin")
+                                  for v in os.listdir("/usr/lib/postgresql"))
+                      if os.path.exists(os.path.join(d, "initdb")))
+        if not bins:
+            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+        self.bin, self.dir = bins[-1], os.path.join(work, "pg")
+        self.as_postgres = os.geteuid() == 0
+        os.makedirs(self.dir)
+        if self.as_postgres:
+            os.chmod(work, 0o755)
+            subprocess.run(["chown", "postgres:postgres", self.dir], check=True)
+        self.port = free_port()
+        self.run("initdb", "-D", os.path.join(self.dir, "data"), "-A", "trust", "-U", "postgres",
+                 "-E", "UTF8")
+        self.start()
+
+    def start(self):
+        self.run("pg_ctl", "-D", os.path.join(self.dir, "data"), "-w", "-l",
+                 os.path.join(self.dir, "log"), "-o",
+                 f"-k {self.dir} -p {self.port} -c listen_addresses=''", "start")
+
+    def stop_fast(self):
+        self.run("pg_ctl", "-D", os.path.join(self.dir, "data"), "-w", "-m", "fast", "stop")
+
+    def run(self, tool, *args):
+        argv = [os.path.join(self.bin, tool), *args]
+        if self.as_postgres:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+    def conninfo(self):
+        return f"host={self.dir} port={self.port} user=postgres dbname=postgres"
+
+    def rows(self):
+        try:
+            out = self.run("psql", "-h", self.dir, "-p", str(self.port), "-U", "postgres",
+                           "-tAc", "SELECT count(*) FROM dicomgate_instances")
+            return int(out.strip() or 0)
+        except (subprocess.CalledProcessError, ValueError):
+            return 0  # not migrated yet
+
+    def postmaster(self):
+        with open(os.path.join(self.dir, "data", "postmaster.pid")) as f:
+            return int(f.readline())
+
+    def stop(self):
+        try:
+            self.run("pg_ctl", "-D", os.path.join(self.dir, "data"), "-m", "immediate", "stop")
+        except subprocess.CalledProcessError:
+            pass
+
+
+# The database of each running dicomgate-cluster receiver, by its folder.
+CLUSTER_DB = {}
+# --cluster-catch-up: the database is stopped during each load and started after it; then
+# "every row ... after" is the catch-up time from the database's start (its rows/s the rate
+# one node publishes a backlog at), and the database CPU is that of the catch-up.
+CATCH_UP = False
+
+
 def receiver_command(name, work, port):
     """argv and extra environment of one receiver writing under `work`."""
     data = os.path.join(work, "data")
@@ -94,9 +172,18 @@ def receiver_command(name, work, port):
         durability = {"dicomgate-none": "none", "dicomgate-syncfs": "syncfs"}.get(name, "fsync")
         # dicomgate-files: every instance its own file (no segment log), as before issue 10.
         inline = "inline_max_bytes = 0\n" if name == "dicomgate-files" else ""
+        node_dir, cluster = f'data_dir = "{data}"\n', ""
+        if name == "dicomgate-cluster":
+            db = CLUSTER_DB[work] = ClusterDb(work)
+            shared = os.path.join(work, "shared")
+            os.makedirs(shared)
+            # The node's data directory is shared/nodes/<node_id>.
+            node_dir = ""
+            cluster = (f'[cluster]\npostgres = "{db.conninfo()}"\nnode_id = "bench"\n'
+                       f'shared_dir = "{shared}"\n')
         with open(cfg, "w") as f:
             f.write(
-                f'[node]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{data}"\n'
+                f'[node]\nlisten = "127.0.0.1:{port}"\n{node_dir}'
                 + NODE_EXTRA.get("node", "")
                 + f'[limits]\nmax_pdu_length = {MAX_PDU}\n'
                 # Every sender is one loopback address and one AE title: the per-address and
@@ -109,6 +196,7 @@ def receiver_command(name, work, port):
                 +
                 # Ingest only: no trigger fires, so receivers are compared, not pipelines.
                 "[trigger]\non_association_close = false\nquiet_seconds = 0\n"
+                + cluster
             )
         exe = NODE
         if name == "dicomgate-b":
@@ -196,6 +284,26 @@ class RssSampler(threading.Thread):
             self.stop.wait(0.05)
 
 
+def thread_cpu_ns(pid, prefix):
+    """CPU time (ns, /proc/.../schedstat) of the threads of `pid` whose name starts with
+    `prefix`."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            if name.startswith(prefix):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def tree_cpu_ticks(root):
     """utime+stime+cutime+cstime over `root` and its descendants: every process's CPU counted
     once, in itself while it lives (or is a zombie), in its reaper's c-times once reaped."""
@@ -233,6 +341,7 @@ def run_receiver(name, workload, senders, runs, window, log):
                             cwd=work, start_new_session=True)
     results = []
     rss = RssSampler(proc.pid)
+    db, stored = CLUSTER_DB.get(work), 0
     try:
         wait_port(port, proc)
         rss.start()
@@ -240,6 +349,12 @@ def run_receiver(name, workload, senders, runs, window, log):
         for _ in range(runs):
             os.sync()  # each run starts with no dirty pages from the one before
             c0 = tree_cpu_ticks(proc.pid)
+            if db and CATCH_UP:
+                # The database is down while the load runs: the node acknowledges locally,
+                # queues, and publishes once the database is back (the catch-up below).
+                db.stop_fast()
+            d0 = tree_cpu_ticks(db.postmaster()) if db and not CATCH_UP else 0
+            p0 = thread_cpu_ns(proc.pid, "cluster") if db else 0
             r0 = os.times()
             lg = subprocess.run(
                 [LOADGEN, f"127.0.0.1:{port}", "--associations", str(senders),
@@ -248,7 +363,34 @@ def run_receiver(name, workload, senders, runs, window, log):
                  "--json"],
                 capture_output=True, text=True, timeout=900,
             )
-            r1 = os.times()
+            r1, t1 = os.times(), time.monotonic()
+            if db:
+                # The database's CPU while the load ran (before the polls below, whose own
+                # backends would count), then how long until every acknowledged record is in
+                # it, after the loadgen's end.
+                if CATCH_UP:
+                    # From the database's start: the first rows (the node reconnects after its
+                    # back-off), then the rest; the rate is over rows after the first seen.
+                    db.start()
+                    t1, d0 = time.monotonic(), tree_cpu_ticks(db.postmaster())
+                    want = stored + json.loads(lg.stdout)["instances"]
+                    first = None
+                    while time.monotonic() < t1 + 120:
+                        have = db.rows()
+                        if first is None and have > stored:
+                            first = (time.monotonic(), have)
+                        if have >= want:
+                            break
+                    if first:
+                        last = time.monotonic()
+                        catch_up = (first[0] - t1, (want - first[1]) / max(last - first[0], 1e-3))
+                d1 = tree_cpu_ticks(db.postmaster())
+                p1 = thread_cpu_ns(proc.pid, "cluster")
+                stored += json.loads(lg.stdout)["instances"] if lg.returncode == 0 else 0
+                end = t1 + 120
+                while db.rows() < stored and time.monotonic() < end:
+                    time.sleep(0.02)
+                published_after = time.monotonic() - t1
             time.sleep(0.3)  # forked children exit and are reaped after the release
             c1 = tree_cpu_ticks(proc.pid)
             if lg.returncode != 0:
@@ -256,6 +398,17 @@ def run_receiver(name, workload, senders, runs, window, log):
             r = json.loads(lg.stdout)
             n = max(r["instances"], 1)
             r["server_cpu_us"] = (c1 - c0) / TCK * 1e6 / n
+            if db:
+                if db.rows() < stored:
+                    raise RuntimeError(f"only {db.rows()} of {stored} rows published in 120 s")
+                r["published_after_s"] = published_after
+                r["db_cpu_us"] = (d1 - d0) / TCK * 1e6 / n
+                # The node's own publishing: its `cluster` thread (part of server_cpu_us).
+                r["publish_cpu_us"] = (p1 - p0) / 1e3 / n
+                r["published_rows_per_s"] = r["instances"] / (r["seconds"] + published_after)
+                if CATCH_UP:
+                    # (seconds from the database's start to the first rows, rows/s after them)
+                    r["reconnect_s"], r["published_rows_per_s"] = catch_up
             sender = (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system)
             r["sender_cpu_us"] = sender * 1e6 / n
             results.append(r)
@@ -274,6 +427,9 @@ def run_receiver(name, workload, senders, runs, window, log):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         out.close()
+        if db:
+            db.stop()
+            CLUSTER_DB.pop(work, None)
         shutil.rmtree(work, ignore_errors=True)
     peak_mb = rss.peak_kib / 1024
     return {
@@ -286,6 +442,14 @@ def run_receiver(name, workload, senders, runs, window, log):
         "p50_us": statistics.median(r["latency_us"]["p50"] for r in results),
         "p99_us": statistics.median(r["latency_us"]["p99"] for r in results),
         "peak_rss_mb": peak_mb,
+        **({
+            "db_cpu_us": statistics.median(r["db_cpu_us"] for r in results),
+            "publish_cpu_us": statistics.median(r["publish_cpu_us"] for r in results),
+            "published_after_s": statistics.median(r["published_after_s"] for r in results),
+            "published_rows_per_s": statistics.median(r["published_rows_per_s"] for r in results),
+            **({"reconnect_s": statistics.median(r["reconnect_s"] for r in results)}
+               if CATCH_UP else {}),
+        } if db else {}),
     }
 
 
@@ -367,9 +531,14 @@ def main():
     ap.add_argument("--json", help="also write every run's figures here")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-probe", action="store_true")
+    ap.add_argument("--cluster-catch-up", action="store_true",
+                    help="dicomgate-cluster: stop its database during each load, then time "
+                         "the publication of the backlog once it is started again")
     ap.add_argument("--limits", default="",
                     help="extra TOML lines for dicomgate's [limits], e.g. 'max_buffered_bytes = 33554432'")
     a = ap.parse_args()
+    global CATCH_UP
+    CATCH_UP = a.cluster_catch_up
     if a.limits:
         NODE_EXTRA["limits"] = a.limits.replace(";", "\n") + "\n"
     if not a.no_build:
@@ -395,6 +564,21 @@ def main():
                     print(f"  {name} {w}/{s}: FAILED: {e}", file=sys.stderr, flush=True)
             if rows:
                 print(table(w, s, rows) + "\n", flush=True)
+                for r in rows:
+                    if "reconnect_s" in r:
+                        print(f"{r['receiver']}, database stopped during the load: first rows "
+                              f"{r['reconnect_s']:.2f} s after its start (the node's reconnection "
+                              f"back-off), then the backlog at {r['published_rows_per_s']:,.0f} "
+                              f"rows/s; the database's CPU {r['db_cpu_us']:,.0f} µs per row, the "
+                              f"`cluster` thread's {r['publish_cpu_us']:,.1f} µs (medians)\n",
+                              flush=True)
+                    elif "db_cpu_us" in r:
+                        print(f"{r['receiver']}: its `cluster` thread's CPU "
+                              f"{r['publish_cpu_us']:,.1f} µs per instance (in the server CPU "
+                              f"above), the database's {r['db_cpu_us']:,.0f} µs, while the load "
+                              f"ran; every row in the database {r['published_after_s']:.2f} s "
+                              f"after the loadgen ended; {r['published_rows_per_s']:,.0f} rows/s "
+                              f"from the first store to the last row (medians)\n", flush=True)
                 everything.append({"workload": w, "senders": s, "rows": rows})
     if a.json:
         with open(a.json, "w") as f:
