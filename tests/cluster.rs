@@ -668,6 +668,52 @@ fn a_restarted_node_fences_its_previous_process_and_adopts_its_batches() {
     assert_eq!(rest[0].sop_instance_uid, "4.3");
 }
 
+/// A reconnection is the same incarnation (issue 15, "reconnect re-fences"): the `cluster`
+/// thread made a new coordinator after every failed statement, whose first rebalance raised
+/// the tokens of everything its node owned, fencing its own process, and made its own batches
+/// adoptable (processed twice once the owner side claims). `Coordinator::reconnect` keeps what
+/// the process joined: after its connection is cut, its tokens and claims stand.
+#[test]
+fn a_reconnection_is_the_same_incarnation_and_does_not_fence_itself() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let mut a = node(&pg, "a", 2, lease);
+    let held = a.owned().unwrap();
+    assert_eq!(held.len(), 2);
+    let key = b"PAT-R".to_vec();
+    let p = held
+        .iter()
+        .copied()
+        .find(|o| o.partition == partition_of(&key, 2))
+        .unwrap();
+    a.publish(&[record("a", "9.1", &key, 1)]).unwrap();
+    a.claim(p, &key, "batch-before").unwrap().unwrap();
+    // The connection is cut (a database restart, a network drop).
+    let cut = pg
+        .client()
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(cut.len(), 1);
+    assert!(a.rebalance().is_err(), "the cut connection still worked");
+    a.reconnect(&dicomgate::cluster::Database::plain(&pg.conninfo()))
+        .unwrap();
+    assert_eq!(
+        a.rebalance().unwrap(),
+        held,
+        "a reconnection raised the tokens"
+    );
+    a.set_stage(p, "batch-before", "done").unwrap();
+    assert!(a.adopt(p).unwrap().is_empty());
+    // A new process of the same node id still fences the old one (the rule reconnection
+    // keeps apart from).
+    let mut b = node(&pg, "a", 2, lease);
+    assert!(b.owned().unwrap().iter().all(|o| o.fencing > p.fencing));
+}
+
 /// Found in review: a node above its quota released partitions whose batches it was still
 /// processing, and the new owner adopted them while the old one went on. Only partitions with
 /// no unfinished batch are handed over; a busy one goes once its batches are done.

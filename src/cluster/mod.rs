@@ -288,6 +288,45 @@ pub fn migrate(client: &mut Client) -> Result<i32> {
     Ok(SCHEMA_VERSION.max(have))
 }
 
+/// A connection to `db` set up for a node with leases of `lease`: timeouts, keepalives, and
+/// the session's limits on idle transactions, lock waits and statements.
+fn open_client(db: &Database, lease: Duration) -> Result<Client> {
+    let mut config: postgres::Config = db.conninfo.parse()?;
+    if let Some(path) = &db.password_file {
+        config.password(crate::config::read_password_file(path).map_err(ClusterError::Invalid)?);
+    }
+    // A node that stops answering (paused, cut off) must not hold others' locks for the
+    // hours TCP takes to notice: its connection is given up within a lease, a transaction
+    // it leaves open is ended by the server, and nobody waits on a lock for longer than
+    // half a lease (the caller retries: `ClusterError::is_retryable`).
+    config
+        // A connection attempt ends within 3 s (at most a lease): a node stopping must not
+        // wait longer for a database that does not answer.
+        .connect_timeout(lease.min(Duration::from_secs(3)))
+        .tcp_user_timeout(lease)
+        .keepalives(true)
+        .keepalives_idle((lease / 2).max(Duration::from_secs(1)))
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(3);
+    let mut client = match &db.tls {
+        None => config.connect(NoTls)?,
+        Some(tls) => {
+            config.ssl_mode(postgres::config::SslMode::Require);
+            config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+                tls.as_ref().clone(),
+            ))?
+        }
+    };
+    let half = (lease / 2).as_millis().max(1);
+    client.batch_execute(&format!(
+        "SET idle_in_transaction_session_timeout = {half};
+             SET lock_timeout = {half};
+             SET statement_timeout = {}",
+        lease.as_millis().max(1)
+    ))?;
+    Ok(client)
+}
+
 /// How to reach the cluster database: the connection string, TLS (`[cluster] tls_ca`), and
 /// where the password is (`[cluster] password_file`). Its `Debug` shows no secret.
 #[derive(Clone)]
@@ -356,40 +395,7 @@ impl Coordinator {
                 "lease of {lease:?}: use 1 s to 1 h"
             )));
         }
-        let mut config: postgres::Config = db.conninfo.parse()?;
-        if let Some(path) = &db.password_file {
-            config
-                .password(crate::config::read_password_file(path).map_err(ClusterError::Invalid)?);
-        }
-        // A node that stops answering (paused, cut off) must not hold others' locks for the
-        // hours TCP takes to notice: its connection is given up within a lease, a transaction
-        // it leaves open is ended by the server, and nobody waits on a lock for longer than
-        // half a lease (the caller retries: `ClusterError::is_retryable`).
-        config
-            // A connection attempt ends within 3 s (at most a lease): a node stopping must not
-            // wait longer for a database that does not answer.
-            .connect_timeout(lease.min(Duration::from_secs(3)))
-            .tcp_user_timeout(lease)
-            .keepalives(true)
-            .keepalives_idle((lease / 2).max(Duration::from_secs(1)))
-            .keepalives_interval(Duration::from_secs(1))
-            .keepalives_retries(3);
-        let mut client = match &db.tls {
-            None => config.connect(NoTls)?,
-            Some(tls) => {
-                config.ssl_mode(postgres::config::SslMode::Require);
-                config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(
-                    tls.as_ref().clone(),
-                ))?
-            }
-        };
-        let half = (lease / 2).as_millis().max(1);
-        client.batch_execute(&format!(
-            "SET idle_in_transaction_session_timeout = {half};
-             SET lock_timeout = {half};
-             SET statement_timeout = {}",
-            lease.as_millis().max(1)
-        ))?;
+        let mut client = open_client(db, lease)?;
         migrate(&mut client)?;
         let mut c = Coordinator {
             client,
@@ -400,6 +406,20 @@ impl Coordinator {
         };
         c.ensure_partitions()?;
         Ok(c)
+    }
+
+    /// A new connection to `db` for this coordinator, after its connection failed (the
+    /// database restarted, the network dropped it, a statement timed out), as the same
+    /// incarnation: what it joined stays joined, so its next rebalance does not raise the
+    /// tokens of the partitions it owns (that fences a *previous process* of its node id, not
+    /// this one; re-tokening at every reconnection would also make it adopt its own batches
+    /// in flight, processing them twice). The schema is checked again (the database may have
+    /// been restored).
+    pub fn reconnect(&mut self, db: &Database) -> Result<()> {
+        let mut client = open_client(db, self.lease)?;
+        migrate(&mut client)?;
+        self.client = client;
+        self.ensure_partitions()
     }
 
     /// Whether this connection to the database is TLS, as the server sees it

@@ -314,6 +314,9 @@ impl Outbox {
     /// statements is not hammered.
     pub fn run(&self, settings: &Settings, stop: &AtomicBool) {
         let mut coordinator: Option<Coordinator> = None;
+        // Its connection failed: reconnected before its next use, as the same incarnation
+        // (`Coordinator::reconnect`: a reconnection must not fence this process's own work).
+        let mut broken = false;
         let mut next_beat = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let mut stopping_since: Option<Instant> = None;
@@ -323,8 +326,8 @@ impl Outbox {
             if stop.load(Ordering::Acquire) {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
                 let out_of_time = since.elapsed() >= STOP_PUBLISHING.min(settings.lease);
-                if self.pending() == 0 || coordinator.is_none() || out_of_time {
-                    if let Some(mut c) = coordinator.take() {
+                if self.pending() == 0 || coordinator.is_none() || broken || out_of_time {
+                    if let Some(mut c) = coordinator.take().filter(|_| !broken) {
                         let all =
                             self.published_all() && self.producers_ended.load(Ordering::Acquire);
                         if let Err(e) = c.leave(all) {
@@ -342,14 +345,19 @@ impl Outbox {
                     return;
                 }
             }
-            let Some(c) = coordinator.as_mut() else {
-                match Coordinator::connect_to(
-                    &settings.database,
-                    &settings.node_id,
-                    settings.partitions,
-                    settings.lease,
-                ) {
-                    Ok(mut c) => {
+            if coordinator.is_none() || broken {
+                let connected = match coordinator.as_mut() {
+                    Some(c) => c.reconnect(&settings.database),
+                    None => Coordinator::connect_to(
+                        &settings.database,
+                        &settings.node_id,
+                        settings.partitions,
+                        settings.lease,
+                    )
+                    .map(|c| coordinator = Some(c)),
+                };
+                match (connected, coordinator.as_mut()) {
+                    (Ok(()), Some(c)) => {
                         let tls = c.tls_in_use().unwrap_or(false);
                         self.stats.tls.store(tls, Ordering::Relaxed);
                         if self.stats.failures.load(Ordering::Relaxed) > 0 {
@@ -357,17 +365,21 @@ impl Outbox {
                         } else {
                             tracing::info!(tls, "connected to the cluster database");
                         }
-                        coordinator = Some(c);
+                        broken = false;
                         self.stats.connected.store(true, Ordering::Release);
                         next_beat = Instant::now();
                     }
-                    Err(e) => {
+                    (Ok(()), None) => {} // not reached: connect_to put it there
+                    (Err(e), _) => {
                         self.failed(&e);
                         self.bell.wait(backoff, || stop.load(Ordering::Acquire));
                         backoff = (backoff * 2).min((settings.lease / 3).max(backoff));
                     }
                 }
                 continue;
+            }
+            let Some(c) = coordinator.as_mut() else {
+                continue; // not reached: connected above
             };
             let turn = self.round(c, settings, &mut next_beat).and_then(|()| {
                 // This node's own records first: the others' (and a rescan) only while the
@@ -384,7 +396,7 @@ impl Outbox {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     self.failed(&e);
-                    coordinator = None;
+                    broken = true;
                     self.stats.connected.store(false, Ordering::Release);
                     // Not known any more: an old table would show leases running.
                     lock(&self.stats.nodes).clear();
