@@ -347,6 +347,31 @@ pub fn start_with(
     let n = config.reactor_count();
     let (polls, mailboxes) = net::reactors(n)?;
     let (done, written, space) = net::storage_callbacks(&mailboxes);
+    // `[cluster]`: a store is acknowledged only if this node was not taken over while cut
+    // off from the cluster database (`cluster::fence`), checked once it is durable.
+    let fence = config.cluster.as_ref().map(|c| {
+        Arc::new(crate::cluster::fence::Fence::new(
+            &c.data_dir(),
+            std::time::Duration::from_secs(u64::from(c.lease_seconds)),
+        ))
+    });
+    let done: crate::storage::OnDone = match &fence {
+        None => done,
+        Some(f) => {
+            let f = f.clone();
+            Arc::new(move |mut d: crate::storage::StoreDone| {
+                if d.result.is_ok() {
+                    if let Err(message) = f.check() {
+                        d.result = Err(crate::storage::StoreError {
+                            kind: crate::storage::StoreErrorKind::Fenced,
+                            message,
+                        });
+                    }
+                }
+                done(d)
+            })
+        }
+    };
     let pipeline_shutdown = Arc::new(AtomicBool::new(false));
     let cluster_stop = Arc::new(AtomicBool::new(false));
     let (storage, mut watched) = Storage::start(
@@ -368,6 +393,7 @@ pub fn start_with(
     // publishes while recovery goes on (the queue is bounded); watched by /healthz.
     if let (Some(outbox), Some(c)) = (&outbox, &config.cluster) {
         let settings = crate::cluster::outbox::Settings {
+            fence: fence.clone(),
             database: crate::cluster::Database {
                 conninfo: c.postgres.clone(),
                 // Read and checked at start-up already (`net::tls::check_files`).

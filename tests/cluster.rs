@@ -1116,9 +1116,12 @@ fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
     std::fs::rename(&a_dir, &hidden).unwrap();
     let b_dir = shared.path().join("nodes").join("b");
     let b = Node::start_with_data_dir(&b_dir, &cluster_toml(&pg, shared.path(), "b"));
-    // Once a's lease has run out for a lease, b looks, and finds no folder.
+    // Once a's lease has run out for a lease, b looks, and finds no folder (to fence, then to
+    // list).
     assert!(
-        wait_until(30, || b.log().contains("is not a node's folder")),
+        wait_until(30, || b
+            .log()
+            .contains("cannot write the fence into a dead node's folder")),
         "{}",
         b.log()
     );
@@ -1447,4 +1450,146 @@ fn the_cluster_database_is_reached_over_tls_verified_against_tls_ca() {
         err.contains("cluster.tls_ca /nonexistent/ca.pem: cannot be read"),
         "{err}"
     );
+}
+
+/// A TCP port forwarding to the test server's Unix socket, which the test can cut: every
+/// connection through it is shut down and new ones are closed at once (a node cut off from
+/// the database, not from its senders or the shared folder).
+struct Cuttable {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Cuttable {
+    fn new(pg: &Postgres) -> Cuttable {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let socket = pg.socket_dir.join(format!(".s.PGSQL.{}", pg.port));
+        let open = std::sync::Arc::new(AtomicBool::new(true));
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Default::default();
+        let (o, c) = (open.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { continue };
+                if !o.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(unix) = std::os::unix::net::UnixStream::connect(&socket) else {
+                    continue;
+                };
+                c.lock().unwrap().push(tcp.try_clone().unwrap());
+                let (mut tr, mut tw) = (tcp.try_clone().unwrap(), tcp);
+                let (mut ur, mut uw) = (unix.try_clone().unwrap(), unix);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut tr, &mut uw);
+                    let _ = uw.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut ur, &mut tw);
+                    let _ = tw.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Cuttable { port, open, conns }
+    }
+
+    fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// `dicomgate store` to `node`: whether every store succeeded, and what it printed.
+fn dicomgate_store(node: &common::Node, files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["store", &format!("127.0.0.1:{}", node.port())])
+        .args(files)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Issue 15's documented takeover gap, closed (`cluster::fence`): a node cut off from the
+/// database (but not from its senders or the shared folder) goes on acknowledging; another
+/// node takes it over two leases later, writing a fence into its folder before listing it;
+/// from then on the cut-off node refuses stores (0xA700, kind "fenced"), so when it dies
+/// before reaching the database again, every instance it acknowledged has been published
+/// under its id, and none it refused was acknowledged. Without the fence, the stores after
+/// the listing were acknowledged and published by nobody.
+#[test]
+fn a_node_taken_over_while_cut_off_from_the_database_acknowledges_nothing_more() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let proxy = Cuttable::new(&pg);
+    let a_dir = shared.path().join("nodes").join("a");
+    let a_toml = cluster_toml(&pg, shared.path(), "a").replace(&pg.conninfo(), &proxy.conninfo());
+    let mut a = Node::start_with_data_dir(&a_dir, &a_toml);
+    let b = Node::start_with_data_dir(
+        &shared.path().join("nodes").join("b"),
+        &cluster_toml(&pg, shared.path(), "b"),
+    );
+    let files = tempfile::tempdir().unwrap();
+    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
+        (from..to)
+            .map(|i| mixed_instance(files.path(), i))
+            .collect()
+    };
+    let uids = |from: u32, to: u32| -> std::collections::BTreeSet<String> {
+        batch(from, to).iter().map(|p| sop_uid_of(p)).collect()
+    };
+    let (ok, out) = dicomgate_store(&a, &batch(0, 2));
+    assert!(ok, "{out}\n{}", a.log());
+    assert!(
+        wait_until(20, || published_rows(&pg, "a").len() == 2),
+        "{}",
+        a.log()
+    );
+
+    proxy.cut();
+    // Cut off: still acknowledged (durable locally), waiting for publication.
+    let (ok, out) = dicomgate_store(&a, &batch(2, 4));
+    assert!(ok, "{out}\n{}", a.log());
+    assert!(
+        wait_until(30, || takeover_row(&pg, "a").0),
+        "no takeover: {:?}\n{}",
+        takeover_row(&pg, "a"),
+        b.log()
+    );
+    assert!(a_dir.join("cluster-fence").is_file());
+    // Taken over: node a, alive but still cut off, acknowledges nothing more.
+    let (ok, out) = dicomgate_store(&a, &batch(4, 6));
+    assert!(!ok, "acknowledged after the takeover: {out}");
+    assert!(out.contains("stored 0, failed 2"), "{out}");
+    let (_, metrics) = http_get(&http_of(&a), "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("dicomgate_store_errors_total{kind=\"fenced\"} ")),
+        "{metrics}"
+    );
+    a.kill9();
+
+    // Every instance node a acknowledged is in the database (the takeover published it).
+    let published: std::collections::BTreeSet<String> =
+        published_rows(&pg, "a").into_keys().collect();
+    assert_eq!(published, uids(0, 4), "{}", b.log());
 }

@@ -10,7 +10,8 @@
 //!
 //! **Wired into the node so far:** `[cluster]` gives the node its folder under the shared
 //! folder, and [`outbox`] publishes every instance it acknowledges, renews its lease, and
-//! takes over a dead node's unpublished records ([`Coordinator::next_takeover`]). The
+//! takes over a dead node's unpublished records ([`Coordinator::next_takeover`]), fencing
+//! it first so that, if it is alive but cut off, it acknowledges nothing more ([`fence`]). The
 //! owner side (loading the owned partitions into the patient map, claims through
 //! [`Coordinator::claim`], reading other nodes' bytes) is not: each node still groups and
 //! processes what it received itself. What remains of issue 15 is in `docs/cluster.md`.
@@ -69,6 +70,7 @@
 //!   half a lease, and a statement after a lease; a connection whose peer vanished is given up
 //!   by TCP keepalives within about a lease. Such failures are [`ClusterError::is_retryable`].
 
+pub mod fence;
 pub mod outbox;
 
 use std::fmt;
@@ -236,6 +238,8 @@ pub struct Coordinator {
     /// This process has joined (its first rebalance raised the tokens of what its node id
     /// owned: see [`Coordinator::rebalance`]).
     joined: bool,
+    /// The lease its last committed rebalance set (database time).
+    lease_until: Option<std::time::SystemTime>,
 }
 
 impl fmt::Debug for Coordinator {
@@ -403,6 +407,7 @@ impl Coordinator {
             partitions,
             lease,
             joined: false,
+            lease_until: None,
         };
         c.ensure_partitions()?;
         Ok(c)
@@ -432,6 +437,12 @@ impl Coordinator {
                 &[],
             )?
             .get(0))
+    }
+
+    /// The lease this node's last committed rebalance set, in database time (`None` before
+    /// the first).
+    pub fn lease_until(&self) -> Option<std::time::SystemTime> {
+        self.lease_until
     }
 
     pub fn node_id(&self) -> &str {
@@ -537,12 +548,15 @@ impl Coordinator {
             "SELECT partition, owner FROM dicomgate_partitions ORDER BY partition FOR UPDATE",
             &[],
         )?;
-        tx.execute(
-            "INSERT INTO dicomgate_nodes (node_id, lease_until)
-             VALUES ($1, statement_timestamp() + make_interval(secs => $2))
-             ON CONFLICT (node_id) DO UPDATE SET lease_until = EXCLUDED.lease_until",
-            &[&me, &lease],
-        )?;
+        let lease_until: std::time::SystemTime = tx
+            .query_one(
+                "INSERT INTO dicomgate_nodes (node_id, lease_until)
+                 VALUES ($1, statement_timestamp() + make_interval(secs => $2))
+                 ON CONFLICT (node_id) DO UPDATE SET lease_until = EXCLUDED.lease_until
+                 RETURNING lease_until",
+                &[&me, &lease],
+            )?
+            .get(0);
         if !self.joined {
             tx.execute(
                 "UPDATE dicomgate_partitions SET fencing = fencing + 1 WHERE owner = $1",
@@ -612,6 +626,7 @@ impl Coordinator {
         let owned = owned_by(&mut tx, &me)?;
         tx.commit()?;
         self.joined = true;
+        self.lease_until = Some(lease_until);
         Ok(owned)
     }
 

@@ -98,6 +98,8 @@ struct Queued {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub database: super::Database,
+    /// This node's fence (`cluster::fence`): told of every renewal.
+    pub fence: Option<Arc<super::fence::Fence>>,
     pub node_id: String,
     pub partitions: u32,
     pub lease: Duration,
@@ -425,7 +427,11 @@ impl Outbox {
         next_beat: &mut Instant,
     ) -> Result<(), ClusterError> {
         if Instant::now() >= *next_beat {
+            let sent = Instant::now();
             let owned = c.rebalance()?;
+            if let (Some(f), Some(until)) = (&settings.fence, c.lease_until()) {
+                f.renewed(sent, until);
+            }
             self.stats
                 .owned_partitions
                 .store(owned.len() as u64, Ordering::Relaxed);
@@ -520,6 +526,17 @@ impl Outbox {
                 (Some(takeover), id, 0)
             };
             let node_dir = settings.shared_dir.join("nodes").join(&node_id);
+            if let Some(t) = &takeover {
+                // Before the listing: from now on the dead node, should it be alive but cut
+                // off, acknowledges nothing more (`cluster::fence`), so nothing it
+                // acknowledges is missed by the listing.
+                if let Err(e) =
+                    super::fence::write_fence(&node_dir, t.lease_until, &settings.node_id)
+                {
+                    tracing::warn!(node_id = %node_id, error = %e, "cluster: cannot write the fence into a dead node's folder: its takeover is retried later");
+                    return Ok(());
+                }
+            }
             let (to, from_reader) = std::sync::mpsc::sync_channel(2);
             let (f, id) = (foreign.clone(), node_id.clone());
             std::thread::Builder::new()
@@ -685,6 +702,7 @@ mod tests {
             database: crate::cluster::Database::plain(
                 "host=/nonexistent-dicomgate-socket-dir port=1 user=x dbname=x",
             ),
+            fence: None,
             node_id: "a".into(),
             partitions: 4,
             lease: Duration::from_secs(1),

@@ -186,7 +186,7 @@ pub fn render(shared: &Shared) -> String {
     }
     r.register(
         "store_errors",
-        "Stores that failed in storage (answered 0xA700), by kind: no_space, quota, io, read_only, invalid, other",
+        "Stores that failed in storage (answered 0xA700), by kind: no_space, quota, io, read_only, invalid, fenced, other",
         store_errors,
     );
     r.register(

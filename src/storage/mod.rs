@@ -208,6 +208,9 @@ pub enum StoreErrorKind {
     ReadOnly,
     /// The instance cannot be given a path (an invalid UID).
     Invalid,
+    /// Durable, but the node may not acknowledge it (a cluster node taken over while cut off
+    /// from the cluster database: `cluster::fence`).
+    Fenced,
     /// Any other I/O error.
     Other,
 }
@@ -221,6 +224,7 @@ impl StoreErrorKind {
             StoreErrorKind::Io => "io",
             StoreErrorKind::ReadOnly => "read_only",
             StoreErrorKind::Invalid => "invalid",
+            StoreErrorKind::Fenced => "fenced",
             StoreErrorKind::Other => "other",
         }
     }

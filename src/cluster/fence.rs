@@ -1,0 +1,184 @@
+//! The fence in a node's folder (issue 15, "Takeover limits"): how a node cut off from the
+//! cluster database learns that another node has taken it over, so that it stops
+//! acknowledging what nobody would publish.
+//!
+//! The gap it closes: a node that cannot reach the database (but still its senders and the
+//! shared folder) goes on acknowledging, durably, as it must. Two leases after its last
+//! renewal another node takes it over: it lists the node's folder and publishes what is
+//! pending there. What the cut-off node acknowledged *after* that listing was published by
+//! nobody if it then died before reaching the database again (only its own restart would).
+//!
+//! The rule: before the taker lists the folder, it writes `cluster-fence` there (durably)
+//! holding the `lease_until` of the death it takes over ([`write_fence`]). A node acknowledges
+//! a store only once the store is durable *and* either its lease is fresh (its last
+//! successful renewal was sent less than a lease ago, by its own monotonic clock: no takeover
+//! can list its folder before a lease past the end of that lease) or, past that, the fence
+//! does not name its current lease or a later one ([`Fence::check`], read after the store is
+//! durable, before the acknowledgement). A taker's listing starts after its fence is durable,
+//! so a store acknowledged past a fence-free read was durable before the fence, and so is in
+//! the listing; a store made durable after the fence is not acknowledged (it stays on disk,
+//! pending, as a store whose acknowledgement was lost: its sender sends it again, to another
+//! node behind the load balancer). A fence of an older death (the node renewed since) names
+//! an older lease and is ignored; the node removes it at its next renewal.
+//!
+//! Costs: nothing while the lease is fresh; past it (cut off from the database), one read of
+//! a small file per acknowledgement (a few microseconds locally, a round trip to the file
+//! server on NFS, whose close-to-open consistency makes the taker's closed write visible to
+//! the node's next open).
+//!
+//! Owns: the fence file's format, its check, and its writing by a taker (the one write a node
+//! makes into another node's folder). Must never: block on the database, or let a store be
+//! acknowledged when the fence cannot be read (a read error refuses, as a full disk does).
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The fence's name in a node's folder (`shared_dir/nodes/<node_id>/`).
+pub const FENCE_FILE: &str = "cluster-fence";
+
+/// A database time as microseconds since the epoch (the precision of `timestamptz`, so two
+/// values read from one column compare exactly).
+pub fn micros(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// This node's side: its last renewal, and the check of its own fence.
+#[derive(Debug)]
+pub struct Fence {
+    path: PathBuf,
+    lease: Duration,
+    /// The last successful renewal: when it was sent, and the lease it set (µs, database
+    /// time). `None` before the first (a node started while the database is away may have
+    /// been taken over in its previous life: its fence counts whatever it names).
+    renewed: Mutex<Option<(Instant, i64)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Fence {
+    /// The fence of the node whose folder is `node_dir`, with leases of `lease`.
+    pub fn new(node_dir: &Path, lease: Duration) -> Fence {
+        Fence {
+            path: node_dir.join(FENCE_FILE),
+            lease,
+            renewed: Mutex::new(None),
+        }
+    }
+
+    /// A renewal sent at `sent` committed, setting the lease to `lease_until`. A fence left
+    /// by an earlier takeover is removed (it names an older lease, so it no longer counts).
+    pub fn renewed(&self, sent: Instant, lease_until: SystemTime) {
+        *lock(&self.renewed) = Some((sent, micros(lease_until)));
+        match fs::remove_file(&self.path) {
+            Ok(()) => tracing::info!(
+                "cluster: this node had been taken over while cut off from the database; it \
+                 acknowledges again"
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.path.display(), "cluster: cannot remove an old fence")
+            }
+        }
+    }
+
+    /// Whether a store made durable before this call may be acknowledged now; `Err` says why
+    /// not (the store's answer).
+    pub fn check(&self) -> Result<(), String> {
+        let renewed = *lock(&self.renewed);
+        if let Some((sent, _)) = renewed {
+            if sent.elapsed() < self.lease {
+                return Ok(());
+            }
+        }
+        let fenced = match read_fence(&self.path) {
+            Ok(None) => return Ok(()),
+            Ok(Some(until)) => until,
+            Err(e) => {
+                return Err(format!(
+                    "not acknowledged: this cluster node cannot reach the cluster database and \
+                     cannot read its fence {} ({e})",
+                    self.path.display()
+                ))
+            }
+        };
+        match renewed {
+            Some((_, mine)) if fenced < mine => Ok(()), // an older death's fence
+            _ => Err(
+                "not acknowledged: another cluster node took this one over while it could not \
+                 reach the cluster database; it stores again once it reconnects"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// The fence's lease, or `None` when there is no fence. An unreadable value counts as the
+/// latest lease (fenced): a torn write must not reopen the gap.
+fn read_fence(path: &Path) -> io::Result<Option<i64>> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(
+            text.split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(i64::MAX),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The taker's side, before it lists `node_dir`: the fence naming the dead node's
+/// `lease_until`, written and flushed (file and folder) under a temporary name, then renamed.
+pub fn write_fence(node_dir: &Path, lease_until: SystemTime, taker: &str) -> io::Result<()> {
+    let tmp = node_dir.join(format!("{FENCE_FILE}.{taker}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    writeln!(f, "{} {taker}", micros(lease_until))?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, node_dir.join(FENCE_FILE))?;
+    fs::File::open(node_dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fence_of_the_current_lease_refuses_and_one_of_an_older_lease_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let lease = Duration::from_millis(50);
+        let f = Fence::new(dir.path(), lease);
+        let t = |us: u64| UNIX_EPOCH + Duration::from_micros(us);
+        // Never renewed, no fence: acknowledged.
+        assert!(f.check().is_ok());
+        write_fence(dir.path(), t(1_000), "b").unwrap();
+        // Never renewed and fenced: refused (a restart while the database is away).
+        assert!(f.check().is_err());
+        // Renewed with a later lease: the old fence is removed, and acknowledged.
+        f.renewed(Instant::now(), t(2_000));
+        assert!(!dir.path().join(FENCE_FILE).exists());
+        assert!(f.check().is_ok());
+        // Fresh: the fence is not even read.
+        write_fence(dir.path(), t(2_000), "b").unwrap();
+        assert!(f.check().is_ok());
+        std::thread::sleep(lease * 2);
+        // Stale and fenced for the current lease: refused.
+        assert!(f.check().unwrap_err().contains("took this one over"));
+        // An older death's fence: acknowledged.
+        write_fence(dir.path(), t(1_500), "b").unwrap();
+        assert!(f.check().is_ok());
+        // A torn fence counts as fenced.
+        fs::write(dir.path().join(FENCE_FILE), "12").unwrap();
+        assert!(f.check().is_ok(), "12 µs is an older lease");
+        fs::write(dir.path().join(FENCE_FILE), "garbage").unwrap();
+        assert!(f.check().is_err());
+    }
+}
