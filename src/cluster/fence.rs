@@ -19,7 +19,7 @@
 //! the listing; a store made durable after the fence is not acknowledged (it stays on disk,
 //! pending, as a store whose acknowledgement was lost: its sender sends it again, to another
 //! node behind the load balancer). A fence of an older death (the node renewed since) names
-//! an older lease and is ignored; the node removes it at its next renewal.
+//! an older lease and is ignored (it is never removed: see [`Fence::renewed`]).
 //!
 //! Costs: nothing while the lease is fresh; past it (cut off from the database), one read of
 //! a small file per acknowledgement (a few microseconds locally, a round trip to the file
@@ -74,19 +74,12 @@ impl Fence {
     }
 
     /// A renewal sent at `sent` committed, setting the lease to `lease_until`. A fence left
-    /// by an earlier takeover is removed (it names an older lease, so it no longer counts).
+    /// by an earlier takeover stays where it is: it names an older lease, so it no longer
+    /// counts. (It is not removed: a renewal that committed and was then delayed past two
+    /// leases before this call may find a fence naming the very lease it set, written by a
+    /// taker that has already listed the folder; removing it would reopen the gap.)
     pub fn renewed(&self, sent: Instant, lease_until: SystemTime) {
         *lock(&self.renewed) = Some((sent, micros(lease_until)));
-        match fs::remove_file(&self.path) {
-            Ok(()) => tracing::info!(
-                "cluster: this node had been taken over while cut off from the database; it \
-                 acknowledges again"
-            ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(error = %e, path = %self.path.display(), "cluster: cannot remove an old fence")
-            }
-        }
     }
 
     /// Whether a store made durable before this call may be acknowledged now; `Err` says why
@@ -154,31 +147,35 @@ mod tests {
     #[test]
     fn a_fence_of_the_current_lease_refuses_and_one_of_an_older_lease_does_not() {
         let dir = tempfile::tempdir().unwrap();
-        let lease = Duration::from_millis(50);
-        let f = Fence::new(dir.path(), lease);
         let t = |us: u64| UNIX_EPOCH + Duration::from_micros(us);
+        // A lease long enough to stay fresh however slow the flushes, and one that is stale.
+        let fresh = Fence::new(dir.path(), Duration::from_secs(3600));
+        let stale = Fence::new(dir.path(), Duration::ZERO);
         // Never renewed, no fence: acknowledged.
-        assert!(f.check().is_ok());
+        assert!(stale.check().is_ok());
         write_fence(dir.path(), t(1_000), "b").unwrap();
         // Never renewed and fenced: refused (a restart while the database is away).
-        assert!(f.check().is_err());
-        // Renewed with a later lease: the old fence is removed, and acknowledged.
-        f.renewed(Instant::now(), t(2_000));
-        assert!(!dir.path().join(FENCE_FILE).exists());
-        assert!(f.check().is_ok());
-        // Fresh: the fence is not even read.
+        assert!(stale.check().is_err());
+        // Renewed with a later lease: the old fence no longer counts.
+        stale.renewed(Instant::now(), t(2_000));
+        assert!(stale.check().is_ok());
+        // A fence of the lease just set: refused once the lease is not fresh...
         write_fence(dir.path(), t(2_000), "b").unwrap();
-        assert!(f.check().is_ok());
-        std::thread::sleep(lease * 2);
-        // Stale and fenced for the current lease: refused.
-        assert!(f.check().unwrap_err().contains("took this one over"));
+        assert!(stale.check().unwrap_err().contains("took this one over"));
+        // ... and renewing that same lease again does not lift it (nor remove it).
+        stale.renewed(Instant::now(), t(2_000));
+        assert!(stale.check().is_err());
+        assert!(dir.path().join(FENCE_FILE).exists());
+        // Fresh: the fence is not even read.
+        fresh.renewed(Instant::now(), t(2_000));
+        assert!(fresh.check().is_ok());
         // An older death's fence: acknowledged.
         write_fence(dir.path(), t(1_500), "b").unwrap();
-        assert!(f.check().is_ok());
+        assert!(stale.check().is_ok());
         // A torn fence counts as fenced.
         fs::write(dir.path().join(FENCE_FILE), "12").unwrap();
-        assert!(f.check().is_ok(), "12 µs is an older lease");
+        assert!(stale.check().is_ok(), "12 µs is an older lease");
         fs::write(dir.path().join(FENCE_FILE), "garbage").unwrap();
-        assert!(f.check().is_err());
+        assert!(stale.check().is_err());
     }
 }
