@@ -477,6 +477,7 @@ pub fn start_with(
         let shared = Arc::new(http::Shared {
             net: shared.clone(),
             pipeline: pipeline.clone(),
+            fence: fence.clone(),
         });
         threads.push(
             std::thread::Builder::new()

@@ -1586,6 +1586,9 @@ fn a_node_taken_over_while_cut_off_from_the_database_acknowledges_nothing_more()
             .any(|l| l.starts_with("dicomgate_store_errors_total{kind=\"fenced\"} ")),
         "{metrics}"
     );
+    // Not ready either, so that a load balancer sends its senders elsewhere.
+    let (status, body) = http_get(&http_of(&a), "/readyz");
+    assert!(status == 503 && body.contains("fenced"), "{status} {body}");
     a.kill9();
 
     // Every instance node a acknowledged is in the database (the takeover published it).

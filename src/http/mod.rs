@@ -1,7 +1,8 @@
 //! The node's HTTP endpoint (`[http] listen`), on its own pool of threads, off the reactors:
 //! `/metrics` in the OpenMetrics text format (encoded by prometheus-client), `/healthz` (200
 //! while every reactor runs and the node is not stopping, else 503), `/readyz` (200 while
-//! not draining and the data directory is writable, else 503), the status page `/` and
+//! not draining, not fenced (`[cluster]`, `cluster::fence`) and the data directory is
+//! writable, else 503), the status page `/` and
 //! its JSON `/api/status` (built by [`status`]), and the operator's `POST /api/retry` and
 //! `/api/force`.
 //!
@@ -30,6 +31,8 @@ pub mod status;
 pub struct Shared {
     pub net: Arc<crate::net::Shared>,
     pub pipeline: Arc<Pipeline>,
+    /// `[cluster]`: this node's fence; `/readyz` answers 503 while it refuses acknowledgements.
+    pub fence: Option<Arc<crate::cluster::fence::Fence>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -759,8 +762,13 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
             Err(why) => (503, format!("unhealthy: {why}\n"), "text/plain"),
         },
         "/readyz" => {
+            // Fenced (taken over while cut off from the cluster database): every store would
+            // fail, so the load balancer should send its senders to another node.
+            let fenced = || shared.fence.as_ref().and_then(|f| f.check().err());
             let why = if shared.net.draining.load(Ordering::Acquire) {
                 Some("draining".to_string())
+            } else if let Some(m) = fenced() {
+                Some(format!("fenced: {m}"))
             } else {
                 data_dir_problem(&shared.net.config)
             };

@@ -226,3 +226,50 @@ fn view_vs_claim() {
         );
     });
 }
+
+/// A later view of a batch never counts fewer instances than an earlier one (the stress test
+/// `no_instance_lost_or_counted_twice` caught it once in CI, on 035ae1d). The checker's view
+/// folds "a" while this thread pushes "b" and folds both from the same cached summary; the
+/// checker's compare-and-swap wins with the shorter prefix, ours loses and hands out its own,
+/// longer one. Once the checker closes the batch, a view covers the closed head with the
+/// cache, and the cache held the shorter prefix: the same batch counted one instance after two.
+/// The loser now offers its summary again until the cache covers it.
+#[test]
+fn a_later_view_of_a_batch_never_counts_fewer_instances() {
+    loom::model(|| {
+        let map = Arc::new(PatientMap::new(1));
+        {
+            let g = map.pin();
+            map.insert(b"P", rec("a"), 0, &g);
+        }
+        let checker = {
+            let m = map.clone();
+            thread::spawn(move || {
+                let g = m.pin();
+                let p = m.get(b"P", &g).unwrap();
+                let v = p.view(&g);
+                p.claim(v.batch_seq, &g).map(|c| c.records.len())
+            })
+        };
+        {
+            let g = map.pin();
+            map.insert(b"P", rec("b"), 1, &g);
+        }
+        let g = map.pin();
+        let p = map.get(b"P", &g).unwrap();
+        let first = p.view(&g);
+        let later = p.view(&g);
+        if later.batch_seq == first.batch_seq {
+            assert!(
+                later.snapshot.instances >= first.snapshot.instances,
+                "batch {} counted {} and later {}",
+                first.batch_seq,
+                first.snapshot.instances,
+                later.snapshot.instances
+            );
+        }
+        drop(g);
+        let claimed = checker.join().unwrap().unwrap_or(0);
+        assert_eq!(claimed + drain(&map).len(), 2, "each instance claimed once");
+    });
+}

@@ -44,10 +44,12 @@
 //!   the batch's `readers` count, loads the head again, walks down from it collecting the nodes
 //!   of depth above `d` (the cache holds a depth, never a pointer: nothing cached is ever
 //!   dereferenced, so no ABA), folds them oldest first into a copy of the cached summary,
-//!   deregisters, and offers the result back by one compare-and-swap against the summary it
+//!   deregisters, and offers the result back by compare-and-swap against the summary it
 //!   started from. A loser (another reader advanced it first) hands out its own result, which
-//!   is as much a prefix summary as the winner's; the CAS only ever replaces a summary by one of
-//!   a longer prefix. Cost per view: O(1) when nothing arrived, else O(new instances + the
+//!   is as much a prefix summary as the winner's, and offers it again against what it found
+//!   while that covers a shorter prefix than its own: when a view returns, the cache covers at
+//!   least what it counted, so a later view (which, once the batch is closed, hands out the
+//!   cache) never counts fewer. The CAS only ever replaces a summary by one of a longer prefix. Cost per view: O(1) when nothing arrived, else O(new instances + the
 //!   summary's size) (one copy of the summary per view that finds news, not one per insert).
 //! - Claim: one CAS of the batch state `COLLECTING → CLAIMED` picks the single winner; the winner
 //!   swaps the head to `CLOSED`, which hands it the whole stack (every instance pushed before the
@@ -399,7 +401,7 @@ struct Batch {
     // the claimer.
     head: Atomic<Node>,
     // Invariant: only ever replaced by a summary of a longer prefix (compare-and-swap against
-    // the one it was folded from).
+    // one of a shorter prefix: the one it was folded from, or one found since).
     summary: ArcSwap<Summary>,
     /// Readers that may be reading records of the stack (module doc, "Memory orderings").
     readers: AtomicUsize,
@@ -444,14 +446,23 @@ impl Batch {
             return cached.snapshot.clone(); // closed meanwhile
         };
         let snapshot = Arc::new(snapshot);
-        // A loser keeps its own result, as much a prefix summary as the winner's.
-        let _ = self.summary.compare_and_swap(
-            &cached,
-            Arc::new(Summary {
-                depth,
-                snapshot: snapshot.clone(),
-            }),
-        );
+        let mine = Arc::new(Summary {
+            depth,
+            snapshot: snapshot.clone(),
+        });
+        // Offered until the cache covers our depth: a loser whose winner folded a shorter
+        // prefix offers its own again, or a later view that finds the batch closed would hand
+        // out the winner's shorter summary, and the same batch would count fewer instances
+        // than this view did (loom model `a_later_view_of_a_batch_never_counts_fewer_instances`).
+        let mut expected = cached;
+        loop {
+            let found = self.summary.compare_and_swap(&expected, mine.clone());
+            let found: &Arc<Summary> = &found;
+            if Arc::ptr_eq(found, &expected) || found.depth >= depth {
+                break;
+            }
+            expected = found.clone();
+        }
         snapshot
     }
 
