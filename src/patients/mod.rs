@@ -48,8 +48,9 @@
 //!   started from. A loser (another reader advanced it first) hands out its own result, which
 //!   is as much a prefix summary as the winner's, and offers it again against what it found
 //!   while that covers a shorter prefix than its own: when a view returns, the cache covers at
-//!   least what it counted, so a later view (which, once the batch is closed, hands out the
-//!   cache) never counts fewer. The CAS only ever replaces a summary by one of a longer prefix. Cost per view: O(1) when nothing arrived, else O(new instances + the
+//!   least what it counted, so a later view (one that starts after it returned; a view that
+//!   overlaps it may count less) never counts fewer, even once the batch is closed and views
+//!   hand out the cache. The CAS only ever replaces a summary by one of a longer prefix. Cost per view: O(1) when nothing arrived, else O(new instances + the
 //!   summary's size) (one copy of the summary per view that finds news, not one per insert).
 //! - Claim: one CAS of the batch state `COLLECTING → CLAIMED` picks the single winner; the winner
 //!   swaps the head to `CLOSED`, which hands it the whole stack (every instance pushed before the
