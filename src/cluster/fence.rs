@@ -23,8 +23,13 @@
 //!
 //! Costs: nothing while the lease is fresh; past it (cut off from the database), one read of
 //! a small file per acknowledgement (a few microseconds locally, a round trip to the file
-//! server on NFS, whose close-to-open consistency makes the taker's closed write visible to
-//! the node's next open).
+//! server on NFS). On NFS, close-to-open consistency makes a taker's closed write visible to
+//! the node's next open of a file it already saw, but not a file its client last saw absent:
+//! by default (`lookupcache=all`) the client trusts that negative lookup until it revalidates
+//! the folder's attributes (its attribute cache time, `acdirmin` to `acdirmax`: 30 to 60 s by
+//! default), and meanwhile the node still acknowledges.
+//! So the shared folder must be mounted with `lookupcache=positive` (or `none`), as
+//! docs/cluster.md says; not enforced here (a mount option is not visible to a portable check).
 //!
 //! Owns: the fence file's format, its check, and its writing by a taker (the one write a node
 //! makes into another node's folder). Must never: block on the database, or let a store be
