@@ -2,9 +2,8 @@
 //! `/metrics` in the OpenMetrics text format (encoded by prometheus-client), `/healthz` (200
 //! while every reactor runs and the node is not stopping, else 503), `/readyz` (200 while
 //! not draining, not fenced (`[cluster]`, `cluster::fence`) and the data directory is
-//! writable, else 503), the status page `/` and
-//! its JSON `/api/status` (built by [`status`]), and the operator's `POST /api/retry` and
-//! `/api/force`.
+//! writable, else 503), the status page `/` and its JSON `/api/status` (built by
+//! [`status`]), and the operator's `POST /api/retry` and `/api/force`.
 //!
 //! Owns: serving those paths and building each scrape from what the reactors count
 //! ([`crate::net::counters`], read, never reset) and what the pipeline knows. Must never block
@@ -762,12 +761,11 @@ fn respond(path: &str, shared: &Shared, reactors: usize) -> (u16, String, &'stat
             Err(why) => (503, format!("unhealthy: {why}\n"), "text/plain"),
         },
         "/readyz" => {
-            // Fenced (taken over while cut off from the cluster database): every store would
-            // fail, so the load balancer should send its senders to another node.
-            let fenced = || shared.fence.as_ref().and_then(|f| f.check().err());
             let why = if shared.net.draining.load(Ordering::Acquire) {
                 Some("draining".to_string())
-            } else if let Some(m) = fenced() {
+            // Fenced (taken over while cut off from the cluster database): every store would
+            // fail, so the load balancer should send its senders to another node.
+            } else if let Some(m) = shared.fence.as_ref().and_then(|f| f.check().err()) {
                 Some(format!("fenced: {m}"))
             } else {
                 data_dir_problem(&shared.net.config)

@@ -50,8 +50,9 @@
 //!   while that covers a shorter prefix than its own: when a view returns, the cache covers at
 //!   least what it counted, so a later view (one that starts after it returned; a view that
 //!   overlaps it may count less) never counts fewer, even once the batch is closed and views
-//!   hand out the cache. The CAS only ever replaces a summary by one of a longer prefix. Cost per view: O(1) when nothing arrived, else O(new instances + the
-//!   summary's size) (one copy of the summary per view that finds news, not one per insert).
+//!   hand out the cache. The CAS only ever replaces a summary by one of a longer prefix. Cost
+//!   per view: O(1) when nothing arrived, else O(new instances + the summary's size) (one copy
+//!   of the summary per view that finds news, not one per insert).
 //! - Claim: one CAS of the batch state `COLLECTING → CLAIMED` picks the single winner; the winner
 //!   swaps the head to `CLOSED`, which hands it the whole stack (every instance pushed before the
 //!   swap, and none after), then installs the next batch. Later arrivals start the next batch,
