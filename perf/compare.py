@@ -144,6 +144,17 @@ class ClusterDb:
         except (subprocess.CalledProcessError, ValueError):
             return 0  # not migrated yet
 
+    def renewed(self):
+        """Whether the node has renewed its lease once: before that, a node with a new
+        folder answers every store 0xA700 (its own fence, docs/cluster.md)."""
+        try:
+            out = self.run("psql", "-h", self.dir, "-p", str(self.port), "-U", "postgres",
+                           "-tAc", "SELECT count(*) FROM dicomgate_nodes "
+                           "WHERE lease_until > statement_timestamp()")
+            return int(out.strip() or 0) > 0
+        except (subprocess.CalledProcessError, ValueError):
+            return False  # not migrated yet
+
     def postmaster(self):
         with open(os.path.join(self.dir, "data", "postmaster.pid")) as f:
             return int(f.readline())
@@ -344,6 +355,11 @@ def run_receiver(name, workload, senders, runs, window, log):
     db, stored = CLUSTER_DB.get(work), 0
     try:
         wait_port(port, proc)
+        deadline = time.monotonic() + 30
+        while db and not db.renewed():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: no lease renewal in 30 s (see {work})")
+            time.sleep(0.05)
         rss.start()
         time.sleep(0.3)
         for _ in range(runs):

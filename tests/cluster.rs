@@ -938,6 +938,24 @@ fn cluster_status(node: &common::Node) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(&body).unwrap()["cluster"].clone()
 }
 
+/// Whether the node answers `/readyz` with 200.
+fn ready(node: &common::Node) -> bool {
+    common::http_get(&http_of(node), "/readyz").0 == 200
+}
+
+/// A cluster node in `data_dir`, once ready: a new node folder acknowledges nothing before the
+/// node's first renewal in the cluster database (`cluster::fence`), which `/readyz` waits for.
+fn start_ready(data_dir: &Path, toml: &str) -> common::Node {
+    let node = common::Node::start_with_data_dir(data_dir, toml);
+    assert!(
+        common::wait_until(20, || ready(&node)),
+        "not ready: {}\n{}",
+        common::http_get(&http_of(&node), "/readyz").1,
+        node.log()
+    );
+    node
+}
+
 /// Issue 15 item 2, on a real node: every instance the node acknowledges is published to the
 /// cluster database, with where its bytes are under the node's folder (small instances in the
 /// segment log and large ones in their own files alike); while PostgreSQL is down (stopped
@@ -951,7 +969,7 @@ fn a_node_publishes_what_it_acknowledges_and_catches_up_after_the_database_resta
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
     let node_dir = shared.path().join("nodes").join("a");
-    let mut node = Node::start_with_data_dir(&node_dir, &cluster_toml(&pg, shared.path(), "a"));
+    let mut node = start_ready(&node_dir, &cluster_toml(&pg, shared.path(), "a"));
     let files = tempfile::tempdir().unwrap();
     let instance = |i: u32| mixed_instance(files.path(), i);
     let batch = |from: u32, to: u32| -> Vec<PathBuf> { (from..to).map(instance).collect() };
@@ -1079,7 +1097,7 @@ fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
     let a_dir = shared.path().join("nodes").join("a");
-    let mut a = Node::start_with_data_dir(&a_dir, &cluster_toml(&pg, shared.path(), "a"));
+    let mut a = start_ready(&a_dir, &cluster_toml(&pg, shared.path(), "a"));
     let files = tempfile::tempdir().unwrap();
     let batch = |from: u32, to: u32| -> Vec<PathBuf> {
         (from..to)
@@ -1115,7 +1133,7 @@ fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
     let hidden = shared.path().join("a-elsewhere");
     std::fs::rename(&a_dir, &hidden).unwrap();
     let b_dir = shared.path().join("nodes").join("b");
-    let b = Node::start_with_data_dir(&b_dir, &cluster_toml(&pg, shared.path(), "b"));
+    let b = start_ready(&b_dir, &cluster_toml(&pg, shared.path(), "b"));
     // Once a's lease has run out for a lease, b looks, and finds no folder (to fence, then to
     // list).
     assert!(
@@ -1257,7 +1275,7 @@ fn records_left_out_of_a_full_queue_are_published_by_a_rescan() {
         "{}max_unpublished = 2\n",
         cluster_toml(&pg, shared.path(), "a")
     );
-    let mut a = Node::start_with_data_dir(&a_dir, &toml);
+    let mut a = start_ready(&a_dir, &toml);
     let files = tempfile::tempdir().unwrap();
     let batch = |from: u32, to: u32| -> Vec<PathBuf> {
         (from..to)
@@ -1416,7 +1434,7 @@ fn the_cluster_database_is_reached_over_tls_verified_against_tls_ca() {
             pw.display().to_string(),
         )
     };
-    let node = Node::start_with_data_dir(&node_dir, &toml("ca.pem"));
+    let node = start_ready(&node_dir, &toml("ca.pem"));
     let files = tempfile::tempdir().unwrap();
     let sent: Vec<PathBuf> = (0..3).map(|i| mixed_instance(files.path(), i)).collect();
     assert!(storescu_status(&node, &sent).success(), "{}", node.log());
@@ -1502,6 +1520,11 @@ impl Cuttable {
         )
     }
 
+    /// New connections get through again.
+    fn reopen(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn cut(&self) {
         self.open.store(false, std::sync::atomic::Ordering::SeqCst);
         for c in self.conns.lock().unwrap().drain(..) {
@@ -1542,8 +1565,8 @@ fn a_node_taken_over_while_cut_off_from_the_database_acknowledges_nothing_more()
     let proxy = Cuttable::new(&pg);
     let a_dir = shared.path().join("nodes").join("a");
     let a_toml = cluster_toml(&pg, shared.path(), "a").replace(&pg.conninfo(), &proxy.conninfo());
-    let mut a = Node::start_with_data_dir(&a_dir, &a_toml);
-    let b = Node::start_with_data_dir(
+    let mut a = start_ready(&a_dir, &a_toml);
+    let b = start_ready(
         &shared.path().join("nodes").join("b"),
         &cluster_toml(&pg, shared.path(), "b"),
     );
@@ -1595,4 +1618,78 @@ fn a_node_taken_over_while_cut_off_from_the_database_acknowledges_nothing_more()
     let published: std::collections::BTreeSet<String> =
         published_rows(&pg, "a").into_keys().collect();
     assert_eq!(published, uids(0, 4), "{}", b.log());
+}
+
+/// Issue 15's two cases where nobody would take a node over, closed by the node's own fence
+/// (`cluster::fence`, `Fence::own`): a node started with a new folder while the cluster
+/// database is away (the database does not know it yet), and one started again after a clean
+/// leave (its row says everything is published). Either, cut off from the database, once
+/// acknowledged what no other node would ever publish should it die before reaching the
+/// database. Now it refuses stores (0xA700) and is not ready until its first renewal, and then
+/// acknowledges and publishes them.
+#[test]
+fn a_node_cut_off_from_the_database_when_new_or_after_a_clean_leave_acknowledges_nothing_until_it_reaches_it(
+) {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let proxy = Cuttable::new(&pg);
+    let a_dir = shared.path().join("nodes").join("a");
+    let a_toml = cluster_toml(&pg, shared.path(), "a").replace(&pg.conninfo(), &proxy.conninfo());
+    let files = tempfile::tempdir().unwrap();
+    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
+        (from..to)
+            .map(|i| mixed_instance(files.path(), i))
+            .collect()
+    };
+    let uids = |from: u32, to: u32| -> std::collections::BTreeSet<String> {
+        batch(from, to).iter().map(|p| sop_uid_of(p)).collect()
+    };
+    let refused_until_connected = |a: &Node, from: u32, to: u32| {
+        let (ok, out) = dicomgate_store(a, &batch(from, to));
+        assert!(!ok, "acknowledged while cut off: {out}");
+        assert!(
+            out.contains(&format!("stored 0, failed {}", to - from)),
+            "{out}"
+        );
+        let (status, body) = http_get(&http_of(a), "/readyz");
+        assert!(
+            status == 503 && body.contains("has not reached the cluster database"),
+            "{status} {body}"
+        );
+        proxy.reopen();
+        assert!(wait_until(20, || ready(a)), "{}", a.log());
+        let (ok, out) = dicomgate_store(a, &batch(from, to));
+        assert!(ok, "{out}\n{}", a.log());
+    };
+
+    // A new node folder, the database away.
+    proxy.cut();
+    let mut a = Node::start_with_data_dir(&a_dir, &a_toml);
+    refused_until_connected(&a, 0, 2);
+    assert!(
+        wait_until(20, || published_rows(&pg, "a").len() == 2),
+        "{}",
+        a.log()
+    );
+
+    // A clean leave with everything published (nobody takes a over), then a start with the
+    // database away. The fence of a's first start is removed first: a folder made before
+    // nodes fenced themselves has none, and the leave must write one.
+    std::fs::remove_file(a_dir.join("cluster-fence")).unwrap();
+    a.signal(rustix::process::Signal::TERM);
+    assert!(a.wait_exit(20).is_some(), "{}", a.log());
+    assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
+    assert!(a_dir.join("cluster-fence").is_file());
+    proxy.cut();
+    a.restart();
+    refused_until_connected(&a, 2, 4);
+    assert!(
+        wait_until(20, || published_rows(&pg, "a").len() == 4),
+        "{}",
+        a.log()
+    );
+    let published: std::collections::BTreeSet<String> =
+        published_rows(&pg, "a").into_keys().collect();
+    assert_eq!(published, uids(0, 4));
 }

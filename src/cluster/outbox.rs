@@ -330,8 +330,18 @@ impl Outbox {
                 let out_of_time = since.elapsed() >= STOP_PUBLISHING.min(settings.lease);
                 if self.pending() == 0 || coordinator.is_none() || broken || out_of_time {
                     if let Some(mut c) = coordinator.take().filter(|_| !broken) {
-                        let all =
+                        let mut all =
                             self.published_all() && self.producers_ended.load(Ordering::Acquire);
+                        // Left with everything published, nobody takes this node over: should
+                        // it come back cut off from the database, it must not acknowledge what
+                        // nobody would publish (`Fence::own`). Without the fence, it leaves as
+                        // one to take over.
+                        if let (true, Some(f)) = (all, &settings.fence) {
+                            if let Err(e) = f.own(c.lease_until()) {
+                                tracing::warn!(error = %e, "cluster: cannot write this node's own fence: it leaves as a node for another to take over");
+                                all = false;
+                            }
+                        }
                         if let Err(e) = c.leave(all) {
                             self.failed(&e);
                         }
