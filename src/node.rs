@@ -292,25 +292,6 @@ pub fn start_with(
     for w in config.warnings() {
         tracing::warn!("{w}");
     }
-    // `[cluster]`: a node folder that is new (or empty) gets the node's own fence first: the
-    // database may not know this node yet, so until it has registered nobody would publish
-    // what it acknowledged, should it die (`cluster::fence`).
-    if let Some(c) = &config.cluster {
-        let new = crate::cluster::fence::mark_new_node_dir(&config.node.data_dir, &c.node_id)
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "cluster node folder {} (shared_dir/nodes/<node_id>): cannot write \
-                         this node's fence into it: {e}",
-                        config.node.data_dir.display()
-                    ),
-                )
-            })?;
-        if new {
-            tracing::info!(data_dir = %config.node.data_dir.display(), "cluster: a new node folder: stores are acknowledged once this node has reached the cluster database");
-        }
-    }
     // Before anything reads or recovers the data directory: one node per directory.
     let lock = crate::storage::lock_data_dir(&config.node.data_dir)?;
     let listener = match config.node.listen {
@@ -371,7 +352,6 @@ pub fn start_with(
     let fence = config.cluster.as_ref().map(|c| {
         Arc::new(crate::cluster::fence::Fence::new(
             &c.data_dir(),
-            &c.node_id,
             std::time::Duration::from_secs(u64::from(c.lease_seconds)),
         ))
     });

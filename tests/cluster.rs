@@ -1620,13 +1620,14 @@ fn a_node_taken_over_while_cut_off_from_the_database_acknowledges_nothing_more()
     assert_eq!(published, uids(0, 4), "{}", b.log());
 }
 
-/// Issue 15's two cases where nobody would take a node over, closed by the node's own fence
-/// (`cluster::fence`, `Fence::own`): a node started with a new folder while the cluster
-/// database is away (the database does not know it yet), and one started again after a clean
-/// leave (its row says everything is published). Either, cut off from the database, once
-/// acknowledged what no other node would ever publish should it die before reaching the
-/// database. Now it refuses stores (0xA700) and is not ready until its first renewal, and then
-/// acknowledges and publishes them.
+/// Issue 15's two cases where nobody would take a node over (`cluster::fence`, its
+/// `cluster-live` mark): a node started with a new folder while the cluster database is away
+/// (the database does not know it yet), and one started again after a clean leave (its row
+/// says everything is published). Either, cut off from the database, once acknowledged what
+/// no other node would ever publish should it die before reaching the database. Now it
+/// refuses stores (0xA700) and is not ready until its first renewal, and then acknowledges
+/// and publishes them. A node restarted after a crash still acknowledges at once (it would be
+/// taken over).
 #[test]
 fn a_node_cut_off_from_the_database_when_new_or_after_a_clean_leave_acknowledges_nothing_until_it_reaches_it(
 ) {
@@ -1674,13 +1675,11 @@ fn a_node_cut_off_from_the_database_when_new_or_after_a_clean_leave_acknowledges
     );
 
     // A clean leave with everything published (nobody takes a over), then a start with the
-    // database away. The fence of a's first start is removed first: a folder made before
-    // nodes fenced themselves has none, and the leave must write one.
-    std::fs::remove_file(a_dir.join("cluster-fence")).unwrap();
+    // database away.
+    assert!(a_dir.join("cluster-live").is_file());
     a.signal(rustix::process::Signal::TERM);
     assert!(a.wait_exit(20).is_some(), "{}", a.log());
     assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
-    assert!(a_dir.join("cluster-fence").is_file());
     proxy.cut();
     a.restart();
     refused_until_connected(&a, 2, 4);
@@ -1689,7 +1688,22 @@ fn a_node_cut_off_from_the_database_when_new_or_after_a_clean_leave_acknowledges
         "{}",
         a.log()
     );
+
+    // Killed (-9) instead, then started with the database away: acknowledged at once, as
+    // before (another node would take it over, fencing it first), and published once the
+    // database is back.
+    a.kill9();
+    proxy.cut();
+    a.restart();
+    let (ok, out) = dicomgate_store(&a, &batch(4, 6));
+    assert!(ok, "refused after a crash: {out}\n{}", a.log());
+    proxy.reopen();
+    assert!(
+        wait_until(20, || published_rows(&pg, "a").len() == 6),
+        "{}",
+        a.log()
+    );
     let published: std::collections::BTreeSet<String> =
         published_rows(&pg, "a").into_keys().collect();
-    assert_eq!(published, uids(0, 4));
+    assert_eq!(published, uids(0, 6));
 }

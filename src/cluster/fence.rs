@@ -21,12 +21,15 @@
 //! node behind the load balancer). A fence of an older death (the node renewed since) names
 //! an older lease and is ignored (it is never removed: see [`Fence::renewed`]).
 //!
-//! Where no other node would take this one over, the node fences itself ([`Fence::own`]): at
-//! a start with a new (absent or empty) folder, which the database may not know yet
-//! ([`mark_new_node_dir`]), and at a clean leave that published everything (its row then
-//! covers its last lease, so nobody lists its folder). Its own fence names the last lease it
-//! set (none: the epoch), and refuses until the process's first renewal, which sets a later
-//! one. A node that died without leaving is taken over, and needs no fence of its own.
+//! Where no other node would take this one over, the node refuses until it has reached the
+//! database: a node the database may not know (a new folder, or one made by a build before
+//! this rule) and one that left the cluster cleanly (its row then covers its last lease, so
+//! nobody lists its folder). The mark is `cluster-live` in its folder ([`LIVE_FILE`]): made
+//! after a process's first renewal ([`Fence::mark_live`]), removed durably at a clean leave
+//! before the row is marked ([`Fence::mark_left`]). A process that has not renewed yet
+//! acknowledges only while it is there: after a crash (its row not marked, so another node
+//! takes it over, with a fence, should it stay cut off), not after a clean leave or in a new
+//! folder.
 //!
 //! Costs: nothing while the lease is fresh; past it (cut off from the database), one read of
 //! a small file per acknowledgement (a few microseconds locally, a round trip to the file
@@ -39,17 +42,22 @@
 //! docs/cluster.md says; not enforced here (a mount option is not visible to a portable check).
 //!
 //! Owns: the fence file's format, its check, and its writing by a taker (the one write a node
-//! makes into another node's folder) and by the node itself. Must never: block on the database, or let a store be
+//! makes into another node's folder); the node's own `cluster-live` mark. Must never: block on the database, or let a store be
 //! acknowledged when the fence cannot be read (a read error refuses, as a full disk does).
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The fence's name in a node's folder (`shared_dir/nodes/<node_id>/`).
 pub const FENCE_FILE: &str = "cluster-fence";
+
+/// This node's mark in its folder: a process of it renewed its lease, and it has not left the
+/// cluster cleanly since (so other nodes would take it over).
+pub const LIVE_FILE: &str = "cluster-live";
 
 /// A database time as microseconds since the epoch (the precision of `timestamptz`, so two
 /// values read from one column compare exactly).
@@ -64,8 +72,10 @@ pub fn micros(t: SystemTime) -> i64 {
 #[derive(Debug)]
 pub struct Fence {
     path: PathBuf,
-    /// This node's id: the writer named in a fence it wrote itself ([`Fence::own`]).
-    node_id: String,
+    /// [`LIVE_FILE`] in the node's folder.
+    live: PathBuf,
+    /// This process made [`LIVE_FILE`] (once, after its first renewal).
+    marked_live: AtomicBool,
     lease: Duration,
     /// The last successful renewal: when it was sent, and the lease it set (µs, database
     /// time). `None` before the first (a node started while the database is away may have
@@ -78,11 +88,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Fence {
-    /// The fence of node `node_id`, whose folder is `node_dir`, with leases of `lease`.
-    pub fn new(node_dir: &Path, node_id: &str, lease: Duration) -> Fence {
+    /// The fence of the node whose folder is `node_dir`, with leases of `lease`.
+    pub fn new(node_dir: &Path, lease: Duration) -> Fence {
         Fence {
             path: node_dir.join(FENCE_FILE),
-            node_id: node_id.to_string(),
+            live: node_dir.join(LIVE_FILE),
+            marked_live: AtomicBool::new(false),
             lease,
             renewed: Mutex::new(None),
         }
@@ -106,9 +117,30 @@ impl Fence {
                 return Ok(());
             }
         }
-        let (fenced, writer) = match read_fence(&self.path) {
+        if renewed.is_none() {
+            match self.live.try_exists() {
+                Ok(true) => {} // restarted after a crash: taken over, if need be, with a fence
+                Ok(false) => {
+                    return Err(
+                        "not acknowledged: this cluster node has not reached the cluster \
+                         database since it started, and no other node would publish what it \
+                         stored (it is new to the cluster, or left it cleanly); it stores once \
+                         it reaches the database"
+                            .into(),
+                    )
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "not acknowledged: this cluster node has not reached the cluster \
+                         database since it started and cannot read {} ({e})",
+                        self.live.display()
+                    ))
+                }
+            }
+        }
+        let fenced = match read_fence(&self.path) {
             Ok(None) => return Ok(()),
-            Ok(Some(fence)) => fence,
+            Ok(Some(until)) => until,
             Err(e) => {
                 return Err(format!(
                     "not acknowledged: this cluster node cannot reach the cluster database and \
@@ -119,13 +151,6 @@ impl Fence {
         };
         match renewed {
             Some((_, mine)) if fenced < mine => Ok(()), // an older death's fence
-            None if writer == self.node_id => Err(
-                "not acknowledged: this cluster node has not reached the cluster database since \
-                 it started, and no other node would publish what it stored (the database does \
-                 not know it yet, or it left the cluster cleanly); it stores once it reaches \
-                 the database"
-                    .into(),
-            ),
             _ => Err(
                 "not acknowledged: another cluster node took this one over while it could not \
                  reach the cluster database; it stores again once it reconnects"
@@ -133,50 +158,49 @@ impl Fence {
             ),
         }
     }
-
-    /// Writes this node's own fence, where no other node would take over what it acknowledges
-    /// while cut off from the database: at its first start (the database has no row of it
-    /// yet: [`mark_new_node_dir`]) and at a clean leave that published everything (its row
-    /// then says "taken over", so nobody lists its folder until it has renewed again). Until
-    /// this process's first renewal the node then refuses, as a node taken over in its
-    /// previous life does. The fence names the last lease this process set (the epoch before
-    /// any): every later renewal sets a later one, so from the first renewal on it no longer
-    /// counts.
-    pub fn own(&self, last_lease: Option<SystemTime>) -> io::Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        write_fence(dir, last_lease.unwrap_or(UNIX_EPOCH), &self.node_id)
-    }
 }
 
-/// At start-up, before the node's folder is locked or recovered: a folder that is absent or
-/// empty is a node the database may not know (a first start, or its data lost), which no
-/// other node would take over should it acknowledge while the database is away and then die.
-/// Makes the folder and its own fence ([`Fence::own`]) naming no lease; true when it did.
-pub fn mark_new_node_dir(node_dir: &Path, node_id: &str) -> io::Result<bool> {
-    let empty = match fs::read_dir(node_dir) {
-        Ok(mut entries) => entries.next().is_none(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
-        Err(e) => return Err(e),
-    };
-    if !empty {
-        return Ok(false);
-    }
-    fs::create_dir_all(node_dir)?;
-    write_fence(node_dir, UNIX_EPOCH, node_id)?;
-    Ok(true)
-}
-
-/// The fence at `path`, or `None` when there is none: the lease it names (µs) and who wrote
-/// it. An unreadable value counts as the latest lease (fenced): a torn write must not reopen
-/// the gap.
-fn read_fence(path: &Path) -> io::Result<Option<(i64, String)>> {
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            let mut words = text.split_whitespace();
-            let until = words.next().and_then(|v| v.parse().ok());
-            let writer = words.next().unwrap_or_default().to_string();
-            Ok(Some((until.unwrap_or(i64::MAX), writer)))
+impl Fence {
+    /// After a renewal: makes [`LIVE_FILE`], once per process (again after a failure). Not
+    /// flushed: lost in a crash, the next process only refuses until its first renewal.
+    pub fn mark_live(&self) -> io::Result<()> {
+        if self.marked_live.load(Ordering::Acquire) {
+            return Ok(());
         }
+        fs::write(
+            &self.live,
+            "a process of this node renewed its lease; removed when it leaves the cluster \
+             cleanly\n",
+        )?;
+        self.marked_live.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// At a clean leave, before the row says nobody needs to take this node over: removes
+    /// [`LIVE_FILE`] durably (the folder flushed), so that its next process, should it start
+    /// cut off from the database, refuses until it has renewed.
+    pub fn mark_left(&self) -> io::Result<()> {
+        match fs::remove_file(&self.live) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.marked_live.store(false, Ordering::Release);
+        let dir = self.live.parent().unwrap_or(Path::new("."));
+        fs::File::open(dir)?.sync_all()
+    }
+}
+
+/// The fence's lease, or `None` when there is no fence. An unreadable value counts as the
+/// latest lease (fenced): a torn write must not reopen the gap.
+fn read_fence(path: &Path) -> io::Result<Option<i64>> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(
+            text.split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(i64::MAX),
+        )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -203,9 +227,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = |us: u64| UNIX_EPOCH + Duration::from_micros(us);
         // A lease long enough to stay fresh however slow the flushes, and one that is stale.
-        let fresh = Fence::new(dir.path(), "a", Duration::from_secs(3600));
-        let stale = Fence::new(dir.path(), "a", Duration::ZERO);
-        // Never renewed, no fence: acknowledged.
+        let fresh = Fence::new(dir.path(), Duration::from_secs(3600));
+        let stale = Fence::new(dir.path(), Duration::ZERO);
+        // Never renewed, no fence, restarted after a crash (marked live): acknowledged.
+        fs::write(dir.path().join(LIVE_FILE), "").unwrap();
         assert!(stale.check().is_ok());
         write_fence(dir.path(), t(1_000), "b").unwrap();
         // Never renewed and fenced: refused (a restart while the database is away).
@@ -234,36 +259,36 @@ mod tests {
     }
 
     #[test]
-    fn a_node_refuses_until_its_first_renewal_after_its_own_fence() {
-        let root = tempfile::tempdir().unwrap();
+    fn a_node_not_marked_live_refuses_until_its_first_renewal() {
+        let dir = tempfile::tempdir().unwrap();
         let t = |us: u64| UNIX_EPOCH + Duration::from_micros(us);
-        // A new folder gets the node's own fence; one holding anything does not.
-        let dir = root.path().join("nodes").join("a");
-        assert!(mark_new_node_dir(&dir, "a").unwrap());
-        let stale = Fence::new(&dir, "a", Duration::ZERO);
-        let refused = stale.check().unwrap_err();
+        // A new folder (or one of an earlier build): no mark, refused before the first
+        // renewal, even with no fence.
+        let first = Fence::new(dir.path(), Duration::ZERO);
+        let refused = first.check().unwrap_err();
         assert!(
             refused.contains("has not reached the cluster database"),
             "{refused}"
         );
-        assert!(!mark_new_node_dir(&dir, "a").unwrap());
-        let used = root.path().join("used");
-        fs::create_dir_all(used.join("log")).unwrap();
-        assert!(!mark_new_node_dir(&used, "a").unwrap());
-        assert!(!used.join(FENCE_FILE).exists());
-        // The first renewal lifts it, even with a lease that is not fresh.
-        stale.renewed(Instant::now(), t(5_000));
-        assert!(stale.check().is_ok());
-        // A clean leave: its own fence names its last lease; the next process refuses until
-        // it renews, and a renewal (a later lease) lifts it.
-        stale.own(Some(t(5_000))).unwrap();
-        let next = Fence::new(&dir, "a", Duration::ZERO);
+        first.renewed(Instant::now(), t(1_000));
+        assert!(first.check().is_ok());
+        first.mark_live().unwrap();
+        assert!(dir.path().join(LIVE_FILE).is_file());
+        // A restart after a crash: marked, acknowledged before its renewal.
+        let after_crash = Fence::new(dir.path(), Duration::ZERO);
+        assert!(after_crash.check().is_ok());
+        // A clean leave removes the mark: the next process refuses until it renews, and marks
+        // itself again (once: the mark removed behind its back stays removed).
+        first.mark_left().unwrap();
+        assert!(!dir.path().join(LIVE_FILE).exists());
+        let next = Fence::new(dir.path(), Duration::ZERO);
         assert!(next.check().is_err());
-        next.renewed(Instant::now(), t(9_000));
+        next.renewed(Instant::now(), t(2_000));
+        next.mark_live().unwrap();
         assert!(next.check().is_ok());
-        // Another node's fence of an earlier life is told apart in the answer.
-        write_fence(&dir, t(9_000), "b").unwrap();
-        let after = Fence::new(&dir, "a", Duration::ZERO);
-        assert!(after.check().unwrap_err().contains("took this one over"));
+        assert!(dir.path().join(LIVE_FILE).is_file());
+        fs::remove_file(dir.path().join(LIVE_FILE)).unwrap();
+        next.mark_live().unwrap();
+        assert!(!dir.path().join(LIVE_FILE).exists());
     }
 }

@@ -333,12 +333,12 @@ impl Outbox {
                         let mut all =
                             self.published_all() && self.producers_ended.load(Ordering::Acquire);
                         // Left with everything published, nobody takes this node over: should
-                        // it come back cut off from the database, it must not acknowledge what
-                        // nobody would publish (`Fence::own`). Without the fence, it leaves as
-                        // one to take over.
+                        // it start again cut off from the database, it must not acknowledge
+                        // what nobody would publish (`fence::LIVE_FILE`). Without its mark
+                        // removed, it leaves as one to take over.
                         if let (true, Some(f)) = (all, &settings.fence) {
-                            if let Err(e) = f.own(c.lease_until()) {
-                                tracing::warn!(error = %e, "cluster: cannot write this node's own fence: it leaves as a node for another to take over");
+                            if let Err(e) = f.mark_left() {
+                                tracing::warn!(error = %e, "cluster: cannot remove this node's live mark: it leaves as a node for another to take over");
                                 all = false;
                             }
                         }
@@ -441,6 +441,10 @@ impl Outbox {
             let owned = c.rebalance()?;
             if let (Some(f), Some(until)) = (&settings.fence, c.lease_until()) {
                 f.renewed(sent, until);
+                // Renewed: a restart after a crash acknowledges at once (`fence::LIVE_FILE`).
+                if let Err(e) = f.mark_live() {
+                    tracing::warn!(error = %e, "cluster: cannot mark this node live in its folder: after a crash it acknowledges again only once it reaches the database");
+                }
             }
             self.stats
                 .owned_partitions
