@@ -146,7 +146,7 @@ class ClusterDb:
 
     def renewed(self):
         """Whether the node has renewed its lease once: before that, a node with a new
-        folder answers every store 0xA700 (its own fence, docs/cluster.md)."""
+        folder (no cluster-live mark) answers every store 0xA700 (docs/cluster.md)."""
         try:
             out = self.run("psql", "-h", self.dir, "-p", str(self.port), "-U", "postgres",
                            "-tAc", "SELECT count(*) FROM dicomgate_nodes "

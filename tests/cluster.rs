@@ -876,6 +876,16 @@ fn mixed_instance(dir: &Path, i: u32) -> PathBuf {
     sized_instance(dir, i, i % 2 == 1)
 }
 
+/// Instances `from..to` of [`mixed_instance`], written into `dir`.
+fn mixed_batch(dir: &Path, from: u32, to: u32) -> Vec<PathBuf> {
+    (from..to).map(|i| mixed_instance(dir, i)).collect()
+}
+
+/// The SOP Instance UIDs of `files`.
+fn sop_uids(files: &[PathBuf]) -> std::collections::BTreeSet<String> {
+    files.iter().map(|p| common::sop_uid_of(p)).collect()
+}
+
 /// Instance `i` of [`mixed_instance`]'s patients, small or `large` as asked (a re-send across
 /// `inline_max_bytes`).
 fn sized_instance(dir: &Path, i: u32, large: bool) -> PathBuf {
@@ -1099,11 +1109,7 @@ fn a_dead_nodes_unpublished_records_are_published_by_another_node() {
     let a_dir = shared.path().join("nodes").join("a");
     let mut a = start_ready(&a_dir, &cluster_toml(&pg, shared.path(), "a"));
     let files = tempfile::tempdir().unwrap();
-    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
-        (from..to)
-            .map(|i| mixed_instance(files.path(), i))
-            .collect()
-    };
+    let batch = |from: u32, to: u32| mixed_batch(files.path(), from, to);
     assert!(storescu_status(&a, &batch(0, 4)).success(), "{}", a.log());
     assert!(
         wait_until(20, || published_rows(&pg, "a").len() == 4),
@@ -1277,11 +1283,7 @@ fn records_left_out_of_a_full_queue_are_published_by_a_rescan() {
     );
     let mut a = start_ready(&a_dir, &toml);
     let files = tempfile::tempdir().unwrap();
-    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
-        (from..to)
-            .map(|i| mixed_instance(files.path(), i))
-            .collect()
-    };
+    let batch = |from: u32, to: u32| mixed_batch(files.path(), from, to);
     assert!(storescu_status(&a, &batch(0, 2)).success(), "{}", a.log());
     assert!(
         wait_until(20, || published_rows(&pg, "a").len() == 2),
@@ -1571,14 +1573,8 @@ fn a_node_taken_over_while_cut_off_from_the_database_acknowledges_nothing_more()
         &cluster_toml(&pg, shared.path(), "b"),
     );
     let files = tempfile::tempdir().unwrap();
-    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
-        (from..to)
-            .map(|i| mixed_instance(files.path(), i))
-            .collect()
-    };
-    let uids = |from: u32, to: u32| -> std::collections::BTreeSet<String> {
-        batch(from, to).iter().map(|p| sop_uid_of(p)).collect()
-    };
+    let batch = |from: u32, to: u32| mixed_batch(files.path(), from, to);
+    let uids = |from: u32, to: u32| sop_uids(&batch(from, to));
     let (ok, out) = dicomgate_store(&a, &batch(0, 2));
     assert!(ok, "{out}\n{}", a.log());
     assert!(
@@ -1638,14 +1634,8 @@ fn a_node_cut_off_from_the_database_when_new_or_after_a_clean_leave_acknowledges
     let a_dir = shared.path().join("nodes").join("a");
     let a_toml = cluster_toml(&pg, shared.path(), "a").replace(&pg.conninfo(), &proxy.conninfo());
     let files = tempfile::tempdir().unwrap();
-    let batch = |from: u32, to: u32| -> Vec<PathBuf> {
-        (from..to)
-            .map(|i| mixed_instance(files.path(), i))
-            .collect()
-    };
-    let uids = |from: u32, to: u32| -> std::collections::BTreeSet<String> {
-        batch(from, to).iter().map(|p| sop_uid_of(p)).collect()
-    };
+    let batch = |from: u32, to: u32| mixed_batch(files.path(), from, to);
+    let uids = |from: u32, to: u32| sop_uids(&batch(from, to));
     let refused_until_connected = |a: &Node, from: u32, to: u32| {
         let (ok, out) = dicomgate_store(a, &batch(from, to));
         assert!(!ok, "acknowledged while cut off: {out}");

@@ -42,8 +42,9 @@
 //! docs/cluster.md says; not enforced here (a mount option is not visible to a portable check).
 //!
 //! Owns: the fence file's format, its check, and its writing by a taker (the one write a node
-//! makes into another node's folder); the node's own `cluster-live` mark. Must never: block on the database, or let a store be
-//! acknowledged when the fence cannot be read (a read error refuses, as a full disk does).
+//! makes into another node's folder); the node's own `cluster-live` mark. Must never: block
+//! on the database, or let a store be acknowledged when the fence cannot be read (a read
+//! error refuses, as a full disk does).
 
 use std::fs;
 use std::io::{self, Write};
@@ -158,9 +159,7 @@ impl Fence {
             ),
         }
     }
-}
 
-impl Fence {
     /// After a renewal: makes [`LIVE_FILE`], once per process (again after a failure). Not
     /// flushed: lost in a crash, the next process only refuses until its first renewal.
     pub fn mark_live(&self) -> io::Result<()> {
