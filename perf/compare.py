@@ -205,8 +205,10 @@ def receiver_command(name, work, port):
                 + f'[storage]\ndurability = "{durability}"\n{inline}'
                 + NODE_EXTRA.get("storage", "")
                 +
-                # Ingest only: no trigger fires, so receivers are compared, not pipelines.
-                "[trigger]\non_association_close = false\nquiet_seconds = 0\n"
+                # Ingest only: no trigger fires, so receivers are compared, not pipelines (a
+                # cluster node refuses quiet_seconds = 0: a day is never reached here).
+                "[trigger]\non_association_close = false\n"
+                + ("quiet_seconds = 86400\n" if cluster else "quiet_seconds = 0\n")
                 + cluster
             )
         exe = NODE

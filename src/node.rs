@@ -389,6 +389,7 @@ pub fn start_with(
         .cluster
         .as_ref()
         .map(|c| crate::cluster::outbox::Outbox::new(c.max_unpublished as usize));
+    let mut cluster_settings = None;
     // Started before the pipeline's recovery queues every pending instance, so that it
     // publishes while recovery goes on (the queue is bounded); watched by /healthz.
     if let (Some(outbox), Some(c)) = (&outbox, &config.cluster) {
@@ -406,6 +407,7 @@ pub fn start_with(
             lease: std::time::Duration::from_secs(u64::from(c.lease_seconds)),
             shared_dir: c.shared_dir.clone(),
         };
+        cluster_settings = Some(settings.clone());
         let (outbox, stop) = (outbox.clone(), cluster_stop.clone());
         tracing::info!(node_id = %c.node_id, shared_dir = %c.shared_dir.display(), "cluster: publishing to the cluster database");
         watched.push(
@@ -419,7 +421,7 @@ pub fn start_with(
         handoff.clone(),
         processor,
         storage.log().clone(),
-        outbox.clone(),
+        outbox.clone().zip(cluster_settings),
         pipeline_shutdown.clone(),
     )?;
     watched.extend(pipeline_threads);

@@ -81,7 +81,7 @@ use postgres::{Client, GenericClient, NoTls};
 use sha2::{Digest, Sha256};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Versioned migrations, applied in order; each is applied once, in the transaction that
 /// records it. Never edit one that shipped: add the next.
@@ -96,6 +96,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         3,
         "node status",
         include_str!("migrations/0003_node_status.sql"),
+    ),
+    (
+        4,
+        "owner side",
+        include_str!("migrations/0004_owner_side.sql"),
     ),
 ];
 
@@ -211,7 +216,7 @@ pub struct Owned {
 }
 
 /// One instance record as a node publishes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Published {
     /// The node that acknowledged it (whose segment log or files hold it).
     pub node_id: String,
@@ -225,6 +230,12 @@ pub struct Published {
     /// Bit i: `[[input]]` i accepts it.
     pub inputs: u64,
     pub received_ms: u64,
+    /// What the rules read besides the UIDs (`patients::InstanceRecord`'s fields of the same
+    /// names), so that a partition's owner decides as the storing node would have.
+    pub study_date: Option<String>,
+    pub instance_number: u32,
+    pub images_in_acquisition: u32,
+    pub number_of_slices: u32,
 }
 
 pub use crate::config::check_node_id;
@@ -650,48 +661,46 @@ impl Coordinator {
             }
         }
         let n = newest.len();
-        let (mut node, mut uid, mut part, mut key) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut study, mut series, mut loc) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut bytes, mut inputs, mut received) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let mut cols = PublishColumns::with_capacity(n);
         for r in newest.into_values() {
-            node.push(r.node_id.as_str());
-            uid.push(r.sop_instance_uid.as_str());
-            part.push(partition_of(&r.grouping_key, self.partitions) as i32);
-            key.push(r.grouping_key.as_slice());
-            study.push(r.study_uid.as_deref());
-            series.push(r.series_uid.as_deref());
-            loc.push(r.location.as_str());
-            bytes.push(to_i64(r.bytes, "bytes")?);
-            inputs.push(r.inputs as i64);
-            received.push(to_i64(r.received_ms, "received_ms")?);
+            cols.node.push(r.node_id.as_str());
+            cols.uid.push(r.sop_instance_uid.as_str());
+            cols.part
+                .push(partition_of(&r.grouping_key, self.partitions) as i32);
+            cols.key.push(r.grouping_key.as_slice());
+            cols.study.push(r.study_uid.as_deref());
+            cols.series.push(r.series_uid.as_deref());
+            cols.loc.push(r.location.as_str());
+            cols.bytes.push(to_i64(r.bytes, "bytes")?);
+            cols.inputs.push(r.inputs as i64);
+            cols.received.push(to_i64(r.received_ms, "received_ms")?);
+            cols.date.push(r.study_date.as_deref());
+            cols.number.push(clamp_i32(r.instance_number));
+            cols.images.push(clamp_i32(r.images_in_acquisition));
+            cols.slices.push(clamp_i32(r.number_of_slices));
         }
-        if node.is_empty() {
+        if cols.node.is_empty() {
             return Ok(0);
         }
+        let c = &cols;
+        // A row changed by this publication is pending again with a new `seq` (the owner's
+        // feed reads by it); one unchanged is not written at all.
         let written = self.client.execute(
             "INSERT INTO dicomgate_instances (node_id, sop_instance_uid, partition, grouping_key,
-                 study_uid, series_uid, location, bytes, inputs, received_ms)
+                 study_uid, series_uid, location, bytes, inputs, received_ms, study_date,
+                 instance_number, images_in_acquisition, number_of_slices)
              SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bytea[],
-                 $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[])
+                 $5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],
+                 $11::text[], $12::integer[], $13::integer[], $14::integer[])
              ON CONFLICT (node_id, sop_instance_uid) DO UPDATE SET
                  partition = EXCLUDED.partition, grouping_key = EXCLUDED.grouping_key,
                  study_uid = EXCLUDED.study_uid, series_uid = EXCLUDED.series_uid,
                  location = EXCLUDED.location, bytes = EXCLUDED.bytes,
                  inputs = EXCLUDED.inputs, received_ms = EXCLUDED.received_ms,
-                 batch_id = NULL
+                 study_date = EXCLUDED.study_date, instance_number = EXCLUDED.instance_number,
+                 images_in_acquisition = EXCLUDED.images_in_acquisition,
+                 number_of_slices = EXCLUDED.number_of_slices,
+                 batch_id = NULL, seq = nextval('dicomgate_instances_seq')
              WHERE EXCLUDED.received_ms >= dicomgate_instances.received_ms
                AND (dicomgate_instances.partition, dicomgate_instances.grouping_key,
                     dicomgate_instances.study_uid, dicomgate_instances.series_uid,
@@ -701,7 +710,20 @@ impl Coordinator {
                     EXCLUDED.study_uid, EXCLUDED.series_uid, EXCLUDED.location,
                     EXCLUDED.bytes, EXCLUDED.inputs, EXCLUDED.received_ms)",
             &[
-                &node, &uid, &part, &key, &study, &series, &loc, &bytes, &inputs, &received,
+                &c.node,
+                &c.uid,
+                &c.part,
+                &c.key,
+                &c.study,
+                &c.series,
+                &c.loc,
+                &c.bytes,
+                &c.inputs,
+                &c.received,
+                &c.date,
+                &c.number,
+                &c.images,
+                &c.slices,
             ],
         )?;
         Ok(written)
@@ -728,10 +750,11 @@ impl Coordinator {
         let mut tx = self.client.transaction()?;
         check_owner(&mut tx, &me, owned)?;
         let rows = tx.query(
-            "UPDATE dicomgate_instances SET batch_id = $3
-             WHERE partition = $1 AND grouping_key = $2 AND batch_id IS NULL
-             RETURNING node_id, sop_instance_uid, grouping_key, study_uid, series_uid,
-                 location, bytes, inputs, received_ms",
+            &format!(
+                "UPDATE dicomgate_instances SET batch_id = $3
+                 WHERE partition = $1 AND grouping_key = $2 AND batch_id IS NULL
+                 RETURNING {PUBLISHED_COLUMNS}"
+            ),
             &[&(owned.partition as i32), &key, &batch_id],
         )?;
         if rows.is_empty() {
@@ -758,21 +781,173 @@ impl Coordinator {
             }
         })?;
         tx.commit()?;
-        let mut records: Vec<Published> = rows
+        Ok(Some(newest_per_uid(
+            rows.iter().map(published_of).collect(),
+        )))
+    }
+
+    /// The records of batch `batch_id` (one per SOP Instance UID, the newest copy), to
+    /// rebuild an adopted batch whose previous owner held its files.
+    pub fn batch_records(&mut self, batch_id: &str) -> Result<Vec<Published>> {
+        let rows = self.client.query(
+            &format!("SELECT {PUBLISHED_COLUMNS} FROM dicomgate_instances WHERE batch_id = $1"),
+            &[&batch_id],
+        )?;
+        Ok(newest_per_uid(rows.iter().map(published_of).collect()))
+    }
+
+    /// The owner's feed (issue 15 part 3): at most `limit` pending records of `partitions`
+    /// whose publication number is above `after`, in that order, each with its number. A
+    /// transaction that took a smaller number can commit after one that took a larger, so a
+    /// reader that only moves forward may miss a record: read from 0 again now and then.
+    pub fn pending_records(
+        &mut self,
+        partitions: &[u32],
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, Published)>> {
+        let parts: Vec<i32> = partitions.iter().map(|&p| p as i32).collect();
+        let rows = self.client.query(
+            &format!(
+                "SELECT seq, {PUBLISHED_COLUMNS} FROM dicomgate_instances
+                 WHERE partition = ANY($1) AND batch_id IS NULL AND seq > $2
+                 ORDER BY seq LIMIT $3"
+            ),
+            &[&parts, &after, &limit],
+        )?;
+        Ok(rows
             .iter()
-            .map(|r| Published {
-                node_id: r.get(0),
-                sop_instance_uid: r.get(1),
-                grouping_key: r.get(2),
-                study_uid: r.get(3),
-                series_uid: r.get(4),
-                location: r.get(5),
-                bytes: r.get::<_, i64>(6).max(0) as u64,
-                inputs: r.get::<_, i64>(7) as u64,
-                received_ms: r.get::<_, i64>(8).max(0) as u64,
-            })
-            .collect();
-        // Newest copy of each instance first, then one per UID.
+            .map(|r| (r.get::<_, i64>(0), published_at(r, 1)))
+            .collect())
+    }
+
+    /// At most `limit` of this node's records whose batch is done (processed and exported, or
+    /// expired, by whichever node owned it), each with its batch: the copies this node may
+    /// release from its own storage, and then [`Coordinator::forget`].
+    pub fn finished_here(&mut self, limit: i64) -> Result<Vec<(Published, String)>> {
+        let rows = self.client.query(
+            &format!(
+                "SELECT i.batch_id, {} FROM dicomgate_instances i
+                 JOIN dicomgate_batches b ON b.batch_id = i.batch_id
+                 WHERE i.node_id = $1 AND b.stage = 'done' LIMIT $2",
+                PUBLISHED_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("i.{}", c.trim()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            &[&self.node_id, &limit],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| (published_at(r, 1), r.get::<_, String>(0)))
+            .collect())
+    }
+
+    /// Deletes this node's rows of `released` (SOP Instance UID, batch, `received_ms`), each
+    /// only while it is still that copy in that batch (a re-send published meanwhile made it
+    /// pending again: it stays), then the done batches no row names any more. Returns the rows
+    /// deleted.
+    pub fn forget(&mut self, released: &[(String, String, u64)]) -> Result<u64> {
+        let uid: Vec<&str> = released.iter().map(|r| r.0.as_str()).collect();
+        let batch: Vec<&str> = released.iter().map(|r| r.1.as_str()).collect();
+        let received: Vec<i64> = released
+            .iter()
+            .map(|r| to_i64(r.2, "received_ms"))
+            .collect::<Result<_>>()?;
+        let mut tx = self.client.transaction()?;
+        let n = tx.execute(
+            "DELETE FROM dicomgate_instances i USING unnest($2::text[], $3::text[], $4::bigint[])
+                 AS r(uid, batch, received)
+             WHERE i.node_id = $1 AND i.sop_instance_uid = r.uid AND i.batch_id = r.batch
+               AND i.received_ms = r.received",
+            &[&self.node_id, &uid, &batch, &received],
+        )?;
+        tx.execute(
+            "DELETE FROM dicomgate_batches b WHERE b.stage = 'done' AND b.batch_id = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM dicomgate_instances i WHERE i.batch_id = b.batch_id)",
+            &[&batch],
+        )?;
+        tx.commit()?;
+        Ok(n)
+    }
+}
+
+/// The columns a [`Published`] is read from, in [`published_at`]'s order.
+const PUBLISHED_COLUMNS: &str = "node_id, sop_instance_uid, grouping_key, study_uid, \
+    series_uid, location, bytes, inputs, received_ms, study_date, instance_number, \
+    images_in_acquisition, number_of_slices";
+
+/// [`publish`](Coordinator::publish)'s columns, one array each.
+struct PublishColumns<'a> {
+    node: Vec<&'a str>,
+    uid: Vec<&'a str>,
+    part: Vec<i32>,
+    key: Vec<&'a [u8]>,
+    study: Vec<Option<&'a str>>,
+    series: Vec<Option<&'a str>>,
+    loc: Vec<&'a str>,
+    bytes: Vec<i64>,
+    inputs: Vec<i64>,
+    received: Vec<i64>,
+    date: Vec<Option<&'a str>>,
+    number: Vec<i32>,
+    images: Vec<i32>,
+    slices: Vec<i32>,
+}
+
+impl PublishColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        PublishColumns {
+            node: Vec::with_capacity(n),
+            uid: Vec::with_capacity(n),
+            part: Vec::with_capacity(n),
+            key: Vec::with_capacity(n),
+            study: Vec::with_capacity(n),
+            series: Vec::with_capacity(n),
+            loc: Vec::with_capacity(n),
+            bytes: Vec::with_capacity(n),
+            inputs: Vec::with_capacity(n),
+            received: Vec::with_capacity(n),
+            date: Vec::with_capacity(n),
+            number: Vec::with_capacity(n),
+            images: Vec::with_capacity(n),
+            slices: Vec::with_capacity(n),
+        }
+    }
+}
+
+fn clamp_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+fn published_of(r: &postgres::Row) -> Published {
+    published_at(r, 0)
+}
+
+/// A [`Published`] from [`PUBLISHED_COLUMNS`], starting at column `at`.
+fn published_at(r: &postgres::Row, at: usize) -> Published {
+    let n = |i: usize| r.get::<_, i32>(at + i).max(0) as u32;
+    Published {
+        node_id: r.get(at),
+        sop_instance_uid: r.get(at + 1),
+        grouping_key: r.get(at + 2),
+        study_uid: r.get(at + 3),
+        series_uid: r.get(at + 4),
+        location: r.get(at + 5),
+        bytes: r.get::<_, i64>(at + 6).max(0) as u64,
+        inputs: r.get::<_, i64>(at + 7) as u64,
+        received_ms: r.get::<_, i64>(at + 8).max(0) as u64,
+        study_date: r.get(at + 9),
+        instance_number: n(10),
+        images_in_acquisition: n(11),
+        number_of_slices: n(12),
+    }
+}
+
+/// One record per SOP Instance UID: the newest copy (two nodes acknowledged it).
+fn newest_per_uid(mut records: Vec<Published>) -> Vec<Published> {
+    {
         records.sort_by(|a, b| {
             (
                 a.sop_instance_uid.as_str(),
@@ -784,9 +959,11 @@ impl Coordinator {
                 ))
         });
         records.dedup_by(|later, first| later.sop_instance_uid == first.sop_instance_uid);
-        Ok(Some(records))
     }
+    records
+}
 
+impl Coordinator {
     /// Takes over the batches of `owned.partition` that are not done and were claimed (or last
     /// adopted) under an older token: their previous owner lost the partition. Returns their
     /// ids, oldest claim first.

@@ -74,6 +74,9 @@ pub struct OutboxStats {
     pub republished: AtomicU64,
     /// Every node of the cluster, as of this node's last lease renewal.
     nodes: Mutex<Vec<super::NodeRow>>,
+    /// The partitions this node owns, with their tokens, as of its last lease renewal (the
+    /// owner side's claims and stage changes are made under these; the database checks them).
+    owned: Mutex<Vec<super::Owned>>,
     last_error: Mutex<String>,
 }
 
@@ -86,6 +89,11 @@ impl OutboxStats {
     /// Every node of the cluster, as of this node's last lease renewal (empty before it).
     pub fn nodes(&self) -> Vec<super::NodeRow> {
         lock(&self.nodes).clone()
+    }
+
+    /// The partitions this node owns, as of its last lease renewal (empty before it).
+    pub fn owned(&self) -> Vec<super::Owned> {
+        lock(&self.owned).clone()
     }
 }
 
@@ -122,6 +130,7 @@ pub trait Foreign: Send + Sync {
 
 /// What [`Foreign::describe`] made of a listed instance.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per listed instance, moved at once
 pub enum Described {
     Record(Published),
     /// No longer there (its node, alive after all, processed it since the listing, or freed
@@ -449,6 +458,7 @@ impl Outbox {
             self.stats
                 .owned_partitions
                 .store(owned.len() as u64, Ordering::Relaxed);
+            *lock(&self.stats.owned) = owned;
             // For every node's status page; a failure here only costs the table (publication
             // goes on).
             let left = self.stats.left_out.load(Ordering::Acquire)
@@ -689,6 +699,7 @@ mod tests {
             bytes: 1,
             inputs: 1,
             received_ms: 0,
+            ..Published::default()
         }
     }
 

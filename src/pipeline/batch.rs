@@ -37,8 +37,33 @@ struct Manifest {
     /// warning).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     input_names: Vec<String>,
+    /// With `[cluster]`: the batch was claimed in the cluster database, in this partition under
+    /// this token; its files are copies of instances other nodes (or this one) still hold,
+    /// released by them once the batch is marked done there ([`super::owner::finish`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) cluster: Option<ClusterBatch>,
     files: Vec<ManifestFile>,
 }
+
+/// Where a cluster batch was claimed (see [`Manifest::cluster`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct ClusterBatch {
+    pub partition: u32,
+    pub fencing: i64,
+}
+
+impl ClusterBatch {
+    pub(super) fn owned(self) -> crate::cluster::Owned {
+        crate::cluster::Owned {
+            partition: self.partition,
+            fencing: self.fencing,
+        }
+    }
+}
+
+/// In a cluster batch being assembled: its files are copies (an unfinished one is deleted,
+/// never moved into `patients/`). Written first.
+const COPIES: &str = "copies";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct ManifestFile {
@@ -209,13 +234,7 @@ const FROM_LOG: &str = "from-log";
 /// records, which a `dicom` or `folder` export reads directly.
 pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> io::Result<String> {
     let patients = ctx.data_dir.join("patients");
-    let id = format!(
-        "{}-{}-{}-{}",
-        now_ms(),
-        &crate::storage::patient_dir_name(key)[..12],
-        std::process::id(),
-        BATCH_SEQ.fetch_add(1, Ordering::Relaxed)
-    );
+    let id = new_id(key);
     let tmp = batches(ctx).join(format!("{id}.tmp"));
     fs::create_dir_all(tmp.join("files"))?;
     let mut files = Vec::with_capacity(records.len());
@@ -318,6 +337,7 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
         key_hex: hex(key),
         created_ms: now_ms(),
         input_names: ctx.pipeline.rules.input_names().map(String::from).collect(),
+        cluster: None,
         files,
     };
     let write = || -> io::Result<()> {
@@ -363,6 +383,183 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
     Ok(id)
 }
 
+/// A new batch id for `key`: `<ms>-<patient digest, 12 hex>-<pid>-<n>`.
+pub(super) fn new_id(key: &[u8]) -> String {
+    format!(
+        "{}-{}-{}-{}",
+        now_ms(),
+        &crate::storage::patient_dir_name(key)[..12],
+        std::process::id(),
+        BATCH_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Where a cluster batch is put once assembled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Place {
+    /// `batches/<id>/`, to be processed and exported.
+    Batches,
+    /// `expired/<id>/` (`[patients] expire_action = "move"`).
+    Expired,
+}
+
+/// Assembles cluster batch `id` of `key` (claimed in the cluster database under `cluster`) from
+/// `rows`: a copy of each instance, read from the folder of the node that stored it
+/// (`node_dir`), read-only. On an error nothing is left of it (the claim stays in the
+/// database, and the caller tries again later).
+pub(super) fn create_cluster(
+    ctx: &Context,
+    id: &str,
+    key: &[u8],
+    cluster: ClusterBatch,
+    rows: &[crate::cluster::Published],
+    node_dir: &dyn Fn(&str) -> PathBuf,
+    place: Place,
+) -> io::Result<()> {
+    let root = match place {
+        Place::Batches => batches(ctx),
+        Place::Expired => ctx.data_dir.join("expired"),
+    };
+    fs::create_dir_all(&root)?;
+    let tmp = batches(ctx).join(format!("{id}.tmp"));
+    let _ = fs::remove_dir_all(&tmp); // an earlier attempt's
+    fs::create_dir_all(tmp.join("files"))?;
+    let made = (|| -> io::Result<Vec<ManifestFile>> {
+        write_atomic(&tmp.join(COPIES), b"")?;
+        fs::File::open(&tmp)?.sync_all()?;
+        let mut files = Vec::with_capacity(rows.len());
+        // One listing per node holding part of the batch (its log's records by identity).
+        let mut by_node: std::collections::BTreeMap<&str, Vec<&crate::cluster::Published>> =
+            Default::default();
+        for r in rows {
+            by_node.entry(r.node_id.as_str()).or_default().push(r);
+        }
+        for (node, rows) in by_node {
+            let dir = node_dir(node);
+            let (entries, _) = crate::storage::inventory::pending(&dir)?;
+            let mut listed: std::collections::HashMap<&Path, &crate::storage::inventory::Entry> =
+                Default::default();
+            for e in &entries {
+                listed.insert(e.rel.as_path(), e);
+            }
+            for r in rows {
+                // Locations are "patients/<rel>" (`Pipeline::publish`); never anything else
+                // (a row is this cluster's own writing, but a path is checked all the same).
+                let rel = Path::new(&r.location)
+                    .strip_prefix("patients")
+                    .ok()
+                    .filter(|rel| {
+                        rel.components()
+                            .all(|c| matches!(c, std::path::Component::Normal(_)))
+                    })
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "node {node}: location {:?} is not under patients/",
+                                r.location
+                            ),
+                        )
+                    })?;
+                let entry = listed.get(rel).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("node {node} does not hold {} (yet)", r.location),
+                    )
+                })?;
+                crate::storage::inventory::extract(&dir, entry, &tmp.join("files"))?;
+                files.push(ManifestFile {
+                    path: rel.to_string_lossy().into_owned(),
+                    inputs: r.inputs,
+                    log: Vec::new(),
+                    record: None,
+                });
+            }
+        }
+        Ok(files)
+    })();
+    let files = match made {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let manifest = Manifest {
+        patient_id: String::from_utf8_lossy(key).into_owned(),
+        key_hex: hex(key),
+        created_ms: now_ms(),
+        input_names: ctx.pipeline.rules.input_names().map(String::from).collect(),
+        cluster: Some(cluster),
+        files,
+    };
+    let write = || -> io::Result<()> {
+        let text = toml::to_string(&manifest).map_err(io::Error::other)?;
+        write_atomic(&tmp.join("batch.toml"), text.as_bytes())?;
+        write_state(
+            &tmp,
+            &State {
+                stage: Stage::Processing,
+                processing_attempts: 0,
+                export_attempts: 0,
+            },
+        )?;
+        // Every copy durable before the batch is in place.
+        sync_tree(&tmp.join("files"))?;
+        fs::remove_file(tmp.join(COPIES))?;
+        sync_data_dir_checked(ctx)?;
+        fs::rename(&tmp, root.join(id))?;
+        sync_data_dir_checked(ctx)?;
+        fs::File::open(&root)?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let bl = BatchLog::of(ctx, &manifest);
+    tracing::info!(
+        batch = %id,
+        patient = %bl.who.digest,
+        patient_id = bl.who.id,
+        inputs = %bl.inputs,
+        instances = manifest.files.len(),
+        partition = cluster.partition,
+        place = ?place,
+        "cluster batch claimed: its instances copied from the nodes that stored them"
+    );
+    Ok(())
+}
+
+/// Flushes every file under `root` and every folder (copies made by `extract`).
+fn sync_tree(root: &Path) -> io::Result<()> {
+    let mut files = Vec::new();
+    walk_files(root, &mut files)?;
+    let mut dirs: std::collections::BTreeSet<PathBuf> = Default::default();
+    for f in &files {
+        fs::File::open(f)?.sync_all()?;
+        let mut d = f.parent();
+        while let Some(p) = d {
+            if !p.starts_with(root) {
+                break;
+            }
+            dirs.insert(p.to_path_buf());
+            d = p.parent();
+        }
+    }
+    dirs.insert(root.to_path_buf());
+    for d in dirs {
+        fs::File::open(&d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Whether this node holds batch `id` (in `batches/`, `failed/` or `expired/`).
+pub(super) fn held_here(ctx: &Context, id: &str) -> bool {
+    ["batches", "failed", "expired"]
+        .iter()
+        .any(|d| ctx.data_dir.join(d).join(id).exists())
+}
+
 /// Whether the log's newest record of an instance arrived after its file was written.
 pub(super) fn log_is_newer(ctx: &Context, t: &crate::storage::log::Taken, file: &Path) -> bool {
     let mtime_ms = fs::metadata(file)
@@ -377,6 +574,15 @@ pub(super) fn log_is_newer(ctx: &Context, t: &crate::storage::log::Taken, file: 
 
 /// Moves an unfinished `batches/<id>.tmp/` back into `patients/`.
 fn restore_tmp(ctx: &Context, tmp: &Path) {
+    if tmp.join(COPIES).exists() {
+        // A cluster batch: its instances are where their nodes stored them; the claim in the
+        // cluster database is resumed by adoption (`owner`), not from here.
+        if let Err(e) = fs::remove_dir_all(tmp) {
+            tracing::error!(path = %tmp.display(), error = %e, "could not remove an unfinished cluster batch");
+        }
+        sync_data_dir(ctx);
+        return;
+    }
     let patients = ctx.data_dir.join("patients");
     let files_root = tmp.join("files");
     let copied: std::collections::HashSet<PathBuf> = fs::read_to_string(tmp.join(FROM_LOG))
@@ -900,6 +1106,15 @@ pub(super) fn export(ctx: &Context, id: &str) {
             tracing::error!(batch = %id, error = %e, "exported, but its log records could not be released: the batch stays until they are (restart retries)");
             return;
         }
+        // A cluster batch is done in the cluster database before its copies go: the nodes
+        // that stored its instances release them then. Not marked yet: the batch stays and
+        // the finish is tried again (its exports are done: only the mark is left).
+        if let Some(c) = read_manifest(&dir).ok().and_then(|m| m.cluster) {
+            if !super::owner::finish(ctx, id, c) {
+                ctx.retry_later(ctx.backoff(1), Job::Export { id: id.into() });
+                return;
+            }
+        }
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::error!(batch = %id, error = %e, "exported, but could not remove the batch");
         } else {
@@ -1200,6 +1415,15 @@ fn fail(ctx: &Context, id: &str, reason: &str) {
         sync_data_dir(ctx);
         if let Err(e) = ctx.log.release(&copied) {
             tracing::warn!(batch = %id, error = %e, "could not release the failed batch's log records yet: released at the next start");
+        }
+    }
+    if r.is_ok() {
+        // A cluster batch's copies are aside with their reason now: it is done in the cluster
+        // database, so that the nodes that stored its instances release them (an operator's
+        // retry runs these copies).
+        if let Some(c) = read_manifest(&dest).ok().and_then(|m| m.cluster) {
+            sync_data_dir(ctx);
+            super::owner::finish_or_later(ctx, id, c);
         }
     }
     match r {

@@ -10,7 +10,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::cluster::outbox::{Described, Foreign};
-use crate::cluster::Published;
 use crate::config::NodeConfig;
 use crate::storage::inventory::{self, Entry, Source};
 
@@ -95,16 +94,12 @@ impl Foreign for ForeignReader {
             .join(&entry.rel)
             .to_string_lossy()
             .into_owned();
-        Ok(Described::Record(Published {
-            node_id: node_id.to_string(),
-            sop_instance_uid: record.sop_instance_uid.to_string(),
-            grouping_key: key,
-            study_uid: record.study_uid.as_deref().map(str::to_string),
-            series_uid: record.series_uid.as_deref().map(str::to_string),
+        Ok(Described::Record(super::published(
+            node_id,
+            &key,
+            &record,
             location,
-            bytes: record.bytes,
-            inputs: record.inputs,
             received_ms,
-        }))
+        )))
     }
 }

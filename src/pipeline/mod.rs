@@ -25,6 +25,7 @@
 pub mod batch;
 pub mod export;
 pub mod foreign;
+mod owner;
 pub mod priors;
 pub mod process;
 pub mod rules;
@@ -323,17 +324,7 @@ impl Pipeline {
             .unwrap_or(&record.path)
             .to_string_lossy()
             .into_owned();
-        outbox.push(crate::cluster::Published {
-            node_id: node_id.clone(),
-            sop_instance_uid: record.sop_instance_uid.to_string(),
-            grouping_key: key.to_vec(),
-            study_uid: record.study_uid.as_deref().map(str::to_string),
-            series_uid: record.series_uid.as_deref().map(str::to_string),
-            location,
-            bytes: record.bytes,
-            inputs: record.inputs,
-            received_ms,
-        });
+        outbox.push(published(node_id, key, record, location, received_ms));
     }
 
     /// Asks for `key`'s priors when an arrival of `study_uid` joined `inputs` other than the
@@ -344,6 +335,33 @@ impl Pipeline {
                 p.note_patient(key, study_uid);
             }
         }
+    }
+}
+
+/// `record` of `key` as node `node_id` publishes it, its bytes at `location` under the node's
+/// folder.
+pub(crate) fn published(
+    node_id: &str,
+    key: &[u8],
+    record: &InstanceRecord,
+    location: String,
+    received_ms: u64,
+) -> crate::cluster::Published {
+    let text = |s: &Option<Arc<str>>| s.as_deref().map(str::to_string);
+    crate::cluster::Published {
+        node_id: node_id.to_string(),
+        sop_instance_uid: record.sop_instance_uid.to_string(),
+        grouping_key: key.to_vec(),
+        study_uid: text(&record.study_uid),
+        series_uid: text(&record.series_uid),
+        location,
+        bytes: record.bytes,
+        inputs: record.inputs,
+        received_ms,
+        study_date: text(&record.study_date),
+        instance_number: record.instance_number,
+        images_in_acquisition: record.images_in_acquisition,
+        number_of_slices: record.number_of_slices,
     }
 }
 
@@ -419,6 +437,20 @@ enum Job {
     Evaluate {
         key: Vec<u8>,
     },
+    /// With `[cluster]`: a batch claimed (or adopted) in the cluster database, to assemble
+    /// from the storing nodes' folders and run (`owner::build`).
+    Build {
+        id: String,
+        key: Vec<u8>,
+        cluster: batch::ClusterBatch,
+        rows: Vec<crate::cluster::Published>,
+        place: batch::Place,
+    },
+    /// With `[cluster]`: marks a batch done in the cluster database (`owner::finish`).
+    Finish {
+        id: String,
+        cluster: batch::ClusterBatch,
+    },
 }
 
 /// A job due at a time (the outbox's retry schedule).
@@ -460,6 +492,9 @@ pub(crate) struct Context {
     /// them in the map again, so it does not count them as late arrivals).
     given_back: Sender<(Vec<u8>, Vec<InstanceRecord>)>,
     pub shutdown: Arc<AtomicBool>,
+    /// With `[cluster]`: the owner side (`owner`): this node's map holds the patients of the
+    /// partitions it owns, whichever node stored them, not what it acknowledged itself.
+    owner: Option<Arc<owner::Owner>>,
 }
 
 /// Starts the pipeline behind the reactors' `handoff` queues: recovers the data directory,
@@ -471,9 +506,19 @@ pub fn start(
     handoff: Arc<Handoff>,
     processor: Option<Arc<dyn Processor>>,
     log: Arc<crate::storage::log::Log>,
-    outbox: Option<Arc<crate::cluster::outbox::Outbox>>,
+    cluster: Option<(
+        Arc<crate::cluster::outbox::Outbox>,
+        crate::cluster::outbox::Settings,
+    )>,
     shutdown: Arc<AtomicBool>,
 ) -> io::Result<(Arc<Pipeline>, Vec<JoinHandle<()>>)> {
+    let (outbox, owner) = match cluster {
+        Some((o, settings)) => (
+            Some(o.clone()),
+            Some(Arc::new(owner::Owner::new(settings, o))),
+        ),
+        None => (None, None),
+    };
     let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
     // `[[export]] inputs` routes the instances of router mode; processing output belongs to no
     // input. The config refuses it beside `[processing]`; a library `Processor` is only known
@@ -539,6 +584,7 @@ pub fn start(
         later: later_tx,
         given_back: given_back_tx,
         shutdown: shutdown.clone(),
+        owner,
     });
     // Restart (trigger c): batches in flight resume (log records they consumed are released if
     // that had not become durable), pending instances re-enter the map.
@@ -619,6 +665,14 @@ pub fn start(
                 })?,
         );
     }
+    if let Some(o) = ctx.owner.clone() {
+        let ctx = ctx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("owner".into())
+                .spawn(move || owner::run(&ctx, &o))?,
+        );
+    }
     for i in 0..config.outbox.workers.max(1) {
         let ctx = ctx.clone();
         let rx = jobs_rx.clone();
@@ -651,6 +705,11 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
         let (inputs, study) = (arrival.record.inputs, arrival.record.study_uid.clone());
         ctx.pipeline
             .publish(&arrival.key, &arrival.record, arrival.received_ms);
+        if ctx.owner.is_some() {
+            // Its partition's owner reads it from the cluster database.
+            instances += 1;
+            continue;
+        }
         map.insert(&arrival.key, arrival.record, mtime, &map.pin())
             .request_evaluation();
         ctx.pipeline
@@ -699,7 +758,7 @@ fn recover_patients(ctx: &Context) -> io::Result<()> {
         record.path = path;
         let (inputs, study) = (record.inputs, record.study_uid.clone());
         ctx.pipeline.publish(&key, &record, inst.meta.received_ms);
-        if publish_only {
+        if publish_only || ctx.owner.is_some() {
             continue;
         }
         map.insert(&key, record, inst.meta.received_ms, &map.pin())
@@ -823,6 +882,11 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
                             received_ms,
                         } = *arrival;
                         p.publish(&key, &record, received_ms);
+                        if ctx.owner.is_some() {
+                            // With `[cluster]`: published only; its partition's owner reads
+                            // it into its map (`owner`).
+                            continue;
+                        }
                         // The arrival and the association are noted on the patient before the
                         // record is pushed, so a claim that takes the record sees both (expiry
                         // relies on it: `claim_expired`).
@@ -1178,6 +1242,28 @@ fn worker(ctx: &Context, rx: Receiver<Job>) {
 fn run_job(ctx: &Context, job: Job) {
     {
         match job {
+            Job::Claimed { key, records } if ctx.owner.is_some() => {
+                if let Some(o) = &ctx.owner {
+                    owner::claimed(ctx, o, key, records, false);
+                }
+            }
+            Job::Expire { key, records } if ctx.owner.is_some() => {
+                if let Some(o) = &ctx.owner {
+                    owner::claimed(ctx, o, key, records, true);
+                }
+            }
+            Job::Build {
+                id,
+                key,
+                cluster,
+                rows,
+                place,
+            } => {
+                if let Some(o) = &ctx.owner {
+                    owner::build(ctx, o, id, key, cluster, rows, place);
+                }
+            }
+            Job::Finish { id, cluster } => owner::finish_or_later(ctx, &id, cluster),
             Job::Claimed { key, records } => match batch::create(ctx, &key, &records) {
                 Ok(id) => batch::process(ctx, &id),
                 Err(e) => {
