@@ -1730,7 +1730,8 @@ fn a_patient_spread_over_three_nodes_is_processed_once_by_its_owner_with_all_its
     let _pacs = storescp(&pacs_dir, pacs_port, "PACS");
     let toml = |id: &str| {
         format!(
-            "{}[processing]\ncommand = [\"sh\", {:?}]\ntimeout_seconds = 60\n\
+            "{}[[input]]\nname = \"all\"\nmin_instances = 6\n\
+             [processing]\ncommand = [\"sh\", {:?}]\ntimeout_seconds = 60\n\
              [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{pacs_port}\"\nae_title = \"PACS\"\n",
             cluster_toml(&pg, shared.path(), id).replace("quiet_seconds = 600", "quiet_seconds = 1"),
             script.display().to_string()
@@ -1757,8 +1758,14 @@ fn a_patient_spread_over_three_nodes_is_processed_once_by_its_owner_with_all_its
             .map(|(_, f)| f.clone())
             .collect()
     };
+    // Sufficiency is by count (6 instances), not by timing: the pauses between the senders are
+    // longer than `quiet_seconds`, so the owner evaluates every patient while it is still partial
+    // (a slow CI machine once did so by chance) and must leave it collecting.
+    let pause = || std::thread::sleep(Duration::from_millis(1500));
     assert!(storescu_status(&nodes[0], &to(0)).success(), "{}", logs());
+    pause();
     assert!(storescu_status(&nodes[1], &to(1)).success(), "{}", logs());
+    pause();
     let out = python()
         .arg(py_script("send.py"))
         .args([nodes[2].port().as_str(), "DICOMGATE"])
