@@ -871,99 +871,6 @@ impl Coordinator {
         tx.commit()?;
         Ok(n)
     }
-}
-
-/// The columns a [`Published`] is read from, in [`published_at`]'s order.
-const PUBLISHED_COLUMNS: &str = "node_id, sop_instance_uid, grouping_key, study_uid, \
-    series_uid, location, bytes, inputs, received_ms, study_date, instance_number, \
-    images_in_acquisition, number_of_slices";
-
-/// [`publish`](Coordinator::publish)'s columns, one array each.
-struct PublishColumns<'a> {
-    node: Vec<&'a str>,
-    uid: Vec<&'a str>,
-    part: Vec<i32>,
-    key: Vec<&'a [u8]>,
-    study: Vec<Option<&'a str>>,
-    series: Vec<Option<&'a str>>,
-    loc: Vec<&'a str>,
-    bytes: Vec<i64>,
-    inputs: Vec<i64>,
-    received: Vec<i64>,
-    date: Vec<Option<&'a str>>,
-    number: Vec<i32>,
-    images: Vec<i32>,
-    slices: Vec<i32>,
-}
-
-impl PublishColumns<'_> {
-    fn with_capacity(n: usize) -> Self {
-        PublishColumns {
-            node: Vec::with_capacity(n),
-            uid: Vec::with_capacity(n),
-            part: Vec::with_capacity(n),
-            key: Vec::with_capacity(n),
-            study: Vec::with_capacity(n),
-            series: Vec::with_capacity(n),
-            loc: Vec::with_capacity(n),
-            bytes: Vec::with_capacity(n),
-            inputs: Vec::with_capacity(n),
-            received: Vec::with_capacity(n),
-            date: Vec::with_capacity(n),
-            number: Vec::with_capacity(n),
-            images: Vec::with_capacity(n),
-            slices: Vec::with_capacity(n),
-        }
-    }
-}
-
-fn clamp_i32(v: u32) -> i32 {
-    i32::try_from(v).unwrap_or(i32::MAX)
-}
-
-fn published_of(r: &postgres::Row) -> Published {
-    published_at(r, 0)
-}
-
-/// A [`Published`] from [`PUBLISHED_COLUMNS`], starting at column `at`.
-fn published_at(r: &postgres::Row, at: usize) -> Published {
-    let n = |i: usize| r.get::<_, i32>(at + i).max(0) as u32;
-    Published {
-        node_id: r.get(at),
-        sop_instance_uid: r.get(at + 1),
-        grouping_key: r.get(at + 2),
-        study_uid: r.get(at + 3),
-        series_uid: r.get(at + 4),
-        location: r.get(at + 5),
-        bytes: r.get::<_, i64>(at + 6).max(0) as u64,
-        inputs: r.get::<_, i64>(at + 7) as u64,
-        received_ms: r.get::<_, i64>(at + 8).max(0) as u64,
-        study_date: r.get(at + 9),
-        instance_number: n(10),
-        images_in_acquisition: n(11),
-        number_of_slices: n(12),
-    }
-}
-
-/// One record per SOP Instance UID: the newest copy (two nodes acknowledged it).
-fn newest_per_uid(mut records: Vec<Published>) -> Vec<Published> {
-    {
-        records.sort_by(|a, b| {
-            (
-                a.sop_instance_uid.as_str(),
-                std::cmp::Reverse(a.received_ms),
-            )
-                .cmp(&(
-                    b.sop_instance_uid.as_str(),
-                    std::cmp::Reverse(b.received_ms),
-                ))
-        });
-        records.dedup_by(|later, first| later.sop_instance_uid == first.sop_instance_uid);
-    }
-    records
-}
-
-impl Coordinator {
     /// Takes over the batches of `owned.partition` that are not done and were claimed (or last
     /// adopted) under an older token: their previous owner lost the partition. Returns their
     /// ids, oldest claim first.
@@ -1124,6 +1031,96 @@ impl Coordinator {
         )?;
         Ok(n == 1)
     }
+}
+
+/// The columns a [`Published`] is read from, in [`published_at`]'s order.
+const PUBLISHED_COLUMNS: &str = "node_id, sop_instance_uid, grouping_key, study_uid, \
+    series_uid, location, bytes, inputs, received_ms, study_date, instance_number, \
+    images_in_acquisition, number_of_slices";
+
+/// [`publish`](Coordinator::publish)'s columns, one array each.
+struct PublishColumns<'a> {
+    node: Vec<&'a str>,
+    uid: Vec<&'a str>,
+    part: Vec<i32>,
+    key: Vec<&'a [u8]>,
+    study: Vec<Option<&'a str>>,
+    series: Vec<Option<&'a str>>,
+    loc: Vec<&'a str>,
+    bytes: Vec<i64>,
+    inputs: Vec<i64>,
+    received: Vec<i64>,
+    date: Vec<Option<&'a str>>,
+    number: Vec<i32>,
+    images: Vec<i32>,
+    slices: Vec<i32>,
+}
+
+impl PublishColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        PublishColumns {
+            node: Vec::with_capacity(n),
+            uid: Vec::with_capacity(n),
+            part: Vec::with_capacity(n),
+            key: Vec::with_capacity(n),
+            study: Vec::with_capacity(n),
+            series: Vec::with_capacity(n),
+            loc: Vec::with_capacity(n),
+            bytes: Vec::with_capacity(n),
+            inputs: Vec::with_capacity(n),
+            received: Vec::with_capacity(n),
+            date: Vec::with_capacity(n),
+            number: Vec::with_capacity(n),
+            images: Vec::with_capacity(n),
+            slices: Vec::with_capacity(n),
+        }
+    }
+}
+
+fn clamp_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+fn published_of(r: &postgres::Row) -> Published {
+    published_at(r, 0)
+}
+
+/// A [`Published`] from [`PUBLISHED_COLUMNS`], starting at column `at`.
+fn published_at(r: &postgres::Row, at: usize) -> Published {
+    let n = |i: usize| r.get::<_, i32>(at + i).max(0) as u32;
+    Published {
+        node_id: r.get(at),
+        sop_instance_uid: r.get(at + 1),
+        grouping_key: r.get(at + 2),
+        study_uid: r.get(at + 3),
+        series_uid: r.get(at + 4),
+        location: r.get(at + 5),
+        bytes: r.get::<_, i64>(at + 6).max(0) as u64,
+        inputs: r.get::<_, i64>(at + 7) as u64,
+        received_ms: r.get::<_, i64>(at + 8).max(0) as u64,
+        study_date: r.get(at + 9),
+        instance_number: n(10),
+        images_in_acquisition: n(11),
+        number_of_slices: n(12),
+    }
+}
+
+/// One record per SOP Instance UID: the newest copy (two nodes acknowledged it).
+fn newest_per_uid(mut records: Vec<Published>) -> Vec<Published> {
+    {
+        records.sort_by(|a, b| {
+            (
+                a.sop_instance_uid.as_str(),
+                std::cmp::Reverse(a.received_ms),
+            )
+                .cmp(&(
+                    b.sop_instance_uid.as_str(),
+                    std::cmp::Reverse(b.received_ms),
+                ))
+        });
+        records.dedup_by(|later, first| later.sop_instance_uid == first.sop_instance_uid);
+    }
+    records
 }
 
 /// One node of the cluster as the database knows it ([`Coordinator::nodes`]).

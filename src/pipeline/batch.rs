@@ -83,6 +83,40 @@ struct ManifestFile {
     record: Option<(u64, u64)>,
 }
 
+impl Manifest {
+    /// The manifest of a new batch of `key` holding `files`.
+    fn new(
+        ctx: &Context,
+        key: &[u8],
+        cluster: Option<ClusterBatch>,
+        files: Vec<ManifestFile>,
+    ) -> Manifest {
+        Manifest {
+            patient_id: String::from_utf8_lossy(key).into_owned(),
+            key_hex: hex(key),
+            created_ms: now_ms(),
+            input_names: ctx.pipeline.rules.input_names().map(String::from).collect(),
+            cluster,
+            files,
+        }
+    }
+
+    /// Writes `batch.toml` and the first state (processing, no attempts) into the batch
+    /// folder being made, `tmp`.
+    fn write_new(&self, tmp: &Path) -> io::Result<()> {
+        let text = toml::to_string(self).map_err(io::Error::other)?;
+        write_atomic(&tmp.join("batch.toml"), text.as_bytes())?;
+        write_state(
+            tmp,
+            &State {
+                stage: Stage::Processing,
+                processing_attempts: 0,
+                export_attempts: 0,
+            },
+        )
+    }
+}
+
 impl ManifestFile {
     fn record(&self) -> Option<Loc> {
         self.record.map(|(seq, offset)| Loc { seq, offset })
@@ -332,25 +366,9 @@ pub(super) fn create(ctx: &Context, key: &[u8], records: &[InstanceRecord]) -> i
             return Err(e);
         }
     }
-    let manifest = Manifest {
-        patient_id: String::from_utf8_lossy(key).into_owned(),
-        key_hex: hex(key),
-        created_ms: now_ms(),
-        input_names: ctx.pipeline.rules.input_names().map(String::from).collect(),
-        cluster: None,
-        files,
-    };
+    let manifest = Manifest::new(ctx, key, None, files);
     let write = || -> io::Result<()> {
-        let text = toml::to_string(&manifest).map_err(io::Error::other)?;
-        write_atomic(&tmp.join("batch.toml"), text.as_bytes())?;
-        write_state(
-            &tmp,
-            &State {
-                stage: Stage::Processing,
-                processing_attempts: 0,
-                export_attempts: 0,
-            },
-        )?;
+        manifest.write_new(&tmp)?;
         sync_data_dir_checked(ctx)?;
         fs::rename(&tmp, batches(ctx).join(&id))
     };
@@ -485,25 +503,9 @@ pub(super) fn create_cluster(
             return Err(e);
         }
     };
-    let manifest = Manifest {
-        patient_id: String::from_utf8_lossy(key).into_owned(),
-        key_hex: hex(key),
-        created_ms: now_ms(),
-        input_names: ctx.pipeline.rules.input_names().map(String::from).collect(),
-        cluster: Some(cluster),
-        files,
-    };
+    let manifest = Manifest::new(ctx, key, Some(cluster), files);
     let write = || -> io::Result<()> {
-        let text = toml::to_string(&manifest).map_err(io::Error::other)?;
-        write_atomic(&tmp.join("batch.toml"), text.as_bytes())?;
-        write_state(
-            &tmp,
-            &State {
-                stage: Stage::Processing,
-                processing_attempts: 0,
-                export_attempts: 0,
-            },
-        )?;
+        manifest.write_new(&tmp)?;
         // Every copy durable before the batch is in place.
         sync_tree(&tmp.join("files"))?;
         fs::remove_file(tmp.join(COPIES))?;
