@@ -215,6 +215,40 @@ pub struct Owned {
     pub fencing: i64,
 }
 
+/// What a cluster batch was claimed for, kept as its first stage in `dicomgate_batches`, so
+/// that an owner adopting it runs it as it was claimed (an expired patient is never processed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchKind {
+    /// Processed and exported (stage `claimed`).
+    Process,
+    /// Expired, its instances deleted by the nodes that stored them (stage `expire-delete`).
+    ExpireDelete,
+    /// Expired, its instances moved to the owner's `expired/` (stage `expire-move`).
+    ExpireMove,
+}
+
+impl BatchKind {
+    /// The stage a batch of this kind is claimed in.
+    pub fn stage(self) -> &'static str {
+        match self {
+            BatchKind::Process => "claimed",
+            BatchKind::ExpireDelete => "expire-delete",
+            BatchKind::ExpireMove => "expire-move",
+        }
+    }
+
+    /// The kind of a batch not done, by its stage (`None`: `done`, or no stage of a kind).
+    pub fn of_stage(stage: &str) -> Option<BatchKind> {
+        [
+            BatchKind::Process,
+            BatchKind::ExpireDelete,
+            BatchKind::ExpireMove,
+        ]
+        .into_iter()
+        .find(|k| k.stage() == stage)
+    }
+}
+
 /// One instance record as a node publishes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Published {
@@ -684,9 +718,11 @@ impl Coordinator {
         }
         let c = &cols;
         // A row changed by this publication is pending again with a new `seq` (the owner's
-        // feed reads by it); one unchanged is not written at all.
+        // feed reads by it); one unchanged is not written at all. Only the fields the rules
+        // read differing (a row published before schema version 4 had them, republished
+        // at a restart) are filled in without making it pending again.
         let written = self.client.execute(
-            "INSERT INTO dicomgate_instances (node_id, sop_instance_uid, partition, grouping_key,
+            &"INSERT INTO dicomgate_instances (node_id, sop_instance_uid, partition, grouping_key,
                  study_uid, series_uid, location, bytes, inputs, received_ms, study_date,
                  instance_number, images_in_acquisition, number_of_slices)
              SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bytea[],
@@ -700,15 +736,26 @@ impl Coordinator {
                  study_date = EXCLUDED.study_date, instance_number = EXCLUDED.instance_number,
                  images_in_acquisition = EXCLUDED.images_in_acquisition,
                  number_of_slices = EXCLUDED.number_of_slices,
-                 batch_id = NULL, seq = nextval('dicomgate_instances_seq')
+                 batch_id = CASE WHEN {CHANGED} THEN NULL ELSE dicomgate_instances.batch_id END,
+                 seq = CASE WHEN {CHANGED} THEN nextval('dicomgate_instances_seq')
+                       ELSE dicomgate_instances.seq END
              WHERE EXCLUDED.received_ms >= dicomgate_instances.received_ms
-               AND (dicomgate_instances.partition, dicomgate_instances.grouping_key,
+               AND ({CHANGED}
+                 OR (dicomgate_instances.study_date, dicomgate_instances.instance_number,
+                     dicomgate_instances.images_in_acquisition,
+                     dicomgate_instances.number_of_slices)
+                    IS DISTINCT FROM (EXCLUDED.study_date, EXCLUDED.instance_number,
+                     EXCLUDED.images_in_acquisition, EXCLUDED.number_of_slices))"
+                .replace(
+                    "{CHANGED}",
+                    "(dicomgate_instances.partition, dicomgate_instances.grouping_key,
                     dicomgate_instances.study_uid, dicomgate_instances.series_uid,
                     dicomgate_instances.location, dicomgate_instances.bytes,
                     dicomgate_instances.inputs, dicomgate_instances.received_ms)
                  IS DISTINCT FROM (EXCLUDED.partition, EXCLUDED.grouping_key,
                     EXCLUDED.study_uid, EXCLUDED.series_uid, EXCLUDED.location,
                     EXCLUDED.bytes, EXCLUDED.inputs, EXCLUDED.received_ms)",
+                ),
             &[
                 &c.node,
                 &c.uid,
@@ -729,15 +776,43 @@ impl Coordinator {
         Ok(written)
     }
 
-    /// Claims every pending record of `key` as batch `batch_id`, if this node owns the key's
-    /// partition under `owned.fencing` and its lease runs. `Ok(None)`: nothing pending. The
-    /// records come back one per SOP Instance UID (the newest, when two nodes acknowledged the
-    /// same instance; the older copies are marked with the batch too, and so are done with it).
+    /// Claims every pending record of `key` as batch `batch_id` (to be processed), if this node
+    /// owns the key's partition under `owned.fencing` and its lease runs. `Ok(None)`: nothing
+    /// pending. The records come back one per SOP Instance UID (the newest, when two nodes
+    /// acknowledged the same instance; the older copies are marked with the batch too, and so
+    /// are done with it).
     pub fn claim(
         &mut self,
         owned: Owned,
         key: &[u8],
         batch_id: &str,
+    ) -> Result<Option<Vec<Published>>> {
+        self.claim_rows(owned, key, batch_id, BatchKind::Process, None)
+    }
+
+    /// [`claim`](Coordinator::claim) of only these instances of `key` (SOP Instance UID, and
+    /// the newest `received_ms` of a copy to take): what the owner's patient map claimed. A
+    /// record published since the owner last read (a new instance, a newer copy) stays
+    /// pending: an expiry never takes an instance its owner did not see, and a batch holds
+    /// what its rules counted.
+    pub fn claim_instances(
+        &mut self,
+        owned: Owned,
+        key: &[u8],
+        batch_id: &str,
+        kind: BatchKind,
+        instances: &[(&str, u64)],
+    ) -> Result<Option<Vec<Published>>> {
+        self.claim_rows(owned, key, batch_id, kind, Some(instances))
+    }
+
+    fn claim_rows(
+        &mut self,
+        owned: Owned,
+        key: &[u8],
+        batch_id: &str,
+        kind: BatchKind,
+        instances: Option<&[(&str, u64)]>,
     ) -> Result<Option<Vec<Published>>> {
         if partition_of(key, self.partitions) != owned.partition {
             return Err(ClusterError::Invalid(format!(
@@ -749,14 +824,34 @@ impl Coordinator {
         let me = self.node_id.clone();
         let mut tx = self.client.transaction()?;
         check_owner(&mut tx, &me, owned)?;
-        let rows = tx.query(
-            &format!(
-                "UPDATE dicomgate_instances SET batch_id = $3
-                 WHERE partition = $1 AND grouping_key = $2 AND batch_id IS NULL
-                 RETURNING {PUBLISHED_COLUMNS}"
-            ),
-            &[&(owned.partition as i32), &key, &batch_id],
-        )?;
+        let rows = match instances {
+            None => tx.query(
+                &format!(
+                    "UPDATE dicomgate_instances SET batch_id = $3
+                     WHERE partition = $1 AND grouping_key = $2 AND batch_id IS NULL
+                     RETURNING {PUBLISHED_COLUMNS}"
+                ),
+                &[&(owned.partition as i32), &key, &batch_id],
+            )?,
+            Some(list) => {
+                let uid: Vec<&str> = list.iter().map(|i| i.0).collect();
+                let newest: Vec<i64> = list
+                    .iter()
+                    .map(|i| i64::try_from(i.1).unwrap_or(i64::MAX))
+                    .collect();
+                tx.query(
+                    &format!(
+                        "UPDATE dicomgate_instances i SET batch_id = $3
+                         FROM unnest($4::text[], $5::bigint[]) AS s(uid, newest)
+                         WHERE i.partition = $1 AND i.grouping_key = $2 AND i.batch_id IS NULL
+                           AND i.sop_instance_uid = s.uid AND i.received_ms <= s.newest
+                         RETURNING {}",
+                        columns_of("i")
+                    ),
+                    &[&(owned.partition as i32), &key, &batch_id, &uid, &newest],
+                )?
+            }
+        };
         if rows.is_empty() {
             tx.rollback()?;
             return Ok(None);
@@ -764,13 +859,14 @@ impl Coordinator {
         tx.execute(
             "INSERT INTO dicomgate_batches (batch_id, partition, grouping_key, owner, fencing,
                  stage)
-             VALUES ($1, $2, $3, $4, $5, 'claimed')",
+             VALUES ($1, $2, $3, $4, $5, $6)",
             &[
                 &batch_id,
                 &(owned.partition as i32),
                 &key,
                 &me,
                 &owned.fencing,
+                &kind.stage(),
             ],
         )
         .map_err(|e| {
@@ -822,21 +918,25 @@ impl Coordinator {
     }
 
     /// At most `limit` of this node's records whose batch is done (processed and exported, or
-    /// expired, by whichever node owned it), each with its batch: the copies this node may
-    /// release from its own storage, and then [`Coordinator::forget`].
-    pub fn finished_here(&mut self, limit: i64) -> Result<Vec<(Published, String)>> {
+    /// expired, by whichever node owned it), each with its batch, in (batch, SOP Instance UID)
+    /// order after `after` (`("", "")`: from the first): the copies this node may release from
+    /// its own storage, and then [`Coordinator::forget`]. Paged so that records kept (a newer
+    /// copy is stored here) never hide the ones after them.
+    pub fn finished_here(
+        &mut self,
+        after: (&str, &str),
+        limit: i64,
+    ) -> Result<Vec<(Published, String)>> {
         let rows = self.client.query(
             &format!(
                 "SELECT i.batch_id, {} FROM dicomgate_instances i
                  JOIN dicomgate_batches b ON b.batch_id = i.batch_id
-                 WHERE i.node_id = $1 AND b.stage = 'done' LIMIT $2",
-                PUBLISHED_COLUMNS
-                    .split(", ")
-                    .map(|c| format!("i.{}", c.trim()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                 WHERE i.node_id = $1 AND b.stage = 'done'
+                   AND (i.batch_id, i.sop_instance_uid) > ($3, $4)
+                 ORDER BY i.batch_id, i.sop_instance_uid LIMIT $2",
+                columns_of("i")
             ),
-            &[&self.node_id, &limit],
+            &[&self.node_id, &limit, &after.0, &after.1],
         )?;
         Ok(rows
             .iter()
@@ -871,6 +971,7 @@ impl Coordinator {
         tx.commit()?;
         Ok(n)
     }
+
     /// Takes over the batches of `owned.partition` that are not done and were claimed (or last
     /// adopted) under an older token: their previous owner lost the partition. Returns their
     /// ids, oldest claim first.
@@ -918,6 +1019,25 @@ impl Coordinator {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The batches of `owned.partition` this node holds under `owned.fencing` that are not
+    /// done, with what they were claimed for, oldest claim first: what the owner must be
+    /// running (after [`adopt`](Coordinator::adopt), also its previous owners' batches).
+    pub fn unfinished(&mut self, owned: Owned) -> Result<Vec<(String, BatchKind)>> {
+        let rows = self.client.query(
+            "SELECT batch_id, stage FROM dicomgate_batches
+             WHERE partition = $1 AND owner = $2 AND fencing = $3 AND stage <> 'done'
+             ORDER BY claimed_at, batch_id",
+            &[&(owned.partition as i32), &self.node_id, &owned.fencing],
+        )?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let stage: String = r.get(1);
+                Some((r.get(0), BatchKind::of_stage(&stage)?))
+            })
+            .collect())
     }
 
     /// The stage of batch `batch_id` and the node that holds it, if it exists.
@@ -1037,6 +1157,15 @@ impl Coordinator {
 const PUBLISHED_COLUMNS: &str = "node_id, sop_instance_uid, grouping_key, study_uid, \
     series_uid, location, bytes, inputs, received_ms, study_date, instance_number, \
     images_in_acquisition, number_of_slices";
+
+/// [`PUBLISHED_COLUMNS`], each of table alias `alias`.
+fn columns_of(alias: &str) -> String {
+    PUBLISHED_COLUMNS
+        .split(", ")
+        .map(|c| format!("{alias}.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// [`publish`](Coordinator::publish)'s columns, one array each.
 struct PublishColumns<'a> {

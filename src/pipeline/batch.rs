@@ -128,6 +128,9 @@ impl ManifestFile {
 enum Stage {
     Processing,
     Exporting,
+    /// A cluster batch exported to every destination whose mark as done in the cluster
+    /// database is still to be made (never exported again).
+    Exported,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -506,13 +509,15 @@ pub(super) fn create_cluster(
     let manifest = Manifest::new(ctx, key, Some(cluster), files);
     let write = || -> io::Result<()> {
         manifest.write_new(&tmp)?;
-        // Every copy durable before the batch is in place.
+        // Every copy durable before the batch is in place. The mark goes only once it is:
+        // a `.tmp` left by a crash is always known for copies (deleted, never restored).
         sync_tree(&tmp.join("files"))?;
-        fs::remove_file(tmp.join(COPIES))?;
         sync_data_dir_checked(ctx)?;
         fs::rename(&tmp, root.join(id))?;
         sync_data_dir_checked(ctx)?;
-        fs::File::open(&root)?.sync_all()
+        fs::File::open(&root)?.sync_all()?;
+        let _ = fs::remove_file(root.join(id).join(COPIES));
+        Ok(())
     };
     if let Err(e) = write() {
         let _ = fs::remove_dir_all(&tmp);
@@ -555,6 +560,11 @@ fn sync_tree(root: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether batch `id` is in `batches/` (being processed or exported, or resumed at start-up).
+pub(super) fn in_batches(ctx: &Context, id: &str) -> bool {
+    batches(ctx).join(id).exists()
+}
+
 /// Whether this node holds batch `id` (in `batches/`, `failed/` or `expired/`).
 pub(super) fn held_here(ctx: &Context, id: &str) -> bool {
     ["batches", "failed", "expired"]
@@ -576,7 +586,7 @@ pub(super) fn log_is_newer(ctx: &Context, t: &crate::storage::log::Taken, file: 
 
 /// Moves an unfinished `batches/<id>.tmp/` back into `patients/`.
 fn restore_tmp(ctx: &Context, tmp: &Path) {
-    if tmp.join(COPIES).exists() {
+    if tmp.join(COPIES).exists() || read_manifest(tmp).is_ok_and(|m| m.cluster.is_some()) {
         // A cluster batch: its instances are where their nodes stored them; the claim in the
         // cluster database is resumed by adoption (`owner`), not from here.
         if let Err(e) = fs::remove_dir_all(tmp) {
@@ -757,6 +767,15 @@ pub(super) fn process(ctx: &Context, id: &str) {
             return;
         }
     };
+    if state.stage == Stage::Exported {
+        if let Some(c) = manifest.cluster {
+            finish_exported(ctx, id, c, &BatchLog::of(ctx, &manifest));
+        }
+        return;
+    }
+    if !still_held(ctx, id, &manifest) {
+        return;
+    }
     if state.stage == Stage::Processing {
         if let Some(processor) = &ctx.processor {
             // A batch made in router mode, resumed with processing configured since: its
@@ -891,6 +910,53 @@ pub(super) fn process(ctx: &Context, id: &str) {
     export(ctx, id);
 }
 
+/// A cluster batch found here that another node holds (its partition moved while this node
+/// was away or paused, and the new owner adopted it: it runs it, or ran it): false, and its
+/// folder (copies of instances the storing nodes keep until that node is done) is deleted,
+/// never processed or exported here again. Also false when the cluster database cannot be
+/// asked: tried again later. True for a batch of this node's (and every single-node batch).
+fn still_held(ctx: &Context, id: &str, manifest: &Manifest) -> bool {
+    use super::owner::Holder;
+    if manifest.cluster.is_none() {
+        return true;
+    }
+    match super::owner::holder(ctx, id) {
+        Holder::Here | Holder::Done => true,
+        Holder::Elsewhere => {
+            let dir = batches(ctx).join(id);
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => {
+                    tracing::warn!(batch = %id, "a cluster batch another node adopted: its copies are deleted here, not run again");
+                }
+                Err(e) => {
+                    tracing::error!(batch = %id, error = %e, "cannot delete the copies of a cluster batch this node no longer holds");
+                }
+            }
+            sync_data_dir(ctx);
+            false
+        }
+        Holder::Unknown => {
+            ctx.retry_later(ctx.backoff(1), Job::Process { id: id.into() });
+            false
+        }
+    }
+}
+
+/// A cluster batch exported to every destination: marked done in the cluster database, then
+/// its folder goes; the mark is tried again later while it cannot be made.
+fn finish_exported(ctx: &Context, id: &str, c: ClusterBatch, bl: &BatchLog) {
+    if !super::owner::finish(ctx, id, c) {
+        ctx.retry_later(ctx.backoff(1), Job::Process { id: id.into() });
+        return;
+    }
+    let dir = batches(ctx).join(id);
+    if let Err(e) = fs::remove_dir_all(&dir) {
+        tracing::error!(batch = %id, error = %e, "exported, but could not remove the batch");
+    } else {
+        tracing::info!(batch = %id, patient = %bl.who.digest, patient_id = bl.who.id, inputs = %bl.inputs, "batch done: exported to every destination");
+    }
+}
+
 /// `[processing] empty_output`; `fail` for a library user's `Processor` without a
 /// `[processing]` section.
 fn empty_output(ctx: &Context) -> EmptyOutput {
@@ -950,6 +1016,11 @@ pub(super) fn export(ctx: &Context, id: &str) {
             return;
         }
     };
+    if let Ok(m) = read_manifest(&dir) {
+        if !still_held(ctx, id, &m) {
+            return;
+        }
+    }
     let bl = BatchLog::read(ctx, &dir);
     // Each instance with the inputs it joined (router mode; processing output joined none).
     let files: Vec<(u64, export::Source)> = if ctx.processor.is_some() {
@@ -1109,13 +1180,15 @@ pub(super) fn export(ctx: &Context, id: &str) {
             return;
         }
         // A cluster batch is done in the cluster database before its copies go: the nodes
-        // that stored its instances release them then. Not marked yet: the batch stays and
-        // the finish is tried again (its exports are done: only the mark is left).
+        // that stored its instances release them then. Its exports are recorded first, so
+        // that a mark tried again (or after a restart) never exports it again.
         if let Some(c) = read_manifest(&dir).ok().and_then(|m| m.cluster) {
-            if !super::owner::finish(ctx, id, c) {
-                ctx.retry_later(ctx.backoff(1), Job::Export { id: id.into() });
-                return;
+            state.stage = Stage::Exported;
+            if let Err(e) = write_state(&dir, &state) {
+                tracing::error!(batch = %id, error = %e, "cannot record the exported stage");
             }
+            finish_exported(ctx, id, c, &bl);
+            return;
         }
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::error!(batch = %id, error = %e, "exported, but could not remove the batch");
@@ -1562,6 +1635,7 @@ pub fn on_disk(data_dir: &Path, cap: usize) -> (Vec<BatchOnDisk>, usize, Vec<Bat
                         match s.stage {
                             Stage::Processing => "processing",
                             Stage::Exporting => "exporting",
+                            Stage::Exported => "exported",
                         }
                         .to_string(),
                         s.processing_attempts,

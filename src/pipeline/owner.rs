@@ -31,14 +31,15 @@ use std::time::{Duration, Instant};
 use super::batch::{self, ClusterBatch, Place};
 use super::{now_ms, Context, Job, Who};
 use crate::cluster::outbox::{Outbox, Settings};
-use crate::cluster::{partition_of, ClusterError, Coordinator, Owned, Published};
+use crate::cluster::{partition_of, BatchKind, ClusterError, Coordinator, Owned, Published};
 use crate::config::ExpireAction;
 use crate::patients::InstanceRecord;
 
 /// Records read per feed statement.
 const FEED_ROWS: i64 = 1000;
 /// How often the feed reads every pending record of the owned partitions again (a
-/// publication that took a smaller number may commit after one that took a larger).
+/// publication that took a smaller number may commit after one that took a larger), and the
+/// owner looks for batches of its partitions it should be running ([`sweep`]).
 const FULL_READ: Duration = Duration::from_secs(5);
 /// How often this node looks for its copies of finished batches.
 const RELEASE_EVERY: Duration = Duration::from_secs(1);
@@ -50,9 +51,14 @@ pub(crate) struct Owner {
     /// Its own connection (the `cluster` thread's publishes and renews): the `owner` thread's
     /// feed and the workers' claims and stage changes, one at a time.
     coordinator: Mutex<Option<Coordinator>>,
-    /// The SOP Instance UIDs in the patient map per grouping key, so that the feed's repeated
-    /// reads add each instance once. An instance leaves it when a claim took it.
-    seen: Mutex<HashMap<Vec<u8>, HashSet<String>>>,
+    /// The SOP Instance UIDs in the patient map per grouping key, each with the newest
+    /// `received_ms` of a copy fed, so that the feed's repeated reads add each instance once
+    /// and a claim takes no copy the map did not count. An instance leaves it when a claim
+    /// took it.
+    seen: Mutex<HashMap<Vec<u8>, HashMap<String, u64>>>,
+    /// Cluster batches being assembled, or waiting to be tried again ([`build`]): neither a
+    /// claim nor [`sweep`] starts a second assembly of one.
+    building: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Owner {
@@ -74,6 +80,7 @@ impl Owner {
             outbox,
             coordinator: Mutex::new(None),
             seen: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashSet::new()),
         }
     }
 
@@ -165,11 +172,13 @@ pub(super) fn run(ctx: &Context, owner: &Owner) {
         let turn = (|| -> Result<(), ClusterError> {
             let owned = owner.outbox.stats.owned();
             if owned != last {
-                follow(ctx, owner, &last, &owned)?;
+                follow(ctx, owner, &owned);
                 last = owned;
                 cursor = 0;
+                next_full = Instant::now();
             }
             if Instant::now() >= next_full {
+                sweep(ctx, owner, &last)?;
                 cursor = 0;
                 next_full = Instant::now() + FULL_READ;
             }
@@ -200,40 +209,10 @@ pub(super) fn run(ctx: &Context, owner: &Owner) {
     }
 }
 
-/// The owned partitions changed (a rebalance, this process's join): adopt the unfinished
-/// batches of each partition held under a newer token than they were claimed with, and drop
-/// the patients of partitions no longer owned (their new owner reads them from the database).
-fn follow(
-    ctx: &Context,
-    owner: &Owner,
-    before: &[Owned],
-    now: &[Owned],
-) -> Result<(), ClusterError> {
-    for o in now.iter().filter(|o| !before.contains(o)) {
-        for id in owner.with(|c| c.adopt(*o))? {
-            if batch::held_here(ctx, &id) {
-                // This node's own batch (a restart resumed it from batches/, or it is in
-                // failed/ or expired/): its finish uses the new token.
-                tracing::info!(batch = %id, partition = o.partition, "cluster batch adopted under the new token");
-                continue;
-            }
-            let rows = owner.with(|c| c.batch_records(&id))?;
-            let Some(key) = rows.first().map(|r| r.grouping_key.clone()) else {
-                continue;
-            };
-            tracing::warn!(batch = %id, partition = o.partition, instances = rows.len(), "adopting a cluster batch its previous owner left unfinished: it runs here again");
-            ctx.send_job(Job::Build {
-                id,
-                key,
-                cluster: ClusterBatch {
-                    partition: o.partition,
-                    fencing: o.fencing,
-                },
-                rows,
-                place: Place::Batches,
-            });
-        }
-    }
+/// The owned partitions changed (a rebalance, this process's join): drops the patients of
+/// partitions no longer owned (their new owner reads them from the database). What the new
+/// ones hold is taken up by the [`sweep`] that follows at once.
+fn follow(ctx: &Context, owner: &Owner, now: &[Owned]) {
     let kept: HashSet<u32> = now.iter().map(|o| o.partition).collect();
     let parts = owner.settings.partitions;
     let p = &ctx.pipeline;
@@ -254,6 +233,63 @@ fn follow(
             "partitions moved to another node: their pending instances are its to decide"
         );
     }
+}
+
+/// Makes sure every batch of the owned partitions that is not done runs here: adopts those a
+/// previous owner (or this node's previous process) claimed under an older token, then, for
+/// each batch this node holds under its current token, assembles it again from its rows
+/// unless it is here already (in `batches/`, or being assembled), finishes it if it is in
+/// `failed/` or `expired/`, and marks it done if nothing is left to run (an expiry that
+/// deletes; a batch whose every instance was re-sent since). Idempotent: run whenever the
+/// owned partitions change and every [`FULL_READ`], so that nothing a crash, a lost job or a
+/// failed statement left behind stays claimed.
+fn sweep(ctx: &Context, owner: &Owner, owned: &[Owned]) -> Result<(), ClusterError> {
+    for o in owned {
+        let adopted = owner.with(|c| c.adopt(*o))?;
+        for id in owner.with(|c| c.unfinished(*o))? {
+            let (id, kind) = id;
+            let was_adopted = adopted.contains(&id);
+            let cluster = ClusterBatch {
+                partition: o.partition,
+                fencing: o.fencing,
+            };
+            if lock(&owner.building).contains(&id) || batch::in_batches(ctx, &id) {
+                if was_adopted {
+                    tracing::info!(batch = %id, partition = o.partition, "cluster batch adopted under the new token");
+                }
+                continue;
+            }
+            if batch::held_here(ctx, &id) {
+                // In failed/ (with its reason) or expired/: only its mark is left.
+                finish_or_later(ctx, &id, cluster);
+                continue;
+            }
+            let place = match kind {
+                BatchKind::Process => Place::Batches,
+                BatchKind::ExpireMove => Place::Expired,
+                BatchKind::ExpireDelete => {
+                    tracing::info!(batch = %id, partition = o.partition, "an expiry left unfinished: done now (the nodes that stored its instances delete them)");
+                    finish_or_later(ctx, &id, cluster);
+                    continue;
+                }
+            };
+            let rows = owner.with(|c| c.batch_records(&id))?;
+            let Some(key) = rows.first().map(|r| r.grouping_key.clone()) else {
+                tracing::info!(batch = %id, partition = o.partition, "a cluster batch whose instances were all re-sent since: nothing left to run, done");
+                finish_or_later(ctx, &id, cluster);
+                continue;
+            };
+            tracing::warn!(batch = %id, partition = o.partition, instances = rows.len(), adopted = was_adopted, "running a cluster batch claimed before and not running here: it is assembled again");
+            lock(&owner.building).insert(id.clone());
+            ctx.send_job(Job::Build {
+                id,
+                key,
+                cluster,
+                rows,
+                place,
+            });
+        }
+    }
     Ok(())
 }
 
@@ -268,20 +304,26 @@ fn feed(
     let parts: Vec<u32> = owned.iter().map(|o| o.partition).collect();
     let map = &ctx.pipeline.map;
     loop {
-        let rows = owner.with(|c| c.pending_records(&parts, cursor, FEED_ROWS))?;
-        let n = rows.len() as i64;
-        let now = now_ms();
-        for (seq, p) in rows {
-            cursor = cursor.max(seq);
-            let new = lock(&owner.seen)
-                .entry(p.grouping_key.clone())
-                .or_default()
-                .insert(p.sop_instance_uid.clone());
-            if new {
-                let record = record_of(owner, &p);
-                map.insert(&p.grouping_key, record, now, &map.pin());
+        // The rows go into the map under the connection's lock, which claims take too: a
+        // claim commits before this read (which then does not return its rows) or after
+        // they are in the map, never between (its rows would come back as pending ghosts).
+        let n = owner.with(|c| {
+            let rows = c.pending_records(&parts, cursor, FEED_ROWS)?;
+            let now = now_ms();
+            let mut seen = lock(&owner.seen);
+            for (seq, p) in &rows {
+                cursor = cursor.max(*seq);
+                let uids = seen.entry(p.grouping_key.clone()).or_default();
+                // A newer copy of an instance in the map (a re-send) changes nothing here: a
+                // batch takes the newest copy, an expiry only the copies the map counted.
+                if !uids.contains_key(&p.sop_instance_uid) {
+                    uids.insert(p.sop_instance_uid.clone(), p.received_ms);
+                    let record = record_of(owner, p);
+                    map.insert(&p.grouping_key, record, now, &map.pin());
+                }
             }
-        }
+            Ok(rows.len() as i64)
+        })?;
         if n < FEED_ROWS {
             return Ok(cursor);
         }
@@ -289,8 +331,9 @@ fn feed(
 }
 
 /// A batch the checker claimed from the map (for processing, or `expire`): claimed in the
-/// cluster database under this node's token, then assembled from the records that claim took
-/// (the database's, which may hold more than the map showed) and run.
+/// cluster database under this node's token, exactly the instances the map claimed (their
+/// newest copies; for an expiry, only the copies the map counted), then assembled from the
+/// records that claim took and run.
 pub(super) fn claimed(
     ctx: &Context,
     owner: &Owner,
@@ -308,53 +351,63 @@ pub(super) fn claimed(
         tracing::info!(patient = %who.digest, patient_id = who.id, "the patient's partition moved to another node before its claim: that node decides it");
         return;
     };
+    let kind = match (expire, ctx.config.patients.expire_action) {
+        (false, _) => BatchKind::Process,
+        (true, ExpireAction::Move) => BatchKind::ExpireMove,
+        (true, ExpireAction::Delete) => BatchKind::ExpireDelete,
+    };
+    let instances: Vec<(String, u64)> = {
+        let seen = lock(&owner.seen);
+        let of_key = seen.get(&key);
+        local
+            .iter()
+            .map(|u| {
+                let counted = of_key.and_then(|s| s.get(u)).copied().unwrap_or(0);
+                (u.clone(), if expire { counted } else { u64::MAX })
+            })
+            .collect()
+    };
+    let list: Vec<(&str, u64)> = instances.iter().map(|(u, t)| (u.as_str(), *t)).collect();
     let id = batch::new_id(&key);
-    match owner.with(|c| c.claim(owned, &key, &id)) {
-        Ok(None) => owner.forget_seen(&key, local.iter().map(String::as_str)),
+    // In flight before it can exist in the database: the sweep must not assemble it too.
+    lock(&owner.building).insert(id.clone());
+    let cluster = ClusterBatch {
+        partition: owned.partition,
+        fencing: owned.fencing,
+    };
+    match owner.with(|c| c.claim_instances(owned, &key, &id, kind, &list)) {
+        Ok(None) => {
+            lock(&owner.building).remove(&id);
+            owner.forget_seen(&key, local.iter().map(String::as_str));
+        }
         Ok(Some(rows)) => {
-            owner.forget_seen(
-                &key,
-                local
-                    .iter()
-                    .map(String::as_str)
-                    .chain(rows.iter().map(|r| r.sop_instance_uid.as_str())),
-            );
-            let place = match (expire, ctx.config.patients.expire_action) {
-                (false, _) => Place::Batches,
-                (true, ExpireAction::Move) => Place::Expired,
-                (true, ExpireAction::Delete) => {
+            owner.forget_seen(&key, local.iter().map(String::as_str));
+            if rows.len() != local.len() {
+                tracing::warn!(patient = %who.digest, patient_id = who.id, batch = %id, claimed = rows.len(), counted = local.len(), "the cluster claim took fewer instances than the patient map counted (some were claimed before)");
+            }
+            let place = match kind {
+                BatchKind::Process => Place::Batches,
+                BatchKind::ExpireMove => Place::Expired,
+                BatchKind::ExpireDelete => {
                     // Nothing to keep: done at once, and the storing nodes delete theirs.
+                    lock(&owner.building).remove(&id);
                     ctx.pipeline.stats.expired.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(patient = %who.digest, patient_id = who.id, instances = rows.len(), batch = %id, "patient expired (cluster): its instances are deleted by the nodes that stored them");
-                    finish_or_later(
-                        ctx,
-                        &id,
-                        ClusterBatch {
-                            partition: owned.partition,
-                            fencing: owned.fencing,
-                        },
-                    );
+                    finish_or_later(ctx, &id, cluster);
                     return;
                 }
             };
-            build(
-                ctx,
-                owner,
-                id,
-                key,
-                ClusterBatch {
-                    partition: owned.partition,
-                    fencing: owned.fencing,
-                },
-                rows,
-                place,
-            );
+            build(ctx, owner, id, key, cluster, rows, place);
         }
         Err(e @ (ClusterError::Fenced { .. } | ClusterError::LeaseExpired)) => {
+            lock(&owner.building).remove(&id);
             owner.forget_seen(&key, local.iter().map(String::as_str));
             tracing::warn!(patient = %who.digest, patient_id = who.id, error = %e, "cluster claim refused: this node no longer owns the patient's partition (its new owner decides it)");
         }
         Err(e) => {
+            // The commit may have happened (its answer lost): then the sweep finds the batch
+            // and runs it, and the map's next claim of these instances takes nothing.
+            lock(&owner.building).remove(&id);
             let retry = ctx.backoff(1);
             tracing::warn!(patient = %who.digest, patient_id = who.id, error = %e, retry_in_s = retry.as_secs_f64(), "cluster claim failed; the patient goes back to collecting");
             let _ = ctx.given_back.send((key, records));
@@ -363,7 +416,8 @@ pub(super) fn claimed(
 }
 
 /// Assembles a claimed (or adopted) cluster batch and runs it; tried again later while the
-/// storing nodes' folders cannot be read (the claim holds meanwhile).
+/// storing nodes' folders cannot be read (the claim holds meanwhile). Dropped once this node
+/// no longer owns the batch's partition (its new owner adopts and runs it).
 pub(super) fn build(
     ctx: &Context,
     owner: &Owner,
@@ -373,8 +427,23 @@ pub(super) fn build(
     rows: Vec<Published>,
     place: Place,
 ) {
+    let Some(now) = owner.owned_partition(cluster.partition) else {
+        lock(&owner.building).remove(&id);
+        tracing::warn!(batch = %id, partition = cluster.partition, "the batch's partition moved to another node before it was assembled: that node runs it");
+        return;
+    };
+    // The token held now (a rejoin raised it; the sweep adopts the batch under it).
+    let cluster = ClusterBatch {
+        partition: now.partition,
+        fencing: now.fencing,
+    };
     let node_dir = |n: &str| owner.node_dir(n);
-    match batch::create_cluster(ctx, &id, &key, cluster, &rows, &node_dir, place) {
+    let made = batch::create_cluster(ctx, &id, &key, cluster, &rows, &node_dir, place);
+    if made.is_ok() {
+        // In batches/ or expired/ now: the sweep sees it there.
+        lock(&owner.building).remove(&id);
+    }
+    match made {
         Ok(()) => match place {
             Place::Batches => {
                 ctx.pipeline.stats.claimed.fetch_add(1, Ordering::Relaxed);
@@ -404,6 +473,39 @@ pub(super) fn build(
     }
 }
 
+/// Who holds a cluster batch, as the cluster database says ([`holder`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Holder {
+    /// This node, and it is not done.
+    Here,
+    /// Done by this node (exported, or moved to `failed/` with its reason; such a batch is
+    /// back in `batches/` when `dicomgate retry` runs it again: its copies here are the only
+    /// ones left), or forgotten (done, and every copy released).
+    Done,
+    /// Another node: it adopted the batch while this node was away or paused (and runs it,
+    /// or ran it). This node's copies must not be processed or exported again.
+    Elsewhere,
+    /// The database cannot be asked now.
+    Unknown,
+}
+
+/// Who holds cluster batch `id` ([`Holder`]); [`Holder::Here`] without `[cluster]` (a batch
+/// made before `[cluster]` was removed from the config is this node's).
+pub(super) fn holder(ctx: &Context, id: &str) -> Holder {
+    let Some(owner) = &ctx.owner else {
+        return Holder::Here;
+    };
+    match owner.with(|c| c.batch(id)) {
+        Ok(Some((_, node))) if node != owner.settings.node_id => Holder::Elsewhere,
+        Ok(Some((stage, _))) if stage != "done" => Holder::Here,
+        Ok(_) => Holder::Done,
+        Err(e) => {
+            tracing::warn!(batch = %id, error = %e, "cannot ask the cluster database who holds the batch; tried again");
+            Holder::Unknown
+        }
+    }
+}
+
 /// Marks cluster batch `id` done in the cluster database (its nodes then release their copies
 /// of its instances). True once that is so, or once the batch is another node's (deposed:
 /// its new owner adopted it and runs it again: at least once across a change of owner); false
@@ -429,8 +531,19 @@ pub(super) fn finish(ctx: &Context, id: &str, c: ClusterBatch) -> bool {
             true
         }
         Err(e @ (ClusterError::Fenced { .. } | ClusterError::Invalid(_))) => {
-            tracing::warn!(batch = %id, error = %e, "this node no longer holds the cluster batch: its new owner runs it again");
-            true
+            // Refused under the token at hand. Still this node's in the database (its view
+            // of its partitions is behind a rebalance it made, or the batch waits for its
+            // adoption): try again later, never drop it and have it run once more.
+            match holder(ctx, id) {
+                Holder::Elsewhere | Holder::Done => {
+                    tracing::warn!(batch = %id, error = %e, "this node no longer holds the cluster batch: its new owner runs it again");
+                    true
+                }
+                Holder::Here | Holder::Unknown => {
+                    tracing::warn!(batch = %id, error = %e, "cannot mark the cluster batch done under the token at hand yet; tried again");
+                    false
+                }
+            }
         }
         Err(e) => {
             tracing::warn!(batch = %id, error = %e, "cannot mark the cluster batch done yet; tried again");
@@ -456,9 +569,13 @@ pub(super) fn finish_or_later(ctx: &Context, id: &str, c: ClusterBatch) {
 /// copy newer than the batch's (a re-send stored since) stays, and so does its row until the
 /// re-send's publication makes it pending again.
 pub(super) fn release_finished(ctx: &Context, owner: &Owner) -> Result<(), ClusterError> {
+    let mut after = (String::new(), String::new());
     loop {
-        let rows = owner.with(|c| c.finished_here(FEED_ROWS))?;
+        let rows = owner.with(|c| c.finished_here((&after.0, &after.1), FEED_ROWS))?;
         let n = rows.len() as i64;
+        if let Some((p, b)) = rows.last() {
+            after = (b.clone(), p.sop_instance_uid.clone());
+        }
         let mut released = Vec::with_capacity(rows.len());
         for (p, batch_id) in rows {
             match release_local(ctx, &p) {
@@ -469,15 +586,14 @@ pub(super) fn release_finished(ctx: &Context, owner: &Owner) -> Result<(), Clust
                 }
             }
         }
-        if released.is_empty() {
-            return Ok(());
+        if !released.is_empty() {
+            let forgot = owner.with(|c| c.forget(&released))?;
+            tracing::debug!(
+                released = released.len(),
+                forgot,
+                "released this node's copies of finished cluster batches"
+            );
         }
-        let forgot = owner.with(|c| c.forget(&released))?;
-        tracing::debug!(
-            released = released.len(),
-            forgot,
-            "released this node's copies of finished cluster batches"
-        );
         if n < FEED_ROWS {
             return Ok(());
         }
