@@ -607,6 +607,182 @@ fn publication_is_idempotent_and_a_resent_instance_is_pending_again() {
     ));
 }
 
+/// Review of the owner side: an expiry claimed every pending row of the key, so an instance
+/// published after the owner's last read (a node's backlog after an outage) was expired with
+/// the patient, and deleted unprocessed. A claim now takes only the instances the owner's map
+/// counted, each no newer than the copy it counted.
+#[test]
+fn an_expiry_claim_takes_only_the_copies_its_owner_counted() {
+    use dicomgate::cluster::BatchKind;
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let mut a = node(&pg, "a", 1, lease);
+    let mut b = node(&pg, "b", 1, lease);
+    let tok = a.rebalance().unwrap()[0];
+    let key = b"PAT-EXP".to_vec();
+    a.publish(&[record("a", "3.1", &key, 100), record("a", "3.2", &key, 110)])
+        .unwrap();
+    // Published after the owner counted 3.1 (at 100) and 3.2: a new instance, and a newer
+    // copy of 3.2 from another node.
+    a.publish(&[record("a", "3.3", &key, 200)]).unwrap();
+    b.publish(&[record("b", "3.2", &key, 210)]).unwrap();
+    let got = a
+        .claim_instances(
+            tok,
+            &key,
+            "expired-1",
+            BatchKind::ExpireDelete,
+            &[("3.1", 100), ("3.2", 110)],
+        )
+        .unwrap()
+        .unwrap();
+    let mut took: Vec<(String, String, u64)> = got
+        .iter()
+        .map(|r| (r.node_id.clone(), r.sop_instance_uid.clone(), r.received_ms))
+        .collect();
+    took.sort();
+    assert_eq!(
+        took,
+        [
+            ("a".to_string(), "3.1".to_string(), 100),
+            ("a".to_string(), "3.2".to_string(), 110)
+        ]
+    );
+    let pending: Vec<(String, String)> = pg
+        .client()
+        .query(
+            "SELECT node_id, sop_instance_uid FROM dicomgate_instances
+             WHERE batch_id IS NULL ORDER BY 1, 2",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        pending,
+        [
+            ("a".to_string(), "3.3".to_string()),
+            ("b".to_string(), "3.2".to_string())
+        ],
+        "what the owner did not count stays pending"
+    );
+    // The batch keeps what it was claimed for (an adopting owner expires it, never runs it).
+    assert_eq!(
+        a.batch("expired-1").unwrap(),
+        Some(("expire-delete".to_string(), "a".to_string()))
+    );
+    assert_eq!(
+        a.unfinished(tok).unwrap(),
+        [("expired-1".to_string(), BatchKind::ExpireDelete)]
+    );
+    // A processing claim takes the newest copy of each instance it names.
+    let got = a
+        .claim_instances(
+            tok,
+            &key,
+            "batch-2",
+            BatchKind::Process,
+            &[("3.2", u64::MAX)],
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got.iter()
+            .map(|r| (r.node_id.as_str(), r.received_ms))
+            .collect::<Vec<_>>(),
+        [("b", 210)]
+    );
+}
+
+/// Review of the owner side: `finished_here` read its first 1000 rows with no order, so 1000
+/// copies a node kept (newer copies stored since) hid every other done row from release for
+/// ever. It pages by (batch, SOP Instance UID) now.
+#[test]
+fn the_release_of_finished_copies_pages_past_the_copies_it_keeps() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let mut a = node(&pg, "a", 1, lease);
+    let tok = a.rebalance().unwrap()[0];
+    let key = b"PAT-PAGE".to_vec();
+    let recs: Vec<Published> = (0..5)
+        .map(|i| record("a", &format!("4.{i}"), &key, 100 + i))
+        .collect();
+    a.publish(&recs).unwrap();
+    a.claim(tok, &key, "paged").unwrap().unwrap();
+    a.set_stage(tok, "paged", "done").unwrap();
+    let mut after = (String::new(), String::new());
+    let mut pages = Vec::new();
+    for _ in 0..10 {
+        let page = a.finished_here((&after.0, &after.1), 2).unwrap();
+        let Some((p, b)) = page.last() else { break };
+        after = (b.clone(), p.sop_instance_uid.clone());
+        pages.push(
+            page.iter()
+                .map(|(p, _)| p.sop_instance_uid.clone())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(
+        pages,
+        [vec!["4.0", "4.1"], vec!["4.2", "4.3"], vec!["4.4"]],
+        "every done row, each once, none released"
+    );
+}
+
+/// Review of the owner side: a row published before schema version 4 had no study date,
+/// instance number or counts, and republishing it (at a restart) changed nothing, so the rules
+/// read zeros for ever. Now they are filled in, and a claimed row keeps its claim.
+#[test]
+fn republication_fills_in_the_rule_fields_without_making_a_claimed_row_pending_again() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let mut a = node(&pg, "a", 1, lease);
+    let tok = a.rebalance().unwrap()[0];
+    let key = b"PAT-V4".to_vec();
+    let old = record("a", "5.1", &key, 100);
+    a.publish(&[old.clone(), record("a", "5.2", &key, 100)])
+        .unwrap();
+    a.claim_instances(
+        tok,
+        &key,
+        "claimed-v3",
+        dicomgate::cluster::BatchKind::Process,
+        &[("5.1", u64::MAX)],
+    )
+    .unwrap()
+    .unwrap();
+    let filled = |uid: &str| Published {
+        sop_instance_uid: uid.into(),
+        study_date: Some("20261203".into()),
+        instance_number: 7,
+        images_in_acquisition: 2,
+        number_of_slices: 3,
+        ..old.clone()
+    };
+    a.publish(&[filled("5.1"), filled("5.2")]).unwrap();
+    let rows: Vec<(String, Option<String>, i32, i32, i32, Option<String>)> = pg
+        .client()
+        .query(
+            "SELECT sop_instance_uid, study_date, instance_number, images_in_acquisition,
+                    number_of_slices, batch_id
+             FROM dicomgate_instances ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    let d = Some("20261203".to_string());
+    assert_eq!(
+        rows,
+        [
+            ("5.1".into(), d.clone(), 7, 2, 3, Some("claimed-v3".into())),
+            ("5.2".into(), d, 7, 2, 3, None)
+        ]
+    );
+}
+
 #[test]
 fn a_dead_owners_batches_are_adopted_and_its_late_stage_change_refused() {
     let pg = Postgres::start();
