@@ -761,7 +761,8 @@ fn republication_fills_in_the_rule_fields_without_making_a_claimed_row_pending_a
         ..old.clone()
     };
     a.publish(&[filled("5.1"), filled("5.2")]).unwrap();
-    let rows: Vec<(String, Option<String>, i32, i32, i32, Option<String>)> = pg
+    type Row = (String, Option<String>, i32, i32, i32, Option<String>);
+    let rows: Vec<Row> = pg
         .client()
         .query(
             "SELECT sop_instance_uid, study_date, instance_number, images_in_acquisition,
@@ -1068,10 +1069,17 @@ fn sop_uids(files: &[PathBuf]) -> std::collections::BTreeSet<String> {
 /// Instance `i` of [`mixed_instance`]'s patients, small or `large` as asked (a re-send across
 /// `inline_max_bytes`).
 fn sized_instance(dir: &Path, i: u32, large: bool) -> PathBuf {
+    instance_of(dir, i, large, 5)
+}
+
+/// Instance `i` of patient `P<i mod patients>` (one study and series per patient), small or
+/// `large`.
+fn instance_of(dir: &Path, i: u32, large: bool, patients: u32) -> PathBuf {
+    let p = i % patients;
     let (patient, study, series, sop) = (
-        format!("P{}", i % 5),
-        format!("1.2.826.0.1.3680043.10.1.{}", i % 5),
-        format!("1.2.826.0.1.3680043.10.2.{}", i % 5),
+        format!("P{p}"),
+        format!("1.2.826.0.1.3680043.10.1.{p}"),
+        format!("1.2.826.0.1.3680043.10.2.{p}"),
         format!("1.2.826.0.1.3680043.10.3.{i}"),
     );
     if !large {
@@ -2015,4 +2023,531 @@ fn a_patient_spread_over_three_nodes_is_processed_once_by_its_owner_with_all_its
             files_under(&batches)
         );
     }
+}
+
+/// One run of the processing command, as `kill_test_script` logs it.
+#[derive(Debug, Clone)]
+struct Run {
+    node: String,
+    batch: String,
+    start_ns: u128,
+    end_ns: Option<u128>,
+    uids: std::collections::BTreeSet<String>,
+}
+
+/// The runs `log` holds (lines "start NODE BATCH PATIENT NS UID..." and "end NODE BATCH NS").
+fn runs_of(log: &str) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for l in log.lines() {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        match w.first() {
+            Some(&"start") if w.len() >= 5 => runs.push(Run {
+                node: w[1].into(),
+                batch: w[2].into(),
+                start_ns: w[4].parse().unwrap(),
+                end_ns: None,
+                uids: w[5..].iter().map(|u| u.to_string()).collect(),
+            }),
+            Some(&"end") if w.len() == 4 => {
+                if let Some(r) = runs
+                    .iter_mut()
+                    .rev()
+                    .find(|r| r.node == w[1] && r.batch == w[2] && r.end_ns.is_none())
+                {
+                    r.end_ns = Some(w[3].parse().unwrap());
+                }
+            }
+            _ => {}
+        }
+    }
+    runs
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Issue 15, "what it must show": kill -9 of one node in the middle of the load. Three nodes
+/// on one PostgreSQL and one shared folder; 10 patients × 6 instances (small ones in the
+/// segment log, large ones in files), each patient's instances spread over the three nodes;
+/// the first 5 patients by storescu and pynetdicom, the next 5 by pynetdicom one association per
+/// instance, a sender failing over to the next node when one does not answer (a load
+/// balancer). Once the first batch runs (its processing takes 2 s), its node is killed (-9)
+/// while it holds that batch claimed and instances are still arriving. Then: the partitions
+/// the dead node owned move to the others; the batch it was running is adopted and run by the
+/// new owner from the instances in the nodes' folders (the dead one's included); every
+/// instance is exported to a DCMTK storescp byte-exact; every instance was in exactly one
+/// batch (claims are exactly once; an adopted batch keeps its id and its instances); no batch
+/// ran on two live nodes at once (the dead node's run is the only one beside another). Then
+/// the dead node is started again: it does not run the batch it held again (another node
+/// adopted it), its folder keeps no batch, and it releases its copies of the finished
+/// batches, so no row is left in the database but those of instances it stored and never
+/// acknowledged.
+#[test]
+fn kill_9_of_a_node_mid_load_moves_its_partitions_and_its_batch_and_every_instance_is_exported_once(
+) {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let runs_log = tmp.path().join("runs.log");
+    let script = tmp.path().join("process.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\n\
+             uids=$(find \"$DICOMGATE_INPUT_DIR\" -name '*.dcm' | sed 's|.*/||; s|[.]dcm$||' | sort | tr '\\n' ' ')\n\
+             echo \"start $1 $DICOMGATE_BATCH_ID $DICOMGATE_PATIENT_ID $(date +%s%N) $uids\" >> {runs_log:?}\n\
+             sleep 2\n\
+             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n\
+             echo \"end $1 $DICOMGATE_BATCH_ID $(date +%s%N)\" >> {runs_log:?}\n"
+        ),
+    )
+    .unwrap();
+    let pacs_port = free_port();
+    let pacs_dir = tmp.path().join("pacs");
+    let _pacs = storescp(&pacs_dir, pacs_port, "PACS");
+    let toml = |id: &str| {
+        format!(
+            "{}[[input]]\nname = \"all\"\nmin_instances = 6\n\
+             [processing]\ncommand = [\"sh\", {:?}, {id:?}]\ntimeout_seconds = 60\n\
+             [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{pacs_port}\"\nae_title = \"PACS\"\n",
+            cluster_toml(&pg, shared.path(), id).replace("quiet_seconds = 600", "quiet_seconds = 1"),
+            script.display().to_string()
+        )
+    };
+    let ids = ["a", "b", "c"];
+    let mut nodes: Vec<Node> = ids
+        .iter()
+        .map(|id| start_ready(&shared.path().join("nodes").join(id), &toml(id)))
+        .collect();
+    let logs = |nodes: &[Node]| {
+        nodes
+            .iter()
+            .zip(ids)
+            .map(|(n, id)| format!("--- node {id}\n{}", n.log()))
+            .collect::<String>()
+    };
+    let files = tempfile::tempdir().unwrap();
+    let all: Vec<PathBuf> = (0..60)
+        .map(|i| instance_of(files.path(), i, i % 2 == 1, 10))
+        .collect();
+    // Patients 0-4 (instances whose index mod 10 is below 5) first, the others during the kill.
+    let share = |first: bool, n: usize| -> Vec<PathBuf> {
+        all.iter()
+            .enumerate()
+            .filter(|(i, _)| ((i % 10) < 5) == first && i % 3 == n)
+            .map(|(_, f)| f.clone())
+            .collect()
+    };
+    assert!(
+        storescu_status(&nodes[0], &share(true, 0)).success(),
+        "{}",
+        logs(&nodes)
+    );
+    assert!(
+        storescu_status(&nodes[1], &share(true, 1)).success(),
+        "{}",
+        logs(&nodes)
+    );
+    let out = python()
+        .arg(py_script("send.py"))
+        .args([nodes[2].port().as_str(), "DICOMGATE"])
+        .args(share(true, 2))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.lines().count() == 10 && text.lines().all(|l| l.starts_with("0 ")),
+        "pynetdicom: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The second half: one association per instance, failing over to the next node.
+    let ports: Vec<String> = nodes.iter().map(|n| n.port()).collect();
+    // Each file with the node that acknowledged it and the nodes that did not answer before.
+    type Acked = Vec<(PathBuf, usize, Vec<usize>)>;
+    let senders: Vec<std::thread::JoinHandle<Acked>> = (0..3)
+        .map(|n| {
+            let files = share(false, n);
+            let ports = ports.clone();
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for f in files {
+                    let mut refused = Vec::new();
+                    let mut at = None;
+                    'tries: for _round in 0..20 {
+                        for k in 0..3 {
+                            let node = (n + k) % 3;
+                            let out = python()
+                                .arg(py_script("send.py"))
+                                .args([ports[node].as_str(), "DICOMGATE"])
+                                .arg(&f)
+                                .output()
+                                .unwrap();
+                            if String::from_utf8_lossy(&out.stdout).starts_with("0 ") {
+                                at = Some(node);
+                                break 'tries;
+                            }
+                            refused.push(node);
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    acked.push((f, at.expect("acknowledged by a node"), refused));
+                }
+                acked
+            })
+        })
+        .collect();
+    // The first batch to run: its node is killed while it runs (2 s) and the load goes on.
+    let mut first: Option<Run> = None;
+    assert!(
+        wait_until(60, || {
+            first = runs_of(&std::fs::read_to_string(&runs_log).unwrap_or_default())
+                .into_iter()
+                .next();
+            first.is_some()
+        }),
+        "no batch ran\n{}",
+        logs(&nodes)
+    );
+    let first = first.unwrap();
+    let dead = ids.iter().position(|id| *id == first.node).unwrap();
+    nodes[dead].kill9();
+    let killed_ns = now_ns();
+    // Its partitions move to the live nodes.
+    let orphaned = || -> i64 {
+        pg.client()
+            .query_one(
+                "SELECT count(*) FROM dicomgate_partitions WHERE owner IS NULL OR owner = $1",
+                &[&ids[dead]],
+            )
+            .unwrap()
+            .get(0)
+    };
+    assert!(
+        wait_until(30, || orphaned() == 0),
+        "partitions: {:?}\n{}",
+        owners(&pg),
+        logs(&nodes)
+    );
+    eprintln!(
+        "partitions moved {:.1} s after the kill (lease_seconds = 2)",
+        (now_ns() - killed_ns) as f64 / 1e9
+    );
+    let acked: Acked = senders
+        .into_iter()
+        .flat_map(|s| s.join().unwrap())
+        .collect();
+    // Every instance exported, byte-exact.
+    let received = || files_under(&pacs_dir);
+    let delivered = || -> std::collections::BTreeSet<String> {
+        received().iter().map(|p| sop_uid_of(p)).collect()
+    };
+    assert!(
+        wait_until(120, || delivered().len() == 60),
+        "storescp got {}\nruns: {}\n{}",
+        delivered().len(),
+        std::fs::read_to_string(&runs_log).unwrap_or_default(),
+        logs(&nodes)
+    );
+    let by_uid: std::collections::BTreeMap<String, PathBuf> = received()
+        .into_iter()
+        .map(|p| (sop_uid_of(&p), p))
+        .collect();
+    for f in &all {
+        assert_eq!(
+            data_set_of(f),
+            data_set_of(&by_uid[&sop_uid_of(f)]),
+            "{}",
+            f.display()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3)); // anything run twice would show by now
+    let log = std::fs::read_to_string(&runs_log).unwrap();
+    let runs = runs_of(&log);
+    // Exactly-once claims: each batch id one set of instances; the batches' sets disjoint and
+    // together every instance, 6 each.
+    let mut batches: std::collections::BTreeMap<&str, &std::collections::BTreeSet<String>> =
+        Default::default();
+    for r in &runs {
+        let had = batches.entry(r.batch.as_str()).or_insert(&r.uids);
+        assert_eq!(
+            *had, &r.uids,
+            "batch {} ran with other instances\n{log}",
+            r.batch
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (b, uids) in &batches {
+        assert_eq!(uids.len(), 6, "batch {b}\n{log}");
+        for u in uids.iter() {
+            assert!(seen.insert(u.clone()), "{u} in two batches\n{log}");
+        }
+    }
+    assert_eq!(seen, sop_uids(&all), "{log}");
+    // The dead node's batch was adopted and run by another node after the kill; no batch ran
+    // on two live nodes at once.
+    assert!(
+        runs.iter()
+            .any(|r| r.batch == first.batch && r.node != first.node && r.start_ns > killed_ns),
+        "batch {} was not run again after the kill\n{log}\n{}",
+        first.batch,
+        logs(&nodes)
+    );
+    for (i, x) in runs.iter().enumerate() {
+        for y in &runs[i + 1..] {
+            if x.batch != y.batch || x.node == y.node {
+                continue;
+            }
+            let dead_one = x.node == ids[dead] || y.node == ids[dead];
+            let overlap = |a: &Run, b: &Run| {
+                a.start_ns < b.end_ns.unwrap_or(u128::MAX)
+                    && b.start_ns < a.end_ns.unwrap_or(u128::MAX)
+            };
+            assert!(
+                dead_one || !overlap(x, y),
+                "batch {} ran on {} and {} at once\n{log}",
+                x.batch,
+                x.node,
+                y.node
+            );
+            if dead_one {
+                let live = if x.node == ids[dead] { y } else { x };
+                assert!(live.start_ns > killed_ns, "{log}");
+            }
+        }
+    }
+    // The dead node comes back: it does not run its old batch again (adopted elsewhere), keeps
+    // no batch, and releases its copies of what was finished.
+    let before = runs.len();
+    nodes[dead].restart();
+    assert!(
+        wait_until(20, || ready(&nodes[dead])),
+        "{}",
+        nodes[dead].log()
+    );
+    let in_doubt: std::collections::BTreeSet<String> = acked
+        .iter()
+        .filter(|(_, _, refused)| refused.contains(&dead))
+        .map(|(f, _, _)| sop_uid_of(f))
+        .collect();
+    let left = || -> Vec<(String, String, Option<String>)> {
+        pg.client()
+            .query(
+                "SELECT node_id, sop_instance_uid, batch_id FROM dicomgate_instances ORDER BY 1, 2",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    };
+    // Left at most: rows of instances the dead node stored but whose acknowledgement the
+    // sender never got (it sent them elsewhere): pending, each already exported.
+    let settled = || {
+        left()
+            .iter()
+            .all(|(n, u, b)| n == ids[dead] && b.is_none() && in_doubt.contains(u))
+    };
+    assert!(
+        wait_until(30, settled),
+        "rows left: {:?}\nin doubt: {in_doubt:?}\n{}",
+        left(),
+        logs(&nodes)
+    );
+    let node_batches =
+        |id: &str| files_under(&shared.path().join("nodes").join(id).join("batches"));
+    assert!(
+        wait_until(20, || ids.iter().all(|id| node_batches(id).is_empty())),
+        "{:?}\n{}",
+        ids.iter().map(|id| node_batches(id)).collect::<Vec<_>>(),
+        logs(&nodes)
+    );
+    let after = runs_of(&std::fs::read_to_string(&runs_log).unwrap());
+    assert_eq!(
+        after.len(),
+        before,
+        "a run after the restart: {:?}\n{}",
+        &after[before..],
+        logs(&nodes)
+    );
+}
+
+/// A cluster batch whose export failed lands in the owner's `failed/` with its reason and is
+/// marked done, so the storing node releases its own copies: the batch's copies are then the
+/// only ones. `dicomgate retry` runs it again (the cluster database says it is done, by this
+/// node): it is exported, never taken for one another node holds and deleted.
+#[test]
+fn a_failed_cluster_batch_retried_after_its_copies_were_released_is_exported() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let pacs_port = free_port();
+    let toml = format!(
+        "{}[[input]]\nname = \"all\"\nmin_instances = 4\n\
+         [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{pacs_port}\"\nae_title = \"PACS\"\n\
+         [outbox]\nattempts = 1\nfirst_delay_seconds = 0.1\nmax_delay_seconds = 0.2\n",
+        cluster_toml(&pg, shared.path(), "a").replace("quiet_seconds = 600", "quiet_seconds = 1")
+    );
+    let dir = shared.path().join("nodes").join("a");
+    let node = start_ready(&dir, &toml);
+    let files = tempfile::tempdir().unwrap();
+    // Patient P0's instances 0, 5, 10, 15: two in the segment log, two in files.
+    let sent: Vec<PathBuf> = (0..4)
+        .map(|i| mixed_instance(files.path(), i * 5))
+        .collect();
+    assert!(storescu_status(&node, &sent).success(), "{}", node.log());
+    let failed = || files_under(&dir.join("failed"));
+    let pending = || {
+        dicomgate::storage::inventory::pending(&dir)
+            .map(|(e, _)| e.len())
+            .unwrap_or(usize::MAX)
+    };
+    assert!(
+        wait_until(30, || !failed().is_empty() && pending() == 0),
+        "failed: {:?}, pending {}\n{}",
+        failed(),
+        pending(),
+        node.log()
+    );
+    let id = std::fs::read_dir(dir.join("failed"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .unwrap();
+    let pacs = tempfile::tempdir().unwrap();
+    let _pacs = storescp(pacs.path(), pacs_port, "PACS");
+    assert!(wait_until(10, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        pacs_port
+    ))
+    .is_ok()));
+    let out = Command::new(env!("CARGO_BIN_EXE_dicomgate"))
+        .args(["retry", "--http", &http_of(&node), &id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        wait_until(30, || files_under(pacs.path()).len() == 4),
+        "delivered {:?}\n{}",
+        files_under(pacs.path()),
+        node.log()
+    );
+    for f in &sent {
+        let got = files_under(pacs.path())
+            .into_iter()
+            .find(|p| sop_uid_of(p) == sop_uid_of(f))
+            .expect("delivered");
+        assert_eq!(data_set_of(f), data_set_of(&got));
+    }
+    assert!(
+        wait_until(10, || files_under(&dir.join("batches")).is_empty()
+            && failed().is_empty()),
+        "{}",
+        node.log()
+    );
+}
+
+/// Review of the owner side: a batch claimed in the cluster database that this node was not
+/// running (its Build job lost: a claim whose commit answer was lost and whose records went
+/// back to collecting, a worker gone; or adopted ids thrown away) stayed claimed for ever, and
+/// its partition could never be handed over. The owner's sweep (every 5 s) now runs every
+/// unfinished batch of its partitions that is not here. Here such a claim is made by hand:
+/// node "z" (not running) stored the instances in its folder, and the claim names node "a",
+/// the owner, under its current token; "a" assembles, processes (router mode) and exports it.
+#[test]
+fn a_claimed_batch_its_owner_is_not_running_is_run_by_the_sweep() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}[[export]]\nkind = \"folder\"\npath = {:?}\n",
+        cluster_toml(&pg, shared.path(), "a").replace("quiet_seconds = 600", "quiet_seconds = 1"),
+        out_dir.path().display().to_string()
+    );
+    let node = start_ready(&shared.path().join("nodes").join("a"), &toml);
+    let files = tempfile::tempdir().unwrap();
+    let exported = || files_under(out_dir.path());
+    // An instance of P1 through a's own feed and claim first: a has taken up its partitions
+    // (the sweep that follows a change of them is behind), so only the periodic sweep is left
+    // to find the claim below.
+    assert!(storescu_status(&node, &[mixed_instance(files.path(), 1)]).success());
+    assert!(wait_until(30, || exported().len() == 1), "{}", node.log());
+    let key = b"P0".to_vec();
+    let z = shared.path().join("nodes").join("z");
+    let mut rows = Vec::new();
+    let sent: Vec<PathBuf> = (0..3)
+        .map(|i| sized_instance(files.path(), i * 5, true))
+        .collect();
+    for f in &sent {
+        let uid = sop_uid_of(f);
+        let rel = format!("p0/1/2/{uid}.dcm");
+        let at = z.join("patients").join(&rel);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::fs::copy(f, &at).unwrap();
+        rows.push(Published {
+            location: format!("patients/{rel}"),
+            bytes: std::fs::metadata(&at).unwrap().len(),
+            ..record("z", &uid, &key, 1000)
+        });
+    }
+    let mut z_db = Coordinator::connect(&pg.conninfo(), "z", 8, Duration::from_secs(2)).unwrap();
+    z_db.publish(&rows).unwrap();
+    let part = partition_of(&key, 8) as i32;
+    assert!(
+        wait_until(20, || {
+            pg.client()
+                .query_one(
+                    "SELECT owner = 'a' FROM dicomgate_partitions WHERE partition = $1",
+                    &[&part],
+                )
+                .unwrap()
+                .get::<_, Option<bool>>(0)
+                == Some(true)
+        }),
+        "{}",
+        node.log()
+    );
+    // Claimed under a's token, as a's own claim would be; no job runs it.
+    let mut c = pg.client();
+    let mut tx = c.transaction().unwrap();
+    tx.execute(
+        "UPDATE dicomgate_instances SET batch_id = 'lost-1' WHERE node_id = 'z'",
+        &[],
+    )
+    .unwrap();
+    tx.execute(
+        "INSERT INTO dicomgate_batches (batch_id, partition, grouping_key, owner, fencing, stage)
+         SELECT 'lost-1', partition, $2, owner, fencing, 'claimed'
+         FROM dicomgate_partitions WHERE partition = $1",
+        &[&part, &key],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    assert!(
+        wait_until(30, || exported().len() == 4),
+        "exported {:?}\n{}",
+        exported(),
+        node.log()
+    );
+    for f in &sent {
+        let got = exported()
+            .into_iter()
+            .find(|p| sop_uid_of(p) == sop_uid_of(f))
+            .expect("exported");
+        assert_eq!(data_set_of(f), data_set_of(&got));
+    }
+    assert!(
+        wait_until(10, || z_db.batch("lost-1").unwrap().map(|b| b.0)
+            == Some("done".to_string())),
+        "{}",
+        node.log()
+    );
+    // Only z may delete what z stored: its copies stay.
+    assert_eq!(files_under(&z.join("patients")).len(), 3);
 }
