@@ -2551,3 +2551,137 @@ fn a_claimed_batch_its_owner_is_not_running_is_run_by_the_sweep() {
     // Only z may delete what z stored: its copies stay.
     assert_eq!(files_under(&z.join("patients")).len(), 3);
 }
+
+/// Issue 15, "what it must show": a deposed owner paused with SIGSTOP past its lease, then
+/// resumed. Two nodes; patient P0's partition is owned by X; its batch is claimed on X and its
+/// processing runs (4 s) when X is stopped. X's lease runs out, the other node Y takes the
+/// partition, adopts the batch and runs and exports it (each node exports into its own
+/// folder). Once that is under way X is resumed: its processing run has ended meanwhile, but
+/// before exporting X asks the cluster database and finds the batch adopted: it deletes its
+/// copies and exports nothing. Each instance is exported once (by Y), and X releases its own
+/// copies once Y is done.
+#[test]
+fn a_deposed_owner_paused_past_its_lease_exports_nothing_of_the_batch_it_held() {
+    use common::*;
+    use rustix::process::Signal;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let runs_log = tmp.path().join("runs.log");
+    let script = tmp.path().join("process.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\n\
+             echo \"start $1 $DICOMGATE_BATCH_ID $DICOMGATE_PATIENT_ID $(date +%s%N)\" >> {runs_log:?}\n\
+             sleep 4\n\
+             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n\
+             echo \"end $1 $DICOMGATE_BATCH_ID $(date +%s%N)\" >> {runs_log:?}\n"
+        ),
+    )
+    .unwrap();
+    let out = |id: &str| tmp.path().join(format!("export-{id}"));
+    let toml = |id: &str| {
+        format!(
+            "{}[[input]]\nname = \"all\"\nmin_instances = 6\n\
+             [processing]\ncommand = [\"sh\", {:?}, {id:?}]\ntimeout_seconds = 60\n\
+             [[export]]\nkind = \"folder\"\npath = {:?}\n",
+            cluster_toml(&pg, shared.path(), id)
+                .replace("quiet_seconds = 600", "quiet_seconds = 1"),
+            script.display().to_string(),
+            out(id).display().to_string()
+        )
+    };
+    let ids = ["a", "b"];
+    let nodes: Vec<Node> = ids
+        .iter()
+        .map(|id| start_ready(&shared.path().join("nodes").join(id), &toml(id)))
+        .collect();
+    let logs = || {
+        nodes
+            .iter()
+            .zip(ids)
+            .map(|(n, id)| format!("--- node {id}\n{}", n.log()))
+            .collect::<String>()
+    };
+    assert!(
+        wait_until(30, || sorted(counts(&owners(&pg), &ids)) == [4, 4]),
+        "{:?}",
+        owners(&pg)
+    );
+    let part = partition_of(b"P0", 8) as usize;
+    let x = ids
+        .iter()
+        .position(|id| owners(&pg)[part].as_deref() == Some(*id))
+        .unwrap();
+    let y = 1 - x;
+    let files = tempfile::tempdir().unwrap();
+    let p0: Vec<PathBuf> = (0..6)
+        .map(|i| mixed_instance(files.path(), i * 5))
+        .collect();
+    assert!(storescu_status(&nodes[x], &p0).success(), "{}", logs());
+    let runs = || runs_of(&std::fs::read_to_string(&runs_log).unwrap_or_default());
+    let started_on = |node: &str| runs().into_iter().find(|r| r.node == node);
+    assert!(
+        wait_until(30, || started_on(ids[x]).is_some()),
+        "{}",
+        logs()
+    );
+    nodes[x].signal(Signal::STOP);
+    let _resume = ContinueOnDrop(nodes[x].pid());
+    let batch = started_on(ids[x]).unwrap().batch;
+    assert!(
+        wait_until(60, || started_on(ids[y]).is_some_and(|r| r.batch == batch)),
+        "the batch was not adopted\nruns: {:?}\n{}",
+        runs(),
+        logs()
+    );
+    nodes[x].signal(Signal::CONT);
+    let exported = |id: &str| files_under(&out(id));
+    assert!(
+        wait_until(30, || exported(ids[y]).len() == 6),
+        "{:?}\n{}",
+        exported(ids[y]),
+        logs()
+    );
+    let x_batches = || files_under(&shared.path().join("nodes").join(ids[x]).join("batches"));
+    assert!(
+        wait_until(30, || x_batches().is_empty()),
+        "{:?}\n{}",
+        x_batches(),
+        logs()
+    );
+    let count = |sql: &str| -> i64 { pg.client().query_one(sql, &[]).unwrap().get(0) };
+    assert!(
+        wait_until(30, || count("SELECT count(*) FROM dicomgate_instances")
+            == 0),
+        "{}",
+        logs()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(exported(ids[x]), Vec::<PathBuf>::new(), "{}", logs());
+    assert!(
+        nodes[x].log().contains("another node adopted"),
+        "{}",
+        nodes[x].log()
+    );
+    for f in &p0 {
+        let got = exported(ids[y])
+            .into_iter()
+            .find(|p| sop_uid_of(p) == sop_uid_of(f))
+            .expect("exported");
+        assert_eq!(data_set_of(f), data_set_of(&got));
+    }
+}
+
+/// Sends SIGCONT to a process when dropped (a test that stopped a node never leaves it
+/// stopped, whether it passed or panicked).
+struct ContinueOnDrop(u32);
+
+impl Drop for ContinueOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
+        }
+    }
+}
