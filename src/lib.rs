@@ -39,8 +39,9 @@
 //!   and `/api/force`.
 //! - [`node`] — start-up (wiring storage, the pipeline, the reactors and the endpoint) and the
 //!   handle that drains and stops a running node.
-//! - [`cluster`] — scale-out coordination on PostgreSQL (issue 15, part 1: leases, partitions
-//!   under fencing tokens, publication, claims as transactions); not yet used by the node.
+//! - [`cluster`] — scale-out coordination on PostgreSQL (issue 15: leases, partitions under
+//!   fencing tokens, publication, claims as transactions), used by the node with `[cluster]`
+//!   (its outbox, and the owner side in `pipeline`).
 //! - [`config`] — one typed TOML config, plain data; every limit is a named field with a
 //!   default.
 //! - [`bench`] — the C-STORE load generator behind `dicomgate bench` and `dicomgate-loadgen`,

@@ -12,9 +12,10 @@
 //! folder, and [`outbox`] publishes every instance it acknowledges, renews its lease, and
 //! takes over a dead node's unpublished records ([`Coordinator::next_takeover`]), fencing
 //! it first so that, if it is alive but cut off, it acknowledges nothing more ([`fence`]). The
-//! owner side (loading the owned partitions into the patient map, claims through
-//! [`Coordinator::claim`], reading other nodes' bytes) is not: each node still groups and
-//! processes what it received itself. What remains of issue 15 is in `docs/cluster.md`.
+//! owner side (`pipeline::owner`) feeds the owned partitions' rows into the patient map and
+//! claims, adopts and finishes batches through [`Coordinator::claim_instances`],
+//! [`Coordinator::adopt`], [`Coordinator::unfinished`] and [`Coordinator::set_stage`]. What
+//! remains of issue 15 is in `docs/cluster.md`.
 //!
 //! The connection is plain, or TLS with `[cluster] tls_ca` ([`Coordinator::connect_to`]: the
 //! server's certificate verified against that CA and the connection's `host` name, rustls
@@ -118,7 +119,7 @@ pub enum ClusterError {
     SchemaTooNew { database: i32, build: i32 },
     /// The cluster was made with another partition count than this node's.
     PartitionsDiffer { cluster: u32, configured: u32 },
-    /// This node's lease has run out: it must renew it ([`Coordinator::heartbeat`]) first.
+    /// This node's lease has run out: it must renew it ([`Coordinator::rebalance`]) first.
     LeaseExpired,
     /// The partition is not this node's under this token any more (or never was).
     Fenced {

@@ -21,6 +21,13 @@
 //! 4. A worker moves the batch's files to `batches/<id>/files/` (same relative paths) and links
 //!    them into `input/<input name>/`, runs processing, exports, and deletes the batch.
 //!    Each stage is recorded in `batches/<id>/state` so a restart resumes where it stopped.
+//!
+//! With `[cluster]` (`owner`), step 2 publishes instead (the storing node's outbox), and the
+//! partition's owner feeds the published rows into its map; its checker decides as in step 3;
+//! the claim is also made in the cluster database under the partition's fencing token; step 4
+//! copies the instances from the storing nodes' folders (read-only), asks the database before
+//! processing and before exporting whether the batch is still this node's, and marks it done
+//! there; the storing nodes then release their own copies.
 
 pub mod batch;
 pub mod export;

@@ -8,13 +8,16 @@
 //! read, exactly as on a single node), cluster claims ([`claimed`], [`expire`]: a transaction
 //! that checks the partition's fencing token, `Coordinator::claim`), the assembly of a claimed
 //! batch from copies read out of the storing nodes' folders (`batch::create_cluster`), its mark
-//! as done ([`finish`]), the adoption of batches a previous owner left unfinished, and the
-//! release of this node's copies of finished batches ([`release_finished`]).
+//! as done ([`finish`]), the sweep that adopts what a previous owner left unfinished and runs
+//! every unfinished batch of the owned partitions that is not running here ([`sweep`]), the
+//! question whether a batch found here is still this node's ([`holder`]), and the release of
+//! this node's copies of finished batches ([`release_finished`]).
 //!
 //! Must never write into another node's folder (it reads through `storage::inventory`, which
 //! only reads), never release a copy of this node's before its batch is done in the cluster
 //! database (processed and exported, expired, or moved aside to `failed/` with its reason on
-//! the owner), and never release a copy newer than the one the batch took (a re-send since).
+//! the owner), never release a copy newer than the one the batch took (a re-send since), and
+//! never claim an instance the patient map did not count.
 //!
 //! With `[cluster]`, what this node acknowledges does not enter its own patient map: it is
 //! published (`cluster::outbox`) and reaches the map of its partition's owner through the feed
