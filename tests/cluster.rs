@@ -2030,6 +2030,7 @@ fn a_patient_spread_over_three_nodes_is_processed_once_by_its_owner_with_all_its
 struct Run {
     node: String,
     batch: String,
+    patient: String,
     start_ns: u128,
     end_ns: Option<u128>,
     uids: std::collections::BTreeSet<String>,
@@ -2044,6 +2045,7 @@ fn runs_of(log: &str) -> Vec<Run> {
             Some(&"start") if w.len() >= 5 => runs.push(Run {
                 node: w[1].into(),
                 batch: w[2].into(),
+                patient: w[3].into(),
                 start_ns: w[4].parse().unwrap(),
                 end_ns: None,
                 uids: w[5..].iter().map(|u| u.to_string()).collect(),
@@ -2684,4 +2686,123 @@ impl Drop for ContinueOnDrop {
             let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
         }
     }
+}
+
+/// Issue 15, "what it must show": PostgreSQL restarted mid-load with the owner side running.
+/// Two nodes; 5 patients × 6 instances spread over both; half of each patient's instances
+/// arrive, then the database stops and the other half arrive (acknowledged locally, waiting
+/// for publication), then it starts again: every patient is processed once with its 6
+/// instances, exported byte-exact, and nothing is left pending or in the database.
+#[test]
+fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_once() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let runs_log = tmp.path().join("runs.log");
+    let script = tmp.path().join("process.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\n\
+             echo \"start $1 $DICOMGATE_BATCH_ID $DICOMGATE_PATIENT_ID $(date +%s%N)\" >> {runs_log:?}\n\
+             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n"
+        ),
+    )
+    .unwrap();
+    let pacs_port = free_port();
+    let pacs_dir = tmp.path().join("pacs");
+    let _pacs = storescp(&pacs_dir, pacs_port, "PACS");
+    let toml = |id: &str| {
+        format!(
+            "{}[[input]]\nname = \"all\"\nmin_instances = 6\n\
+             [processing]\ncommand = [\"sh\", {:?}, {id:?}]\ntimeout_seconds = 60\n\
+             [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{pacs_port}\"\nae_title = \"PACS\"\n",
+            cluster_toml(&pg, shared.path(), id).replace("quiet_seconds = 600", "quiet_seconds = 1"),
+            script.display().to_string()
+        )
+    };
+    let ids = ["a", "b"];
+    let nodes: Vec<Node> = ids
+        .iter()
+        .map(|id| start_ready(&shared.path().join("nodes").join(id), &toml(id)))
+        .collect();
+    let logs = || {
+        nodes
+            .iter()
+            .zip(ids)
+            .map(|(n, id)| format!("--- node {id}\n{}", n.log()))
+            .collect::<String>()
+    };
+    let files = tempfile::tempdir().unwrap();
+    let all = mixed_batch(files.path(), 0, 30);
+    let part = |from: usize, to: usize, n: usize| -> Vec<PathBuf> {
+        all[from..to]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == n)
+            .map(|(_, f)| f.clone())
+            .collect()
+    };
+    for (n, node) in nodes.iter().enumerate() {
+        assert!(
+            storescu_status(node, &part(0, 15, n)).success(),
+            "{}",
+            logs()
+        );
+    }
+    pg.stop();
+    for (n, node) in nodes.iter().enumerate() {
+        assert!(
+            storescu_status(node, &part(15, 30, n)).success(),
+            "{}",
+            logs()
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3)); // past the lease, while the database is away
+    pg.start_again();
+    let received = || files_under(&pacs_dir);
+    assert!(
+        wait_until(90, || received().len() == 30),
+        "storescp got {}\nruns: {}\n{}",
+        received().len(),
+        std::fs::read_to_string(&runs_log).unwrap_or_default(),
+        logs()
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let runs = runs_of(&std::fs::read_to_string(&runs_log).unwrap());
+    let mut patients: Vec<String> = runs.iter().map(|r| r.patient.clone()).collect();
+    patients.sort();
+    assert_eq!(
+        patients,
+        ["P0", "P1", "P2", "P3", "P4"],
+        "each patient processed once\n{}",
+        logs()
+    );
+    let by_uid: std::collections::BTreeMap<String, PathBuf> = received()
+        .into_iter()
+        .map(|p| (sop_uid_of(&p), p))
+        .collect();
+    for f in &all {
+        assert_eq!(
+            data_set_of(f),
+            data_set_of(&by_uid[&sop_uid_of(f)]),
+            "{}",
+            f.display()
+        );
+    }
+    let pending = |id: &str| {
+        dicomgate::storage::inventory::pending(&shared.path().join("nodes").join(id))
+            .map(|(e, _)| e.len())
+            .unwrap_or(usize::MAX)
+    };
+    let count = |sql: &str| -> i64 { pg.client().query_one(sql, &[]).unwrap().get(0) };
+    assert!(
+        wait_until(30, || ids.iter().all(|id| pending(id) == 0)
+            && count("SELECT count(*) FROM dicomgate_instances") == 0),
+        "pending {:?}, rows {}\n{}",
+        ids.iter().map(|id| pending(id)).collect::<Vec<_>>(),
+        count("SELECT count(*) FROM dicomgate_instances"),
+        logs()
+    );
 }
