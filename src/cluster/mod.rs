@@ -1041,6 +1041,23 @@ impl Coordinator {
             .collect())
     }
 
+    /// The stage of batch `batch_id`, the node that holds it, and the node that owns its
+    /// partition now (`None`: nobody, between two owners), if the batch exists.
+    pub fn batch_holder(
+        &mut self,
+        batch_id: &str,
+    ) -> Result<Option<(String, String, Option<String>)>> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT b.stage, b.owner, p.owner FROM dicomgate_batches b
+                 LEFT JOIN dicomgate_partitions p ON p.partition = b.partition
+                 WHERE b.batch_id = $1",
+                &[&batch_id],
+            )?
+            .map(|r| (r.get(0), r.get(1), r.get(2))))
+    }
+
     /// The stage of batch `batch_id` and the node that holds it, if it exists.
     pub fn batch(&mut self, batch_id: &str) -> Result<Option<(String, String)>> {
         Ok(self

@@ -1270,7 +1270,7 @@ fn run_job(ctx: &Context, job: Job) {
                     owner::build(ctx, o, id, key, cluster, rows, place);
                 }
             }
-            Job::Finish { id, cluster } => owner::finish_or_later(ctx, &id, cluster),
+            Job::Finish { id, cluster } => owner::finish_again(ctx, &id, cluster),
             Job::Claimed { key, records } => match batch::create(ctx, &key, &records) {
                 Ok(id) => batch::process(ctx, &id),
                 Err(e) => {

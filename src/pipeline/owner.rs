@@ -5,8 +5,9 @@
 //!
 //! Owns: the `owner` thread ([`run`]) and its connection to the cluster database, the feed of
 //! the owned partitions' pending records into the patient map (what the checker and the rules
-//! read, exactly as on a single node), cluster claims ([`claimed`], [`expire`]: a transaction
-//! that checks the partition's fencing token, `Coordinator::claim`), the assembly of a claimed
+//! read, exactly as on a single node), cluster claims ([`claimed`], batches and expiries: a
+//! transaction that checks the partition's fencing token, `Coordinator::claim_instances`), the
+//! assembly of a claimed
 //! batch from copies read out of the storing nodes' folders (`batch::create_cluster`), its mark
 //! as done ([`finish`]), the sweep that adopts what a previous owner left unfinished and runs
 //! every unfinished batch of the owned partitions that is not running here ([`sweep`]), the
@@ -55,13 +56,16 @@ pub(crate) struct Owner {
     /// feed and the workers' claims and stage changes, one at a time.
     coordinator: Mutex<Option<Coordinator>>,
     /// The SOP Instance UIDs in the patient map per grouping key, each with the newest
-    /// `received_ms` of a copy fed, so that the feed's repeated reads add each instance once
-    /// and a claim takes no copy the map did not count. An instance leaves it when a claim
+    /// `received_ms` of a copy the feed read, so that the feed's repeated reads add each
+    /// instance once and an expiry takes no copy its owner did not see. An instance leaves it when a claim
     /// took it.
     seen: Mutex<HashMap<Vec<u8>, HashMap<String, u64>>>,
     /// Cluster batches being assembled, or waiting to be tried again ([`build`]): neither a
     /// claim nor [`sweep`] starts a second assembly of one.
     building: Mutex<HashSet<String>>,
+    /// Cluster batches whose mark as done waits for a retry ([`finish_or_later`]): one retry
+    /// chain per batch, whoever asks again (the sweep, a failure, an expiry).
+    finishing: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Owner {
@@ -84,6 +88,7 @@ impl Owner {
             coordinator: Mutex::new(None),
             seen: Mutex::new(HashMap::new()),
             building: Mutex::new(HashSet::new()),
+            finishing: Mutex::new(HashSet::new()),
         }
     }
 
@@ -162,15 +167,17 @@ fn record_of(owner: &Owner, p: &Published) -> InstanceRecord {
     }
 }
 
-/// The `owner` thread: follows the partitions this node owns (adopting what a previous owner
-/// left unfinished, dropping the patients of partitions it lost), feeds their pending records
-/// into the patient map, and releases this node's copies of finished batches.
+/// The `owner` thread: follows the partitions this node owns (dropping the patients of
+/// partitions it lost; the [`sweep`] adopts and runs what is left unfinished), feeds their
+/// pending records into the patient map, and releases this node's copies of finished batches.
+/// A failed step is logged and the others go on.
 pub(super) fn run(ctx: &Context, owner: &Owner) {
     let mut last: Vec<Owned> = Vec::new();
     let mut cursor = 0i64;
     let mut next_full = Instant::now();
     let mut next_release = Instant::now();
     let mut failing = false;
+    let mut sweep_failing = false;
     while !ctx.shutdown.load(Ordering::Acquire) {
         let turn = (|| -> Result<(), ClusterError> {
             let owned = owner.outbox.stats.owned();
@@ -181,9 +188,19 @@ pub(super) fn run(ctx: &Context, owner: &Owner) {
                 next_full = Instant::now();
             }
             if Instant::now() >= next_full {
-                sweep(ctx, owner, &last)?;
                 cursor = 0;
                 next_full = Instant::now() + FULL_READ;
+                // Its failure (the database away, the lease lapsed) stops neither the feed nor
+                // the release; the next one tries again.
+                match sweep(ctx, owner, &last) {
+                    Ok(()) => sweep_failing = false,
+                    Err(e) => {
+                        if !sweep_failing {
+                            tracing::warn!(error = %e, "cluster owner side: could not look for unfinished batches; tried again");
+                        }
+                        sweep_failing = true;
+                    }
+                }
             }
             if !last.is_empty() {
                 cursor = feed(ctx, owner, &last, cursor)?;
@@ -256,7 +273,10 @@ fn sweep(ctx: &Context, owner: &Owner, owned: &[Owned]) -> Result<(), ClusterErr
                 partition: o.partition,
                 fencing: o.fencing,
             };
-            if lock(&owner.building).contains(&id) || batch::in_batches(ctx, &id) {
+            if lock(&owner.building).contains(&id)
+                || lock(&owner.finishing).contains(&id)
+                || batch::in_batches(ctx, &id)
+            {
                 if was_adopted {
                     tracing::info!(batch = %id, partition = o.partition, "cluster batch adopted under the new token");
                 }
@@ -317,12 +337,15 @@ fn feed(
             for (seq, p) in &rows {
                 cursor = cursor.max(*seq);
                 let uids = seen.entry(p.grouping_key.clone()).or_default();
-                // A newer copy of an instance in the map (a re-send) changes nothing here: a
-                // batch takes the newest copy, an expiry only the copies the map counted.
-                if !uids.contains_key(&p.sop_instance_uid) {
-                    uids.insert(p.sop_instance_uid.clone(), p.received_ms);
-                    let record = record_of(owner, p);
-                    map.insert(&p.grouping_key, record, now, &map.pin());
+                // A newer copy of an instance in the map (a re-send) is not added again: a
+                // batch takes the newest copy, an expiry every copy read so far.
+                match uids.get_mut(&p.sop_instance_uid) {
+                    Some(newest) => *newest = (*newest).max(p.received_ms),
+                    None => {
+                        uids.insert(p.sop_instance_uid.clone(), p.received_ms);
+                        let record = record_of(owner, p);
+                        map.insert(&p.grouping_key, record, now, &map.pin());
+                    }
                 }
             }
             Ok(rows.len() as i64)
@@ -435,6 +458,47 @@ pub(super) fn build(
         tracing::warn!(batch = %id, partition = cluster.partition, "the batch's partition moved to another node before it was assembled: that node runs it");
         return;
     };
+    let retry = |rows: Vec<Published>| {
+        ctx.retry_later(
+            ctx.backoff(1),
+            Job::Build {
+                id: id.clone(),
+                key: key.clone(),
+                cluster,
+                rows,
+                place,
+            },
+        );
+    };
+    // Asked again at every try: the batch may be done meanwhile (by this node: a sweep that
+    // listed it before it finished; or by another, the partition having moved away and back),
+    // and its rows may have changed (a re-send since makes its row pending again).
+    match holder(ctx, &id) {
+        Holder::Here => {}
+        Holder::Unknown => {
+            retry(rows);
+            return;
+        }
+        h @ (Holder::Done | Holder::Elsewhere) => {
+            lock(&owner.building).remove(&id);
+            tracing::info!(batch = %id, holder = ?h, "a cluster batch to assemble is done or another node's: not run here");
+            return;
+        }
+    }
+    let rows = match owner.with(|c| c.batch_records(&id)) {
+        Ok(r) if r.is_empty() => {
+            lock(&owner.building).remove(&id);
+            tracing::info!(batch = %id, "a cluster batch whose instances were all re-sent since: nothing left to run, done");
+            finish_or_later(ctx, &id, cluster);
+            return;
+        }
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(batch = %id, error = %e, "cannot read the cluster batch's rows yet; tried again");
+            retry(rows);
+            return;
+        }
+    };
     // The token held now (a rejoin raised it; the sweep adopts the batch under it).
     let cluster = ClusterBatch {
         partition: now.partition,
@@ -486,7 +550,8 @@ pub(super) enum Holder {
     /// ones left), or forgotten (done, and every copy released).
     Done,
     /// Another node: it adopted the batch while this node was away or paused (and runs it,
-    /// or ran it). This node's copies must not be processed or exported again.
+    /// or ran it), or owns its partition now and will adopt it. This node's copies must not
+    /// be processed or exported again.
     Elsewhere,
     /// The database cannot be asked now.
     Unknown,
@@ -498,9 +563,15 @@ pub(super) fn holder(ctx: &Context, id: &str) -> Holder {
     let Some(owner) = &ctx.owner else {
         return Holder::Here;
     };
-    match owner.with(|c| c.batch(id)) {
-        Ok(Some((_, node))) if node != owner.settings.node_id => Holder::Elsewhere,
-        Ok(Some((stage, _))) if stage != "done" => Holder::Here,
+    let me = owner.settings.node_id.as_str();
+    match owner.with(|c| c.batch_holder(id)) {
+        Ok(Some((_, node, _))) if node != me => Holder::Elsewhere,
+        // Its partition moved on (the new owner has not adopted it yet, and will): not this
+        // node's to run any more; the storing nodes keep their copies until it is done.
+        Ok(Some((stage, _, part))) if stage != "done" && part.as_deref() != Some(me) => {
+            Holder::Elsewhere
+        }
+        Ok(Some((stage, _, _))) if stage != "done" => Holder::Here,
         Ok(_) => Holder::Done,
         Err(e) => {
             tracing::warn!(batch = %id, error = %e, "cannot ask the cluster database who holds the batch; tried again");
@@ -555,17 +626,32 @@ pub(super) fn finish(ctx: &Context, id: &str, c: ClusterBatch) -> bool {
     }
 }
 
-/// [`finish`], or again after the outbox's first delay until it is done.
+/// [`finish`], or again after the outbox's first delay until it is done (one retry chain per
+/// batch: none is added while one waits).
 pub(super) fn finish_or_later(ctx: &Context, id: &str, c: ClusterBatch) {
-    if !finish(ctx, id, c) {
-        ctx.retry_later(
-            ctx.backoff(1),
-            Job::Finish {
-                id: id.to_string(),
-                cluster: c,
-            },
-        );
+    if finish(ctx, id, c) {
+        return;
     }
+    if let Some(o) = &ctx.owner {
+        if !lock(&o.finishing).insert(id.to_string()) {
+            return; // a retry waits already
+        }
+    }
+    ctx.retry_later(
+        ctx.backoff(1),
+        Job::Finish {
+            id: id.to_string(),
+            cluster: c,
+        },
+    );
+}
+
+/// A [`Job::Finish`] retry: [`finish_or_later`] again, as the batch's retry chain.
+pub(super) fn finish_again(ctx: &Context, id: &str, c: ClusterBatch) {
+    if let Some(o) = &ctx.owner {
+        lock(&o.finishing).remove(id);
+    }
+    finish_or_later(ctx, id, c);
 }
 
 /// Releases this node's copies of instances whose batch is done, then forgets their rows. A
