@@ -2806,3 +2806,83 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
         logs()
     );
 }
+
+/// Second review of the owner side: a node restarted (or resumed) while its batch's partition
+/// belongs to another node that has not adopted the batch yet found the batch still named for
+/// it, processed and exported it, and the new owner then ran it again. A batch whose
+/// partition another node owns is that node's now: deleted here, not run. The other node is
+/// made by hand (a live row, the partition under a new token) so that it never adopts.
+#[test]
+fn a_restarted_node_does_not_run_a_batch_whose_partition_another_node_owns_now() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let runs_log = tmp.path().join("runs.log");
+    let script = tmp.path().join("process.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\n\
+             echo \"start $1 $DICOMGATE_BATCH_ID $DICOMGATE_PATIENT_ID $(date +%s%N)\" >> {runs_log:?}\n\
+             sleep 3\n\
+             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n"
+        ),
+    )
+    .unwrap();
+    let out_dir = tmp.path().join("export");
+    let toml = format!(
+        "{}[[input]]\nname = \"all\"\nmin_instances = 2\n\
+         [processing]\ncommand = [\"sh\", {:?}, \"a\"]\ntimeout_seconds = 60\n\
+         [[export]]\nkind = \"folder\"\npath = {:?}\n",
+        cluster_toml(&pg, shared.path(), "a").replace("quiet_seconds = 600", "quiet_seconds = 1"),
+        script.display().to_string(),
+        out_dir.display().to_string()
+    );
+    let dir = shared.path().join("nodes").join("a");
+    let mut node = start_ready(&dir, &toml);
+    let files = tempfile::tempdir().unwrap();
+    let p0: Vec<PathBuf> = [0, 5]
+        .iter()
+        .map(|&i| mixed_instance(files.path(), i))
+        .collect();
+    assert!(storescu_status(&node, &p0).success(), "{}", node.log());
+    let runs = || runs_of(&std::fs::read_to_string(&runs_log).unwrap_or_default());
+    assert!(wait_until(30, || runs().len() == 1), "{}", node.log());
+    node.kill9();
+    let batch = runs()[0].batch.clone();
+    assert!(dir.join("batches").join(&batch).is_dir());
+    let part = partition_of(b"P0", 8) as i32;
+    pg.client()
+        .batch_execute(&format!(
+            "INSERT INTO dicomgate_nodes (node_id, lease_until)
+                 VALUES ('y', statement_timestamp() + interval '1 hour');
+             UPDATE dicomgate_partitions SET owner = 'y', fencing = fencing + 1
+                 WHERE partition = {part};"
+        ))
+        .unwrap();
+    node.restart();
+    assert!(
+        wait_until(30, || !dir.join("batches").join(&batch).exists()),
+        "{}",
+        node.log()
+    );
+    assert!(
+        node.log().contains("another node adopted"),
+        "{}",
+        node.log()
+    );
+    std::thread::sleep(Duration::from_secs(4)); // a run would have started, and ended
+    assert_eq!(runs().len(), 1, "{:?}\n{}", runs(), node.log());
+    assert!(files_under(&out_dir).is_empty(), "{}", node.log());
+    // The storing node (a) keeps its copies: the batch is not done.
+    assert_eq!(
+        dicomgate::storage::inventory::pending(&dir)
+            .unwrap()
+            .0
+            .len(),
+        2,
+        "{}",
+        node.log()
+    );
+}
