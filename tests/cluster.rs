@@ -1926,13 +1926,7 @@ fn a_patient_spread_over_three_nodes_is_processed_once_by_its_owner_with_all_its
         .iter()
         .map(|id| start_ready(&shared.path().join("nodes").join(id), &toml(id)))
         .collect();
-    let logs = || {
-        nodes
-            .iter()
-            .zip(ids)
-            .map(|(n, id)| format!("--- node {id}\n{}", n.log()))
-            .collect::<String>()
-    };
+    let logs = || node_logs(&nodes, &ids);
     let files = tempfile::tempdir().unwrap();
     let all = mixed_batch(files.path(), 0, 30);
     let to = |n: usize| -> Vec<PathBuf> {
@@ -2025,7 +2019,38 @@ fn a_patient_spread_over_three_nodes_is_processed_once_by_its_owner_with_all_its
     }
 }
 
-/// One run of the processing command, as `kill_test_script` logs it.
+/// A processing script in `dir` and the log it appends to: a line "start NODE BATCH PATIENT
+/// NS UID..." (`NODE` is its first argument, `NS` the time in nanoseconds, then the SOP
+/// Instance UIDs of its input), a pause of `sleep_s` seconds, a copy of its input to its
+/// output, and a line "end NODE BATCH NS" ([`runs_of`] reads them).
+fn runs_script(dir: &Path, sleep_s: u32) -> (PathBuf, PathBuf) {
+    let runs_log = dir.join("runs.log");
+    let script = dir.join("process.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\n\
+             uids=$(find \"$DICOMGATE_INPUT_DIR\" -name '*.dcm' | sed 's|.*/||; s|[.]dcm$||' | sort | tr '\\n' ' ')\n\
+             echo \"start $1 $DICOMGATE_BATCH_ID $DICOMGATE_PATIENT_ID $(date +%s%N) $uids\" >> {runs_log:?}\n\
+             sleep {sleep_s}\n\
+             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n\
+             echo \"end $1 $DICOMGATE_BATCH_ID $(date +%s%N)\" >> {runs_log:?}\n"
+        ),
+    )
+    .unwrap();
+    (script, runs_log)
+}
+
+/// The logs of `nodes` (named `ids`), one after the other.
+fn node_logs(nodes: &[common::Node], ids: &[&str]) -> String {
+    nodes
+        .iter()
+        .zip(ids)
+        .map(|(n, id)| format!("--- node {id}\n{}", n.log()))
+        .collect()
+}
+
+/// One run of the processing command, as [`runs_script`] logs it.
 #[derive(Debug, Clone)]
 struct Run {
     node: String,
@@ -2095,20 +2120,7 @@ fn kill_9_of_a_node_mid_load_moves_its_partitions_and_its_batch_and_every_instan
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let runs_log = tmp.path().join("runs.log");
-    let script = tmp.path().join("process.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nset -e\n\
-             uids=$(find \"$DICOMGATE_INPUT_DIR\" -name '*.dcm' | sed 's|.*/||; s|[.]dcm$||' | sort | tr '\\n' ' ')\n\
-             echo \"start $1 $DICOMGATE_BATCH_ID $DICOMGATE_PATIENT_ID $(date +%s%N) $uids\" >> {runs_log:?}\n\
-             sleep 2\n\
-             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n\
-             echo \"end $1 $DICOMGATE_BATCH_ID $(date +%s%N)\" >> {runs_log:?}\n"
-        ),
-    )
-    .unwrap();
+    let (script, runs_log) = runs_script(tmp.path(), 2);
     let pacs_port = free_port();
     let pacs_dir = tmp.path().join("pacs");
     let _pacs = storescp(&pacs_dir, pacs_port, "PACS");
@@ -2126,13 +2138,7 @@ fn kill_9_of_a_node_mid_load_moves_its_partitions_and_its_batch_and_every_instan
         .iter()
         .map(|id| start_ready(&shared.path().join("nodes").join(id), &toml(id)))
         .collect();
-    let logs = |nodes: &[Node]| {
-        nodes
-            .iter()
-            .zip(ids)
-            .map(|(n, id)| format!("--- node {id}\n{}", n.log()))
-            .collect::<String>()
-    };
+    let logs = |nodes: &[Node]| node_logs(nodes, &ids);
     let files = tempfile::tempdir().unwrap();
     let all: Vec<PathBuf> = (0..60)
         .map(|i| instance_of(files.path(), i, i % 2 == 1, 10))
@@ -2569,19 +2575,7 @@ fn a_deposed_owner_paused_past_its_lease_exports_nothing_of_the_batch_it_held() 
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let runs_log = tmp.path().join("runs.log");
-    let script = tmp.path().join("process.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nset -e\n\
-             echo \"start $1 $DICOMGATE_BATCH_ID $DICOMGATE_PATIENT_ID $(date +%s%N)\" >> {runs_log:?}\n\
-             sleep 4\n\
-             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n\
-             echo \"end $1 $DICOMGATE_BATCH_ID $(date +%s%N)\" >> {runs_log:?}\n"
-        ),
-    )
-    .unwrap();
+    let (script, runs_log) = runs_script(tmp.path(), 4);
     let out = |id: &str| tmp.path().join(format!("export-{id}"));
     let toml = |id: &str| {
         format!(
@@ -2599,13 +2593,7 @@ fn a_deposed_owner_paused_past_its_lease_exports_nothing_of_the_batch_it_held() 
         .iter()
         .map(|id| start_ready(&shared.path().join("nodes").join(id), &toml(id)))
         .collect();
-    let logs = || {
-        nodes
-            .iter()
-            .zip(ids)
-            .map(|(n, id)| format!("--- node {id}\n{}", n.log()))
-            .collect::<String>()
-    };
+    let logs = || node_logs(&nodes, &ids);
     assert!(
         wait_until(30, || sorted(counts(&owners(&pg), &ids)) == [4, 4]),
         "{:?}",
@@ -2699,17 +2687,7 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let runs_log = tmp.path().join("runs.log");
-    let script = tmp.path().join("process.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nset -e\n\
-             echo \"start $1 $DICOMGATE_BATCH_ID $DICOMGATE_PATIENT_ID $(date +%s%N)\" >> {runs_log:?}\n\
-             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n"
-        ),
-    )
-    .unwrap();
+    let (script, runs_log) = runs_script(tmp.path(), 0);
     let pacs_port = free_port();
     let pacs_dir = tmp.path().join("pacs");
     let _pacs = storescp(&pacs_dir, pacs_port, "PACS");
@@ -2727,13 +2705,7 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
         .iter()
         .map(|id| start_ready(&shared.path().join("nodes").join(id), &toml(id)))
         .collect();
-    let logs = || {
-        nodes
-            .iter()
-            .zip(ids)
-            .map(|(n, id)| format!("--- node {id}\n{}", n.log()))
-            .collect::<String>()
-    };
+    let logs = || node_logs(&nodes, &ids);
     let files = tempfile::tempdir().unwrap();
     let all = mixed_batch(files.path(), 0, 30);
     let part = |from: usize, to: usize, n: usize| -> Vec<PathBuf> {
@@ -2818,18 +2790,7 @@ fn a_restarted_node_does_not_run_a_batch_whose_partition_another_node_owns_now()
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let runs_log = tmp.path().join("runs.log");
-    let script = tmp.path().join("process.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nset -e\n\
-             echo \"start $1 $DICOMGATE_BATCH_ID $DICOMGATE_PATIENT_ID $(date +%s%N)\" >> {runs_log:?}\n\
-             sleep 3\n\
-             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n"
-        ),
-    )
-    .unwrap();
+    let (script, runs_log) = runs_script(tmp.path(), 3);
     let out_dir = tmp.path().join("export");
     let toml = format!(
         "{}[[input]]\nname = \"all\"\nmin_instances = 2\n\
