@@ -1469,16 +1469,6 @@ impl Config {
         self.validate_export_names()?;
         if let Some(c) = &self.cluster {
             c.validate(&self.node.data_dir)?;
-            // The owner side (issue 15 part 3) decides when a patient has been quiet at its
-            // owner; open associations are not reported across nodes yet.
-            if self.trigger.quiet_seconds <= 0.0 {
-                return err(
-                    "trigger.quiet_seconds = 0 with [cluster]: a clustered node evaluates a \
-                     patient once it has been quiet (the \"last association closed\" trigger \
-                     does not work across nodes yet); set quiet_seconds above 0 (default 60)"
-                        .into(),
-                );
-            }
             if let Some(i) = self.inputs.iter().position(|i| i.kind == InputKind::Priors) {
                 return err(format!(
                     "input {i}: kind = \"priors\" is not supported with [cluster] yet (a \

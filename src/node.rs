@@ -426,7 +426,10 @@ pub fn start_with(
     )?;
     watched.extend(pipeline_threads);
     // Now the `cluster` thread can describe a dead node's instances: it may take one over.
+    // And the recovery has queued what it found (the open associations a previous process
+    // reported are deleted once that is published).
     if let Some(o) = &outbox {
+        o.recovery_queued();
         o.set_foreign(Arc::new(pipeline::foreign::ForeignReader {
             pipeline: pipeline.clone(),
             node: config.node.clone(),

@@ -1038,11 +1038,12 @@ fn published_rows(
 
 /// A node's configuration in a cluster of `pg` and `shared` (8 partitions, 2 s leases; an
 /// instance above 4096 bytes is its own file, a smaller one a segment-log record; patients
-/// are evaluated after 600 s of quiet, so not in these tests unless one sets a shorter time).
+/// are evaluated after 600 s of quiet and not when their last association closes, so not in
+/// these tests unless one sets a shorter time or turns that trigger on).
 fn cluster_toml(pg: &Postgres, shared: &Path, node_id: &str) -> String {
     format!(
         "[http]\nlisten = \"127.0.0.1:0\"\n[storage]\ninline_max_bytes = 4096\n\
-         [trigger]\nquiet_seconds = 600\n\
+         [trigger]\nquiet_seconds = 600\non_association_close = false\n\
          [cluster]\npostgres = {:?}\nnode_id = {node_id:?}\nshared_dir = {:?}\npartitions = 8\n\
          lease_seconds = 2\n",
         pg.conninfo(),
@@ -1613,6 +1614,7 @@ fn the_cluster_database_is_reached_over_tls_verified_against_tls_ca() {
     let toml = |ca: &str| {
         format!(
             "[http]\nlisten = \"127.0.0.1:0\"\n[trigger]\nquiet_seconds = 600\n\
+             on_association_close = false\n\
              [cluster]\npostgres = {:?}\nnode_id = \"b\"\n\
              shared_dir = {:?}\npartitions = 8\nlease_seconds = 2\ntls_ca = {:?}\n\
              tls_certificate = {:?}\ntls_private_key = {:?}\npassword_file = {:?}\n",
@@ -2846,4 +2848,252 @@ fn a_restarted_node_does_not_run_a_batch_whose_partition_another_node_owns_now()
         "{}",
         node.log()
     );
+}
+
+/// Nodes `ids` on one database and shared folder, with the "last association closed" trigger
+/// alone (`quiet_seconds = 0`) and [`runs_script`] as processing, once the partitions are
+/// shared evenly; with the index of the node that owns patient P0's partition.
+struct CloseCluster {
+    pg: Postgres,
+    /// The nodes' folders (kept while they run).
+    _shared: tempfile::TempDir,
+    tmp: tempfile::TempDir,
+    nodes: Vec<common::Node>,
+    ids: Vec<&'static str>,
+    runs_log: PathBuf,
+    owner: usize,
+}
+
+impl CloseCluster {
+    fn start(ids: &[&'static str]) -> CloseCluster {
+        let pg = Postgres::start();
+        let shared = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let (script, runs_log) = runs_script(tmp.path(), 0);
+        let nodes: Vec<common::Node> = ids
+            .iter()
+            .map(|id| {
+                let toml = format!(
+                    "{}[processing]\ncommand = [\"sh\", {:?}, {id:?}]\ntimeout_seconds = 60\n",
+                    cluster_toml(&pg, shared.path(), id).replace(
+                        "quiet_seconds = 600\non_association_close = false",
+                        "quiet_seconds = 0\non_association_close = true",
+                    ),
+                    script.display().to_string()
+                );
+                start_ready(&shared.path().join("nodes").join(id), &toml)
+            })
+            .collect();
+        let even = if ids.len() == 3 {
+            vec![2, 3, 3]
+        } else {
+            vec![4, 4]
+        };
+        assert!(
+            common::wait_until(30, || sorted(counts(&owners(&pg), ids)) == even),
+            "{:?}",
+            owners(&pg)
+        );
+        let part = partition_of(b"P0", 8) as usize;
+        let owner = ids
+            .iter()
+            .position(|id| owners(&pg)[part].as_deref() == Some(*id))
+            .unwrap();
+        CloseCluster {
+            pg,
+            _shared: shared,
+            tmp,
+            nodes,
+            ids: ids.to_vec(),
+            runs_log,
+            owner,
+        }
+    }
+
+    fn logs(&self) -> String {
+        node_logs(&self.nodes, &self.ids)
+    }
+
+    fn runs(&self) -> Vec<Run> {
+        runs_of(&std::fs::read_to_string(&self.runs_log).unwrap_or_default())
+    }
+
+    /// Instances `from..to` of patient P0 (small ones).
+    fn p0(&self, from: u32, to: u32) -> Vec<PathBuf> {
+        (from..to)
+            .map(|i| instance_of(self.tmp.path(), i, false, 1))
+            .collect()
+    }
+
+    /// hold.py on node `n`: sends `first`, prints SENT and holds its association open until
+    /// [`CloseCluster::go`], then sends `rest` and releases.
+    fn hold(&self, n: usize, first: &[PathBuf], rest: &[PathBuf]) -> std::process::Child {
+        let mut child = common::python()
+            .arg(common::py_script("hold.py"))
+            .args([self.nodes[n].port().as_str(), "DICOMGATE"])
+            .arg(self.tmp.path().join("go"))
+            .arg(first.len().to_string())
+            .args(first)
+            .args(rest)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "SENT", "{}", self.logs());
+        child
+    }
+
+    fn go(&self) {
+        std::fs::write(self.tmp.path().join("go"), b"").unwrap();
+    }
+
+    /// Rows published for P0.
+    fn published(&self) -> i64 {
+        self.pg
+            .client()
+            .query_one(
+                "SELECT count(*) FROM dicomgate_instances WHERE grouping_key = $1",
+                &[&b"P0".as_slice()],
+            )
+            .unwrap()
+            .get(0)
+    }
+
+    /// P0's instances 0..4: two sent by hold.py to node `h`, which keeps its association open,
+    /// two by storescu to node `x`; returns them once all four are published and nothing was
+    /// processed a while after.
+    fn held_open(&self, h: usize, x: usize) -> (Vec<PathBuf>, std::process::Child) {
+        let files = self.p0(0, 4);
+        let hold = self.hold(h, &files[0..2], &[]);
+        assert!(common::storescu_status(&self.nodes[x], &files[2..4]).success());
+        assert!(
+            common::wait_until(20, || self.published() == 4),
+            "{}",
+            self.logs()
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(self.runs().is_empty(), "{:?}\n{}", self.runs(), self.logs());
+        (files, hold)
+    }
+
+    /// Asserts that P0 was processed once, on node `n`, with exactly `files`.
+    fn processed_once(&self, n: usize, files: &[PathBuf]) {
+        let runs = self.settled_runs();
+        assert_eq!(runs.len(), 1, "{runs:?}\n{}", self.logs());
+        assert_eq!(runs[0].node, self.ids[n], "{runs:?}");
+        assert_eq!(runs[0].uids, sop_uids(files), "{}", self.logs());
+    }
+
+    /// Waits for one run of P0 and a while more; returns every run.
+    fn settled_runs(&self) -> Vec<Run> {
+        assert!(
+            common::wait_until(40, || !self.runs().is_empty()),
+            "never processed\n{}",
+            self.logs()
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        self.runs()
+    }
+}
+
+/// Issue 15 item 3: the "last association closed" trigger across nodes. Patient P0 arrives
+/// at three nodes; an association at a node that does not own P0's partition stays open while
+/// the associations to the two others (the owner among them) close: nothing is processed.
+/// Once it closes, P0's owner processes it once, with all its instances.
+#[test]
+fn the_last_association_closed_at_any_node_triggers_the_patients_owner_once_every_node_closed() {
+    use common::*;
+    let c = CloseCluster::start(&["a", "b", "c"]);
+    let (x, h) = (c.owner, (c.owner + 1) % 3);
+    let y = 3 - x - h;
+    let files = c.p0(0, 6);
+    let mut hold = c.hold(h, &files[0..2], &files[4..6]);
+    assert!(storescu_status(&c.nodes[x], &files[2..3]).success());
+    assert!(storescu_status(&c.nodes[y], &files[3..4]).success());
+    // Long enough for every node's reports and the owner's reads (every 200 ms).
+    assert!(wait_until(20, || c.published() == 4), "{}", c.logs());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        c.runs().is_empty(),
+        "processed while an association at node {} was open: {:?}\n{}",
+        c.ids[h],
+        c.runs(),
+        c.logs()
+    );
+    c.go();
+    assert!(hold.wait().unwrap().success());
+    c.processed_once(x, &files);
+}
+
+/// Issue 15 item 3: the open associations of a dead node count as closed once it was taken
+/// over (what it acknowledged is published by then). The node holding P0's last open
+/// association is killed (-9): once its lease has run out and another node took it over, P0's
+/// owner processes it, with the dead node's instances read from its folder.
+#[test]
+fn an_association_open_at_a_node_killed_counts_as_closed_once_the_node_was_taken_over() {
+    let mut c = CloseCluster::start(&["a", "b"]);
+    let (x, h) = (c.owner, 1 - c.owner);
+    let (files, mut hold) = c.held_open(h, x);
+    c.nodes[h].kill9();
+    let _ = hold.kill();
+    let _ = hold.wait();
+    c.processed_once(x, &files);
+}
+
+/// Issue 15 item 3: a partition's new owner evaluates the patients it takes over that have no
+/// association open. P0's owner is killed (-9) while an association at the other node is open;
+/// that association closes before the partition has moved (nobody owns it to see the close):
+/// the node that takes the partition over processes P0, with the dead owner's instances.
+#[test]
+fn a_partitions_new_owner_evaluates_a_patient_whose_last_association_closed_between_owners() {
+    use common::*;
+    let mut c = CloseCluster::start(&["a", "b"]);
+    let (x, h) = (c.owner, 1 - c.owner);
+    let files = c.p0(0, 6);
+    let mut hold = c.hold(h, &files[0..2], &files[4..6]);
+    assert!(storescu_status(&c.nodes[x], &files[2..4]).success());
+    assert!(wait_until(20, || c.published() == 4), "{}", c.logs());
+    c.nodes[x].kill9();
+    c.go();
+    assert!(hold.wait().unwrap().success());
+    let part = partition_of(b"P0", 8) as usize;
+    assert!(
+        owners(&c.pg)[part].as_deref() != Some(c.ids[h]),
+        "the partition moved before the association closed: the test shows nothing"
+    );
+    c.processed_once(h, &files);
+}
+
+/// Issue 15 item 3, found while building the trigger: a patient sent in one short association
+/// (over before its owner looked at the open associations, every 200 ms) to a node that does
+/// not own it is processed too: instances its owner reads with no association open count as
+/// closed.
+#[test]
+fn a_patient_sent_in_one_short_association_to_a_node_that_does_not_own_it_is_processed() {
+    use common::*;
+    let c = CloseCluster::start(&["a", "b"]);
+    let (x, h) = (c.owner, 1 - c.owner);
+    let files = c.p0(0, 3);
+    assert!(storescu_status(&c.nodes[h], &files).success());
+    c.processed_once(x, &files);
+}
+
+/// Issue 15 item 3: a node's new process reports none of the associations its killed process
+/// had open (it deletes its node's rows first). The node holding P0's last open association is
+/// killed (-9) and started again at once, before its lease runs out: P0's owner then processes
+/// P0 (the row the dead process left would keep it open for as long as the node lives).
+#[test]
+fn a_restarted_node_reports_none_of_the_associations_its_killed_process_had_open() {
+    let mut c = CloseCluster::start(&["a", "b"]);
+    let (x, h) = (c.owner, 1 - c.owner);
+    let (files, mut hold) = c.held_open(h, x);
+    c.nodes[h].restart();
+    let _ = hold.kill();
+    let _ = hold.wait();
+    c.processed_once(x, &files);
 }

@@ -82,7 +82,7 @@ use postgres::{Client, GenericClient, NoTls};
 use sha2::{Digest, Sha256};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Versioned migrations, applied in order; each is applied once, in the transaction that
 /// records it. Never edit one that shipped: add the next.
@@ -102,6 +102,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         4,
         "owner side",
         include_str!("migrations/0004_owner_side.sql"),
+    ),
+    (
+        5,
+        "open associations",
+        include_str!("migrations/0005_open_associations.sql"),
     ),
 ];
 
@@ -1067,6 +1072,92 @@ impl Coordinator {
                 &[&batch_id],
             )?
             .map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Deletes this node's open-association rows but those of `keep` (what this process
+    /// wrote): what a previous process reported died with it.
+    pub fn clear_associations_except(&mut self, keep: &[Vec<u8>]) -> Result<()> {
+        self.client.execute(
+            "DELETE FROM dicomgate_associations
+             WHERE node_id = $1 AND NOT (grouping_key = ANY($2::bytea[]))",
+            &[&self.node_id, &keep],
+        )?;
+        Ok(())
+    }
+
+    /// Writes how many associations are open at this node per grouping key (each key once;
+    /// 0 deletes its row), in one transaction.
+    pub fn set_associations(&mut self, open: &[(Vec<u8>, u32)]) -> Result<()> {
+        let (mut keys, mut parts, mut counts, mut closed) = (vec![], vec![], vec![], vec![]);
+        for (key, n) in open {
+            if *n == 0 {
+                closed.push(key.clone());
+            } else {
+                keys.push(key.clone());
+                parts.push(partition_of(key, self.partitions) as i32);
+                counts.push(i32::try_from(*n).unwrap_or(i32::MAX));
+            }
+        }
+        let mut tx = self.client.transaction()?;
+        if !closed.is_empty() {
+            tx.execute(
+                "DELETE FROM dicomgate_associations
+                 WHERE node_id = $1 AND grouping_key = ANY($2::bytea[])",
+                &[&self.node_id, &closed],
+            )?;
+        }
+        if !keys.is_empty() {
+            tx.execute(
+                "INSERT INTO dicomgate_associations (node_id, grouping_key, partition, open)
+                 SELECT $1, k, p, n FROM unnest($2::bytea[], $3::integer[], $4::integer[])
+                     AS s(k, p, n)
+                 ON CONFLICT (node_id, grouping_key) DO UPDATE SET open = excluded.open",
+                &[&self.node_id, &keys, &parts, &counts],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The grouping keys of `partitions` with an association open at a node that is live, or
+    /// dead but not yet taken over (what it acknowledged may not all be published yet: see
+    /// [`Coordinator::next_takeover`]). The rows of a node that left with everything published,
+    /// or whose takeover finished, count as closed.
+    pub fn open_keys(&mut self, partitions: &[u32]) -> Result<Vec<Vec<u8>>> {
+        let parts: Vec<i32> = partitions.iter().map(|&p| p as i32).collect();
+        Ok(self
+            .client
+            .query(
+                "SELECT DISTINCT a.grouping_key FROM dicomgate_associations a
+                 JOIN dicomgate_nodes n ON n.node_id = a.node_id
+                 WHERE a.partition = ANY($1)
+                   AND (n.lease_until > statement_timestamp()
+                        OR n.taken_over IS DISTINCT FROM n.lease_until)",
+                &[&parts],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Every pending record of the patients `keys`, each with its publication number.
+    pub fn pending_of(&mut self, keys: &[Vec<u8>]) -> Result<Vec<(i64, Published)>> {
+        let parts: Vec<i32> = keys
+            .iter()
+            .map(|k| partition_of(k, self.partitions) as i32)
+            .collect();
+        let rows = self.client.query(
+            &format!(
+                "SELECT seq, {PUBLISHED_COLUMNS} FROM dicomgate_instances
+                 WHERE partition = ANY($2) AND grouping_key = ANY($1::bytea[])
+                   AND batch_id IS NULL"
+            ),
+            &[&keys, &parts],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(0), published_at(r, 1)))
+            .collect())
     }
 
     /// Writes this node's publication figures into its row, for every node's status page

@@ -1,7 +1,9 @@
 //! The publication outbox (issue 15 item 2): what this node acknowledged, on its way to the
 //! cluster database.
 //!
-//! Owns: the queue of acknowledged instances not yet published, the `cluster` thread that
+//! Owns: the queue of acknowledged instances not yet published, this node's open associations
+//! per patient and what the database has of them (`dicomgate_associations`, written in the
+//! rounds: [`Outbox::association_closed`]), the `cluster` thread that
 //! publishes them ([`Outbox::run`]: one transaction per round, at most [`ROUND_RECORDS`]
 //! records each) and renews the node's lease, and the counts the status page and `/metrics`
 //! show. Must never delay an acknowledgement (a store is answered after the node's own group
@@ -28,7 +30,7 @@
 //! would have published (same location, same `received_ms`), so the dead node coming back
 //! later, or two takers, change nothing.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -218,7 +220,44 @@ pub struct Outbox {
     /// Set by the node's stop once every thread that queues records (ingest, recovery) has
     /// ended: only then can a clean leave say that everything was published.
     producers_ended: AtomicBool,
+    /// Records ever queued, and ever published from the queue: a close is written once the
+    /// records queued before it are published ([`Outbox::association_closed`]).
+    queued: AtomicU64,
+    drained: AtomicU64,
+    associations: Mutex<Associations>,
     pub stats: OutboxStats,
+}
+
+/// Open associations at this node per grouping key, and what the cluster database has of them
+/// (`dicomgate_associations`).
+#[derive(Debug, Default)]
+struct Associations {
+    /// Associations open now that sent an instance of the key (no zeros).
+    open: HashMap<Vec<u8>, u32>,
+    /// What the database has (no zeros).
+    written: HashMap<Vec<u8>, u32>,
+    /// Keys whose count changed since it was written.
+    changed: HashMap<Vec<u8>, Change>,
+    /// Records queued and left out when the pipeline's recovery had queued what it found
+    /// ([`Outbox::recovery_queued`]): once those are published, the rows a previous process
+    /// of this node left are deleted.
+    recovered: Option<(u64, u64)>,
+    /// Those rows are deleted.
+    cleared: bool,
+}
+
+/// A change of a key's count not yet written.
+#[derive(Debug, Clone, Copy, Default)]
+struct Change {
+    /// Records queued, and records left out of the queue, at the last change: a fall is
+    /// written once all those are published.
+    queued: u64,
+    left_out: u64,
+    /// The highest count since the last write: an association that opened and closed between
+    /// two writes is written as open until its records are published.
+    peak: u32,
+    /// Counts the changes, so that a write only settles the change it read.
+    version: u64,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -248,6 +287,9 @@ impl Outbox {
             max_queued: max_queued.max(1),
             foreign: OnceLock::new(),
             producers_ended: AtomicBool::new(false),
+            queued: AtomicU64::new(0),
+            drained: AtomicU64::new(0),
+            associations: Mutex::new(Associations::default()),
             stats: OutboxStats::default(),
         })
     }
@@ -273,10 +315,126 @@ impl Outbox {
             record,
             acked_ms: now_ms(),
         });
+        self.queued.fetch_add(1, Ordering::AcqRel);
         drop(q);
         if ring {
             self.bell.ring();
         }
+    }
+
+    /// An association that is open at this node sent it its first instance of patient `key`
+    /// (call it before that instance is queued): the patient's owner counts it as open from
+    /// the round that publishes the instance on.
+    pub fn association_opened(&self, key: &[u8]) {
+        let mut a = lock(&self.associations);
+        let n = a.open.entry(key.to_vec()).or_default();
+        *n += 1;
+        let n = *n;
+        self.changed(&mut a, key, n);
+    }
+
+    /// An association that sent this node an instance of patient `key` closed. Written (and
+    /// the patient's owner told) only once every record queued before it is published, so an
+    /// owner that sees the last association of a patient closed finds its instances in the
+    /// database.
+    pub fn association_closed(&self, key: &[u8]) {
+        let mut a = lock(&self.associations);
+        let mut n = 0;
+        if let Some(c) = a.open.get_mut(key) {
+            *c = c.saturating_sub(1);
+            n = *c;
+            if n == 0 {
+                a.open.remove(key);
+            }
+        }
+        self.changed(&mut a, key, n);
+        drop(a);
+        self.bell.ring();
+    }
+
+    fn changed(&self, a: &mut Associations, key: &[u8], now: u32) {
+        let c = a.changed.entry(key.to_vec()).or_default();
+        c.queued = self.queued.load(Ordering::Acquire);
+        c.left_out = self.stats.left_out.load(Ordering::Acquire);
+        c.peak = c.peak.max(now);
+        c.version += 1;
+    }
+
+    /// Says that the pipeline's recovery has queued (or left out) every instance it found:
+    /// once those are published, the open associations a previous process of this node
+    /// reported are deleted (its associations died with it; its records are in the database
+    /// by then, so an owner that then sees a patient closed finds them).
+    pub fn recovery_queued(&self) {
+        let mut a = lock(&self.associations);
+        a.recovered = Some((
+            self.queued.load(Ordering::Acquire),
+            self.stats.left_out.load(Ordering::Acquire),
+        ));
+        drop(a);
+        self.bell.ring();
+    }
+
+    /// Writes the open-association counts that may be written: a rise at once (also the
+    /// highest count reached since the last write, when the association has closed again
+    /// meanwhile), a fall once the records queued or left out before it are published. Then,
+    /// once what the recovery queued is published, deletes the rows a previous process left.
+    fn write_associations(&self, c: &mut Coordinator) -> Result<(), ClusterError> {
+        let drained = self.drained.load(Ordering::Acquire);
+        let rescanned = self.stats.rescanned.load(Ordering::Acquire);
+        let published = |queued: u64, left_out: u64| queued <= drained && left_out <= rescanned;
+        let (writes, clear) = {
+            let a = lock(&self.associations);
+            let writes: Vec<(Vec<u8>, u32, u64)> = a
+                .changed
+                .iter()
+                .filter_map(|(key, ch)| {
+                    let now = a.open.get(key).copied().unwrap_or(0);
+                    let had = a.written.get(key).copied().unwrap_or(0);
+                    let rise = now.max(ch.peak);
+                    let target = match published(ch.queued, ch.left_out) {
+                        true => now,
+                        false if rise > had => rise,
+                        false => return None,
+                    };
+                    Some((key.clone(), target, ch.version))
+                })
+                .collect();
+            let clear = match (a.cleared, a.recovered) {
+                (false, Some((q, l))) if published(q, l) => {
+                    Some(a.written.keys().cloned().collect::<Vec<_>>())
+                }
+                _ => None,
+            };
+            (writes, clear)
+        };
+        if !writes.is_empty() {
+            let counts: Vec<(Vec<u8>, u32)> =
+                writes.iter().map(|(k, n, _)| (k.clone(), *n)).collect();
+            c.set_associations(&counts)?;
+            let mut a = lock(&self.associations);
+            for (key, n, version) in writes {
+                if n == 0 {
+                    a.written.remove(&key);
+                } else {
+                    a.written.insert(key.clone(), n);
+                }
+                let now = a.open.get(&key).copied().unwrap_or(0);
+                if let Some(ch) = a.changed.get_mut(&key) {
+                    if ch.version == version {
+                        if now == n {
+                            a.changed.remove(&key);
+                        } else {
+                            ch.peak = now;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(keep) = clear {
+            c.clear_associations_except(&keep)?;
+            lock(&self.associations).cleared = true;
+        }
+        Ok(())
     }
 
     /// Records waiting for publication.
@@ -438,7 +596,8 @@ impl Outbox {
         }
     }
 
-    /// One turn: the lease renewal when due, then one round of at most [`ROUND_RECORDS`].
+    /// One turn: the lease renewal when due, then one round of at most [`ROUND_RECORDS`], then
+    /// the open-association counts that may be written ([`Outbox::association_closed`]).
     fn round(
         &self,
         c: &mut Coordinator,
@@ -490,16 +649,19 @@ impl Outbox {
             .take(ROUND_RECORDS)
             .map(|q| q.record.clone())
             .collect();
-        if batch.is_empty() {
-            return Ok(());
+        // Rises before the records (an owner that reads a record finds its association open,
+        // since ingest counts an association before it queues the record), falls after.
+        self.write_associations(c)?;
+        if !batch.is_empty() {
+            c.publish(&batch)?;
+            lock(&self.queue).drain(..batch.len());
+            self.drained.fetch_add(batch.len() as u64, Ordering::AcqRel);
+            self.stats
+                .published
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         }
-        c.publish(&batch)?;
-        lock(&self.queue).drain(..batch.len());
-        self.stats
-            .published
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.write_associations(c)
     }
 
     /// One step of a takeover or rescan. With none under way (and `busy` false): every third

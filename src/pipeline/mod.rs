@@ -37,7 +37,7 @@ pub mod priors;
 pub mod process;
 pub mod rules;
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -865,10 +865,14 @@ fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
 }
 
 /// Ingest: drains its reactors' queues into the map. Keeps, per association, the patients it
-/// touched (by identity), so each (association, patient) pair counts once as open.
+/// touched (by identity), so each (association, patient) pair counts once as open. With
+/// `[cluster]` it only publishes, and reports each (association, patient) pair as open until
+/// the association closes (`owner::Owner::association_opened`).
 fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
     let p = &ctx.pipeline;
     let mut touched: HashMap<u64, Vec<Arc<Patient>>> = HashMap::new();
+    // With `[cluster]`: the grouping keys each open association sent (`owner` reports them).
+    let mut touched_keys: HashMap<u64, HashSet<Vec<u8>>> = HashMap::new();
     let on_close = ctx.config.trigger.on_association_close;
     loop {
         let mut any = false;
@@ -888,12 +892,22 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
                             record,
                             received_ms,
                         } = *arrival;
-                        p.publish(&key, &record, received_ms);
-                        if ctx.owner.is_some() {
+                        if let Some(owner) = &ctx.owner {
                             // With `[cluster]`: published only; its partition's owner reads
-                            // it into its map (`owner`).
+                            // it into its map (`owner`), and counts this node's association
+                            // as open on the patient (counted before the record is queued,
+                            // so never published after it).
+                            if association != 0 {
+                                let keys = touched_keys.entry(association).or_default();
+                                if !keys.contains(&key) {
+                                    owner.association_opened(&key);
+                                    keys.insert(key.clone());
+                                }
+                            }
+                            p.publish(&key, &record, received_ms);
                             continue;
                         }
+                        p.publish(&key, &record, received_ms);
                         // The arrival and the association are noted on the patient before the
                         // record is pushed, so a claim that takes the record sees both (expiry
                         // relies on it: `claim_expired`).
@@ -923,6 +937,12 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
                         }
                     }
                     Event::Closed { association } => {
+                        if let Some(owner) = &ctx.owner {
+                            for key in touched_keys.remove(&association).unwrap_or_default() {
+                                owner.association_closed(&key);
+                            }
+                            continue;
+                        }
                         let mut rung = false;
                         for patient in touched.remove(&association).unwrap_or_default() {
                             if patient.association_closed() && on_close {

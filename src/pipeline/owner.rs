@@ -22,9 +22,11 @@
 //!
 //! With `[cluster]`, what this node acknowledges does not enter its own patient map: it is
 //! published (`cluster::outbox`) and reaches the map of its partition's owner through the feed
-//! (this node's too, when it owns the partition). Triggers: a patient is evaluated once it has
-//! been quiet for `[trigger] quiet_seconds` at its owner (the "last association closed"
-//! trigger needs open associations reported across nodes, not built yet) or when forced.
+//! (this node's too, when it owns the partition). Triggers: a patient is evaluated once its
+//! last association closed, at whichever nodes it was sent to (each node reports its open
+//! associations per patient: [`Owner::association_opened`]; the owner follows them,
+//! `follow_associations`), once it has been quiet for `[trigger] quiet_seconds` at its owner,
+//! or when forced.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -37,7 +39,7 @@ use super::{now_ms, Context, Job, Who};
 use crate::cluster::outbox::{Outbox, Settings};
 use crate::cluster::{partition_of, BatchKind, ClusterError, Coordinator, Owned, Published};
 use crate::config::ExpireAction;
-use crate::patients::InstanceRecord;
+use crate::patients::{InstanceRecord, Patient};
 
 /// Records read per feed statement.
 const FEED_ROWS: i64 = 1000;
@@ -122,6 +124,18 @@ impl Owner {
         self.owned_partition(partition_of(key, self.settings.partitions))
     }
 
+    /// An association open at this node sent it its first instance of patient `key` (call it
+    /// before that instance is queued for publication: `Pipeline::publish`); reported to the
+    /// cluster database for the patient's owner ([`Outbox::association_opened`]).
+    pub(crate) fn association_opened(&self, key: &[u8]) {
+        self.outbox.association_opened(key);
+    }
+
+    /// That association closed ([`Outbox::association_closed`]).
+    pub(crate) fn association_closed(&self, key: &[u8]) {
+        self.outbox.association_closed(key);
+    }
+
     fn owned_partition(&self, partition: u32) -> Option<Owned> {
         self.outbox
             .stats
@@ -178,6 +192,7 @@ pub(super) fn run(ctx: &Context, owner: &Owner) {
     let mut next_release = Instant::now();
     let mut failing = false;
     let mut sweep_failing = false;
+    let mut associations = Associations::default();
     while !ctx.shutdown.load(Ordering::Acquire) {
         let turn = (|| -> Result<(), ClusterError> {
             let owned = owner.outbox.stats.owned();
@@ -203,7 +218,10 @@ pub(super) fn run(ctx: &Context, owner: &Owner) {
                 }
             }
             if !last.is_empty() {
-                cursor = feed(ctx, owner, &last, cursor)?;
+                cursor = feed(ctx, owner, &last, cursor, &mut associations.arrived)?;
+            }
+            if !last.is_empty() || !associations.open.is_empty() {
+                follow_associations(ctx, owner, &last, &mut associations)?;
             }
             if Instant::now() >= next_release {
                 release_finished(ctx, owner)?;
@@ -323,37 +341,158 @@ fn feed(
     owner: &Owner,
     owned: &[Owned],
     mut cursor: i64,
+    arrived: &mut HashSet<Vec<u8>>,
 ) -> Result<i64, ClusterError> {
     let parts: Vec<u32> = owned.iter().map(|o| o.partition).collect();
-    let map = &ctx.pipeline.map;
     loop {
         // The rows go into the map under the connection's lock, which claims take too: a
         // claim commits before this read (which then does not return its rows) or after
         // they are in the map, never between (its rows would come back as pending ghosts).
         let n = owner.with(|c| {
             let rows = c.pending_records(&parts, cursor, FEED_ROWS)?;
-            let now = now_ms();
-            let mut seen = lock(&owner.seen);
-            for (seq, p) in &rows {
-                cursor = cursor.max(*seq);
-                let uids = seen.entry(p.grouping_key.clone()).or_default();
-                // A newer copy of an instance in the map (a re-send) is not added again: a
-                // batch takes the newest copy, an expiry every copy read so far.
-                match uids.get_mut(&p.sop_instance_uid) {
-                    Some(newest) => *newest = (*newest).max(p.received_ms),
-                    None => {
-                        uids.insert(p.sop_instance_uid.clone(), p.received_ms);
-                        let record = record_of(owner, p);
-                        map.insert(&p.grouping_key, record, now, &map.pin());
-                    }
-                }
-            }
+            cursor = cursor.max(take_in(ctx, owner, &rows, arrived));
             Ok(rows.len() as i64)
         })?;
         if n < FEED_ROWS {
             return Ok(cursor);
         }
     }
+}
+
+/// Puts the pending records `rows` into the patient map, each instance once (call it under
+/// the connection's lock: [`feed`]), noting the keys of those added in `arrived`; returns the
+/// highest publication number among them.
+fn take_in(
+    ctx: &Context,
+    owner: &Owner,
+    rows: &[(i64, Published)],
+    arrived: &mut HashSet<Vec<u8>>,
+) -> i64 {
+    let map = &ctx.pipeline.map;
+    let now = now_ms();
+    let mut seen = lock(&owner.seen);
+    let mut highest = 0;
+    for (seq, p) in rows {
+        highest = highest.max(*seq);
+        let uids = seen.entry(p.grouping_key.clone()).or_default();
+        // A newer copy of an instance in the map (a re-send) is not added again: a batch
+        // takes the newest copy, an expiry every copy read so far.
+        match uids.get_mut(&p.sop_instance_uid) {
+            Some(newest) => *newest = (*newest).max(p.received_ms),
+            None => {
+                uids.insert(p.sop_instance_uid.clone(), p.received_ms);
+                let record = record_of(owner, p);
+                map.insert(&p.grouping_key, record, now, &map.pin());
+                if !arrived.contains(&p.grouping_key) {
+                    arrived.insert(p.grouping_key.clone());
+                }
+            }
+        }
+    }
+    highest
+}
+
+/// What the `owner` thread knows of the open associations of its patients across nodes.
+#[derive(Default)]
+struct Associations {
+    /// Patients with an association open at a live node, each counted as one open
+    /// association on the patient it was counted on (so that expiry and retirement wait).
+    open: HashMap<Vec<u8>, Arc<Patient>>,
+    /// Patients the feed added instances to since the last look (all of a partition just
+    /// taken over: those with no association open are evaluated, as a single node evaluates
+    /// what it recovers at start-up).
+    arrived: HashSet<Vec<u8>>,
+    /// Patients whose last association closed (or that got instances with none open), to be
+    /// read again and evaluated (kept until that worked).
+    closed: HashSet<Vec<u8>>,
+}
+
+/// Follows which patients of the owned partitions have an association open at a live node
+/// (`Coordinator::open_keys`: each node reports its own). A patient newly open counts one
+/// open association in the map; one whose last association closed, at whichever node (or
+/// whose node's lease ran out), has its pending records read again, which the storing node
+/// published before it reported the close, and is evaluated (`[trigger]
+/// on_association_close`): the "last association closed" trigger across nodes.
+fn follow_associations(
+    ctx: &Context,
+    owner: &Owner,
+    owned: &[Owned],
+    a: &mut Associations,
+) -> Result<(), ClusterError> {
+    let parts: HashSet<u32> = owned.iter().map(|o| o.partition).collect();
+    let open: HashSet<Vec<u8>> = match parts.is_empty() {
+        true => HashSet::new(),
+        false => {
+            let list: Vec<u32> = parts.iter().copied().collect();
+            owner.with(|c| c.open_keys(&list))?.into_iter().collect()
+        }
+    };
+    let map = &ctx.pipeline.map;
+    let of = |key: &[u8]| partition_of(key, owner.settings.partitions);
+    let on_close = ctx.config.trigger.on_association_close;
+    let mut rung = false;
+    {
+        let g = map.pin();
+        for key in &open {
+            // A patient retired while it was counted (it was empty) is counted again on the
+            // one that stands for its key now.
+            if a.open.get(key).is_some_and(|p| !p.is_retired(&g)) {
+                continue;
+            }
+            let patient = map.get_or_insert(key, now_ms(), &g);
+            patient.association_opened();
+            if let Some(old) = a.open.insert(key.clone(), patient) {
+                old.association_closed();
+            }
+        }
+        let closed: Vec<Vec<u8>> = a
+            .open
+            .keys()
+            .filter(|k| !open.contains(*k))
+            .cloned()
+            .collect();
+        for key in closed {
+            let Some(patient) = a.open.remove(&key) else {
+                continue;
+            };
+            if patient.association_closed() && on_close {
+                a.closed.insert(key);
+            }
+        }
+        // Instances whose associations closed before this look saw them open (a short one):
+        // closed as well. (An association is reported open before its first instance.)
+        for key in std::mem::take(&mut a.arrived) {
+            if on_close && !open.contains(&key) {
+                a.closed.insert(key);
+            }
+        }
+    }
+    // A partition lost meanwhile: its patients are its new owner's to evaluate.
+    a.closed
+        .retain(|k| parts.contains(&of(k)) && !open.contains(k));
+    if !a.closed.is_empty() {
+        let keys: Vec<Vec<u8>> = a.closed.iter().cloned().collect();
+        // In slices, so that claims waiting for the connection are not held up by a partition
+        // just taken over (all its patients are here).
+        for slice in keys.chunks(FEED_ROWS as usize) {
+            owner.with(|c| {
+                let rows = c.pending_of(slice)?;
+                take_in(ctx, owner, &rows, &mut HashSet::new());
+                Ok(())
+            })?;
+        }
+        let g = map.pin();
+        for key in a.closed.drain() {
+            if let Some(patient) = map.get(&key, &g) {
+                patient.request_evaluation();
+                rung = true;
+            }
+        }
+    }
+    if rung {
+        let _ = ctx.pipeline.checker_bell.try_send(());
+    }
+    Ok(())
 }
 
 /// A batch the checker claimed from the map (for processing, or `expire`): claimed in the
