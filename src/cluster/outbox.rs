@@ -399,12 +399,7 @@ impl Outbox {
                     Some((key.clone(), target, ch.version))
                 })
                 .collect();
-            let clear = match (a.cleared, a.recovered) {
-                (false, Some((q, l))) if published(q, l) => {
-                    Some(a.written.keys().cloned().collect::<Vec<_>>())
-                }
-                _ => None,
-            };
+            let clear = !a.cleared && a.recovered.is_some_and(|(q, l)| published(q, l));
             (writes, clear)
         };
         if !writes.is_empty() {
@@ -430,7 +425,10 @@ impl Outbox {
                 }
             }
         }
-        if let Some(keep) = clear {
+        if clear {
+            // What this process wrote, as of now (this call's writes included): only this
+            // thread writes, so nothing is added to it before the deletion.
+            let keep: Vec<Vec<u8>> = lock(&self.associations).written.keys().cloned().collect();
             c.clear_associations_except(&keep)?;
             lock(&self.associations).cleared = true;
         }
@@ -787,6 +785,9 @@ impl Outbox {
             return Ok(());
         };
         if !round.is_empty() {
+            // A rescan lists what is on disk, which may include instances whose open
+            // association ingest counted after this round's last write: rises first.
+            self.write_associations(c)?;
             c.publish(round)?;
         }
         let n = round.len() as u64;
