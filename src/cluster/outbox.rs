@@ -594,8 +594,9 @@ impl Outbox {
         }
     }
 
-    /// One turn: the lease renewal when due, then one round of at most [`ROUND_RECORDS`], then
-    /// the open-association counts that may be written ([`Outbox::association_closed`]).
+    /// One turn: the lease renewal when due, then one round of at most [`ROUND_RECORDS`], with
+    /// the open-association counts that may be written before and after it (rises before the
+    /// records, falls after: [`Outbox::association_closed`]).
     fn round(
         &self,
         c: &mut Coordinator,

@@ -395,8 +395,9 @@ fn take_in(
 /// What the `owner` thread knows of the open associations of its patients across nodes.
 #[derive(Default)]
 struct Associations {
-    /// Patients with an association open at a live node, each counted as one open
-    /// association on the patient it was counted on (so that expiry and retirement wait).
+    /// Patients with an association open at a node that is live or not yet taken over
+    /// (`Coordinator::open_keys`), each counted as one open association on the patient it was
+    /// counted on (so that expiry and retirement wait).
     open: HashMap<Vec<u8>, Arc<Patient>>,
     /// Patients the feed added instances to since the last look (all of a partition just
     /// taken over: those with no association open are evaluated, as a single node evaluates
@@ -407,10 +408,11 @@ struct Associations {
     closed: HashSet<Vec<u8>>,
 }
 
-/// Follows which patients of the owned partitions have an association open at a live node
-/// (`Coordinator::open_keys`: each node reports its own). A patient newly open counts one
-/// open association in the map; one whose last association closed, at whichever node (or
-/// whose node's lease ran out), has its pending records read again, which the storing node
+/// Follows which patients of the owned partitions have an association open at a node that is
+/// live or not yet taken over (`Coordinator::open_keys`: each node reports its own). A
+/// patient newly open counts one open association in the map; one whose last association
+/// closed, at whichever node (or whose dead node was taken over), or that got instances while
+/// none was open, has its pending records read again, which the storing node
 /// published before it reported the close, and is evaluated (`[trigger]
 /// on_association_close`): the "last association closed" trigger across nodes.
 fn follow_associations(
