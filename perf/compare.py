@@ -24,6 +24,10 @@ receiver's whole process tree from /proc, reaped children included), C-STORE lat
 Peak RSS: the largest sum of VmRSS over the receiver's process tree, sampled every 50 ms, or
 the main process's VmHWM if larger (shared pages of forked children count once per child). Each
 cell is the median of --runs runs against one receiver process; ratios are to dicomgate (fsync).
+The receivers of a cell take turns (all started first, run i begins with receiver i mod n), so
+a machine that drifts during the cell weighs on all of them alike; --no-interleave runs each
+receiver's runs back to back instead. The header gives the disk probe and a memory probe (the
+cost of a first write to a free page: perf/RESULTS.md, "the VM's memory").
 Not counted anywhere: kernel threads (jbd2 journal commits, writeback workers) that flush pages
 on the receivers' behalf.
 
@@ -196,6 +200,8 @@ def receiver_command(name, work, port):
             f.write(
                 f'[node]\nlisten = "127.0.0.1:{port}"\n{node_dir}'
                 + NODE_EXTRA.get("node", "")
+                # Any free port for the status page: receivers of a cell run side by side.
+                + '[http]\nlisten = "127.0.0.1:0"\n'
                 + f'[limits]\nmax_pdu_length = {MAX_PDU}\n'
                 # Every sender is one loopback address and one AE title: the per-address and
                 # per-AE limits (32 and 64 by default) would refuse scaling runs' senders.
@@ -289,9 +295,14 @@ class RssSampler(threading.Thread):
     def __init__(self, root):
         super().__init__(daemon=True)
         self.root, self.peak_kib, self.stop = root, 0, threading.Event()
+        # Set while this receiver is under load: idle receivers of an interleaved cell do not
+        # sample (each scan reads every process's /proc entry).
+        self.active = threading.Event()
 
     def run(self):
         while not self.stop.is_set():
+            if not self.active.wait(0.05):
+                continue
             total = sum(status_kib(p, "VmRSS") for p in tree_pids(self.root))
             self.peak_kib = max(self.peak_kib, total, status_kib(self.root, "VmHWM"))
             self.stop.wait(0.05)
@@ -343,132 +354,214 @@ def tree_cpu_ticks(root):
     return total
 
 
-def run_receiver(name, workload, senders, runs, window, log):
-    pixel_bytes, frames, per_sender = WORKLOADS[workload]
-    work = tempfile.mkdtemp(prefix=f"compare-{name}-", dir=os.environ.get("COMPARE_DIR"))
-    port = free_port()
-    argv, extra = receiver_command(name, work, port)
-    env = dict(os.environ, **extra)
-    out = open(os.path.join(work, "receiver.log"), "w")
-    proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            cwd=work, start_new_session=True)
-    results = []
-    rss = RssSampler(proc.pid)
-    db, stored = CLUSTER_DB.get(work), 0
-    try:
-        wait_port(port, proc)
-        deadline = time.monotonic() + 30
-        while db and not db.renewed():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: no lease renewal in 30 s (see {work})")
-            time.sleep(0.05)
-        rss.start()
-        time.sleep(0.3)
-        for _ in range(runs):
-            os.sync()  # each run starts with no dirty pages from the one before
-            c0 = tree_cpu_ticks(proc.pid)
-            if db and CATCH_UP:
-                # The database is down while the load runs: the node acknowledges locally,
-                # queues, and publishes once the database is back (the catch-up below).
-                db.stop_fast()
-            d0 = tree_cpu_ticks(db.postmaster()) if db and not CATCH_UP else 0
-            p0 = thread_cpu_ns(proc.pid, "cluster") if db else 0
-            r0 = os.times()
+class Receiver:
+    """One receiver process for one cell (workload × senders): started once, then any number
+    of runs of the load against it (`run_once`), then stopped (`close`: the cell's medians).
+    Several may be alive at once (`--interleave`): only the one under load samples its RSS."""
+
+    def __init__(self, name, workload, senders, window, log):
+        self.name, self.workload, self.senders, self.window, self.log = (
+            name, workload, senders, window, log)
+        self.work = tempfile.mkdtemp(prefix=f"compare-{name}-", dir=os.environ.get("COMPARE_DIR"))
+        self.port = free_port()
+        argv, extra = receiver_command(name, self.work, self.port)
+        env = dict(os.environ, **extra)
+        self.out = open(os.path.join(self.work, "receiver.log"), "w")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.out, stderr=subprocess.STDOUT,
+                                     cwd=self.work, start_new_session=True)
+        self.results = []
+        self.rss = RssSampler(self.proc.pid)
+        self.db, self.stored = CLUSTER_DB.get(self.work), 0
+        try:
+            wait_port(self.port, self.proc)
+            deadline = time.monotonic() + 30
+            while self.db and not self.db.renewed():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: no lease renewal in 30 s (see {self.work})")
+                time.sleep(0.05)
+            self.rss.start()
+            time.sleep(0.3)
+        except BaseException:
+            self.stop()
+            raise
+
+    def run_once(self):
+        name, workload, senders, db, proc = (
+            self.name, self.workload, self.senders, self.db, self.proc)
+        pixel_bytes, frames, per_sender = WORKLOADS[workload]
+        os.sync()  # each run starts with no dirty pages from the one before
+        c0 = tree_cpu_ticks(proc.pid)
+        if db and CATCH_UP:
+            # The database is down while the load runs: the node acknowledges locally,
+            # queues, and publishes once the database is back (the catch-up below).
+            db.stop_fast()
+        d0 = tree_cpu_ticks(db.postmaster()) if db and not CATCH_UP else 0
+        p0 = thread_cpu_ns(proc.pid, "cluster") if db else 0
+        r0 = os.times()
+        self.rss.active.set()
+        try:
             lg = subprocess.run(
-                [LOADGEN, f"127.0.0.1:{port}", "--associations", str(senders),
+                [LOADGEN, f"127.0.0.1:{self.port}", "--associations", str(senders),
                  "--instances", str(per_sender[senders]), "--pixel-bytes", str(pixel_bytes),
-                 "--frames", str(frames), "--window", str(window), "--max-pdu", str(MAX_PDU),
-                 "--json"],
+                 "--frames", str(frames), "--window", str(self.window), "--max-pdu",
+                 str(MAX_PDU), "--json"],
                 capture_output=True, text=True, timeout=900,
             )
-            r1, t1 = os.times(), time.monotonic()
-            if db:
-                # The database's CPU while the load ran (before the polls below, whose own
-                # backends would count), then how long until every acknowledged record is in
-                # it, after the loadgen's end.
-                if CATCH_UP:
-                    # From the database's start: the first rows (the node reconnects after its
-                    # back-off), then the rest; the rate is over rows after the first seen.
-                    db.start()
-                    t1, d0 = time.monotonic(), tree_cpu_ticks(db.postmaster())
-                    want = stored + json.loads(lg.stdout)["instances"]
-                    first = None
-                    while time.monotonic() < t1 + 120:
-                        have = db.rows()
-                        if first is None and have > stored:
-                            first = (time.monotonic(), have)
-                        if have >= want:
-                            break
-                    if first:
-                        last = time.monotonic()
-                        catch_up = (first[0] - t1, (want - first[1]) / max(last - first[0], 1e-3))
-                d1 = tree_cpu_ticks(db.postmaster())
-                p1 = thread_cpu_ns(proc.pid, "cluster")
-                stored += json.loads(lg.stdout)["instances"] if lg.returncode == 0 else 0
-                end = t1 + 120
-                while db.rows() < stored and time.monotonic() < end:
-                    time.sleep(0.02)
-                published_after = time.monotonic() - t1
-            time.sleep(0.3)  # forked children exit and are reaped after the release
-            c1 = tree_cpu_ticks(proc.pid)
-            if lg.returncode != 0:
-                raise RuntimeError(f"loadgen failed: {lg.stderr.strip()[-500:]}")
-            r = json.loads(lg.stdout)
-            n = max(r["instances"], 1)
-            r["server_cpu_us"] = (c1 - c0) / TCK * 1e6 / n
-            if db:
-                if db.rows() < stored:
-                    raise RuntimeError(f"only {db.rows()} of {stored} rows published in 120 s")
-                r["published_after_s"] = published_after
-                r["db_cpu_us"] = (d1 - d0) / TCK * 1e6 / n
-                # The node's own publishing: its `cluster` thread (part of server_cpu_us).
-                r["publish_cpu_us"] = (p1 - p0) / 1e3 / n
-                r["published_rows_per_s"] = r["instances"] / (r["seconds"] + published_after)
-                if CATCH_UP:
-                    # (seconds from the database's start to the first rows, rows/s after them)
-                    r["reconnect_s"], r["published_rows_per_s"] = catch_up
-            sender = (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system)
-            r["sender_cpu_us"] = sender * 1e6 / n
-            results.append(r)
-            print(f"  {name:15} {workload}/{senders}: {r['instances_per_s']:9.1f} inst/s "
-                  f"{r['mb_per_s']:8.1f} MB/s  server {r['server_cpu_us']:8.0f} us/inst",
-                  file=log, flush=True)
-    finally:
+        finally:
+            self.rss.active.clear()
+        r1, t1 = os.times(), time.monotonic()
+        if db:
+            # The database's CPU while the load ran (before the polls below, whose own
+            # backends would count), then how long until every acknowledged record is in
+            # it, after the loadgen's end.
+            if CATCH_UP:
+                # From the database's start: the first rows (the node reconnects after its
+                # back-off), then the rest; the rate is over rows after the first seen.
+                db.start()
+                t1, d0 = time.monotonic(), tree_cpu_ticks(db.postmaster())
+                want = self.stored + json.loads(lg.stdout)["instances"]
+                first = None
+                while time.monotonic() < t1 + 120:
+                    have = db.rows()
+                    if first is None and have > self.stored:
+                        first = (time.monotonic(), have)
+                    if have >= want:
+                        break
+                if first:
+                    last = time.monotonic()
+                    catch_up = (first[0] - t1, (want - first[1]) / max(last - first[0], 1e-3))
+            d1 = tree_cpu_ticks(db.postmaster())
+            p1 = thread_cpu_ns(proc.pid, "cluster")
+            self.stored += json.loads(lg.stdout)["instances"] if lg.returncode == 0 else 0
+            end = t1 + 120
+            while db.rows() < self.stored and time.monotonic() < end:
+                time.sleep(0.02)
+            published_after = time.monotonic() - t1
+        time.sleep(0.3)  # forked children exit and are reaped after the release
+        c1 = tree_cpu_ticks(proc.pid)
+        if lg.returncode != 0:
+            raise RuntimeError(f"loadgen failed: {lg.stderr.strip()[-500:]}")
+        r = json.loads(lg.stdout)
+        n = max(r["instances"], 1)
+        r["server_cpu_us"] = (c1 - c0) / TCK * 1e6 / n
+        if db:
+            if db.rows() < self.stored:
+                raise RuntimeError(f"only {db.rows()} of {self.stored} rows published in 120 s")
+            r["published_after_s"] = published_after
+            r["db_cpu_us"] = (d1 - d0) / TCK * 1e6 / n
+            # The node's own publishing: its `cluster` thread (part of server_cpu_us).
+            r["publish_cpu_us"] = (p1 - p0) / 1e3 / n
+            r["published_rows_per_s"] = r["instances"] / (r["seconds"] + published_after)
+            if CATCH_UP:
+                # (seconds from the database's start to the first rows, rows/s after them)
+                r["reconnect_s"], r["published_rows_per_s"] = catch_up
+        sender = (r1.children_user + r1.children_system) - (r0.children_user + r0.children_system)
+        r["sender_cpu_us"] = sender * 1e6 / n
+        self.results.append(r)
+        print(f"  {name:15} {workload}/{senders}: {r['instances_per_s']:9.1f} inst/s "
+              f"{r['mb_per_s']:8.1f} MB/s  server {r['server_cpu_us']:8.0f} us/inst",
+              file=self.log, flush=True)
+
+    def stop(self):
+        rss, proc = self.rss, self.proc
         rss.stop.set()
         if rss.is_alive():
             rss.join()
         rss.peak_kib = max(rss.peak_kib, status_kib(proc.pid, "VmHWM"))
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
+        except ProcessLookupError:
+            proc.wait()
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        out.close()
-        if db:
-            db.stop()
-            CLUSTER_DB.pop(work, None)
-        shutil.rmtree(work, ignore_errors=True)
-    peak_mb = rss.peak_kib / 1024
-    return {
-        "receiver": name,
-        "runs": results,
-        "instances_per_s": statistics.median(r["instances_per_s"] for r in results),
-        "mb_per_s": statistics.median(r["mb_per_s"] for r in results),
-        "server_cpu_us": statistics.median(r["server_cpu_us"] for r in results),
-        "sender_cpu_us": statistics.median(r["sender_cpu_us"] for r in results),
-        "p50_us": statistics.median(r["latency_us"]["p50"] for r in results),
-        "p99_us": statistics.median(r["latency_us"]["p99"] for r in results),
-        "peak_rss_mb": peak_mb,
-        **({
-            "db_cpu_us": statistics.median(r["db_cpu_us"] for r in results),
-            "publish_cpu_us": statistics.median(r["publish_cpu_us"] for r in results),
-            "published_after_s": statistics.median(r["published_after_s"] for r in results),
-            "published_rows_per_s": statistics.median(r["published_rows_per_s"] for r in results),
-            **({"reconnect_s": statistics.median(r["reconnect_s"] for r in results)}
-               if CATCH_UP else {}),
-        } if db else {}),
-    }
+        self.out.close()
+        if self.db:
+            self.db.stop()
+            CLUSTER_DB.pop(self.work, None)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def close(self):
+        """Stops the receiver; the cell's medians over its runs."""
+        self.stop()
+        results = self.results
+        if not results:
+            raise RuntimeError("no run completed")
+        return {
+            "receiver": self.name,
+            "runs": results,
+            "instances_per_s": statistics.median(r["instances_per_s"] for r in results),
+            "mb_per_s": statistics.median(r["mb_per_s"] for r in results),
+            "server_cpu_us": statistics.median(r["server_cpu_us"] for r in results),
+            "sender_cpu_us": statistics.median(r["sender_cpu_us"] for r in results),
+            "p50_us": statistics.median(r["latency_us"]["p50"] for r in results),
+            "p99_us": statistics.median(r["latency_us"]["p99"] for r in results),
+            "peak_rss_mb": self.rss.peak_kib / 1024,
+            **({
+                "db_cpu_us": statistics.median(r["db_cpu_us"] for r in results),
+                "publish_cpu_us": statistics.median(r["publish_cpu_us"] for r in results),
+                "published_after_s": statistics.median(r["published_after_s"] for r in results),
+                "published_rows_per_s": statistics.median(
+                    r["published_rows_per_s"] for r in results),
+                **({"reconnect_s": statistics.median(r["reconnect_s"] for r in results)}
+                   if CATCH_UP else {}),
+            } if self.db else {}),
+        }
+
+
+def run_receiver(name, workload, senders, runs, window, log):
+    """`runs` runs against one receiver, one after the other (perf/scaling.py)."""
+    rec = Receiver(name, workload, senders, window, log)
+    try:
+        for _ in range(runs):
+            rec.run_once()
+    except BaseException:
+        rec.stop()
+        raise
+    return rec.close()
+
+
+def run_cell(names, workload, senders, runs, window, interleave, log):
+    """The cell's rows. With `interleave`, every receiver is started first and the runs take
+    turns (run i starts with receiver i mod n), so a machine that drifts during the cell
+    (perf/RESULTS.md: this VM's memory) weighs on every receiver alike; otherwise each
+    receiver's runs follow one another, one receiver after the other."""
+    rows = []
+    if not interleave:
+        for name in names:
+            try:
+                rows.append(run_receiver(name, workload, senders, runs, window, log))
+            except Exception as e:  # one receiver failing does not lose the others' rows
+                print(f"  {name} {workload}/{senders}: FAILED: {e}", file=log, flush=True)
+        return rows
+    live = []
+    for name in names:
+        try:
+            live.append(Receiver(name, workload, senders, window, log))
+        except Exception as e:
+            print(f"  {name} {workload}/{senders}: FAILED to start: {e}", file=log, flush=True)
+    failed = set()
+    try:
+        for i in range(runs):
+            for k in range(len(live)):
+                rec = live[(i + k) % len(live)]
+                if rec.name in failed:
+                    continue
+                try:
+                    rec.run_once()
+                except Exception as e:
+                    print(f"  {rec.name} {workload}/{senders}: FAILED: {e}", file=log, flush=True)
+                    failed.add(rec.name)
+    finally:
+        for rec in live:
+            try:
+                row = rec.close()
+                if rec.name not in failed:
+                    rows.append(row)
+            except Exception as e:
+                print(f"  {rec.name} {workload}/{senders}: {e}", file=log, flush=True)
+    return rows
 
 
 def table(workload, senders, rows):
@@ -539,6 +632,28 @@ def probe(base):
         shutil.rmtree(d, ignore_errors=True)
 
 
+def memory_probe():
+    """µs per 4 KiB page of a first write to fresh anonymous memory, after a second of idle
+    (pages the kernel takes from its free lists; Python's loop adds ~0.1 µs).
+    In a VM whose balloon reports free pages to the host (this one: virtio_balloon with free
+    page reporting), the first figure includes the host's fault; every receiver's page cache
+    grows into such pages, so this is a floor under the cost of writing new data."""
+    import mmap
+    n, page = 1 << 30, 4096
+
+    def touch():
+        m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        t = time.perf_counter()
+        for off in range(0, n, page):
+            m[off] = 1
+        dt = time.perf_counter() - t
+        m.close()
+        return dt * 1e6 / (n // page)
+
+    time.sleep(1)
+    return {"fresh_us_per_page": touch()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workloads", default="tiny,ct,large")
@@ -549,6 +664,8 @@ def main():
     ap.add_argument("--json", help="also write every run's figures here")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-probe", action="store_true")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="each receiver's runs one after the other (the default takes turns)")
     ap.add_argument("--cluster-catch-up", action="store_true",
                     help="dicomgate-cluster: stop its database during each load, then time "
                          "the publication of the backlog once it is started again")
@@ -571,15 +688,16 @@ def main():
               f"p50 {p['fdatasync_4k_p50_ms']:.3f} ms; sequential write + one fdatasync "
               f"{p['seq_write_mb_per_s']:.0f} MB/s; overwriting allocated blocks, fdatasync "
               f"every 2 MB {p['overwrite_mb_per_s']:.0f} MB/s\n", flush=True)
+        m = memory_probe()
+        print(f"# memory probe: first write to 1 GiB of fresh anonymous memory {m['fresh_us_per_page']:.2f} µs "
+              f"per 4 KiB page (perf/RESULTS.md: this VM hands free memory "
+              f"back to its host, and a page taken again costs a fault there)\n", flush=True)
+        p.update(m)
         everything.append({"probe": p})
     for w in a.workloads.split(","):
         for s in (int(x) for x in a.senders.split(",")):
-            rows = []
-            for name in a.receivers.split(","):
-                try:
-                    rows.append(run_receiver(name, w, s, a.runs, a.window, sys.stderr))
-                except Exception as e:  # one receiver failing does not lose the others' rows
-                    print(f"  {name} {w}/{s}: FAILED: {e}", file=sys.stderr, flush=True)
+            rows = run_cell(a.receivers.split(","), w, s, a.runs, a.window, not a.no_interleave,
+                            sys.stderr)
             if rows:
                 print(table(w, s, rows) + "\n", flush=True)
                 for r in rows:
