@@ -9,6 +9,9 @@ every receiver). Receivers, each writing to a fresh folder on the same disk:
   dicomgate-syncfs release build, durability = "syncfs" (not in the default list)
   dicomgate-files  release build, fsync, inline_max_bytes = 0: every instance its own file, no
                    segment log (the storage path before issue 10; not in the default list)
+  dicomgate-inline-N  release build, fsync, inline_max_bytes = N (not in the default list):
+                   where the segment log should stop, e.g.
+                   --workloads mr,ct --receivers dicomgate-inline-65536,dicomgate-inline-262144,dicomgate
   dcmtk            /usr/bin/storescp --fork (Debian dcmtk), TCP_NODELAY=1
   dicom-rs         dicom-storescp -n (cargo install dicom-storescp)
   pynetdicom       python3 -m pynetdicom storescp
@@ -73,6 +76,7 @@ TCK = os.sysconf("SC_CLK_TCK")
 # name: (pixel bytes, frames, {senders: instances per sender})
 WORKLOADS = {
     "tiny": (16 * 16 * 2, 1, {1: 1000, 8: 250}),
+    "mr": (256 * 256 * 2, 1, {1: 500, 8: 125}),
     "ct": (512 * 512 * 2, 1, {1: 200, 8: 50}),
     "large": (512 * 512 * 2 * 100, 100, {1: 6, 8: 2}),
     # 40,000 tiny instances over 8 senders: a backlog for --cluster-catch-up to time.
@@ -185,8 +189,11 @@ def receiver_command(name, work, port):
     if name.startswith("dicomgate"):
         cfg = os.path.join(work, "node.toml")
         durability = {"dicomgate-none": "none", "dicomgate-syncfs": "syncfs"}.get(name, "fsync")
-        # dicomgate-files: every instance its own file (no segment log), as before issue 10.
+        # dicomgate-files: every instance its own file (no segment log), as before issue 10;
+        # dicomgate-inline-N: inline_max_bytes = N (fsync), for choosing its default.
         inline = "inline_max_bytes = 0\n" if name == "dicomgate-files" else ""
+        if name.startswith("dicomgate-inline-"):
+            inline = f"inline_max_bytes = {int(name.rsplit('-', 1)[1])}\n"
         node_dir, cluster = f'data_dir = "{data}"\n', ""
         if name == "dicomgate-cluster":
             db = CLUSTER_DB[work] = ClusterDb(work)

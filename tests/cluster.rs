@@ -957,6 +957,80 @@ fn a_join_moves_no_more_partitions_than_even_shares_need() {
     assert_eq!(moved, 1, "{before:?} -> {after:?}");
 }
 
+/// Whether `c` hears of another node's move within 5 s (a notification is delivered when
+/// the sender's transaction commits, so this is milliseconds).
+fn hears_a_move(c: &mut Coordinator) -> bool {
+    common::wait_until(5, || c.partitions_moved().unwrap())
+}
+
+/// A join, a give, a take and a clean leave are each heard by the other nodes (NOTIFY after
+/// the commit), not by the node that moved (b's own take is still queued when b listens
+/// next), and a rebalance that moved nothing is not heard.
+#[test]
+fn a_join_or_a_clean_leave_tells_the_other_nodes_to_rebalance_at_once() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(3600);
+    let mut a = node(&pg, "a", 8, lease);
+    assert!(
+        a.partitions_moved().unwrap(),
+        "the first call starts listening"
+    );
+    let mut b = Coordinator::connect(&pg.conninfo(), "b", 8, lease).unwrap();
+    assert!(b.partitions_moved().unwrap());
+    b.rebalance().unwrap(); // joins: takes nothing yet (a holds all 8, live)
+    assert!(hears_a_move(&mut a), "a does not hear b's join");
+    a.rebalance().unwrap(); // gives 4
+    assert_eq!(counts(&owners(&pg), &["a", "b"]), vec![4, 0]);
+    assert!(hears_a_move(&mut b), "b does not hear a's give");
+    b.rebalance().unwrap(); // takes them
+    assert_eq!(counts(&owners(&pg), &["a", "b"]), vec![4, 4]);
+    assert!(hears_a_move(&mut a), "a does not hear b's take");
+    a.rebalance().unwrap(); // nothing to move: no notification
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !b.partitions_moved().unwrap(),
+        "a rebalance that moved nothing was heard"
+    );
+    a.leave(true).unwrap();
+    assert!(hears_a_move(&mut b), "b does not hear a's leave");
+    b.rebalance().unwrap();
+    assert_eq!(counts(&owners(&pg), &["a", "b"]), vec![0, 8]);
+}
+
+/// On real nodes with a lease of an hour (a renewal every 20 minutes), a joining node gets its
+/// share and a leaving node's partitions are taken at once: the others rebalance when they
+/// hear of the move, not at their next renewal. Without that, each step below would wait 20
+/// minutes.
+#[test]
+fn partitions_move_when_a_node_joins_or_leaves_not_at_the_next_renewal() {
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let toml = |id: &str| {
+        cluster_toml(&pg, shared.path(), id).replace("lease_seconds = 2", "lease_seconds = 3600")
+    };
+    let dir = |id: &str| shared.path().join("nodes").join(id);
+    let a = start_ready(&dir("a"), &toml("a"));
+    assert!(
+        common::wait_until(20, || counts(&owners(&pg), &["a"]) == vec![8]),
+        "{:?}",
+        owners(&pg)
+    );
+    let b = start_ready(&dir("b"), &toml("b"));
+    assert!(
+        common::wait_until(30, || counts(&owners(&pg), &["a", "b"]) == vec![4, 4]),
+        "the join did not move partitions at once: {:?}\n{}",
+        owners(&pg),
+        b.log()
+    );
+    a.signal(rustix::process::Signal::TERM);
+    assert!(
+        common::wait_until(30, || counts(&owners(&pg), &["a", "b"]) == vec![0, 8]),
+        "the leave's partitions were not taken at once: {:?}\n{}",
+        owners(&pg),
+        b.log()
+    );
+}
+
 /// Takeover at the database (issue 15 item 2): a live node is never offered; a dead one is
 /// offered once its lease ran out more than a lease ago, to one taker at a time; a node that
 /// comes back during its takeover makes the taker's renewal and finish fail (so a later

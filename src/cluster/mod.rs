@@ -78,6 +78,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, GenericClient, NoTls};
 use sha2::{Digest, Sha256};
 
@@ -291,6 +292,8 @@ pub struct Coordinator {
     joined: bool,
     /// The lease its last committed rebalance set (database time).
     lease_until: Option<std::time::SystemTime>,
+    /// This connection has run `LISTEN` ([`Coordinator::partitions_moved`]).
+    listening: bool,
 }
 
 impl fmt::Debug for Coordinator {
@@ -459,6 +462,7 @@ impl Coordinator {
             lease,
             joined: false,
             lease_until: None,
+            listening: false,
         };
         c.ensure_partitions()?;
         Ok(c)
@@ -475,6 +479,7 @@ impl Coordinator {
         let mut client = open_client(db, self.lease)?;
         migrate(&mut client)?;
         self.client = client;
+        self.listening = false;
         self.ensure_partitions()
     }
 
@@ -561,7 +566,46 @@ impl Coordinator {
             &[&self.node_id, &self.lease.as_secs_f64(), &published_all],
         )?;
         tx.commit()?;
+        self.notify_moved();
         Ok(())
+    }
+
+    /// Tells the other nodes that this one moved partitions ([`Coordinator::partitions_moved`]),
+    /// after the change committed and in a statement of its own: a full notification queue
+    /// (PostgreSQL's is server-wide) or a server that refuses NOTIFY must not fail a renewal
+    /// or a leave, only make the others wait for their next renewal.
+    fn notify_moved(&mut self) {
+        if let Err(e) = self.client.execute(
+            "SELECT pg_notify('dicomgate_partitions', $1)",
+            &[&self.node_id],
+        ) {
+            tracing::debug!(error = %e, "cluster: could not tell the other nodes of a partition move");
+        }
+    }
+
+    /// Whether another node moved partitions since the last call (it joined, left, or its
+    /// rebalance gave or took some): then this node should rebalance now, not at its next
+    /// renewal, so that what a join or a clean leave frees is taken at once. Each such change
+    /// sends `NOTIFY dicomgate_partitions` with its node id when it commits (PostgreSQL's
+    /// LISTEN/NOTIFY). The first call on a connection starts listening and answers true
+    /// (what moved before is not known). It waits a millisecond at most for what the
+    /// connection has received.
+    pub fn partitions_moved(&mut self) -> Result<bool> {
+        if !self.listening {
+            self.client.batch_execute("LISTEN dicomgate_partitions")?;
+            self.listening = true;
+            return Ok(true);
+        }
+        let mut moved = false;
+        let mut pending = self.client.notifications();
+        // `iter()` polls the connection once without letting the client's runtime read the
+        // socket, so on an idle connection it finds only what an earlier statement already
+        // read; a timeout of a millisecond gives the runtime its turn.
+        let mut it = pending.timeout_iter(std::time::Duration::from_millis(1));
+        while let Some(n) = it.next()? {
+            moved |= n.payload() != self.node_id;
+        }
+        Ok(moved)
     }
 
     /// The live nodes, sorted by id.
@@ -599,6 +643,15 @@ impl Coordinator {
             "SELECT partition, owner FROM dicomgate_partitions ORDER BY partition FOR UPDATE",
             &[],
         )?;
+        // Not live before this renewal (new, restarted after its lease ran out, or back from a
+        // pause or a cut): it joins, which changes every quota even when it takes nothing yet.
+        let was_live = tx
+            .query_opt(
+                "SELECT lease_until > statement_timestamp() FROM dicomgate_nodes
+                 WHERE node_id = $1",
+                &[&me],
+            )?
+            .is_some_and(|r| r.get::<_, bool>(0));
         let lease_until: std::time::SystemTime = tx
             .query_one(
                 "INSERT INTO dicomgate_nodes (node_id, lease_until)
@@ -630,6 +683,7 @@ impl Coordinator {
             .collect();
         let owners: Vec<Option<String>> = rows.iter().map(|r| r.get(1)).collect();
         let partition = |i: &usize| -> i32 { rows[*i].get(0) };
+        let mut moved = !was_live;
         match plan(&me, &members, &owners) {
             Move::Give(n) => {
                 let mine: Vec<i32> = owners
@@ -662,6 +716,7 @@ impl Coordinator {
                      WHERE partition = ANY($1) AND owner = $2",
                     &[&give, &me],
                 )?;
+                moved |= !give.is_empty();
             }
             Move::Take(free) => {
                 let take: Vec<i32> = free.iter().map(partition).collect();
@@ -671,6 +726,7 @@ impl Coordinator {
                      WHERE partition = ANY($1)",
                     &[&take, &me],
                 )?;
+                moved = true;
             }
             Move::Keep => {}
         }
@@ -678,6 +734,9 @@ impl Coordinator {
         tx.commit()?;
         self.joined = true;
         self.lease_until = Some(lease_until);
+        if moved {
+            self.notify_moved();
+        }
         Ok(owned)
     }
 
@@ -1412,7 +1471,10 @@ fn plan(me: &str, members: &[(String, bool)], owners: &[Option<String>]) -> Move
         return Move::Give(mine - quota);
     }
     if mine < quota {
-        let free: Vec<usize> = owners
+        // Unowned partitions and those of nodes no longer members first; a member in its
+        // grace (lease ran out less than a lease ago) may still come back to them.
+        let member = |n: &str| members.iter().any(|(m, _)| m == n);
+        let (mut free, grace): (Vec<usize>, Vec<usize>) = owners
             .iter()
             .enumerate()
             .filter(|(_, o)| match o {
@@ -1420,8 +1482,9 @@ fn plan(me: &str, members: &[(String, bool)], owners: &[Option<String>]) -> Move
                 None => true,
             })
             .map(|(i, _)| i)
-            .take(quota - mine)
-            .collect();
+            .partition(|&i| owners[i].as_deref().is_none_or(|o| !member(o)));
+        free.extend(grace);
+        free.truncate(quota - mine);
         if !free.is_empty() {
             return Move::Take(free);
         }

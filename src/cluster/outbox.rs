@@ -489,6 +489,10 @@ impl Outbox {
         let mut stopping_since: Option<Instant> = None;
         let mut job: Option<Job> = None;
         let mut next_look = Instant::now();
+        // When to look for other nodes' partition moves next (every 100 ms at most: a look
+        // may wait a millisecond for the connection, which a busy round must not pay each
+        // time).
+        let mut next_listen = Instant::now();
         loop {
             if stop.load(Ordering::Acquire) {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
@@ -558,6 +562,20 @@ impl Outbox {
             let Some(c) = coordinator.as_mut() else {
                 continue; // not reached: connected above
             };
+            // Another node joined, left or moved partitions: rebalance now, not at the next
+            // renewal (what it freed is taken at once), unless this node is stopping (it would
+            // take what it is about to give up). Best effort: a failure to listen only costs
+            // the wait for the renewal (a broken connection fails the round below).
+            if Instant::now() >= next_listen {
+                next_listen = Instant::now() + Duration::from_millis(100);
+                match c.partitions_moved() {
+                    Ok(true) if !stop.load(Ordering::Acquire) => next_beat = Instant::now(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cluster: cannot listen for partition moves")
+                    }
+                }
+            }
             let turn = self.round(c, settings, &mut next_beat).and_then(|()| {
                 // This node's own records first: the others' (and a rescan) only while the
                 // database keeps up with them (less than a round waits).
