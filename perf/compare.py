@@ -10,8 +10,8 @@ every receiver). Receivers, each writing to a fresh folder on the same disk:
   dicomgate-files  release build, fsync, inline_max_bytes = 0: every instance its own file, no
                    segment log (the storage path before issue 10; not in the default list)
   dicomgate-inline-N  release build, fsync, inline_max_bytes = N (not in the default list):
-                   where the segment log should stop, e.g.
-                   --workloads mr,ct --receivers dicomgate-inline-65536,dicomgate-inline-262144,dicomgate
+                   where the segment log should stop, e.g. --workloads mr,ct,cr
+                   --receivers dicomgate-inline-65536,dicomgate-inline-262144,dicomgate
   dcmtk            /usr/bin/storescp --fork (Debian dcmtk), TCP_NODELAY=1
   dicom-rs         dicom-storescp -n (cargo install dicom-storescp)
   pynetdicom       python3 -m pynetdicom storescp
@@ -78,6 +78,7 @@ WORKLOADS = {
     "tiny": (16 * 16 * 2, 1, {1: 1000, 8: 250}),
     "mr": (256 * 256 * 2, 1, {1: 500, 8: 125}),
     "ct": (512 * 512 * 2, 1, {1: 200, 8: 50}),
+    "cr": (1024 * 1024 * 2, 1, {1: 60, 8: 15}),
     "large": (512 * 512 * 2 * 100, 100, {1: 6, 8: 2}),
     # 40,000 tiny instances over 8 senders: a backlog for --cluster-catch-up to time.
     "tiny-many": (16 * 16 * 2, 1, {1: 20000, 8: 5000}),
