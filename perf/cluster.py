@@ -118,6 +118,20 @@ class Node:
         self.log.close()
 
 
+def load_all(a, nodes):
+    """One loadgen per node, all at once; their JSON results, in the nodes' order."""
+    gens = [subprocess.Popen(
+        [compare.LOADGEN, f"127.0.0.1:{n.port}", "--associations", str(a.associations),
+         "--instances", str(a.instances), "--patients", str(a.patients),
+         "--pixel-bytes", "512", "--max-pdu", "65536", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in nodes]
+    outs = [g.communicate(timeout=900) for g in gens]
+    for g, (_, err) in zip(gens, outs):
+        if g.returncode != 0:
+            raise RuntimeError(f"loadgen failed: {err.strip()[-500:]}")
+    return [json.loads(out) for out, _ in outs]
+
+
 def one_run(a, log):
     work = tempfile.mkdtemp(prefix="cluster-bench-", dir=os.environ.get("COMPARE_DIR"))
     db, nodes = None, []
@@ -139,17 +153,8 @@ def one_run(a, log):
         cpu0 = {n.id: n.cpu() for n in nodes}
         d0 = compare.tree_cpu_ticks(db.postmaster())
         t_load = time.monotonic()
-        gens = [subprocess.Popen(
-            [compare.LOADGEN, f"127.0.0.1:{n.port}", "--associations", str(a.associations),
-             "--instances", str(a.instances), "--patients", str(a.patients),
-             "--pixel-bytes", "512", "--max-pdu", "65536", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in nodes]
-        outs = [g.communicate(timeout=900) for g in gens]
+        loads = load_all(a, nodes)
         t_end = time.monotonic()
-        for g, (out, err) in zip(gens, outs):
-            if g.returncode != 0:
-                raise RuntimeError(f"loadgen failed: {err.strip()[-500:]}")
-        loads = [json.loads(out) for out, _ in outs]
         d1 = compare.tree_cpu_ticks(db.postmaster())
         want = {n.id: l["instances"] for n, l in zip(nodes, loads)}
         last = {}
@@ -191,17 +196,8 @@ def one_run(a, log):
         # node at once, from the first new row seen to the last.
         base, n_before = rows_by_node(db), total
         db.stop_fast()
-        gens = [subprocess.Popen(
-            [compare.LOADGEN, f"127.0.0.1:{n.port}", "--associations", str(a.associations),
-             "--instances", str(a.instances), "--patients", str(a.patients),
-             "--pixel-bytes", "512", "--max-pdu", "65536", "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in nodes]
-        outs = [g.communicate(timeout=900) for g in gens]
-        for g, (out, err) in zip(gens, outs):
-            if g.returncode != 0:
-                raise RuntimeError(f"loadgen (database stopped) failed: {err.strip()[-500:]}")
-        backlog = {n.id: base.get(n.id, 0) + json.loads(out)["instances"]
-                   for n, (out, _) in zip(nodes, outs)}
+        backlog = {n.id: base.get(n.id, 0) + l["instances"]
+                   for n, l in zip(nodes, load_all(a, nodes))}
         cpu0 = {n.id: n.cpu() for n in nodes}
         db.start()
         t_db = time.monotonic()
