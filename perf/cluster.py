@@ -73,6 +73,11 @@ def balanced(own, nodes, partitions):
             and all(lo <= own.get(n, 0) <= lo + 1 for n in nodes))
 
 
+def released(own, node_id):
+    """Whether `node_id` owns nothing and every partition has an owner."""
+    return own.get(node_id, 0) == 0 and None not in own
+
+
 def wait_for(what, cond, seconds):
     t0 = time.monotonic()
     while time.monotonic() < t0 + seconds:
@@ -235,14 +240,13 @@ def one_run(a, log):
         t = time.monotonic()
         joined.stop(signal.SIGKILL)
         ids.pop()
-        t = wait_for("kill", lambda: (owners(db).get(joined.id, 0) == 0
-                                      and None not in owners(db)), 10 * a.lease_seconds + 30) - t
+        t = wait_for("kill", lambda: released(owners(db), joined.id),
+                     10 * a.lease_seconds + 30) - t
         r["kill_s"] = t
         leaver = nodes[1]
         t = time.monotonic()
         os.killpg(leaver.proc.pid, signal.SIGTERM)
-        t = wait_for("leave", lambda: owners(db).get(leaver.id, 0) == 0
-                     and None not in owners(db), 60) - t
+        t = wait_for("leave", lambda: released(owners(db), leaver.id), 60) - t
         r["leave_s"] = t
         print(f"  start {r['start_s']:.2f} s, {r['rows']} rows at {r['rows_per_s']:,.0f} rows/s "
               f"(database {r['db_cpu_us_per_row']:.0f} µs/row), backlog of {r['catch_up_rows']} at "

@@ -30,7 +30,7 @@ cell is the median of --runs runs against one receiver process; ratios are to di
 The receivers of a cell take turns (all started first, run i begins with receiver i mod n), so
 a machine that drifts during the cell weighs on all of them alike; --no-interleave runs each
 receiver's runs back to back instead. The header gives the disk probe and a memory probe (the
-cost of a first write to a free page: perf/RESULTS.md, "the VM's memory").
+cost of a first write to a free page: perf/RESULTS.md, "this VM's memory").
 Not counted anywhere: kernel threads (jbd2 journal commits, writeback workers) that flush pages
 on the receivers' behalf.
 
@@ -365,7 +365,8 @@ def tree_cpu_ticks(root):
 class Receiver:
     """One receiver process for one cell (workload × senders): started once, then any number
     of runs of the load against it (`run_once`), then stopped (`close`: the cell's medians).
-    Several may be alive at once (`--interleave`): only the one under load samples its RSS."""
+    Several may be alive at once (the default: receivers take turns): only the one under load
+    samples its RSS."""
 
     def __init__(self, name, workload, senders, window, log):
         self.name, self.workload, self.senders, self.window, self.log = (

@@ -957,8 +957,8 @@ fn a_join_moves_no_more_partitions_than_even_shares_need() {
     assert_eq!(moved, 1, "{before:?} -> {after:?}");
 }
 
-/// Whether `c` hears of another node's move within 5 s (a notification is delivered when
-/// the sender's transaction commits, so this is milliseconds).
+/// Whether `c` hears of another node's move within 5 s (the sender notifies right after its
+/// change committed, so this is milliseconds).
 fn hears_a_move(c: &mut Coordinator) -> bool {
     common::wait_until(5, || c.partitions_moved().unwrap())
 }

@@ -585,9 +585,9 @@ impl Coordinator {
 
     /// Whether another node moved partitions since the last call (it joined, left, or its
     /// rebalance gave or took some): then this node should rebalance now, not at its next
-    /// renewal, so that what a join or a clean leave frees is taken at once. Each such change
-    /// sends `NOTIFY dicomgate_partitions` with its node id when it commits (PostgreSQL's
-    /// LISTEN/NOTIFY). The first call on a connection starts listening and answers true
+    /// renewal, so that what a join or a clean leave frees is taken at once. Each such change,
+    /// once committed, sends `NOTIFY dicomgate_partitions` with its node id (PostgreSQL's
+    /// LISTEN/NOTIFY; [`Coordinator::notify_moved`]). The first call on a connection starts listening and answers true
     /// (what moved before is not known). It waits a millisecond at most for what the
     /// connection has received.
     pub fn partitions_moved(&mut self) -> Result<bool> {
@@ -685,13 +685,8 @@ impl Coordinator {
         let partition = |i: &usize| -> i32 { rows[*i].get(0) };
         let mut moved = !was_live;
         match plan(&me, &members, &owners) {
-            Move::Give(n) => {
-                let mine: Vec<i32> = owners
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, o)| o.as_deref() == Some(me.as_str()))
-                    .map(|(i, _)| partition(&i))
-                    .collect();
+            Move::Give { mine, n } => {
+                let mine: Vec<i32> = mine.iter().map(partition).collect();
                 // Hand over only partitions with no unfinished batch: the new owner would
                 // adopt one while this node still processes it. Busy ones go once their
                 // batches are done.
@@ -1453,8 +1448,12 @@ pub struct Takeover {
 /// What one rebalance of `me` changes ([`plan`]).
 #[derive(Debug, PartialEq, Eq)]
 enum Move {
-    /// Hand over this many of `me`'s partitions (it owns more than its quota).
-    Give(usize),
+    /// Hand over `n` of `me`'s partitions (`mine`: indexes into `owners`, in partition order),
+    /// the last first: it owns more than its quota.
+    Give {
+        mine: Vec<usize>,
+        n: usize,
+    },
     /// Take these partitions (indexes into `owners`): free, or owned by a node not live.
     Take(Vec<usize>),
     Keep,
@@ -1466,10 +1465,14 @@ enum Move {
 fn plan(me: &str, members: &[(String, bool)], owners: &[Option<String>]) -> Move {
     let live = |n: &str| members.iter().any(|(m, l)| m == n && *l);
     let quota = quota_of(me, members, owners);
-    let mine = owners.iter().filter(|o| o.as_deref() == Some(me)).count();
-    if mine > quota {
-        return Move::Give(mine - quota);
+    let mine: Vec<usize> = (0..owners.len())
+        .filter(|&i| owners[i].as_deref() == Some(me))
+        .collect();
+    if mine.len() > quota {
+        let n = mine.len() - quota;
+        return Move::Give { mine, n };
     }
+    let mine = mine.len();
     if mine < quota {
         // Unowned partitions and those of nodes no longer members first; a member in its
         // grace (lease ran out less than a lease ago) may still come back to them.
@@ -1590,10 +1593,7 @@ mod tests {
     /// One rebalance of `me` as [`Coordinator::rebalance`] applies [`plan`] (no batch busy).
     fn rebalance_once(me: &str, members: &[(String, bool)], owners: &mut [Option<String>]) {
         match plan(me, members, owners) {
-            Move::Give(n) => {
-                let mine: Vec<usize> = (0..owners.len())
-                    .filter(|&i| owners[i].as_deref() == Some(me))
-                    .collect();
+            Move::Give { mine, n } => {
                 for &i in mine.iter().rev().take(n) {
                     owners[i] = None;
                 }
