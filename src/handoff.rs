@@ -125,6 +125,8 @@ pub struct Handoff {
     /// Tells reactor `r` that its queue has room (wakes it).
     room: Arc<dyn Fn(usize) + Send + Sync>,
     doorbells: Vec<Arc<Doorbell>>,
+    /// Per reactor queue: its reactor has ended (nothing more is pushed on it).
+    ended: Vec<AtomicBool>,
 }
 
 impl std::fmt::Debug for Handoff {
@@ -152,7 +154,27 @@ impl Handoff {
             doorbells: (0..ingest_threads.max(1))
                 .map(|_| Arc::new(Doorbell::new()))
                 .collect(),
+            ended: (0..reactors).map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// Reactor `reactor` has ended: it pushes nothing more (its ingest thread may end once it
+    /// has drained the queue). Rings that ingest thread.
+    pub fn reactor_ended(&self, reactor: usize) {
+        if let Some(e) = self.ended.get(reactor) {
+            e.store(true, Ordering::Release);
+        }
+        self.ring(reactor);
+    }
+
+    /// Whether reactor `reactor` has ended and everything it pushed has been taken: an event
+    /// taken after this says true cannot exist.
+    pub fn finished(&self, reactor: usize) -> bool {
+        // The flag first: a push made before the reactor ended is then in the queue.
+        self.ended
+            .get(reactor)
+            .is_none_or(|e| e.load(Ordering::Acquire))
+            && self.backlog(reactor) == 0
     }
 
     /// Number of reactor queues.
@@ -271,6 +293,27 @@ mod tests {
         assert!(h.ingest_share(3).is_none());
         assert!(h.push(9, closed(1)).is_err());
         assert_eq!(Handoff::new(2, Arc::new(|_| {})).ingest_threads(), 1);
+    }
+
+    /// Found by reading (session 16): an ingest thread ended at the node's stop as soon as
+    /// its queues were empty, while its reactor could still acknowledge a store and hand it
+    /// off; that arrival never reached the map or the cluster outbox, whose clean leave then
+    /// said nothing was left unpublished. A queue is finished only once its reactor has ended
+    /// and everything it pushed was taken.
+    #[test]
+    fn a_queue_is_finished_only_once_its_reactor_ended_and_it_is_drained() {
+        let h = Handoff::new(2, Arc::new(|_| {}));
+        assert!(!h.finished(0), "empty, but its reactor still runs");
+        assert!(h.push(0, closed(1)).is_ok());
+        h.reactor_ended(0);
+        assert!(
+            !h.finished(0),
+            "its reactor ended with an event still queued"
+        );
+        assert!(h.pop(0).is_some());
+        assert!(h.finished(0));
+        assert!(!h.finished(1), "each queue has its own reactor");
+        assert!(h.finished(7), "no such queue: nothing to wait for");
     }
 
     /// Review of issue 14, defect D5: an instance whose values came from a partial scan (a

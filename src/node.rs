@@ -160,7 +160,7 @@ impl NodeHandle {
         // everything, which its clean leave records, is then final), or when only the time it
         // needs to publish what is queued and leave is left of the grace, whichever is first
         // (a thread blocked on a peer must not keep it from leaving the cluster).
-        let (cluster, mut threads): (Vec<_>, Vec<_>) = threads
+        let (cluster, threads): (Vec<_>, Vec<_>) = threads
             .into_iter()
             .partition(|t| t.thread().name() == Some("cluster"));
         let (cluster_stop, outbox) = (self.cluster_stop.clone(), self.pipeline.outbox().cloned());
@@ -177,19 +177,36 @@ impl NodeHandle {
         // pipeline worker, when an HTTP connection could be the one).
         let joining = Arc::new(Mutex::new(String::new()));
         let now_joining = joining.clone();
+        // The ingest threads first: each ends once its reactors have ended and it has taken
+        // all they handed off, so then nothing is queued for publication any more (a thread
+        // slow to end elsewhere, an owner's database round or an export, must not delay that).
+        let (ingest, others): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| {
+            t.thread()
+                .name()
+                .is_some_and(|n| n.starts_with(crate::pipeline::INGEST_THREAD))
+        });
+        let mut threads = ingest;
+        let producers_count = threads.len();
+        threads.extend(others);
         let joiner = std::thread::spawn(move || {
-            for t in threads.drain(..) {
+            for (i, t) in threads.drain(..).enumerate() {
                 if let Ok(mut n) = now_joining.lock() {
                     *n = t.thread().name().unwrap_or("unnamed").to_string();
                 }
                 let _ = t.join();
+                if i + 1 == producers_count {
+                    if let Some(o) = &producers {
+                        o.producers_ended();
+                    }
+                }
             }
-            // The others have ended: nothing releases log records any more, and nothing is
-            // queued for publication.
+            if producers_count == 0 {
+                if let Some(o) = &producers {
+                    o.producers_ended();
+                }
+            }
+            // The others have ended: nothing releases log records any more.
             log.retry_releases_at_stop();
-            if let Some(o) = &producers {
-                o.producers_ended();
-            }
             let _ = tx.send(false);
             for t in cluster {
                 if let Ok(mut n) = now_joining.lock() {

@@ -456,6 +456,7 @@ impl Outbox {
     /// Says that nothing will be queued any more (the node's stop, once ingest has ended).
     pub fn producers_ended(&self) {
         self.producers_ended.store(true, Ordering::Release);
+        self.bell.ring();
     }
 
     /// Whether this node has published everything it holds: nothing queued, nothing left out
@@ -497,10 +498,16 @@ impl Outbox {
             if stop.load(Ordering::Acquire) {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
                 let out_of_time = since.elapsed() >= STOP_PUBLISHING.min(settings.lease);
-                if self.pending() == 0 || coordinator.is_none() || broken || out_of_time {
+                // Told before ingest has ended (the node's stop tells it once only the time
+                // it needs is left of the grace), it goes on publishing and renewing until
+                // ingest has ended or its time is out: a leave before then could not say that
+                // everything acknowledged is published, and another node would take this one
+                // over for nothing.
+                let ended = self.producers_ended.load(Ordering::Acquire);
+                if (self.pending() == 0 && ended) || coordinator.is_none() || broken || out_of_time
+                {
                     if let Some(mut c) = coordinator.take().filter(|_| !broken) {
-                        let mut all =
-                            self.published_all() && self.producers_ended.load(Ordering::Acquire);
+                        let mut all = self.published_all() && ended;
                         // Left with everything published, nobody takes this node over: should
                         // it start again cut off from the database, it must not acknowledge
                         // what nobody would publish (`fence::LIVE_FILE`). Without its mark
@@ -511,6 +518,11 @@ impl Outbox {
                                 all = false;
                             }
                         }
+                        tracing::info!(
+                            published_all = all,
+                            "leaving the cluster (published_all: no other node needs to take \
+                             this one over)"
+                        );
                         if let Err(e) = c.leave(all) {
                             self.failed(&e);
                         }
@@ -606,7 +618,11 @@ impl Outbox {
                 let step = if job.is_some() { 20 } else { 200 };
                 self.bell
                     .wait(until_beat.min(Duration::from_millis(step)), || {
-                        stop.load(Ordering::Acquire) || !lock(&self.queue).is_empty()
+                        // Stopping, it waits only for ingest to end (`producers_ended`
+                        // rings).
+                        (stop.load(Ordering::Acquire)
+                            && self.producers_ended.load(Ordering::Acquire))
+                            || !lock(&self.queue).is_empty()
                     });
             }
         }

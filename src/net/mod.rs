@@ -293,13 +293,15 @@ pub fn spawn(
                     }
                     // Counted down however the reactor ends (a panic included), so a drain never
                     // waits for a reactor that is gone.
-                    struct Running<'a>(&'a AtomicUsize);
+                    // Its ingest thread is told too (it ends only after its reactors).
+                    struct Running<'a>(&'a Shared, usize);
                     impl Drop for Running<'_> {
                         fn drop(&mut self) {
-                            self.0.fetch_sub(1, Ordering::AcqRel);
+                            self.0.reactors_running.fetch_sub(1, Ordering::AcqRel);
+                            self.0.handoff.reactor_ended(self.1);
                         }
                     }
-                    let _running = Running(&shared.reactors_running);
+                    let _running = Running(&shared, i);
                     // Test-only fault injection, compiled into debug builds only (the ones the
                     // tests run; a release build has no such switch): with
                     // DICOMGATE_TEST_END_REACTOR=N, reactor N ends as soon as it starts, so

@@ -615,7 +615,7 @@ pub fn start(
         let ctx = ctx.clone();
         threads.push(
             std::thread::Builder::new()
-                .name(format!("ingest-{i}"))
+                .name(format!("{INGEST_THREAD}{i}"))
                 .spawn(move || ingest(&ctx, &owned, rx))?,
         );
     }
@@ -864,6 +864,9 @@ fn read_arrival(ctx: &Context, path: &Path) -> Option<(Arrival, u64)> {
     ))
 }
 
+/// The name of an ingest thread, before its number (the node's stop joins them first).
+pub const INGEST_THREAD: &str = "ingest-";
+
 /// Ingest: drains its reactors' queues into the map. Keeps, per association, the patients it
 /// touched (by identity), so each (association, patient) pair counts once as open. With
 /// `[cluster]` it only publishes, and reports each (association, patient) pair as open until
@@ -964,8 +967,10 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
         }
         drop(g);
         if !any {
-            if ctx.shutdown.load(Ordering::Acquire)
-                && owned.iter().all(|&r| p.handoff.backlog(r) == 0)
+            // Only once its reactors have ended too: an acknowledgement a reactor makes while
+            // the node stops still reaches the map and (with `[cluster]`) the outbox, whose
+            // clean leave says nothing acknowledged is left unpublished.
+            if ctx.shutdown.load(Ordering::Acquire) && owned.iter().all(|&r| p.handoff.finished(r))
             {
                 return;
             }

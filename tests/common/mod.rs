@@ -83,6 +83,15 @@ impl Node {
         Self::start_in(Some(data_dir), "", extra_toml)
     }
 
+    /// As [`Node::start_with_data_dir`], with `node_toml` added to `[node]`.
+    pub fn start_with_data_dir_and_node(
+        data_dir: &Path,
+        node_toml: &str,
+        extra_toml: &str,
+    ) -> Node {
+        Self::start_in(Some(data_dir), node_toml, extra_toml)
+    }
+
     fn start_in(data_dir: Option<&Path>, node_toml: &str, extra_toml: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
