@@ -26,7 +26,9 @@
 //! Segments are prepared ahead by the `log-prepare` thread: zero-filled while the log fills
 //! slowly (a 4 KiB write and fdatasync into written blocks costs ~0.16 ms here, ~0.49 ms into
 //! fallocated ones, perf/RESULTS.md), only fallocated when a segment filled within a second
-//! (bulk data, where zeroing first would halve the bandwidth). On a file system without
+//! (bulk data, where zeroing first would halve the bandwidth), then read into the page cache
+//! ahead ([`prefault`]: no I/O, no pages to allocate on the acknowledgement path). On a file
+//! system without
 //! `fallocate` (NFS before 4.2, ext3's block-mapped files, FUSE file systems that lack it) the
 //! spare is always zero-filled, and a segment made on the spot is a sparse file of its full
 //! size ([`Log::preallocate`]): holes read as zeros, which is what ends a scan, so recovery
