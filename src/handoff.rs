@@ -4,7 +4,8 @@
 //!
 //! Owns: the event types ([`Event`], [`Arrival`], [`Sender`]), the queues and their wake-ups
 //! ([`Handoff`]: a reactor pushes, its ingest thread pops; a full queue tells the reactor when
-//! it has room again), and [`Door`], the one question a reactor asks the rules (which inputs
+//! it has room again), whether each queue's reactor has ended and whether a stopping reactor
+//! gave events up (so a stop knows when ingest has seen everything), and [`Door`], the one question a reactor asks the rules (which inputs
 //! accept this instance, under which grouping key). Must never block a reactor (pushing is a
 //! lock-free `ArrayQueue` push; a full queue gives the event back), never drop an event, and
 //! never know the rules themselves: `pipeline/` implements [`Door`].
@@ -127,6 +128,8 @@ pub struct Handoff {
     doorbells: Vec<Arc<Doorbell>>,
     /// Per reactor queue: its reactor has ended (nothing more is pushed on it).
     ended: Vec<AtomicBool>,
+    /// A stopping reactor left events that it could not push ([`Handoff::gave_up`]).
+    gave_up: AtomicBool,
 }
 
 impl std::fmt::Debug for Handoff {
@@ -155,7 +158,20 @@ impl Handoff {
                 .map(|_| Arc::new(Doorbell::new()))
                 .collect(),
             ended: (0..reactors).map(|_| AtomicBool::new(false)).collect(),
+            gave_up: AtomicBool::new(false),
         }
+    }
+
+    /// A stopping reactor could not push every event it held (its queue stayed full): they
+    /// are lost to this run (a store it acknowledged is found on disk at the next start).
+    pub fn gave_up(&self) {
+        self.gave_up.store(true, Ordering::Release);
+    }
+
+    /// Whether every event pushed was taken and no reactor gave any up: at a stop, once the
+    /// ingest threads have ended, ingest saw every acknowledged store of this run.
+    pub fn all_taken(&self) -> bool {
+        !self.gave_up.load(Ordering::Acquire) && self.is_empty()
     }
 
     /// Reactor `reactor` has ended: it pushes nothing more (its ingest thread may end once it

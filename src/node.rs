@@ -156,10 +156,12 @@ impl NodeHandle {
         // is retried at the next start (its marker was not written).
         let mut threads: Vec<JoinHandle<()>> = self.threads.drain(..).collect();
         threads.extend(self.take_watched());
-        // The `cluster` thread last, told to stop once ingest has ended (whether it published
-        // everything, which its clean leave records, is then final), or when only the time it
-        // needs to publish what is queued and leave is left of the grace, whichever is first
-        // (a thread blocked on a peer must not keep it from leaving the cluster).
+        // The `cluster` thread last, told to stop once every other thread has ended, or when
+        // only the time it needs to publish what is queued and leave is left of the grace,
+        // whichever is first (a thread blocked on a peer must not keep it from leaving the
+        // cluster). Its leave says "nothing to take over" only once ingest has ended having
+        // seen every acknowledged store (`Outbox::producers_ended`, below), which it waits
+        // for while it has time.
         let (cluster, threads): (Vec<_>, Vec<_>) = threads
             .into_iter()
             .partition(|t| t.thread().name() == Some("cluster"));
@@ -185,25 +187,29 @@ impl NodeHandle {
                 .name()
                 .is_some_and(|n| n.starts_with(crate::pipeline::INGEST_THREAD))
         });
-        let mut threads = ingest;
-        let producers_count = threads.len();
-        threads.extend(others);
+        let handoff = self.shared.handoff.clone();
         let joiner = std::thread::spawn(move || {
-            for (i, t) in threads.drain(..).enumerate() {
+            let join = |t: JoinHandle<()>| {
                 if let Ok(mut n) = now_joining.lock() {
                     *n = t.thread().name().unwrap_or("unnamed").to_string();
                 }
-                let _ = t.join();
-                if i + 1 == producers_count {
-                    if let Some(o) = &producers {
-                        o.producers_ended();
-                    }
+                t.join().is_ok()
+            };
+            let mut ingest_ok = true;
+            for t in ingest {
+                ingest_ok &= join(t);
+            }
+            if let Some(o) = &producers {
+                // A panicked ingest thread, or a reactor that gave events up, may have left an
+                // acknowledged store unqueued: then the leave is one to take over.
+                if ingest_ok && handoff.all_taken() {
+                    o.producers_ended();
+                } else {
+                    tracing::warn!("ingest did not take every event at this stop: this node leaves the cluster as one to take over (its folder is published by another node)");
                 }
             }
-            if producers_count == 0 {
-                if let Some(o) = &producers {
-                    o.producers_ended();
-                }
+            for t in others {
+                join(t);
             }
             // The others have ended: nothing releases log records any more.
             log.retry_releases_at_stop();

@@ -2038,6 +2038,44 @@ fn a_clean_stop_leaves_the_cluster_cleanly_while_an_export_holds_a_worker() {
     assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
 }
 
+/// The other half of the fix above: ingest itself may end late, after the `cluster` thread
+/// has been told to stop (1 s into the grace). Here a connection still open when the drain
+/// ends (`drain_seconds = 1`) keeps a reactor running into the stop, and the debug build's
+/// `DICOMGATE_TEST_SLOW_REACTOR_END_MS` makes it end 1.8 s later. The thread used to leave at
+/// once, as a node to take over; it now publishes and renews until ingest has ended, then
+/// leaves cleanly.
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "needs the debug build's DICOMGATE_TEST_SLOW_REACTOR_END_MS"
+)]
+#[test]
+fn a_clean_stop_waits_for_ingest_to_end_before_it_leaves_the_cluster() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let mut a = Node::start_with_data_dir_and_node(
+        &shared.path().join("nodes").join("a"),
+        "drain_seconds = 1",
+        &cluster_toml(&pg, shared.path(), "a"),
+    );
+    a.restart_with_env(&[("DICOMGATE_TEST_SLOW_REACTOR_END_MS", "1800")]);
+    assert!(wait_until(20, || ready(&a)), "{}", a.log());
+    let files = tempfile::tempdir().unwrap();
+    let (ok, out) = dicomgate_store(&a, &mixed_batch(files.path(), 0, 4));
+    assert!(ok, "{out}\n{}", a.log());
+    assert!(
+        wait_until(20, || published_rows(&pg, "a").len() == 4),
+        "{}",
+        a.log()
+    );
+    // Open, silent: the drain ends with it still open.
+    let _open = std::net::TcpStream::connect(a.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    a.signal(rustix::process::Signal::TERM);
+    assert!(a.wait_exit(30).is_some(), "{}", a.log());
+    assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
+}
+
 /// Issue 15's two cases where nobody would take a node over (`cluster::fence`, its
 /// `cluster-live` mark): a node started with a new folder while the cluster database is away
 /// (the database does not know it yet), and one started again after a clean leave (its row

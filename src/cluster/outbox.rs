@@ -476,8 +476,10 @@ impl Outbox {
     /// The `cluster` thread: connects (retrying with backoff while the database is away),
     /// renews the node's lease every third of it ([`Coordinator::rebalance`], which also keeps
     /// the partition shares even), and publishes the queue in rounds. On `stop` it publishes
-    /// what is queued while the database answers (at most a lease), then leaves the cluster
-    /// (its partitions move at once) and returns. A failed round waits a growing backoff too
+    /// what is queued, and waits for ingest to end ([`Outbox::producers_ended`]), while the
+    /// database answers, for at most [`STOP_PUBLISHING`] or a lease, whichever is shorter;
+    /// then it leaves the cluster (its partitions move at once; "nothing to take over" only if
+    /// ingest ended and everything was published) and returns. A failed round waits a growing backoff too
     /// (reset once a round commits), so a database that accepts connections but refuses the
     /// statements is not hammered.
     pub fn run(&self, settings: &Settings, stop: &AtomicBool) {

@@ -317,6 +317,17 @@ pub fn spawn(
                     }
                     let mailboxes = shared.mailboxes.clone();
                     reactor::run(i, poll, &mailboxes, &shared);
+                    // Test-only, debug builds only: with DICOMGATE_TEST_SLOW_REACTOR_END_MS=N,
+                    // a reactor ended by the stop (not by a drain) takes N ms more to end, so
+                    // that ingest (which ends after its reactors) ends late (tests/cluster.rs).
+                    #[cfg(debug_assertions)]
+                    if let Some(ms) = std::env::var("DICOMGATE_TEST_SLOW_REACTOR_END_MS")
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .filter(|_| shared.shutdown.load(Ordering::Acquire))
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(ms));
+                    }
                 })?,
         );
     }

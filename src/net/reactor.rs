@@ -48,6 +48,10 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use super::{Mailbox, Shared};
+
+/// How long a stopping reactor waits for room in its handoff queue for the events left in its
+/// overflow ([`Reactor::hand_off_overflow_at_stop`]).
+const STOP_HAND_OFF: Duration = Duration::from_secs(1);
 use crate::config::Unmatched;
 use crate::dicom::tags;
 use crate::dimse::command::status;
@@ -150,6 +154,7 @@ pub fn run(id: usize, poll: Poll, mailboxes: &[Mailbox], shared: &Shared) {
     loop {
         if shared.shutdown.load(Ordering::Acquire) {
             r.close_all();
+            r.hand_off_overflow_at_stop();
             return;
         }
         if shared.draining.load(Ordering::Acquire)
@@ -390,6 +395,38 @@ impl Reactor<'_> {
             if self.conns[idx].is_some() {
                 self.drive(idx, now);
             }
+        }
+    }
+
+    /// At the node's stop, after [`Reactor::close_all`]: hands ingest what still waits in the
+    /// overflow (acknowledged stores among them, and the closes just made), retrying for at
+    /// most [`STOP_HAND_OFF`] while ingest makes room (it runs until this reactor has ended).
+    /// What is left then is said to the handoff ([`Handoff::gave_up`]), so the node's stop
+    /// does not say that every acknowledged store was published (a clean cluster leave would
+    /// then need no takeover).
+    ///
+    /// [`Handoff::gave_up`]: crate::handoff::Handoff::gave_up
+    fn hand_off_overflow_at_stop(&mut self) {
+        let deadline = Instant::now() + STOP_HAND_OFF;
+        while let Some(ev) = self.overflow.pop_front() {
+            if let Err(ev) = self.shared.handoff.push(self.id, ev) {
+                self.overflow.push_front(ev);
+                self.shared.handoff.ring(self.id);
+                if Instant::now() >= deadline {
+                    break;
+                }
+                // Only at a stop, for at most STOP_HAND_OFF: no poll loop in normal running.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if !self.overflow.is_empty() {
+            tracing::warn!(
+                reactor = self.id,
+                events = self.overflow.len(),
+                "stopping with events ingest did not take: acknowledged stores among them are \
+                 published at the next start"
+            );
+            self.shared.handoff.gave_up();
         }
     }
 

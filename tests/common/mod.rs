@@ -32,6 +32,13 @@ fn spawn(
         .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dicomgate"));
     cmd.args(["serve", "--config"]).arg(cfg);
+    // `KEY=VALUE` lines of `node.env` beside the config, if a test wrote one (a debug build's
+    // fault-injection switch for this node only: see `Node::restart_with_env`).
+    if let Ok(text) = std::fs::read_to_string(cfg.with_file_name("node.env")) {
+        for (k, v) in text.lines().filter_map(|l| l.split_once('=')) {
+            cmd.env(k, v);
+        }
+    }
     if let Some(a) = listen {
         cmd.arg("--listen").arg(a.to_string());
     }
@@ -169,6 +176,14 @@ impl Node {
         self.child = child;
         self.addr = addr;
         self.tls_addr = tls_addr;
+    }
+
+    /// Starts the node again (as [`Node::restart`]) with `vars` in its environment, and in that
+    /// of its later restarts.
+    pub fn restart_with_env(&mut self, vars: &[(&str, &str)]) {
+        let text: String = vars.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        std::fs::write(self._dir.path().join("node.env"), text).unwrap();
+        self.restart();
     }
 
     /// The directory holding the config and log (for test-side files such as a processing log).
