@@ -2170,24 +2170,7 @@ fn a_node_cut_off_from_the_database_when_new_or_after_a_clean_leave_acknowledges
 #[test]
 fn a_database_failover_to_a_synchronous_standby_loses_no_published_row_and_processes_each_patient_once(
 ) {
-    use common::*;
     let (primary, standby) = Postgres::start_with_sync_standby();
-    let shared = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let runs_log = tmp.path().join("runs.log");
-    let script = tmp.path().join("process.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nset -e\nn=$(find \"$DICOMGATE_INPUT_DIR\" -name '*.dcm' | wc -l)\n\
-             echo \"$DICOMGATE_PATIENT_ID $n\" >> {runs_log:?}\n\
-             cp -R \"$DICOMGATE_INPUT_DIR\"/. \"$DICOMGATE_OUTPUT_DIR\"/\n"
-        ),
-    )
-    .unwrap();
-    let pacs_port = free_port();
-    let pacs_dir = tmp.path().join("pacs");
-    let _pacs = storescp(&pacs_dir, pacs_port, "PACS");
     let both = format!(
         "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
         primary.socket_dir.display(),
@@ -2195,84 +2178,20 @@ fn a_database_failover_to_a_synchronous_standby_loses_no_published_row_and_proce
         primary.port,
         standby.port
     );
-    let toml = |id: &str| {
-        format!(
-            "{}[[input]]\nname = \"all\"\nmin_instances = 6\n\
-             [processing]\ncommand = [\"sh\", {:?}]\ntimeout_seconds = 60\n\
-             [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{pacs_port}\"\nae_title = \"PACS\"\n",
-            cluster_toml(&primary, shared.path(), id)
-                .replace(&primary.conninfo(), &both)
-                .replace("quiet_seconds = 600", "quiet_seconds = 1"),
-            script.display().to_string()
-        )
-    };
-    let ids = ["a", "b"];
-    let nodes: Vec<Node> = ids
-        .iter()
-        .map(|id| start_ready(&shared.path().join("nodes").join(id), &toml(id)))
-        .collect();
-    let logs = || node_logs(&nodes, &ids);
-    let files = tempfile::tempdir().unwrap();
-    // 5 patients × 6 instances (small and large alternately), each patient's spread over
-    // both nodes and over the failover: 3 of each before it, 3 during it.
-    let all = mixed_batch(files.path(), 0, 30);
-    let send = |from: usize, to: usize| {
-        for (n, node) in nodes.iter().enumerate() {
-            let part: Vec<PathBuf> = (from..to)
-                .filter(|i| i % 2 == n)
-                .map(|i| all[i].clone())
-                .collect();
-            let (ok, out) = dicomgate_store(node, &part);
-            assert!(ok, "{out}\n{}", logs());
-        }
-    };
-    send(0, 15);
-    let published = |pg: &Postgres| -> i64 {
-        pg.client()
-            .query_one("SELECT count(*) FROM dicomgate_instances", &[])
-            .unwrap()
-            .get(0)
-    };
-    assert!(wait_until(20, || published(&primary) == 15), "{}", logs());
-    primary.crash();
-    // Nobody takes writes now: still acknowledged, durably, on each node.
-    send(15, 30);
-    standby.promote();
-    let received = || files_under(&pacs_dir);
-    assert!(
-        wait_until(90, || received().len() == 30),
-        "storescp got {}\nruns: {}\n{}",
-        received().len(),
-        std::fs::read_to_string(&runs_log).unwrap_or_default(),
-        logs()
+    let logs = outage_mid_load(
+        &primary,
+        &both,
+        || primary.crash(),
+        || standby.promote(),
+        &standby,
     );
-    std::thread::sleep(Duration::from_secs(3));
     // Each node lost its connection and reached the promoted standby.
-    for (id, node) in ids.iter().zip(&nodes) {
+    for id in ["a", "b"] {
         assert!(
-            node.log()
-                .contains("connected to the cluster database again"),
-            "node {id} never reconnected\n{}",
-            logs()
+            logs.split("--- node ")
+                .any(|l| l.starts_with(id) && l.contains("connected to the cluster database again")),
+            "node {id} never reconnected\n{logs}"
         );
-    }
-    assert!(
-        wait_until(20, || published(&standby) == 0),
-        "rows not forgotten after their batches: {}",
-        logs()
-    );
-    let runs = std::fs::read_to_string(&runs_log).unwrap();
-    let mut per_patient: Vec<String> = runs.lines().map(str::to_string).collect();
-    per_patient.sort();
-    let expected: Vec<String> = (0..5).map(|p| format!("P{p} 6")).collect();
-    assert_eq!(per_patient, expected, "runs:\n{runs}\n{}", logs());
-    let by_uid: std::collections::BTreeMap<String, PathBuf> = received()
-        .into_iter()
-        .map(|p| (sop_uid_of(&p), p))
-        .collect();
-    for f in &all {
-        let got = by_uid.get(&sop_uid_of(f)).expect("instance delivered");
-        assert_eq!(data_set_of(f), data_set_of(got), "{}", f.display());
     }
 }
 
@@ -3073,8 +2992,32 @@ impl Drop for ContinueOnDrop {
 /// instances, exported byte-exact, and nothing is left pending or in the database.
 #[test]
 fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_once() {
-    use common::*;
     let pg = Postgres::start();
+    outage_mid_load(
+        &pg,
+        &pg.conninfo(),
+        || pg.stop(),
+        || {
+            std::thread::sleep(Duration::from_secs(3)); // past the lease, while it is away
+            pg.start_again();
+        },
+        &pg,
+    );
+}
+
+/// The scenario of the two tests above: two nodes on `pg` (reached by `conninfo`); 5
+/// patients × 6 instances spread over both; 3 of each patient's arrive, once published `down`
+/// takes the database away, the other 3 arrive (acknowledged locally), then `up` brings a
+/// database back, `after`: every patient is processed once with its 6 instances, exported
+/// byte-exact, and nothing is left pending on the nodes or in `after`. Returns the nodes' logs.
+fn outage_mid_load(
+    pg: &Postgres,
+    conninfo: &str,
+    down: impl FnOnce(),
+    up: impl FnOnce(),
+    after: &Postgres,
+) -> String {
+    use common::*;
     let shared = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (script, runs_log) = runs_script(tmp.path(), 0);
@@ -3086,7 +3029,9 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
             "{}[[input]]\nname = \"all\"\nmin_instances = 6\n\
              [processing]\ncommand = [\"sh\", {:?}, {id:?}]\ntimeout_seconds = 60\n\
              [[export]]\nkind = \"dicom\"\naddress = \"127.0.0.1:{pacs_port}\"\nae_title = \"PACS\"\n",
-            cluster_toml(&pg, shared.path(), id).replace("quiet_seconds = 600", "quiet_seconds = 1"),
+            cluster_toml(pg, shared.path(), id)
+                .replace(&pg.conninfo(), conninfo)
+                .replace("quiet_seconds = 600", "quiet_seconds = 1"),
             script.display().to_string()
         )
     };
@@ -3113,7 +3058,15 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
             logs()
         );
     }
-    pg.stop();
+    let published = |pg: &Postgres| -> i64 {
+        pg.client()
+            .query_one("SELECT count(*) FROM dicomgate_instances", &[])
+            .unwrap()
+            .get(0)
+    };
+    // Published before the outage (the failover's standby must have these rows).
+    assert!(wait_until(20, || published(pg) == 15), "{}", logs());
+    down();
     for (n, node) in nodes.iter().enumerate() {
         assert!(
             storescu_status(node, &part(15, 30, n)).success(),
@@ -3121,8 +3074,7 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
             logs()
         );
     }
-    std::thread::sleep(Duration::from_secs(3)); // past the lease, while the database is away
-    pg.start_again();
+    up();
     let received = || files_under(&pacs_dir);
     assert!(
         wait_until(90, || received().len() == 30),
@@ -3133,6 +3085,11 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
     );
     std::thread::sleep(Duration::from_secs(3));
     let runs = runs_of(&std::fs::read_to_string(&runs_log).unwrap());
+    assert!(
+        runs.iter().all(|r| r.uids.len() == 6),
+        "a patient processed without all 6 instances: {runs:?}\n{}",
+        logs()
+    );
     let mut patients: Vec<String> = runs.iter().map(|r| r.patient.clone()).collect();
     patients.sort();
     assert_eq!(
@@ -3158,7 +3115,7 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
             .map(|(e, _)| e.len())
             .unwrap_or(usize::MAX)
     };
-    let count = |sql: &str| -> i64 { pg.client().query_one(sql, &[]).unwrap().get(0) };
+    let count = |sql: &str| -> i64 { after.client().query_one(sql, &[]).unwrap().get(0) };
     assert!(
         wait_until(30, || ids.iter().all(|id| pending(id) == 0)
             && count("SELECT count(*) FROM dicomgate_instances") == 0),
@@ -3167,6 +3124,7 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
         count("SELECT count(*) FROM dicomgate_instances"),
         logs()
     );
+    logs()
 }
 
 /// Second review of the owner side: a node restarted (or resumed) while its batch's partition
