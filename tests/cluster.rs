@@ -2076,6 +2076,81 @@ fn a_clean_stop_waits_for_ingest_to_end_before_it_leaves_the_cluster() {
     assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
 }
 
+/// Review of the sixteenth session: a reactor stopping with events parked in its overflow
+/// (its handoff queue full) dropped them, acknowledged stores among them; ingest then drained
+/// the queue, and the node left the cluster saying everything was published. Here ingest
+/// stalls (the debug build's `DICOMGATE_TEST_INGEST_STALL_UNTIL_STOP_MS`) until the stop and
+/// 300 ms more, so both reactors' queues (4096 events each) fill and overflow under 8
+/// associations of tiny stores; the stop comes then. Now the stopping reactor hands its
+/// overflow to ingest once there is room: the leave is clean, and every acknowledged store
+/// is published.
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "needs the debug build's DICOMGATE_TEST_INGEST_STALL_UNTIL_STOP_MS"
+)]
+#[test]
+fn a_stopping_reactor_hands_its_overflow_to_ingest_and_every_acknowledged_store_is_published() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let mut a = Node::start_with_data_dir_and_node(
+        &shared.path().join("nodes").join("a"),
+        "drain_seconds = 1",
+        &cluster_toml(&pg, shared.path(), "a"),
+    );
+    a.restart_with_env(&[("DICOMGATE_TEST_INGEST_STALL_UNTIL_STOP_MS", "300")]);
+    assert!(wait_until(20, || ready(&a)), "{}", a.log());
+    let load = Command::new(env!("CARGO_BIN_EXE_dicomgate-loadgen"))
+        .arg(format!("127.0.0.1:{}", a.port()))
+        .args(["--associations", "8", "--instances", "1200", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stored = || -> u64 {
+        http_get(&http_of(&a), "/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix("dicomgate_instances_stored_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // Both queues full and reading paused: the count holds still above 2 × 4096.
+    let mut last = 0;
+    assert!(
+        wait_until(120, || {
+            let now = stored();
+            let still = now == last && now > 2 * 4096;
+            last = now;
+            std::thread::sleep(Duration::from_millis(500));
+            still
+        }),
+        "stored {last}\n{}",
+        a.log()
+    );
+    a.signal(rustix::process::Signal::TERM);
+    let out = load.wait_with_output().unwrap();
+    assert!(a.wait_exit(30).is_some(), "{}", a.log());
+    let json = String::from_utf8_lossy(&out.stdout);
+    let acknowledged: usize = json
+        .split("\"instances\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("loadgen said: {json}"));
+    assert!(acknowledged > 2 * 4096, "{json}");
+    assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
+    let mut published = 0;
+    assert!(
+        wait_until(10, || {
+            published = published_rows(&pg, "a").len();
+            published == acknowledged
+        }),
+        "{acknowledged} acknowledged, {published} published\n{}",
+        a.log()
+    );
+}
+
 /// Issue 15's two cases where nobody would take a node over (`cluster::fence`, its
 /// `cluster-live` mark): a node started with a new folder while the cluster database is away
 /// (the database does not know it yet), and one started again after a clean leave (its row

@@ -877,7 +877,22 @@ fn ingest(ctx: &Context, owned: &[usize], bell: Arc<Doorbell>) {
     // With `[cluster]`: the grouping keys each open association sent (`owner` reports them).
     let mut touched_keys: HashMap<u64, HashSet<Vec<u8>>> = HashMap::new();
     let on_close = ctx.config.trigger.on_association_close;
+    // Test-only, debug builds only: with DICOMGATE_TEST_INGEST_STALL_UNTIL_STOP_MS=N, ingest
+    // stops taking events at its first one until the node stops, then N ms more, so that the
+    // reactors' queues fill and overflow (tests/cluster.rs). A release build has no such switch.
+    #[cfg(debug_assertions)]
+    let mut stall = std::env::var("DICOMGATE_TEST_INGEST_STALL_UNTIL_STOP_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
     loop {
+        #[cfg(debug_assertions)]
+        if let Some(ms) = stall.filter(|_| owned.iter().any(|&r| p.handoff.backlog(r) > 0)) {
+            while !ctx.shutdown.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(Duration::from_millis(ms));
+            stall = None;
+        }
         let mut any = false;
         let g = p.map.pin();
         for &r in owned {
