@@ -5,8 +5,9 @@
 //! Owns: the event types ([`Event`], [`Arrival`], [`Sender`]), the queues and their wake-ups
 //! ([`Handoff`]: a reactor pushes, its ingest thread pops; a full queue tells the reactor when
 //! it has room again), whether each queue's reactor has ended and whether a stopping reactor
-//! gave events up (so a stop knows when ingest has seen everything), and [`Door`], the one question a reactor asks the rules (which inputs
-//! accept this instance, under which grouping key). Must never block a reactor (pushing is a
+//! gave events up (so a stop knows when ingest has seen everything), and [`Door`], the one
+//! question a reactor asks the rules (which inputs accept this instance, under which grouping
+//! key). Must never block a reactor (pushing is a
 //! lock-free `ArrayQueue` push; a full queue gives the event back), never drop an event, and
 //! never know the rules themselves: `pipeline/` implements [`Door`].
 //!

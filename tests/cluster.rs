@@ -2038,6 +2038,19 @@ fn a_clean_stop_leaves_the_cluster_cleanly_while_an_export_holds_a_worker() {
     assert_eq!(takeover_row(&pg, "a"), (true, None), "{}", a.log());
 }
 
+/// Cluster node `a` in `shared` with `drain_seconds = 1` and the debug build's fault-injection
+/// switch `var` set to `value`, once ready.
+fn node_with_switch(pg: &Postgres, shared: &Path, var: &str, value: &str) -> common::Node {
+    let mut a = common::Node::start_with_data_dir_and_node(
+        &shared.join("nodes").join("a"),
+        "drain_seconds = 1",
+        &cluster_toml(pg, shared, "a"),
+    );
+    a.restart_with_env(&[(var, value)]);
+    assert!(common::wait_until(20, || ready(&a)), "{}", a.log());
+    a
+}
+
 /// The other half of the fix above: ingest itself may end late, after the `cluster` thread
 /// has been told to stop (1 s into the grace). Here a connection still open when the drain
 /// ends (`drain_seconds = 1`) keeps a reactor running into the stop, and the debug build's
@@ -2053,13 +2066,12 @@ fn a_clean_stop_waits_for_ingest_to_end_before_it_leaves_the_cluster() {
     use common::*;
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
-    let mut a = Node::start_with_data_dir_and_node(
-        &shared.path().join("nodes").join("a"),
-        "drain_seconds = 1",
-        &cluster_toml(&pg, shared.path(), "a"),
+    let mut a = node_with_switch(
+        &pg,
+        shared.path(),
+        "DICOMGATE_TEST_SLOW_REACTOR_END_MS",
+        "1800",
     );
-    a.restart_with_env(&[("DICOMGATE_TEST_SLOW_REACTOR_END_MS", "1800")]);
-    assert!(wait_until(20, || ready(&a)), "{}", a.log());
     let files = tempfile::tempdir().unwrap();
     let (ok, out) = dicomgate_store(&a, &mixed_batch(files.path(), 0, 4));
     assert!(ok, "{out}\n{}", a.log());
@@ -2093,13 +2105,12 @@ fn a_stopping_reactor_hands_its_overflow_to_ingest_and_every_acknowledged_store_
     use common::*;
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
-    let mut a = Node::start_with_data_dir_and_node(
-        &shared.path().join("nodes").join("a"),
-        "drain_seconds = 1",
-        &cluster_toml(&pg, shared.path(), "a"),
+    let mut a = node_with_switch(
+        &pg,
+        shared.path(),
+        "DICOMGATE_TEST_INGEST_STALL_UNTIL_STOP_MS",
+        "300",
     );
-    a.restart_with_env(&[("DICOMGATE_TEST_INGEST_STALL_UNTIL_STOP_MS", "300")]);
-    assert!(wait_until(20, || ready(&a)), "{}", a.log());
     let load = Command::new(env!("CARGO_BIN_EXE_dicomgate-loadgen"))
         .arg(format!("127.0.0.1:{}", a.port()))
         .args(["--associations", "8", "--instances", "1200", "--json"])

@@ -479,9 +479,9 @@ impl Outbox {
     /// what is queued, and waits for ingest to end ([`Outbox::producers_ended`]), while the
     /// database answers, for at most [`STOP_PUBLISHING`] or a lease, whichever is shorter;
     /// then it leaves the cluster (its partitions move at once; "nothing to take over" only if
-    /// ingest ended and everything was published) and returns. A failed round waits a growing backoff too
-    /// (reset once a round commits), so a database that accepts connections but refuses the
-    /// statements is not hammered.
+    /// ingest ended and everything was published) and returns. A failed round waits a growing
+    /// backoff too (reset once a round commits), so a database that accepts connections but
+    /// refuses the statements is not hammered.
     pub fn run(&self, settings: &Settings, stop: &AtomicBool) {
         let mut coordinator: Option<Coordinator> = None;
         // Its connection failed: reconnected before its next use, as the same incarnation

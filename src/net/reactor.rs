@@ -48,10 +48,6 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use super::{Mailbox, Shared};
-
-/// How long a stopping reactor waits for room in its handoff queue for the events left in its
-/// overflow ([`Reactor::hand_off_overflow_at_stop`]).
-const STOP_HAND_OFF: Duration = Duration::from_secs(1);
 use crate::config::Unmatched;
 use crate::dicom::tags;
 use crate::dimse::command::status;
@@ -60,6 +56,10 @@ use crate::handoff::{Arrival, AtTheDoor, Event as PipelineEvent};
 use crate::storage::{FileMeta, Job, ReplyTo, StoreJob, StreamFile, WriteJob};
 use crate::ul;
 use std::sync::Arc;
+
+/// How long a stopping reactor waits for room in its handoff queue for the events left in its
+/// overflow ([`Reactor::hand_off_overflow_at_stop`]).
+const STOP_HAND_OFF: Duration = Duration::from_secs(1);
 
 pub const WAKER: Token = Token(usize::MAX);
 
