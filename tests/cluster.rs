@@ -108,6 +108,83 @@ impl Postgres {
         let mut primary = Postgres::init(5432);
         primary.extra_opts = "-c synchronous_standby_names=standby -c synchronous_commit=on".into();
         primary.start_again();
+        let standby = primary.standby(&format!(
+            "host={} port={}",
+            primary.socket_dir.display(),
+            primary.port
+        ));
+        let synchronous = || {
+            primary
+                .client()
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_replication \
+                     WHERE application_name = 'standby' AND sync_state = 'sync'",
+                    &[],
+                )
+                .unwrap()
+                .is_some()
+        };
+        assert!(
+            common::wait_until(30, synchronous),
+            "the standby does not stream synchronously"
+        );
+        (primary, standby)
+    }
+
+    /// A primary and its asynchronous standby, which streams from it through a TCP proxy the
+    /// test can cut: what the primary commits after [`Cuttable::cut`] never reaches the
+    /// standby (as when a primary dies before its asynchronous standby received its last
+    /// commits). Returned once the standby streams.
+    fn start_with_cuttable_async_standby() -> (Postgres, Postgres, Cuttable) {
+        let primary = Postgres::start();
+        let link = Cuttable::new(&primary);
+        let standby = primary.standby(&format!("host=127.0.0.1 port={}", link.port));
+        let streaming = || {
+            primary
+                .client()
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_replication \
+                     WHERE application_name = 'standby' AND state = 'streaming'",
+                    &[],
+                )
+                .unwrap()
+                .is_some()
+        };
+        assert!(
+            common::wait_until(30, streaming),
+            "the standby does not stream"
+        );
+        (primary, standby, link)
+    }
+
+    /// Waits until `standby` has replayed everything this server (its primary) has written
+    /// so far.
+    fn wait_replayed_by(&self, standby: &Postgres) {
+        let lsn: String = self
+            .client()
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .unwrap()
+            .get(0);
+        let replayed = || {
+            standby
+                .client()
+                .query_one(
+                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                    &[&lsn],
+                )
+                .unwrap()
+                .get::<_, bool>(0)
+        };
+        assert!(
+            common::wait_until(30, replayed),
+            "the standby did not replay up to {lsn}"
+        );
+    }
+
+    /// A streaming standby of this server, made by `pg_basebackup`, reaching it by
+    /// `conninfo` (host and port) as `standby`; started.
+    fn standby(&self, conninfo: &str) -> Postgres {
+        let primary = self;
         let dir = tempfile::tempdir().unwrap();
         let standby = Postgres {
             socket_dir: dir.path().to_path_buf(),
@@ -150,29 +227,12 @@ impl Postgres {
         let mut auto =
             std::fs::read_to_string(standby.data.join("postgresql.auto.conf")).unwrap_or_default();
         auto.push_str(&format!(
-            "primary_conninfo = 'host={} port={} user=postgres application_name=standby'\n",
-            primary.socket_dir.display(),
-            primary.port
+            "primary_conninfo = '{conninfo} user=postgres application_name=standby'\n"
         ));
         std::fs::write(standby.data.join("postgresql.auto.conf"), auto).unwrap();
         chown(&standby.data);
         standby.start_again();
-        let synchronous = || {
-            primary
-                .client()
-                .query_opt(
-                    "SELECT 1 FROM pg_stat_replication \
-                     WHERE application_name = 'standby' AND sync_state = 'sync'",
-                    &[],
-                )
-                .unwrap()
-                .is_some()
-        };
-        assert!(
-            common::wait_until(30, synchronous),
-            "the standby does not stream synchronously"
-        );
-        (primary, standby)
+        standby
     }
 
     /// Promotes a standby to primary (`pg_ctl promote`, waiting until it takes writes).
@@ -598,6 +658,81 @@ fn a_deposed_owners_late_claim_is_refused_by_the_fencing_token() {
         b.claim(taken[0], &key, "batch-b3"),
         Err(ClusterError::LeaseExpired)
     ));
+}
+
+/// A node counts its publication rounds in the database in the statement that publishes each
+/// (`dicomgate_nodes.publications`): a count that falls below what the process saw (here set
+/// back by hand, as a restore or a failover to a standby that lacked the last commits would)
+/// is found by the next renewal and by the next round, once each; a count raised by another
+/// process of the same node id (a deposed one still running) is no loss.
+#[test]
+fn a_database_that_lost_publication_rounds_is_found_by_the_next_renewal_or_round() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let key = b"PAT-REWIND".to_vec();
+    let mut a = node(&pg, "a", 4, lease);
+    assert_eq!(a.take_rewind(), None, "a new process has seen nothing");
+    for i in 0..3 {
+        a.publish(&[record("a", &format!("7.{i}"), &key, 1)])
+            .unwrap();
+    }
+    let set_back = |to: i64| {
+        pg.client()
+            .execute(
+                "UPDATE dicomgate_nodes SET publications = $1 WHERE node_id = 'a'",
+                &[&to],
+            )
+            .unwrap();
+    };
+    set_back(1);
+    a.rebalance().unwrap();
+    assert_eq!(
+        a.take_rewind(),
+        Some(dicomgate::cluster::Rewind { saw: 3, holds: 1 })
+    );
+    assert_eq!(a.take_rewind(), None, "taken once");
+    a.publish(&[record("a", "7.3", &key, 1)]).unwrap();
+    a.rebalance().unwrap();
+    assert_eq!(
+        a.take_rewind(),
+        None,
+        "the count rose from where it was found"
+    );
+    // Found by a round too (the row lost entirely, as a restore from before the node joined
+    // would: the rebalance makes it again with no rounds).
+    pg.client()
+        .execute("DELETE FROM dicomgate_nodes WHERE node_id = 'a'", &[])
+        .unwrap();
+    a.publish(&[record("a", "7.4", &key, 1)]).unwrap();
+    assert_eq!(
+        a.take_rewind(),
+        None,
+        "no row: nothing counted, nothing compared"
+    );
+    a.rebalance().unwrap();
+    assert_eq!(
+        a.take_rewind(),
+        Some(dicomgate::cluster::Rewind { saw: 2, holds: 0 })
+    );
+    a.publish(&[record("a", "7.5", &key, 1)]).unwrap();
+    set_back(0);
+    a.publish(&[record("a", "7.6", &key, 1)]).unwrap();
+    assert_eq!(
+        a.take_rewind(),
+        Some(dicomgate::cluster::Rewind { saw: 1, holds: 0 })
+    );
+    // Another process of node a publishing in between raises the count: no loss for either.
+    let mut other = Coordinator::connect(&pg.conninfo(), "a", 4, lease).unwrap();
+    for i in 0..3 {
+        other
+            .publish(&[record("a", &format!("7.1{i}"), &key, 1)])
+            .unwrap();
+        a.publish(&[record("a", &format!("7.2{i}"), &key, 1)])
+            .unwrap();
+        a.rebalance().unwrap();
+    }
+    assert_eq!(a.take_rewind(), None);
+    assert_eq!(other.take_rewind(), None);
 }
 
 /// Claims of one key racing on two connections of its owner while a third publishes: every
@@ -2267,16 +2402,74 @@ fn a_database_failover_to_a_synchronous_standby_loses_no_published_row_and_proce
     let logs = outage_mid_load(
         &primary,
         &both,
+        || {},
         || primary.crash(),
         || standby.promote(),
         &standby,
     );
-    // Each node lost its connection and reached the promoted standby.
+    // Each node lost its connection and reached the promoted standby, which had every commit
+    // it saw.
     for id in ["a", "b"] {
+        let log = node_log_of(&logs, id);
         assert!(
-            logs.split("--- node ")
-                .any(|l| l.starts_with(id) && l.contains("connected to the cluster database again")),
+            log.contains("connected to the cluster database again"),
             "node {id} never reconnected\n{logs}"
+        );
+        assert!(
+            !log.contains(LOST_COMMITS),
+            "node {id}: {LOST_COMMITS}?\n{logs}"
+        );
+    }
+}
+
+/// What a node logs when it finds that the database lost commits it saw.
+const LOST_COMMITS: &str = "the cluster database lost publication rounds";
+
+/// Node `id`'s part of [`node_logs`]'s text.
+fn node_log_of<'a>(logs: &'a str, id: &str) -> &'a str {
+    logs.split("--- node ")
+        .find(|l| l.starts_with(id))
+        .unwrap_or_else(|| panic!("no log of node {id}\n{logs}"))
+}
+
+/// A failover to an *asynchronous* standby that never received the rounds the nodes
+/// published: its replication is cut once the nodes have joined, so the 15 rows published
+/// before the primary crashes are not on it. Each node finds, at its first renewal there, that
+/// the database holds fewer of its publication rounds than it saw committed
+/// (`dicomgate_nodes.publications`), and publishes again everything pending in its folder,
+/// without a restart: every patient is processed once with all 6 instances. (Before this, the
+/// lost rows came back only at a node's restart, and these patients never completed.)
+#[test]
+fn a_failover_to_a_standby_that_lost_published_rows_is_found_and_the_nodes_publish_them_again() {
+    let (primary, standby, link) = Postgres::start_with_cuttable_async_standby();
+    let both = format!(
+        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
+        primary.socket_dir.display(),
+        standby.socket_dir.display(),
+        primary.port,
+        standby.port
+    );
+    let logs = outage_mid_load(
+        &primary,
+        &both,
+        || {
+            // The standby has the schema and the nodes' rows, and nothing after.
+            primary.wait_replayed_by(&standby);
+            link.cut();
+        },
+        || primary.crash(),
+        || standby.promote(),
+        &standby,
+    );
+    for id in ["a", "b"] {
+        let log = node_log_of(&logs, id);
+        assert!(
+            log.contains(LOST_COMMITS),
+            "node {id} found no loss\n{logs}"
+        );
+        assert!(
+            log.contains("published a folder's pending instances (rescan)"),
+            "node {id} did not rescan\n{logs}"
         );
     }
 }
@@ -3082,6 +3275,7 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
     outage_mid_load(
         &pg,
         &pg.conninfo(),
+        || {},
         || pg.stop(),
         || {
             std::thread::sleep(Duration::from_secs(3)); // past the lease, while it is away
@@ -3091,14 +3285,16 @@ fn the_database_restarted_mid_load_loses_nothing_and_each_patient_is_processed_o
     );
 }
 
-/// The scenario of the two tests above: two nodes on `pg` (reached by `conninfo`); 5
-/// patients × 6 instances spread over both; 3 of each patient's arrive, once published `down`
-/// takes the database away, the other 3 arrive (acknowledged locally), then `up` brings a
-/// database back, `after`: every patient is processed once with its 6 instances, exported
-/// byte-exact, and nothing is left pending on the nodes or in `after`. Returns the nodes' logs.
+/// The scenario of the three tests above: two nodes on `pg` (reached by `conninfo`), and once
+/// both are ready, `started`; 5 patients × 6 instances spread over both; 3 of each patient's
+/// arrive, once published `down` takes the database away, the other 3 arrive (acknowledged
+/// locally), then `up` brings a database back, `after`: every patient is processed once with
+/// its 6 instances, exported byte-exact, and nothing is left pending on the nodes or in
+/// `after`. Returns the nodes' logs.
 fn outage_mid_load(
     pg: &Postgres,
     conninfo: &str,
+    started: impl FnOnce(),
     down: impl FnOnce(),
     up: impl FnOnce(),
     after: &Postgres,
@@ -3127,6 +3323,7 @@ fn outage_mid_load(
         .map(|id| start_ready(&shared.path().join("nodes").join(id), &toml(id)))
         .collect();
     let logs = || node_logs(&nodes, &ids);
+    started();
     let files = tempfile::tempdir().unwrap();
     let all = mixed_batch(files.path(), 0, 30);
     let part = |from: usize, to: usize, n: usize| -> Vec<PathBuf> {

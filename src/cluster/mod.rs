@@ -83,7 +83,7 @@ use postgres::{Client, GenericClient, NoTls};
 use sha2::{Digest, Sha256};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// Versioned migrations, applied in order; each is applied once, in the transaction that
 /// records it. Never edit one that shipped: add the next.
@@ -108,6 +108,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         5,
         "open associations",
         include_str!("migrations/0005_open_associations.sql"),
+    ),
+    (
+        6,
+        "publication count",
+        include_str!("migrations/0006_publications.sql"),
     ),
 ];
 
@@ -294,6 +299,23 @@ pub struct Coordinator {
     lease_until: Option<std::time::SystemTime>,
     /// This connection has run `LISTEN` ([`Coordinator::partitions_moved`]).
     listening: bool,
+    /// This node's count of committed publication rounds (`dicomgate_nodes.publications`), as
+    /// its last round or renewal read it (`None` before the first).
+    publications: Option<i64>,
+    /// The database was found to have lost commits this process saw, not yet taken
+    /// ([`Coordinator::take_rewind`]).
+    rewind: Option<Rewind>,
+}
+
+/// The cluster database holds fewer of this node's publication rounds than this process saw
+/// committed: it lost commits (a failover to a standby that had not received them, a restore
+/// from a backup). What those rounds published must be published again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewind {
+    /// The count this process last saw committed.
+    pub saw: i64,
+    /// The count the database holds now (before this round, when a round found it).
+    pub holds: i64,
 }
 
 impl fmt::Debug for Coordinator {
@@ -463,6 +485,8 @@ impl Coordinator {
             joined: false,
             lease_until: None,
             listening: false,
+            publications: None,
+            rewind: None,
         };
         c.ensure_partitions()?;
         Ok(c)
@@ -652,15 +676,15 @@ impl Coordinator {
                 &[&me],
             )?
             .is_some_and(|r| r.get::<_, bool>(0));
-        let lease_until: std::time::SystemTime = tx
-            .query_one(
-                "INSERT INTO dicomgate_nodes (node_id, lease_until)
-                 VALUES ($1, statement_timestamp() + make_interval(secs => $2))
-                 ON CONFLICT (node_id) DO UPDATE SET lease_until = EXCLUDED.lease_until
-                 RETURNING lease_until",
-                &[&me, &lease],
-            )?
-            .get(0);
+        let renewed = tx.query_one(
+            "INSERT INTO dicomgate_nodes (node_id, lease_until)
+             VALUES ($1, statement_timestamp() + make_interval(secs => $2))
+             ON CONFLICT (node_id) DO UPDATE SET lease_until = EXCLUDED.lease_until
+             RETURNING lease_until, publications",
+            &[&me, &lease],
+        )?;
+        let (lease_until, publications): (std::time::SystemTime, i64) =
+            (renewed.get(0), renewed.get(1));
         if !self.joined {
             tx.execute(
                 "UPDATE dicomgate_partitions SET fencing = fencing + 1 WHERE owner = $1",
@@ -729,6 +753,7 @@ impl Coordinator {
         tx.commit()?;
         self.joined = true;
         self.lease_until = Some(lease_until);
+        self.saw_publications(publications, publications);
         if moved {
             self.notify_moved();
         }
@@ -781,8 +806,13 @@ impl Coordinator {
         // feed reads by it); one unchanged is not written at all. Only the fields the rules
         // read differing (a row published before schema version 4 had them, republished
         // at a restart) are filled in without making it pending again.
-        let written = self.client.execute(
-            &"INSERT INTO dicomgate_instances (node_id, sop_instance_uid, partition, grouping_key,
+        // The round is counted in the same statement (so in the same commit): the count
+        // falling below what this process saw means the database lost commits
+        // ([`Coordinator::take_rewind`]). `NULL` when this node has no row yet (it has not
+        // joined: nothing to compare).
+        let row = self.client.query_one(
+            &"WITH written AS (
+             INSERT INTO dicomgate_instances (node_id, sop_instance_uid, partition, grouping_key,
                  study_uid, series_uid, location, bytes, inputs, received_ms, study_date,
                  instance_number, images_in_acquisition, number_of_slices)
              SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bytea[],
@@ -805,7 +835,11 @@ impl Coordinator {
                      dicomgate_instances.images_in_acquisition,
                      dicomgate_instances.number_of_slices)
                     IS DISTINCT FROM (EXCLUDED.study_date, EXCLUDED.instance_number,
-                     EXCLUDED.images_in_acquisition, EXCLUDED.number_of_slices))"
+                     EXCLUDED.images_in_acquisition, EXCLUDED.number_of_slices))
+             RETURNING 1),
+             counted AS (UPDATE dicomgate_nodes SET publications = publications + 1
+                 WHERE node_id = $15 RETURNING publications)
+             SELECT (SELECT count(*) FROM written), (SELECT publications FROM counted)"
                 .replace(
                     "{CHANGED}",
                     "(dicomgate_instances.partition, dicomgate_instances.grouping_key,
@@ -831,9 +865,35 @@ impl Coordinator {
                 &c.number,
                 &c.images,
                 &c.slices,
+                &self.node_id,
             ],
         )?;
-        Ok(written)
+        let (written, counted): (i64, Option<i64>) = (row.get(0), row.get(1));
+        if let Some(after) = counted {
+            self.saw_publications(after - 1, after);
+        }
+        Ok(written as u64)
+    }
+
+    /// What a round or a renewal read of this node's publication count: the database held
+    /// `before` of its rounds (before the round's own), and holds `after` now. Fewer than this
+    /// process saw committed: the database lost commits (a [`Rewind`]). Two processes of one
+    /// node id (a deposed one not yet stopped) only ever raise the count, so neither sees it
+    /// fall.
+    fn saw_publications(&mut self, before: i64, after: i64) {
+        if let Some(saw) = self.publications.filter(|&saw| before < saw) {
+            let r = self.rewind.get_or_insert(Rewind { saw, holds: before });
+            r.saw = r.saw.max(saw);
+            r.holds = r.holds.min(before);
+        }
+        self.publications = Some(after);
+    }
+
+    /// The database lost commits this process saw (found by the last round or renewal), if it
+    /// did since the last call: every record published in the rounds it lost must be
+    /// published again, and what else this node wrote (open associations) written again.
+    pub fn take_rewind(&mut self) -> Option<Rewind> {
+        self.rewind.take()
     }
 
     /// Claims every pending record of `key` as batch `batch_id` (to be processed), if this node

@@ -74,6 +74,11 @@ pub struct OutboxStats {
     /// Records a rescan of this node's folder sent (everything pending there, most of it
     /// published before).
     pub republished: AtomicU64,
+    /// Times the database was found to have lost commits this node saw (`cluster::Rewind`: a
+    /// failover to a standby that lacked them, a restore), and how many of those a finished
+    /// rescan of the node's folder covered (it started after they were found).
+    pub rewinds: AtomicU64,
+    pub rewinds_rescanned: AtomicU64,
     /// Every node of the cluster, as of this node's last lease renewal.
     nodes: Mutex<Vec<super::NodeRow>>,
     /// The partitions this node owns, with their tokens, as of its last lease renewal (the
@@ -150,11 +155,12 @@ pub enum Described {
 /// renewing this node's lease (and the hold) meanwhile. The reader sends rounds through a
 /// channel of two, so it stays at most two rounds ahead; it ends when the job is dropped.
 struct Job {
-    /// None: this node's own folder, rescanned for records left out of the queue.
+    /// None: this node's own folder, rescanned for records left out of the queue or lost by
+    /// the database (a rewind).
     takeover: Option<Takeover>,
     node_id: String,
-    /// The `left_out` count a rescan covers once finished.
-    covers: u64,
+    /// The `left_out` and `rewinds` counts a rescan covers once finished.
+    covers: Owed,
     from_reader: std::sync::mpsc::Receiver<Read>,
     /// A round read and not yet committed (sent again after a failure).
     round: Option<Vec<Published>>,
@@ -238,21 +244,36 @@ struct Associations {
     written: HashMap<Vec<u8>, u32>,
     /// Keys whose count changed since it was written.
     changed: HashMap<Vec<u8>, Change>,
-    /// Records queued and left out when the pipeline's recovery had queued what it found
-    /// ([`Outbox::recovery_queued`]): once those are published, the rows a previous process
-    /// of this node left are deleted.
-    recovered: Option<(u64, u64)>,
+    /// The mark when the pipeline's recovery had queued what it found
+    /// ([`Outbox::recovery_queued`]), or when the database was found to have lost commits
+    /// ([`Outbox::rewound`]): once what it covers is published, the rows a previous process
+    /// of this node left (or that the lost commits had deleted) are deleted.
+    recovered: Option<Mark>,
     /// Those rows are deleted.
     cleared: bool,
+}
+
+/// What has to be published before a change can be written: the records queued, left out of
+/// the queue, and lost by the database (rewinds), as counted at the change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Mark {
+    queued: u64,
+    owed: Owed,
+}
+
+/// What a rescan of this node's folder owes: the records left out of the queue, and the
+/// rewinds found, as counted when the rescan is started (it covers those once finished).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Owed {
+    left_out: u64,
+    rewinds: u64,
 }
 
 /// A change of a key's count not yet written.
 #[derive(Debug, Clone, Copy, Default)]
 struct Change {
-    /// Records queued, and records left out of the queue, at the last change: a fall is
-    /// written once all those are published.
-    queued: u64,
-    left_out: u64,
+    /// What was to be published at the last change: a fall is written once all of it is.
+    mark: Mark,
     /// The highest count since the last write: an association that opened and closed between
     /// two writes is written as open until its records are published.
     peak: u32,
@@ -353,11 +374,77 @@ impl Outbox {
     }
 
     fn changed(&self, a: &mut Associations, key: &[u8], now: u32) {
+        let mark = self.mark();
         let c = a.changed.entry(key.to_vec()).or_default();
-        c.queued = self.queued.load(Ordering::Acquire);
-        c.left_out = self.stats.left_out.load(Ordering::Acquire);
+        c.mark = mark;
         c.peak = c.peak.max(now);
         c.version += 1;
+    }
+
+    /// What has been queued, left out and lost so far.
+    fn mark(&self) -> Mark {
+        Mark {
+            queued: self.queued.load(Ordering::Acquire),
+            owed: self.owed(),
+        }
+    }
+
+    /// What a rescan started now would cover.
+    fn owed(&self) -> Owed {
+        Owed {
+            left_out: self.stats.left_out.load(Ordering::Acquire),
+            rewinds: self.stats.rewinds.load(Ordering::Acquire),
+        }
+    }
+
+    /// What finished rescans have covered.
+    fn covered(&self) -> Owed {
+        Owed {
+            left_out: self.stats.rescanned.load(Ordering::Acquire),
+            rewinds: self.stats.rewinds_rescanned.load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether everything counted in `mark` is published: the records queued have left the
+    /// queue, and a rescan covered those left out and those lost.
+    fn published(&self, mark: Mark) -> bool {
+        let covered = self.covered();
+        mark.queued <= self.drained.load(Ordering::Acquire)
+            && mark.owed.left_out <= covered.left_out
+            && mark.owed.rewinds <= covered.rewinds
+    }
+
+    /// The cluster database lost commits this node saw (`Coordinator::take_rewind`): the
+    /// records those rounds published are owed to it (a rescan of this node's folder
+    /// publishes again everything pending there, and only once it has is everything counted
+    /// as published: a clean stop before that leaves as a node to take over), and what it
+    /// has of this node's open associations is unknown: every count is written again, and
+    /// the rows the lost commits had deleted are deleted again once what was queued so far is
+    /// published (as after a restart: [`Outbox::recovery_queued`]).
+    fn rewound(&self, r: super::Rewind) {
+        let n = self.stats.rewinds.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::error!(
+            rounds_seen = r.saw,
+            rounds_held = r.holds,
+            rewinds = n,
+            "the cluster database lost publication rounds this node saw committed (a failover \
+             to a standby that had not received them, or a restore from a backup): this node \
+             publishes again everything pending in its folder"
+        );
+        let mark = self.mark();
+        let mut a = lock(&self.associations);
+        a.written.clear();
+        let open: Vec<(Vec<u8>, u32)> = a.open.iter().map(|(k, n)| (k.clone(), *n)).collect();
+        for (key, n) in open {
+            let c = a.changed.entry(key).or_default();
+            c.mark = mark;
+            c.peak = c.peak.max(n);
+            c.version += 1;
+        }
+        a.recovered = Some(mark);
+        a.cleared = false;
+        drop(a);
+        self.bell.ring();
     }
 
     /// Says that the pipeline's recovery has queued (or left out) every instance it found:
@@ -365,12 +452,8 @@ impl Outbox {
     /// reported are deleted (its associations died with it; its records are in the database
     /// by then, so an owner that then sees a patient closed finds them).
     pub fn recovery_queued(&self) {
-        let mut a = lock(&self.associations);
-        a.recovered = Some((
-            self.queued.load(Ordering::Acquire),
-            self.stats.left_out.load(Ordering::Acquire),
-        ));
-        drop(a);
+        let mark = self.mark();
+        lock(&self.associations).recovered = Some(mark);
         self.bell.ring();
     }
 
@@ -379,9 +462,6 @@ impl Outbox {
     /// meanwhile), a fall once the records queued or left out before it are published. Then,
     /// once what the recovery queued is published, deletes the rows a previous process left.
     fn write_associations(&self, c: &mut Coordinator) -> Result<(), ClusterError> {
-        let drained = self.drained.load(Ordering::Acquire);
-        let rescanned = self.stats.rescanned.load(Ordering::Acquire);
-        let published = |queued: u64, left_out: u64| queued <= drained && left_out <= rescanned;
         let (writes, clear) = {
             let a = lock(&self.associations);
             let writes: Vec<(Vec<u8>, u32, u64)> = a
@@ -391,7 +471,7 @@ impl Outbox {
                     let now = a.open.get(key).copied().unwrap_or(0);
                     let had = a.written.get(key).copied().unwrap_or(0);
                     let rise = now.max(ch.peak);
-                    let target = match published(ch.queued, ch.left_out) {
+                    let target = match self.published(ch.mark) {
                         true => now,
                         false if rise > had => rise,
                         false => return None,
@@ -399,7 +479,7 @@ impl Outbox {
                     Some((key.clone(), target, ch.version))
                 })
                 .collect();
-            let clear = !a.cleared && a.recovered.is_some_and(|(q, l)| published(q, l));
+            let clear = !a.cleared && a.recovered.is_some_and(|m| self.published(m));
             (writes, clear)
         };
         if !writes.is_empty() {
@@ -463,9 +543,7 @@ impl Outbox {
     /// that a rescan has not covered since (then a clean stop needs no takeover, provided
     /// nothing is queued after it: see [`Outbox::producers_ended`]).
     pub fn published_all(&self) -> bool {
-        self.pending() == 0
-            && self.stats.left_out.load(Ordering::Acquire)
-                == self.stats.rescanned.load(Ordering::Acquire)
+        self.pending() == 0 && self.covered() == self.owed()
     }
 
     /// Wakes the `cluster` thread (to see `stop`).
@@ -590,7 +668,14 @@ impl Outbox {
                     }
                 }
             }
-            let turn = self.round(c, settings, &mut next_beat).and_then(|()| {
+            let turn = self.round(c, settings, &mut next_beat);
+            // A round or renewal (even one that failed after) found that the database lost
+            // commits: the rescan that publishes them again starts at the next look, now.
+            if let Some(r) = c.take_rewind() {
+                self.rewound(r);
+                next_look = Instant::now();
+            }
+            let turn = turn.and_then(|()| {
                 // This node's own records first: the others' (and a rescan) only while the
                 // database keeps up with them (less than a round waits).
                 if stop.load(Ordering::Acquire) {
@@ -723,16 +808,17 @@ impl Outbox {
             }
             *next_look = Instant::now() + settings.lease / 3;
             // Records left out of the queue were acknowledged, so on disk, before they were
-            // left out: a listing started now finds every one counted so far.
-            let left_out = self.stats.left_out.load(Ordering::Acquire);
-            let (takeover, node_id, covers) = if left_out
-                > self.stats.rescanned.load(Ordering::Acquire)
-            {
+            // left out, and so were those of rounds the database lost before the loss was
+            // found: a listing started now finds every one counted so far.
+            let (owed, covered) = (self.owed(), self.covered());
+            let (takeover, node_id, covers) = if owed != covered {
                 tracing::info!(
-                    left_out,
-                    "cluster: rescanning this node's folder for the records left out"
+                    left_out = owed.left_out - covered.left_out,
+                    rewinds = owed.rewinds - covered.rewinds,
+                    "cluster: rescanning this node's folder for the records left out of the \
+                     queue or lost by the database"
                 );
-                (None, settings.node_id.clone(), left_out)
+                (None, settings.node_id.clone(), owed)
             } else {
                 let Some(takeover) = c.next_takeover()? else {
                     return Ok(());
@@ -744,7 +830,7 @@ impl Outbox {
                     return Ok(());
                 }
                 let id = takeover.node_id.clone();
-                (Some(takeover), id, 0)
+                (Some(takeover), id, Owed::default())
             };
             let node_dir = settings.shared_dir.join("nodes").join(&node_id);
             if let Some(t) = &takeover {
@@ -852,7 +938,12 @@ impl Outbox {
                 }
             }
             None => {
-                self.stats.rescanned.fetch_max(j.covers, Ordering::AcqRel);
+                self.stats
+                    .rescanned
+                    .fetch_max(j.covers.left_out, Ordering::AcqRel);
+                self.stats
+                    .rewinds_rescanned
+                    .fetch_max(j.covers.rewinds, Ordering::AcqRel);
             }
         }
         if j.unreadable > 0 {

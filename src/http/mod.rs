@@ -286,6 +286,13 @@ pub fn render(shared: &Shared) -> String {
             count(&s.left_out),
         );
         r.register(
+            "cluster_rewinds",
+            "Times the cluster database was found to have lost publication rounds this node saw \
+             committed (failover to a standby that lacked them, restore): each is followed by a \
+             rescan that publishes the node's pending records again",
+            count(&s.rewinds),
+        );
+        r.register(
             "cluster_taken_over",
             "Instance records of dead nodes this node published from their folders (takeover)",
             count(&s.taken_over),

@@ -71,6 +71,12 @@ pub struct ClusterStatus {
     /// Records a rescan of this node's folder sent again (most were published before).
     #[serde(default)]
     pub republished: u64,
+    /// Times the database was found to have lost commits this node saw, and how many of
+    /// those a finished rescan covered.
+    #[serde(default)]
+    pub rewinds: u64,
+    #[serde(default)]
+    pub rewinds_rescanned: u64,
     /// Every node of the cluster, as of this node's last lease renewal.
     #[serde(default)]
     pub nodes: Vec<crate::cluster::NodeRow>,
@@ -289,6 +295,8 @@ fn cluster_status(shared: &Shared) -> Option<ClusterStatus> {
         rescanned: s.rescanned.load(Ordering::Relaxed),
         taken_over: s.taken_over.load(Ordering::Relaxed),
         republished: s.republished.load(Ordering::Relaxed),
+        rewinds: s.rewinds.load(Ordering::Relaxed),
+        rewinds_rescanned: s.rewinds_rescanned.load(Ordering::Relaxed),
         nodes: s.nodes(),
         failures: s.failures.load(Ordering::Relaxed),
         last_error: s.last_error(),
@@ -312,7 +320,7 @@ fn lease_text(n: &crate::cluster::NodeRow) -> String {
 fn cluster_line(c: &ClusterStatus) -> String {
     format!(
         "cluster: node {} {}, {} live nodes, owns {} of {} partitions; published {}, {} waiting \
-         (lag {} ms){}{}{}",
+         (lag {} ms){}{}{}{}",
         printable(&c.node_id),
         if c.connected && c.tls {
             "connected (TLS)"
@@ -337,6 +345,16 @@ fn cluster_line(c: &ClusterStatus) -> String {
         },
         if c.taken_over > 0 {
             format!(", {} of dead nodes published", c.taken_over)
+        } else {
+            String::new()
+        },
+        if c.rewinds > c.rewinds_rescanned {
+            ", THE DATABASE LOST COMMITS: republishing from the folder".to_string()
+        } else if c.rewinds > 0 {
+            format!(
+                ", the database lost commits {} times (republished)",
+                c.rewinds
+            )
         } else {
             String::new()
         },
@@ -1088,6 +1106,8 @@ mod tests {
                 rescanned: 0,
                 taken_over: 7,
                 republished: 0,
+                rewinds: 0,
+                rewinds_rescanned: 0,
                 nodes: vec![
                     crate::cluster::NodeRow {
                         node_id: "gw-1".into(),
