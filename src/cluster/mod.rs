@@ -111,8 +111,8 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (
         6,
-        "publication count",
-        include_str!("migrations/0006_publications.sql"),
+        "outbox commit count",
+        include_str!("migrations/0006_commits.sql"),
     ),
 ];
 
@@ -299,22 +299,24 @@ pub struct Coordinator {
     lease_until: Option<std::time::SystemTime>,
     /// This connection has run `LISTEN` ([`Coordinator::partitions_moved`]).
     listening: bool,
-    /// This node's count of committed publication rounds (`dicomgate_nodes.publications`), as
-    /// its last round or renewal read it (`None` before the first).
-    publications: Option<i64>,
+    /// This node's count of the writes its outbox committed (`dicomgate_nodes.commits`:
+    /// publication rounds, open-association counts), as its last write or renewal read it
+    /// (`None` before the first).
+    commits: Option<i64>,
     /// The database was found to have lost commits this process saw, not yet taken
     /// ([`Coordinator::take_rewind`]).
     rewind: Option<Rewind>,
 }
 
-/// The cluster database holds fewer of this node's publication rounds than this process saw
-/// committed: it lost commits (a failover to a standby that had not received them, a restore
-/// from a backup). What those rounds published must be published again.
+/// The cluster database holds fewer of this node's outbox writes (publication rounds,
+/// open-association counts) than this process saw committed: it lost commits (a failover to a
+/// standby that had not received them, a restore from a backup). What those wrote must be
+/// written again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rewind {
     /// The count this process last saw committed.
     pub saw: i64,
-    /// The count the database holds now (before this round, when a round found it).
+    /// The count the database holds now (before this write's own, when a write found it).
     pub holds: i64,
 }
 
@@ -485,7 +487,7 @@ impl Coordinator {
             joined: false,
             lease_until: None,
             listening: false,
-            publications: None,
+            commits: None,
             rewind: None,
         };
         c.ensure_partitions()?;
@@ -680,11 +682,10 @@ impl Coordinator {
             "INSERT INTO dicomgate_nodes (node_id, lease_until)
              VALUES ($1, statement_timestamp() + make_interval(secs => $2))
              ON CONFLICT (node_id) DO UPDATE SET lease_until = EXCLUDED.lease_until
-             RETURNING lease_until, publications",
+             RETURNING lease_until, commits",
             &[&me, &lease],
         )?;
-        let (lease_until, publications): (std::time::SystemTime, i64) =
-            (renewed.get(0), renewed.get(1));
+        let (lease_until, commits): (std::time::SystemTime, i64) = (renewed.get(0), renewed.get(1));
         if !self.joined {
             tx.execute(
                 "UPDATE dicomgate_partitions SET fencing = fencing + 1 WHERE owner = $1",
@@ -753,7 +754,7 @@ impl Coordinator {
         tx.commit()?;
         self.joined = true;
         self.lease_until = Some(lease_until);
-        self.saw_publications(publications, publications);
+        self.saw_commits(commits, commits);
         if moved {
             self.notify_moved();
         }
@@ -809,7 +810,7 @@ impl Coordinator {
         // The round is counted in the same statement (so in the same commit): the count
         // falling below what this process saw means the database lost commits
         // ([`Coordinator::take_rewind`]). `NULL` when this node has no row yet (it has not
-        // joined: nothing to compare).
+        // joined: nothing to compare). A takeover's rounds count as the taker's.
         let row = self.client.query_one(
             &"WITH written AS (
              INSERT INTO dicomgate_instances (node_id, sop_instance_uid, partition, grouping_key,
@@ -837,9 +838,9 @@ impl Coordinator {
                     IS DISTINCT FROM (EXCLUDED.study_date, EXCLUDED.instance_number,
                      EXCLUDED.images_in_acquisition, EXCLUDED.number_of_slices))
              RETURNING 1),
-             counted AS (UPDATE dicomgate_nodes SET publications = publications + 1
-                 WHERE node_id = $15 RETURNING publications)
-             SELECT (SELECT count(*) FROM written), (SELECT publications FROM counted)"
+             counted AS (UPDATE dicomgate_nodes SET commits = commits + 1
+                 WHERE node_id = $15 RETURNING commits)
+             SELECT (SELECT count(*) FROM written), (SELECT commits FROM counted)"
                 .replace(
                     "{CHANGED}",
                     "(dicomgate_instances.partition, dicomgate_instances.grouping_key,
@@ -870,28 +871,39 @@ impl Coordinator {
         )?;
         let (written, counted): (i64, Option<i64>) = (row.get(0), row.get(1));
         if let Some(after) = counted {
-            self.saw_publications(after - 1, after);
+            self.saw_commits(after - 1, after);
         }
         Ok(written as u64)
     }
 
-    /// What a round or a renewal read of this node's publication count: the database held
-    /// `before` of its rounds (before the round's own), and holds `after` now. Fewer than this
-    /// process saw committed: the database lost commits (a [`Rewind`]). Two processes of one
-    /// node id (a deposed one not yet stopped) only ever raise the count, so neither sees it
-    /// fall.
-    fn saw_publications(&mut self, before: i64, after: i64) {
-        if let Some(saw) = self.publications.filter(|&saw| before < saw) {
+    /// Counts an outbox write in its transaction `tx` (see [`Coordinator::publish`]): the
+    /// count after it, for [`Coordinator::saw_commits`] once `tx` committed.
+    fn count_commit(tx: &mut postgres::Transaction<'_>, me: &str) -> Result<Option<i64>> {
+        Ok(tx
+            .query_opt(
+                "UPDATE dicomgate_nodes SET commits = commits + 1 WHERE node_id = $1
+                 RETURNING commits",
+                &[&me],
+            )?
+            .map(|r| r.get(0)))
+    }
+
+    /// What a write or a renewal read of this node's commit count: the database held `before`
+    /// of its writes (before the write's own), and holds `after` now. Fewer than this process
+    /// saw committed: the database lost commits (a [`Rewind`]). Two processes of one node id
+    /// (a deposed one not yet stopped) only ever raise the count, so neither sees it fall.
+    fn saw_commits(&mut self, before: i64, after: i64) {
+        if let Some(saw) = self.commits.filter(|&saw| before < saw) {
             let r = self.rewind.get_or_insert(Rewind { saw, holds: before });
             r.saw = r.saw.max(saw);
             r.holds = r.holds.min(before);
         }
-        self.publications = Some(after);
+        self.commits = Some(after);
     }
 
-    /// The database lost commits this process saw (found by the last round or renewal), if it
+    /// The database lost commits this process saw (found by the last write or renewal), if it
     /// did since the last call: every record published in the rounds it lost must be
-    /// published again, and what else this node wrote (open associations) written again.
+    /// published again, and its open-association counts written again.
     pub fn take_rewind(&mut self) -> Option<Rewind> {
         self.rewind.take()
     }
@@ -1076,6 +1088,19 @@ impl Coordinator {
             .map(|r| to_i64(r.2, "received_ms"))
             .collect::<Result<_>>()?;
         let mut tx = self.client.transaction()?;
+        // Every storing node of a batch forgets its own rows, and the last one deletes the
+        // batch. Without this lock two of them at once each still see the other's rows (its
+        // deletion not yet committed) and both leave the batch row, for ever. Locked in one
+        // order (no deadlock between forgetters); only done batches, which nothing else
+        // changes.
+        let mut batches: Vec<&str> = batch.clone();
+        batches.sort_unstable();
+        batches.dedup();
+        tx.execute(
+            "SELECT 1 FROM dicomgate_batches WHERE batch_id = ANY($1) AND stage = 'done'
+             ORDER BY batch_id FOR UPDATE",
+            &[&batches],
+        )?;
         let n = tx.execute(
             "DELETE FROM dicomgate_instances i USING unnest($2::text[], $3::text[], $4::bigint[])
                  AS r(uid, batch, received)
@@ -1191,11 +1216,17 @@ impl Coordinator {
     /// Deletes this node's open-association rows but those of `keep` (what this process
     /// wrote): what a previous process reported died with it.
     pub fn clear_associations_except(&mut self, keep: &[Vec<u8>]) -> Result<()> {
-        self.client.execute(
+        let mut tx = self.client.transaction()?;
+        tx.execute(
             "DELETE FROM dicomgate_associations
              WHERE node_id = $1 AND NOT (grouping_key = ANY($2::bytea[]))",
             &[&self.node_id, &keep],
         )?;
+        let counted = Coordinator::count_commit(&mut tx, &self.node_id)?;
+        tx.commit()?;
+        if let Some(after) = counted {
+            self.saw_commits(after - 1, after);
+        }
         Ok(())
     }
 
@@ -1229,7 +1260,11 @@ impl Coordinator {
                 &[&self.node_id, &keys, &parts, &counts],
             )?;
         }
+        let counted = Coordinator::count_commit(&mut tx, &self.node_id)?;
         tx.commit()?;
+        if let Some(after) = counted {
+            self.saw_commits(after - 1, after);
+        }
         Ok(())
     }
 

@@ -161,6 +161,8 @@ struct Job {
     node_id: String,
     /// The `left_out` and `rewinds` counts a rescan covers once finished.
     covers: Owed,
+    /// A rescan holds off the release of this node's copies while it lasts.
+    _rescanning: Option<Rescanning>,
     from_reader: std::sync::mpsc::Receiver<Read>,
     /// A round read and not yet committed (sent again after a failure).
     round: Option<Vec<Published>>,
@@ -217,6 +219,26 @@ fn read_folder(
     let _ = to.send(Read::Done);
 }
 
+/// Test-only, debug builds only: with `DICOMGATE_TEST_OUTBOX_HOLD_MS=N` the `cluster` thread
+/// publishes nothing from the queue for N ms after its first round (it connects, renews and
+/// writes associations meanwhile), so that tests/cluster.rs can make the owner side's release
+/// come before the recovery's records are published. A release build has no such switch.
+#[cfg(debug_assertions)]
+fn test_hold() -> bool {
+    static UNTIL: OnceLock<Option<Instant>> = OnceLock::new();
+    UNTIL
+        .get_or_init(|| {
+            let ms = std::env::var("DICOMGATE_TEST_OUTBOX_HOLD_MS").ok()?;
+            let ms = ms.parse::<u64>().ok()?;
+            tracing::warn!(
+                ms,
+                "DICOMGATE_TEST_OUTBOX_HOLD_MS: publication held back (test-only fault injection)"
+            );
+            Some(Instant::now() + Duration::from_millis(ms))
+        })
+        .is_some_and(|until| Instant::now() < until)
+}
+
 /// The queue of acknowledged records not yet published.
 pub struct Outbox {
     queue: Mutex<VecDeque<Queued>>,
@@ -231,7 +253,24 @@ pub struct Outbox {
     queued: AtomicU64,
     drained: AtomicU64,
     associations: Mutex<Associations>,
+    /// Held by a pass of the owner side's release of this node's finished copies
+    /// ([`Outbox::release_gate`]), and taken by a rescan of this node's folder before it
+    /// lists it, so that no copy released after the listing is published again.
+    release: Mutex<()>,
+    /// A rescan of this node's folder is under way (set under `release`, cleared when its job
+    /// is dropped).
+    rescanning: Arc<AtomicBool>,
     pub stats: OutboxStats,
+}
+
+/// Clears [`Outbox::rescanning`] when the rescan's job is dropped (finished, abandoned, or
+/// dropped for a rewind).
+struct Rescanning(Arc<AtomicBool>);
+
+impl Drop for Rescanning {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Open associations at this node per grouping key, and what the cluster database has of them
@@ -311,6 +350,8 @@ impl Outbox {
             queued: AtomicU64::new(0),
             drained: AtomicU64::new(0),
             associations: Mutex::new(Associations::default()),
+            release: Mutex::new(()),
+            rescanning: Arc::new(AtomicBool::new(false)),
             stats: OutboxStats::default(),
         })
     }
@@ -414,36 +455,51 @@ impl Outbox {
             && mark.owed.rewinds <= covered.rewinds
     }
 
+    /// Takes a rewind the coordinator found (`Coordinator::take_rewind`; call it after each
+    /// write, before the next [`Outbox::write_associations`]).
+    fn check_rewind(&self, c: &mut Coordinator) {
+        if let Some(r) = c.take_rewind() {
+            self.rewound(r);
+        }
+    }
+
     /// The cluster database lost commits this node saw (`Coordinator::take_rewind`): the
     /// records those rounds published are owed to it (a rescan of this node's folder
     /// publishes again everything pending there, and only once it has is everything counted
-    /// as published: a clean stop before that leaves as a node to take over), and what it
-    /// has of this node's open associations is unknown: every count is written again, and
-    /// the rows the lost commits had deleted are deleted again once what was queued so far is
-    /// published (as after a restart: [`Outbox::recovery_queued`]).
+    /// as published: a clean stop before that leaves as a node to take over; a takeover
+    /// under way is dropped, to be done again from a new listing: [`Outbox::run`]), and what
+    /// it has of this node's open associations is unknown: every count is written again (a
+    /// rise at once, a fall, also one that was waiting, only once the rescan has published
+    /// what it owes), and the rows the lost commits had deleted are deleted again then (as
+    /// after a restart: [`Outbox::recovery_queued`]; before the recovery has queued, its own
+    /// mark does it).
     fn rewound(&self, r: super::Rewind) {
         let n = self.stats.rewinds.fetch_add(1, Ordering::AcqRel) + 1;
         tracing::error!(
-            rounds_seen = r.saw,
-            rounds_held = r.holds,
+            commits_seen = r.saw,
+            commits_held = r.holds,
             rewinds = n,
-            "the cluster database lost publication rounds this node saw committed (a failover \
-             to a standby that had not received them, or a restore from a backup): this node \
-             publishes again everything pending in its folder"
+            "the cluster database lost commits this node saw (a failover to a standby that \
+             had not received them, or a restore from a backup): this node publishes again \
+             everything pending in its folder and writes its open associations again"
         );
         let mark = self.mark();
-        let mut a = lock(&self.associations);
+        let mut guard = lock(&self.associations);
+        let a = &mut *guard;
         a.written.clear();
-        let open: Vec<(Vec<u8>, u32)> = a.open.iter().map(|(k, n)| (k.clone(), *n)).collect();
-        for (key, n) in open {
-            let c = a.changed.entry(key).or_default();
+        for key in a.open.keys() {
+            a.changed.entry(key.clone()).or_default();
+        }
+        for (key, c) in a.changed.iter_mut() {
             c.mark = mark;
-            c.peak = c.peak.max(n);
+            c.peak = c.peak.max(a.open.get(key).copied().unwrap_or(0));
             c.version += 1;
         }
-        a.recovered = Some(mark);
-        a.cleared = false;
-        drop(a);
+        if a.recovered.is_some() {
+            a.recovered = Some(mark);
+            a.cleared = false;
+        }
+        drop(guard);
         self.bell.ring();
     }
 
@@ -462,6 +518,7 @@ impl Outbox {
     /// meanwhile), a fall once the records queued or left out before it are published. Then,
     /// once what the recovery queued is published, deletes the rows a previous process left.
     fn write_associations(&self, c: &mut Coordinator) -> Result<(), ClusterError> {
+        self.check_rewind(c);
         let (writes, clear) = {
             let a = lock(&self.associations);
             let writes: Vec<(Vec<u8>, u32, u64)> = a
@@ -513,6 +570,20 @@ impl Outbox {
             lock(&self.associations).cleared = true;
         }
         Ok(())
+    }
+
+    /// Whether the owner side may release this node's copies of finished batches now: the
+    /// records its recovery queued are published (and whatever a rescan owed since), and no
+    /// rescan of its folder is under way. Both publish copies read from the folder earlier,
+    /// and a row published after its copy was released and forgotten would come back as a
+    /// pending instance with no bytes behind it (seen: a node restarted after its takeover
+    /// released the copies the takeover had published, then published them again from its
+    /// recovery). The pass holds the returned guard; a rescan waits for it before it lists.
+    pub fn release_gate(&self) -> Option<MutexGuard<'_, ()>> {
+        let gate = lock(&self.release);
+        let recovered = lock(&self.associations).recovered;
+        (recovered.is_some_and(|m| self.published(m)) && !self.rescanning.load(Ordering::Acquire))
+            .then_some(gate)
     }
 
     /// Records waiting for publication.
@@ -574,6 +645,7 @@ impl Outbox {
         // may wait a millisecond for the connection, which a busy round must not pay each
         // time).
         let mut next_listen = Instant::now();
+        let mut rewinds_handled = 0;
         loop {
             if stop.load(Ordering::Acquire) {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
@@ -668,14 +740,7 @@ impl Outbox {
                     }
                 }
             }
-            let turn = self.round(c, settings, &mut next_beat);
-            // A round or renewal (even one that failed after) found that the database lost
-            // commits: the rescan that publishes them again starts at the next look, now.
-            if let Some(r) = c.take_rewind() {
-                self.rewound(r);
-                next_look = Instant::now();
-            }
-            let turn = turn.and_then(|()| {
+            let turn = self.round(c, settings, &mut next_beat).and_then(|()| {
                 // This node's own records first: the others' (and a rescan) only while the
                 // database keeps up with them (less than a round waits).
                 if stop.load(Ordering::Acquire) {
@@ -686,6 +751,17 @@ impl Outbox {
                 let busy = self.pending() >= ROUND_RECORDS.min(self.max_queued / 2).max(1);
                 self.take_over(c, settings, &mut job, &mut next_look, busy)
             });
+            // A write of this turn (even of one that failed after) found that the database
+            // lost commits: a takeover or rescan under way may have had rounds among them, so
+            // it is dropped (a takeover is then taken on again, by any node, from a new
+            // listing once its hold has run out), and the rescan that publishes the lost
+            // rounds again starts now.
+            let rewinds = self.stats.rewinds.load(Ordering::Acquire);
+            if rewinds != rewinds_handled {
+                rewinds_handled = rewinds;
+                job = None;
+                next_look = Instant::now();
+            }
             match turn {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
@@ -727,6 +803,7 @@ impl Outbox {
         if Instant::now() >= *next_beat {
             let sent = Instant::now();
             let owned = c.rebalance()?;
+            self.check_rewind(c);
             if let (Some(f), Some(until)) = (&settings.fence, c.lease_until()) {
                 f.renewed(sent, until);
                 // Renewed: a restart after a crash acknowledges at once (`fence::LIVE_FILE`).
@@ -764,9 +841,13 @@ impl Outbox {
         }
         // Only this thread takes from the front: the first `n` stay the same while the round
         // is out, and leave the queue once it committed.
+        #[cfg(debug_assertions)]
+        let take = if test_hold() { 0 } else { ROUND_RECORDS };
+        #[cfg(not(debug_assertions))]
+        let take = ROUND_RECORDS;
         let batch: Vec<Published> = lock(&self.queue)
             .iter()
-            .take(ROUND_RECORDS)
+            .take(take)
             .map(|q| q.record.clone())
             .collect();
         // Rises before the records (an owner that reads a record finds its association open,
@@ -833,6 +914,13 @@ impl Outbox {
                 (Some(takeover), id, Owed::default())
             };
             let node_dir = settings.shared_dir.join("nodes").join(&node_id);
+            // A rescan lists this node's own folder: no release of its copies from now until
+            // it is done ([`Outbox::release_gate`]; a pass under way ends first).
+            let rescanning = takeover.is_none().then(|| {
+                let _pass = lock(&self.release);
+                self.rescanning.store(true, Ordering::Release);
+                Rescanning(self.rescanning.clone())
+            });
             if let Some(t) = &takeover {
                 // Before the listing: from now on the dead node, should it be alive but cut
                 // off, acknowledges nothing more (`cluster::fence`), so nothing it
@@ -854,6 +942,7 @@ impl Outbox {
                 takeover,
                 node_id,
                 covers,
+                _rescanning: rescanning,
                 from_reader,
                 round: None,
                 done: false,
@@ -912,6 +1001,7 @@ impl Outbox {
             // association ingest counted after this round's last write: rises first.
             self.write_associations(c)?;
             c.publish(round)?;
+            self.check_rewind(c);
         }
         let n = round.len() as u64;
         j.round = None;
@@ -1005,6 +1095,49 @@ mod tests {
         assert_eq!(o.stats.left_out.load(Ordering::Relaxed), 2);
         // A clean stop now would need a takeover: two records are only on disk.
         assert!(!o.published_all());
+    }
+
+    /// Review of the rewind: a fall waiting for its records' round (the association closed, the
+    /// round not yet committed) kept its mark, so once the round committed it was written,
+    /// before the rescan had published again what the database lost: the owner could see the
+    /// patient closed without those records. A rewind now marks every waiting change.
+    #[test]
+    fn after_a_rewind_a_waiting_fall_is_written_only_once_a_rescan_covered_it() {
+        let o = Outbox::new(10);
+        o.association_opened(b"P");
+        o.push(record(1));
+        o.association_closed(b"P");
+        let fall = |o: &Outbox| o.published(lock(&o.associations).changed[&b"P".to_vec()].mark);
+        assert!(!fall(&o), "its record is not published yet");
+        // The round commits: the record leaves the queue.
+        lock(&o.queue).clear();
+        o.drained.fetch_add(1, Ordering::AcqRel);
+        assert!(fall(&o), "without a rewind the fall may be written now");
+        o.rewound(crate::cluster::Rewind { saw: 3, holds: 1 });
+        assert!(!fall(&o), "not before a rescan has published what was lost");
+        assert!(
+            !o.published_all(),
+            "a clean stop now leaves as a node to take over"
+        );
+        // A rescan started after the rewind finishes.
+        o.stats.rewinds_rescanned.store(1, Ordering::Release);
+        assert!(fall(&o));
+        assert!(o.published_all());
+    }
+
+    /// Review of the rewind: one found before the pipeline's recovery had queued what it found
+    /// set the clear of the previous process's rows going, so they were deleted before the
+    /// recovered records were published. The recovery's own mark does that clear.
+    #[test]
+    fn a_rewind_before_the_recovery_has_queued_leaves_the_clear_to_the_recovery() {
+        let o = Outbox::new(10);
+        o.rewound(crate::cluster::Rewind { saw: 2, holds: 0 });
+        assert_eq!(lock(&o.associations).recovered, None);
+        o.push(record(1));
+        o.recovery_queued();
+        let mark = lock(&o.associations).recovered.unwrap();
+        assert_eq!((mark.queued, mark.owed.rewinds), (1, 1));
+        assert!(!o.published(mark));
     }
 
     /// Without a database the thread retries, keeps everything queued, and on stop returns

@@ -799,6 +799,11 @@ pub(super) fn finish_again(ctx: &Context, id: &str, c: ClusterBatch) {
 /// copy newer than the batch's (a re-send stored since) stays, and so does its row until the
 /// re-send's publication makes it pending again.
 pub(super) fn release_finished(ctx: &Context, owner: &Owner) -> Result<(), ClusterError> {
+    // Not while what the recovery or a rescan read from the folder may still be published:
+    // it would bring back the rows forgotten here (`Outbox::release_gate`).
+    let Some(_gate) = owner.outbox.release_gate() else {
+        return Ok(());
+    };
     let mut after = (String::new(), String::new());
     loop {
         let rows = owner.with(|c| c.finished_here((&after.0, &after.1), FEED_ROWS))?;
