@@ -915,12 +915,21 @@ impl Outbox {
             };
             let node_dir = settings.shared_dir.join("nodes").join(&node_id);
             // A rescan lists this node's own folder: no release of its copies from now until
-            // it is done ([`Outbox::release_gate`]; a pass under way ends first).
-            let rescanning = takeover.is_none().then(|| {
-                let _pass = lock(&self.release);
+            // it is done ([`Outbox::release_gate`]). A release pass under way ends first:
+            // looked at again shortly, not waited for (this thread renews the lease).
+            let mut rescanning = None;
+            if takeover.is_none() {
+                let _pass = match self.release.try_lock() {
+                    Ok(g) => g,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        *next_look = Instant::now() + Duration::from_millis(50);
+                        return Ok(());
+                    }
+                };
                 self.rescanning.store(true, Ordering::Release);
-                Rescanning(self.rescanning.clone())
-            });
+                rescanning = Some(Rescanning(self.rescanning.clone()));
+            }
             if let Some(t) = &takeover {
                 // Before the listing: from now on the dead node, should it be alive but cut
                 // off, acknowledges nothing more (`cluster::fence`), so nothing it
