@@ -2494,6 +2494,83 @@ fn a_database_failover_to_a_synchronous_standby_loses_no_published_row_and_proce
     }
 }
 
+/// A failover to a standby that lost a patient's processing: the patient's first instance was
+/// published and replicated, then (replication cut) its second arrived, and the patient was
+/// claimed, processed, exported and done, and the node released its copies and forgot the
+/// rows. The promoted standby has the first row again, pending, with no bytes behind it: left,
+/// the patient would wait for ever for an instance nobody can read. The node's rescan after
+/// the rewind finds its folder empty and forgets that row; the patient is not processed again.
+#[test]
+fn after_a_rewind_a_node_forgets_the_rows_of_copies_it_had_already_released() {
+    use common::*;
+    let (primary, standby, link) = Postgres::start_with_cuttable_async_standby();
+    let both = format!(
+        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
+        primary.socket_dir.display(),
+        standby.socket_dir.display(),
+        primary.port,
+        standby.port
+    );
+    let shared = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (script, runs_log) = runs_script(tmp.path(), 0);
+    let toml = format!(
+        "{}[[input]]\nname = \"all\"\nmin_instances = 2\n\
+         [processing]\ncommand = [\"sh\", {:?}, \"a\"]\ntimeout_seconds = 60\n\
+         [[export]]\nkind = \"folder\"\npath = {:?}\n",
+        cluster_toml(&primary, shared.path(), "a")
+            .replace(&primary.conninfo(), &both)
+            .replace("quiet_seconds = 600", "quiet_seconds = 1"),
+        script.display().to_string(),
+        tmp.path().join("export").display().to_string()
+    );
+    let dir = shared.path().join("nodes").join("a");
+    let a = start_ready(&dir, &toml);
+    let files = tempfile::tempdir().unwrap();
+    let rows = |pg: &Postgres| -> i64 {
+        pg.client()
+            .query_one("SELECT count(*) FROM dicomgate_instances", &[])
+            .unwrap()
+            .get(0)
+    };
+    let first = mixed_instance(files.path(), 0);
+    assert!(storescu_status(&a, &[first]).success(), "{}", a.log());
+    assert!(wait_until(20, || rows(&primary) == 1), "{}", a.log());
+    primary.wait_replayed_by(&standby);
+    link.cut();
+    let second = mixed_instance(files.path(), 5);
+    assert!(storescu_status(&a, &[second]).success(), "{}", a.log());
+    let runs = || runs_of(&std::fs::read_to_string(&runs_log).unwrap_or_default());
+    let pending = || {
+        dicomgate::storage::inventory::pending(&dir)
+            .map(|(e, _)| e.len())
+            .unwrap_or(usize::MAX)
+    };
+    assert!(
+        wait_until(30, || runs().len() == 1
+            && rows(&primary) == 0
+            && pending() == 0),
+        "runs {:?}, rows {}, pending {}\n{}",
+        runs(),
+        rows(&primary),
+        pending(),
+        a.log()
+    );
+    assert_eq!(runs()[0].uids.len(), 2);
+    primary.crash();
+    standby.promote();
+    assert_eq!(rows(&standby), 1, "the standby has the first row, pending");
+    assert!(
+        wait_until(30, || rows(&standby) == 0),
+        "rows on the promoted standby: {}\n{}",
+        rows(&standby),
+        a.log()
+    );
+    assert!(a.log().contains(LOST_COMMITS), "{}", a.log());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(runs().len(), 1, "processed once\n{}", a.log());
+}
+
 /// What a node logs when it finds that the database lost commits it saw.
 const LOST_COMMITS: &str = "the cluster database lost commits this node saw";
 

@@ -1087,7 +1087,13 @@ impl Coordinator {
             .iter()
             .map(|r| to_i64(r.2, "received_ms"))
             .collect::<Result<_>>()?;
-        let mut tx = self.client.transaction()?;
+        // READ COMMITTED whatever the database's default: the last statement must see what
+        // a forgetter that held the lock before committed.
+        let mut tx = self
+            .client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::ReadCommitted)
+            .start()?;
         // Every storing node of a batch forgets its own rows, and the last one deletes the
         // batch. Without this lock two of them at once each still see the other's rows (its
         // deletion not yet committed) and both leave the batch row, for ever. Locked in one
@@ -1108,13 +1114,55 @@ impl Coordinator {
                AND i.received_ms = r.received",
             &[&self.node_id, &uid, &batch, &received],
         )?;
+        // Every done batch no row names, not only these: a re-send's publication makes a
+        // row of a done batch pending again (it leaves the batch), and when that was the
+        // batch's last row nothing else would delete it.
         tx.execute(
-            "DELETE FROM dicomgate_batches b WHERE b.stage = 'done' AND b.batch_id = ANY($1)
+            "DELETE FROM dicomgate_batches b WHERE b.stage = 'done'
                AND NOT EXISTS (SELECT 1 FROM dicomgate_instances i WHERE i.batch_id = b.batch_id)",
-            &[&batch],
+            &[],
         )?;
         tx.commit()?;
         Ok(n)
+    }
+
+    /// Whether another node holds the takeover of this node (its hold not yet run out): it may
+    /// still publish rounds of this node's records from a listing made before this node came
+    /// back, so this node must not release copies meanwhile (`Outbox::release_gate`).
+    pub fn being_taken_over(&mut self) -> Result<bool> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT coalesce((SELECT takeover_by IS NOT NULL
+                                         AND takeover_until > statement_timestamp()
+                                  FROM dicomgate_nodes WHERE node_id = $1), false)",
+                &[&self.node_id],
+            )?
+            .get(0))
+    }
+
+    /// The largest publication number (`seq`) of this node's rows (0 when none).
+    pub fn own_max_seq(&mut self) -> Result<i64> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT coalesce(max(seq), 0) FROM dicomgate_instances WHERE node_id = $1",
+                &[&self.node_id],
+            )?
+            .get(0))
+    }
+
+    /// Deletes this node's rows numbered at most `through_seq` whose SOP Instance UID is not
+    /// in `present` (after a rewind: rows whose copies this node had released,
+    /// `cluster::outbox`), in one statement; returns how many. The batches those rows made up
+    /// lose them (a batch left with none is done: its owner finds nothing to run).
+    pub fn forget_absent(&mut self, through_seq: i64, present: &[&str]) -> Result<u64> {
+        Ok(self.client.execute(
+            "DELETE FROM dicomgate_instances i WHERE i.node_id = $1 AND i.seq <= $2
+               AND NOT EXISTS (SELECT 1 FROM unnest($3::text[]) AS p(uid)
+                               WHERE p.uid = i.sop_instance_uid)",
+            &[&self.node_id, &through_seq, &present],
+        )?)
     }
 
     /// Takes over the batches of `owned.partition` that are not done and were claimed (or last

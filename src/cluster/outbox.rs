@@ -79,6 +79,9 @@ pub struct OutboxStats {
     /// rescan of the node's folder covered (it started after they were found).
     pub rewinds: AtomicU64,
     pub rewinds_rescanned: AtomicU64,
+    /// Rows of this node forgotten after a rewind because its folder no longer held their
+    /// copies ([`Reconcile`]).
+    pub reconciled: AtomicU64,
     /// Every node of the cluster, as of this node's last lease renewal.
     nodes: Mutex<Vec<super::NodeRow>>,
     /// The partitions this node owns, with their tokens, as of its last lease renewal (the
@@ -163,6 +166,9 @@ struct Job {
     covers: Owed,
     /// A rescan holds off the release of this node's copies while it lasts.
     _rescanning: Option<Rescanning>,
+    /// A rescan after a rewind: what it found, to forget at its end the rows the database
+    /// has of this node that its folder no longer holds ([`Reconcile`]).
+    reconcile: Option<Reconcile>,
     from_reader: std::sync::mpsc::Receiver<Read>,
     /// A round read and not yet committed (sent again after a failure).
     round: Option<Vec<Published>>,
@@ -171,6 +177,19 @@ struct Job {
     renewed: Instant,
     published: u64,
     unreadable: u64,
+}
+
+/// A rescan after a rewind also forgets the rows of this node that the database has again
+/// though their copies were released (the lost commits held the claim, the stage "done" and
+/// the deletion; the release deleted the copies): left, they would be pending instances with
+/// no bytes behind them, and a batch that claimed one would wait for it for ever. Forgotten:
+/// the rows this node published before the listing began (`seq` at most `through_seq`: only
+/// this thread publishes this node's rows, and it read that number before the listing) whose
+/// SOP Instance UID the listing does not hold. No release runs during a rescan
+/// ([`Outbox::release_gate`]), so what the listing holds stays until the end.
+struct Reconcile {
+    through_seq: i64,
+    found: std::collections::HashSet<String>,
 }
 
 /// What the reader of a folder sends.
@@ -573,12 +592,13 @@ impl Outbox {
     }
 
     /// Whether the owner side may release this node's copies of finished batches now: the
-    /// records its recovery queued are published (and whatever a rescan owed since), and no
-    /// rescan of its folder is under way. Both publish copies read from the folder earlier,
-    /// and a row published after its copy was released and forgotten would come back as a
-    /// pending instance with no bytes behind it (seen: a node restarted after its takeover
-    /// released the copies the takeover had published, then published them again from its
-    /// recovery). The pass holds the returned guard; a rescan waits for it before it lists.
+    /// records its recovery queued are published (after a rewind: also what the rescan it
+    /// owes publishes), and no rescan of its folder is under way. Both publish copies read
+    /// from the folder earlier, and a row published after its copy was released and forgotten
+    /// would come back as a pending instance with no bytes behind it (seen: a node restarted
+    /// after its takeover released the copies the takeover had published, then published
+    /// them again from its recovery). The pass holds the returned guard; a rescan does not
+    /// start while it is held (it looks again 50 ms later).
     pub fn release_gate(&self) -> Option<MutexGuard<'_, ()>> {
         let gate = lock(&self.release);
         let recovered = lock(&self.associations).recovered;
@@ -893,12 +913,6 @@ impl Outbox {
             // found: a listing started now finds every one counted so far.
             let (owed, covered) = (self.owed(), self.covered());
             let (takeover, node_id, covers) = if owed != covered {
-                tracing::info!(
-                    left_out = owed.left_out - covered.left_out,
-                    rewinds = owed.rewinds - covered.rewinds,
-                    "cluster: rescanning this node's folder for the records left out of the \
-                     queue or lost by the database"
-                );
                 (None, settings.node_id.clone(), owed)
             } else {
                 let Some(takeover) = c.next_takeover()? else {
@@ -918,7 +932,14 @@ impl Outbox {
             // it is done ([`Outbox::release_gate`]). A release pass under way ends first:
             // looked at again shortly, not waited for (this thread renews the lease).
             let mut rescanning = None;
+            let mut reconcile = None;
             if takeover.is_none() {
+                if covers.rewinds > self.covered().rewinds {
+                    reconcile = Some(Reconcile {
+                        through_seq: c.own_max_seq()?,
+                        found: Default::default(),
+                    });
+                }
                 let _pass = match self.release.try_lock() {
                     Ok(g) => g,
                     Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -929,6 +950,12 @@ impl Outbox {
                 };
                 self.rescanning.store(true, Ordering::Release);
                 rescanning = Some(Rescanning(self.rescanning.clone()));
+                tracing::info!(
+                    left_out = covers.left_out - covered.left_out,
+                    rewinds = covers.rewinds - covered.rewinds,
+                    "cluster: rescanning this node's folder for the records left out of the \
+                     queue or lost by the database"
+                );
             }
             if let Some(t) = &takeover {
                 // Before the listing: from now on the dead node, should it be alive but cut
@@ -952,6 +979,7 @@ impl Outbox {
                 node_id,
                 covers,
                 _rescanning: rescanning,
+                reconcile,
                 from_reader,
                 round: None,
                 done: false,
@@ -983,6 +1011,10 @@ impl Outbox {
             match j.from_reader.try_recv() {
                 Ok(Read::Round(round, unparsed)) => {
                     j.unreadable += unparsed;
+                    if let Some(r) = &mut j.reconcile {
+                        r.found
+                            .extend(round.iter().map(|p| p.sop_instance_uid.clone()));
+                    }
                     j.round = Some(round);
                 }
                 Ok(Read::Done) => {
@@ -1037,6 +1069,28 @@ impl Outbox {
                 }
             }
             None => {
+                if let Some(r) = &j.reconcile {
+                    if j.unreadable > 0 {
+                        tracing::warn!(
+                            unreadable = j.unreadable,
+                            "cluster: after the database lost commits, rows of instances this \
+                             node released may be back as pending; not forgotten, since some \
+                             instances here cannot be parsed (their rows must stay)"
+                        );
+                    } else {
+                        let found: Vec<&str> = r.found.iter().map(String::as_str).collect();
+                        let forgot = c.forget_absent(r.through_seq, &found)?;
+                        if forgot > 0 {
+                            tracing::warn!(
+                                rows = forgot,
+                                "cluster: after the database lost commits, forgot rows of \
+                                 instances this node had already released (processed and \
+                                 exported before the loss)"
+                            );
+                        }
+                        self.stats.reconciled.fetch_add(forgot, Ordering::Relaxed);
+                    }
+                }
                 self.stats
                     .rescanned
                     .fetch_max(j.covers.left_out, Ordering::AcqRel);

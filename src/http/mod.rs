@@ -293,6 +293,12 @@ pub fn render(shared: &Shared) -> String {
             count(&s.rewinds),
         );
         r.register(
+            "cluster_rows_forgotten_after_rewind",
+            "Rows of this node the database had again after losing commits, though their copies \
+             were released (processed and exported before the loss): forgotten by the rescan",
+            count(&s.reconciled),
+        );
+        r.register(
             "cluster_taken_over",
             "Instance records of dead nodes this node published from their folders (takeover)",
             count(&s.taken_over),

@@ -68,6 +68,9 @@ pub(crate) struct Owner {
     /// Cluster batches whose mark as done waits for a retry ([`finish_or_later`]): one retry
     /// chain per batch, whoever asks again (the sweep, a failure, an expiry).
     finishing: Mutex<HashSet<String>>,
+    /// Since when [`release_finished`] has been held back (`Outbox::release_gate`, or another
+    /// node's takeover of this one), and whether that was logged.
+    release_held: Mutex<Option<(Instant, bool)>>,
 }
 
 impl std::fmt::Debug for Owner {
@@ -91,6 +94,7 @@ impl Owner {
             seen: Mutex::new(HashMap::new()),
             building: Mutex::new(HashSet::new()),
             finishing: Mutex::new(HashSet::new()),
+            release_held: Mutex::new(None),
         }
     }
 
@@ -799,11 +803,31 @@ pub(super) fn finish_again(ctx: &Context, id: &str, c: ClusterBatch) {
 /// copy newer than the batch's (a re-send stored since) stays, and so does its row until the
 /// re-send's publication makes it pending again.
 pub(super) fn release_finished(ctx: &Context, owner: &Owner) -> Result<(), ClusterError> {
-    // Not while what the recovery or a rescan read from the folder may still be published:
-    // it would bring back the rows forgotten here (`Outbox::release_gate`).
-    let Some(_gate) = owner.outbox.release_gate() else {
-        return Ok(());
+    // Not while what the recovery or a rescan read from the folder may still be published
+    // (`Outbox::release_gate`), nor while another node that took this one over may (its hold
+    // runs): either would bring back the rows forgotten here.
+    let gate = owner.outbox.release_gate();
+    let held = match &gate {
+        None => Some("its recovery's records to be published or a rescan of its folder to end"),
+        Some(_) if owner.with(|c| c.being_taken_over())? => {
+            Some("another node's takeover of it to end")
+        }
+        Some(_) => None,
     };
+    if let Some(why) = held {
+        let mut h = lock(&owner.release_held);
+        let (since, told) = h.get_or_insert((Instant::now(), false));
+        if !*told && since.elapsed() >= owner.settings.lease * 3 {
+            *told = true;
+            tracing::warn!(
+                waited_s = since.elapsed().as_secs(),
+                "cluster: this node releases no processed copies until {why} (its disk fills \
+                 meanwhile)"
+            );
+        }
+        return Ok(());
+    }
+    *lock(&owner.release_held) = None;
     let mut after = (String::new(), String::new());
     loop {
         let rows = owner.with(|c| c.finished_here((&after.0, &after.1), FEED_ROWS))?;

@@ -5,3 +5,6 @@
 -- one its last write returned, and it writes again everything it holds (cluster::outbox).
 ALTER TABLE dicomgate_nodes
     ADD COLUMN IF NOT EXISTS commits bigint NOT NULL DEFAULT 0;
+-- The release's deletion of done batches no row names any more looks rows up by batch.
+CREATE INDEX IF NOT EXISTS dicomgate_instances_batch
+    ON dicomgate_instances (batch_id) WHERE batch_id IS NOT NULL;
