@@ -1152,15 +1152,15 @@ impl Coordinator {
             .get(0))
     }
 
-    /// Deletes this node's rows numbered at most `through_seq` whose SOP Instance UID is not
-    /// in `present` (after a rewind: rows whose copies this node had released,
+    /// Deletes this node's rows numbered at most `through_seq` whose location is not in
+    /// `present` (after a rewind: rows whose copies this node had released,
     /// `cluster::outbox`), in one statement; returns how many. The batches those rows made up
-    /// lose them (a batch left with none is done: its owner finds nothing to run).
+    /// lose them (a batch left with none has nothing to run).
     pub fn forget_absent(&mut self, through_seq: i64, present: &[&str]) -> Result<u64> {
         Ok(self.client.execute(
             "DELETE FROM dicomgate_instances i WHERE i.node_id = $1 AND i.seq <= $2
-               AND NOT EXISTS (SELECT 1 FROM unnest($3::text[]) AS p(uid)
-                               WHERE p.uid = i.sop_instance_uid)",
+               AND NOT EXISTS (SELECT 1 FROM unnest($3::text[]) AS p(location)
+                               WHERE p.location = i.location)",
             &[&self.node_id, &through_seq, &present],
         )?)
     }

@@ -185,15 +185,22 @@ struct Job {
 /// no bytes behind them, and a batch that claimed one would wait for it for ever. Forgotten:
 /// the rows this node published before the listing began (`seq` at most `through_seq`: only
 /// this thread publishes this node's rows, and it read that number before the listing) whose
-/// SOP Instance UID the listing does not hold. No release runs during a rescan
+/// location the listing does not hold. No release runs during a rescan
 /// ([`Outbox::release_gate`]), so what the listing holds stays until the end.
 struct Reconcile {
     through_seq: i64,
+    /// The locations the listing found (every instance it listed: one that then could not
+    /// be parsed, or was moved by the log's compaction, keeps its row).
     found: std::collections::HashSet<String>,
+    /// The listing arrived.
+    listed: bool,
 }
 
 /// What the reader of a folder sends.
 enum Read {
+    /// Every instance the listing found (its location, as rows name it: `patients/<rel>`),
+    /// first, whatever describing it then makes of it.
+    Listed(Vec<String>),
     /// A round of records, and how many instances of it could not be parsed (skipped, as a
     /// restart of their node leaves them in place).
     Round(Vec<Published>, u64),
@@ -218,6 +225,18 @@ fn read_folder(
             return;
         }
     };
+    let listed = entries
+        .iter()
+        .map(|e| {
+            Path::new("patients")
+                .join(&e.rel)
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    if to.send(Read::Listed(listed)).is_err() {
+        return; // the job was dropped
+    }
     for chunk in entries.chunks(ROUND_RECORDS) {
         let (mut round, mut unparsed) = (Vec::with_capacity(chunk.len()), 0);
         for e in chunk {
@@ -938,6 +957,7 @@ impl Outbox {
                     reconcile = Some(Reconcile {
                         through_seq: c.own_max_seq()?,
                         found: Default::default(),
+                        listed: false,
                     });
                 }
                 let _pass = match self.release.try_lock() {
@@ -1009,12 +1029,15 @@ impl Outbox {
         }
         if j.round.is_none() {
             match j.from_reader.try_recv() {
+                Ok(Read::Listed(listed)) => {
+                    if let Some(r) = &mut j.reconcile {
+                        r.found = listed.into_iter().collect();
+                        r.listed = true;
+                    }
+                    return Ok(());
+                }
                 Ok(Read::Round(round, unparsed)) => {
                     j.unreadable += unparsed;
-                    if let Some(r) = &mut j.reconcile {
-                        r.found
-                            .extend(round.iter().map(|p| p.sop_instance_uid.clone()));
-                    }
                     j.round = Some(round);
                 }
                 Ok(Read::Done) => {
@@ -1069,27 +1092,18 @@ impl Outbox {
                 }
             }
             None => {
-                if let Some(r) = &j.reconcile {
-                    if j.unreadable > 0 {
+                if let Some(r) = j.reconcile.as_ref().filter(|r| r.listed) {
+                    let found: Vec<&str> = r.found.iter().map(String::as_str).collect();
+                    let forgot = c.forget_absent(r.through_seq, &found)?;
+                    if forgot > 0 {
                         tracing::warn!(
-                            unreadable = j.unreadable,
-                            "cluster: after the database lost commits, rows of instances this \
-                             node released may be back as pending; not forgotten, since some \
-                             instances here cannot be parsed (their rows must stay)"
+                            rows = forgot,
+                            "cluster: after the database lost commits, forgot rows of \
+                             instances this node had already released (processed and exported \
+                             before the loss)"
                         );
-                    } else {
-                        let found: Vec<&str> = r.found.iter().map(String::as_str).collect();
-                        let forgot = c.forget_absent(r.through_seq, &found)?;
-                        if forgot > 0 {
-                            tracing::warn!(
-                                rows = forgot,
-                                "cluster: after the database lost commits, forgot rows of \
-                                 instances this node had already released (processed and \
-                                 exported before the loss)"
-                            );
-                        }
-                        self.stats.reconciled.fetch_add(forgot, Ordering::Relaxed);
                     }
+                    self.stats.reconciled.fetch_add(forgot, Ordering::Relaxed);
                 }
                 self.stats
                     .rescanned
