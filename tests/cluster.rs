@@ -113,19 +113,8 @@ impl Postgres {
             primary.socket_dir.display(),
             primary.port
         ));
-        let synchronous = || {
-            primary
-                .client()
-                .query_opt(
-                    "SELECT 1 FROM pg_stat_replication \
-                     WHERE application_name = 'standby' AND sync_state = 'sync'",
-                    &[],
-                )
-                .unwrap()
-                .is_some()
-        };
         assert!(
-            common::wait_until(30, synchronous),
+            common::wait_until(30, || primary.replicating("sync_state = 'sync'")),
             "the standby does not stream synchronously"
         );
         (primary, standby)
@@ -139,22 +128,26 @@ impl Postgres {
         let primary = Postgres::start();
         let link = Cuttable::new(&primary);
         let standby = primary.standby(&format!("host=127.0.0.1 port={}", link.port));
-        let streaming = || {
-            primary
-                .client()
-                .query_opt(
-                    "SELECT 1 FROM pg_stat_replication \
-                     WHERE application_name = 'standby' AND state = 'streaming'",
-                    &[],
-                )
-                .unwrap()
-                .is_some()
-        };
         assert!(
-            common::wait_until(30, streaming),
+            common::wait_until(30, || primary.replicating("state = 'streaming'")),
             "the standby does not stream"
         );
         (primary, standby, link)
+    }
+
+    /// Whether this server replicates to the standby `standby` with `condition` on its
+    /// `pg_stat_replication` row.
+    fn replicating(&self, condition: &str) -> bool {
+        self.client()
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM pg_stat_replication \
+                     WHERE application_name = 'standby' AND {condition}"
+                ),
+                &[],
+            )
+            .unwrap()
+            .is_some()
     }
 
     /// Waits until `standby` has replayed everything this server (its primary) has written
@@ -2464,13 +2457,7 @@ fn a_node_cut_off_from_the_database_when_new_or_after_a_clean_leave_acknowledges
 fn a_database_failover_to_a_synchronous_standby_loses_no_published_row_and_processes_each_patient_once(
 ) {
     let (primary, standby) = Postgres::start_with_sync_standby();
-    let both = format!(
-        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
-        primary.socket_dir.display(),
-        standby.socket_dir.display(),
-        primary.port,
-        standby.port
-    );
+    let both = either(&primary, &standby);
     let logs = outage_mid_load(
         &primary,
         &both,
@@ -2504,13 +2491,7 @@ fn a_database_failover_to_a_synchronous_standby_loses_no_published_row_and_proce
 fn after_a_rewind_a_node_forgets_the_rows_of_copies_it_had_already_released() {
     use common::*;
     let (primary, standby, link) = Postgres::start_with_cuttable_async_standby();
-    let both = format!(
-        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
-        primary.socket_dir.display(),
-        standby.socket_dir.display(),
-        primary.port,
-        standby.port
-    );
+    let both = either(&primary, &standby);
     let shared = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (script, runs_log) = runs_script(tmp.path(), 0);
@@ -2571,6 +2552,18 @@ fn after_a_rewind_a_node_forgets_the_rows_of_copies_it_had_already_released() {
     assert_eq!(runs().len(), 1, "processed once\n{}", a.log());
 }
 
+/// A multi-host connection string to whichever of `primary` and `standby` takes writes (as
+/// docs/cluster.md advises for a deployment with a standby).
+fn either(primary: &Postgres, standby: &Postgres) -> String {
+    format!(
+        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
+        primary.socket_dir.display(),
+        standby.socket_dir.display(),
+        primary.port,
+        standby.port
+    )
+}
+
 /// What a node logs when it finds that the database lost commits it saw.
 const LOST_COMMITS: &str = "the cluster database lost commits this node saw";
 
@@ -2584,20 +2577,14 @@ fn node_log_of<'a>(logs: &'a str, id: &str) -> &'a str {
 /// A failover to an *asynchronous* standby that never received the rounds the nodes
 /// published: its replication is cut once the nodes have joined, so the 15 rows published
 /// before the primary crashes are not on it. Each node finds, at its first renewal there, that
-/// the database holds fewer of its publication rounds than it saw committed
-/// (`dicomgate_nodes.publications`), and publishes again everything pending in its folder,
+/// the database holds fewer of its writes than it saw committed (`dicomgate_nodes.commits`),
+/// and publishes again everything pending in its folder,
 /// without a restart: every patient is processed once with all 6 instances. (Before this, the
 /// lost rows came back only at a node's restart, and these patients never completed.)
 #[test]
 fn a_failover_to_a_standby_that_lost_published_rows_is_found_and_the_nodes_publish_them_again() {
     let (primary, standby, link) = Postgres::start_with_cuttable_async_standby();
-    let both = format!(
-        "host={},{} port={},{} user=postgres dbname=postgres target_session_attrs=read-write",
-        primary.socket_dir.display(),
-        standby.socket_dir.display(),
-        primary.port,
-        standby.port
-    );
+    let both = either(&primary, &standby);
     let logs = outage_mid_load(
         &primary,
         &both,
