@@ -456,6 +456,8 @@ pub fn start_with(
         o.set_foreign(Arc::new(pipeline::foreign::ForeignReader {
             pipeline: pipeline.clone(),
             node: config.node.clone(),
+            own_dir: config.node.data_dir.clone(),
+            own_log: storage.log().clone(),
         }));
     }
     let mut service = config.service_config(pipeline.wanted_tags.clone());

@@ -747,6 +747,46 @@ fn a_database_that_lost_commits_is_found_by_the_next_renewal_round_or_associatio
     assert_eq!(other.take_rewind(), None);
 }
 
+/// The reconcile after a rewind, at the database: `absent_rows` proposes this node's rows
+/// published up to a number and not at a listed location (not a later one, not another
+/// node's), and `forget_rows_at` deletes only those still at most that number (a re-send
+/// since made its row pending again under a new number: it stays).
+#[test]
+fn the_rows_a_rewind_may_forget_are_this_nodes_up_to_the_number_read_and_unlisted() {
+    let pg = Postgres::start();
+    let lease = Duration::from_secs(30);
+    let key = b"PAT-RECONCILE".to_vec();
+    let mut a = node(&pg, "a", 4, lease);
+    let mut b = node(&pg, "b", 4, lease);
+    let at = |i: u64| record("a", &format!("6.{i}"), &key, i);
+    a.publish(&[at(1), at(2), at(3)]).unwrap();
+    b.publish(&[record("b", "6.9", &key, 9)]).unwrap();
+    let through = a.own_max_seq().unwrap();
+    a.publish(&[at(4)]).unwrap();
+    let listed = at(1).location;
+    let mut absent = a.absent_rows(through, &[listed.as_str()]).unwrap();
+    absent.sort();
+    assert_eq!(absent, [at(2).location, at(3).location]);
+    // 6.3 is sent again (a new copy, so a new number) before the delete.
+    let mut again = at(3);
+    again.received_ms = 30; // at the same location
+    a.publish(&[again]).unwrap();
+    let gone = [at(2).location, at(3).location];
+    let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
+    assert_eq!(a.forget_rows_at(through, &gone).unwrap(), 1);
+    let left: Vec<String> = pg
+        .client()
+        .query(
+            "SELECT sop_instance_uid FROM dicomgate_instances ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["6.1", "6.3", "6.4", "6.9"]);
+}
+
 /// Claims of one key racing on two connections of its owner while a third publishes: every
 /// record is claimed exactly once.
 #[test]

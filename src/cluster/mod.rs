@@ -1117,9 +1117,14 @@ impl Coordinator {
         // Every done batch no row names, not only these: a re-send's publication makes a
         // row of a done batch pending again (it leaves the batch), and when that was the
         // batch's last row nothing else would delete it.
+        // (Those another forgetter holds are its to delete: skipped, never waited for, so two
+        // forgetters never wait on each other here.)
         tx.execute(
-            "DELETE FROM dicomgate_batches b WHERE b.stage = 'done'
-               AND NOT EXISTS (SELECT 1 FROM dicomgate_instances i WHERE i.batch_id = b.batch_id)",
+            "DELETE FROM dicomgate_batches WHERE batch_id IN (
+                 SELECT b.batch_id FROM dicomgate_batches b WHERE b.stage = 'done'
+                   AND NOT EXISTS (SELECT 1 FROM dicomgate_instances i
+                                   WHERE i.batch_id = b.batch_id)
+                 FOR UPDATE SKIP LOCKED)",
             &[],
         )?;
         tx.commit()?;
@@ -1152,16 +1157,35 @@ impl Coordinator {
             .get(0))
     }
 
-    /// Deletes this node's rows numbered at most `through_seq` whose location is not in
-    /// `present` (after a rewind: rows whose copies this node had released,
-    /// `cluster::outbox`), in one statement; returns how many. The batches those rows made up
-    /// lose them (a batch left with none has nothing to run).
-    pub fn forget_absent(&mut self, through_seq: i64, present: &[&str]) -> Result<u64> {
+    /// The locations of this node's rows numbered at most `through_seq` that are not in
+    /// `present` (after a rewind: candidates for rows whose copies this node had released,
+    /// `cluster::outbox`).
+    pub fn absent_rows(&mut self, through_seq: i64, present: &[&str]) -> Result<Vec<String>> {
+        Ok(self
+            .client
+            .query(
+                "SELECT i.location FROM dicomgate_instances i
+                 WHERE i.node_id = $1 AND i.seq <= $2
+                   AND NOT EXISTS (SELECT 1 FROM unnest($3::text[]) AS p(location)
+                                   WHERE p.location = i.location)",
+                &[&self.node_id, &through_seq, &present],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Deletes this node's rows at `locations` numbered at most `through_seq` (a row made
+    /// pending again since, by a re-send, has a larger number and stays); returns how many.
+    /// The batches those rows made up lose them (a batch left with none has nothing to run).
+    pub fn forget_rows_at(&mut self, through_seq: i64, locations: &[&str]) -> Result<u64> {
+        if locations.is_empty() {
+            return Ok(0);
+        }
         Ok(self.client.execute(
-            "DELETE FROM dicomgate_instances i WHERE i.node_id = $1 AND i.seq <= $2
-               AND NOT EXISTS (SELECT 1 FROM unnest($3::text[]) AS p(location)
-                               WHERE p.location = i.location)",
-            &[&self.node_id, &through_seq, &present],
+            "DELETE FROM dicomgate_instances
+             WHERE node_id = $1 AND seq <= $2 AND location = ANY($3)",
+            &[&self.node_id, &through_seq, &locations],
         )?)
     }
 

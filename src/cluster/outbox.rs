@@ -136,6 +136,10 @@ pub trait Foreign: Send + Sync {
     /// read (the listing is then given up, never finished on a partial read).
     fn describe(&self, node_id: &str, node_dir: &Path, entry: &Entry)
         -> std::io::Result<Described>;
+    /// Whether this node itself (the running process, not a listing of its folder) still holds
+    /// the instance at `location` (`patients/<rel>`): in its log's index or as a file. An error
+    /// when that cannot be told (the caller then keeps what depends on it).
+    fn own_holds(&self, location: &str) -> std::io::Result<bool>;
 }
 
 /// What [`Foreign::describe`] made of a listed instance.
@@ -1092,9 +1096,28 @@ impl Outbox {
                 }
             }
             None => {
-                if let Some(r) = j.reconcile.as_ref().filter(|r| r.listed) {
+                // Not if the database lost commits again meanwhile: `through_seq` was read
+                // from what it held before (the next rescan reconciles).
+                let again = self.stats.rewinds.load(Ordering::Acquire) != j.covers.rewinds;
+                if let Some(r) = j.reconcile.as_ref().filter(|r| r.listed && !again) {
+                    // The listing only proposes: a row goes only if the running node itself
+                    // holds nothing at its location (a listing made while the log's compaction
+                    // moved records, or one that could not read a folder, misses some).
                     let found: Vec<&str> = r.found.iter().map(String::as_str).collect();
-                    let forgot = c.forget_absent(r.through_seq, &found)?;
+                    let gone: Vec<String> = c
+                        .absent_rows(r.through_seq, &found)?
+                        .into_iter()
+                        .filter(|l| match self.foreign.get().map(|f| f.own_holds(l)) {
+                            Some(Ok(held)) => !held,
+                            Some(Err(e)) => {
+                                tracing::warn!(location = %l, error = %e, "cluster: cannot tell whether this node holds an instance: its row is kept");
+                                false
+                            }
+                            None => false,
+                        })
+                        .collect();
+                    let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
+                    let forgot = c.forget_rows_at(r.through_seq, &gone)?;
                     if forgot > 0 {
                         tracing::warn!(
                             rows = forgot,

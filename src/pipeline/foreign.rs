@@ -21,6 +21,9 @@ use super::Pipeline;
 pub struct ForeignReader {
     pub pipeline: Arc<Pipeline>,
     pub node: NodeConfig,
+    /// This node's own folder and running log ([`Foreign::own_holds`]).
+    pub own_dir: std::path::PathBuf,
+    pub own_log: Arc<crate::storage::log::Log>,
 }
 
 /// An instance listed and no longer there: gone, if its node's folder still is (else the
@@ -53,6 +56,30 @@ impl Foreign for ForeignReader {
         }
         let held = super::held_records(node_dir)?;
         Ok(inventory::pending_except(node_dir, &held)?.0)
+    }
+
+    fn own_holds(&self, location: &str) -> std::io::Result<bool> {
+        let rel = Path::new(location)
+            .strip_prefix("patients")
+            .ok()
+            .filter(|rel| {
+                rel.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            })
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("location {location:?} is not under patients/"),
+                )
+            })?;
+        if self.own_log.holds(rel) {
+            return Ok(true);
+        }
+        match std::fs::symlink_metadata(self.own_dir.join("patients").join(rel)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn describe(

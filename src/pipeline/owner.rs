@@ -817,7 +817,9 @@ pub(super) fn release_finished(ctx: &Context, owner: &Owner) -> Result<(), Clust
     if let Some(why) = held {
         let mut h = lock(&owner.release_held);
         let (since, told) = h.get_or_insert((Instant::now(), false));
-        if !*told && since.elapsed() >= owner.settings.lease * 3 {
+        // Past a takeover's whole hold (three leases), which a node back from the dead may
+        // wait out.
+        if !*told && since.elapsed() >= owner.settings.lease * 4 {
             *told = true;
             tracing::warn!(
                 waited_s = since.elapsed().as_secs(),

@@ -1491,6 +1491,12 @@ impl Log {
         }
     }
 
+    /// Whether the index holds an instance at `rel` (pending here: compaction moves a record
+    /// without it ever leaving the index).
+    pub fn holds(&self, rel: &Path) -> bool {
+        lock(&self.inner).index.contains_key(rel)
+    }
+
     /// Takes an instance out of the index (its batch is being claimed or it expires): the
     /// caller copies it out and then [`Log::release`]s every record of it, or gives it back
     /// with [`Log::untake`].
