@@ -3604,24 +3604,92 @@ fn a_restarted_node_releases_its_processed_copies_only_once_its_recovery_is_publ
     use common::*;
     let pg = Postgres::start();
     let shared = tempfile::tempdir().unwrap();
-    let dir = shared.path().join("nodes").join("a");
-    let mut a = start_ready(&dir, &cluster_toml(&pg, shared.path(), "a"));
+    let (mut a, _y, dir) = processed_elsewhere_while_dead(&pg, shared.path());
+    a.restart_with_env(&[("DICOMGATE_TEST_OUTBOX_HOLD_MS", "3000")]);
+    std::thread::sleep(Duration::from_secs(4)); // past the hold
+    assert!(
+        wait_until(20, || instance_rows(&pg) == 0 && pending_in(&dir) == 0),
+        "rows {}, pending {}\n{}",
+        instance_rows(&pg),
+        pending_in(&dir),
+        a.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(instance_rows(&pg), 0, "no row came back\n{}", a.log());
+}
+
+/// The other case of the release gate: another node holds the takeover of the dead node (it
+/// may still publish rounds from its listing), when the node comes back. The node releases
+/// nothing until that hold has run out (three leases from the taker's last renewal; here 6 s):
+/// at 3 s after the restart its copies are all still there, and they are released after.
+/// (Without `Coordinator::being_taken_over` they were released within the first second.)
+#[test]
+fn a_node_back_while_another_holds_its_takeover_releases_nothing_until_the_hold_ran_out() {
+    use common::*;
+    let pg = Postgres::start();
+    let shared = tempfile::tempdir().unwrap();
+    let (mut a, mut y, dir) = processed_elsewhere_while_dead(&pg, shared.path());
+    // Offered once a's lease ran out more than a lease ago.
+    let t = (0..20)
+        .find_map(|_| {
+            y.rebalance().unwrap();
+            y.next_takeover().unwrap().or_else(|| {
+                wait_past(Duration::from_secs(1));
+                None
+            })
+        })
+        .expect("a is dead: y takes it over");
+    assert_eq!(t.node_id, "a");
+    a.restart();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        pending_in(&dir),
+        2,
+        "released while y's hold runs\n{}",
+        a.log()
+    );
+    assert!(
+        wait_until(20, || instance_rows(&pg) == 0 && pending_in(&dir) == 0),
+        "rows {}, pending {}\n{}",
+        instance_rows(&pg),
+        pending_in(&dir),
+        a.log()
+    );
+}
+
+/// Rows of instances in the cluster database.
+fn instance_rows(pg: &Postgres) -> i64 {
+    pg.client()
+        .query_one("SELECT count(*) FROM dicomgate_instances", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Instances pending in a node's folder (`usize::MAX` when it cannot be read).
+fn pending_in(dir: &Path) -> usize {
+    dicomgate::storage::inventory::pending(dir)
+        .map(|(e, _)| e.len())
+        .unwrap_or(usize::MAX)
+}
+
+/// Node a stores P0's two instances and is killed; another node (a bare coordinator, y,
+/// returned) takes a's partitions once a's lease has run out for a lease, and processes P0:
+/// claimed, done. a's copies are still on its disk (its folder, returned).
+fn processed_elsewhere_while_dead(
+    pg: &Postgres,
+    shared: &Path,
+) -> (common::Node, Coordinator, PathBuf) {
+    use common::*;
+    let dir = shared.join("nodes").join("a");
+    let mut a = start_ready(&dir, &cluster_toml(pg, shared, "a"));
     let files = tempfile::tempdir().unwrap();
     let p0: Vec<PathBuf> = [0, 5]
         .iter()
         .map(|&i| mixed_instance(files.path(), i))
         .collect();
     assert!(storescu_status(&a, &p0).success(), "{}", a.log());
-    let rows = || -> i64 {
-        pg.client()
-            .query_one("SELECT count(*) FROM dicomgate_instances", &[])
-            .unwrap()
-            .get(0)
-    };
-    assert!(wait_until(20, || rows() == 2), "{}", a.log());
+    assert!(wait_until(20, || instance_rows(pg) == 2), "{}", a.log());
     a.kill9();
-    // Another node takes a's partitions once a's lease has run out for a lease, and processes
-    // P0: claimed, done.
     let lease = Duration::from_secs(2);
     let mut y = Coordinator::connect(&pg.conninfo(), "y", 8, lease).unwrap();
     let part = partition_of(b"P0", 8);
@@ -3636,23 +3704,8 @@ fn a_restarted_node_releases_its_processed_copies_only_once_its_recovery_is_publ
         .expect("y takes P0's partition");
     assert_eq!(y.claim(tok, b"P0", "by-y").unwrap().unwrap().len(), 2);
     y.set_stage(tok, "by-y", "done").unwrap();
-    let pending = || {
-        dicomgate::storage::inventory::pending(&dir)
-            .map(|(e, _)| e.len())
-            .unwrap_or(usize::MAX)
-    };
-    assert_eq!(pending(), 2, "a's copies are still on its disk");
-    a.restart_with_env(&[("DICOMGATE_TEST_OUTBOX_HOLD_MS", "3000")]);
-    std::thread::sleep(Duration::from_secs(4)); // past the hold
-    assert!(
-        wait_until(20, || rows() == 0 && pending() == 0),
-        "rows {}, pending {}\n{}",
-        rows(),
-        pending(),
-        a.log()
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(rows(), 0, "no row came back\n{}", a.log());
+    assert_eq!(pending_in(&dir), 2, "a's copies are still on its disk");
+    (a, y, dir)
 }
 
 /// Second review of the owner side: a node restarted (or resumed) while its batch's partition
