@@ -231,12 +231,7 @@ fn read_folder(
     };
     let listed = entries
         .iter()
-        .map(|e| {
-            Path::new("patients")
-                .join(&e.rel)
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|e| crate::storage::inventory::location_of(&e.rel))
         .collect();
     if to.send(Read::Listed(listed)).is_err() {
         return; // the job was dropped

@@ -466,22 +466,15 @@ pub(super) fn create_cluster(
             for r in rows {
                 // Locations are "patients/<rel>" (`Pipeline::publish`); never anything else
                 // (a row is this cluster's own writing, but a path is checked all the same).
-                let rel = Path::new(&r.location)
-                    .strip_prefix("patients")
-                    .ok()
-                    .filter(|rel| {
-                        rel.components()
-                            .all(|c| matches!(c, std::path::Component::Normal(_)))
-                    })
-                    .ok_or_else(|| {
-                        io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!(
-                                "node {node}: location {:?} is not under patients/",
-                                r.location
-                            ),
-                        )
-                    })?;
+                let rel = crate::storage::inventory::rel_of(&r.location).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "node {node}: location {:?} is not under patients/",
+                            r.location
+                        ),
+                    )
+                })?;
                 let entry = listed.get(rel).ok_or_else(|| {
                     io::Error::new(
                         io::ErrorKind::NotFound,

@@ -59,19 +59,12 @@ impl Foreign for ForeignReader {
     }
 
     fn own_holds(&self, location: &str) -> std::io::Result<bool> {
-        let rel = Path::new(location)
-            .strip_prefix("patients")
-            .ok()
-            .filter(|rel| {
-                rel.components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)))
-            })
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("location {location:?} is not under patients/"),
-                )
-            })?;
+        let rel = inventory::rel_of(location).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("location {location:?} is not under patients/"),
+            )
+        })?;
         if self.own_log.holds(rel) {
             return Ok(true);
         }
@@ -117,10 +110,7 @@ impl Foreign for ForeignReader {
             return Ok(Described::Unparsed);
         };
         // As the node itself names it (`Pipeline::publish`): its path under the node's folder.
-        let location = Path::new("patients")
-            .join(&entry.rel)
-            .to_string_lossy()
-            .into_owned();
+        let location = inventory::location_of(&entry.rel);
         Ok(Described::Record(super::published(
             node_id,
             &key,

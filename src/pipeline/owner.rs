@@ -29,7 +29,7 @@
 //! or when forced.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -864,14 +864,7 @@ pub(super) fn release_finished(ctx: &Context, owner: &Owner) -> Result<(), Clust
 /// Releases this node's copy of `p` (its log record, or its file); `Ok(false)`: a newer copy
 /// of the instance is stored here (kept).
 fn release_local(ctx: &Context, p: &Published) -> std::io::Result<bool> {
-    let Some(rel) = Path::new(&p.location)
-        .strip_prefix("patients")
-        .ok()
-        .filter(|rel| {
-            rel.components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)))
-        })
-    else {
+    let Some(rel) = crate::storage::inventory::rel_of(&p.location) else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("location {:?} is not under patients/", p.location),

@@ -115,6 +115,27 @@ fn file_mtime_ms(f: &Path) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// How the cluster database names the instance at `rel` under a node's `patients/` (a row's
+/// `location`).
+pub fn location_of(rel: &Path) -> String {
+    Path::new("patients")
+        .join(rel)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The path under `patients/` that a row's `location` names; `None` when it is not
+/// `patients/<normal components>` (never one this cluster writes, but checked all the same).
+pub fn rel_of(location: &str) -> Option<&Path> {
+    Path::new(location)
+        .strip_prefix("patients")
+        .ok()
+        .filter(|rel| {
+            rel.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        })
+}
+
 /// Writes `entry` as a Part-10 file at `out_dir/<entry.rel>` (and, as under `patients/`, the
 /// raw Patient ID in `<patient digest>/patient-id`); returns its path.
 pub fn extract(data_dir: &Path, entry: &Entry, out_dir: &Path) -> io::Result<PathBuf> {
